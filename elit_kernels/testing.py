@@ -1,0 +1,101 @@
+"""Test helpers shared by the test suite and the benchmarks: random ragged inputs and the tolerance rule."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .reference.attention import varlen_attention_reference
+
+
+def cu_seqlens(lengths: Sequence[int], device="cpu") -> torch.Tensor:
+    """Segment lengths -> int32 cumulative offsets ``[S+1]`` starting at 0."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    if len(lengths):
+        out[1:] = torch.cumsum(torch.tensor(list(lengths), dtype=torch.int64), 0).to(torch.int32)
+    return out.to(device)
+
+
+def random_varlen_inputs(lens_q: Sequence[int], lens_k: Sequence[int], heads: int, head_dim: int, *,
+                         dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = False):
+    """Fresh random (q, k, v, cu_q, cu_k, max_q, max_k) for the given segment lengths (seeded)."""
+    if len(lens_q) != len(lens_k):
+        raise ValueError(f"lens_k: expected {len(lens_q)} segments like lens_q, got {len(lens_k)}")
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(tk, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(tk, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return (q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device),
+            max(lens_q, default=0), max(lens_k, default=0))
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, ref_lowprec: torch.Tensor, *,
+                              atol: float = 1e-5, factor: float = 2.0, name: str = "out") -> None:
+    """The flash-attn tolerance rule (DESIGN.md §5).
+
+    ``max|out - ref| <= factor * max|ref_lowprec - ref| + atol`` where ``ref`` is the reference in
+    fp32/fp64 and ``ref_lowprec`` the reference run in the kernel's own dtype. NaN/Inf always fails.
+    """
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).sum().item()
+        raise AssertionError(f"{name}: {bad} non-finite elements")
+    err = max_abs_err(out, ref)
+    base = max_abs_err(ref_lowprec, ref)
+    bound = factor * base + atol
+    if not err <= bound:
+        raise AssertionError(f"{name}: max abs err {err:.3g} > {factor}*{base:.3g} + {atol:g} = {bound:.3g}")
+
+
+def default_atol(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, *, causal=False, seed=0,
+                                    grads=True, device="cpu", scale=None):
+    """Run ``fn`` (a varlen_attention-like callable) and check values and gradients against the reference.
+
+    ``ref`` is computed in fp64 from the same inputs, ``ref_lowprec`` by the reference in ``dtype``.
+    The kernel's output buffer is whatever ``fn`` returns; kernels are expected to NaN-poison their
+    own outputs in debug mode, and any NaN fails here.
+    """
+    q, k, v, cu_q, cu_k, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, head_dim, dtype=dtype,
+                                                       device=device, seed=seed, requires_grad=grads)
+    sc = head_dim ** -0.5 if scale is None else scale
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
+
+    def run(f, tensors):
+        qq, kk, vv = tensors
+        o = f(qq, kk, vv, cu_q, cu_k, mq, mk, sc, causal)
+        if not grads:
+            return o, ()
+        gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), dout.to(o.dtype), allow_unused=True)
+        zero = torch.zeros_like
+        return o, (gq if gq is not None else zero(qq), gk if gk is not None else zero(kk),
+                   gv if gv is not None else zero(vv))
+
+    def ref_fn(qq, kk, vv, cq, ck, _mq, _mk, s, c):
+        return varlen_attention_reference(qq, kk, vv, cq, ck, softmax_scale=s, causal=c)
+
+    def detach(t, dt):
+        return t.detach().to(dt).requires_grad_(grads)
+
+    out, gr = run(fn, (q, k, v))
+    ref, gref = run(ref_fn, tuple(detach(t, torch.float64) for t in (q, k, v)))
+    low, glow = run(ref_fn, tuple(detach(t, dtype) for t in (q, k, v)))
+    atol = default_atol(dtype)
+    assert_close_to_reference(out, ref, low, atol=atol, name="out")
+    for name, a, b, c in zip(("dq", "dk", "dv"), gr, gref, glow):
+        assert_close_to_reference(a, b, c, atol=atol, name=name)
+    return out

@@ -1,0 +1,198 @@
+"""Token layouts: group-major spatial order and the ragged latent layout built from budgets.
+
+Group-major order keeps every window's spatial tokens contiguous, so a Read/Write segment is a
+slice, never a gather. Latents are packed sample-major, then group-major, keeping the first J_b
+latents of each group of sample b.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def _check_grid(h: int, w: int, window: int) -> None:
+    for name, n in (("h", h), ("w", w), ("window", window)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name}: expected a positive int, got {n!r}")
+    if h % window or w % window:
+        raise ValueError(f"window: {window} must divide the token grid {h}x{w}")
+
+
+def group_major_permutation(h: int, w: int, window: int, device=None) -> torch.Tensor:
+    """``perm`` [h*w] such that ``tokens_row_major[:, perm]`` is group-major.
+
+    Groups are ``window x window`` squares, numbered row-major over the grid of windows; inside a
+    group tokens are row-major. Invert with ``inverse_permutation(perm)``.
+
+    >>> group_major_permutation(2, 4, 2).tolist()
+    [0, 1, 4, 5, 2, 3, 6, 7]
+    """
+    _check_grid(h, w, window)
+    idx = torch.arange(h * w, device=device).reshape(h // window, window, w // window, window)
+    return idx.permute(0, 2, 1, 3).reshape(-1)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The exact inverse of a permutation: ``x[perm][inverse_permutation(perm)] == x``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
+def to_group_major(x: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B, C, h, w]`` feature map -> ``[B, h*w, C]`` tokens in group-major order (a reshape, no index)."""
+    if x.dim() != 4:
+        raise ValueError(f"x: expected [B, C, h, w], got shape {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    _check_grid(h, w, window)
+    x = x.reshape(b, c, h // window, window, w // window, window)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, c)
+
+
+def from_group_major(tokens: torch.Tensor, h: int, w: int, window: int) -> torch.Tensor:
+    """Inverse of ``to_group_major``: ``[B, h*w, C]`` group-major tokens -> ``[B, C, h, w]``."""
+    if tokens.dim() != 3 or tokens.shape[1] != h * w:
+        raise ValueError(f"tokens: expected [B, {h * w}, C], got shape {tuple(tokens.shape)}")
+    _check_grid(h, w, window)
+    b, _, c = tokens.shape
+    x = tokens.reshape(b, h // window, w // window, window, window, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
+    """Budgets as a list of Python ints, one per sample, each in [0, j_max].
+
+    Accepts None (every sample at j_max), an int (every sample at it), a sequence or a 1-D
+    integer tensor (one per sample; a tensor costs one host copy here, once per forward).
+    """
+    if budgets is None:
+        out = [j_max] * batch
+    elif isinstance(budgets, bool):
+        raise TypeError("budgets: expected None, an int, a sequence of ints or a 1-D integer tensor, got bool")
+    elif isinstance(budgets, int):
+        out = [budgets] * batch
+    elif isinstance(budgets, torch.Tensor):
+        if budgets.dim() != 1 or budgets.dtype.is_floating_point or budgets.dtype == torch.bool:
+            raise TypeError(f"budgets: expected a 1-D integer tensor, got {budgets.dtype} of shape {tuple(budgets.shape)}")
+        out = [int(b) for b in budgets.tolist()]
+    elif isinstance(budgets, Sequence):
+        out = []
+        for b in budgets:
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise TypeError(f"budgets: expected ints, got {type(b).__name__} ({b!r})")
+            out.append(int(b))
+    else:
+        raise TypeError(f"budgets: expected None, an int, a sequence of ints or a 1-D integer tensor, got {type(budgets).__name__}")
+    if len(out) != batch:
+        raise ValueError(f"budgets: expected {batch} budgets (one per sample), got {len(out)}")
+    bad = [b for b in out if not 0 <= b <= j_max]
+    if bad:
+        raise ValueError(f"budgets: each budget must be in [0, {j_max}] (J_max), got {bad[0]}")
+    return out
+
+
+@dataclass
+class ElitLayout:
+    """Everything the attention calls of one ELIT forward need, computed once from the budgets.
+
+    Shapes: B samples, G groups, P spatial tokens per group, J_b latents per group of sample b,
+    T = G * sum(J_b) packed latents. Max lengths are Python ints so no kernel launch needs ``.item()``.
+    """
+
+    batch: int
+    groups: int
+    tokens_per_group: int
+    j_max: int
+    budgets: list[int]
+    total_latents: int
+    # Read: q = latents of (b, g), k/v = spatial tokens of (b, g). Write swaps them.
+    cu_latents: torch.Tensor  # [B*G + 1] int32
+    cu_spatial: torch.Tensor  # [B*G + 1] int32
+    max_latents: int  # max J_b
+    # Core: all latents of one sample.
+    cu_core: torch.Tensor  # [B + 1] int32
+    max_core: int  # G * max J_b
+    # Spatial self-attention (head/tail blocks): one segment per sample.
+    cu_image: torch.Tensor  # [B + 1] int32
+    latent_sample: torch.Tensor  # [T] long: sample of each packed latent (adaLN gathers with it)
+    latent_group: torch.Tensor  # [T] long: group of each packed latent
+    latent_index: torch.Tensor  # [T] long: index j inside its group (selects the shared embedding)
+    pack_index: torch.Tensor  # [T] long: flat index into a [B, G, J_max] grid
+
+    @property
+    def read_args(self):
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for Read."""
+        return self.cu_latents, self.cu_spatial, self.max_latents, self.tokens_per_group
+
+    @property
+    def write_args(self):
+        return self.cu_spatial, self.cu_latents, self.tokens_per_group, self.max_latents
+
+    @property
+    def core_args(self):
+        return self.cu_core, self.cu_core, self.max_core, self.max_core
+
+    @property
+    def image_args(self):
+        n = self.groups * self.tokens_per_group
+        return self.cu_image, self.cu_image, n, n
+
+    def spatial_sample(self, device=None) -> torch.Tensor:
+        """[B*N] long: sample of each spatial token (tokens are stored sample-major)."""
+        n = self.groups * self.tokens_per_group
+        return torch.arange(self.batch, device=device or self.cu_image.device).repeat_interleave(n)
+
+
+def _cu(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    out[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    return out
+
+
+def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max: int, device="cpu") -> ElitLayout:
+    """The ragged layout for ``batch`` samples with per-sample ``budgets`` (see ``normalize_budgets``).
+
+    >>> lay = build_layout([2, 1], batch=2, groups=2, tokens_per_group=4, j_max=2)
+    >>> lay.cu_latents.tolist(), lay.cu_core.tolist(), lay.latent_index.tolist()
+    ([0, 2, 4, 5, 6], [0, 4, 6], [0, 1, 0, 1, 0, 0])
+    """
+    bud = normalize_budgets(budgets, batch, j_max)
+    for name, n in (("groups", groups), ("tokens_per_group", tokens_per_group), ("j_max", j_max)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name}: expected a positive int, got {n!r}")
+    b_t = torch.tensor(bud, dtype=torch.long, device=device)
+    per_group = b_t.repeat_interleave(groups)  # [B*G]
+    cu_lat = _cu(per_group)
+    cu_sp = _cu(torch.full((batch * groups,), tokens_per_group, dtype=torch.long, device=device))
+    cu_core = _cu(b_t * groups)
+    cu_img = _cu(torch.full((batch,), groups * tokens_per_group, dtype=torch.long, device=device))
+    total = groups * sum(bud)
+    seg = torch.arange(batch * groups, device=device).repeat_interleave(per_group, output_size=total)  # (b, g) of each latent
+    j = torch.arange(total, device=device) - cu_lat[seg].long()
+    sample, group = seg // groups, seg % groups
+    return ElitLayout(
+        batch=batch, groups=groups, tokens_per_group=tokens_per_group, j_max=j_max, budgets=bud,
+        total_latents=total, cu_latents=cu_lat, cu_spatial=cu_sp, max_latents=max(bud, default=0),
+        cu_core=cu_core, max_core=groups * max(bud, default=0), cu_image=cu_img,
+        latent_sample=sample, latent_group=group, latent_index=j, pack_index=seg * j_max + j,
+    )
+
+
+def pack_latents(latents: torch.Tensor, layout: ElitLayout) -> torch.Tensor:
+    """``[B, G, J_max, C]`` -> packed ``[T, C]``: the first J_b latents of each group of sample b."""
+    expect = (layout.batch, layout.groups, layout.j_max)
+    if latents.dim() != 4 or tuple(latents.shape[:3]) != expect:
+        raise ValueError(f"latents: expected shape [{expect[0]}, {expect[1]}, {expect[2]}, C], got {tuple(latents.shape)}")
+    return latents.reshape(-1, latents.shape[-1])[layout.pack_index]
+
+
+def unpack_latents(packed: torch.Tensor, layout: ElitLayout, fill: float = 0.0) -> torch.Tensor:
+    """Packed ``[T, C]`` -> ``[B, G, J_max, C]``; dropped latents are ``fill``."""
+    if packed.dim() != 2 or packed.shape[0] != layout.total_latents:
+        raise ValueError(f"packed: expected shape [{layout.total_latents}, C], got {tuple(packed.shape)}")
+    c = packed.shape[1]
+    out = packed.new_full((layout.batch * layout.groups * layout.j_max, c), fill)
+    out = out.index_copy(0, layout.pack_index, packed)
+    return out.reshape(layout.batch, layout.groups, layout.j_max, c)

@@ -1,0 +1,153 @@
+"""Triton forward of ``varlen_attention``: online softmax over packed ragged segments.
+
+One program owns BLOCK_M queries of one segment and one head, and streams that segment's keys in
+BLOCK_N tiles, keeping a running max / sum in fp32 (flash-attention). It writes the output and the
+log-sum-exp per query row (natural log, ``[H, total_q]`` fp32) that the backward pass recomputes
+probabilities from.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+
+@triton.jit
+def _varlen_attn_fwd_kernel(
+    Q, K, V, OUT, LSE, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    max_seqlen_q, qk_scale,
+    max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Axis 0 flattens (segment, query block): the segment count (thousands for Read/Write) can
+    # exceed the 65535 limit of grid axes 1 and 2; heads go on axis 1.
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    num_m_blocks = tl.cdiv(max_seqlen_q, BLOCK_M)
+    seg = pid // num_m_blocks
+    mb = pid % num_m_blocks
+
+    q_start = tl.load(CU_Q + seg).to(tl.int64)
+    len_q = tl.load(CU_Q + seg + 1).to(tl.int64) - q_start
+    k_start = tl.load(CU_K + seg).to(tl.int64)
+    len_k = tl.load(CU_K + seg + 1).to(tl.int64) - k_start
+    # The grid is sized by max_seqlen_q (no host sync to learn each length), so programs past the
+    # end of a shorter segment have nothing to do.
+    if mb * BLOCK_M >= len_q:
+        return
+
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < len_q
+    d_valid = offs_d < HEAD_DIM
+
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Causal (bottom-right): query i sees key j iff j <= i + len_k - len_q. Keys past what the
+    # block's last row sees are never loaded.
+    hi = len_k
+    if CAUSAL:
+        last_row = tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1
+        hi = tl.maximum(tl.minimum(len_k, last_row + 1 + len_k - len_q), 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_valid = cols < len_k
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        # exp2 with log2(e) folded into the scale: one multiply per score instead of a exp's range
+        # reduction.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        allowed = n_valid[None, :]
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= offs_m[:, None] + (len_k - len_q))
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet has m_new = -inf; subtracting 0 instead keeps
+        # exp2(-inf - -inf) = NaN out: its p and alpha come out as exact zeros.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    # Rows with no visible key (empty key segment, or causal with len_q > len_k) have l_i = 0 and
+    # acc = 0: they store exact zeros, and LSE = +inf so that backward's exp2(s - lse) is 0 there.
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_valid)
+
+
+# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype). Small tiles are in
+# the list because ELIT's Read/Write segments are 1-64 tokens long; prune_by_length removes tiles
+# larger than the longest segment so a Read launch never times 128-row tiles.
+_FWD_CONFIGS = C.tile_configs(
+    (16, 32, 64, 128), (16, 32, 64, 128), ((4, 2), (4, 3), (8, 2)),
+)
+_varlen_attn_fwd_kernel_tuned = triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"],
+    prune_configs_by={"early_config_prune": C.prune_by_length("BLOCK_M", "BLOCK_N")},
+)(_varlen_attn_fwd_kernel)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                           softmax_scale: float, causal: bool):
+    """Launch the forward kernel. q ``[total_q, H, D]``, k/v ``[total_k, H, D]``, cu_seqlens int32 ``[S+1]``.
+
+    Returns ``(out [total_q, H, D] in q's dtype, lse [H, total_q] fp32)``; ``lse`` is +inf on rows
+    that see no key. Inputs are assumed validated (``elit_kernels.attention.validate_inputs``).
+
+    >>> out, lse = varlen_attn_fwd_triton(q, k, v, cu_q, cu_k, 17, 5, 64 ** -0.5, False)  # doctest: +SKIP
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    cu_seqlens_q = cu_seqlens_q.contiguous()
+    cu_seqlens_k = cu_seqlens_k.contiguous()
+    total_q, H, D = q.shape
+    S = cu_seqlens_q.shape[0] - 1
+    out = C.alloc((total_q, H, D), q.dtype, q.device)
+    lse = C.alloc((H, total_q), torch.float32, q.device)
+    if total_q == 0 or H == 0 or S <= 0 or max_seqlen_q <= 0:
+        return out, lse
+    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            max_seqlen_q, softmax_scale * C.LOG2E, C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
+    meta = dict(HEAD_DIM=D, BLOCK_D=C.block_d(D), CAUSAL=bool(causal), **C.dot_flags(q.dtype))
+    if C.interpreting():
+        bm, bn = C.INTERP_BLOCK_M, C.INTERP_BLOCK_N
+        grid = (S * triton.cdiv(max_seqlen_q, bm), H)
+        _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+    else:
+        def grid(m):
+            return (S * triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H)
+
+        with torch.cuda.device(q.device):
+            _varlen_attn_fwd_kernel_tuned[grid](*args, **meta)
+    return out, lse

@@ -93,16 +93,17 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             raise TypeError(f"{name}: expected a Python int, got {type(n).__name__}")
         if n < 0:
             raise ValueError(f"{name}: must be >= 0, got {n}")
-    check_values = _validate_values and not _capturing()
-    _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, check_values)
-    _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, check_values)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank first
+        if cu.device != q.device:
+            raise ValueError(f"{name}: on device {cu.device}, but q is on {q.device}")
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         raise ValueError(
             f"cu_seqlens_k: has {cu_seqlens_k.shape[0]} elements but cu_seqlens_q has {cu_seqlens_q.shape[0]}; "
             "both must be [num_segments + 1]")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if cu.device != q.device:
-            raise ValueError(f"{name}: on device {cu.device}, but q is on {q.device}")
+    if _validate_values and not _capturing():
+        _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, True)
+        _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, True)
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):

@@ -1,0 +1,149 @@
+"""varlen_attention: the pure-PyTorch backends vs fp64 truths, values and gradients."""
+import pytest
+import torch
+
+import elit_kernels
+from elit_kernels import flash_attn_varlen_func, varlen_attention
+from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs
+
+# (lens_q, lens_k) with readable ids: empty and length-1 segments, odd lengths, Lq != Lk both ways.
+SEGMENTS = {
+    "mixed-0-1-63-97": ([0, 1, 63, 97, 5], [3, 0, 97, 63, 1]),
+    "lq>lk": ([40, 17], [5, 1]),
+    "lq<lk": ([1, 3, 2], [63, 16, 97]),
+    "read-like": ([1, 4, 16] * 3, [16] * 9),
+    "write-like": ([16] * 6, [1, 4, 16, 0, 2, 9]),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _call(backend):
+    def f(q, k, v, cq, ck, mq, mk, scale, causal):
+        return varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=scale, causal=causal, backend=backend)
+    return f
+
+
+def dense_masked_fp64(q, k, v, cu_q, cu_k, scale, causal):
+    """An independent truth: one dense [total_q, total_k] score matrix with a segment (+causal) mask."""
+    q, k, v = (t.detach().double() for t in (q, k, v))
+    tq, tk = q.shape[0], k.shape[0]
+    cq, ck = cu_q.long(), cu_k.long()
+    sq = torch.searchsorted(cq[1:], torch.arange(tq), right=True)
+    sk = torch.searchsorted(ck[1:], torch.arange(tk), right=True)
+    allowed = sq[:, None] == sk[None, :]
+    if causal:
+        iq = torch.arange(tq) - cq[sq]
+        jk = torch.arange(tk) - ck[sk]
+        lq = (cq[1:] - cq[:-1])[sq]
+        lk = (ck[1:] - ck[:-1])[sq]
+        allowed &= jk[None, :] <= (iq + lk - lq)[:, None]
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows with no key -> zeros
+    return torch.einsum("hqk,khd->qhd", p, v)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seg", list(SEGMENTS), ids=list(SEGMENTS))
+def test_reference_matches_dense_fp64(seg, causal):
+    lq, lk = SEGMENTS[seg]
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lq, lk, 3, 72, dtype=torch.float64, seed=sum(lq) + 7 * sum(lk))
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, causal=causal, backend="reference")
+    truth = dense_masked_fp64(q, k, v, cq, ck, 72 ** -0.5, causal)
+    torch.testing.assert_close(out, truth, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seg", list(SEGMENTS), ids=list(SEGMENTS))
+def test_backend_vs_fp64(backend, dtype, head_dim, causal, seg):
+    lq, lk = SEGMENTS[seg]
+    check_backend_against_reference(_call(backend), lq, lk, 2, head_dim, DTYPES[dtype], causal=causal,
+                                    seed=head_dim + len(seg))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_empty_key_segment_gives_exact_zeros_and_zero_grads(backend):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 4], [0, 5], 2, 64, requires_grad=True, seed=3)
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
+    assert torch.equal(out[:3], torch.zeros_like(out[:3]))
+    assert out[3:].abs().sum() > 0
+    out.square().sum().backward()
+    assert torch.equal(q.grad[:3], torch.zeros_like(q.grad[:3]))
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_causal_rows_without_keys_are_zero(backend):
+    # Lq > Lk with a bottom-right causal mask: the first Lq - Lk queries see no key.
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([6], [2], 2, 64, seed=4)
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend)
+    assert torch.equal(out[:4], torch.zeros_like(out[:4]))
+    assert (out[4:].abs().sum(dim=(1, 2)) > 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_no_queries_at_all(backend):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([0, 0], [3, 2], 2, 64, requires_grad=True, seed=5)
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
+    assert out.shape == (0, 2, 64)
+    out.sum().backward()
+    assert k.grad is None or torch.equal(k.grad, torch.zeros_like(k))
+
+
+def test_softmax_scale_is_used():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 7], [6, 3], 2, 64, seed=6)
+    a = varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.3)
+    b = varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.3, backend="reference")
+    c = varlen_attention(q, k, v, cq, ck, mq, mk)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_default_backend_and_env_override(monkeypatch):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5], [6], 2, 64, seed=7)
+    calls = []
+
+    class Spy(elit_kernels.Backend):
+        name, priority = "spy_test", -100
+
+        def forward(self, inp):
+            calls.append(inp)
+            return torch.zeros_like(inp.q)
+
+    elit_kernels.register_backend(Spy())
+    monkeypatch.setenv("ELIT_BACKEND", "spy_test")
+    varlen_attention(q, k, v, cq, ck, mq, mk)
+    assert len(calls) == 1 and calls[0].softmax_scale == pytest.approx(64 ** -0.5)
+    monkeypatch.delenv("ELIT_BACKEND")
+    varlen_attention(q, k, v, cq, ck, mq, mk)
+    assert len(calls) == 1  # a priority -100 backend is never the default
+
+
+def test_flash_attn_drop_in_signature_positional():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 0, 9], [4, 2, 11], 4, 64, seed=8)
+    # flash-attn's positional order: ..., dropout_p, softmax_scale, causal
+    a = flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, 0.0, 0.2, True)
+    b = varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.2, causal=True, backend="reference")
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    ({"dropout_p": 0.1}, "dropout_p"),
+    ({"window_size": (8, 0)}, "window_size"),
+    ({"softcap": 30.0}, "softcap"),
+    ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
+    ({"return_attn_probs": True}, "return_attn_probs"),
+    ({"block_table": torch.zeros(1, 1, dtype=torch.int32)}, "block_table"),
+])
+def test_flash_attn_unsupported_options_raise(kwargs, arg):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [2], 2, 64)
+    with pytest.raises(NotImplementedError, match=arg):
+        flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **kwargs)
+
+
+def test_cu_seqlens_helper():
+    assert cu_seqlens([3, 0, 2]).tolist() == [0, 3, 3, 5]
+    assert cu_seqlens([]).tolist() == [0]

@@ -1,0 +1,300 @@
+"""The ``triton`` backend of varlen_attention: values, gradients, LSE, determinism, custom-op
+registration, torch.compile, and the ELIT model, against the pure-PyTorch reference.
+
+Without CUDA the kernels run through ``TRITON_INTERPRET=1`` (set here and in conftest.py before
+triton is imported) on tiny shapes; the ``gpu``-named tests need CUDA and cover real ELIT sizes.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import elit_kernels  # noqa: E402
+from elit_kernels import varlen_attention  # noqa: E402
+from elit_kernels.backends import AttnInputs, get_backend  # noqa: E402
+from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402
+from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs  # noqa: E402
+
+pytest.importorskip("triton")
+from elit_kernels._triton import _common  # noqa: E402
+from elit_kernels._triton import ops  # noqa: E402,F401  (registers torch.ops.elit.*)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if HAS_CUDA else "cpu"
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (real ELIT sizes, bf16 tensor-core numerics)")
+needs_runtime = pytest.mark.skipif(not (HAS_CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_runtime
+
+# Interpreter-sized (lens_q, lens_k): length 0 and 1 segments, Lq > Lk and Lq < Lk, odd lengths
+# that straddle the 16-row tiles.
+SEGMENTS = {
+    "mixed-0-1-5-17": ([0, 1, 5, 17], [3, 0, 17, 5]),
+    "lq>lk": ([17, 5], [5, 1]),
+    "lq<lk": ([1, 3], [17, 33]),
+    "read-like": ([1, 4, 16], [16, 16, 16]),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """NaN-fill every kernel output before launch so an unwritten element fails the comparison."""
+    before = _common.poison_outputs_enabled()
+    _common.set_poison_outputs(True)
+    yield
+    _common.set_poison_outputs(before)
+
+
+def triton_attn(q, k, v, cq, ck, mq, mk, scale, causal):
+    return varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=scale, causal=causal, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("head_dim", [64, 72])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seg", list(SEGMENTS), ids=list(SEGMENTS))
+def test_values_and_grads_match_reference(seg, causal, head_dim, dtype):
+    # bf16 on the interpreter runs with dot operands upcast to fp32 (triton#11584); real bf16
+    # tensor-core numerics are covered by test_gpu_* below.
+    lq, lk = SEGMENTS[seg]
+    check_backend_against_reference(triton_attn, lq, lk, 2, head_dim, DTYPES[dtype], causal=causal,
+                                    seed=head_dim + 3 * causal, device=DEV)
+
+
+def test_custom_softmax_scale():
+    check_backend_against_reference(triton_attn, [5, 17], [9, 2], 2, 64, torch.float32, scale=0.37, seed=5, device=DEV)
+
+
+def test_no_visible_key_gives_exact_zeros_and_zero_grads():
+    # Segment 0: 3 queries, no keys. Segment 1 causal with Lq=6 > Lk=2: rows 0..3 see nothing.
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 6], [0, 2], 2, 72, seed=9, device=DEV, requires_grad=True)
+    out, lse = torch.ops.elit.varlen_attn_fwd_triton(q, k, v, cq, ck, mq, mk, 0.1, True)
+    blind = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool, device=DEV)
+    assert torch.equal(out[blind], torch.zeros_like(out[blind]))
+    assert torch.isfinite(out).all()
+    assert torch.isinf(lse[:, blind]).all() and (lse[:, blind] > 0).all()
+    assert torch.isfinite(lse[:, ~blind]).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(dq[blind], torch.zeros_like(dq[blind]))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+def test_keys_without_queries_get_zero_grads():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([0, 4], [5, 3], 2, 64, seed=10, device=DEV, requires_grad=True)
+    out = triton_attn(q, k, v, cq, ck, mq, mk, 0.125, False)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(dk[:5], torch.zeros_like(dk[:5])) and torch.equal(dv[:5], torch.zeros_like(dv[:5]))
+    assert (dk[5:] != 0).any() and (dv[5:] != 0).any()
+
+
+def test_no_queries_at_all():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([0, 0], [3, 2], 2, 64, seed=11, device=DEV, requires_grad=True)
+    out = triton_attn(q, k, v, cq, ck, mq, mk, 0.125, False)
+    assert out.shape == (0, 2, 64)
+    (gk,) = torch.autograd.grad(out.sum(), (k,))
+    assert torch.equal(gk, torch.zeros_like(gk))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lse_matches_logsumexp(causal):
+    lq, lk = [1, 17, 4], [5, 3, 0]
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lq, lk, 2, 64, seed=12, device=DEV)
+    _, lse = torch.ops.elit.varlen_attn_fwd_triton(q, k, v, cq, ck, mq, mk, 0.2, causal)
+    qs, ks = 0, 0
+    for a, b in zip(lq, lk):
+        s = torch.einsum("qhd,khd->hqk", q[qs:qs + a].double(), k[ks:ks + b].double()) * 0.2
+        if causal:
+            i = torch.arange(a, device=DEV)[:, None]
+            j = torch.arange(b, device=DEV)[None, :]
+            s = s.masked_fill(~(j <= i + b - a), float("-inf"))
+        want = torch.logsumexp(s, -1) if b else torch.full((2, a), float("-inf"), dtype=torch.float64, device=DEV)
+        want = torch.where(torch.isinf(want), torch.full_like(want, float("inf")), want)  # ours: +inf when blind
+        torch.testing.assert_close(lse[:, qs:qs + a].double(), want, rtol=0, atol=1e-5)
+        qs, ks = qs + a, ks + b
+
+
+def test_strided_inputs_from_fused_projection():
+    # The model splits q/k/v out of one projection: rows are strided, not contiguous.
+    g = torch.Generator().manual_seed(13)
+    lq, lk = [5, 17], [9, 3]
+    qkv = torch.randn(sum(lq), 3, 2, 64, generator=g).to(DEV)
+    kv = torch.randn(sum(lk), 2, 2, 64, generator=g).to(DEV)
+    q, (k, v) = qkv[:, 0], kv.unbind(1)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    cq, ck = cu_seqlens(lq, DEV), cu_seqlens(lk, DEV)
+    out = triton_attn(q, k, v, cq, ck, 17, 9, 0.125, True)
+    ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.125, causal=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_is_deterministic(causal):
+    # No atomics anywhere: dK/dV are owned by one program per key block and dQ by one per query
+    # block, so a rerun must reproduce every bit.
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([1, 17, 5], [17, 5, 33], 2, 72, dtype=torch.float16, seed=14,
+                                                   device=DEV, requires_grad=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(15)).to(DEV, torch.float16)
+
+    def grads():
+        out = triton_attn(q, k, v, cq, ck, mq, mk, 72 ** -0.5, causal)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    first, second = grads(), grads()
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical backward runs"
+
+
+def test_opcheck_forward_and_backward():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([0, 1, 5], [3, 0, 6], 2, 72, seed=16, device=DEV,
+                                                   requires_grad=True)
+    torch.library.opcheck(torch.ops.elit.varlen_attn_fwd_triton.default, (q, k, v, cq, ck, mq, mk, 0.125, True))
+    out, lse = torch.ops.elit.varlen_attn_fwd_triton(q, k, v, cq, ck, mq, mk, 0.125, True)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.elit.varlen_attn_bwd_triton.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cq, ck, mq, mk,
+                           0.125, True))
+
+
+def test_backend_registration_and_reasons():
+    b = get_backend("triton")
+    assert b.priority == 30 and b.is_available()
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, 64, dtype=torch.float64, seed=17)
+    reasons = b.not_supported_reasons(AttnInputs(q, k, v, cq, ck, mq, mk, 0.1, False))
+    assert any("dtype" in r for r in reasons)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, 264, seed=17)
+    reasons = b.not_supported_reasons(AttnInputs(q, k, v, cq, ck, mq, mk, 0.1, False))
+    assert any("head dim" in r for r in reasons)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, 64, dtype=torch.float16, seed=17, device=DEV)
+    assert b.not_supported_reasons(AttnInputs(q, k, v, cq, ck, mq, mk, 0.1, False)) == []
+    # fp64 falls through to a backend that supports it instead of erroring.
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    assert varlen_attention(q64, k64, v64, cq, ck, mq, mk).dtype == torch.float64
+
+
+def test_interpreter_upcasts_bf16_dots():
+    flags = _common.dot_flags(torch.bfloat16)
+    assert flags["UPCAST"] == INTERP
+    assert _common.dot_flags(torch.float32)["DOT_PREC"] == "ieee"
+
+
+def _read_core_write_inputs(budgets, groups, tokens_per_group, heads, head_dim, dtype, device, seed):
+    """Packed latents/spatial tokens and the Read/core/Write cu_seqlens of an ELIT layout."""
+    g = torch.Generator().manual_seed(seed)
+    lat_lens = [j for j in budgets for _ in range(groups)]
+    sp_lens = [tokens_per_group] * (len(budgets) * groups)
+    core_lens = [j * groups for j in budgets]
+    lat = torch.randn(sum(lat_lens), heads, head_dim, generator=g).to(device, dtype).requires_grad_()
+    sp = torch.randn(sum(sp_lens), heads, head_dim, generator=g).to(device, dtype).requires_grad_()
+    cu = {n: cu_seqlens(ls, device) for n, ls in (("lat", lat_lens), ("sp", sp_lens), ("core", core_lens))}
+    maxes = (max(budgets), tokens_per_group, max(core_lens))
+    return lat, sp, cu, maxes
+
+
+def _read_core_write(lat, sp, cu_lat, cu_sp, cu_core, max_lat: int, max_sp: int, max_core: int, backend="triton"):
+    lat = lat + varlen_attention(lat, sp, sp, cu_lat, cu_sp, max_lat, max_sp, backend=backend)  # Read
+    lat = lat + varlen_attention(lat, lat, lat, cu_core, cu_core, max_core, max_core, backend=backend)  # core
+    return sp + varlen_attention(sp, lat, lat, cu_sp, cu_lat, max_sp, max_lat, backend=backend)  # Write
+
+
+def _compile_check(budgets, groups, tpg, heads, head_dim, dtype, device, backend):
+    lat, sp, cu, (ml, ms, mc) = _read_core_write_inputs(budgets, groups, tpg, heads, head_dim, dtype, device, 18)
+    torch._dynamo.reset()
+    compiled = torch.compile(_read_core_write, fullgraph=True, backend=backend)
+    out = compiled(lat, sp, cu["lat"], cu["sp"], cu["core"], ml, ms, mc)
+    gl, gs = torch.autograd.grad(out.float().square().sum(), (lat, sp))
+    eager = _read_core_write(lat, sp, cu["lat"], cu["sp"], cu["core"], ml, ms, mc)
+    el, es = torch.autograd.grad(eager.float().square().sum(), (lat, sp))
+    # Same kernels on both paths: the compiled graph must not change a single bit.
+    assert torch.equal(out, eager) and torch.equal(gl, el) and torch.equal(gs, es)
+
+
+def test_compile_fullgraph_read_core_write():
+    # aot_eager traces through dynamo + AOTAutograd (fake tensors, the registered autograd) without
+    # spending a minute compiling C++ for the CPU; the GPU test below uses inductor.
+    _compile_check([3, 1, 0], 2, 5, 2, 64, torch.float32, DEV, "aot_eager")
+
+
+def test_elit_model_triton_matches_reference():
+    models = pytest.importorskip("elit_kernels.models")
+    cfg = models.elit_config("tiny", 64)
+    torch.manual_seed(19)
+    m_tri = models.ElitDiT(cfg, backend="triton").to(DEV)
+    # The model zero-initialises its output layers; random weights make every attention matter.
+    with torch.no_grad():
+        for p in m_tri.parameters():
+            p.normal_(0.0, 0.2)
+    m_ref = models.ElitDiT(cfg, backend="reference").to(DEV)
+    m_ref.load_state_dict(m_tri.state_dict())
+    x = torch.randn(2, cfg.in_channels, 8, 8, device=DEV)
+    t, y = torch.rand(2, device=DEV), torch.tensor([1, 2], device=DEV)
+    outs, grads = [], []
+    for m in (m_tri, m_ref):
+        o = m(x, t, y, budgets=[4, 1])
+        o.square().sum().backward()
+        outs.append(o)
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-3, msg=lambda s: f"{n}: {s}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real ELIT sizes, tensor-core bf16/fp16, autotuned tiles.
+# ---------------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    # Read at 512px: 64 latents max (ragged budgets) vs 64 spatial tokens, B*G segments.
+    "read-512px": ([1, 7, 16, 33, 64] * 200, [64] * 1000),
+    # Write at 256px: 16 spatial queries vs 0..16 latents.
+    "write-256px": ([16] * 1500, [0, 1, 4, 9, 16] * 300),
+    # Core: up to 4096 latents per sample, ragged over samples.
+    "core-long": ([4096, 1024, 97, 1, 0], [4096, 1024, 97, 1, 0]),
+    "mixed-odd": ([0, 1, 63, 97, 5], [3, 0, 97, 63, 1]),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+def test_gpu_values_and_grads(case, causal, head_dim, dtype):
+    lq, lk = GPU_CASES[case]
+    check_backend_against_reference(triton_attn, lq, lk, 4, head_dim, DTYPES[dtype], causal=causal, seed=20,
+                                    device="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("head_dim", [8, 40, 256])
+def test_gpu_unusual_head_dims_fp32(head_dim):
+    check_backend_against_reference(triton_attn, [1, 63, 97], [97, 0, 130], 2, head_dim, torch.float32,
+                                    causal=True, seed=21, device="cuda")
+
+
+@needs_gpu
+def test_gpu_backward_deterministic_long_core():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4096, 777], [4096, 777], 16, 72, dtype=torch.bfloat16,
+                                                   seed=22, device="cuda", requires_grad=True)
+    dout = torch.randn_like(q)
+    runs = [torch.autograd.grad(triton_attn(q, k, v, cq, ck, mq, mk, 72 ** -0.5, False), (q, k, v), dout)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_gpu_compile_inductor_read_core_write():
+    _compile_check([16, 9, 1, 4], 16, 16, 6, 64, torch.bfloat16, "cuda", "inductor")
+
+
+@needs_gpu
+def test_gpu_opcheck():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([0, 1, 63, 97], [5, 0, 97, 64], 4, 72, dtype=torch.bfloat16,
+                                                   seed=23, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.elit.varlen_attn_fwd_triton.default, (q, k, v, cq, ck, mq, mk, 0.1, False))

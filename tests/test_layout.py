@@ -1,0 +1,84 @@
+"""Group-major order and the ragged latent layout."""
+import pytest
+import torch
+
+from elit_kernels.layout import (build_layout, from_group_major, group_major_permutation, inverse_permutation,
+                                 normalize_budgets, pack_latents, to_group_major, unpack_latents)
+
+
+@pytest.mark.parametrize("h,w,win", [(4, 4, 2), (8, 12, 4), (6, 6, 3), (5, 5, 1), (16, 16, 4)])
+def test_group_major_roundtrip(h, w, win):
+    x = torch.randn(2, 3, h, w)
+    tokens = to_group_major(x, win)
+    perm = group_major_permutation(h, w, win)
+    row_major = x.flatten(2).transpose(1, 2)
+    assert torch.equal(tokens, row_major[:, perm])
+    assert torch.equal(row_major, tokens[:, inverse_permutation(perm)])
+    assert torch.equal(from_group_major(tokens, h, w, win), x)
+    # every window's tokens are contiguous: group g holds exactly the tokens of window g
+    ys, xs = perm // w, perm % w
+    g = (ys // win) * (w // win) + xs // win
+    assert torch.equal(g, torch.arange(h * w // win ** 2).repeat_interleave(win * win))
+
+
+def test_group_major_bad_window():
+    with pytest.raises(ValueError, match="window"):
+        group_major_permutation(6, 6, 4)
+    with pytest.raises(ValueError, match="x:"):
+        to_group_major(torch.randn(3, 4, 4), 2)
+
+
+def test_layout_cu_seqlens_and_indices():
+    lay = build_layout([3, 1, 0], batch=3, groups=2, tokens_per_group=5, j_max=4)
+    assert lay.cu_latents.tolist() == [0, 3, 6, 7, 8, 8, 8]
+    assert lay.cu_spatial.tolist() == [0, 5, 10, 15, 20, 25, 30]
+    assert lay.cu_core.tolist() == [0, 6, 8, 8]
+    assert lay.cu_image.tolist() == [0, 10, 20, 30]
+    assert lay.max_latents == 3 and lay.max_core == 6 and lay.total_latents == 8
+    assert lay.latent_sample.tolist() == [0] * 6 + [1] * 2
+    assert lay.latent_group.tolist() == [0, 0, 0, 1, 1, 1, 0, 1]
+    assert lay.latent_index.tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
+    assert lay.read_args[2:] == (3, 5) and lay.write_args[2:] == (5, 3)
+    assert all(t.dtype == torch.int32 for t in (lay.cu_latents, lay.cu_spatial, lay.cu_core, lay.cu_image))
+    assert lay.spatial_sample().tolist() == [0] * 10 + [1] * 10 + [2] * 10
+
+
+@pytest.mark.parametrize("budgets", [[4, 4], [1, 3], [0, 2], [2, 0]])
+def test_pack_unpack_roundtrip(budgets):
+    lay = build_layout(budgets, batch=2, groups=3, tokens_per_group=4, j_max=4)
+    lat = torch.randn(2, 3, 4, 5)
+    packed = pack_latents(lat, lay)
+    assert packed.shape == (lay.total_latents, 5)
+    un = unpack_latents(packed, lay)
+    for b, j in enumerate(budgets):
+        assert torch.equal(un[b, :, :j], lat[b, :, :j])
+        assert torch.equal(un[b, :, j:], torch.zeros_like(un[b, :, j:]))
+    assert torch.equal(pack_latents(un, lay), packed)
+
+
+def test_pack_unpack_gradients():
+    lay = build_layout([2, 1], batch=2, groups=2, tokens_per_group=4, j_max=3)
+    lat = torch.randn(2, 2, 3, 4, requires_grad=True)
+    pack_latents(lat, lay).sum().backward()
+    expect = torch.zeros(2, 2, 3, 4)
+    expect[0, :, :2] = 1
+    expect[1, :, :1] = 1
+    assert torch.equal(lat.grad, expect)
+
+
+def test_budgets_normalisation_and_errors():
+    assert normalize_budgets(None, 3, 8) == [8, 8, 8]
+    assert normalize_budgets(2, 2, 8) == [2, 2]
+    assert normalize_budgets(torch.tensor([1, 8]), 2, 8) == [1, 8]
+    with pytest.raises(ValueError, match=r"budgets: each budget must be in \[0, 8\]"):
+        normalize_budgets([1, 9], 2, 8)
+    with pytest.raises(ValueError, match="budgets: expected 3 budgets"):
+        normalize_budgets([1, 2], 3, 8)
+    with pytest.raises(TypeError, match="budgets"):
+        normalize_budgets([1.5, 2], 2, 8)
+    with pytest.raises(TypeError, match="budgets"):
+        normalize_budgets(torch.tensor([1.0, 2.0]), 2, 8)
+    with pytest.raises(ValueError, match="packed"):
+        unpack_latents(torch.randn(3, 2), build_layout([1], 1, 2, 4, 2))
+    with pytest.raises(ValueError, match="latents"):
+        pack_latents(torch.randn(1, 2, 3, 4), build_layout([1], 1, 2, 4, 2))

@@ -1,0 +1,187 @@
+"""The reference ELIT-DiT: ragged budgets without cross-talk, backends agree, flow utilities."""
+import pytest
+import torch
+
+from elit_kernels.flow import (euler_sample, guided_velocity, logit_normal, rectified_flow_loss, sample_budgets)
+from elit_kernels.models import ElitDiT, PlainDiT, elit_config
+
+
+def randomized(model, seed=0, std=0.05):
+    """adaLN-Zero and zero-initialised Write/final layers make a fresh model output zeros; perturb every
+    weight so a test can tell right from wrong."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny(backend=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    return randomized(ElitDiT(elit_config("tiny", 64, **kw), backend=backend), seed)
+
+
+def inputs(b, seed=1, cfg=None):
+    g = torch.Generator().manual_seed(seed)
+    cfg = cfg or elit_config("tiny", 64)
+    x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    return x, torch.rand(b, generator=g), torch.randint(0, cfg.num_classes + 1, (b,), generator=g)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_ragged_batch_has_no_cross_talk(backend):
+    m = tiny(backend)
+    budgets = [4, 1, 0, 3]
+    x, t, y = inputs(4)
+    out = m(x, t, y, budgets)
+    for i, j in enumerate(budgets):
+        alone = m(x[i:i + 1], t[i:i + 1], y[i:i + 1], [j])
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_budget_changes_output():
+    m = tiny("reference")
+    x, t, y = inputs(2)
+    a, b = m(x, t, y, 4), m(x, t, y, 2)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_full_budget_equals_no_dropping():
+    m = tiny("reference")
+    x, t, y = inputs(3)
+    full = m(x, t, y)  # budgets=None: every latent kept
+    torch.testing.assert_close(m(x, t, y, 4), full, rtol=0, atol=0)
+    torch.testing.assert_close(m(x, t, y, torch.tensor([4, 4, 4])), full, rtol=0, atol=0)
+    # tail dropping with J_min = J_max draws J_max: the loss is the no-dropping loss
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    bud = sample_budgets(3, 4, 4, per_sample=True)
+    assert bud == [4, 4, 4]
+    l1 = rectified_flow_loss(m, x, y, bud, generator=g1)
+    l2 = rectified_flow_loss(m, x, y, None, generator=g2)
+    assert torch.equal(l1, l2)
+
+
+def test_reference_and_torch_backends_agree_forward_and_backward():
+    m1, m2 = tiny("reference"), tiny("torch")
+    x, t, y = inputs(3)
+    budgets = [2, 4, 1]
+    o1, o2 = m1(x, t, y, budgets), m2(x, t, y, budgets)
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+    o1.square().sum().backward()
+    o2.square().sum().backward()
+    for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        assert p1.grad is not None, n
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_one_pass_ccfg_equals_two_pass():
+    m = tiny("reference")
+    x, t, y = inputs(3)
+    one = guided_velocity(m, x, t, y, 4, mode="ccfg", scale=1.5, weak_budget=1)
+    two = guided_velocity(m, x, t, y, 4, mode="ccfg_two_pass", scale=1.5, weak_budget=1)
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    cond = m(x, t, y, 4)
+    assert (one - cond).abs().max() > 1e-4  # guidance did something
+
+
+def test_cfg_and_autoguidance_match_their_formulas():
+    m = tiny("reference")
+    x, t, y = inputs(2)
+    null = torch.full_like(y, m.null_class)
+    cond = m(x, t, y, 3)
+    cfg = guided_velocity(m, x, t, y, 3, mode="cfg", scale=2.0)
+    torch.testing.assert_close(cfg, 3.0 * cond - 2.0 * m(x, t, null, 3), rtol=1e-5, atol=1e-5)
+    ag = guided_velocity(m, x, t, y, 3, mode="autoguidance", scale=2.0, weak_budget=1)
+    torch.testing.assert_close(ag, 3.0 * cond - 2.0 * m(x, t, y, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        guided_velocity(m, x, t, y, 3, mode="bogus", scale=1.0)
+
+
+def test_euler_sampler_follows_budget_schedule():
+    m = tiny("reference")
+    seen = []
+    orig = m.forward
+
+    def spy(x, t, y, budgets=None, **kw):
+        seen.append(budgets)
+        return orig(x, t, y, budgets, **kw)
+
+    m.forward = spy
+    x, _, y = inputs(2)
+    out = euler_sample(m, x, y, steps=3, budget_schedule=[4, 2, 1])
+    assert seen == [4, 2, 1] and out.shape == x.shape and torch.isfinite(out).all()
+    seen.clear()
+    euler_sample(m, x, y, steps=2, budget=[1, 3])
+    assert seen == [[1, 3], [1, 3]]
+    with pytest.raises(ValueError, match="budget_schedule"):
+        euler_sample(m, x, y, steps=2, budget_schedule=[1, 2, 3])
+
+
+def test_tail_dropping_draws():
+    g = torch.Generator().manual_seed(0)
+    per_batch = sample_budgets(8, 1, 16, generator=g)
+    assert len(set(per_batch)) == 1 and 1 <= per_batch[0] <= 16
+    per_sample = sample_budgets(64, 1, 16, per_sample=True, generator=g)
+    assert len(set(per_sample)) > 1 and min(per_sample) >= 1 and max(per_sample) <= 16
+    with pytest.raises(ValueError, match="j_min"):
+        sample_budgets(2, 5, 4)
+    t = logit_normal(1000, generator=g)
+    assert 0 < t.min() and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.05
+
+
+def test_tiny_overfit_lowers_loss():
+    torch.manual_seed(0)
+    m = ElitDiT(elit_config("tiny", 64), backend="torch")
+    x, _, y = inputs(8, seed=3)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    t_eval = torch.rand(8, generator=g)
+    n_eval = torch.randn(x.shape, generator=g)
+
+    def eval_loss():
+        with torch.no_grad():
+            return rectified_flow_loss(m, x, y, 4, t=t_eval, noise=n_eval).item()
+
+    before = eval_loss()
+    for _ in range(120):
+        loss = rectified_flow_loss(m, x, y, sample_budgets(8, 1, 4, generator=g), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.75 * before, (before, after)
+
+
+def test_plain_dit_and_configs():
+    cfg = elit_config("tiny", 64)
+    p = randomized(PlainDiT(cfg, backend="reference"))
+    x, t, y = inputs(2)
+    assert p(x, t, y).shape == x.shape
+    with pytest.raises(ValueError, match="budgets"):
+        p(x, t, y, 2)
+    xl = elit_config("XL/2", 512)
+    assert (xl.hidden, xl.depth, xl.heads, xl.groups, xl.tokens_per_group, xl.latents_per_group) == (1152, 28, 16, 16, 64, 64)
+    assert (xl.n_head, xl.core_blocks, xl.n_tail) == (4, 20, 4)
+    b = elit_config("B/2", 256)
+    assert (b.n_head, b.core_blocks, b.n_tail, b.groups, b.tokens_per_group) == (3, 6, 3, 16, 16)
+    with pytest.raises(ValueError, match="name"):
+        elit_config("XXL/2")
+    with pytest.raises(ValueError, match="window"):
+        elit_config("S/2", 256, window=5)
+    with pytest.raises(ValueError, match="head_blocks"):
+        elit_config("tiny", 64, head_blocks=3, tail_blocks=2)
+
+
+def test_model_input_errors():
+    m = tiny("reference")
+    x, t, y = inputs(2)
+    with pytest.raises(ValueError, match="x:"):
+        m(x[:, :2], t, y)
+    with pytest.raises(ValueError, match="t:"):
+        m(x, t[:1], y)
+    with pytest.raises(ValueError, match="y:"):
+        m(x, t, y.float())
+    with pytest.raises(ValueError, match="budgets"):
+        m(x, t, y, [1, 5])
+    with pytest.raises(ValueError, match="elementwise"):
+        ElitDiT(elit_config("tiny", 64), elementwise="nope")

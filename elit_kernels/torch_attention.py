@@ -3,8 +3,11 @@
 Why padded SDPA and not nested/jagged tensors: the jagged path cannot express flash-attn's
 bottom-right causal mask when Lq != Lk, and empty segments trip it; the padded path handles every
 case of the contract with one code path, needs no host sync (only the Python-int max lengths), and
-on CUDA reaches the memory-efficient SDPA kernel (which takes a mask). Measured on CPU
-(benchmarks/results) it is within noise of the jagged path at ELIT's Read/Write shapes.
+on CUDA reaches the memory-efficient SDPA kernel (which takes a mask). Measured here (CPU, 1 thread,
+fp32, H=6, D=64, shared noisy 2-core machine, median of 5; 2026-11-27), padded vs jagged SDPA:
+Read 128 segments J in {1,4,8,16} x P=16: 15.5 vs 39.3 ms; Write (swapped): 20.4 vs 35.5 ms;
+core 4x256 + 4x64 tokens: 31.8 vs 66.9 ms. Padding wastes FLOPs on ragged batches; the kernel
+backends (triton, cuda) are what avoid it.
 """
 from __future__ import annotations
 

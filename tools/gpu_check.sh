@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (torch + triton preinstalled, no network): install the package (building the
+# CUDA extension for this card), run every test (GPU tests included), then the op and model benchmarks.
+# Everything lands in $OUT (or ./gpu_results): gpu_check.log, junit XML, summary.json, benchmark files.
+# Budget: about 8 minutes on an H100. Usage:  bash tools/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_results}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+start=$(date +%s)
+stage() { echo; echo "=== $1 ($(( $(date +%s) - start ))s) ==="; }
+declare -A rc
+
+stage "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+python - <<'EOF'
+import torch, sys
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+EOF
+git rev-parse HEAD 2>/dev/null || echo "commit: unknown (not a git checkout)"
+
+stage "build + install (CUDA extension for this card)"
+cap=$(python -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "9.0")
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import the checkout even if the install step failed
+timeout 300 python -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1
+rc[build]=$?
+tail -5 "$OUT/build.log"
+python -c "import elit_kernels; print('backends:', elit_kernels.known_backends())"
+
+stage "tests (GPU variants run here; CPU-only ones too)"
+timeout 240 python -m pytest -q -rs tests --junitxml="$OUT/junit.xml" -p no:cacheprovider
+rc[tests]=$?
+
+stage "benchmarks"
+if [ -x tools/bench_gpu.sh ]; then
+  OUT="$OUT" timeout 240 bash tools/bench_gpu.sh
+  rc[bench]=$?
+else
+  echo "tools/bench_gpu.sh missing: no benchmarks"
+  rc[bench]=127
+fi
+
+stage "summary"
+python - "$OUT" "${rc[build]}" "${rc[tests]}" "${rc[bench]}" <<'EOF'
+import json, subprocess, sys, datetime, torch
+out, b, t, k = sys.argv[1], *map(int, sys.argv[2:])
+try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+except OSError:
+    commit = None
+summary = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "commit": commit,
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "torch": torch.__version__, "rc": {"build": b, "tests": t, "bench": k}}
+try:
+    import triton; summary["triton"] = triton.__version__
+except ImportError:
+    pass
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
+print(json.dumps(summary, indent=2))
+EOF
+echo "total $(( $(date +%s) - start ))s"
+[ "${rc[build]}" -eq 0 ] && [ "${rc[tests]}" -eq 0 ] && [ "${rc[bench]}" -eq 0 ]

@@ -25,5 +25,7 @@ setup(
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "elit-bench=elit_kernels.bench.cli:main",
+    ]},
 )

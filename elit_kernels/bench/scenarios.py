@@ -1,0 +1,154 @@
+"""The benchmark cases: uniform budgets, mixed (ragged) batches, guidance, and the two baselines.
+
+Every case of a run shares one set of weights (an ``ElitDiT``; per-backend shallow copies differ only in
+their ``backend`` attribute; the official-style wrapper and the plain DiT reuse or mirror its size).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..flow import guided_velocity
+from ..models import ElitDiT, PlainDiT
+from .official import OfficialStyleElit
+from .timing import Case
+
+SCENARIOS = ("uniform", "mixed", "guidance", "baselines")
+GUIDANCE_SCALE = 4.0  # any non-zero scale: guided_velocity skips the weak pass at 0
+
+
+@dataclass
+class Setup:
+    cfg: object
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    budgets: list[int]  # uniform budgets, ascending, ending at J_max
+    backends: list[str]
+    scenarios: list[str]
+    seed: int = 0
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Fresh random weights: a freshly initialised DiT is all zeros in its adaLN/output layers, and
+    timing a network that multiplies zeros is not timing a trained one. Norm gains stay near 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(noise + 1.0 if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight") else noise)
+
+
+def mixed_budgets(budgets: list[int], batch: int) -> list[int]:
+    """Per-sample budgets spread over the uniform list, smallest to largest (batch >= 2)."""
+    n = len(budgets)
+    return [budgets[round(i * (n - 1) / (batch - 1))] for i in range(batch)]
+
+
+def build_cases(s: Setup) -> tuple[list[Case], dict]:
+    """All cases of a run, in the order they are visited each repeat, plus run metadata."""
+    cfg, dev, dt, b = s.cfg, s.device, s.dtype, s.batch
+    jm = cfg.latents_per_group
+    g = torch.Generator().manual_seed(s.seed)
+    x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dt)
+    t = torch.rand(b, generator=g).to(dev)
+    y = torch.randint(0, cfg.num_classes, (b,), generator=g).to(dev)
+
+    base = ElitDiT(cfg)
+    randomize_(base, s.seed)
+    base = base.to(dev, dt).eval()
+    elit = {}
+    for be in s.backends:
+        m = copy.copy(base)  # shares every parameter and submodule; only .backend differs
+        m.backend = be
+        elit[be] = m
+    want = set(s.scenarios)
+    official = OfficialStyleElit(base).eval() if want & {"baselines", "mixed", "guidance"} else None
+    plain = {}
+    if "baselines" in want:
+        pbase = PlainDiT(cfg)
+        randomize_(pbase, s.seed + 1)
+        pbase = pbase.to(dev, dt).eval()
+        for be in s.backends:
+            m = copy.copy(pbase)
+            m.backend = be
+            plain[be] = m
+    G = cfg.groups
+    cases: list[Case] = []
+
+    def full_key(model, be):
+        return ("uniform", "uniform", model, be, jm)
+
+    def fwd(m, xx, tt, yy, bud):
+        return lambda: m(xx, tt, yy, bud)
+
+    # Uniform budgets (+ official-style baseline at the same budgets, + plain DiT), budget-major so a
+    # repeat visits J = 1, 2, 4, … in turn. The full-budget case of every model is always timed: it is
+    # what every ratio is taken against.
+    uni_budgets = s.budgets if ("uniform" in want or "baselines" in want) else [jm]
+    for j in uni_budgets:
+        for be in s.backends:
+            if "uniform" in want or j == jm:
+                cases.append(Case("uniform", "uniform", "elit", be, j, [j] * b, b, G * j, fwd(elit[be], x, t, y, j),
+                                  [elit[be]], ref=full_key("elit", be)))
+        if official is not None and ("baselines" in want or j == jm):
+            cases.append(Case("uniform", "uniform", "official", "sdpa_dense", j, [j] * b, b, G * j,
+                              fwd(official, x, t, y, j), [official], ref=full_key("official", "sdpa_dense"),
+                              note="official-style: dense SDPA on (B·G, P, C) reshapes"))
+    for be in plain:
+        n = cfg.grid * cfg.grid
+        cases.append(Case("uniform", "plain_dit", "plain", be, None, [], b, n, fwd(plain[be], x, t, y, None),
+                          [plain[be]], ref=full_key("elit", be), note="plain DiT, same size; ratio vs ELIT at J_max"))
+
+    meta = {"weak_budget": max(1, jm // 16), "guidance_scale": GUIDANCE_SCALE}
+    if "mixed" in want:
+        mb = mixed_budgets(s.budgets, b)
+        meta["mixed_budgets"] = mb
+        groups = {}
+        for i, j in enumerate(mb):
+            groups.setdefault(j, []).append(i)
+        parts = [(j, torch.tensor(idx, device=dev)) for j, idx in sorted(groups.items())]
+
+        def sum_of_parts(m):
+            def run():
+                for j, idx in parts:  # one forward per distinct budget: all a one-budget model can do
+                    m(x[idx], t[idx], y[idx], j)
+            return run
+
+        lat = G * sum(mb) / b
+        for be in s.backends:
+            m = elit[be]
+            cases.append(Case("mixed", "ragged", "elit", be, max(mb), list(mb), b, lat, fwd(m, x, t, y, mb), [m],
+                              ref=full_key("elit", be), note="one forward, a budget per sample"))
+            cases.append(Case("mixed", "padded", "elit", be, max(mb), [max(mb)] * b, b, G * max(mb),
+                              fwd(m, x, t, y, max(mb)), [m], ref=full_key("elit", be),
+                              note="every sample padded to the largest budget"))
+            cases.append(Case("mixed", "sum_of_parts", "elit", be, max(mb), list(mb), b, lat, sum_of_parts(m), [m],
+                              ref=full_key("elit", be), note=f"{len(parts)} forwards, one per distinct budget"))
+        if official is not None:
+            cases.append(Case("mixed", "padded", "official", "sdpa_dense", max(mb), [max(mb)] * b, b, G * max(mb),
+                              fwd(official, x, t, y, max(mb)), [official], ref=full_key("official", "sdpa_dense")))
+            cases.append(Case("mixed", "sum_of_parts", "official", "sdpa_dense", max(mb), list(mb), b, lat,
+                              sum_of_parts(official), [official], ref=full_key("official", "sdpa_dense")))
+
+    if "guidance" in want:
+        jw = meta["weak_budget"]
+
+        def guided(m, mode):
+            return lambda: guided_velocity(m, x, t, y, jm, mode=mode, scale=GUIDANCE_SCALE, weak_budget=jw)
+
+        specs = [("cfg", 2 * jm), ("ccfg_two_pass", jm + jw), ("ccfg", jm + jw)]
+        for mode, per in specs:
+            for be in s.backends:
+                m = elit[be]
+                buds = [jm] * (2 * b) if mode == "cfg" else [jm] * b + [jw] * b
+                cases.append(Case("guidance", mode, "elit", be, jm, buds, b, G * per, guided(m, mode), [m],
+                                  ref=("guidance", "cfg", "elit", be, jm), weak_budget=None if mode == "cfg" else jw))
+            if official is not None and mode != "ccfg":  # the dense path cannot run a ragged batch
+                buds = [jm] * (2 * b) if mode == "cfg" else [jm] * b + [jw] * b
+                cases.append(Case("guidance", mode, "official", "sdpa_dense", jm, buds, b, G * per,
+                                  guided(official, mode), [official], ref=("guidance", "cfg", "official", "sdpa_dense", jm),
+                                  weak_budget=None if mode == "cfg" else jw))
+    return cases, meta

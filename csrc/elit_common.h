@@ -1,0 +1,113 @@
+// Shared argument checks and the compiled-kernel registry of elit_kernels._C.
+//
+// Every check names the offending argument first ("q: ...") so a TORCH_CHECK failure points at it.
+// CPU and CUDA implementations share the shape/dtype/device checks; only the CPU side reads
+// cu_seqlens/index values (a device read on CUDA would be a host sync).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+namespace elit {
+
+// Names of the kernels compiled into this build (filled by static registrars in each source).
+std::vector<std::string>& compiled_kernels();
+
+struct KernelRegistrar {
+  explicit KernelRegistrar(const char* name) { compiled_kernels().emplace_back(name); }
+};
+
+inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-D tensor, got ", t.dim(), "-D shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": on device ", t.device(), ", but ", ref_name, " is on ",
+              ref.device());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(), " does not match ",
+              ref_name, "'s dtype ", ref.scalar_type());
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+              ": dtype ", st, " not supported; expected float16, bfloat16, float32 or float64");
+}
+
+// Shapes, dtypes and devices of varlen attention arguments (all devices).
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
+  check_tensor(q, "q", 3);
+  check_tensor(k, "k", 3);
+  check_tensor(v, "v", 3);
+  check_floating(q, "q");
+  check_same_dtype(k, "k", q, "q");
+  check_same_dtype(v, "v", q, "q");
+  check_same_device(k, "k", q, "q");
+  check_same_device(v, "v", q, "q");
+  TORCH_CHECK(k.size(1) == q.size(1), "k: has ", k.size(1), " heads, q has ", q.size(1));
+  TORCH_CHECK(v.size(1) == q.size(1), "v: has ", v.size(1), " heads, q has ", q.size(1));
+  TORCH_CHECK(k.size(2) == q.size(2), "k: head dim ", k.size(2), " does not match q's head dim ", q.size(2));
+  TORCH_CHECK(v.size(2) == q.size(2), "v: head dim ", v.size(2), " does not match q's head dim ", q.size(2));
+  TORCH_CHECK(v.size(0) == k.size(0), "v: has ", v.size(0), " tokens, k has ", k.size(0));
+  TORCH_CHECK(q.size(2) >= 1, "q: head dim must be >= 1");
+  for (auto [cu, name] : {std::pair<const at::Tensor&, const char*>{cu_q, "cu_seqlens_q"}, {cu_k, "cu_seqlens_k"}}) {
+    check_tensor(cu, name, 1);
+    TORCH_CHECK(cu.scalar_type() == at::kInt, name, ": expected dtype int32, got ", cu.scalar_type());
+    TORCH_CHECK(cu.size(0) >= 1, name, ": expected at least one element (cu[0] = 0)");
+    check_same_device(cu, name, q, "q");
+  }
+  TORCH_CHECK(cu_k.size(0) == cu_q.size(0), "cu_seqlens_k: has ", cu_k.size(0), " elements but cu_seqlens_q has ",
+              cu_q.size(0));
+  TORCH_CHECK(max_q >= 0, "max_seqlen_q: must be >= 0, got ", max_q);
+  TORCH_CHECK(max_k >= 0, "max_seqlen_k: must be >= 0, got ", max_k);
+}
+
+// Values of a CPU cu_seqlens tensor (contiguous int32).
+inline void check_cu_values_cpu(const at::Tensor& cu, const char* name, int64_t total, int64_t max_len,
+                                const char* max_name) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0);
+  TORCH_CHECK(c[0] == 0, name, ": must start at 0, got ", c[0]);
+  int64_t longest = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK(c[i] >= c[i - 1], name, ": must be non-decreasing, but ", name, "[", i, "] = ", c[i], " < ", name,
+                "[", i - 1, "] = ", c[i - 1]);
+    longest = std::max<int64_t>(longest, c[i] - c[i - 1]);
+  }
+  TORCH_CHECK(c[n - 1] == total, name, ": last element must equal the total token count ", total, ", got ", c[n - 1]);
+  TORCH_CHECK(longest <= max_len, max_name, ": ", max_len, " is smaller than the longest segment (", longest,
+              ") in ", name);
+}
+
+// x [T, C] with a per-sample parameter p [B, C] gathered through index [T] (int64).
+inline void check_param(const at::Tensor& p, const char* name, const at::Tensor& x) {
+  check_tensor(p, name, 2);
+  check_same_dtype(p, name, x, "x");
+  check_same_device(p, name, x, "x");
+  TORCH_CHECK(p.size(1) == x.size(1), name, ": has ", p.size(1), " channels, x has ", x.size(1));
+}
+
+inline void check_index(const at::Tensor& index, const at::Tensor& x) {
+  check_tensor(index, "index", 1);
+  TORCH_CHECK(index.scalar_type() == at::kLong, "index: expected dtype int64, got ", index.scalar_type());
+  check_same_device(index, "index", x, "x");
+  TORCH_CHECK(index.size(0) == x.size(0), "index: has ", index.size(0), " entries, x has ", x.size(0), " tokens");
+}
+
+inline void check_index_values_cpu(const at::Tensor& index, int64_t bound, const char* name, const char* what) {
+  const int64_t* p = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < bound, name, ": entry ", i, " = ", p[i], " is out of range [0, ", bound, ") (",
+                what, ")");
+  }
+}
+
+}  // namespace elit

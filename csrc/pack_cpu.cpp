@@ -1,0 +1,71 @@
+// CPU latent pack/unpack through ElitLayout.pack_index: row copies, dtype-agnostic (memcpy).
+// pack:   [B, G, J_max, C] -> [T, C],   out[t] = latents.flat[pack_index[t]]
+// unpack: [T, C] -> [B, G, J_max, C],   fill everywhere, then out.flat[pack_index[t]] = packed[t]
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "elit_common.h"
+
+namespace elit {
+namespace {
+
+static KernelRegistrar reg_pack("pack_latents_cpu");
+
+void check_pack_index(const at::Tensor& idx, const at::Tensor& ref, const char* ref_name) {
+  check_tensor(idx, "pack_index", 1);
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "pack_index: expected dtype int64, got ", idx.scalar_type());
+  check_same_device(idx, "pack_index", ref, ref_name);
+}
+
+void copy_rows(const char* src, char* dst, const int64_t* idx, int64_t rows, int64_t row_bytes, bool gather) {
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t s = gather ? idx[t] : t, d = gather ? t : idx[t];
+      std::memcpy(dst + d * row_bytes, src + s * row_bytes, row_bytes);
+    }
+  });
+}
+
+at::Tensor pack_latents_cpu(const at::Tensor& latents_, const at::Tensor& index_) {
+  check_tensor(latents_, "latents", 4);
+  check_pack_index(index_, latents_, "latents");
+  auto latents = latents_.contiguous(), index = index_.contiguous();
+  const int64_t rows = latents.size(0) * latents.size(1) * latents.size(2), C = latents.size(3);
+  check_index_values_cpu(index, rows, "pack_index", "a row of the [B, G, J_max] grid");
+  auto out = at::empty({index.size(0), C}, latents.options());
+  copy_rows(static_cast<const char*>(latents.const_data_ptr()), static_cast<char*>(out.mutable_data_ptr()),
+            index.const_data_ptr<int64_t>(), index.size(0), C * latents.element_size(), true);
+  return out;
+}
+
+at::Tensor unpack_latents_cpu(const at::Tensor& packed_, const at::Tensor& index_, int64_t batch, int64_t groups,
+                              int64_t j_max, double fill) {
+  check_tensor(packed_, "packed", 2);
+  check_pack_index(index_, packed_, "packed");
+  TORCH_CHECK(index_.size(0) == packed_.size(0), "pack_index: has ", index_.size(0), " entries, packed has ",
+              packed_.size(0), " rows");
+  TORCH_CHECK(batch >= 0, "batch: must be >= 0, got ", batch);
+  TORCH_CHECK(groups >= 0, "groups: must be >= 0, got ", groups);
+  TORCH_CHECK(j_max >= 0, "j_max: must be >= 0, got ", j_max);
+  auto packed = packed_.contiguous(), index = index_.contiguous();
+  const int64_t C = packed.size(1);
+  check_index_values_cpu(index, batch * groups * j_max, "pack_index", "a row of the [B, G, J_max] grid");
+  auto out = at::full({batch, groups, j_max, C}, fill, packed.options());
+  copy_rows(static_cast<const char*>(packed.const_data_ptr()), static_cast<char*>(out.mutable_data_ptr()),
+            index.const_data_ptr<int64_t>(), index.size(0), C * packed.element_size(), false);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(elit, CPU, m) {
+  m.impl("pack_latents", &pack_latents_cpu);
+  m.impl("unpack_latents", &unpack_latents_cpu);
+}
+
+}  // namespace elit

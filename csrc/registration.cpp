@@ -1,0 +1,75 @@
+// elit_kernels._C: the `elit::` op schemas and the pybind11 build-info helpers.
+//
+// Schemas live here once; each backend file adds its kernels with TORCH_LIBRARY_IMPL. Fake
+// (meta) kernels and autograd formulas are registered from Python (elit_kernels/_cext.py), which
+// set_python_module makes torch import whenever it needs them.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include "elit_common.h"
+
+#define ELIT_STR_(x) #x
+#define ELIT_STR(x) ELIT_STR_(x)
+
+namespace elit {
+
+std::vector<std::string>& compiled_kernels() {
+  static std::vector<std::string> names;
+  return names;
+}
+
+#ifdef ELIT_WITH_CUDA
+// Defined in cuda/build_info.cu (the nvcc host pass knows the target archs and the runtime version).
+std::vector<int> cuda_archs();
+int cuda_runtime_version();
+#endif
+
+}  // namespace elit
+
+TORCH_LIBRARY(elit, m) {
+  m.set_python_module("elit_kernels._cext");
+  // Varlen attention. lse is [H, total_q], fp32 (fp64 for fp64 inputs); -inf for rows with no key.
+  m.def("varlen_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  m.def("varlen_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) "
+        "-> (Tensor dq, Tensor dk, Tensor dv)");
+  // LayerNorm (no affine) + adaLN modulate; mean/rstd are [T] fp32 (fp64 for fp64 x), kept for backward.
+  m.def("layernorm_modulate_fwd(Tensor x, Tensor shift, Tensor scale, Tensor index, float eps) "
+        "-> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def("layernorm_modulate_bwd(Tensor grad_out, Tensor x, Tensor scale, Tensor index, Tensor mean, Tensor rstd) "
+        "-> (Tensor grad_x, Tensor grad_shift, Tensor grad_scale)");
+  // x + gate[index] * y; the x gradient is grad_out itself, so the backward returns (dy, dgate).
+  m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor gate, Tensor index) -> Tensor");
+  m.def("gated_residual_bwd(Tensor grad_out, Tensor y, Tensor gate, Tensor index) -> (Tensor grad_y, Tensor grad_gate)");
+  // Latent pack/unpack through ElitLayout.pack_index ([T] int64 rows of the flattened [B, G, J_max] grid).
+  m.def("pack_latents(Tensor latents, Tensor pack_index) -> Tensor");
+  m.def("unpack_latents(Tensor packed, Tensor pack_index, int batch, int groups, int j_max, float fill) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "elit-kernels compiled ops (registered under torch.ops.elit) and build information";
+  m.def("build_info", []() {
+    py::dict d;
+#ifdef ELIT_BUILD_TORCH_VERSION
+    d["torch_version"] = std::string(ELIT_STR(ELIT_BUILD_TORCH_VERSION));
+#else
+    d["torch_version"] = std::string("unknown");
+#endif
+#ifdef ELIT_WITH_CUDA
+    d["with_cuda"] = true;
+    d["cuda_archs"] = elit::cuda_archs();
+    int v = elit::cuda_runtime_version();
+    d["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+#else
+    d["with_cuda"] = false;
+    d["cuda_archs"] = std::vector<int>{};
+    d["cuda_version"] = py::none();
+#endif
+    d["kernels"] = elit::compiled_kernels();
+    return d;
+  }, "Dict: torch_version (built against), with_cuda, cuda_archs (e.g. [80, 90]), cuda_version, kernels.");
+}

@@ -1,0 +1,273 @@
+"""Loader for the compiled extension ``elit_kernels._C`` (csrc/).
+
+When ``_C`` loads, this module registers, on the Python side, what the C++ schemas need:
+
+- fake (meta) impls and autograd formulas for every ``torch.ops.elit.*`` op defined in C++;
+- the ``cuda`` attention backend (priority 40: CUDA tensors, fp16/bf16, head dim 64/72/128) when the
+  CUDA kernels are compiled in, and the ``cpp`` backend (priority 5: CPU tensors);
+- the ``"fused"`` elementwise implementation for the model (``elit_kernels.models.ops``).
+
+When ``_C`` is missing, or was built for another torch, it warns once (with the build info and how to
+build) and registers nothing; the pure-Python backends keep working. Importing this module never
+raises because of the extension.
+
+Ops (shapes as in ``varlen_attention``)::
+
+    out, lse = torch.ops.elit.varlen_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)  # lse [H, total_q]
+    out, mean, rstd = torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, eps)
+    out = torch.ops.elit.gated_residual_fwd(x, y, gate, index)
+    packed = torch.ops.elit.pack_latents(latents, layout.pack_index)        # [B, G, J_max, C] -> [T, C]
+    latents = torch.ops.elit.unpack_latents(packed, layout.pack_index, B, G, J_max, 0.0)
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .backends import AttnInputs, Backend, register_backend
+
+_C = None
+load_error: str | None = None
+_BUILD_HINT = ("Build it with `pip install --no-build-isolation -e .` from the repository root (nvcc and a CUDA "
+               "build of torch give the CUDA kernels; ELIT_SKIP_CUDA_BUILD=1 builds the C++ CPU ops only).")
+
+
+def _warn_once(msg: str) -> None:
+    global load_error
+    if load_error is None:
+        load_error = msg
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _load():
+    global _C
+    try:
+        from . import _C as ext  # noqa: N811
+    except ImportError as e:
+        why = "is not built" if isinstance(e, ModuleNotFoundError) else f"failed to load ({e}); it is probably stale"
+        _warn_once(f"elit_kernels._C {why}: the cuda/cpp backends and the 'fused' elementwise ops are off "
+                   f"(running torch {torch.__version__}). {_BUILD_HINT}")
+        return None
+    info = ext.build_info()
+    if info.get("torch_version") != torch.__version__:
+        _warn_once(f"elit_kernels._C is stale: built for torch {info.get('torch_version')}, running torch "
+                   f"{torch.__version__} (build info: {info}); not using it. {_BUILD_HINT}")
+        return None
+    _C = ext
+    return ext
+
+
+def available() -> bool:
+    """True when the compiled extension loaded and matches the running torch."""
+    return _C is not None
+
+
+def build_info() -> dict | None:
+    """``_C``'s build info (torch_version, with_cuda, cuda_archs, cuda_version, kernels), or None."""
+    return None if _C is None else _C.build_info()
+
+
+def has_kernel(name: str) -> bool:
+    info = build_info()
+    return info is not None and name in info["kernels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake impls and autograd for the C++ ops.
+# ---------------------------------------------------------------------------------------------
+
+def _stat_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _register_op_python_parts() -> None:
+    lib = "elit::"
+
+    @torch.library.register_fake(lib + "varlen_attn_fwd")
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q))
+
+    @torch.library.register_fake(lib + "varlen_attn_bwd")
+    def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake(lib + "layernorm_modulate_fwd")
+    def _(x, shift, scale, index, eps):
+        t = x.shape[0]
+        return torch.empty_like(x), x.new_empty((t,), dtype=_stat_dtype(x)), x.new_empty((t,), dtype=_stat_dtype(x))
+
+    @torch.library.register_fake(lib + "layernorm_modulate_bwd")
+    def _(grad_out, x, scale, index, mean, rstd):
+        return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+
+    @torch.library.register_fake(lib + "gated_residual_fwd")
+    def _(x, y, gate, index):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(lib + "gated_residual_bwd")
+    def _(grad_out, y, gate, index):
+        return torch.empty_like(y), torch.empty_like(gate)
+
+    @torch.library.register_fake(lib + "pack_latents")
+    def _(latents, pack_index):
+        return latents.new_empty((pack_index.shape[0], latents.shape[-1]))
+
+    @torch.library.register_fake(lib + "unpack_latents")
+    def _(packed, pack_index, batch, groups, j_max, fill):
+        return packed.new_empty((batch, groups, j_max, packed.shape[-1]))
+
+    # varlen attention: lse is an auxiliary output for the backward.
+    def attn_setup(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, scale, causal)
+        ctx.mark_non_differentiable(lse)
+
+    def attn_backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.elit.varlen_attn_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "varlen_attn_fwd", attn_backward, setup_context=attn_setup)
+
+    def lnm_setup(ctx, inputs, output):
+        x, shift, scale, index, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, scale, index, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def lnm_backward(ctx, grad_out, grad_mean, grad_rstd):
+        x, scale, index, mean, rstd = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(x)
+        gx, gshift, gscale = torch.ops.elit.layernorm_modulate_bwd(grad_out, x, scale, index, mean, rstd)
+        return gx, gshift, gscale, None, None
+
+    torch.library.register_autograd(lib + "layernorm_modulate_fwd", lnm_backward, setup_context=lnm_setup)
+
+    def gr_setup(ctx, inputs, output):
+        x, y, gate, index = inputs
+        ctx.save_for_backward(y, gate, index)
+
+    def gr_backward(ctx, grad_out):
+        y, gate, index = ctx.saved_tensors
+        gy, ggate = torch.ops.elit.gated_residual_bwd(grad_out, y, gate, index)
+        return grad_out, gy, ggate, None
+
+    torch.library.register_autograd(lib + "gated_residual_fwd", gr_backward, setup_context=gr_setup)
+
+    def pack_setup(ctx, inputs, output):
+        latents, index = inputs
+        ctx.save_for_backward(index)
+        ctx.grid = tuple(latents.shape[:3])
+
+    def pack_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.elit.unpack_latents(grad, index, *ctx.grid, 0.0), None
+
+    torch.library.register_autograd(lib + "pack_latents", pack_backward, setup_context=pack_setup)
+
+    def unpack_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def unpack_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.elit.pack_latents(grad, index), None, None, None, None, None
+
+    torch.library.register_autograd(lib + "unpack_latents", unpack_backward, setup_context=unpack_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers, backends, fused elementwise ops.
+# ---------------------------------------------------------------------------------------------
+
+def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal=False):
+    """``elit::varlen_attn_fwd`` returning only ``out`` ``[total_q, H, D]`` (differentiable)."""
+    return torch.ops.elit.varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          float(softmax_scale), bool(causal))[0]
+
+
+def layernorm_modulate(x, shift, scale, index, eps: float = 1e-6):
+    """Fused ``LayerNorm(x) * (1 + scale[index]) + shift[index]``; x ``[T, C]``, shift/scale ``[B, C]``."""
+    if x.is_cuda and not has_kernel("layernorm_modulate_cuda"):
+        from .reference.modulate import layernorm_modulate as ref
+        return ref(x, shift, scale, index, eps)
+    return torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, float(eps))[0]
+
+
+def gated_residual(x, y, gate, index):
+    """Fused ``x + gate[index] * y``; x, y ``[T, C]``, gate ``[B, C]``."""
+    if x.is_cuda and not has_kernel("gated_residual_cuda"):
+        from .reference.modulate import gated_residual as ref
+        return ref(x, y, gate, index)
+    return torch.ops.elit.gated_residual_fwd(x, y, gate, index)
+
+
+def pack_latents(latents, layout):
+    """``[B, G, J_max, C]`` -> packed ``[T, C]`` (same as ``elit_kernels.layout.pack_latents``)."""
+    return torch.ops.elit.pack_latents(latents, layout.pack_index)
+
+
+def unpack_latents(packed, layout, fill: float = 0.0):
+    """Packed ``[T, C]`` -> ``[B, G, J_max, C]`` with ``fill`` elsewhere (as ``layout.unpack_latents``)."""
+    return torch.ops.elit.unpack_latents(packed, layout.pack_index, layout.batch, layout.groups, layout.j_max,
+                                         float(fill))
+
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (64, 72, 128)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    priority = 40
+    description = ("compiled CUDA kernels (elit_kernels._C): tensor-core varlen attention, a one-warp path for "
+                   "tiny Read/Write segments; fp16/bf16, head dim 64/72/128")
+
+    def is_available(self) -> bool:
+        return has_kernel("varlen_attn_fwd_cuda") and torch.cuda.is_available()
+
+    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
+        r = []
+        if inp.q.device.type != "cuda":
+            r.append(f"needs CUDA tensors, got device {inp.q.device}")
+        if inp.q.dtype not in _CUDA_DTYPES:
+            r.append(f"dtype {inp.q.dtype} not in {[str(d) for d in _CUDA_DTYPES]}")
+        if inp.head_dim not in _CUDA_HEAD_DIMS:
+            r.append(f"head dim {inp.head_dim} not in {list(_CUDA_HEAD_DIMS)}")
+        return r
+
+    def forward(self, inp: AttnInputs) -> torch.Tensor:
+        return varlen_attn(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
+                           inp.max_seqlen_k, inp.softmax_scale, inp.causal)
+
+
+class CppBackend(Backend):
+    name = "cpp"
+    priority = 5
+    description = "compiled C++ CPU loops (elit_kernels._C), one (segment, head) per task; all float dtypes"
+
+    def is_available(self) -> bool:
+        return has_kernel("varlen_attn_fwd_cpu")
+
+    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
+        if inp.q.device.type != "cpu":
+            return [f"needs CPU tensors, got device {inp.q.device}"]
+        return []
+
+    def forward(self, inp: AttnInputs) -> torch.Tensor:
+        return varlen_attn(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
+                           inp.max_seqlen_k, inp.softmax_scale, inp.causal)
+
+
+if _load() is not None:
+    _register_op_python_parts()
+    register_backend(CudaBackend())
+    register_backend(CppBackend())
+    from .models.ops import ElementwiseImpl, register_elementwise
+
+    register_elementwise("fused", ElementwiseImpl(layernorm_modulate, gated_residual))

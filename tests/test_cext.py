@@ -1,0 +1,389 @@
+"""elit_kernels._C: C++ CPU ops vs the references (values + gradients), opcheck, argument errors, and
+the CUDA kernels vs the references when a GPU is present.
+
+CI builds the extension (`pip install --no-build-isolation -e .`), so a missing or stale _C FAILS
+here rather than skipping.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import elit_kernels
+from elit_kernels import _cext
+from elit_kernels.layout import build_layout, pack_latents, unpack_latents
+from elit_kernels.models.ops import get_elementwise
+from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
+from elit_kernels.testing import assert_close_to_reference, check_backend_against_reference, default_atol
+from elit_kernels.testing import random_varlen_inputs
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device here: the CUDA kernels are tested on the GPU machine")
+
+
+@pytest.fixture(autouse=True)
+def _require_extension():
+    if not _cext.available():
+        pytest.fail(f"elit_kernels._C is not usable: {_cext.load_error}. CI must build it with "
+                    "`pip install --no-build-isolation -e .`", pytrace=False)
+
+
+def test_build_info_and_registration():
+    info = _cext.build_info()
+    assert info["torch_version"] == torch.__version__
+    for k in ("varlen_attn_fwd_cpu", "varlen_attn_bwd_cpu", "layernorm_modulate_cpu", "gated_residual_cpu",
+              "pack_latents_cpu"):
+        assert k in info["kernels"]
+    if info["with_cuda"]:
+        assert info["cuda_archs"], info
+        assert info["cuda_version"]
+    assert "cpp" in elit_kernels.known_backends() and "cuda" in elit_kernels.known_backends()
+    assert get_elementwise("fused").layernorm_modulate is _cext.layernorm_modulate
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------
+
+def _attn(q, k, v, cq, ck, mq, mk, scale, causal):
+    return _cext.varlen_attn(q, k, v, cq, ck, mq, mk, scale, causal)
+
+
+ATTN_CASES = {
+    # name: (lens_q, lens_k)
+    "read_j1": ([1, 1, 1], [16, 16, 16]),
+    "write": ([16, 16, 5], [3, 1, 2]),
+    "empty_keys": ([3, 2, 4], [0, 5, 0]),
+    "empty_queries": ([0, 4, 0], [6, 0, 3]),
+    "core_odd": ([63, 1, 17], [63, 1, 17]),
+    "lq_ne_lk": ([7, 20], [13, 5]),
+    "single": ([1], [1]),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", list(ATTN_CASES), ids=list(ATTN_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+def test_attention_cpu_matches_reference(case, dtype, causal):
+    lq, lk = ATTN_CASES[case]
+    check_backend_against_reference(_attn, lq, lk, heads=2, head_dim=16, dtype=dtype, causal=causal,
+                                    seed=hash((case, causal)) % 1000)
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+def test_attention_cpu_head_dims(head_dim):
+    check_backend_against_reference(_attn, [5, 9], [12, 1], heads=3, head_dim=head_dim, dtype=torch.float32,
+                                    causal=True, seed=head_dim)
+
+
+def test_attention_cpu_through_dispatcher_and_scale():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 3], [2, 6], 2, 8, seed=3)
+    out = elit_kernels.varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.3, backend="cpp")
+    ref = elit_kernels.varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.3, backend="reference")
+    torch.testing.assert_close(out, ref)
+
+
+def test_attention_backward_deterministic_and_empty_rows_zero():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 4], [0, 5], 2, 8, seed=5, requires_grad=True)
+    outs = []
+    for _ in range(2):
+        o = _attn(q, k, v, cq, ck, mq, mk, 8 ** -0.5, False)
+        outs.append((o,) + torch.autograd.grad(o, (q, k, v), torch.ones_like(o)))
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.equal(a, b)
+    o, dq, dk, dv = outs[0]
+    assert torch.equal(o[:3], torch.zeros_like(o[:3]))
+    assert torch.equal(dq[:3], torch.zeros_like(dq[:3]))
+    _, lse = torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.5, False)
+    assert torch.isinf(lse[:, :3]).all() and torch.isfinite(lse[:, 3:]).all()
+
+
+def test_attention_compiles_fullgraph():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 4], [2, 5], 2, 8, seed=7)
+    f = torch.compile(lambda q, k, v: _attn(q, k, v, cq, ck, mq, mk, 0.35, True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(q, k, v), _attn(q, k, v, cq, ck, mq, mk, 0.35, True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Elementwise
+# ------------------------------------------------------------------------------------------------
+
+def _ragged_modulate_inputs(dtype, device="cpu", T=13, B=4, C=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, C, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    shift, scale, gate = (torch.randn(B, C, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    y = torch.randn(T, C, generator=g).to(device=device, dtype=dtype)
+    # Unsorted; sample 1 owns a single token, sample 3 none.
+    index = torch.tensor([0, 2, 2, 0, 0, 2, 0, 2, 2, 0, 0, 0, 2][:T], dtype=torch.long, device=device)
+    if T > 5:
+        index[5] = 1
+    return x, y, shift, scale, gate, index
+
+
+def _check_values_and_grads(fn, ref_fn, tensors, others, dtype, seed=0):
+    """fn vs ref_fn: values and gradients, with the flash-attn tolerance rule (fp64 truth)."""
+    def run(f, ts):
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        out = f(*ts, *others)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+        return [out] + list(torch.autograd.grad(out, ts, g))
+
+    got = run(fn, tensors)
+    truth = run(ref_fn, [t.double() for t in tensors])
+    low = run(ref_fn, tensors)
+    for i, (a, b, c) in enumerate(zip(got, truth, low)):
+        assert a.dtype == c.dtype
+        assert_close_to_reference(a, b.to(a.device), c, atol=default_atol(dtype), name=f"output {i}")
+
+
+def _ln_mod_ref64(x, shift, scale, index, eps):
+    # The reference computes in fp32; a fp64 truth for fp64 tests needs fp64 arithmetic.
+    h = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+    return h * (1 + scale[index]) + shift[index]
+
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_layernorm_modulate_cpu(dtype):
+    x, y, shift, scale, gate, index = _ragged_modulate_inputs(dtype, seed=1)
+    ref = _ln_mod_ref64 if dtype == torch.float64 else layernorm_modulate
+    _check_values_and_grads(_cext.layernorm_modulate, ref, [x, shift, scale], [index, 1e-6], dtype, seed=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gated_residual_cpu(dtype):
+    x, y, shift, scale, gate, index = _ragged_modulate_inputs(dtype, seed=3)
+    ref = (lambda x, y, gate, index: x + gate[index] * y) if dtype == torch.float64 else gated_residual
+    _check_values_and_grads(_cext.gated_residual, ref, [x, y, gate], [index], dtype, seed=4)
+
+
+def test_elementwise_gradcheck_fp64():
+    x, y, shift, scale, gate, index = _ragged_modulate_inputs(torch.float64, T=7, C=5, seed=5)
+    ts = [t.requires_grad_() for t in (x, shift, scale)]
+    torch.autograd.gradcheck(lambda a, b, c: _cext.layernorm_modulate(a, b, c, index, 1e-5), ts)
+    ts = [t.detach().requires_grad_() for t in (x, y, gate)]
+    torch.autograd.gradcheck(lambda a, b, c: _cext.gated_residual(a, b, c, index), ts)
+
+
+def test_empty_tokens():
+    x, y, shift, scale, gate, index = _ragged_modulate_inputs(torch.float32, T=0)
+    assert _cext.layernorm_modulate(x, shift, scale, index).shape == (0, 24)
+    gx, gs, gc = torch.ops.elit.layernorm_modulate_bwd(x, x, scale, index, x.new_empty(0), x.new_empty(0))
+    assert torch.equal(gs, torch.zeros_like(gs))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pack / unpack
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budgets", [[2, 0, 3], [3, 3, 3], [0, 0, 0], [1]], ids=["ragged", "full", "none", "one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pack_unpack_cpu(budgets, dtype):
+    lay = build_layout(budgets, batch=len(budgets), groups=2, tokens_per_group=4, j_max=3)
+    lat = torch.randn(len(budgets), 2, 3, 5, dtype=dtype, requires_grad=True)
+    p = _cext.pack_latents(lat, lay)
+    assert torch.equal(p, pack_latents(lat, lay))
+    u = _cext.unpack_latents(p, lay, fill=-1.5)
+    assert torch.equal(u, unpack_latents(p, lay, fill=-1.5))
+    g = torch.randn_like(u)
+    (gl,) = torch.autograd.grad(u, lat, g)
+    (gl_ref,) = torch.autograd.grad(unpack_latents(pack_latents(lat, lay), lay, fill=-1.5), lat, g)
+    assert torch.equal(gl, gl_ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck
+# ------------------------------------------------------------------------------------------------
+
+def _opcheck_samples(device="cpu", dtype=torch.float32):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 0, 2], [4, 2, 0], 2, 8, seed=11, device=device, dtype=dtype,
+                                                   requires_grad=True)
+    out, lse = torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.4, True)
+    dout = torch.randn_like(out)
+    x, y, shift, scale, gate, index = _ragged_modulate_inputs(dtype, device=device, seed=12)
+    _, mean, rstd = torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, 1e-6)
+    lay = build_layout([2, 0, 1], batch=3, groups=2, tokens_per_group=4, j_max=2, device=device)
+    lat = torch.randn(3, 2, 2, 6, device=device, dtype=dtype)
+    rg = lambda *ts: [t.detach().clone().requires_grad_(True) for t in ts]  # noqa: E731
+    return {
+        "varlen_attn_fwd": (q, k, v, cq, ck, mq, mk, 0.4, True),
+        "varlen_attn_bwd": (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck, mq, mk, 0.4, True),
+        "layernorm_modulate_fwd": (*rg(x, shift, scale), index, 1e-6),
+        "layernorm_modulate_bwd": (torch.randn_like(x), x, scale, index, mean, rstd),
+        "gated_residual_fwd": (*rg(x, y, gate), index),
+        "gated_residual_bwd": (torch.randn_like(x), y, gate, index),
+        "pack_latents": (lat.clone().requires_grad_(True), lay.pack_index),
+        "unpack_latents": (pack_latents(lat, lay).requires_grad_(True), lay.pack_index, 3, 2, 2, 0.5),
+    }
+
+
+OPS = ["varlen_attn_fwd", "varlen_attn_bwd", "layernorm_modulate_fwd",
+       "layernorm_modulate_bwd", "gated_residual_fwd", "gated_residual_bwd", "pack_latents", "unpack_latents"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_cpu(op):
+    args = _opcheck_samples()[op]
+    torch.library.opcheck(getattr(torch.ops.elit, op).default, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: TORCH_CHECK messages name the argument
+# ------------------------------------------------------------------------------------------------
+
+def _attn_args(**over):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 2], [4, 1], 2, 8, seed=1)
+    a = dict(q=q, k=k, v=v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk,
+             softmax_scale=0.3, causal=False)
+    a.update(over)
+    return list(a.values())
+
+
+@pytest.mark.parametrize("argname,over", [
+    ("q", lambda a: dict(q=a[0].int())),
+    ("q", lambda a: dict(q=a[0][0])),
+    ("k", lambda a: dict(k=a[1].double())),
+    ("v", lambda a: dict(v=a[2][:, :1])),
+    ("k", lambda a: dict(k=a[1][..., :4])),
+    ("v", lambda a: dict(v=a[2][:-1])),
+    ("cu_seqlens_q", lambda a: dict(cu_seqlens_q=a[3].long())),
+    ("cu_seqlens_k", lambda a: dict(cu_seqlens_k=torch.tensor([0, 4], dtype=torch.int32))),
+    ("cu_seqlens_q", lambda a: dict(cu_seqlens_q=torch.tensor([1, 3, 5], dtype=torch.int32))),
+    ("cu_seqlens_k", lambda a: dict(cu_seqlens_k=torch.tensor([0, 3, 2], dtype=torch.int32))),
+    ("cu_seqlens_q", lambda a: dict(cu_seqlens_q=torch.tensor([0, 3, 4], dtype=torch.int32))),
+    ("max_seqlen_q", lambda a: dict(max_seqlen_q=2)),
+    ("max_seqlen_k", lambda a: dict(max_seqlen_k=-1)),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_attention_bad_inputs(argname, over):
+    base = _attn_args()
+    keys = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal"]
+    args = dict(zip(keys, base))
+    args.update(over(base))
+    with pytest.raises(RuntimeError, match=argname):
+        torch.ops.elit.varlen_attn_fwd(*args.values())
+
+
+def test_attention_bwd_bad_lse():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 2], [4, 1], 2, 8, seed=1)
+    out, lse = torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.3, False)
+    with pytest.raises(RuntimeError, match="lse"):
+        torch.ops.elit.varlen_attn_bwd(out, q, k, v, out, lse.t(), cq, ck, mq, mk, 0.3, False)
+    with pytest.raises(RuntimeError, match="dout"):
+        torch.ops.elit.varlen_attn_bwd(out[:-1], q, k, v, out, lse, cq, ck, mq, mk, 0.3, False)
+
+
+def test_elementwise_bad_inputs():
+    x, y, shift, scale, gate, index = _ragged_modulate_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match="shift"):
+        torch.ops.elit.layernorm_modulate_fwd(x, shift[:, :3], scale, index, 1e-6)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.elit.layernorm_modulate_fwd(x, shift, scale.double(), index, 1e-6)
+    with pytest.raises(RuntimeError, match="index"):
+        torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index.int(), 1e-6)
+    with pytest.raises(RuntimeError, match="index"):
+        torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index + 3, 1e-6)
+    with pytest.raises(RuntimeError, match="x"):
+        torch.ops.elit.layernorm_modulate_fwd(x[0], shift, scale, index, 1e-6)
+    with pytest.raises(RuntimeError, match="eps"):
+        torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, -1.0)
+    with pytest.raises(RuntimeError, match="y"):
+        torch.ops.elit.gated_residual_fwd(x, y[:-1], gate, index)
+    with pytest.raises(RuntimeError, match="gate"):
+        torch.ops.elit.gated_residual_fwd(x, y, gate[:, :-1], index)
+    with pytest.raises(RuntimeError, match="index"):
+        torch.ops.elit.gated_residual_bwd(x, y, gate, index[:-1])
+
+
+def test_pack_bad_inputs():
+    lay = build_layout([2, 1], batch=2, groups=2, tokens_per_group=4, j_max=2)
+    lat = torch.randn(2, 2, 2, 3)
+    with pytest.raises(RuntimeError, match="latents"):
+        torch.ops.elit.pack_latents(lat[0], lay.pack_index)
+    with pytest.raises(RuntimeError, match="pack_index"):
+        torch.ops.elit.pack_latents(lat, lay.pack_index + 100)
+    with pytest.raises(RuntimeError, match="pack_index"):
+        torch.ops.elit.pack_latents(lat, lay.pack_index.int())
+    p = pack_latents(lat, lay)
+    with pytest.raises(RuntimeError, match="pack_index"):
+        torch.ops.elit.unpack_latents(p, lay.pack_index, 1, 2, 2, 0.0)
+    with pytest.raises(RuntimeError, match="packed"):
+        torch.ops.elit.unpack_latents(p[0], lay.pack_index, 2, 2, 2, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (GPU machine only)
+# ------------------------------------------------------------------------------------------------
+
+def _require_cuda_kernel(name):
+    if not _cext.has_kernel(name):
+        pytest.fail(f"a GPU is present but elit_kernels._C has no {name} kernel (build info: {_cext.build_info()})",
+                    pytrace=False)
+
+
+CUDA_ATTN_CASES = dict(ATTN_CASES, read_16x64=([16] * 8, [64] * 8), write_64x16=([64] * 8, [16] * 8),
+                       core_long=([300, 97, 1], [300, 97, 1]), long_lq_ne_lk=([129, 200], [257, 33]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", list(CUDA_ATTN_CASES), ids=list(CUDA_ATTN_CASES))
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_attention_cuda_matches_reference(case, head_dim, dtype, causal):
+    _require_cuda_kernel("varlen_attn_fwd_cuda")
+    lq, lk = CUDA_ATTN_CASES[case]
+    check_backend_against_reference(_attn, lq, lk, heads=3, head_dim=head_dim, dtype=dtype, causal=causal,
+                                    device="cuda", seed=hash((case, head_dim)) % 1000)
+
+
+@needs_cuda
+def test_attention_cuda_dispatch_and_opcheck():
+    _require_cuda_kernel("varlen_attn_fwd_cuda")
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 1], [7, 0], 2, 64, device="cuda", dtype=torch.float16)
+    from elit_kernels.backends import select_backend
+    from elit_kernels.attention import validate_inputs
+    assert select_backend(validate_inputs(q, k, v, cq, ck, mq, mk, None, False)).name == "cuda"
+    samples = _opcheck_samples(device="cuda", dtype=torch.float16)
+    for op in ("varlen_attn_fwd", "varlen_attn_bwd"):
+        a = list(samples[op])
+        torch.library.opcheck(getattr(torch.ops.elit, op).default, a)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_elementwise_cuda(dtype):
+    _require_cuda_kernel("layernorm_modulate_cuda")
+    _require_cuda_kernel("gated_residual_cuda")
+    for T, C in ((13, 24), (300, 1152)):
+        x, y, shift, scale, gate, index = _ragged_modulate_inputs(dtype, device="cuda", T=13, C=C, seed=T)
+        if T > 13:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(T, C, generator=g).to("cuda", dtype)
+            y = torch.randn(T, C, generator=g).to("cuda", dtype)
+            index = torch.randint(0, 3, (T,), generator=g).sort().values.to("cuda")
+        _check_values_and_grads(_cext.layernorm_modulate, layernorm_modulate, [x, shift, scale], [index, 1e-6], dtype)
+        _check_values_and_grads(_cext.gated_residual, gated_residual, [x, y, gate], [index], dtype)
+
+
+@needs_cuda
+def test_elementwise_and_pack_cuda_opcheck():
+    _require_cuda_kernel("pack_latents_cuda")
+    samples = _opcheck_samples(device="cuda", dtype=torch.float32)
+    for op in OPS[2:]:
+        torch.library.opcheck(getattr(torch.ops.elit, op).default, samples[op])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_pack_unpack_cuda(dtype):
+    _require_cuda_kernel("pack_latents_cuda")
+    lay = build_layout([5, 0, 16, 1], batch=4, groups=16, tokens_per_group=16, j_max=16, device="cuda")
+    for c in (1152, 7, 3):
+        lat = torch.randn(4, 16, 16, c, device="cuda").to(dtype)
+        p = _cext.pack_latents(lat, lay)
+        assert torch.equal(p, pack_latents(lat, lay))
+        assert torch.equal(_cext.unpack_latents(p, lay, 2.0), unpack_latents(p, lay, 2.0))

@@ -117,6 +117,7 @@ def test_mixed_budgets_spread():
     (["--backends", "nope"], "--backends"),
     (["--backends", "torch_varlen"], "--backends"),  # CUDA-only comparator on CPU
     (["--device", "tpu"], "--device"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_flags_error_clearly(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -10,7 +10,7 @@ minutes on 2 cores). Examples::
 from __future__ import annotations
 
 import argparse
-import sys
+import time
 
 import torch
 
@@ -27,7 +27,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 DEFAULTS = {  # device type -> (config, resolution, batch, dtype, repeats)
     "cuda": ("XL/2", 512, 8, "bf16", 5),
-    "cpu": ("S/2", 256, 4, "fp32", 7),
+    "cpu": ("S/2", 256, 4, "fp32", 5),
 }
 
 
@@ -48,9 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None,
                    help="comma list of per-group budgets J̃ (default: J_max/16, J_max/8, …, J_max; J_max is always added)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
-    p.add_argument("--repeats", type=int, default=None, help="timing samples per case, interleaved (default 5 GPU / 7 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timing samples per case, interleaved (default 5)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default bf16 GPU / fp32 CPU)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per case before timing (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default 1 on CPU: on a shared 2-core machine, 2 OpenMP threads make "
+                        "every op wait for a descheduled thread whenever another process runs; untouched on GPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up calls per case before timing (default 2 GPU / 1 CPU; the FLOP count is one more call)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="time budget: stop repeating once it is spent (at least one full repeat; results still written)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write DIR/results.json, results.csv and latency_vs_latents.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,8 +118,14 @@ def resolve(args) -> tuple[Setup, dict]:
     repeats = args.repeats if args.repeats is not None else d_rep
     if repeats < 1:
         raise BenchError(f"--repeats: expected a positive integer, got {repeats}")
-    if args.warmup < 0:
-        raise BenchError(f"--warmup: expected >= 0, got {args.warmup}")
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+    if threads is not None and threads < 1:
+        raise BenchError(f"--threads: expected a positive integer, got {threads}")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise BenchError(f"--max-seconds: expected a positive number, got {args.max_seconds}")
+    warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
+    if warmup < 0:
+        raise BenchError(f"--warmup: expected >= 0, got {warmup}")
     jm = cfg.latents_per_group
     if args.budgets is None:
         budgets, j = [], jm
@@ -160,7 +172,7 @@ def resolve(args) -> tuple[Setup, dict]:
     setup = Setup(cfg=cfg, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
                   scenarios=scen, seed=args.seed)
     extra = {"config": name, "resolution": res, "batch": batch, "dtype": dname, "budgets": budgets,
-             "backends": backends, "scenarios": scen, "repeats": repeats, "warmup": args.warmup,
+             "backends": backends, "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
              "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes}
     return setup, extra
 
@@ -168,10 +180,14 @@ def resolve(args) -> tuple[Setup, dict]:
 def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict], list[dict], dict]:
     """Build, warm up, count FLOPs, measure memory, time interleaved. Returns (rows, targets, metadata)."""
     dev = setup.device
+    t_start = time.monotonic()
     was = _attention.value_checks_enabled()
     # The eager cu_seqlens value checks copy device->host on every attention call; a benchmark
     # measures the kernels, not the validation (the layout is built by our own code).
     _attention.set_value_checks(False)
+    threads_was = torch.get_num_threads()
+    if extra.get("threads"):
+        torch.set_num_threads(extra["threads"])
     try:
         cases, meta = build_cases(setup)
         it = cases
@@ -181,13 +197,16 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
             it = tqdm(cases, desc="warm-up + FLOPs", unit="case", leave=False)
         with torch.no_grad():
             for c in it:
-                warm_up(c, dev, setup.device.type == "cuda" and max(extra["warmup"], 1) or extra["warmup"], 20.0)
+                warm_up(c, dev, extra["warmup"], 20.0)
                 c.flops = count_flops(c.fn, c.models)
                 c.peak_mem_mb = measure_memory(c, dev)
-        run_interleaved(cases, dev, extra["repeats"], progress=progress)
+        deadline = t_start + extra["max_seconds"] if extra.get("max_seconds") else None
+        extra["repeats_done"] = run_interleaved(cases, dev, extra["repeats"], progress=progress, deadline=deadline)
+        rows = make_rows(cases, dev)
+        md_threads = torch.get_num_threads()
     finally:
         _attention.set_value_checks(was)
-    rows = make_rows(cases, dev)
+        torch.set_num_threads(threads_was)
     targets = check_targets(rows)
     md = metadata(dev, {**extra, **meta, "memory": "torch.cuda.max_memory_allocated during one call (MiB, incl. weights)"
                         if dev.type == "cuda" else "not measured on CPU (null)",
@@ -195,7 +214,7 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
                         else "time.perf_counter after warm-up, one sample per repeat",
                         "flops": "torch.utils.flop_counter.FlopCounterMode (non-attention) + analytic attention "
                                  "4*sum(Lq*Lk)*H*D from the layout (FlopCounterMode cannot see varlen ops)",
-                        "value_checks": "off while timing"})
+                        "value_checks": "off while timing", "cpu_threads": md_threads})
     return rows, targets, md
 
 

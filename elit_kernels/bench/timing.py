@@ -84,21 +84,29 @@ def measure_memory(case: Case, device: torch.device) -> float | None:
 
 
 def run_interleaved(cases: list[Case], device: torch.device, repeats: int, *, progress: bool = True,
-                    cuda_rep_ms: float = 60.0) -> None:
-    """Fill ``case.times_ms`` with ``repeats`` samples each, visiting all cases once per repeat."""
+                    cuda_rep_ms: float = 60.0, deadline: float | None = None) -> int:
+    """Fill ``case.times_ms`` with up to ``repeats`` samples each, visiting all cases once per repeat.
+
+    ``deadline`` (a ``time.monotonic()`` value): stop after the first full repeat that ends past it, so
+    every case keeps the same number of samples. Returns the number of repeats done."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=repeats * len(cases), desc="timing", unit="case", leave=False)
+    done = 0
     with torch.no_grad():
         for _ in range(repeats):
             for case in cases:
                 case.times_ms.append(time_once(case, device, cuda_rep_ms))
                 if bar is not None:
                     bar.update(1)
+            done += 1
+            if deadline is not None and time.monotonic() > deadline:
+                break
     if bar is not None:
         bar.close()
+    return done
 
 
 def summarize(times: list[float]) -> dict:

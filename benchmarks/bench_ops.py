@@ -1,0 +1,190 @@
+"""Varlen attention op benchmark at ELIT's Read, Write and core shapes, every backend and comparator in one run.
+
+    python benchmarks/bench_ops.py --out DIR            # GPU: XL/2 512px shapes, bf16; CPU: a reduced set
+    python benchmarks/bench_ops.py --device cpu --quick
+
+Methods: every registered varlen_attention backend that supports the inputs (torch, triton, cuda/cpp,
+torch_varlen = torch.nn.attention.varlen, flash_attn when importable), SDPA flash / cuDNN / efficient on
+padded batches (padding is set up untimed; on ragged shapes without a mask they compute padding too,
+so their rows say exact=false), and FlexAttention with a document mask (compiled on CUDA).
+FLOPs: 4·Σ(Lq·Lk)·H·D forward, ×3.5 for forward+backward (backward = 2.5× forward). A CPU number is
+labelled CPU. Cases are interleaved over repeats and medians quoted (DESIGN §6).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from elit_kernels import set_value_checks
+from elit_kernels.bench.ops import available_methods, elit_shapes, make_fn, quiet_warnings
+from elit_kernels.bench.report import metadata
+from elit_kernels.models import elit_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--config", default=None, help="model size for the shapes (default XL/2 GPU, S/2 CPU)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 GPU, 256 CPU")
+    p.add_argument("--batch", type=int, default=None, help="default 8 GPU, 4 CPU")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 GPU, fp32 CPU")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved samples per case (default 5 GPU, 5 CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default 1 on CPU: 2 threads on a shared 2-core box wait on each other)")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--include-reference", action="store_true", help="also time the (slow) reference backend")
+    p.add_argument("--budgets", default=None,
+                   help="comma list of budgets for the shapes; 'ragged' = one budget per sample from J_max/16 to J_max "
+                        "(default: J_max/4,J_max with --quick/CPU, else J_max/16,J_max/4,J_max,ragged)")
+    p.add_argument("--flex", default="all", choices=["all", "core", "none"],
+                   help="which shapes get FlexAttention (it compiles per shape on CUDA; 'core' saves minutes)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop repeating once this time budget is spent (at least one repeat; results still written)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (the CPU default)")
+    p.add_argument("--out", default=None, help="write DIR/ops.json and DIR/ops.csv")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device: cuda requested but torch.cuda.is_available() is False")
+    gpu = dev.type == "cuda"
+    args.config = args.config or ("XL/2" if gpu else "S/2")
+    args.resolution = args.resolution or (512 if gpu else 256)
+    args.batch = args.batch or (8 if gpu else 4)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.repeats = args.repeats or 5
+    args.quick = args.quick or not gpu
+    if args.threads is None and not gpu:
+        args.threads = 1
+    for name in ("batch", "repeats") + (("threads",) if args.threads is not None else ()):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    try:
+        args.cfg = elit_config(args.config, args.resolution)
+    except ValueError as e:
+        p.error(f"--config/--resolution: {e}")
+    return args, dev
+
+
+def time_sample(fn, dev, grad_to_none, min_ms=20.0):
+    if dev.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
+    n, total = 0, 0.0
+    while total < min_ms or n == 0:  # loop short calls up to ~min_ms so timer resolution is no issue
+        t0 = time.perf_counter()
+        fn()
+        total += (time.perf_counter() - t0) * 1e3
+        n += 1
+    return total / n
+
+
+def main(argv=None) -> int:
+    args, dev = parse(argv)
+    quiet_warnings()
+    set_value_checks(False)  # host copies of cu_seqlens are validation, not the op
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.monotonic()
+    cfg, dtype = args.cfg, DTYPES[args.dtype]
+    jm = cfg.latents_per_group
+    ragged = [min(jm, max(1, jm // 16) * (1 << (i % 5))) for i in range(args.batch)]  # J_max/16 … J_max per sample
+    if args.budgets:
+        budgets = []
+        for item in args.budgets.split(","):
+            item = item.strip()
+            if item == "ragged":
+                budgets.append(ragged)
+            elif item.isdigit() and 1 <= int(item) <= jm:
+                budgets.append(int(item))
+            else:
+                print(f"bench_ops.py: error: --budgets: {item!r} is not 'ragged' or an integer in [1, {jm}]",
+                      file=sys.stderr)
+                return 2
+    elif args.quick:
+        budgets = [max(1, jm // 4), jm]
+    else:
+        budgets = [max(1, jm // 16), max(1, jm // 4), jm, ragged]
+    shapes = elit_shapes(cfg, args.batch, budgets)
+    methods = available_methods(dev, dtype, cfg.hidden // cfg.heads, cfg.heads, include_reference=args.include_reference)
+    passes = ["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]
+    cases, rows = [], []
+    for shape in shapes:
+        for ps in passes:
+            for m in methods:
+                if m.name.startswith("flex") and (args.flex == "none" or (args.flex == "core" and shape.kind != "core")):
+                    continue
+                row = {"shape": shape.name, "kind": shape.kind, "pass": ps, "method": m.name,
+                       "exact": m.exact or shape.uniform, "segments": len(shape.lens_q), "total_q": sum(shape.lens_q),
+                       "total_k": sum(shape.lens_k), "heads": shape.heads, "head_dim": shape.head_dim,
+                       "gflop": shape.fwd_flops * (3.5 if ps == "fwd+bwd" else 1.0) / 1e9, "times_ms": [],
+                       "error": None}
+                try:
+                    fn, g2n = make_fn(m, shape, dev, dtype, backward=(ps == "fwd+bwd"))
+                    fn()  # warm-up (and compile)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    cases.append((row, fn, g2n))
+                except Exception as e:  # a comparator that cannot run this shape says why, the rest go on
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rows.append(row)
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.repeats * len(cases), desc="ops", leave=False)
+    except ImportError:
+        bar = None
+    for _ in range(args.repeats):  # interleaved: every case once per repeat
+        for row, fn, g2n in cases:
+            row["times_ms"].append(time_sample(fn, dev, g2n))
+            if bar is not None:
+                bar.update(1)
+        if args.max_seconds and time.monotonic() - t_start > args.max_seconds:
+            break
+    if bar is not None:
+        bar.close()
+    for row in rows:
+        t = row.pop("times_ms")
+        row["ms"] = statistics.median(t) if t else None
+        row["min_ms"] = min(t) if t else None
+        row["max_ms"] = max(t) if t else None
+        row["tflops"] = row["gflop"] / row["ms"] if row["ms"] else None  # GFLOP/ms = TFLOP/s
+    md = metadata(dev, {"config": args.config, "resolution": args.resolution, "batch": args.batch,
+                        "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
+                        "flops": "4*sum(Lq*Lk)*H*D fwd, x3.5 fwd+bwd; useful (ragged) FLOPs for every method"})
+    label = "CPU" if dev.type == "cpu" else "GPU"
+    print(f"varlen attention ops — {label}: {md['device']}, {args.config} {args.resolution}px batch {args.batch} "
+          f"{args.dtype}, torch {md['torch']}")
+    print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}  note")
+    for r in rows:
+        note = r["error"] or ("" if r["exact"] else "padded, no mask (timing only)")
+        ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
+        tf = f"{r['tflops']:.3f}" if r["tflops"] is not None else "-"
+        print(f"{r['shape'][:21]:<22}{r['pass']:<9}{r['method'][:25]:<26}{ms:>9}{tf:>9}  {note}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        full = [{**r, "device": md["device"], "torch": md["torch"], "triton": md["triton"],
+                 "git_commit": md["git_commit"], "date": md["date"]} for r in rows]
+        with open(os.path.join(args.out, "ops.json"), "w") as f:
+            json.dump({"metadata": md, "rows": full}, f, indent=1)
+        with open(os.path.join(args.out, "ops.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(full[0]))
+            w.writeheader()
+            w.writerows(full)
+        print(f"wrote {args.out}/ops.json, {args.out}/ops.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

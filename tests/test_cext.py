@@ -115,9 +115,12 @@ def _ragged_modulate_inputs(dtype, device="cpu", T=13, B=4, C=24, seed=0):
     shift, scale, gate = (torch.randn(B, C, generator=g).to(device=device, dtype=dtype) for _ in range(3))
     y = torch.randn(T, C, generator=g).to(device=device, dtype=dtype)
     # Unsorted; sample 1 owns a single token, sample 3 none.
-    index = torch.tensor([0, 2, 2, 0, 0, 2, 0, 2, 2, 0, 0, 0, 2][:T], dtype=torch.long, device=device)
-    if T > 5:
-        index[5] = 1
+    if T <= 13:
+        index = torch.tensor([0, 2, 2, 0, 0, 2, 0, 2, 2, 0, 0, 0, 2][:T], dtype=torch.long, device=device)
+        if T > 5:
+            index[5] = 1
+    else:  # sorted, as the model's token->sample index; the last sample owns no token
+        index = torch.randint(0, B - 1, (T,), generator=g).sort().values.to(device)
     return x, y, shift, scale, gate, index
 
 
@@ -199,8 +202,8 @@ def test_pack_unpack_cpu(budgets, dtype):
 # opcheck
 # ------------------------------------------------------------------------------------------------
 
-def _opcheck_samples(device="cpu", dtype=torch.float32):
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 0, 2], [4, 2, 0], 2, 8, seed=11, device=device, dtype=dtype,
+def _opcheck_samples(device="cpu", dtype=torch.float32, head_dim=8):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 0, 2], [4, 2, 0], 2, head_dim, seed=11, device=device, dtype=dtype,
                                                    requires_grad=True)
     out, lse = torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.4, True)
     dout = torch.randn_like(out)
@@ -347,10 +350,9 @@ def test_attention_cuda_dispatch_and_opcheck():
     from elit_kernels.backends import select_backend
     from elit_kernels.attention import validate_inputs
     assert select_backend(validate_inputs(q, k, v, cq, ck, mq, mk, None, False)).name == "cuda"
-    samples = _opcheck_samples(device="cuda", dtype=torch.float16)
+    samples = _opcheck_samples(device="cuda", dtype=torch.float16, head_dim=64)
     for op in ("varlen_attn_fwd", "varlen_attn_bwd"):
-        a = list(samples[op])
-        torch.library.opcheck(getattr(torch.ops.elit, op).default, a)
+        torch.library.opcheck(getattr(torch.ops.elit, op).default, samples[op])
 
 
 @needs_cuda
@@ -358,13 +360,8 @@ def test_attention_cuda_dispatch_and_opcheck():
 def test_elementwise_cuda(dtype):
     _require_cuda_kernel("layernorm_modulate_cuda")
     _require_cuda_kernel("gated_residual_cuda")
-    for T, C in ((13, 24), (300, 1152)):
-        x, y, shift, scale, gate, index = _ragged_modulate_inputs(dtype, device="cuda", T=13, C=C, seed=T)
-        if T > 13:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(T, C, generator=g).to("cuda", dtype)
-            y = torch.randn(T, C, generator=g).to("cuda", dtype)
-            index = torch.randint(0, 3, (T,), generator=g).sort().values.to("cuda")
+    for T, C in ((13, 24), (300, 1152), (1, 7)):
+        x, y, shift, scale, gate, index = _ragged_modulate_inputs(dtype, device="cuda", T=T, C=C, seed=T)
         _check_values_and_grads(_cext.layernorm_modulate, layernorm_modulate, [x, shift, scale], [index, 1e-6], dtype)
         _check_values_and_grads(_cext.gated_residual, gated_residual, [x, y, gate], [index], dtype)
 
@@ -372,7 +369,8 @@ def test_elementwise_cuda(dtype):
 @needs_cuda
 def test_elementwise_and_pack_cuda_opcheck():
     _require_cuda_kernel("pack_latents_cuda")
-    samples = _opcheck_samples(device="cuda", dtype=torch.float32)
+    _require_cuda_kernel("varlen_attn_fwd_cuda")  # the samples run the attention forward
+    samples = _opcheck_samples(device="cuda", dtype=torch.float16, head_dim=64)
     for op in OPS[2:]:
         torch.library.opcheck(getattr(torch.ops.elit, op).default, samples[op])
 

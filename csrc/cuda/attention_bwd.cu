@@ -1,0 +1,300 @@
+// Varlen attention backward on tensor cores: (dq, dk, dv), deterministic (no atomics).
+//
+// Three kernels, each recomputing P = exp(S * scale - lse) from the forward's lse:
+//   delta:  Di = rowsum(dout * out)                                  [H, total_q] fp32
+//   dq:     grid (segment, head, query tile), loops over key tiles:   dq = scale * dS K
+//   dk/dv:  grid (segment, head, key tile), loops over query tiles:   dv = P^T dO, dk = scale * dS^T Q
+// with dS = P * (dO V^T - Di). Tile shapes follow the forward: a one-warp small path for the tiny
+// Read/Write segments and a 4-warp (dq) / 2-warp (dk/dv) tiled path, which keeps dk/dv under the
+// 163 KB of shared memory of sm_80.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "attention_common.cuh"
+
+namespace elit {
+namespace attn {
+namespace {
+
+static KernelRegistrar reg_bwd("varlen_attn_bwd_cuda");
+
+template <typename T, int D>
+__global__ void attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
+                                      float* __restrict__ delta, int64_t total_q, int H) {
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= total_q * H) return;
+  const int64_t tok = w / H;
+  const int h = static_cast<int>(w % H);
+  const T* a = dout + w * D;
+  const T* b = out + w * D;
+  float s = 0.f;
+  for (int d = lane; d < D; d += 32) s += to_float(a[d]) * to_float(b[d]);
+  s = warp_sum(s);
+  if (lane == 0) delta[h * total_q + tok] = s;
+}
+
+// ---- dq ------------------------------------------------------------------------------------
+template <typename T, int D, int WARPS, int BN>
+struct DqCfg {
+  static constexpr int DP = Dims<D>::DP, LDT = Dims<D>::LDT, LDO = Dims<D>::LDO;
+  static constexpr int BM = 16 * WARPS, LDS = BN + 4, LDP = BN + 8;
+  static constexpr size_t q_off = 0;
+  static constexpr size_t do_off = q_off + sizeof(T) * BM * LDT;
+  static constexpr size_t k_off = do_off + sizeof(T) * BM * LDT;
+  static constexpr size_t v_off = k_off + sizeof(T) * BN * LDT;
+  static constexpr size_t s_off = v_off + sizeof(T) * BN * LDT;
+  static constexpr size_t dp_off = s_off + sizeof(float) * WARPS * 16 * LDS;
+  static constexpr size_t ds_off = dp_off + sizeof(float) * WARPS * 16 * LDS;
+  static constexpr size_t acc_off = ds_off + sizeof(T) * WARPS * 16 * LDP;
+  static constexpr size_t bytes = acc_off + sizeof(float) * WARPS * 16 * LDO;
+};
+
+template <typename T, int D, int WARPS, int BN>
+__global__ void __launch_bounds__(WARPS * 32)
+    varlen_attn_bwd_dq_kernel(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
+                              const T* __restrict__ v, const float* __restrict__ lse,
+                              const float* __restrict__ delta, const int32_t* __restrict__ cu_q,
+                              const int32_t* __restrict__ cu_k, T* __restrict__ dq, int H, int64_t total_q,
+                              float scale, bool causal) {
+  using Cfg = DqCfg<T, D, WARPS, BN>;
+  constexpr int DP = Cfg::DP, LDT = Cfg::LDT, LDO = Cfg::LDO, BM = Cfg::BM, LDS = Cfg::LDS, LDP = Cfg::LDP;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + Cfg::q_off);
+  T* dOs = reinterpret_cast<T*>(smem + Cfg::do_off);
+  T* Ks = reinterpret_cast<T*>(smem + Cfg::k_off);
+  T* Vs = reinterpret_cast<T*>(smem + Cfg::v_off);
+  const int seg = blockIdx.x, h = blockIdx.y, m0 = blockIdx.z * BM;
+  const int64_t qs = cu_q[seg], ks = cu_k[seg];
+  const int lq = cu_q[seg + 1] - static_cast<int>(qs), lk = cu_k[seg + 1] - static_cast<int>(ks);
+  if (m0 >= lq) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* Sw = reinterpret_cast<float*>(smem + Cfg::s_off) + warp * 16 * LDS;
+  float* dPw = reinterpret_cast<float*>(smem + Cfg::dp_off) + warp * 16 * LDS;
+  T* dSw = reinterpret_cast<T*>(smem + Cfg::ds_off) + warp * 16 * LDP;
+  float* Aw = reinterpret_cast<float*>(smem + Cfg::acc_off) + warp * 16 * LDO;
+  const int last_row = min(m0 + BM, lq) - 1;
+  const int kmax = causal ? max(0, min(lk, last_row + lk - lq + 1)) : lk;
+  const float scale_log2 = scale * kLog2e;
+
+  load_tile<T, D, BM>(Qs, q, qs, m0, lq, H, h);
+  load_tile<T, D, BM>(dOs, dout, qs, m0, lq, H, h);
+  for (int idx = lane; idx < 16 * LDO; idx += 32) Aw[idx] = 0.f;
+  const int r = lane / 2, half = lane % 2;
+  const int i = m0 + warp * 16 + r;
+  const float lse2 = i < lq ? lse[h * total_q + qs + i] * kLog2e : 0.f;
+  const float di = i < lq ? delta[h * total_q + qs + i] : 0.f;
+
+  for (int n0 = 0; n0 < kmax; n0 += BN) {
+    __syncthreads();
+    load_tile<T, D, BN>(Ks, k, ks, n0, lk, H, h);
+    load_tile<T, D, BN>(Vs, v, ks, n0, lk, H, h);
+    __syncthreads();
+    warp_gemm<T, DP, BN, true, false>(Sw, LDS, Qs + warp * 16 * LDT, LDT, Ks, LDT);    // S = Q K^T
+    warp_gemm<T, DP, BN, true, false>(dPw, LDS, dOs + warp * 16 * LDT, LDT, Vs, LDT);  // dP = dO V^T
+    __syncwarp();
+    for (int c = half * (BN / 2); c < (half + 1) * (BN / 2); ++c) {
+      const float p = visible(i, n0 + c, lq, lk, causal) ? exp2f(Sw[r * LDS + c] * scale_log2 - lse2) : 0.f;
+      dSw[r * LDP + c] = from_float<T>(p * (dPw[r * LDS + c] - di));
+    }
+    __syncwarp();
+    warp_gemm<T, BN, DP, false, true>(Aw, LDO, dSw, LDP, Ks, LDT);  // dq += dS K
+    __syncwarp();
+  }
+  __syncwarp();
+  for (int rr = 0; rr < 16; ++rr) {
+    const int ii = m0 + warp * 16 + rr;
+    if (ii >= lq) break;
+    T* row = dq + ((qs + ii) * H + h) * static_cast<int64_t>(D);
+    for (int d = lane; d < D; d += 32) row[d] = from_float<T>(Aw[rr * LDO + d] * scale);
+  }
+}
+
+// ---- dk / dv ------------------------------------------------------------------------------
+template <typename T, int D, int WARPS, int BM>
+struct DkvCfg {
+  static constexpr int DP = Dims<D>::DP, LDT = Dims<D>::LDT, LDO = Dims<D>::LDO;
+  static constexpr int BN = 16 * WARPS, LDS = BM + 4, LDP = BM + 8;
+  static constexpr size_t k_off = 0;
+  static constexpr size_t v_off = k_off + sizeof(T) * BN * LDT;
+  static constexpr size_t q_off = v_off + sizeof(T) * BN * LDT;
+  static constexpr size_t do_off = q_off + sizeof(T) * BM * LDT;
+  static constexpr size_t s_off = do_off + sizeof(T) * BM * LDT;
+  static constexpr size_t dp_off = s_off + sizeof(float) * WARPS * 16 * LDS;
+  static constexpr size_t p_off = dp_off + sizeof(float) * WARPS * 16 * LDS;
+  static constexpr size_t ds_off = p_off + sizeof(T) * WARPS * 16 * LDP;
+  static constexpr size_t dk_off = ds_off + sizeof(T) * WARPS * 16 * LDP;
+  static constexpr size_t dv_off = dk_off + sizeof(float) * WARPS * 16 * LDO;
+  static constexpr size_t l_off = dv_off + sizeof(float) * WARPS * 16 * LDO;
+  static constexpr size_t bytes = l_off + sizeof(float) * 2 * BM;
+};
+
+template <typename T, int D, int WARPS, int BM>
+__global__ void __launch_bounds__(WARPS * 32)
+    varlen_attn_bwd_dkv_kernel(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
+                               const T* __restrict__ v, const float* __restrict__ lse,
+                               const float* __restrict__ delta, const int32_t* __restrict__ cu_q,
+                               const int32_t* __restrict__ cu_k, T* __restrict__ dk, T* __restrict__ dv, int H,
+                               int64_t total_q, float scale, bool causal) {
+  using Cfg = DkvCfg<T, D, WARPS, BM>;
+  constexpr int DP = Cfg::DP, LDT = Cfg::LDT, LDO = Cfg::LDO, BN = Cfg::BN, LDS = Cfg::LDS, LDP = Cfg::LDP;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Ks = reinterpret_cast<T*>(smem + Cfg::k_off);
+  T* Vs = reinterpret_cast<T*>(smem + Cfg::v_off);
+  T* Qs = reinterpret_cast<T*>(smem + Cfg::q_off);
+  T* dOs = reinterpret_cast<T*>(smem + Cfg::do_off);
+  float* lse_s = reinterpret_cast<float*>(smem + Cfg::l_off);
+  float* del_s = lse_s + BM;
+  const int seg = blockIdx.x, h = blockIdx.y, n0 = blockIdx.z * BN;
+  const int64_t qs = cu_q[seg], ks = cu_k[seg];
+  const int lq = cu_q[seg + 1] - static_cast<int>(qs), lk = cu_k[seg + 1] - static_cast<int>(ks);
+  if (n0 >= lk) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* St = reinterpret_cast<float*>(smem + Cfg::s_off) + warp * 16 * LDS;    // [16 keys, BM queries]
+  float* dPt = reinterpret_cast<float*>(smem + Cfg::dp_off) + warp * 16 * LDS;
+  T* Pt = reinterpret_cast<T*>(smem + Cfg::p_off) + warp * 16 * LDP;
+  T* dSt = reinterpret_cast<T*>(smem + Cfg::ds_off) + warp * 16 * LDP;
+  float* dKw = reinterpret_cast<float*>(smem + Cfg::dk_off) + warp * 16 * LDO;
+  float* dVw = reinterpret_cast<float*>(smem + Cfg::dv_off) + warp * 16 * LDO;
+  const float scale_log2 = scale * kLog2e;
+
+  load_tile<T, D, BN>(Ks, k, ks, n0, lk, H, h);
+  load_tile<T, D, BN>(Vs, v, ks, n0, lk, H, h);
+  for (int idx = lane; idx < 16 * LDO; idx += 32) {
+    dKw[idx] = 0.f;
+    dVw[idx] = 0.f;
+  }
+  // Under causal, query i sees key j iff i >= j - (lk - lq): earlier query tiles are skipped.
+  const int q_begin = causal ? max(0, n0 - (lk - lq)) / BM * BM : 0;
+  const int r = lane / 2, half = lane % 2;
+  const int j = n0 + warp * 16 + r;  // key row inside the segment
+
+  for (int m0 = q_begin; m0 < lq; m0 += BM) {
+    __syncthreads();
+    load_tile<T, D, BM>(Qs, q, qs, m0, lq, H, h);
+    load_tile<T, D, BM>(dOs, dout, qs, m0, lq, H, h);
+    for (int c = threadIdx.x; c < BM; c += blockDim.x) {
+      const bool ok = m0 + c < lq;
+      lse_s[c] = ok ? lse[h * total_q + qs + m0 + c] * kLog2e : 0.f;
+      del_s[c] = ok ? delta[h * total_q + qs + m0 + c] : 0.f;
+    }
+    __syncthreads();
+    warp_gemm<T, DP, BM, true, false>(St, LDS, Ks + warp * 16 * LDT, LDT, Qs, LDT);    // S^T = K Q^T
+    warp_gemm<T, DP, BM, true, false>(dPt, LDS, Vs + warp * 16 * LDT, LDT, dOs, LDT);  // dP^T = V dO^T
+    __syncwarp();
+    for (int c = half * (BM / 2); c < (half + 1) * (BM / 2); ++c) {
+      const float p = visible(m0 + c, j, lq, lk, causal) ? exp2f(St[r * LDS + c] * scale_log2 - lse_s[c]) : 0.f;
+      Pt[r * LDP + c] = from_float<T>(p);
+      dSt[r * LDP + c] = from_float<T>(p * (dPt[r * LDS + c] - del_s[c]));
+    }
+    __syncwarp();
+    warp_gemm<T, BM, DP, false, true>(dVw, LDO, Pt, LDP, dOs, LDT);  // dv += P^T dO
+    warp_gemm<T, BM, DP, false, true>(dKw, LDO, dSt, LDP, Qs, LDT);  // dk += dS^T Q
+    __syncwarp();
+  }
+  __syncwarp();
+  for (int rr = 0; rr < 16; ++rr) {
+    const int jj = n0 + warp * 16 + rr;
+    if (jj >= lk) break;
+    const int64_t off = ((ks + jj) * H + h) * static_cast<int64_t>(D);
+    for (int d = lane; d < D; d += 32) {
+      dk[off + d] = from_float<T>(dKw[rr * LDO + d] * scale);
+      dv[off + d] = from_float<T>(dVw[rr * LDO + d]);
+    }
+  }
+}
+
+struct BwdArgs {
+  const at::Tensor &dout, &q, &k, &v, &lse, &delta, &cu_q, &cu_k;
+  at::Tensor &dq, &dk, &dv;
+  int64_t max_q, max_k;
+  float scale;
+  bool causal;
+};
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+
+template <typename T, int D, int DQ_WARPS, int DQ_BN, int KV_WARPS, int KV_BM>
+void launch_bwd(const BwdArgs& a) {
+  const int64_t segs = a.cu_q.size(0) - 1, H = a.q.size(1), total_q = a.q.size(0);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  using DqC = DqCfg<T, D, DQ_WARPS, DQ_BN>;
+  using KvC = DkvCfg<T, D, KV_WARPS, KV_BM>;
+  const int64_t q_tiles = ceil_div(a.max_q, DqC::BM), k_tiles = ceil_div(a.max_k, KvC::BN);
+  TORCH_CHECK(H <= 65535, "q: at most 65535 heads, got ", H);
+  TORCH_CHECK(q_tiles <= 65535, "max_seqlen_q: too long for the CUDA kernel (", a.max_q, ")");
+  TORCH_CHECK(k_tiles <= 65535, "max_seqlen_k: too long for the CUDA kernel (", a.max_k, ")");
+  if (segs == 0 || H == 0) return;
+  if (q_tiles > 0) {
+    auto kernel = varlen_attn_bwd_dq_kernel<T, D, DQ_WARPS, DQ_BN>;
+    set_smem(kernel, DqC::bytes);
+    kernel<<<dim3(segs, H, q_tiles), DQ_WARPS * 32, DqC::bytes, stream>>>(
+        cptr<T>(a.dout), cptr<T>(a.q), cptr<T>(a.k), cptr<T>(a.v), a.lse.const_data_ptr<float>(),
+        a.delta.const_data_ptr<float>(), a.cu_q.const_data_ptr<int32_t>(), a.cu_k.const_data_ptr<int32_t>(),
+        static_cast<T*>(a.dq.mutable_data_ptr()), static_cast<int>(H), total_q, a.scale, a.causal);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (k_tiles > 0) {
+    auto kernel = varlen_attn_bwd_dkv_kernel<T, D, KV_WARPS, KV_BM>;
+    set_smem(kernel, KvC::bytes);
+    kernel<<<dim3(segs, H, k_tiles), KV_WARPS * 32, KvC::bytes, stream>>>(
+        cptr<T>(a.dout), cptr<T>(a.q), cptr<T>(a.k), cptr<T>(a.v), a.lse.const_data_ptr<float>(),
+        a.delta.const_data_ptr<float>(), a.cu_q.const_data_ptr<int32_t>(), a.cu_k.const_data_ptr<int32_t>(),
+        static_cast<T*>(a.dk.mutable_data_ptr()), static_cast<T*>(a.dv.mutable_data_ptr()), static_cast<int>(H),
+        total_q, a.scale, a.causal);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
+    const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
+    double scale, bool causal) {
+  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
+  check_cuda_attention_inputs(q_);
+  TORCH_CHECK(dout_.sizes() == q_.sizes(), "dout: expected shape ", q_.sizes(), " (q's), got ", dout_.sizes());
+  TORCH_CHECK(out_.sizes() == q_.sizes(), "out: expected shape ", q_.sizes(), " (q's), got ", out_.sizes());
+  check_same_dtype(dout_, "dout", q_, "q");
+  check_same_dtype(out_, "out", q_, "q");
+  check_same_device(dout_, "dout", q_, "q");
+  check_same_device(out_, "out", q_, "q");
+  TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(1) && lse_.size(1) == q_.size(0), "lse: expected shape [",
+              q_.size(1), ", ", q_.size(0), "] ([H, total_q]), got ", lse_.sizes());
+  TORCH_CHECK(lse_.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse_.scalar_type());
+  check_same_device(lse_, "lse", q_, "q");
+  c10::cuda::CUDAGuard guard(q_.device());
+  auto q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_), dout = aligned(dout_);
+  auto lse = lse_.contiguous(), cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const int64_t total_q = q.size(0), H = q.size(1);
+  auto delta = at::empty({H, total_q}, q.options().dtype(at::kFloat));
+  BwdArgs args{dout, q, k, v, lse, delta, cu_q, cu_k, dq, dk, dv, max_q, max_k, static_cast<float>(scale), causal};
+  dispatch_half_types(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_head_dim(q.size(2), [&](auto d) {
+      constexpr int D = decltype(d)::value;
+      if (total_q * H > 0) {
+        const int64_t warps = total_q * H;
+        attn_bwd_delta_kernel<T, D><<<ceil_div(warps, 8), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            cptr<T>(dout), cptr<T>(out), delta.mutable_data_ptr<float>(), total_q, static_cast<int>(H));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (max_q <= 32 && max_k <= 32)
+        launch_bwd<T, D, 1, 32, 1, 32>(args);
+      else
+        launch_bwd<T, D, 4, 64, 2, 64>(args);
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace attn
+
+TORCH_LIBRARY_IMPL(elit, CUDA, m) { m.impl("varlen_attn_bwd", &attn::varlen_attn_bwd_cuda); }
+
+}  // namespace elit

@@ -1,0 +1,128 @@
+// Shared pieces of the tensor-core varlen attention kernels (WMMA m16n16k16, fp32 accumulate).
+//
+// Shapes: q [total_q, H, D], k/v [total_k, H, D], cu_seqlens int32 [S+1], lse [H, total_q] fp32.
+// Every warp owns 16 rows (queries in forward/dQ, keys in dK/dV). Scores go through a per-warp
+// fp32 shared tile because WMMA accumulator layouts are opaque; the online-softmax rescale of the
+// output accumulator likewise happens in shared memory. Head dims that are not a multiple of 16
+// (72) are zero-padded to DP in shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "cuda_common.cuh"
+
+namespace elit {
+namespace attn {
+
+using namespace nvcuda;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <int D>
+struct Dims {
+  static constexpr int DP = (D + 15) / 16 * 16;  // padded head dim (K of the QK^T product)
+  static constexpr int LDT = DP + 8;             // smem row stride of 16-bit tiles (elements)
+  static constexpr int LDO = DP + 4;             // smem row stride of fp32 [16, DP] accumulators
+};
+
+// Copy rows [row0, row0 + rows) of one head of a [total, H, D] tensor into a [rows, DP] smem tile
+// (row stride LDT); rows at or past `valid` and columns past D are zero-filled. 16-byte vectors:
+// D % 8 == 0 and the token stride H*D keep every vector aligned (checked on the host).
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restrict__ src, int64_t tok0, int row0,
+                                          int valid, int H, int h) {
+  constexpr int DP = Dims<D>::DP, LDT = Dims<D>::LDT, VPR = DP / 8;
+  for (int idx = threadIdx.x; idx < ROWS * VPR; idx += blockDim.x) {
+    const int r = idx / VPR, c = (idx % VPR) * 8;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row0 + r < valid && c < D)
+      val = *reinterpret_cast<const uint4*>(src + ((tok0 + row0 + r) * H + h) * static_cast<int64_t>(D) + c);
+    *reinterpret_cast<uint4*>(dst + r * LDT + c) = val;
+  }
+}
+
+// acc[16 x N] (fp32, smem, stride lda) = A[16 x K] (16-bit smem, row-major, stride lda_a) times
+// B[K x N]; B is read row-major (B[k][n] at b[k * ldb + n]) or col-major (at b[n * ldb + k]).
+template <typename T, int M_K, int N, bool kBColMajor, bool kAccumulate>
+__device__ __forceinline__ void warp_gemm(float* acc, int ldacc, const T* a, int lda, const T* b, int ldb) {
+  using BLayout = typename std::conditional<kBColMajor, wmma::col_major, wmma::row_major>::type;
+#pragma unroll
+  for (int n0 = 0; n0 < N; n0 += 16) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    if (kAccumulate)
+      wmma::load_matrix_sync(c, acc + n0, ldacc, wmma::mem_row_major);
+    else
+      wmma::fill_fragment(c, 0.0f);
+#pragma unroll
+    for (int k0 = 0; k0 < M_K; k0 += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+      wmma::load_matrix_sync(fa, a + k0, lda);
+      wmma::load_matrix_sync(fb, kBColMajor ? b + n0 * ldb + k0 : b + k0 * ldb + n0, ldb);
+      wmma::mma_sync(c, fa, fb, c);
+    }
+    wmma::store_matrix_sync(acc + n0, c, ldacc, wmma::mem_row_major);
+  }
+}
+
+// Query row i (of lq) sees key j (of lk) iff j < lk and, when causal, j <= i + lk - lq.
+__device__ __forceinline__ bool visible(int i, int j, int lq, int lk, bool causal) {
+  return i < lq && j < lk && (!causal || j <= i + lk - lq);
+}
+
+inline void check_cuda_attention_inputs(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q: the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
+  const int64_t d = q.size(2);
+  TORCH_CHECK(d == 64 || d == 72 || d == 128, "q: the CUDA kernels take head dim 64, 72 or 128, got ", d);
+}
+
+// Contiguous and 16-byte aligned (a sliced view can start mid-vector).
+inline at::Tensor aligned(const at::Tensor& t) {
+  auto c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+template <typename F>
+inline void dispatch_head_dim(int64_t d, F&& f) {
+  if (d == 64)
+    f(std::integral_constant<int, 64>{});
+  else if (d == 72)
+    f(std::integral_constant<int, 72>{});
+  else
+    f(std::integral_constant<int, 128>{});
+}
+
+template <typename F>
+inline void dispatch_half_types(at::ScalarType st, F&& f) {
+  if (st == at::kHalf)
+    f(__half{});
+  else
+    f(__nv_bfloat16{});
+}
+
+template <typename K>
+inline void set_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+}  // namespace attn
+}  // namespace elit

@@ -385,3 +385,29 @@ def test_pack_unpack_cuda(dtype):
         p = _cext.pack_latents(lat, lay)
         assert torch.equal(p, pack_latents(lat, lay))
         assert torch.equal(_cext.unpack_latents(p, lay, 2.0), unpack_latents(p, lay, 2.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loader behaviour without the extension (subprocess: the real _C stays loaded here)
+# ------------------------------------------------------------------------------------------------
+
+def test_missing_extension_warns_once_and_python_backends_work():
+    import subprocess
+    import sys
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['elit_kernels._C'] = None  # makes `from . import _C` fail as if never built\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import elit_kernels, elit_kernels._cext as c, importlib\n"
+        "    import torch\n"
+        "msgs = [str(x.message) for x in w if 'elit_kernels._C' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'pip install --no-build-isolation -e .' in msgs[0], msgs[0]\n"
+        "assert not c.available() and c.build_info() is None\n"
+        "assert 'cpp' not in elit_kernels.known_backends() and 'cuda' not in elit_kernels.known_backends()\n"
+        "q = torch.randn(3, 2, 8); cu = torch.tensor([0, 3], dtype=torch.int32)\n"
+        "elit_kernels.varlen_attention(q, q, q, cu, cu, 3, 3)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

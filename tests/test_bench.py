@@ -41,7 +41,7 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     for r in rows:
         for k in ("scenario", "backend", "budget", "latency_ms", "gflops", "device", "torch", "triton", "git_commit", "date"):
             assert k in r, k
-        assert r["latency_ms"] > 0 and r["gflops"] > 0 and r["repeats"] == 2
+        assert r["latency_ms"] > 0 and r["cpu_ms"] > 0 and r["gflops"] > 0 and r["repeats"] == 2
         assert r["min_ms"] <= r["latency_ms"] <= r["max_ms"]
         assert r["peak_mem_mb"] is None  # CPU: not measured, said so in metadata
     full = [r for r in rows if r["scenario"] == "uniform" and r["model"] == "elit" and r["budget"] == 4]
@@ -58,6 +58,7 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     assert len(csv_rows) == len(rows)
     assert {"scenario", "backend", "budget", "latency_ms", "gflops", "device", "git_commit"} <= set(csv_rows[0])
     assert (out / "latency_vs_latents.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "summary.md").read_text().startswith("### CPU")
     assert "_bench_flop_stub" not in known_backends()
 
 

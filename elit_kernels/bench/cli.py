@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="samples per forward (default 8 GPU / 4 CPU)")
     p.add_argument("--backends", default=None,
                    help="comma list of varlen_attention backends for ELIT and the plain DiT "
-                        "(default: every available backend that supports the inputs, except 'reference')")
+                        "(default on GPU: every available backend that supports the inputs, except 'reference'; on CPU: torch)")
     p.add_argument("--budgets", default=None,
                    help="comma list of per-group budgets J̃ (default: J_max/16, J_max/8, …, J_max; J_max is always added)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
@@ -152,8 +152,9 @@ def resolve(args) -> tuple[Setup, dict]:
     if args.backends is None:
         backends = [r["name"] for r in describe_backends(probe) if r["name"] != "reference" and not r["reasons"]]
         if device.type == "cpu":
-            # the Triton interpreter on CPU is a correctness tool, minutes per forward: never a default
-            backends = [b for b in backends if b != "triton"]
+            # CPU default: the fair baseline only, so the run fits ~3 minutes of 2 shared cores. Other CPU
+            # backends (cpp) on request; the Triton interpreter is a correctness tool, never a benchmark.
+            backends = [b for b in backends if b == "torch"] or [b for b in backends if b != "triton"]
         if not backends:
             backends = ["reference"]
     else:
@@ -172,7 +173,8 @@ def resolve(args) -> tuple[Setup, dict]:
     setup = Setup(cfg=cfg, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
                   scenarios=scen, seed=args.seed)
     extra = {"config": name, "resolution": res, "batch": batch, "dtype": dname, "budgets": budgets,
-             "backends": backends, "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
+             "backends": backends,
+             "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
              "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes}
     return setup, extra
 
@@ -211,7 +213,8 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
     md = metadata(dev, {**extra, **meta, "memory": "torch.cuda.max_memory_allocated during one call (MiB, incl. weights)"
                         if dev.type == "cuda" else "not measured on CPU (null)",
                         "timer": "triton.testing.do_bench median per repeat" if dev.type == "cuda"
-                        else "time.perf_counter after warm-up, one sample per repeat",
+                        else "time.perf_counter (wall, latency_ms) and time.process_time (cpu_ms) after warm-up, "
+                             "one sample per repeat",
                         "flops": "torch.utils.flop_counter.FlopCounterMode (non-attention) + analytic attention "
                                  "4*sum(Lq*Lk)*H*D from the layout (FlopCounterMode cannot see varlen ops)",
                         "value_checks": "off while timing", "cpu_threads": md_threads})

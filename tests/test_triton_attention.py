@@ -42,12 +42,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs():
-    """NaN-fill every kernel output before launch so an unwritten element fails the comparison."""
-    before = _common.poison_outputs_enabled()
+def poison_outputs_fixed_tiles():
+    """NaN-fill every kernel output before launch so an unwritten element fails the comparison.
+
+    Also use the heuristic tiles: autotuning compiles every candidate tile for each new (length
+    bucket, head dim, causal, dtype) key, which would swamp a GPU test run with compile time;
+    test_gpu_autotuned_tiles covers the autotuned path.
+    """
+    before = _common.poison_outputs_enabled(), _common.autotune_enabled()
     _common.set_poison_outputs(True)
+    _common.set_autotune(False)
     yield
-    _common.set_poison_outputs(before)
+    _common.set_poison_outputs(before[0])
+    _common.set_autotune(before[1])
 
 
 def triton_attn(q, k, v, cq, ck, mq, mk, scale, causal):
@@ -201,7 +208,7 @@ def _read_core_write(lat, sp, cu_lat, cu_sp, cu_core, max_lat: int, max_sp: int,
     return sp + varlen_attention(sp, lat, lat, cu_sp, cu_lat, max_sp, max_lat, backend=backend)  # Write
 
 
-def _compile_check(budgets, groups, tpg, heads, head_dim, dtype, device, backend):
+def _compile_check(budgets, groups, tpg, heads, head_dim, dtype, device, backend, exact=True):
     lat, sp, cu, (ml, ms, mc) = _read_core_write_inputs(budgets, groups, tpg, heads, head_dim, dtype, device, 18)
     torch._dynamo.reset()
     compiled = torch.compile(_read_core_write, fullgraph=True, backend=backend)
@@ -209,8 +216,11 @@ def _compile_check(budgets, groups, tpg, heads, head_dim, dtype, device, backend
     gl, gs = torch.autograd.grad(out.float().square().sum(), (lat, sp))
     eager = _read_core_write(lat, sp, cu["lat"], cu["sp"], cu["core"], ml, ms, mc)
     el, es = torch.autograd.grad(eager.float().square().sum(), (lat, sp))
-    # Same kernels on both paths: the compiled graph must not change a single bit.
-    assert torch.equal(out, eager) and torch.equal(gl, el) and torch.equal(gs, es)
+    if exact:  # same kernels, same eager glue: the compiled graph must not change a single bit
+        assert torch.equal(out, eager) and torch.equal(gl, el) and torch.equal(gs, es)
+    else:  # inductor may fuse the residual adds / loss differently
+        for a, b in ((out, eager), (gl, el), (gs, es)):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def test_compile_fullgraph_read_core_write():
@@ -248,8 +258,8 @@ def test_elit_model_triton_matches_reference():
 # GPU: real ELIT sizes, tensor-core bf16/fp16, autotuned tiles.
 # ---------------------------------------------------------------------------------------------
 
-GPU_CASES = {
-    # Read at 512px: 64 latents max (ragged budgets) vs 64 spatial tokens, B*G segments.
+GPU_SEGMENTS = {
+    # Read at 512px: 1..64 latents (ragged budgets) vs 64 spatial tokens, B*G segments.
     "read-512px": ([1, 7, 16, 33, 64] * 200, [64] * 1000),
     # Write at 256px: 16 spatial queries vs 0..16 latents.
     "write-256px": ([16] * 1500, [0, 1, 4, 9, 16] * 300),
@@ -257,17 +267,34 @@ GPU_CASES = {
     "core-long": ([4096, 1024, 97, 1, 0], [4096, 1024, 97, 1, 0]),
     "mixed-odd": ([0, 1, 63, 97, 5], [3, 0, 97, 63, 1]),
 }
+# An explicit list rather than a full product: every (dtype, head dim, causal, tile) is a fresh
+# compile of three kernels, and the GPU machine is lent for minutes.
+GPU_CASES = [
+    (seg, dt, d, causal)
+    for seg in ("read-512px", "write-256px")
+    for (dt, d, causal) in (("bf16", 64, False), ("bf16", 72, False), ("bf16", 128, False), ("fp16", 72, False))
+] + [
+    ("core-long", "bf16", 72, False), ("core-long", "bf16", 72, True), ("core-long", "bf16", 128, False),
+    ("core-long", "fp16", 64, False), ("mixed-odd", "bf16", 72, True), ("mixed-odd", "bf16", 64, False),
+    ("mixed-odd", "fp16", 128, True), ("mixed-odd", "bf16", 128, True),
+]
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("head_dim", [64, 72, 128])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
-def test_gpu_values_and_grads(case, causal, head_dim, dtype):
-    lq, lk = GPU_CASES[case]
+@pytest.mark.parametrize("seg,dtype,head_dim,causal", GPU_CASES,
+                         ids=[f"{s}-{dt}-d{d}-{'causal' if c else 'full'}" for s, dt, d, c in GPU_CASES])
+def test_gpu_values_and_grads(seg, dtype, head_dim, causal):
+    lq, lk = GPU_SEGMENTS[seg]
     check_backend_against_reference(triton_attn, lq, lk, 4, head_dim, DTYPES[dtype], causal=causal, seed=20,
                                     device="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("seg", ["read-512px", "core-long"])
+def test_gpu_autotuned_tiles(seg):
+    _common.set_autotune(True)
+    lq, lk = GPU_SEGMENTS[seg]
+    check_backend_against_reference(triton_attn, lq, lk, 4, 72, torch.bfloat16, seed=24, device="cuda")
 
 
 @needs_gpu
@@ -290,7 +317,7 @@ def test_gpu_backward_deterministic_long_core():
 
 @needs_gpu
 def test_gpu_compile_inductor_read_core_write():
-    _compile_check([16, 9, 1, 4], 16, 16, 6, 64, torch.bfloat16, "cuda", "inductor")
+    _compile_check([16, 9, 1, 4], 16, 16, 6, 64, torch.bfloat16, "cuda", "inductor", exact=False)
 
 
 @needs_gpu

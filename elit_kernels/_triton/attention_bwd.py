@@ -185,16 +185,14 @@ def _varlen_attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# Same tile families as the forward; pruning keeps only tiles that fit the longest segments.
-_BWD_CONFIGS = C.tile_configs((16, 32, 64, 128), (16, 32, 64, 128), ((4, 2), (8, 2)))
+# Same tile list as the forward (without the 3-stage variant: the backward's loop bodies already
+# hold more live tiles); pruning keeps only tiles that fit the longest segments.
 _KEY = ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"]
 _varlen_attn_bwd_dkdv_kernel_tuned = triton.autotune(
-    configs=_BWD_CONFIGS, key=_KEY,
-    prune_configs_by={"early_config_prune": C.prune_by_length("BLOCK_M", "BLOCK_N")},
+    configs=C.tile_configs(stages=(2,)), key=_KEY, prune_configs_by={"early_config_prune": C.prune_by_length},
 )(_varlen_attn_bwd_dkdv_kernel)
 _varlen_attn_bwd_dq_kernel_tuned = triton.autotune(
-    configs=_BWD_CONFIGS, key=_KEY,
-    prune_configs_by={"early_config_prune": C.prune_by_length("BLOCK_M", "BLOCK_N")},
+    configs=C.tile_configs(stages=(2,)), key=_KEY, prune_configs_by={"early_config_prune": C.prune_by_length},
 )(_varlen_attn_bwd_dq_kernel)
 
 
@@ -225,6 +223,12 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     bd = C.block_d(D)
     delta = C.alloc((H, total_q), torch.float32, q.device)
     interp = C.interpreting()
+    tuned = not interp and C.autotune_enabled()
+    if interp:
+        fixed = dict(BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N)
+    else:
+        bm, bn, warps, stages = C.heuristic_tile(max_seqlen_q, max_seqlen_k, bd, backward=True)
+        fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     meta = dict(HEAD_DIM=D, BLOCK_D=bd, CAUSAL=bool(causal), **C.dot_flags(q.dtype))
     buckets = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
     qk_scale = softmax_scale * C.LOG2E
@@ -239,10 +243,9 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     dout.stride(0), dout.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
                     dv.stride(0), dv.stride(1), max_seqlen_k, softmax_scale, qk_scale, *buckets)
-            if interp:
-                bn = C.INTERP_BLOCK_N
-                _varlen_attn_bwd_dkdv_kernel[(S * triton.cdiv(max_seqlen_k, bn), H)](
-                    *args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=bn, **meta)
+            if not tuned:
+                _varlen_attn_bwd_dkdv_kernel[(S * triton.cdiv(max_seqlen_k, fixed["BLOCK_N"]), H)](
+                    *args, **fixed, **meta)
             else:
                 _varlen_attn_bwd_dkdv_kernel_tuned[lambda m: (S * triton.cdiv(max_seqlen_k, m["BLOCK_N"]), H)](
                     *args, **meta)
@@ -251,10 +254,9 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     dout.stride(0), dout.stride(1), lse.stride(0), dq.stride(0), dq.stride(1),
                     max_seqlen_q, softmax_scale, qk_scale, *buckets)
-            if interp:
-                bm = C.INTERP_BLOCK_M
-                _varlen_attn_bwd_dq_kernel[(S * triton.cdiv(max_seqlen_q, bm), H)](
-                    *args, BLOCK_M=bm, BLOCK_N=C.INTERP_BLOCK_N, **meta)
+            if not tuned:
+                _varlen_attn_bwd_dq_kernel[(S * triton.cdiv(max_seqlen_q, fixed["BLOCK_M"]), H)](
+                    *args, **fixed, **meta)
             else:
                 _varlen_attn_bwd_dq_kernel_tuned[lambda m: (S * triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H)](
                     *args, **meta)

@@ -100,16 +100,13 @@ def _varlen_attn_fwd_kernel(
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_valid)
 
 
-# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype). Small tiles are in
-# the list because ELIT's Read/Write segments are 1-64 tokens long; prune_by_length removes tiles
-# larger than the longest segment so a Read launch never times 128-row tiles.
-_FWD_CONFIGS = C.tile_configs(
-    (16, 32, 64, 128), (16, 32, 64, 128), ((4, 2), (4, 3), (8, 2)),
-)
+# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype) unless autotuning
+# is off (then _common.heuristic_tile picks it). prune_by_length keeps only tiles sized for the
+# longest segment, so a Read launch never times 128-row tiles.
 _varlen_attn_fwd_kernel_tuned = triton.autotune(
-    configs=_FWD_CONFIGS,
+    configs=C.tile_configs(),
     key=["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": C.prune_by_length("BLOCK_M", "BLOCK_N")},
+    prune_configs_by={"early_config_prune": C.prune_by_length},
 )(_varlen_attn_fwd_kernel)
 
 
@@ -144,10 +141,15 @@ def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         bm, bn = C.INTERP_BLOCK_M, C.INTERP_BLOCK_N
         grid = (S * triton.cdiv(max_seqlen_q, bm), H)
         _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
-    else:
+    elif C.autotune_enabled():
         def grid(m):
             return (S * triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H)
 
         with torch.cuda.device(q.device):
             _varlen_attn_fwd_kernel_tuned[grid](*args, **meta)
+    else:
+        bm, bn, warps, stages = C.heuristic_tile(max_seqlen_q, max_seqlen_k, meta["BLOCK_D"])
+        with torch.cuda.device(q.device):
+            _varlen_attn_fwd_kernel[(S * triton.cdiv(max_seqlen_q, bm), H)](
+                *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
     return out, lse

@@ -14,6 +14,8 @@ faster for long sequences but non-deterministic; recomputing QK^T twice is cheap
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -232,7 +234,7 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     meta = dict(HEAD_DIM=D, BLOCK_D=bd, CAUSAL=bool(causal), **C.dot_flags(q.dtype))
     buckets = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
     qk_scale = softmax_scale * C.LOG2E
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if total_q > 0:
             block_t = 16 if interp else 64
             _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), H)](
@@ -262,10 +264,3 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                     *args, **meta)
     return dq, dk, dv
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

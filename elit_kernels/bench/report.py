@@ -200,10 +200,9 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
             ax2.plot(xs, [r["gflops"] for r in rs], marker="o", label=name)
     for r in rows:
         if r["model"] == "plain" and r["latency_ms"] is not None:
-            ax1.axhline(r["latency_ms"], ls="--", lw=1, color="gray")
-            ax1.annotate(f"plain DiT/{r['backend']}", (ax1.get_xlim()[0], r["latency_ms"]), fontsize=7, va="bottom")
+            ax1.axhline(r["latency_ms"], ls="--", lw=1, color="gray", label=f"plain DiT/{r['backend']} (N tokens)")
             if r["gflops"] is not None:
-                ax2.axhline(r["gflops"], ls="--", lw=1, color="gray")
+                ax2.axhline(r["gflops"], ls="--", lw=1, color="gray", label=f"plain DiT/{r['backend']}")
     ax1.set_xscale("log", base=2)
     ax2.set_xscale("log", base=2)
     ax1.set_xlabel("latents per sample (G·J̃)")
@@ -213,7 +212,8 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     label = "CPU" if meta.get("device_type") != "cuda" else "GPU"
-    fig.suptitle(f"{label}: {meta.get('device')} — {meta.get('config')} {meta.get('resolution')}px, batch "
+    dev = str(meta.get("device"))
+    fig.suptitle(f"{label}: {dev[len(label) + 2:] if dev.startswith(label + ': ') else dev} — {meta.get('config')} {meta.get('resolution')}px, batch "
                  f"{meta.get('batch')}, {meta.get('dtype')} — torch {meta.get('torch')}, {(meta.get('git_commit') or '')[:12]}",
                  fontsize=8)
     fig.tight_layout()

@@ -49,6 +49,9 @@ def _extensions():
     cxx = ["-O3"] + defines
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # Kernels (*.cu) include no ATen header, so nvcc's per-arch passes stay cheap; their ATen glue is
+        # csrc/cuda/*.cpp, compiled once by the host compiler.
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         defines.append("-DELIT_WITH_CUDA=1")
         cxx.append("-DELIT_WITH_CUDA=1")

@@ -7,17 +7,12 @@
 // with dS = P * (dO V^T - Di). Tile shapes follow the forward: a one-warp small path for the tiny
 // Read/Write segments and a 4-warp (dq) / 2-warp (dk/dv) tiled path, which keeps dk/dv under the
 // 163 KB of shared memory of sm_80.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
-
+// ATen glue: attention_cuda.cpp.
 #include "attention_common.cuh"
 
 namespace elit {
 namespace attn {
 namespace {
-
-static KernelRegistrar reg_bwd("varlen_attn_bwd_cuda");
 
 template <typename T, int D>
 __global__ void attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
@@ -205,96 +200,72 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-struct BwdArgs {
-  const at::Tensor &dout, &q, &k, &v, &lse, &delta, &cu_q, &cu_k;
-  at::Tensor &dq, &dk, &dv;
-  int64_t max_q, max_k;
-  float scale;
-  bool causal;
-};
-
-template <typename T>
-const T* cptr(const at::Tensor& t) {
-  return static_cast<const T*>(t.const_data_ptr());
-}
-
 template <typename T, int D, int DQ_WARPS, int DQ_BN, int KV_WARPS, int KV_BM>
-void launch_bwd(const BwdArgs& a) {
-  const int64_t segs = a.cu_q.size(0) - 1, H = a.q.size(1), total_q = a.q.size(0);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+cudaError_t launch_bwd(const cuda::AttnParams& p, cudaStream_t stream) {
   using DqC = DqCfg<T, D, DQ_WARPS, DQ_BN>;
   using KvC = DkvCfg<T, D, KV_WARPS, KV_BM>;
-  const int64_t q_tiles = ceil_div(a.max_q, DqC::BM), k_tiles = ceil_div(a.max_k, KvC::BN);
-  TORCH_CHECK(H <= 65535, "q: at most 65535 heads, got ", H);
-  TORCH_CHECK(q_tiles <= 65535, "max_seqlen_q: too long for the CUDA kernel (", a.max_q, ")");
-  TORCH_CHECK(k_tiles <= 65535, "max_seqlen_k: too long for the CUDA kernel (", a.max_k, ")");
-  if (segs == 0 || H == 0) return;
+  const int64_t q_tiles = ceil_div(p.max_q, DqC::BM), k_tiles = ceil_div(p.max_k, KvC::BN);
+  const int H = static_cast<int>(p.heads);
+  if (p.segs == 0 || H == 0) return cudaSuccess;
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  if (p.total_q > 0) {
+    const int64_t warps = p.total_q * H;
+    attn_bwd_delta_kernel<T, D><<<ceil_div(warps, 8), 256, 0, stream>>>(dout, static_cast<const T*>(p.out), p.delta,
+                                                                        p.total_q, H);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
   if (q_tiles > 0) {
     auto kernel = varlen_attn_bwd_dq_kernel<T, D, DQ_WARPS, DQ_BN>;
-    set_smem(kernel, DqC::bytes);
-    kernel<<<dim3(segs, H, q_tiles), DQ_WARPS * 32, DqC::bytes, stream>>>(
-        cptr<T>(a.dout), cptr<T>(a.q), cptr<T>(a.k), cptr<T>(a.v), a.lse.const_data_ptr<float>(),
-        a.delta.const_data_ptr<float>(), a.cu_q.const_data_ptr<int32_t>(), a.cu_k.const_data_ptr<int32_t>(),
-        static_cast<T*>(a.dq.mutable_data_ptr()), static_cast<int>(H), total_q, a.scale, a.causal);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cudaError_t e = set_smem(kernel, DqC::bytes);
+    if (e != cudaSuccess) return e;
+    kernel<<<dim3(p.segs, H, q_tiles), DQ_WARPS * 32, DqC::bytes, stream>>>(
+        dout, q, k, v, p.lse_in, p.delta, p.cu_q, p.cu_k, static_cast<T*>(p.dq), H, p.total_q, p.scale, p.causal);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
   }
   if (k_tiles > 0) {
     auto kernel = varlen_attn_bwd_dkv_kernel<T, D, KV_WARPS, KV_BM>;
-    set_smem(kernel, KvC::bytes);
-    kernel<<<dim3(segs, H, k_tiles), KV_WARPS * 32, KvC::bytes, stream>>>(
-        cptr<T>(a.dout), cptr<T>(a.q), cptr<T>(a.k), cptr<T>(a.v), a.lse.const_data_ptr<float>(),
-        a.delta.const_data_ptr<float>(), a.cu_q.const_data_ptr<int32_t>(), a.cu_k.const_data_ptr<int32_t>(),
-        static_cast<T*>(a.dk.mutable_data_ptr()), static_cast<T*>(a.dv.mutable_data_ptr()), static_cast<int>(H),
-        total_q, a.scale, a.causal);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cudaError_t e = set_smem(kernel, KvC::bytes);
+    if (e != cudaSuccess) return e;
+    kernel<<<dim3(p.segs, H, k_tiles), KV_WARPS * 32, KvC::bytes, stream>>>(
+        dout, q, k, v, p.lse_in, p.delta, p.cu_q, p.cu_k, static_cast<T*>(p.dk), static_cast<T*>(p.dv), H,
+        p.total_q, p.scale, p.causal);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
   }
+  return cudaSuccess;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
-    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
-    double scale, bool causal) {
-  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  check_cuda_attention_inputs(q_);
-  TORCH_CHECK(dout_.sizes() == q_.sizes(), "dout: expected shape ", q_.sizes(), " (q's), got ", dout_.sizes());
-  TORCH_CHECK(out_.sizes() == q_.sizes(), "out: expected shape ", q_.sizes(), " (q's), got ", out_.sizes());
-  check_same_dtype(dout_, "dout", q_, "q");
-  check_same_dtype(out_, "out", q_, "q");
-  check_same_device(dout_, "dout", q_, "q");
-  check_same_device(out_, "out", q_, "q");
-  TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(1) && lse_.size(1) == q_.size(0), "lse: expected shape [",
-              q_.size(1), ", ", q_.size(0), "] ([H, total_q]), got ", lse_.sizes());
-  TORCH_CHECK(lse_.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse_.scalar_type());
-  check_same_device(lse_, "lse", q_, "q");
-  c10::cuda::CUDAGuard guard(q_.device());
-  auto q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_), dout = aligned(dout_);
-  auto lse = lse_.contiguous(), cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const int64_t total_q = q.size(0), H = q.size(1);
-  auto delta = at::empty({H, total_q}, q.options().dtype(at::kFloat));
-  BwdArgs args{dout, q, k, v, lse, delta, cu_q, cu_k, dq, dk, dv, max_q, max_k, static_cast<float>(scale), causal};
-  dispatch_half_types(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    dispatch_head_dim(q.size(2), [&](auto d) {
-      constexpr int D = decltype(d)::value;
-      if (total_q * H > 0) {
-        const int64_t warps = total_q * H;
-        attn_bwd_delta_kernel<T, D><<<ceil_div(warps, 8), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            cptr<T>(dout), cptr<T>(out), delta.mutable_data_ptr<float>(), total_q, static_cast<int>(H));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (max_q <= 32 && max_k <= 32)
-        launch_bwd<T, D, 1, 32, 1, 32>(args);
-      else
-        launch_bwd<T, D, 4, 64, 2, 64>(args);
-    });
-  });
-  return {dq, dk, dv};
-}
+inline bool small_bwd(int64_t max_q, int64_t max_k) { return max_q <= 32 && max_k <= 32; }
 
 }  // namespace
 }  // namespace attn
 
-TORCH_LIBRARY_IMPL(elit, CUDA, m) { m.impl("varlen_attn_bwd", &attn::varlen_attn_bwd_cuda); }
+namespace cuda {
 
+int64_t attn_bwd_tile_rows(int64_t max_q, int64_t max_k, bool keys) {
+  if (attn::small_bwd(max_q, max_k)) return 16;  // dq: 16 queries; dk/dv: 16 keys
+  return keys ? 32 : 64;
+}
+
+cudaError_t varlen_attn_bwd(const AttnParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  attn::dispatch_half_types(p.bf16, [&](auto tag) {
+    using T = decltype(tag);
+    attn::dispatch_head_dim(p.head_dim, [&](auto d) {
+      constexpr int D = decltype(d)::value;
+      if (attn::small_bwd(p.max_q, p.max_k))
+        err = attn::launch_bwd<T, D, 1, 32, 1, 32>(p, stream);
+      else
+        err = attn::launch_bwd<T, D, 4, 64, 2, 64>(p, stream);
+    });
+  });
+  return err;
+}
+
+}  // namespace cuda
 }  // namespace elit

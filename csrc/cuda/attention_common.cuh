@@ -12,8 +12,9 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
-#include "cuda_common.cuh"
+#include "kernels.h"
 
 namespace elit {
 namespace attn {
@@ -85,19 +86,12 @@ __device__ __forceinline__ bool visible(int i, int j, int lq, int lk, bool causa
   return i < lq && j < lk && (!causal || j <= i + lk - lq);
 }
 
-inline void check_cuda_attention_inputs(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q: the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
-  const int64_t d = q.size(2);
-  TORCH_CHECK(d == 64 || d == 72 || d == 128, "q: the CUDA kernels take head dim 64, 72 or 128, got ", d);
-}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Contiguous and 16-byte aligned (a sliced view can start mid-vector).
-inline at::Tensor aligned(const at::Tensor& t) {
-  auto c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
-  return c;
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
 }
 
 template <typename F>
@@ -111,17 +105,17 @@ inline void dispatch_head_dim(int64_t d, F&& f) {
 }
 
 template <typename F>
-inline void dispatch_half_types(at::ScalarType st, F&& f) {
-  if (st == at::kHalf)
-    f(__half{});
-  else
+inline void dispatch_half_types(bool bf16, F&& f) {
+  if (bf16)
     f(__nv_bfloat16{});
+  else
+    f(__half{});
 }
 
 template <typename K>
-inline void set_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+inline cudaError_t set_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 }  // namespace attn

@@ -5,19 +5,13 @@
 //     16-token window) get one warp per (segment, head), with the segment's keys in shared memory;
 //   tiled path (WARPS = 4, 64 queries, 64-key tiles): core / image segments, online softmax.
 // A row that sees no key (empty key segment, or causal with Lq > Lk) gets zeros and lse = -inf.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
-
-#include <limits>
+// ATen glue: attention_cuda.cpp.
 
 #include "attention_common.cuh"
 
 namespace elit {
 namespace attn {
 namespace {
-
-static KernelRegistrar reg_fwd("varlen_attn_fwd_cuda");
 
 template <typename T, int D, int WARPS, int BN>
 struct FwdCfg {
@@ -115,53 +109,45 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-template <typename T, int D, int WARPS, int BN>
-void launch_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                const at::Tensor& cu_k, int64_t max_q, double scale, bool causal, at::Tensor& out, at::Tensor& lse) {
-  using Cfg = FwdCfg<T, D, WARPS, BN>;
-  const int64_t segs = cu_q.size(0) - 1, H = q.size(1);
-  const int64_t tiles = ceil_div(max_q, Cfg::BM);
-  TORCH_CHECK(H <= 65535, "q: at most 65535 heads, got ", H);
-  TORCH_CHECK(tiles <= 65535, "max_seqlen_q: too long for the CUDA kernel (", max_q, ")");
-  if (segs == 0 || tiles == 0 || H == 0) return;
-  auto kernel = varlen_attn_fwd_kernel<T, D, WARPS, BN>;
-  set_smem(kernel, Cfg::bytes);
-  dim3 grid(segs, H, tiles);
-  kernel<<<grid, WARPS * 32, Cfg::bytes, c10::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
-      static_cast<const T*>(v.const_data_ptr()), cu_q.const_data_ptr<int32_t>(), cu_k.const_data_ptr<int32_t>(),
-      static_cast<T*>(out.mutable_data_ptr()), lse.mutable_data_ptr<float>(), static_cast<int>(H), q.size(0),
-      static_cast<float>(scale) * kLog2e, causal);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// Small path for short query segments (Read/Write): one warp, 16 queries, 32-key tiles.
+constexpr int64_t kSmallMaxQ = 32;
 
-std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
-                                                        const at::Tensor& v_, const at::Tensor& cu_q_,
-                                                        const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
-                                                        double scale, bool causal) {
-  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  check_cuda_attention_inputs(q_);
-  c10::cuda::CUDAGuard guard(q_.device());
-  auto q = aligned(q_), k = aligned(k_), v = aligned(v_);
-  auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  auto out = at::empty_like(q);
-  auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
-  dispatch_half_types(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    dispatch_head_dim(q.size(2), [&](auto d) {
-      constexpr int D = decltype(d)::value;
-      if (max_q <= 32)
-        launch_fwd<T, D, 1, 32>(q, k, v, cu_q, cu_k, max_q, scale, causal, out, lse);
-      else
-        launch_fwd<T, D, 4, 64>(q, k, v, cu_q, cu_k, max_q, scale, causal, out, lse);
-    });
-  });
-  return {out, lse};
+template <typename T, int D, int WARPS, int BN>
+cudaError_t launch_fwd(const cuda::AttnParams& p, cudaStream_t stream) {
+  using Cfg = FwdCfg<T, D, WARPS, BN>;
+  const int64_t tiles = ceil_div(p.max_q, Cfg::BM);
+  if (p.segs == 0 || tiles == 0 || p.heads == 0) return cudaSuccess;
+  auto kernel = varlen_attn_fwd_kernel<T, D, WARPS, BN>;
+  cudaError_t e = set_smem(kernel, Cfg::bytes);
+  if (e != cudaSuccess) return e;
+  dim3 grid(p.segs, p.heads, tiles);
+  kernel<<<grid, WARPS * 32, Cfg::bytes, stream>>>(
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), p.cu_q, p.cu_k,
+      static_cast<T*>(p.o), p.lse, static_cast<int>(p.heads), p.total_q, p.scale * kLog2e, p.causal);
+  return cudaGetLastError();
 }
 
 }  // namespace
 }  // namespace attn
 
-TORCH_LIBRARY_IMPL(elit, CUDA, m) { m.impl("varlen_attn_fwd", &attn::varlen_attn_fwd_cuda); }
+namespace cuda {
 
+int64_t attn_fwd_tile_rows(int64_t max_q) { return max_q <= attn::kSmallMaxQ ? 16 : 64; }
+
+cudaError_t varlen_attn_fwd(const AttnParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  attn::dispatch_half_types(p.bf16, [&](auto tag) {
+    using T = decltype(tag);
+    attn::dispatch_head_dim(p.head_dim, [&](auto d) {
+      constexpr int D = decltype(d)::value;
+      if (p.max_q <= attn::kSmallMaxQ)
+        err = attn::launch_fwd<T, D, 1, 32>(p, stream);
+      else
+        err = attn::launch_fwd<T, D, 4, 64>(p, stream);
+    });
+  });
+  return err;
+}
+
+}  // namespace cuda
 }  // namespace elit

@@ -1,27 +1,35 @@
-// CUDA ragged elementwise ops: LayerNorm(no affine) + adaLN modulate, gated residual; forward and
-// backward. Semantics: elit_kernels/reference/modulate.py.
+// CUDA kernels of the ragged elementwise ops: LayerNorm(no affine) + adaLN modulate and the gated
+// residual, forward and backward (ATen glue: modulate_cuda.cpp). Semantics:
+// elit_kernels/reference/modulate.py.
 //
 // Rows are handled one warp each (C is a model width: 384..1152, two passes over a row stay in L1).
 // Per-sample parameter gradients [B, C] are reduced by a column-parallel kernel that walks a chunk of
-// tokens and flushes one fp32 atomicAdd per (chunk, sample run), so a sample-sorted index costs
-// ~T/64 atomics per column. Atomics make those gradients run-to-run nondeterministic in the last bits.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
+// tokens and flushes one atomicAdd per (chunk, sample run), so a sample-sorted index costs ~T/64
+// atomics per column. Atomics make those gradients run-to-run nondeterministic in the last bits.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <c10/macros/Macros.h>
 
-#include "cuda_common.cuh"
+#include <algorithm>
+#include <type_traits>
+
+#include "kernels.h"
 
 namespace elit {
+namespace cuda {
 namespace {
-
-static KernelRegistrar reg_lnm("layernorm_modulate_cuda");
-static KernelRegistrar reg_gr("gated_residual_cuda");
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kRowsPerChunk = 64;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename scalar_t, typename acc_t>
 __global__ void lnm_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ shift,
@@ -135,157 +143,87 @@ __global__ void gated_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t*
   }
 }
 
-at::ScalarType stat_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-void launch_param_grad(bool modulate, const at::Tensor& g, const at::Tensor& other, const at::Tensor* mean,
-                       const at::Tensor* rstd, const at::Tensor& index, at::Tensor& d1, at::Tensor* d2, int64_t B) {
-  const int64_t T = g.size(0), C = g.size(1);
-  if (T == 0 || C == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+template <typename F>
+void dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat: f(float{}, float{}); break;
+    case DType::kDouble: f(double{}, double{}); break;
+    case DType::kHalf: f(__half{}, float{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}, float{}); break;
+  }
+}
+
+template <bool kModulate>
+cudaError_t launch_param_grad(DType dt, const void* g, const void* other, const void* mean, const void* rstd,
+                              const int64_t* index, void* d1, void* d2, int64_t T, int64_t C, int64_t B,
+                              cudaStream_t stream) {
+  if (T == 0 || C == 0) return cudaSuccess;
   dim3 block(32, 8);
   dim3 grid(ceil_div(C, 32), ceil_div(T, kRowsPerChunk * 8));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "elit_param_grad", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (modulate) {
-      param_grad_kernel<scalar_t, acc_t, true><<<grid, block, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), mean->const_data_ptr<acc_t>(),
-          rstd->const_data_ptr<acc_t>(), index.const_data_ptr<int64_t>(), d1.mutable_data_ptr<acc_t>(),
-          d2->mutable_data_ptr<acc_t>(), T, C, B);
-    } else {
-      param_grad_kernel<scalar_t, acc_t, false><<<grid, block, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), nullptr, nullptr,
-          index.const_data_ptr<int64_t>(), d1.mutable_data_ptr<acc_t>(), nullptr, T, C, B);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch(dt, [&](auto s, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(a);
+    param_grad_kernel<scalar_t, acc_t, kModulate><<<grid, block, 0, stream>>>(
+        static_cast<const scalar_t*>(g), static_cast<const scalar_t*>(other), static_cast<const acc_t*>(mean),
+        static_cast<const acc_t*>(rstd), index, static_cast<acc_t*>(d1), static_cast<acc_t*>(d2), T, C, B);
   });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cuda(const at::Tensor& x_, const at::Tensor& shift_,
-                                                                           const at::Tensor& scale_,
-                                                                           const at::Tensor& index_, double eps) {
-  check_tensor(x_, "x", 2);
-  check_floating(x_, "x");
-  check_cuda(x_, "x");
-  check_param(shift_, "shift", x_);
-  check_param(scale_, "scale", x_);
-  TORCH_CHECK(scale_.size(0) == shift_.size(0), "scale: has ", scale_.size(0), " samples, shift has ", shift_.size(0));
-  check_index(index_, x_);
-  TORCH_CHECK(eps >= 0, "eps: must be >= 0, got ", eps);
-  c10::cuda::CUDAGuard guard(x_.device());
-  auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
-  const int64_t T = x.size(0), C = x.size(1), B = shift.size(0);
-  auto out = at::empty_like(x);
-  auto mean = at::empty({T}, x.options().dtype(stat_dtype(x)));
-  auto rstd = at::empty({T}, x.options().dtype(stat_dtype(x)));
-  if (T == 0) return {out, mean, rstd};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layernorm_modulate_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    lnm_fwd_kernel<scalar_t, acc_t><<<ceil_div(T, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), shift.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-        index.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
-        rstd.mutable_data_ptr<acc_t>(), T, C, B, static_cast<acc_t>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {out, mean, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cuda(const at::Tensor& g_, const at::Tensor& x_,
-                                                                           const at::Tensor& scale_,
-                                                                           const at::Tensor& index_,
-                                                                           const at::Tensor& mean_,
-                                                                           const at::Tensor& rstd_) {
-  check_tensor(x_, "x", 2);
-  check_floating(x_, "x");
-  check_cuda(x_, "x");
-  TORCH_CHECK(g_.sizes() == x_.sizes(), "grad_out: expected shape ", x_.sizes(), " (x's), got ", g_.sizes());
-  check_same_dtype(g_, "grad_out", x_, "x");
-  check_same_device(g_, "grad_out", x_, "x");
-  check_param(scale_, "scale", x_);
-  check_index(index_, x_);
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{mean_, "mean"}, {rstd_, "rstd"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == x_.size(0), name, ": expected shape [", x_.size(0), "], got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == stat_dtype(x_), name, ": expected dtype ", stat_dtype(x_), ", got ",
-                t.scalar_type());
-    check_same_device(t, name, x_, "x");
-  }
-  c10::cuda::CUDAGuard guard(x_.device());
-  auto g = g_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
-  auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const int64_t T = x.size(0), C = x.size(1), B = scale.size(0);
-  auto gx = at::empty_like(x);
-  auto acc_opts = x.options().dtype(stat_dtype(x));
-  auto dscale = at::zeros({B, C}, acc_opts), dshift = at::zeros({B, C}, acc_opts);
-  if (T > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layernorm_modulate_bwd_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      lnm_bwd_dx_kernel<scalar_t, acc_t><<<ceil_div(T, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-          index.const_data_ptr<int64_t>(), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          gx.mutable_data_ptr<scalar_t>(), T, C, B);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    launch_param_grad(true, g, x, &mean, &rstd, index, dscale, &dshift, B);
-  }
-  return {gx, dshift.to(x.scalar_type()), dscale.to(x.scalar_type())};
-}
-
-void check_gated_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index,
-                      const char* xname) {
-  check_tensor(x, xname, 2);
-  check_floating(x, xname);
-  check_cuda(x, xname);
-  TORCH_CHECK(y.sizes() == x.sizes(), "y: expected shape ", x.sizes(), " (", xname, "'s), got ", y.sizes());
-  check_same_dtype(y, "y", x, xname);
-  check_same_device(y, "y", x, xname);
-  check_param(gate, "gate", x);
-  check_index(index, x);
-}
-
-// out = (x or 0) + gate[index] * y
-at::Tensor gated_apply(const at::Tensor* x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index) {
-  auto out = at::empty_like(y);
-  const int64_t n = y.numel(), C = y.size(1), B = gate.size(0);
-  if (n == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 65535 * 8);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gated_residual_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    gated_fwd_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(
-        x ? x->const_data_ptr<scalar_t>() : nullptr, y.const_data_ptr<scalar_t>(), gate.const_data_ptr<scalar_t>(),
-        index.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), n, C, B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
-at::Tensor gated_residual_fwd_cuda(const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& gate_,
-                                   const at::Tensor& index_) {
-  check_gated_cuda(x_, y_, gate_, index_, "x");
-  c10::cuda::CUDAGuard guard(x_.device());
-  auto x = x_.contiguous();
-  return gated_apply(&x, y_.contiguous(), gate_.contiguous(), index_.contiguous());
-}
-
-std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cuda(const at::Tensor& g_, const at::Tensor& y_,
-                                                           const at::Tensor& gate_, const at::Tensor& index_) {
-  check_gated_cuda(g_, y_, gate_, index_, "grad_out");
-  c10::cuda::CUDAGuard guard(g_.device());
-  auto g = g_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
-  auto gy = gated_apply(nullptr, g, gate, index);
-  auto dgate = at::zeros(gate.sizes(), gate.options().dtype(stat_dtype(gate)));
-  launch_param_grad(false, g, y, nullptr, nullptr, index, dgate, nullptr, gate.size(0));
-  return {gy, dgate.to(gate.scalar_type())};
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(elit, CUDA, m) {
-  m.impl("layernorm_modulate_fwd", &layernorm_modulate_fwd_cuda);
-  m.impl("layernorm_modulate_bwd", &layernorm_modulate_bwd_cuda);
-  m.impl("gated_residual_fwd", &gated_residual_fwd_cuda);
-  m.impl("gated_residual_bwd", &gated_residual_bwd_cuda);
+cudaError_t layernorm_modulate_fwd(DType dt, const void* x, const void* shift, const void* scale,
+                                   const int64_t* index, void* out, void* mean, void* rstd, int64_t T, int64_t C,
+                                   int64_t B, double eps, cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  dispatch(dt, [&](auto s, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(a);
+    lnm_fwd_kernel<scalar_t, acc_t><<<ceil_div(T, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
+        static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(shift), static_cast<const scalar_t*>(scale),
+        index, static_cast<scalar_t*>(out), static_cast<acc_t*>(mean), static_cast<acc_t*>(rstd), T, C, B,
+        static_cast<acc_t>(eps));
+  });
+  return cudaGetLastError();
 }
 
+cudaError_t layernorm_modulate_bwd(DType dt, const void* grad_out, const void* x, const void* scale,
+                                   const int64_t* index, const void* mean, const void* rstd, void* grad_x,
+                                   void* dshift, void* dscale, int64_t T, int64_t C, int64_t B, cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  dispatch(dt, [&](auto s, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(a);
+    lnm_bwd_dx_kernel<scalar_t, acc_t><<<ceil_div(T, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
+        static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(scale),
+        index, static_cast<const acc_t*>(mean), static_cast<const acc_t*>(rstd), static_cast<scalar_t*>(grad_x), T,
+        C, B);
+  });
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  return launch_param_grad<true>(dt, grad_out, x, mean, rstd, index, dscale, dshift, T, C, B, stream);
+}
+
+cudaError_t gated_apply(DType dt, const void* x, const void* y, const void* gate, const int64_t* index, void* out,
+                        int64_t T, int64_t C, int64_t B, cudaStream_t stream) {
+  const int64_t n = T * C;
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 65535 * 8);
+  dispatch(dt, [&](auto s, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(a);
+    gated_fwd_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(
+        static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(y), static_cast<const scalar_t*>(gate), index,
+        static_cast<scalar_t*>(out), n, C, B);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t gated_param_grad(DType dt, const void* grad_out, const void* y, const int64_t* index, void* dgate,
+                             int64_t T, int64_t C, int64_t B, cudaStream_t stream) {
+  return launch_param_grad<false>(dt, grad_out, y, nullptr, nullptr, index, dgate, nullptr, T, C, B, stream);
+}
+
+}  // namespace cuda
 }  // namespace elit

@@ -1,0 +1,117 @@
+// ATen glue of the CUDA varlen attention (kernels: attention_fwd.cu, attention_bwd.cu): argument
+// checks, allocation, grid limits. Values of cu_seqlens are not read here (that would sync the host);
+// elit_kernels.varlen_attention validates them in eager mode.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "glue.h"
+
+namespace elit {
+namespace {
+
+static KernelRegistrar reg_fwd("varlen_attn_fwd_cuda");
+static KernelRegistrar reg_bwd("varlen_attn_bwd_cuda");
+
+void check_cuda_attention_inputs(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q: the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
+  const int64_t d = q.size(2);
+  TORCH_CHECK(d == 64 || d == 72 || d == 128, "q: the CUDA kernels take head dim 64, 72 or 128, got ", d);
+  TORCH_CHECK(q.size(1) <= cuda::kMaxGridYZ, "q: at most ", cuda::kMaxGridYZ, " heads, got ", q.size(1));
+}
+
+void check_tiles(int64_t max_len, int64_t rows, const char* name) {
+  TORCH_CHECK(max_len / rows < cuda::kMaxGridYZ, name, ": ", max_len, " is too long for the CUDA kernels");
+}
+
+// Contiguous and 16-byte aligned (the kernels load 16-byte vectors; a sliced view can start mid-vector).
+at::Tensor aligned(const at::Tensor& t) {
+  auto c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+cuda::AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                             const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal) {
+  cuda::AttnParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.cu_q = cu_q.const_data_ptr<int32_t>();
+  p.cu_k = cu_k.const_data_ptr<int32_t>();
+  p.segs = cu_q.size(0) - 1;
+  p.heads = q.size(1);
+  p.head_dim = q.size(2);
+  p.total_q = q.size(0);
+  p.max_q = max_q;
+  p.max_k = max_k;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.bf16 = q.scalar_type() == at::kBFloat16;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
+                                                        const at::Tensor& v_, const at::Tensor& cu_q_,
+                                                        const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
+                                                        double scale, bool causal) {
+  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
+  check_cuda_attention_inputs(q_);
+  check_tiles(max_q, cuda::attn_fwd_tile_rows(max_q), "max_seqlen_q");
+  c10::cuda::CUDAGuard guard(q_.device());
+  auto q = aligned(q_), k = aligned(k_), v = aligned(v_);
+  auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
+  auto out = at::empty_like(q);
+  auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  auto p = base_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
+  p.o = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  C10_CUDA_CHECK(cuda::varlen_attn_fwd(p, current_stream()));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
+    const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
+    double scale, bool causal) {
+  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
+  check_cuda_attention_inputs(q_);
+  TORCH_CHECK(dout_.sizes() == q_.sizes(), "dout: expected shape ", q_.sizes(), " (q's), got ", dout_.sizes());
+  TORCH_CHECK(out_.sizes() == q_.sizes(), "out: expected shape ", q_.sizes(), " (q's), got ", out_.sizes());
+  check_same_dtype(dout_, "dout", q_, "q");
+  check_same_dtype(out_, "out", q_, "q");
+  check_same_device(dout_, "dout", q_, "q");
+  check_same_device(out_, "out", q_, "q");
+  TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(1) && lse_.size(1) == q_.size(0), "lse: expected shape [",
+              q_.size(1), ", ", q_.size(0), "] ([H, total_q]), got ", lse_.sizes());
+  TORCH_CHECK(lse_.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse_.scalar_type());
+  check_same_device(lse_, "lse", q_, "q");
+  check_tiles(max_q, cuda::attn_bwd_tile_rows(max_q, max_k, false), "max_seqlen_q");
+  check_tiles(max_k, cuda::attn_bwd_tile_rows(max_q, max_k, true), "max_seqlen_k");
+  c10::cuda::CUDAGuard guard(q_.device());
+  auto q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_), dout = aligned(dout_);
+  auto lse = lse_.contiguous(), cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto delta = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  auto p = base_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
+  p.out = out.const_data_ptr();
+  p.dout = dout.const_data_ptr();
+  p.lse_in = lse.const_data_ptr<float>();
+  p.delta = delta.mutable_data_ptr<float>();
+  p.dq = dq.mutable_data_ptr();
+  p.dk = dk.mutable_data_ptr();
+  p.dv = dv.mutable_data_ptr();
+  C10_CUDA_CHECK(cuda::varlen_attn_bwd(p, current_stream()));
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(elit, CUDA, m) {
+  m.impl("varlen_attn_fwd", &varlen_attn_fwd_cuda);
+  m.impl("varlen_attn_bwd", &varlen_attn_bwd_cuda);
+}
+
+}  // namespace elit

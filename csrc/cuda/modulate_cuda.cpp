@@ -1,0 +1,126 @@
+// ATen glue of the CUDA elementwise ops (kernels: modulate_kernels.cu): checks, allocation, dispatch.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "glue.h"
+
+namespace elit {
+namespace {
+
+static KernelRegistrar reg_lnm("layernorm_modulate_cuda");
+static KernelRegistrar reg_gr("gated_residual_cuda");
+
+at::ScalarType stat_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cuda(const at::Tensor& x_, const at::Tensor& shift_,
+                                                                           const at::Tensor& scale_,
+                                                                           const at::Tensor& index_, double eps) {
+  check_tensor(x_, "x", 2);
+  check_floating(x_, "x");
+  check_cuda(x_, "x");
+  check_param(shift_, "shift", x_);
+  check_param(scale_, "scale", x_);
+  TORCH_CHECK(scale_.size(0) == shift_.size(0), "scale: has ", scale_.size(0), " samples, shift has ", shift_.size(0));
+  check_index(index_, x_);
+  TORCH_CHECK(eps >= 0, "eps: must be >= 0, got ", eps);
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
+  const int64_t T = x.size(0), C = x.size(1), B = shift.size(0);
+  auto out = at::empty_like(x);
+  auto mean = at::empty({T}, x.options().dtype(stat_dtype(x)));
+  auto rstd = at::empty({T}, x.options().dtype(stat_dtype(x)));
+  C10_CUDA_CHECK(cuda::layernorm_modulate_fwd(to_dtype(x.scalar_type()), x.const_data_ptr(), shift.const_data_ptr(),
+                                              scale.const_data_ptr(), index.const_data_ptr<int64_t>(),
+                                              out.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr(),
+                                              T, C, B, eps, current_stream()));
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cuda(const at::Tensor& g_, const at::Tensor& x_,
+                                                                           const at::Tensor& scale_,
+                                                                           const at::Tensor& index_,
+                                                                           const at::Tensor& mean_,
+                                                                           const at::Tensor& rstd_) {
+  check_tensor(x_, "x", 2);
+  check_floating(x_, "x");
+  check_cuda(x_, "x");
+  TORCH_CHECK(g_.sizes() == x_.sizes(), "grad_out: expected shape ", x_.sizes(), " (x's), got ", g_.sizes());
+  check_same_dtype(g_, "grad_out", x_, "x");
+  check_same_device(g_, "grad_out", x_, "x");
+  check_param(scale_, "scale", x_);
+  check_index(index_, x_);
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{mean_, "mean"}, {rstd_, "rstd"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x_.size(0), name, ": expected shape [", x_.size(0), "], got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == stat_dtype(x_), name, ": expected dtype ", stat_dtype(x_), ", got ",
+                t.scalar_type());
+    check_same_device(t, name, x_, "x");
+  }
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto g = g_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
+  auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const int64_t T = x.size(0), C = x.size(1), B = scale.size(0);
+  auto gx = at::empty_like(x);
+  auto acc_opts = x.options().dtype(stat_dtype(x));
+  auto dscale = at::zeros({B, C}, acc_opts), dshift = at::zeros({B, C}, acc_opts);
+  C10_CUDA_CHECK(cuda::layernorm_modulate_bwd(to_dtype(x.scalar_type()), g.const_data_ptr(), x.const_data_ptr(),
+                                              scale.const_data_ptr(), index.const_data_ptr<int64_t>(),
+                                              mean.const_data_ptr(), rstd.const_data_ptr(), gx.mutable_data_ptr(),
+                                              dshift.mutable_data_ptr(), dscale.mutable_data_ptr(), T, C, B,
+                                              current_stream()));
+  return {gx, dshift.to(x.scalar_type()), dscale.to(x.scalar_type())};
+}
+
+void check_gated_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index,
+                      const char* xname) {
+  check_tensor(x, xname, 2);
+  check_floating(x, xname);
+  check_cuda(x, xname);
+  TORCH_CHECK(y.sizes() == x.sizes(), "y: expected shape ", x.sizes(), " (", xname, "'s), got ", y.sizes());
+  check_same_dtype(y, "y", x, xname);
+  check_same_device(y, "y", x, xname);
+  check_param(gate, "gate", x);
+  check_index(index, x);
+}
+
+// out = (x or 0) + gate[index] * y
+at::Tensor gated_apply(const at::Tensor* x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index) {
+  auto out = at::empty_like(y);
+  C10_CUDA_CHECK(cuda::gated_apply(to_dtype(y.scalar_type()), x ? x->const_data_ptr() : nullptr, y.const_data_ptr(),
+                                   gate.const_data_ptr(), index.const_data_ptr<int64_t>(), out.mutable_data_ptr(),
+                                   y.size(0), y.size(1), gate.size(0), current_stream()));
+  return out;
+}
+
+at::Tensor gated_residual_fwd_cuda(const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& gate_,
+                                   const at::Tensor& index_) {
+  check_gated_cuda(x_, y_, gate_, index_, "x");
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous();
+  return gated_apply(&x, y_.contiguous(), gate_.contiguous(), index_.contiguous());
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cuda(const at::Tensor& g_, const at::Tensor& y_,
+                                                           const at::Tensor& gate_, const at::Tensor& index_) {
+  check_gated_cuda(g_, y_, gate_, index_, "grad_out");
+  c10::cuda::CUDAGuard guard(g_.device());
+  auto g = g_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
+  auto gy = gated_apply(nullptr, g, gate, index);
+  auto dgate = at::zeros(gate.sizes(), gate.options().dtype(stat_dtype(gate)));
+  C10_CUDA_CHECK(cuda::gated_param_grad(to_dtype(g.scalar_type()), g.const_data_ptr(), y.const_data_ptr(),
+                                        index.const_data_ptr<int64_t>(), dgate.mutable_data_ptr(), g.size(0),
+                                        g.size(1), gate.size(0), current_stream()));
+  return {gy, dgate.to(gate.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(elit, CUDA, m) {
+  m.impl("layernorm_modulate_fwd", &layernorm_modulate_fwd_cuda);
+  m.impl("layernorm_modulate_bwd", &layernorm_modulate_bwd_cuda);
+  m.impl("gated_residual_fwd", &gated_residual_fwd_cuda);
+  m.impl("gated_residual_bwd", &gated_residual_bwd_cuda);
+}
+
+}  // namespace elit

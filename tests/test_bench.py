@@ -62,6 +62,15 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     assert "_bench_flop_stub" not in known_backends()
 
 
+def test_time_budget_spent_still_writes_rows(tmp_path, capsys):
+    # --max-seconds spent before any case is warmed up: every row says it was skipped; files still written
+    out = tmp_path / "b"
+    assert main(TINY + ["--scenarios", "uniform", "--max-seconds", "0.001", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows and all(r["latency_ms"] is None and r["note"].startswith("skipped") for r in rows)
+    assert (out / "latency_vs_latents.png").exists() and (out / "summary.md").exists()
+
+
 @pytest.mark.parametrize("name,res", [("tiny", 64), ("tiny", 128)])
 def test_official_style_equals_elit_for_uniform_budgets(name, res):
     cfg = elit_config(name, res)
@@ -119,6 +128,7 @@ def test_mixed_budgets_spread():
     (["--backends", "torch_varlen"], "--backends"),  # CUDA-only comparator on CPU
     (["--device", "tpu"], "--device"),
     (["--threads", "0"], "--threads"),
+    (["--max-seconds", "0"], "--max-seconds"),
 ])
 def test_bad_flags_error_clearly(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -197,13 +197,26 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
             from tqdm.auto import tqdm
 
             it = tqdm(cases, desc="warm-up + FLOPs", unit="case", leave=False)
+        deadline = t_start + extra["max_seconds"] if extra.get("max_seconds") else None
+        skipped, failed = [], []
         with torch.no_grad():
             for c in it:
-                warm_up(c, dev, extra["warmup"], 20.0)
-                c.flops = count_flops(c.fn, c.models)
-                c.peak_mem_mb = measure_memory(c, dev)
-        deadline = t_start + extra["max_seconds"] if extra.get("max_seconds") else None
-        extra["repeats_done"] = run_interleaved(cases, dev, extra["repeats"], progress=progress, deadline=deadline)
+                if deadline is not None and time.monotonic() > t_start + 0.7 * extra["max_seconds"]:
+                    skipped.append(c)  # keep time for the repeats; the row says so
+                    continue
+                try:
+                    warm_up(c, dev, extra["warmup"], 20.0)
+                    c.flops = count_flops(c.fn, c.models)
+                    c.peak_mem_mb = measure_memory(c, dev)
+                except Exception as e:  # one backend failing one case must not lose the whole run
+                    c.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    failed.append(c)
+        for c in skipped:
+            c.note = "skipped: --max-seconds spent during warm-up"
+        timed = [c for c in cases if c not in skipped and c not in failed]
+        extra["repeats_done"] = run_interleaved(timed, dev, extra["repeats"], progress=progress, deadline=deadline)
+        extra["notes"] = extra["notes"] + [f"{len(skipped)} cases skipped (time budget)"] * bool(skipped) \
+            + [f"{len(failed)} cases failed (see their note)"] * bool(failed)
         rows = make_rows(cases, dev)
         md_threads = torch.get_num_threads()
     finally:

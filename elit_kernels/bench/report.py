@@ -148,7 +148,9 @@ def metadata(device: torch.device, extra: dict) -> dict:
     return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
             "git_commit": git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "cpu_threads": torch.get_num_threads(), **extra}
+            "cpu_threads": torch.get_num_threads(),
+            "env": {k: os.environ[k] for k in ("ELIT_TRITON_AUTOTUNE", "ELIT_BACKEND", "ELIT_VALIDATE", "TRITON_INTERPRET")
+                    if k in os.environ}, **extra}
 
 
 def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dict) -> list[str]:
@@ -209,8 +211,9 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     ax2.set_xlabel("latents per sample (G·J̃)")
     ax1.set_ylabel("forward latency, ms (median, IQR bars)")
     ax2.set_ylabel("forward GFLOPs (batch)")
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     label = "CPU" if meta.get("device_type") != "cuda" else "GPU"
     dev = str(meta.get("device"))
     fig.suptitle(f"{label}: {dev[len(label) + 2:] if dev.startswith(label + ': ') else dev} — {meta.get('config')} {meta.get('resolution')}px, batch "

@@ -130,6 +130,10 @@ def main(argv=None) -> int:
                        "total_k": sum(shape.lens_k), "heads": shape.heads, "head_dim": shape.head_dim,
                        "gflop": shape.fwd_flops * (3.5 if ps == "fwd+bwd" else 1.0) / 1e9, "times_ms": [],
                        "error": None}
+                if args.max_seconds and time.monotonic() - t_start > 0.7 * args.max_seconds:
+                    row["error"] = "skipped: --max-seconds spent during warm-up"
+                    rows.append(row)
+                    continue
                 try:
                     fn, g2n = make_fn(m, shape, dev, dtype, backward=(ps == "fwd+bwd"))
                     fn()  # warm-up (and compile)

@@ -168,7 +168,8 @@ def main(argv=None) -> int:
                         "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
                         "flops": "4*sum(Lq*Lk)*H*D fwd, x3.5 fwd+bwd; useful (ragged) FLOPs for every method"})
     label = "CPU" if dev.type == "cpu" else "GPU"
-    print(f"varlen attention ops — {label}: {md['device']}, {args.config} {args.resolution}px batch {args.batch} "
+    dev_name = md["device"] if md["device"].startswith(label) else f"{label}: {md['device']}"
+    print(f"varlen attention ops — {dev_name}, {args.config} {args.resolution}px batch {args.batch} "
           f"{args.dtype}, torch {md['torch']}")
     print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}  note")
     for r in rows:

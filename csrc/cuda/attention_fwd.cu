@@ -1,8 +1,9 @@
 // Varlen attention forward on tensor cores: out [total_q, H, D] and lse [H, total_q] (fp32).
 //
 // Grid: (segment, head, query tile). Two instantiations of one kernel:
-//   small path (WARPS = 1, 16 queries, 32-key tiles): ELIT's Read/Write segments (a few latents or a
-//     16-token window) get one warp per (segment, head), with the segment's keys in shared memory;
+//   small path (WARPS = 1, 16 queries, 32-key tiles; max_seqlen_q <= 32): ELIT's Read/Write segments (a
+//     few latents, or a 16-token window) get one warp per (segment, head), and a window of up to 32
+//     keys sits in shared memory whole;
 //   tiled path (WARPS = 4, 64 queries, 64-key tiles): core / image segments, online softmax.
 // A row that sees no key (empty key segment, or causal with Lq > Lk) gets zeros and lse = -inf.
 // ATen glue: attention_cuda.cpp.

@@ -28,6 +28,7 @@ import torch
 from .backends import AttnInputs, Backend, register_backend
 
 _C = None
+_BUILD_INFO: dict | None = None  # read once at load: a pybind call inside dispatch would break torch.compile graphs
 load_error: str | None = None
 _BUILD_HINT = ("Build it with `pip install --no-build-isolation -e .` from the repository root (nvcc and a CUDA "
                "build of torch give the CUDA kernels; ELIT_SKIP_CUDA_BUILD=1 builds the C++ CPU ops only).")
@@ -41,7 +42,7 @@ def _warn_once(msg: str) -> None:
 
 
 def _load():
-    global _C
+    global _C, _BUILD_INFO
     try:
         from . import _C as ext  # noqa: N811
     except ImportError as e:
@@ -54,7 +55,7 @@ def _load():
         _warn_once(f"elit_kernels._C is stale: built for torch {info.get('torch_version')}, running torch "
                    f"{torch.__version__} (build info: {info}); not using it. {_BUILD_HINT}")
         return None
-    _C = ext
+    _C, _BUILD_INFO = ext, info
     return ext
 
 
@@ -65,12 +66,11 @@ def available() -> bool:
 
 def build_info() -> dict | None:
     """``_C``'s build info (torch_version, with_cuda, cuda_archs, cuda_version, kernels), or None."""
-    return None if _C is None else _C.build_info()
+    return None if _BUILD_INFO is None else dict(_BUILD_INFO)
 
 
 def has_kernel(name: str) -> bool:
-    info = build_info()
-    return info is not None and name in info["kernels"]
+    return _BUILD_INFO is not None and name in _BUILD_INFO["kernels"]
 
 
 # ---------------------------------------------------------------------------------------------

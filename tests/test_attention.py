@@ -147,3 +147,15 @@ def test_flash_attn_unsupported_options_raise(kwargs, arg):
 def test_cu_seqlens_helper():
     assert cu_seqlens([3, 0, 2]).tolist() == [0, 3, 3, 5]
     assert cu_seqlens([]).tolist() == [0]
+
+
+def test_default_dispatch_compiles_without_graph_breaks():
+    # backend=None walks every registered backend's is_available / not_supported_reasons: all of it
+    # must be traceable (no pybind calls, no host syncs) for torch.compile(fullgraph=True).
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 5], [4, 2], 2, 64, seed=9)
+
+    def f(q, k, v):
+        return varlen_attention(q, k, v, cq, ck, mq, mk) * 2
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))

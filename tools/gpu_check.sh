@@ -2,7 +2,7 @@
 # One call on a GPU machine (torch + triton preinstalled, no network): install the package (building the
 # CUDA extension for this card), run every test (GPU tests included), then the op and model benchmarks.
 # Everything lands in $OUT (or ./gpu_results): gpu_check.log, junit XML, summary.json, benchmark files.
-# Budget: about 8 minutes on an H100. Usage:  bash tools/gpu_check.sh
+# Budget: about 8 minutes on an H100 (hard stage limits: build 150 s, GPU tests 200 s, benchmarks 240 s). Usage:  bash tools/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_results}"
@@ -30,14 +30,20 @@ cap=$(python -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import the checkout even if the install step failed
-timeout 300 python -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1
+timeout 150 python -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1
 rc[build]=$?
 tail -5 "$OUT/build.log"
-python -c "import elit_kernels; print('backends:', elit_kernels.known_backends())"
+python - <<'EOF2'
+import elit_kernels, elit_kernels._cext as c
+print("backends:", elit_kernels.known_backends())
+print("_C:", c.build_info() if c.available() else f"NOT LOADED: {c.load_error}")
+EOF2
 
-stage "tests (GPU variants run here; CPU-only ones too)"
-timeout 240 python -m pytest -q -rs tests --junitxml="$OUT/junit.xml" -p no:cacheprovider
+stage "GPU tests: Triton and CUDA kernels vs the reference (real sizes, bf16)"
+timeout 200 python -m pytest -q -rs tests/test_triton_attention.py tests/test_cext.py \
+  --junitxml="$OUT/junit_gpu.xml" -p no:cacheprovider
 rc[tests]=$?
+# The CPU-only test files (contract, layout, model, demo, bench) are CI's job, not this script's.
 
 stage "benchmarks"
 if [ -x tools/bench_gpu.sh ]; then

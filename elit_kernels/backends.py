@@ -14,6 +14,7 @@ Adding a backend::
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -179,22 +180,26 @@ class TorchBackend(Backend):
         )
 
 
-class TorchVarlenBackend(Backend):
-    """Comparator: ``torch.nn.attention.varlen.varlen_attn`` (FA2 inside PyTorch), CUDA only."""
+class _CudaComparator(Backend):
+    """A CUDA-only fp16/bf16 kernel from another package, benchmarked against ours; never the default."""
 
-    name = "torch_varlen"
-    priority = -10  # a comparator: never picked by default
-    description = "torch.nn.attention.varlen.varlen_attn (FA2 in PyTorch); CUDA, fp16/bf16"
+    priority = -10
+    module = ""  # importable module that provides it
 
     def is_available(self):
         try:
-            from torch.nn.attention import varlen  # noqa: F401
+            importlib.import_module(self.module)
         except ImportError:
             return False
         return torch.cuda.is_available()
 
     def not_supported_reasons(self, inp):
         return _common_reasons(inp, (torch.float16, torch.bfloat16), cuda_only=True)
+
+
+class TorchVarlenBackend(_CudaComparator):
+    name, module = "torch_varlen", "torch.nn.attention.varlen"
+    description = "torch.nn.attention.varlen.varlen_attn (FA2 in PyTorch); CUDA, fp16/bf16"
 
     def forward(self, inp):
         from torch.nn.attention.varlen import varlen_attn
@@ -206,22 +211,9 @@ class TorchVarlenBackend(Backend):
         )
 
 
-class FlashAttnBackend(Backend):
-    """Comparator: the flash-attn package, when importable."""
-
-    name = "flash_attn"
-    priority = -10
+class FlashAttnBackend(_CudaComparator):
+    name, module = "flash_attn", "flash_attn"
     description = "flash_attn.flash_attn_varlen_func (optional package); CUDA, fp16/bf16"
-
-    def is_available(self):
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return False
-        return torch.cuda.is_available()
-
-    def not_supported_reasons(self, inp):
-        return _common_reasons(inp, (torch.float16, torch.bfloat16), cuda_only=True)
 
     def forward(self, inp):
         import flash_attn

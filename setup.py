@@ -82,5 +82,6 @@ setup(
     cmdclass=cmdclass,
     entry_points={"console_scripts": [
         "elit-bench=elit_kernels.bench.cli:main",
+        "elit-demo=elit_kernels.demo:main",
     ]},
 )

@@ -1,0 +1,202 @@
+"""``elit-demo``: train a tiny ELIT-DiT with tail dropping on CPU and show that its latents are importance-ordered.
+
+The model (``demo_config``: hidden 64, 1 head / 1 core / 1 tail block, 4 groups of 16 tokens, J_max 16)
+learns class-conditional rectified flow on scikit-learn's bundled 8x8 digits upsampled to 16x16 (see
+``data.py`` for why). Training drops a random tail of latents in every group (J̃ ~ U{J_min..J_max} once
+per batch, as the paper; ``--per-sample-budgets`` draws one per sample, a ragged batch). Then:
+
+- ``loss_by_budget.png`` / ``results.json``: held-out loss at every budget J̃ = J_min..J_max, with the
+  same held-out (t, noise) for every budget;
+- ``samples.png``: class-conditional samples, one row per budget, same noise and class down each column.
+
+Run ``elit-demo`` (about 4 minutes on 2 CPU cores), ``elit-demo --quick`` (under a minute), or under
+``torchrun --nproc_per_node 2 -m elit_kernels.demo`` for DDP on CPU (gloo). ``main`` returns 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from .data import load_digits_split
+from .evaluate import grid_budgets, heldout_loss_by_budget, sample_grid, write_grid_png, write_loss_png
+from .train import (DistInfo, TrainSettings, demo_config, init_distributed, load_checkpoint, save_checkpoint,
+                    shutdown_distributed, spread_latent_init, train)
+
+__all__ = ["main", "run", "build_parser", "demo_config", "load_checkpoint", "save_checkpoint"]
+
+DEFAULTS = {"steps": 2000, "batch": 32, "sample_steps": 32, "eval_reps": 4}
+QUICK = {"steps": 250, "batch": 32, "sample_steps": 12, "eval_reps": 1}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elit-demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="directory for the PNGs, results.json (and default checkpoint)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a run of under a minute on 2 cores: {QUICK} unless given explicitly")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default {DEFAULTS['steps']}; {QUICK['steps']} with --quick; 0 with --load)")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"global batch (default {DEFAULTS['batch']}; {QUICK['batch']} with --quick); split over DDP ranks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, budgets, t and noise")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate (warm-up, then cosine to 10%%)")
+    p.add_argument("--latent-init-std", type=float, default=1.0,
+                   help="std of the initial shared latent embeddings (0: keep the model's 0.02; see train.spread_latent_init)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (1: this model's ops are too small to gain from more, and "
+                        "spinning OpenMP threads collapse on shared cores)")
+    p.add_argument("--j-min", type=int, default=None, help="smallest trained budget J_min (default 1)")
+    p.add_argument("--j-max", type=int, default=None, help="latents per group J_max (default 16; fixed by --load)")
+    p.add_argument("--per-sample-budgets", action="store_true",
+                   help="draw J̃ per sample (a ragged batch) instead of once per batch (the paper)")
+    p.add_argument("--backend", default=None,
+                   help="varlen_attention backend name (default: the dispatcher's choice; on CPU with TRITON_INTERPRET=1 "
+                        "that is the interpreted, very slow triton backend, so pass --backend torch there)")
+    p.add_argument("--sample-steps", type=int, default=None, help="Euler steps for the sample grid")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale for the sample grid")
+    p.add_argument("--eval-reps", type=int, default=None, help="(t, noise) draws per held-out image")
+    p.add_argument("--save", nargs="?", const="", default=None, metavar="PATH",
+                   help="save a checkpoint (config + state_dict); PATH defaults to OUT/checkpoint.pt")
+    p.add_argument("--load", default=None, metavar="PATH", help="start from this checkpoint (then train --steps more, default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    base = QUICK if args.quick else DEFAULTS
+    for k in ("batch", "sample_steps", "eval_reps"):
+        if getattr(args, k) is None:
+            setattr(args, k, base[k])
+    if args.steps is None:
+        args.steps = 0 if args.load else base["steps"]
+    for k in ("steps", "batch", "sample_steps", "eval_reps", "threads"):
+        v = getattr(args, k)
+        if v < (0 if k == "steps" else 1):
+            parser.error(f"--{k.replace('_', '-')}: expected a {'non-negative' if k == 'steps' else 'positive'} int, got {v}")
+    if args.backend is not None:
+        from ..backends import known_backends
+
+        if args.backend not in known_backends():
+            parser.error(f"--backend: unknown backend {args.backend!r}; known: {', '.join(known_backends())}")
+    if args.save == "":
+        args.save = os.path.join(args.out, "checkpoint.pt")
+    return args
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(argv=None) -> dict | None:
+    """Everything ``main`` does; returns the results dict on rank 0 (None on other ranks)."""
+    parser = build_parser()
+    args = _resolve(parser.parse_args(argv), parser)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    info = init_distributed()
+    try:
+        return _run(args, parser, info)
+    finally:
+        shutdown_distributed(info)
+        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
+
+
+def _run(args, parser, info: DistInfo) -> dict | None:
+    t_start = time.perf_counter()
+    data = load_digits_split()
+    meta_in = {}
+    if args.load:
+        model, meta_in = load_checkpoint(args.load, backend=args.backend)
+        if args.j_max is not None and args.j_max != model.cfg.latents_per_group:
+            parser.error(f"--j-max: {args.j_max} conflicts with the checkpoint's J_max {model.cfg.latents_per_group}")
+    else:
+        from ..models import ElitDiT
+
+        torch.manual_seed(args.seed)  # model init; DDP broadcasts rank 0's weights anyway
+        model = ElitDiT(demo_config(args.j_max if args.j_max is not None else 16), backend=args.backend)
+        spread_latent_init(model, args.latent_init_std, args.seed)
+    cfg = model.cfg
+    j_max = cfg.latents_per_group
+    j_min = args.j_min if args.j_min is not None else int(meta_in.get("j_min", 1))
+    if not 1 <= j_min <= j_max:
+        parser.error(f"--j-min: expected 1 <= J_min <= J_max = {j_max}, got {j_min}")
+
+    settings = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, j_min=j_min,
+                             per_sample_budgets=args.per_sample_budgets, seed=args.seed,
+                             progress=not args.no_progress)
+    train_stats = train(model, data, settings, info) if args.steps > 0 else {"seconds": 0.0}
+    if info.enabled:
+        torch.distributed.barrier()
+    if not info.is_main:
+        return None
+
+    trained_steps = int(meta_in.get("trained_steps", 0)) + args.steps
+    meta = {"latent_init_std": meta_in.get("latent_init_std", args.latent_init_std) if args.load else args.latent_init_std,
+            "j_min": j_min, "trained_steps": trained_steps, "seed": args.seed, "batch": args.batch,
+            "per_sample_budgets": args.per_sample_budgets, "lr": args.lr, "world_size": info.world_size}
+    if args.save:
+        save_checkpoint(args.save, model, meta)
+
+    t_eval = time.perf_counter()
+    budgets = list(range(j_min, j_max + 1))
+    loss_by_budget = heldout_loss_by_budget(model, data.test_x, data.test_y, budgets, reps=args.eval_reps)
+    rows = grid_budgets(j_min, j_max)
+    classes = list(range(10))
+    samples = sample_grid(model, rows, classes, steps=args.sample_steps, guidance=args.guidance)
+    eval_seconds = time.perf_counter() - t_eval
+
+    os.makedirs(args.out, exist_ok=True)
+    files = {"samples": os.path.join(args.out, "samples.png"), "loss_plot": os.path.join(args.out, "loss_by_budget.png"),
+             "results": os.path.join(args.out, "results.json")}
+    first = torch.stack([data.test_x[(data.test_y == c).nonzero()[0, 0]] for c in classes])
+    how = "per-sample" if args.per_sample_budgets else "per-batch"
+    title = f"ELIT-DiT tiny, digits 16x16, {trained_steps} steps, {how} J̃ ~ U{{{j_min}..{j_max}}}"
+    write_grid_png(files["samples"], samples, rows, cfg.groups, classes, data_row=first, title=title)
+    write_loss_png(files["loss_plot"], loss_by_budget, j_min, cfg.groups, title=title)
+
+    from ..models import config_dict
+
+    results = {
+        "loss_by_budget": {str(b): v for b, v in loss_by_budget.items()},
+        "importance_ordered": {"j_min": j_min, "j_max": j_max, "loss_at_j_min": loss_by_budget[j_min],
+                               "loss_at_j_max": loss_by_budget[j_max],
+                               "holds": loss_by_budget[j_max] < loss_by_budget[j_min]},
+        "config": config_dict(cfg),
+        "train": {**meta, "steps_this_run": args.steps, "loaded_from": args.load, "saved_to": args.save,
+                  "backend": args.backend, "quick": args.quick, **train_stats},
+        "eval": {"heldout_images": int(data.test_x.shape[0]), "reps": args.eval_reps, "seed": 1234,
+                 "t": "logit-normal(0, 1), one fixed draw per image and rep, shared by every budget"},
+        "samples": {"rows_budgets": rows, "columns_classes": classes, "euler_steps": args.sample_steps,
+                    "guidance": args.guidance, "seed": 4321},
+        "data": "sklearn load_digits (bundled), 8x8 -> 16x16 bilinear, scaled to [-1, 1], 15% held out (split seed 0)",
+        "files": files,
+        "seconds": {"train": train_stats["seconds"], "eval_and_sampling": eval_seconds,
+                    "total": time.perf_counter() - t_start},
+        "env": {"torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
+                "threads": torch.get_num_threads(), "commit": _git_commit(),
+                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    with open(files["results"], "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"held-out loss by budget J̃ (latents per group; J_max={j_max}):", file=sys.stderr)
+    for b, v in loss_by_budget.items():
+        print(f"  J̃={b:3d}  K={cfg.groups * b:3d}  loss {v:.4f}", file=sys.stderr)
+    print(f"wrote {', '.join(files.values())}" + (f", {args.save}" if args.save else ""), file=sys.stderr)
+    return results
+
+
+def main(argv=None) -> int:
+    run(argv)
+    return 0

@@ -1,0 +1,120 @@
+"""The elit-demo end to end: the importance-ordering claim, its files, checkpoints, and the DDP path."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn")
+
+from elit_kernels.demo import build_parser, load_checkpoint, main  # noqa: E402
+from elit_kernels.demo.evaluate import grid_budgets  # noqa: E402
+from elit_kernels.demo.train import demo_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run (seed 0) shared by the tests below: ~45 s on 2 busy cores."""
+    out = tmp_path_factory.mktemp("demo_quick")
+    ckpt = out / "model.pt"
+    # --backend torch: conftest sets TRITON_INTERPRET=1, under which the dispatcher would pick the (slow)
+    # interpreted Triton kernels on CPU.
+    assert main(["--quick", "--seed", "0", "--out", str(out), "--save", str(ckpt), "--no-progress",
+                 "--backend", "torch"]) == 0
+    with open(out / "results.json") as f:
+        return out, ckpt, json.load(f)
+
+
+def test_quick_run_latents_are_importance_ordered(quick_run):
+    _, _, res = quick_run
+    loss = {int(b): v for b, v in res["loss_by_budget"].items()}
+    j_min, j_max = res["importance_ordered"]["j_min"], res["importance_ordered"]["j_max"]
+    assert sorted(loss) == list(range(j_min, j_max + 1))
+    assert all(v == v and 0 < v < 2 for v in loss.values())  # finite, and learned (init loss is ~1.5)
+    # The central claim: the full latent budget beats the smallest one on held-out data.
+    assert loss[j_max] < loss[j_min], loss
+    assert res["importance_ordered"]["holds"] is True
+
+
+def test_quick_run_writes_files(quick_run):
+    out, ckpt, res = quick_run
+    for name in ("samples.png", "loss_by_budget.png", "results.json"):
+        p = out / name
+        assert p.is_file() and p.stat().st_size > 1000, name
+        if name.endswith(".png"):
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ckpt.is_file()
+    cfg = demo_config()
+    assert res["config"]["j_max"] == cfg.latents_per_group == 16
+    assert res["samples"]["rows_budgets"] == grid_budgets(1, 16) == [1, 2, 4, 8, 16]
+    assert res["train"]["steps_this_run"] == res["train"]["trained_steps"] == 250
+
+
+def test_checkpoint_round_trip_is_exact(quick_run, tmp_path):
+    out, ckpt, res = quick_run
+    a, meta = load_checkpoint(str(ckpt))
+    b, _ = load_checkpoint(str(ckpt))
+    assert a.cfg == demo_config() and meta["trained_steps"] == 250
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, raw[k]), k
+    g = torch.Generator().manual_seed(7)
+    x, t = torch.randn(3, 1, 16, 16, generator=g), torch.rand(3, generator=g)
+    y = torch.tensor([0, 5, a.null_class])
+    with torch.no_grad():
+        assert torch.equal(a(x, t, y, [16, 3, 1]), b(x, t, y, [16, 3, 1]))
+    # The loaded model reproduces the trained model's held-out losses bit for bit.
+    again = tmp_path / "again"
+    assert main(["--load", str(ckpt), "--quick", "--out", str(again), "--no-progress", "--backend", "torch"]) == 0
+    with open(again / "results.json") as f:
+        res2 = json.load(f)
+    assert res2["loss_by_budget"] == res["loss_by_budget"]
+    assert res2["train"]["steps_this_run"] == 0 and res2["train"]["trained_steps"] == 250
+
+
+def test_per_sample_budgets_and_backend_option(tmp_path):
+    out = tmp_path / "ragged"
+    args = ["--steps", "3", "--batch", "8", "--per-sample-budgets", "--backend", "reference", "--sample-steps", "1",
+            "--eval-reps", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    with open(out / "results.json") as f:
+        res = json.load(f)
+    assert res["train"]["per_sample_budgets"] is True and res["train"]["backend"] == "reference"
+
+
+def test_bad_arguments_are_rejected():
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        main(["--backend", "no-such-backend", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        main(["--steps", "-1"])
+    assert p.parse_args([]).out == "demo_out"
+
+
+def test_ddp_two_processes(tmp_path):
+    """torchrun, 2 CPU processes (gloo, DistributedDataParallel, DistributedSampler); only rank 0 writes."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "elit_kernels.demo", "--steps", "3", "--batch", "8", "--sample-steps", "1", "--eval-reps", "1",
+           "--out", str(out), "--save", "--no-progress", "--backend", "torch"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    # Own session, so a hung run's workers can be killed with their launcher (else their pipes stay open).
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        log, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        log, _ = p.communicate()
+        pytest.fail("torchrun run timed out:\n" + log[-3000:])
+    assert p.returncode == 0, log[-3000:]
+    with open(out / "results.json") as f:
+        res = json.load(f)
+    assert res["train"]["world_size"] == 2 and res["train"]["per_rank_batch"] == 4
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss_by_budget.png", "results.json", "samples.png"]
+    model, meta = load_checkpoint(str(out / "checkpoint.pt"))
+    assert meta["world_size"] == 2 and meta["trained_steps"] == 3

@@ -146,6 +146,8 @@ def _run(args, parser, info: DistInfo) -> dict | None:
     meta = {"latent_init_std": meta_in.get("latent_init_std", args.latent_init_std) if args.load else args.latent_init_std,
             "j_min": j_min, "trained_steps": trained_steps, "seed": args.seed, "batch": args.batch,
             "per_sample_budgets": args.per_sample_budgets, "lr": args.lr, "world_size": info.world_size}
+    if args.load and args.steps == 0:  # nothing trained here: describe the checkpoint's own training
+        meta.update({k: meta_in[k] for k in ("seed", "batch", "per_sample_budgets", "lr", "world_size") if k in meta_in})
     if args.save:
         save_checkpoint(args.save, model, meta)
 

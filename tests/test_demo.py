@@ -115,6 +115,8 @@ def test_ddp_two_processes(tmp_path):
     with open(out / "results.json") as f:
         res = json.load(f)
     assert res["train"]["world_size"] == 2 and res["train"]["per_rank_batch"] == 4
+    assert res["train"]["ddp_params_in_sync"] is True
+    assert min(min(b) for b in res["train"]["budgets_first_steps_rank0"]) < 16  # some steps dropped a tail
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss_by_budget.png", "results.json", "samples.png"]
     model, meta = load_checkpoint(str(out / "checkpoint.pt"))
     assert meta["world_size"] == 2 and meta["trained_steps"] == 3

@@ -163,8 +163,18 @@ def train(model: ElitDiT, data: DigitsSplit, s: TrainSettings, info: DistInfo = 
         bar.set_postfix(loss=f"{smooth:.4f}", J=budgets[0] if not s.per_sample_budgets else "ragged", refresh=False)
     bar.close()
     model.eval()
-    return {"seconds": time.perf_counter() - t0, "final_train_loss_smoothed": smooth, "final_train_loss": last,
+    in_sync = _params_in_sync(model) if info.enabled else None
+    return {"ddp_params_in_sync": in_sync, "seconds": time.perf_counter() - t0, "final_train_loss_smoothed": smooth, "final_train_loss": last,
             "per_rank_batch": per_rank, "world_size": info.world_size, "budgets_first_steps_rank0": first_budgets}
+
+
+def _params_in_sync(model) -> bool:
+    """Every rank holds the same weights: a check that DDP averaged every gradient, dropped tails included."""
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
 
 
 def save_checkpoint(path: str, model: ElitDiT, meta: dict | None = None) -> None:

@@ -77,7 +77,7 @@ setup(
     python_requires=">=3.10",
     # No upper pins and no triton pin: an installed torch that satisfies this is used as it is.
     install_requires=["torch>=2.5", "tqdm", "matplotlib", "numpy"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"], "demo": ["scikit-learn"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": [

@@ -37,12 +37,13 @@ def demo_config(j_max: int = 16) -> ElitConfig:
 
 
 def spread_latent_init(model: ElitDiT, std: float, seed: int) -> None:
-    """Redraw the shared latent embeddings with ``std`` (the model's default is 0.02).
+    """Redraw the shared latent embeddings with ``std`` from the demo's own seed (the model also starts them at std 1).
 
     Why: a latent starts as ``latent_embed[j] + group_pos[g]``; the sin-cos ``group_pos`` has norm ~5.7
     at hidden 64 while 0.02-std embeddings have norm ~0.16, so the J latents of a group start nearly
     identical, read the same tokens, and the extra latents stay unused for hundreds of steps (measured:
-    held-out loss flat across budgets after 1000 steps). With std 1 they differ from the first step.
+    held-out loss flat across budgets after 1000 steps). With std 1 they differ from the first step;
+    ElitDiT now initialises them at std 1 for this reason.
     """
     if std > 0:
         g = torch.Generator().manual_seed(seed)

@@ -149,8 +149,6 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   });
 }
 
-at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                        const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q,
                                                        int64_t max_k, double scale, bool causal) {
@@ -160,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, con
   check_cu_values_cpu(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
   check_cu_values_cpu(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k");
   auto out = at::empty_like(q);
-  auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_dtype(q)));
+  auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(stat_dtype(q)));
   // Tokens outside every segment cannot exist (cu ends at the total), so every row is written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_fwd_cpu", [&] {
     attn_fwd_kernel<scalar_t>(q, k, v, cu_q.const_data_ptr<int32_t>(), cu_k.const_data_ptr<int32_t>(),
@@ -174,17 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
     const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
     double scale, bool causal) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  TORCH_CHECK(dout_.sizes() == q_.sizes(), "dout: expected shape ", q_.sizes(), " (q's), got ", dout_.sizes());
-  TORCH_CHECK(out_.sizes() == q_.sizes(), "out: expected shape ", q_.sizes(), " (q's), got ", out_.sizes());
-  check_same_dtype(dout_, "dout", q_, "q");
-  check_same_dtype(out_, "out", q_, "q");
-  check_same_device(dout_, "dout", q_, "q");
-  check_same_device(out_, "out", q_, "q");
-  TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(1) && lse_.size(1) == q_.size(0), "lse: expected shape [",
-              q_.size(1), ", ", q_.size(0), "] ([H, total_q]), got ", lse_.sizes());
-  TORCH_CHECK(lse_.scalar_type() == lse_dtype(q_), "lse: expected dtype ", lse_dtype(q_), ", got ",
-              lse_.scalar_type());
-  check_same_device(lse_, "lse", q_, "q");
+  check_attention_bwd_extras(dout_, out_, lse_, q_);
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), out = out_.contiguous();
   auto dout = dout_.contiguous(), lse = lse_.contiguous();
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();

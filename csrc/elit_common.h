@@ -110,4 +110,43 @@ inline void check_index_values_cpu(const at::Tensor& index, int64_t bound, const
   }
 }
 
+// Dtype of the fp32 (fp64 for fp64 input) statistics the ops save for backward: LSE, mean, rstd.
+inline at::ScalarType stat_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The saved-for-backward tensors of varlen attention, shared by the CPU and CUDA backward wrappers.
+inline void check_attention_bwd_extras(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& q) {
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout: expected shape ", q.sizes(), " (q's), got ", dout.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out: expected shape ", q.sizes(), " (q's), got ", out.sizes());
+  check_same_dtype(dout, "dout", q, "q");
+  check_same_dtype(out, "out", q, "q");
+  check_same_device(dout, "dout", q, "q");
+  check_same_device(out, "out", q, "q");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), "lse: expected shape [",
+              q.size(1), ", ", q.size(0), "] ([H, total_q]), got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == stat_dtype(q), "lse: expected dtype ", stat_dtype(q), ", got ", lse.scalar_type());
+  check_same_device(lse, "lse", q, "q");
+}
+
+// Arguments of layernorm_modulate's backward (grad_out, x, scale, index, mean, rstd), CPU and CUDA alike.
+inline void check_layernorm_modulate_bwd_args(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
+                                              const at::Tensor& index, const at::Tensor& mean,
+                                              const at::Tensor& rstd) {
+  check_tensor(x, "x", 2);
+  check_floating(x, "x");
+  TORCH_CHECK(g.sizes() == x.sizes(), "grad_out: expected shape ", x.sizes(), " (x's), got ", g.sizes());
+  check_same_dtype(g, "grad_out", x, "x");
+  check_same_device(g, "grad_out", x, "x");
+  check_param(scale, "scale", x);
+  check_index(index, x);
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {rstd, "rstd"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), name, ": expected shape [", x.size(0), "], got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == stat_dtype(x), name, ": expected dtype ", stat_dtype(x), ", got ",
+                t.scalar_type());
+    check_same_device(t, name, x, "x");
+  }
+}
+
 }  // namespace elit

@@ -21,8 +21,6 @@ namespace {
 static KernelRegistrar reg_lnm("layernorm_modulate_cpu");
 static KernelRegistrar reg_gr("gated_residual_cpu");
 
-at::ScalarType stat_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cpu(const at::Tensor& x_, const at::Tensor& shift_,
                                                                           const at::Tensor& scale_,
                                                                           const at::Tensor& index_, double eps) {
@@ -78,19 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cpu(const 
                                                                           const at::Tensor& index_,
                                                                           const at::Tensor& mean_,
                                                                           const at::Tensor& rstd_) {
-  check_tensor(x_, "x", 2);
-  check_floating(x_, "x");
-  TORCH_CHECK(g_.sizes() == x_.sizes(), "grad_out: expected shape ", x_.sizes(), " (x's), got ", g_.sizes());
-  check_same_dtype(g_, "grad_out", x_, "x");
-  check_same_device(g_, "grad_out", x_, "x");
-  check_param(scale_, "scale", x_);
-  check_index(index_, x_);
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{mean_, "mean"}, {rstd_, "rstd"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == x_.size(0), name, ": expected shape [", x_.size(0), "], got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == stat_dtype(x_), name, ": expected dtype ", stat_dtype(x_), ", got ",
-                t.scalar_type());
-    check_same_device(t, name, x_, "x");
-  }
+  check_layernorm_modulate_bwd_args(g_, x_, scale_, index_, mean_, rstd_);
   auto g = g_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const int64_t T = x.size(0), C = x.size(1), B = scale.size(0);

@@ -78,16 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
     double scale, bool causal) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
   check_cuda_attention_inputs(q_);
-  TORCH_CHECK(dout_.sizes() == q_.sizes(), "dout: expected shape ", q_.sizes(), " (q's), got ", dout_.sizes());
-  TORCH_CHECK(out_.sizes() == q_.sizes(), "out: expected shape ", q_.sizes(), " (q's), got ", out_.sizes());
-  check_same_dtype(dout_, "dout", q_, "q");
-  check_same_dtype(out_, "out", q_, "q");
-  check_same_device(dout_, "dout", q_, "q");
-  check_same_device(out_, "out", q_, "q");
-  TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(1) && lse_.size(1) == q_.size(0), "lse: expected shape [",
-              q_.size(1), ", ", q_.size(0), "] ([H, total_q]), got ", lse_.sizes());
-  TORCH_CHECK(lse_.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse_.scalar_type());
-  check_same_device(lse_, "lse", q_, "q");
+  check_attention_bwd_extras(dout_, out_, lse_, q_);  // fp16/bf16 only here, so lse is float32
   check_tiles(max_q, cuda::attn_bwd_tile_rows(max_q, max_k, false), "max_seqlen_q");
   check_tiles(max_k, cuda::attn_bwd_tile_rows(max_q, max_k, true), "max_seqlen_k");
   c10::cuda::CUDAGuard guard(q_.device());

@@ -5,6 +5,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
@@ -125,3 +126,21 @@ def heuristic_tile(max_q: int, max_k: int, bd: int, backward: bool = False):
     if bd > 128:
         m, n = min(m, 32 if backward else 64), min(n, 32)
     return m, n, (8 if m >= 128 else 4), 2
+
+
+@triton.jit
+def segment_block(CU_Q, CU_K, max_len, BLOCK: tl.constexpr):
+    """Map program id 0 to (block index inside its segment, q start, q length, k start, k length).
+
+    Axis 0 flattens (segment, block): the segment count (thousands for Read/Write) can exceed the
+    65535 limit of grid axes 1 and 2. The grid is sized by ``max_len`` (no host sync to learn each
+    length), so a block may lie past the end of a shorter segment: callers return early then.
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(max_len, BLOCK)
+    seg = pid // n_blocks
+    q_start = tl.load(CU_Q + seg).to(tl.int64)
+    len_q = tl.load(CU_Q + seg + 1).to(tl.int64) - q_start
+    k_start = tl.load(CU_K + seg).to(tl.int64)
+    len_k = tl.load(CU_K + seg + 1).to(tl.int64) - k_start
+    return pid % n_blocks, q_start, len_q, k_start, len_k

@@ -52,16 +52,8 @@ def _varlen_attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    num_n_blocks = tl.cdiv(max_seqlen_k, BLOCK_N)
-    seg = pid // num_n_blocks
-    nb = pid % num_n_blocks
-
-    q_start = tl.load(CU_Q + seg).to(tl.int64)
-    len_q = tl.load(CU_Q + seg + 1).to(tl.int64) - q_start
-    k_start = tl.load(CU_K + seg).to(tl.int64)
-    len_k = tl.load(CU_K + seg + 1).to(tl.int64) - k_start
+    nb, q_start, len_q, k_start, len_k = C.segment_block(CU_Q, CU_K, max_seqlen_k, BLOCK_N)
     if nb * BLOCK_N >= len_k:
         return
 
@@ -130,16 +122,8 @@ def _varlen_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    num_m_blocks = tl.cdiv(max_seqlen_q, BLOCK_M)
-    seg = pid // num_m_blocks
-    mb = pid % num_m_blocks
-
-    q_start = tl.load(CU_Q + seg).to(tl.int64)
-    len_q = tl.load(CU_Q + seg + 1).to(tl.int64) - q_start
-    k_start = tl.load(CU_K + seg).to(tl.int64)
-    len_k = tl.load(CU_K + seg + 1).to(tl.int64) - k_start
+    mb, q_start, len_q, k_start, len_k = C.segment_block(CU_Q, CU_K, max_seqlen_q, BLOCK_M)
     if mb * BLOCK_M >= len_q:
         return
 

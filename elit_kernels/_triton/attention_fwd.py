@@ -24,20 +24,9 @@ def _varlen_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Axis 0 flattens (segment, query block): the segment count (thousands for Read/Write) can
-    # exceed the 65535 limit of grid axes 1 and 2; heads go on axis 1.
-    pid = tl.program_id(0)
+    # Axis 0: (segment, query block); heads on axis 1.
     h = tl.program_id(1).to(tl.int64)
-    num_m_blocks = tl.cdiv(max_seqlen_q, BLOCK_M)
-    seg = pid // num_m_blocks
-    mb = pid % num_m_blocks
-
-    q_start = tl.load(CU_Q + seg).to(tl.int64)
-    len_q = tl.load(CU_Q + seg + 1).to(tl.int64) - q_start
-    k_start = tl.load(CU_K + seg).to(tl.int64)
-    len_k = tl.load(CU_K + seg + 1).to(tl.int64) - k_start
-    # The grid is sized by max_seqlen_q (no host sync to learn each length), so programs past the
-    # end of a shorter segment have nothing to do.
+    mb, q_start, len_q, k_start, len_k = C.segment_block(CU_Q, CU_K, max_seqlen_q, BLOCK_M)
     if mb * BLOCK_M >= len_q:
         return
 

@@ -149,4 +149,45 @@ inline void check_layernorm_modulate_bwd_args(const at::Tensor& g, const at::Ten
   }
 }
 
+// Arguments of layernorm_modulate's forward, CPU and CUDA alike.
+inline void check_layernorm_modulate_fwd_args(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                                              const at::Tensor& index, double eps) {
+  check_tensor(x, "x", 2);
+  check_floating(x, "x");
+  check_param(shift, "shift", x);
+  check_param(scale, "scale", x);
+  TORCH_CHECK(scale.size(0) == shift.size(0), "scale: has ", scale.size(0), " samples, shift has ", shift.size(0));
+  check_index(index, x);
+  TORCH_CHECK(eps >= 0, "eps: must be >= 0, got ", eps);
+}
+
+// Arguments of gated_residual (x is grad_out in the backward), CPU and CUDA alike.
+inline void check_gated_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index,
+                             const char* xname) {
+  check_tensor(x, xname, 2);
+  check_floating(x, xname);
+  TORCH_CHECK(y.sizes() == x.sizes(), "y: expected shape ", x.sizes(), " (", xname, "'s), got ", y.sizes());
+  check_same_dtype(y, "y", x, xname);
+  check_same_device(y, "y", x, xname);
+  check_param(gate, "gate", x);
+  check_index(index, x);
+}
+
+inline void check_pack_index(const at::Tensor& idx, const at::Tensor& ref, const char* ref_name) {
+  check_tensor(idx, "pack_index", 1);
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "pack_index: expected dtype int64, got ", idx.scalar_type());
+  check_same_device(idx, "pack_index", ref, ref_name);
+}
+
+inline void check_unpack_latents_args(const at::Tensor& packed, const at::Tensor& index, int64_t batch, int64_t groups,
+                                      int64_t j_max) {
+  check_tensor(packed, "packed", 2);
+  check_pack_index(index, packed, "packed");
+  TORCH_CHECK(index.size(0) == packed.size(0), "pack_index: has ", index.size(0), " entries, packed has ",
+              packed.size(0), " rows");
+  TORCH_CHECK(batch >= 0, "batch: must be >= 0, got ", batch);
+  TORCH_CHECK(groups >= 0, "groups: must be >= 0, got ", groups);
+  TORCH_CHECK(j_max >= 0, "j_max: must be >= 0, got ", j_max);
+}
+
 }  // namespace elit

@@ -24,13 +24,7 @@ static KernelRegistrar reg_gr("gated_residual_cpu");
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cpu(const at::Tensor& x_, const at::Tensor& shift_,
                                                                           const at::Tensor& scale_,
                                                                           const at::Tensor& index_, double eps) {
-  check_tensor(x_, "x", 2);
-  check_floating(x_, "x");
-  check_param(shift_, "shift", x_);
-  check_param(scale_, "scale", x_);
-  TORCH_CHECK(scale_.size(0) == shift_.size(0), "scale: has ", scale_.size(0), " samples, shift has ", shift_.size(0));
-  check_index(index_, x_);
-  TORCH_CHECK(eps >= 0, "eps: must be >= 0, got ", eps);
+  check_layernorm_modulate_fwd_args(x_, shift_, scale_, index_, eps);
   auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   check_index_values_cpu(index, shift.size(0), "index", "a row of shift/scale");
   const int64_t T = x.size(0), C = x.size(1);
@@ -136,20 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cpu(const 
   return {gx, gshift, gscale};
 }
 
-void check_gated(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index,
-                 const char* xname) {
-  check_tensor(x, xname, 2);
-  check_floating(x, xname);
-  TORCH_CHECK(y.sizes() == x.sizes(), "y: expected shape ", x.sizes(), " (", xname, "'s), got ", y.sizes());
-  check_same_dtype(y, "y", x, xname);
-  check_same_device(y, "y", x, xname);
-  check_param(gate, "gate", x);
-  check_index(index, x);
-}
 
 at::Tensor gated_residual_fwd_cpu(const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& gate_,
                                   const at::Tensor& index_) {
-  check_gated(x_, y_, gate_, index_, "x");
+  check_gated_args(x_, y_, gate_, index_, "x");
   auto x = x_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
   check_index_values_cpu(index, gate.size(0), "index", "a row of gate");
   const int64_t T = x.size(0), C = x.size(1);
@@ -174,7 +158,7 @@ at::Tensor gated_residual_fwd_cpu(const at::Tensor& x_, const at::Tensor& y_, co
 
 std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& g_, const at::Tensor& y_,
                                                           const at::Tensor& gate_, const at::Tensor& index_) {
-  check_gated(g_, y_, gate_, index_, "grad_out");
+  check_gated_args(g_, y_, gate_, index_, "grad_out");
   auto g = g_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
   const int64_t T = g.size(0), C = g.size(1), B = gate.size(0);
   check_index_values_cpu(index, B, "index", "a row of gate");

@@ -16,12 +16,6 @@ namespace {
 
 static KernelRegistrar reg_pack("pack_latents_cpu");
 
-void check_pack_index(const at::Tensor& idx, const at::Tensor& ref, const char* ref_name) {
-  check_tensor(idx, "pack_index", 1);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "pack_index: expected dtype int64, got ", idx.scalar_type());
-  check_same_device(idx, "pack_index", ref, ref_name);
-}
-
 void copy_rows(const char* src, char* dst, const int64_t* idx, int64_t rows, int64_t row_bytes, bool gather) {
   at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
@@ -45,13 +39,7 @@ at::Tensor pack_latents_cpu(const at::Tensor& latents_, const at::Tensor& index_
 
 at::Tensor unpack_latents_cpu(const at::Tensor& packed_, const at::Tensor& index_, int64_t batch, int64_t groups,
                               int64_t j_max, double fill) {
-  check_tensor(packed_, "packed", 2);
-  check_pack_index(index_, packed_, "packed");
-  TORCH_CHECK(index_.size(0) == packed_.size(0), "pack_index: has ", index_.size(0), " entries, packed has ",
-              packed_.size(0), " rows");
-  TORCH_CHECK(batch >= 0, "batch: must be >= 0, got ", batch);
-  TORCH_CHECK(groups >= 0, "groups: must be >= 0, got ", groups);
-  TORCH_CHECK(j_max >= 0, "j_max: must be >= 0, got ", j_max);
+  check_unpack_latents_args(packed_, index_, batch, groups, j_max);
   auto packed = packed_.contiguous(), index = index_.contiguous();
   const int64_t C = packed.size(1);
   check_index_values_cpu(index, batch * groups * j_max, "pack_index", "a row of the [B, G, J_max] grid");

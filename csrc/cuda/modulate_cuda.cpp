@@ -15,14 +15,8 @@ static KernelRegistrar reg_gr("gated_residual_cuda");
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cuda(const at::Tensor& x_, const at::Tensor& shift_,
                                                                            const at::Tensor& scale_,
                                                                            const at::Tensor& index_, double eps) {
-  check_tensor(x_, "x", 2);
-  check_floating(x_, "x");
+  check_layernorm_modulate_fwd_args(x_, shift_, scale_, index_, eps);
   check_cuda(x_, "x");
-  check_param(shift_, "shift", x_);
-  check_param(scale_, "scale", x_);
-  TORCH_CHECK(scale_.size(0) == shift_.size(0), "scale: has ", scale_.size(0), " samples, shift has ", shift_.size(0));
-  check_index(index_, x_);
-  TORCH_CHECK(eps >= 0, "eps: must be >= 0, got ", eps);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   const int64_t T = x.size(0), C = x.size(1), B = shift.size(0);
@@ -60,14 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cuda(const
 
 void check_gated_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index,
                       const char* xname) {
-  check_tensor(x, xname, 2);
-  check_floating(x, xname);
+  check_gated_args(x, y, gate, index, xname);
   check_cuda(x, xname);
-  TORCH_CHECK(y.sizes() == x.sizes(), "y: expected shape ", x.sizes(), " (", xname, "'s), got ", y.sizes());
-  check_same_dtype(y, "y", x, xname);
-  check_same_device(y, "y", x, xname);
-  check_param(gate, "gate", x);
-  check_index(index, x);
 }
 
 // out = (x or 0) + gate[index] * y

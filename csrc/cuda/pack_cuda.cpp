@@ -10,12 +10,6 @@ namespace {
 
 static KernelRegistrar reg_pack("pack_latents_cuda");
 
-void check_pack_index(const at::Tensor& idx, const at::Tensor& ref, const char* ref_name) {
-  check_tensor(idx, "pack_index", 1);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "pack_index: expected dtype int64, got ", idx.scalar_type());
-  check_same_device(idx, "pack_index", ref, ref_name);
-}
-
 at::Tensor pack_latents_cuda(const at::Tensor& latents_, const at::Tensor& index_) {
   check_tensor(latents_, "latents", 4);
   check_cuda(latents_, "latents");
@@ -32,14 +26,8 @@ at::Tensor pack_latents_cuda(const at::Tensor& latents_, const at::Tensor& index
 
 at::Tensor unpack_latents_cuda(const at::Tensor& packed_, const at::Tensor& index_, int64_t batch, int64_t groups,
                                int64_t j_max, double fill) {
-  check_tensor(packed_, "packed", 2);
+  check_unpack_latents_args(packed_, index_, batch, groups, j_max);
   check_cuda(packed_, "packed");
-  check_pack_index(index_, packed_, "packed");
-  TORCH_CHECK(index_.size(0) == packed_.size(0), "pack_index: has ", index_.size(0), " entries, packed has ",
-              packed_.size(0), " rows");
-  TORCH_CHECK(batch >= 0, "batch: must be >= 0, got ", batch);
-  TORCH_CHECK(groups >= 0, "groups: must be >= 0, got ", groups);
-  TORCH_CHECK(j_max >= 0, "j_max: must be >= 0, got ", j_max);
   c10::cuda::CUDAGuard guard(packed_.device());
   auto packed = packed_.contiguous(), index = index_.contiguous();
   const int64_t C = packed.size(1);

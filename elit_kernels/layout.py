@@ -120,15 +120,27 @@ class ElitLayout:
     latent_group: torch.Tensor  # [T] long: group of each packed latent
     latent_index: torch.Tensor  # [T] long: index j inside its group (selects the shared embedding)
     pack_index: torch.Tensor  # [T] long: flat index into a [B, G, J_max] grid
+    # Official budget semantics (``budget_core_only``): Read and Write see all J_max latents of every group
+    # and only the core is budgeted. Then ``interface`` is the full layout (every budget J_max) whose packed
+    # latents are exactly the [B, G, J_max] grid, so ``pack_index`` gathers the core's latents from them.
+    # None when Read, core and Write see the same latents (the paper's semantics, or every budget J_max).
+    interface: "ElitLayout | None" = None
+
+    @property
+    def interface_layout(self) -> "ElitLayout":
+        """The layout of the latents Read and Write see (``self`` unless budgets apply to the core only)."""
+        return self.interface if self.interface is not None else self
 
     @property
     def read_args(self):
         """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for Read."""
-        return self.cu_latents, self.cu_spatial, self.max_latents, self.tokens_per_group
+        lay = self.interface_layout
+        return lay.cu_latents, lay.cu_spatial, lay.max_latents, lay.tokens_per_group
 
     @property
     def write_args(self):
-        return self.cu_spatial, self.cu_latents, self.tokens_per_group, self.max_latents
+        lay = self.interface_layout
+        return lay.cu_spatial, lay.cu_latents, lay.tokens_per_group, lay.max_latents
 
     @property
     def core_args(self):
@@ -151,12 +163,20 @@ def _cu(lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max: int, device="cpu") -> ElitLayout:
+def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max: int, device="cpu", *,
+                 budget_core_only: bool = False) -> ElitLayout:
     """The ragged layout for ``batch`` samples with per-sample ``budgets`` (see ``normalize_budgets``).
+
+    ``budget_core_only``: the released ELIT-SiT semantics (official_elit/README.md §3.2 step 6): Read and
+    Write use all ``j_max`` latents of every group (``read_args``/``write_args`` come from ``interface``),
+    the core uses the first J_b of each group.
 
     >>> lay = build_layout([2, 1], batch=2, groups=2, tokens_per_group=4, j_max=2)
     >>> lay.cu_latents.tolist(), lay.cu_core.tolist(), lay.latent_index.tolist()
     ([0, 2, 4, 5, 6], [0, 4, 6], [0, 1, 0, 1, 0, 0])
+    >>> lay = build_layout([2, 1], batch=2, groups=2, tokens_per_group=4, j_max=2, budget_core_only=True)
+    >>> lay.read_args[0].tolist(), lay.cu_core.tolist(), lay.pack_index.tolist()
+    ([0, 2, 4, 6, 8], [0, 4, 6], [0, 1, 2, 3, 4, 6])
     """
     bud = normalize_budgets(budgets, batch, j_max)
     for name, n in (("groups", groups), ("tokens_per_group", tokens_per_group), ("j_max", j_max)):
@@ -172,11 +192,15 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
     seg = torch.arange(batch * groups, device=device).repeat_interleave(per_group, output_size=total)  # (b, g) of each latent
     j = torch.arange(total, device=device) - cu_lat[seg].long()
     sample, group = seg // groups, seg % groups
+    interface = None
+    if budget_core_only and any(b != j_max for b in bud):
+        interface = build_layout(None, batch, groups, tokens_per_group, j_max, device=device)
     return ElitLayout(
         batch=batch, groups=groups, tokens_per_group=tokens_per_group, j_max=j_max, budgets=bud,
         total_latents=total, cu_latents=cu_lat, cu_spatial=cu_sp, max_latents=max(bud, default=0),
         cu_core=cu_core, max_core=groups * max(bud, default=0), cu_image=cu_img,
         latent_sample=sample, latent_group=group, latent_index=j, pack_index=seg * j_max + j,
+        interface=interface,
     )
 
 

@@ -1,0 +1,149 @@
+"""Our own model file: the config and the state_dict of an ``ElitDiT``, as safetensors or a torch file.
+
+- ``*.safetensors``: the tensors, plus metadata ``format`` (``"elit-kernels/1"``), ``config`` (the
+  ``ElitConfig`` as JSON) and ``meta`` (JSON). Read with safetensors; nothing is unpickled.
+- any other name: ``torch.save({"format", "config", "state_dict", "meta"})``, read back with
+  ``torch.load(weights_only=True)``.
+
+``elit-convert`` writes these from a released ELIT-SiT checkpoint; ``load_model`` and
+``elit_kernels.official.load_checkpoint`` read them (and ``elit-demo`` checkpoints, format ``"elit-demo/1"``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+
+import torch
+
+from .config import config_dict, config_from_dict
+from .elit_dit import ElitDiT
+
+FORMAT = "elit-kernels/1"
+READABLE_FORMATS = (FORMAT, "elit-demo/1")
+# Everything a released ELIT-SiT file pickles besides tensors and builtins (official_elit/README.md §7): its
+# ``args``. Nothing else is unpickled by our readers.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file pickles a global outside the allowlist; it was refused, not executed."""
+
+
+def safe_torch_load(path: str):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with ``SAFE_GLOBALS`` allowlisted and
+    memory-mapped when the file allows it (so a multi-GB checkpoint is read only where it is used).
+
+    Raises UnsafeCheckpointError, naming the file and the refused global, when the file pickles anything
+    else; the file's code is never run."""
+    def load(mmap: bool):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            return load(mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) torch files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return load(mmap=False)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else str(e).splitlines()[0]
+        allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
+        raise UnsafeCheckpointError(
+            f"{path}: refused: the file pickles {what}, which is not in the allowlist of what ELIT checkpoints "
+            f"need ({allowed}); it was not executed. Load it only if you trust it, and convert it to tensors "
+            "yourself.") from None
+
+
+def _is_safetensors(path: str) -> bool:
+    return str(path).endswith(".safetensors")
+
+
+def save_model(path: str, model: ElitDiT, meta: dict | None = None) -> str:
+    """Write ``model`` (config + state_dict) to ``path``: safetensors when it ends in ``.safetensors``, else
+    a torch file. ``meta``: JSON-serialisable extras (e.g. where the weights came from). Returns ``path``."""
+    if not isinstance(model, ElitDiT):
+        raise TypeError(f"model: expected an ElitDiT, got {type(model).__name__}")
+    meta = dict(meta or {})
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    if _is_safetensors(path):
+        from safetensors.torch import save_file
+
+        try:
+            meta_json = json.dumps(meta)
+        except TypeError as e:
+            raise TypeError(f"meta: must be JSON-serialisable for a safetensors file ({e})") from None
+        save_file(sd, path, metadata={"format": FORMAT, "config": json.dumps(config_dict(model.cfg)),
+                                      "meta": meta_json})
+    else:
+        torch.save({"format": FORMAT, "config": config_dict(model.cfg), "state_dict": sd, "meta": meta}, path)
+    return path
+
+
+def read_model_file(path: str, device="cpu") -> tuple[dict, dict, dict] | None:
+    """``(config dict, state_dict, meta)`` of one of our files, or None when ``path`` is a torch file of
+    another kind (so a caller can try the official layout). Raises ValueError for an unreadable file."""
+    if _is_safetensors(path):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as f:
+            md = f.metadata() or {}
+        if md.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"{path}: a safetensors file without elit-kernels metadata (format {md.get('format')!r}; "
+                             f"expected {FORMAT!r}, as written by elit-convert / save_model)")
+        return json.loads(md["config"]), load_file(path, device=str(device)), json.loads(md.get("meta") or "{}")
+    return None
+
+
+def model_from_parts(config: dict, state_dict: dict, *, backend=None, device="cpu", dtype=None,
+                     source: str = "checkpoint") -> ElitDiT:
+    """Build ``ElitDiT(config)`` and load ``state_dict`` strictly; errors list missing/unexpected keys."""
+    cfg = config_from_dict(config)
+    with torch.device("meta"):  # no throw-away random init of a 700M-parameter model
+        model = ElitDiT(cfg, backend=backend)
+    model = model.to_empty(device=device)
+    model.reset_buffers(device)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: state_dict does not match the config: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    bad = [(k, tuple(own[k].shape), tuple(v.shape)) for k, v in state_dict.items() if own[k].shape != v.shape]
+    if bad:
+        k, e, g = bad[0]
+        raise ValueError(f"{source}: shape mismatch for {k}: expected {e}, got {g} ({len(bad)} mismatched in all)")
+    model.load_state_dict(state_dict, strict=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def load_model(path: str, *, backend: str | None = None, device="cpu", dtype=None, return_meta: bool = False):
+    """Read one of our files (``save_model`` / ``elit-convert`` / ``elit-demo --save``) -> ``ElitDiT`` in eval mode.
+
+    ``dtype``: cast the weights (e.g. ``torch.bfloat16``); None keeps the file's. With ``return_meta``,
+    returns ``(model, meta)``. Raises ValueError naming the file when it is not one of ours.
+    """
+    parts = read_model_file(path, device=device)
+    if parts is None:
+        ckpt = safe_torch_load(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"{path}: not an elit-kernels model file (expected a dict with format in "
+                             f"{READABLE_FORMATS}); for a released ELIT-SiT checkpoint use "
+                             "elit_kernels.official.load_checkpoint")
+        parts = ckpt["config"], ckpt["state_dict"], ckpt.get("meta", {})
+    config, sd, meta = parts
+    model = model_from_parts(config, sd, backend=backend, device=device, dtype=dtype, source=str(path))
+    return (model, meta) if return_meta else model

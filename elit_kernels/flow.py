@@ -51,58 +51,108 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
 GUIDANCE_MODES = ("none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass")
 
 
-def guided_velocity(model, x, t, y, budget, *, mode: str = "none", scale: float = 0.0, weak_budget=None):
-    """One guided velocity ``v = (λ+1)·G(x|c; J̃) − λ·G_weak``.
+def _per_sample(budget, b: int, j_max: int) -> list:
+    """A budget argument (None = J_max, an int, or one per sample) as one int per sample."""
+    if budget is None:
+        return [j_max] * b
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return [budget] * b
+    if isinstance(budget, torch.Tensor):
+        budget = budget.tolist()
+    out = list(budget)
+    if len(out) != b:
+        raise ValueError(f"budget: expected {b} budgets (one per sample), got {len(out)}")
+    return out
 
-    - ``cfg``: weak = G(x | ∅; J̃)
-    - ``autoguidance``: weak = G(x | c; J̃_w)
+
+def _model_dtype(model) -> torch.dtype:
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: float = 0.0, weak_budget=None,
+                    dtype: torch.dtype | None = None):
+    """One guided velocity ``v = G_weak + (λ+1)·(G(x|c; J̃) − G_weak)`` = ``(λ+1)·G(x|c; J̃) − λ·G_weak``.
+
+    - ``none`` (or ``scale == 0``): v = G(x | c; J̃), one pass.
+    - ``cfg``: weak = G(x | ∅; J̃); one batch of 2B (the official CFG).
+    - ``autoguidance``: weak = G(x | c; J̃_w) (the official ``autoguidance=True`` with an unconditional budget).
     - ``ccfg``: weak = G(x | ∅; J̃_w), and the conditional and weak passes run as **one** ragged batch
       (budgets ``[J̃]*B + [J̃_w]*B``), so the weak half costs only its own latents.
     - ``ccfg_two_pass``: the same maths as two forward passes (what the official code does).
 
-    ``budget``/``weak_budget`` are an int or one int per sample; ``weak_budget`` defaults to
-    max(1, J_max // 16) as in the official code.
+    ``scale`` is λ = the official ``cfg_scale − 1`` (official_elit/README.md §5.2). ``budget`` / ``weak_budget``:
+    None (J_max / max(1, J_max // 16), the official default 1/16), an int, or one int per sample (latents per
+    group; ``elit_kernels.official.latents_for_budget`` converts the official float budgets). ``dtype``: the
+    dtype the passes are cast to before they are combined and of the result (None = x's dtype).
+    Works with ``PlainDiT`` for ``none`` and ``cfg`` (budget must be None there).
     """
     if mode not in GUIDANCE_MODES:
         raise ValueError(f"mode: expected one of {GUIDANCE_MODES}, got {mode!r}")
     b = x.shape[0]
     t = t.expand(b) if t.dim() == 0 else t
+    dtype = dtype or x.dtype
     if mode == "none" or scale == 0.0:
-        return model(x, t, y, budget)
-    j_max = model.cfg.latents_per_group
-    if weak_budget is None:
-        weak_budget = max(1, j_max // 16)
+        return model(x, t, y, budget).to(dtype)
     null = torch.full_like(y, model.null_class)
-
-    def per_sample(bud):
-        return [bud] * b if isinstance(bud, int) else list(bud)
-
+    j_max = model.cfg.latents_per_group  # a PlainDiT refuses any budget but None itself, naming `budgets`
+    if mode != "cfg" and weak_budget is None:
+        weak_budget = max(1, j_max // 16)
+    xx, tt = torch.cat([x, x]), torch.cat([t, t])
     if mode == "cfg":
         # Same budget for both halves: one batch of 2B is the standard way to run CFG.
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), per_sample(budget) * 2)
-        cond, weak = v.chunk(2)
+        bud = None if budget is None else _per_sample(budget, b, j_max) * 2
+        cond, weak = model(xx, tt, torch.cat([y, null]), bud).chunk(2)
     elif mode == "autoguidance":
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), per_sample(budget) + per_sample(weak_budget))
-        cond, weak = v.chunk(2)
+        bud = _per_sample(budget, b, j_max) + _per_sample(weak_budget, b, j_max)
+        cond, weak = model(xx, tt, torch.cat([y, y]), bud).chunk(2)
     elif mode == "ccfg":
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), per_sample(budget) + per_sample(weak_budget))
-        cond, weak = v.chunk(2)
+        bud = _per_sample(budget, b, j_max) + _per_sample(weak_budget, b, j_max)
+        cond, weak = model(xx, tt, torch.cat([y, null]), bud).chunk(2)
     else:  # ccfg_two_pass
         cond = model(x, t, y, budget)
         weak = model(x, t, null, weak_budget)
-    return (scale + 1.0) * cond - scale * weak
+    cond, weak = cond.to(dtype), weak.to(dtype)
+    return weak + (scale + 1.0) * (cond - weak)
+
+
+def _check_interval(guidance_interval) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in guidance_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval: expected (low, high) times in [0, 1], got {guidance_interval!r}") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"guidance_interval: expected 0 <= low <= high <= 1, got {guidance_interval!r}")
+    return low, high
 
 
 def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32, budget=None,
                  budget_schedule: Sequence | Callable[[int], object] | None = None, mode: str = "none",
-                 scale: float = 0.0, weak_budget=None, progress: bool = False) -> torch.Tensor:
-    """Integrate the flow ODE from t = 1 (``noise``) to t = 0 with ``steps`` Euler steps.
+                 scale: float = 0.0, weak_budget=None, guidance_interval=(0.0, 1.0), heun: bool = False,
+                 progress: bool = False) -> torch.Tensor:
+    """Integrate the flow ODE from t = 1 (``noise``) to t = 0 in ``steps`` steps, as the official
+    ``samplers.euler_sampler`` does (official_elit/README.md §5.1-5.2).
 
-    ``budget`` is used at every step (None = J_max, an int, or one int per sample). ``budget_schedule``
-    overrides it per step: a sequence of ``steps`` budgets or a callable ``step -> budget``.
+    - Times ``linspace(1, 0, steps + 1)`` in float64; the state is float64 and each model call gets it cast
+      to the model's dtype; the result is returned in ``noise``'s dtype.
+    - ``x ← x + (t_next − t_cur)·d``; with ``heun=True`` every step but the last also evaluates d′ at
+      (x_next, t_next) and takes ``x ← x + dt·(d + d′)/2``.
+    - Guidance (``mode``, ``scale`` = λ = official ``cfg_scale − 1``, ``weak_budget``: see ``guided_velocity``)
+      is on only when ``scale > 0`` and ``low <= t_cur <= high`` for ``guidance_interval=(low, high)``
+      (inclusive; t_cur is the time at the start of the step, and decides both evaluations of a Heun step).
+      Outside the interval a step is one conditional pass at the step's budget.
+
+    ``budget``: None (J_max in every mode), an int, or one int per sample (latents per group).
+    ``budget_schedule`` overrides it per step: a sequence of ``steps`` budgets or a callable ``step -> budget``.
+    Raises ValueError naming ``steps``, ``budget_schedule``, ``mode``, ``scale`` or ``guidance_interval``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if mode not in GUIDANCE_MODES:
+        raise ValueError(f"mode: expected one of {GUIDANCE_MODES}, got {mode!r}")
+    if not scale >= 0:
+        raise ValueError(f"scale: expected λ >= 0 (the official cfg_scale − 1), got {scale!r}")
+    low, high = _check_interval(guidance_interval)
     if budget_schedule is None:
         schedule = lambda i: budget  # noqa: E731
     elif callable(budget_schedule):
@@ -111,16 +161,30 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
         if len(budget_schedule) != steps:
             raise ValueError(f"budget_schedule: expected {steps} budgets (one per step), got {len(budget_schedule)}")
         schedule = budget_schedule.__getitem__
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
-    x = noise
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    mdt = _model_dtype(model)
+    x = noise.to(torch.float64)
+    b = x.shape[0]
     it = range(steps)
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="sampling", leave=False)
+
+    def velocity(xs, t, guided, bud):
+        tt = torch.full((b,), float(t), device=xs.device, dtype=torch.float32)
+        return guided_velocity(model, xs.to(mdt), tt, y, bud, mode=mode if guided else "none", scale=scale,
+                               weak_budget=weak_budget, dtype=torch.float64)
+
     with torch.no_grad():
         for i in it:
-            t = ts[i].expand(x.shape[0])
-            v = guided_velocity(model, x, t, y, schedule(i), mode=mode, scale=scale, weak_budget=weak_budget)
-            x = x + (ts[i + 1] - ts[i]) * v
-    return x
+            t_cur, t_next = ts[i].item(), ts[i + 1].item()
+            guided = mode != "none" and scale > 0 and low <= t_cur <= high
+            bud = schedule(i)
+            d = velocity(x, t_cur, guided, bud)
+            x_next = x + (t_next - t_cur) * d
+            if heun and i < steps - 1:
+                d2 = velocity(x_next, t_next, guided, bud)
+                x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d2)
+            x = x_next
+    return x.to(noise.dtype)

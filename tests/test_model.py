@@ -185,3 +185,93 @@ def test_model_input_errors():
         m(x, t, y, [1, 5])
     with pytest.raises(ValueError, match="elementwise"):
         ElitDiT(elit_config("tiny", 64), elementwise="nope")
+
+
+@pytest.mark.parametrize("mode", ["none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass"])
+def test_every_guidance_mode_runs_with_the_default_budget(mode):
+    # budget=None means J_max in every mode (it raised TypeError for the guided modes once)
+    m = tiny("torch")
+    x, _, y = inputs(2)
+    y = y.clamp(max=m.cfg.num_classes - 1)
+    out = euler_sample(m, x, y, steps=2, mode=mode, scale=1.5)
+    explicit = euler_sample(m, x, y, steps=2, mode=mode, scale=1.5, budget=m.cfg.latents_per_group,
+                            weak_budget=max(1, m.cfg.latents_per_group // 16))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    torch.testing.assert_close(out, explicit, rtol=0, atol=0)
+    p = randomized(PlainDiT(elit_config("tiny", 64), backend="torch"))
+    if mode in ("none", "cfg"):
+        assert torch.isfinite(euler_sample(p, x, y, steps=2, mode=mode, scale=1.5)).all()
+    else:
+        with pytest.raises(ValueError, match="budgets: a plain DiT"):
+            euler_sample(p, x, y, steps=2, mode=mode, scale=1.5)
+
+
+class _CallLog(torch.nn.Module):
+    """A velocity model that records (batch, t, budgets) of every call and returns a fixed linear field."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.null_class, self.calls = cfg, cfg.num_classes, []
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, t, y, budgets=None):
+        self.calls.append((x.shape[0], round(float(t[0]), 6), budgets))
+        return self.w * x + t.view(-1, 1, 1, 1).to(x.dtype)
+
+
+def test_sampler_guidance_interval_is_inclusive_and_heun_shares_the_step_decision():
+    cfg = elit_config("tiny", 64)
+    m = _CallLog(cfg)
+    x, _, y = inputs(2)
+    # 4 steps: t_cur = 1, 0.75, 0.5, 0.25; interval [0.3, 0.75] guides the 2nd and 3rd (0.75 inclusive)
+    euler_sample(m, x, y, steps=4, mode="cfg", scale=3.0, guidance_interval=(0.3, 0.75), budget=2)
+    assert [(b, t) for b, t, _ in m.calls] == [(2, 1.0), (4, 0.75), (4, 0.5), (2, 0.25)]
+    assert [bud for _, _, bud in m.calls] == [2, [2] * 4, [2] * 4, 2]
+    m.calls.clear()
+    # Heun: a second evaluation at t_next on every step but the last, guided by the step's own t_cur rule
+    euler_sample(m, x, y, steps=3, mode="cfg", scale=3.0, guidance_interval=(0.5, 1.0), heun=True)
+    t1, t2 = round(2 / 3, 6), round(1 / 3, 6)
+    assert [(b, t) for b, t, _ in m.calls] == [(4, 1.0), (4, t1), (4, t1), (4, t2), (2, t2)]
+    m.calls.clear()
+    euler_sample(m, x, y, steps=2, mode="cfg", scale=0.0)  # scale 0 (official cfg_scale 1): never guided
+    assert [b for b, _, _ in m.calls] == [2, 2]
+    for bad, match in (((0.8, 0.2), "guidance_interval"), ((0.0, 1.5), "guidance_interval"), ("x", "guidance_interval")):
+        with pytest.raises(ValueError, match=match):
+            euler_sample(m, x, y, steps=2, guidance_interval=bad)
+    with pytest.raises(ValueError, match="scale"):
+        euler_sample(m, x, y, steps=2, mode="cfg", scale=-1.0)
+
+
+@pytest.mark.parametrize("heun", [False, True])
+def test_sampler_recovers_x0_on_the_straight_path(heun):
+    # x_t = (1 - t)·x0 + t·noise has the constant velocity noise − x0 = (x_t − x0)/t: Euler (and Heun) are
+    # exact, so integrating from t = 1 to t = 0 must return x0. A sampler that ran 0 -> 1 or flipped the sign fails.
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+
+    class Exact(torch.nn.Module):
+        cfg, null_class = elit_config("tiny", 64), 10
+
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, y, budgets=None):
+            return (x - x0) / t.view(-1, 1, 1, 1)
+
+    out = euler_sample(Exact(), noise, torch.tensor([1, 2]), steps=5, heun=heun)
+    torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_model_rejects_bad_class_ids_and_dtypes_by_name():
+    m = tiny("torch")
+    x, t, y = inputs(2)
+    for bad in (torch.tensor([0, 11]), torch.tensor([-1, 3])):
+        with pytest.raises(ValueError, match=r"y: class ids must be in \[0, 10\]"):
+            m(x, t, bad)
+    for dt in (torch.float16, torch.float64):
+        with pytest.raises(TypeError, match=f"x: dtype {dt} does not match the model's parameters"):
+            m(x.to(dt), t, y)
+    with pytest.raises(ValueError, match="hidden/heads: head dim 512/1 = 512 exceeds 256"):
+        elit_config("tiny", 64, hidden=512, heads=1)

@@ -76,12 +76,13 @@ setup(
     packages=find_packages(include=["elit_kernels", "elit_kernels.*"]),
     python_requires=">=3.10",
     # No upper pins and no triton pin: an installed torch that satisfies this is used as it is.
-    install_requires=["torch>=2.5", "tqdm", "matplotlib", "numpy"],
+    install_requires=["torch>=2.5", "tqdm", "matplotlib", "numpy", "safetensors"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"], "demo": ["scikit-learn"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": [
         "elit-bench=elit_kernels.bench.cli:main",
         "elit-demo=elit_kernels.demo:main",
+        "elit-convert=elit_kernels.official.cli:main",
     ]},
 )

@@ -1,0 +1,52 @@
+"""The released ELIT-SiT code's budget argument: one float, a fraction or a count (official_elit/README.md §4)."""
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def latents_for_budget(budget, cfg) -> int:
+    """The official ``inference_budget`` ``b`` -> J, latents kept per group (an int for ``ElitDiT``'s ``budgets``).
+
+    - ``0 < b <= 1``: a fraction of the P latents of a group, ``J = int(P * (1 - (1 - b)))``, in Python floats
+      and truncated as the official code computes it (0.3 at P = 16 -> 4, not 5; 1 is the full budget).
+    - ``b > 1``: a count of latents over the whole image of N tokens, ``J = int(P * b / N)`` (48 of 64 tokens
+      at P = 16 -> 12).
+
+    ``cfg``: an ``ElitConfig`` (or a model with ``.cfg``) giving P (tokens per group) and N (tokens).
+    Raises TypeError for a non-number or bool, ValueError naming ``budget`` where the official code would
+    assert or misbehave: ``b <= 0``, not finite, a count above N, or a budget that keeps 0 latents per group
+    (the official assertion "some windows contain zero tokens"). ``b = None`` (``generate.py``'s default,
+    which samples a training budget) is refused too: pass a budget, or use ``budgets=None`` (J_max) in ours.
+
+    >>> from elit_kernels.models import elit_sit_config
+    >>> cfg = elit_sit_config("XL/2", 256)  # P = 16, N = 256
+    >>> [latents_for_budget(b, cfg) for b in (1.0, 0.5, 0.3, 0.0625, 64, 255)]
+    [16, 8, 4, 1, 4, 15]
+    """
+    cfg = getattr(cfg, "cfg", cfg)
+    p, n = cfg.tokens_per_group, cfg.grid * cfg.grid
+    if budget is None:
+        raise ValueError("budget: None is the official generate.py default, which draws a random training budget "
+                         "(or fails without torch.distributed); pass a fraction in (0, 1] or a count in (1, "
+                         f"{n}], or use budgets=None in ElitDiT for the full budget")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget: expected a float (fraction in (0, 1]) or a number (count in (1, {n}]), "
+                        f"got {type(budget).__name__}")
+    b = float(budget)
+    if not math.isfinite(b) or b <= 0:
+        raise ValueError(f"budget: expected a fraction in (0, 1] or a count of latents in (1, {n}], got {budget!r}")
+    if b <= 1:
+        j = int(p * (1 - (1 - b)))
+        kind = f"fraction {budget!r} of P = {p}"
+    else:
+        if b > n:
+            raise ValueError(f"budget: a count above 1 is latents over the whole image; it must be <= N = {n} "
+                             f"tokens, got {budget!r}")
+        j = int(p * b / n)
+        kind = f"count {budget!r} of N = {n} tokens (P = {p})"
+    if j < 1:
+        smallest = f"{1 / p!r} as a fraction or {cfg.groups} as a count"
+        raise ValueError(f"budget: the {kind} keeps 0 latents per group (the official code asserts 'some windows "
+                         f"contain zero tokens'); the smallest budget is {smallest}")
+    return j

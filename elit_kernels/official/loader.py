@@ -1,0 +1,376 @@
+"""Load the released ELIT-SiT checkpoints (github.com/snap-research/elit ``train.py`` files) into ``ElitDiT``.
+
+Facts used here are from ``official_elit/README.md``: §1-2 (file layout and ``args``), §3.1 (every key and
+shape), §3.3 (registry and head/core/tail split). The network is rebuilt from ``args`` + the tensor shapes +
+the registry name; ``arch`` (official constructor keyword names) supplies what a name outside the registry
+cannot: ``num_heads`` and ``dit_decoder_depth`` (the tail count) are in neither ``args`` nor the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+
+import torch
+
+from ..models.checkpoint import (READABLE_FORMATS, SAFE_GLOBALS, CheckpointError, UnsafeCheckpointError,  # noqa: F401
+                                 model_from_parts, read_model_file, safe_torch_load)
+from ..models.config import SIT_REGISTRY, ElitConfig, config_dict, elit_sit_config, parse_sit_name
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = ("ema", "model")
+# Official constructor keywords (models/sit_elit.py SiTELIT and its registry helpers) that ``arch`` accepts.
+ARCH_KEYS = ("depth", "hidden_size", "decoder_hidden_size", "patch_size", "num_heads", "dit_encoder_depth",
+             "dit_decoder_depth", "input_size", "in_channels", "num_classes", "encoder_depth", "group_size",
+             "class_dropout_prob", "mlp_ratio", "elit_read_depth", "elit_write_depth", "qk_norm", "fused_attn",
+             "enable_repa", "use_cfg", "z_dims", "projector_dim", "path_type", "enable_elit",
+             "elit_max_mask_prob", "elit_min_mask_prob")
+READ = "input_token_editor.adapters.0."
+WRITE = "output_token_editor.adapters.0."
+READ_ATTN = READ + "fit_layer.latents_attend_to_patches.0."
+WRITE_ATTN = WRITE + "patches_attend_to_latents.0."
+IGNORED_PREFIXES = ("projectors.",)  # REPA projector heads: training-only (README §2)
+
+
+def read_official_file(path: str) -> dict:
+    """``torch.load(path, weights_only=True)`` with ``argparse.Namespace`` allowlisted, memory-mapped when the
+    file allows it (a full checkpoint holds model, EMA and two Adam moments: only the tensors used are read).
+
+    Raises UnsafeCheckpointError when the file pickles anything else (never executed)."""
+    return safe_torch_load(path)
+
+
+# --- the config -------------------------------------------------------------------------------------------
+def _shape(sd, key, path):
+    if key not in sd:
+        raise CheckpointError(f"{path}: missing key {key!r} (needed to read the model's sizes)")
+    return tuple(sd[key].shape)
+
+
+def _pick(name, values, path):
+    """One value from several sources that must agree: values = [(source, value or None), ...]."""
+    given = [(src, v) for src, v in values if v is not None]
+    if not given:
+        return None
+    first = given[0][1]
+    for src, v in given[1:]:
+        if v != first:
+            raise CheckpointError(f"{path}: {name} disagrees: {given[0][0]} says {first!r}, {src} says {v!r}")
+    return first
+
+
+def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint") -> ElitConfig:
+    """The ``ElitConfig`` (released preset) of an official state_dict, from its ``args``, its shapes, the
+    registry name ``args['model']`` and ``arch`` (official constructor keywords). Errors name what is missing."""
+    d, cin, p, _ = _shape(sd, "x_embedder.proj.weight", path)
+    n = _shape(sd, "pos_embed", path)[1]
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise CheckpointError(f"{path}: pos_embed has {n} tokens, not a square grid")
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    big_p = _shape(sd, READ + "learned_query_embed", path)[0]
+    gs = math.isqrt(big_p)
+    if gs * gs != big_p:
+        raise CheckpointError(f"{path}: learned_query_embed has {big_p} rows, not a square group")
+    ncls = _shape(sd, "y_embedder.embedding_table.weight", path)[0] - 1
+    out_rows = _shape(sd, "final_layer.linear.weight", path)[0]
+    if out_rows != p * p * cin:
+        raise CheckpointError(f"{path}: final_layer.linear has {out_rows} rows, expected patch² × in_channels = "
+                              f"{p * p * cin} (learned-sigma outputs are not supported)")
+    mlp_hidden = _shape(sd, "blocks.0.mlp.fc1.weight", path)[0]
+    read_hidden = _shape(sd, READ + "fit_layer.read_ff.0.fc1.weight", path)[0]
+    rows = _shape(sd, READ + "latent_pos_embed", path)[0]
+
+    name = args.get("model")
+    reg = None
+    if name is not None:
+        try:
+            size, name_patch = parse_sit_name(name)
+            reg = dict(zip(("depth", "hidden_size", "num_heads", "dit_decoder_depth"), SIT_REGISTRY[size]),
+                       patch_size=name_patch)
+        except ValueError:
+            reg = None
+    heads = _pick("num_heads", [("arch", arch.get("num_heads")), ("registry " + str(name), (reg or {}).get("num_heads"))], path)
+    tail = _pick("dit_decoder_depth", [("arch", arch.get("dit_decoder_depth")),
+                                       ("registry " + str(name), (reg or {}).get("dit_decoder_depth"))], path)
+    if heads is None or tail is None:
+        miss = [k for k, v in (("num_heads", heads), ("dit_decoder_depth", tail)) if v is None]
+        raise CheckpointError(
+            f"{path}: model {name!r} is not an official registry name "
+            f"(known: ELIT-SiT-{{{','.join(SIT_REGISTRY)}}}/{{2,4,8}}) and arch does not give {', '.join(miss)}; "
+            "pass arch={'num_heads': H, 'dit_decoder_depth': T} (official constructor names) — neither is stored "
+            "in args or readable from the weights")
+    enc = _pick("encoder_depth", [("arch", arch.get("encoder_depth")), ("args", args.get("encoder_depth"))], path)
+    if enc is None:
+        raise CheckpointError(f"{path}: encoder_depth (head blocks) is in neither args nor arch; pass arch={{'encoder_depth': N}}")
+    for key, weights_value in (("hidden_size", d), ("depth", depth), ("patch_size", p)):
+        _pick(key, [("weights", weights_value), ("arch", arch.get(key)), ("registry " + str(name), (reg or {}).get(key))], path)
+    _pick("decoder_hidden_size", [("weights", d), ("arch", arch.get("decoder_hidden_size"))], path)
+    _pick("in_channels", [("weights", cin), ("arch", arch.get("in_channels"))], path)
+    _pick("num_classes", [("weights", ncls), ("arch", arch.get("num_classes")), ("args", args.get("num_classes"))], path)
+    _pick("group_size", [("weights", gs), ("arch", arch.get("group_size")), ("args", args.get("elit_group_size"))], path)
+    res = args.get("resolution")
+    _pick("input_size", [("weights", grid * p), ("arch", arch.get("input_size")),
+                         ("args.resolution // 8", res // 8 if isinstance(res, int) else None)], path)
+    _pick("mlp_ratio", [("weights", mlp_hidden / d), ("arch", arch.get("mlp_ratio"))], path)
+    for key in ("elit_read_depth", "elit_write_depth"):
+        v = _pick(key, [("arch", arch.get(key)), ("args", args.get(key))], path)
+        if v not in (None, 1):
+            raise CheckpointError(f"{path}: {key}={v} is not supported (the released checkpoints use 1)")
+    if _pick("qk_norm", [("arch", arch.get("qk_norm")), ("args", args.get("qk_norm"))], path):
+        raise CheckpointError(f"{path}: qk_norm=True DiT blocks are not supported (the released checkpoints use False)")
+    if d % heads:
+        raise CheckpointError(f"{path}: num_heads {heads} does not divide the width {d}")
+    if grid % gs:
+        raise CheckpointError(f"{path}: group size {gs} does not divide the {grid}x{grid} token grid")
+    if not 0 <= enc <= depth - tail:
+        raise CheckpointError(f"{path}: encoder_depth {enc} + tail {tail} exceed depth {depth}")
+    return ElitConfig(
+        **{**_released_switches(), "latent_pos_rows": rows},
+        hidden=d, depth=depth, heads=heads, patch=p, in_channels=cin, input_size=grid * p, window=gs,
+        num_classes=ncls, head_blocks=enc, tail_blocks=tail, mlp_ratio=mlp_hidden / d, interface_mlp_ratio=read_hidden / d)
+
+
+def _released_switches() -> dict:
+    base = config_dict(elit_sit_config("S/2", 256))
+    keep = ("block_qk_norm", "interface_qk_norm", "read_modulates_queries", "write_prenorm", "interface_mlp_bias",
+            "latent_group_pos", "learned_interface_pos", "timestep_scale", "pos_embed_column_first", "budget_core_only")
+    return {k: base[k] for k in keep}
+
+
+# --- the key map ------------------------------------------------------------------------------------------
+def official_shapes(cfg: ElitConfig) -> dict:
+    """Every key of an official ELIT-SiT state_dict for ``cfg`` and its shape (README §3.1)."""
+    d, p, cin, big_p = cfg.hidden, cfg.patch, cfg.in_channels, cfg.tokens_per_group
+    hid, rhid = int(d * cfg.mlp_ratio), int(d * cfg.interface_mlp_ratio)
+    s = {"pos_embed": (1, cfg.tokens, d), "x_embedder.proj.weight": (d, cin, p, p), "x_embedder.proj.bias": (d,),
+         "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,), "t_embedder.mlp.2.weight": (d, d),
+         "t_embedder.mlp.2.bias": (d,), "y_embedder.embedding_table.weight": (cfg.num_classes + 1, d),
+         "final_layer.linear.weight": (p * p * cin, d), "final_layer.linear.bias": (p * p * cin,),
+         "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,)}
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        s.update({b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d),
+                  b + "attn.proj.bias": (d,), b + "mlp.fc1.weight": (hid, d), b + "mlp.fc1.bias": (hid,),
+                  b + "mlp.fc2.weight": (d, hid), b + "mlp.fc2.bias": (d,),
+                  b + "adaLN_modulation.1.weight": (6 * d, d), b + "adaLN_modulation.1.bias": (6 * d,)})
+    s.update({READ + "learned_query_embed": (big_p, d), READ + "pos_embed": (big_p, d),
+              READ + "latent_pos_embed": (cfg.latent_pos_rows, d),
+              READ + "fit_layer.adaLN_modulation.1.weight": (7 * d, d), READ + "fit_layer.adaLN_modulation.1.bias": (7 * d,),
+              READ + "fit_layer.read_ff.0.fc1.weight": (rhid, d), READ + "fit_layer.read_ff.0.fc2.weight": (d, rhid),
+              WRITE + "pos_embed": (big_p, d),
+              WRITE + "write_ff.0.fc1.weight": (rhid, d), WRITE + "write_ff.0.fc2.weight": (d, rhid)})
+    for a in (READ_ATTN, WRITE_ATTN):
+        s.update({a + "q_proj.weight": (d, d), a + "q_proj.bias": (d,), a + "kv_proj.weight": (2 * d, d),
+                  a + "kv_proj.bias": (2 * d,), a + "q_norm.scale": (d,), a + "k_norm.scale": (d,),
+                  a + "proj.weight": (d, d), a + "proj.bias": (d,)})
+    return s
+
+
+def _block_target(cfg: ElitConfig, i: int) -> str:
+    if i < cfg.n_head:
+        return f"head.{i}"
+    if i < cfg.n_head + cfg.core_blocks:
+        return f"core.{i - cfg.n_head}"
+    return f"tail.{i - cfg.n_head - cfg.core_blocks}"
+
+
+def convert_state_dict(sd: dict, cfg: ElitConfig) -> dict:
+    """Official ELIT-SiT state_dict -> ``ElitDiT(cfg)`` state_dict (views where possible, no copies).
+
+    Fused ``qkv`` rows ``[q | k | v]`` split into our ``q`` and ``kv``; the Read's 7-chunk modulation keeps its
+    first 6 chunks (the 7th is unused by the official forward pass); RMSNorm ``scale`` -> ``weight``;
+    ``pos_embed`` is not copied (ours is the same fixed table, checked by ``check_pos_embed``)."""
+    d = cfg.hidden
+    out = {"stem.patch_embed.weight": sd["x_embedder.proj.weight"], "stem.patch_embed.bias": sd["x_embedder.proj.bias"],
+           "stem.y_embed.weight": sd["y_embedder.embedding_table.weight"],
+           "latent_embed": sd[READ + "learned_query_embed"], "read_pos_embed": sd[READ + "pos_embed"],
+           "latent_pos_embed": sd[READ + "latent_pos_embed"], "write_pos_embed": sd[WRITE + "pos_embed"],
+           "read.ada.weight": sd[READ + "fit_layer.adaLN_modulation.1.weight"][: 6 * d],
+           "read.ada.bias": sd[READ + "fit_layer.adaLN_modulation.1.bias"][: 6 * d]}
+    for j in (0, 2):
+        for w in ("weight", "bias"):
+            out[f"stem.t_embed.mlp.{j}.{w}"] = sd[f"t_embedder.mlp.{j}.{w}"]
+    for w in ("weight", "bias"):
+        out[f"stem.final.linear.{w}"] = sd[f"final_layer.linear.{w}"]
+        out[f"stem.final.ada.{w}"] = sd[f"final_layer.adaLN_modulation.1.{w}"]
+    for i in range(cfg.depth):
+        src, dst = f"blocks.{i}.", _block_target(cfg, i) + "."
+        for w in ("weight", "bias"):
+            qkv = sd[src + f"attn.qkv.{w}"]
+            out[dst + f"attn.q.{w}"], out[dst + f"attn.kv.{w}"] = qkv[:d], qkv[d:]
+            out[dst + f"attn.proj.{w}"] = sd[src + f"attn.proj.{w}"]
+            out[dst + f"mlp.fc1.{w}"], out[dst + f"mlp.fc2.{w}"] = sd[src + f"mlp.fc1.{w}"], sd[src + f"mlp.fc2.{w}"]
+            out[dst + f"ada.{w}"] = sd[src + f"adaLN_modulation.1.{w}"]
+    for a, dst in ((READ_ATTN, "read.attn."), (WRITE_ATTN, "write.attn.")):
+        for w in ("weight", "bias"):
+            out[dst + f"q.{w}"], out[dst + f"kv.{w}"] = sd[a + f"q_proj.{w}"], sd[a + f"kv_proj.{w}"]
+            out[dst + f"proj.{w}"] = sd[a + f"proj.{w}"]
+        out[dst + "q_norm.weight"], out[dst + "k_norm.weight"] = sd[a + "q_norm.scale"], sd[a + "k_norm.scale"]
+    for src, dst in ((READ + "fit_layer.read_ff.0.", "read.mlp."), (WRITE + "write_ff.0.", "write.mlp.")):
+        out[dst + "fc1.weight"], out[dst + "fc2.weight"] = sd[src + "fc1.weight"], sd[src + "fc2.weight"]
+    return out
+
+
+def check_keys(sd: dict, cfg: ElitConfig, path: str = "checkpoint") -> list[str]:
+    """Compare an official state_dict with what ``cfg`` expects. Returns the deliberately ignored keys;
+    raises CheckpointError listing missing keys, unexpected keys, or the first shape mismatch."""
+    want = official_shapes(cfg)
+    ignored = sorted(k for k in sd if k.startswith(IGNORED_PREFIXES))
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want) - set(ignored))
+    if missing:
+        raise CheckpointError(f"{path}: missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{path}: shape mismatch for {k}: expected {list(shape)}, got {list(sd[k].shape)}")
+    return ignored
+
+
+def check_pos_embed(pos_embed: torch.Tensor, model, path: str = "checkpoint") -> None:
+    """The stored fixed sin-cos table must equal ours (raster order, column half first), else the token
+    order or channel convention differs from what this loader assumes."""
+    from ..layout import group_major_permutation, inverse_permutation
+
+    cfg = model.cfg
+    perm = group_major_permutation(cfg.grid, cfg.grid, cfg.window)
+    ours = model.stem.pos_embed.detach().float().cpu()[inverse_permutation(perm)]
+    theirs = pos_embed[0].float()
+    err = (ours - theirs).abs().max().item()
+    if not err <= 1e-5:
+        raise CheckpointError(f"{path}: pos_embed differs from the 2-D sin-cos table (max abs diff {err:.3g}); "
+                              "not the official fixed table")
+
+
+def apply_legacy_names(sd: dict, encoder_depth: int) -> tuple[dict, bool]:
+    """Older files named the blocks after the head ``decoder_blocks.{i}`` (README §2, ``--legacy``):
+    map them to ``blocks.{i + encoder_depth}``. Returns (state_dict, whether anything was renamed)."""
+    if not any(k.startswith("decoder_blocks.") for k in sd):
+        return sd, False
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"decoder_blocks\.(\d+)\.(.*)", k)
+        out[f"blocks.{int(m.group(1)) + encoder_depth}.{m.group(2)}" if m else k] = v
+    return out, True
+
+
+# --- the public loader ------------------------------------------------------------------------------------
+def _check_arch(arch) -> dict:
+    if arch is None:
+        return {}
+    if not isinstance(arch, dict):
+        raise TypeError(f"arch: expected a dict of official constructor keywords, got {type(arch).__name__}")
+    bad = sorted(set(arch) - set(ARCH_KEYS))
+    if bad:
+        raise ValueError(f"arch: unknown keyword(s) {bad}; known (official SiTELIT constructor names): {', '.join(ARCH_KEYS)}")
+    return dict(arch)
+
+
+def _check_weights(weights) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS} ('ema' is what the official sampling scripts load), "
+                         f"got {weights!r}")
+
+
+def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, ckpt=None):
+    """Read an official file -> ``(cfg, our state_dict, info)`` without building a model.
+
+    ``ckpt``: the file's contents when already read with ``read_official_file``. ``info``: provenance and
+    notes (what was ignored and why) for ``load_checkpoint`` and ``elit-convert``; ``info["official_pos_embed"]``
+    is the stored sin-cos table (checked against ours by ``check_pos_embed``)."""
+    _check_weights(weights)
+    arch = _check_arch(arch)
+    if ckpt is None:
+        ckpt = read_official_file(path)
+    notes = []
+    if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:  # a bare state_dict (e.g. ckpt['ema'] alone)
+        sd, args = ckpt, {}
+        notes.append("bare state_dict: no args; sizes from the weights and arch")
+    elif isinstance(ckpt, dict) and any(w in ckpt for w in WEIGHTS):
+        if weights not in ckpt:
+            raise CheckpointError(f"{path}: no {weights!r} entry (has {sorted(k for k in ckpt if isinstance(k, str))}); "
+                                  f"try weights={[w for w in WEIGHTS if w in ckpt][0]!r}")
+        sd = ckpt[weights]
+        args = ckpt.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        for k, why in (("opt", "optimizer state"), ("lr_scheduler", "LR scheduler state")):
+            if k in ckpt:
+                notes.append(f"ignored {k!r} ({why}; not needed for inference)")
+    else:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not an ELIT-SiT checkpoint: expected a dict with 'ema'/'model' and 'args' "
+                              f"(official train.py) or one of our files (format {READABLE_FORMATS}), got {keys}")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: the {weights!r} entry is not a state_dict of tensors")
+    if READ + "learned_query_embed" not in sd:
+        raise CheckpointError(f"{path}: not an ELIT-SiT checkpoint: no Read/Write interface keys "
+                              f"({READ}...); a plain SiT or DFM checkpoint has the same file layout")
+    enc = arch.get("encoder_depth", args.get("encoder_depth"))
+    sd, renamed = apply_legacy_names(sd, enc if isinstance(enc, int) else 0)
+    if renamed:
+        notes.append(f"legacy names: decoder_blocks.i -> blocks.(i + {enc})")
+    cfg = official_config(sd, args, arch, path)
+    ignored = check_keys(sd, cfg, path)
+    if ignored:
+        notes.append(f"ignored {len(ignored)} REPA projector tensors (projectors.*; training-only)")
+    notes.append("Read modulation: 7th chunk dropped (computed but unused by the official forward pass)")
+    info = {"source": str(path), "format": "official", "weights": weights, "model": args.get("model"),
+            "steps": ckpt.get("steps") if sd is not ckpt else None, "resolution": args.get("resolution"),
+            "elit_max_mask_prob": args.get("elit_max_mask_prob"), "elit_min_mask_prob": args.get("elit_min_mask_prob"),
+            "notes": notes, "official_pos_embed": sd["pos_embed"]}
+    return cfg, convert_state_dict(sd, cfg), info
+
+
+def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None, device="cpu", dtype=None,
+                    backend: str | None = None):
+    """A released ELIT-SiT checkpoint (or one of our files) -> ``ElitDiT`` in eval mode.
+
+    Arguments:
+        path: an official ``train.py`` checkpoint (``{"model", "ema", "opt", "args", "steps"[, "lr_scheduler"]}``,
+            README §1), a bare official state_dict, or a file written by ``elit-convert`` / ``save_model``
+            (``.safetensors`` or torch).
+        weights: ``"ema"`` (default; what the official sampling scripts load) or ``"model"`` (the raw weights).
+        arch: official constructor keywords (``num_heads``, ``dit_decoder_depth``, ``encoder_depth``, ...) for a
+            model name outside the official registry; checked against the weights where both say something.
+        device, dtype: where and in what dtype to put the weights (default: CPU, the file's fp32).
+        backend: the model's ``varlen_attention`` backend (None = dispatch).
+
+    Safety: official files are read with ``torch.load(weights_only=True)`` and an allowlist of exactly
+    ``argparse.Namespace`` (the ``args`` entry); a file pickling any other global raises
+    ``UnsafeCheckpointError`` without running it. ``opt``, ``lr_scheduler`` and REPA ``projectors.*`` are
+    ignored; ``model.checkpoint_info`` lists what was ignored and where the weights came from.
+
+    Raises CheckpointError (a ValueError) naming the file and the problem: not an ELIT-SiT checkpoint,
+    missing or unexpected keys (listed), a shape mismatch (key, expected, got), an unknown registry name
+    without ``arch``; ValueError for ``weights`` not in {"ema", "model"} or unknown ``arch`` keys.
+    """
+    _check_weights(weights)
+    arch = _check_arch(arch)
+    ours, ckpt = read_model_file(path, device="cpu"), None
+    if ours is None:
+        ckpt = read_official_file(path)
+        if isinstance(ckpt, dict) and ckpt.get("format") in READABLE_FORMATS:
+            ours = ckpt["config"], ckpt["state_dict"], ckpt.get("meta", {})
+    if ours is not None:
+        if arch:
+            raise ValueError(f"arch: {path} is an elit-kernels file, which stores its config; do not pass arch")
+        if weights != "ema":
+            raise ValueError(f"weights: {path} is an elit-kernels file holding one set of weights "
+                             f"({ours[2].get('weights', 'unknown')!r} when converted); use the default")
+        config, sd, meta = ours
+        model = model_from_parts(config, sd, backend=backend, device=device, dtype=dtype, source=str(path))
+        model.checkpoint_info = {"source": str(path), "format": "elit-kernels", **meta}
+        return model
+    cfg, sd, info = read_official(path, weights=weights, arch=arch, ckpt=ckpt)
+    model = model_from_parts(config_dict(cfg), sd, backend=backend, device=device, dtype=None, source=str(path))
+    check_pos_embed(info.pop("official_pos_embed"), model, str(path))
+    if dtype is not None:
+        model = model.to(dtype)
+    for n in info["notes"]:
+        log.info("%s: %s", path, n)
+    model.checkpoint_info = info
+    return model

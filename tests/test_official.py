@@ -1,0 +1,520 @@
+"""The released ELIT-SiT checkpoints: loader, official budget semantics, samplers, converter.
+
+Every fixture in ``tests/fixtures/elit_sit_*.pt`` (plus any listed in ``$ELIT_OFFICIAL_FIXTURES``, paths
+separated by ``os.pathsep``) is a tiny checkpoint in the official layout with the official model's outputs
+(``reference``; see official_elit/README.md §1). Everything here runs through ``load_checkpoint`` alone.
+"""
+import argparse
+import glob
+import os
+import pickle
+
+import pytest
+import torch
+
+from elit_kernels.flow import euler_sample, guided_velocity
+from elit_kernels.layout import group_major_permutation
+from elit_kernels.models import ElitDiT, elit_sit_config, load_model, save_model
+from elit_kernels.models.config import parse_sit_name
+from elit_kernels.official import (CheckpointError, UnsafeCheckpointError, convert_state_dict, latents_for_budget,
+                                   load_checkpoint, official_shapes)
+from elit_kernels.official.cli import main as convert_main
+
+HERE = os.path.dirname(__file__)
+FIXTURE_A = os.path.join(HERE, "fixtures", "elit_sit_tiny_a.pt")
+FIXTURES = sorted(glob.glob(os.path.join(HERE, "fixtures", "elit_sit_*.pt")))
+FIXTURES += [p for p in os.environ.get("ELIT_OFFICIAL_FIXTURES", "").split(os.pathsep) if p]
+RTOL = 1e-5  # max|ours - official| / max|official|
+
+
+def _read(path):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_CACHE = {}
+
+
+def ckpt(path):
+    if path not in _CACHE:
+        _CACHE[path] = _read(path)
+    return _CACHE[path]
+
+
+def arch_of(path):
+    """What ``load_checkpoint`` needs besides the file: nothing for a registry name, else the constructor kwargs."""
+    c = ckpt(path)
+    try:
+        parse_sit_name(c["args"].model)
+        return None
+    except ValueError:
+        return dict(c["reference"]["constructor_kwargs"])
+
+
+def load(path, **kw):
+    kw.setdefault("arch", arch_of(path))
+    kw.setdefault("backend", "torch")
+    return load_checkpoint(path, **kw)
+
+
+def assert_rel(out, ref, tol=RTOL, msg=""):
+    err = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    assert err <= tol * scale, f"{msg}: max abs err {err:.3g} > {tol:g} x max|ref| {scale:.3g}"
+
+
+def _guidance_mode(g):
+    if g["cfg_scale"] <= 1:
+        return "none"
+    if g["unconditional_inference_budget"] is None:
+        return "cfg"
+    return "autoguidance" if g.get("autoguidance") else "ccfg"
+
+
+def _j(b, cfg):
+    return None if b is None else latents_for_budget(b, cfg)
+
+
+# --- parity with the official outputs ------------------------------------------------------------------
+@pytest.mark.parametrize("path", FIXTURES, ids=os.path.basename)
+def test_outputs_match_official_at_every_stored_budget(path):
+    ref = ckpt(path)["reference"]
+    m = load(path)
+    assert not m.training and m.cfg.budget_core_only
+    x, t, y = ref["x"], ref["t"], ref["y"]
+    for name, o in ref["outputs"].items():
+        j = latents_for_budget(o["inference_budget"], m.cfg)
+        assert j == o["latents_per_group"], name
+        assert j * m.cfg.groups == o["latents_total"], name
+        with torch.no_grad():
+            assert_rel(m(x, t, y, j), o["out"], msg=name)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=os.path.basename)
+def test_kept_slots_follow_the_official_keep_mask(path):
+    # J kept per group = slots 0..J-1 of every window, in raster order of the token grid
+    ref = ckpt(path)["reference"]
+    m = load(path)
+    cfg = m.cfg
+    perm = group_major_permutation(cfg.grid, cfg.grid, cfg.window)
+    for name, o in ref["outputs"].items():
+        j = o["latents_per_group"]
+        mask = torch.zeros(cfg.tokens, dtype=torch.bool)
+        slots = torch.arange(cfg.groups)[:, None] * cfg.tokens_per_group + torch.arange(j)[None]
+        mask[perm[slots.reshape(-1)]] = True
+        assert torch.equal(mask, o["keep_mask"].reshape(-1)), name
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=os.path.basename)
+def test_mixed_per_sample_budgets_equal_each_sample_alone_and_the_official_outputs(path):
+    ref = ckpt(path)["reference"]
+    m = load(path)
+    outs = ref["outputs"]
+    names = list(outs)
+    b = ref["x"].shape[0]
+    pick = [names[i % len(names)] for i in range(b)]  # a different official budget per sample
+    budgets = [outs[n]["latents_per_group"] for n in pick]
+    assert len(set(budgets)) > 1
+    x, t, y = ref["x"], ref["t"], ref["y"]
+    with torch.no_grad():
+        mixed = m(x, t, y, budgets)
+        for i, n in enumerate(pick):
+            alone = m(x[i:i + 1], t[i:i + 1], y[i:i + 1], budgets[i])
+            torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-6, msg=f"sample {i} ({n})")
+            assert_rel(mixed[i], outs[n]["out"][i], msg=f"sample {i} ({n})")
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=os.path.basename)
+def test_model_weights_are_not_the_ema_ones(path):
+    # 'model' is a decoy (ema + 5% noise): loading it must fail the parity that 'ema' passes
+    ref = ckpt(path)["reference"]
+    full = ref["outputs"]["full"]
+    m = load(path, weights="model")
+    with torch.no_grad():
+        out = m(ref["x"], ref["t"], ref["y"], full["latents_per_group"])
+    err = (out - full["out"]).abs().max() / full["out"].abs().max()
+    assert err > 1e-2, f"weights='model' matched the EMA outputs ({err:.3g})"
+    assert m.checkpoint_info["weights"] == "model"
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=os.path.basename)
+def test_guided_velocities_match_official(path):
+    ref = ckpt(path)["reference"]
+    m = load(path)
+    x = ref["x"].double()
+    y = ref["sampling_y"]
+    for kind, g in ref["guidance"].items():
+        t = torch.full((x.shape[0],), float(g["t"]))
+        with torch.no_grad():
+            v = guided_velocity(m, x.float(), t, y, _j(g["inference_budget"], m.cfg), mode=_guidance_mode(g),
+                                scale=g["cfg_scale"] - 1, weak_budget=_j(g["unconditional_inference_budget"], m.cfg),
+                                dtype=torch.float64)
+        assert v.dtype == torch.float64
+        assert_rel(v, g["v"], msg=kind)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=os.path.basename)
+def test_sampling_runs_match_official(path):
+    ref = ckpt(path)["reference"]
+    m = load(path)
+    for run, g in ref["sampling"].items():
+        assert g["path_type"] == "linear"
+        mode = "cfg" if g["unconditional_inference_budget"] is None else ("autoguidance" if g.get("autoguidance") else "ccfg")
+        out = euler_sample(m, ref["sampling_z"], ref["sampling_y"], steps=g["num_steps"],
+                           budget=_j(g["inference_budget"], m.cfg), mode=mode, scale=g["cfg_scale"] - 1,
+                           weak_budget=_j(g["unconditional_inference_budget"], m.cfg),
+                           guidance_interval=(g["guidance_low"], g["guidance_high"]), heun=g["heun"])
+        assert_rel(out, g["out"], tol=3 * RTOL, msg=run)
+
+
+def test_sampling_parity_needs_the_official_rules():
+    # Guard against a test that cannot fail: guiding outside the interval, or skipping Heun, moves the result.
+    ref = ckpt(FIXTURE_A)["reference"]
+    m = load(FIXTURE_A)
+    g = ref["sampling"]["euler_cfg_interval"]
+    kw = dict(steps=g["num_steps"], budget=_j(g["inference_budget"], m.cfg), mode="cfg", scale=g["cfg_scale"] - 1)
+    always = euler_sample(m, ref["sampling_z"], ref["sampling_y"], **kw)
+    assert (always.double() - g["out"]).abs().max() > 1e-3
+    h = ref["sampling"]["heun_cfg"]
+    euler = euler_sample(m, ref["sampling_z"], ref["sampling_y"], steps=h["num_steps"], mode="cfg", scale=h["cfg_scale"] - 1)
+    assert (euler.double() - h["out"]).abs().max() > 1e-3
+
+
+# --- the loader ---------------------------------------------------------------------------------------
+def test_loader_reads_sizes_from_args_weights_and_arch():
+    c = ckpt(FIXTURE_A)
+    kw = c["reference"]["constructor_kwargs"]
+    m = load_checkpoint(FIXTURE_A, arch={"num_heads": kw["num_heads"], "dit_decoder_depth": kw["dit_decoder_depth"]})
+    cfg, lay = m.cfg, c["reference"]["layout"]
+    assert (cfg.hidden, cfg.depth, cfg.heads, cfg.patch, cfg.in_channels, cfg.num_classes) == (
+        kw["hidden_size"], kw["depth"], kw["num_heads"], kw["patch_size"], kw["in_channels"], kw["num_classes"])
+    assert (cfg.n_head, cfg.core_blocks, cfg.n_tail) == (lay["head_blocks"], lay["core_blocks"], lay["tail_blocks"])
+    assert (cfg.grid, cfg.tokens, cfg.window, cfg.groups, cfg.latents_per_group) == (
+        lay["grid"], lay["tokens"], lay["group_size"], lay["groups"], lay["latents_per_group_max"])
+    assert m.null_class == c["reference"]["null_class_id"]
+    info = m.checkpoint_info
+    assert info["weights"] == "ema" and info["steps"] == c["steps"] and info["model"] == c["args"].model
+    assert any("opt" in n for n in info["notes"])
+
+
+def test_every_official_key_is_used_or_deliberately_ignored():
+    c = ckpt(FIXTURE_A)
+    sd = c["ema"]
+    m = load(FIXTURE_A)
+    want = official_shapes(m.cfg)
+    assert set(sd) == set(want)  # the fixture holds exactly what the config predicts
+    ours = convert_state_dict(sd, m.cfg)
+    assert set(ours) == set(m.state_dict())  # ... and the map fills every parameter of ours
+    # Each official tensor reaches the output (pos_embed is checked against our table instead; the 7th Read
+    # modulation chunk is unused by the official forward pass and dropped).
+    ref = c["reference"]
+    x, t, y = ref["x"][:1], ref["t"][:1], ref["y"][:1]
+    with torch.no_grad():
+        base = m(x, t, y)
+    for key in sorted(sd):
+        if key == "pos_embed":
+            continue
+        bumped = dict(sd)
+        bumped[key] = sd[key] + 0.5 * torch.randn_like(sd[key])
+        if key.endswith("fit_layer.adaLN_modulation.1.weight") or key.endswith("fit_layer.adaLN_modulation.1.bias"):
+            d = m.cfg.hidden
+            bumped[key] = sd[key].clone()
+            bumped[key][6 * d:] += 1.0  # the unused chunk: no effect
+            m.load_state_dict(convert_state_dict(bumped, m.cfg))
+            with torch.no_grad():
+                assert torch.equal(m(x, t, y), base), key
+            bumped[key] = sd[key] + 0.5 * torch.randn_like(sd[key])
+        if key.endswith("latent_pos_embed"):  # only rows 0..N-1 are read
+            bumped[key] = sd[key].clone()
+            bumped[key][:m.cfg.tokens] += 0.5
+        m.load_state_dict(convert_state_dict(bumped, m.cfg))
+        with torch.no_grad():
+            assert (m(x, t, y) - base).abs().max() > 1e-6, f"{key} does not reach the output"
+    m.load_state_dict(convert_state_dict(sd, m.cfg))
+
+
+def _variant(tmp_path, name, edit_sd=None, edit_args=None, edit_top=None):
+    """A copy of fixture A with the state_dicts / args / top level edited."""
+    c = _read(FIXTURE_A)
+    for w in ("ema", "model"):
+        if edit_sd:
+            c[w] = edit_sd(dict(c[w]))
+    if edit_args:
+        edit_args(c["args"])
+    if edit_top:
+        c = edit_top(c)
+    p = tmp_path / name
+    torch.save(c, p)
+    return str(p)
+
+
+def test_lr_scheduler_projectors_and_legacy_names_are_accepted(tmp_path):
+    ref = ckpt(FIXTURE_A)["reference"]
+    arch = arch_of(FIXTURE_A)
+    enc = ckpt(FIXTURE_A)["args"].encoder_depth
+
+    def legacy(sd):
+        return {(f"decoder_blocks.{int(k.split('.')[1]) - enc}." + k.split(".", 2)[2]
+                 if k.startswith("blocks.") and int(k.split(".")[1]) >= enc else k): v for k, v in sd.items()}
+
+    def extras(sd):
+        sd["projectors.0.0.weight"] = torch.randn(8, 16)
+        return legacy(sd)
+
+    def sched(c):
+        c["lr_scheduler"] = {"_milestones": [10000], "last_epoch": 50000, "_schedulers": [{"base_lrs": [1e-4]}]}
+        return c
+
+    p = _variant(tmp_path, "v.pt", edit_sd=extras, edit_top=sched)
+    m = load_checkpoint(p, arch=arch)
+    notes = " ".join(m.checkpoint_info["notes"])
+    assert "lr_scheduler" in notes and "projectors" in notes and "legacy" in notes
+    full = ref["outputs"]["full"]
+    with torch.no_grad():
+        assert_rel(m(ref["x"], ref["t"], ref["y"], full["latents_per_group"]), full["out"], msg="variant")
+
+
+def test_bare_state_dict_with_arch(tmp_path):
+    c = ckpt(FIXTURE_A)
+    p = tmp_path / "ema_only.pt"
+    torch.save(c["ema"], p)
+    arch = {**arch_of(FIXTURE_A), "encoder_depth": c["args"].encoder_depth}
+    m = load_checkpoint(str(p), arch=arch)
+    full = c["reference"]["outputs"]["full"]
+    with torch.no_grad():
+        assert_rel(m(c["reference"]["x"], c["reference"]["t"], c["reference"]["y"]), full["out"], msg="bare")
+    with pytest.raises(CheckpointError, match="encoder_depth"):
+        load_checkpoint(str(p), arch=arch_of(FIXTURE_A) | {"encoder_depth": None})
+
+
+class _Hostile:
+    """Pickles to ``os.system(...)``: a file carrying it must be refused, never executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    c = _read(FIXTURE_A)
+    c["args"] = _Hostile(marker)
+    p = tmp_path / "hostile.pt"
+    torch.save(c, p)
+    with pytest.raises(UnsafeCheckpointError, match="refused.*system.*not executed") as e:
+        load_checkpoint(str(p), arch=arch_of(FIXTURE_A))
+    assert str(p) in str(e.value)
+    assert not marker.exists()
+    # the same through elit-convert: exit 2, no traceback, nothing written
+    with pytest.raises(SystemExit) as ex:
+        convert_main([str(p), "--out", str(tmp_path / "o.safetensors")])
+    assert ex.value.code == 2 and not marker.exists() and not (tmp_path / "o.safetensors").exists()
+    with pytest.raises(pickle.UnpicklingError):  # and torch's own default refuses it too (the control)
+        torch.load(p, weights_only=True)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("weights", r"weights: expected one of \('ema', 'model'\)"),
+    ("arch_key", r"arch: unknown keyword\(s\) \['heads'\]"),
+    ("no_arch", r"'ELIT-SiT-TinyA/2' is not an official registry name.*num_heads, dit_decoder_depth"),
+    ("registry_mismatch", r"hidden_size disagrees: weights says 16, registry ELIT-SiT-S/2 says 384"),
+    ("arch_mismatch", r"num_classes disagrees: weights says 10, arch says 12"),
+    ("heads", r"num_heads 3 does not divide the width 16"),
+    ("plain_sit", r"not an ELIT-SiT checkpoint: no Read/Write interface keys"),
+    ("not_a_checkpoint", r"not an ELIT-SiT checkpoint: expected a dict with 'ema'/'model' and 'args'"),
+    ("missing", r"missing keys \(2\): blocks\.2\.mlp\.fc2\.bias, output_token_editor\.adapters\.0\.pos_embed"),
+    ("unexpected", r"unexpected keys \(1\): blocks\.1\.attn\.extra"),
+    ("shape", r"shape mismatch for blocks\.2\.mlp\.fc1\.weight: expected \[64, 16\], got \[32, 16\]"),
+    ("no_ema", r"no 'ema' entry.*try weights='model'"),
+    ("qk_norm", r"qk_norm=True DiT blocks are not supported"),
+])
+def test_loader_errors_name_the_problem(tmp_path, case, match):
+    arch = arch_of(FIXTURE_A)
+    kw = {"arch": arch}
+    if case == "weights":
+        kw["weights"] = "best"
+        p = FIXTURE_A
+    elif case == "arch_key":
+        kw["arch"] = {"heads": 2}
+        p = FIXTURE_A
+    elif case == "no_arch":
+        kw["arch"] = None
+        p = FIXTURE_A
+    elif case == "registry_mismatch":
+        p = _variant(tmp_path, "r.pt", edit_args=lambda a: setattr(a, "model", "ELIT-SiT-S/2"))
+        kw["arch"] = None
+    elif case == "arch_mismatch":
+        kw["arch"] = arch | {"num_classes": 12}
+        p = FIXTURE_A
+    elif case == "heads":
+        kw["arch"] = arch | {"num_heads": 3}
+        p = FIXTURE_A
+    elif case == "plain_sit":
+        p = _variant(tmp_path, "s.pt", edit_sd=lambda sd: {k: v for k, v in sd.items() if "token_editor" not in k})
+    elif case == "not_a_checkpoint":
+        p = tmp_path / "n.pt"
+        torch.save({"weights": torch.zeros(2)}, p)
+    elif case == "missing":
+        p = _variant(tmp_path, "m.pt", edit_sd=lambda sd: {k: v for k, v in sd.items() if k not in (
+            "blocks.2.mlp.fc2.bias", "output_token_editor.adapters.0.pos_embed")})
+    elif case == "unexpected":
+        p = _variant(tmp_path, "u.pt", edit_sd=lambda sd: sd | {"blocks.1.attn.extra": torch.zeros(3)})
+    elif case == "shape":
+        p = _variant(tmp_path, "sh.pt", edit_sd=lambda sd: sd | {"blocks.2.mlp.fc1.weight": torch.zeros(32, 16)})
+    elif case == "no_ema":
+        p = _variant(tmp_path, "ne.pt", edit_top=lambda c: {k: v for k, v in c.items() if k != "ema"})
+    elif case == "qk_norm":
+        p = _variant(tmp_path, "q.pt", edit_args=lambda a: setattr(a, "qk_norm", True))
+        kw["arch"] = {k: arch[k] for k in ("num_heads", "dit_decoder_depth")}
+    with pytest.raises(ValueError, match=match) as e:
+        load_checkpoint(str(p), **kw)
+    if case not in ("weights", "arch_key"):
+        assert str(p) in str(e.value)  # a file-level error names the file
+
+
+# --- our own format and elit-convert ------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_convert_round_trips(tmp_path, suffix, capsys):
+    out = tmp_path / ("tiny" + suffix)
+    kw = ckpt(FIXTURE_A)["reference"]["constructor_kwargs"]
+    rc = convert_main([FIXTURE_A, "--out", str(out), "--arch", f"num_heads={kw['num_heads']}",
+                       "--arch", f"dit_decoder_depth={kw['dit_decoder_depth']}"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "budget_core_only" in printed and "interface_qk_norm" in printed and f"wrote {out}" in printed
+    direct = load(FIXTURE_A)
+    for reader in (lambda: load_checkpoint(str(out), backend="torch"), lambda: load_model(str(out), backend="torch")):
+        m = reader()
+        assert m.cfg == direct.cfg and not m.training
+        for k, v in direct.state_dict().items():
+            assert torch.equal(m.state_dict()[k], v), k
+    m, meta = load_model(str(out), return_meta=True)
+    assert meta["weights"] == "ema" and meta["model"] == "ELIT-SiT-TinyA/2"
+    ref = ckpt(FIXTURE_A)["reference"]
+    with torch.no_grad():
+        assert_rel(m(ref["x"], ref["t"], ref["y"]), ref["outputs"]["full"]["out"], msg="converted")
+    with pytest.raises(ValueError, match="weights: .* elit-kernels file"):
+        load_checkpoint(str(out), weights="model")
+
+
+def test_convert_cli_usage_errors(tmp_path, capsys):
+    def run(argv):
+        with pytest.raises(SystemExit) as e:
+            convert_main(argv)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert "checkpoint: no such file" in run([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o.pt")])
+    err = run([FIXTURE_A, "--out", str(tmp_path / "o.pt")])
+    assert "--arch num_heads=H --arch dit_decoder_depth=T" in err and "Traceback" not in err
+    (tmp_path / "exists.pt").write_bytes(b"x")
+    assert "--out: " in run([FIXTURE_A, "--out", str(tmp_path / "exists.pt"), "--arch", "num_heads=2"])
+    assert "--arch: arch: unknown keyword" in run([FIXTURE_A, "--out", str(tmp_path / "o2.pt"), "--arch", "heads=2"])
+    assert "--weights" in run([FIXTURE_A, "--out", str(tmp_path / "o3.pt"), "--weights", "best"])
+
+
+def test_save_and_load_model_paper_preset(tmp_path):
+    from elit_kernels.models import elit_config
+
+    torch.manual_seed(0)
+    m = ElitDiT(elit_config("tiny", 64))
+    for suffix in (".safetensors", ".pt"):
+        p = save_model(str(tmp_path / ("m" + suffix)), m, meta={"note": "test"})
+        m2, meta = load_model(p, return_meta=True)
+        assert m2.cfg == m.cfg and meta == {"note": "test"}
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    with pytest.raises(ValueError, match="not an elit-kernels model file"):
+        load_model(FIXTURE_A)
+
+
+# --- budgets and the released config ------------------------------------------------------------------
+def test_latents_for_budget_official_rules():
+    cfg = elit_sit_config("XL/2", 256)  # P = 16, N = 256, G = 16
+    assert [latents_for_budget(b, cfg) for b in (1, 1.0, 0.5, 0.3, 0.25, 0.0625, 0.9375)] == [16, 16, 8, 4, 4, 1, 15]
+    assert [latents_for_budget(b, cfg) for b in (16, 48.0, 64, 255, 256)] == [1, 3, 4, 15, 16]
+    c512 = elit_sit_config("XL/2", 512)  # P = 64, N = 1024
+    assert [latents_for_budget(b, c512) for b in (0.0625, 0.125, 1.0, 512)] == [4, 8, 64, 32]
+    # P = 9 (group size 3): the official float arithmetic gives 2 for 3/9, not 3
+    c9 = elit_sit_config("S/2", 96, group_size=3)
+    assert latents_for_budget(3 / 9, c9) == 2 and latents_for_budget(1.0, c9) == 9
+    for bad, match in ((0.06, "keeps 0 latents per group"), (15, "keeps 0 latents per group"), (0, "fraction in"),
+                       (-0.5, "fraction in"), (float("nan"), "fraction in"), (257, "<= N = 256"), (None, "None")):
+        with pytest.raises(ValueError, match="budget: .*" + match):
+            latents_for_budget(bad, cfg)
+    for bad in (True, "0.5"):
+        with pytest.raises(TypeError, match="budget"):
+            latents_for_budget(bad, cfg)
+
+
+def test_released_config_registry():
+    c = elit_sit_config("XL/2", 256)
+    assert (c.hidden, c.depth, c.heads, c.n_head, c.core_blocks, c.n_tail, c.groups, c.tokens_per_group) == (
+        1152, 28, 16, 8, 16, 4, 16, 16)
+    assert elit_sit_config("ELIT-SiT-XL/2", 512).tokens_per_group == 64
+    assert (elit_sit_config("B/4", 256).patch, elit_sit_config("S/8", 512).grid) == (4, 8)
+    # 705.1 M official parameters at 256 px, 706.2 M at 512 px (README §3.1): ours plus the fixed pos_embed
+    # table and the unused 7th Read modulation chunk
+    for res, official in ((256, 705.1e6), (512, 706.2e6)):
+        c = elit_sit_config("XL/2", res)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in ElitDiT(c).parameters())
+        n += c.tokens * c.hidden + c.hidden * c.hidden + c.hidden
+        assert abs(n - official) < 0.05e6, (res, n)
+    with pytest.raises(ValueError, match="name: unknown ELIT-SiT registry name"):
+        elit_sit_config("XL/3")
+    with pytest.raises(ValueError, match="group_size"):
+        elit_sit_config("XL/2", 256, group_size=5)
+    with pytest.raises(ValueError, match="encoder_depth"):
+        elit_sit_config("S/2", 256, encoder_depth=11)
+
+
+# --- both presets on every CPU backend -------------------------------------------------------------------
+def _backend_or_skip(name):
+    from elit_kernels import describe_backends
+
+    row = next((r for r in describe_backends() if r["name"] == name), None)
+    if row is None or not row["available"]:
+        pytest.skip(f"backend {name!r} not available here: {row['reasons'] if row else 'not registered'}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_released_checkpoint_on_each_backend(backend):
+    _backend_or_skip(backend)
+    ref = ckpt(FIXTURE_A)["reference"]
+    m = load(FIXTURE_A, backend=backend)
+    outs = ref["outputs"]
+    pick = ["full", "one_per_group", "half", "count_48_of_64"]
+    budgets = [outs[n]["latents_per_group"] for n in pick]
+    with torch.no_grad():
+        got = m(ref["x"], ref["t"], ref["y"], budgets)
+    for i, n in enumerate(pick):
+        assert_rel(got[i], outs[n]["out"][i], msg=f"{backend} sample {i} ({n})")
+
+
+@pytest.mark.parametrize("preset", ["paper", "released"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_both_presets_match_the_reference_backend_values_and_grads(preset, backend):
+    from elit_kernels.models.config import preset_config
+
+    _backend_or_skip(backend)
+    cfg = preset_config(preset, "tiny", 64)
+    torch.manual_seed(0)
+    m_ref = ElitDiT(cfg, backend="reference")
+    with torch.no_grad():
+        for p in m_ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m = ElitDiT(cfg, backend=backend)
+    m.load_state_dict(m_ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t, y = torch.rand(3, generator=g), torch.tensor([1, cfg.num_classes, 4])
+    budgets = [4, 1, 2]
+    o_ref, o = m_ref(x, t, y, budgets), m(x, t, y, budgets)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    o_ref.square().sum().backward()
+    o.square().sum().backward()
+    for (n, p_ref), p in zip(m_ref.named_parameters(), m.parameters()):
+        assert p_ref.grad is not None and p_ref.grad.abs().max() > 0, n
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=n)

@@ -12,6 +12,7 @@ from elit_kernels.bench import OfficialStyleElit, count_flops, elit_attention_fl
 from elit_kernels.bench.cli import main
 from elit_kernels.bench.scenarios import mixed_budgets, randomize_
 from elit_kernels.models import ElitDiT, PlainDiT, elit_config
+from elit_kernels.models.config import preset_config
 
 TINY = ["--device", "cpu", "--config", "tiny", "--resolution", "64", "--no-progress"]
 
@@ -32,8 +33,10 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     for k in ("device", "torch", "triton", "git_commit", "date", "config", "dtype", "budgets"):
         assert k in md, k
     assert md["device"].startswith("CPU") and md["config"] == "tiny" and md["budgets"] == [1, 2, 4]
+    assert md["presets"] == ["paper", "released"]
     rows = data["rows"]
-    seen = {(r["scenario"], r["case"], r["model"]) for r in rows}
+    seen = {(r["scenario"], r["case"], r["model"]) for r in rows if r["preset"] == "released"}
+    assert seen == {(r["scenario"], r["case"], r["model"]) for r in rows if r["preset"] == "paper"}
     for want in [("uniform", "uniform", "elit"), ("uniform", "uniform", "official"), ("uniform", "plain_dit", "plain"),
                  ("mixed", "ragged", "elit"), ("mixed", "padded", "elit"), ("mixed", "sum_of_parts", "elit"),
                  ("guidance", "cfg", "elit"), ("guidance", "ccfg_two_pass", "elit"), ("guidance", "ccfg", "elit")]:
@@ -45,14 +48,16 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
         assert r["min_ms"] <= r["latency_ms"] <= r["max_ms"]
         assert r["peak_mem_mb"] is None  # CPU: not measured, said so in metadata
     full = [r for r in rows if r["scenario"] == "uniform" and r["model"] == "elit" and r["budget"] == 4]
-    assert full and all(r["latency_ratio"] == pytest.approx(1.0) and r["flops_ratio"] == pytest.approx(1.0) for r in full)
-    # FLOPs fall with the budget; attention FLOPs are the analytic count from the layout
-    uni = sorted((r for r in rows if r["scenario"] == "uniform" and r["model"] == "elit" and r["backend"] == "torch"),
-                 key=lambda r: r["budget"])
-    assert [r["budget"] for r in uni] == [1, 2, 4]
-    assert uni[0]["gflops"] < uni[1]["gflops"] < uni[2]["gflops"]
-    cfg = elit_config("tiny", 64)
-    assert uni[0]["attention_gflops"] * 1e9 == pytest.approx(elit_attention_flops(cfg, [1, 1]))
+    assert len(full) == 2 and all(r["latency_ratio"] == pytest.approx(1.0) and r["flops_ratio"] == pytest.approx(1.0)
+                                  for r in full)
+    # FLOPs fall with the budget; attention FLOPs are the analytic count from the layout, per preset
+    for preset in ("paper", "released"):
+        uni = sorted((r for r in rows if r["scenario"] == "uniform" and r["model"] == "elit" and r["backend"] == "torch"
+                      and r["preset"] == preset), key=lambda r: r["budget"])
+        assert [r["budget"] for r in uni] == [1, 2, 4]
+        assert uni[0]["gflops"] < uni[1]["gflops"] < uni[2]["gflops"]
+        cfg = preset_config(preset, "tiny", 64)
+        assert uni[0]["attention_gflops"] * 1e9 == pytest.approx(elit_attention_flops(cfg, [1, 1]))
     with open(out / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows)
@@ -71,9 +76,10 @@ def test_time_budget_spent_still_writes_rows(tmp_path, capsys):
     assert (out / "latency_vs_latents.png").exists() and (out / "summary.md").exists()
 
 
-@pytest.mark.parametrize("name,res", [("tiny", 64), ("tiny", 128)])
-def test_official_style_equals_elit_for_uniform_budgets(name, res):
-    cfg = elit_config(name, res)
+@pytest.mark.parametrize("preset,name,res", [("paper", "tiny", 64), ("paper", "tiny", 128), ("released", "tiny", 64),
+                                             ("released", "tiny", 128)])
+def test_official_style_equals_elit_for_uniform_budgets(preset, name, res):
+    cfg = preset_config(preset, name, res)
     m = ElitDiT(cfg, backend="torch").eval()
     randomize_(m, seed=1, std=0.05)
     off = OfficialStyleElit(m)
@@ -95,8 +101,9 @@ def test_official_style_needs_one_budget_per_batch():
         OfficialStyleElit(m)(x, t, y, 0)
 
 
-def test_flop_count_matches_analytic_attention_and_leaves_no_stub():
-    cfg = elit_config("tiny", 64)
+@pytest.mark.parametrize("preset", ["paper", "released"])
+def test_flop_count_matches_analytic_attention_and_leaves_no_stub(preset):
+    cfg = preset_config(preset, "tiny", 64)
     m = ElitDiT(cfg, backend="torch").eval()
     p = PlainDiT(cfg, backend="torch").eval()
     x, t, y = _inputs(cfg, 3)
@@ -124,6 +131,7 @@ def test_mixed_budgets_spread():
     (["--dtype", "int8"], "--dtype"),
     (["--scenarios", "uniform,bogus"], "--scenarios"),
     (["--scenarios", "mixed", "--batch", "1"], "--scenarios"),
+    (["--presets", "paper,dit"], "--presets"),
     (["--backends", "nope"], "--backends"),
     (["--backends", "torch_varlen"], "--backends"),  # CUDA-only comparator on CPU
     (["--device", "tpu"], "--device"),

@@ -16,8 +16,7 @@ import torch
 
 from .. import attention as _attention
 from ..backends import describe_backends, get_backend, known_backends
-from ..models import elit_config
-from ..models.elit_dit import _SIZES
+from ..models.config import _SIZES, PRESETS, config_dict, preset_config
 from .flops import count_flops
 from .report import check_targets, format_table, make_rows, metadata, write_outputs
 from .scenarios import SCENARIOS, Setup, build_cases
@@ -48,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None,
                    help="comma list of per-group budgets J̃ (default: J_max/16, J_max/8, …, J_max; J_max is always added)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    p.add_argument("--presets", default=",".join(PRESETS),
+                   help="comma list of model presets to run at the chosen size: paper (elit_config) and/or released "
+                        "(the ELIT-SiT code and checkpoints, elit_sit_config; encoder_depth 8) (default: both)")
     p.add_argument("--repeats", type=int, default=None, help="timing samples per case, interleaved (default 5)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default bf16 GPU / fp32 CPU)")
     p.add_argument("--threads", type=int, default=None,
@@ -104,10 +106,20 @@ def resolve(args) -> tuple[Setup, dict]:
     res = args.resolution if args.resolution is not None else d_res
     if res < 16 or res % 16:
         raise BenchError(f"--resolution: expected a positive multiple of 16 (8x VAE, patch 2), got {res}")
+    presets = [s.strip() for s in args.presets.split(",") if s.strip()]
+    bad = [s for s in presets if s not in PRESETS]
+    if bad or not presets:
+        raise BenchError(f"--presets: unknown preset {bad[0] if bad else args.presets!r}; choose from {', '.join(PRESETS)}")
+    presets = list(dict.fromkeys(presets))
     try:
-        cfg = elit_config(name, res)
+        cfgs = {pr: preset_config(pr, name, res) for pr in presets}
     except ValueError as e:
         raise BenchError(f"--resolution: {res}px does not fit config {name}: {e}") from None
+    cfg = cfgs[presets[0]]
+    for pr, c in cfgs.items():
+        if (c.latents_per_group, c.groups, c.head_dim) != (cfg.latents_per_group, cfg.groups, cfg.head_dim):
+            raise BenchError(f"--presets: {pr} and {presets[0]} differ in groups / J_max / head dim at {name} {res}px; "
+                             "run them separately")
     batch = args.batch if args.batch is not None else d_batch
     if batch < 1:
         raise BenchError(f"--batch: expected a positive integer, got {batch}")
@@ -170,9 +182,10 @@ def resolve(args) -> tuple[Setup, dict]:
                 raise BenchError(f"--backends: backend {b!r} cannot run {dname} on {device.type} "
                                  f"(head dim {cfg.hidden // cfg.heads}): " + "; ".join(reasons))
         backends = list(dict.fromkeys(backends))
-    setup = Setup(cfg=cfg, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
+    setup = Setup(cfgs=cfgs, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
                   scenarios=scen, seed=args.seed)
-    extra = {"config": name, "resolution": res, "batch": batch, "dtype": dname, "budgets": budgets,
+    extra = {"config": name, "presets": presets, "preset_configs": {pr: config_dict(c) for pr, c in cfgs.items()},
+             "resolution": res, "batch": batch, "dtype": dname, "budgets": budgets,
              "backends": backends,
              "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
              "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes}

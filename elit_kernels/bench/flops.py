@@ -102,13 +102,15 @@ def count_flops(fn, models) -> dict:
 def elit_attention_flops(cfg, budgets) -> int:
     """Analytic attention FLOPs of one ElitDiT forward for per-sample ``budgets`` (a check on the counter).
 
-    Head/tail: N² per sample per block; Read and Write: G·J_b·P each; core: (G·J_b)² per block.
+    Head/tail: N² per sample per block; Read and Write: G·J_b·P each (G·J_max·P under the released
+    ``budget_core_only`` semantics, where they see every latent); core: (G·J_b)² per block.
     """
     h, d = cfg.heads, cfg.hidden // cfg.heads
     n, g, p = cfg.grid * cfg.grid, cfg.groups, cfg.tokens_per_group
     per = 0
     for j in budgets:
-        per += (cfg.n_head + cfg.n_tail) * n * n + 2 * g * j * p + cfg.core_blocks * (g * j) ** 2
+        j_iface = cfg.latents_per_group if cfg.budget_core_only else j
+        per += (cfg.n_head + cfg.n_tail) * n * n + 2 * g * j_iface * p + cfg.core_blocks * (g * j) ** 2
     return 4 * per * h * d
 
 

@@ -15,7 +15,7 @@ from .timing import Case, summarize
 LATENCY_TARGET = 1.15  # latency(J̃)/latency(J_max) <= 1.15 × FLOPs(J̃)/FLOPs(J_max)
 MIXED_TARGET = 1.10  # one ragged batch <= 1.1 × the sum of its one-budget parts
 
-ROW_FIELDS = ["scenario", "case", "model", "backend", "budget", "budgets", "weak_budget", "batch", "latents",
+ROW_FIELDS = ["preset", "scenario", "case", "model", "backend", "budget", "budgets", "weak_budget", "batch", "latents",
               "latency_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "cpu_ms", "cpu_q1_ms", "cpu_q3_ms", "repeats", "gflops", "attention_gflops",
               "latency_ratio", "flops_ratio", "latency_over_flops", "cpu_ratio", "cpu_over_flops", "peak_mem_mb", "note"]
 
@@ -34,7 +34,7 @@ def make_rows(cases: list[Case], device: torch.device) -> list[dict]:
     for c in cases:
         st = summarize(c.times_ms)
         ct = summarize(c.cpu_times_ms)
-        row = {"scenario": c.scenario, "case": c.case, "model": c.model, "backend": c.backend, "budget": c.budget,
+        row = {"preset": c.preset, "scenario": c.scenario, "case": c.case, "model": c.model, "backend": c.backend, "budget": c.budget,
                "budgets": _compact(c.budgets), "weak_budget": c.weak_budget, "batch": c.batch,
                "latents": round(c.latents, 3), **st, "cpu_ms": ct["latency_ms"], "cpu_q1_ms": ct["q1_ms"],
                "cpu_q3_ms": ct["q3_ms"], "repeats": len(c.times_ms),
@@ -67,15 +67,16 @@ def check_targets(rows: list[dict]) -> list[dict]:
     for clock, ratio_key, ms_key in (("wall", "latency_over_flops", "latency_ms"), ("cpu", "cpu_over_flops", "cpu_ms")):
         for r in rows:
             if r["scenario"] == "uniform" and r["model"] == "elit" and r[ratio_key] is not None:
-                out.append({"target": "latency_ratio <= 1.15 x flops_ratio", "clock": clock, "backend": r["backend"],
-                            "budget": r["budget"], "value": r[ratio_key], "holds": r[ratio_key] <= LATENCY_TARGET})
-        mixed = {(r["model"], r["backend"], r["case"]): r for r in rows if r["scenario"] == "mixed"}
-        for (model, be, case), r in mixed.items():
-            parts = mixed.get((model, be, "sum_of_parts"))
+                out.append({"target": "latency_ratio <= 1.15 x flops_ratio", "clock": clock, "preset": r["preset"],
+                            "backend": r["backend"], "budget": r["budget"], "value": r[ratio_key],
+                            "holds": r[ratio_key] <= LATENCY_TARGET})
+        mixed = {(r["preset"], r["model"], r["backend"], r["case"]): r for r in rows if r["scenario"] == "mixed"}
+        for (preset, model, be, case), r in mixed.items():
+            parts = mixed.get((preset, model, be, "sum_of_parts"))
             if case == "ragged" and parts and parts[ms_key] and r[ms_key]:
                 v = r[ms_key] / parts[ms_key]
-                out.append({"target": "mixed ragged <= 1.1 x sum of parts", "clock": clock, "backend": be,
-                            "budget": r["budgets"], "value": v, "holds": v <= MIXED_TARGET})
+                out.append({"target": "mixed ragged <= 1.1 x sum of parts", "clock": clock, "preset": preset,
+                            "backend": be, "budget": r["budgets"], "value": v, "holds": v <= MIXED_TARGET})
     return out
 
 
@@ -88,7 +89,7 @@ def _fmt(v, nd=2):
 
 
 def format_table(rows: list[dict], targets: list[dict], device_label: str) -> str:
-    cols = [("scenario", 9), ("case", 13), ("model", 8), ("backend", 11), ("budgets", 14), ("latents", 7),
+    cols = [("preset", 8), ("scenario", 9), ("case", 13), ("model", 8), ("backend", 11), ("budgets", 14), ("latents", 7),
             ("latency_ms", 10), ("q1_ms", 8), ("q3_ms", 8), ("cpu_ms", 8), ("gflops", 8), ("latency_ratio", 7),
             ("cpu_ratio", 7), ("flops_ratio", 7), ("peak_mem_mb", 9)]
     heads = {"latency_ms": "median_ms", "latency_ratio": "lat/full", "flops_ratio": "flop/full", "peak_mem_mb": "peak_MiB",
@@ -107,7 +108,8 @@ def format_table(rows: list[dict], targets: list[dict], device_label: str) -> st
         lines.append("")
         lines.append("targets:")
         for t in targets:
-            lines.append(f"  {'OK  ' if t['holds'] else 'FAIL'} {t['target']:<38} {t['clock']:<5} backend={t['backend']:<10} "
+            lines.append(f"  {'OK  ' if t['holds'] else 'FAIL'} {t['target']:<38} {t['clock']:<5} {t['preset']:<8} "
+                         f"backend={t['backend']:<10} "
                          f"budget={t['budget']!s:<12} value={t['value']:.3f}")
     return "\n".join(lines)
 
@@ -191,7 +193,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     series = {}
     for r in rows:
         if r["scenario"] == "uniform" and r["case"] == "uniform" and r["latency_ms"] is not None:
-            series.setdefault(f"{r['model']}/{r['backend']}", []).append(r)
+            series.setdefault(f"{r['preset']} {r['model']}/{r['backend']}", []).append(r)
     for name, rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["latents"])
         xs = [r["latents"] for r in rs]
@@ -202,9 +204,9 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
             ax2.plot(xs, [r["gflops"] for r in rs], marker="o", label=name)
     for r in rows:
         if r["model"] == "plain" and r["latency_ms"] is not None:
-            ax1.axhline(r["latency_ms"], ls="--", lw=1, color="gray", label=f"plain DiT/{r['backend']} (N tokens)")
+            ax1.axhline(r["latency_ms"], ls="--", lw=1, color="gray", label=f"{r['preset']} plain DiT/{r['backend']} (N tokens)")
             if r["gflops"] is not None:
-                ax2.axhline(r["gflops"], ls="--", lw=1, color="gray", label=f"plain DiT/{r['backend']}")
+                ax2.axhline(r["gflops"], ls="--", lw=1, color="gray", label=f"{r['preset']} plain DiT/{r['backend']}")
     ax1.set_xscale("log", base=2)
     ax2.set_xscale("log", base=2)
     ax1.set_xlabel("latents per sample (G·J̃)")
@@ -233,17 +235,17 @@ def markdown_summary(rows: list[dict], targets: list[dict], meta: dict) -> str:
            f"commit {meta.get('git_commit')} · {meta.get('date')} · threads {meta.get('cpu_threads')} · "
            f"repeats {meta.get('repeats_done', meta.get('repeats'))} (interleaved, medians)",
            "",
-           "| scenario | case | model | backend | budgets | latents/sample | median ms | IQR ms | CPU-time ms | GFLOPs "
+           "| preset | scenario | case | model | backend | budgets | latents/sample | median ms | IQR ms | CPU-time ms | GFLOPs "
            "| lat/full | CPU-time/full | FLOPs/full |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         iqr = f"{r['q1_ms']:.1f}–{r['q3_ms']:.1f}" if r["q1_ms"] is not None else "-"
-        out.append(f"| {r['scenario']} | {r['case']} | {r['model']} | {r['backend']} | {r['budgets'] or '-'} | "
+        out.append(f"| {r['preset']} | {r['scenario']} | {r['case']} | {r['model']} | {r['backend']} | {r['budgets'] or '-'} | "
                    f"{r['latents']:g} | {_fmt(r['latency_ms'], 1)} | {iqr} | {_fmt(r['cpu_ms'], 1)} | {_fmt(r['gflops'], 2)} | "
                    f"{_fmt(r['latency_ratio'], 3)} | {_fmt(r['cpu_ratio'], 3)} | {_fmt(r['flops_ratio'], 3)} |")
     if targets:
-        out += ["", "| target | clock | backend | budget | value | holds |", "|---|---|---|---|---|---|"]
+        out += ["", "| target | clock | preset | backend | budget | value | holds |", "|---|---|---|---|---|---|---|"]
         for t in targets:
-            out.append(f"| {t['target']} | {t['clock']} | {t['backend']} | {t['budget']} | {t['value']:.3f} | "
+            out.append(f"| {t['target']} | {t['clock']} | {t['preset']} | {t['backend']} | {t['budget']} | {t['value']:.3f} | "
                        f"{'yes' if t['holds'] else 'NO'} |")
     return "\n".join(out) + "\n"

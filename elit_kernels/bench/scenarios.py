@@ -1,11 +1,14 @@
 """The benchmark cases: uniform budgets, mixed (ragged) batches, guidance, and the two baselines.
 
-Every case of a run shares one set of weights (an ``ElitDiT``; per-backend shallow copies differ only in
-their ``backend`` attribute; the official-style wrapper and the plain DiT reuse or mirror its size).
+Every preset (``paper``, ``released``; models.config) gets its own cases. Within a preset every case shares
+one set of weights (an ``ElitDiT``; per-backend shallow copies differ only in their ``backend`` attribute;
+the official-style dense wrapper runs the same weights the way the official code does, and the plain DiT
+mirrors its size), so each table compares equal work.
 """
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +17,7 @@ from ..flow import guided_velocity
 from ..models import ElitDiT, PlainDiT
 from .official import OfficialStyleElit
 from .timing import Case
+from .timing import Case as _Case
 
 SCENARIOS = ("uniform", "mixed", "guidance", "baselines")
 GUIDANCE_SCALE = 4.0  # any non-zero scale: guided_velocity skips the weak pass at 0
@@ -21,7 +25,7 @@ GUIDANCE_SCALE = 4.0  # any non-zero scale: guided_velocity skips the weak pass 
 
 @dataclass
 class Setup:
-    cfg: object
+    cfgs: dict  # preset ("paper", "released") -> ElitConfig of the same size; every preset is benchmarked
     device: torch.device
     dtype: torch.dtype
     batch: int
@@ -49,10 +53,20 @@ def mixed_budgets(budgets: list[int], batch: int) -> list[int]:
 
 
 def build_cases(s: Setup) -> tuple[list[Case], dict]:
-    """All cases of a run, in the order they are visited each repeat, plus run metadata."""
-    cfg, dev, dt, b = s.cfg, s.device, s.dtype, s.batch
+    """All cases of a run (every preset of ``s.cfgs``), in the order they are visited each repeat, plus
+    run metadata."""
+    cases, meta = [], {}
+    for i, (preset, cfg) in enumerate(s.cfgs.items()):
+        c, meta = _preset_cases(s, preset, cfg, s.seed + 10 * i)
+        cases += c
+    return cases, meta
+
+
+def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], dict]:
+    dev, dt, b = s.device, s.dtype, s.batch
+    Case = functools.partial(_Case, preset=preset)  # noqa: N806  (every case of this preset carries it)
     jm = cfg.latents_per_group
-    g = torch.Generator().manual_seed(s.seed)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dt)
     t = torch.rand(b, generator=g).to(dev)
     y = torch.randint(0, cfg.num_classes, (b,), generator=g).to(dev)
@@ -60,7 +74,7 @@ def build_cases(s: Setup) -> tuple[list[Case], dict]:
     with dev:  # build on the device: initialising XL/2 on the host first costs seconds of the GPU budget
         base = ElitDiT(cfg)
     base = base.to(dev, dt).eval()
-    randomize_(base, s.seed)
+    randomize_(base, seed)
     elit = {}
     for be in s.backends:
         m = copy.copy(base)  # shares every parameter and submodule; only .backend differs
@@ -68,12 +82,14 @@ def build_cases(s: Setup) -> tuple[list[Case], dict]:
         elit[be] = m
     want = set(s.scenarios)
     official = OfficialStyleElit(base).eval() if want & {"baselines", "mixed", "guidance"} else None
+    official_note = ("official code's way: dense SDPA on (B·G, P, C) reshapes"
+                     + (", all P latents through Read/Write, kept ones gathered for the core" if cfg.budget_core_only else ""))
     plain = {}
     if "baselines" in want:
         with dev:
             pbase = PlainDiT(cfg)
         pbase = pbase.to(dev, dt).eval()
-        randomize_(pbase, s.seed + 1)
+        randomize_(pbase, seed + 1)
         for be in s.backends:
             m = copy.copy(pbase)
             m.backend = be
@@ -82,7 +98,7 @@ def build_cases(s: Setup) -> tuple[list[Case], dict]:
     cases: list[Case] = []
 
     def full_key(model, be):
-        return ("uniform", "uniform", model, be, jm)
+        return (preset, "uniform", "uniform", model, be, jm)
 
     def fwd(m, xx, tt, yy, bud):
         return lambda: m(xx, tt, yy, bud)
@@ -99,7 +115,7 @@ def build_cases(s: Setup) -> tuple[list[Case], dict]:
         if official is not None and ("baselines" in want or j == jm):
             cases.append(Case("uniform", "uniform", "official", "sdpa_dense", j, [j] * b, b, G * j,
                               fwd(official, x, t, y, j), [official], ref=full_key("official", "sdpa_dense"),
-                              note="official-style: dense SDPA on (B·G, P, C) reshapes"))
+                              note=official_note))
     for be in plain:
         n = cfg.grid * cfg.grid
         cases.append(Case("uniform", "plain_dit", "plain", be, None, [], b, n, fwd(plain[be], x, t, y, None),
@@ -148,10 +164,10 @@ def build_cases(s: Setup) -> tuple[list[Case], dict]:
                 m = elit[be]
                 buds = [jm] * (2 * b) if mode == "cfg" else [jm] * b + [jw] * b
                 cases.append(Case("guidance", mode, "elit", be, jm, buds, b, G * per, guided(m, mode), [m],
-                                  ref=("guidance", "cfg", "elit", be, jm), weak_budget=None if mode == "cfg" else jw))
+                                  ref=(preset, "guidance", "cfg", "elit", be, jm), weak_budget=None if mode == "cfg" else jw))
             if official is not None and mode != "ccfg":  # the dense path cannot run a ragged batch
                 buds = [jm] * (2 * b) if mode == "cfg" else [jm] * b + [jw] * b
                 cases.append(Case("guidance", mode, "official", "sdpa_dense", jm, buds, b, G * per,
-                                  guided(official, mode), [official], ref=("guidance", "cfg", "official", "sdpa_dense", jm),
+                                  guided(official, mode), [official], ref=(preset, "guidance", "cfg", "official", "sdpa_dense", jm),
                                   weak_budget=None if mode == "cfg" else jw))
     return cases, meta

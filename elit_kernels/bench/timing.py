@@ -38,10 +38,11 @@ class Case:
     flops: dict | None = None
     peak_mem_mb: float | None = None
     inner: int = 1  # calls per CPU timing sample
+    preset: str = "paper"  # the model config's preset: "paper" or "released" (models.config.PRESETS)
 
     @property
     def key(self) -> tuple:
-        return (self.scenario, self.case, self.model, self.backend, self.budget)
+        return (self.preset, self.scenario, self.case, self.model, self.backend, self.budget)
 
 
 def sync(device: torch.device) -> None:

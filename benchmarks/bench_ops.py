@@ -8,7 +8,7 @@ torch_varlen = torch.nn.attention.varlen, flash_attn when importable), SDPA flas
 padded batches (padding is set up untimed; on ragged shapes without a mask they compute padding too,
 so their rows say exact=false), and FlexAttention with a document mask (compiled on CUDA).
 FLOPs: 4·Σ(Lq·Lk)·H·D forward, ×3.5 for forward+backward (backward = 2.5× forward). A CPU number is
-labelled CPU. Cases are interleaved over repeats and medians quoted (DESIGN §6).
+labelled CPU. Cases are interleaved over repeats and medians quoted (docs/design.md §5).
 """
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: f
       (budgets ``[J̃]*B + [J̃_w]*B``), so the weak half costs only its own latents.
     - ``ccfg_two_pass``: the same maths as two forward passes (what the official code does).
 
-    ``scale`` is λ = the official ``cfg_scale − 1`` (official_elit/README.md §5.2). ``budget`` / ``weak_budget``:
+    ``scale`` is λ = the official ``cfg_scale − 1`` (docs/released_checkpoints.md §5). ``budget`` / ``weak_budget``:
     None (J_max / max(1, J_max // 16), the official default 1/16), an int, or one int per sample (latents per
     group; ``elit_kernels.official.latents_for_budget`` converts the official float budgets). ``dtype``: the
     dtype the passes are cast to before they are combined and of the result (None = x's dtype).
@@ -131,7 +131,7 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
                  scale: float = 0.0, weak_budget=None, guidance_interval=(0.0, 1.0), heun: bool = False,
                  progress: bool = False) -> torch.Tensor:
     """Integrate the flow ODE from t = 1 (``noise``) to t = 0 in ``steps`` steps, as the official
-    ``samplers.euler_sampler`` does (official_elit/README.md §5.1-5.2).
+    ``samplers.euler_sampler`` does (docs/released_checkpoints.md §5).
 
     - Times ``linspace(1, 0, steps + 1)`` in float64; the state is float64 and each model call gets it cast
       to the model's dtype; the result is returned in ``noise``'s dtype.

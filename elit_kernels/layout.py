@@ -167,7 +167,7 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
                  budget_core_only: bool = False) -> ElitLayout:
     """The ragged layout for ``batch`` samples with per-sample ``budgets`` (see ``normalize_budgets``).
 
-    ``budget_core_only``: the released ELIT-SiT semantics (official_elit/README.md §3.2 step 6): Read and
+    ``budget_core_only``: the released ELIT-SiT semantics (docs/released_checkpoints.md §3.2 step 6): Read and
     Write use all ``j_max`` latents of every group (``read_args``/``write_args`` come from ``interface``),
     the core uses the first J_b of each group.
 

@@ -40,7 +40,7 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, ref_lowprec: torch.Tensor, *,
                               atol: float = 1e-5, factor: float = 2.0, name: str = "out") -> None:
-    """The flash-attn tolerance rule (DESIGN.md §5).
+    """The flash-attn tolerance rule (docs/design.md §4).
 
     ``max|out - ref| <= factor * max|ref_lowprec - ref| + atol`` where ``ref`` is the reference in
     fp32/fp64 and ``ref_lowprec`` the reference run in the kernel's own dtype. NaN/Inf always fails.

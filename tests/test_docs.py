@@ -1,26 +1,57 @@
-"""The README's Python examples and the docstring examples run as written."""
+"""The documentation runs as written: every Python block of README.md and docs/*.md in a fresh interpreter,
+every relative link resolves, and the docstring examples pass."""
 import doctest
 import importlib
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("**/*.md"))
 
 
-def test_readme_python_examples_run():
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks, "README.md has no python examples"
-    ns = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), ns)
-    assert ns["out"].shape == (7, 8, 64)
+def _python_blocks():
+    for doc in DOCS:
+        text = doc.read_text()
+        for i, m in enumerate(re.finditer(r"```python\n(.*?)```", text, re.S)):
+            line = text[:m.start()].count("\n") + 2
+            yield pytest.param(doc, m.group(1), id=f"{doc.relative_to(ROOT)}:{line}")
+
+
+@pytest.mark.parametrize("doc,code", list(_python_blocks()))
+def test_python_block_runs_standalone(doc, code):
+    # A reader copies one block into a fresh interpreter: no names from earlier blocks, the default
+    # backends of a plain CPU session (no TRITON_INTERPRET, which the test session sets), repo root as cwd.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{doc.name} block failed:\n{code}\n--- stderr ---\n{r.stderr[-3000:]}"
+
+
+def test_readme_has_examples():
+    assert len([p for p in _python_blocks() if p.values[0].name == "README.md"]) >= 3
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+    text = doc.read_text()
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = target.split("#")[0]
+        if path and not (doc.parent / path).exists():
+            bad.append(target)
+    assert not bad, f"{doc.name}: links to missing files: {bad}"
 
 
 @pytest.mark.parametrize("module", ["elit_kernels.attention", "elit_kernels.layout", "elit_kernels.models.elit_dit",
-                                    "elit_kernels.reference.attention", "elit_kernels.reference.modulate"])
+                                    "elit_kernels.models.config", "elit_kernels.models.blocks",
+                                    "elit_kernels.official.budget", "elit_kernels.reference.attention",
+                                    "elit_kernels.reference.modulate"])
 def test_docstring_examples(module):
     res = doctest.testmod(importlib.import_module(module), extraglobs={"torch": importlib.import_module("torch")})
     assert res.attempted > 0 and res.failed == 0, res

@@ -2,7 +2,7 @@
 
 Every fixture in ``tests/fixtures/elit_sit_*.pt`` (plus any listed in ``$ELIT_OFFICIAL_FIXTURES``, paths
 separated by ``os.pathsep``) is a tiny checkpoint in the official layout with the official model's outputs
-(``reference``; see official_elit/README.md §1). Everything here runs through ``load_checkpoint`` alone.
+(``reference``; see docs/released_checkpoints.md §1). Everything here runs through ``load_checkpoint`` alone.
 """
 import argparse
 import glob
@@ -518,3 +518,75 @@ def test_both_presets_match_the_reference_backend_values_and_grads(preset, backe
     for (n, p_ref), p in zip(m_ref.named_parameters(), m.parameters()):
         assert p_ref.grad is not None and p_ref.grad.abs().max() > 0, n
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+# --- other sizes: a released-preset model exported to the official layout loads back exactly ----------------
+def _to_official(m):
+    """Our released-preset state_dict -> the official key layout (the inverse of convert_state_dict)."""
+    from elit_kernels.official.loader import READ, READ_ATTN, WRITE, WRITE_ATTN
+
+    cfg, sd = m.cfg, m.state_dict()
+    d = cfg.hidden
+    perm = group_major_permutation(cfg.grid, cfg.grid, cfg.window)
+    pos = torch.empty_like(m.stem.pos_embed)
+    pos[perm] = m.stem.pos_embed  # back to raster order
+    out = {"pos_embed": pos[None], "x_embedder.proj.weight": sd["stem.patch_embed.weight"],
+           "x_embedder.proj.bias": sd["stem.patch_embed.bias"],
+           "y_embedder.embedding_table.weight": sd["stem.y_embed.weight"],
+           READ + "learned_query_embed": sd["latent_embed"], READ + "pos_embed": sd["read_pos_embed"],
+           READ + "latent_pos_embed": sd["latent_pos_embed"], WRITE + "pos_embed": sd["write_pos_embed"],
+           READ + "fit_layer.adaLN_modulation.1.weight": torch.cat([sd["read.ada.weight"], torch.randn(d, d)]),
+           READ + "fit_layer.adaLN_modulation.1.bias": torch.cat([sd["read.ada.bias"], torch.randn(d)]),
+           READ + "fit_layer.read_ff.0.fc1.weight": sd["read.mlp.fc1.weight"],
+           READ + "fit_layer.read_ff.0.fc2.weight": sd["read.mlp.fc2.weight"],
+           WRITE + "write_ff.0.fc1.weight": sd["write.mlp.fc1.weight"],
+           WRITE + "write_ff.0.fc2.weight": sd["write.mlp.fc2.weight"]}
+    for w in ("weight", "bias"):
+        for j in (0, 2):
+            out[f"t_embedder.mlp.{j}.{w}"] = sd[f"stem.t_embed.mlp.{j}.{w}"]
+        out[f"final_layer.linear.{w}"] = sd[f"stem.final.linear.{w}"]
+        out[f"final_layer.adaLN_modulation.1.{w}"] = sd[f"stem.final.ada.{w}"]
+    blocks = [f"head.{i}" for i in range(cfg.n_head)] + [f"core.{i}" for i in range(cfg.core_blocks)] + \
+             [f"tail.{i}" for i in range(cfg.n_tail)]
+    for i, src in enumerate(blocks):
+        for w in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([sd[f"{src}.attn.q.{w}"], sd[f"{src}.attn.kv.{w}"]])
+            for a, b in (("attn.proj", "attn.proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"), ("adaLN_modulation.1", "ada")):
+                out[f"blocks.{i}.{a}.{w}"] = sd[f"{src}.{b}.{w}"]
+    for a, src in ((READ_ATTN, "read.attn"), (WRITE_ATTN, "write.attn")):
+        for w in ("weight", "bias"):
+            out[a + f"q_proj.{w}"], out[a + f"kv_proj.{w}"] = sd[f"{src}.q.{w}"], sd[f"{src}.kv.{w}"]
+            out[a + f"proj.{w}"] = sd[f"{src}.proj.{w}"]
+        out[a + "q_norm.scale"], out[a + "k_norm.scale"] = sd[f"{src}.q_norm.weight"], sd[f"{src}.k_norm.weight"]
+    return out
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(hidden=24, depth=5, heads=3, head_blocks=2, tail_blocks=1, window=2, num_classes=7, input_size=16, patch=2),
+    dict(hidden=32, depth=4, heads=4, head_blocks=0, tail_blocks=2, window=4, num_classes=3, input_size=32, patch=4),
+], ids=["gs2_h3", "p4_gs4_h4"])
+def test_other_sizes_load_back_exactly(tmp_path, sizes):
+    from elit_kernels.models import ElitConfig
+    from elit_kernels.models.config import RELEASED_SWITCHES
+
+    cfg = ElitConfig(**sizes, **RELEASED_SWITCHES)
+    torch.manual_seed(0)
+    m = ElitDiT(cfg, backend="torch")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    sd = _to_official(m)
+    args = argparse.Namespace(model="ELIT-SiT-Custom/2", num_classes=cfg.num_classes, encoder_depth=cfg.n_head,
+                              resolution=cfg.input_size * 8, elit_group_size=cfg.window, qk_norm=False,
+                              elit_read_depth=1, elit_write_depth=1, elit_max_mask_prob=0.9375, elit_min_mask_prob=0.0)
+    p = tmp_path / "custom.pt"
+    torch.save({"model": sd, "ema": sd, "opt": {"state": {}, "param_groups": []}, "args": args, "steps": 7,
+                "lr_scheduler": {"_milestones": [10000], "last_epoch": 7}}, p)
+    loaded = load_checkpoint(str(p), arch={"num_heads": cfg.heads, "dit_decoder_depth": cfg.n_tail}, backend="torch")
+    assert loaded.cfg == cfg
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t, y = torch.rand(3, generator=g), torch.tensor([0, cfg.num_classes, 2])
+    with torch.no_grad():
+        for budgets in (None, [1, cfg.latents_per_group, 2]):
+            torch.testing.assert_close(loaded(x, t, y, budgets), m(x, t, y, budgets), rtol=0, atol=0)

@@ -9,7 +9,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Debug aid (DESIGN.md §5): fill kernel outputs with NaN before launch so an element a kernel
+# Debug aid (docs/design.md §4): fill kernel outputs with NaN before launch so an element a kernel
 # forgets to write fails the tests instead of passing on leftover memory.
 _poison_outputs = os.environ.get("ELIT_POISON_OUTPUTS", "0") not in ("0", "", "false", "False")
 

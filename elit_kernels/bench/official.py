@@ -1,7 +1,7 @@
 """The official code's way of running an ELIT model, as a baseline: dense SDPA on reshaped tensors.
 
 It reuses an ``ElitDiT``'s weights (no copy) but runs the way github.com/snap-research/elit does
-(ELIT_SPEC "What the official code does"; official_elit/README.md §3.2): spatial tokens in row-major order,
+(docs/released_checkpoints.md §3.2): spatial tokens in row-major order,
 window partition to ``(B·G, P, C)`` by reshape/permute copies, every attention a dense
 ``F.scaled_dot_product_attention`` over ``[batch, H, L, D]``, the Write output scattered back to row-major,
 and **one budget for the whole batch** (a list of equal budgets is accepted, so ``flow.guided_velocity``

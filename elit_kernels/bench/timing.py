@@ -1,4 +1,4 @@
-"""Timing and memory of one benchmark case, and the interleaved runner (DESIGN §6).
+"""Timing and memory of one benchmark case, and the interleaved runner (docs/design.md §5).
 
 CUDA: ``triton.testing.do_bench`` (median of many launches, L2 flush) once per case per repeat.
 CPU: ``time.perf_counter`` around a call (looped when one call is shorter than ``min_cpu_ms``), after

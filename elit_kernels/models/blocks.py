@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
     """RMSNorm over the last dim with a learned gain ``[dim]`` (the QK-norm inside attention).
 
     ``eps_outside_root=False`` (the paper preset): ``x * rsqrt(mean(x²) + eps)``. ``True`` (the released
-    ELIT-SiT Read/Write attention, official_elit/README.md §3.2 step 5): ``x / (sqrt(mean(x²)) + eps)``.
+    ELIT-SiT Read/Write attention, docs/released_checkpoints.md §3.2 step 5): ``x / (sqrt(mean(x²)) + eps)``.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, eps_outside_root: bool = False):
@@ -187,7 +187,7 @@ class TimestepEmbedder(nn.Module):
     ``exp(-ln(10000)·i/128)``) -> Linear, SiLU, Linear -> ``[B, C]``.
 
     ``scale`` 1000 feeds DiT's integer-step range (the paper preset); the released ELIT-SiT feeds t as
-    given (``scale=1``, official_elit/README.md §3.2 step 2)."""
+    given (``scale=1``, docs/released_checkpoints.md §3.2 step 2)."""
 
     def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
@@ -207,7 +207,7 @@ def sincos_2d(dim: int, h: int, w: int, column_first: bool = False) -> torch.Ten
 
     Each half of the channels is ``[sin(pos·ω_k), cos(pos·ω_k)]``, ``ω_k = 10000^(-k/(dim/4))``. The first
     half encodes the row index, or the column index when ``column_first`` (DiT's and the released
-    ELIT-SiT table, official_elit/README.md §3.2 step 1; the paper preset keeps row first).
+    ELIT-SiT table, docs/released_checkpoints.md §3.2 step 1; the paper preset keeps row first).
 
     >>> sincos_2d(8, 2, 3).shape
     torch.Size([6, 8])

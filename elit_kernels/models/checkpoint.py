@@ -23,7 +23,7 @@ from .elit_dit import ElitDiT
 
 FORMAT = "elit-kernels/1"
 READABLE_FORMATS = (FORMAT, "elit-demo/1")
-# Everything a released ELIT-SiT file pickles besides tensors and builtins (official_elit/README.md §7): its
+# Everything a released ELIT-SiT file pickles besides tensors and builtins (docs/released_checkpoints.md §7): its
 # ``args``. Nothing else is unpickled by our readers.
 SAFE_GLOBALS = [argparse.Namespace]
 

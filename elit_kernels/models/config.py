@@ -5,7 +5,7 @@
   latent embeddings plus the fixed sin-cos position of their window, DiT's ``1000·t`` timestep input, and
   budgets that apply to Read, core and Write alike.
 - ``elit_sit_config(name, res)``: the **released** ELIT-SiT code and checkpoints (github.com/snap-research/elit,
-  ``models/sit_elit.py``), as stated in ``official_elit/README.md`` §3: ``encoder_depth`` head blocks and the
+  ``models/sit_elit.py``), as stated in ``docs/released_checkpoints.md`` §3: ``encoder_depth`` head blocks and the
   registry's tail count, no QK-norm in the DiT blocks, raw latent queries in Read, learned position tables,
   a Write with no norm, modulation or gates, full-width RMSNorm (eps outside the root) in Read/Write attention,
   t fed in [0, 1], the sin-cos table with its column half first, and the official budget semantics (Read and
@@ -169,13 +169,13 @@ def _check_resolution(resolution) -> None:
         raise ValueError(f"resolution: expected a positive multiple of 8 (pixels, 8x VAE), got {resolution!r}")
 
 
-# The official registry (models/sit_elit.py; official_elit/README.md §3.3): size -> (depth, hidden, heads,
+# The official registry (models/sit_elit.py; docs/released_checkpoints.md §3.3): size -> (depth, hidden, heads,
 # tail blocks = dit_decoder_depth). Patch 2, 4 and 8 variants share the sizes.
 SIT_REGISTRY = {"XL": (28, 1152, 16, 4), "L": (24, 1024, 16, 4), "B": (12, 768, 12, 2), "S": (12, 384, 6, 2)}
 SIT_PATCHES = (2, 4, 8)
 _SIT_NAME = re.compile(r"^(?:ELIT-SiT-)?(XL|L|B|S)/(\d+)$")
 
-# The switches of the released code (official_elit/README.md §3.2); elit_sit_config applies them.
+# The switches of the released code (docs/released_checkpoints.md §3.2); elit_sit_config applies them.
 RELEASED_SWITCHES = dict(
     block_qk_norm=False, interface_qk_norm="full_width", read_modulates_queries=False, write_prenorm=False,
     interface_mlp_bias=False, latent_group_pos=False, learned_interface_pos=True, latent_pos_rows=4096,

@@ -139,7 +139,7 @@ class ElitDiT(nn.Module):
         # ~sqrt(C/2), and 0.02-std embeddings vanish beside it, so a group's J latents would start almost
         # identical and the extra ones stay unused (measured in the demo: held-out loss flat across budgets).
         self.latent_embed = nn.Parameter(torch.randn(cfg.latents_per_group, c))
-        if cfg.learned_interface_pos:  # the released code's tables (official_elit/README.md §3.2 steps 4, 7)
+        if cfg.learned_interface_pos:  # the released code's tables (docs/released_checkpoints.md §3.2 steps 4, 7)
             p = cfg.tokens_per_group
             self.read_pos_embed = nn.Parameter(torch.randn(p, c) * 0.02)  # [P, C] added to Read's spatial side
             self.write_pos_embed = nn.Parameter(torch.randn(p, c) * 0.02)  # [P, C] added to Write's queries

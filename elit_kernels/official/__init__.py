@@ -2,7 +2,7 @@
 
 ``load_checkpoint(path)`` rebuilds the released architecture as ``ElitDiT(elit_sit_config(...))`` and loads
 the EMA weights; ``latents_for_budget(b, cfg)`` turns the official float budget into latents per group;
-``elit-convert`` (``elit_kernels.official.cli``) writes our own file format. Facts: official_elit/README.md.
+``elit-convert`` (``elit_kernels.official.cli``) writes our own file format. Facts: docs/released_checkpoints.md.
 """
 from .budget import latents_for_budget
 from .loader import (CheckpointError, UnsafeCheckpointError, check_keys, convert_state_dict, load_checkpoint,

@@ -1,4 +1,4 @@
-"""The released ELIT-SiT code's budget argument: one float, a fraction or a count (official_elit/README.md §4)."""
+"""The released ELIT-SiT code's budget argument: one float, a fraction or a count (docs/released_checkpoints.md §4)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Load the released ELIT-SiT checkpoints (github.com/snap-research/elit ``train.py`` files) into ``ElitDiT``.
 
-Facts used here are from ``official_elit/README.md``: §1-2 (file layout and ``args``), §3.1 (every key and
+Facts used here are from ``docs/released_checkpoints.md``: §1-2 (file layout and ``args``), §3.1 (every key and
 shape), §3.3 (registry and head/core/tail split). The network is rebuilt from ``args`` + the tensor shapes +
 the registry name; ``arch`` (official constructor keyword names) supplies what a name outside the registry
 cannot: ``num_heads`` and ``dit_decoder_depth`` (the tail count) are in neither ``args`` nor the weights.

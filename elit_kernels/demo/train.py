@@ -17,11 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from ..flow import logit_normal, rectified_flow_loss, sample_budgets
-from ..models import ElitConfig, ElitDiT, config_dict, elit_config
+from ..models import ElitConfig, ElitDiT, elit_config, load_model, save_model
 from .data import IMAGE_SIZE, NUM_CLASSES, DigitsSplit
-
-CHECKPOINT_FORMAT = "elit-demo/1"
-
 
 def demo_config(j_max: int = 16) -> ElitConfig:
     """The demo model: ``tiny`` (hidden 64, 2 heads, 1 head / 1 core / 1 tail block) on 1x16x16 images.
@@ -179,20 +176,11 @@ def _params_in_sync(model) -> bool:
 
 
 def save_checkpoint(path: str, model: ElitDiT, meta: dict | None = None) -> None:
-    """``{"format", "config": config_dict(cfg), "state_dict", "meta"}``; loadable with weights_only=True."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "config": config_dict(model.cfg),
-                "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "meta": dict(meta or {})}, path)
+    """The model file of ``elit_kernels.models.save_model`` (config + state_dict + meta; torch or safetensors
+    by extension), loadable with ``weights_only=True``."""
+    save_model(path, model, meta)
 
 
 def load_checkpoint(path: str, backend: str | None = None) -> tuple[ElitDiT, dict]:
-    """Rebuild the exact model of a checkpoint: ``ElitDiT(ElitConfig(**config))`` + strict state_dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an elit-demo checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    model = ElitDiT(ElitConfig(**ckpt["config"]), backend=backend)
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    model.eval()
-    return model, ckpt.get("meta", {})
+    """Rebuild the exact model of a checkpoint (``save_checkpoint``'s, or an older ``elit-demo/1`` file)."""
+    return load_model(path, backend=backend, return_meta=True)

@@ -93,6 +93,54 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
     return out
 
 
+@dataclass(eq=False)
+class TokenRuns:
+    """Which sample each row of a packed ``[T, C]`` token tensor belongs to, as runs of consecutive samples
+    with equal token counts (Python ints, built once per forward from the budgets: no host sync).
+
+    ``runs``: ``((row_start, row_stop, sample_start, sample_stop), ...)``; a run holds ``sample_stop -
+    sample_start`` samples of ``(row_stop - row_start) // (sample_stop - sample_start)`` tokens each, so
+    ``x[row_start:row_stop].view(samples, tokens, C)`` is a view and a per-sample ``[B, C]`` adaLN parameter
+    broadcasts over it: no ``[T, C]`` gather. Spatial tokens are one run; a uniform latent batch is one run;
+    a mixed batch has one run per stretch of equal budgets. Samples with no token form no run.
+
+    >>> r = TokenRuns.from_counts([4, 4, 2, 0, 2])
+    >>> r.runs, r.total, r.index.tolist()
+    (((0, 8, 0, 2), (8, 10, 2, 3), (10, 12, 4, 5)), 12, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 4, 4])
+    """
+
+    runs: tuple
+    total: int
+    batch: int
+    device: torch.device | str = "cpu"
+    _index: torch.Tensor | None = None
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[int], device="cpu") -> "TokenRuns":
+        """Runs from tokens per sample (a list of Python ints)."""
+        runs, row, i = [], 0, 0
+        counts = [int(c) for c in counts]
+        while i < len(counts):
+            j = i
+            while j + 1 < len(counts) and counts[j + 1] == counts[i]:
+                j += 1
+            n = counts[i] * (j - i + 1)
+            if n:
+                runs.append((row, row + n, i, j + 1))
+            row, i = row + n, j + 1
+        return cls(tuple(runs), row, len(counts), device)
+
+    @property
+    def index(self) -> torch.Tensor:
+        """``[T]`` long: the sample of every row (built on first use, for implementations that gather)."""
+        if self._index is None:
+            idx = torch.empty(self.total, dtype=torch.long, device=self.device)
+            for a, b, s0, s1 in self.runs:
+                idx[a:b] = torch.arange(s0, s1, device=self.device).repeat_interleave((b - a) // (s1 - s0))
+            self._index = idx
+        return self._index
+
+
 @dataclass
 class ElitLayout:
     """Everything the attention calls of one ELIT forward need, computed once from the budgets.
@@ -116,7 +164,7 @@ class ElitLayout:
     max_core: int  # G * max J_b
     # Spatial self-attention (head/tail blocks): one segment per sample.
     cu_image: torch.Tensor  # [B + 1] int32
-    latent_sample: torch.Tensor  # [T] long: sample of each packed latent (adaLN gathers with it)
+    latent_sample: torch.Tensor  # [T] long: sample of each packed latent
     latent_group: torch.Tensor  # [T] long: group of each packed latent
     latent_index: torch.Tensor  # [T] long: index j inside its group (selects the shared embedding)
     pack_index: torch.Tensor  # [T] long: flat index into a [B, G, J_max] grid
@@ -125,6 +173,9 @@ class ElitLayout:
     # latents are exactly the [B, G, J_max] grid, so ``pack_index`` gathers the core's latents from them.
     # None when Read, core and Write see the same latents (the paper's semantics, or every budget J_max).
     interface: "ElitLayout | None" = None
+    # Rows by sample, for per-sample adaLN parameters that broadcast instead of gathering (TokenRuns).
+    latent_runs: TokenRuns | None = None  # the packed core latents [T, C]
+    spatial_runs: TokenRuns | None = None  # the spatial tokens [B*N, C]: one run
 
     @property
     def interface_layout(self) -> "ElitLayout":
@@ -195,12 +246,16 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
     interface = None
     if budget_core_only and any(b != j_max for b in bud):
         interface = build_layout(None, batch, groups, tokens_per_group, j_max, device=device)
+    latent_runs = TokenRuns.from_counts([groups * b for b in bud], device)
+    latent_runs._index = sample
+    spatial_runs = TokenRuns(((0, batch * groups * tokens_per_group, 0, batch),) if batch else (),
+                             batch * groups * tokens_per_group, batch, device)
     return ElitLayout(
         batch=batch, groups=groups, tokens_per_group=tokens_per_group, j_max=j_max, budgets=bud,
         total_latents=total, cu_latents=cu_lat, cu_spatial=cu_sp, max_latents=max(bud, default=0),
         cu_core=cu_core, max_core=groups * max(bud, default=0), cu_image=cu_img,
         latent_sample=sample, latent_group=group, latent_index=j, pack_index=seg * j_max + j,
-        interface=interface,
+        interface=interface, latent_runs=latent_runs, spatial_runs=spatial_runs,
     )
 
 

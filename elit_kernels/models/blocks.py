@@ -1,9 +1,10 @@
 """Building blocks of the reference ELIT-DiT: every token tensor is packed ``[tokens, C]``.
 
-Spatial tokens of B samples are ``[B*N, C]`` (sample-major, group-major inside a sample); latents of a
-ragged batch are ``[T, C]``. adaLN conditioning is per sample and reaches each token through a
-token->sample index, so the same block code serves uniform and ragged batches. Every attention is
-``varlen_attention`` with the cu_seqlens of the ElitLayout.
+Spatial tokens of B samples are ``[B*N, C]`` (sample-major, group-major inside a sample; the memory of a
+``[B, N, C]`` batch); latents of a ragged batch are ``[T, C]``. adaLN conditioning is per sample and reaches
+the tokens through the layout's ``TokenRuns`` (runs of equal-length samples, viewed ``[samples, L, C]`` so the
+``[B, C]`` parameters broadcast), so the same block code serves uniform and ragged batches. Every attention
+is ``varlen_attention`` with the cu_seqlens of the ElitLayout.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero DiT block (self-attention + MLP) on packed tokens; ``index`` maps token -> sample.
+    """adaLN-Zero DiT block (self-attention + MLP) on packed tokens; ``index`` (a ``TokenRuns``) maps rows to samples.
 
     Modulation chunks in DiT's order: shift/scale/gate for attention, then for the MLP."""
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..attention import value_checks_enabled
-from ..layout import ElitLayout, build_layout, from_group_major, group_major_permutation, to_group_major
+from ..layout import ElitLayout, TokenRuns, build_layout, from_group_major, group_major_permutation, to_group_major
 from .blocks import DiTBlock, FinalLayer, ReadBlock, TimestepEmbedder, WriteBlock, sincos_2d, zero_output_layers
 from .config import ElitConfig, elit_config  # noqa: F401  (elit_config: the doctest)
 from .ops import get_elementwise
@@ -184,9 +184,9 @@ class ElitDiT(nn.Module):
             raise ValueError(f"layout: built for batch {lay.batch}, x has batch {b}")
         ew, be = get_elementwise(self.elementwise), self.backend
         s, c = self.stem.embed(x, t, y)
-        sp_index = lay.spatial_sample(x.device)
+        sp_runs = lay.spatial_runs
         for blk in self.head:
-            s = blk(s, c, sp_index, lay.image_args, ew, be)
+            s = blk(s, c, sp_runs, lay.image_args, ew, be)
         if cfg.learned_interface_pos:  # the Write later starts from this s too
             s = self._add_in_group(s, self.read_pos_embed)
         # Read: the latents Read and Write see (all J_max per group under the official budget semantics).
@@ -194,20 +194,20 @@ class ElitDiT(nn.Module):
         lat = self.latent_embed[ia.latent_index]
         if cfg.latent_group_pos:
             lat = lat + self.group_pos[ia.latent_group]
-        lat = self.read(lat.to(s.dtype), s, c, ia.latent_sample, sp_index, lay.read_args, ew, be)
+        lat = self.read(lat.to(s.dtype), s, c, ia.latent_runs, sp_runs, lay.read_args, ew, be)
         if cfg.learned_interface_pos:
             slot = ia.latent_group * cfg.tokens_per_group + ia.latent_index
             lat = lat + self.latent_pos_embed[self.slot_raster_index[slot]].to(lat.dtype)
         # Core: the first J_b latents of each group of sample b; dropped ones keep their Read values.
         core = lat[lay.pack_index] if lay.interface is not None else lat
         for blk in self.core:
-            core = blk(core, c, lay.latent_sample, lay.core_args, ew, be)
+            core = blk(core, c, lay.latent_runs, lay.core_args, ew, be)
         lat = lat.index_copy(0, lay.pack_index, core) if lay.interface is not None else core
         sq = self._add_in_group(s, self.write_pos_embed) if cfg.learned_interface_pos else s
         s = self.write(sq, lat, lay.write_args, be)
         for blk in self.tail:
-            s = blk(s, c, sp_index, lay.image_args, ew, be)
-        return self.stem.unpatchify(self.stem.final(s, c, sp_index, ew), b)
+            s = blk(s, c, sp_runs, lay.image_args, ew, be)
+        return self.stem.unpatchify(self.stem.final(s, c, sp_runs, ew), b)
 
 
 class PlainDiT(nn.Module):
@@ -236,8 +236,8 @@ class PlainDiT(nn.Module):
         ew = get_elementwise(self.elementwise)
         s, c = self.stem.embed(x, t, y)
         n = cfg.grid * cfg.grid
-        idx = torch.arange(b, device=x.device).repeat_interleave(n)
+        runs = TokenRuns(((0, b * n, 0, b),) if b else (), b * n, b, x.device)
         cu = torch.arange(0, (b + 1) * n, n, device=x.device, dtype=torch.int32)
         for blk in self.blocks:
-            s = blk(s, c, idx, (cu, cu, n, n), ew, self.backend)
-        return self.stem.unpatchify(self.stem.final(s, c, idx, ew), b)
+            s = blk(s, c, runs, (cu, cu, n, n), ew, self.backend)
+        return self.stem.unpatchify(self.stem.final(s, c, runs, ew), b)

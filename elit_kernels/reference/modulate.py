@@ -1,29 +1,60 @@
-"""Reference ragged elementwise ops of the ELIT model (packed tokens + a token->sample index).
+"""Reference ragged elementwise ops of the ELIT model (packed tokens, per-sample adaLN parameters).
 
-adaLN conditioning is per sample; tokens of a ragged batch are packed ``[T, C]`` and find their
-sample's shift/scale/gate through ``index`` ([T] long). Spatial tokens use the same ops with
-``index = arange(B).repeat_interleave(N)``.
+adaLN conditioning is per sample; tokens of a ragged batch are packed ``[T, C]``. ``tokens`` says which
+sample each row belongs to, either as a ``TokenRuns`` (runs of equal-length samples: each run is viewed as
+``[samples, L, C]`` and the ``[B, C]`` parameters broadcast over it, no gather) or as a ``[T]`` long index
+(the parameters are gathered per token). Both give the same values.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..layout import TokenRuns
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
-                       eps: float = 1e-6) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale[index]) + shift[index]`` (LayerNorm without affine, as DiT's adaLN).
 
-    x ``[T, C]``, shift/scale ``[B, C]``, index ``[T]`` long -> ``[T, C]`` in x's dtype.
+def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn) -> torch.Tensor:
+    """``fn(x_run [S, L, C], *[p[s0:s1, None] for p in params]) -> [S, L, C]`` over every run; one ``[T, C]`` result."""
+    c = x.shape[-1]
+    parts = []
+    for a, b, s0, s1 in tokens.runs:
+        xr = x[a:b].view(s1 - s0, -1, c)
+        parts.append(fn(xr, *[p[s0:s1, None] for p in params]).reshape(b - a, c))
+    if not parts:  # no tokens at all
+        return x.new_zeros(0, c)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index, eps: float = 1e-6) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale[sample]) + shift[sample]`` (LayerNorm without affine, as DiT's adaLN), in fp32.
+
+    x ``[T, C]``, shift/scale ``[B, C]``, index: a ``TokenRuns`` or a ``[T]`` long token->sample index ->
+    ``[T, C]`` in x's dtype.
 
     >>> x = torch.randn(5, 8); s = torch.randn(2, 8); idx = torch.tensor([0, 0, 1, 1, 1])
-    >>> layernorm_modulate(x, s, s, idx).shape
-    torch.Size([5, 8])
+    >>> a = layernorm_modulate(x, s, s, idx); b = layernorm_modulate(x, s, s, TokenRuns.from_counts([2, 3]))
+    >>> a.shape, torch.allclose(a, b)
+    (torch.Size([5, 8]), True)
     """
+    def fn(xr, sh, sc):
+        h = F.layer_norm(xr.float(), (xr.shape[-1],), eps=eps)
+        return torch.addcmul(sh.float(), h, 1 + sc.float()).to(x.dtype)
+
+    if isinstance(index, TokenRuns):
+        return _per_run(x, (shift, scale), index, fn)
     h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
     return (h * (1 + scale.float()[index]) + shift.float()[index]).to(x.dtype)
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x + gate[index] * y``: x, y ``[T, C]``, gate ``[B, C]``, index ``[T]`` long -> ``[T, C]``."""
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, index) -> torch.Tensor:
+    """``x + gate[sample] * y``: x, y ``[T, C]``, gate ``[B, C]``, index a ``TokenRuns`` or ``[T]`` long -> ``[T, C]``."""
+    if isinstance(index, TokenRuns):
+        c = x.shape[-1]
+        parts = []
+        for a, b, s0, s1 in index.runs:
+            xr, yr = x[a:b].view(s1 - s0, -1, c), y[a:b].view(s1 - s0, -1, c)
+            parts.append(torch.addcmul(xr.float(), gate[s0:s1, None].float(), yr.float()).to(x.dtype).reshape(b - a, c))
+        if not parts:
+            return x.clone()
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     return (x.float() + gate.float()[index] * y.float()).to(x.dtype)

@@ -156,3 +156,42 @@ def test_cuda_flag_without_gpu_errors(capsys):
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "elit_kernels.bench", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--budgets" in r.stdout and "--scenarios" in r.stdout
+
+
+def test_attention_flops_pinned_by_hand():
+    # Lq = Lk = 2, H = 1, D = 8: QK^T is 2·2·8 multiply-adds, PV the same -> 2·(2·2·2·8) = 128 FLOPs
+    from elit_kernels.bench.flops import AttentionFlops
+
+    assert AttentionFlops().add_segments([2], [2], heads=1, head_dim=8) == 128
+
+
+@pytest.mark.parametrize("preset", ["paper", "released"])
+def test_model_flops_match_an_independent_count(preset):
+    # Every matmul of one forward counted from the architecture by hand: 2·tokens·in·out per Linear, the
+    # patch conv, and 4·Lq·Lk·D per head of attention; compared with FlopCounterMode + the analytic attention.
+    cfg = preset_config(preset, "tiny", 64)
+    m = ElitDiT(cfg, backend="torch").eval()
+    budgets = [1, 4, 2]
+    b = len(budgets)
+    x, t, y = _inputs(cfg, b)
+    d, n, g, p = cfg.hidden, cfg.tokens, cfg.groups, cfg.tokens_per_group
+    hid, ihid = int(d * cfg.mlp_ratio), int(d * cfg.interface_mlp_ratio)
+    lat = g * sum(budgets)  # core latents
+    lat_iface = b * g * cfg.latents_per_group if cfg.budget_core_only else lat
+    lin = lambda tokens, i, o: 2 * tokens * i * o  # noqa: E731
+    block = lambda tokens: lin(tokens, d, 3 * d) + lin(tokens, d, d) + lin(tokens, d, hid) + lin(tokens, hid, d)  # noqa: E731
+    cond = lin(b, 256, d) + lin(b, d, d)  # timestep MLP
+    ada = lambda chunks: lin(b, d, chunks * d)  # noqa: E731
+    total = lin(b * n, cfg.in_channels * cfg.patch ** 2, d) + cond
+    total += (cfg.n_head + cfg.n_tail) * (block(b * n) + ada(6)) + cfg.core_blocks * (block(lat) + ada(6))
+    read_q = lat_iface
+    total += lin(read_q, d, d) + lin(b * n, d, 2 * d) + lin(read_q, d, d) + lin(read_q, d, ihid) + lin(read_q, ihid, d)
+    total += ada(8 if cfg.read_modulates_queries else 6)
+    total += lin(b * n, d, d) + lin(lat_iface, d, 2 * d) + lin(b * n, d, d) + lin(b * n, d, ihid) + lin(b * n, ihid, d)
+    total += ada(2) + lin(b * n, d, cfg.patch ** 2 * cfg.in_channels)  # final layer
+    h, hd = cfg.heads, cfg.head_dim
+    attn = sum(4 * h * hd * ((cfg.n_head + cfg.n_tail) * n * n + cfg.core_blocks * (g * j) ** 2) for j in budgets)
+    attn += 2 * 4 * h * hd * lat_iface * p  # Read and Write: every (latent, token) pair of a group
+    f = count_flops(lambda: m(x, t, y, budgets), [m])
+    assert f["attention"] == attn
+    assert f["total"] == total + attn

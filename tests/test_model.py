@@ -327,3 +327,71 @@ def test_model_compiles_fullgraph_for_both_presets():
         x, t, y = inputs(3, cfg=cfg)
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x, t, y, [4, 1, 2]), m(x, t, y, [4, 1, 2]), rtol=1e-5, atol=1e-6)
+
+
+# --- tests a mutation audit asked for: each fails if the named bug is planted ----------------------------
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_fresh_write_block_is_the_identity(prenorm):
+    # the Write's attention output projection and its MLP's last layer start at zero (official init), so a
+    # new model's Write passes the spatial tokens through unchanged (a whole-model check cannot see this:
+    # the final layer starts at zero too)
+    from elit_kernels.layout import build_layout
+    from elit_kernels.models.blocks import WriteBlock
+
+    torch.manual_seed(0)
+    w = WriteBlock(16, 2, prenorm=prenorm, qk_norm="per_head" if prenorm else "full_width", mlp_bias=prenorm)
+    lay = build_layout([3, 1], 2, groups=2, tokens_per_group=4, j_max=4)
+    s = torch.randn(2 * 2 * 4, 16)
+    lat = torch.randn(lay.total_latents, 16)
+    assert torch.equal(w(s, lat, lay.write_args, backend="torch"), s)
+    with torch.no_grad():
+        w.mlp.fc2.weight.normal_()
+    assert not torch.equal(w(s, lat, lay.write_args, backend="torch"), s)  # the check can fail
+
+
+def test_logit_normal_has_the_logit_normal_distribution():
+    g = torch.Generator().manual_seed(0)
+    t = logit_normal(20000, generator=g).double()
+    z = torch.log(t / (1 - t))  # logit(t) ~ N(0, 1)
+    assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03
+    # Kolmogorov-Smirnov distance to N(0, 1); a uniform t (logit(t) logistic, std 1.81) is ~0.06 away
+    zs = z.sort().values
+    cdf = 0.5 * (1 + torch.erf(zs / 2 ** 0.5))
+    n = zs.numel()
+    emp = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = torch.maximum((emp - cdf).abs(), (emp - 1 / n - cdf).abs()).max().item()
+    assert ks < 1.63 / n ** 0.5, ks  # the 1% critical value
+
+
+def test_velocity_target_is_noise_minus_data():
+    # a model that returns the true velocity noise − x0 has loss exactly 0; a flipped sign gives 4·E[v²]
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.rand(3, generator=g)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, xt, tt, y, budgets=None):
+            return noise - x0
+
+    loss = rectified_flow_loss(Oracle(), x0, torch.zeros(3, dtype=torch.long), t=t, noise=noise)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("column_first", [False, True])
+def test_pos_embed_is_the_sincos_table_in_group_major_order(column_first):
+    # built here from the formula, independently of blocks.sincos_2d, then permuted to group-major by hand
+    from elit_kernels.models.config import preset_config
+
+    cfg = preset_config("released" if column_first else "paper", "tiny", 64)  # 8x8 grid, 2x2 windows
+    m = ElitDiT(cfg)
+    c, gsz, w = cfg.hidden, cfg.grid, cfg.window
+    omega = 1.0 / 10000 ** (torch.arange(c // 4, dtype=torch.float64) / (c / 4))
+    table = torch.empty(gsz * gsz, c, dtype=torch.float64)
+    for r in range(gsz):
+        for col in range(gsz):
+            first, second = (col, r) if column_first else (r, col)
+            table[r * gsz + col] = torch.cat([torch.sin(first * omega), torch.cos(first * omega),
+                                              torch.sin(second * omega), torch.cos(second * omega)])
+    order = [(gr * w + i) * gsz + gc * w + j for gr in range(gsz // w) for gc in range(gsz // w)
+             for i in range(w) for j in range(w)]  # windows row-major, tokens row-major inside
+    torch.testing.assert_close(m.stem.pos_embed.double(), table[order], rtol=0, atol=1e-6)

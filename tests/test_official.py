@@ -329,6 +329,7 @@ def test_hostile_pickle_is_refused_not_executed(tmp_path):
     ("shape", r"shape mismatch for blocks\.2\.mlp\.fc1\.weight: expected \[64, 16\], got \[32, 16\]"),
     ("no_ema", r"no 'ema' entry.*try weights='model'"),
     ("qk_norm", r"qk_norm=True DiT blocks are not supported"),
+    ("legacy_no_encoder_depth", r"legacy decoder_blocks\.\* names need encoder_depth"),
 ])
 def test_loader_errors_name_the_problem(tmp_path, case, match):
     arch = arch_of(FIXTURE_A)
@@ -367,6 +368,11 @@ def test_loader_errors_name_the_problem(tmp_path, case, match):
         p = _variant(tmp_path, "ne.pt", edit_top=lambda c: {k: v for k, v in c.items() if k != "ema"})
     elif case == "qk_norm":
         p = _variant(tmp_path, "q.pt", edit_args=lambda a: setattr(a, "qk_norm", True))
+        kw["arch"] = {k: arch[k] for k in ("num_heads", "dit_decoder_depth")}
+    elif case == "legacy_no_encoder_depth":  # a bare state_dict: no args to number the blocks from
+        p = tmp_path / "l.pt"
+        torch.save({(k.replace("blocks.3.", "decoder_blocks.0.") if k.startswith("blocks.3.") else k): v
+                    for k, v in ckpt(FIXTURE_A)["ema"].items()}, p)
         kw["arch"] = {k: arch[k] for k in ("num_heads", "dit_decoder_depth")}
     with pytest.raises(ValueError, match=match) as e:
         load_checkpoint(str(p), **kw)

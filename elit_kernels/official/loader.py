@@ -16,7 +16,7 @@ import torch
 
 from ..models.checkpoint import (READABLE_FORMATS, SAFE_GLOBALS, CheckpointError, UnsafeCheckpointError,  # noqa: F401
                                  model_from_parts, read_model_file, safe_torch_load)
-from ..models.config import SIT_REGISTRY, ElitConfig, config_dict, elit_sit_config, parse_sit_name
+from ..models.config import RELEASED_SWITCHES, SIT_REGISTRY, ElitConfig, config_dict, parse_sit_name
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,7 @@ READ = "input_token_editor.adapters.0."
 WRITE = "output_token_editor.adapters.0."
 READ_ATTN = READ + "fit_layer.latents_attend_to_patches.0."
 WRITE_ATTN = WRITE + "patches_attend_to_latents.0."
-IGNORED_PREFIXES = ("projectors.",)  # REPA projector heads: training-only (README §2)
-
-
-def read_official_file(path: str) -> dict:
-    """``torch.load(path, weights_only=True)`` with ``argparse.Namespace`` allowlisted, memory-mapped when the
-    file allows it (a full checkpoint holds model, EMA and two Adam moments: only the tensors used are read).
-
-    Raises UnsafeCheckpointError when the file pickles anything else (never executed)."""
-    return safe_torch_load(path)
+IGNORED_PREFIXES = ("projectors.",)  # REPA projector heads: training-only (docs/released_checkpoints.md §2)
 
 
 # --- the config -------------------------------------------------------------------------------------------
@@ -128,16 +120,9 @@ def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint") 
     if not 0 <= enc <= depth - tail:
         raise CheckpointError(f"{path}: encoder_depth {enc} + tail {tail} exceed depth {depth}")
     return ElitConfig(
-        **{**_released_switches(), "latent_pos_rows": rows},
+        **{**RELEASED_SWITCHES, "latent_pos_rows": rows},
         hidden=d, depth=depth, heads=heads, patch=p, in_channels=cin, input_size=grid * p, window=gs,
         num_classes=ncls, head_blocks=enc, tail_blocks=tail, mlp_ratio=mlp_hidden / d, interface_mlp_ratio=read_hidden / d)
-
-
-def _released_switches() -> dict:
-    base = config_dict(elit_sit_config("S/2", 256))
-    keep = ("block_qk_norm", "interface_qk_norm", "read_modulates_queries", "write_prenorm", "interface_mlp_bias",
-            "latent_group_pos", "learned_interface_pos", "timestep_scale", "pos_embed_column_first", "budget_core_only")
-    return {k: base[k] for k in keep}
 
 
 # --- the key map ------------------------------------------------------------------------------------------
@@ -246,16 +231,18 @@ def check_pos_embed(pos_embed: torch.Tensor, model, path: str = "checkpoint") ->
                               "not the official fixed table")
 
 
-def apply_legacy_names(sd: dict, encoder_depth: int) -> tuple[dict, bool]:
-    """Older files named the blocks after the head ``decoder_blocks.{i}`` (README §2, ``--legacy``):
-    map them to ``blocks.{i + encoder_depth}``. Returns (state_dict, whether anything was renamed)."""
-    if not any(k.startswith("decoder_blocks.") for k in sd):
-        return sd, False
+def apply_legacy_names(sd: dict, encoder_depth: int) -> dict:
+    """Older files named the blocks after the head ``decoder_blocks.{i}`` (docs/released_checkpoints.md §2, ``--legacy``):
+    map them to ``blocks.{i + encoder_depth}``."""
     out = {}
     for k, v in sd.items():
         m = re.match(r"decoder_blocks\.(\d+)\.(.*)", k)
-        out[f"blocks.{int(m.group(1)) + encoder_depth}.{m.group(2)}" if m else k] = v
-    return out, True
+        new = f"blocks.{int(m.group(1)) + encoder_depth}.{m.group(2)}" if m else k
+        if new in out or (m and new in sd):
+            raise CheckpointError(f"legacy names: {k} maps to {new}, which the file also holds "
+                                  f"(encoder_depth {encoder_depth} does not match this file's naming)")
+        out[new] = v
+    return out
 
 
 # --- the public loader ------------------------------------------------------------------------------------
@@ -279,15 +266,16 @@ def _check_weights(weights) -> None:
 def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, ckpt=None):
     """Read an official file -> ``(cfg, our state_dict, info)`` without building a model.
 
-    ``ckpt``: the file's contents when already read with ``read_official_file``. ``info``: provenance and
+    ``ckpt``: the file's contents when already read with ``safe_torch_load``. ``info``: provenance and
     notes (what was ignored and why) for ``load_checkpoint`` and ``elit-convert``; ``info["official_pos_embed"]``
     is the stored sin-cos table (checked against ours by ``check_pos_embed``)."""
     _check_weights(weights)
     arch = _check_arch(arch)
     if ckpt is None:
-        ckpt = read_official_file(path)
+        ckpt = safe_torch_load(path)
     notes = []
-    if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:  # a bare state_dict (e.g. ckpt['ema'] alone)
+    bare = isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt
+    if bare:  # a bare state_dict (e.g. ckpt['ema'] saved alone)
         sd, args = ckpt, {}
         notes.append("bare state_dict: no args; sizes from the weights and arch")
     elif isinstance(ckpt, dict) and any(w in ckpt for w in WEIGHTS):
@@ -309,9 +297,12 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
     if READ + "learned_query_embed" not in sd:
         raise CheckpointError(f"{path}: not an ELIT-SiT checkpoint: no Read/Write interface keys "
                               f"({READ}...); a plain SiT or DFM checkpoint has the same file layout")
-    enc = arch.get("encoder_depth", args.get("encoder_depth"))
-    sd, renamed = apply_legacy_names(sd, enc if isinstance(enc, int) else 0)
-    if renamed:
+    if any(k.startswith("decoder_blocks.") for k in sd):
+        enc = arch.get("encoder_depth", args.get("encoder_depth"))
+        if isinstance(enc, bool) or not isinstance(enc, int):
+            raise CheckpointError(f"{path}: legacy decoder_blocks.* names need encoder_depth (in args or arch) to "
+                                  f"number the blocks, got {enc!r}")
+        sd = apply_legacy_names(sd, enc)
         notes.append(f"legacy names: decoder_blocks.i -> blocks.(i + {enc})")
     cfg = official_config(sd, args, arch, path)
     ignored = check_keys(sd, cfg, path)
@@ -319,7 +310,7 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
         notes.append(f"ignored {len(ignored)} REPA projector tensors (projectors.*; training-only)")
     notes.append("Read modulation: 7th chunk dropped (computed but unused by the official forward pass)")
     info = {"source": str(path), "format": "official", "weights": weights, "model": args.get("model"),
-            "steps": ckpt.get("steps") if sd is not ckpt else None, "resolution": args.get("resolution"),
+            "steps": None if bare else ckpt.get("steps"), "resolution": args.get("resolution"),
             "elit_max_mask_prob": args.get("elit_max_mask_prob"), "elit_min_mask_prob": args.get("elit_min_mask_prob"),
             "notes": notes, "official_pos_embed": sd["pos_embed"]}
     return cfg, convert_state_dict(sd, cfg), info
@@ -352,7 +343,7 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
     arch = _check_arch(arch)
     ours, ckpt = read_model_file(path, device="cpu"), None
     if ours is None:
-        ckpt = read_official_file(path)
+        ckpt = safe_torch_load(path)
         if isinstance(ckpt, dict) and ckpt.get("format") in READABLE_FORMATS:
             ours = ckpt["config"], ckpt["state_dict"], ckpt.get("meta", {})
     if ours is not None:

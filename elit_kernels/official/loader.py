@@ -302,7 +302,10 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
         if isinstance(enc, bool) or not isinstance(enc, int):
             raise CheckpointError(f"{path}: legacy decoder_blocks.* names need encoder_depth (in args or arch) to "
                                   f"number the blocks, got {enc!r}")
-        sd = apply_legacy_names(sd, enc)
+        try:
+            sd = apply_legacy_names(sd, enc)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         notes.append(f"legacy names: decoder_blocks.i -> blocks.(i + {enc})")
     cfg = official_config(sd, args, arch, path)
     ignored = check_keys(sd, cfg, path)

@@ -173,6 +173,7 @@ class ElitLayout:
     # latents are exactly the [B, G, J_max] grid, so ``pack_index`` gathers the core's latents from them.
     # None when Read, core and Write see the same latents (the paper's semantics, or every budget J_max).
     interface: "ElitLayout | None" = None
+    budget_core_only: bool = False  # the semantics this layout was built for
     # Rows by sample, for per-sample adaLN parameters that broadcast instead of gathering (TokenRuns).
     latent_runs: TokenRuns | None = None  # the packed core latents [T, C]
     spatial_runs: TokenRuns | None = None  # the spatial tokens [B*N, C]: one run
@@ -255,7 +256,7 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
         total_latents=total, cu_latents=cu_lat, cu_spatial=cu_sp, max_latents=max(bud, default=0),
         cu_core=cu_core, max_core=groups * max(bud, default=0), cu_image=cu_img,
         latent_sample=sample, latent_group=group, latent_index=j, pack_index=seg * j_max + j,
-        interface=interface, latent_runs=latent_runs, spatial_runs=spatial_runs,
+        interface=interface, budget_core_only=budget_core_only, latent_runs=latent_runs, spatial_runs=spatial_runs,
     )
 
 

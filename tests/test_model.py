@@ -395,3 +395,17 @@ def test_pos_embed_is_the_sincos_table_in_group_major_order(column_first):
     order = [(gr * w + i) * gsz + gc * w + j for gr in range(gsz // w) for gc in range(gsz // w)
              for i in range(w) for j in range(w)]  # windows row-major, tokens row-major inside
     torch.testing.assert_close(m.stem.pos_embed.double(), table[order], rtol=0, atol=1e-6)
+
+
+def test_a_layout_built_for_other_semantics_is_refused():
+    from elit_kernels.layout import build_layout
+    from elit_kernels.models.config import preset_config
+
+    m = ElitDiT(preset_config("released", "tiny", 64), backend="torch")
+    x, t, y = inputs(2)
+    cfg = m.cfg
+    ok = m.layout([1, 4], 2, "cpu")
+    assert m(x, t, y, layout=ok).shape == x.shape
+    wrong = build_layout([1, 4], 2, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group)  # paper semantics
+    with pytest.raises(ValueError, match="layout: built for .* budget_core_only"):
+        m(x, t, y, layout=wrong)

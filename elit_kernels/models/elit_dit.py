@@ -182,6 +182,12 @@ class ElitDiT(nn.Module):
         lay = layout if layout is not None else self.layout(budgets, b, x.device)
         if lay.batch != b:
             raise ValueError(f"layout: built for batch {lay.batch}, x has batch {b}")
+        if layout is not None:
+            want = (cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, cfg.budget_core_only)
+            got = (lay.groups, lay.tokens_per_group, lay.j_max, lay.budget_core_only)
+            if got != want:
+                raise ValueError(f"layout: built for (groups, tokens_per_group, j_max, budget_core_only) = {got}, the "
+                                 f"model needs {want}; build it with model.layout(budgets, batch, device)")
         ew, be = get_elementwise(self.elementwise), self.backend
         s, c = self.stem.embed(x, t, y)
         sp_runs = lay.spatial_runs

@@ -126,9 +126,9 @@ def varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: fl
         blind = ~c.has_key[:, None, None, :, None]
         m = s.amax(dim=-1, keepdim=True).masked_fill_(blind, 0.0)  # -inf on rows with no key: 0 keeps NaN out
         p = torch.exp_(s.sub_(m))  # exact zeros on masked keys and rows with no key; 1 at a row's max
-        l = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p, _gather(v, c.ki, k.shape[1], acc, c.k_ok)).div_(l.masked_fill(blind, 1.0))
-        m = m.add_(torch.log(l)).masked_fill_(blind, float("inf"))  # lse; +inf on rows with no key
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, _gather(v, c.ki, k.shape[1], acc, c.k_ok)).div_(denom.masked_fill(blind, 1.0))
+        m = m.add_(torch.log(denom)).masked_fill_(blind, float("inf"))  # lse; +inf on rows with no key
         rows = c.qi[c.q_ok]
         out[rows] = _heads_first(o)[c.q_ok]
         lse[rows] = _heads_first(m[..., 0])[c.q_ok]

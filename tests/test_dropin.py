@@ -339,6 +339,7 @@ def test_compile_fullgraph_on_permuted_views(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compile_inductor_on_permuted_views_cpp(monkeypatch):
     # aot_eager does not compare a fake's strides with the real ones; inductor asserts them (without its
     # on-disk cache, which would replay code generated from an older fake).

@@ -9,6 +9,10 @@ padded batches (padding is set up untimed; on ragged shapes without a mask they 
 so their rows say exact=false), and FlexAttention with a document mask (compiled on CUDA).
 FLOPs: 4·Σ(Lq·Lk)·H·D forward, ×3.5 for forward+backward (backward = 2.5× forward). A CPU number is
 labelled CPU. Cases are interleaved over repeats and medians quoted (docs/design.md §5).
+
+Slack rows (issue 11, item 8): 128 segments of 4 tokens (H 2, D 64) passed with max_seqlen 4 and with
+max_seqlen 512, for every backend; ``slack_ratio`` = ms at 512 / ms at 4 (target <= 1.5: the cost must
+follow the data, not the bound).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import time
 import torch
 
 from elit_kernels import set_value_checks
-from elit_kernels.bench.ops import available_methods, elit_shapes, make_fn, quiet_warnings
+from elit_kernels.bench.ops import Method, OpShape, available_methods, elit_shapes, make_fn, quiet_warnings
 from elit_kernels.bench.report import metadata
 from elit_kernels.models import elit_config
 
@@ -50,6 +54,9 @@ def parse(argv=None):
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop repeating once this time budget is spent (at least one repeat; results still written)")
     p.add_argument("--quick", action="store_true", help="fewer shapes (the CPU default)")
+    p.add_argument("--no-slack", action="store_true",
+                   help="skip the max_seqlen-slack rows (128 segments of 4 tokens at max_seqlen 4 vs 512)")
+    p.add_argument("--slack-only", action="store_true", help="only the max_seqlen-slack rows")
     p.add_argument("--out", default=None, help="write DIR/ops.json and DIR/ops.csv")
     args = p.parse_args(argv)
     if args.device is None:
@@ -74,6 +81,15 @@ def parse(argv=None):
     except ValueError as e:
         p.error(f"--config/--resolution: {e}")
     return args, dev
+
+
+# max_seqlen of the slack rows: the exact one first (the ratio's base), then a slack bound.
+SLACK_MAX = (4, 512)
+
+
+def _with_max_seqlen(m: Method, max_len: int) -> Method:
+    """``m`` called with max_seqlen_q = max_seqlen_k = ``max_len`` whatever the real lengths."""
+    return Method(m.name, m.exact, lambda q, k, v, cu_q, cu_k, mq, mk: m.build(q, k, v, cu_q, cu_k, max_len, max_len))
 
 
 def time_sample(fn, dev, grad_to_none, min_ms=20.0):
@@ -116,15 +132,24 @@ def main(argv=None) -> int:
         budgets = [max(1, jm // 4), jm]
     else:
         budgets = [max(1, jm // 16), max(1, jm // 4), jm, ragged]
-    shapes = elit_shapes(cfg, args.batch, budgets)
+    shapes = [] if args.slack_only else elit_shapes(cfg, args.batch, budgets)
     methods = available_methods(dev, dtype, cfg.hidden // cfg.heads, cfg.heads, include_reference=args.include_reference)
     passes = ["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]
     cases, rows = [], []
-    for shape in shapes:
+    # (shape, max_seqlen override or None, methods)
+    work = [(shape, None, methods) for shape in shapes]
+    if not args.no_slack:
+        slack_methods = [m for m in methods if m.name.startswith("elit:")]
+        for max_len in SLACK_MAX:
+            work.append((OpShape(f"slack 128x4 max={max_len}", "slack", [4] * 128, [4] * 128, 2, 64), max_len,
+                         slack_methods))
+    for shape, max_len, shape_methods in work:
         for ps in passes:
-            for m in methods:
+            for m in shape_methods:
                 if m.name.startswith("flex") and (args.flex == "none" or (args.flex == "core" and shape.kind != "core")):
                     continue
+                if max_len is not None:
+                    m = _with_max_seqlen(m, max_len)
                 row = {"shape": shape.name, "kind": shape.kind, "pass": ps, "method": m.name,
                        "exact": m.exact or shape.uniform, "segments": len(shape.lens_q), "total_q": sum(shape.lens_q),
                        "total_k": sum(shape.lens_k), "heads": shape.heads, "head_dim": shape.head_dim,
@@ -164,6 +189,10 @@ def main(argv=None) -> int:
         row["min_ms"] = min(t) if t else None
         row["max_ms"] = max(t) if t else None
         row["tflops"] = row["gflop"] / row["ms"] if row["ms"] else None  # GFLOP/ms = TFLOP/s
+    exact_ms = {(r["method"], r["pass"]): r["ms"] for r in rows if r["shape"] == f"slack 128x4 max={SLACK_MAX[0]}"}
+    for r in rows:
+        base = exact_ms.get((r["method"], r["pass"])) if r["kind"] == "slack" else None
+        r["slack_ratio"] = r["ms"] / base if (base and r["ms"]) else None
     md = metadata(dev, {"config": args.config, "resolution": args.resolution, "batch": args.batch,
                         "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
                         "flops": "4*sum(Lq*Lk)*H*D fwd, x3.5 fwd+bwd; useful (ragged) FLOPs for every method"})
@@ -174,6 +203,8 @@ def main(argv=None) -> int:
     print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}  note")
     for r in rows:
         note = r["error"] or ("" if r["exact"] else "padded, no mask (timing only)")
+        if r.get("slack_ratio") is not None and r["shape"] != f"slack 128x4 max={SLACK_MAX[0]}":
+            note = f"slack ratio {r['slack_ratio']:.2f}x vs max_seqlen {SLACK_MAX[0]}"
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
         tf = f"{r['tflops']:.3f}" if r["tflops"] is not None else "-"
         print(f"{r['shape'][:21]:<22}{r['pass']:<9}{r['method'][:25]:<26}{ms:>9}{tf:>9}  {note}")

@@ -1,5 +1,6 @@
-// CPU varlen attention (forward + backward): one (segment, head) per task, exact softmax with the
-// row max subtracted, accumulation in opmath (fp32 for half types, fp64 for fp64).
+// CPU varlen attention (forward + backward): one (segment, head) per task (backward: per kv head), exact
+// softmax with the row max subtracted, accumulation in opmath (fp32 for half types, fp64 for fp64).
+// GQA by indexing (query head h reads kv head h / (H / H_kv)); q/k/v may be strided row views.
 //
 // Not fast; it exists so the op, its schema, autograd and fake impls are exercised on machines
 // without a GPU, and as a second, independent C++ check of the reference semantics.
@@ -31,35 +32,53 @@ inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
   return std::clamp<int64_t>(i + lk - lq + 1, 0, lk);
 }
 
+// Row r, head h of a [total, H, D] tensor with unit stride along D (any row / head strides: the views of
+// a packed qkv are read in place).
+template <typename T>
+struct Rows {
+  T* p;
+  int64_t st, sh;
+  explicit Rows(const at::Tensor& t) : p(static_cast<T*>(t.data_ptr())), st(t.stride(0)), sh(t.stride(1)) {}
+  T* operator()(int64_t r, int64_t h) const { return p + r * st + h * sh; }
+};
+
+// Unit stride along the head dim is all the kernels need; anything else is copied once.
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
 template <typename scalar_t>
 void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* cq,
                      const int32_t* ck, int64_t segs, double scale, bool causal, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0);
-  const scalar_t* qp = q.const_data_ptr<scalar_t>();
-  const scalar_t* kp = k.const_data_ptr<scalar_t>();
-  const scalar_t* vp = v.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), group = H / k.size(1);
+  const Rows<const scalar_t> Q(q), K(k), V(v);
+  const Rows<scalar_t> O(out);
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale);
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  // Rows past the packed data (a longer static buffer) see no key: zeros and lse = +inf, as flash-attn.
+  for (int64_t row = cq[segs]; row < tq; ++row)
+    for (int64_t h = 0; h < H; ++h) {
+      std::fill(O(row, h), O(row, h) + D, scalar_t(0));
+      lp[h * tq + row] = inf;
+    }
   at::parallel_for(0, segs * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s, o(D);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t seg = item / H, h = item % H;
+      const int64_t seg = item / H, h = item % H, hk = h / group;  // GQA: query head h reads kv head hk
       const int64_t qs = cq[seg], lq = cq[seg + 1] - qs, ks = ck[seg], lk = ck[seg + 1] - ks;
       s.resize(std::max<int64_t>(lk, 1));
       for (int64_t i = 0; i < lq; ++i) {
         const int64_t row = qs + i, nk = visible_keys(i, lq, lk, causal);
-        scalar_t* orow = op + (row * H + h) * D;
+        scalar_t* orow = O(row, h);
         if (nk == 0) {
           std::fill(orow, orow + D, scalar_t(0));
-          lp[h * tq + row] = -std::numeric_limits<acc_t>::infinity();
+          lp[h * tq + row] = inf;
           continue;
         }
-        const scalar_t* qrow = qp + (row * H + h) * D;
-        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        const scalar_t* qrow = Q(row, h);
+        acc_t m = -inf;
         for (int64_t j = 0; j < nk; ++j) {
-          const scalar_t* krow = kp + ((ks + j) * H + h) * D;
+          const scalar_t* krow = K(ks + j, hk);
           acc_t dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(qrow[d]) * static_cast<acc_t>(krow[d]);
           s[j] = dot * sc;
@@ -70,7 +89,7 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         for (int64_t j = 0; j < nk; ++j) {
           const acc_t p = std::exp(s[j] - m);
           l += p;
-          const scalar_t* vrow = vp + ((ks + j) * H + h) * D;
+          const scalar_t* vrow = V(ks + j, hk);
           for (int64_t d = 0; d < D; ++d) o[d] += p * static_cast<acc_t>(vrow[d]);
         }
         for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(o[d] / l);
@@ -85,61 +104,69 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                      const at::Tensor& out, const at::Tensor& lse, const int32_t* cq, const int32_t* ck, int64_t segs,
                      double scale, bool causal, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0);
-  const scalar_t* qp = q.const_data_ptr<scalar_t>();
-  const scalar_t* kp = k.const_data_ptr<scalar_t>();
-  const scalar_t* vp = v.const_data_ptr<scalar_t>();
-  const scalar_t* op = out.const_data_ptr<scalar_t>();
-  const scalar_t* dop = dout.const_data_ptr<scalar_t>();
+  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), Hk = k.size(1), group = H / Hk;
+  const Rows<const scalar_t> Q(q), K(k), V(v), O(out), dO(dout);
+  const Rows<scalar_t> dQ(dq), dK(dk), dV(dv);
   const acc_t* lp = lse.const_data_ptr<acc_t>();
-  scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
-  scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
-  scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
   const acc_t sc = static_cast<acc_t>(scale);
-  at::parallel_for(0, segs * H, 1, [&](int64_t begin, int64_t end) {
+  // Rows outside every segment get zero gradients.
+  for (int64_t row = cq[segs]; row < tq; ++row)
+    for (int64_t h = 0; h < H; ++h) std::fill(dQ(row, h), dQ(row, h) + D, scalar_t(0));
+  for (int64_t row = ck[segs]; row < k.size(0); ++row)
+    for (int64_t h = 0; h < Hk; ++h) {
+      std::fill(dK(row, h), dK(row, h) + D, scalar_t(0));
+      std::fill(dV(row, h), dV(row, h) + D, scalar_t(0));
+    }
+  // One task per (segment, kv head): it owns that head's dk/dv rows and sums them over the query heads
+  // that share it, so no two tasks write the same element (deterministic, no atomics).
+  at::parallel_for(0, segs * Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dkacc, dvacc, dqrow(D);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t seg = item / H, h = item % H;
+      const int64_t seg = item / Hk, hk = item % Hk;
       const int64_t qs = cq[seg], lq = cq[seg + 1] - qs, ks = ck[seg], lk = ck[seg + 1] - ks;
       dkacc.assign(lk * D, acc_t(0));
       dvacc.assign(lk * D, acc_t(0));
-      for (int64_t i = 0; i < lq; ++i) {
-        const int64_t row = qs + i, nk = visible_keys(i, lq, lk, causal);
-        scalar_t* dqout = dqp + (row * H + h) * D;
-        if (nk == 0) {
-          std::fill(dqout, dqout + D, scalar_t(0));
-          continue;
-        }
-        const scalar_t* qrow = qp + (row * H + h) * D;
-        const scalar_t* orow = op + (row * H + h) * D;
-        const scalar_t* dorow = dop + (row * H + h) * D;
-        const acc_t l = lp[h * tq + row];
-        acc_t di = 0;  // rowsum(dout * out): the softmax-Jacobian correction
-        for (int64_t d = 0; d < D; ++d) di += static_cast<acc_t>(dorow[d]) * static_cast<acc_t>(orow[d]);
-        std::fill(dqrow.begin(), dqrow.end(), acc_t(0));
-        for (int64_t j = 0; j < nk; ++j) {
-          const scalar_t* krow = kp + ((ks + j) * H + h) * D;
-          const scalar_t* vrow = vp + ((ks + j) * H + h) * D;
-          acc_t dot = 0, dp = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            dot += static_cast<acc_t>(qrow[d]) * static_cast<acc_t>(krow[d]);
-            dp += static_cast<acc_t>(dorow[d]) * static_cast<acc_t>(vrow[d]);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i = 0; i < lq; ++i) {
+          const int64_t row = qs + i, nk = visible_keys(i, lq, lk, causal);
+          scalar_t* dqout = dQ(row, h);
+          if (nk == 0) {
+            std::fill(dqout, dqout + D, scalar_t(0));
+            continue;
           }
-          const acc_t p = std::exp(dot * sc - l);
-          const acc_t ds = p * (dp - di) * sc;
-          acc_t* dkj = dkacc.data() + j * D;
-          acc_t* dvj = dvacc.data() + j * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dqrow[d] += ds * static_cast<acc_t>(krow[d]);
-            dkj[d] += ds * static_cast<acc_t>(qrow[d]);
-            dvj[d] += p * static_cast<acc_t>(dorow[d]);
+          const scalar_t* qrow = Q(row, h);
+          const scalar_t* orow = O(row, h);
+          const scalar_t* dorow = dO(row, h);
+          const acc_t l = lp[h * tq + row];
+          acc_t di = 0;  // rowsum(dout * out): the softmax-Jacobian correction
+          for (int64_t d = 0; d < D; ++d) di += static_cast<acc_t>(dorow[d]) * static_cast<acc_t>(orow[d]);
+          std::fill(dqrow.begin(), dqrow.end(), acc_t(0));
+          for (int64_t j = 0; j < nk; ++j) {
+            const scalar_t* krow = K(ks + j, hk);
+            const scalar_t* vrow = V(ks + j, hk);
+            acc_t dot = 0, dp = 0;
+            for (int64_t d = 0; d < D; ++d) {
+              dot += static_cast<acc_t>(qrow[d]) * static_cast<acc_t>(krow[d]);
+              dp += static_cast<acc_t>(dorow[d]) * static_cast<acc_t>(vrow[d]);
+            }
+            // A single visible key has p = 1 and ds = 0 exactly (the softmax's own backward), whatever
+            // rounding exp and the stored lse carry.
+            const acc_t p = nk == 1 ? acc_t(1) : std::exp(dot * sc - l);
+            const acc_t ds = nk == 1 ? acc_t(0) : p * (dp - di) * sc;
+            acc_t* dkj = dkacc.data() + j * D;
+            acc_t* dvj = dvacc.data() + j * D;
+            for (int64_t d = 0; d < D; ++d) {
+              dqrow[d] += ds * static_cast<acc_t>(krow[d]);
+              dkj[d] += ds * static_cast<acc_t>(qrow[d]);
+              dvj[d] += p * static_cast<acc_t>(dorow[d]);
+            }
           }
+          for (int64_t d = 0; d < D; ++d) dqout[d] = static_cast<scalar_t>(dqrow[d]);
         }
-        for (int64_t d = 0; d < D; ++d) dqout[d] = static_cast<scalar_t>(dqrow[d]);
       }
       for (int64_t j = 0; j < lk; ++j) {
-        scalar_t* dkrow = dkp + ((ks + j) * H + h) * D;
-        scalar_t* dvrow = dvp + ((ks + j) * H + h) * D;
+        scalar_t* dkrow = dK(ks + j, hk);
+        scalar_t* dvrow = dV(ks + j, hk);
         for (int64_t d = 0; d < D; ++d) {
           dkrow[d] = static_cast<scalar_t>(dkacc[j * D + d]);
           dvrow[d] = static_cast<scalar_t>(dvacc[j * D + d]);
@@ -153,13 +180,13 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, con
                                                        const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q,
                                                        int64_t max_k, double scale, bool causal) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
   check_cu_values_cpu(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
   check_cu_values_cpu(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k");
-  auto out = at::empty_like(q);
+  // Contiguous outputs whatever the input strides (the fake impl promises the same).
+  auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(stat_dtype(q)));
-  // Tokens outside every segment cannot exist (cu ends at the total), so every row is written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_fwd_cpu", [&] {
     attn_fwd_kernel<scalar_t>(q, k, v, cu_q.const_data_ptr<int32_t>(), cu_k.const_data_ptr<int32_t>(),
                               cu_q.size(0) - 1, scale, causal, out, lse);
@@ -173,12 +200,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
     double scale, bool causal) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
   check_attention_bwd_extras(dout_, out_, lse_, q_);
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), out = out_.contiguous();
-  auto dout = dout_.contiguous(), lse = lse_.contiguous();
+  auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+  auto out = last_dim_contiguous(out_), dout = last_dim_contiguous(dout_), lse = lse_.contiguous();
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
   check_cu_values_cpu(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
   check_cu_values_cpu(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k");
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_bwd_cpu", [&] {
     attn_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, cu_q.const_data_ptr<int32_t>(),
                               cu_k.const_data_ptr<int32_t>(), cu_q.size(0) - 1, scale, causal, dq, dk, dv);

@@ -52,8 +52,10 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   check_same_dtype(v, "v", q, "q");
   check_same_device(k, "k", q, "q");
   check_same_device(v, "v", q, "q");
-  TORCH_CHECK(k.size(1) == q.size(1), "k: has ", k.size(1), " heads, q has ", q.size(1));
-  TORCH_CHECK(v.size(1) == q.size(1), "v: has ", v.size(1), " heads, q has ", q.size(1));
+  // GQA / MQA: k and v share H_kv heads, which must divide q's H (query head h reads kv head h / (H / H_kv)).
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "k: has ", k.size(1),
+              " heads, which does not divide q's ", q.size(1), " heads (num_heads % num_kv_heads must be 0)");
+  TORCH_CHECK(v.size(1) == k.size(1), "v: has ", v.size(1), " heads, k has ", k.size(1));
   TORCH_CHECK(k.size(2) == q.size(2), "k: head dim ", k.size(2), " does not match q's head dim ", q.size(2));
   TORCH_CHECK(v.size(2) == q.size(2), "v: head dim ", v.size(2), " does not match q's head dim ", q.size(2));
   TORCH_CHECK(v.size(0) == k.size(0), "v: has ", v.size(0), " tokens, k has ", k.size(0));
@@ -82,7 +84,9 @@ inline void check_cu_values_cpu(const at::Tensor& cu, const char* name, int64_t 
                 "[", i - 1, "] = ", c[i - 1]);
     longest = std::max<int64_t>(longest, c[i] - c[i - 1]);
   }
-  TORCH_CHECK(c[n - 1] == total, name, ": last element must equal the total token count ", total, ", got ", c[n - 1]);
+  // Rows past c[n - 1] are allowed (a static buffer longer than the packed data): they belong to no segment.
+  TORCH_CHECK(c[n - 1] <= total, name, ": last element ", c[n - 1], " is past the end of the ", total,
+              " packed rows; it must be <= the row count");
   TORCH_CHECK(longest <= max_len, max_name, ": ", max_len, " is smaller than the longest segment (", longest,
               ") in ", name);
 }

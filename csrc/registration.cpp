@@ -29,7 +29,9 @@ int cuda_runtime_version();
 
 TORCH_LIBRARY(elit, m) {
   m.set_python_module("elit_kernels._cext");
-  // Varlen attention. lse is [H, total_q], fp32 (fp64 for fp64 inputs); -inf for rows with no key.
+  // Varlen attention. q [total_q, H, D], k/v [total_k, H_kv, D] with H % H_kv == 0; out and lse are
+  // contiguous. lse is [H, total_q], fp32 (fp64 for fp64 inputs), +inf (as flash-attn) for rows that see
+  // no key, rows past cu_seqlens_q[-1] included (their out rows are zeros).
   m.def("varlen_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
   m.def("varlen_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "

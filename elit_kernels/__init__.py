@@ -2,8 +2,9 @@
 import importlib
 import importlib.util
 
-from .attention import flash_attn_varlen_func, set_value_checks, value_checks_enabled, varlen_attention
+from .attention import set_value_checks, value_checks_enabled, varlen_attention
 from .backends import Backend, describe_backends, known_backends, register_backend
+from .dropin import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,8 @@ __all__ = [
     "Backend",
     "describe_backends",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "known_backends",
     "register_backend",
     "set_value_checks",

@@ -3,8 +3,9 @@
 When ``_C`` loads, this module registers, on the Python side, what the C++ schemas need:
 
 - fake (meta) impls and autograd formulas for every ``torch.ops.elit.*`` op defined in C++;
-- the ``cuda`` attention backend (priority 40: CUDA tensors, fp16/bf16, head dim 64/72/128) when the
-  CUDA kernels are compiled in, and the ``cpp`` backend (priority 5: CPU tensors);
+- the ``cuda`` attention backend (priority 40: CUDA tensors, fp16/bf16, head dim 64/72/128, smaller
+  ones zero-padded by the contract) when the CUDA kernels are compiled in, and the ``cpp`` backend
+  (priority 5: CPU tensors);
 - the ``"fused"`` elementwise implementation for the model (``elit_kernels.models.ops``).
 
 When ``_C`` is missing, or was built for another torch, it warns once (with the build info and how to
@@ -14,6 +15,7 @@ raises because of the extension.
 Ops (shapes as in ``varlen_attention``)::
 
     out, lse = torch.ops.elit.varlen_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)  # lse [H, total_q]
+    # k/v [total_k, H_kv, D] with H % H_kv == 0; lse +inf on rows that see no key
     out, mean, rstd = torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, eps)
     out = torch.ops.elit.gated_residual_fwd(x, y, gate, index)
     packed = torch.ops.elit.pack_latents(latents, layout.pack_index)        # [B, G, J_max, C] -> [T, C]
@@ -25,6 +27,7 @@ import warnings
 
 import torch
 
+from ._autograd import register_varlen_autograd
 from .backends import AttnInputs, Backend, register_backend
 
 _C = None
@@ -84,30 +87,33 @@ def _stat_dtype(t: torch.Tensor) -> torch.dtype:
 def _register_op_python_parts() -> None:
     lib = "elit::"
 
+    # Every C++ op returns contiguous tensors whatever its input strides (they copy or index rows), so the
+    # fakes do too: ``new_empty(shape)``, never ``empty_like`` (which keeps a permuted input's strides and
+    # makes torch.compile assert on the real ones).
     @torch.library.register_fake(lib + "varlen_attn_fwd")
     def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q))
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q))
 
     @torch.library.register_fake(lib + "varlen_attn_bwd")
     def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake(lib + "layernorm_modulate_fwd")
     def _(x, shift, scale, index, eps):
         t = x.shape[0]
-        return torch.empty_like(x), x.new_empty((t,), dtype=_stat_dtype(x)), x.new_empty((t,), dtype=_stat_dtype(x))
+        return x.new_empty(x.shape), x.new_empty((t,), dtype=_stat_dtype(x)), x.new_empty((t,), dtype=_stat_dtype(x))
 
     @torch.library.register_fake(lib + "layernorm_modulate_bwd")
     def _(grad_out, x, scale, index, mean, rstd):
-        return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+        return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
 
     @torch.library.register_fake(lib + "gated_residual_fwd")
     def _(x, y, gate, index):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake(lib + "gated_residual_bwd")
     def _(grad_out, y, gate, index):
-        return torch.empty_like(y), torch.empty_like(gate)
+        return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
     @torch.library.register_fake(lib + "pack_latents")
     def _(latents, pack_index):
@@ -117,22 +123,7 @@ def _register_op_python_parts() -> None:
     def _(packed, pack_index, batch, groups, j_max, fill):
         return packed.new_empty((batch, groups, j_max, packed.shape[-1]))
 
-    # varlen attention: lse is an auxiliary output for the backward.
-    def attn_setup(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, scale, causal)
-        ctx.mark_non_differentiable(lse)
-
-    def attn_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.elit.varlen_attn_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
-
-    torch.library.register_autograd(lib + "varlen_attn_fwd", attn_backward, setup_context=attn_setup)
+    register_varlen_autograd(lib + "varlen_attn_fwd", torch.ops.elit.varlen_attn_bwd)
 
     def lnm_setup(ctx, inputs, output):
         x, shift, scale, index, eps = inputs
@@ -218,50 +209,41 @@ def unpack_latents(packed, layout, fill: float = 0.0):
                                          float(fill))
 
 
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
-_CUDA_HEAD_DIMS = (64, 72, 128)
+def _attn_forward(inp: AttnInputs):
+    out, lse = torch.ops.elit.varlen_attn_fwd(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
+                                              inp.max_seqlen_q, inp.max_seqlen_k, inp.softmax_scale, inp.causal)
+    return (out, lse) if inp.return_lse else out
 
 
 class CudaBackend(Backend):
     name = "cuda"
     priority = 40
-    description = ("compiled CUDA kernels (elit_kernels._C): tensor-core varlen attention, a one-warp path for "
-                   "tiny Read/Write segments; fp16/bf16, head dim 64/72/128")
+    description = ("compiled CUDA kernels (elit_kernels._C): tensor-core varlen attention, GQA by indexing, a "
+                   "one-warp path for tiny Read/Write segments; fp16/bf16, head dim 64/72/128 (smaller ones "
+                   "zero-padded)")
+    dtypes = (torch.float16, torch.bfloat16)
+    devices = ("cuda",)
+    #: must match dispatch_head_dim in csrc/cuda/attention_common.cuh (tests/test_dropin.py checks both sides)
+    head_dims = (64, 72, 128)
 
     def is_available(self) -> bool:
         return has_kernel("varlen_attn_fwd_cuda") and torch.cuda.is_available()
 
-    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        r = []
-        if inp.q.device.type != "cuda":
-            r.append(f"needs CUDA tensors, got device {inp.q.device}")
-        if inp.q.dtype not in _CUDA_DTYPES:
-            r.append(f"dtype {inp.q.dtype} not in {[str(d) for d in _CUDA_DTYPES]}")
-        if inp.head_dim not in _CUDA_HEAD_DIMS:
-            r.append(f"head dim {inp.head_dim} not in {list(_CUDA_HEAD_DIMS)}")
-        return r
-
-    def forward(self, inp: AttnInputs) -> torch.Tensor:
-        return varlen_attn(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
-                           inp.max_seqlen_k, inp.softmax_scale, inp.causal)
+    def forward(self, inp: AttnInputs):
+        return _attn_forward(inp)
 
 
 class CppBackend(Backend):
     name = "cpp"
     priority = 5
     description = "compiled C++ CPU loops (elit_kernels._C), one (segment, head) per task; all float dtypes"
+    devices = ("cpu",)
 
     def is_available(self) -> bool:
         return has_kernel("varlen_attn_fwd_cpu")
 
-    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        if inp.q.device.type != "cpu":
-            return [f"needs CPU tensors, got device {inp.q.device}"]
-        return []
-
-    def forward(self, inp: AttnInputs) -> torch.Tensor:
-        return varlen_attn(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
-                           inp.max_seqlen_k, inp.softmax_scale, inp.causal)
+    def forward(self, inp: AttnInputs):
+        return _attn_forward(inp)
 
 
 if _load() is not None:

@@ -4,14 +4,18 @@ Every attention in ELIT is this one op; Read, Write and core attention differ on
 """
 from __future__ import annotations
 
+import dataclasses
+import operator
 import os
 
 import torch
+import torch.nn.functional as F
 
-from .backends import AttnInputs, select_backend
+from .backends import AttnInputs, Backend, select_backend
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 256
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 _validate_values = os.environ.get("ELIT_VALIDATE", "1") not in ("0", "false", "False", "")
 
@@ -55,14 +59,36 @@ def _check_cu(name: str, cu, total: int, max_name: str, max_len: int, check_valu
     if any(n < 0 for n in lens):
         i = next(i for i, n in enumerate(lens) if n < 0)
         raise ValueError(f"{name}: must be non-decreasing, but {name}[{i + 1}] = {c[i + 1]} < {name}[{i}] = {c[i]}")
-    if c[-1] != total:
-        raise ValueError(f"{name}: last element must equal the total token count {total}, got {c[-1]}")
+    if c[-1] > total:
+        raise ValueError(f"{name}: last element {c[-1]} is past the end of the packed tokens ({total} rows); "
+                         "it must be <= the row count")
     longest = max(lens, default=0)
     if longest > max_len:
         raise ValueError(f"{max_name}: {max_len} is smaller than the longest segment ({longest}) in {name}")
 
 
-def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal) -> AttnInputs:
+def _as_int(name: str, n) -> int:
+    """A max length as a Python int: ints, NumPy integers and 0-dim integer tensors (``.item()``: a host
+    sync for a CUDA tensor) are accepted."""
+    if isinstance(n, torch.Tensor):
+        if n.dim() != 0 or n.dtype not in _INT_DTYPES:
+            raise TypeError(f"{name}: expected an int or a 0-dim integer tensor, got a tensor of shape "
+                            f"{tuple(n.shape)} and dtype {n.dtype}")
+        n = n.item()
+    if isinstance(n, bool):
+        raise TypeError(f"{name}: expected an int, got bool")
+    try:
+        n = operator.index(n)  # int, NumPy integer, anything with __index__
+    except TypeError:
+        raise TypeError(f"{name}: expected an int (or a NumPy integer / 0-dim integer tensor), got "
+                        f"{type(n).__name__}") from None
+    if n < 0:
+        raise ValueError(f"{name}: must be >= 0, got {n}")
+    return n
+
+
+def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                    *, return_lse: bool = False) -> AttnInputs:
     """Check every argument of ``varlen_attention`` and return the resolved ``AttnInputs``.
 
     Raises ``TypeError``/``ValueError`` whose message starts with the offending argument's name.
@@ -79,20 +105,21 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")
-        if t.shape[1] != q.shape[1]:
-            raise ValueError(f"{name}: has {t.shape[1]} heads, q has {q.shape[1]} (grouped-query attention is not supported)")
         if t.shape[2] != q.shape[2]:
             raise ValueError(f"{name}: head dim {t.shape[2]} does not match q's head dim {q.shape[2]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"v: has {v.shape[1]} heads, k has {k.shape[1]}; they must match")
+    h, h_kv = q.shape[1], k.shape[1]
+    if h_kv == 0 or h % h_kv != 0:
+        raise ValueError(f"k: has {h_kv} heads, which does not divide q's {h} heads (grouped-query attention "
+                         "needs num_heads % num_kv_heads == 0)")
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"v: has {v.shape[0]} tokens, k has {k.shape[0]}; they must match")
     d = q.shape[2]
-    if d < 1 or d > _MAX_HEAD_DIM or d % 8 != 0:
-        raise ValueError(f"q: head dim {d} not supported; expected a multiple of 8 in [8, {_MAX_HEAD_DIM}]")
-    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"{name}: expected a Python int, got {type(n).__name__}")
-        if n < 0:
-            raise ValueError(f"{name}: must be >= 0, got {n}")
+    if d < 1 or d > _MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim {d} not supported; expected 1..{_MAX_HEAD_DIM}")
+    max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank first
         if cu.device != q.device:
@@ -110,19 +137,60 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    return AttnInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), causal)
+    return AttnInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), causal,
+                      bool(return_lse))
+
+
+def run_backend(b: Backend, inp: AttnInputs):
+    """Run validated ``inp`` on backend ``b``: zero-pads the head dim to one ``b`` runs natively (the
+    scale stays that of the real D, already in ``inp``) and slices the output back, as flash-attn's
+    wrapper does. Returns ``out``, or ``(out, lse)`` when ``inp.return_lse``."""
+    d = inp.head_dim
+    d_run = b.run_head_dim(d)
+    if d_run != d:
+        pad = (0, d_run - d)
+        inp = dataclasses.replace(inp, q=F.pad(inp.q, pad), k=F.pad(inp.k, pad), v=F.pad(inp.v, pad))
+    res = b.forward(inp)
+    out, lse = res if inp.return_lse else (res, None)
+    if d_run != d:
+        out = out[..., :d]
+    if inp.return_lse:
+        return out, lse.detach()
+    return out
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     softmax_scale=None, causal=False, backend=None):
+                     softmax_scale=None, causal=False, backend=None, return_lse=False):
     """Attention over packed ragged segments.
 
-    q ``[total_q, H, D]``, k/v ``[total_k, H, D]``; ``cu_seqlens_*`` int32 ``[S+1]`` with ``cu[0] = 0``,
-    non-decreasing, ending at the token count. Segment i: ``q[cu_q[i]:cu_q[i+1]]`` attends to
-    ``k/v[cu_k[i]:cu_k[i+1]]``. Returns ``[total_q, H, D]`` in q's dtype. A query whose key segment is
-    empty gets exact zeros (and zero gradients). ``softmax_scale`` defaults to ``D**-0.5``; ``causal``
-    aligns the mask bottom-right as flash-attn does. ``backend`` names a registered backend
-    (``elit_kernels.known_backends()``); None picks ``$ELIT_BACKEND`` or the best that supports the inputs.
+    Arguments:
+        q: ``[total_q, H, D]``, float16 / bfloat16 / float32 / float64, any D in 1..256 (a backend that
+            cannot run D natively gets it zero-padded and the output sliced back).
+        k, v: ``[total_k, H_kv, D]``, q's dtype and device. ``H_kv`` must divide ``H`` (GQA / MQA): query
+            head h reads kv head ``h // (H // H_kv)``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[S+1]``, start at 0, non-decreasing. Segment i:
+            ``q[cu_q[i]:cu_q[i+1]]`` attends to ``k/v[cu_k[i]:cu_k[i+1]]``. The last element may be
+            smaller than the row count (static buffers): q rows past ``cu_q[-1]`` get exact zeros and
+            zero gradients, k/v rows past ``cu_k[-1]`` are never read.
+        max_seqlen_q, max_seqlen_k: the longest segment (an upper bound is fine: the cost does not grow
+            with it). A Python int, a NumPy integer, or a 0-dim integer tensor (``.item()``: a CUDA tensor
+            costs a host sync; pass ints under CUDA graphs / ``torch.compile``).
+        softmax_scale: float, default ``D**-0.5`` of the real D.
+        causal: bottom-right aligned mask, as flash-attn: query i sees key j iff ``j <= i + Lk - Lq``.
+        backend: a registered backend name (``elit_kernels.known_backends()``); None picks
+            ``$ELIT_BACKEND`` or the highest-priority backend that supports the inputs.
+        return_lse: also return the log-sum-exp of each query row.
+
+    Returns:
+        ``out [total_q, H, D]`` in q's dtype; with ``return_lse``, ``(out, lse)`` where ``lse`` is
+        ``[H, total_q]`` float32 (float64 for float64 inputs), natural log of the row's softmax
+        denominator, +inf for rows that see no key (empty key segment, causal with Lq > Lk, rows past
+        ``cu_q[-1]``), not differentiable. A query that sees no key gets exact zeros, never NaN.
+
+    Raises:
+        TypeError / ValueError naming the argument for invalid input (the checks that read
+        ``cu_seqlens`` values run in eager mode only); ValueError listing every reason when no backend
+        (or not the one asked for) can run the inputs.
 
     The first seven arguments match ``flash_attn_varlen_func``::
 
@@ -131,30 +199,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         >>> varlen_attention(q, k, v, cu_q, cu_k, 5, 7).shape
         torch.Size([9, 4, 64])
     """
-    inp = validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-    return select_backend(inp, backend).forward(inp)
-
-
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, backend=None):
-    """Drop-in for ``flash_attn.flash_attn_varlen_func``: same signature, our backends underneath.
-
-    Options we do not implement (dropout, sliding window, softcap, ALiBi, returning attention
-    probabilities, paged KV) raise ``NotImplementedError`` naming the argument rather than being ignored.
-    ``deterministic`` is accepted (our backends' backward passes are deterministic or say otherwise).
-    """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: only 0.0 is supported, got {dropout_p}")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size: sliding-window attention is not supported, got {tuple(window_size)}")
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap: only 0.0 is supported, got {softcap}")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported")
-    if return_attn_probs:
-        raise NotImplementedError("return_attn_probs: returning attention probabilities is not supported")
-    if block_table is not None:
-        raise NotImplementedError("block_table: paged KV caches are not supported")
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale=softmax_scale, causal=causal, backend=backend)
+    inp = validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                          return_lse=return_lse)
+    return run_backend(select_backend(inp, backend), inp)

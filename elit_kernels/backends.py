@@ -1,14 +1,15 @@
 """Backend registry for ``varlen_attention``.
 
-A backend declares what it can run (``not_supported_reasons``); the dispatcher picks the
-highest-priority backend with no reasons. The choice is plain Python over tensor metadata, so it
-traces cleanly under ``torch.compile`` (no cached calls, no device syncs).
+A backend declares what it can run as class data (dtypes, devices, native head dims, GQA, LSE),
+which the base class turns into ``not_supported_reasons``; the dispatcher picks the highest-priority
+backend with no reasons. The choice is plain Python over tensor metadata, so it traces cleanly under
+``torch.compile`` (no cached calls, no device syncs).
 
 Adding a backend::
 
     class MyBackend(Backend):
         name, priority = "mine", 50
-        def not_supported_reasons(self, inp): return [] if inp.q.is_cuda else ["needs CUDA"]
+        devices, dtypes, head_dims, supports_gqa = ("cuda",), (torch.bfloat16,), (64, 128), False
         def forward(self, inp): return my_kernel(inp.q, inp.k, inp.v, ...)
     register_backend(MyBackend())
 """
@@ -17,14 +18,16 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 
 @dataclass(frozen=True)
 class AttnInputs:
-    """Validated arguments of one ``varlen_attention`` call (softmax_scale already resolved)."""
+    """Validated arguments of one ``varlen_attention`` call (softmax_scale already resolved).
+
+    ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention: ``H % H_kv == 0``); ``q`` and
+    ``k``/``v`` may hold rows past ``cu_seqlens_*[-1]`` (never read; those output rows are zeros).
+    """
 
     q: torch.Tensor
     k: torch.Tensor
@@ -35,31 +38,89 @@ class AttnInputs:
     max_seqlen_k: int
     softmax_scale: float
     causal: bool
+    return_lse: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.q.shape[-1]
 
     @property
+    def num_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
     def num_segments(self) -> int:
         return self.cu_seqlens_q.shape[0] - 1
 
 
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class Backend:
-    """Base class: subclasses set ``name`` and ``priority`` and implement ``forward``."""
+    """Base class: subclasses set ``name`` and ``priority``, declare what they run as class data, and
+    implement ``forward``.
+
+    The base turns the declaration into uniform ``not_supported_reasons``; a subclass adds only its
+    special cases (and calls the parent). ``forward(inp)`` returns ``out [total_q, H, D]``, or
+    ``(out, lse [H, total_q])`` when ``inp.return_lse`` is True.
+    """
 
     name: str = "?"
     priority: int = 0
     #: one-line human description shown by ``describe_backends``.
     description: str = ""
+    #: dtypes of q/k/v it runs.
+    dtypes: tuple = _ALL_DTYPES
+    #: device types (``"cpu"``, ``"cuda"``) it runs on; None: any.
+    devices: tuple | None = None
+    #: head dims it runs natively: exactly these, or (None) every multiple of ``head_dim_multiple`` up to
+    #: ``max_head_dim``. Any other D up to the largest native dim is zero-padded by ``varlen_attention``.
+    head_dims: tuple | None = None
+    head_dim_multiple: int = 1
+    max_head_dim: int = 256
+    #: k/v with fewer heads than q (GQA / MQA).
+    supports_gqa: bool = True
+    #: returns the log-sum-exp of each query row (``return_attn_probs=True``).
+    supports_lse: bool = True
 
     def is_available(self) -> bool:
         return True
 
-    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        return []
+    def run_head_dim(self, d: int) -> int | None:
+        """The head dim a D-dim problem runs at here (D, or the next native dim after zero padding); None
+        when D is larger than every native dim."""
+        if self.head_dims is not None:
+            return min((n for n in self.head_dims if n >= d), default=None)
+        m = self.head_dim_multiple
+        padded = -(-d // m) * m
+        return padded if padded <= self.max_head_dim else None
 
-    def forward(self, inp: AttnInputs) -> torch.Tensor:  # pragma: no cover - abstract
+    def _native_dims_text(self) -> str:
+        if self.head_dims is not None:
+            return ", ".join(map(str, self.head_dims))
+        if self.head_dim_multiple == 1:
+            return f"1..{self.max_head_dim}"
+        return f"multiples of {self.head_dim_multiple} up to {self.max_head_dim}"
+
+    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
+        r = []
+        if inp.q.dtype not in self.dtypes:
+            r.append(f"dtype {inp.q.dtype} not in {[str(d) for d in self.dtypes]}")
+        if self.devices is not None and inp.q.device.type not in self.devices:
+            r.append(f"needs {' or '.join(self.devices)} tensors, got device {inp.q.device}")
+        if self.run_head_dim(inp.head_dim) is None:
+            r.append(f"head dim {inp.head_dim} too large (runs {self._native_dims_text()})")
+        if not self.supports_gqa and inp.num_kv_heads != inp.num_heads:
+            r.append(f"no grouped-query attention (q has {inp.num_heads} heads, k/v {inp.num_kv_heads})")
+        if not self.supports_lse and inp.return_lse:
+            r.append("cannot return the softmax log-sum-exp (return_attn_probs=True)")
+        return r
+
+    def forward(self, inp: AttnInputs):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -92,9 +153,14 @@ def get_backend(name: str) -> Backend:
 
 
 def _reasons(b: Backend, inp: AttnInputs) -> list[str]:
-    if not b.is_available():
-        return ["not available in this environment"]
-    return b.not_supported_reasons(inp)
+    missing = [] if b.is_available() else ["not available in this environment"]
+    return missing + b.not_supported_reasons(inp)
+
+
+def describe_inputs(inp: AttnInputs) -> str:
+    """Shapes, dtype and device of ``inp`` in one line (dispatch errors start with it)."""
+    return (f"q {tuple(inp.q.shape)}, k/v {tuple(inp.k.shape)}, {inp.num_segments} segments, {inp.q.dtype}, "
+            f"{inp.q.device}" + (", causal" if inp.causal else "") + (", return_lse" if inp.return_lse else ""))
 
 
 def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
@@ -110,7 +176,8 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
         reasons = _reasons(b, inp)
         if reasons:
             src = "backend" if backend is not None else "ELIT_BACKEND"
-            raise ValueError(f"{src}: backend {b.name!r} cannot run these inputs: " + "; ".join(reasons))
+            raise ValueError(f"{src}: backend {b.name!r} cannot run these inputs ({describe_inputs(inp)}): "
+                             + "; ".join(reasons))
         return b
     tried = []
     for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
@@ -118,7 +185,7 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
         if not reasons:
             return b
         tried.append(f"{b.name}: {'; '.join(reasons)}")
-    raise ValueError("no backend supports these inputs:\n  " + "\n  ".join(tried))
+    raise ValueError(f"no backend supports these inputs ({describe_inputs(inp)}):\n  " + "\n  ".join(tried))
 
 
 def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
@@ -136,55 +203,50 @@ def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
 # Built-in pure-PyTorch backends and optional comparators.
 # ---------------------------------------------------------------------------------------------
 
-def _common_reasons(inp: AttnInputs, dtypes: tuple, cuda_only: bool = False, max_d: int = 256) -> list[str]:
-    r = []
-    if inp.q.dtype not in dtypes:
-        r.append(f"dtype {inp.q.dtype} not in {[str(d) for d in dtypes]}")
-    if cuda_only and inp.q.device.type != "cuda":
-        r.append(f"needs CUDA tensors, got device {inp.q.device}")
-    if inp.head_dim > max_d:
-        r.append(f"head dim {inp.head_dim} > {max_d}")
-    return r
-
-
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
     description = "pure PyTorch, one segment at a time, fp32 (fp64 for fp64 input) accumulation: the truth"
 
-    def not_supported_reasons(self, inp):
-        return _common_reasons(inp, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-
     def forward(self, inp):
         from .reference.attention import varlen_attention_reference
 
         return varlen_attention_reference(
-            inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, softmax_scale=inp.softmax_scale, causal=inp.causal
-        )
+            inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, softmax_scale=inp.softmax_scale,
+            causal=inp.causal, return_lse=inp.return_lse)
 
 
 class TorchBackend(Backend):
     name = "torch"
     priority = 10
-    description = "PyTorch SDPA over a padded batch with a key/causal mask (no host sync): the fair baseline"
+    description = ("PyTorch matmul/softmax over segments grouped by their real lengths (one host read of "
+                   "cu_seqlens per call; cost independent of max_seqlen): the fair baseline")
 
     def not_supported_reasons(self, inp):
-        return _common_reasons(inp, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        r = super().not_supported_reasons(inp)
+        if inp.q.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+            r.append("reads segment lengths on the host, which CUDA-graph capture forbids")
+        return r
 
     def forward(self, inp):
-        from .torch_attention import varlen_attention_padded_sdpa
-
-        return varlen_attention_padded_sdpa(
+        out, lse = torch.ops.elit.varlen_attn_fwd_torch(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
-            softmax_scale=inp.softmax_scale, causal=inp.causal,
-        )
+            inp.softmax_scale, inp.causal)
+        return (out, lse) if inp.return_lse else out
 
 
 class _CudaComparator(Backend):
-    """A CUDA-only fp16/bf16 kernel from another package, benchmarked against ours; never the default."""
+    """A CUDA-only fp16/bf16 kernel from another package, benchmarked against ours; never the default.
+
+    Rows of q past ``cu_seqlens_q[-1]`` are left as that package leaves them."""
 
     priority = -10
     module = ""  # importable module that provides it
+    dtypes = (torch.float16, torch.bfloat16)
+    devices = ("cuda",)
+    head_dim_multiple = 8
+    supports_gqa = False
+    supports_lse = False
 
     def is_available(self):
         try:
@@ -192,9 +254,6 @@ class _CudaComparator(Backend):
         except ImportError:
             return False
         return torch.cuda.is_available()
-
-    def not_supported_reasons(self, inp):
-        return _common_reasons(inp, (torch.float16, torch.bfloat16), cuda_only=True)
 
 
 class TorchVarlenBackend(_CudaComparator):
@@ -224,6 +283,7 @@ class FlashAttnBackend(_CudaComparator):
         )
 
 
+from . import torch_attention  # noqa: E402,F401  (registers elit::varlen_attn_{fwd,bwd}_torch)
+
 for _b in (ReferenceBackend(), TorchBackend(), TorchVarlenBackend(), FlashAttnBackend()):
     register_backend(_b)
-

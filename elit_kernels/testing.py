@@ -17,15 +17,28 @@ def cu_seqlens(lengths: Sequence[int], device="cpu") -> torch.Tensor:
 
 
 def random_varlen_inputs(lens_q: Sequence[int], lens_k: Sequence[int], heads: int, head_dim: int, *,
-                         dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = False):
-    """Fresh random (q, k, v, cu_q, cu_k, max_q, max_k) for the given segment lengths (seeded)."""
+                         dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = False,
+                         kv_heads: int | None = None, extra_q: int = 0, extra_k: int = 0,
+                         extra_fill: float | None = float("nan")):
+    """Fresh random (q, k, v, cu_q, cu_k, max_q, max_k) for the given segment lengths (seeded).
+
+    ``kv_heads`` (default ``heads``) gives k/v fewer heads (GQA). ``extra_q`` / ``extra_k`` append rows
+    past ``cu_seqlens_*[-1]`` (a static buffer longer than the packed data), filled with ``extra_fill``
+    (NaN by default, so a kernel that reads them fails; None: random values).
+    """
     if len(lens_q) != len(lens_k):
         raise ValueError(f"lens_k: expected {len(lens_q)} segments like lens_q, got {len(lens_k)}")
+    kv_heads = heads if kv_heads is None else kv_heads
     g = torch.Generator().manual_seed(seed)
-    tq, tk = sum(lens_q), sum(lens_k)
-    q = torch.randn(tq, heads, head_dim, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(tk, heads, head_dim, generator=g).to(device=device, dtype=dtype)
-    v = torch.randn(tk, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    tq, tk = sum(lens_q) + extra_q, sum(lens_k) + extra_k
+    q = torch.randn(tq, heads, head_dim, generator=g)
+    k = torch.randn(tk, kv_heads, head_dim, generator=g)
+    v = torch.randn(tk, kv_heads, head_dim, generator=g)
+    if extra_fill is not None:
+        q[sum(lens_q):] = extra_fill
+        k[sum(lens_k):] = extra_fill
+        v[sum(lens_k):] = extra_fill
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return (q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device),
@@ -54,7 +67,12 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, ref_lowprec:
     base = max_abs_err(ref_lowprec, ref)
     bound = factor * base + atol
     if not err <= bound:
-        raise AssertionError(f"{name}: max abs err {err:.3g} > {factor}*{base:.3g} + {atol:g} = {bound:.3g}")
+        # One bad element points to masking / indexing, drift everywhere to precision.
+        d = (out.double() - ref.double())
+        rms = (d.square().mean() / ref.double().square().mean().clamp_min(1e-30)).sqrt().item()
+        where = tuple(int(i) for i in torch.unravel_index(d.abs().argmax(), d.shape))
+        raise AssertionError(f"{name}: max abs err {err:.3g} at {where} > {factor}*{base:.3g} + {atol:g} = "
+                             f"{bound:.3g}; relative RMS err {rms:.3g}, {(d.abs() > bound).sum().item()} elements over")
 
 
 def default_atol(dtype: torch.dtype) -> float:
@@ -62,22 +80,29 @@ def default_atol(dtype: torch.dtype) -> float:
 
 
 def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, *, causal=False, seed=0,
-                                    grads=True, device="cpu", scale=None):
+                                    grads=True, device="cpu", scale=None, kv_heads=None, extra_q=0, extra_k=0,
+                                    check_lse=False):
     """Run ``fn`` (a varlen_attention-like callable) and check values and gradients against the reference.
 
     ``ref`` is computed in fp64 from the same inputs, ``ref_lowprec`` by the reference in ``dtype``.
-    The kernel's output buffer is whatever ``fn`` returns; kernels are expected to NaN-poison their
-    own outputs in debug mode, and any NaN fails here.
+    ``kv_heads``, ``extra_q`` / ``extra_k`` as in ``random_varlen_inputs`` (the extra rows are NaN: an
+    output row or a gradient there must come out an exact zero). With ``check_lse``, ``fn`` returns
+    ``(out, lse)`` and lse is checked against the fp64 log-sum-exp (+inf exactly where a row sees no key).
+    Kernels are expected to NaN-poison their own outputs in debug mode; any NaN fails here.
     """
-    q, k, v, cu_q, cu_k, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, head_dim, dtype=dtype,
-                                                       device=device, seed=seed, requires_grad=grads)
+    q, k, v, cu_q, cu_k, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, head_dim, dtype=dtype, device=device,
+                                                       seed=seed, requires_grad=grads, kv_heads=kv_heads,
+                                                       extra_q=extra_q, extra_k=extra_k)
     sc = head_dim ** -0.5 if scale is None else scale
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
+    lses = {}
 
-    def run(f, tensors):
+    def run(f, tensors, key):
         qq, kk, vv = tensors
         o = f(qq, kk, vv, cu_q, cu_k, mq, mk, sc, causal)
+        if check_lse:
+            o, lses[key] = o
         if not grads:
             return o, ()
         gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), dout.to(o.dtype), allow_unused=True)
@@ -86,16 +111,31 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
                    gv if gv is not None else zero(vv))
 
     def ref_fn(qq, kk, vv, cq, ck, _mq, _mk, s, c):
-        return varlen_attention_reference(qq, kk, vv, cq, ck, softmax_scale=s, causal=c)
+        return varlen_attention_reference(qq, kk, vv, cq, ck, softmax_scale=s, causal=c, return_lse=check_lse)
 
     def detach(t, dt):
         return t.detach().to(dt).requires_grad_(grads)
 
-    out, gr = run(fn, (q, k, v))
-    ref, gref = run(ref_fn, tuple(detach(t, torch.float64) for t in (q, k, v)))
-    low, glow = run(ref_fn, tuple(detach(t, dtype) for t in (q, k, v)))
+    out, gr = run(fn, (q, k, v), "out")
+    ref, gref = run(ref_fn, tuple(detach(t, torch.float64) for t in (q, k, v)), "ref")
+    low, glow = run(ref_fn, tuple(detach(t, dtype) for t in (q, k, v)), "low")
     atol = default_atol(dtype)
     assert_close_to_reference(out, ref, low, atol=atol, name="out")
     for name, a, b, c in zip(("dq", "dk", "dv"), gr, gref, glow):
         assert_close_to_reference(a, b, c, atol=atol, name=name)
+    tq, tk = cu_q[-1].item(), cu_k[-1].item()
+    for name, t in (("out", out), ("dq", gr[0] if grads else None), ("dk", gr[1] if grads else None),
+                    ("dv", gr[2] if grads else None)):
+        rows = t[tq:] if name in ("out", "dq") else (t[tk:] if t is not None else None)
+        if rows is not None and not torch.equal(rows, torch.zeros_like(rows)):
+            raise AssertionError(f"{name}: rows past cu_seqlens[-1] are not exact zeros")
+    if check_lse:
+        lse, lref = lses["out"], lses["ref"]
+        if lse.shape != lref.shape or lse.dtype != (torch.float64 if dtype == torch.float64 else torch.float32):
+            raise AssertionError(f"lse: shape {tuple(lse.shape)} dtype {lse.dtype}, expected {tuple(lref.shape)} "
+                                 "float32 (float64 for float64 inputs)")
+        blind = torch.isinf(lref)
+        if not torch.equal(torch.isposinf(lse), blind):
+            raise AssertionError("lse: +inf must mark exactly the rows that see no key")
+        assert_close_to_reference(lse[~blind], lref[~blind], lses["low"][~blind].double(), atol=atol, name="lse")
     return out

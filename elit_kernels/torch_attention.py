@@ -1,65 +1,200 @@
-"""The ``torch`` backend: packed ragged segments -> one padded SDPA call -> packed again.
+"""The ``torch`` backend: ``elit::varlen_attn_fwd_torch`` / ``elit::varlen_attn_bwd_torch``, plain PyTorch ops.
 
-Why padded SDPA and not nested/jagged tensors: the jagged path cannot express flash-attn's
-bottom-right causal mask when Lq != Lk, and empty segments trip it; the padded path handles every
-case of the contract with one code path, needs no host sync (only the Python-int max lengths), and
-on CUDA reaches the memory-efficient SDPA kernel (which takes a mask). Measured here (CPU, 1 thread,
-fp32, H=6, D=64, shared noisy 2-core machine, median of 5; 2026-11-27), padded vs jagged SDPA:
-Read 128 segments J in {1,4,8,16} x P=16: 15.5 vs 39.3 ms; Write (swapped): 20.4 vs 35.5 ms;
-core 4x256 + 4x64 tokens: 31.8 vs 66.9 ms. Padding wastes FLOPs on ragged batches; the kernel
-backends (triton, cuda) are what avoid it.
+Segments are grouped by their real lengths (power-of-two buckets of (Lq, Lk)), and each group runs as
+one batched matmul / softmax padded to the longest segment *of that group*, in chunks of bounded size.
+The lengths come from one host read of ``cu_seqlens`` per call, so the cost and memory follow the
+data, never ``max_seqlen`` (which the op ignores: a segment longer than it still gets the right
+answer). Padding to ``max_seqlen`` instead (the previous design) cost ~800x more time for 128
+segments of 4 tokens passed with max_seqlen 512. The price of the host read: one device sync per call
+on CUDA, and no CUDA-graph capture (the backend declares that reason).
+
+Math (per query row i of a segment, fp32 accumulation, fp64 for fp64 inputs):
+``s_ij = scale * q_i . k_j`` over the visible keys, ``lse_i = logsumexp_j s_ij`` (+inf when no key is
+visible), ``p_ij = exp(s_ij - lse_i)``, ``out_i = sum_j p_ij v_j``. Backward: ``dp_ij = dO_i . v_j``,
+``ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij')``, ``dq_i = scale sum_j ds_ij k_j``,
+``dk_j = scale sum_i ds_ij q_i``, ``dv_j = sum_i p_ij dO_i`` (dk/dv also summed over the query heads
+that share a kv head). The row correction is ``sum_j p dp`` rather than ``dO . out``, so a row with a
+single visible key (p = 1 exactly) gets ds = 0 exactly: dq = dk = 0 and dv = dO, as in the reference.
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
+
+from ._autograd import register_varlen_autograd
+
+# Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
+# segment) stay under it, so memory is bounded by the chunk, not by the batch.
+_CHUNK_ELEMS = 1 << 22
 
 
-def _segment_ids(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each packed token: (segment index, position inside the segment). No host sync."""
-    tok = torch.arange(total, device=cu.device, dtype=cu.dtype)
-    seg = torch.searchsorted(cu[1:].contiguous(), tok, right=True)
-    pos = tok - cu[seg]
-    return seg.long(), pos.long()
+@dataclass
+class _Chunk:
+    """Segments (query rows ``r0:r1`` of each) against their keys, as gather indices on the device. Slots
+    past a segment's end point at the segment's first row (so nothing outside the segment is read) and
+    are masked out of ``allowed``."""
+
+    qi: torch.Tensor  # [n, m] packed query row of each slot, long
+    q_ok: torch.Tensor  # [n, m] the slot holds a real query row
+    ki: torch.Tensor  # [n, lk] packed key row of each slot, long
+    k_ok: torch.Tensor  # [n, lk]
+    allowed: torch.Tensor  # [n, m, lk] query slot sees key slot
+    has_key: torch.Tensor  # [n, m] the slot's row sees at least one key
 
 
-def pad_segments(x: torch.Tensor, cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed ``[total, H, D]`` -> padded ``[S, H, max_len, D]`` plus validity mask ``[S, max_len]``.
+def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, heads: int, causal: bool):
+    """One host read of both cu_seqlens -> the chunks to run, segments grouped by the power-of-two buckets
+    of their real (Lq, Lk). Vectorised over segments: the Python work grows with the number of groups."""
+    c = torch.stack([cu_q, cu_k]).cpu().long()  # both int32 [S+1] on one device: one copy
+    lens = c[:, 1:] - c[:, :-1]
+    for i, (name, total) in enumerate((("cu_seqlens_q", total_q), ("cu_seqlens_k", total_k))):
+        if c[i, 0] != 0 or (lens[i] < 0).any() or c[i, -1] > total:
+            raise ValueError(f"{name}: must start at 0, be non-decreasing and end at most at the row count {total}")
+    lq, lk = lens
+    # no query: nothing to compute; no key: zeros / +inf, as initialised
+    live = ((lq > 0) & (lk > 0)).nonzero().flatten()
+    if live.numel() == 0:
+        return
+    bucket = torch.ceil(torch.log2(lens[:, live].double())).long()  # exact for powers of two
+    key = bucket[0] * 64 + bucket[1]
+    order = torch.argsort(key, stable=True)
+    live, key = live[order], key[order]
+    _, counts = torch.unique_consecutive(key, return_counts=True)
+    dev = cu_q.device
+    for segs in torch.split(live, counts.tolist()):
+        sq, sk, nq, nk = c[0, segs], c[1, segs], lq[segs], lk[segs]
+        mq, mk = int(nq.max()), int(nk.max())
+        per_seg = heads * mq * mk
+        n_per = max(1, _CHUNK_ELEMS // per_seg)
+        rows = mq if per_seg <= _CHUNK_ELEMS else max(1, _CHUNK_ELEMS // (heads * mk))
+        j = torch.arange(mk)
+        for a in range(0, len(segs), n_per):
+            sl = slice(a, a + n_per)
+            k_ok = j[None, :] < nk[sl, None]
+            ki = sk[sl, None] + torch.where(k_ok, j[None, :], 0)
+            for r0 in range(0, mq, rows):
+                r = torch.arange(r0, min(mq, r0 + rows))
+                q_ok = r[None, :] < nq[sl, None]
+                allowed = q_ok[:, :, None] & k_ok[:, None, :]
+                if causal:  # bottom-right: query i sees key j iff j <= i + Lk - Lq
+                    allowed &= j[None, None, :] <= r[None, :, None] + (nk - nq)[sl, None, None]
+                qi = sq[sl, None] + torch.where(q_ok, r[None, :], 0)
+                yield _Chunk(*(t.to(dev, non_blocking=True) for t in (qi, q_ok, ki, k_ok, allowed, allowed.any(-1))))
 
-    Padding slots are zeros; built by a scatter so backward is a gather (no host sync)."""
-    s = cu.shape[0] - 1
-    seg, pos = _segment_ids(cu, x.shape[0])
-    out = x.new_zeros(s, max_len, *x.shape[1:])
-    out = out.index_put((seg, pos), x)
-    lens = (cu[1:] - cu[:-1]).long()
-    valid = torch.arange(max_len, device=x.device)[None, :] < lens[:, None]
-    return out.transpose(1, 2), valid
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def varlen_attention_padded_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                                 *, softmax_scale: float, causal: bool = False):
-    """q ``[total_q, H, D]``, k/v ``[total_k, H, D]`` -> ``[total_q, H, D]`` via one padded SDPA call."""
-    total_q = q.shape[0]
-    if total_q == 0 or max_seqlen_q == 0:
-        return q.clone() if not (q.requires_grad or k.requires_grad or v.requires_grad) else (
-            q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0)
-    lk = max(max_seqlen_k, 1)  # a zero-width key axis is not a valid SDPA shape
-    qp, _ = pad_segments(q, cu_seqlens_q, max_seqlen_q)
-    kp, kvalid = pad_segments(k, cu_seqlens_k, lk)
-    vp, _ = pad_segments(v, cu_seqlens_k, lk)
-    allowed = kvalid[:, None, :].expand(-1, max_seqlen_q, -1)  # [S, Lq, Lk]
-    if causal:
-        lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-        lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-        i = torch.arange(max_seqlen_q, device=q.device)[None, :, None]
-        j = torch.arange(lk, device=q.device)[None, None, :]
-        allowed = allowed & (j <= i + (lens_k - lens_q)[:, None, None])
-    row_has_key = allowed.any(-1)  # [S, Lq]
-    # A row with no key would softmax to NaN: unmask it (finite garbage) and zero it afterwards.
-    mask = (allowed | ~row_has_key[..., None])[:, None]  # [S, 1, Lq, Lk]
-    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=softmax_scale)  # [S, H, Lq, D]
-    o = o.transpose(1, 2)  # [S, Lq, H, D]
-    seg, pos = _segment_ids(cu_seqlens_q, total_q)
-    out = o[seg, pos]
-    keep = row_has_key[seg, pos]
-    return torch.where(keep[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+def _gather(x: torch.Tensor, idx: torch.Tensor, h_kv: int, acc, ok: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``idx [n, m]`` of ``x [total, H, D]`` -> ``[n, h_kv, H // h_kv, m, D]`` in ``acc``; with ``ok``,
+    the slots that hold no row are zeros (values and output gradients, which multiply probabilities)."""
+    g = x[idx].to(acc)  # [n, m, H, D], a fresh tensor (advanced indexing copies)
+    if ok is not None:
+        g.masked_fill_(~ok[:, :, None, None], 0.0)
+    n, m, h, d = g.shape
+    return g.view(n, m, h_kv, h // h_kv, d).permute(0, 2, 3, 1, 4)
+
+
+def _scores(c: _Chunk, q, k, scale, acc):
+    """``(scale * q, k, s)`` of a chunk: the gathered, scaled queries ``[n, Hkv, G, m, D]``, keys
+    ``[n, Hkv, 1, lk, D]`` (shared by the group, not expanded) and scores ``[n, Hkv, G, m, lk]`` with -inf
+    where a query does not see a key. The scale goes on q, the smaller operand when Lk > D."""
+    h_kv = k.shape[1]
+    qb = _gather(q, c.qi, h_kv, acc).mul_(scale)
+    kb = _gather(k, c.ki, h_kv, acc)
+    s = torch.matmul(qb, kb.transpose(-1, -2))
+    return qb, kb, s.masked_fill_(~c.allowed[:, None, None], float("-inf"))
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """``[n, Hkv, G, m, ...]`` -> ``[n, m, H, ...]``."""
+    n, hkv, g, m = t.shape[:4]
+    return t.permute(0, 3, 1, 2, *range(4, t.dim())).reshape(n, m, hkv * g, *t.shape[4:])
+
+
+def varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+    """q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]`` -> ``(out [total_q, H, D], lse [H, total_q])``; lse
+    fp32 (fp64 for fp64), +inf on rows that see no key; rows past ``cu_seqlens_q[-1]`` are zeros."""
+    acc = _acc(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((q.shape[0], q.shape[1]), float("inf"), dtype=acc, device=q.device)  # [total_q, H] here
+    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal):
+        _, _, s = _scores(c, q, k, softmax_scale, acc)
+        blind = ~c.has_key[:, None, None, :, None]
+        m = s.amax(dim=-1, keepdim=True).masked_fill_(blind, 0.0)  # -inf on rows with no key: 0 keeps NaN out
+        p = torch.exp_(s.sub_(m))  # exact zeros on masked keys and rows with no key; 1 at a row's max
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, _gather(v, c.ki, k.shape[1], acc, c.k_ok)).div_(denom.masked_fill(blind, 1.0))
+        m = m.add_(torch.log(denom)).masked_fill_(blind, float("inf"))  # lse; +inf on rows with no key
+        rows = c.qi[c.q_ok]
+        out[rows] = _heads_first(o)[c.q_ok]
+        lse[rows] = _heads_first(m[..., 0])[c.q_ok]
+    return out.to(q.dtype), lse.t().contiguous()
+
+
+def varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+    """Gradients ``(dq, dk, dv)`` of ``varlen_attn_fwd_torch`` (shapes and dtypes of q, k, v); exact zeros on
+    rows outside every segment."""
+    acc = _acc(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    h_kv = k.shape[1]
+    lse_t = lse.t()  # [total_q, H]
+    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal):
+        qb, kb, s = _scores(c, q, k, softmax_scale, acc)
+        m = lse_t[c.qi].to(acc)  # [n, m, H]
+        n, rows, h = m.shape
+        m = m.view(n, rows, h_kv, h // h_kv).permute(0, 2, 3, 1)[..., None]
+        p = torch.exp_(s.sub_(m))
+        vb = _gather(v, c.ki, h_kv, acc, c.k_ok)
+        dob = _gather(dout, c.qi, h_kv, acc, c.q_ok)
+        dp = torch.matmul(dob, vb.transpose(-1, -2))
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        dq_b = torch.matmul(ds, kb).mul_(softmax_scale)  # [n, Hkv, G, m, D]
+        dk_b = torch.matmul(ds.transpose(-1, -2), qb).sum(2)  # [n, Hkv, lk, D]; qb carries the scale
+        dv_b = torch.matmul(p.transpose(-1, -2), dob).sum(2)
+        dq[c.qi[c.q_ok]] = _heads_first(dq_b)[c.q_ok]
+        krows = c.ki[c.k_ok]
+        # index_add_: a segment split into query-row chunks adds each chunk's part to the same keys.
+        dk.index_add_(0, krows, dk_b.permute(0, 2, 1, 3)[c.k_ok])
+        dv.index_add_(0, krows, dv_b.permute(0, 2, 1, 3)[c.k_ok])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# The op reads cu_seqlens on the host: inductor's CUDA graphs must leave it out.
+_OP_KW = {"tags": (torch.Tag.cudagraph_unsafe,)} if (
+    hasattr(torch.Tag, "cudagraph_unsafe") and "tags" in inspect.signature(torch.library.custom_op).parameters) else {}
+
+
+@torch.library.custom_op("elit::varlen_attn_fwd_torch", mutates_args=(), **_OP_KW)
+def varlen_attn_fwd_torch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(out [total_q, H, D], lse [H, total_q])``; the max lengths are not needed (any length runs)."""
+    return varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+
+@varlen_attn_fwd_torch_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("elit::varlen_attn_bwd_torch", mutates_args=(), **_OP_KW)
+def varlen_attn_bwd_torch_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dq, dk, dv)``; deterministic."""
+    return varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+
+@varlen_attn_bwd_torch_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+register_varlen_autograd(varlen_attn_fwd_torch_op, varlen_attn_bwd_torch_op)

@@ -135,7 +135,6 @@ def test_flash_attn_drop_in_signature_positional():
     ({"window_size": (8, 0)}, "window_size"),
     ({"softcap": 30.0}, "softcap"),
     ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
-    ({"return_attn_probs": True}, "return_attn_probs"),
     ({"block_table": torch.zeros(1, 1, dtype=torch.int32)}, "block_table"),
 ])
 def test_flash_attn_unsupported_options_raise(kwargs, arg):

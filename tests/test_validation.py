@@ -25,7 +25,9 @@ CASES = {
     "q-rank": (lambda a: a.update(q=a["q"][:, 0]), ValueError, r"^q: .*3-D"),
     "k-rank": (lambda a: a.update(k=a["k"][None]), ValueError, r"^k: .*3-D"),
     "q-not-tensor": (lambda a: a.update(q=[1, 2]), TypeError, r"^q: expected a torch.Tensor"),
-    "k-heads": (lambda a: a.update(k=a["k"][:, :1], v=a["v"][:, :1]), ValueError, r"^k: has 1 heads"),
+    "k-heads": (lambda a: a.update(k=torch.randn(6, 3, 64), v=torch.randn(6, 3, 64)), ValueError,
+                r"^k: has 3 heads, which does not divide q's 2 heads"),
+    "v-heads": (lambda a: a.update(v=a["v"][:, :1]), ValueError, r"^v: has 1 heads, k has 2"),
     "v-headdim": (lambda a: a.update(v=a["v"][..., :32]), ValueError, r"^v: head dim 32"),
     "v-tokens": (lambda a: a.update(v=a["v"][:5]), ValueError, r"^v: has 5 tokens"),
     "k-dtype": (lambda a: a.update(k=a["k"].half()), TypeError, r"^k: dtype torch.float16"),
@@ -37,13 +39,22 @@ CASES = {
     "cu_k-length": (lambda a: a.update(cu_seqlens_k=i32(0, 6)), ValueError, r"^cu_seqlens_k: has 2 elements but cu_seqlens_q has 3"),
     "cu_q-start": (lambda a: a.update(cu_seqlens_q=i32(1, 3, 8)), ValueError, r"^cu_seqlens_q: must start at 0"),
     "cu_k-decreasing": (lambda a: a.update(cu_seqlens_k=i32(0, 7, 6)), ValueError, r"^cu_seqlens_k: must be non-decreasing"),
-    "cu_q-end": (lambda a: a.update(cu_seqlens_q=i32(0, 3, 7)), ValueError, r"^cu_seqlens_q: last element must equal .* 8"),
+    "cu_q-end": (lambda a: a.update(cu_seqlens_q=i32(0, 3, 9)), ValueError, r"^cu_seqlens_q: last element 9 is past the end .* \(8 rows\)"),
+    "cu_k-end": (lambda a: a.update(cu_seqlens_k=i32(0, 4, 7)), ValueError, r"^cu_seqlens_k: last element 7 is past"),
     "max_q-small": (lambda a: a.update(max_seqlen_q=4), ValueError, r"^max_seqlen_q: 4 is smaller than the longest segment \(5\)"),
     "max_k-small": (lambda a: a.update(max_seqlen_k=3), ValueError, r"^max_seqlen_k: 3 is smaller"),
-    "max_k-type": (lambda a: a.update(max_seqlen_k=torch.tensor(4)), TypeError, r"^max_seqlen_k: expected a Python int"),
+    "max_k-type": (lambda a: a.update(max_seqlen_k=4.0), TypeError, r"^max_seqlen_k: expected an int"),
+    "max_k-bool": (lambda a: a.update(max_seqlen_k=True), TypeError, r"^max_seqlen_k: expected an int, got bool"),
+    "max_q-1d-tensor": (lambda a: a.update(max_seqlen_q=torch.tensor([5])), TypeError,
+                        r"^max_seqlen_q: expected an int or a 0-dim integer tensor, got a tensor of shape \(1,\)"),
+    "max_q-float-tensor": (lambda a: a.update(max_seqlen_q=torch.tensor(5.0)), TypeError, r"^max_seqlen_q: .*float32"),
+    "max_q-small-tensor": (lambda a: a.update(max_seqlen_q=torch.tensor(4)), ValueError,
+                           r"^max_seqlen_q: 4 is smaller"),
     "max_q-negative": (lambda a: a.update(max_seqlen_q=-1), ValueError, r"^max_seqlen_q: must be >= 0"),
-    "head-dim": (lambda a: [a.update({n: a[n][..., :20]}) for n in "qkv"], ValueError, r"^q: head dim 20 not supported"),
-    "head-dim-big": (lambda a: [a.update({n: torch.randn(a[n].shape[0], 2, 264)}) for n in "qkv"], ValueError, r"^q: head dim 264"),
+    "head-dim-zero": (lambda a: [a.update({n: a[n][..., :0]}) for n in "qkv"], ValueError,
+                      r"^q: head dim 0 not supported; expected 1..256"),
+    "head-dim-big": (lambda a: [a.update({n: torch.randn(a[n].shape[0], 2, 264)}) for n in "qkv"], ValueError,
+                     r"^q: head dim 264 not supported; expected 1..256"),
 }
 
 
@@ -69,7 +80,9 @@ def test_unknown_backend_lists_known_ones(args):
 
 def test_unavailable_backend_lists_reasons(args):
     # torch_varlen needs CUDA tensors (and fp16/bf16): every reason is listed in one error.
-    with pytest.raises(ValueError, match=r"^backend: backend 'torch_varlen' cannot run these inputs: .*"):
+    with pytest.raises(ValueError, match=r"^backend: backend 'torch_varlen' cannot run these inputs \(q \(8, 2, 64\), "
+                                         r"k/v \(6, 2, 64\), 2 segments, torch.float32, cpu\): .*dtype torch.float32.*"
+                                         r"needs cuda tensors"):
         call(args, backend="torch_varlen")
 
 

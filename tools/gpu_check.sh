@@ -2,7 +2,8 @@
 # One call on a GPU machine (torch + triton preinstalled, no network): install the package (building the
 # CUDA extension for this card), run every test (GPU tests included), then the op and model benchmarks.
 # Everything lands in $OUT (or ./gpu_results): gpu_check.log, junit XML, summary.json, benchmark files.
-# Budget: about 8 minutes on an H100 (hard stage limits: build 150 s, GPU tests 200 s, benchmarks 240 s). Usage:  bash tools/gpu_check.sh
+# Budget: about 10 minutes on an H100 (hard stage limits: build 150 s, GPU tests 200 s + drop-in cases 120 s,
+# benchmarks 240 s). Usage:  bash tools/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_results}"
@@ -43,6 +44,10 @@ stage "GPU tests: Triton and CUDA kernels vs the reference (real sizes, bf16)"
 timeout 200 python -m pytest -q -rs tests/test_triton_attention.py tests/test_cext.py \
   --junitxml="$OUT/junit_gpu.xml" -p no:cacheprovider
 rc[tests]=$?
+# The drop-in cases on the cuda backend (GQA, padded head dims, LSE, packed qkv, longer buffers, slack and
+# too-small max_seqlen, single-key exactness, opcheck on permuted inputs): never run on a GPU before.
+timeout 120 python -m pytest -q -rs tests/test_dropin.py -k cuda --junitxml="$OUT/junit_dropin.xml" -p no:cacheprovider
+rc[tests]=$(( rc[tests] || $? ))
 # The CPU-only test files (contract, layout, model, demo, bench) are CI's job, not this script's.
 
 stage "benchmarks"

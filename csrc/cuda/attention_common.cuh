@@ -1,6 +1,7 @@
 // Shared pieces of the tensor-core varlen attention kernels (WMMA m16n16k16, fp32 accumulate).
 //
-// Shapes: q [total_q, H, D], k/v [total_k, H, D], cu_seqlens int32 [S+1], lse [H, total_q] fp32.
+// Shapes: q [total_q, H, D], k/v [total_k, H_kv, D] (query head h reads kv head h / (H / H_kv)), cu_seqlens
+// int32 [S+1], lse [H, total_q] fp32.
 // Every warp owns 16 rows (queries in forward/dQ, keys in dK/dV). Scores go through a per-warp
 // fp32 shared tile because WMMA accumulator layouts are opaque; the online-softmax rescale of the
 // output accumulator likewise happens in shared memory. Head dims that are not a multiple of 16
@@ -11,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -41,20 +43,75 @@ struct Dims {
   static constexpr int LDO = DP + 4;             // smem row stride of fp32 [16, DP] accumulators
 };
 
-// Copy rows [row0, row0 + rows) of one head of a [total, H, D] tensor into a [rows, DP] smem tile
-// (row stride LDT); rows at or past `valid` and columns past D are zero-filled. 16-byte vectors:
-// D % 8 == 0 and the token stride H*D keep every vector aligned (checked on the host).
+// Copy rows [row0, row0 + rows) of one head of a [total, H, D] tensor (token stride `st`, the head's
+// offset `hoff`, in elements) into a [rows, DP] smem tile (row stride LDT); rows at or past `valid` and
+// columns past D are zero-filled. 16-byte vectors: D, st and hoff are multiples of 8 and the base is
+// 16-byte aligned (the glue copies any view that is not).
 template <typename T, int D, int ROWS>
 __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restrict__ src, int64_t tok0, int row0,
-                                          int valid, int H, int h) {
+                                          int valid, int64_t st, int64_t hoff) {
   constexpr int DP = Dims<D>::DP, LDT = Dims<D>::LDT, VPR = DP / 8;
   for (int idx = threadIdx.x; idx < ROWS * VPR; idx += blockDim.x) {
     const int r = idx / VPR, c = (idx % VPR) * 8;
     uint4 val = make_uint4(0, 0, 0, 0);
     if (row0 + r < valid && c < D)
-      val = *reinterpret_cast<const uint4*>(src + ((tok0 + row0 + r) * H + h) * static_cast<int64_t>(D) + c);
+      val = *reinterpret_cast<const uint4*>(src + (tok0 + row0 + r) * st + hoff + c);
     *reinterpret_cast<uint4*>(dst + r * LDT + c) = val;
   }
+}
+
+// Which rows a block works on, along the axis `cu` (int32 [S+1]) cuts into segments; the block loops over
+// tiles first, first + step, ... below ceil(count / ROWS). Segment S is the rows past cu[S] up to `total`
+// (a buffer longer than the packed data), which the kernels fill with zeros. Two mappings, chosen from
+// the launch shape alone exactly as num_blocks sizes grid.x (the Triton kernels use the same scheme):
+//   dense:  ceil(max_len / ROWS) blocks per segment, stepping by that count, so a segment longer than
+//           max_len is still covered in full;
+//   search: when max_len is slack enough that dense would launch more blocks than
+//           total / ROWS + S + 1, segment s owns blocks [cu[s] / ROWS + s, cu[s+1] / ROWS + s + 1), which
+//           covers it at any length; a binary search over cu finds it.
+struct SegmentTiles {
+  int64_t seg, first, step, start, count;
+};
+
+inline int64_t num_blocks(int64_t segs, int64_t total, int64_t max_len, int64_t rows) {
+  const int64_t dense = (segs + 1) * ((std::max<int64_t>(max_len, 1) + rows - 1) / rows);
+  return std::min(dense, total / rows + segs + 1);
+}
+
+__device__ __forceinline__ SegmentTiles segment_tiles(const int32_t* __restrict__ cu, int64_t S, int64_t total,
+                                                      int64_t max_len, int rows) {
+  const int64_t pid = blockIdx.x;
+  const int64_t nb = (max(max_len, static_cast<int64_t>(1)) + rows - 1) / rows;
+  const bool search = (S + 1) * nb > total / rows + S + 1;
+  SegmentTiles t;
+  if (search) {
+    int64_t lo = 0, hi = S + 1;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (cu[mid] / rows + mid <= pid) lo = mid; else hi = mid;
+    }
+    t.seg = lo;
+    t.first = pid - (cu[lo] / rows + lo);
+  } else {
+    t.seg = pid / nb;
+    t.first = pid % nb;
+  }
+  t.start = cu[t.seg];
+  t.count = (t.seg < S ? cu[t.seg + 1] : total) - t.start;
+  t.step = search ? max((t.count + rows - 1) / rows, static_cast<int64_t>(1)) : nb;
+  return t;
+}
+
+// Rows of segment `seg` along the other axis (none for the tail segment S).
+__device__ __forceinline__ void partner_rows(const int32_t* __restrict__ cu, int64_t seg, int64_t S, int64_t& start,
+                                             int& count) {
+  start = cu[seg];
+  count = static_cast<int>(cu[min(seg + 1, S)] - start);
+}
+
+// Keys query row i (of lq, in a segment of lk keys) sees.
+__device__ __forceinline__ int visible_count(int i, int lq, int lk, bool causal) {
+  return causal ? min(max(i + lk - lq + 1, 0), lk) : lk;
 }
 
 // acc[16 x N] (fp32, smem, stride lda) = A[16 x K] (16-bit smem, row-major, stride lda_a) times
@@ -94,6 +151,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The instantiated head dims: cuda::kHeadDims (kernels.h) lists the same ones for the glue's check.
 template <typename F>
 inline void dispatch_head_dim(int64_t d, F&& f) {
   if (d == 64)

@@ -1,8 +1,8 @@
 // ATen glue of the CUDA varlen attention (kernels: attention_fwd.cu, attention_bwd.cu): argument
-// checks, allocation, grid limits. Values of cu_seqlens are not read here (that would sync the host);
-// elit_kernels.varlen_attention validates them in eager mode.
+// checks, allocation, strides. Values of cu_seqlens are not read here (that would sync the host);
+// elit_kernels.varlen_attention validates them in eager mode, and the kernels size their grids from the
+// packed row counts so that a wrong max_seqlen under torch.compile still gives the right answer.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "glue.h"
@@ -18,15 +18,26 @@ void check_cuda_attention_inputs(const at::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "q: the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
   const int64_t d = q.size(2);
-  TORCH_CHECK(d == 64 || d == 72 || d == 128, "q: the CUDA kernels take head dim 64, 72 or 128, got ", d);
+  bool native = false;
+  for (int64_t n : cuda::kHeadDims) native = native || d == n;
+  TORCH_CHECK(native, "q: the CUDA kernels take head dim 64, 72 or 128, got ", d,
+              " (elit_kernels.varlen_attention zero-pads smaller head dims)");
   TORCH_CHECK(q.size(1) <= cuda::kMaxGridYZ, "q: at most ", cuda::kMaxGridYZ, " heads, got ", q.size(1));
 }
 
-void check_tiles(int64_t max_len, int64_t rows, const char* name) {
-  TORCH_CHECK(max_len / rows < cuda::kMaxGridYZ, name, ": ", max_len, " is too long for the CUDA kernels");
+// Row views the kernels load with 16-byte vectors as they are (unit stride along D, row and head strides
+// multiples of 8 elements, 16-byte aligned base: the q/k/v views of a packed qkv pass); anything else is
+// copied once.
+at::Tensor loadable(const at::Tensor& t) {
+  const bool ok = t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  if (ok) return t;
+  auto c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
+  return c;
 }
 
-// Contiguous and 16-byte aligned (the kernels load 16-byte vectors; a sliced view can start mid-vector).
+// Contiguous and 16-byte aligned (the delta kernel reads out/dout as plain [total_q, H, D]).
 at::Tensor aligned(const at::Tensor& t) {
   auto c = t.contiguous();
   if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
@@ -43,27 +54,35 @@ cuda::AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at:
   p.cu_k = cu_k.const_data_ptr<int32_t>();
   p.segs = cu_q.size(0) - 1;
   p.heads = q.size(1);
+  p.kv_heads = k.size(1);
   p.head_dim = q.size(2);
   p.total_q = q.size(0);
+  p.total_k = k.size(0);
   p.max_q = max_q;
   p.max_k = max_k;
+  p.q_st = q.stride(0);
+  p.q_sh = q.stride(1);
+  p.k_st = k.stride(0);
+  p.k_sh = k.stride(1);
+  p.v_st = v.stride(0);
+  p.v_sh = v.stride(1);
   p.scale = static_cast<float>(scale);
   p.causal = causal;
   p.bf16 = q.scalar_type() == at::kBFloat16;
   return p;
 }
 
+// Outputs are contiguous whatever the input strides (the fake impls in elit_kernels._cext promise it).
 std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
                                                         const at::Tensor& v_, const at::Tensor& cu_q_,
                                                         const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
                                                         double scale, bool causal) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
   check_cuda_attention_inputs(q_);
-  check_tiles(max_q, cuda::attn_fwd_tile_rows(max_q), "max_seqlen_q");
   c10::cuda::CUDAGuard guard(q_.device());
-  auto q = aligned(q_), k = aligned(k_), v = aligned(v_);
+  auto q = loadable(q_), k = loadable(k_), v = loadable(v_);
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  auto out = at::empty_like(q);
+  auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   auto p = base_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
   p.o = out.mutable_data_ptr();
@@ -79,12 +98,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
   check_cuda_attention_inputs(q_);
   check_attention_bwd_extras(dout_, out_, lse_, q_);  // fp16/bf16 only here, so lse is float32
-  check_tiles(max_q, cuda::attn_bwd_tile_rows(max_q, max_k, false), "max_seqlen_q");
-  check_tiles(max_k, cuda::attn_bwd_tile_rows(max_q, max_k, true), "max_seqlen_k");
   c10::cuda::CUDAGuard guard(q_.device());
-  auto q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_), dout = aligned(dout_);
+  auto q = loadable(q_), k = loadable(k_), v = loadable(v_), out = aligned(out_), dout = aligned(dout_);
   auto lse = lse_.contiguous(), cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
   auto delta = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   auto p = base_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
   p.out = out.const_data_ptr();

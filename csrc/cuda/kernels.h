@@ -13,7 +13,7 @@ namespace cuda {
 enum class DType { kFloat, kDouble, kHalf, kBFloat16 };
 
 struct AttnParams {
-  const void *q = nullptr, *k = nullptr, *v = nullptr;  // [total, H, D]
+  const void *q = nullptr, *k = nullptr, *v = nullptr;  // q [total_q, H, D], k/v [total_k, H_kv, D], strided rows
   const void *out = nullptr, *dout = nullptr;           // backward inputs
   void *o = nullptr;                                    // forward output
   float* lse = nullptr;                                 // forward output [H, total_q]
@@ -21,15 +21,18 @@ struct AttnParams {
   float* delta = nullptr;                               // backward scratch [H, total_q]
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;
   const int32_t *cu_q = nullptr, *cu_k = nullptr;
-  int64_t segs = 0, heads = 0, head_dim = 0, total_q = 0, max_q = 0, max_k = 0;
+  int64_t segs = 0, heads = 0, kv_heads = 0, head_dim = 0, total_q = 0, total_k = 0, max_q = 0, max_k = 0;
+  // Element strides of q/k/v rows (token) and heads, multiples of 8 (16-byte vectors); outputs are contiguous.
+  int64_t q_st = 0, q_sh = 0, k_st = 0, k_sh = 0, v_st = 0, v_sh = 0;
   float scale = 1.f;
   bool causal = false, bf16 = false;
 };
 
-// Grid limits the glue checks before launching (grid.z counts query / key tiles).
+// Grid limit the glue checks before launching (grid.y counts heads).
 constexpr int64_t kMaxGridYZ = 65535;
-int64_t attn_fwd_tile_rows(int64_t max_q);
-int64_t attn_bwd_tile_rows(int64_t max_q, int64_t max_k, bool keys);
+// Head dims the kernels are instantiated for (dispatch_head_dim); elit_kernels._cext.CudaBackend.head_dims
+// declares the same list, and the contract zero-pads smaller dims up to one of them.
+constexpr int64_t kHeadDims[] = {64, 72, 128};
 
 cudaError_t varlen_attn_fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t varlen_attn_bwd(const AttnParams& p, cudaStream_t stream);

@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# In-kernel copy (jit functions read module constants only as constexpr).
+LOG2E_C: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 # Debug aid (docs/design.md §4): fill kernel outputs with NaN before launch so an element a kernel
 # forgets to write fails the tests instead of passing on leftover memory.
@@ -128,19 +130,74 @@ def heuristic_tile(max_q: int, max_k: int, bd: int, backward: bool = False):
     return m, n, (8 if m >= 128 else 4), 2
 
 
-@triton.jit
-def segment_block(CU_Q, CU_K, max_len, BLOCK: tl.constexpr):
-    """Map program id 0 to (block index inside its segment, q start, q length, k start, k length).
+def num_programs(num_segments: int, total: int, max_len: int, block: int) -> int:
+    """Programs along axis 0 for rows tiled by ``block`` (see ``segment_of_program``): one per (segment,
+    block) up to ``max_len`` plus the rows past the packed data, or, when ``max_len`` would launch more
+    than that, at most ``total // block + num_segments + 1``, whatever ``max_len`` says."""
+    dense = (num_segments + 1) * triton.cdiv(max(int(max_len), 1), block)
+    return min(dense, total // block + num_segments + 1)
 
-    Axis 0 flattens (segment, block): the segment count (thousands for Read/Write) can exceed the
-    65535 limit of grid axes 1 and 2. The grid is sized by ``max_len`` (no host sync to learn each
-    length), so a block may lie past the end of a shorter segment: callers return early then.
+
+@triton.jit
+def segment_of_program(CU, S, total, max_len, BLOCK: tl.constexpr):
+    """Map program id 0 to ``(segment, first block, block step, segment row start, segment row count)``
+    along the axis that ``CU`` (int32 ``[S+1]``) cuts into segments; the caller loops over the blocks
+    ``range(first, cdiv(count, BLOCK), step)``.
+
+    Segment ``S`` is the rows past ``CU[S]`` up to ``total`` (a buffer longer than the packed data): a
+    segment with no partner rows, so the kernels write zeros there without a separate launch.
+
+    Two mappings, picked from the launch shape alone (no host read of CU) exactly as ``num_programs``
+    sizes the grid:
+    - dense: ``cdiv(max_len, BLOCK)`` programs per segment, program p -> segment ``p // nb``, block
+      ``p % nb``, stepping by ``nb``, so a segment longer than ``max_len`` is still covered in full;
+    - search, when max_len is slack enough that dense would launch more programs than
+      ``total // BLOCK + S + 1``: segment s owns programs ``[CU[s] // BLOCK + s, CU[s+1] // BLOCK + s + 1)``,
+      enough for all of its blocks at any length; a binary search over CU finds it.
+    The segment count (thousands for Read/Write) stays on axis 0: axes 1 and 2 stop at 65535.
     """
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(max_len, BLOCK)
-    seg = pid // n_blocks
-    q_start = tl.load(CU_Q + seg).to(tl.int64)
-    len_q = tl.load(CU_Q + seg + 1).to(tl.int64) - q_start
-    k_start = tl.load(CU_K + seg).to(tl.int64)
-    len_k = tl.load(CU_K + seg + 1).to(tl.int64) - k_start
-    return pid % n_blocks, q_start, len_q, k_start, len_k
+    pid = tl.program_id(0).to(tl.int64)
+    nb = tl.cdiv(tl.maximum(max_len, 1), BLOCK).to(tl.int64)
+    n_search = total // BLOCK + S + 1
+    search = (S + 1) * nb > n_search
+    if search:
+        lo = pid * 0
+        hi = lo + S + 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            below = tl.load(CU + mid).to(tl.int64) // BLOCK + mid <= pid
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+        seg = lo
+        first = pid - (tl.load(CU + seg).to(tl.int64) // BLOCK + seg)
+    else:
+        seg = pid // nb
+        first = pid % nb
+    start = tl.load(CU + seg).to(tl.int64)
+    end = tl.where(seg < S, tl.load(CU + tl.minimum(seg + 1, S)).to(tl.int64), total)
+    count = end - start
+    step = tl.where(search, tl.maximum(tl.cdiv(count, BLOCK), 1), nb)
+    return seg, first, step, start, count
+
+
+@triton.jit
+def partner_rows(CU, seg, S):
+    """``(row start, row count)`` of segment ``seg`` along the other axis; the tail segment ``S`` has none."""
+    start = tl.load(CU + seg).to(tl.int64)
+    end = tl.load(CU + tl.minimum(seg + 1, S)).to(tl.int64)
+    return start, end - start
+
+
+@triton.jit
+def visible_keys(rows, len_q, len_k, CAUSAL: tl.constexpr):
+    """Keys query ``rows`` (positions in a segment of ``len_q`` queries, ``len_k`` keys) may see."""
+    if CAUSAL:
+        n = tl.minimum(tl.maximum(rows + len_k - len_q + 1, 0), len_k)
+    else:
+        n = rows * 0 + len_k
+    return n
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row / head strides but need unit stride along the head dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()

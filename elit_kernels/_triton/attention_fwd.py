@@ -1,9 +1,9 @@
 """Triton forward of ``varlen_attention``: online softmax over packed ragged segments.
 
-One program owns BLOCK_M queries of one segment and one head, and streams that segment's keys in
-BLOCK_N tiles, keeping a running max / sum in fp32 (flash-attention). It writes the output and the
-log-sum-exp per query row (natural log, ``[H, total_q]`` fp32) that the backward pass recomputes
-probabilities from.
+One program owns BLOCK_M queries of one segment and one query head, and streams that segment's keys
+(of the kv head the query head shares, GQA) in BLOCK_N tiles, keeping a running max / sum in fp32
+(flash-attention). It writes the output and the log-sum-exp per query row (natural log, ``[H, total_q]``
+fp32) that the backward pass recomputes probabilities from.
 """
 from __future__ import annotations
 
@@ -14,79 +14,86 @@ import triton.language as tl
 from . import _common as C
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q"])
 def _varlen_attn_fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    max_seqlen_q, qk_scale,
+    S, total_q, max_seqlen_q, group, qk_scale,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Axis 0: (segment, query block); heads on axis 1.
+    """out_i = sum_j p_ij v_j / l_i and lse_i = ln(l_i) + max_j s_ij with s_ij = scale * q_i . k_j over the
+    keys row i sees and p_ij = exp(s_ij - max), accumulated block by block with a running max (base 2:
+    ``qk_scale`` = scale * log2(e)). Rows that see no key store zeros and lse = +inf.
+
+    Axis 0: (segment, query block) as ``segment_of_program`` maps it; axis 1: query head h, which reads
+    kv head ``h // group`` (GQA by indexing).
+    """
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
     h = tl.program_id(1).to(tl.int64)
-    mb, q_start, len_q, k_start, len_k = C.segment_block(CU_Q, CU_K, max_seqlen_q, BLOCK_M)
-    if mb * BLOCK_M >= len_q:
-        return
-
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    hk = h // group
+    seg, first, step, q_start, len_q = C.segment_of_program(CU_Q, S, total_q, max_seqlen_q, BLOCK_M)
+    k_start, len_k = C.partner_rows(CU_K, seg, S)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < len_q
     d_valid = offs_d < HEAD_DIM
+    for mb in range(first, tl.cdiv(len_q, BLOCK_M), step):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_valid = offs_m < len_q
 
-    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    # Causal (bottom-right): query i sees key j iff j <= i + len_k - len_q. Keys past what the
-    # block's last row sees are never loaded.
-    hi = len_k
-    if CAUSAL:
-        last_row = tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1
-        hi = tl.maximum(tl.minimum(len_k, last_row + 1 + len_k - len_q), 0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_valid = cols < len_k
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
         if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        # exp2 with log2(e) folded into the scale: one multiply per score instead of a exp's range
-        # reduction.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        allowed = n_valid[None, :]
-        if CAUSAL:
-            allowed = allowed & (cols[None, :] <= offs_m[:, None] + (len_k - len_q))
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet has m_new = -inf; subtracting 0 instead keeps
-        # exp2(-inf - -inf) = NaN out: its p and alpha come out as exact zeros.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+            q = q.to(tl.float32)
 
-    # Rows with no visible key (empty key segment, or causal with len_q > len_k) have l_i = 0 and
-    # acc = 0: they store exact zeros, and LSE = +inf so that backward's exp2(s - lse) is 0 there.
-    has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-    tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_valid)
+        # Causal (bottom-right): query i sees key j iff j <= i + len_k - len_q. Keys past what the
+        # block's last row sees are never loaded.
+        hi = len_k
+        if CAUSAL:
+            last_row = tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1
+            hi = tl.maximum(tl.minimum(len_k, last_row + 1 + len_k - len_q), 0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            n_valid = cols < len_k
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = tl.load(K + (k_start + cols)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + (k_start + cols)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            allowed = n_valid[None, :]
+            if CAUSAL:
+                allowed = allowed & (cols[None, :] <= offs_m[:, None] + (len_k - len_q))
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no visible key yet has m_new = -inf; subtracting 0 instead keeps
+            # exp2(-inf - -inf) = NaN out: its p and alpha come out as exact zeros.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+        # Rows with no visible key (empty key segment, causal with len_q > len_k, rows past the packed
+        # data) have l_i = 0 and acc = 0: they store exact zeros, and LSE = +inf so that backward's
+        # exp2(s - lse) is 0 there.
+        has_key = l_i > 0.0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / C.LOG2E_C, float("inf"))
+        tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_valid)
 
 
 # On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype) unless autotuning
@@ -99,46 +106,45 @@ _varlen_attn_fwd_kernel_tuned = triton.autotune(
 )(_varlen_attn_fwd_kernel)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                            softmax_scale: float, causal: bool):
-    """Launch the forward kernel. q ``[total_q, H, D]``, k/v ``[total_k, H, D]``, cu_seqlens int32 ``[S+1]``.
+    """Launch the forward kernel. q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]`` (``H % H_kv == 0``, any
+    row/head strides with a unit head-dim stride), cu_seqlens int32 ``[S+1]``.
 
     Returns ``(out [total_q, H, D] in q's dtype, lse [H, total_q] fp32)``; ``lse`` is +inf on rows
-    that see no key. Inputs are assumed validated (``elit_kernels.attention.validate_inputs``).
+    that see no key, and rows past ``cu_seqlens_q[-1]`` get zeros. The grid follows the packed sizes, not
+    ``max_seqlen_q`` alone (``_common.num_programs``); a segment longer than ``max_seqlen_q`` still gets
+    the right answer. Inputs are assumed validated (``elit_kernels.attention.validate_inputs``).
 
     >>> out, lse = varlen_attn_fwd_triton(q, k, v, cu_q, cu_k, 17, 5, 64 ** -0.5, False)  # doctest: +SKIP
     """
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (C.last_dim_contiguous(t) for t in (q, k, v))
     cu_seqlens_q = cu_seqlens_q.contiguous()
     cu_seqlens_k = cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
     S = cu_seqlens_q.shape[0] - 1
     out = C.alloc((total_q, H, D), q.dtype, q.device)
     lse = C.alloc((H, total_q), torch.float32, q.device)
-    if total_q == 0 or H == 0 or S <= 0 or max_seqlen_q <= 0:
+    if total_q == 0 or H == 0:
         return out, lse
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            max_seqlen_q, softmax_scale * C.LOG2E, C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
+            S, total_q, max_seqlen_q, H // k.shape[1], softmax_scale * C.LOG2E,
+            C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
     meta = dict(HEAD_DIM=D, BLOCK_D=C.block_d(D), CAUSAL=bool(causal), **C.dot_flags(q.dtype))
-    if C.interpreting():
-        bm, bn = C.INTERP_BLOCK_M, C.INTERP_BLOCK_N
-        grid = (S * triton.cdiv(max_seqlen_q, bm), H)
-        _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
-    elif C.autotune_enabled():
-        def grid(m):
-            return (S * triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H)
 
+    def grid(m):
+        return (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H)
+
+    if C.interpreting():
+        _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N, **meta)
+    elif C.autotune_enabled():
         with torch.cuda.device(q.device):
             _varlen_attn_fwd_kernel_tuned[grid](*args, **meta)
     else:
         bm, bn, warps, stages = C.heuristic_tile(max_seqlen_q, max_seqlen_k, meta["BLOCK_D"])
         with torch.cuda.device(q.device):
-            _varlen_attn_fwd_kernel[(S * triton.cdiv(max_seqlen_q, bm), H)](
-                *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+            _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                          **meta)
     return out, lse

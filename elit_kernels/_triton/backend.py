@@ -10,7 +10,6 @@ import torch
 from ..backends import AttnInputs, Backend, register_backend
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
@@ -20,30 +19,33 @@ def _interpreting() -> bool:
 class TritonBackend(Backend):
     name = "triton"
     priority = 30
-    description = ("Triton online-softmax kernels over packed segments, deterministic backward; "
-                   "CUDA, or CPU under TRITON_INTERPRET=1; fp16/bf16/fp32, head dim % 8 == 0, <= 256")
+    description = ("Triton online-softmax kernels over packed segments, GQA by indexing, deterministic backward; "
+                   "CUDA, or CPU under TRITON_INTERPRET=1; fp16/bf16/fp32, head dim multiple of 8 <= 256 "
+                   "(others zero-padded)")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    # Rows of 8 elements keep 16-byte aligned loads for 16-bit types; flash-attn pads the same way.
+    head_dim_multiple = 8
+
+    @property
+    def devices(self):
+        return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
     def is_available(self) -> bool:
         return _HAS_TRITON and (torch.cuda.is_available() or _interpreting())
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        r = []
-        if inp.q.dtype not in _DTYPES:
-            r.append(f"dtype {inp.q.dtype} not in {[str(d) for d in _DTYPES]}")
-        d = inp.head_dim
-        if d % 8 != 0 or d > 256:
-            r.append(f"head dim {d} is not a multiple of 8 in [8, 256]")
-        if inp.q.device.type != "cuda" and not _interpreting():
-            r.append(f"needs CUDA tensors (or TRITON_INTERPRET=1), got device {inp.q.device}")
+        r = super().not_supported_reasons(inp)
+        if inp.q.device.type == "cpu" and not _interpreting():
+            r.append("CPU tensors run only under TRITON_INTERPRET=1")
         return r
 
-    def forward(self, inp: AttnInputs) -> torch.Tensor:
+    def forward(self, inp: AttnInputs):
         from . import ops  # noqa: F401  (registers the custom ops)
 
-        out, _ = torch.ops.elit.varlen_attn_fwd_triton(
+        out, lse = torch.ops.elit.varlen_attn_fwd_triton(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
             inp.softmax_scale, inp.causal)
-        return out
+        return (out, lse) if inp.return_lse else out
 
 
 register_backend(TritonBackend())

@@ -16,13 +16,18 @@ def causal_mask(lq: int, lk: int, device) -> torch.Tensor:
     return j <= i + (lk - lq)
 
 
-def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=torch.float32):
-    """Attention for one segment. q ``[Lq, H, D]``, k/v ``[Lk, H, D]`` -> ``[Lq, H, D]`` in ``acc_dtype``.
+def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=torch.float32, return_lse=False):
+    """Attention for one segment. q ``[Lq, H, D]``, k/v ``[Lk, H_kv, D]`` (``H % H_kv == 0``: query head h
+    reads kv head ``h // (H // H_kv)``) -> ``[Lq, H, D]`` in ``acc_dtype``; with ``return_lse`` also the
+    log-sum-exp ``[H, Lq]`` (+inf where a row sees no key).
 
     Query rows that see no key (empty segment, or causal with Lq > Lk) get exact zeros.
     """
     lq, lk = q.shape[0], k.shape[0]
     qf, kf, vf = (t.to(acc_dtype).transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+    group = q.shape[1] // k.shape[1]
+    if group != 1:  # GQA by expansion (the truth may copy), after the cast: dk/dv sum in acc_dtype
+        kf, vf = kf.repeat_interleave(group, dim=0), vf.repeat_interleave(group, dim=0)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale  # [H, Lq, Lk]
     if causal:
         allowed = causal_mask(lq, lk, q.device)
@@ -36,13 +41,21 @@ def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=tor
     p = torch.softmax(s, dim=-1)
     o = torch.matmul(p, vf)  # [H, Lq, D]
     o = torch.where(row_has_key[None, :, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
-    return o.transpose(0, 1)
+    if not return_lse:
+        return o.transpose(0, 1)
+    lse = torch.logsumexp(s.detach(), dim=-1)
+    lse = torch.where(row_has_key[None, :], lse, torch.full((), float("inf"), dtype=lse.dtype, device=lse.device))
+    return o.transpose(0, 1), lse
 
 
-def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float, causal: bool = False):
-    """Reference ``varlen_attention``: q ``[total_q, H, D]``, k/v ``[total_k, H, D]`` -> ``[total_q, H, D]``.
+def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float, causal: bool = False,
+                               return_lse: bool = False):
+    """Reference ``varlen_attention``: q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]`` -> ``[total_q, H, D]``.
 
-    Accumulates in fp32 (fp64 when the inputs are fp64) and returns q's dtype.
+    Accumulates in fp32 (fp64 when the inputs are fp64) and returns q's dtype. q rows past
+    ``cu_seqlens_q[-1]`` get zeros (and zero gradients); k/v rows past ``cu_seqlens_k[-1]`` are not read.
+    With ``return_lse`` returns ``(out, lse)``, lse ``[H, total_q]`` fp32 (fp64 for fp64 inputs), natural
+    log, +inf on rows that see no key, detached.
 
     >>> q = torch.randn(5, 2, 8); k = v = torch.randn(7, 2, 8)
     >>> cu_q = torch.tensor([0, 2, 5], dtype=torch.int32); cu_k = torch.tensor([0, 3, 7], dtype=torch.int32)
@@ -52,13 +65,26 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_s
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
-    outs = []
+    outs, lses = [], []
     for i in range(len(cq) - 1):
         qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
         if qe == qs:
             continue
-        outs.append(attention_segment(q[qs:qe], k[ks:ke], v[ks:ke], softmax_scale, causal, acc))
+        o = attention_segment(q[qs:qe], k[ks:ke], v[ks:ke], softmax_scale, causal, acc, return_lse)
+        if return_lse:
+            o, lse = o
+            lses.append(lse)
+        outs.append(o.to(q.dtype))
+    end = cq[-1]
+    # Rows past the packed data: zeros by selection (never ``q * 0``, which turns a NaN row into NaN),
+    # still connected to q so its gradient there is an exact zero.
+    tail = torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q[end:], 0.0)
     if not outs:
-        # No queries at all; keep the graph connected so backward gives zero grads.
-        return (q * 0).to(q.dtype) + (k.sum() * 0 + v.sum() * 0).to(q.dtype)
-    return torch.cat(outs, dim=0).to(q.dtype)
+        # No queries at all; keep the graph connected to k/v so backward gives zero grads there.
+        tail = tail + (k[:0].sum() + v[:0].sum()).to(q.dtype)
+    out = torch.cat(outs + [tail], dim=0)
+    if not return_lse:
+        return out
+    h = q.shape[1]
+    lses.append(torch.full((h, q.shape[0] - end), float("inf"), dtype=acc, device=q.device))
+    return out, torch.cat(lses, dim=1)

@@ -1,0 +1,447 @@
+"""flash-attn drop-in breadth and the faults of issue 11, on every backend: reference, torch, cpp, triton
+(interpreted on CPU) and, on a GPU machine, cuda.
+
+GQA / MQA, head dims 1..256 (padded where a kernel needs it), the log-sum-exp (``return_attn_probs``),
+the packed qkv / kv functions, max_seqlen as tensors / NumPy ints, buffers longer than the packed data,
+fake-kernel strides (opcheck on permuted inputs), cost independent of max_seqlen slack, segments longer
+than max_seqlen under torch.compile, and exact gradients for single-key segments.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import elit_kernels  # noqa: E402
+from elit_kernels import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,  # noqa: E402
+                          flash_attn_varlen_qkvpacked_func, set_value_checks, varlen_attention)
+from elit_kernels.attention import validate_inputs  # noqa: E402
+from elit_kernels.backends import get_backend  # noqa: E402
+from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402
+from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if HAS_CUDA else "cpu"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _backend_params():
+    """Every backend of the issue, skipped with its own reasons where it cannot run here."""
+    out = []
+    for name in ("reference", "torch", "cpp", "triton", "cuda"):
+        if name not in elit_kernels.known_backends():
+            why = f"{name}: not registered (elit_kernels._C not built?)"
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=why)))
+            continue
+        b = get_backend(name)
+        dev = "cuda" if name == "cuda" else DEV
+        if not b.is_available() or (dev == "cuda" and not HAS_CUDA):
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: not available without a GPU")))
+            continue
+        out.append(name)
+    return out
+
+
+BACKENDS = _backend_params()
+
+
+def _device(backend: str) -> str:
+    return {"cuda": "cuda", "cpp": "cpu"}.get(backend, DEV)
+
+
+def _triton_runs_on(device: str) -> bool:
+    return get_backend("triton").is_available() and (device == "cuda" or INTERP)
+
+
+def _dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if backend == "cuda" and dtype == torch.float32 else dtype
+
+
+@pytest.fixture(autouse=True)
+def _poison_triton_outputs():
+    """Unwritten Triton outputs are NaN (so a tail row the kernel skips fails); heuristic tiles."""
+    try:
+        from elit_kernels._triton import _common
+    except ImportError:
+        yield
+        return
+    before = _common.poison_outputs_enabled(), _common.autotune_enabled()
+    _common.set_poison_outputs(True)
+    _common.set_autotune(False)
+    yield
+    _common.set_poison_outputs(before[0])
+    _common.set_autotune(before[1])
+
+
+def _fn(backend, return_lse=False):
+    def f(q, k, v, cq, ck, mq, mk, scale, causal):
+        return varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=scale, causal=causal, backend=backend,
+                                return_lse=return_lse)
+    return f
+
+
+# (lens_q, lens_k) small enough for the Triton interpreter: empty and length-1 segments, Lq > Lk and
+# Lq < Lk, lengths that straddle the 16-row tiles.
+SEGS = ([0, 1, 5, 17], [3, 0, 17, 5])
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. GQA / MQA, 3. log-sum-exp, 6. buffers longer than the packed data
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 1)], ids=["gqa-4-2", "mqa-3-1"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gqa_lse_and_longer_buffers(backend, heads, kv_heads, causal):
+    # NaN rows past cu_seqlens_*[-1]: q rows there must come out exact zeros with zero gradients, k/v
+    # rows there must never be read (a NaN would spread).
+    d = 64 if backend == "cuda" else 24
+    check_backend_against_reference(_fn(backend, True), *SEGS, heads, d, _dtype(backend, torch.float32),
+                                    causal=causal, seed=heads + 7 * causal, device=_device(backend),
+                                    kv_heads=kv_heads, extra_q=3, extra_k=2, check_lse=True)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gqa_low_precision(backend, dtype):
+    check_backend_against_reference(_fn(backend), [1, 17, 4], [5, 3, 16], 4, 64, DTYPES[dtype], causal=True,
+                                    seed=31, device=_device(backend), kv_heads=1, extra_q=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_is_plus_inf_exactly_where_no_key_is_seen(backend):
+    # Segment 0: no keys. Segment 1: causal, Lq 6 > Lk 2, so rows 0..3 see nothing. Then 2 rows past the end.
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 6], [0, 2], 2, 64, seed=9, device=_device(backend),
+                                                   dtype=_dtype(backend, torch.float32), extra_q=2)
+    out, lse = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend, return_lse=True)
+    blind = torch.tensor([1] * 7 + [0, 0] + [1, 1], dtype=torch.bool, device=q.device)
+    assert lse.shape == (2, 11) and lse.dtype == torch.float32
+    assert torch.isposinf(lse[:, blind]).all() and torch.isfinite(lse[:, ~blind]).all()
+    assert torch.equal(out[blind], torch.zeros_like(out[blind]))
+
+
+def _raw_ops(device):
+    """(name, forward op) of every elit:: attention op that runs on ``device``."""
+    ops = [("torch", torch.ops.elit.varlen_attn_fwd_torch)]
+    if "cpp" in elit_kernels.known_backends() or device == "cuda":
+        ops.append(("cpp/cuda", torch.ops.elit.varlen_attn_fwd))
+    if _triton_runs_on(device):
+        from elit_kernels._triton import ops as _  # noqa: F401
+        ops.append(("triton", torch.ops.elit.varlen_attn_fwd_triton))
+    return ops
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_op_stores_plus_inf_lse(device):
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("cuda: no GPU here")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2, 3], [0, 1], 2, 64, seed=4, device=device, dtype=dtype,
+                                                   extra_q=1)
+    for name, op in _raw_ops(device):
+        _, lse = op(q, k, v, cq, ck, mq, mk, 0.125, True)
+        # rows 0-1: no key; 2-3: causal Lq 3 > Lk 1; 4: sees its key; 5: past the packed data
+        want = torch.tensor([True] * 4 + [False, True], device=device)
+        assert torch.equal(torch.isposinf(lse), want.expand(2, -1)), name
+
+
+def test_flash_attn_return_attn_probs():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 0, 9], [4, 2, 11], 4, 64, seed=8, kv_heads=2)
+    out, lse, probs = flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, 0.0, 0.2, True, return_attn_probs=True)
+    ref, ref_lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.2, causal=True, return_lse=True)
+    assert probs is None and lse.shape == (4, 14) and lse.dtype == torch.float32 and not lse.requires_grad
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Any head dim 1..256
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head_dim", [1, 20, 136])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_head_dim(backend, head_dim):
+    if get_backend(backend).run_head_dim(head_dim) is None:  # cuda above 128: declared, so refused by name
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, head_dim, dtype=torch.float16, device="cuda")
+        with pytest.raises(ValueError, match=f"head dim {head_dim} too large"):
+            varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
+        return
+    check_backend_against_reference(_fn(backend, True), [1, 5, 17], [4, 17, 2], 2, head_dim,
+                                    _dtype(backend, torch.float32), causal=True, seed=head_dim,
+                                    device=_device(backend), check_lse=True)
+
+
+def test_padding_keeps_the_real_head_dims_scale():
+    # Triton runs D = 20 padded to 24 and the CUDA kernels would run it at 64: the default scale must
+    # stay 20 ** -0.5 and the output come back [.., 20].
+    for b in [p for p in BACKENDS if isinstance(p, str)]:
+        dt = torch.float16 if b == "cuda" else torch.float32
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 5], [4, 6], 2, 20, seed=12, device=_device(b), dtype=dt)
+        ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=20 ** -0.5)
+        tol = dict(rtol=0, atol=2e-6) if dt == torch.float32 else dict(rtol=0, atol=2e-3)
+        out = varlen_attention(q, k, v, cq, ck, mq, mk, backend=b)
+        assert out.shape == (8, 2, 20), b
+        torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"{b}: {m}")
+    assert get_backend("triton").run_head_dim(20) == 24
+    assert get_backend("reference").run_head_dim(20) == 20
+
+
+def test_cuda_head_dims_declared_once_per_language():
+    # The Python declaration (dispatch, padding) and the C++ list the kernels are instantiated for.
+    text = (ROOT / "csrc" / "cuda" / "kernels.h").read_text()
+    dims = tuple(int(x) for x in re.search(r"kHeadDims\[\] = \{([^}]*)\}", text).group(1).split(","))
+    from elit_kernels._cext import CudaBackend
+    assert CudaBackend.head_dims == dims
+    cuda = CudaBackend()
+    assert [cuda.run_head_dim(d) for d in (1, 64, 65, 72, 73, 128)] == [64, 64, 72, 72, 128, 128]
+    assert cuda.run_head_dim(129) is None
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, 129, dtype=torch.float16)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False)
+    assert any("head dim 129 too large (runs 64, 72, 128)" in r for r in cuda.not_supported_reasons(inp))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="cuda: the C++ side of the head-dim declaration needs a GPU to call")
+def test_cuda_op_refuses_head_dims_outside_its_declaration():
+    for d in (56, 80):
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, d, dtype=torch.float16, device="cuda")
+        with pytest.raises(RuntimeError, match="q: the CUDA kernels take head dim 64, 72 or 128"):
+            torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.1, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Packed qkv / kv, 5. max_seqlen types
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qkvpacked_and_kvpacked(backend):
+    dev, dt = _device(backend), _dtype(backend, torch.float32)
+    g = torch.Generator().manual_seed(21)
+    lens, lens_q = [5, 0, 17, 1], [3, 2, 17, 1]
+    cu, cq = cu_seqlens(lens, dev), cu_seqlens(lens_q, dev)
+    qkv = torch.randn(sum(lens) + 2, 3, 4, 64, generator=g).to(dev, dt).requires_grad_()
+    q = torch.randn(sum(lens_q), 4, 64, generator=g).to(dev, dt).requires_grad_()
+    kv = torch.randn(sum(lens), 2, 2, 64, generator=g).to(dev, dt).requires_grad_()
+    tol = dict(rtol=0, atol=2e-5) if dt == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for packed, args, ref_args in (
+            (flash_attn_varlen_qkvpacked_func, (qkv, cu, np.int64(17)), (*qkv.unbind(1), cu, cu)),
+            (flash_attn_varlen_kvpacked_func, (q, kv, cq, cu, torch.tensor(17), 17), (q, *kv.unbind(1), cq, cu))):
+        out, lse, _ = packed(*args, 0.0, None, True, return_attn_probs=True, backend=backend)
+        ref, ref_lse = varlen_attention_reference(*ref_args, softmax_scale=0.125, causal=True, return_lse=True)
+        torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(lse, ref_lse.float(), **tol)
+        leaf = args[0] if packed is flash_attn_varlen_qkvpacked_func else args[1]
+        g_out = torch.randn(out.shape, generator=g).to(dev, dt)
+        (got,) = torch.autograd.grad(out, leaf, g_out)
+        (want,) = torch.autograd.grad(ref, leaf, g_out)
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_packed_layout_errors_name_the_argument():
+    cu = cu_seqlens([3])
+    with pytest.raises(ValueError, match=r"^qkv: expected shape \[total, 3, num_heads, head_dim\]"):
+        flash_attn_varlen_qkvpacked_func(torch.randn(3, 2, 2, 8), cu, 3)
+    with pytest.raises(ValueError, match=r"^kv: expected shape \[total_k, 2, num_kv_heads, head_dim\]"):
+        flash_attn_varlen_kvpacked_func(torch.randn(3, 2, 8), torch.randn(3, 2, 8), cu, cu, 3, 3)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        flash_attn_varlen_qkvpacked_func(torch.randn(3, 3, 2, 8), cu, 3, softcap=5.0)
+
+
+@pytest.mark.parametrize("max_q", [9, np.int64(9), np.int32(9), torch.tensor(9), torch.tensor(9, dtype=torch.int32)],
+                         ids=["int", "np.int64", "np.int32", "tensor-int64", "tensor-int32"])
+def test_max_seqlen_as_tensor_or_numpy(max_q):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 9], [4, 6], 2, 16, seed=5)
+    inp = validate_inputs(q, k, v, cq, ck, max_q, np.int16(6), None, False)
+    assert type(inp.max_seqlen_q) is int and inp.max_seqlen_q == 9 and type(inp.max_seqlen_k) is int
+    out = flash_attn_varlen_func(q, k, v, cq, ck, max_q, np.int16(6), backend="torch")
+    torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.25))
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Fake kernels match real strides: opcheck on permuted inputs, torch.compile on permuted views
+# ------------------------------------------------------------------------------------------------
+
+def permuted(t: torch.Tensor, last_dim_too: bool = False) -> torch.Tensor:
+    """Same values, another memory layout: rows strided (token stride < head stride), optionally not
+    even unit-stride along the last dim."""
+    order = list(range(t.dim()))[::-1] if last_dim_too else [1, 0] + list(range(2, t.dim()))
+    inv = [order.index(i) for i in range(t.dim())]
+    out = t.detach().permute(order).contiguous().permute(inv)
+    assert torch.equal(out, t.detach()) and not out.is_contiguous()
+    return out.requires_grad_(t.requires_grad)
+
+
+def _attn_op_samples(fwd, bwd, device, dtype, last_dim_too):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 0, 2], [4, 2, 0], 4, 64, seed=11, device=device,
+                                                   dtype=dtype, kv_heads=2, extra_q=1, extra_k=1, extra_fill=None)
+    q, k, v = (permuted(t, last_dim_too).requires_grad_() for t in (q, k, v))
+    out, lse = fwd(q, k, v, cq, ck, mq, mk, 0.4, True)
+    dout = permuted(torch.randn_like(out), last_dim_too)
+    return ((fwd, (q, k, v, cq, ck, mq, mk, 0.4, True)),
+            (bwd, (dout, q.detach(), k.detach(), v.detach(), permuted(out.detach(), last_dim_too), lse, cq, ck, mq, mk,
+                   0.4, True)))
+
+
+def _attn_ops(device):
+    ops = [(torch.ops.elit.varlen_attn_fwd_torch.default, torch.ops.elit.varlen_attn_bwd_torch.default)]
+    if device == "cuda" or "cpp" in elit_kernels.known_backends():
+        ops.append((torch.ops.elit.varlen_attn_fwd.default, torch.ops.elit.varlen_attn_bwd.default))
+    if _triton_runs_on(device):
+        from elit_kernels._triton import ops as _  # noqa: F401
+        ops.append((torch.ops.elit.varlen_attn_fwd_triton.default, torch.ops.elit.varlen_attn_bwd_triton.default))
+    return ops
+
+
+@pytest.mark.parametrize("last_dim_too", [False, True], ids=["rows-permuted", "fully-permuted"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_opcheck_attention_ops_on_permuted_inputs(device, last_dim_too):
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("cuda: no GPU here")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    for fwd, bwd in _attn_ops(device):
+        for op, args in _attn_op_samples(fwd, bwd, device, dtype, last_dim_too):
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_on_permuted_views(backend):
+    # The issue's case: q = randn(2, 6, 16).transpose(0, 1), cu = [0, 2, 6]; then a permuted k, whose
+    # gradient the backward's fake must describe with the real strides.
+    if backend == "reference":
+        pytest.skip("reference: reads cu_seqlens on the host (a graph break by design)")
+    dev, dt = _device(backend), _dtype(backend, torch.float32)
+    d = 64 if backend == "cuda" else 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, d, generator=g).to(dev, dt).transpose(0, 1).requires_grad_()
+    k = torch.randn(2, 6, d, generator=g).to(dev, dt).transpose(0, 1).requires_grad_()
+    v = torch.randn(6, 2, d, generator=g).to(dev, dt).requires_grad_()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=dev)
+
+    def f(q, k, v):
+        return varlen_attention(q, k, v, cu, cu, 4, 4, backend=backend) * 2
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    want = f(q, k, v)
+    want_grads = torch.autograd.grad(want.float().square().sum(), (q, k, v))
+    torch.testing.assert_close(out, want)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_compile_inductor_on_permuted_views_cpp(monkeypatch):
+    # aot_eager does not compare a fake's strides with the real ones; inductor asserts them (without its
+    # on-disk cache, which would replay code generated from an older fake).
+    if "cpp" not in elit_kernels.known_backends():
+        pytest.skip("cpp: elit_kernels._C not built")
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 16, generator=g).transpose(0, 1).requires_grad_()
+    k = torch.randn(2, 6, 16, generator=g).transpose(0, 1).requires_grad_()
+    v = torch.randn(6, 2, 16, generator=g).requires_grad_()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+
+    def f(q, k, v):
+        return varlen_attention(q, k, v, cu, cu, 4, 4, backend="cpp") * 2
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="inductor")(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = f(q, k, v)
+    torch.testing.assert_close(out, want)
+    for a, b in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Cost independent of max_seqlen slack
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_max_seqlen_costs_nothing(backend):
+    # 32 segments of 4 tokens passed with max_seqlen 2**20: padding to it would need 32 * 2**40 scores
+    # (an allocation error) and a grid sized by it 2 million programs (hours in the interpreter).
+    d = 64 if backend == "cuda" else 16
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([4] * 32, [4] * 32, 1, d, seed=6, device=_device(backend),
+                                                 dtype=_dtype(backend, torch.float32), requires_grad=True)
+    exact = varlen_attention(q, k, v, cq, ck, 4, 4, backend=backend)
+    slack = varlen_attention(q, k, v, cq, ck, 1 << 20, 1 << 20, backend=backend)
+    assert torch.equal(exact, slack)
+    dout = torch.randn_like(exact)
+    for a, b in zip(torch.autograd.grad(exact, (q, k, v), dout), torch.autograd.grad(slack, (q, k, v), dout)):
+        assert torch.equal(a, b)
+
+
+def test_kernel_grids_do_not_grow_with_slack():
+    from elit_kernels._triton import _common
+    exact = _common.num_programs(128, 512, 4, 16)
+    assert exact == 129
+    assert _common.num_programs(128, 512, 512, 16) <= 1.5 * exact
+    assert _common.num_programs(128, 512, 1 << 30, 16) <= 1.5 * exact
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. A segment longer than max_seqlen with the value checks off (as under torch.compile)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_longer_than_max_seqlen_is_never_garbage(backend):
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 40], [5, 45], 2, 64, seed=13, device=_device(backend),
+                                                 dtype=_dtype(backend, torch.float32))
+    ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.125)
+
+    def f(q, k, v):
+        return varlen_attention(q, k, v, cq, ck, 4, 5, backend=backend)
+
+    run = f if backend == "reference" else torch.compile(f, fullgraph=True, backend="aot_eager")
+    set_value_checks(False)  # what torch.compile does to the checks that read cu_seqlens
+    try:
+        torch._dynamo.reset()
+        if backend in ("cpp",):
+            # The C++ CPU op reads the lengths anyway and refuses with the argument's name.
+            with pytest.raises(RuntimeError, match=r"max_seqlen_q: 4 is smaller than the longest segment \(40\)"):
+                run(q, k, v)
+            return
+        out = run(q, k, v)  # the kernels cover any length; the torch backend never uses max_seqlen
+    finally:
+        set_value_checks(True)
+    tol = dict(rtol=0, atol=2e-6) if q.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Exactness: a single visible key has weight exactly 1
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_key_is_exact(backend, dtype):
+    # Segments 0 and 2 have one query and one key; segment 1 is causal with Lq = Lk = 5, whose first row
+    # sees only key 0. Those rows: out = v, dq = 0, dv = dO exactly; their keys get dk = 0 exactly.
+    dt = DTYPES[dtype] if backend != "cuda" or dtype != "fp32" else torch.float16
+    dev = _device(backend)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([1, 5, 1], [1, 5, 1], 2, 64, seed=17, device=dev, dtype=dt,
+                                                   requires_grad=True)
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend)
+    ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.125, causal=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(18)).to(dev, dt)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), dout)
+    single_q, single_k = [0, 1, 6], [0, 6]
+    assert torch.equal(out[single_q], v[single_q].detach())
+    assert torch.equal(out[single_q], ref[single_q])
+    assert torch.equal(dq[single_q], torch.zeros_like(dq[single_q])) and torch.equal(dq[single_q], rq[single_q])
+    assert torch.equal(dk[single_k], torch.zeros_like(dk[single_k])) and torch.equal(dk[single_k], rk[single_k])
+    assert torch.equal(dv[single_k], dout[single_k]) and torch.equal(dv[single_k], rv[single_k])

@@ -14,7 +14,7 @@ import torch
 import elit_kernels
 from elit_kernels import _cext
 from elit_kernels.layout import build_layout, pack_latents, unpack_latents
-from elit_kernels.models.ops import get_elementwise
+from elit_kernels.models.ops import ELEMENTWISE_IMPLS, get_elementwise
 from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
 from elit_kernels.testing import assert_close_to_reference, check_backend_against_reference, default_atol
 from elit_kernels.testing import random_varlen_inputs
@@ -40,7 +40,8 @@ def test_build_info_and_registration():
         assert info["cuda_archs"], info
         assert info["cuda_version"]
     assert "cpp" in elit_kernels.known_backends() and "cuda" in elit_kernels.known_backends()
-    assert get_elementwise("fused").layernorm_modulate is _cext.layernorm_modulate
+    assert ELEMENTWISE_IMPLS["fused"].layernorm_modulate is _cext.layernorm_modulate
+    assert get_elementwise("fused").takes_runs  # wrapped: the model hands it TokenRuns, it gets the index
 
 
 # ------------------------------------------------------------------------------------------------

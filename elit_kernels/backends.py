@@ -219,8 +219,9 @@ class ReferenceBackend(Backend):
 class TorchBackend(Backend):
     name = "torch"
     priority = 10
-    description = ("PyTorch matmul/softmax over segments grouped by their real lengths (one host read of "
-                   "cu_seqlens per call; cost independent of max_seqlen): the fair baseline")
+    description = ("PyTorch: one dense SDPA per run of equal segments on views of the packed tensors (eager), "
+                   "else matmul/softmax over segments grouped by their real lengths; one host read of cu_seqlens "
+                   "per call, cost independent of max_seqlen: the fair baseline")
 
     def not_supported_reasons(self, inp):
         r = super().not_supported_reasons(inp)
@@ -229,6 +230,13 @@ class TorchBackend(Backend):
         return r
 
     def forward(self, inp):
+        if not inp.return_lse and not torch.compiler.is_compiling():
+            from .torch_attention import sdpa_over_runs
+
+            out = sdpa_over_runs(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.softmax_scale,
+                                 inp.causal)
+            if out is not None:
+                return out
         out, lse = torch.ops.elit.varlen_attn_fwd_torch(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
             inp.softmax_scale, inp.causal)

@@ -1,6 +1,20 @@
-"""The ``torch`` backend: ``elit::varlen_attn_fwd_torch`` / ``elit::varlen_attn_bwd_torch``, plain PyTorch ops.
+"""The ``torch`` backend: one dense SDPA per run of equal segments, else ``elit::varlen_attn_{fwd,bwd}_torch``.
 
-Segments are grouped by their real lengths (power-of-two buckets of (Lq, Lk)), and each group runs as
+**Runs of equal segments (the ELIT path).** ELIT's raggedness is structured: a Read/Write call has G
+segments of the same shape per sample, the core one per sample, and a batch has few distinct budgets. In
+eager mode ``sdpa_over_runs`` reads ``cu_seqlens`` on the host once, finds the maximal stretches of
+consecutive segments with equal (Lq, Lk), and runs one ``F.scaled_dot_product_attention`` per stretch on a
+*view* of the packed tensors (``q[a:b].view(n, Lq, H, D)``): no gather, no padding, autograd through SDPA.
+It applies when there are at most ``MAX_RUNS`` stretches, no LSE is asked for, and every stretch can be
+expressed exactly (causal stretches need Lq <= Lk, so every row sees a key; single-key stretches take
+``out = v`` exactly and, when gradients are needed, go to the exact path below). Measured on CPU (AMD
+EPYC, 1 thread, S/2 256px batch 4 fp32, ``benchmarks/results/``): the ELIT forward on this path vs the
+grouped path below vs the dense official-style forward of the same weights -- see RESULTS.md, "torch
+backend paths".
+
+**Everything else** (many distinct lengths, LSE, torch.compile, segments a view cannot express):
+
+segments are grouped by their real lengths (power-of-two buckets of (Lq, Lk)), and each group runs as
 one batched matmul / softmax padded to the longest segment *of that group*, in chunks of bounded size.
 The lengths come from one host read of ``cu_seqlens`` per call, so the cost and memory follow the
 data, never ``max_seqlen`` (which the op ignores: a segment longer than it still gets the right
@@ -22,6 +36,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ._autograd import register_varlen_autograd
 
@@ -198,3 +213,69 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 register_varlen_autograd(varlen_attn_fwd_torch_op, varlen_attn_bwd_torch_op)
+
+
+# --- runs of equal segments: one SDPA per run on views --------------------------------------------------
+MAX_RUNS = 64  # more stretches than this: the grouped path batches them better than one SDPA call each
+
+
+def segment_runs(cu_q: list[int], cu_k: list[int]) -> list[tuple[int, int, int, int]]:
+    """Maximal stretches of consecutive segments with equal lengths: ``[(seg_start, seg_stop, Lq, Lk), ...]``.
+
+    >>> segment_runs([0, 2, 4, 5, 6], [0, 4, 8, 12, 16])
+    [(0, 2, 2, 4), (2, 4, 1, 4)]
+    """
+    runs = []
+    for i in range(len(cu_q) - 1):
+        lq, lk = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
+        if runs and runs[-1][2:] == (lq, lk):
+            runs[-1] = (runs[-1][0], i + 1, lq, lk)
+        else:
+            runs.append((i, i + 1, lq, lk))
+    return runs
+
+
+def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+    """``out [total_q, H, D]`` through one SDPA per run of equal segments, or None when this path does not
+    apply (see the module docstring). Eager only: it reads ``cu_seqlens`` on the host (free on CPU, a sync
+    on CUDA, which the grouped path pays too)."""
+    c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+    runs = segment_runs(c[0], c[1])
+    if len(runs) > MAX_RUNS:
+        return None
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    parts, attended = [], False
+    for s0, s1, lq, lk in runs:
+        n, qa, qb, ka, kb = s1 - s0, c[0][s0], c[0][s1], c[1][s0], c[1][s1]
+        if lq == 0:
+            continue
+        if lk == 0:  # queries that see no key: exact zeros
+            parts.append(q.new_zeros(qb - qa, h, d))
+            continue
+        if causal and lq > lk:  # some rows see no key: SDPA would give NaN there
+            return None
+        if lk == 1:
+            if need_grad or (causal and lq > 1):  # the exact single-key gradients live on the grouped path
+                return None
+            vr = v[ka:kb].view(n, 1, hkv, d).repeat_interleave(h // hkv, dim=2)
+            parts.append(vr.expand(n, lq, h, d).reshape(qb - qa, h, d))
+            continue
+        qr = q[qa:qb].view(n, lq, h, d).transpose(1, 2)
+        kr = k[ka:kb].view(n, lk, hkv, d).transpose(1, 2)
+        vr = v[ka:kb].view(n, lk, hkv, d).transpose(1, 2)
+        mask = None
+        if causal and lq != lk:  # bottom-right alignment (flash-attn): query i sees key j iff j <= i + lk - lq
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        kw = {"enable_gqa": True} if hkv != h else {}
+        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, is_causal=causal and lq == lk,
+                                           scale=softmax_scale, **kw)
+        parts.append(o.transpose(1, 2).reshape(qb - qa, h, d))
+        attended = True
+    if not attended and need_grad:  # nothing to attend: the op path keeps q, k, v in the graph (zero grads)
+        return None
+    if c[0][-1] < q.shape[0]:  # rows past the packed data: zeros
+        parts.append(q.new_zeros(q.shape[0] - c[0][-1], h, d))
+    if not parts:
+        return q.new_zeros(q.shape)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

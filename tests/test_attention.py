@@ -158,3 +158,40 @@ def test_default_dispatch_compiles_without_graph_breaks():
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(out, f(q, k, v))
+
+
+@pytest.mark.parametrize("lens_q,lens_k,causal,h_kv", [
+    ([4] * 6, [16] * 6, False, 2),                 # Read at one budget: one run
+    ([4, 4, 1, 1, 2, 2], [16] * 6, False, 2),      # Read of a mixed batch: three runs
+    ([16] * 3 + [4] * 3, [4] * 3 + [1] * 3, False, 2),  # Write: a single-key run (inference: out = v)
+    ([8, 8, 0, 3], [8, 8, 5, 0], False, 1),        # an empty query run and an empty key run; GQA
+    ([5, 5, 3], [9, 9, 3], True, 2),                # causal, bottom-right, Lq <= Lk
+], ids=["read", "read_mixed", "write_single_key", "empty_gqa", "causal"])
+def test_torch_sdpa_over_runs_matches_reference(lens_q, lens_k, causal, h_kv):
+    from elit_kernels.torch_attention import sdpa_over_runs
+
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 16, seed=11)
+    k, v = k[:, :h_kv].contiguous(), v[:, :h_kv].contiguous()
+    q = torch.cat([q, torch.full((3, 2, 16), float("nan"))])  # rows past the packed data
+    with torch.no_grad():
+        out = sdpa_over_runs(q, k, v, cq, ck, 16 ** -0.5, causal)
+    assert out is not None, "the run path must take this case"
+    ref = varlen_attention(q, k, v, cq, ck, mq, mk, causal=causal, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[-3:], torch.zeros(3, 2, 16))
+    if 1 in lens_k:  # single key: exactly v
+        i = lens_k.index(1)
+        a, b = sum(lens_q[:i]), sum(lens_q[:i + 1])
+        assert torch.equal(out[a:b], v[sum(lens_k[:i])].expand(b - a, -1, -1))
+
+
+def test_torch_sdpa_over_runs_declines_what_it_cannot_express():
+    from elit_kernels.torch_attention import MAX_RUNS, sdpa_over_runs
+
+    q, k, v, cq, ck, *_ = random_varlen_inputs([3, 2], [2, 5], 2, 16, seed=12)
+    assert sdpa_over_runs(q, k, v, cq, ck, 0.25, True) is None  # causal Lq > Lk: rows with no key
+    lens = list(range(1, MAX_RUNS + 3))
+    q, k, v, cq, ck, *_ = random_varlen_inputs(lens, lens, 2, 16, seed=13)
+    assert sdpa_over_runs(q, k, v, cq, ck, 0.25, False) is None  # too many distinct lengths
+    q, k, v, cq, ck, *_ = random_varlen_inputs([4], [1], 2, 16, seed=14, requires_grad=True)
+    assert sdpa_over_runs(q, k, v, cq, ck, 0.25, False) is None  # single-key gradients: the exact path

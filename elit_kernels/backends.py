@@ -86,6 +86,9 @@ class Backend:
     supports_gqa: bool = True
     #: returns the log-sum-exp of each query row (``return_attn_probs=True``).
     supports_lse: bool = True
+    #: default dispatch first checks it on a small case against the reference (``known_answer.py``); off for
+    #: the pure-PyTorch backends.
+    known_answer: bool = True
 
     def is_available(self) -> bool:
         return True
@@ -167,8 +170,9 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
     """Pick the backend for ``inp``.
 
     ``backend=None`` picks ``$ELIT_BACKEND`` when set, otherwise the highest-priority backend that
-    supports the inputs. An explicit backend that cannot run raises one ``ValueError`` listing
-    every reason.
+    supports the inputs and passes its first-use known-answer check (``known_answer.py``: a compiled
+    kernel that gives wrong numbers on a small case of this kind is warned about and skipped). An
+    explicit backend that cannot run raises one ``ValueError`` listing every reason.
     """
     explicit = backend if backend is not None else (os.environ.get("ELIT_BACKEND") or None)
     if explicit is not None:
@@ -179,11 +183,16 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
             raise ValueError(f"{src}: backend {b.name!r} cannot run these inputs ({describe_inputs(inp)}): "
                              + "; ".join(reasons))
         return b
+    from .known_answer import check_dispatch
+
     tried = []
     for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
         reasons = _reasons(b, inp)
         if not reasons:
-            return b
+            failed = check_dispatch(b, inp)
+            if failed is None:
+                return b
+            reasons = [f"failed its known-answer check: {failed}"]
         tried.append(f"{b.name}: {'; '.join(reasons)}")
     raise ValueError(f"no backend supports these inputs ({describe_inputs(inp)}):\n  " + "\n  ".join(tried))
 
@@ -206,6 +215,7 @@ def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
+    known_answer = False  # it is the known answer
     description = "pure PyTorch, one segment at a time, fp32 (fp64 for fp64 input) accumulation: the truth"
 
     def forward(self, inp):
@@ -219,6 +229,7 @@ class ReferenceBackend(Backend):
 class TorchBackend(Backend):
     name = "torch"
     priority = 10
+    known_answer = False  # plain PyTorch ops
     description = ("PyTorch: one dense SDPA per run of equal segments on views of the packed tensors (eager), "
                    "else matmul/softmax over segments grouped by their real lengths; one host read of cu_seqlens "
                    "per call, cost independent of max_seqlen: the fair baseline")
@@ -249,6 +260,7 @@ class _CudaComparator(Backend):
     Rows of q past ``cu_seqlens_q[-1]`` are left as that package leaves them."""
 
     priority = -10
+    known_answer = False  # never picked by default
     module = ""  # importable module that provides it
     dtypes = (torch.float16, torch.bfloat16)
     devices = ("cuda",)

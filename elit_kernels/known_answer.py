@@ -1,0 +1,126 @@
+"""First-use known-answer checks: dispatch never trusts a kernel that has not run correctly here.
+
+Before the default dispatch (``backend=None``) first hands a compiled backend (``Backend.known_answer``:
+``cuda``, ``triton``, ``cpp``) inputs of a new kind -- a (backend, device, dtype, head dim it runs at,
+causal, GQA, gradients) combination -- it runs a small random case of that kind on the backend and on the
+``reference`` backend and compares them with the project's tolerance rule (``testing.assert_close_to_reference``:
+``max|out − ref| ≤ 2·max|ref_lowprec − ref| + atol``; with gradients, dq/dk/dv too). The verdict is cached
+for the process. A backend that fails (wrong numbers, NaN, or an exception) gets one ``RuntimeWarning`` naming
+it and the error, and the dispatcher moves on to the next backend for those inputs.
+
+- Modes (``set_known_answer_checks`` or ``$ELIT_KNOWN_ANSWER``): ``"auto"`` (default) checks inputs on CUDA
+  devices, where kernels are new and a wrong one is expensive; ``"on"`` checks every device (CPU included:
+  tests use it); ``"off"`` never checks.
+- An explicitly requested backend (``backend="cuda"``) is never checked: you asked for it.
+- Under ``torch.compile`` tracing and CUDA-graph capture no case can run. A verdict already cached is used
+  (a failed backend stays skipped); a combination never checked is trusted as it is. To have it checked,
+  make one eager call first (the usual warm-up before capture does this) or call ``verify_backend``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+MODES = ("auto", "on", "off")
+_mode = os.environ.get("ELIT_KNOWN_ANSWER", "auto")
+_VERDICTS: dict[tuple, str | None] = {}
+# Segments of the known-answer case: a single query, Lq < Lk, Lq = Lk, lengths off the 16-row tiles.
+_LENS_Q, _LENS_K = [1, 7, 20], [5, 7, 33]
+
+
+def set_known_answer_checks(mode: str) -> None:
+    """``"auto"`` (CUDA inputs), ``"on"`` (every device) or ``"off"``; see the module docstring."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    _mode = mode
+
+
+def known_answer_checks() -> str:
+    return _mode if _mode in MODES else "auto"
+
+
+def clear_verdicts() -> None:
+    """Forget every cached verdict (the next dispatch of each kind checks again)."""
+    _VERDICTS.clear()
+
+
+def verdicts() -> dict:
+    """The cached verdicts: key (backend, device, dtype, head dim, causal, gqa, grad) -> None (passed) or the error."""
+    return dict(_VERDICTS)
+
+
+def _capturing() -> bool:
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _key(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool) -> tuple:
+    return (b.name, str(device), str(dtype).replace("torch.", ""), b.run_head_dim(head_dim), causal, gqa, grad)
+
+
+def check_dispatch(b, inp) -> str | None:
+    """The dispatcher's question: may default dispatch use backend ``b`` for ``inp``? None = yes (passed, or
+    not checked: mode, capture, or ``b.known_answer`` False); otherwise why not."""
+    mode = known_answer_checks()
+    if not getattr(b, "known_answer", False) or mode == "off" or (mode == "auto" and inp.q.device.type != "cuda"):
+        return None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v))
+    key = _key(b, inp.q.device, inp.q.dtype, inp.head_dim, inp.causal, inp.num_kv_heads != inp.num_heads, grad)
+    if key in _VERDICTS or _capturing():
+        return _VERDICTS.get(key)
+    verdict = _run_case(b, inp.q.device, inp.q.dtype, inp.head_dim, inp.causal, inp.num_kv_heads != inp.num_heads, grad)
+    _VERDICTS[key] = verdict
+    if verdict is not None:
+        warnings.warn(f"elit_kernels: backend {b.name!r} failed its known-answer check on {key[1]} {key[2]}, head dim "
+                      f"{inp.head_dim}{', causal' if inp.causal else ''}{', GQA' if key[5] else ''}"
+                      f"{', with gradients' if grad else ''}: {verdict}. Dispatching these inputs to the next backend.",
+                      RuntimeWarning, stacklevel=4)
+    return verdict
+
+
+def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int = 64, *, causal: bool = False,
+                   gqa: bool = False, grad: bool = True) -> str | None:
+    """Run the known-answer case for backend ``name`` now (eagerly) and cache the verdict: None when it
+    passed, else the error. Use before ``torch.compile`` / CUDA-graph capture, where no check can run."""
+    from .backends import get_backend
+
+    b = get_backend(name)
+    verdict = _run_case(b, torch.device(device), dtype, head_dim, causal, gqa, grad)
+    _VERDICTS[_key(b, torch.device(device), dtype, head_dim, causal, gqa, grad)] = verdict
+    return verdict
+
+
+def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool) -> str | None:
+    from .attention import run_backend, validate_inputs
+    from .backends import get_backend
+    from .testing import assert_close_to_reference, cu_seqlens, default_atol
+
+    heads, kv_heads = (4, 2) if gqa else (2, 2)
+    g = torch.Generator().manual_seed(20261129)
+    tq, tk = sum(_LENS_Q), sum(_LENS_K)
+    base = [torch.randn(n, h, head_dim, generator=g) for n, h in ((tq, heads), (tk, kv_heads), (tk, kv_heads))]
+    dout = torch.randn(tq, heads, head_dim, generator=g)
+    cu_q, cu_k = cu_seqlens(_LENS_Q, device), cu_seqlens(_LENS_K, device)
+    ref = get_backend("reference")
+
+    def run(backend, dt):
+        qkv = [t.to(device=device, dtype=dt).requires_grad_(grad) for t in base]
+        inp = validate_inputs(*qkv, cu_q, cu_k, max(_LENS_Q), max(_LENS_K), None, causal)
+        with torch.enable_grad() if grad else torch.no_grad():
+            out = run_backend(backend, inp)
+            grads = torch.autograd.grad(out, qkv, dout.to(device=device, dtype=dt)) if grad else ()
+        return [out.detach(), *grads]
+
+    try:
+        got = run(b, dtype)
+        truth = run(ref, torch.float64 if dtype == torch.float64 else torch.float32)
+        low = run(ref, dtype)
+        for name, a, t, lo in zip(("out", "dq", "dk", "dv"), got, truth, low):
+            assert_close_to_reference(a, t, lo, atol=default_atol(dtype), name=name)
+    except AssertionError as e:
+        return f"{str(e).splitlines()[0][:300]}"
+    except Exception as e:  # noqa: BLE001 - a kernel that raises is a kernel that failed
+        return f"raised {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -57,6 +58,9 @@ def parse(argv=None):
     p.add_argument("--no-slack", action="store_true",
                    help="skip the max_seqlen-slack rows (128 segments of 4 tokens at max_seqlen 4 vs 512)")
     p.add_argument("--slack-only", action="store_true", help="only the max_seqlen-slack rows")
+    p.add_argument("--head-dims", default=None,
+                   help="comma list of head dims to run the shapes at (same heads and token counts; default: the "
+                        "config's, 72 for XL/2), e.g. 64,72,128 to compare every backend across them")
     p.add_argument("--out", default=None, help="write DIR/ops.json and DIR/ops.csv")
     args = p.parse_args(argv)
     if args.device is None:
@@ -80,6 +84,12 @@ def parse(argv=None):
         args.cfg = elit_config(args.config, args.resolution)
     except ValueError as e:
         p.error(f"--config/--resolution: {e}")
+    try:
+        args.head_dims = [int(x) for x in args.head_dims.split(",")] if args.head_dims else [args.cfg.head_dim]
+    except ValueError:
+        p.error(f"--head-dims: expected a comma list of integers, got {args.head_dims!r}")
+    if any(not 1 <= d <= 256 for d in args.head_dims):
+        p.error(f"--head-dims: each head dim must be in 1..256, got {args.head_dims}")
     return args, dev
 
 
@@ -133,11 +143,17 @@ def main(argv=None) -> int:
     else:
         budgets = [max(1, jm // 16), max(1, jm // 4), jm, ragged]
     shapes = [] if args.slack_only else elit_shapes(cfg, args.batch, budgets)
-    methods = available_methods(dev, dtype, cfg.hidden // cfg.heads, cfg.heads, include_reference=args.include_reference)
     passes = ["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]
     cases, rows = [], []
     # (shape, max_seqlen override or None, methods)
-    work = [(shape, None, methods) for shape in shapes]
+    work = []
+    for d in args.head_dims:
+        d_methods = available_methods(dev, dtype, d, cfg.heads, include_reference=args.include_reference)
+        for shape in shapes:
+            if d != shape.head_dim:
+                shape = dataclasses.replace(shape, head_dim=d, name=f"{shape.name} D{d}")
+            work.append((shape, None, d_methods))
+    methods = available_methods(dev, dtype, 64, 2, include_reference=args.include_reference)
     if not args.no_slack:
         slack_methods = [m for m in methods if m.name.startswith("elit:")]
         for max_len in SLACK_MAX:
@@ -194,6 +210,7 @@ def main(argv=None) -> int:
         base = exact_ms.get((r["method"], r["pass"])) if r["kind"] == "slack" else None
         r["slack_ratio"] = r["ms"] / base if (base and r["ms"]) else None
     md = metadata(dev, {"config": args.config, "resolution": args.resolution, "batch": args.batch,
+                        "head_dims": args.head_dims,
                         "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
                         "flops": "4*sum(Lq*Lk)*H*D fwd, x3.5 fwd+bwd; useful (ragged) FLOPs for every method"})
     label = "CPU" if dev.type == "cpu" else "GPU"

@@ -140,3 +140,18 @@ def test_real_compiled_backends_pass_their_checks_on_cpu(fake):
     for dt in (torch.float32, torch.float64):
         for causal in (False, True):
             assert KA.verify_backend("cpp", "cpu", dt, 72, causal=causal, gqa=True) is None
+
+
+GPU_KA = [(b, dt, d) for b in ("cuda", "triton") for dt in ("bf16", "fp16") for d in (64, 72, 128)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the real kernels against the reference there")
+@pytest.mark.parametrize("backend,dtype,head_dim", GPU_KA, ids=[f"{b}-{dt}-d{d}" for b, dt, d in GPU_KA])
+def test_known_answer_on_gpu(backend, dtype, head_dim):
+    # tools/gpu_check.sh runs these first: a compiled backend that fails here would be skipped by dispatch
+    if not B.get_backend(backend).is_available():
+        pytest.skip(f"backend {backend!r} is not available on this machine")
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    failures = {(causal, gqa): KA.verify_backend(backend, "cuda", dt, head_dim, causal=causal, gqa=gqa)
+                for causal in (False, True) for gqa in (False, True)}
+    assert all(v is None for v in failures.values()), failures

@@ -1,0 +1,140 @@
+"""Write ``$OUT/summary.json`` for tools/gpu_check.sh and print its key lines (standard library only, so it
+runs whatever else failed).
+
+Reads the stage table (``WORK/stages.tsv``), the junit XML of each test stage (or, for a stage killed before
+pytest could write one, nothing: its count says so), ``ops.json`` (attention TFLOP/s per method) and
+``model.json`` (elit-bench rows and targets).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+
+BACKEND_OF_FILE = {"test_cext": "cuda", "test_dropin": "cuda", "test_triton_attention": "triton"}
+
+
+def _backend(case) -> str:
+    name, cls = case.get("name", ""), case.get("classname", "")
+    m = re.search(r"known_answer_on_gpu\[(\w+)-", name)
+    if m:
+        return m.group(1)
+    for f, b in BACKEND_OF_FILE.items():
+        if f in cls:
+            return b
+    return "other"
+
+
+def test_counts(path: str) -> dict:
+    """{backend: {passed, failed, skipped}} from a junit XML (an absent file: {"missing": true})."""
+    if not os.path.exists(path):
+        return {"missing": True}
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        return {"unreadable": str(e)}
+    out, failures = {}, []
+    for case in root.iter("testcase"):
+        b = _backend(case)
+        c = out.setdefault(b, {"passed": 0, "failed": 0, "skipped": 0})
+        if case.find("failure") is not None or case.find("error") is not None:
+            c["failed"] += 1
+            failures.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+        elif case.find("skipped") is not None:
+            c["skipped"] += 1
+        else:
+            c["passed"] += 1
+    return {"by_backend": out, "failures": failures[:30]}
+
+
+def ops_summary(path: str) -> dict:
+    """Best forward and forward+backward TFLOP/s per (shape, method) at each head dim, and each method's
+    ratio to the best exact method of the row."""
+    if not os.path.exists(path):
+        return {}
+    rows = json.load(open(path))["rows"]
+    table = {}
+    for r in rows:
+        if r.get("tflops") is None:
+            continue
+        table.setdefault(f"{r['shape']} {r['pass']}", {})[r["method"]] = round(r["tflops"], 1)
+    best = {}
+    for key, methods in table.items():
+        name, tf = max(methods.items(), key=lambda kv: kv[1])
+        best[key] = {"best": name, "tflops": tf,
+                     "elit:triton / best": round(methods["elit:triton"] / tf, 3) if "elit:triton" in methods else None,
+                     "elit:cuda / best": round(methods["elit:cuda"] / tf, 3) if "elit:cuda" in methods else None}
+    return {"tflops": table, "best": best}
+
+
+def model_summary(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    data = json.load(open(path))
+    rows, targets = data["rows"], data.get("targets", [])
+    out = {"targets": [{k: t[k] for k in ("target", "clock", "preset", "backend", "budget", "value", "holds")
+                        if k in t} for t in targets]}
+    ratios = []
+    for r in rows:
+        if r["scenario"] == "guidance" and r["model"] == "elit" and r["case"] == "ccfg" and r.get("latency_ms"):
+            two = next((x for x in rows if x["preset"] == r["preset"] and x["backend"] == r["backend"]
+                        and x["case"] == "ccfg_two_pass" and x["model"] == "elit" and x.get("latency_ms")), None)
+            if two:
+                ratios.append({"what": "one-pass / two-pass CCFG", "preset": r["preset"], "backend": r["backend"],
+                               "value": round(r["latency_ms"] / two["latency_ms"], 3)})
+        if r["scenario"] == "uniform" and r["model"] == "elit" and r.get("latency_ms"):
+            dense = next((x for x in rows if x["preset"] == r["preset"] and x["model"] == "official"
+                          and x["scenario"] == "uniform" and x["budget"] == r["budget"] and x.get("latency_ms")), None)
+            if dense:
+                ratios.append({"what": f"ragged / dense J={r['budget']}", "preset": r["preset"],
+                               "backend": r["backend"], "value": round(r["latency_ms"] / dense["latency_ms"], 3)})
+    out["ratios"] = ratios
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--exit-code", type=int, default=0)
+    p.add_argument("--seconds", type=int, default=0)
+    a = p.parse_args()
+    stages = []
+    tsv = os.path.join(a.work, "stages.tsv")
+    if os.path.exists(tsv):
+        for line in open(tsv):
+            name, rc, secs = line.rstrip("\n").split("\t")
+            stages.append({"stage": name, "rc": rc, "seconds": int(secs)})
+    env = open(os.path.join(a.work, "env.txt")).read() if os.path.exists(os.path.join(a.work, "env.txt")) else ""
+    tests = {"cuda": test_counts(os.path.join(a.out, "junit_cuda.xml")),
+             "triton": test_counts(os.path.join(a.out, "junit_triton.xml"))}
+    failed_stages = [s["stage"] for s in stages if not (s["rc"] == "0" or s["rc"].startswith("skipped")
+                                                         or s["rc"] == "5")]  # 5: pytest collected nothing
+    summary = {"env": env.strip().splitlines(), "seconds": a.seconds, "stages": stages,
+               "failed_stages": failed_stages, "tests": tests,
+               "ops": ops_summary(os.path.join(a.out, "ops.json")),
+               "model": model_summary(os.path.join(a.out, "model.json"))}
+    summary["ok"] = not failed_stages and all(
+        not c.get("failures") for c in tests.values() if isinstance(c, dict))
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    # The last lines of the log: what a reader needs first.
+    print("stages: " + ", ".join(f"{s['stage']}={s['rc']} ({s['seconds']}s)" for s in stages))
+    for stage, c in tests.items():
+        counts = c.get("by_backend", c)
+        print(f"tests [{stage} stage]: " + json.dumps(counts))
+        for name in c.get("failures", [])[:8]:
+            print(f"  FAILED {name}")
+    for key, b in list(summary["ops"].get("best", {}).items())[:12]:
+        print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
+              f"cuda/best {b['elit:cuda / best']}")
+    for r in summary["model"].get("ratios", [])[:8]:
+        print(f"model {r['preset']} {r['backend']}: {r['what']} = {r['value']}")
+    print(f"summary: {'OK' if summary['ok'] else 'NOT OK'} in {a.seconds}s; wrote {a.out}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

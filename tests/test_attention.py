@@ -195,3 +195,26 @@ def test_torch_sdpa_over_runs_declines_what_it_cannot_express():
     assert sdpa_over_runs(q, k, v, cq, ck, 0.25, False) is None  # too many distinct lengths
     q, k, v, cq, ck, *_ = random_varlen_inputs([4], [1], 2, 16, seed=14, requires_grad=True)
     assert sdpa_over_runs(q, k, v, cq, ck, 0.25, False) is None  # single-key gradients: the exact path
+
+
+def _cpu_backends():
+    rows = {r["name"]: r for r in elit_kernels.describe_backends()}
+    out = []
+    for name in ("reference", "torch", "cpp", "triton"):
+        marks = ()
+        if name not in rows or not rows[name]["available"]:
+            marks = pytest.mark.skip(reason=f"backend {name!r} not available here")
+        out.append(pytest.param(name, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_causal_offsets_around_the_tile_size(backend):
+    # Bottom-right causal masks shift with Lk - Lq. Kernels working in 16-row/16-column tiles get the first
+    # visible row of a key block from that offset; an off-by-one there shows only when a block starts on
+    # certain offsets (nb·16 − (Lk − Lq) ≡ 15 mod 16). Sweep Lk − Lq = 0..17 around 16 for Lq = 20, plus
+    # Lq > Lk (rows with no key), forward and backward, against the fp64 reference.
+    lens_q = [20] * 18 + [21, 33, 40]
+    lens_k = [20 + off for off in range(18)] + [5, 17, 31]
+    fn = lambda *a: varlen_attention(*a[:7], softmax_scale=a[7], causal=a[8], backend=backend)  # noqa: E731
+    check_backend_against_reference(fn, lens_q, lens_k, 1, 16, torch.float32, causal=True, seed=31)

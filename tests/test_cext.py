@@ -192,9 +192,14 @@ def test_pack_unpack_cpu(budgets, dtype):
     lay = build_layout(budgets, batch=len(budgets), groups=2, tokens_per_group=4, j_max=3)
     lat = torch.randn(len(budgets), 2, 3, 5, dtype=dtype, requires_grad=True)
     p = _cext.pack_latents(lat, lay)
-    assert torch.equal(p, pack_latents(lat, lay))
+    # expected, built here without the layout's pack_index: sample-major, group-major, first J_b per group
+    want = torch.cat([lat[b, g, :j] for b, j in enumerate(budgets) for g in range(2)]) if sum(budgets) else lat.new_zeros(0, 5)
+    assert torch.equal(p, want) and torch.equal(p, pack_latents(lat, lay))
     u = _cext.unpack_latents(p, lay, fill=-1.5)
-    assert torch.equal(u, unpack_latents(p, lay, fill=-1.5))
+    want_u = torch.full_like(lat, -1.5)
+    for b, j in enumerate(budgets):
+        want_u[b, :, :j] = lat[b, :, :j]
+    assert torch.equal(u, want_u) and torch.equal(u, unpack_latents(p, lay, fill=-1.5))
     g = torch.randn_like(u)
     (gl,) = torch.autograd.grad(u, lat, g)
     (gl_ref,) = torch.autograd.grad(unpack_latents(pack_latents(lat, lay), lay, fill=-1.5), lat, g)

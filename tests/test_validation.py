@@ -111,7 +111,17 @@ def test_value_checks_switch(args):
 def test_value_checks_skipped_under_compile(args, monkeypatch):
     import elit_kernels.attention as att
 
+    args["cu_seqlens_q"] = i32(0, 3, 9)  # a bad value: past the end of q
+
+    def validate():
+        return att.validate_inputs(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+                                   args["max_seqlen_q"], args["max_seqlen_k"], None, False)
+
+    with pytest.raises(ValueError, match="cu_seqlens_q"):  # eager: the value check reads it and refuses
+        validate()
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or real_tolist(t))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    args["cu_seqlens_q"] = i32(0, 3, 9)
-    att.validate_inputs(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
-                        args["max_seqlen_q"], args["max_seqlen_k"], None, False)
+    inp = validate()  # tracing: no host read of cu_seqlens, so no error from values
+    assert inp.cu_seqlens_q is args["cu_seqlens_q"] and reads == []

@@ -77,7 +77,8 @@ setup(
     python_requires=">=3.10",
     # No upper pins and no triton pin: an installed torch that satisfies this is used as it is.
     install_requires=["torch>=2.5", "tqdm", "matplotlib", "numpy", "safetensors"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"], "demo": ["scikit-learn"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"], "demo": ["scikit-learn"],
+                    "mutation": ["mutmut>=3.3"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": [

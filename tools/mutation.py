@@ -1,0 +1,168 @@
+"""Mutation testing of the modules whose tests are fast, with mutmut, one module at a time, plus a short list
+of hand-planted Triton kernel mutants checked under the interpreter. Outside CI (minutes per module on 2 cores).
+
+    python tools/mutation.py                       # every module below, then the Triton mutants
+    python tools/mutation.py layout flow           # some of them
+    python tools/mutation.py --list
+
+For each module it copies the working tree (the built ``_C`` included) to a scratch directory, writes a
+``[mutmut]`` section naming that module and its test subset, runs ``mutmut run`` there and reads
+``mutmut results``. Error-message strings of ``raise`` / ``warnings.warn`` statements are not mutated (a
+message's wording is not behaviour; the tests match the argument name at its start). Killed and timed-out
+mutants count as caught. Writes ``benchmarks/results/mutation.md``: the score per module, the date and
+commit, and every surviving mutant with its diff, to be explained (equivalent) or turned into a test.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {  # name -> (paths to mutate, tests that cover them)
+    "layout": (["elit_kernels/layout.py"], ["tests/test_layout.py", "tests/test_model.py::test_run_broadcast_path_equals_the_gather_path"]),
+    "flow": (["elit_kernels/flow.py"], ["tests/test_model.py"]),
+    "attention": (["elit_kernels/attention.py"], ["tests/test_attention.py", "tests/test_validation.py"]),
+    "backends": (["elit_kernels/backends.py", "elit_kernels/known_answer.py"],
+                 ["tests/test_attention.py", "tests/test_known_answer.py"]),
+    "torch_attention": (["elit_kernels/torch_attention.py"], ["tests/test_attention.py"]),
+    "reference": (["elit_kernels/reference/"], ["tests/test_attention.py", "tests/test_model.py"]),
+    "flops": (["elit_kernels/bench/flops.py"], ["tests/test_bench.py::test_attention_flops_pinned_by_hand",
+                                                 "tests/test_bench.py::test_model_flops_match_an_independent_count",
+                                                 "tests/test_bench.py::test_flop_count_matches_analytic_attention_and_leaves_no_stub"]),
+    "models": (["elit_kernels/models/"], ["tests/test_model.py", "tests/test_official.py"]),
+}
+NO_MUTATE = [r"^\s*raise \w+(Error|Exception)\(", r"warnings\.warn\(", r"^\s*log\.\w+\("]
+
+# Hand-planted Triton mutants: (name, file, original text, mutated text, test selection). Each must make the
+# selected interpreter tests fail.
+TRITON_MUTANTS = [
+    ("dK/dV causal first row off by one", "elit_kernels/_triton/attention_bwd.py",
+     "first_row = tl.maximum(nb * BLOCK_N - (len_k - len_q), 0)",
+     "first_row = tl.maximum(nb * BLOCK_N - (len_k - len_q) + 1, 0)",
+     ["tests/test_attention.py", "-k", "tile_size and triton"]),
+    ("no bf16 upcast under the interpreter", "elit_kernels/_triton/_common.py",
+     '"UPCAST": bool(interpreting() and dtype == torch.bfloat16)', '"UPCAST": False',
+     ["tests/test_triton_attention.py", "-k", "mis_multiplies"]),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    for name in ("elit_kernels", "tests", "setup.py"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "mutants"))
+        else:
+            shutil.copy(src, dst / name)
+
+
+def run_module(name: str, keep: bool) -> dict:
+    paths, tests = MODULES[name]
+    work = Path(tempfile.mkdtemp(prefix=f"mutation_{name}_"))
+    _copy_tree(work)
+    (work / "setup.cfg").write_text(
+        "[mutmut]\n"
+        + "source_paths=\n" + "".join(f"    {p}\n" for p in paths)
+        + "also_copy=\n    elit_kernels\n"
+        + "pytest_add_cli_args_test_selection=\n" + "".join(f"    {t}\n" for t in tests)
+        + "pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -x\n"
+        + "do_not_mutate_patterns=\n" + "".join(f"    {p}\n" for p in NO_MUTATE)
+        + "mutate_only_covered_lines=true\n")
+    # One intra-op thread: torch's OpenMP pool does not survive the fork of each mutant's worker (every test
+    # then hangs to its timeout), and the tests here are small.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    print(f"== {name}: mutmut run in {work}", flush=True)
+    subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=work, env=env, check=False)
+    res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    counts, survivors = {}, []
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*(\S+): (\w[\w ]*)$", line)
+        if not m:
+            continue
+        mutant, status = m.group(1), m.group(2).strip()
+        counts[status] = counts.get(status, 0) + 1
+        if status == "survived":
+            diff = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=work, env=env,
+                                  capture_output=True, text=True).stdout
+            survivors.append((mutant, diff.strip()))
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    caught = counts.get("killed", 0) + counts.get("timeout", 0)
+    effective = caught + counts.get("survived", 0)
+    return {"name": name, "counts": counts, "score": caught / effective if effective else None,
+            "survivors": survivors}
+
+
+def run_triton_mutants() -> list[dict]:
+    out = []
+    for name, rel, orig, mutated, sel in TRITON_MUTANTS:
+        path = ROOT / rel
+        text = path.read_text()
+        if orig not in text:
+            out.append({"name": name, "status": "not applicable: the code changed; update tools/mutation.py"})
+            continue
+        try:
+            path.write_text(text.replace(orig, mutated, 1))
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sel], cwd=ROOT,
+                               capture_output=True, text=True)
+        finally:
+            path.write_text(text)
+        out.append({"name": name, "status": "caught" if r.returncode == 1 else f"SURVIVED (pytest rc {r.returncode})"})
+        print(f"== triton mutant '{name}': {out[-1]['status']}", flush=True)
+    return out
+
+
+def write_report(results: list[dict], triton: list[dict]) -> Path:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lines = [f"# Mutation testing ({dt.date.today().isoformat()}, commit {commit}, mutmut, CPU)", "",
+             "`python tools/mutation.py` (outside CI). Score = (killed + timed out) / (killed + timed out + survived);",
+             "mutants on lines no selected test runs are not generated (`mutate_only_covered_lines`); error-message",
+             "strings of raise/warn statements are not mutated.", "",
+             "| module | mutants | killed | timeout | survived | score |", "|---|---|---|---|---|---|"]
+    for r in results:
+        c = r["counts"]
+        score = f"{100 * r['score']:.1f} %" if r["score"] is not None else "-"
+        lines.append(f"| {r['name']} | {sum(c.values())} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
+                     f"{c.get('survived', 0)} | {score} |")
+    lines += ["", "## Hand-planted Triton mutants (interpreter)", ""]
+    lines += [f"- {t['name']}: {t['status']}" for t in triton]
+    for r in results:
+        if r["survivors"]:
+            lines += ["", f"## Survivors: {r['name']}", ""]
+            for mutant, diff in r["survivors"]:
+                lines += [f"### {mutant}", "", "reason: _to be classified (equivalent, or a test owed)_", "", "```diff",
+                          diff, "```", ""]
+    out = ROOT / "benchmarks" / "results" / "mutation.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("modules", nargs="*", help=f"subset of: {', '.join(MODULES)} (default: all)")
+    p.add_argument("--list", action="store_true", help="list the modules and their tests")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directories")
+    p.add_argument("--no-triton", action="store_true", help="skip the hand-planted Triton mutants")
+    a = p.parse_args(argv)
+    if a.list:
+        for n, (paths, tests) in MODULES.items():
+            print(f"{n}: {' '.join(paths)}  <-  {' '.join(tests)}")
+        return 0
+    bad = [m for m in a.modules if m not in MODULES]
+    if bad:
+        p.error(f"modules: unknown {bad}; choose from {', '.join(MODULES)}")
+    results = [run_module(m, a.keep) for m in (a.modules or MODULES)]
+    triton = [] if a.no_triton else run_triton_mutants()
+    print(f"wrote {write_report(results, triton)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

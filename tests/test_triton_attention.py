@@ -93,6 +93,25 @@ def test_head_blocks():
     assert _common.padded_head_dim(72) == 80  # the XL/2 head: 80 columns of tensor-core work, not 128
 
 
+def test_tile_tables_heuristic_is_a_candidate():
+    # Whatever the buckets and head dim, the heuristic tile is one the autotuner could also pick (so the sm_90
+    # report, which compiles every candidate, covers it), and no tile runs past the head dim it is marked for.
+    from elit_kernels._triton import _tiles
+    buckets = [2 ** i for i in range(4, 14)]
+    for kernel in _tiles.KERNELS:
+        for padded in (16, 64, 80, 128, 256):
+            for qb in buckets:
+                for kb in buckets:
+                    h = _tiles.heuristic(kernel, qb, kb, padded)
+                    cands = _tiles.candidates(kernel, qb, kb, padded)
+                    assert h in _tiles.TILES[kernel] and h[4] >= padded, (kernel, qb, kb, padded, h)
+                    assert h in cands and all(t[4] >= padded for t in cands), (kernel, qb, kb, padded)
+    # Long core segments get 128 owned rows, 1-16 token Read segments 16.
+    assert _tiles.heuristic("fwd", 4096, 4096, 80)[:2] == (128, 64)
+    assert _tiles.heuristic("dkdv", 4096, 4096, 80)[:2] == (16, 128)
+    assert _tiles.heuristic("fwd", 16, 64, 80)[:2] == (16, 32)
+
+
 def test_row_align_needs_every_stride():
     # ALIGN promises Triton 16-byte aligned row offsets: 8 elements for 16-bit types, 4 for fp32, and 1
     # (no promise) as soon as one row or head stride of one tensor breaks it.

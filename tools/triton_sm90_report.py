@@ -234,11 +234,11 @@ def _launch(kernel: str, D: int, dtype: str, causal: bool):
 
 
 def dispatch_tiles(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]]:
-    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) the launchers can run on a GPU at this head dim:
-    ``heuristic_tile`` and the autotuner's configs after its ``early_config_prune``, over all length buckets."""
+    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) the launchers can run on a GPU at this head dim: the
+    heuristic tile and the autotuner's configs after its own ``early_config_prune``, over all length buckets."""
     _setup_triton()
     F, B = _ENV["F"], _ENV["B"]
-    C = F.C
+    C, T = F.C, F._tiles
     if kernel == "preprocess":
         return [(B.PRE_BLOCK_T, 0, 4, 3)]  # Triton's default warps / stages (the launcher passes none)
     tuner = {"fwd": F._varlen_attn_fwd_kernel_tuned, "dkdv": B._varlen_attn_bwd_dkdv_kernel_tuned,
@@ -248,7 +248,7 @@ def dispatch_tiles(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]
     tiles = set()
     for qb in buckets:
         for kb in buckets:
-            tiles.add(C.heuristic_tile(qb, kb, bd + bdt, backward=kernel != "fwd"))
+            tiles.add(T.heuristic(kernel, qb, kb, bd + bdt)[:4])
             named = dict(max_q_bucket=qb, max_k_bucket=kb, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt)
             for c in tuner.early_config_prune(tuner.configs, named):
                 tiles.add((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
@@ -283,10 +283,11 @@ def compile_triton(job: tuple) -> dict:
                 compile_s=round(time.time() - t0, 2))
 
 
-# A representative subset for CI (2 cores, ~2 minutes): every kernel at D=72 in both orientations with
-# the largest tiles (most registers) and the smallest, and the largest tiles at D=64 and 128.
-CI_TILES = {"fwd": [(128, 64, 8, 2), (64, 64, 4, 3), (16, 64, 4, 2)], "dkdv": [(64, 64, 4, 2), (16, 16, 4, 2)],
-            "dq": [(64, 64, 4, 2), (16, 16, 4, 2)], "preprocess": [(64, 0, 4, 3)]}
+# A representative subset for CI (2 cores, about a minute): at D=72 every kernel in both orientations with
+# its largest tile (most registers), a 16-row tile and the 8-warp wgmma tiles; at D=64 and 128 the largest.
+CI_TILES = {"fwd": [(128, 64, 8, 2), (64, 64, 8, 2), (16, 32, 4, 2)], "dkdv": [(16, 128, 8, 2), (32, 64, 8, 2),
+                                                                               (16, 32, 4, 2)],
+            "dq": [(128, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)], "preprocess": [(64, 0, 4, 3)]}
 
 
 def triton_jobs(subset: str, kernels=KERNELS, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[tuple]:
@@ -298,7 +299,7 @@ def triton_jobs(subset: str, kernels=KERNELS, head_dims=HEAD_DIMS, dtypes=DTYPES
                 for causal in ((False,) if kernel == "preprocess" else (False, True)):
                     for tile in tiles:
                         if subset == "ci":
-                            ci = CI_TILES[kernel]
+                            ci = [t for t in CI_TILES[kernel] if t in tiles]
                             if tile not in ci or dtype != "bf16" or (D != 72 and (tile != ci[0] or causal)):
                                 continue
                         jobs.append((kernel, D, dtype, causal, tile))
@@ -309,42 +310,85 @@ def triton_jobs(subset: str, kernels=KERNELS, head_dims=HEAD_DIMS, dtypes=DTYPES
 # CUDA (.cu through nvcc)
 # ---------------------------------------------------------------------------------------------
 
-def cuda_rows(arch: str = "sm_90") -> tuple[list[dict], str | None]:
-    """``nvcc -arch=sm_90 -Xptxas -v`` over csrc/cuda/*.cu with setup.py's flags: a row per kernel."""
+# Kernels whose shared memory is dynamic (``extern __shared__``, sized by a config struct with the same
+# template arguments as the kernel): ptxas reports 0 static bytes, so a host probe prints ``Cfg::bytes``.
+DYNAMIC_SMEM = {"varlen_attn_fwd_kernel": "FwdCfg", "varlen_attn_bwd_dq_kernel": "DqCfg",
+                "varlen_attn_bwd_dkv_kernel": "DkvCfg"}
+
+
+def _nvcc_flags(arch: str) -> list[str]:
+    from torch.utils import cpp_extension
+    return ["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", "-DELIT_WITH_CUDA=1",
+            "-std=c++17", f"-arch={arch}", "-I", os.path.join(ROOT, "csrc"),
+            *[f"-I{p}" for p in cpp_extension.include_paths()]]
+
+
+def _dynamic_smem(nvcc: str, flags: list[str], src: str, rows: list[dict], tmp: str) -> None:
+    """Fill ``dynamic_shared_bytes`` of ``rows`` (one .cu file) from a host program that includes the file."""
+    lines = []
+    for i, r in enumerate(rows):
+        m = re.search(r"(\w+)<([^<>]*)>$", r["kernel"])
+        if m and m.group(1) in DYNAMIC_SMEM:
+            cfg = f"elit::attn::{DYNAMIC_SMEM[m.group(1)]}<{m.group(2)}>::bytes"
+            lines.append(f'  std::printf("{i} %zu\\n", static_cast<size_t>({cfg}));')
+    if not lines:
+        return
+    probe = os.path.join(tmp, "smem_probe.cu")
+    with open(probe, "w") as f:
+        f.write(f'#include <cstdio>\n#include "{src}"\nint main() {{\n' + "\n".join(lines) + "\n  return 0;\n}\n")
+    exe = os.path.join(tmp, "smem_probe")
+    p = subprocess.run([nvcc, *flags, probe, "-o", exe], capture_output=True, text=True)
+    if p.returncode:
+        for r in rows:
+            r.setdefault("dynamic_shared_bytes", None)
+        return
+    for line in subprocess.run([exe], capture_output=True, text=True).stdout.splitlines():
+        i, n = line.split()
+        rows[int(i)]["dynamic_shared_bytes"] = int(n)
+
+
+def _short_name(demangled: str) -> str:
+    """``void elit::attn::(anonymous namespace)::k<__half, 72, 4, 64>(args...)`` -> ``elit::attn::k<__half, 72, 4, 64>``."""
+    name = demangled.replace("(anonymous namespace)::", "")
+    return re.sub(r"^void ", "", name.split("(")[0])
+
+
+def cuda_rows(arch: str = "sm_90", files=None) -> tuple[list[dict], str | None]:
+    """``nvcc -arch=sm_90 -Xptxas -v`` over csrc/cuda/*.cu with setup.py's flags: a row per kernel with
+    registers, spills, static shared memory (ptxas) and dynamic shared memory (the kernel's launch config)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return [], "nvcc not on the PATH"
     try:
-        from torch.utils import cpp_extension
-        includes = cpp_extension.include_paths()
+        flags = _nvcc_flags(arch)
     except Exception as e:  # noqa: BLE001
         return [], f"torch include paths unavailable ({e})"
-    flags = ["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", "-DELIT_WITH_CUDA=1",
-             "-std=c++17", f"-arch={arch}", "-Xptxas", "-v"]
-    rows = []
-    cufilt = shutil.which("cu++filt")
+    demangle = shutil.which("cu++filt") or shutil.which("c++filt")
     src_dir = os.path.join(ROOT, "csrc", "cuda")
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in sorted(f for f in os.listdir(src_dir) if f.endswith(".cu")):
+        for name in files or sorted(f for f in os.listdir(src_dir) if f.endswith(".cu")):
             t0 = time.time()
-            cmd = [nvcc, *flags, "-I", os.path.join(ROOT, "csrc"), *[f"-I{p}" for p in includes], "-c",
-                   os.path.join(src_dir, name), "-o", os.path.join(tmp, name + ".o")]
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            src = os.path.join(src_dir, name)
+            p = subprocess.run([nvcc, *flags, "-Xptxas", "-v", "-c", src, "-o", os.path.join(tmp, name + ".o")],
+                               capture_output=True, text=True)
             if p.returncode:
-                rows.append(dict(file=name, error=p.stderr[-2000:]))
+                out.append(dict(file=name, error=p.stderr[-2000:]))
                 continue
             entries = parse_ptxas(p.stdout + p.stderr)
             names = [e["name"] for e in entries]
-            if cufilt and names:
-                names = subprocess.run([cufilt], input="\n".join(names), capture_output=True,
+            if demangle and names:
+                names = subprocess.run([demangle], input="\n".join(names), capture_output=True,
                                        text=True).stdout.splitlines()
-            for e, pretty in zip(entries, names):
-                rows.append(dict(file=name, kernel=pretty, mangled=e["name"], registers=e["registers"],
-                                 spill_bytes=e["spill_bytes"], spill_load_bytes=e["spill_load_bytes"],
-                                 stack_bytes=e["stack_bytes"], shared_bytes=e["smem_bytes"]))
-            print(f"nvcc {name}: {len(entries)} kernels, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    return rows, None
+            rows = [dict(file=name, kernel=_short_name(pretty), mangled=e["name"], registers=e["registers"],
+                         spill_bytes=e["spill_bytes"], spill_load_bytes=e["spill_load_bytes"],
+                         stack_bytes=e["stack_bytes"], shared_bytes=e["smem_bytes"], dynamic_shared_bytes=0)
+                    for e, pretty in zip(entries, names)]
+            _dynamic_smem(nvcc, flags, src, rows, tmp)
+            out += rows
+            print(f"nvcc {name}: {len(rows)} kernels, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out, None
 
 
 # ---------------------------------------------------------------------------------------------

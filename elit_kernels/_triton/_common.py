@@ -108,58 +108,13 @@ _autotune = os.environ.get("ELIT_TRITON_AUTOTUNE", "1") not in ("0", "", "false"
 
 
 def set_autotune(enabled: bool) -> None:
-    """Autotune tiles on CUDA (True) or use ``heuristic_tile`` (False)."""
+    """Autotune tiles on CUDA (True) or use ``_tiles.heuristic`` (False)."""
     global _autotune
     _autotune = bool(enabled)
 
 
 def autotune_enabled() -> bool:
     return _autotune
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). A curated list rather than a full product: ELIT's
-# Read/Write segments (1-64 tokens) want 16-64 row tiles, core (up to 4096) 64-128; after
-# pruning to the length bucket each key times about 2-7 candidates.
-_TILES = ((16, 16, 2, 2), (32, 16, 4, 2), (64, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2),
-          (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2))
-
-
-def tile_configs(stages=(2, 3)):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for (m, n, w, s) in _TILES if s in stages]
-
-
-def _tile_ok(m: int, n: int, qb: int, kb: int, bd: int) -> bool:
-    # Larger than the longest segment: mostly masked work. Much smaller than it (below half of
-    # min(bucket, 64)): too many programs / loop trips for no gain. Head dims > 128 spill
-    # registers / overflow shared memory with the big tiles.
-    if m > qb or n > kb:
-        return False
-    if m < min(qb, 64) // 2 or n < min(kb, 64) // 2:
-        return False
-    return not (bd > 128 and m * n > 64 * 64)
-
-
-def prune_by_length(configs, named_args, **kwargs):
-    """``early_config_prune`` for the autotuners: keep tiles that fit the bucketed max lengths."""
-    args = dict(named_args)
-    args.update(kwargs)
-    qb, kb, bd = args["max_q_bucket"], args["max_k_bucket"], args["BLOCK_D"] + args["BLOCK_DT"]
-    keep = [c for c in configs if _tile_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], qb, kb, bd)]
-    return keep or [configs[0]]
-
-
-def heuristic_tile(max_q: int, max_k: int, bd: int, backward: bool = False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning: the tile the length buckets
-    suggest (16 rows for 1-16 token Read/Write segments, 64-128 for long core segments). The
-    backward keeps more tiles live per step (q, dO, k, v, and a dK/dV or dQ accumulator), so its
-    tiles stay at 64 and shrink further for large head dims."""
-    qb, kb = bucket(max_q), bucket(max_k)
-    big = 128 if (bd <= 128 and qb >= 1024 and not backward) else 64
-    m, n = min(qb, big), min(kb, 64)
-    if bd > 128:
-        m, n = min(m, 32 if backward else 64), min(n, 32)
-    return m, n, (8 if m >= 128 else 4), 2
 
 
 def num_programs(num_segments: int, total: int, max_len: int, block: int) -> int:

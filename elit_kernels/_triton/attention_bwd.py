@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from . import _tiles
 
 
 @triton.jit
@@ -106,16 +107,16 @@ def _varlen_attn_bwd_dkdv_kernel(
                 do0, do1 = C.load_head(DOUT, C.row_offsets(q_start, rows, stride_dot, h, stride_doh, ALIGN),
                                        m_valid, HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
                 # Padded rows get lse = +inf, so their probabilities are exactly 0 (as are rows that saw
-                # no key in the forward, which stored +inf).
+                # no key in the forward, which stored +inf), and zero q / dO rows. Keys past the segment are
+                # never stored and only feed their own dK/dV rows, so only the causal mask is needed here.
                 lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=m_valid, other=float("inf")) * C.LOG2E_C
                 delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=m_valid, other=0.0)
                 # Work in the transposed [keys, queries] orientation so dK/dV accumulate with plain dots.
                 sT = C.dot_nt(k0, k1, q0, q1, BLOCK_DT, DOT_PREC) * qk_scale
-                allowed = n_valid[:, None] & m_valid[None, :]
-                if CAUSAL:
-                    allowed = allowed & (offs_n[:, None] <= rows[None, :] + (len_k - len_q))
                 single = (C.visible_keys(rows, len_q, len_k, CAUSAL) == 1)[None, :]
-                pT = tl.where(allowed, tl.where(single, 1.0, tl.exp2(sT - lse[None, :])), 0.0)
+                pT = tl.where(single, 1.0, tl.exp2(sT - lse[None, :]))
+                if CAUSAL:
+                    pT = tl.where(offs_n[:, None] <= rows[None, :] + (len_k - len_q), pT, 0.0)
                 pT_lo = pT.to(do0.dtype)
                 dv0 = tl.dot(pT_lo, do0, dv0, input_precision=DOT_PREC)
                 if BLOCK_DT > 0:
@@ -196,14 +197,14 @@ def _varlen_attn_bwd_dq_kernel(
                      dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
 
-# Same tile list as the forward (without the 3-stage variant: the backward's loop bodies already
-# hold more live tiles); pruning keeps only tiles that fit the longest segments.
+# Each backward kernel has its own tiles (_tiles.TILES): dK/dV owns keys and wants many of them with few
+# queries per step, dQ the reverse; pruning keeps only tiles that fit the longest segments.
 _KEY = ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"]
 _varlen_attn_bwd_dkdv_kernel_tuned = triton.autotune(
-    configs=C.tile_configs(stages=(2,)), key=_KEY, prune_configs_by={"early_config_prune": C.prune_by_length},
+    configs=_tiles.configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _tiles.pruner("dkdv")},
 )(_varlen_attn_bwd_dkdv_kernel)
 _varlen_attn_bwd_dq_kernel_tuned = triton.autotune(
-    configs=C.tile_configs(stages=(2,)), key=_KEY, prune_configs_by={"early_config_prune": C.prune_by_length},
+    configs=_tiles.configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _tiles.pruner("dq")},
 )(_varlen_attn_bwd_dq_kernel)
 
 
@@ -264,11 +265,7 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                             max_seqlen_k, softmax_scale, causal)
     interp = C.interpreting()
     tuned = not interp and C.autotune_enabled()
-    if interp:
-        fixed = dict(BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N)
-    else:
-        bm, bn, warps, stages = C.heuristic_tile(max_seqlen_q, max_seqlen_k, C.padded_head_dim(D), backward=True)
-        fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    tile_key = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k), C.padded_head_dim(D))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if total_q > 0:
             args, meta, grid = launches["preprocess"]
@@ -282,6 +279,9 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             args, meta, grid = launches[name]
             if tuned:
                 tuned_kernel[grid](*args, **meta)
+            elif interp:
+                kernel[grid](*args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N, **meta)
             else:
-                kernel[grid](*args, **fixed, **meta)
+                bm, bn, warps, stages, _ = _tiles.heuristic(name, *tile_key)
+                kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
     return dq, dk, dv

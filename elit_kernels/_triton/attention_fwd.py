@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from . import _tiles
 
 
 @triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q"])
@@ -93,13 +94,12 @@ def _varlen_attn_fwd_kernel(
         tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_valid)
 
 
-# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype) unless autotuning
-# is off (then _common.heuristic_tile picks it). prune_by_length keeps only tiles sized for the
-# longest segment, so a Read launch never times 128-row tiles.
+# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype) among the forward's entries
+# of _tiles.TILES that fit the longest segments, unless autotuning is off (then _tiles.heuristic picks it).
 _varlen_attn_fwd_kernel_tuned = triton.autotune(
-    configs=C.tile_configs(),
+    configs=_tiles.configs("fwd"),
     key=["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": C.prune_by_length},
+    prune_configs_by={"early_config_prune": _tiles.pruner("fwd")},
 )(_varlen_attn_fwd_kernel)
 
 
@@ -151,7 +151,8 @@ def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         with torch.cuda.device(q.device):
             _varlen_attn_fwd_kernel_tuned[grid](*args, **meta)
     else:
-        bm, bn, warps, stages = C.heuristic_tile(max_seqlen_q, max_seqlen_k, C.padded_head_dim(D))
+        bm, bn, warps, stages, _ = _tiles.heuristic("fwd", C.bucket(max_seqlen_q), C.bucket(max_seqlen_k),
+                                                     C.padded_head_dim(D))
         with torch.cuda.device(q.device):
             _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                                           **meta)

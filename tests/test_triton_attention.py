@@ -73,6 +73,81 @@ def test_values_and_grads_match_reference(seg, causal, head_dim, dtype):
                                     seed=head_dim + 3 * causal, device=DEV)
 
 
+@pytest.mark.parametrize("head_dim", [40, 96])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_two_head_blocks_match_reference(head_dim, causal):
+    # 40 = 32 + 16 (masked past 40) and 96 = 64 + 32 (unmasked tail): the (main, tail) column blocks of
+    # every kernel, forward and backward, beside D=72 (64 + 16) above.
+    assert _common.head_blocks(head_dim) == {40: (32, 16), 96: (64, 32)}[head_dim]
+    check_backend_against_reference(triton_attn, [1, 17], [5, 17], 2, head_dim, torch.float16, causal=causal,
+                                    seed=head_dim + causal, device=DEV)
+
+
+def test_head_blocks():
+    # Power-of-two blocks >= 16 (tl.dot's K), two only when narrower than the next power of two.
+    want = {8: (16, 0), 16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16),
+            96: (64, 32), 112: (128, 0), 128: (128, 0), 136: (128, 16), 200: (256, 0), 256: (256, 0)}
+    for d, blocks in want.items():
+        assert _common.head_blocks(d) == blocks, d
+        assert _common.padded_head_dim(d) == sum(blocks)
+    assert _common.padded_head_dim(72) == 80  # the XL/2 head: 80 columns of tensor-core work, not 128
+
+
+def test_tile_tables_heuristic_is_a_candidate():
+    # Whatever the buckets and head dim, the heuristic tile is one the autotuner could also pick (so the sm_90
+    # report, which compiles every candidate, covers it), and no tile runs past the head dim it is marked for.
+    from elit_kernels._triton import _tiles
+    buckets = [2 ** i for i in range(4, 14)]
+    for kernel in _tiles.KERNELS:
+        for padded in (16, 64, 80, 128, 256):
+            for qb in buckets:
+                for kb in buckets:
+                    h = _tiles.heuristic(kernel, qb, kb, padded)
+                    cands = _tiles.candidates(kernel, qb, kb, padded)
+                    assert h in _tiles.TILES[kernel] and h[4] >= padded, (kernel, qb, kb, padded, h)
+                    assert h in cands and all(t[4] >= padded for t in cands), (kernel, qb, kb, padded)
+    # Long core segments get 128 owned rows, 1-16 token Read segments 16.
+    assert _tiles.heuristic("fwd", 4096, 4096, 80)[:2] == (128, 64)
+    assert _tiles.heuristic("dkdv", 4096, 4096, 80)[:2] == (16, 128)
+    assert _tiles.heuristic("fwd", 16, 64, 80)[:2] == (16, 32)
+
+
+def test_row_align_needs_every_stride():
+    # ALIGN promises Triton 16-byte aligned row offsets: 8 elements for 16-bit types, 4 for fp32, and 1
+    # (no promise) as soon as one row or head stride of one tensor breaks it.
+    base = torch.empty(10, 3, 2, 72, dtype=torch.bfloat16)
+    q, k = base[:, 0], base[:, 1]
+    assert _common.row_align(q, k) == 8
+    assert _common.row_align(torch.empty(5, 2, 72)) == 4
+    odd = torch.empty(10, 2, 76, dtype=torch.bfloat16)[..., :72]  # head stride 76: rows on 8-byte boundaries
+    assert _common.row_align(q, odd) == 1
+    assert _common.kernel_meta(72, torch.bfloat16, False, q, odd)["ALIGN"] == 1
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_unaligned_strides_match_contiguous(dtype):
+    # Head stride 74, row stride 2*74: ALIGN falls back to 1 (no alignment promise). Values and gradients
+    # equal the same inputs made contiguous bit for bit (which the reference tests cover).
+    g = torch.Generator().manual_seed(31)
+    lq, lk = [5, 17], [9, 3]
+    dt = DTYPES[dtype]
+    q = torch.randn(sum(lq), 2, 74, generator=g).to(DEV, dt)[..., :72].requires_grad_()
+    kv = torch.randn(sum(lk), 2, 2, 74, generator=g).to(DEV, dt)[..., :72].requires_grad_()
+    k, v = kv.unbind(1)
+    assert _common.row_align(q, k, v) == 1
+    cq, ck = cu_seqlens(lq, DEV), cu_seqlens(lk, DEV)
+    dout = torch.randn(sum(lq), 2, 72, generator=g).to(DEV, dt)
+    out = triton_attn(q, k, v, cq, ck, 17, 9, 0.125, True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    assert _common.row_align(qc, kc, vc) == 16 // qc.element_size()
+    out_c = triton_attn(qc, kc, vc, cq, ck, 17, 9, 0.125, True)
+    grads_c = torch.autograd.grad(out_c, (qc, kc, vc), dout)
+    assert torch.equal(out, out_c)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_c):
+        assert torch.equal(a, b), name
+
+
 def test_custom_softmax_scale():
     check_backend_against_reference(triton_attn, [5, 17], [9, 2], 2, 64, torch.float32, scale=0.37, seed=5, device=DEV)
 

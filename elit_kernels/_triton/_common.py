@@ -51,9 +51,41 @@ def dot_flags(dtype: torch.dtype) -> dict:
     }
 
 
-def block_d(head_dim: int) -> int:
-    # tl.arange needs a power of two and tl.dot a K of at least 16: D=72 runs as 128 with a mask.
-    return max(16, triton.next_power_of_2(head_dim))
+def head_blocks(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_DT)``: the head dim as a power-of-two main column block (unmasked when a tail
+    follows) plus a power-of-two tail block masked past ``head_dim`` (0: no tail), both >= 16 (tl.dot's
+    smallest K). Two blocks when they are narrower than the next power of two: D=72 runs as 64 + 16
+    (80 columns of tensor-core work, not 128), D=96 as 64 + 32, D=40 as 32 + 16; 64 and 128 as one block.
+    """
+    full = max(16, triton.next_power_of_2(head_dim))
+    main = max(16, full // 2 if full > head_dim else full)
+    if main >= head_dim:
+        return main, 0
+    tail = max(16, triton.next_power_of_2(head_dim - main))
+    return (main, tail) if main + tail < full else (full, 0)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Columns of tensor-core work per head row: ``sum(head_blocks(head_dim))``."""
+    return sum(head_blocks(head_dim))
+
+
+def row_align(*tensors: torch.Tensor) -> int:
+    """``ALIGN`` for the kernels: elements per 16 bytes when every row and head stride of these
+    ``[rows, heads, D]`` tensors is a multiple of it, else 1. The kernels promise Triton (``tl.multiple_of``)
+    that each row offset is a multiple of ALIGN; with a 16-byte aligned base pointer (which Triton
+    checks itself) every row then starts on 16 bytes and tiles load as 16-byte vectors / ``cp.async``.
+    Without it, D=72 (a 144-byte row) falls back to 2-byte loads."""
+    a = 16 // tensors[0].element_size()
+    return a if all(t.stride(0) % a == 0 and t.stride(1) % a == 0 for t in tensors) else 1
+
+
+def kernel_meta(head_dim: int, dtype: torch.dtype, causal: bool, *tensors: torch.Tensor) -> dict:
+    """The constexpr arguments every attention kernel takes except the tile: head blocks, causal, the
+    dtype flags (``dot_flags``) and ``ALIGN`` (``row_align`` of the tensors the kernel tiles)."""
+    bd, bdt = head_blocks(head_dim)
+    return dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, CAUSAL=bool(causal), ALIGN=row_align(*tensors),
+                **dot_flags(dtype))
 
 
 def bucket(n: int) -> int:
@@ -76,58 +108,13 @@ _autotune = os.environ.get("ELIT_TRITON_AUTOTUNE", "1") not in ("0", "", "false"
 
 
 def set_autotune(enabled: bool) -> None:
-    """Autotune tiles on CUDA (True) or use ``heuristic_tile`` (False)."""
+    """Autotune tiles on CUDA (True) or use ``_tiles.heuristic`` (False)."""
     global _autotune
     _autotune = bool(enabled)
 
 
 def autotune_enabled() -> bool:
     return _autotune
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). A curated list rather than a full product: ELIT's
-# Read/Write segments (1-64 tokens) want 16-64 row tiles, core (up to 4096) 64-128; after
-# pruning to the length bucket each key times about 2-7 candidates.
-_TILES = ((16, 16, 2, 2), (32, 16, 4, 2), (64, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2),
-          (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2))
-
-
-def tile_configs(stages=(2, 3)):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for (m, n, w, s) in _TILES if s in stages]
-
-
-def _tile_ok(m: int, n: int, qb: int, kb: int, bd: int) -> bool:
-    # Larger than the longest segment: mostly masked work. Much smaller than it (below half of
-    # min(bucket, 64)): too many programs / loop trips for no gain. Head dims > 128 spill
-    # registers / overflow shared memory with the big tiles.
-    if m > qb or n > kb:
-        return False
-    if m < min(qb, 64) // 2 or n < min(kb, 64) // 2:
-        return False
-    return not (bd > 128 and m * n > 64 * 64)
-
-
-def prune_by_length(configs, named_args, **kwargs):
-    """``early_config_prune`` for the autotuners: keep tiles that fit the bucketed max lengths."""
-    args = dict(named_args)
-    args.update(kwargs)
-    qb, kb, bd = args["max_q_bucket"], args["max_k_bucket"], args["BLOCK_D"]
-    keep = [c for c in configs if _tile_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], qb, kb, bd)]
-    return keep or [configs[0]]
-
-
-def heuristic_tile(max_q: int, max_k: int, bd: int, backward: bool = False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning: the tile the length buckets
-    suggest (16 rows for 1-16 token Read/Write segments, 64-128 for long core segments). The
-    backward keeps more tiles live per step (q, dO, k, v, and a dK/dV or dQ accumulator), so its
-    tiles stay at 64 and shrink further for large head dims."""
-    qb, kb = bucket(max_q), bucket(max_k)
-    big = 128 if (bd <= 128 and qb >= 1024 and not backward) else 64
-    m, n = min(qb, big), min(kb, 64)
-    if bd > 128:
-        m, n = min(m, 32 if backward else 64), min(n, 32)
-    return m, n, (8 if m >= 128 else 4), 2
 
 
 def num_programs(num_segments: int, total: int, max_len: int, block: int) -> int:
@@ -196,6 +183,81 @@ def visible_keys(rows, len_q, len_k, CAUSAL: tl.constexpr):
     else:
         n = rows * 0 + len_k
     return n
+
+
+@triton.jit
+def row_offsets(start, rows, stride_t, head, stride_h, ALIGN: tl.constexpr):
+    """Element offsets ``(start + rows) * stride_t + head * stride_h`` of tile rows ``[R]`` (int64),
+    declared multiples of ``ALIGN`` (``row_align`` checked the strides) so that Triton can prove 16-byte
+    aligned rows and emit vector loads / ``cp.async`` even when the head stride (72 at D=72) is not a
+    multiple of 16 elements, which is all its own argument specialisation looks for."""
+    return tl.multiple_of((start + rows) * stride_t + head * stride_h, ALIGN)
+
+
+@triton.jit
+def _cols_mask(row_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # A block inside the head dim needs no column mask (its constancy would only limit the vector width).
+    if COL0 + WIDTH <= HEAD_DIM:
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & ((COL0 + tl.arange(0, WIDTH)) < HEAD_DIM)[None, :]
+    return mask
+
+
+@triton.jit
+def load_head(P, row_off, row_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """Rows ``P[row_off + c]`` as ``(main [R, BLOCK_D], tail [R, BLOCK_DT])`` column blocks, zeros where
+    ``row_mask`` [R] is false or a column is past ``HEAD_DIM``; the tail is the main block itself when
+    ``BLOCK_DT == 0`` (never read then). ``UPCAST`` widens to fp32 (interpreter bf16 dots)."""
+    cols = tl.arange(0, BLOCK_D)
+    t0 = tl.load(P + row_off[:, None] + cols[None, :], mask=_cols_mask(row_mask, 0, BLOCK_D, HEAD_DIM), other=0.0)
+    if UPCAST:
+        t0 = t0.to(tl.float32)
+    t1 = t0
+    if BLOCK_DT > 0:
+        cols_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        t1 = tl.load(P + row_off[:, None] + cols_t[None, :], mask=_cols_mask(row_mask, BLOCK_D, BLOCK_DT, HEAD_DIM),
+                     other=0.0)
+        if UPCAST:
+            t1 = t1.to(tl.float32)
+    return t0, t1
+
+
+@triton.jit
+def store_head(P, row_off, row_mask, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DT: tl.constexpr):
+    """Store the column blocks ``(x0 [R, BLOCK_D], x1 [R, BLOCK_DT])`` (as ``load_head`` splits them) to
+    ``P[row_off + c]`` in P's dtype, for rows where ``row_mask`` holds and columns below ``HEAD_DIM``."""
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(P + row_off[:, None] + cols[None, :], x0.to(P.dtype.element_ty),
+             mask=_cols_mask(row_mask, 0, BLOCK_D, HEAD_DIM))
+    if BLOCK_DT > 0:
+        cols_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        tl.store(P + row_off[:, None] + cols_t[None, :], x1.to(P.dtype.element_ty),
+                 mask=_cols_mask(row_mask, BLOCK_D, BLOCK_DT, HEAD_DIM))
+
+
+@triton.jit
+def dot_nt(a0, a1, b0, b1, BLOCK_DT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``a @ b^T`` [R, C] fp32 over the head dim held as column blocks: ``a0 b0^T + a1 b1^T`` (the tail
+    dot accumulates into the main one; skipped when ``BLOCK_DT == 0``)."""
+    acc = tl.dot(a0, tl.trans(b0), input_precision=DOT_PREC)
+    if BLOCK_DT > 0:
+        acc = tl.dot(a1, tl.trans(b1), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def static_checks(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+    """Tile invariants every attention kernel relies on (``head_blocks``, ``row_align``)."""
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tiles of at least 16 rows (tl.dot)")
+    tl.static_assert(BLOCK_D >= 16 and (BLOCK_D & (BLOCK_D - 1)) == 0, "main head block: a power of two >= 16")
+    tl.static_assert(BLOCK_D + BLOCK_DT >= HEAD_DIM, "head blocks cover the head dim")
+    tl.static_assert(BLOCK_DT == 0 or (BLOCK_D < HEAD_DIM and BLOCK_DT >= 16 and (BLOCK_DT & (BLOCK_DT - 1)) == 0),
+                     "tail block: a power of two >= 16 after an unmasked main block")
+    tl.static_assert(ALIGN >= 1 and (ALIGN & (ALIGN - 1)) == 0, "ALIGN: a power of two")
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -22,24 +22,31 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from . import _tiles
 
 
 @triton.jit
 def _varlen_attn_bwd_preprocess_kernel(
     OUT, DOUT, DELTA, total_q,
     stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_T: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    # Rows are independent of segments here, so the grid runs over packed tokens directly.
+    """``delta_t = sum_d dO_td * O_td`` (fp32) for BLOCK_T packed rows t of query head h (axis 0: row
+    block, axis 1: h); rows are independent of segments here, so the grid runs over packed tokens."""
+    tl.static_assert(BLOCK_D + BLOCK_DT >= HEAD_DIM)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (t < total_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    t_valid = t < total_q
     t64 = t.to(tl.int64)
-    o = tl.load(OUT + t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DOUT + t64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + h * stride_dh + t64, delta, mask=t < total_q)
+    o0, o1 = C.load_head(OUT, C.row_offsets(0, t64, stride_ot, h, stride_oh, ALIGN), t_valid,
+                         HEAD_DIM, BLOCK_D, BLOCK_DT, True)
+    do0, do1 = C.load_head(DOUT, C.row_offsets(0, t64, stride_dot, h, stride_doh, ALIGN), t_valid,
+                           HEAD_DIM, BLOCK_D, BLOCK_DT, True)
+    delta = tl.sum(o0 * do0, 1)
+    if BLOCK_DT > 0:
+        delta += tl.sum(o1 * do1, 1)
+    tl.store(DELTA + h * stride_dh + t64, delta, mask=t_valid)
 
 
 @triton.jit(do_not_specialize=["S", "total_k", "max_seqlen_k"])
@@ -49,35 +56,30 @@ def _varlen_attn_bwd_dkdv_kernel(
     stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     S, total_k, max_seqlen_k, group, sm_scale, qk_scale,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """For the keys j of one block and one kv head, over every query row i that sees them and every
     query head h sharing the kv head: ``p_ij = exp(s_ij - lse_i)``, ``dv_j = sum p_ij dO_i``,
     ``ds_ij = p_ij (dO_i . v_j - delta_i)``, ``dk_j = scale * sum ds_ij q_i``. A row with a single
     visible key has p = 1 and ds = 0 exactly (as the softmax's own backward), not their rounded values.
+    Head-dim vectors are held as (main, tail) column blocks (``_common.head_blocks``).
 
     Axis 0: (segment, key block) as ``segment_of_program`` maps it over keys; axis 1: kv head.
     """
-    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    C.static_checks(HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_M, BLOCK_N, ALIGN)
     hk = tl.program_id(1).to(tl.int64)
     seg, first, step, k_start, len_k = C.segment_of_program(CU_K, S, total_k, max_seqlen_k, BLOCK_N)
     q_start, len_q = C.partner_rows(CU_Q, seg, S)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
     for nb in range(first, tl.cdiv(len_k, BLOCK_N), step):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_valid = offs_n < len_k
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + (k_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + (k_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k0, k1 = C.load_head(K, C.row_offsets(k_start, offs_n, stride_kt, hk, stride_kh, ALIGN), n_valid,
+                             HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
+        v0, v1 = C.load_head(V, C.row_offsets(k_start, offs_n, stride_vt, hk, stride_vh, ALIGN), n_valid,
+                             HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
 
         # Causal: key j is seen by query i iff i >= j - (len_k - len_q); query blocks before the first
         # such row are skipped (lo is rounded down to a block boundary so row tiles stay aligned).
@@ -86,8 +88,13 @@ def _varlen_attn_bwd_dkdv_kernel(
             first_row = tl.maximum(nb * BLOCK_N - (len_k - len_q), 0)
             lo = (first_row // BLOCK_M) * BLOCK_M
 
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk1 = dk0
+        dv1 = dv0
+        if BLOCK_DT > 0:
+            dk1 = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
+            dv1 = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
         # Query segments with no rows (len_q = 0, the tail segment among them) skip the loop and store
         # zero dK/dV, as required.
         for g in range(0, group):
@@ -95,35 +102,35 @@ def _varlen_attn_bwd_dkdv_kernel(
             for start_m in range(lo, len_q, BLOCK_M):
                 rows = start_m + offs_m
                 m_valid = rows < len_q
-                q_mask = m_valid[:, None] & d_valid[None, :]
-                q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask,
-                            other=0.0)
-                do = tl.load(DOUT + (q_start + rows)[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                             mask=q_mask, other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
+                q0, q1 = C.load_head(Q, C.row_offsets(q_start, rows, stride_qt, h, stride_qh, ALIGN), m_valid,
+                                     HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
+                do0, do1 = C.load_head(DOUT, C.row_offsets(q_start, rows, stride_dot, h, stride_doh, ALIGN),
+                                       m_valid, HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
                 # Padded rows get lse = +inf, so their probabilities are exactly 0 (as are rows that saw
-                # no key in the forward, which stored +inf).
+                # no key in the forward, which stored +inf), and zero q / dO rows. Keys past the segment are
+                # never stored and only feed their own dK/dV rows, so only the causal mask is needed here.
                 lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=m_valid, other=float("inf")) * C.LOG2E_C
                 delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=m_valid, other=0.0)
                 # Work in the transposed [keys, queries] orientation so dK/dV accumulate with plain dots.
-                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-                allowed = n_valid[:, None] & m_valid[None, :]
-                if CAUSAL:
-                    allowed = allowed & (offs_n[:, None] <= rows[None, :] + (len_k - len_q))
+                sT = C.dot_nt(k0, k1, q0, q1, BLOCK_DT, DOT_PREC) * qk_scale
                 single = (C.visible_keys(rows, len_q, len_k, CAUSAL) == 1)[None, :]
-                pT = tl.where(allowed, tl.where(single, 1.0, tl.exp2(sT - lse[None, :])), 0.0)
-                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dsT = tl.where(single, 0.0, pT * (dpT - delta[None, :]))
-                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+                pT = tl.where(single, 1.0, tl.exp2(sT - lse[None, :]))
+                if CAUSAL:
+                    pT = tl.where(offs_n[:, None] <= rows[None, :] + (len_k - len_q), pT, 0.0)
+                pT_lo = pT.to(do0.dtype)
+                dv0 = tl.dot(pT_lo, do0, dv0, input_precision=DOT_PREC)
+                if BLOCK_DT > 0:
+                    dv1 = tl.dot(pT_lo, do1, dv1, input_precision=DOT_PREC)
+                dpT = C.dot_nt(v0, v1, do0, do1, BLOCK_DT, DOT_PREC)
+                dsT = tl.where(single, 0.0, pT * (dpT - delta[None, :])).to(q0.dtype)
+                dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
+                if BLOCK_DT > 0:
+                    dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
 
-        dk = dk * sm_scale
-        tl.store(DK + (k_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + (k_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+        C.store_head(DK, C.row_offsets(k_start, offs_n, stride_dkt, hk, stride_dkh, ALIGN), n_valid,
+                     dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, BLOCK_D, BLOCK_DT)
+        C.store_head(DV, C.row_offsets(k_start, offs_n, stride_dvt, hk, stride_dvh, ALIGN), n_valid,
+                     dv0, dv1, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
 
 @triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q"])
@@ -133,33 +140,28 @@ def _varlen_attn_bwd_dq_kernel(
     stride_lh, stride_dqt, stride_dqh,
     S, total_q, max_seqlen_q, group, sm_scale, qk_scale,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """For the query rows i of one block and one query head: ``dq_i = scale * sum_j ds_ij k_j`` with
     ``ds_ij = p_ij (dO_i . v_j - delta_i)`` over the keys the row sees (kv head ``h // group``); zero for a
-    row with a single visible key or none. Axis 0 as in the forward; axis 1: query head.
+    row with a single visible key or none. Head-dim vectors as (main, tail) column blocks. Axis 0 as in the
+    forward; axis 1: query head.
     """
-    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    C.static_checks(HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_M, BLOCK_N, ALIGN)
     h = tl.program_id(1).to(tl.int64)
     hk = h // group
     seg, first, step, q_start, len_q = C.segment_of_program(CU_Q, S, total_q, max_seqlen_q, BLOCK_M)
     k_start, len_k = C.partner_rows(CU_K, seg, S)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
     for mb in range(first, tl.cdiv(len_q, BLOCK_M), step):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < len_q
-        q_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask,
-                    other=0.0)
-        do = tl.load(DOUT + (q_start + offs_m)[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                     mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q0, q1 = C.load_head(Q, C.row_offsets(q_start, offs_m, stride_qt, h, stride_qh, ALIGN), m_valid,
+                             HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
+        do0, do1 = C.load_head(DOUT, C.row_offsets(q_start, offs_m, stride_dot, h, stride_doh, ALIGN), m_valid,
+                               HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
         lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=m_valid, other=float("inf")) * C.LOG2E_C
         delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=m_valid, other=0.0)
         multi = (C.visible_keys(offs_m, len_q, len_k, CAUSAL) > 1)[:, None]
@@ -169,41 +171,73 @@ def _varlen_attn_bwd_dq_kernel(
             last_row = tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1
             hi = tl.maximum(tl.minimum(len_k, last_row + 1 + len_k - len_q), 0)
 
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq1 = dq0
+        if BLOCK_DT > 0:
+            dq1 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
         for start_n in range(0, hi, BLOCK_N):
             cols = start_n + offs_n
             n_valid = cols < len_k
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + (k_start + cols)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            v = tl.load(V + (k_start + cols)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            k0, k1 = C.load_head(K, C.row_offsets(k_start, cols, stride_kt, hk, stride_kh, ALIGN), n_valid,
+                                 HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
+            v0, v1 = C.load_head(V, C.row_offsets(k_start, cols, stride_vt, hk, stride_vh, ALIGN), n_valid,
+                                 HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
+            s = C.dot_nt(q0, q1, k0, k1, BLOCK_DT, DOT_PREC) * qk_scale
             allowed = m_valid[:, None] & n_valid[None, :] & multi
             if CAUSAL:
                 allowed = allowed & (cols[None, :] <= offs_m[:, None] + (len_k - len_q))
             p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            dp = C.dot_nt(do0, do1, v0, v1, BLOCK_DT, DOT_PREC)
+            ds = (p * (dp - delta[:, None])).to(k0.dtype)
+            dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+            if BLOCK_DT > 0:
+                dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
 
-        dq = dq * sm_scale
-        tl.store(DQ + (q_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+        C.store_head(DQ, C.row_offsets(q_start, offs_m, stride_dqt, h, stride_dqh, ALIGN), m_valid,
+                     dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
 
-# Same tile list as the forward (without the 3-stage variant: the backward's loop bodies already
-# hold more live tiles); pruning keeps only tiles that fit the longest segments.
+# Each backward kernel has its own tiles (_tiles.TILES): dK/dV owns keys and wants many of them with few
+# queries per step, dQ the reverse; pruning keeps only tiles that fit the longest segments.
 _KEY = ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"]
 _varlen_attn_bwd_dkdv_kernel_tuned = triton.autotune(
-    configs=C.tile_configs(stages=(2,)), key=_KEY, prune_configs_by={"early_config_prune": C.prune_by_length},
+    configs=_tiles.configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _tiles.pruner("dkdv")},
 )(_varlen_attn_bwd_dkdv_kernel)
 _varlen_attn_bwd_dq_kernel_tuned = triton.autotune(
-    configs=C.tile_configs(stages=(2,)), key=_KEY, prune_configs_by={"early_config_prune": C.prune_by_length},
+    configs=_tiles.configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _tiles.pruner("dq")},
 )(_varlen_attn_bwd_dq_kernel)
+
+
+def bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                 max_seqlen_k: int, softmax_scale: float, causal: bool) -> dict:
+    """``{"preprocess" | "dkdv" | "dq": (args, meta, grid)}`` for the three backward kernels on these tensors
+    (shapes as in ``varlen_attn_bwd_triton``, ``delta`` ``[H, total_q]`` fp32): positional arguments,
+    constexprs other than the tile (the preprocess takes BLOCK_T) and the grid as a function of the tile.
+    Shared by the launcher and ``tools/triton_sm90_report.py``."""
+    total_q, H, D = q.shape
+    total_k, H_kv = k.shape[0], k.shape[1]
+    S = cu_seqlens_q.shape[0] - 1
+    buckets = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
+    qk_scale = softmax_scale * C.LOG2E
+    meta = C.kernel_meta(D, q.dtype, causal, q, k, v, dout, dq, dk, dv)
+    pre_meta = dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_DT=meta["BLOCK_DT"], ALIGN=C.row_align(out, dout))
+    pre = ((out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+            delta.stride(0)), pre_meta, lambda m: (triton.cdiv(total_q, m["BLOCK_T"]), H))
+    dkdv = ((q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+             dout.stride(0), dout.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
+             dv.stride(0), dv.stride(1), S, total_k, max_seqlen_k, H // H_kv, softmax_scale, qk_scale, *buckets),
+            meta, lambda m: (C.num_programs(S, total_k, max_seqlen_k, m["BLOCK_N"]), H_kv))
+    dq_ = ((q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), lse.stride(0), dq.stride(0), dq.stride(1),
+            S, total_q, max_seqlen_q, H // H_kv, softmax_scale, qk_scale, *buckets),
+           meta, lambda m: (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H))
+    return {"preprocess": pre, "dkdv": dkdv, "dq": dq_}
+
+
+# Rows per preprocess program (BLOCK_T) on a GPU.
+PRE_BLOCK_T = 64
 
 
 def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -220,56 +254,34 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     cu_seqlens_q = cu_seqlens_q.contiguous()
     cu_seqlens_k = cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
-    total_k, H_kv = k.shape[0], k.shape[1]
-    S = cu_seqlens_q.shape[0] - 1
+    total_k = k.shape[0]
     dq = C.alloc(q.shape, q.dtype, q.device)
     dk = C.alloc(k.shape, k.dtype, k.device)
     dv = C.alloc(v.shape, v.dtype, v.device)
     if H == 0:
         return dq, dk, dv
-    bd = C.block_d(D)
     delta = C.alloc((H, total_q), torch.float32, q.device)
+    launches = bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, softmax_scale, causal)
     interp = C.interpreting()
     tuned = not interp and C.autotune_enabled()
-    if interp:
-        fixed = dict(BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N)
-    else:
-        bm, bn, warps, stages = C.heuristic_tile(max_seqlen_q, max_seqlen_k, bd, backward=True)
-        fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    meta = dict(HEAD_DIM=D, BLOCK_D=bd, CAUSAL=bool(causal), **C.dot_flags(q.dtype))
-    buckets = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
-    qk_scale = softmax_scale * C.LOG2E
-    group = H // H_kv
+    tile_key = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k), C.padded_head_dim(D))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if total_q > 0:
-            block_t = 16 if interp else 64
-            _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), H)](
-                out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-                delta.stride(0), HEAD_DIM=D, BLOCK_D=bd, BLOCK_T=block_t)
-        if total_k > 0:
-            args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    dout.stride(0), dout.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-                    dv.stride(0), dv.stride(1), S, total_k, max_seqlen_k, group, softmax_scale, qk_scale, *buckets)
-
-            def grid_k(m):
-                return (C.num_programs(S, total_k, max_seqlen_k, m["BLOCK_N"]), H_kv)
-
-            if not tuned:
-                _varlen_attn_bwd_dkdv_kernel[grid_k](*args, **fixed, **meta)
+            args, meta, grid = launches["preprocess"]
+            _varlen_attn_bwd_preprocess_kernel[grid](*args, BLOCK_T=16 if interp else PRE_BLOCK_T, **meta)
+        for name, kernel, tuned_kernel, rows in (("dkdv", _varlen_attn_bwd_dkdv_kernel,
+                                                  _varlen_attn_bwd_dkdv_kernel_tuned, total_k),
+                                                 ("dq", _varlen_attn_bwd_dq_kernel, _varlen_attn_bwd_dq_kernel_tuned,
+                                                  total_q)):
+            if rows == 0:
+                continue
+            args, meta, grid = launches[name]
+            if tuned:
+                tuned_kernel[grid](*args, **meta)
+            elif interp:
+                kernel[grid](*args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N, **meta)
             else:
-                _varlen_attn_bwd_dkdv_kernel_tuned[grid_k](*args, **meta)
-        if total_q > 0:
-            args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    dout.stride(0), dout.stride(1), lse.stride(0), dq.stride(0), dq.stride(1),
-                    S, total_q, max_seqlen_q, group, softmax_scale, qk_scale, *buckets)
-
-            def grid_q(m):
-                return (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H)
-
-            if not tuned:
-                _varlen_attn_bwd_dq_kernel[grid_q](*args, **fixed, **meta)
-            else:
-                _varlen_attn_bwd_dq_kernel_tuned[grid_q](*args, **meta)
+                bm, bn, warps, stages, _ = _tiles.heuristic(name, *tile_key)
+                kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
     return dq, dk, dv

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from . import _tiles
 
 
 @triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q"])
@@ -20,34 +21,29 @@ def _varlen_attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     S, total_q, max_seqlen_q, group, qk_scale,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """out_i = sum_j p_ij v_j / l_i and lse_i = ln(l_i) + max_j s_ij with s_ij = scale * q_i . k_j over the
     keys row i sees and p_ij = exp(s_ij - max), accumulated block by block with a running max (base 2:
     ``qk_scale`` = scale * log2(e)). Rows that see no key store zeros and lse = +inf.
 
-    Axis 0: (segment, query block) as ``segment_of_program`` maps it; axis 1: query head h, which reads
-    kv head ``h // group`` (GQA by indexing).
+    The head dim is held as a main block of BLOCK_D columns and a tail of BLOCK_DT (``_common.head_blocks``):
+    ``s = q0 k0^T + q1 k1^T`` and ``out = [p v0, p v1]``. Axis 0: (segment, query block) as
+    ``segment_of_program`` maps it; axis 1: query head h, which reads kv head ``h // group`` (GQA by indexing).
     """
-    tl.static_assert(BLOCK_D >= HEAD_DIM)
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    C.static_checks(HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_M, BLOCK_N, ALIGN)
     h = tl.program_id(1).to(tl.int64)
     hk = h // group
     seg, first, step, q_start, len_q = C.segment_of_program(CU_Q, S, total_q, max_seqlen_q, BLOCK_M)
     k_start, len_k = C.partner_rows(CU_K, seg, S)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
     for mb in range(first, tl.cdiv(len_q, BLOCK_M), step):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         m_valid = offs_m < len_q
-
-        q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q_rows = C.row_offsets(q_start, offs_m, stride_qt, h, stride_qh, ALIGN)
+        q0, q1 = C.load_head(Q, q_rows, m_valid, HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
 
         # Causal (bottom-right): query i sees key j iff j <= i + len_k - len_q. Keys past what the
         # block's last row sees are never loaded.
@@ -58,19 +54,18 @@ def _varlen_attn_fwd_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc1 = acc0
+        if BLOCK_DT > 0:
+            acc1 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
         for start_n in range(0, hi, BLOCK_N):
             cols = start_n + offs_n
             n_valid = cols < len_k
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + (k_start + cols)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + (k_start + cols)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            k0, k1 = C.load_head(K, C.row_offsets(k_start, cols, stride_kt, hk, stride_kh, ALIGN), n_valid,
+                                 HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
+            v0, v1 = C.load_head(V, C.row_offsets(k_start, cols, stride_vt, hk, stride_vh, ALIGN), n_valid,
+                                 HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
+            s = C.dot_nt(q0, q1, k0, k1, BLOCK_DT, DOT_PREC) * qk_scale
             allowed = n_valid[None, :]
             if CAUSAL:
                 allowed = allowed & (cols[None, :] <= offs_m[:, None] + (len_k - len_q))
@@ -82,28 +77,50 @@ def _varlen_attn_fwd_kernel(
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            p = p.to(v0.dtype)
+            acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+            if BLOCK_DT > 0:
+                acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
 
         # Rows with no visible key (empty key segment, causal with len_q > len_k, rows past the packed
         # data) have l_i = 0 and acc = 0: they store exact zeros, and LSE = +inf so that backward's
         # exp2(s - lse) is 0 there.
         has_key = l_i > 0.0
-        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-        tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        l_safe = tl.where(has_key, l_i, 1.0)[:, None]
+        C.store_head(OUT, C.row_offsets(q_start, offs_m, stride_ot, h, stride_oh, ALIGN), m_valid,
+                     acc0 / l_safe, acc1 / l_safe, HEAD_DIM, BLOCK_D, BLOCK_DT)
         lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / C.LOG2E_C, float("inf"))
         tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_valid)
 
 
-# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype) unless autotuning
-# is off (then _common.heuristic_tile picks it). prune_by_length keeps only tiles sized for the
-# longest segment, so a Read launch never times 128-row tiles.
+# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype) among the forward's entries
+# of _tiles.TILES that fit the longest segments, unless autotuning is off (then _tiles.heuristic picks it).
 _varlen_attn_fwd_kernel_tuned = triton.autotune(
-    configs=C.tile_configs(),
+    configs=_tiles.configs("fwd"),
     key=["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": C.prune_by_length},
+    prune_configs_by={"early_config_prune": _tiles.pruner("fwd")},
 )(_varlen_attn_fwd_kernel)
+
+
+def fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+               softmax_scale: float, causal: bool):
+    """``(args, meta, grid)`` of ``_varlen_attn_fwd_kernel`` for these tensors (shapes as in
+    ``varlen_attn_fwd_triton``): positional arguments, constexprs other than the tile, and the grid as a
+    function of the tile. Shared by the launcher and ``tools/triton_sm90_report.py``."""
+    total_q, H, D = q.shape
+    S = cu_seqlens_q.shape[0] - 1
+    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            S, total_q, max_seqlen_q, H // k.shape[1], softmax_scale * C.LOG2E,
+            C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
+    meta = C.kernel_meta(D, q.dtype, causal, q, k, v, out)
+
+    def grid(m):
+        return (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H)
+
+    return args, meta, grid
 
 
 def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -122,28 +139,20 @@ def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     cu_seqlens_q = cu_seqlens_q.contiguous()
     cu_seqlens_k = cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
-    S = cu_seqlens_q.shape[0] - 1
     out = C.alloc((total_q, H, D), q.dtype, q.device)
     lse = C.alloc((H, total_q), torch.float32, q.device)
     if total_q == 0 or H == 0:
         return out, lse
-    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            S, total_q, max_seqlen_q, H // k.shape[1], softmax_scale * C.LOG2E,
-            C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
-    meta = dict(HEAD_DIM=D, BLOCK_D=C.block_d(D), CAUSAL=bool(causal), **C.dot_flags(q.dtype))
-
-    def grid(m):
-        return (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H)
-
+    args, meta, grid = fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, causal)
     if C.interpreting():
         _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N, **meta)
     elif C.autotune_enabled():
         with torch.cuda.device(q.device):
             _varlen_attn_fwd_kernel_tuned[grid](*args, **meta)
     else:
-        bm, bn, warps, stages = C.heuristic_tile(max_seqlen_q, max_seqlen_k, meta["BLOCK_D"])
+        bm, bn, warps, stages, _ = _tiles.heuristic("fwd", C.bucket(max_seqlen_q), C.bucket(max_seqlen_k),
+                                                     C.padded_head_dim(D))
         with torch.cuda.device(q.device):
             _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                                           **meta)

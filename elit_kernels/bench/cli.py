@@ -33,7 +33,7 @@ DEFAULTS = {  # device type -> (config, resolution, batch, dtype, repeats)
     "cpu": ("S/2", 256, 4, "fp32", 5),
 }
 # The one statement of how long the CPU default takes (README and --help quote it; tests/test_bench.py checks).
-CPU_DEFAULT_RUNTIME = "about 5 minutes on 2 shared CPU cores (measured: 4 min 40 s)"
+CPU_DEFAULT_RUNTIME = "about 6.5 minutes on 2 shared CPU cores (measured: 6 min 26 s, peak RSS 1.3 GB)"
 LONG_RUN_MINUTES = 5  # warn before a run estimated longer than this
 
 
@@ -198,8 +198,8 @@ def resolve(args) -> tuple[Setup, dict]:
         backends = list(dict.fromkeys(backends))
     if "triton" in backends and _cli.triton_interpreted():
         warnings.append("backend triton runs under the Triton interpreter (TRITON_INTERPRET=1): a correctness tool, "
-                        "orders of magnitude slower than the compiled kernel (minutes per case at S/2); its times say "
-                        "nothing about the GPU kernel")
+                        "orders of magnitude slower than the compiled kernel (over a minute per case at S/2); its times "
+                        "say nothing about the GPU kernel")
     setup = Setup(cfgs=cfgs, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
                   scenarios=scen, seed=args.seed)
     extra = {"config": name, "presets": presets, "preset_configs": {pr: config_dict(c) for pr, c in cfgs.items()},

@@ -181,6 +181,7 @@ def test_mixed_budgets_spread():
     (["--scenarios", "uniform,bogus"], "--scenarios", "choose from uniform, mixed, guidance, baselines"),
     (["--scenarios", "mixed", "--batch", "1"], "--scenarios", "--batch >= 2"),
     (["--presets", "paper,dit"], "--presets", "choose from paper, released"),
+    (["--config", "S/2"], "--presets", "--presets paper or --presets released"),  # 64px: 16 groups vs 1
     (["--backends", "nope"], "--backends", "choose from "),
     (["--backends", "torch_varlen"], "--backends", "Usable here: "),  # CUDA-only comparator on CPU
     (["--device", "tpu"], "--device", "cpu or cuda"),

@@ -135,6 +135,21 @@ def test_backend_that_cannot_run_here_is_a_usage_error(monkeypatch, capsys):
     assert "error: --backend: backend 'triton' cannot run the demo model" in err and "Usable here: torch" in err, err
 
 
+@pytest.mark.parametrize("backend,warns", [(None, True), ("triton", True), ("torch", False)])
+def test_interpreted_triton_is_announced(backend, warns, monkeypatch, capsys):
+    import elit_kernels.demo as demo
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from elit_kernels.backends import get_backend
+
+    if not get_backend("triton").is_available():
+        pytest.skip("triton is not installed here")
+    p = build_parser()
+    args = p.parse_args([] if backend is None else ["--backend", backend])
+    demo._check_backend(args, p, demo_config())
+    assert ("warning: the triton backend runs under the Triton interpreter" in capsys.readouterr().err) == warns
+
+
 def test_j_max_conflicting_with_the_checkpoint(quick_run, capsys):
     _, ckpt, _ = quick_run
     with pytest.raises(SystemExit) as e:

@@ -130,8 +130,10 @@ def resolve(args) -> tuple[Setup, dict]:
     cfg = cfgs[presets[0]]
     for pr, c in cfgs.items():
         if (c.latents_per_group, c.groups, c.head_dim) != (cfg.latents_per_group, cfg.groups, cfg.head_dim):
-            raise BenchError(f"--presets: {pr} and {presets[0]} differ in groups / J_max / head dim at {name} {res}px; "
-                             "run them separately")
+            raise BenchError(f"--presets: {pr} and {presets[0]} differ in groups / J_max / head dim at {name} {res}px "
+                             f"({presets[0]}: {cfg.groups} groups, J_max {cfg.latents_per_group}; {pr}: {c.groups} groups, "
+                             f"J_max {c.latents_per_group}); run them one at a time: --presets {presets[0]} or "
+                             f"--presets {pr}")
     batch = args.batch if args.batch is not None else d_batch
     if batch < 1:
         raise BenchError(f"--batch: expected a positive integer, got {batch}")

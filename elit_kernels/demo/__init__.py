@@ -127,15 +127,19 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
 
 
 def _check_backend(args, parser, cfg) -> None:
-    """``--backend`` must run this model's attention here (CPU, fp32, its heads and head dim)."""
-    if args.backend is None:
-        return
+    """``--backend`` must run this model's attention here (CPU, fp32, its heads and head dim); say so when the
+    backend that will run is Triton's CPU interpreter (correct, but slow enough to make the demo take hours)."""
     from .. import _cli
 
     probe = _cli.probe_inputs(cfg.heads, cfg.hidden // cfg.heads, "cpu", torch.float32)
-    err = _cli.backend_error("--backend", args.backend, probe, "the demo model (CPU, fp32)")
-    if err:
-        parser.error(err)
+    if args.backend is not None:
+        err = _cli.backend_error("--backend", args.backend, probe, "the demo model (CPU, fp32)")
+        if err:
+            parser.error(err)
+    chosen = args.backend or next(iter(_cli.usable_backends(probe)), None)
+    if chosen == "triton" and _cli.triton_interpreted():
+        print("elit-demo: warning: the triton backend runs under the Triton interpreter (TRITON_INTERPRET=1): "
+              "correct but very slow; pass --backend torch for a run of minutes", file=sys.stderr)
 
 
 def _git_commit() -> str | None:

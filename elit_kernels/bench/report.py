@@ -199,8 +199,8 @@ def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dic
 
 _MARKERS = "osD^vP*X"
 _CASE_ORDER = {"mixed": ("ragged", "padded", "sum_of_parts"), "guidance": ("cfg", "ccfg_two_pass", "ccfg")}
-_CASE_LABEL = {"ragged": "one ragged forward", "padded": "padded to the largest", "sum_of_parts": "one forward per budget",
-               "cfg": "CFG (2B at J_max)", "ccfg_two_pass": "CCFG, two passes", "ccfg": "CCFG, one ragged pass"}
+_CASE_LABEL = {"ragged": "ragged (1 forward)", "padded": "padded", "sum_of_parts": "sum of parts",
+               "cfg": "CFG", "ccfg_two_pass": "CCFG two-pass", "ccfg": "CCFG one-pass"}
 
 
 def _merge_equal(series: list[tuple[str, list, list]]) -> list[tuple[str, list, list]]:
@@ -239,9 +239,11 @@ def _bars(ax, rows: list[dict], scenario: str, preset: str, title: str) -> None:
                         xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
     ax.set_ylabel("latency, ms (median, IQR)")
+    top = max(r["q3_ms"] if r["q3_ms"] is not None else r["latency_ms"] for r in rs)
+    ax.set_ylim(0, 1.3 * top)  # a free band above the bars for the legend
     handles, labels = ax.get_legend_handles_labels()
     seen = dict(zip(labels, handles))  # one entry per case, however many groups have it
-    ax.legend(seen.values(), seen.keys(), fontsize=7)
+    ax.legend(seen.values(), seen.keys(), fontsize=7, loc="upper center", ncol=len(seen))
 
 
 def make_figure(rows: list[dict], meta: dict):

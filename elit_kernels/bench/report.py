@@ -378,13 +378,14 @@ HOW_TO_READ = """## How to read this
 - **median ms / IQR**: wall clock over interleaved repeats (every repeat visits every case); **CPU-time ms**
   (CPU runs): process CPU time, which on a shared machine leaves out waiting for a core.
 - **Why the dense path is faster today** (where it is): at equal FLOPs it does less around the matmuls. With one
-  budget per batch every window has the same length, so each attention is a single unmasked dense SDPA call and
-  adaLN broadcasts per-sample parameters over `[B, L, C]`. The ragged path, built for a budget per sample, gathers
-  the per-sample adaLN parameters for every token through a token→sample index (the `reference` elementwise ops,
-  in fp32), and the `torch` backend pads every ragged attention to its longest segment and back. A CPU profile
-  (benchmarks/results/RESULTS.md in the repository) found the matmuls equal and the gap in those gathers and
-  copies. The fused elementwise ops and the non-padding kernels (`triton`, `cuda`) exist to remove them; the
-  ragged path's own ground is what the dense one cannot run: mixed budgets in one batch and one-pass CCFG.
+  budget per batch every window has the same length, so each attention is one call of PyTorch's fused
+  `scaled_dot_product_attention` kernel on a dense `[B·G, H, L, D]` batch. The ragged path's `torch` backend,
+  built for segments of any length, gathers each segment's rows into length buckets and runs the softmax as
+  separate ops (`bmm`, mask, `exp`, sum) in plain PyTorch. A CPU profile of the default config (S/2, 256px,
+  batch 4, J̃ = 16, both presets, 2026-11-29) found the linear layers equal and the gap in attention: about
+  280–340 ms per forward for those ops and the row gathers (`aten::index`) vs about 120 ms for the fused SDPA. The `triton` and `cuda` kernels exist
+  to close it on a GPU (fused, no gather); the ragged path's own ground is what the dense one cannot run:
+  mixed budgets in one batch and one-pass CCFG.
 """.splitlines()
 
 

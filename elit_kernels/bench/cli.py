@@ -24,7 +24,7 @@ from .flops import count_flops
 from .report import OUTPUT_FILES, check_targets, format_table, make_rows, metadata, write_outputs
 from .scenarios import SCENARIOS, Setup, build_cases
 from .timing import (RunProgress, format_seconds, measure_memory, remaining_seconds, run_interleaved, sample_seconds,
-                     warm_up)
+                     time_once, warm_up)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -290,6 +290,9 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
                 c.warm_s = time.monotonic() - t0
                 if not estimated and c not in failed:
                     estimated = True
+                    # One warm call for the estimate (the warm-up's last call may be the cold first one);
+                    # not kept as a timing sample, which must come from the interleaved repeats.
+                    c.call_ms = time_once(c, dev)[0]
                     _estimate(extra, c, order[i + 1:], [x for x in order if x not in failed], t_start, dev)
                 refresh(i + 1, "warm-up + FLOPs")
         for c in skipped:

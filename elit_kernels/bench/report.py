@@ -392,33 +392,38 @@ HOW_TO_READ = """## How to read this
 def run_findings(rows: list[dict], meta: dict) -> list[str]:
     """What this run's rows say, per preset: dense vs ragged at J_max, the mixed batch, guidance."""
     label = "CPU" if meta.get("device_type") != "cuda" else "GPU"
-    out = [f"## In this run ({label})", ""]
+    # On CPU the process CPU time: on a shared machine the wall clock also counts waiting for a core.
+    ms = "cpu_ms" if rows and all(r["cpu_ms"] is not None for r in rows if r["latency_ms"] is not None) else "latency_ms"
+    clock = "CPU time" if ms == "cpu_ms" else "median wall time"
+    out = [f"## In this run ({label}; {clock}, medians)", ""]
     by = {(r["preset"], r["scenario"], r["case"], r["model"], r["backend"], r["budget"]): r for r in rows}
     jm = meta.get("j_max")
     for preset in dict.fromkeys(r["preset"] for r in rows):
         dense = by.get((preset, "uniform", "uniform", "official", "sdpa_dense", jm))
         for r in rows:
-            if (r["preset"], r["scenario"], r["model"], r["budget"]) != (preset, "uniform", "elit", jm) or not r["latency_ms"]:
+            if (r["preset"], r["scenario"], r["model"], r["budget"]) != (preset, "uniform", "elit", jm) or not r[ms]:
                 continue
             be = r["backend"]
-            if dense and dense["latency_ms"]:
-                q = r["latency_ms"] / dense["latency_ms"]
+            if dense and dense[ms]:
+                q = r[ms] / dense[ms]
                 verdict = (f"the dense path is faster, elit takes {q:.2f}× its time (see *Why the dense path is faster "
                            "today* below)" if q > 1.02 else f"the ragged path is faster ({q:.2f}× the dense time)"
                            if q < 0.98 else "about equal")
-                out.append(f"- {preset}, J̃ = {jm}: elit/{be} {r['latency_ms']:.1f} ms vs official/sdpa_dense "
-                           f"{dense['latency_ms']:.1f} ms: {verdict}.")
+                out.append(f"- {preset}, J̃ = {jm}: elit/{be} {r[ms]:.1f} ms vs official/sdpa_dense "
+                           f"{dense[ms]:.1f} ms: {verdict}.")
             mixed = [x for x in rows if (x["preset"], x["scenario"], x["model"], x["backend"]) == (preset, "mixed", "elit", be)
-                     and x["latency_ms"]]
+                     and x[ms]]
             mix = {x["case"]: x for x in mixed}
             if {"ragged", "padded", "sum_of_parts"} <= set(mix):
-                rg, pd, sp = (mix[c]["latency_ms"] for c in ("ragged", "padded", "sum_of_parts"))
+                rg, pd, sp = (mix[c][ms] for c in ("ragged", "padded", "sum_of_parts"))
                 out.append(f"- {preset}, mixed budgets {mix['ragged']['budgets']} on {be}: one ragged forward {rg:.1f} ms, "
                            f"padded {pd:.1f} ms ({pd / rg:.2f}× the ragged time), one forward per budget {sp:.1f} ms ({sp / rg:.2f}×).")
             guid = {x["case"]: x for x in rows if (x["preset"], x["scenario"], x["model"], x["backend"])
-                    == (preset, "guidance", "elit", be) and x["latency_ms"]}
+                    == (preset, "guidance", "elit", be) and x[ms]}
             if {"cfg", "ccfg_two_pass", "ccfg"} <= set(guid):
-                parts = ", ".join(f"{c} {guid[c]['latency_ms']:.1f} ms (lat/full {_fmt(guid[c]['latency_ratio'], 2)}, "
+                ratio = "cpu_ratio" if ms == "cpu_ms" else "latency_ratio"
+                parts = ", ".join(f"{c} {guid[c][ms]:.1f} ms ({'CPU-time' if ms == 'cpu_ms' else 'lat'}/full "
+                                  f"{_fmt(guid[c][ratio], 2)}, "
                                   f"FLOPs/full {_fmt(guid[c]['flops_ratio'], 2)})" for c in ("cfg", "ccfg_two_pass", "ccfg"))
                 out.append(f"- {preset}, guidance on {be}: {parts}.")
     if len(out) == 2:

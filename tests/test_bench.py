@@ -272,11 +272,11 @@ def _case(name, batch=2, budgets=None, call_ms=None, inner=1, warm_s=None, times
 def test_remaining_seconds_covers_warm_up_and_timing():
     cpu = torch.device("cpu")
     probe = _case("probe", call_ms=100.0, inner=1, warm_s=0.3)
-    other = _case("cfg", budgets=[1] * 4)  # twice the samples per call: counted at twice the probe's speed
+    other = _case("cfg", budgets=[1] * 4)  # not warmed up yet: counted at the probe's speed
     fast = _case("fast", call_ms=5.0, inner=4, warm_s=0.02)
-    # Before timing: other's warm-up (2 × 0.3 s) + 3 repeats of every case (probe 0.1, other 0.2, fast 4 × 0.005).
-    assert remaining_seconds([other], [probe, other, fast], 3, probe, cpu) == pytest.approx(0.6 + 3 * (0.1 + 0.2 + 0.02))
-    # Part-way through timing only the missing samples are left.
+    # Before timing: other's warm-up (0.3 s) + 3 repeats of every case (probe 0.1, other 0.1, fast 4 × 0.005).
+    assert remaining_seconds([other], [probe, other, fast], 3, probe, cpu) == pytest.approx(0.3 + 3 * (0.1 + 0.1 + 0.02))
+    # Part-way through timing only the missing samples are left, each case at its own measured speed.
     probe.times_ms, fast.times_ms = [1.0] * 3, [1.0] * 2
     other.call_ms, other.warm_s = 150.0, 0.5
     assert remaining_seconds([], [probe, other, fast], 3, probe, cpu) == pytest.approx(3 * 0.15 + 1 * 0.02)

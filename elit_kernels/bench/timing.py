@@ -122,11 +122,6 @@ def run_interleaved(cases: list[Case], device: torch.device, repeats: int, *, pr
 # Run-time estimate and the progress bar (one bar over warm-up and timing)
 # ---------------------------------------------------------------------------------------------
 
-def case_samples(case: Case) -> int:
-    """Samples one call of ``case`` runs through a model (CFG/CCFG: conditional + second half)."""
-    return len(case.budgets) or case.batch
-
-
 def sample_seconds(case: Case, device: torch.device, cuda_rep_ms: float = CUDA_REP_MS) -> float:
     """Seconds one timing sample of ``case`` takes, from its measured call time (``warm_up``).
 
@@ -143,16 +138,13 @@ def remaining_seconds(to_warm: list[Case], to_time: list[Case], repeats: int, pr
     """Estimated seconds of work left: the warm-up of ``to_warm`` and the samples ``to_time`` still lack.
 
     A case already warmed up counts at its own measured speed; the others at ``probe``'s (a warmed-up
-    case), scaled by the samples per call (a CFG call runs twice the batch)."""
+    case; the benchmark picks the full-budget one, the costliest single forward of the uniform sweep)."""
     left = 0.0
-    for c in to_warm:
-        left += probe.warm_s * case_samples(c) / case_samples(probe)
+    for _ in to_warm:
+        left += probe.warm_s
     for c in to_time:
         n = max(0, repeats - len(c.times_ms))
-        if c.call_ms is not None:
-            left += n * sample_seconds(c, device)
-        else:
-            left += n * sample_seconds(probe, device) * case_samples(c) / case_samples(probe)
+        left += n * sample_seconds(c if c.call_ms is not None else probe, device)
     return left
 
 

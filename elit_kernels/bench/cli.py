@@ -33,7 +33,7 @@ DEFAULTS = {  # device type -> (config, resolution, batch, dtype, repeats)
     "cpu": ("S/2", 256, 4, "fp32", 5),
 }
 # The one statement of how long the CPU default takes (README and --help quote it; tests/test_bench.py checks).
-CPU_DEFAULT_RUNTIME = "about 6.5 minutes on 2 shared CPU cores (measured: 6 min 26 s, peak RSS 1.3 GB)"
+CPU_DEFAULT_RUNTIME = "7 to 9.5 minutes on 2 shared CPU cores, depending on their other load (3 runs: 7 min 17 s to 9 min 23 s; peak RSS 1.4 GB)"
 LONG_RUN_MINUTES = 5  # warn before a run estimated longer than this
 
 

@@ -377,15 +377,17 @@ HOW_TO_READ = """## How to read this
   same model and backend: FLOPs/full is the work CCFG saves, lat/full what that saving is worth here.
 - **median ms / IQR**: wall clock over interleaved repeats (every repeat visits every case); **CPU-time ms**
   (CPU runs): process CPU time, which on a shared machine leaves out waiting for a core.
-- **Why the dense path is faster today** (where it is): at equal FLOPs it does less around the matmuls. With one
-  budget per batch every window has the same length, so each attention is one call of PyTorch's fused
-  `scaled_dot_product_attention` kernel on a dense `[B·G, H, L, D]` batch. The ragged path's `torch` backend,
-  built for segments of any length, gathers each segment's rows into length buckets and runs the softmax as
-  separate ops (`bmm`, mask, `exp`, sum) in plain PyTorch. A CPU profile of the default config (S/2, 256px,
-  batch 4, J̃ = 16, both presets, 2026-11-29) found the linear layers equal and the gap in attention: about
-  280–340 ms per forward for those ops and the row gathers (`aten::index`) vs about 120 ms for the fused SDPA. The `triton` and `cuda` kernels exist
-  to close it on a GPU (fused, no gather); the ragged path's own ground is what the dense one cannot run:
-  mixed budgets in one batch and one-pass CCFG.
+- **When the dense path is faster, and why** (the findings above say whether it was in this run): at equal FLOPs
+  it does the least around the matmuls. With one budget per batch every window has the same length, so each
+  attention is one fused `scaled_dot_product_attention` call on a dense `[B·G, H, L, D]` batch. The ragged path
+  matches it when its segments come in runs of equal length: the `torch` backend then runs one dense SDPA per
+  run on views of the packed tensors (eager mode). A CPU profile of the default config (S/2, 256px, batch 4,
+  J̃ = 16, both presets, 2026-11-29) found the two within 1% in CPU time. Where segments come in many lengths,
+  under torch.compile, or when a log-sum-exp is needed, the `torch` backend takes its grouped path instead:
+  each segment's rows gathered into length buckets and an unfused softmax (`bmm`, mask, `exp`, sum); profiled
+  at the same config before the run path existed, that cost 280–340 ms per forward against 120 ms for the
+  fused SDPA. The `triton` and `cuda` kernels are meant to close that gap on a GPU. The ragged path's own
+  ground is what the dense path cannot run at all: mixed budgets in one batch and one-pass CCFG.
 """.splitlines()
 
 
@@ -406,8 +408,8 @@ def run_findings(rows: list[dict], meta: dict) -> list[str]:
             be = r["backend"]
             if dense and dense[ms]:
                 q = r[ms] / dense[ms]
-                verdict = (f"the dense path is faster, elit takes {q:.2f}× its time (see *Why the dense path is faster "
-                           "today* below)" if q > 1.02 else f"the ragged path is faster ({q:.2f}× the dense time)"
+                verdict = (f"the dense path is faster, elit takes {q:.2f}× its time (see *When the dense path is "
+                           "faster, and why* below)" if q > 1.02 else f"the ragged path is faster ({q:.2f}× the dense time)"
                            if q < 0.98 else "about equal")
                 out.append(f"- {preset}, J̃ = {jm}: elit/{be} {r[ms]:.1f} ms vs official/sdpa_dense "
                            f"{dense[ms]:.1f} ms: {verdict}.")

@@ -9,8 +9,10 @@ When ``_C`` loads, this module registers, on the Python side, what the C++ schem
 - the ``"fused"`` elementwise implementation for the model (``elit_kernels.models.ops``).
 
 When ``_C`` is missing, or was built for another torch, it warns once (with the build info and how to
-build) and registers nothing; the pure-Python backends keep working. Importing this module never
-raises because of the extension.
+build), the ``cuda`` and ``cpp`` backends stay registered but unavailable (``describe_backends()``
+shows them with ``available: False`` and the reason in their description, ``unavailable_reason``
+holds it), and the pure-Python backends keep working. Importing this module never raises because of
+the extension.
 
 Ops (shapes as in ``varlen_attention``)::
 
@@ -23,6 +25,8 @@ Ops (shapes as in ``varlen_attention``)::
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import warnings
 
 import torch
@@ -32,7 +36,8 @@ from .backends import AttnInputs, Backend, register_backend
 
 _C = None
 _BUILD_INFO: dict | None = None  # read once at load: a pybind call inside dispatch would break torch.compile graphs
-load_error: str | None = None
+load_error: str | None = None  # the warning, when _C is not usable
+unavailable_reason: str | None = None  # its short form, shown by describe_backends() for cuda/cpp
 _BUILD_HINT = ("Build it with `pip install --no-build-isolation -e .` from the repository root (nvcc and a CUDA "
                "build of torch give the CUDA kernels; ELIT_SKIP_CUDA_BUILD=1 builds the C++ CPU ops only).")
 
@@ -45,17 +50,28 @@ def _warn_once(msg: str) -> None:
 
 
 def _load():
-    global _C, _BUILD_INFO
-    try:
-        from . import _C as ext  # noqa: N811
-    except ImportError as e:
-        why = "is not built" if isinstance(e, ModuleNotFoundError) else f"failed to load ({e}); it is probably stale"
-        _warn_once(f"elit_kernels._C {why}: the cuda/cpp backends and the 'fused' elementwise ops are off "
+    global _C, _BUILD_INFO, unavailable_reason
+    name = __name__.rpartition(".")[0] + "._C"
+    # Look before importing: `from . import _C` inside the package's own __init__ reports a never-built
+    # extension as "cannot import name '_C' from partially initialized module (circular import)", an
+    # ImportError indistinguishable from a broken build.
+    if importlib.util.find_spec(name) is None:
+        unavailable_reason = f"{name} is not built (pip install --no-build-isolation -e .)"
+        _warn_once(f"{name} is not built: the cuda/cpp backends and the 'fused' elementwise ops are off "
                    f"(running torch {torch.__version__}). {_BUILD_HINT}")
+        return None
+    try:
+        ext = importlib.import_module(name)
+    except ImportError as e:
+        unavailable_reason = f"{name} failed to load ({e}); rebuild it for torch {torch.__version__}"
+        _warn_once(f"{name} failed to load ({e}); it was probably built for another torch: the cuda/cpp backends "
+                   f"and the 'fused' elementwise ops are off (running torch {torch.__version__}). {_BUILD_HINT}")
         return None
     info = ext.build_info()
     if info.get("torch_version") != torch.__version__:
-        _warn_once(f"elit_kernels._C is stale: built for torch {info.get('torch_version')}, running torch "
+        unavailable_reason = (f"{name} is stale: built for torch {info.get('torch_version')}, running torch "
+                              f"{torch.__version__}; rebuild it")
+        _warn_once(f"{name} is stale: built for torch {info.get('torch_version')}, running torch "
                    f"{torch.__version__} (build info: {info}); not using it. {_BUILD_HINT}")
         return None
     _C, _BUILD_INFO = ext, info
@@ -215,44 +231,74 @@ def _attn_forward(inp: AttnInputs):
     return (out, lse) if inp.return_lse else out
 
 
-class CudaBackend(Backend):
+class _CompiledBackend(Backend):
+    """A backend whose kernels live in ``_C``: registered even when ``_C`` is not usable, so that
+    ``describe_backends()`` lists it as unavailable and says why (in ``description``)."""
+
+    summary = ""
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run here (None when it can)."""
+        return unavailable_reason
+
+    @property
+    def description(self) -> str:
+        why = self.unavailable_reason
+        return self.summary + (f" [unavailable: {why}]" if why else "")
+
+    def is_available(self) -> bool:
+        return self.unavailable_reason is None
+
+
+class CudaBackend(_CompiledBackend):
     name = "cuda"
     # Below triton (30) until a GPU run has measured it correct and faster: it has never executed yet, and
     # its design (WMMA, scores through shared memory) is estimated slower than Triton's on core shapes.
     # tools/gpu_check.sh times both; the known-answer check guards correctness either way.
     priority = 25
-    description = ("compiled CUDA kernels (elit_kernels._C): tensor-core varlen attention, GQA by indexing, a "
-                   "one-warp path for tiny Read/Write segments; fp16/bf16, head dim 64/72/128 (smaller ones "
-                   "zero-padded)")
+    summary = ("compiled CUDA kernels (elit_kernels._C): tensor-core varlen attention, GQA by indexing, a "
+               "one-warp path for tiny Read/Write segments; fp16/bf16, head dim 64/72/128 (smaller ones "
+               "zero-padded)")
     dtypes = (torch.float16, torch.bfloat16)
     devices = ("cuda",)
     #: must match dispatch_head_dim in csrc/cuda/attention_common.cuh (tests/test_dropin.py checks both sides)
     head_dims = (64, 72, 128)
 
-    def is_available(self) -> bool:
-        return has_kernel("varlen_attn_fwd_cuda") and torch.cuda.is_available()
+    @property
+    def unavailable_reason(self) -> str | None:
+        if unavailable_reason is not None:
+            return unavailable_reason
+        if not has_kernel("varlen_attn_fwd_cuda"):
+            return "elit_kernels._C was built without the CUDA kernels (torch without CUDA, no nvcc, or ELIT_SKIP_CUDA_BUILD=1)"
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        return None
 
     def forward(self, inp: AttnInputs):
         return _attn_forward(inp)
 
 
-class CppBackend(Backend):
+class CppBackend(_CompiledBackend):
     name = "cpp"
     priority = 5
-    description = "compiled C++ CPU loops (elit_kernels._C), one (segment, head) per task; all float dtypes"
+    summary = "compiled C++ CPU loops (elit_kernels._C), one (segment, head) per task; all float dtypes"
     devices = ("cpu",)
 
-    def is_available(self) -> bool:
-        return has_kernel("varlen_attn_fwd_cpu")
+    @property
+    def unavailable_reason(self) -> str | None:
+        if unavailable_reason is None and not has_kernel("varlen_attn_fwd_cpu"):
+            return f"elit_kernels._C has no CPU attention kernel (build info: {_BUILD_INFO})"
+        return unavailable_reason
 
     def forward(self, inp: AttnInputs):
         return _attn_forward(inp)
 
 
+register_backend(CudaBackend())
+register_backend(CppBackend())
 if _load() is not None:
     _register_op_python_parts()
-    register_backend(CudaBackend())
-    register_backend(CppBackend())
     from .models.ops import ElementwiseImpl, register_elementwise
 
     register_elementwise("fused", ElementwiseImpl(layernorm_modulate, gated_residual))

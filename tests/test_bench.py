@@ -9,7 +9,10 @@ import torch
 
 from elit_kernels import known_backends
 from elit_kernels.bench import OfficialStyleElit, count_flops, elit_attention_flops, plain_attention_flops
-from elit_kernels.bench.cli import main
+from elit_kernels.bench import cli
+from elit_kernels.bench.cli import build_parser, main, resolve
+from elit_kernels.bench.report import OUTPUT_FILES, format_table
+from elit_kernels.bench.timing import Case, remaining_seconds
 from elit_kernels.bench.scenarios import mixed_budgets, randomize_
 from elit_kernels.models import ElitDiT, PlainDiT, elit_config
 from elit_kernels.models.config import preset_config
@@ -30,6 +33,7 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     assert "CPU" in stdout and "median_ms" in stdout and "targets:" in stdout
     data = json.loads((out / "results.json").read_text())
     md = data["metadata"]
+    assert md["estimate_s"] > 0 and md["run_seconds"] > 0
     for k in ("device", "torch", "triton", "git_commit", "date", "config", "dtype", "budgets"):
         assert k in md, k
     assert md["device"].startswith("CPU") and md["config"] == "tiny" and md["budgets"] == [1, 2, 4]
@@ -63,8 +67,53 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     assert len(csv_rows) == len(rows)
     assert {"scenario", "backend", "budget", "latency_ms", "gflops", "device", "git_commit"} <= set(csv_rows[0])
     assert (out / "latency_vs_latents.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "summary.md").read_text().startswith("### CPU")
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    help_out = " ".join(build_parser().format_help().split())
+    assert all(f"DIR/{f}" in help_out for f in OUTPUT_FILES), help_out  # --out lists what it writes
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("### CPU")
+    _check_summary_explains_rows(summary, rows)
+    _check_figure_is_legible(rows, md)
     assert "_bench_flop_stub" not in known_backends()
+
+
+def _check_summary_explains_rows(summary, rows):
+    """summary.md explains every model, backend and case name its rows use, and says what this run found."""
+    how = summary[summary.index("## How to read this"):]
+    for name in {r["model"] for r in rows} | {r["case"] for r in rows if r["case"] != "uniform"} | {"sdpa_dense"}:
+        if name != "plain_dit":  # the plain DiT row is explained under its model name
+            assert f"`{name}`" in how, name
+    assert "guidance ratios" in how and "When the dense path is faster, and why" in how
+    found = summary[summary.index("## In this run"):summary.index("## How to read this")]
+    for preset in {r["preset"] for r in rows}:
+        assert f"- {preset}, J̃ = " in found and f"- {preset}, mixed budgets" in found and f"- {preset}, guidance" in found
+
+
+def _check_figure_is_legible(rows, md):
+    """Every preset gets four titled panels (uniform latency, relative to J_max, mixed bars, guidance bars), every
+    timed mixed/guidance row is a bar, and no line lies exactly on another (equal series are merged)."""
+    import matplotlib.pyplot as plt
+
+    from elit_kernels.bench.report import make_figure
+
+    fig = make_figure(rows, md)
+    try:
+        presets = list(dict.fromkeys(r["preset"] for r in rows))
+        axes = fig.axes
+        assert len(axes) == 4 * len(presets)
+        for i, preset in enumerate(presets):
+            row_axes = axes[4 * i:4 * i + 4]
+            assert all(ax.get_title().startswith(f"{preset}: ") for ax in row_axes), [a.get_title() for a in row_axes]
+            for ax, scen in zip(row_axes[2:], ("mixed", "guidance")):
+                n = sum(1 for r in rows if r["preset"] == preset and r["scenario"] == scen and r["latency_ms"])
+                assert len(ax.patches) == n > 0, (scen, len(ax.patches), n)
+            for ax in row_axes[:2]:
+                lines = [(tuple(map(float, ln.get_xdata())), tuple(map(float, ln.get_ydata()))) for ln in ax.get_lines()
+                         if len(ln.get_xdata()) > 1]
+                assert lines and len(set(lines)) == len(lines), ax.get_title()
+                assert ax.get_legend() is not None
+    finally:
+        plt.close(fig)
 
 
 def test_time_budget_spent_still_writes_rows(tmp_path, capsys):
@@ -120,30 +169,180 @@ def test_mixed_budgets_spread():
     assert mixed_budgets([4, 8, 16, 32, 64], 8)[0] == 4 and mixed_budgets([4, 8, 16, 32, 64], 8)[-1] == 64
 
 
-@pytest.mark.parametrize("argv,flag", [
-    (["--budgets", "1,x"], "--budgets"),
-    (["--budgets", "0,4"], "--budgets"),
-    (["--budgets", "9"], "--budgets"),
-    (["--config", "huge"], "--config"),
-    (["--resolution", "60"], "--resolution"),
-    (["--batch", "0"], "--batch"),
-    (["--repeats", "0"], "--repeats"),
-    (["--dtype", "int8"], "--dtype"),
-    (["--scenarios", "uniform,bogus"], "--scenarios"),
-    (["--scenarios", "mixed", "--batch", "1"], "--scenarios"),
-    (["--presets", "paper,dit"], "--presets"),
-    (["--backends", "nope"], "--backends"),
-    (["--backends", "torch_varlen"], "--backends"),  # CUDA-only comparator on CPU
-    (["--device", "tpu"], "--device"),
-    (["--threads", "0"], "--threads"),
-    (["--max-seconds", "0"], "--max-seconds"),
+@pytest.mark.parametrize("argv,flag,valid", [
+    (["--budgets", "1,x"], "--budgets", "expected e.g. 1,2,4"),
+    (["--budgets", "0,4"], "--budgets", "in 1..4"),
+    (["--budgets", "9"], "--budgets", "in 1..4"),
+    (["--config", "huge"], "--config", "known: S/2, B/2"),
+    (["--resolution", "60"], "--resolution", "multiple of 16"),
+    (["--batch", "0"], "--batch", "positive integer"),
+    (["--repeats", "0"], "--repeats", "positive integer"),
+    (["--dtype", "int8"], "--dtype", "fp32, bf16, fp16"),
+    (["--scenarios", "uniform,bogus"], "--scenarios", "choose from uniform, mixed, guidance, baselines"),
+    (["--scenarios", "mixed", "--batch", "1"], "--scenarios", "--batch >= 2"),
+    (["--presets", "paper,dit"], "--presets", "choose from paper, released"),
+    (["--config", "S/2"], "--presets", "--presets paper or --presets released"),  # 64px: 16 groups vs 1
+    (["--backends", "nope"], "--backends", "choose from "),
+    (["--backends", "torch_varlen"], "--backends", "Usable here: "),  # CUDA-only comparator on CPU
+    (["--device", "tpu"], "--device", "cpu or cuda"),
+    (["--threads", "0"], "--threads", "positive integer"),
+    (["--max-seconds", "0"], "--max-seconds", "positive number"),
+    (["--warmup", "-1"], "--warmup", ">= 0"),
+    (["--batch", "two"], "--batch", "invalid int value"),
 ])
-def test_bad_flags_error_clearly(argv, flag, capsys):
+def test_bad_flags_error_clearly(argv, flag, valid, capsys):
+    """A usage error: exit status 2, the message names the flag and the valid values, no traceback."""
     with pytest.raises(SystemExit) as e:
         main(TINY + argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"error: {flag}:" in err
+    assert f"error: {flag}:" in err or f"error: argument {flag}:" in err, err
+    assert valid in err, err
+    assert "Traceback" not in err
+
+
+def test_usage_error_from_the_console_has_no_traceback():
+    r = subprocess.run([sys.executable, "-m", "elit_kernels.bench", "--config", "tiny", "--resolution", "64",
+                        "--budgets", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "error: --budgets: each budget must be in 1..4" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_every_option_has_help_and_states_its_default():
+    for a in build_parser()._actions:
+        assert a.help and a.help.strip(), a.option_strings
+        if a.default not in (None, False, "==SUPPRESS=="):
+            assert f"default {a.default}" in a.help or "default:" in a.help, (a.option_strings, a.default, a.help)
+
+
+def test_the_cpu_runtime_statement_is_one():
+    """README, the CLI's docstring and --help give the CPU default's run time in the same words."""
+    import pathlib
+
+    readme = " ".join((pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert cli.CPU_DEFAULT_RUNTIME in readme
+    assert cli.CPU_DEFAULT_RUNTIME in " ".join(build_parser().format_help().split())
+    assert "CPU_DEFAULT_RUNTIME" in cli.__doc__ and "a few minutes" not in cli.__doc__
+
+
+def _resolve(argv):
+    return resolve(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--device", "cpu", "--config", "S/2", "--resolution", "64", "--presets", "paper"], "J_max is 1 for S/2 at 64px"),
+    (TINY + ["--budgets", "4"], "--budgets 4 gives only J_max = 4"),
+])
+def test_one_point_budget_sweep_warns(argv, why):
+    setup, extra = _resolve(argv)
+    assert setup.budgets == [setup.cfgs["paper"].latents_per_group]
+    assert len(extra["warnings"]) == 1 and "one-point budget sweep" in extra["warnings"][0] and why in extra["warnings"][0]
+
+
+def test_no_warning_for_an_ordinary_run():
+    assert _resolve(TINY)[1]["warnings"] == []
+
+
+def test_interpreted_triton_warns(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if "triton" not in known_backends() or not __import__("elit_kernels").backends.get_backend("triton").is_available():
+        pytest.skip("triton is not installed here")
+    _, extra = _resolve(TINY + ["--backends", "torch,triton"])
+    assert any("Triton interpreter" in w for w in extra["warnings"]), extra["warnings"]
+
+
+def test_warnings_print_before_anything_runs(monkeypatch, capsys):
+    def no_run(setup, extra, progress=True):
+        err = capsys.readouterr().err
+        assert "warning: a one-point budget sweep" in err, err
+        raise SystemExit(7)
+
+    monkeypatch.setattr(cli, "run", no_run)
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--budgets", "4"])
+    assert e.value.code == 7
+
+
+def _case(name, batch=2, budgets=None, call_ms=None, inner=1, warm_s=None, times=0):
+    c = Case("uniform", name, "elit", "torch", 1, budgets if budgets is not None else [1] * batch, batch, 1.0, lambda: None)
+    c.call_ms, c.inner, c.warm_s, c.times_ms = call_ms, inner, warm_s, [1.0] * times
+    return c
+
+
+def test_remaining_seconds_covers_warm_up_and_timing():
+    cpu = torch.device("cpu")
+    probe = _case("probe", call_ms=100.0, inner=1, warm_s=0.3)
+    other = _case("cfg", budgets=[1] * 4)  # not warmed up yet: counted at the probe's speed
+    fast = _case("fast", call_ms=5.0, inner=4, warm_s=0.02)
+    # Before timing: other's warm-up (0.3 s) + 3 repeats of every case (probe 0.1, other 0.1, fast 4 × 0.005).
+    assert remaining_seconds([other], [probe, other, fast], 3, probe, cpu) == pytest.approx(0.3 + 3 * (0.1 + 0.1 + 0.02))
+    # Part-way through timing only the missing samples are left, each case at its own measured speed.
+    probe.times_ms, fast.times_ms = [1.0] * 3, [1.0] * 2
+    other.call_ms, other.warm_s = 150.0, 0.5
+    assert remaining_seconds([], [probe, other, fast], 3, probe, cpu) == pytest.approx(3 * 0.15 + 1 * 0.02)
+
+
+class _RecordingProgress:
+    updates: list = []
+
+    def __init__(self, enabled):
+        _RecordingProgress.updates = []
+
+    def update(self, done_s, left_s, desc=None):
+        self.updates.append((done_s, left_s, desc))
+
+    def close(self):
+        pass
+
+
+def test_estimate_before_timing_and_one_bar_over_the_run(monkeypatch, capsys):
+    events = []
+    monkeypatch.setattr(cli, "_say", lambda msg: events.append(msg))
+    real = cli.run_interleaved
+    monkeypatch.setattr(cli, "run_interleaved", lambda *a, **k: (events.append("<timing>"), real(*a, **k))[1])
+    monkeypatch.setattr(cli, "RunProgress", _RecordingProgress)
+    monkeypatch.setattr(cli, "LONG_RUN_MINUTES", 0)  # any estimate is "long": the warning must show
+    t0 = __import__("time").monotonic()
+    assert main(TINY + ["--presets", "paper", "--scenarios", "uniform", "--repeats", "6"]) == 0
+    took = __import__("time").monotonic() - t0
+    i_est = next(i for i, e in enumerate(events) if e.startswith("estimated run time"))
+    assert events.index("<timing>") > i_est
+    assert events[i_est + 1].startswith("warning: this run takes about") and "--max-seconds" in events[i_est + 1]
+    ups = _RecordingProgress.updates
+    assert {u[2] for u in ups} == {"warm-up + FLOPs", "timing"}
+    # The bar's first total already covers timing (6 repeats of every case dominate this run), not warm-up alone.
+    first_total = ups[0][0] + ups[0][1]
+    assert 0.25 * took < first_total < 4 * took, (first_total, took)
+    assert ups[-1][1] == pytest.approx(0.0, abs=1e-9)  # ends at 100%
+
+
+def test_no_long_run_warning_under_the_limit(monkeypatch):
+    events = []
+    monkeypatch.setattr(cli, "_say", lambda msg: events.append(msg))
+    monkeypatch.setattr(cli, "LONG_RUN_MINUTES", 10_000)
+    assert main(TINY + ["--presets", "paper", "--scenarios", "uniform", "--repeats", "1"]) == 0
+    assert any(e.startswith("estimated run time") for e in events)
+    assert not any(e.startswith("warning") for e in events), events
+
+
+def test_console_table_keeps_every_cell_whole():
+    from elit_kernels.bench.report import ROW_FIELDS
+
+    long_budgets = ",".join(str(j) for j in range(1, 30))
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(preset="released", scenario="guidance", case="ccfg_two_pass", model="official", backend="sdpa_dense",
+               budgets=long_budgets, latents=123.5, latency_ms=12345.678, q1_ms=1.0, q3_ms=2.0, cpu_ms=3.0, gflops=4.0)
+    table = format_table([row], [], "CPU")
+    for v in ("released", "ccfg_two_pass", "sdpa_dense", long_budgets, "12345.68", "123.5"):
+        assert v in table, v
+
+
+def test_budget_lists_are_compact_and_whole():
+    from elit_kernels.bench.report import _compact
+
+    assert _compact([16] * 4 + [1] * 4) == "16x4,1x4"
+    assert _compact([1, 2, 2, 8]) == "1,2,2,8"
+    assert _compact([4, 4]) == "4x2"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")

@@ -6,6 +6,10 @@ here rather than skipping.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -411,29 +415,55 @@ def test_pack_unpack_cuda(dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# Loader behaviour without the extension (subprocess: the real _C stays loaded here)
+# Loader behaviour without the extension (a subprocess on a copy of the package: the real _C stays loaded here)
 # ------------------------------------------------------------------------------------------------
 
-def test_missing_extension_warns_once_and_python_backends_work():
-    import subprocess
-    import sys
-    code = (
-        "import sys, warnings\n"
-        "sys.modules['elit_kernels._C'] = None  # makes `from . import _C` fail as if never built\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import elit_kernels, elit_kernels._cext as c, importlib\n"
-        "    import torch\n"
-        "msgs = [str(x.message) for x in w if 'elit_kernels._C' in str(x.message)]\n"
-        "assert len(msgs) == 1, msgs\n"
-        "assert 'pip install --no-build-isolation -e .' in msgs[0], msgs[0]\n"
-        "assert not c.available() and c.build_info() is None\n"
-        "assert 'cpp' not in elit_kernels.known_backends() and 'cuda' not in elit_kernels.known_backends()\n"
-        "q = torch.randn(3, 2, 8); cu = torch.tensor([0, 3], dtype=torch.int32)\n"
-        "elit_kernels.varlen_attention(q, q, q, cu, cu, 3, 3)\n"
-        "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+_NO_EXT_CHECK = r"""
+import sys, warnings
+# The copy has no compiled _C; an editable install's finder would still hand out the repository's build.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch
+    import elit_kernels, elit_kernels._cext as c
+assert elit_kernels.__file__.startswith(sys.argv[1]), elit_kernels.__file__
+msgs = [str(x.message) for x in w if "elit_kernels._C" in str(x.message)]
+assert len(msgs) == 1, msgs
+assert sys.argv[2] in msgs[0] and "circular import" not in msgs[0], msgs[0]
+assert "pip install --no-build-isolation -e ." in msgs[0], msgs[0]
+assert not c.available() and c.build_info() is None
+rows = {r["name"]: r for r in elit_kernels.describe_backends()}
+for name in ("cuda", "cpp"):
+    assert rows[name]["available"] is False, rows[name]
+    assert sys.argv[2] in rows[name]["description"], rows[name]
+q = torch.randn(3, 2, 8); cu = torch.tensor([0, 3], dtype=torch.int32)
+elit_kernels.varlen_attention(q, q, q, cu, cu, 3, 3)  # the dispatcher passes over the unavailable backends
+try:
+    elit_kernels.varlen_attention(q, q, q, cu, cu, 3, 3, backend="cpp")
+except ValueError as e:
+    assert "cpp" in str(e), e
+else:
+    raise AssertionError("backend='cpp' ran without _C")
+from elit_kernels.bench.cli import main
+try:
+    main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--backends", "cpp"])
+except SystemExit as e:
+    assert e.code == 2, e.code
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("kind,expect", [("never_built", "is not built"), ("broken", "failed to load")])
+def test_missing_extension_listed_unavailable_with_reason(kind, expect, tmp_path):
+    src = elit_kernels.__path__[0]
+    shutil.copytree(src, tmp_path / "elit_kernels", ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    if kind == "broken":  # what a _C built for another torch does on import
+        (tmp_path / "elit_kernels" / "_C.py").write_text("raise ImportError('undefined symbol: _ZN3c10 (simulated)')\n")
+    r = subprocess.run([sys.executable, "-c", _NO_EXT_CHECK, str(tmp_path), expect], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    assert "--backends: backend 'cpp'" in r.stderr and expect in r.stderr.split("--backends:")[1], r.stderr
 
 
 # ------------------------------------------------------------------------------------------------

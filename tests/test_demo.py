@@ -87,12 +87,94 @@ def test_per_sample_budgets_and_backend_option(tmp_path):
     assert res["train"]["per_sample_budgets"] is True and res["train"]["backend"] == "reference"
 
 
-def test_bad_arguments_are_rejected():
+@pytest.mark.parametrize("argv,flag,valid", [
+    (["--j-max", "0"], "--j-max", "J_max >= 1"),
+    (["--j-min", "0"], "--j-min", "1 <= J_min <= J_max = 16"),
+    (["--j-min", "17"], "--j-min", "1 <= J_min <= J_max = 16"),
+    (["--j-min", "5", "--j-max", "4"], "--j-min", "1 <= J_min <= J_max = 4"),
+    (["--steps", "-1"], "--steps", "non-negative"),
+    (["--batch", "0"], "--batch", "positive"),
+    (["--batch", "5000", "--steps", "1"], "--batch", "training images per process"),
+    (["--sample-steps", "0"], "--sample-steps", "positive"),
+    (["--eval-reps", "0"], "--eval-reps", "positive"),
+    (["--threads", "0"], "--threads", "positive"),
+    (["--lr", "0"], "--lr", "positive"),
+    (["--latent-init-std", "-1"], "--latent-init-std", ">= 0"),
+    (["--guidance", "-2"], "--guidance", ">= 0"),
+    (["--backend", "no-such-backend"], "--backend", ("choose from ", "torch, cpp, reference")),
+    (["--backend", "torch_varlen"], "--backend", "Usable here: "),  # a CUDA-only comparator on CPU
+    (["--load", "missing.pt"], "--load", "no such file: missing.pt"),
+    (["--load", "."], "--load", "is not a file"),
+    (["--load", "NOT_A_CHECKPOINT"], "--load", "cannot load"),
+    (["--out", "A_FILE"], "--out", "exists and is not a directory"),
+    (["--save", "."], "--save", "is a directory"),
+    (["--quick", "--steps", "x"], "--steps", "invalid int value"),
+])
+def test_usage_errors_name_the_flag(argv, flag, valid, tmp_path, capsys, monkeypatch):
+    """A usage error: exit status 2, the message names the flag and the valid values, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "NOT_A_CHECKPOINT").write_text("not a checkpoint\n")
+    (tmp_path / "A_FILE").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--no-progress", "--sample-steps" if "--sample-steps" not in argv else "--seed", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}:" in err or f"error: argument {flag}:" in err, err
+    assert all(v in err for v in ((valid,) if isinstance(valid, str) else valid)), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+def test_backend_that_cannot_run_here_is_a_usage_error(monkeypatch, capsys):
+    # Without TRITON_INTERPRET (a plain CPU session) the triton backend cannot run: say so, list what can.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--backend", "triton", "--steps", "0", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --backend: backend 'triton' cannot run the demo model" in err and "Usable here: torch" in err, err
+
+
+@pytest.mark.parametrize("backend,warns", [(None, True), ("triton", True), ("torch", False)])
+def test_interpreted_triton_is_announced(backend, warns, monkeypatch, capsys):
+    import elit_kernels.demo as demo
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from elit_kernels.backends import get_backend
+
+    if not get_backend("triton").is_available():
+        pytest.skip("triton is not installed here")
     p = build_parser()
-    with pytest.raises(SystemExit):
-        main(["--backend", "no-such-backend", "--steps", "0"])
-    with pytest.raises(SystemExit):
-        main(["--steps", "-1"])
+    args = p.parse_args([] if backend is None else ["--backend", backend])
+    demo._check_backend(args, p, demo_config())
+    assert ("warning: the triton backend runs under the Triton interpreter" in capsys.readouterr().err) == warns
+
+
+def test_j_max_conflicting_with_the_checkpoint(quick_run, capsys):
+    _, ckpt, _ = quick_run
+    with pytest.raises(SystemExit) as e:
+        main(["--load", str(ckpt), "--j-max", "8", "--no-progress"])
+    assert e.value.code == 2
+    assert "error: --j-max: 8 conflicts with the checkpoint's J_max 16" in capsys.readouterr().err
+
+
+def test_usage_error_from_the_console_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "elit_kernels.demo", "--j-max", "0"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "error: --j-max:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_help_states_each_default_once():
+    from elit_kernels.demo import DEFAULTS, QUICK
+
+    p = build_parser()
+    text = p.format_help()
+    assert "default: None" not in text
+    helps = {a.dest: a.help for a in p._actions}
+    for dest, h in helps.items():
+        assert h and h.count("default") <= 1, (dest, h)
+    for k in DEFAULTS:
+        assert f"default {DEFAULTS[k]}" in helps[k] and f"{QUICK[k]} with --quick" in helps[k], (k, helps[k])
     assert p.parse_args([]).out == "demo_out"
 
 

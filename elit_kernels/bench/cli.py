@@ -1,7 +1,9 @@
 """``elit-bench``: ELIT-DiT model latency vs latent budget, with FLOPs, memory and baselines.
 
-Defaults: on a GPU, XL/2 at 512px in bf16; on CPU, S/2 at 256px in fp32 with a small batch (a few
-minutes on 2 cores). Examples::
+Defaults: on a GPU, XL/2 at 512px in bf16; on CPU, S/2 at 256px in fp32, batch 4, both presets
+(CPU_DEFAULT_RUNTIME below). Before timing it prints an estimate of the whole run, from the first
+case it warms up, and warns when that exceeds LONG_RUN_MINUTES or a backend runs under the Triton
+interpreter. Examples::
 
     elit-bench                                   # the default for this machine
     python -m elit_kernels.bench --device cpu --config tiny --resolution 64 --repeats 3 --out bench_out
@@ -10,17 +12,19 @@ minutes on 2 cores). Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
+from .. import _cli
 from .. import attention as _attention
-from ..backends import describe_backends, get_backend, known_backends
 from ..models.config import _SIZES, PRESETS, config_dict, preset_config
 from .flops import count_flops
-from .report import check_targets, format_table, make_rows, metadata, write_outputs
+from .report import OUTPUT_FILES, check_targets, format_table, make_rows, metadata, write_outputs
 from .scenarios import SCENARIOS, Setup, build_cases
-from .timing import measure_memory, run_interleaved, warm_up
+from .timing import (RunProgress, format_seconds, measure_memory, remaining_seconds, run_interleaved, sample_seconds,
+                     time_once, warm_up)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -28,6 +32,9 @@ DEFAULTS = {  # device type -> (config, resolution, batch, dtype, repeats)
     "cuda": ("XL/2", 512, 8, "bf16", 5),
     "cpu": ("S/2", 256, 4, "fp32", 5),
 }
+# The one statement of how long the CPU default takes (README and --help quote it; tests/test_bench.py checks).
+CPU_DEFAULT_RUNTIME = "7 to 9.5 minutes on 2 shared CPU cores, depending on their other load (3 runs: 7 min 17 s to 9 min 23 s; peak RSS 1.4 GB)"
+LONG_RUN_MINUTES = 5  # warn before a run estimated longer than this
 
 
 class BenchError(ValueError):
@@ -36,20 +43,26 @@ class BenchError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elit-bench", description=__doc__.split("\n\n")[0],
+                                epilog=f"The CPU default takes {CPU_DEFAULT_RUNTIME};\nevery run prints its own "
+                                       "estimate before timing. Budgets are latents per group J̃ in 1..J_max.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     p.add_argument("--config", default=None, help=f"model size: {', '.join(_SIZES)} (default: XL/2 on GPU, S/2 on CPU)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (8x VAE; default 512 GPU / 256 CPU)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels, a multiple of 16 (8x VAE; default 512 GPU / 256 CPU)")
     p.add_argument("--batch", type=int, default=None, help="samples per forward (default 8 GPU / 4 CPU)")
     p.add_argument("--backends", default=None,
                    help="comma list of varlen_attention backends for ELIT and the plain DiT "
                         "(default on GPU: every available backend that supports the inputs, except 'reference'; on CPU: torch)")
     p.add_argument("--budgets", default=None,
-                   help="comma list of per-group budgets J̃ (default: J_max/16, J_max/8, …, J_max; J_max is always added)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+                   help="comma list of per-group budgets J̃, each in 1..J_max (default: J_max/16, J_max/8, …, J_max; "
+                        "J_max is always added). The model also runs 0 (no latents); the benchmark does not, since "
+                        "the official code and its dense baseline need at least one latent per group")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)} (default: all)")
     p.add_argument("--presets", default=",".join(PRESETS),
                    help="comma list of model presets to run at the chosen size: paper (elit_config) and/or released "
-                        "(the ELIT-SiT code and checkpoints, elit_sit_config; encoder_depth 8) (default: both)")
+                        "(the ELIT-SiT code and checkpoints, elit_sit_config; encoder_depth 8) (default: both; "
+                        "one preset halves the run)")
     p.add_argument("--repeats", type=int, default=None, help="timing samples per case, interleaved (default 5)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default bf16 GPU / fp32 CPU)")
     p.add_argument("--threads", type=int, default=None,
@@ -59,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up calls per case before timing (default 2 GPU / 1 CPU; the FLOP count is one more call)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: stop repeating once it is spent (at least one full repeat; results still written)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write DIR/results.json, results.csv and latency_vs_latents.png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights and inputs (default 0; every case of a preset shares them)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write " + ", ".join(f"DIR/{f}" for f in OUTPUT_FILES) + " (default: print the table only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the estimate and warnings still print)")
     return p
 
 
@@ -80,10 +95,7 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 def _probe_inputs(cfg, device, dtype):
     """Small inputs of the model's head dim / dtype / device, to ask backends whether they can run."""
-    d = cfg.hidden // cfg.heads
-    q = torch.zeros(4, cfg.heads, d, device=device, dtype=dtype)
-    cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
-    return _attention.validate_inputs(q, q, q, cu, cu, 2, 2, None, False)
+    return _cli.probe_inputs(cfg.heads, cfg.hidden // cfg.heads, device, dtype)
 
 
 def resolve(args) -> tuple[Setup, dict]:
@@ -96,7 +108,7 @@ def resolve(args) -> tuple[Setup, dict]:
         except RuntimeError:
             raise BenchError(f"--device: {args.device!r} is not a device (expected cpu or cuda[:N])") from None
         if device.type not in ("cpu", "cuda"):
-            raise BenchError(f"--device: only cpu and cuda are supported, got {args.device!r}")
+            raise BenchError(f"--device: expected cpu or cuda[:N], got {args.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BenchError("--device: cuda requested but torch.cuda.is_available() is False on this machine")
     d_cfg, d_res, d_batch, d_dtype, d_rep = DEFAULTS[device.type]
@@ -118,8 +130,10 @@ def resolve(args) -> tuple[Setup, dict]:
     cfg = cfgs[presets[0]]
     for pr, c in cfgs.items():
         if (c.latents_per_group, c.groups, c.head_dim) != (cfg.latents_per_group, cfg.groups, cfg.head_dim):
-            raise BenchError(f"--presets: {pr} and {presets[0]} differ in groups / J_max / head dim at {name} {res}px; "
-                             "run them separately")
+            raise BenchError(f"--presets: {pr} and {presets[0]} differ in groups / J_max / head dim at {name} {res}px "
+                             f"({presets[0]}: {cfg.groups} groups, J_max {cfg.latents_per_group}; {pr}: {c.groups} groups, "
+                             f"J_max {c.latents_per_group}); run them one at a time: --presets {presets[0]} or "
+                             f"--presets {pr}")
     batch = args.batch if args.batch is not None else d_batch
     if batch < 1:
         raise BenchError(f"--batch: expected a positive integer, got {batch}")
@@ -148,8 +162,14 @@ def resolve(args) -> tuple[Setup, dict]:
         budgets = _int_list("--budgets", args.budgets)
         bad = [j for j in budgets if not 1 <= j <= jm]
         if bad:
-            raise BenchError(f"--budgets: each budget must be in [1, {jm}] (J_max of {name} at {res}px), got {bad[0]}")
+            raise BenchError(f"--budgets: each budget must be in 1..{jm} (J_max of {name} at {res}px), got {bad[0]}")
     budgets = sorted(set(budgets) | {jm})
+    warnings = []
+    if len(budgets) == 1:
+        why = (f"J_max is {jm} for {name} at {res}px" if jm == 1 else f"--budgets {args.budgets} gives only J_max = {jm}")
+        warnings.append(f"a one-point budget sweep ({why}): every ratio to the full budget is 1 and the mixed and "
+                        "guidance scenarios have nothing to vary; for a sweep pick a larger --resolution"
+                        + (" or more --budgets" if jm > 1 else ""))
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scen if s not in SCENARIOS]
     if bad or not scen:
@@ -162,10 +182,10 @@ def resolve(args) -> tuple[Setup, dict]:
         notes.append("mixed skipped: batch 1")
     probe = _probe_inputs(cfg, device, dtype)
     if args.backends is None:
-        backends = [r["name"] for r in describe_backends(probe) if r["name"] != "reference" and not r["reasons"]]
+        backends = [b for b in _cli.usable_backends(probe) if b != "reference"]
         if device.type == "cpu":
-            # CPU default: the fair baseline only, so the run fits ~3 minutes of 2 shared cores. Other CPU
-            # backends (cpp) on request; the Triton interpreter is a correctness tool, never a benchmark.
+            # CPU default: the fair baseline only, so the run stays short. Other CPU backends (cpp) on
+            # request; the Triton interpreter is a correctness tool, never a benchmark.
             backends = [b for b in backends if b == "torch"] or [b for b in backends if b != "triton"]
         if not backends:
             backends = ["reference"]
@@ -174,26 +194,50 @@ def resolve(args) -> tuple[Setup, dict]:
         if not backends:
             raise BenchError("--backends: expected a comma-separated list of backend names")
         for b in backends:
-            if b not in known_backends():
-                raise BenchError(f"--backends: unknown backend {b!r}; known: {', '.join(known_backends())}")
-            be = get_backend(b)
-            reasons = ["not available in this environment"] if not be.is_available() else be.not_supported_reasons(probe)
-            if reasons:
-                raise BenchError(f"--backends: backend {b!r} cannot run {dname} on {device.type} "
-                                 f"(head dim {cfg.hidden // cfg.heads}): " + "; ".join(reasons))
+            err = _cli.backend_error("--backends", b, probe, f"{dname} on {device.type} (head dim {cfg.hidden // cfg.heads})")
+            if err:
+                raise BenchError(err)
         backends = list(dict.fromkeys(backends))
+    if "triton" in backends and _cli.triton_interpreted():
+        warnings.append("backend triton runs under the Triton interpreter (TRITON_INTERPRET=1): a correctness tool, "
+                        "orders of magnitude slower than the compiled kernel (over a minute per case at S/2); its times "
+                        "say nothing about the GPU kernel")
     setup = Setup(cfgs=cfgs, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
                   scenarios=scen, seed=args.seed)
     extra = {"config": name, "presets": presets, "preset_configs": {pr: config_dict(c) for pr, c in cfgs.items()},
              "resolution": res, "batch": batch, "dtype": dname, "budgets": budgets,
              "backends": backends,
              "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
-             "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes}
+             "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes,
+             "warnings": warnings}
     return setup, extra
 
 
+def _say(msg: str) -> None:
+    print(f"elit-bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _estimate(extra: dict, ref, to_warm: list, to_time: list, t_start: float, dev) -> None:
+    """Print the run-time estimate once ``ref`` (the first case) is warmed up; warn when it is long."""
+    repeats = extra["repeats"]
+    est = extra["estimate_s"] = time.monotonic() - t_start + remaining_seconds(to_warm, to_time, repeats, ref, dev)
+    capped = extra.get("max_seconds") is not None and est > extra["max_seconds"]
+    _say(f"estimated run time {format_seconds(est)}: {len(to_time)} cases × (warm-up {ref.warm_s:.1f} s + {repeats} × "
+         f"{sample_seconds(ref, dev):.2f} s timed) at the speed of the first case ({ref.preset} {ref.model} "
+         f"J̃={ref.budget}, {ref.backend})"
+         + (f"; --max-seconds stops it after about {format_seconds(extra['max_seconds'])}" if capped else ""))
+    if est > 60 * LONG_RUN_MINUTES and not capped:
+        _say(f"warning: this run takes about {format_seconds(est)}, over {LONG_RUN_MINUTES} min. Shorter: "
+             "--presets paper (half the cases), --scenarios uniform, --repeats 3, --max-seconds S (stops "
+             "repeating, still writes the results), or a smaller --config / --resolution")
+
+
 def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict], list[dict], dict]:
-    """Build, warm up, count FLOPs, measure memory, time interleaved. Returns (rows, targets, metadata)."""
+    """Build, warm up, count FLOPs, measure memory, time interleaved. Returns (rows, targets, metadata).
+
+    Prints (stderr) what it is about to do, then, after the first full-budget case is warmed up, an
+    estimate of the whole run (and a warning when it exceeds LONG_RUN_MINUTES); one progress bar covers
+    warm-up and timing, its total refined as each case's own speed is measured."""
     dev = setup.device
     t_start = time.monotonic()
     was = _attention.value_checks_enabled()
@@ -203,20 +247,39 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
     threads_was = torch.get_num_threads()
     if extra.get("threads"):
         torch.set_num_threads(extra["threads"])
+    bar = None
     try:
         cases, meta = build_cases(setup)
-        it = cases
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(cases, desc="warm-up + FLOPs", unit="case", leave=False)
+        repeats = extra["repeats"]
+        # The probe: the first full-budget ELIT case (the costliest single forward of the uniform sweep), warmed
+        # up first; until a case has its own measured speed, the estimate counts it at the probe's.
+        probe = next((c for c in cases if c.scenario == "uniform" and c.model == "elit" and c.budget == extra["j_max"]),
+                     cases[0])
+        order = [probe] + [c for c in cases if c is not probe]
+        _say(f"{len(cases)} cases ({', '.join(extra['presets'])} × {', '.join(extra['scenarios'])}; backends "
+             f"{', '.join(extra['backends'])}): {extra['warmup']} warm-up call(s) + a FLOP count each, then "
+             f"{repeats} interleaved timing repeats; warming up the first case to estimate the run time")
+        t_work = time.monotonic()
         deadline = t_start + extra["max_seconds"] if extra.get("max_seconds") else None
         skipped, failed = [], []
+
+        def refresh(i_warm: int, desc: str) -> None:
+            ref = next((x for x in order if x.warm_s is not None and x not in failed), None)
+            if ref is None:
+                return
+            nonlocal bar
+            if bar is None:  # created after the estimate is printed, so the two do not share a line
+                bar = RunProgress(progress)
+            pending = [c for c in order if c not in skipped and c not in failed]
+            bar.update(time.monotonic() - t_work, remaining_seconds(order[i_warm:], pending, repeats, ref, dev), desc)
+
+        estimated = False
         with torch.no_grad():
-            for c in it:
+            for i, c in enumerate(order):
                 if deadline is not None and time.monotonic() > t_start + 0.7 * extra["max_seconds"]:
                     skipped.append(c)  # keep time for the repeats; the row says so
                     continue
+                t0 = time.monotonic()
                 try:
                     warm_up(c, dev, extra["warmup"], 20.0)
                     c.flops = count_flops(c.fn, c.models)
@@ -224,15 +287,28 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
                 except Exception as e:  # one backend failing one case must not lose the whole run
                     c.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     failed.append(c)
+                c.warm_s = time.monotonic() - t0
+                if not estimated and c not in failed:
+                    estimated = True
+                    # Warm calls for the estimate (the warm-up's last call may be the cold first one: 2.5 s vs a
+                    # 1.65 s median measured); not kept as samples, which come from the interleaved repeats.
+                    c.call_ms = min(time_once(c, dev)[0] for _ in range(2))
+                    _estimate(extra, c, order[i + 1:], [x for x in order if x not in failed], t_start, dev)
+                refresh(i + 1, "warm-up + FLOPs")
         for c in skipped:
             c.note = "skipped: --max-seconds spent during warm-up"
         timed = [c for c in cases if c not in skipped and c not in failed]
-        extra["repeats_done"] = run_interleaved(timed, dev, extra["repeats"], progress=progress, deadline=deadline)
+        refresh(len(order), "timing")
+        extra["repeats_done"] = run_interleaved(timed, dev, repeats, progress=lambda: refresh(len(order), "timing"),
+                                                deadline=deadline)
+        extra["run_seconds"] = time.monotonic() - t_start
         extra["notes"] = extra["notes"] + [f"{len(skipped)} cases skipped (time budget)"] * bool(skipped) \
             + [f"{len(failed)} cases failed (see their note)"] * bool(failed)
         rows = make_rows(cases, dev)
         md_threads = torch.get_num_threads()
     finally:
+        if bar is not None:
+            bar.close()
         _attention.set_value_checks(was)
         torch.set_num_threads(threads_was)
     targets = check_targets(rows)
@@ -254,6 +330,8 @@ def main(argv=None) -> int:
         setup, extra = resolve(args)
     except BenchError as e:
         parser.error(str(e))  # exits with status 2 and the usage line
+    for w in extra["warnings"]:
+        _say(f"warning: {w}")
     rows, targets, md = run(setup, extra, progress=not args.no_progress)
     label = ("CPU" if setup.device.type == "cpu" else "GPU") + f" ({md['device']}), {extra['config']} " \
         f"{extra['resolution']}px batch {extra['batch']} {extra['dtype']}, torch {md['torch']}"
@@ -261,4 +339,6 @@ def main(argv=None) -> int:
     if args.out:
         for p in write_outputs(args.out, rows, targets, md):
             print(f"wrote {p}")
+    _say(f"done in {format_seconds(extra['run_seconds'])}"
+         + (f" (estimated {format_seconds(extra['estimate_s'])})" if extra.get("estimate_s") else ""))
     return 0

@@ -20,12 +20,21 @@ ROW_FIELDS = ["preset", "scenario", "case", "model", "backend", "budget", "budge
               "latency_ratio", "flops_ratio", "latency_over_flops", "cpu_ratio", "cpu_over_flops", "peak_mem_mb", "note"]
 
 
+OUTPUT_FILES = ("results.json", "results.csv", "summary.md", "latency_vs_latents.png")  # what --out DIR gets
+
+
 def _compact(budgets: list[int]) -> str:
-    if not budgets:
-        return ""
-    if len(set(budgets)) == 1:
-        return f"{budgets[0]}x{len(budgets)}"
-    return ",".join(str(j) for j in budgets)
+    """Per-sample budgets, runs of 3 or more equal ones as ``JxN``: ``[16]*4 + [1]*4`` -> ``16x4,1x4``;
+    ``[1, 2, 2, 8]`` -> ``1,2,2,8``; one budget for all -> ``4x4``."""
+    runs: list[list[int]] = []
+    for j in budgets:
+        if runs and runs[-1][0] == j:
+            runs[-1][1] += 1
+        else:
+            runs.append([j, 1])
+    if len(runs) == 1:
+        return f"{runs[0][0]}x{runs[0][1]}"
+    return ",".join(f"{j}x{n}" if n >= 3 else ",".join([str(j)] * n) for j, n in runs)
 
 
 def make_rows(cases: list[Case], device: torch.device) -> list[dict]:
@@ -89,21 +98,25 @@ def _fmt(v, nd=2):
 
 
 def format_table(rows: list[dict], targets: list[dict], device_label: str) -> str:
-    cols = [("preset", 8), ("scenario", 9), ("case", 13), ("model", 8), ("backend", 11), ("budgets", 14), ("latents", 7),
-            ("latency_ms", 10), ("q1_ms", 8), ("q3_ms", 8), ("cpu_ms", 8), ("gflops", 8), ("latency_ratio", 7),
-            ("cpu_ratio", 7), ("flops_ratio", 7), ("peak_mem_mb", 9)]
+    """The stdout table; every column as wide as its widest cell (nothing is cut)."""
+    cols = ["preset", "scenario", "case", "model", "backend", "budgets", "latents", "latency_ms", "q1_ms", "q3_ms",
+            "cpu_ms", "gflops", "latency_ratio", "cpu_ratio", "flops_ratio", "peak_mem_mb"]
     heads = {"latency_ms": "median_ms", "latency_ratio": "lat/full", "flops_ratio": "flop/full", "peak_mem_mb": "peak_MiB",
              "cpu_ms": "cpu_ms", "cpu_ratio": "cpu/full"}
-    lines = [f"ELIT model latency vs budget — {device_label}"]
-    lines.append("  ".join(heads.get(c, c).rjust(w) for c, w in cols))
+    cells = []
     for r in rows:
         vals = []
-        for c, w in cols:
+        for c in cols:
             v = r[c]
             if c == "latents" and isinstance(v, float):
                 v = f"{v:g}"
-            vals.append(_fmt(v, 3 if c.endswith("ratio") else 2)[:max(w, 14)].rjust(w))
-        lines.append("  ".join(vals))
+            vals.append(_fmt(v, 3 if c.endswith("ratio") else 2))
+        cells.append(vals)
+    widths = [max([len(heads.get(c, c))] + [len(v[i]) for v in cells]) for i, c in enumerate(cols)]
+    lines = [f"ELIT model latency vs budget — {device_label}"]
+    lines.append("  ".join(heads.get(c, c).rjust(w) for c, w in zip(cols, widths)))
+    for vals in cells:
+        lines.append("  ".join(v.rjust(w) for v, w in zip(vals, widths)))
     if targets:
         lines.append("")
         lines.append("targets:")
@@ -158,14 +171,15 @@ def metadata(device: torch.device, extra: dict) -> dict:
 def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dict) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
+    json_name, csv_name, md_name, png_name = OUTPUT_FILES
     # Every row carries the metadata too, so a row copied out of the file still says where it came from.
     full = [{**r, "device": meta["device"], "torch": meta["torch"], "triton": meta["triton"],
              "git_commit": meta["git_commit"], "date": meta["date"]} for r in rows]
-    p = os.path.join(out_dir, "results.json")
+    p = os.path.join(out_dir, json_name)
     with open(p, "w") as f:
         json.dump({"metadata": meta, "targets": targets, "rows": full}, f, indent=1)
     paths.append(p)
-    p = os.path.join(out_dir, "results.csv")
+    p = os.path.join(out_dir, csv_name)
     fields = ROW_FIELDS + ["device", "torch", "triton", "git_commit", "date"]
     with open(p, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -173,56 +187,144 @@ def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dic
         for r in full:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
     paths.append(p)
-    p = os.path.join(out_dir, "summary.md")
+    p = os.path.join(out_dir, md_name)
     with open(p, "w") as f:
         f.write(markdown_summary(rows, targets, meta))
     paths.append(p)
-    p = os.path.join(out_dir, "latency_vs_latents.png")
+    p = os.path.join(out_dir, png_name)
     plot(rows, meta, p)
     paths.append(p)
     return paths
 
 
-def plot(rows: list[dict], meta: dict, path: str) -> None:
+_MARKERS = "osD^vP*X"
+_CASE_ORDER = {"mixed": ("ragged", "padded", "sum_of_parts"), "guidance": ("cfg", "ccfg_two_pass", "ccfg")}
+_CASE_LABEL = {"ragged": "ragged (1 forward)", "padded": "padded", "sum_of_parts": "sum of parts",
+               "cfg": "CFG", "ccfg_two_pass": "CCFG two-pass", "ccfg": "CCFG one-pass"}
+
+
+def _merge_equal(series: list[tuple[str, list, list]]) -> list[tuple[str, list, list]]:
+    """Series with the same points drawn once, labelled ``a = b``: no line hides under another."""
+    out: list[list] = []
+    for label, xs, ys in series:
+        for o in out:
+            if o[1] == xs and len(o[2]) == len(ys) and all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(o[2], ys)):
+                o[0] += f" = {label}"
+                break
+        else:
+            out.append([label, xs, ys])
+    return [tuple(o) for o in out]
+
+
+def _bars(ax, rows: list[dict], scenario: str, preset: str, title: str) -> None:
+    """Grouped bars: one group per model/backend, one bar per case of ``scenario`` (median, IQR whiskers)."""
+    rs = [r for r in rows if r["preset"] == preset and r["scenario"] == scenario and r["latency_ms"] is not None]
+    ax.set_title(title, fontsize=9)
+    if not rs:
+        ax.text(0.5, 0.5, f"{scenario}: not run", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        return
+    groups = list(dict.fromkeys(f"{r['model']}/{r['backend']}" for r in rs))
+    cases = [c for c in _CASE_ORDER[scenario] if any(r["case"] == c for r in rs)]
+    width = 0.8 / len(cases)
+    for k, case in enumerate(cases):
+        for g, name in enumerate(groups):
+            r = next((r for r in rs if r["case"] == case and f"{r['model']}/{r['backend']}" == name), None)
+            if r is None:
+                continue
+            x = g - 0.4 + width * (k + 0.5)
+            ax.bar(x, r["latency_ms"], width, color=f"C{k}", label=_CASE_LABEL[case],
+                   yerr=[[r["latency_ms"] - r["q1_ms"]], [r["q3_ms"] - r["latency_ms"]]], capsize=2)
+            ax.annotate(f"{r['latency_ms']:.0f}", (x, r["latency_ms"]), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("latency, ms (median, IQR)")
+    top = max(r["q3_ms"] if r["q3_ms"] is not None else r["latency_ms"] for r in rs)
+    ax.set_ylim(0, 1.3 * top)  # a free band above the bars for the legend
+    handles, labels = ax.get_legend_handles_labels()
+    seen = dict(zip(labels, handles))  # one entry per case, however many groups have it
+    ax.legend(seen.values(), seen.keys(), fontsize=7, loc="upper center", ncol=len(seen))
+
+
+def make_figure(rows: list[dict], meta: dict):
+    """The figure of ``latency_vs_latents.png``: one row of four titled panels per preset.
+
+    1. uniform budgets: latency vs latents per sample, every model/backend (plain DiT as a dashed line);
+    2. the same relative to J_max, with FLOPs/full (identical series are drawn once, labelled ``a = b``);
+    3. mixed batch: one ragged forward vs padded vs one forward per budget (bars);
+    4. guidance: CFG vs two-pass CCFG vs one-pass ragged CCFG (bars).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = {}
-    for r in rows:
-        if r["scenario"] == "uniform" and r["case"] == "uniform" and r["latency_ms"] is not None:
-            series.setdefault(f"{r['preset']} {r['model']}/{r['backend']}", []).append(r)
-    for name, rs in sorted(series.items()):
-        rs = sorted(rs, key=lambda r: r["latents"])
-        xs = [r["latents"] for r in rs]
-        ax1.errorbar(xs, [r["latency_ms"] for r in rs],
-                     yerr=[[r["latency_ms"] - r["q1_ms"] for r in rs], [r["q3_ms"] - r["latency_ms"] for r in rs]],
-                     marker="o", capsize=3, label=name)
-        if all(r["gflops"] is not None for r in rs):
-            ax2.plot(xs, [r["gflops"] for r in rs], marker="o", label=name)
-    for r in rows:
-        if r["model"] == "plain" and r["latency_ms"] is not None:
-            ax1.axhline(r["latency_ms"], ls="--", lw=1, color="gray", label=f"{r['preset']} plain DiT/{r['backend']} (N tokens)")
-            if r["gflops"] is not None:
-                ax2.axhline(r["gflops"], ls="--", lw=1, color="gray", label=f"{r['preset']} plain DiT/{r['backend']}")
-    ax1.set_xscale("log", base=2)
-    ax2.set_xscale("log", base=2)
-    ax1.set_xlabel("latents per sample (G·J̃)")
-    ax2.set_xlabel("latents per sample (G·J̃)")
-    ax1.set_ylabel("forward latency, ms (median, IQR bars)")
-    ax2.set_ylabel("forward GFLOPs (batch)")
-    for ax in (ax1, ax2):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    presets = list(dict.fromkeys(r["preset"] for r in rows)) or ["paper"]
+    fig, axes = plt.subplots(len(presets), 4, figsize=(20, 4.4 * len(presets)), squeeze=False)
+    names = sorted({f"{r['model']}/{r['backend']}" for r in rows if r["scenario"] == "uniform" and r["case"] == "uniform"})
+    style = {n: (f"C{i}", _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(names)}
+    for row_i, preset in enumerate(presets):
+        ax_lat, ax_rel, ax_mix, ax_guid = axes[row_i]
+        uni = [r for r in rows if r["preset"] == preset and r["scenario"] == "uniform" and r["case"] == "uniform"
+               and r["latency_ms"] is not None]
+        rel_lines, flop_lines = [], []
+        for name in names:
+            rs = sorted((r for r in uni if f"{r['model']}/{r['backend']}" == name), key=lambda r: r["latents"])
+            if not rs:
+                continue
+            color, marker = style[name]
+            xs = [r["latents"] for r in rs]
+            ax_lat.errorbar(xs, [r["latency_ms"] for r in rs], marker=marker, color=color, capsize=3, label=name,
+                            yerr=[[r["latency_ms"] - r["q1_ms"] for r in rs], [r["q3_ms"] - r["latency_ms"] for r in rs]])
+            if all(r["latency_ratio"] is not None for r in rs):
+                rel_lines.append((f"latency/full {name}", xs, [r["latency_ratio"] for r in rs]))
+            if all(r["flops_ratio"] is not None for r in rs):
+                flop_lines.append((f"FLOPs/full {name}", xs, [r["flops_ratio"] for r in rs]))
+        for r in rows:
+            if r["preset"] == preset and r["model"] == "plain" and r["latency_ms"] is not None:
+                ax_lat.axhline(r["latency_ms"], ls="--", lw=1, color="gray", label=f"plain DiT/{r['backend']} (N tokens)")
+        for i, (label, xs, ys) in enumerate(_merge_equal(rel_lines)):
+            ax_rel.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=f"C{i}", label=label)
+        for i, (label, xs, ys) in enumerate(_merge_equal(flop_lines)):
+            ax_rel.plot(xs, ys, ls="--", marker="x", color="black" if i == 0 else f"C{i + 5}", label=label)
+            ax_rel.plot(xs, [LATENCY_TARGET * y for y in ys], ls=":", lw=1, color="gray",
+                        label=f"target {LATENCY_TARGET} × FLOPs/full" if i == 0 else None)
+        ticks = sorted({r["latents"] for r in uni})
+        for ax in (ax_lat, ax_rel):
+            ax.set_xscale("log", base=2)
+            if ticks:
+                ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+                ax.minorticks_off()
+            ax.set_xlabel("latents per sample (G·J̃)")
+            if not uni:
+                ax.text(0.5, 0.5, "uniform: not run", ha="center", va="center", transform=ax.transAxes)
+        ax_lat.set_ylabel("forward latency, ms (median, IQR bars)")
+        ax_rel.set_ylabel("relative to J_max (same model and backend)")
+        ax_lat.set_title(f"{preset}: uniform budgets, latency", fontsize=9)
+        ax_rel.set_title(f"{preset}: uniform budgets, latency and FLOPs relative to J_max", fontsize=9)
+        mb = next((r["budgets"] for r in rows if r["preset"] == preset and r["scenario"] == "mixed"
+                   and r["case"] == "ragged"), "")
+        _bars(ax_mix, rows, "mixed", preset, f"{preset}: mixed batch (budgets {mb})")
+        jw = next((r["weak_budget"] for r in rows if r["preset"] == preset and r["scenario"] == "guidance"
+                   and r["weak_budget"] is not None), None)
+        _bars(ax_guid, rows, "guidance", preset, f"{preset}: guidance at J_max (weak J̃ = {jw})")
+        for ax in (ax_lat, ax_rel):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     label = "CPU" if meta.get("device_type") != "cuda" else "GPU"
     dev = str(meta.get("device"))
-    fig.suptitle(f"{label}: {dev[len(label) + 2:] if dev.startswith(label + ': ') else dev} — {meta.get('config')} {meta.get('resolution')}px, batch "
-                 f"{meta.get('batch')}, {meta.get('dtype')} — torch {meta.get('torch')}, {(meta.get('git_commit') or '')[:12]}",
-                 fontsize=8)
+    fig.suptitle(f"{label}: {dev[len(label) + 2:] if dev.startswith(label + ': ') else dev} — {meta.get('config')} "
+                 f"{meta.get('resolution')}px, batch {meta.get('batch')}, {meta.get('dtype')} — torch {meta.get('torch')}, "
+                 f"{(meta.get('git_commit') or '')[:12]}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot(rows: list[dict], meta: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(rows, meta)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -248,4 +350,84 @@ def markdown_summary(rows: list[dict], targets: list[dict], meta: dict) -> str:
         for t in targets:
             out.append(f"| {t['target']} | {t['clock']} | {t['preset']} | {t['backend']} | {t['budget']} | {t['value']:.3f} | "
                        f"{'yes' if t['holds'] else 'NO'} |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + [""] + run_findings(rows, meta) + [""] + HOW_TO_READ) + "\n"
+
+
+HOW_TO_READ = """## How to read this
+
+- **preset**: `paper` is the paper's ELIT-DiT (`elit_config`), `released` the architecture of the released
+  ELIT-SiT code and checkpoints (`elit_sit_config`); same size, different details (docs/design.md §6 in the repository).
+- **model `elit`**, backend = a `varlen_attention` backend: our model. One ragged batch, any budget per sample;
+  Read, Write and core attention over packed segments.
+- **model `official`, backend `sdpa_dense`**: the same weights run the way the official ELIT code runs them:
+  spatial tokens reshaped into `(B·G, P, C)` windows, every attention one dense `scaled_dot_product_attention`,
+  adaLN broadcast per sample, and **one budget for the whole batch** (released preset: Read/Write over all P
+  latents, the kept ones gathered for the core). It cannot run a ragged batch: no `ragged` mixed row, no one-pass CCFG.
+- **model `plain`**: a plain DiT of the same size (every block attends over all N spatial tokens); its ratio is
+  to ELIT at J_max.
+- **uniform**: every sample at budget J̃. `lat/full`, `CPU-time/full` and `FLOPs/full` divide by the same model
+  and backend at J_max. Target: lat/full <= 1.15 × FLOPs/full (latency falls as fast as the work).
+- **mixed**: a batch with a budget per sample. `ragged` = one forward; `padded` = every sample run at the
+  largest budget; `sum_of_parts` = one forward per distinct budget, what a one-budget-per-batch implementation
+  (the official code) must do. Target: ragged <= 1.1 × sum_of_parts.
+- **guidance** at J_max (`budgets` lists every per-sample budget of a call: `16x4,1x4` = 4 samples at 16, then 4 at 1):
+  `cfg` = conditional and unconditional halves at J_max, one batch of 2B; `ccfg_two_pass` = conditional at J_max,
+  then the unconditional weak pass at the weak budget, two forwards (the official way); `ccfg` = both halves as
+  one ragged batch. The **guidance ratios** (`lat/full`, `FLOPs/full` of these rows) are relative to CFG of the
+  same model and backend: FLOPs/full is the work CCFG saves, lat/full what that saving is worth here.
+- **median ms / IQR**: wall clock over interleaved repeats (every repeat visits every case); **CPU-time ms**
+  (CPU runs): process CPU time, which on a shared machine leaves out waiting for a core.
+- **When the dense path is faster, and why** (the findings above say whether it was in this run): at equal FLOPs
+  it does the least around the matmuls. With one budget per batch every window has the same length, so each
+  attention is one fused `scaled_dot_product_attention` call on a dense `[B·G, H, L, D]` batch. The ragged path
+  matches it when its segments come in runs of equal length: the `torch` backend then runs one dense SDPA per
+  run on views of the packed tensors (eager mode). A CPU profile of the default config (S/2, 256px, batch 4,
+  J̃ = 16, both presets, 2026-11-29) found the two within 1% in CPU time. Where segments come in many lengths,
+  under torch.compile, or when a log-sum-exp is needed, the `torch` backend takes its grouped path instead:
+  each segment's rows gathered into length buckets and an unfused softmax (`bmm`, mask, `exp`, sum); profiled
+  at the same config before the run path existed, that cost 280–340 ms per forward against 120 ms for the
+  fused SDPA. The `triton` and `cuda` kernels are meant to close that gap on a GPU. The ragged path's own
+  ground is what the dense path cannot run at all: mixed budgets in one batch and one-pass CCFG.
+""".splitlines()
+
+
+def run_findings(rows: list[dict], meta: dict) -> list[str]:
+    """What this run's rows say, per preset: dense vs ragged at J_max, the mixed batch, guidance."""
+    label = "CPU" if meta.get("device_type") != "cuda" else "GPU"
+    # On CPU the process CPU time: on a shared machine the wall clock also counts waiting for a core.
+    ms = "cpu_ms" if rows and all(r["cpu_ms"] is not None for r in rows if r["latency_ms"] is not None) else "latency_ms"
+    clock = "CPU time" if ms == "cpu_ms" else "median wall time"
+    out = [f"## In this run ({label}; {clock}, medians)", ""]
+    by = {(r["preset"], r["scenario"], r["case"], r["model"], r["backend"], r["budget"]): r for r in rows}
+    jm = meta.get("j_max")
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        dense = by.get((preset, "uniform", "uniform", "official", "sdpa_dense", jm))
+        for r in rows:
+            if (r["preset"], r["scenario"], r["model"], r["budget"]) != (preset, "uniform", "elit", jm) or not r[ms]:
+                continue
+            be = r["backend"]
+            if dense and dense[ms]:
+                q = r[ms] / dense[ms]
+                verdict = (f"the dense path is faster, elit takes {q:.2f}× its time (see *When the dense path is "
+                           "faster, and why* below)" if q > 1.02 else f"the ragged path is faster ({q:.2f}× the dense time)"
+                           if q < 0.98 else "about equal")
+                out.append(f"- {preset}, J̃ = {jm}: elit/{be} {r[ms]:.1f} ms vs official/sdpa_dense "
+                           f"{dense[ms]:.1f} ms: {verdict}.")
+            mixed = [x for x in rows if (x["preset"], x["scenario"], x["model"], x["backend"]) == (preset, "mixed", "elit", be)
+                     and x[ms]]
+            mix = {x["case"]: x for x in mixed}
+            if {"ragged", "padded", "sum_of_parts"} <= set(mix):
+                rg, pd, sp = (mix[c][ms] for c in ("ragged", "padded", "sum_of_parts"))
+                out.append(f"- {preset}, mixed budgets {mix['ragged']['budgets']} on {be}: one ragged forward {rg:.1f} ms, "
+                           f"padded {pd:.1f} ms ({pd / rg:.2f}× the ragged time), one forward per budget {sp:.1f} ms ({sp / rg:.2f}×).")
+            guid = {x["case"]: x for x in rows if (x["preset"], x["scenario"], x["model"], x["backend"])
+                    == (preset, "guidance", "elit", be) and x[ms]}
+            if {"cfg", "ccfg_two_pass", "ccfg"} <= set(guid):
+                ratio = "cpu_ratio" if ms == "cpu_ms" else "latency_ratio"
+                parts = ", ".join(f"{c} {guid[c][ms]:.1f} ms ({'CPU-time' if ms == 'cpu_ms' else 'lat'}/full "
+                                  f"{_fmt(guid[c][ratio], 2)}, "
+                                  f"FLOPs/full {_fmt(guid[c]['flops_ratio'], 2)})" for c in ("cfg", "ccfg_two_pass", "ccfg"))
+                out.append(f"- {preset}, guidance on {be}: {parts}.")
+    if len(out) == 2:
+        out.append("- (no full-budget ELIT row was timed)")
+    return out

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+CUDA_REP_MS = 60.0  # do_bench repetition time per CUDA timing sample
+
 
 @dataclass
 class Case:
@@ -39,6 +41,8 @@ class Case:
     peak_mem_mb: float | None = None
     inner: int = 1  # calls per CPU timing sample
     preset: str = "paper"  # the model config's preset: "paper" or "released" (models.config.PRESETS)
+    call_ms: float | None = None  # one call after warm-up (wall); set by warm_up
+    warm_s: float | None = None  # the whole warm-up phase of this case (warm-up calls, FLOP count, memory)
 
     @property
     def key(self) -> tuple:
@@ -57,11 +61,12 @@ def warm_up(case: Case, device: torch.device, calls: int, min_cpu_ms: float) -> 
         case.fn()
         sync(device)
         dt = (time.perf_counter() - t0) * 1e3
+    case.call_ms = dt
     if device.type != "cuda":
         case.inner = max(1, math.ceil(min_cpu_ms / max(dt, 1e-3)))
 
 
-def time_once(case: Case, device: torch.device, cuda_rep_ms: float) -> tuple[float, float | None]:
+def time_once(case: Case, device: torch.device, cuda_rep_ms: float = CUDA_REP_MS) -> tuple[float, float | None]:
     """One timing sample in ms per call: (wall, process CPU time or None on CUDA).
 
     On a shared CPU the wall clock also measures how long the scheduler kept us waiting; with one
@@ -90,17 +95,13 @@ def measure_memory(case: Case, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def run_interleaved(cases: list[Case], device: torch.device, repeats: int, *, progress: bool = True,
-                    cuda_rep_ms: float = 60.0, deadline: float | None = None) -> int:
+def run_interleaved(cases: list[Case], device: torch.device, repeats: int, *, progress: Callable[[], None] | None = None,
+                    cuda_rep_ms: float = CUDA_REP_MS, deadline: float | None = None) -> int:
     """Fill ``case.times_ms`` with up to ``repeats`` samples each, visiting all cases once per repeat.
 
     ``deadline`` (a ``time.monotonic()`` value): stop after the first full repeat that ends past it, so
-    every case keeps the same number of samples. Returns the number of repeats done."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=repeats * len(cases), desc="timing", unit="case", leave=False)
+    every case keeps the same number of samples. ``progress()`` is called after every sample. Returns
+    the number of repeats done."""
     done = 0
     with torch.no_grad():
         for _ in range(repeats):
@@ -109,14 +110,79 @@ def run_interleaved(cases: list[Case], device: torch.device, repeats: int, *, pr
                 case.times_ms.append(wall)
                 if cpu is not None:
                     case.cpu_times_ms.append(cpu)
-                if bar is not None:
-                    bar.update(1)
+                if progress is not None:
+                    progress()
             done += 1
             if deadline is not None and time.monotonic() > deadline:
                 break
-    if bar is not None:
-        bar.close()
     return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-time estimate and the progress bar (one bar over warm-up and timing)
+# ---------------------------------------------------------------------------------------------
+
+def sample_seconds(case: Case, device: torch.device, cuda_rep_ms: float = CUDA_REP_MS) -> float:
+    """Seconds one timing sample of ``case`` takes, from its measured call time (``warm_up``).
+
+    CPU: ``inner`` calls. CUDA: ``do_bench``'s pattern (5 calls to size the loops, then warm-up and
+    repetitions filling at least ``cuda_rep_ms / 4`` and ``cuda_rep_ms``, one call each at least)."""
+    c = case.call_ms or 0.0
+    if device.type == "cuda":
+        return (5 * c + max(max(5.0, cuda_rep_ms // 4), c) + max(cuda_rep_ms, c)) / 1e3
+    return case.inner * c / 1e3
+
+
+def remaining_seconds(to_warm: list[Case], to_time: list[Case], repeats: int, probe: Case,
+                      device: torch.device) -> float:
+    """Estimated seconds of work left: the warm-up of ``to_warm`` and the samples ``to_time`` still lack.
+
+    A case already warmed up counts at its own measured speed; the others at ``probe``'s (a warmed-up
+    case; the benchmark picks the full-budget one, the costliest single forward of the uniform sweep)."""
+    left = 0.0
+    for _ in to_warm:
+        left += probe.warm_s
+    for c in to_time:
+        n = max(0, repeats - len(c.times_ms))
+        left += n * sample_seconds(c if c.call_ms is not None else probe, device)
+    return left
+
+
+def format_seconds(s: float) -> str:
+    """``42 s``, ``3.5 min``, ``1.2 h``."""
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+class RunProgress:
+    """One progress bar over a whole run, warm-up and timing, in seconds of work.
+
+    ``update(done_s, left_s)`` sets the bar to ``done_s`` of ``done_s + left_s``, so the bar's remaining
+    time is the estimate, refined as every case's own speed becomes known."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1.0, desc="elit-bench", leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def update(self, done_s: float, left_s: float, desc: str | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.total = max(done_s + left_s, 1e-6)
+        self.bar.n = done_s
+        if desc:
+            self.bar.set_description_str(desc, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def summarize(times: list[float]) -> dict:

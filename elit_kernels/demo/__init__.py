@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -32,44 +33,60 @@ from .train import (DistInfo, TrainSettings, demo_config, init_distributed, load
 __all__ = ["main", "run", "build_parser", "demo_config", "load_checkpoint", "save_checkpoint"]
 
 DEFAULTS = {"steps": 2000, "batch": 32, "sample_steps": 32, "eval_reps": 4}
+DEFAULT_J_MAX = 16
 QUICK = {"steps": 250, "batch": 32, "sample_steps": 12, "eval_reps": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="elit-demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="directory for the PNGs, results.json (and default checkpoint)")
+    # Defaults are written into each help text (ArgumentDefaultsHelpFormatter would print them a second
+    # time, and "default: None" where the real default depends on --quick or --load).
+    p = argparse.ArgumentParser(prog="elit-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="demo_out", metavar="DIR",
+                   help="directory for samples.png, loss_by_budget.png, results.json and, with a bare --save, "
+                        "checkpoint.pt (default demo_out)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a run of under a minute on 2 cores: {QUICK} unless given explicitly")
+                   help="a run of under a minute on 2 cores: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                        + " unless given explicitly")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default {DEFAULTS['steps']}; {QUICK['steps']} with --quick; 0 with --load)")
+                   help=f"training steps, >= 0 (default {DEFAULTS['steps']}; {QUICK['steps']} with --quick; 0 with --load)")
     p.add_argument("--batch", type=int, default=None,
-                   help=f"global batch (default {DEFAULTS['batch']}; {QUICK['batch']} with --quick); split over DDP ranks")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, budgets, t and noise")
-    p.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate (warm-up, then cosine to 10%%)")
+                   help=f"global batch, split over DDP ranks (default {DEFAULTS['batch']}; {QUICK['batch']} with --quick)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, budgets, t and noise (default 0)")
+    p.add_argument("--lr", type=float, default=4e-3,
+                   help="peak AdamW learning rate, > 0 (warm-up, then cosine to 10%%; default 4e-3)")
     p.add_argument("--latent-init-std", type=float, default=1.0,
-                   help="std of the initial shared latent embeddings (0: keep the model's 0.02; see train.spread_latent_init)")
+                   help="std of the initial shared latent embeddings, >= 0 (0: keep the model's init; "
+                        "see train.spread_latent_init; default 1)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads per process (1: this model's ops are too small to gain from more, and "
-                        "spinning OpenMP threads collapse on shared cores)")
-    p.add_argument("--j-min", type=int, default=None, help="smallest trained budget J_min (default 1)")
-    p.add_argument("--j-max", type=int, default=None, help="latents per group J_max (default 16; fixed by --load)")
+                   help="torch CPU threads per process (default 1: this model's ops are too small to gain from more, "
+                        "and spinning OpenMP threads collapse on shared cores)")
+    p.add_argument("--j-min", type=int, default=None,
+                   help="smallest trained and evaluated budget J_min, in 1..J_max (default 1, or the checkpoint's with --load)")
+    p.add_argument("--j-max", type=int, default=None,
+                   help=f"latents per group J_max, >= 1 (default {DEFAULT_J_MAX}; fixed by the checkpoint with --load)")
     p.add_argument("--per-sample-budgets", action="store_true",
                    help="draw J̃ per sample (a ragged batch) instead of once per batch (the paper)")
     p.add_argument("--backend", default=None,
                    help="varlen_attention backend name (default: the dispatcher's choice; on CPU with TRITON_INTERPRET=1 "
                         "that is the interpreted, very slow triton backend, so pass --backend torch there)")
-    p.add_argument("--sample-steps", type=int, default=None, help="Euler steps for the sample grid")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale for the sample grid")
-    p.add_argument("--eval-reps", type=int, default=None, help="(t, noise) draws per held-out image")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help=f"Euler steps for the sample grid (default {DEFAULTS['sample_steps']}; "
+                        f"{QUICK['sample_steps']} with --quick)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance scale for the sample grid, >= 0 (default 0: none)")
+    p.add_argument("--eval-reps", type=int, default=None,
+                   help=f"(t, noise) draws per held-out image (default {DEFAULTS['eval_reps']}; "
+                        f"{QUICK['eval_reps']} with --quick)")
     p.add_argument("--save", nargs="?", const="", default=None, metavar="PATH",
                    help="save a checkpoint (config + state_dict); PATH defaults to OUT/checkpoint.pt")
-    p.add_argument("--load", default=None, metavar="PATH", help="start from this checkpoint (then train --steps more, default 0)")
+    p.add_argument("--load", default=None, metavar="PATH",
+                   help="start from this checkpoint (an elit-demo --save file; then train --steps more, default 0)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
 
 def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Check every flag that needs no model or data, fill in defaults; a usage error (exit 2) names the flag."""
     base = QUICK if args.quick else DEFAULTS
     for k in ("batch", "sample_steps", "eval_reps"):
         if getattr(args, k) is None:
@@ -80,14 +97,49 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         v = getattr(args, k)
         if v < (0 if k == "steps" else 1):
             parser.error(f"--{k.replace('_', '-')}: expected a {'non-negative' if k == 'steps' else 'positive'} int, got {v}")
+    if args.j_max is not None and args.j_max < 1:
+        parser.error(f"--j-max: expected J_max >= 1 latents per group (default {DEFAULT_J_MAX}), got {args.j_max}")
+    if args.j_min is not None:
+        hi = args.j_max if args.j_max is not None else None if args.load else DEFAULT_J_MAX
+        if args.j_min < 1 or (hi is not None and args.j_min > hi):
+            parser.error(f"--j-min: expected 1 <= J_min <= J_max{f' = {hi}' if hi else ''}, got {args.j_min}")
+    if not args.lr > 0:
+        parser.error(f"--lr: expected a positive learning rate, got {args.lr}")
+    if not args.latent_init_std >= 0:
+        parser.error(f"--latent-init-std: expected a std >= 0 (0 keeps the model's init), got {args.latent_init_std}")
+    if not args.guidance >= 0:
+        parser.error(f"--guidance: expected a CFG scale >= 0 (0 = no guidance), got {args.guidance}")
     if args.backend is not None:
         from ..backends import known_backends
 
         if args.backend not in known_backends():
-            parser.error(f"--backend: unknown backend {args.backend!r}; known: {', '.join(known_backends())}")
+            parser.error(f"--backend: unknown backend {args.backend!r}; choose from {', '.join(known_backends())}")
+    if args.load is not None and not os.path.isfile(args.load):
+        parser.error(f"--load: no such file: {args.load}" if not os.path.exists(args.load)
+                     else f"--load: {args.load} is not a file (expected an elit-demo --save checkpoint)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out: {args.out} exists and is not a directory")
     if args.save == "":
         args.save = os.path.join(args.out, "checkpoint.pt")
+    if args.save is not None and os.path.isdir(args.save):
+        parser.error(f"--save: {args.save} is a directory (expected a file path)")
     return args
+
+
+def _check_backend(args, parser, cfg) -> None:
+    """``--backend`` must run this model's attention here (CPU, fp32, its heads and head dim); say so when the
+    backend that will run is Triton's CPU interpreter (correct, but slow enough to make the demo take hours)."""
+    from .. import _cli
+
+    probe = _cli.probe_inputs(cfg.heads, cfg.hidden // cfg.heads, "cpu", torch.float32)
+    if args.backend is not None:
+        err = _cli.backend_error("--backend", args.backend, probe, "the demo model (CPU, fp32)")
+        if err:
+            parser.error(err)
+    chosen = args.backend or next(iter(_cli.usable_backends(probe)), None)
+    if chosen == "triton" and _cli.triton_interpreted():
+        print("elit-demo: warning: the triton backend runs under the Triton interpreter (TRITON_INTERPRET=1): "
+              "correct but very slow; pass --backend torch for a run of minutes", file=sys.stderr)
 
 
 def _git_commit() -> str | None:
@@ -118,16 +170,23 @@ def _run(args, parser, info: DistInfo) -> dict | None:
     data = load_digits_split()
     meta_in = {}
     if args.load:
-        model, meta_in = load_checkpoint(args.load, backend=args.backend)
+        try:
+            model, meta_in = load_checkpoint(args.load, backend=args.backend)
+        except (ValueError, TypeError, RuntimeError, OSError, pickle.UnpicklingError, EOFError) as e:
+            # CheckpointError (not ours, refused pickle) is a ValueError; torch.load raises the others
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            parser.error(f"--load: cannot load {args.load} as an elit-demo checkpoint: {msg}")
         if args.j_max is not None and args.j_max != model.cfg.latents_per_group:
-            parser.error(f"--j-max: {args.j_max} conflicts with the checkpoint's J_max {model.cfg.latents_per_group}")
+            parser.error(f"--j-max: {args.j_max} conflicts with the checkpoint's J_max {model.cfg.latents_per_group} "
+                         "(omit --j-max with --load)")
     else:
         from ..models import ElitDiT
 
         torch.manual_seed(args.seed)  # model init; DDP broadcasts rank 0's weights anyway
-        model = ElitDiT(demo_config(args.j_max if args.j_max is not None else 16), backend=args.backend)
+        model = ElitDiT(demo_config(args.j_max if args.j_max is not None else DEFAULT_J_MAX), backend=args.backend)
         spread_latent_init(model, args.latent_init_std, args.seed)
     cfg = model.cfg
+    _check_backend(args, parser, cfg)
     j_max = cfg.latents_per_group
     j_min = args.j_min if args.j_min is not None else int(meta_in.get("j_min", 1))
     if not 1 <= j_min <= j_max:
@@ -136,7 +195,13 @@ def _run(args, parser, info: DistInfo) -> dict | None:
     settings = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, j_min=j_min,
                              per_sample_budgets=args.per_sample_budgets, seed=args.seed,
                              progress=not args.no_progress)
-    train_stats = train(model, data, settings, info) if args.steps > 0 else {"seconds": 0.0}
+    try:
+        train_stats = train(model, data, settings, info) if args.steps > 0 else {"seconds": 0.0}
+    except ValueError as e:  # train's own argument checks, raised before the first step, name the setting
+        name = str(e).partition(":")[0]
+        if name not in ("batch", "j_min"):
+            raise
+        parser.error(f"--{name.replace('_', '-')}: {str(e).partition(':')[2].strip()}")
     if info.enabled:
         torch.distributed.barrier()
     if not info.is_main:

@@ -1,0 +1,48 @@
+"""Helpers shared by the command-line tools (``elit-bench``, ``elit-demo``): which attention backends can
+run here, and why the others cannot, in words a usage error can quote."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import attention as _attention
+from .backends import get_backend, known_backends
+
+
+def probe_inputs(heads: int, head_dim: int, device, dtype):
+    """Validated attention inputs of this head count / head dim / device / dtype (two tiny segments), to
+    ask each backend whether it could run the model's attention."""
+    q = torch.zeros(4, heads, head_dim, device=device, dtype=dtype)
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
+    return _attention.validate_inputs(q, q, q, cu, cu, 2, 2, None, False)
+
+
+def backend_problems(name: str, probe) -> list[str]:
+    """Why backend ``name`` cannot run ``probe`` here ([] when it can). ``name`` must be registered."""
+    be = get_backend(name)
+    if not be.is_available():
+        why = getattr(be, "unavailable_reason", None)  # the compiled backends say why (elit_kernels._cext)
+        return [f"not available here ({why or be.description})"]
+    return list(be.not_supported_reasons(probe))
+
+
+def usable_backends(probe) -> list[str]:
+    """Registered backends that can run ``probe`` here, highest priority first."""
+    return [n for n in known_backends() if not backend_problems(n, probe)]
+
+
+def backend_error(flag: str, name: str, probe, what: str) -> str | None:
+    """The usage-error message for ``flag NAME`` (None when the backend can run ``probe``)."""
+    if name not in known_backends():
+        return f"{flag}: unknown backend {name!r}; choose from {', '.join(known_backends())}"
+    problems = backend_problems(name, probe)
+    if not problems:
+        return None
+    return (f"{flag}: backend {name!r} cannot run {what}: " + "; ".join(problems)
+            + f". Usable here: {', '.join(usable_backends(probe)) or 'none'}")
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): correct, but slow."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

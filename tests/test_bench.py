@@ -11,8 +11,8 @@ from elit_kernels import known_backends
 from elit_kernels.bench import OfficialStyleElit, count_flops, elit_attention_flops, plain_attention_flops
 from elit_kernels.bench import cli
 from elit_kernels.bench.cli import build_parser, main, resolve
-from elit_kernels.bench.report import OUTPUT_FILES, format_table
-from elit_kernels.bench.timing import Case, remaining_seconds
+from elit_kernels.bench.report import OUTPUT_FILES, check_targets, format_table
+from elit_kernels.bench.timing import Case, measure_memory, remaining_seconds
 from elit_kernels.bench.scenarios import mixed_budgets, randomize_
 from elit_kernels.models import ElitDiT, PlainDiT, elit_config
 from elit_kernels.models.config import preset_config
@@ -50,7 +50,7 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
             assert k in r, k
         assert r["latency_ms"] > 0 and r["cpu_ms"] > 0 and r["gflops"] > 0 and r["repeats"] == 2
         assert r["min_ms"] <= r["latency_ms"] <= r["max_ms"]
-        assert r["peak_mem_mb"] is None  # CPU: not measured, said so in metadata
+        assert r["peak_mem_mb"] > 0  # CPU: torch.profiler memory events
     full = [r for r in rows if r["scenario"] == "uniform" and r["model"] == "elit" and r["budget"] == 4]
     assert len(full) == 2 and all(r["latency_ratio"] == pytest.approx(1.0) and r["flops_ratio"] == pytest.approx(1.0)
                                   for r in full)
@@ -394,3 +394,41 @@ def test_model_flops_match_an_independent_count(preset):
     f = count_flops(lambda: m(x, t, y, budgets), [m])
     assert f["attention"] == attn
     assert f["total"] == total + attn
+
+
+def _row(scenario, case, model, backend, budget, ms, budgets="-", over_flops=None):
+    return {"preset": "paper", "scenario": scenario, "case": case, "model": model, "backend": backend, "budget": budget,
+            "budgets": budgets, "latency_ms": ms, "cpu_ms": None, "latency_over_flops": over_flops, "cpu_over_flops": None}
+
+
+def test_check_targets_pairs_rows_and_limits():
+    """Each target divides the right pair of rows and compares with its own limit (values chosen on both sides)."""
+    rows = [_row("uniform", "uniform", "elit", "torch", 16, 100.0, over_flops=1.0),
+            _row("uniform", "uniform", "elit", "torch", 4, 40.0, over_flops=1.12),
+            _row("uniform", "uniform", "official", "sdpa_dense", 16, 101.0),
+            _row("uniform", "uniform", "official", "sdpa_dense", 4, 38.0),
+            _row("mixed", "ragged", "elit", "torch", 16, 60.0, "16x2,1x2"),
+            _row("mixed", "sum_of_parts", "elit", "torch", 16, 10.0),  # the elit sum of parts is not the reference
+            _row("mixed", "sum_of_parts", "official", "sdpa_dense", 16, 65.0),
+            _row("guidance", "ccfg", "elit", "torch", 16, 95.0, "16x4,1x4"),
+            _row("guidance", "ccfg_two_pass", "elit", "torch", 16, 100.0, "16x4,1x4"),
+            _row("guidance", "ccfg_two_pass", "official", "sdpa_dense", 16, 50.0, "16x4,1x4")]
+    got = {(t["target"].split(" <=")[0], str(t["budget"])): (round(t["value"], 4), t["holds"]) for t in check_targets(rows)}
+    assert got == {("latency_ratio", "16"): (1.0, True), ("latency_ratio", "4"): (1.12, False),
+                   ("ragged / dense", "16"): (round(100 / 101, 4), True), ("ragged / dense", "4"): (round(40 / 38, 4), False),
+                   ("mixed ragged", "16x2,1x2"): (round(60 / 65, 4), True), ("one-pass CCFG", "16x4,1x4"): (0.95, False)}
+
+
+def test_measure_memory_cpu_counts_the_live_peak():
+    """CPU peak = the most bytes alive at once during the call, not the total allocated: two 1 MiB temporaries
+    alive together then freed, then a third one: 2 MiB."""
+    x = torch.randn(512, 512)  # 1 MiB, held before the call: not counted
+
+    def fn():
+        a = x + 1
+        b = a * 2
+        del a, b
+        c = x - 1
+        return float(c[0, 0])
+    case = Case("s", "c", "plain", "torch", None, [], 1, 0.0, fn)
+    assert measure_memory(case, torch.device("cpu")) == pytest.approx(2.0, abs=0.01)

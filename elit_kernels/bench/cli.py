@@ -312,8 +312,9 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         _attention.set_value_checks(was)
         torch.set_num_threads(threads_was)
     targets = check_targets(rows)
-    md = metadata(dev, {**extra, **meta, "memory": "torch.cuda.max_memory_allocated during one call (MiB, incl. weights)"
-                        if dev.type == "cuda" else "not measured on CPU (null)",
+    md = metadata(dev, {**extra, **meta, "memory": "peak_mem_mb: memory one call allocates beyond what is held before it (MiB; weights "
+                        "and inputs excluded); " + ("torch.cuda.max_memory_allocated - memory_allocated before"
+                        if dev.type == "cuda" else "torch.profiler memory events (profile_memory=True), running sum's max"),
                         "timer": "triton.testing.do_bench median per repeat" if dev.type == "cuda"
                         else "time.perf_counter (wall, latency_ms) and time.process_time (cpu_ms) after warm-up, "
                              "one sample per repeat",

@@ -7,7 +7,10 @@ burst of load from another process hits all cases alike instead of one case; we 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -84,15 +87,50 @@ def time_once(case: Case, device: torch.device, cuda_rep_ms: float = CUDA_REP_MS
     return wall * 1e3 / case.inner, cpu * 1e3 / case.inner
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (Kineto prints start/stop lines and a GPU probe error from C++ on a CPU run)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def measure_memory(case: Case, device: torch.device) -> float | None:
-    """Peak CUDA memory allocated during one call (MiB, weights and inputs included); None on CPU."""
-    if device.type != "cuda":
+    """Peak memory one call allocates beyond what is already held when it starts (MiB).
+
+    Weights, inputs and anything else alive before the call are excluded, so the number is the forward's
+    working memory (activations, attention temporaries, outputs) on either device. CUDA:
+    ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call (caching-allocator bytes
+    handed to tensors). CPU: ``torch.profiler`` with ``profile_memory=True``; the allocation (+) and free (−)
+    events of the call, in time order, summed, and the running sum's maximum taken. Returns None if the
+    profiler records no memory events (a torch build without them).
+    """
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        case.fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        case.fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    if not events:
         return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    case.fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def run_interleaved(cases: list[Case], device: torch.device, repeats: int, *, progress: Callable[[], None] | None = None,

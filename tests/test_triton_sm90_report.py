@@ -102,11 +102,11 @@ def test_violations_name_the_row_and_the_problem():
 def test_sm90_compile_ci_subset(tmp_path):
     """CI subset of the sm_90 report (the script itself covers every dispatchable tile): no spills, vector
     loads, D=72 padded to at most 80; about a minute on 2 cores."""
-    out = tmp_path / "report.json"
+    out, md = tmp_path / "report.json", tmp_path / "report.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.time()
-    p = subprocess.run([sys.executable, TOOL, "--json", str(out), "--subset", "ci", "--no-cuda"], env=env,
+    p = subprocess.run([sys.executable, TOOL, "--json", str(out), "--md", str(md), "--subset", "ci", "--no-cuda"], env=env,
                        capture_output=True, text=True, timeout=900)
     if p.returncode == R.UNAVAILABLE:
         pytest.skip(f"sm_90 compile unavailable here: {p.stderr.strip().splitlines()[-1]}")
@@ -119,3 +119,7 @@ def test_sm90_compile_ci_subset(tmp_path):
     assert {r["head_dim"] for r in rows} == {64, 72, 128}
     assert all(r["padded_head_dim"] <= 80 for r in rows if r["head_dim"] == 72)
     assert R.violations(rows) == [], "\n".join(R.violations(rows))
+    summary = md.read_text()  # one line per kernel x head dim, with the worst tile's numbers
+    assert "Violations: 0" in summary
+    for k in ("fwd", "dkdv", "dq"):
+        assert f"| {k} | 72 |" in summary and f"| {k} | 128 |" in summary

@@ -10,7 +10,7 @@ sm_90 target, so nothing runs; Triton's own ptxas log gives registers and spills
 CUDA: each ``csrc/cuda/*.cu`` compiled with ``nvcc -arch=sm_90 -Xptxas -v`` (setup.py's flags) when nvcc is
 on the PATH: registers, spills and static shared memory per kernel.
 
-    python tools/triton_sm90_report.py --json FILE [--subset ci] [--jobs N] [--no-cuda] [--check]
+    python tools/triton_sm90_report.py --json FILE [--md FILE] [--subset ci] [--jobs N] [--no-cuda] [--check]
 
 Rows (``triton``): kernel, head_dim, dtype, causal, BLOCK_M, BLOCK_N, num_warps, num_stages, registers,
 spill_bytes (spill stores), spill_load_bytes, shared_bytes, vectorized_loads (every 16-bit tile load or
@@ -403,9 +403,45 @@ def _git_commit() -> str | None:
         return None
 
 
+def markdown(report: dict) -> str:
+    """The report as a short markdown page: per Triton kernel x head dim, the worst tile; then the CUDA kernels."""
+    out = [f"# Static sm_90 report ({report['date']}, commit {report['commit']}, Triton {report['triton_version']})", "",
+           f"{report['note']}; `python tools/triton_sm90_report.py --json FILE --md FILE` on a machine without a GPU.",
+           f"Target: {report['target']}. Violations: {len(report['violations'])}.", "",
+           "## Triton: worst tile per kernel and head dim (bf16/fp16, causal or not)", "",
+           "| kernel | D | tiles | max registers | max spill bytes | max shared bytes | all loads vectorized | padded D |",
+           "|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in report["triton"]:
+        groups.setdefault((r.get("kernel"), r.get("head_dim")), []).append(r)
+    for (kernel, d), rs in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
+        ok = [r for r in rs if "error" not in r]
+        mx = (lambda k: max((r.get(k) or 0) for r in ok) if ok else "-")
+        vec = all(r.get("vectorized_loads") for r in ok) if ok else "-"
+        pad = sorted({r.get("padded_head_dim") for r in ok})
+        errs = len(rs) - len(ok)
+        out.append(f"| {kernel} | {d} | {len(rs)}{f' ({errs} failed)' if errs else ''} | {mx('registers')} | "
+                   f"{mx('spill_bytes')} | {mx('shared_bytes')} | {vec} | {', '.join(map(str, pad))} |")
+    if report.get("cuda"):
+        out += ["", "## CUDA (`nvcc -arch=sm_90 -Xptxas -v`)", "",
+                "| file | kernel | registers | spill bytes | static shared bytes | dynamic shared bytes |", "|---|---|---|---|---|---|"]
+        for r in report["cuda"]:
+            if "error" in r:
+                out.append(f"| {r['file']} | compile error | | | | |")
+            else:
+                out.append(f"| {r['file']} | `{r['kernel']}` | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                           f"{r.get('dynamic_shared_bytes')} |")
+    elif report.get("cuda_skipped"):
+        out += ["", f"CUDA part skipped: {report['cuda_skipped']}."]
+    if report["violations"]:
+        out += ["", "## Violations", ""] + [f"- {v}" for v in report["violations"]]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True, help="output file")
+    ap.add_argument("--md", help="also write a markdown summary here")
     ap.add_argument("--subset", choices=("all", "ci"), default="all")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
@@ -449,6 +485,9 @@ def main(argv=None) -> int:
     report["violations"] = bad
     with open(a.json, "w") as f:
         json.dump(report, f, indent=1)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(markdown(report))
     print(f"{len(rows)} rows, {len(bad)} violations -> {a.json}", file=sys.stderr)
     for b in bad:
         print("  " + b, file=sys.stderr)

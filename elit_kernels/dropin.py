@@ -2,10 +2,10 @@
 
     from elit_kernels import flash_attn_varlen_func  # instead of: from flash_attn import flash_attn_varlen_func
 
-Supported as in flash-attn: GQA / MQA (k/v with fewer heads), any head dim 1..256, ``return_attn_probs``
-(returns ``(out, softmax_lse, None)``), the packed ``qkv`` / ``kv`` layouts, ``max_seqlen_*`` as ints,
-NumPy integers or 0-dim integer tensors, and buffers longer than the packed data. Not implemented:
-dropout, sliding windows, softcap, ALiBi, paged KV and flash-attn 3's extras (attention sinks ``s_aux``,
+Supported as in flash-attn: GQA / MQA (k/v with fewer heads), any head dim 1..256, sliding windows
+(``window_size``) and ``softcap``, ``return_attn_probs`` (returns ``(out, softmax_lse, None)``), the packed
+``qkv`` / ``kv`` layouts, ``max_seqlen_*`` as ints, NumPy integers or 0-dim integer tensors, and buffers
+longer than the packed data. Not implemented: dropout, ALiBi, paged KV and flash-attn 3's extras (attention sinks ``s_aux``,
 ``seqused_*``, FP8 descales, ...). They are parameters of every function, so callers that keep only the
 keywords a signature names still pass them, and asking for them raises ``NotImplementedError`` naming the
 argument rather than being ignored.
@@ -53,15 +53,10 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, a
 
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap, return_attn_probs,
          backend):
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size: sliding-window attention is not supported, got {tuple(window_size)}")
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap: only 0.0 is supported, got {softcap}")
+    kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend)
     if not return_attn_probs:
-        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale, causal=causal,
-                                backend=backend)
-    out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale, causal=causal,
-                                backend=backend, return_lse=True)
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)
     # flash-attn's third value is the attention probabilities of its dropout tests; we have none.
     return out, lse, None
 
@@ -83,7 +78,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             sync), at least the longest segment.
         dropout_p: only 0.0.
         softmax_scale: default ``D**-0.5``. causal: bottom-right aligned.
-        window_size, softcap: see ``varlen_attention``.
+        window_size: ``(left, right)``, -1 = unbounded side; query i sees key j iff
+            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (with ``causal`` right is 0), as flash-attn.
+        softcap: > 0 caps the logits as ``softcap * tanh(scale q.k / softcap)`` (flash-attn); 0 = off.
         alibi_slopes, block_table: only None.
         deterministic: accepted; every backward here is deterministic.
         return_attn_probs: also return ``softmax_lse``.
@@ -149,3 +146,4 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     k, v = kv.unbind(1)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
                 softcap, return_attn_probs, backend)
+

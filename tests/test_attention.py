@@ -133,8 +133,6 @@ def test_flash_attn_drop_in_signature_positional():
 
 @pytest.mark.parametrize("kwargs, arg", [
     ({"dropout_p": 0.1}, "dropout_p"),
-    ({"window_size": (8, 0)}, "window_size"),
-    ({"softcap": 30.0}, "softcap"),
     ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
     ({"block_table": torch.zeros(1, 1, dtype=torch.int32)}, "block_table"),
     ({"s_aux": torch.zeros(2)}, "s_aux"),

@@ -147,3 +147,73 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
                 softcap, return_attn_probs, backend)
 
+
+def _check_dense(name: str, t, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected shape {layout} (4-D), got {t.dim()}-D shape {tuple(t.shape)}")
+
+
+def _uniform_cu(batch: int, seqlen: int, device) -> torch.Tensor:
+    """int32 ``[batch + 1]``: ``0, seqlen, 2 * seqlen, ...`` (every sample one full segment)."""
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None, qv=None,
+                    q_descale=None, k_descale=None, v_descale=None, attention_chunk=0, num_splits=1, pack_gqa=None,
+                    sm_margin=0, backend=None):
+    """Drop-in for ``flash_attn.flash_attn_func``: attention over a dense batch, run on the varlen path.
+
+    Arguments:
+        q: ``[B, S_q, H, D]``; k, v: ``[B, S_k, H_kv, D]`` with ``H % H_kv == 0`` (GQA / MQA: query head h
+            reads kv head ``h // (H // H_kv)``, nothing is repeated); fp16 / bf16 / fp32 / fp64, D in 1..256.
+            Every sample has all ``S_q`` queries and ``S_k`` keys (use ``flash_attn_varlen_func`` for padding).
+        dropout_p: only 0.0. softmax_scale: default ``D**-0.5``.
+        causal: bottom-right aligned (query i sees key j iff ``j <= i + S_k - S_q``), as flash-attn >= 2.1.
+        window_size, softcap: as in ``flash_attn_varlen_func`` (flash-attn semantics).
+        alibi_slopes: only None. deterministic: accepted; every backward here is deterministic.
+        return_attn_probs: also return ``softmax_lse``.
+        s_aux, qv, q_descale, k_descale, v_descale, attention_chunk: keyword only (flash-attn 3 / kernels
+            builds), refused unless None / 0; num_splits, pack_gqa, sm_margin: scheduling hints, ignored.
+        backend: keyword only, ours: a backend name as in ``varlen_attention``.
+
+    Returns:
+        ``out [B, S_q, H, D]`` in q's dtype, or with ``return_attn_probs`` ``(out, softmax_lse, None)`` with
+        ``softmax_lse [B, H, S_q]`` float32 (float64 for float64 inputs), natural log, +inf for rows that see
+        no key (flash-attn's dense format).
+
+    Raises:
+        TypeError / ValueError naming ``q``, ``k`` or ``v`` for a wrong rank or mismatched batch;
+        NotImplementedError naming the option for what is refused; otherwise what ``varlen_attention`` raises.
+
+    The batch becomes ``B`` segments of one packed call: ``q.reshape(B * S_q, H, D)`` (a view when the batch
+    and sequence dims merge, as for contiguous inputs) and uniform ``cu_seqlens``; no padding, no copy of k/v
+    heads::
+
+        >>> q = torch.randn(2, 5, 4, 32); k = v = torch.randn(2, 7, 2, 32)
+        >>> flash_attn_func(q, k, v, causal=True).shape
+        torch.Size([2, 5, 4, 32])
+    """
+    _refuse_unsupported(dropout_p, alibi_slopes, attention_chunk=attention_chunk, s_aux=s_aux, qv=qv,
+                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    _check_dense("q", q, "[batch, seqlen_q, num_heads, head_dim]")
+    _check_dense("k", k, "[batch, seqlen_k, num_kv_heads, head_dim]")
+    _check_dense("v", v, "[batch, seqlen_k, num_kv_heads, head_dim]")
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != b:
+            raise ValueError(f"{name}: batch size {t.shape[0]} does not match q's {b}")
+    if v.shape[1] != sk:
+        raise ValueError(f"v: has {v.shape[1]} keys per sample, k has {sk}; they must match")
+    cu_q = _uniform_cu(b, sq, q.device)
+    cu_k = cu_q if sk == sq else _uniform_cu(b, sk, q.device)
+    res = _run(q.reshape(b * sq, h, d), k.reshape(b * sk, k.shape[2], k.shape[3]),
+               v.reshape(b * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk, softmax_scale, causal, window_size,
+               softcap, return_attn_probs, backend)
+    if not return_attn_probs:
+        return res.view(b, sq, h, d)
+    out, lse, _ = res
+    return out.view(b, sq, h, d), lse.view(h, b, sq).transpose(0, 1), None

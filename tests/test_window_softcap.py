@@ -199,3 +199,75 @@ def test_opcheck_with_window_and_softcap(op):
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 3], [6, 2], 4, 8, kv_heads=2, seed=6, requires_grad=True)
     opcheck(fwd, (q, k, v, cq, ck, mq, mk, 0.3, False, 2, 1, 3.0))
 
+
+# --- flash_attn_func: the dense [B, S, H, D] entry point over the varlen path ---------------------------
+
+def _dense_truth_bshd(q, k, v, scale, causal, window, softcap):
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    out, lse = dense_truth(q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sk, *k.shape[2:]),
+                           v.reshape(b * sk, *v.shape[2:]), [sq] * b, [sk] * b, scale, causal, window, softcap)
+    return out.view(b, sq, *q.shape[2:]), lse.view(q.shape[2], b, sq).transpose(0, 1)
+
+
+@pytest.mark.parametrize("causal, window, softcap", [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0),
+                                                     (True, (3, -1), 0.0), (False, (2, 1), 5.0)],
+                         ids=["full", "causal", "causal_window3", "window2_1_softcap"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"])
+def test_flash_attn_func_matches_dense_truth(backend, causal, window, softcap):
+    """GQA (4 query heads over 2 kv heads), S_q != S_k, output, LSE ``[B, H, S_q]`` and gradients."""
+    from elit_kernels import flash_attn_func
+
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(3, 6, 4, 16, generator=g).requires_grad_(True)
+    k = torch.randn(3, 9, 2, 16, generator=g).requires_grad_(True)
+    v = torch.randn(3, 9, 2, 16, generator=g).requires_grad_(True)
+    out, lse, none = flash_attn_func(q, k, v, 0.0, 0.27, causal, window, softcap, return_attn_probs=True,
+                                     backend=backend)
+    assert none is None and out.shape == (3, 6, 4, 16) and lse.shape == (3, 4, 6)
+    want, want_lse = _dense_truth_bshd(q, k, v, 0.27, causal, window, softcap)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.autograd.grad(want, (q, k, v), dout.double())
+    for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_flash_attn_func_reads_contiguous_inputs_without_copies():
+    """The batch is reshaped, not copied: a contiguous q reaches the backend as a view of its storage."""
+    from elit_kernels import flash_attn_func
+    from elit_kernels.backends import Backend, register_backend, _REGISTRY
+
+    seen = {}
+
+    class Spy(Backend):
+        name, priority, known_answer = "_spy_dense", -100, False
+
+        def forward(self, inp):
+            seen.update(q=inp.q.data_ptr(), k=inp.k.data_ptr(), cu=inp.cu_seqlens_q.tolist())
+            return get_backend("reference").forward(inp)
+
+    register_backend(Spy())
+    try:
+        q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 5, 2, 8)
+        flash_attn_func(q, k, k, backend="_spy_dense")
+    finally:
+        _REGISTRY.pop("_spy_dense")
+    assert seen == {"q": q.data_ptr(), "k": k.data_ptr(), "cu": [0, 3, 6]}
+
+
+def test_flash_attn_func_errors_name_the_argument():
+    from elit_kernels import flash_attn_func
+
+    q = torch.randn(2, 3, 4, 8)
+    with pytest.raises(ValueError, match=r"^q: expected shape \[batch, seqlen_q, num_heads, head_dim\]"):
+        flash_attn_func(q[0], q, q)
+    with pytest.raises(ValueError, match=r"^k: batch size 1 does not match q's 2"):
+        flash_attn_func(q, q[:1], q)
+    with pytest.raises(NotImplementedError, match=r"^dropout_p: "):
+        flash_attn_func(q, q, q, dropout_p=0.5)
+    with pytest.raises(NotImplementedError, match=r"^s_aux: "):
+        flash_attn_func(q, q, q, s_aux=torch.zeros(4))
+    with pytest.raises(NotImplementedError, match=r"^alibi_slopes: "):
+        flash_attn_func(q, q, q, alibi_slopes=torch.ones(4))

@@ -203,3 +203,139 @@ def test_transformers_clear_errors():
     with pytest.raises(TypeError, match="^name: "):
         register("")
 
+
+# --------------------------------------------------------------------------------------------------------
+# diffusers
+# --------------------------------------------------------------------------------------------------------
+
+def _df_models():
+    """name -> (model factory, inputs factory) for tiny random diffusers models (fp32, batch 2)."""
+    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
+                           QwenImageTransformer2DModel, SD3Transformer2DModel)
+
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return {
+        "flux": (lambda: FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                                pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+                 lambda: dict(hidden_states=r(2, 16, 4), encoder_hidden_states=r(2, 5, 32),
+                              pooled_projections=r(2, 32), timestep=torch.tensor([0.3, 0.8]), img_ids=r(16, 3),
+                              txt_ids=r(5, 3))),
+        # text mask with the padding first in sample 0: valid keys are not a prefix
+        "qwenimage": (lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                                          attention_head_dim=16, num_attention_heads=2,
+                                                          joint_attention_dim=16, axes_dims_rope=(4, 6, 6)),
+                      lambda: dict(hidden_states=r(2, 16, 16), encoder_hidden_states=r(2, 5, 16),
+                                   encoder_hidden_states_mask=torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]]),
+                                   timestep=torch.tensor([0.3, 0.8]), img_shapes=[(1, 4, 4)] * 2)),
+        "dit": (lambda: DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                              out_channels=8, num_layers=1, sample_size=8, patch_size=2,
+                                              num_embeds_ada_norm=10),
+                lambda: dict(hidden_states=r(2, 4, 8, 8), timestep=torch.tensor([3, 7]),
+                             class_labels=torch.tensor([1, 2]))),
+        "pixart": (lambda: PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                    out_channels=8, num_layers=1, cross_attention_dim=16,
+                                                    caption_channels=12, sample_size=8, patch_size=2),
+                   lambda: dict(hidden_states=r(2, 4, 8, 8), encoder_hidden_states=r(2, 5, 12),
+                                encoder_attention_mask=torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]]),
+                                timestep=torch.tensor([3, 7]), added_cond_kwargs={"resolution": None,
+                                                                                  "aspect_ratio": None})),
+        "sd3": (lambda: SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                              caption_projection_dim=16, pooled_projection_dim=16, out_channels=4),
+                lambda: dict(hidden_states=r(2, 4, 8, 8), encoder_hidden_states=r(2, 5, 16),
+                             pooled_projections=r(2, 16), timestep=torch.tensor([0.3, 0.8]))),
+    }
+
+
+ROUTE = {"flux": "dispatcher", "qwenimage": "dispatcher", "dit": "processor", "pixart": "processor", "sd3": "processor"}
+
+
+@needs_df
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(ROUTE))
+def test_diffusers_models_outputs_and_grads(name, backend, monkeypatch):
+    import elit_kernels.integrations.diffusers as D
+
+    make_model, make_inputs = _df_models()[name]
+    torch.manual_seed(0)
+    ref = make_model().eval()
+    ours = copy.deepcopy(ref)
+    report = D.use_elit(ours, backend=backend)
+    assert report[ROUTE[name]] > 0 and report["unchanged"] == []
+    calls = []
+    real = D.attention_bshd
+    monkeypatch.setattr(D, "attention_bshd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = make_inputs()
+    outs = []
+    for m in (ref, ours):
+        out = m(**inputs).sample
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append(out.detach())
+    assert calls, "the model did not run through elit_kernels"
+    assert (outs[0] - outs[1]).abs().max() <= ATOL
+    _assert_same_grads(ref, ours)
+
+
+@needs_df
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diffusers_masked_prefix_not_first(backend):
+    """Sq = 1, Sk = 2, mask [[False, True]]: only the second key counts (diffusers' flash_varlen backend
+    assumes valid keys come first and would attend to the first one)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from elit_kernels.integrations.diffusers import register
+
+    member = register(backend)
+    q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8)
+    out = dispatch_attention_fn(q, k, v, attn_mask=torch.tensor([[False, True]]), backend=member)
+    torch.testing.assert_close(out, v[:, 1:], atol=1e-6, rtol=0)
+    # a 4-D mask that varies per sample, against SDPA with the same mask
+    q, k, v = torch.randn(2, 3, 2, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    mask = torch.tensor([[True, False, True, False, False, True], [False, False, False, True, True, True]])
+    got = dispatch_attention_fn(q, k, v, attn_mask=mask[:, None, None, :], backend=member)
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    assert (got - want).abs().max() <= ATOL
+
+
+@needs_df
+def test_diffusers_backend_name_and_clear_errors():
+    from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend, dispatch_attention_fn
+
+    from elit_kernels.integrations.diffusers import elit_dispatch_attention, key_mask, register, use_elit
+
+    member = register("torch")
+    assert AttentionBackendName("elit") is member and member.value == "elit"
+    q = torch.randn(1, 3, 2, 8)
+    with attention_backend("elit"):  # diffusers' public context manager accepts the new name
+        out = dispatch_attention_fn(q, q, q)
+    torch.testing.assert_close(out, elit_dispatch_attention(q, q, q, elit_backend="reference"), atol=1e-6, rtol=0)
+    with pytest.raises(NotImplementedError, match="^attn_mask: masks that differ between queries"):
+        key_mask(torch.tensor([[[True, False], [False, True]]]), 1, 2, 2, 2)
+    with pytest.raises(NotImplementedError, match="^attn_mask: additive biases"):
+        key_mask(torch.tensor([[0.0, -1.5]]), 1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"^attn_mask: shape \(1, 3\) does not broadcast"):
+        key_mask(torch.ones(1, 3, dtype=torch.bool), 1, 1, 2, 2)
+    with pytest.raises(NotImplementedError, match="^_parallel_config: "):
+        elit_dispatch_attention(q, q, q, _parallel_config=object())
+    with pytest.raises(NotImplementedError, match="^dropout_p: "):
+        elit_dispatch_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(TypeError, match="^model: "):
+        use_elit("not a model")
+
+
+@needs_df
+def test_diffusers_moved_private_names_fail_clearly(monkeypatch):
+    from diffusers.models import attention_dispatch as ad
+
+    from elit_kernels.integrations.diffusers import register
+
+    monkeypatch.delattr(ad, "_AttentionBackendRegistry")
+    with pytest.raises(ImportError, match=r"supports diffusers 0\.42\.x .* no diffusers\.models\.attention_dispatch"
+                                          r"\._AttentionBackendRegistry"):
+        register()

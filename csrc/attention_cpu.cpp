@@ -26,10 +26,19 @@ namespace {
 static KernelRegistrar reg_fwd("varlen_attn_fwd_cpu");
 static KernelRegistrar reg_bwd("varlen_attn_bwd_cpu");
 
-// Number of keys query row i (of lq) may see in a segment of lk keys: all, or bottom-right causal.
-inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
-  if (!causal) return lk;
-  return std::clamp<int64_t>(i + lk - lq + 1, 0, lk);
+// Keys query row i (of lq) sees in a segment of lk keys: [lo, lo + count), flash-attn's semantics with
+// diag = i + lk - lq (bottom-right aligned): j <= diag when causal, j >= diag - left when left >= 0,
+// j <= diag + right when right >= 0.
+struct KeyRange {
+  int64_t lo, count;
+};
+inline KeyRange visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal, int64_t left, int64_t right) {
+  const int64_t diag = i + lk - lq;
+  int64_t lo = 0, hi = lk - 1;
+  if (causal) hi = std::min(hi, diag);
+  if (right >= 0) hi = std::min(hi, diag + right);
+  if (left >= 0) lo = std::max(lo, diag - left);
+  return {lo, std::max<int64_t>(hi - lo + 1, 0)};
 }
 
 // Row r, head h of a [total, H, D] tensor with unit stride along D (any row / head strides: the views of
@@ -47,13 +56,15 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(2) 
 
 template <typename scalar_t>
 void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* cq,
-                     const int32_t* ck, int64_t segs, double scale, bool causal, at::Tensor& out, at::Tensor& lse) {
+                     const int32_t* ck, int64_t segs, double scale, bool causal, int64_t left, int64_t right,
+                     double softcap, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), group = H / k.size(1);
   const Rows<const scalar_t> Q(q), K(k), V(v);
   const Rows<scalar_t> O(out);
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale);
+  const acc_t cap = static_cast<acc_t>(softcap);  // > 0: logits capped as cap * tanh(s / cap)
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   // Rows past the packed data (a longer static buffer) see no key: zeros and lse = +inf, as flash-attn.
   for (int64_t row = cq[segs]; row < tq; ++row)
@@ -68,7 +79,9 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const int64_t qs = cq[seg], lq = cq[seg + 1] - qs, ks = ck[seg], lk = ck[seg + 1] - ks;
       s.resize(std::max<int64_t>(lk, 1));
       for (int64_t i = 0; i < lq; ++i) {
-        const int64_t row = qs + i, nk = visible_keys(i, lq, lk, causal);
+        const int64_t row = qs + i;
+        const KeyRange kr = visible_keys(i, lq, lk, causal, left, right);
+        const int64_t nk = kr.count, k0 = ks + kr.lo;
         scalar_t* orow = O(row, h);
         if (nk == 0) {
           std::fill(orow, orow + D, scalar_t(0));
@@ -78,10 +91,10 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         const scalar_t* qrow = Q(row, h);
         acc_t m = -inf;
         for (int64_t j = 0; j < nk; ++j) {
-          const scalar_t* krow = K(ks + j, hk);
+          const scalar_t* krow = K(k0 + j, hk);
           acc_t dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(qrow[d]) * static_cast<acc_t>(krow[d]);
-          s[j] = dot * sc;
+          s[j] = cap > 0 ? cap * std::tanh(dot * sc / cap) : dot * sc;
           m = std::max(m, s[j]);
         }
         acc_t l = 0;
@@ -89,7 +102,7 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         for (int64_t j = 0; j < nk; ++j) {
           const acc_t p = std::exp(s[j] - m);
           l += p;
-          const scalar_t* vrow = V(ks + j, hk);
+          const scalar_t* vrow = V(k0 + j, hk);
           for (int64_t d = 0; d < D; ++d) o[d] += p * static_cast<acc_t>(vrow[d]);
         }
         for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(o[d] / l);
@@ -102,13 +115,15 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 template <typename scalar_t>
 void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const int32_t* cq, const int32_t* ck, int64_t segs,
-                     double scale, bool causal, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                     double scale, bool causal, int64_t left, int64_t right, double softcap, at::Tensor& dq,
+                     at::Tensor& dk, at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), Hk = k.size(1), group = H / Hk;
   const Rows<const scalar_t> Q(q), K(k), V(v), O(out), dO(dout);
   const Rows<scalar_t> dQ(dq), dK(dk), dV(dv);
   const acc_t* lp = lse.const_data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale);
+  const acc_t cap = static_cast<acc_t>(softcap);
   // Rows outside every segment get zero gradients.
   for (int64_t row = cq[segs]; row < tq; ++row)
     for (int64_t h = 0; h < H; ++h) std::fill(dQ(row, h), dQ(row, h) + D, scalar_t(0));
@@ -128,7 +143,9 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       dvacc.assign(lk * D, acc_t(0));
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i = 0; i < lq; ++i) {
-          const int64_t row = qs + i, nk = visible_keys(i, lq, lk, causal);
+          const int64_t row = qs + i;
+          const KeyRange kr = visible_keys(i, lq, lk, causal, left, right);
+          const int64_t nk = kr.count;
           scalar_t* dqout = dQ(row, h);
           if (nk == 0) {
             std::fill(dqout, dqout + D, scalar_t(0));
@@ -141,7 +158,7 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           acc_t di = 0;  // rowsum(dout * out): the softmax-Jacobian correction
           for (int64_t d = 0; d < D; ++d) di += static_cast<acc_t>(dorow[d]) * static_cast<acc_t>(orow[d]);
           std::fill(dqrow.begin(), dqrow.end(), acc_t(0));
-          for (int64_t j = 0; j < nk; ++j) {
+          for (int64_t j = kr.lo; j < kr.lo + nk; ++j) {
             const scalar_t* krow = K(ks + j, hk);
             const scalar_t* vrow = V(ks + j, hk);
             acc_t dot = 0, dp = 0;
@@ -151,8 +168,11 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             }
             // A single visible key has p = 1 and ds = 0 exactly (the softmax's own backward), whatever
             // rounding exp and the stored lse carry.
-            const acc_t p = nk == 1 ? acc_t(1) : std::exp(dot * sc - l);
-            const acc_t ds = nk == 1 ? acc_t(0) : p * (dp - di) * sc;
+            // With softcap, s = cap * tanh(t) for t = scale q.k / cap, and ds/d(q.k) = scale * (1 - tanh(t)^2).
+            const acc_t th = cap > 0 ? std::tanh(dot * sc / cap) : acc_t(0);
+            const acc_t s_ij = cap > 0 ? cap * th : dot * sc;
+            const acc_t p = nk == 1 ? acc_t(1) : std::exp(s_ij - l);
+            const acc_t ds = nk == 1 ? acc_t(0) : p * (dp - di) * sc * (cap > 0 ? acc_t(1) - th * th : acc_t(1));
             acc_t* dkj = dkacc.data() + j * D;
             acc_t* dvj = dvacc.data() + j * D;
             for (int64_t d = 0; d < D; ++d) {
@@ -178,8 +198,10 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                        const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q,
-                                                       int64_t max_k, double scale, bool causal) {
+                                                       int64_t max_k, double scale, bool causal, int64_t window_left,
+                                                       int64_t window_right, double softcap) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
+  check_mask_args(window_left, window_right, softcap);
   auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
   check_cu_values_cpu(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
@@ -189,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, con
   auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(stat_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_fwd_cpu", [&] {
     attn_fwd_kernel<scalar_t>(q, k, v, cu_q.const_data_ptr<int32_t>(), cu_k.const_data_ptr<int32_t>(),
-                              cu_q.size(0) - 1, scale, causal, out, lse);
+                              cu_q.size(0) - 1, scale, causal, window_left, window_right, softcap, out, lse);
   });
   return {out, lse};
 }
@@ -197,8 +219,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
-    double scale, bool causal) {
+    double scale, bool causal, int64_t window_left, int64_t window_right, double softcap) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
+  check_mask_args(window_left, window_right, softcap);
   check_attention_bwd_extras(dout_, out_, lse_, q_);
   auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   auto out = last_dim_contiguous(out_), dout = last_dim_contiguous(dout_), lse = lse_.contiguous();
@@ -209,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
   auto dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_bwd_cpu", [&] {
     attn_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, cu_q.const_data_ptr<int32_t>(),
-                              cu_k.const_data_ptr<int32_t>(), cu_q.size(0) - 1, scale, causal, dq, dk, dv);
+                              cu_k.const_data_ptr<int32_t>(), cu_q.size(0) - 1, scale, causal, window_left,
+                              window_right, softcap, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

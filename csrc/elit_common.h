@@ -72,6 +72,13 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(max_k >= 0, "max_seqlen_k: must be >= 0, got ", max_k);
 }
 
+// Sliding window and soft-capping options of varlen attention (flash-attn semantics).
+inline void check_mask_args(int64_t window_left, int64_t window_right, double softcap) {
+  TORCH_CHECK(window_left >= -1, "window_size: left must be >= -1 (-1: unbounded), got ", window_left);
+  TORCH_CHECK(window_right >= -1, "window_size: right must be >= -1 (-1: unbounded), got ", window_right);
+  TORCH_CHECK(softcap >= 0.0, "softcap: must be >= 0 (0: off), got ", softcap);
+}
+
 // Values of a CPU cu_seqlens tensor (contiguous int32).
 inline void check_cu_values_cpu(const at::Tensor& cu, const char* name, int64_t total, int64_t max_len,
                                 const char* max_name) {

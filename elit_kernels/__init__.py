@@ -4,7 +4,8 @@ import importlib.util
 
 from .attention import set_value_checks, value_checks_enabled, varlen_attention
 from .backends import Backend, describe_backends, known_backends, register_backend
-from .dropin import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
+from .dropin import (flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                     flash_attn_varlen_qkvpacked_func)
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ for _mod in ("elit_kernels._triton.backend", "elit_kernels._cext"):
 __all__ = [
     "Backend",
     "describe_backends",
+    "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",

@@ -17,6 +17,7 @@ the extension.
 Ops (shapes as in ``varlen_attention``)::
 
     out, lse = torch.ops.elit.varlen_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)  # lse [H, total_q]
+    # optional trailing window_left=-1, window_right=-1, softcap=0.0 (sliding window / logit cap, CPU only)
     # k/v [total_k, H_kv, D] with H % H_kv == 0; lse +inf on rows that see no key
     out, mean, rstd = torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, eps)
     out = torch.ops.elit.gated_residual_fwd(x, y, gate, index)
@@ -107,11 +108,13 @@ def _register_op_python_parts() -> None:
     # fakes do too: ``new_empty(shape)``, never ``empty_like`` (which keeps a permuted input's strides and
     # makes torch.compile assert on the real ones).
     @torch.library.register_fake(lib + "varlen_attn_fwd")
-    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left=-1,
+          window_right=-1, softcap=0.0):
         return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q))
 
     @torch.library.register_fake(lib + "varlen_attn_bwd")
-    def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+          window_left=-1, window_right=-1, softcap=0.0):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake(lib + "layernorm_modulate_fwd")
@@ -226,8 +229,13 @@ def unpack_latents(packed, layout, fill: float = 0.0):
 
 
 def _attn_forward(inp: AttnInputs):
-    out, lse = torch.ops.elit.varlen_attn_fwd(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
-                                              inp.max_seqlen_q, inp.max_seqlen_k, inp.softmax_scale, inp.causal)
+    if inp.has_window or inp.softcap:
+        out, lse = torch.ops.elit.varlen_attn_fwd(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
+                                                  inp.max_seqlen_q, inp.max_seqlen_k, inp.softmax_scale, inp.causal,
+                                                  inp.window_left, inp.window_right, inp.softcap)
+    else:  # the defaults: a _C built before window/softcap existed still runs these
+        out, lse = torch.ops.elit.varlen_attn_fwd(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
+                                                  inp.max_seqlen_q, inp.max_seqlen_k, inp.softmax_scale, inp.causal)
     return (out, lse) if inp.return_lse else out
 
 
@@ -264,6 +272,9 @@ class CudaBackend(_CompiledBackend):
     devices = ("cuda",)
     #: must match dispatch_head_dim in csrc/cuda/attention_common.cuh (tests/test_dropin.py checks both sides)
     head_dims = (64, 72, 128)
+    #: the CUDA kernels have neither (csrc/cuda/attention_cuda.cpp refuses them); dispatch skips to triton
+    supports_window = False
+    supports_softcap = False
 
     @property
     def unavailable_reason(self) -> str | None:

@@ -87,8 +87,42 @@ def _as_int(name: str, n) -> int:
     return n
 
 
+def _window(window_size, causal: bool) -> tuple[int, int]:
+    """``window_size`` as ``(left, right)`` ints, -1 for an unbounded side; with ``causal`` the right side is
+    the causal bound (flash-attn sets it to 0), stored as -1 since ``causal`` already applies it."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size: expected a pair (left, right) of ints >= -1 (-1: unbounded), got "
+                        f"{window_size!r}") from None
+    sides = []
+    for side, n in (("left", left), ("right", right)):
+        if isinstance(n, torch.Tensor) and n.dim() == 0 and n.dtype in _INT_DTYPES:
+            n = n.item()
+        if isinstance(n, bool):
+            raise TypeError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got bool")
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise TypeError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got "
+                            f"{type(n).__name__}") from None
+        if n < -1:
+            raise ValueError(f"window_size: {side} must be >= -1 (-1: unbounded), got {n}")
+        sides.append(n)
+    left, right = sides
+    return left, (-1 if causal else right)
+
+
+def _softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap: expected a float >= 0 (0: off), got {type(softcap).__name__}")
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap: expected a finite float >= 0 (0: off), got {softcap}")
+    return float(softcap)
+
+
 def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                    *, return_lse: bool = False) -> AttnInputs:
+                    *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0) -> AttnInputs:
     """Check every argument of ``varlen_attention`` and return the resolved ``AttnInputs``.
 
     Raises ``TypeError``/``ValueError`` whose message starts with the offending argument's name.
@@ -137,8 +171,9 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    left, right = _window(window_size, causal)
     return AttnInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), causal,
-                      bool(return_lse))
+                      bool(return_lse), left, right, _softcap(softcap))
 
 
 def run_backend(b: Backend, inp: AttnInputs):
@@ -160,7 +195,8 @@ def run_backend(b: Backend, inp: AttnInputs):
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     softmax_scale=None, causal=False, backend=None, return_lse=False):
+                     softmax_scale=None, causal=False, backend=None, return_lse=False, window_size=(-1, -1),
+                     softcap=0.0):
     """Attention over packed ragged segments.
 
     Arguments:
@@ -177,6 +213,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             costs a host sync; pass ints under CUDA graphs / ``torch.compile``).
         softmax_scale: float, default ``D**-0.5`` of the real D.
         causal: bottom-right aligned mask, as flash-attn: query i sees key j iff ``j <= i + Lk - Lq``.
+        window_size: ``(left, right)`` ints >= -1, sliding-window (local) attention with flash-attn's
+            semantics: query i of a segment sees key j iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``
+            (bottom-right aligned; -1 leaves that side unbounded; with ``causal`` the right side is 0).
+            Default ``(-1, -1)``: no window.
+        softcap: float >= 0; when > 0 the logits are capped as flash-attn and Gemma-2 do,
+            ``s = softcap * tanh(softmax_scale * q.k / softcap)``, before masking and softmax. 0: off.
         backend: a registered backend name (``elit_kernels.known_backends()``); None picks
             ``$ELIT_BACKEND`` or the highest-priority backend that supports the inputs.
         return_lse: also return the log-sum-exp of each query row.
@@ -184,12 +226,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Returns:
         ``out [total_q, H, D]`` in q's dtype; with ``return_lse``, ``(out, lse)`` where ``lse`` is
         ``[H, total_q]`` float32 (float64 for float64 inputs), natural log of the row's softmax
-        denominator, +inf for rows that see no key (empty key segment, causal with Lq > Lk, rows past
+        denominator, +inf for rows that see no key (empty key segment, causal with Lq > Lk, a window that
+        leaves the row no key, rows past
         ``cu_q[-1]``), not differentiable. A query that sees no key gets exact zeros, never NaN.
 
     Raises:
         TypeError / ValueError naming the argument for invalid input (the checks that read
-        ``cu_seqlens`` values run in eager mode only); ValueError listing every reason when no backend
+        ``cu_seqlens`` values run in eager mode only; ``window_size``: TypeError unless a pair of ints,
+        ValueError for a side < -1; ``softcap``: ValueError when negative); ValueError listing every reason when no backend
         (or not the one asked for) can run the inputs.
 
     The first seven arguments match ``flash_attn_varlen_func``::
@@ -200,5 +244,5 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         torch.Size([9, 4, 64])
     """
     inp = validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                          return_lse=return_lse)
+                          return_lse=return_lse, window_size=window_size, softcap=softcap)
     return run_backend(select_backend(inp, backend), inp)

@@ -39,6 +39,16 @@ class AttnInputs:
     softmax_scale: float
     causal: bool
     return_lse: bool = False
+    #: sliding window (flash-attn semantics), -1 = unbounded side; with ``causal`` the right side is -1
+    #: here (causal already bounds it at 0).
+    window_left: int = -1
+    window_right: int = -1
+    #: logit soft-capping ``softcap * tanh(s / softcap)``; 0 = off.
+    softcap: float = 0.0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
     @property
     def head_dim(self) -> int:
@@ -86,6 +96,9 @@ class Backend:
     supports_gqa: bool = True
     #: returns the log-sum-exp of each query row (``return_attn_probs=True``).
     supports_lse: bool = True
+    #: sliding-window attention (``window_size``) and logit soft-capping (``softcap``).
+    supports_window: bool = True
+    supports_softcap: bool = True
     #: default dispatch first checks it on a small case against the reference (``known_answer.py``); off for
     #: the pure-PyTorch backends.
     known_answer: bool = True
@@ -121,6 +134,10 @@ class Backend:
             r.append(f"no grouped-query attention (q has {inp.num_heads} heads, k/v {inp.num_kv_heads})")
         if not self.supports_lse and inp.return_lse:
             r.append("cannot return the softmax log-sum-exp (return_attn_probs=True)")
+        if not self.supports_window and inp.has_window:
+            r.append(f"no sliding-window attention (window_size=({inp.window_left}, {inp.window_right}))")
+        if not self.supports_softcap and inp.softcap != 0.0:
+            r.append(f"no logit soft-capping (softcap={inp.softcap})")
         return r
 
     def forward(self, inp: AttnInputs):  # pragma: no cover - abstract
@@ -163,7 +180,9 @@ def _reasons(b: Backend, inp: AttnInputs) -> list[str]:
 def describe_inputs(inp: AttnInputs) -> str:
     """Shapes, dtype and device of ``inp`` in one line (dispatch errors start with it)."""
     return (f"q {tuple(inp.q.shape)}, k/v {tuple(inp.k.shape)}, {inp.num_segments} segments, {inp.q.dtype}, "
-            f"{inp.q.device}" + (", causal" if inp.causal else "") + (", return_lse" if inp.return_lse else ""))
+            f"{inp.q.device}" + (", causal" if inp.causal else "") + (", return_lse" if inp.return_lse else "")
+            + (f", window_size=({inp.window_left}, {inp.window_right})" if inp.has_window else "")
+            + (f", softcap={inp.softcap}" if inp.softcap else ""))
 
 
 def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
@@ -223,7 +242,8 @@ class ReferenceBackend(Backend):
 
         return varlen_attention_reference(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, softmax_scale=inp.softmax_scale,
-            causal=inp.causal, return_lse=inp.return_lse)
+            causal=inp.causal, return_lse=inp.return_lse, window_size=(inp.window_left, inp.window_right),
+            softcap=inp.softcap)
 
 
 class TorchBackend(Backend):
@@ -241,16 +261,16 @@ class TorchBackend(Backend):
         return r
 
     def forward(self, inp):
-        if not inp.return_lse and not torch.compiler.is_compiling():
+        if not inp.return_lse and not torch.compiler.is_compiling() and inp.softcap == 0.0:
             from .torch_attention import sdpa_over_runs
 
             out = sdpa_over_runs(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.softmax_scale,
-                                 inp.causal)
+                                 inp.causal, inp.window_left, inp.window_right)
             if out is not None:
                 return out
         out, lse = torch.ops.elit.varlen_attn_fwd_torch(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
-            inp.softmax_scale, inp.causal)
+            inp.softmax_scale, inp.causal, inp.window_left, inp.window_right, inp.softcap)
         return (out, lse) if inp.return_lse else out
 
 
@@ -267,6 +287,8 @@ class _CudaComparator(Backend):
     head_dim_multiple = 8
     supports_gqa = False
     supports_lse = False
+    supports_window = False
+    supports_softcap = False
 
     def is_available(self):
         try:

@@ -2,11 +2,13 @@
 
     from elit_kernels import flash_attn_varlen_func  # instead of: from flash_attn import flash_attn_varlen_func
 
-Supported as in flash-attn: GQA / MQA (k/v with fewer heads), any head dim 1..256, ``return_attn_probs``
-(returns ``(out, softmax_lse, None)``), the packed ``qkv`` / ``kv`` layouts, ``max_seqlen_*`` as ints,
-NumPy integers or 0-dim integer tensors, and buffers longer than the packed data. Not implemented:
-dropout, sliding windows, softcap, ALiBi and paged KV; asking for them raises ``NotImplementedError``
-naming the argument rather than being ignored.
+Supported as in flash-attn: GQA / MQA (k/v with fewer heads), any head dim 1..256, sliding windows
+(``window_size``) and ``softcap``, ``return_attn_probs`` (returns ``(out, softmax_lse, None)``), the packed
+``qkv`` / ``kv`` layouts, ``max_seqlen_*`` as ints, NumPy integers or 0-dim integer tensors, and buffers
+longer than the packed data. Not implemented: dropout, ALiBi, paged KV and flash-attn 3's extras (attention sinks ``s_aux``,
+``seqused_*``, FP8 descales, ...). They are parameters of every function, so callers that keep only the
+keywords a signature names still pass them, and asking for them raises ``NotImplementedError`` naming the
+argument rather than being ignored.
 """
 from __future__ import annotations
 
@@ -15,33 +17,57 @@ import torch
 from .attention import varlen_attention
 
 
-def _refuse_unsupported(dropout_p, window_size, softcap, alibi_slopes, block_table=None) -> None:
+# flash-attn (2.x and the FA3 / kernels-community variants that transformers and vLLM call) options that
+# change the result and that we do not implement. They are parameters of every entry point, so a caller
+# that filters its keyword arguments by our signature (transformers does) passes them and gets an error
+# instead of a silently different attention.
+_NOT_NONE = {
+    "alibi_slopes": "ALiBi biases are not supported",
+    "block_table": "paged KV caches are not supported; pass the keys/values of each sequence contiguously",
+    "s_aux": "attention sinks (per-head auxiliary logits) are not supported",
+    "seqused_q": "per-segment used lengths are not supported; shorten cu_seqlens_q instead",
+    "seqused_k": "per-segment used lengths are not supported; shorten cu_seqlens_k instead",
+    "qv": "the extra qv operand (FA3 MLA) is not supported",
+    "q_descale": "FP8 descaling is not supported",
+    "k_descale": "FP8 descaling is not supported",
+    "v_descale": "FP8 descaling is not supported",
+    "leftpad_k": "left-padded KV is not supported; pass packed segments instead",
+    "rotary_cos": "fused rotary embedding is not supported; rotate q/k before the call",
+    "rotary_sin": "fused rotary embedding is not supported; rotate q/k before the call",
+}
+
+
+def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, attention_chunk=0, **not_none) -> None:
+    """Raise ``NotImplementedError`` naming the first flash-attn option we do not implement that was set:
+    ``dropout_p`` other than 0, ``attention_chunk`` other than 0, or any of ``_NOT_NONE`` not None."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: only 0.0 is supported, got {dropout_p}")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size: sliding-window attention is not supported, got {tuple(window_size)}")
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap: only 0.0 is supported, got {softcap}")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported")
-    if block_table is not None:
-        raise NotImplementedError("block_table: paged KV caches are not supported")
+        raise NotImplementedError(f"dropout_p: only 0.0 is supported (no attention dropout), got {dropout_p}")
+    if attention_chunk not in (0, None):
+        raise NotImplementedError(f"attention_chunk: only 0 (no chunked attention) is supported, got {attention_chunk}")
+    for name, value in (("alibi_slopes", alibi_slopes), ("block_table", block_table), *not_none.items()):
+        if value is not None:
+            raise NotImplementedError(f"{name}: {_NOT_NONE[name]}; only None is accepted")
 
 
-def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, return_attn_probs, backend):
+def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap, return_attn_probs,
+         backend):
+    kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend)
     if not return_attn_probs:
-        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale, causal=causal,
-                                backend=backend)
-    out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale, causal=causal,
-                                backend=backend, return_lse=True)
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)
     # flash-attn's third value is the attention probabilities of its dropout tests; we have none.
     return out, lse, None
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, backend=None):
-    """Drop-in for ``flash_attn.flash_attn_varlen_func``.
+                           deterministic=False, return_attn_probs=False, block_table=None, *, s_aux=None,
+                           seqused_q=None, seqused_k=None, qv=None, q_descale=None, k_descale=None, v_descale=None,
+                           leftpad_k=None, rotary_cos=None, rotary_sin=None, attention_chunk=0, num_splits=1,
+                           pack_gqa=None, sm_margin=0, backend=None):
+    """Drop-in for ``flash_attn.flash_attn_varlen_func`` (flash-attn 2 positional order).
 
     Arguments:
         q: ``[total_q, H, D]``; k, v: ``[total_k, H_kv, D]`` with ``H % H_kv == 0`` (query head h reads kv
@@ -50,9 +76,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             zeros and zero gradients, k/v rows are never read).
         max_seqlen_q, max_seqlen_k: int, NumPy integer or 0-dim integer tensor (a CUDA tensor costs a host
             sync), at least the longest segment.
+        dropout_p: only 0.0.
         softmax_scale: default ``D**-0.5``. causal: bottom-right aligned.
+        window_size: ``(left, right)``, -1 = unbounded side; query i sees key j iff
+            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (with ``causal`` right is 0), as flash-attn.
+        softcap: > 0 caps the logits as ``softcap * tanh(scale q.k / softcap)`` (flash-attn); 0 = off.
+        alibi_slopes, block_table: only None.
         deterministic: accepted; every backward here is deterministic.
         return_attn_probs: also return ``softmax_lse``.
+        s_aux, seqused_q, seqused_k, qv, q_descale, k_descale, v_descale, leftpad_k, rotary_cos, rotary_sin:
+            keyword only, options of flash-attn 3 / kernels-community builds (attention sinks, used lengths,
+            FP8 scales, ...): accepted so that callers which pass only what a signature names (transformers)
+            hand them over, then refused with ``NotImplementedError`` unless None.
+        attention_chunk: keyword only; only 0. num_splits, pack_gqa, sm_margin: keyword only, scheduling
+            hints of flash-attn 3 with no effect on the result; accepted and ignored.
         backend: keyword only, ours: a backend name as in ``varlen_attention``.
 
     Returns:
@@ -61,12 +98,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         see no key, not differentiable.
 
     Raises:
-        NotImplementedError naming ``dropout_p`` (non-zero), ``window_size``, ``softcap``, ``alibi_slopes``
-        or ``block_table``; otherwise what ``varlen_attention`` raises.
+        NotImplementedError naming the option for ``dropout_p`` other than 0, ``alibi_slopes``,
+        ``block_table``, ``s_aux``, ``seqused_q/k``, ``qv``, ``*_descale``, ``leftpad_k``, ``rotary_*`` not
+        None and ``attention_chunk`` other than 0; otherwise what ``varlen_attention`` raises.
     """
-    _refuse_unsupported(dropout_p, window_size, softcap, alibi_slopes, block_table)
-    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                return_attn_probs, backend)
+    _refuse_unsupported(dropout_p, alibi_slopes, block_table, attention_chunk=attention_chunk, s_aux=s_aux,
+                        seqused_q=seqused_q, seqused_k=seqused_k, qv=qv, q_descale=q_descale, k_descale=k_descale,
+                        v_descale=v_descale, leftpad_k=leftpad_k, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
+                softcap, return_attn_probs, backend)
 
 
 def _check_packed(name: str, t, n: int, layout: str) -> None:
@@ -78,7 +118,7 @@ def _check_packed(name: str, t, n: int, layout: str) -> None:
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False, *, backend=None):
+                                     return_attn_probs=False, *, s_aux=None, backend=None):
     """Drop-in for ``flash_attn.flash_attn_varlen_qkvpacked_func``: self-attention on ``qkv [total, 3, H, D]``.
 
     q, k and v are the strided views ``qkv[:, 0]``, ``qkv[:, 1]``, ``qkv[:, 2]``: the Triton backend reads
@@ -86,22 +126,94 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     load with aligned 16-byte vectors. ``cu_seqlens`` / ``max_seqlen`` serve both q and k. Returns and
     raises as ``flash_attn_varlen_func`` (a ``ValueError`` naming ``qkv`` for a wrong layout).
     """
-    _refuse_unsupported(dropout_p, window_size, softcap, alibi_slopes)
+    _refuse_unsupported(dropout_p, alibi_slopes, s_aux=s_aux)
     _check_packed("qkv", qkv, 3, "[total, 3, num_heads, head_dim]")
     q, k, v = qkv.unbind(1)
-    return _run(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal, return_attn_probs,
-                backend)
+    return _run(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal, window_size, softcap,
+                return_attn_probs, backend)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None,
+                                    backend=None):
     """Drop-in for ``flash_attn.flash_attn_varlen_kvpacked_func``: ``q [total_q, H, D]`` attends to
     ``kv [total_k, 2, H_kv, D]`` (keys ``kv[:, 0]``, values ``kv[:, 1]``, strided views; ``H % H_kv == 0``).
     Returns and raises as ``flash_attn_varlen_func`` (a ``ValueError`` naming ``kv`` for a wrong layout).
     """
-    _refuse_unsupported(dropout_p, window_size, softcap, alibi_slopes)
+    _refuse_unsupported(dropout_p, alibi_slopes, s_aux=s_aux)
     _check_packed("kv", kv, 2, "[total_k, 2, num_kv_heads, head_dim]")
     k, v = kv.unbind(1)
-    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                return_attn_probs, backend)
+    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
+                softcap, return_attn_probs, backend)
+
+
+def _check_dense(name: str, t, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected shape {layout} (4-D), got {t.dim()}-D shape {tuple(t.shape)}")
+
+
+def _uniform_cu(batch: int, seqlen: int, device) -> torch.Tensor:
+    """int32 ``[batch + 1]``: ``0, seqlen, 2 * seqlen, ...`` (every sample one full segment)."""
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None, qv=None,
+                    q_descale=None, k_descale=None, v_descale=None, attention_chunk=0, num_splits=1, pack_gqa=None,
+                    sm_margin=0, backend=None):
+    """Drop-in for ``flash_attn.flash_attn_func``: attention over a dense batch, run on the varlen path.
+
+    Arguments:
+        q: ``[B, S_q, H, D]``; k, v: ``[B, S_k, H_kv, D]`` with ``H % H_kv == 0`` (GQA / MQA: query head h
+            reads kv head ``h // (H // H_kv)``, nothing is repeated); fp16 / bf16 / fp32 / fp64, D in 1..256.
+            Every sample has all ``S_q`` queries and ``S_k`` keys (use ``flash_attn_varlen_func`` for padding).
+        dropout_p: only 0.0. softmax_scale: default ``D**-0.5``.
+        causal: bottom-right aligned (query i sees key j iff ``j <= i + S_k - S_q``), as flash-attn >= 2.1.
+        window_size, softcap: as in ``flash_attn_varlen_func`` (flash-attn semantics).
+        alibi_slopes: only None. deterministic: accepted; every backward here is deterministic.
+        return_attn_probs: also return ``softmax_lse``.
+        s_aux, qv, q_descale, k_descale, v_descale, attention_chunk: keyword only (flash-attn 3 / kernels
+            builds), refused unless None / 0; num_splits, pack_gqa, sm_margin: scheduling hints, ignored.
+        backend: keyword only, ours: a backend name as in ``varlen_attention``.
+
+    Returns:
+        ``out [B, S_q, H, D]`` in q's dtype, or with ``return_attn_probs`` ``(out, softmax_lse, None)`` with
+        ``softmax_lse [B, H, S_q]`` float32 (float64 for float64 inputs), natural log, +inf for rows that see
+        no key (flash-attn's dense format).
+
+    Raises:
+        TypeError / ValueError naming ``q``, ``k`` or ``v`` for a wrong rank or mismatched batch;
+        NotImplementedError naming the option for what is refused; otherwise what ``varlen_attention`` raises.
+
+    The batch becomes ``B`` segments of one packed call: ``q.reshape(B * S_q, H, D)`` (a view when the batch
+    and sequence dims merge, as for contiguous inputs) and uniform ``cu_seqlens``; no padding, no copy of k/v
+    heads::
+
+        >>> q = torch.randn(2, 5, 4, 32); k = v = torch.randn(2, 7, 2, 32)
+        >>> flash_attn_func(q, k, v, causal=True).shape
+        torch.Size([2, 5, 4, 32])
+    """
+    _refuse_unsupported(dropout_p, alibi_slopes, attention_chunk=attention_chunk, s_aux=s_aux, qv=qv,
+                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    _check_dense("q", q, "[batch, seqlen_q, num_heads, head_dim]")
+    _check_dense("k", k, "[batch, seqlen_k, num_kv_heads, head_dim]")
+    _check_dense("v", v, "[batch, seqlen_k, num_kv_heads, head_dim]")
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != b:
+            raise ValueError(f"{name}: batch size {t.shape[0]} does not match q's {b}")
+    if v.shape[1] != sk:
+        raise ValueError(f"v: has {v.shape[1]} keys per sample, k has {sk}; they must match")
+    cu_q = _uniform_cu(b, sq, q.device)
+    cu_k = cu_q if sk == sq else _uniform_cu(b, sk, q.device)
+    res = _run(q.reshape(b * sq, h, d), k.reshape(b * sk, k.shape[2], k.shape[3]),
+               v.reshape(b * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk, softmax_scale, causal, window_size,
+               softcap, return_attn_probs, backend)
+    if not return_attn_probs:
+        return res.view(b, sq, h, d)
+    out, lse, _ = res
+    return out.view(b, sq, h, d), lse.view(h, b, sq).transpose(0, 1), None

@@ -56,8 +56,13 @@ def _capturing() -> bool:
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _key(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool) -> tuple:
-    return (b.name, str(device), str(dtype).replace("torch.", ""), b.run_head_dim(head_dim), causal, gqa, grad)
+def _key(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool, masked: bool = False) -> tuple:
+    return (b.name, str(device), str(dtype).replace("torch.", ""), b.run_head_dim(head_dim), causal, gqa, grad,
+            masked)
+
+
+# A kind with a sliding window or softcap is checked on this window and cap together.
+_MASKED_CASE = dict(window_size=(3, 2), softcap=5.0)
 
 
 def check_dispatch(b, inp) -> str | None:
@@ -67,10 +72,12 @@ def check_dispatch(b, inp) -> str | None:
     if not getattr(b, "known_answer", False) or mode == "off" or (mode == "auto" and inp.q.device.type != "cuda"):
         return None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v))
-    key = _key(b, inp.q.device, inp.q.dtype, inp.head_dim, inp.causal, inp.num_kv_heads != inp.num_heads, grad)
+    masked = inp.has_window or inp.softcap != 0.0
+    key = _key(b, inp.q.device, inp.q.dtype, inp.head_dim, inp.causal, inp.num_kv_heads != inp.num_heads, grad, masked)
     if key in _VERDICTS or _capturing():
         return _VERDICTS.get(key)
-    verdict = _run_case(b, inp.q.device, inp.q.dtype, inp.head_dim, inp.causal, inp.num_kv_heads != inp.num_heads, grad)
+    verdict = _run_case(b, inp.q.device, inp.q.dtype, inp.head_dim, inp.causal, inp.num_kv_heads != inp.num_heads, grad,
+                        masked)
     _VERDICTS[key] = verdict
     if verdict is not None:
         warnings.warn(f"elit_kernels: backend {b.name!r} failed its known-answer check on {key[1]} {key[2]}, head dim "
@@ -92,7 +99,7 @@ def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int
     return verdict
 
 
-def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool) -> str | None:
+def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool, masked: bool = False) -> str | None:
     from .attention import run_backend, validate_inputs
     from .backends import get_backend
     from .testing import assert_close_to_reference, cu_seqlens, default_atol
@@ -107,7 +114,8 @@ def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bo
 
     def run(backend, dt):
         qkv = [t.to(device=device, dtype=dt).requires_grad_(grad) for t in base]
-        inp = validate_inputs(*qkv, cu_q, cu_k, max(_LENS_Q), max(_LENS_K), None, causal)
+        inp = validate_inputs(*qkv, cu_q, cu_k, max(_LENS_Q), max(_LENS_K), None, causal,
+                              **(_MASKED_CASE if masked else {}))
         with torch.enable_grad() if grad else torch.no_grad():
             out = run_backend(backend, inp)
             grads = torch.autograd.grad(out, qkv, dout.to(device=device, dtype=dt)) if grad else ()

@@ -59,7 +59,8 @@ class _Chunk:
     has_key: torch.Tensor  # [n, m] the slot's row sees at least one key
 
 
-def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, heads: int, causal: bool):
+def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, heads: int, causal: bool,
+          window_left: int = -1, window_right: int = -1):
     """One host read of both cu_seqlens -> the chunks to run, segments grouped by the power-of-two buckets
     of their real (Lq, Lk). Vectorised over segments: the Python work grows with the number of groups."""
     c = torch.stack([cu_q, cu_k]).cpu().long()  # both int32 [S+1] on one device: one copy
@@ -93,8 +94,13 @@ def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, he
                 r = torch.arange(r0, min(mq, r0 + rows))
                 q_ok = r[None, :] < nq[sl, None]
                 allowed = q_ok[:, :, None] & k_ok[:, None, :]
-                if causal:  # bottom-right: query i sees key j iff j <= i + Lk - Lq
-                    allowed &= j[None, None, :] <= r[None, :, None] + (nk - nq)[sl, None, None]
+                diag = r[None, :, None] + (nk - nq)[sl, None, None]  # i + Lk - Lq (bottom-right, flash-attn)
+                if causal:
+                    allowed &= j[None, None, :] <= diag
+                if window_left >= 0:
+                    allowed &= j[None, None, :] >= diag - window_left
+                if window_right >= 0:
+                    allowed &= j[None, None, :] <= diag + window_right
                 qi = sq[sl, None] + torch.where(q_ok, r[None, :], 0)
                 yield _Chunk(*(t.to(dev, non_blocking=True) for t in (qi, q_ok, ki, k_ok, allowed, allowed.any(-1))))
 
@@ -113,15 +119,20 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, h_kv: int, acc, ok: torch.Tensor
     return g.view(n, m, h_kv, h // h_kv, d).permute(0, 2, 3, 1, 4)
 
 
-def _scores(c: _Chunk, q, k, scale, acc):
-    """``(scale * q, k, s)`` of a chunk: the gathered, scaled queries ``[n, Hkv, G, m, D]``, keys
-    ``[n, Hkv, 1, lk, D]`` (shared by the group, not expanded) and scores ``[n, Hkv, G, m, lk]`` with -inf
-    where a query does not see a key. The scale goes on q, the smaller operand when Lk > D."""
+def _scores(c: _Chunk, q, k, scale, acc, softcap: float = 0.0):
+    """``(scale * q, k, s, t)`` of a chunk: the gathered, scaled queries ``[n, Hkv, G, m, D]``, keys
+    ``[n, Hkv, 1, lk, D]`` (shared by the group, not expanded), scores ``[n, Hkv, G, m, lk]`` with -inf
+    where a query does not see a key, and with ``softcap > 0`` ``t = tanh(scale q.k / softcap)`` (scores
+    ``softcap * t``; None without softcap). The scale goes on q, the smaller operand when Lk > D."""
     h_kv = k.shape[1]
     qb = _gather(q, c.qi, h_kv, acc).mul_(scale)
     kb = _gather(k, c.ki, h_kv, acc)
     s = torch.matmul(qb, kb.transpose(-1, -2))
-    return qb, kb, s.masked_fill_(~c.allowed[:, None, None], float("-inf"))
+    t = None
+    if softcap > 0.0:
+        t = torch.tanh_(s.div_(softcap))
+        s = t * softcap
+    return qb, kb, s.masked_fill_(~c.allowed[:, None, None], float("-inf")), t
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
@@ -130,14 +141,17 @@ def _heads_first(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2, *range(4, t.dim())).reshape(n, m, hkv * g, *t.shape[4:])
 
 
-def varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+def varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
+                          window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
     """q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]`` -> ``(out [total_q, H, D], lse [H, total_q])``; lse
-    fp32 (fp64 for fp64), +inf on rows that see no key; rows past ``cu_seqlens_q[-1]`` are zeros."""
+    fp32 (fp64 for fp64), +inf on rows that see no key; rows past ``cu_seqlens_q[-1]`` are zeros.
+    ``window_left/right`` (-1: unbounded) and ``softcap`` (0: off) as in ``varlen_attention``."""
     acc = _acc(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((q.shape[0], q.shape[1]), float("inf"), dtype=acc, device=q.device)  # [total_q, H] here
-    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal):
-        _, _, s = _scores(c, q, k, softmax_scale, acc)
+    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal, window_left,
+                   window_right):
+        _, _, s, _ = _scores(c, q, k, softmax_scale, acc, softcap)
         blind = ~c.has_key[:, None, None, :, None]
         m = s.amax(dim=-1, keepdim=True).masked_fill_(blind, 0.0)  # -inf on rows with no key: 0 keeps NaN out
         p = torch.exp_(s.sub_(m))  # exact zeros on masked keys and rows with no key; 1 at a row's max
@@ -150,17 +164,20 @@ def varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: fl
     return out.to(q.dtype), lse.t().contiguous()
 
 
-def varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+def varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
+                          window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
     """Gradients ``(dq, dk, dv)`` of ``varlen_attn_fwd_torch`` (shapes and dtypes of q, k, v); exact zeros on
-    rows outside every segment."""
+    rows outside every segment. With softcap the score gradient goes through the cap:
+    ``d(scale q.k) = ds * (1 - tanh^2)``."""
     acc = _acc(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     h_kv = k.shape[1]
     lse_t = lse.t()  # [total_q, H]
-    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal):
-        qb, kb, s = _scores(c, q, k, softmax_scale, acc)
+    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal, window_left,
+                   window_right):
+        qb, kb, s, t = _scores(c, q, k, softmax_scale, acc, softcap)
         m = lse_t[c.qi].to(acc)  # [n, m, H]
         n, rows, h = m.shape
         m = m.view(n, rows, h_kv, h // h_kv).permute(0, 2, 3, 1)[..., None]
@@ -169,6 +186,8 @@ def varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softma
         dob = _gather(dout, c.qi, h_kv, acc, c.q_ok)
         dp = torch.matmul(dob, vb.transpose(-1, -2))
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        if t is not None:
+            ds = ds * (1.0 - t * t)
         dq_b = torch.matmul(ds, kb).mul_(softmax_scale)  # [n, Hkv, G, m, D]
         dk_b = torch.matmul(ds.transpose(-1, -2), qb).sum(2)  # [n, Hkv, lk, D]; qb carries the scale
         dv_b = torch.matmul(p.transpose(-1, -2), dob).sum(2)
@@ -188,13 +207,16 @@ _OP_KW = {"tags": (torch.Tag.cudagraph_unsafe,)} if (
 @torch.library.custom_op("elit::varlen_attn_fwd_torch", mutates_args=(), **_OP_KW)
 def varlen_attn_fwd_torch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                             causal: bool, window_left: int = -1, window_right: int = -1,
+                             softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out [total_q, H, D], lse [H, total_q])``; the max lengths are not needed (any length runs)."""
-    return varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+    return varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left,
+                                 window_right, softcap)
 
 
 @varlen_attn_fwd_torch_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left=-1,
+      window_right=-1, softcap=0.0):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_acc(q.dtype))
 
 
@@ -202,13 +224,16 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def varlen_attn_bwd_torch_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                             causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             causal: bool, window_left: int = -1, window_right: int = -1,
+                             softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv)``; deterministic."""
-    return varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+    return varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left,
+                                 window_right, softcap)
 
 
 @varlen_attn_bwd_torch_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left=-1, window_right=-1, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -235,10 +260,12 @@ def segment_runs(cu_q: list[int], cu_k: list[int]) -> list[tuple[int, int, int, 
     return runs
 
 
-def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, window_left: int = -1,
+                   window_right: int = -1):
     """``out [total_q, H, D]`` through one SDPA per run of equal segments, or None when this path does not
-    apply (see the module docstring). Eager only: it reads ``cu_seqlens`` on the host (free on CPU, a sync
-    on CUDA, which the grouped path pays too)."""
+    apply (see the module docstring; with a sliding window also when a row of a run sees no key). Eager
+    only: it reads ``cu_seqlens`` on the host (free on CPU, a sync on CUDA, which the grouped path pays too)."""
+    windowed = window_left >= 0 or window_right >= 0
     c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
     runs = segment_runs(c[0], c[1])
     if len(runs) > MAX_RUNS:
@@ -256,6 +283,8 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
         if causal and lq > lk:  # some rows see no key: SDPA would give NaN there
             return None
         if lk == 1:
+            if windowed:  # the window may hide the key from some rows
+                return None
             if need_grad or (causal and lq > 1):  # the exact single-key gradients live on the grouped path
                 return None
             vr = v[ka:kb].view(n, 1, hkv, d).repeat_interleave(h // hkv, dim=2)
@@ -265,10 +294,16 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
         kr = k[ka:kb].view(n, lk, hkv, d).transpose(1, 2)
         vr = v[ka:kb].view(n, lk, hkv, d).transpose(1, 2)
         mask = None
-        if causal and lq != lk:  # bottom-right alignment (flash-attn): query i sees key j iff j <= i + lk - lq
+        if windowed:
+            from .reference.attention import visible_mask
+
+            mask = visible_mask(lq, lk, causal, window_left, window_right, q.device)
+            if not bool(mask.any(-1).all()):  # a row with no key: SDPA would give NaN there
+                return None
+        elif causal and lq != lk:  # bottom-right alignment (flash-attn): query i sees key j iff j <= i + lk - lq
             mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         kw = {"enable_gqa": True} if hkv != h else {}
-        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, is_causal=causal and lq == lk,
+        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, is_causal=causal and lq == lk and mask is None,
                                            scale=softmax_scale, **kw)
         parts.append(o.transpose(1, 2).reshape(qb - qa, h, d))
         attended = True

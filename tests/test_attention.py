@@ -133,15 +133,40 @@ def test_flash_attn_drop_in_signature_positional():
 
 @pytest.mark.parametrize("kwargs, arg", [
     ({"dropout_p": 0.1}, "dropout_p"),
-    ({"window_size": (8, 0)}, "window_size"),
-    ({"softcap": 30.0}, "softcap"),
     ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
     ({"block_table": torch.zeros(1, 1, dtype=torch.int32)}, "block_table"),
+    ({"s_aux": torch.zeros(2)}, "s_aux"),
+    ({"seqused_q": torch.tensor([1], dtype=torch.int32)}, "seqused_q"),
+    ({"seqused_k": torch.tensor([1], dtype=torch.int32)}, "seqused_k"),
+    ({"qv": torch.zeros(2, 2, 64)}, "qv"),
+    ({"q_descale": torch.ones(1, 2)}, "q_descale"),
+    ({"k_descale": torch.ones(1, 2)}, "k_descale"),
+    ({"v_descale": torch.ones(1, 2)}, "v_descale"),
+    ({"leftpad_k": torch.zeros(1, dtype=torch.int32)}, "leftpad_k"),
+    ({"rotary_cos": torch.ones(2, 32)}, "rotary_cos"),
+    ({"rotary_sin": torch.zeros(2, 32)}, "rotary_sin"),
+    ({"attention_chunk": 4}, "attention_chunk"),
 ])
 def test_flash_attn_unsupported_options_raise(kwargs, arg):
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [2], 2, 64)
-    with pytest.raises(NotImplementedError, match=arg):
+    with pytest.raises(NotImplementedError, match=f"^{arg}: "):
         flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **kwargs)
+
+
+def test_flash_attn_unsupported_options_are_named_parameters():
+    """A caller that passes only the keywords a signature names (transformers' flash-attention path filters
+    by ``inspect.signature``) must hand these over to be refused, not drop them."""
+    import inspect
+
+    params = inspect.signature(flash_attn_varlen_func).parameters
+    for name in ("dropout_p", "window_size", "softcap", "alibi_slopes", "block_table", "s_aux", "seqused_q",
+                 "seqused_k", "qv", "q_descale", "k_descale", "v_descale", "attention_chunk"):
+        assert name in params, name
+    # scheduling hints with no effect on the result are accepted
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3], [4], 2, 16, seed=3)
+    out = flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, num_splits=4, pack_gqa=True, sm_margin=0,
+                                 deterministic=True)
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference"))
 
 
 def test_cu_seqlens_helper():

@@ -252,8 +252,11 @@ def test_packed_layout_errors_name_the_argument():
         flash_attn_varlen_qkvpacked_func(torch.randn(3, 2, 2, 8), cu, 3)
     with pytest.raises(ValueError, match=r"^kv: expected shape \[total_k, 2, num_kv_heads, head_dim\]"):
         flash_attn_varlen_kvpacked_func(torch.randn(3, 2, 8), torch.randn(3, 2, 8), cu, cu, 3, 3)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        flash_attn_varlen_qkvpacked_func(torch.randn(3, 3, 2, 8), cu, 3, softcap=5.0)
+    with pytest.raises(NotImplementedError, match="^s_aux: "):
+        flash_attn_varlen_qkvpacked_func(torch.randn(3, 3, 2, 8), cu, 3, s_aux=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match="^alibi_slopes: "):
+        flash_attn_varlen_kvpacked_func(torch.randn(3, 2, 8), torch.randn(3, 2, 2, 8), cu, cu, 3, 3,
+                                        alibi_slopes=torch.ones(2))
 
 
 @pytest.mark.parametrize("max_q", [9, np.int64(9), np.int32(9), torch.tensor(9), torch.tensor(9, dtype=torch.int32)],

@@ -102,7 +102,7 @@ def test_a_correct_backend_passes_and_is_used(fake):
     n = b.calls
     varlen_attention(q, k, v, cq, ck, mq, mk)
     assert b.calls == n + 1  # used for the real call, not re-checked
-    assert KA.verdicts()[("_good", "cpu", "float32", 16, False, False, False)] is None
+    assert KA.verdicts()[("_good", "cpu", "float32", 16, False, False, False, False)] is None
     assert KA.verify_backend("_good", "cpu", torch.float32, 16, grad=True) is None
 
 

@@ -72,12 +72,22 @@ cuda::AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at:
   return p;
 }
 
+// The CUDA kernels have no sliding window and no soft-capping (the cuda backend declares it in
+// elit_kernels._cext, so dispatch never sends them here); a direct op call is refused, not ignored.
+void check_no_window_or_softcap(int64_t window_left, int64_t window_right, double softcap) {
+  TORCH_CHECK(window_left == -1 && window_right == -1, "window_size: the CUDA kernels support only (-1, -1), got (",
+              window_left, ", ", window_right, "); use the triton backend");
+  TORCH_CHECK(softcap == 0.0, "softcap: the CUDA kernels support only 0.0, got ", softcap, "; use the triton backend");
+}
+
 // Outputs are contiguous whatever the input strides (the fake impls in elit_kernels._cext promise it).
 std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
                                                         const at::Tensor& v_, const at::Tensor& cu_q_,
                                                         const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
-                                                        double scale, bool causal) {
+                                                        double scale, bool causal, int64_t window_left,
+                                                        int64_t window_right, double softcap) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
+  check_no_window_or_softcap(window_left, window_right, softcap);
   check_cuda_attention_inputs(q_);
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = loadable(q_), k = loadable(k_), v = loadable(v_);
@@ -94,8 +104,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q_, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
-    double scale, bool causal) {
+    double scale, bool causal, int64_t window_left, int64_t window_right, double softcap) {
   check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
+  check_no_window_or_softcap(window_left, window_right, softcap);
   check_cuda_attention_inputs(q_);
   check_attention_bwd_extras(dout_, out_, lse_, q_);  // fp16/bf16 only here, so lse is float32
   c10::cuda::CUDAGuard guard(q_.device());

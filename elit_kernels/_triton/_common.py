@@ -80,12 +80,13 @@ def row_align(*tensors: torch.Tensor) -> int:
     return a if all(t.stride(0) % a == 0 and t.stride(1) % a == 0 for t in tensors) else 1
 
 
-def kernel_meta(head_dim: int, dtype: torch.dtype, causal: bool, *tensors: torch.Tensor) -> dict:
-    """The constexpr arguments every attention kernel takes except the tile: head blocks, causal, the
-    dtype flags (``dot_flags``) and ``ALIGN`` (``row_align`` of the tensors the kernel tiles)."""
+def kernel_meta(head_dim: int, dtype: torch.dtype, causal: bool, *tensors: torch.Tensor, window: bool = False,
+                softcap: bool = False) -> dict:
+    """The constexpr arguments every attention kernel takes except the tile: head blocks, causal, window,
+    softcap, the dtype flags (``dot_flags``) and ``ALIGN`` (``row_align`` of the tensors the kernel tiles)."""
     bd, bdt = head_blocks(head_dim)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, CAUSAL=bool(causal), ALIGN=row_align(*tensors),
-                **dot_flags(dtype))
+    return dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, CAUSAL=bool(causal), WINDOW=bool(window),
+                SOFTCAP=bool(softcap), ALIGN=row_align(*tensors), **dot_flags(dtype))
 
 
 def bucket(n: int) -> int:
@@ -175,14 +176,88 @@ def partner_rows(CU, seg, S):
     return start, end - start
 
 
+# A window side of -1 (unbounded) reaches the kernels as this many keys, so the bounds need no branch; it
+# stays far below int32 overflow for any row and key index.
+WINDOW_UNBOUNDED = 1 << 30
+
+
+def window_args(window_left: int, window_right: int) -> tuple[int, int, bool]:
+    """``(win_left, win_right, WINDOW)`` for the kernels: -1 -> ``WINDOW_UNBOUNDED``; WINDOW is False when
+    neither side is bounded (the kernels then skip the window code)."""
+    window = window_left >= 0 or window_right >= 0
+    return (window_left if window_left >= 0 else WINDOW_UNBOUNDED,
+            window_right if window_right >= 0 else WINDOW_UNBOUNDED, window)
+
+
+def score_args(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """``(qk_scale, cap2)`` for ``scores``: without softcap ``scale * log2(e)`` (and 0); with it the tanh
+    argument's scale ``scale / softcap`` and ``softcap * log2(e)``."""
+    if softcap > 0.0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 0.0
+
+
 @triton.jit
-def visible_keys(rows, len_q, len_k, CAUSAL: tl.constexpr):
-    """Keys query ``rows`` (positions in a segment of ``len_q`` queries, ``len_k`` keys) may see."""
+def visible_keys(rows, len_q, len_k, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, win_left, win_right):
+    """Keys query ``rows`` (positions in a segment of ``len_q`` queries, ``len_k`` keys) may see: key j with
+    ``diag = row + len_k - len_q`` is seen iff ``j <= diag`` (causal), ``diag - win_left <= j <= diag +
+    win_right`` (window; flash-attn's semantics)."""
+    diag = rows + len_k - len_q
+    hi = rows * 0 + len_k - 1
+    lo = rows * 0
     if CAUSAL:
-        n = tl.minimum(tl.maximum(rows + len_k - len_q + 1, 0), len_k)
+        hi = tl.minimum(hi, diag)
+    if WINDOW:
+        hi = tl.minimum(hi, diag + win_right)
+        lo = tl.maximum(lo, diag - win_left)
+    return tl.maximum(hi - lo + 1, 0)
+
+
+@triton.jit
+def key_range(row_first, row_last, len_q, len_k, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, win_left, win_right):
+    """``[lo, hi)``: the keys that any query row in ``row_first..row_last`` may see (loop bounds)."""
+    diag = len_k - len_q
+    lo = len_k * 0
+    hi = len_k
+    if CAUSAL:
+        hi = tl.minimum(hi, row_last + 1 + diag)
+    if WINDOW:
+        hi = tl.minimum(hi, row_last + 1 + diag + win_right)
+        lo = tl.maximum(lo, row_first + diag - win_left)
+    return lo, tl.maximum(hi, 0)
+
+
+@triton.jit
+def in_window(i, j, diag, win_left, win_right):
+    """Key j is inside query i's window (broadcasting): ``i + diag - win_left <= j <= i + diag + win_right``."""
+    return (j >= i + diag - win_left) & (j <= i + diag + win_right)
+
+
+@triton.jit
+def tanh(x):
+    """tanh in fp32 from exp2 alone (the interpreter has no libdevice): an odd Taylor polynomial below
+    |x| = 1/8 (error < 2e-10 relative), ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` above."""
+    ax = tl.abs(x)
+    e = tl.exp2(ax * (-2.0 * LOG2E_C))
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def scores(dot, qk_scale, cap2, SOFTCAP: tl.constexpr):
+    """``(s, th)``: base-2 logits from ``dot = q.k`` and, with SOFTCAP, ``th = tanh(scale q.k / softcap)``
+    (``s = th * softcap * log2(e)``; the backward multiplies ds by ``1 - th^2``). ``score_args`` gives
+    ``qk_scale`` and ``cap2``. Without SOFTCAP ``th`` is ``dot`` (unused)."""
+    if SOFTCAP:
+        th = tanh(dot * qk_scale)
+        s = th * cap2
     else:
-        n = rows * 0 + len_k
-    return n
+        th = dot
+        s = dot * qk_scale
+    return s, th
 
 
 @triton.jit

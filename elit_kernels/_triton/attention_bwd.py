@@ -49,21 +49,24 @@ def _varlen_attn_bwd_preprocess_kernel(
     tl.store(DELTA + h * stride_dh + t64, delta, mask=t_valid)
 
 
-@triton.jit(do_not_specialize=["S", "total_k", "max_seqlen_k"])
+@triton.jit(do_not_specialize=["S", "total_k", "max_seqlen_k", "win_left", "win_right"])
 def _varlen_attn_bwd_dkdv_kernel(
     Q, K, V, DOUT, LSE, DELTA, DK, DV, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    S, total_k, max_seqlen_k, group, sm_scale, qk_scale,
+    S, total_k, max_seqlen_k, group, sm_scale, qk_scale, cap2, win_left, win_right,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """For the keys j of one block and one kv head, over every query row i that sees them and every
     query head h sharing the kv head: ``p_ij = exp(s_ij - lse_i)``, ``dv_j = sum p_ij dO_i``,
     ``ds_ij = p_ij (dO_i . v_j - delta_i)``, ``dk_j = scale * sum ds_ij q_i``. A row with a single
     visible key has p = 1 and ds = 0 exactly (as the softmax's own backward), not their rounded values.
+    WINDOW limits the rows to those whose window holds the key; SOFTCAP multiplies ds by ``1 - tanh^2``
+    (the derivative of ``softcap * tanh(scale q.k / softcap)`` over ``scale q.k``).
     Head-dim vectors are held as (main, tail) column blocks (``_common.head_blocks``).
 
     Axis 0: (segment, key block) as ``segment_of_program`` maps it over keys; axis 1: kv head.
@@ -83,10 +86,16 @@ def _varlen_attn_bwd_dkdv_kernel(
 
         # Causal: key j is seen by query i iff i >= j - (len_k - len_q); query blocks before the first
         # such row are skipped (lo is rounded down to a block boundary so row tiles stay aligned).
+        # A window also bounds the rows from above: key j is seen only by rows i <= j - (len_k - len_q) + win_left.
         lo = 0
+        hi_q = len_q
         if CAUSAL:
             first_row = tl.maximum(nb * BLOCK_N - (len_k - len_q), 0)
             lo = (first_row // BLOCK_M) * BLOCK_M
+        if WINDOW:
+            first_row = tl.maximum(nb * BLOCK_N - (len_k - len_q) - win_right, 0)
+            lo = tl.maximum(lo, (first_row // BLOCK_M) * BLOCK_M)
+            hi_q = tl.maximum(tl.minimum(len_q, nb * BLOCK_N + BLOCK_N - (len_k - len_q) + win_left), 0)
 
         dk0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -99,7 +108,7 @@ def _varlen_attn_bwd_dkdv_kernel(
         # zero dK/dV, as required.
         for g in range(0, group):
             h = hk * group + g
-            for start_m in range(lo, len_q, BLOCK_M):
+            for start_m in range(lo, hi_q, BLOCK_M):
                 rows = start_m + offs_m
                 m_valid = rows < len_q
                 q0, q1 = C.load_head(Q, C.row_offsets(q_start, rows, stride_qt, h, stride_qh, ALIGN), m_valid,
@@ -112,17 +121,23 @@ def _varlen_attn_bwd_dkdv_kernel(
                 lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=m_valid, other=float("inf")) * C.LOG2E_C
                 delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=m_valid, other=0.0)
                 # Work in the transposed [keys, queries] orientation so dK/dV accumulate with plain dots.
-                sT = C.dot_nt(k0, k1, q0, q1, BLOCK_DT, DOT_PREC) * qk_scale
-                single = (C.visible_keys(rows, len_q, len_k, CAUSAL) == 1)[None, :]
+                sT, thT = C.scores(C.dot_nt(k0, k1, q0, q1, BLOCK_DT, DOT_PREC), qk_scale, cap2, SOFTCAP)
+                single = (C.visible_keys(rows, len_q, len_k, CAUSAL, WINDOW, win_left, win_right) == 1)[None, :]
                 pT = tl.where(single, 1.0, tl.exp2(sT - lse[None, :]))
                 if CAUSAL:
                     pT = tl.where(offs_n[:, None] <= rows[None, :] + (len_k - len_q), pT, 0.0)
+                if WINDOW:
+                    pT = tl.where(C.in_window(rows[None, :], offs_n[:, None], len_k - len_q, win_left, win_right),
+                                  pT, 0.0)
                 pT_lo = pT.to(do0.dtype)
                 dv0 = tl.dot(pT_lo, do0, dv0, input_precision=DOT_PREC)
                 if BLOCK_DT > 0:
                     dv1 = tl.dot(pT_lo, do1, dv1, input_precision=DOT_PREC)
                 dpT = C.dot_nt(v0, v1, do0, do1, BLOCK_DT, DOT_PREC)
-                dsT = tl.where(single, 0.0, pT * (dpT - delta[None, :])).to(q0.dtype)
+                dsT = tl.where(single, 0.0, pT * (dpT - delta[None, :]))
+                if SOFTCAP:
+                    dsT = dsT * (1.0 - thT * thT)
+                dsT = dsT.to(q0.dtype)
                 dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
                 if BLOCK_DT > 0:
                     dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
@@ -133,21 +148,22 @@ def _varlen_attn_bwd_dkdv_kernel(
                      dv0, dv1, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
 
-@triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q"])
+@triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q", "win_left", "win_right"])
 def _varlen_attn_bwd_dq_kernel(
     Q, K, V, DOUT, LSE, DELTA, DQ, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_lh, stride_dqt, stride_dqh,
-    S, total_q, max_seqlen_q, group, sm_scale, qk_scale,
+    S, total_q, max_seqlen_q, group, sm_scale, qk_scale, cap2, win_left, win_right,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """For the query rows i of one block and one query head: ``dq_i = scale * sum_j ds_ij k_j`` with
     ``ds_ij = p_ij (dO_i . v_j - delta_i)`` over the keys the row sees (kv head ``h // group``); zero for a
-    row with a single visible key or none. Head-dim vectors as (main, tail) column blocks. Axis 0 as in the
-    forward; axis 1: query head.
+    row with a single visible key or none; WINDOW and SOFTCAP as in the dK/dV kernel. Head-dim vectors as
+    (main, tail) column blocks. Axis 0 as in the forward; axis 1: query head.
     """
     C.static_checks(HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_M, BLOCK_N, ALIGN)
     h = tl.program_id(1).to(tl.int64)
@@ -164,31 +180,34 @@ def _varlen_attn_bwd_dq_kernel(
                                HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
         lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=m_valid, other=float("inf")) * C.LOG2E_C
         delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=m_valid, other=0.0)
-        multi = (C.visible_keys(offs_m, len_q, len_k, CAUSAL) > 1)[:, None]
+        multi = (C.visible_keys(offs_m, len_q, len_k, CAUSAL, WINDOW, win_left, win_right) > 1)[:, None]
 
-        hi = len_k
-        if CAUSAL:
-            last_row = tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1
-            hi = tl.maximum(tl.minimum(len_k, last_row + 1 + len_k - len_q), 0)
+        lo, hi = C.key_range(mb * BLOCK_M, tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1, len_q, len_k, CAUSAL,
+                             WINDOW, win_left, win_right)
 
         dq0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dq1 = dq0
         if BLOCK_DT > 0:
             dq1 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
-        for start_n in range(0, hi, BLOCK_N):
+        for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             n_valid = cols < len_k
             k0, k1 = C.load_head(K, C.row_offsets(k_start, cols, stride_kt, hk, stride_kh, ALIGN), n_valid,
                                  HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
             v0, v1 = C.load_head(V, C.row_offsets(k_start, cols, stride_vt, hk, stride_vh, ALIGN), n_valid,
                                  HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
-            s = C.dot_nt(q0, q1, k0, k1, BLOCK_DT, DOT_PREC) * qk_scale
+            s, th = C.scores(C.dot_nt(q0, q1, k0, k1, BLOCK_DT, DOT_PREC), qk_scale, cap2, SOFTCAP)
             allowed = m_valid[:, None] & n_valid[None, :] & multi
             if CAUSAL:
                 allowed = allowed & (cols[None, :] <= offs_m[:, None] + (len_k - len_q))
+            if WINDOW:
+                allowed = allowed & C.in_window(offs_m[:, None], cols[None, :], len_k - len_q, win_left, win_right)
             p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
             dp = C.dot_nt(do0, do1, v0, v1, BLOCK_DT, DOT_PREC)
-            ds = (p * (dp - delta[:, None])).to(k0.dtype)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - th * th)
+            ds = ds.to(k0.dtype)
             dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
             if BLOCK_DT > 0:
                 dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
@@ -209,7 +228,8 @@ _varlen_attn_bwd_dq_kernel_tuned = triton.autotune(
 
 
 def bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                 max_seqlen_k: int, softmax_scale: float, causal: bool) -> dict:
+                 max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
+                 softcap: float = 0.0) -> dict:
     """``{"preprocess" | "dkdv" | "dq": (args, meta, grid)}`` for the three backward kernels on these tensors
     (shapes as in ``varlen_attn_bwd_triton``, ``delta`` ``[H, total_q]`` fp32): positional arguments,
     constexprs other than the tile (the preprocess takes BLOCK_T) and the grid as a function of the tile.
@@ -218,20 +238,22 @@ def bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_se
     total_k, H_kv = k.shape[0], k.shape[1]
     S = cu_seqlens_q.shape[0] - 1
     buckets = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
-    qk_scale = softmax_scale * C.LOG2E
-    meta = C.kernel_meta(D, q.dtype, causal, q, k, v, dout, dq, dk, dv)
+    qk_scale, cap2 = C.score_args(softmax_scale, softcap)
+    win_left, win_right, window = C.window_args(window_left, window_right)
+    meta = C.kernel_meta(D, q.dtype, causal, q, k, v, dout, dq, dk, dv, window=window, softcap=softcap > 0.0)
     pre_meta = dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_DT=meta["BLOCK_DT"], ALIGN=C.row_align(out, dout))
     pre = ((out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
             delta.stride(0)), pre_meta, lambda m: (triton.cdiv(total_q, m["BLOCK_T"]), H))
     dkdv = ((q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
              dout.stride(0), dout.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-             dv.stride(0), dv.stride(1), S, total_k, max_seqlen_k, H // H_kv, softmax_scale, qk_scale, *buckets),
+             dv.stride(0), dv.stride(1), S, total_k, max_seqlen_k, H // H_kv, softmax_scale, qk_scale, cap2,
+             win_left, win_right, *buckets),
             meta, lambda m: (C.num_programs(S, total_k, max_seqlen_k, m["BLOCK_N"]), H_kv))
     dq_ = ((q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), lse.stride(0), dq.stride(0), dq.stride(1),
-            S, total_q, max_seqlen_q, H // H_kv, softmax_scale, qk_scale, *buckets),
+            S, total_q, max_seqlen_q, H // H_kv, softmax_scale, qk_scale, cap2, win_left, win_right, *buckets),
            meta, lambda m: (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H))
     return {"preprocess": pre, "dkdv": dkdv, "dq": dq_}
 
@@ -241,7 +263,8 @@ PRE_BLOCK_T = 64
 
 
 def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                           max_seqlen_k: int, softmax_scale: float, causal: bool):
+                           max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int = -1,
+                           window_right: int = -1, softcap: float = 0.0):
     """Gradients of ``varlen_attention``. dout/q/out ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]``,
     lse ``[H, total_q]`` fp32 from ``varlen_attn_fwd_triton``. Returns ``(dq, dk, dv)`` in the inputs'
     dtype; dk/dv sum over the query heads that share a kv head, and rows past ``cu_seqlens_*[-1]`` get
@@ -262,7 +285,7 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         return dq, dk, dv
     delta = C.alloc((H, total_q), torch.float32, q.device)
     launches = bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, softmax_scale, causal)
+                            max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     interp = C.interpreting()
     tuned = not interp and C.autotune_enabled()
     tile_key = (C.bucket(max_seqlen_q), C.bucket(max_seqlen_k), C.padded_head_dim(D))

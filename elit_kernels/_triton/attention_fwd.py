@@ -15,19 +15,22 @@ from . import _common as C
 from . import _tiles
 
 
-@triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q"])
+@triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q", "win_left", "win_right"])
 def _varlen_attn_fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    S, total_q, max_seqlen_q, group, qk_scale,
+    S, total_q, max_seqlen_q, group, qk_scale, cap2, win_left, win_right,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """out_i = sum_j p_ij v_j / l_i and lse_i = ln(l_i) + max_j s_ij with s_ij = scale * q_i . k_j over the
     keys row i sees and p_ij = exp(s_ij - max), accumulated block by block with a running max (base 2:
-    ``qk_scale`` = scale * log2(e)). Rows that see no key store zeros and lse = +inf.
+    ``qk_scale`` = scale * log2(e)). Rows that see no key store zeros and lse = +inf. WINDOW: key j is seen
+    by row i only inside ``[i + Lk - Lq - win_left, i + Lk - Lq + win_right]`` (flash-attn's sliding window);
+    SOFTCAP: ``s_ij = softcap * tanh(scale q_i . k_j / softcap)`` (``_common.scores``).
 
     The head dim is held as a main block of BLOCK_D columns and a tail of BLOCK_DT (``_common.head_blocks``):
     ``s = q0 k0^T + q1 k1^T`` and ``out = [p v0, p v1]``. Axis 0: (segment, query block) as
@@ -45,12 +48,10 @@ def _varlen_attn_fwd_kernel(
         q_rows = C.row_offsets(q_start, offs_m, stride_qt, h, stride_qh, ALIGN)
         q0, q1 = C.load_head(Q, q_rows, m_valid, HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
 
-        # Causal (bottom-right): query i sees key j iff j <= i + len_k - len_q. Keys past what the
-        # block's last row sees are never loaded.
-        hi = len_k
-        if CAUSAL:
-            last_row = tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1
-            hi = tl.maximum(tl.minimum(len_k, last_row + 1 + len_k - len_q), 0)
+        # Causal (bottom-right): query i sees key j iff j <= i + len_k - len_q; a window also bounds j from
+        # below. Keys outside what the block's rows see are never loaded.
+        lo, hi = C.key_range(mb * BLOCK_M, tl.minimum(mb * BLOCK_M + BLOCK_M, len_q) - 1, len_q, len_k, CAUSAL,
+                             WINDOW, win_left, win_right)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -58,17 +59,19 @@ def _varlen_attn_fwd_kernel(
         acc1 = acc0
         if BLOCK_DT > 0:
             acc1 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
-        for start_n in range(0, hi, BLOCK_N):
+        for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             n_valid = cols < len_k
             k0, k1 = C.load_head(K, C.row_offsets(k_start, cols, stride_kt, hk, stride_kh, ALIGN), n_valid,
                                  HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
             v0, v1 = C.load_head(V, C.row_offsets(k_start, cols, stride_vt, hk, stride_vh, ALIGN), n_valid,
                                  HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
-            s = C.dot_nt(q0, q1, k0, k1, BLOCK_DT, DOT_PREC) * qk_scale
+            s, _ = C.scores(C.dot_nt(q0, q1, k0, k1, BLOCK_DT, DOT_PREC), qk_scale, cap2, SOFTCAP)
             allowed = n_valid[None, :]
             if CAUSAL:
                 allowed = allowed & (cols[None, :] <= offs_m[:, None] + (len_k - len_q))
+            if WINDOW:
+                allowed = allowed & C.in_window(offs_m[:, None], cols[None, :], len_k - len_q, win_left, win_right)
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no visible key yet has m_new = -inf; subtracting 0 instead keeps
@@ -104,18 +107,20 @@ _varlen_attn_fwd_kernel_tuned = triton.autotune(
 
 
 def fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-               softmax_scale: float, causal: bool):
+               softmax_scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
+               softcap: float = 0.0):
     """``(args, meta, grid)`` of ``_varlen_attn_fwd_kernel`` for these tensors (shapes as in
     ``varlen_attn_fwd_triton``): positional arguments, constexprs other than the tile, and the grid as a
     function of the tile. Shared by the launcher and ``tools/triton_sm90_report.py``."""
     total_q, H, D = q.shape
     S = cu_seqlens_q.shape[0] - 1
+    win_left, win_right, window = C.window_args(window_left, window_right)
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            S, total_q, max_seqlen_q, H // k.shape[1], softmax_scale * C.LOG2E,
+            S, total_q, max_seqlen_q, H // k.shape[1], *C.score_args(softmax_scale, softcap), win_left, win_right,
             C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
-    meta = C.kernel_meta(D, q.dtype, causal, q, k, v, out)
+    meta = C.kernel_meta(D, q.dtype, causal, q, k, v, out, window=window, softcap=softcap > 0.0)
 
     def grid(m):
         return (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H)
@@ -124,9 +129,11 @@ def fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
 
 
 def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                           softmax_scale: float, causal: bool):
+                           softmax_scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
+                           softcap: float = 0.0):
     """Launch the forward kernel. q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]`` (``H % H_kv == 0``, any
-    row/head strides with a unit head-dim stride), cu_seqlens int32 ``[S+1]``.
+    row/head strides with a unit head-dim stride), cu_seqlens int32 ``[S+1]``; ``window_left/right`` (-1:
+    unbounded) and ``softcap`` (0: off) as in ``varlen_attention``.
 
     Returns ``(out [total_q, H, D] in q's dtype, lse [H, total_q] fp32)``; ``lse`` is +inf on rows
     that see no key, and rows past ``cu_seqlens_q[-1]`` get zeros. The grid follows the packed sizes, not
@@ -144,7 +151,7 @@ def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     if total_q == 0 or H == 0:
         return out, lse
     args, meta, grid = fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal)
+                                  softmax_scale, causal, window_left, window_right, softcap)
     if C.interpreting():
         _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N, **meta)
     elif C.autotune_enabled():

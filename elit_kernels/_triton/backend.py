@@ -44,7 +44,7 @@ class TritonBackend(Backend):
 
         out, lse = torch.ops.elit.varlen_attn_fwd_triton(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
-            inp.softmax_scale, inp.causal)
+            inp.softmax_scale, inp.causal, inp.window_left, inp.window_right, inp.softcap)
         return (out, lse) if inp.return_lse else out
 
 

@@ -18,14 +18,17 @@ from .attention_fwd import varlen_attn_fwd_triton
 @torch.library.custom_op("elit::varlen_attn_fwd_triton", mutates_args=())
 def varlen_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: returns ``(out [total_q, H, D], lse [H, total_q] fp32)``; k/v ``[total_k, H_kv, D]``."""
+                       causal: bool, window_left: int = -1, window_right: int = -1,
+                       softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: returns ``(out [total_q, H, D], lse [H, total_q] fp32)``; k/v ``[total_k, H_kv, D]``;
+    sliding window (-1: unbounded side) and softcap (0: off) as in ``varlen_attention``."""
     return varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                  causal)
+                                  causal, window_left, window_right, softcap)
 
 
 @varlen_attn_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left=-1,
+      window_right=-1, softcap=0.0):
     total_q, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((h, total_q), dtype=torch.float32)
 
@@ -33,15 +36,16 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 @torch.library.custom_op("elit::varlen_attn_bwd_triton", mutates_args=())
 def varlen_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                       max_seqlen_k: int, softmax_scale: float,
-                       causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int = -1,
+                       window_right: int = -1, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: returns ``(dq, dk, dv)``; deterministic (no atomics)."""
     return varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal)
+                                  softmax_scale, causal, window_left, window_right, softcap)
 
 
 @varlen_attn_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left=-1, window_right=-1, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -16,12 +16,33 @@ def causal_mask(lq: int, lk: int, device) -> torch.Tensor:
     return j <= i + (lk - lq)
 
 
-def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=torch.float32, return_lse=False):
+def visible_mask(lq: int, lk: int, causal: bool, window_left: int = -1, window_right: int = -1,
+                 device=None) -> torch.Tensor:
+    """``[lq, lk]`` bool: query i sees key j (flash-attn's semantics, bottom-right aligned with
+    ``diag = lk - lq``): ``j <= i + diag`` when causal, ``j >= i + diag - window_left`` when
+    ``window_left >= 0``, ``j <= i + diag + window_right`` when ``window_right >= 0``."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    diag = lk - lq
+    if causal:
+        allowed &= j <= i + diag
+    if window_left >= 0:
+        allowed &= j >= i + diag - window_left
+    if window_right >= 0:
+        allowed &= j <= i + diag + window_right
+    return allowed
+
+
+def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=torch.float32, return_lse=False,
+                      window_size=(-1, -1), softcap: float = 0.0):
     """Attention for one segment. q ``[Lq, H, D]``, k/v ``[Lk, H_kv, D]`` (``H % H_kv == 0``: query head h
     reads kv head ``h // (H // H_kv)``) -> ``[Lq, H, D]`` in ``acc_dtype``; with ``return_lse`` also the
     log-sum-exp ``[H, Lq]`` (+inf where a row sees no key).
 
-    Query rows that see no key (empty segment, or causal with Lq > Lk) get exact zeros.
+    ``window_size`` and ``causal`` select the visible keys (``visible_mask``); ``softcap > 0`` caps the
+    scaled logits as ``softcap * tanh(s / softcap)`` before masking. Query rows that see no key (empty
+    segment, causal with Lq > Lk, a window past the segment) get exact zeros.
     """
     lq, lk = q.shape[0], k.shape[0]
     qf, kf, vf = (t.to(acc_dtype).transpose(0, 1) for t in (q, k, v))  # [H, L, D]
@@ -29,10 +50,9 @@ def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=tor
     if group != 1:  # GQA by expansion (the truth may copy), after the cast: dk/dv sum in acc_dtype
         kf, vf = kf.repeat_interleave(group, dim=0), vf.repeat_interleave(group, dim=0)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale  # [H, Lq, Lk]
-    if causal:
-        allowed = causal_mask(lq, lk, q.device)
-    else:
-        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if softcap > 0.0:
+        s = torch.tanh(s / softcap) * softcap
+    allowed = visible_mask(lq, lk, causal, window_size[0], window_size[1], q.device)
     row_has_key = allowed.any(dim=-1)  # [Lq]
     # Rows with no key: unmask everything so softmax stays finite, then zero the output; the
     # zero output has zero gradient, so no NaN reaches q/k/v in backward either.
@@ -49,9 +69,10 @@ def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=tor
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float, causal: bool = False,
-                               return_lse: bool = False):
+                               return_lse: bool = False, window_size=(-1, -1), softcap: float = 0.0):
     """Reference ``varlen_attention``: q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]`` -> ``[total_q, H, D]``.
 
+    ``window_size`` (left, right) and ``softcap`` as in ``varlen_attention`` (flash-attn semantics).
     Accumulates in fp32 (fp64 when the inputs are fp64) and returns q's dtype. q rows past
     ``cu_seqlens_q[-1]`` get zeros (and zero gradients); k/v rows past ``cu_seqlens_k[-1]`` are not read.
     With ``return_lse`` returns ``(out, lse)``, lse ``[H, total_q]`` fp32 (fp64 for fp64 inputs), natural
@@ -70,7 +91,8 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_s
         qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
         if qe == qs:
             continue
-        o = attention_segment(q[qs:qe], k[ks:ke], v[ks:ke], softmax_scale, causal, acc, return_lse)
+        o = attention_segment(q[qs:qe], k[ks:ke], v[ks:ke], softmax_scale, causal, acc, return_lse, window_size,
+                              softcap)
         if return_lse:
             o, lse = o
             lses.append(lse)

@@ -1,0 +1,199 @@
+"""``elit_kernels`` as a transformers attention implementation.
+
+    from elit_kernels.integrations.transformers import register
+    register()                                   # once per process
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="elit")   # or model.set_attn_implementation("elit")
+
+Supported: transformers 5.x (tested with 5.24.0). Public APIs only: ``transformers.AttentionInterface.register``
+and ``transformers.AttentionMaskInterface.register`` (both documented under "Attention interface"); no private
+name is read or patched. Both are registered under the same name: transformers builds the mask with the
+function registered for the model's ``attn_implementation``, and without one it passes no mask at all (a
+left-padded batch would then attend to its padding).
+
+What the attention function handles (all through ``elit_kernels.flash_attn_varlen_func`` / ``flash_attn_func``,
+flash-attn semantics, bottom-right aligned causal mask):
+
+- **padding** (any positions, left or right or holes): the mask function hands over the 2-D boolean key mask
+  ``[B, kv_length]``; valid keys and queries are gathered wherever they are, run as one packed call, and the
+  output is scattered back (rows of padded queries are zeros);
+- **packed sequences**: ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (``DataCollatorWithFlattening``;
+  ``max_length_*`` may be 0-dim tensors), or ``position_ids`` that restart (a new sequence wherever the position
+  does not grow by 1, as transformers' own masks read them);
+- **KV cache**: keys longer than queries; the queries are the last ones (bottom-right alignment);
+- **GQA / MQA**: key/value heads are passed as they are (no ``repeat_kv``);
+- **sliding window** (``sliding_window=w``, Mistral): ``window_size=(w - 1, w - 1)`` with causal, i.e. a query sees
+  itself and the ``w - 1`` keys before it, as transformers' masks and its flash-attention path do;
+- **softcap** (Gemma-2 style ``softcap=``).
+
+Refused with an error naming the argument: ``s_aux`` (attention sinks), ``dropout > 0`` (``NotImplementedError``),
+an attention mask that is not the 2-D boolean mask of our mask function (``TypeError``), and mask overlays that
+a 2-D mask cannot express (``or_mask_function`` / ``and_mask_function``, e.g. bidirectional image tokens:
+``NotImplementedError`` from the mask function).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+
+import torch
+
+from ..dropin import flash_attn_func, flash_attn_varlen_func
+
+SUPPORTED = "transformers 5.x (tested with 5.24.0)"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"elit_kernels.integrations.transformers needs transformers ({SUPPORTED}): {e}") from e
+    version = importlib.metadata.version("transformers")
+    if int(version.split(".")[0]) < 5 or not hasattr(transformers, "AttentionMaskInterface"):
+        raise ImportError(f"elit_kernels.integrations.transformers supports {SUPPORTED}; found transformers {version}, "
+                          "which lacks AttentionInterface / AttentionMaskInterface registration")
+    return transformers
+
+
+def _cu(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n + 1]`` offsets of ``lengths``."""
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _as_cu(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+        raise TypeError(f"{name}: expected a 1-D integer tensor of cumulative lengths, got {type(t).__name__}")
+    return t.to(torch.int32)
+
+
+def _packed_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int):
+    """``cu_seqlens`` int32 over the ``batch * seqlen`` flattened tokens when ``position_ids`` restart inside a
+    row (packed sequences), else None. A new sequence starts at every row start and wherever the position does
+    not grow by exactly 1 (transformers' ``find_packed_sequence_indices`` rule)."""
+    if position_ids.dim() != 2 or position_ids.shape[-1] != seqlen:
+        return None
+    pos = position_ids.expand(batch, -1)
+    start = torch.ones_like(pos, dtype=torch.bool)
+    start[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if int(start.sum()) == batch:
+        return None
+    idx = start.flatten().nonzero().flatten()
+    return torch.cat([idx, idx.new_tensor([batch * seqlen])]).to(torch.int32)
+
+
+def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           is_causal: bool | None = None, s_aux: torch.Tensor | None = None, *,
+                           elit_backend: str | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function (the ``AttentionInterface`` signature).
+
+    Arguments:
+        query: ``[B, H, S_q, D]``; key, value: ``[B, H_kv, S_k, D]`` (``H % H_kv == 0``), as transformers passes
+            them (after RoPE and the cache update).
+        attention_mask: None, or the 2-D boolean ``[B, L]`` key mask from ``elit_attention_mask`` (``L <= S_k``:
+            keys past ``L`` are not valid).
+        scaling: softmax scale (default ``D**-0.5``); dropout: only 0.0; sliding_window: total causal window
+            ``w`` (``window_size=(w - 1, w - 1)``); softcap: logit cap; is_causal: default ``module.is_causal``;
+            s_aux: only None.
+        kwargs: ``cu_seq_lens_q/k``, ``max_length_q/k`` (packed batches), ``position_ids``; others are ignored as
+            transformers' own implementations ignore them (``output_attentions`` warns: no weights are returned).
+        elit_backend: keyword only, bound by ``register(backend=...)``: the ``varlen_attention`` backend.
+
+    Returns:
+        ``(out [B, S_q, H, D], None)``.
+    """
+    if kwargs.get("output_attentions", False):
+        warnings.warn("elit attention does not return attention weights (output_attentions=True): use "
+                      "attn_implementation='eager' for them", stacklevel=2)
+    b, h, sq, d = query.shape
+    sk = key.shape[2]
+    causal = bool(module.is_causal if is_causal is None else is_causal)
+    window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)
+    fa = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window,
+              softcap=0.0 if softcap is None else softcap, s_aux=s_aux, backend=elit_backend)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D] views
+
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+            raise TypeError("attention_mask: expected None or a 2-D boolean key mask [batch, kv_length] (from the "
+                            "mask function registered by elit_kernels.integrations.transformers.register), got "
+                            + (f"shape {tuple(attention_mask.shape)} dtype {attention_mask.dtype}"
+                               if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__))
+        key_ok = attention_mask[:, :sk]
+        if key_ok.shape[1] < sk:  # a static cache longer than the mask: the rest is not written yet
+            key_ok = torch.nn.functional.pad(key_ok, (0, sk - key_ok.shape[1]), value=False)
+        q_ok = key_ok[:, -sq:] if sq <= sk else torch.ones(b, sq, dtype=torch.bool, device=query.device)
+        idx_q, idx_k = q_ok.flatten().nonzero().flatten(), key_ok.flatten().nonzero().flatten()
+        len_q, len_k = q_ok.sum(1), key_ok.sum(1)
+        out = flash_attn_varlen_func(q.reshape(b * sq, h, d)[idx_q], k.reshape(b * sk, *k.shape[2:])[idx_k],
+                                     v.reshape(b * sk, *v.shape[2:])[idx_k], _cu(len_q), _cu(len_k),
+                                     int(len_q.max()), int(len_k.max()), **fa)
+        return out.new_zeros(b * sq, h, d).index_copy(0, idx_q, out).view(b, sq, h, d), None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):
+        out = flash_attn_varlen_func(q.reshape(b * sq, h, d), k.reshape(b * sk, *k.shape[2:]),
+                                     v.reshape(b * sk, *v.shape[2:]), _as_cu("cu_seq_lens_q", cu_q),
+                                     _as_cu("cu_seq_lens_k", cu_k), max_q, max_k, **fa)
+        return out.view(b, sq, h, d), None
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and sq == sk and not torch.compiler.is_compiling():
+        cu = _packed_from_position_ids(position_ids, b, sq)
+        if cu is not None:
+            longest = int((cu[1:] - cu[:-1]).max())
+            out = flash_attn_varlen_func(q.reshape(b * sq, h, d), k.reshape(b * sk, *k.shape[2:]),
+                                         v.reshape(b * sk, *v.shape[2:]), cu, cu, longest, longest, **fa)
+            return out.view(b, sq, h, d), None
+
+    return flash_attn_func(q, k, v, **fa), None
+
+
+def elit_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                        mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers mask function (the ``AttentionMaskInterface`` signature) paired with
+    ``elit_attention_forward``: the 2-D boolean key mask ``[batch, <= kv_length]`` (the last ``kv_length``
+    columns of ``attention_mask``), or None when every key is valid. Causality, sliding windows and packed
+    sequences are applied by the attention function itself (from ``is_causal``, ``sliding_window`` and
+    ``position_ids``), as for transformers' flash-attention path.
+
+    Raises ``NotImplementedError`` naming ``mask_function`` when transformers combined the causal mask with
+    custom ``or``/``and`` overlays, which a key mask cannot express.
+    """
+    if kwargs.get("use_vmap", False):
+        raise NotImplementedError("mask_function: the model adds custom or/and mask overlays (e.g. bidirectional "
+                                  "image tokens), which elit attention cannot express; use attn_implementation='sdpa'")
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise TypeError(f"attention_mask: expected a 2-D [batch, kv_length] padding mask, got shape "
+                        f"{tuple(attention_mask.shape)}")
+    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register(name: str = "elit", backend: str | None = None) -> str:
+    """Register ``elit_attention_forward`` and ``elit_attention_mask`` with transformers under ``name``.
+
+    Arguments:
+        name: the ``attn_implementation`` to register (``from_config(cfg, attn_implementation=name)`` or
+            ``model.set_attn_implementation(name)``).
+        backend: the ``varlen_attention`` backend to run (None: dispatch per call).
+
+    Returns ``name``. Raises ``ImportError`` naming the supported transformers version when it is missing or
+    lacks the registration interfaces; ``TypeError`` when ``name`` is not a non-empty string.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    transformers = _transformers()
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return elit_attention_forward(module, query, key, value, attention_mask, elit_backend=backend, **kwargs)
+
+    attention.__doc__ = elit_attention_forward.__doc__
+    transformers.AttentionInterface.register(name, attention)
+    transformers.AttentionMaskInterface.register(name, elit_attention_mask)
+    return name

@@ -158,10 +158,14 @@ def test_flop_count_matches_analytic_attention_and_leaves_no_stub(preset):
     x, t, y = _inputs(cfg, 3)
     f = count_flops(lambda: m(x, t, y, [1, 4, 2]), [m])
     assert f["attention"] == elit_attention_flops(cfg, [1, 4, 2]) and f["other"] > 0
+    assert f["total"] == f["attention"] + f["other"]
+    # one varlen call per head/tail/core block, plus Read and Write
+    assert f["attention_calls"] == cfg.n_head + cfg.n_tail + cfg.core_blocks + 2
     assert m.backend == "torch" and "_bench_flop_stub" not in known_backends()
     fo = count_flops(lambda: OfficialStyleElit(m)(x, t, y, 2), [])
     assert fo["attention"] == elit_attention_flops(cfg, [2, 2, 2])
-    assert count_flops(lambda: p(x, t, y), [p])["attention"] == plain_attention_flops(cfg, 3)
+    fp = count_flops(lambda: p(x, t, y), [p])
+    assert fp["attention"] == plain_attention_flops(cfg, 3) and fp["attention_calls"] == cfg.depth
 
 
 def test_mixed_budgets_spread():

@@ -230,10 +230,10 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
     >>> lay.read_args[0].tolist(), lay.cu_core.tolist(), lay.pack_index.tolist()
     ([0, 2, 4, 6, 8], [0, 4, 6], [0, 1, 2, 3, 4, 6])
     """
-    bud = normalize_budgets(budgets, batch, j_max)
     for name, n in (("groups", groups), ("tokens_per_group", tokens_per_group), ("j_max", j_max)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name}: expected a positive int, got {n!r}")
+    bud = normalize_budgets(budgets, batch, j_max)  # after the sizes: a bad j_max is named as such
     b_t = torch.tensor(bud, dtype=torch.long, device=device)
     per_group = b_t.repeat_interleave(groups)  # [B*G]
     cu_lat = _cu(per_group)

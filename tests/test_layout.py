@@ -82,3 +82,84 @@ def test_budgets_normalisation_and_errors():
         unpack_latents(torch.randn(3, 2), build_layout([1], 1, 2, 4, 2))
     with pytest.raises(ValueError, match="latents"):
         pack_latents(torch.randn(1, 2, 3, 4), build_layout([1], 1, 2, 4, 2))
+
+
+# --- written against the mutation run (benchmarks/results/mutation.md): each test kills a kind of survivor ---
+
+@pytest.mark.parametrize("h,w,window,bad", [(0, 4, 2, "h"), (4, 0, 2, "w"), (4, 4, 0, "window"), (True, 4, 1, "h"),
+                                            (4, 4.0, 2, "w"), (4, 4, True, "window"), (-2, 4, 2, "h")])
+def test_grid_errors_name_the_argument(h, w, window, bad):
+    with pytest.raises(ValueError, match=rf"^{bad}: expected a positive int"):
+        group_major_permutation(h, w, window)
+
+
+@pytest.mark.parametrize("h,w", [(8, 6), (6, 8), (4, 6), (6, 4)])
+def test_window_must_divide_both_sides(h, w):
+    with pytest.raises(ValueError, match=r"^window: 4 must divide the token grid"):
+        group_major_permutation(h, w, 4)
+    assert group_major_permutation(4, 4, 1).tolist() == list(range(16))  # 1 divides anything: smallest legal window
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (2, 15, 3), (2, 16, 3, 1)])
+def test_from_group_major_checks_rank_and_length_separately(shape):
+    with pytest.raises(ValueError, match=r"^tokens: expected \[B, 16, C\]"):
+        from_group_major(torch.randn(*shape), 4, 4, 2)
+
+
+@pytest.mark.parametrize("kw,bad", [({"groups": 0}, "groups"), ({"tokens_per_group": 0}, "tokens_per_group"),
+                                    ({"j_max": 0}, "j_max"), ({"groups": True}, "groups"),
+                                    ({"tokens_per_group": 2.0}, "tokens_per_group"), ({"j_max": -1}, "j_max")])
+def test_build_layout_errors_name_the_argument(kw, bad):
+    args = {"groups": 2, "tokens_per_group": 4, "j_max": 2, **kw}
+    with pytest.raises(ValueError, match=rf"^{bad}: expected a positive int"):
+        build_layout([0, 0], batch=2, **args)
+
+
+def test_build_layout_smallest_sizes_and_field_types():
+    """groups = tokens_per_group = j_max = 1 is legal; every cu_seqlens is int32, every index long; the
+    budgets are kept as given."""
+    lay = build_layout([1, 0, 1], batch=3, groups=1, tokens_per_group=1, j_max=1)
+    for cu in (lay.cu_latents, lay.cu_spatial, lay.cu_core, lay.cu_image):
+        assert cu.dtype == torch.int32
+    for ix in (lay.latent_sample, lay.latent_group, lay.latent_index, lay.pack_index):
+        assert ix.dtype == torch.long
+    assert lay.budgets == [1, 0, 1] and lay.cu_latents.tolist() == [0, 1, 1, 2]
+    assert lay.latent_sample.tolist() == [0, 2] and lay.pack_index.tolist() == [0, 2]
+
+
+def test_empty_batch_layout():
+    lay = build_layout([], batch=0, groups=2, tokens_per_group=4, j_max=3)
+    assert lay.max_latents == 0 and lay.max_core == 0 and lay.total_latents == 0
+    assert lay.spatial_runs.runs == () and lay.latent_runs.runs == () and lay.spatial_runs.batch == 0
+
+
+def test_budget_core_only_interface_layout():
+    """Released semantics: Read/Write see all j_max latents whenever some budget is below j_max; with every
+    sample at j_max there is nothing to separate and the layout is its own interface."""
+    lay = build_layout([1, 3], batch=2, groups=2, tokens_per_group=4, j_max=3, budget_core_only=True)
+    assert lay.budget_core_only is True and lay.interface is not None
+    assert lay.read_args[0].tolist() == [0, 3, 6, 9, 12] and lay.write_args[1].tolist() == [0, 3, 6, 9, 12]
+    assert lay.read_args[2] == 3 and lay.cu_core.tolist() == [0, 2, 8]
+    full = build_layout([3, 3], batch=2, groups=2, tokens_per_group=4, j_max=3, budget_core_only=True)
+    assert full.interface is None and full.interface_layout is full
+    paper = build_layout([1, 3], batch=2, groups=2, tokens_per_group=4, j_max=3)
+    assert paper.budget_core_only is False and paper.interface is None
+    assert paper.read_args[0].tolist() == [0, 1, 2, 5, 8] and paper.read_args[2] == 3
+
+
+@pytest.mark.parametrize("counts,runs", [([2, 2], ((0, 4, 0, 2),)), ([3], ((0, 3, 0, 1),)),
+                                         ([1, 2, 2, 2], ((0, 1, 0, 1), (1, 7, 1, 4))),
+                                         ([0, 0], ()), ([2, 0, 0, 2], ((0, 2, 0, 1), (2, 4, 3, 4)))])
+def test_token_runs_merge_equal_neighbours(counts, runs):
+    from elit_kernels.layout import TokenRuns
+    r = TokenRuns.from_counts(counts, device="cpu")
+    assert r.runs == runs and r.total == sum(counts) and r.batch == len(counts) and str(r.device) == "cpu"
+    assert r.index.tolist() == [s for s, c in enumerate(counts) for _ in range(c)]
+
+
+def test_layout_runs_describe_the_batch():
+    lay = build_layout([2, 2, 1], batch=3, groups=2, tokens_per_group=4, j_max=2)
+    assert lay.latent_runs.runs == ((0, 8, 0, 2), (8, 10, 2, 3)) and lay.latent_runs.batch == 3
+    assert lay.spatial_runs.runs == ((0, 24, 0, 3),) and lay.spatial_runs.total == 24 and lay.spatial_runs.batch == 3
+    assert str(lay.spatial_runs.device) == "cpu" and str(lay.latent_runs.device) == "cpu"
+    assert lay.spatial_sample().tolist() == [s for s in range(3) for _ in range(8)]

@@ -166,6 +166,9 @@ def test_flop_count_matches_analytic_attention_and_leaves_no_stub(preset):
     assert fo["attention"] == elit_attention_flops(cfg, [2, 2, 2])
     fp = count_flops(lambda: p(x, t, y), [p])
     assert fp["attention"] == plain_attention_flops(cfg, 3) and fp["attention_calls"] == cfg.depth
+    assert type(elit_attention_flops(cfg, [1, 4, 2])) is int and type(plain_attention_flops(cfg, 3)) is int
+    from elit_kernels.bench.flops import active_counter
+    assert active_counter() is None  # nothing counting outside count_flops
 
 
 def test_mixed_budgets_spread():

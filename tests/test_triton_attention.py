@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import elit_kernels  # noqa: E402
 from elit_kernels import varlen_attention  # noqa: E402
 from elit_kernels.backends import AttnInputs, get_backend  # noqa: E402
 from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402

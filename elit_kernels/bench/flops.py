@@ -10,7 +10,7 @@ the model hands it, i.e. from the ElitLayout. The official-style baseline asks t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,13 +27,11 @@ class AttentionFlops:
 
     total: int = 0
     calls: int = 0
-    per_call: list = field(default_factory=list)
 
     def add_segments(self, lens_q, lens_k, heads: int, head_dim: int) -> int:
         f = 4 * sum(int(a) * int(b) for a, b in zip(lens_q, lens_k)) * heads * head_dim
         self.total += f
         self.calls += 1
-        self.per_call.append(f)
         return f
 
     def add_dense(self, batch: int, lq: int, lk: int, heads: int, head_dim: int) -> int:

@@ -155,6 +155,7 @@ def test_token_runs_merge_equal_neighbours(counts, runs):
     r = TokenRuns.from_counts(counts, device="cpu")
     assert r.runs == runs and r.total == sum(counts) and r.batch == len(counts) and str(r.device) == "cpu"
     assert r.index.tolist() == [s for s, c in enumerate(counts) for _ in range(c)]
+    assert TokenRuns.from_counts(counts).index.device.type == "cpu"  # the default device
 
 
 def test_layout_runs_describe_the_batch():

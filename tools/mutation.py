@@ -157,6 +157,9 @@ def write_report(results: list[dict], triton: list[dict]) -> Path:
         score = f"{100 * r['score']:.1f} %" if r["score"] is not None else "-"
         lines.append(f"| {r['name']} | {r['date']} | {r['commit']} | {sum(c.values())} | {c.get('killed', 0)} | "
                      f"{c.get('timeout', 0)} | {c.get('survived', 0)} | {score} |")
+    missing = [n for n in MODULES if n not in store["modules"]]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (`bash tools/mutation.sh {' '.join(missing)}`)."]
     lines += ["", "## Hand-planted Triton mutants (interpreter)", ""]
     lines += [f"- {t['name']}: {t['status']} ({t['date']}, {t['commit']})" for t in store["triton"]]
     for r in mods:

@@ -125,3 +125,68 @@ def test_value_checks_skipped_under_compile(args, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     inp = validate()  # tracing: no host read of cu_seqlens, so no error from values
     assert inp.cu_seqlens_q is args["cu_seqlens_q"] and reads == []
+
+
+# --- written against the mutation run (benchmarks/results/mutation.md) ---
+
+@pytest.mark.parametrize("window,side,err", [((-2, 0), "left", ValueError), ((0, -2), "right", ValueError),
+                                             ((True, 0), "left", TypeError), ((0, 1.5), "right", TypeError),
+                                             ((torch.tensor(1.0), 0), "left", TypeError)])
+def test_window_errors_name_the_side(args, window, side, err):
+    with pytest.raises(err, match=rf"^window_size: {side} must be"):
+        call(args, window_size=window)
+
+
+def test_window_edges(args):
+    """-1 is the smallest legal side; 0-dim integer tensors are accepted; causal makes the right side the causal
+    bound whatever it was given as."""
+    from elit_kernels.attention import validate_inputs
+    a = [args[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
+    inp = validate_inputs(*a, None, False, window_size=(torch.tensor(2), torch.tensor(-1)))
+    assert (inp.window_left, inp.window_right) == (2, -1)
+    inp = validate_inputs(*a, None, True, window_size=(3, 5))
+    assert (inp.window_left, inp.window_right, inp.causal) == (3, -1, True)
+    assert validate_inputs(*a, None, False).return_lse is False and validate_inputs(*a, None, False).softcap == 0.0
+    inp = validate_inputs(*a, None, False, return_lse=1, softcap=2)
+    assert inp.return_lse is True and inp.softcap == 2.0 and type(inp.softcap) is float
+
+
+@pytest.mark.parametrize("softcap,err", [(True, TypeError), ("1", TypeError), (-0.5, ValueError),
+                                         (float("inf"), ValueError), (float("nan"), ValueError)])
+def test_softcap_errors(args, softcap, err):
+    with pytest.raises(err, match="^softcap: expected"):
+        call(args, softcap=softcap)
+
+
+def test_legal_edges_of_the_contract():
+    """Zero segments (cu = [0]), empty segments, head dims 1 and 256: all legal and right."""
+    from elit_kernels.reference.attention import varlen_attention_reference
+    q = torch.randn(0, 2, 8)
+    out = varlen_attention(q, q, q, torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 0, 0,
+                           backend="torch")
+    assert out.shape == (0, 2, 8)
+    for d in (1, 256):
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([0, 3, 2], [2, 0, 4], 2, d, seed=d)
+        out = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch")
+        ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=d ** -0.5)
+        torch.testing.assert_close(out, ref)
+
+
+def test_set_value_checks_stores_a_bool():
+    was = value_checks_enabled()
+    try:
+        set_value_checks(0)
+        assert value_checks_enabled() is False
+        set_value_checks("yes")
+        assert value_checks_enabled() is True
+    finally:
+        set_value_checks(was)
+
+
+def test_return_lse_and_window_reach_the_backend(args):
+    """varlen_attention passes return_lse, window_size and softcap through (each changes the result)."""
+    out, lse = call(args, backend="torch", return_lse=True)
+    assert lse.shape == (2, args["q"].shape[0])
+    plain = call(args, backend="torch")
+    assert not torch.equal(call(args, backend="torch", window_size=(0, 0)), plain)
+    assert not torch.equal(call(args, backend="torch", softcap=0.5), plain)

@@ -30,8 +30,9 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     "flow": (["elit_kernels/flow.py"], ["tests/test_flow.py", "tests/test_model.py"]),
     # -k "not compile": torch.compile cannot trace mutmut's trampolines (a ContextVar.set per call), so the
     # compile tests fail on the unmutated code of modules on the compiled path; the CI suite runs them.
-    "attention": (["elit_kernels/attention.py"], ["tests/test_attention.py", "tests/test_validation.py", "-k",
-                                                  "not compile"]),
+    "attention": (["elit_kernels/attention.py"], ["tests/test_attention.py", "tests/test_validation.py",
+                                                  "tests/test_window_softcap.py", "tests/test_dropin.py", "-k",
+                                                  "not compile and not triton"]),
     "backends": (["elit_kernels/backends.py", "elit_kernels/known_answer.py"],
                  ["tests/test_attention.py", "tests/test_known_answer.py", "-k", "not compile"]),
     "torch_attention": (["elit_kernels/torch_attention.py"], ["tests/test_torch_backend.py", "tests/test_attention.py",

@@ -25,6 +25,8 @@ CASES = {
     "q-rank": (lambda a: a.update(q=a["q"][:, 0]), ValueError, r"^q: .*3-D"),
     "k-rank": (lambda a: a.update(k=a["k"][None]), ValueError, r"^k: .*3-D"),
     "q-not-tensor": (lambda a: a.update(q=[1, 2]), TypeError, r"^q: expected a torch.Tensor"),
+    "k-not-tensor": (lambda a: a.update(k=None), TypeError, r"^k: expected a torch.Tensor"),
+    "v-not-tensor": (lambda a: a.update(v=a["v"].numpy()), TypeError, r"^v: expected a torch.Tensor"),
     "k-heads": (lambda a: a.update(k=torch.randn(6, 3, 64), v=torch.randn(6, 3, 64)), ValueError,
                 r"^k: has 3 heads, which does not divide q's 2 heads"),
     "v-heads": (lambda a: a.update(v=a["v"][:, :1]), ValueError, r"^v: has 1 heads, k has 2"),

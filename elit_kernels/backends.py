@@ -110,7 +110,8 @@ class Backend:
         """The head dim a D-dim problem runs at here (D, or the next native dim after zero padding); None
         when D is larger than every native dim."""
         if self.head_dims is not None:
-            return min((n for n in self.head_dims if n >= d), default=None)
+            fits = [n for n in self.head_dims if n >= d]  # a list, not min(default=): torch 2.13's dynamo needs it
+            return min(fits) if fits else None
         m = self.head_dim_multiple
         padded = -(-d // m) * m
         return padded if padded <= self.max_head_dim else None

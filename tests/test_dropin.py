@@ -388,6 +388,7 @@ def test_huge_max_seqlen_costs_nothing(backend):
 
 
 def test_kernel_grids_do_not_grow_with_slack():
+    pytest.importorskip("triton", reason="triton is not installed (the CPU-only torch): no Triton grids to check")
     from elit_kernels._triton import _common
     exact = _common.num_programs(128, 512, 4, 16)
     assert exact == 129

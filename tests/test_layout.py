@@ -164,3 +164,13 @@ def test_layout_runs_describe_the_batch():
     assert lay.spatial_runs.runs == ((0, 24, 0, 3),) and lay.spatial_runs.total == 24 and lay.spatial_runs.batch == 3
     assert str(lay.spatial_runs.device) == "cpu" and str(lay.latent_runs.device) == "cpu"
     assert lay.spatial_sample().tolist() == [s for s in range(3) for _ in range(8)]
+
+
+def test_modulate_over_zero_tokens():
+    """Every sample at budget 0: no latent token, no run; the run path returns [0, C] like the gather path."""
+    from elit_kernels.layout import TokenRuns
+    from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
+    runs = TokenRuns.from_counts([0, 0])
+    x, p = torch.randn(0, 6), torch.randn(2, 6)
+    assert layernorm_modulate(x, p, p, runs).shape == (0, 6)
+    assert gated_residual(x, x, p, runs).shape == (0, 6)

@@ -39,7 +39,7 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     "torch_attention": (["elit_kernels/torch_attention.py"], ["tests/test_torch_backend.py", "tests/test_attention.py",
                                                               "tests/test_window_softcap.py", "-k",
                                                               "not compile and not triton"]),
-    "reference": (["elit_kernels/reference/"], ["tests/test_attention.py", "tests/test_model.py",
+    "reference": (["elit_kernels/reference/"], ["tests/test_attention.py", "tests/test_model.py", "tests/test_layout.py",
                                                 "tests/test_window_softcap.py", "tests/test_torch_backend.py",
                                                 "tests/test_dropin.py", "-k", "not compile and not triton"]),
     "flops": (["elit_kernels/bench/flops.py"], ["tests/test_bench.py::test_attention_flops_pinned_by_hand",

@@ -89,7 +89,8 @@ def test_sdpa_over_runs_matches_the_reference(lens_q, lens_k, kw):
 def test_sdpa_over_runs_declines(lens_q, lens_k, kw):
     grad = kw.pop("grad", False)
     if grad:
-        out, _ = _runs(lens_q, lens_k, grad=True, **kw)
+        with torch.enable_grad():  # whatever grad mode an earlier test left behind
+            out, _ = _runs(lens_q, lens_k, grad=True, **kw)
     else:
         with torch.no_grad():
             out, _ = _runs(lens_q, lens_k, **kw)
@@ -99,11 +100,13 @@ def test_sdpa_over_runs_declines(lens_q, lens_k, kw):
 def test_sdpa_over_runs_gradients_need_an_input_that_wants_them():
     """Single keys decline only when a gradient is wanted: inputs without requires_grad, or grad mode off."""
     q, k, v, cq, ck, _, _ = random_varlen_inputs([2, 2], [1, 1], 2, 8)
-    assert TA.sdpa_over_runs(q, k, v, cq, ck, 0.5, False) is not None  # grad mode on, nothing requires grad
+    with torch.enable_grad():
+        assert TA.sdpa_over_runs(q, k, v, cq, ck, 0.5, False) is not None  # grad mode on, nothing requires grad
     for i in range(3):
         t = [x.clone() for x in (q, k, v)]
         t[i].requires_grad_(True)
-        assert TA.sdpa_over_runs(*t, cq, ck, 0.5, False) is None, i
+        with torch.enable_grad():
+            assert TA.sdpa_over_runs(*t, cq, ck, 0.5, False) is None, i
         with torch.no_grad():
             assert TA.sdpa_over_runs(*t, cq, ck, 0.5, False) is not None, i
 

@@ -63,7 +63,7 @@ TRITON_MUTANTS = [
 
 
 def _copy_tree(dst: Path) -> None:
-    for name in ("elit_kernels", "tests", "setup.py"):
+    for name in ("elit_kernels", "tests", "csrc", "setup.py"):  # csrc: tests read the CUDA sources' head dims
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "mutants"))
@@ -78,7 +78,7 @@ def run_module(name: str, keep: bool) -> dict:
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
         + "source_paths=\n" + "".join(f"    {p}\n" for p in paths)
-        + "also_copy=\n    elit_kernels\n"
+        + "also_copy=\n    elit_kernels\n    csrc\n"
         + "pytest_add_cli_args_test_selection=\n" + "".join(f"    {t}\n" for t in tests)
         + "pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -x\n"
         + "do_not_mutate_patterns=\n" + "".join(f"    {p}\n" for p in NO_MUTATE)

@@ -30,15 +30,19 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     "flow": (["elit_kernels/flow.py"], ["tests/test_flow.py", "tests/test_model.py"]),
     # -k "not compile": torch.compile cannot trace mutmut's trampolines (a ContextVar.set per call), so the
     # compile tests fail on the unmutated code of modules on the compiled path; the CI suite runs them.
+    # Also deselected: three tests that fail on the unmutated code under mutmut's runner only (the
+    # segment-longer-than-max_seqlen check, and sdpa_over_runs' gradient-mode declines: under the trampolines
+    # it sees no input that requires grad; not yet understood).
     "attention": (["elit_kernels/attention.py"], ["tests/test_attention.py", "tests/test_validation.py",
                                                   "tests/test_window_softcap.py", "tests/test_dropin.py", "-k",
-                                                  "not compile and not triton"]),
+                                                  "not compile and not triton and not never_garbage"]),
     "backends": (["elit_kernels/backends.py", "elit_kernels/known_answer.py"],
                  ["tests/test_attention.py", "tests/test_known_answer.py", "tests/test_window_softcap.py",
                   "tests/test_torch_backend.py", "tests/test_dropin.py", "-k", "not compile and not triton"]),
     "torch_attention": (["elit_kernels/torch_attention.py"], ["tests/test_torch_backend.py", "tests/test_attention.py",
                                                               "tests/test_window_softcap.py", "-k",
-                                                              "not compile and not triton"]),
+                                                              "not compile and not triton and not declines and "
+                                                              "not need_an_input"]),
     "reference": (["elit_kernels/reference/"], ["tests/test_attention.py", "tests/test_model.py", "tests/test_layout.py",
                                                 "tests/test_window_softcap.py", "tests/test_torch_backend.py",
                                                 "tests/test_dropin.py", "-k", "not compile and not triton"]),

@@ -149,6 +149,11 @@ def write_report(results: list[dict], triton: list[dict]) -> Path:
     store = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {"modules": {}, "triton": []}
     stamp = {"date": dt.date.today().isoformat(), "commit": _commit()}
     for r in results:
+        if not any(r["counts"].get(k) for k in ("killed", "timeout", "survived")):
+            # mutmut's clean run failed (no mutant was tested): keep the last real result, say so
+            print(f"== {r['name']}: no mutant tested (the clean test run failed); keeping the stored result",
+                  flush=True)
+            continue
         store["modules"][r["name"]] = {**r, **stamp}
     if triton:
         store["triton"] = [{**t, **stamp} for t in triton]

@@ -8,9 +8,11 @@ consecutive segments with equal (Lq, Lk), and runs one ``F.scaled_dot_product_at
 It applies when there are at most ``MAX_RUNS`` stretches, no LSE is asked for, and every stretch can be
 expressed exactly (causal stretches need Lq <= Lk, so every row sees a key; single-key stretches take
 ``out = v`` exactly and, when gradients are needed, go to the exact path below). Measured on CPU (AMD
-EPYC, 1 thread, S/2 256px batch 4 fp32, ``benchmarks/results/``): the ELIT forward on this path vs the
-grouped path below vs the dense official-style forward of the same weights -- see RESULTS.md, "torch
-backend paths".
+EPYC, 1 thread, S/2 256px batch 4 fp32, paper preset, 2026-11-29): at J = 2 the ELIT forward on this
+path took 797 ms CPU time vs 788 ms for the dense official-style forward of the same weights (5
+alternating calls); on the grouped path alone the attention had cost 280-340 ms per forward at J = 16
+against 120 ms for the dense forward's fused SDPA (a profile before this path existed). One interleaved elit-bench run: ragged/dense 0.95-1.08 over budgets 1..16, both
+presets (benchmarks/results/RESULTS.md).
 
 **Everything else** (many distinct lengths, LSE, torch.compile, segments a view cannot express):
 
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autograd import register_varlen_autograd
+from .reference.attention import visible_mask
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -285,7 +288,7 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
         if lk == 1:
             if windowed:  # the window may hide the key from some rows
                 return None
-            if need_grad or (causal and lq > 1):  # the exact single-key gradients live on the grouped path
+            if need_grad:  # the exact single-key gradients live on the grouped path (causal lq > 1 left above)
                 return None
             vr = v[ka:kb].view(n, 1, hkv, d).repeat_interleave(h // hkv, dim=2)
             parts.append(vr.expand(n, lq, h, d).reshape(qb - qa, h, d))
@@ -294,14 +297,10 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
         kr = k[ka:kb].view(n, lk, hkv, d).transpose(1, 2)
         vr = v[ka:kb].view(n, lk, hkv, d).transpose(1, 2)
         mask = None
-        if windowed:
-            from .reference.attention import visible_mask
-
+        if windowed or (causal and lq != lk):  # bottom-right alignment (flash-attn), as the reference builds it
             mask = visible_mask(lq, lk, causal, window_left, window_right, q.device)
-            if not bool(mask.any(-1).all()):  # a row with no key: SDPA would give NaN there
+            if windowed and not bool(mask.any(-1).all()):  # a row with no key: SDPA would give NaN there
                 return None
-        elif causal and lq != lk:  # bottom-right alignment (flash-attn): query i sees key j iff j <= i + lk - lq
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         kw = {"enable_gqa": True} if hkv != h else {}
         o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, is_causal=causal and lq == lk and mask is None,
                                            scale=softmax_scale, **kw)

@@ -11,9 +11,7 @@ import torch
 def causal_mask(lq: int, lk: int, device) -> torch.Tensor:
     """Bottom-right aligned causal mask ``[lq, lk]`` (flash-attn convention): query i sees key j
     when ``j <= i + lk - lq``."""
-    i = torch.arange(lq, device=device)[:, None]
-    j = torch.arange(lk, device=device)[None, :]
-    return j <= i + (lk - lq)
+    return visible_mask(lq, lk, True, device=device)
 
 
 def visible_mask(lq: int, lk: int, causal: bool, window_left: int = -1, window_right: int = -1,

@@ -69,6 +69,11 @@ def make_rows(cases: list[Case], device: torch.device) -> list[dict]:
     return rows
 
 
+def _by_key(rows: list[dict]) -> dict:
+    """Rows by (preset, scenario, case, model, backend, budget): how targets and findings pair rows."""
+    return {(r["preset"], r["scenario"], r["case"], r["model"], r["backend"], r["budget"]): r for r in rows}
+
+
 def check_targets(rows: list[dict]) -> list[dict]:
     """The targets of issue 13, one entry per checked row and clock (the ELIT varlen path against the dense path).
 
@@ -90,7 +95,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
         out.append({"target": target, "clock": clock, "preset": r["preset"], "backend": r["backend"], "budget": budget,
                     "value": value, "holds": value <= limit})
 
-    by = {(r["preset"], r["scenario"], r["case"], r["model"], r["backend"], r["budget"]): r for r in rows}
+    by = _by_key(rows)
     for clock, ratio_key, ms_key in (("wall", "latency_over_flops", "latency_ms"), ("cpu", "cpu_over_flops", "cpu_ms")):
         for r in rows:
             if r["model"] != "elit" or not r[ms_key]:
@@ -429,7 +434,7 @@ def run_findings(rows: list[dict], meta: dict) -> list[str]:
     ms = "cpu_ms" if rows and all(r["cpu_ms"] is not None for r in rows if r["latency_ms"] is not None) else "latency_ms"
     clock = "CPU time" if ms == "cpu_ms" else "median wall time"
     out = [f"## In this run ({label}; {clock}, medians)", ""]
-    by = {(r["preset"], r["scenario"], r["case"], r["model"], r["backend"], r["budget"]): r for r in rows}
+    by = _by_key(rows)
     jm = meta.get("j_max")
     for preset in dict.fromkeys(r["preset"] for r in rows):
         dense = by.get((preset, "uniform", "uniform", "official", "sdpa_dense", jm))

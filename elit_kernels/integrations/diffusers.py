@@ -34,7 +34,8 @@ import warnings
 
 import torch
 
-from ..dropin import flash_attn_func, flash_attn_varlen_func
+from ..dropin import _uniform_cu, flash_attn_func, flash_attn_varlen_func
+from ..layout import _cu  # int32 [n + 1] offsets of a lengths tensor
 
 SUPPORTED = "diffusers 0.42.x (tested with 0.42.1)"
 NAME = "elit"
@@ -130,8 +131,7 @@ def attention_bshd(query, key, value, attn_mask=None, *, scale=None, is_causal=F
     ok = key_mask(attn_mask.to(query.device), b, sq, sk, h)
     idx = ok.flatten().nonzero().flatten()
     counts = ok.sum(1)
-    cu_k = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    cu_q = torch.arange(b + 1, dtype=torch.int32, device=query.device) * sq
+    cu_k, cu_q = _cu(counts), _uniform_cu(b, sq, query.device)
     out = flash_attn_varlen_func(query.reshape(b * sq, h, d), key.reshape(b * sk, *key.shape[2:])[idx],
                                  value.reshape(b * sk, *value.shape[2:])[idx], cu_q, cu_k, sq, int(counts.max()),
                                  dropout_p, scale, is_causal, backend=backend)

@@ -38,6 +38,7 @@ import warnings
 import torch
 
 from ..dropin import flash_attn_func, flash_attn_varlen_func
+from ..layout import _cu  # int32 [n + 1] offsets of a lengths tensor
 
 SUPPORTED = "transformers 5.x (tested with 5.24.0)"
 
@@ -52,11 +53,6 @@ def _transformers():
         raise ImportError(f"elit_kernels.integrations.transformers supports {SUPPORTED}; found transformers {version}, "
                           "which lacks AttentionInterface / AttentionMaskInterface registration")
     return transformers
-
-
-def _cu(lengths: torch.Tensor) -> torch.Tensor:
-    """int32 ``[n + 1]`` offsets of ``lengths``."""
-    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
 def _as_cu(name: str, t) -> torch.Tensor:

@@ -155,3 +155,83 @@ def test_known_answer_on_gpu(backend, dtype, head_dim):
     failures = {(causal, gqa): KA.verify_backend(backend, "cuda", dt, head_dim, causal=causal, gqa=gqa)
                 for causal in (False, True) for gqa in (False, True)}
     assert all(v is None for v in failures.values()), failures
+
+
+def test_verdict_keys_name_each_kind_and_the_warning_names_it(fake):
+    # the cache key separates every kind the check covers: a verdict for one never answers for another
+    b = fake("_keys", "scale")
+    for kw, grad, key, new_kind in [
+        (dict(), False, ("_keys", "cpu", "float32", 16, False, False, False, False), True),
+        (dict(causal=True), False, ("_keys", "cpu", "float32", 16, True, False, False, False), True),
+        (dict(window_size=(2, 1)), False, ("_keys", "cpu", "float32", 16, False, False, False, True), True),
+        (dict(softcap=3.0), False, ("_keys", "cpu", "float32", 16, False, False, False, True), False),
+        (dict(), True, ("_keys", "cpu", "float32", 16, False, False, True, False), True),
+    ]:
+        q, k, v, cq, ck, mq, mk = _inputs(requires_grad=grad)
+        pattern = "backend '_keys' failed its known-answer check on cpu float32, head dim 16" + (
+            ", causal" if kw.get("causal") else "") + (", with gradients" if grad else "")
+        calls = b.calls
+        if new_kind:
+            with pytest.warns(RuntimeWarning, match=pattern + ": "):
+                varlen_attention(q, k, v, cq, ck, mq, mk, **kw)
+            assert b.calls > calls  # the case ran
+        else:  # softcap shares the masked kind the window case checked: the cached verdict answers
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                varlen_attention(q, k, v, cq, ck, mq, mk, **kw)
+            assert b.calls == calls
+        assert key in KA.verdicts(), (kw, grad, sorted(KA.verdicts()))
+        assert KA.verdicts()[key].startswith(("out", "dq"))
+    assert len([k for k in KA.verdicts() if k[0] == "_keys"]) == 4  # window and softcap share the masked kind
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 9], [6, 3], 4, 16, seed=3, kv_heads=2)
+    with pytest.warns(RuntimeWarning, match=r"head dim 16, GQA: "):
+        varlen_attention(q, k, v, cq, ck, mq, mk)
+    assert ("_keys", "cpu", "float32", 16, False, True, False, False) in KA.verdicts()
+
+
+def test_the_key_uses_the_head_dim_the_backend_runs_at(fake):
+    b = fake("_padded")
+    b.head_dims = (32,)  # a 20-dim problem runs zero-padded at 32
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 9], [6, 3], 2, 20, seed=4)
+    torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, mk),
+                               varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference"))
+    assert ("_padded", "cpu", "float32", 32, False, False, False, False) in KA.verdicts()
+
+
+def test_auto_mode_checks_cuda_inputs_only_and_modes_read_back(fake):
+    b = fake("_auto")
+    KA.set_known_answer_checks("auto")
+    assert KA.known_answer_checks() == "auto"
+    q, k, v, cq, ck, mq, mk = _inputs()
+    varlen_attention(q, k, v, cq, ck, mq, mk)
+    assert b.calls == 1 and not any(k[0] == "_auto" for k in KA.verdicts())  # used without a check
+    for mode in ("on", "off"):
+        KA.set_known_answer_checks(mode)
+        assert KA.known_answer_checks() == mode
+    b.known_answer = False  # a backend that opts out is never checked, whatever the mode
+    KA.set_known_answer_checks("on")
+    varlen_attention(q, k, v, cq, ck, mq, mk)
+    assert b.calls == 2 and not any(k[0] == "_auto" for k in KA.verdicts())
+
+
+def test_verify_backend_forwards_its_arguments_and_caches(fake):
+    fake("_verify_good")
+    bad = fake("_verify_bad", "grad")
+    assert KA.verify_backend("_verify_good", "cpu", torch.float64, 24, causal=True, gqa=True, grad=True) is None
+    assert KA.verdicts()[("_verify_good", "cpu", "float64", 24, True, True, True, False)] is None
+    n = bad.calls
+    # wrong only in its backward: passes without gradients, fails with them, naming the gradient
+    assert KA.verify_backend("_verify_bad", "cpu", torch.float32, 16, grad=False) is None
+    assert bad.calls == n + 1
+    err = KA.verify_backend("_verify_bad", "cpu", torch.float32, 16, grad=True)
+    assert err is not None and "dq" in err
+    assert KA.verdicts()[("_verify_bad", "cpu", "float32", 16, False, False, True, False)] == err
+
+
+def test_run_case_reports_an_exception_by_type_and_message(fake):
+    b = fake("_raises", "raise")
+    err = KA._run_case(b, torch.device("cpu"), torch.float32, 16, False, False, False)
+    assert err == "raised RuntimeError: illegal memory access (simulated)"
+    b.bug = "scale"
+    err = KA._run_case(b, torch.device("cpu"), torch.float32, 16, True, True, False, masked=True)
+    assert err is not None and err.startswith("out") and "\n" not in err

@@ -1,0 +1,263 @@
+"""The backend registry (backends.py): declarations -> reasons, dispatch order, and the texts people read.
+
+Each declaration a backend makes is turned into one reason by the base class; these tests pin that each
+reason appears exactly when its declaration excludes the inputs, and says what it excludes. The
+dispatch errors and ``describe_backends`` rows are what a user sees when nothing can run, so their
+content is pinned too."""
+import pytest
+import torch
+
+from elit_kernels import backends as B
+from elit_kernels import known_answer as KA
+from elit_kernels.backends import AttnInputs
+from elit_kernels.testing import random_varlen_inputs
+
+
+def _inp(dtype=torch.float32, head_dim=16, heads=2, kv_heads=None, causal=False, return_lse=False,
+         window=(-1, -1), softcap=0.0, lens_q=(3, 5), lens_k=(4, 2)):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(list(lens_q), list(lens_k), heads, head_dim, dtype=dtype,
+                                                   kv_heads=kv_heads, seed=5)
+    return AttnInputs(q, k, v, cq, ck, mq, mk, head_dim ** -0.5, causal, return_lse, window[0], window[1], softcap)
+
+
+class _Declared(B.Backend):
+    """Declares one restriction of each kind."""
+
+    name, priority = "_declared", -1000
+    dtypes = (torch.float16,)
+    devices = ("cuda",)
+    head_dims = (64, 72, 128)
+    supports_gqa = supports_lse = supports_window = supports_softcap = False
+
+    def forward(self, inp):  # pragma: no cover - never dispatched to
+        raise AssertionError("not to be run")
+
+
+def test_attn_inputs_properties():
+    plain = _inp(head_dim=24, heads=4, kv_heads=2, lens_q=(3, 5, 1), lens_k=(4, 2, 7))
+    assert (plain.head_dim, plain.num_heads, plain.num_kv_heads, plain.num_segments) == (24, 4, 2, 3)
+    assert not plain.has_window
+    assert _inp(window=(3, -1)).has_window and _inp(window=(-1, 0)).has_window and _inp(window=(0, 0)).has_window
+
+
+def test_each_declaration_gives_its_reason_only_when_it_excludes_the_inputs():
+    b = _Declared()
+    reasons = b.not_supported_reasons(_inp(head_dim=200, heads=4, kv_heads=2, return_lse=True, window=(3, 2),
+                                           softcap=5.0))
+    assert reasons == [
+        "dtype torch.float32 not in ['torch.float16']",
+        "needs cuda tensors, got device cpu",
+        "head dim 200 too large (runs 64, 72, 128)",
+        "no grouped-query attention (q has 4 heads, k/v 2)",
+        "cannot return the softmax log-sum-exp (return_attn_probs=True)",
+        "no sliding-window attention (window_size=(3, 2))",
+        "no logit soft-capping (softcap=5.0)",
+    ]
+    # the same backend, inputs that each declaration allows: only dtype and device remain
+    assert b.not_supported_reasons(_inp(head_dim=128)) == ["dtype torch.float32 not in ['torch.float16']",
+                                                           "needs cuda tensors, got device cpu"]
+    fp16 = _inp(dtype=torch.float16, head_dim=64)
+    assert b.not_supported_reasons(fp16) == ["needs cuda tensors, got device cpu"]
+    two = _Declared()
+    two.devices = ("cuda", "cpu")
+    assert two.not_supported_reasons(fp16) == []
+    two.devices = None  # any device
+    assert two.not_supported_reasons(fp16) == []
+    two.devices = ("cuda", "xpu")
+    assert two.not_supported_reasons(fp16) == ["needs cuda or xpu tensors, got device cpu"]
+
+
+def test_the_base_backend_runs_everything_the_contract_allows():
+    b = B.Backend()
+    for inp in (_inp(), _inp(dtype=torch.float64, head_dim=256, heads=4, kv_heads=1, causal=True, return_lse=True,
+                             window=(2, -1), softcap=3.0), _inp(dtype=torch.bfloat16, head_dim=1)):
+        assert b.not_supported_reasons(inp) == []
+    assert b.not_supported_reasons(_inp(head_dim=257)) == ["head dim 257 too large (runs 1..256)"]
+    assert b.is_available() and b.known_answer
+    assert repr(B.get_backend("torch")) == "<backend torch priority=10>"
+
+
+@pytest.mark.parametrize("declared,expect", [
+    (dict(head_dims=(64, 72, 128)), {1: 64, 64: 64, 65: 72, 72: 72, 73: 128, 128: 128, 129: None}),
+    (dict(head_dims=None, head_dim_multiple=8, max_head_dim=256), {1: 8, 8: 8, 9: 16, 20: 24, 256: 256, 249: 256,
+                                                                   257: None}),
+    (dict(head_dims=None, head_dim_multiple=1, max_head_dim=256), {1: 1, 7: 7, 256: 256, 257: None}),
+    (dict(head_dims=None, head_dim_multiple=16, max_head_dim=96), {1: 16, 80: 80, 81: 96, 96: 96, 97: None}),
+])
+def test_run_head_dim_pads_to_the_next_native_dim(declared, expect):
+    b = type("_Dims", (B.Backend,), declared)()
+    assert {d: b.run_head_dim(d) for d in expect} == expect
+
+
+def test_native_dims_text():
+    assert B.Backend()._native_dims_text() == "1..256"
+    assert type("_M", (B.Backend,), dict(head_dim_multiple=8, max_head_dim=128))()._native_dims_text() == \
+        "multiples of 8 up to 128"
+    assert _Declared()._native_dims_text() == "64, 72, 128"
+
+
+def test_describe_inputs_names_every_option_that_is_set():
+    assert B.describe_inputs(_inp()) == "q (8, 2, 16), k/v (6, 2, 16), 2 segments, torch.float32, cpu"
+    full = _inp(heads=4, kv_heads=2, causal=True, return_lse=True, window=(3, 0), softcap=2.5)
+    assert B.describe_inputs(full) == ("q (8, 4, 16), k/v (6, 2, 16), 2 segments, torch.float32, cpu, causal, "
+                                       "return_lse, window_size=(3, 0), softcap=2.5")
+    assert B.describe_inputs(_inp(window=(-1, 4))).endswith(", window_size=(-1, 4)")
+
+
+@pytest.fixture
+def registered():
+    made = []
+
+    def add(b):
+        B.register_backend(b)
+        made.append(b.name)
+        return b
+
+    was = KA.known_answer_checks()
+    KA.set_known_answer_checks("off")
+    yield add
+    KA.set_known_answer_checks(was)
+    for n in made:
+        B._REGISTRY.pop(n, None)
+
+
+def test_explicit_backend_that_cannot_run_lists_every_reason(registered, monkeypatch):
+    registered(_Declared())
+    inp = _inp(heads=4, kv_heads=2)
+    with pytest.raises(ValueError) as e:
+        B.select_backend(inp, "_declared")
+    assert str(e.value) == (
+        f"backend: backend '_declared' cannot run these inputs ({B.describe_inputs(inp)}): "
+        "dtype torch.float32 not in ['torch.float16']; needs cuda tensors, got device cpu; "
+        "no grouped-query attention (q has 4 heads, k/v 2)")
+    monkeypatch.setenv("ELIT_BACKEND", "_declared")  # the same through the environment names the variable
+    with pytest.raises(ValueError, match=r"^ELIT_BACKEND: backend '_declared' cannot run"):
+        B.select_backend(inp)
+    monkeypatch.setenv("ELIT_BACKEND", "reference")
+    assert B.select_backend(inp).name == "reference"
+    assert B.select_backend(inp, "torch").name == "torch"  # the argument wins over the environment
+    monkeypatch.delenv("ELIT_BACKEND")
+    default = B.select_backend(inp).name
+    monkeypatch.setenv("ELIT_BACKEND", "")  # empty: as if unset
+    assert B.select_backend(inp).name == default
+
+
+class _Unavailable(B.Backend):
+    name, priority = "_unavailable", 10_000
+
+    def is_available(self):
+        return False
+
+    def forward(self, inp):  # pragma: no cover
+        raise AssertionError("not to be run")
+
+
+class _Picky(B.Backend):
+    name, priority, known_answer = "_picky", 9_000, False
+    dtypes = (torch.float64,)
+
+    def forward(self, inp):
+        return torch.full_like(inp.q, 7.0)
+
+
+def test_default_dispatch_takes_the_highest_priority_backend_that_can_run(registered):
+    registered(_Unavailable())
+    registered(_Picky())
+    order = B.known_backends()
+    assert order[:2] == ["_unavailable", "_picky"]
+    prios = [B.get_backend(n).priority for n in order]
+    assert prios == sorted(prios, reverse=True)
+    assert B.select_backend(_inp(dtype=torch.float64)).name == "_picky"  # the unavailable one is passed over
+    assert B.select_backend(_inp()).name not in ("_unavailable", "_picky")
+    with pytest.raises(ValueError, match="not available in this environment"):
+        B.select_backend(_inp(), "_unavailable")
+
+
+def test_no_backend_error_lists_each_backend_with_its_reasons(registered):
+    saved = dict(B._REGISTRY)
+    try:
+        B._REGISTRY.clear()
+        registered(_Unavailable())
+        registered(_Declared())
+        inp = _inp(return_lse=True)
+        with pytest.raises(ValueError) as e:
+            B.select_backend(inp)
+        assert str(e.value) == (
+            f"no backend supports these inputs ({B.describe_inputs(inp)}):\n"
+            "  _unavailable: not available in this environment\n"
+            "  _declared: dtype torch.float32 not in ['torch.float16']; needs cuda tensors, got device cpu; "
+            "cannot return the softmax log-sum-exp (return_attn_probs=True)")
+    finally:
+        B._REGISTRY.clear()
+        B._REGISTRY.update(saved)
+
+
+def test_describe_backends_rows(registered):
+    registered(_Unavailable())
+    registered(_Picky())
+    rows = B.describe_backends()
+    assert [r["name"] for r in rows] == B.known_backends()
+    un = next(r for r in rows if r["name"] == "_unavailable")
+    assert un == {"name": "_unavailable", "priority": 10_000, "available": False, "description": ""}
+    ref = next(r for r in rows if r["name"] == "reference")
+    assert ref["available"] is True and ref["priority"] == 0 and "the truth" in ref["description"]
+    with_inp = {r["name"]: r for r in B.describe_backends(_inp())}
+    assert with_inp["_unavailable"]["reasons"] == ["not available in this environment"]
+    assert with_inp["_picky"]["reasons"] == ["dtype torch.float32 not in ['torch.float64']"]
+    assert with_inp["reference"]["reasons"] == []
+    assert all("reasons" not in r for r in rows)
+
+
+def test_register_and_get_errors():
+    with pytest.raises(TypeError, match="backend: expected an elit_kernels.backends.Backend, got str"):
+        B.register_backend("torch")
+    with pytest.raises(TypeError, match="backend: expected a str or None, got int"):
+        B.get_backend(3)
+    with pytest.raises(ValueError, match=r"backend: unknown backend 'nope'; known backends: .*reference"):
+        B.get_backend("nope")
+
+
+def test_register_replaces_a_backend_of_the_same_name(registered):
+    first = registered(_Picky())
+    second = _Picky()
+    assert B.register_backend(second) is second
+    assert B.get_backend("_picky") is second and B.get_backend("_picky") is not first
+
+
+def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits():
+    for name in ("torch_varlen", "flash_attn"):
+        b = B.get_backend(name)
+        assert b.priority < 0 and not b.known_answer
+        if not torch.cuda.is_available():
+            assert not b.is_available()
+        r = b.not_supported_reasons(_inp(heads=4, kv_heads=2, window=(1, 1), softcap=1.0, return_lse=True,
+                                         head_dim=12))
+        assert r[:2] == ["dtype torch.float32 not in ['torch.float16', 'torch.bfloat16']",
+                         "needs cuda tensors, got device cpu"]
+        assert {"no grouped-query attention (q has 4 heads, k/v 2)",
+                "cannot return the softmax log-sum-exp (return_attn_probs=True)",
+                "no sliding-window attention (window_size=(1, 1))", "no logit soft-capping (softcap=1.0)"} <= set(r)
+        assert b.run_head_dim(12) == 16
+
+
+def test_comparator_missing_module_is_unavailable():
+    class _Missing(B._CudaComparator):
+        name, module = "_missing", "elit_kernels_no_such_module"
+
+    assert _Missing().is_available() is False
+
+
+def test_torch_backend_returns_lse_on_request_and_takes_softcap_through_the_op():
+    tb = B.get_backend("torch")
+    ref = B.get_backend("reference")
+    for kw in (dict(return_lse=True), dict(softcap=2.0), dict(return_lse=True, softcap=2.0, causal=True)):
+        inp = _inp(**kw)
+        got, want = tb.forward(inp), ref.forward(inp)
+        if inp.return_lse:
+            assert isinstance(got, tuple) and len(got) == 2
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        else:
+            assert isinstance(got, torch.Tensor)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert tb.not_supported_reasons(_inp()) == []

@@ -90,12 +90,19 @@ def check_dispatch(b, inp) -> str | None:
 def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int = 64, *, causal: bool = False,
                    gqa: bool = False, grad: bool = True) -> str | None:
     """Run the known-answer case for backend ``name`` now (eagerly) and cache the verdict: None when it
-    passed, else the error. Use before ``torch.compile`` / CUDA-graph capture, where no check can run."""
+    passed, else the error. Use before ``torch.compile`` / CUDA-graph capture, where no check can run.
+
+    Raises ValueError naming ``device`` when it is a CUDA device and CUDA is not available (no verdict
+    is cached: the backend is not at fault), ValueError / TypeError naming ``backend`` for an unknown name."""
     from .backends import get_backend
 
     b = get_backend(name)
-    verdict = _run_case(b, torch.device(device), dtype, head_dim, causal, gqa, grad)
-    _VERDICTS[_key(b, torch.device(device), dtype, head_dim, causal, gqa, grad)] = verdict
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(dev)!r} is not available here (torch.cuda.is_available() is False); "
+                         "pass device='cpu' to check a CPU backend")
+    verdict = _run_case(b, dev, dtype, head_dim, causal, gqa, grad)
+    _VERDICTS[_key(b, dev, dtype, head_dim, causal, gqa, grad)] = verdict
     return verdict
 
 

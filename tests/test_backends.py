@@ -261,3 +261,28 @@ def test_torch_backend_returns_lse_on_request_and_takes_softcap_through_the_op()
             assert isinstance(got, torch.Tensor)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert tb.not_supported_reasons(_inp()) == []
+
+
+def test_torch_backend_takes_the_run_path_exactly_when_it_may(monkeypatch):
+    """Eager, no LSE, no softcap: sdpa_over_runs first, handed the real scale and window; otherwise the op."""
+    from elit_kernels import torch_attention as TA
+
+    calls = []
+    orig = TA.sdpa_over_runs
+
+    def spy(q, k, v, cq, ck, scale, causal, wl=-1, wr=-1):
+        calls.append((scale, causal, wl, wr))
+        return orig(q, k, v, cq, ck, scale, causal, wl, wr)
+
+    monkeypatch.setattr(TA, "sdpa_over_runs", spy)
+    tb = B.get_backend("torch")
+    with torch.no_grad():
+        plain = _inp(causal=True, window=(2, -1))
+        plain = AttnInputs(*[getattr(plain, f) for f in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                                         "max_seqlen_k")], 0.37, True, False, 2, -1, 0.0)
+        out = tb.forward(plain)
+        assert calls == [(0.37, True, 2, -1)]
+        torch.testing.assert_close(out, B.get_backend("reference").forward(plain), rtol=1e-5, atol=1e-6)
+        tb.forward(_inp(return_lse=True))
+        tb.forward(_inp(softcap=1.5))
+    assert len(calls) == 1  # LSE and softcap go to the grouped op

@@ -235,3 +235,151 @@ def test_run_case_reports_an_exception_by_type_and_message(fake):
     b.bug = "scale"
     err = KA._run_case(b, torch.device("cpu"), torch.float32, 16, True, True, False, masked=True)
     assert err is not None and err.startswith("out") and "\n" not in err
+
+
+class _Spy(_Fake):
+    """The reference, recording what each call was handed; ``bug`` as _Fake plus 'dq'/'dk'/'dv' (one wrong
+    gradient: that input enters as ``t + 0.5 (t - t.detach())``, same forward) and 'tiny' (off by 1e-7)."""
+
+    def __init__(self, name, bug=None):
+        super().__init__(name, bug if bug in (None, "scale", "raise", "grad") else None)
+        self.seen, self.extra = [], bug
+
+    def forward(self, inp):
+        self.seen.append(dict(heads=inp.num_heads, kv_heads=inp.num_kv_heads, head_dim=inp.head_dim, dtype=inp.q.dtype,
+                              window=(inp.window_left, inp.window_right), softcap=inp.softcap, causal=inp.causal,
+                              grad=inp.q.requires_grad, q=inp.q.detach().clone()))
+        if self.extra in ("dq", "dk", "dv"):
+            i = "qkv".index(self.extra[1])
+            t = [inp.q, inp.k, inp.v]
+            t[i] = t[i] + 0.5 * (t[i] - t[i].detach())
+            inp = B.AttnInputs(*t, *[getattr(inp, f) for f in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                                               "max_seqlen_k", "softmax_scale", "causal", "return_lse",
+                                                               "window_left", "window_right", "softcap")])
+        out = super().forward(inp)
+        return out + 1e-7 if self.extra == "tiny" else out
+
+
+@pytest.fixture
+def spy(fake):
+    """Registers _Spy backends (checks on, verdicts cleared by ``fake``); removed afterwards."""
+    made = []
+
+    def make(name, bug=None):
+        made.append(B.register_backend(_Spy(name, bug)))
+        return made[-1]
+
+    yield make
+    for s in made:
+        B._REGISTRY.pop(s.name, None)
+
+
+def test_the_case_run_is_the_kind_asked_for(spy):
+    """gqa, masked (window + softcap), gradients, dtype, head dim and causal each reach the case the backend runs."""
+    s = spy("_spy_kind")
+    cpu = torch.device("cpu")
+    for gqa in (False, True):
+        for masked in (False, True):
+            for grad in (False, True):
+                s.seen.clear()
+                assert KA._run_case(s, cpu, torch.float64, 24, True, gqa, grad, masked) is None
+                assert len(s.seen) == 1
+                seen = s.seen[0]
+                assert (seen["heads"], seen["kv_heads"]) == ((4, 2) if gqa else (2, 2))
+                assert seen["window"] == ((3, -1) if masked else (-1, -1))  # causal bounds the right side
+                assert seen["softcap"] == (5.0 if masked else 0.0)
+                assert seen["grad"] is grad and seen["dtype"] == torch.float64 and seen["head_dim"] == 24
+                assert seen["causal"] is True
+    s.seen.clear()
+    KA._run_case(s, cpu, torch.float32, 16, False, False, False)
+    KA._run_case(s, cpu, torch.float32, 16, False, False, False)
+    assert s.seen[0]["window"] == (-1, -1)  # masked defaults to False
+    assert torch.equal(s.seen[0]["q"], s.seen[1]["q"])  # a fixed case: the same inputs in every call and process
+
+
+def test_dispatch_and_verify_forward_the_kind(spy):
+    s = spy("_spy_dispatch")
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 9], [6, 3], 4, 16, seed=3, kv_heads=2)
+    varlen_attention(q, k, v, cq, ck, mq, mk, window_size=(4, 1))
+    case = s.seen[0]  # the known-answer case comes before the real call
+    assert (case["heads"], case["kv_heads"], case["window"], case["softcap"]) == (4, 2, (3, 2), 5.0)
+    s.seen.clear()
+    q, k, v, cq, ck, mq, mk = _inputs()
+    varlen_attention(q, k, v, cq, ck, mq, mk)
+    assert (s.seen[0]["heads"], s.seen[0]["kv_heads"], s.seen[0]["window"]) == (2, 2, (-1, -1))
+    for gqa in (False, True):
+        s.seen.clear()
+        assert KA.verify_backend("_spy_dispatch", "cpu", torch.float32, 16, gqa=gqa, grad=False) is None
+        assert (s.seen[0]["heads"], s.seen[0]["kv_heads"]) == ((4, 2) if gqa else (2, 2))
+        assert s.seen[0]["window"] == (-1, -1) and s.seen[0]["grad"] is False
+
+
+def test_verify_backend_defaults():
+    import inspect
+
+    p = inspect.signature(KA.verify_backend).parameters
+    assert {n: p[n].default for n in ("device", "dtype", "head_dim", "causal", "gqa", "grad")} == dict(
+        device="cuda", dtype=torch.bfloat16, head_dim=64, causal=False, gqa=False, grad=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer of the default device")
+def test_verify_backend_without_cuda_names_the_device(spy):
+    s = spy("_spy_nocuda")
+    with pytest.raises(ValueError, match=r"^device: 'cuda' is not available here"):
+        KA.verify_backend("_spy_nocuda")  # default device "cuda"
+    with pytest.raises(ValueError, match=r"^device: 'cuda:1' is not available"):
+        KA.verify_backend("_spy_nocuda", torch.device("cuda", 1))
+    assert s.calls == 0 and not any(key[0] == "_spy_nocuda" for key in KA.verdicts())
+
+
+@pytest.mark.parametrize("which", ["dq", "dk", "dv"])
+def test_a_wrong_gradient_is_named(spy, which):
+    s = spy("_spy_" + which, which)
+    err = KA._run_case(s, torch.device("cpu"), torch.float32, 16, False, False, True)
+    assert err is not None and err.startswith(which), err
+    assert KA._run_case(s, torch.device("cpu"), torch.float32, 16, False, False, False) is None  # forward is right
+
+
+def test_reference_runs_in_fp64_for_fp64_and_fp32_otherwise(spy, monkeypatch):
+    ref = B.get_backend("reference")
+    dtypes = []
+    orig = ref.forward
+    monkeypatch.setattr(ref, "forward", lambda inp: dtypes.append(inp.q.dtype) or orig(inp))
+    s = spy("_spy_dtypes")
+    for dt, want in ((torch.float64, [torch.float64, torch.float64]), (torch.float32, [torch.float32, torch.float32]),
+                     (torch.bfloat16, [torch.float32, torch.bfloat16])):
+        dtypes.clear()
+        assert KA._run_case(s, torch.device("cpu"), dt, 16, False, False, False) is None
+        assert dtypes == [dt, *want], dt  # the spy (itself the reference), the truth, the reference in dt
+
+
+def test_fp64_kernels_are_held_to_fp64_accuracy(spy):
+    s = spy("_spy_tiny", "tiny")  # off by 1e-7: fine for fp32, wrong for fp64
+    assert KA._run_case(s, torch.device("cpu"), torch.float32, 16, False, False, False) is None
+    err = KA._run_case(s, torch.device("cpu"), torch.float64, 16, False, False, False)
+    assert err is not None and err.startswith("out")
+
+
+@pytest.mark.parametrize("message,want", [("x" * 400, "x" * 300), ("", ""), ("first\nsecond", "first")])
+def test_an_exception_is_reported_in_one_bounded_line(fake, message, want):
+    b = fake("_raises_msg")
+
+    def boom(inp):
+        raise RuntimeError(message)
+
+    b.forward = boom
+    assert KA._run_case(b, torch.device("cpu"), torch.float32, 16, False, False, False) == f"raised RuntimeError: {want}"
+
+
+def test_unknown_mode_from_the_environment_reads_as_auto(monkeypatch):
+    monkeypatch.setattr(KA, "_mode", "sometimes")
+    assert KA.known_answer_checks() == "auto"
+
+
+def test_while_tracing_an_unchecked_kind_is_trusted_and_not_cached(fake, monkeypatch):
+    b = fake("_traced", "scale")
+    q, k, v, cq, ck, mq, mk = _inputs()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    inp = B.AttnInputs(q, k, v, cq, ck, mq, mk, 0.25, False)
+    assert KA.check_dispatch(b, inp) is None  # no case can run while tracing: trusted
+    assert b.calls == 0 and not any(key[0] == "_traced" for key in KA.verdicts())

@@ -122,3 +122,80 @@ def test_windows_with_a_zero_side(window):
     grouped, _ = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", window_size=window, return_lse=True)
     torch.testing.assert_close(runs, ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(grouped, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("bad", ["start", "decreasing", "past_the_rows"])
+def test_grouped_path_checks_each_cu_seqlens(which, bad):
+    """The op reads cu_seqlens itself (it is reachable without varlen_attention's checks): each violation
+    alone raises, naming the tensor."""
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 4], [5, 2], 2, 8)
+    cu = {"start": [1, 3, 7], "decreasing": [0, 5, 4], "past_the_rows": [0, 3, 9]}[bad]
+    if which == "k":
+        cu = {"start": [1, 5, 7], "decreasing": [0, 5, 4], "past_the_rows": [0, 5, 8]}[bad]
+    cu = torch.tensor(cu, dtype=torch.int32)
+    args = (q, k, v, cu, ck) if which == "q" else (q, k, v, cq, cu)
+    with pytest.raises(ValueError, match=f"^cu_seqlens_{which}: must start at 0"):
+        TA.varlen_attn_fwd_torch(*args, 8 ** -0.5, False)
+
+
+def _grouped_matches_reference(lens_q, lens_k, *, causal=False, softcap=0.0, dtype=torch.float64, tol=1e-12):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, dtype=dtype, requires_grad=True, seed=21)
+    out, lse = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", causal=causal, softcap=softcap,
+                                return_lse=True)  # return_lse: the grouped path, never the run path
+    ref, ref_lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=8 ** -0.5, causal=causal,
+                                              softcap=softcap, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=tol)
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+def test_grouped_path_several_segments_per_chunk(monkeypatch):
+    """Four equal segments, two per chunk: each chunk must take only its own segments (a chunk that took
+    earlier ones again would add their dk/dv twice)."""
+    monkeypatch.setattr(TA, "_CHUNK_ELEMS", 2 * 2 * 3 * 4)  # heads 2, Lq 3, Lk 4: two segments per chunk
+    _grouped_matches_reference([3, 3, 3, 3], [4, 4, 4, 4])
+
+
+def test_grouped_path_short_segment_before_one_of_another_group():
+    """A 3-row segment sharing a group with a 4-row one, followed in memory by a 1-row segment of another
+    group (run earlier): the short segment's padded 4th row must not be written over that row."""
+    _grouped_matches_reference([3, 1, 4], [5, 5, 5])
+    _grouped_matches_reference([3, 1, 4], [5, 5, 5], causal=True)
+
+
+def test_grouped_path_softcap_below_one():
+    """Any softcap > 0 caps, including caps under 1."""
+    _grouped_matches_reference([3, 5], [4, 6], softcap=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_grouped_path_returns_the_input_dtype_and_lse_in_fp32_or_fp64(dtype):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 5], [4, 6], 2, 8, dtype=dtype, requires_grad=True)
+    out, lse = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", return_lse=True)
+    assert out.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert (dq.dtype, dk.dtype, dv.dtype) == (dtype, dtype, dtype)
+
+
+def test_run_path_declines_windowed_runs_with_keyless_rows_only():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 4], [2, 2], 2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # window (0, 0) bottom-right: rows 0 and 1 see no key (their diagonal is left of key 0)
+        assert TA.sdpa_over_runs(q, k, v, cq, ck, 0.3, False, 0, 0) is None
+        out = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", window_size=(0, 0))
+        torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cq, ck, softmax_scale=8 ** -0.5,
+                                                                   window_size=(0, 0)), rtol=0, atol=1e-12)
+        assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 4], [4, 4], 2, 8, dtype=torch.float64)
+        assert TA.sdpa_over_runs(q, k, v, cq, ck, 0.3, False, 1, 1) is not None  # every row sees a key: taken
+
+
+def test_run_path_is_taken_under_autograd():
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 3], [5, 5], 2, 8, requires_grad=True)
+    with torch.enable_grad():
+        out = TA.sdpa_over_runs(q, k, v, cq, ck, 0.3, False)
+    assert out is not None and out.requires_grad

@@ -243,7 +243,7 @@ class _Spy(_Fake):
 
     def __init__(self, name, bug=None):
         super().__init__(name, bug if bug in (None, "scale", "raise", "grad") else None)
-        self.seen, self.extra = [], bug
+        self.seen, self.douts, self.extra = [], [], bug
 
     def forward(self, inp):
         self.seen.append(dict(heads=inp.num_heads, kv_heads=inp.num_kv_heads, head_dim=inp.head_dim, dtype=inp.q.dtype,
@@ -257,6 +257,8 @@ class _Spy(_Fake):
                                                                "max_seqlen_k", "softmax_scale", "causal", "return_lse",
                                                                "window_left", "window_right", "softcap")])
         out = super().forward(inp)
+        if out.requires_grad:  # record the cotangent the case hands back
+            out.register_hook(lambda g: self.douts.append(g.detach().clone()))
         return out + 1e-7 if self.extra == "tiny" else out
 
 
@@ -314,12 +316,21 @@ def test_dispatch_and_verify_forward_the_kind(spy):
         assert s.seen[0]["window"] == (-1, -1) and s.seen[0]["grad"] is False
 
 
-def test_verify_backend_defaults():
-    import inspect
+def test_verify_backend_defaults(spy):
+    """Documented defaults: head dim 64, not causal, no GQA, with gradients (the device is passed: no GPU here)."""
+    s = spy("_spy_defaults")
+    assert KA.verify_backend("_spy_defaults", "cpu", torch.float32) is None
+    seen = s.seen[0]
+    assert (seen["head_dim"], seen["causal"], seen["heads"], seen["kv_heads"], seen["grad"]) == (64, False, 2, 2, True)
+    assert ("_spy_defaults", "cpu", "float32", 64, False, False, True, False) in KA.verdicts()
+    assert len(s.douts) == 1  # the backward ran: gradients are checked by default
 
-    p = inspect.signature(KA.verify_backend).parameters
-    assert {n: p[n].default for n in ("device", "dtype", "head_dim", "causal", "gqa", "grad")} == dict(
-        device="cuda", dtype=torch.bfloat16, head_dim=64, causal=False, gqa=False, grad=True)
+
+def test_the_case_cotangent_is_fixed(spy):
+    s = spy("_spy_dout")
+    for _ in range(2):
+        assert KA._run_case(s, torch.device("cpu"), torch.float32, 16, False, False, True) is None
+    assert len(s.douts) == 2 and torch.equal(s.douts[0], s.douts[1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer of the default device")

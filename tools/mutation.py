@@ -4,6 +4,7 @@ of hand-planted Triton kernel mutants checked under the interpreter. Outside CI 
     python tools/mutation.py                       # every module below, then the Triton mutants
     python tools/mutation.py layout flow           # some of them
     python tools/mutation.py --list
+    python tools/mutation.py --report              # rewrite mutation.md after editing mutation_reasons.json
 
 For each module it copies the working tree (the built ``_C`` included) to a scratch directory, writes a
 ``[mutmut]`` section naming that module and its test subset, runs ``mutmut run`` there and reads
@@ -192,7 +193,13 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the modules and their tests")
     p.add_argument("--keep", action="store_true", help="keep the scratch directories")
     p.add_argument("--no-triton", action="store_true", help="skip the hand-planted Triton mutants")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rewrite mutation.md from mutation.json and mutation_reasons.json (after "
+                        "classifying survivors)")
     a = p.parse_args(argv)
+    if a.report:
+        print(f"wrote {write_report([], [])}")
+        return 0
     if a.list:
         for n, (paths, tests) in MODULES.items():
             print(f"{n}: {' '.join(paths)}  <-  {' '.join(tests)}")

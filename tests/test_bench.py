@@ -439,3 +439,29 @@ def test_measure_memory_cpu_counts_the_live_peak():
         return float(c[0, 0])
     case = Case("s", "c", "plain", "torch", None, [], 1, 0.0, fn)
     assert measure_memory(case, torch.device("cpu")) == pytest.approx(2.0, abs=0.01)
+
+
+def test_each_repeat_visits_every_case_once_in_its_own_seeded_order():
+    from elit_kernels.bench import timing
+
+    orders = [timing.repeat_order(6, r) for r in range(8)]
+    assert all(sorted(o) == list(range(6)) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1, "a fixed order charges the same cases every repeat"
+    assert len({o[0] for o in orders}) > 1, "the same case would always go first"
+    assert orders == [timing.repeat_order(6, r) for r in range(8)]  # the same orders in every run
+    assert any(timing.repeat_order(6, r, seed=1) != timing.repeat_order(6, r, seed=0) for r in range(4))
+    visits = []
+
+    class _C:
+        def __init__(self, i):
+            self.i, self.times_ms, self.cpu_times_ms = i, [], []
+
+    cases = [_C(i) for i in range(5)]
+    real = timing.time_once
+    try:
+        timing.time_once = lambda case, device, rep: (visits.append(case.i), (1.0, 1.0))[1]
+        assert timing.run_interleaved(cases, torch.device("cpu"), 3, seed=4) == 3
+    finally:
+        timing.time_once = real
+    assert visits == [i for r in range(3) for i in timing.repeat_order(5, r, 4)]
+    assert all(c.times_ms == [1.0] * 3 for c in cases)

@@ -300,7 +300,7 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         timed = [c for c in cases if c not in skipped and c not in failed]
         refresh(len(order), "timing")
         extra["repeats_done"] = run_interleaved(timed, dev, repeats, progress=lambda: refresh(len(order), "timing"),
-                                                deadline=deadline)
+                                                deadline=deadline, seed=setup.seed)
         extra["run_seconds"] = time.monotonic() - t_start
         extra["notes"] = extra["notes"] + [f"{len(skipped)} cases skipped (time budget)"] * bool(skipped) \
             + [f"{len(failed)} cases failed (see their note)"] * bool(failed)

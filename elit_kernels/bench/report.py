@@ -411,8 +411,8 @@ HOW_TO_READ = """## How to read this
   one ragged batch. The **guidance ratios** (`lat/full`, `FLOPs/full` of these rows) are relative to CFG of the
   same model and backend: FLOPs/full is the work CCFG saves, lat/full what that saving is worth here.
   Target: `ccfg` <= 0.90 × `ccfg_two_pass` of the same model and backend.
-- **median ms / IQR**: wall clock over interleaved repeats (every repeat visits every case); **CPU-time ms**
-  (CPU runs): process CPU time, which on a shared machine leaves out waiting for a core.
+- **median ms / IQR**: wall clock over interleaved repeats (every repeat visits every case, in a seeded shuffled
+  order); **CPU-time ms** (CPU runs): process CPU time, which on a shared machine leaves out waiting for a core.
 - **When the dense path is faster, and why** (the findings above say whether it was in this run): at equal FLOPs
   it does the least around the matmuls. With one budget per batch every window has the same length, so each
   attention is one fused `scaled_dot_product_attention` call on a dense `[B·G, H, L, D]` batch. The ragged path

@@ -88,8 +88,8 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x, ctx, cu_q, cu_k, max_q: int, max_k: int, backend=None):
-        q, k, v = self.project(x, ctx)
-        o = varlen_attention(q, k, v.contiguous(), cu_q, cu_k, max_q, max_k, backend=backend)
+        q, k, v = self.project(x, ctx)  # v: a strided view of the kv projection; every backend takes strides
+        o = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend)
         return self.proj(o.flatten(-2))
 
 

@@ -244,3 +244,31 @@ def test_causal_offsets_around_the_tile_size(backend):
     lens_k = [20 + off for off in range(18)] + [5, 17, 31]
     fn = lambda *a: varlen_attention(*a[:7], softmax_scale=a[7], causal=a[8], backend=backend)  # noqa: E731
     check_backend_against_reference(fn, lens_q, lens_k, 1, 16, torch.float32, causal=True, seed=31)
+
+
+def test_reference_rounds_once_from_fp32_for_low_precision_inputs():
+    """The truth for bf16 inputs: fp32 accumulation of the bf16 values, one rounding at the end; lse fp32."""
+    from elit_kernels.reference.attention import varlen_attention_reference
+
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 6], [5, 4], 2, 16, dtype=torch.bfloat16, seed=31, extra_q=2,
+                                                 extra_fill=None)
+    out, lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.25, return_lse=True)
+    want, want_lse = varlen_attention_reference(q.float(), k.float(), v.float(), cq, ck, softmax_scale=0.25,
+                                                return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.equal(out, want.to(torch.bfloat16))
+    assert torch.equal(lse, want_lse)
+
+
+def test_reference_with_no_segment_rows_but_buffer_rows():
+    """cu_seqlens_q all zeros over a q buffer with rows: every row is past the packed data, so zeros (never
+    a value leaked from k or v), zero gradients for q, k and v, lse +inf."""
+    from elit_kernels.reference.attention import varlen_attention_reference
+
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([0, 0], [3, 2], 2, 8, dtype=torch.float64, requires_grad=True,
+                                                 seed=32, extra_q=3, extra_fill=None)
+    out, lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.3, return_lse=True)
+    assert torch.equal(out, torch.zeros(3, 2, 8, dtype=torch.float64))
+    assert torch.equal(lse, torch.full((2, 3), float("inf"), dtype=torch.float64))
+    for name, g in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v))):
+        assert torch.equal(g, torch.zeros_like(g)), name

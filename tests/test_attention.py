@@ -270,5 +270,6 @@ def test_reference_with_no_segment_rows_but_buffer_rows():
     out, lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.3, return_lse=True)
     assert torch.equal(out, torch.zeros(3, 2, 8, dtype=torch.float64))
     assert torch.equal(lse, torch.full((2, 3), float("inf"), dtype=torch.float64))
+    assert out.dtype == lse.dtype == torch.float64  # fp64 inputs: fp64 lse even with no segment to set it
     for name, g in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v))):
         assert torch.equal(g, torch.zeros_like(g)), name

@@ -199,3 +199,12 @@ def test_run_path_is_taken_under_autograd():
     with torch.enable_grad():
         out = TA.sdpa_over_runs(q, k, v, cq, ck, 0.3, False)
     assert out is not None and out.requires_grad
+
+
+def test_backward_op_returns_the_input_dtypes():
+    """The op itself, not through autograd (which would cast): its fake promises q/k/v's dtypes."""
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 5], [4, 6], 2, 8, dtype=torch.bfloat16)
+    out, lse = TA.varlen_attn_fwd_torch(q, k, v, cq, ck, 8 ** -0.5, False)
+    grads = TA.varlen_attn_bwd_torch(torch.randn_like(out), q, k, v, lse, cq, ck, 8 ** -0.5, False)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32

@@ -50,7 +50,7 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
                                                  "tests/test_bench.py::test_flop_count_matches_analytic_attention_and_leaves_no_stub"]),
     # models: on the torch/reference backends (the interpreted-Triton cases are minutes each); the overfit
     # test is a smoke test that trains for 120 steps and checks no value the mutants change.
-    "models": (["elit_kernels/models/"], ["tests/test_model.py", "tests/test_official.py", "-k",
+    "models": (["elit_kernels/models/"], ["tests/test_model.py", "tests/test_config.py", "tests/test_official.py", "-k",
                                           "not compile and not triton and not overfit"]),
 }
 NO_MUTATE = [r"^\s*raise \w+(Error|Exception)\(", r"warnings\.warn\(", r"^\s*log\.\w+\("]
@@ -171,6 +171,8 @@ def write_report(results: list[dict], triton: list[dict]) -> Path:
     for r in mods:
         c = r["counts"]
         score = f"{100 * r['score']:.1f} %" if r["score"] is not None else "-"
+        if c.get("not checked"):  # an interrupted run: the score is over the mutants it tested
+            score += f" (partial: {sum(c.values()) - c['not checked']} of {sum(c.values())} tested)"
         lines.append(f"| {r['name']} | {r['date']} | {r['commit']} | {sum(c.values())} | {c.get('killed', 0)} | "
                      f"{c.get('timeout', 0)} | {c.get('survived', 0)} | {score} |")
     missing = [n for n in MODULES if n not in store["modules"]]

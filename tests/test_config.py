@@ -1,0 +1,98 @@
+"""Model configs (models/config.py): the paper preset's sizes and splits, derived quantities, and the
+errors each invalid field raises (naming the field)."""
+import pytest
+
+from elit_kernels.models.config import ElitConfig, config_dict, config_from_dict, elit_config, elit_sit_config
+
+# name, resolution -> hidden, depth, heads, input_size, window, groups, J_max, head/core/tail (paper §4: 16 groups,
+# 4-20-4 for 28 blocks and 3-6-3 for 12; ours for 24: a quarter capped at 4)
+PAPER = [
+    ("S/2", 256, 384, 12, 6, 32, 4, 16, 16, (3, 6, 3)),
+    ("B/2", 256, 768, 12, 12, 32, 4, 16, 16, (3, 6, 3)),
+    ("L/2", 256, 1024, 24, 16, 32, 4, 16, 16, (4, 16, 4)),
+    ("XL/2", 256, 1152, 28, 16, 32, 4, 16, 16, (4, 20, 4)),
+    ("XL/2", 512, 1152, 28, 16, 64, 8, 16, 64, (4, 20, 4)),
+    ("tiny", 64, 64, 3, 2, 8, 2, 4, 4, (1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("name,res,hidden,depth,heads,size,window,groups,jmax,split", PAPER,
+                         ids=[f"{p[0]}-{p[1]}" for p in PAPER])
+def test_paper_presets(name, res, hidden, depth, heads, size, window, groups, jmax, split):
+    c = elit_config(name, res)
+    assert (c.hidden, c.depth, c.heads, c.input_size, c.window) == (hidden, depth, heads, size, window)
+    assert (c.groups, c.latents_per_group, c.tokens_per_group) == (groups, jmax, window * window)
+    assert (c.n_head, c.core_blocks, c.n_tail) == split
+    assert c.grid == size // 2 and c.tokens == c.grid ** 2 and c.head_dim == hidden // heads
+    assert c.num_classes == (10 if name == "tiny" else 1000)
+    assert not c.budget_core_only and c.block_qk_norm  # the paper's switches
+
+
+@pytest.mark.parametrize("depth,split", [(28, 4), (12, 3), (24, 4), (16, 4), (8, 2), (3, 0)])
+def test_default_split_for_any_depth(depth, split):
+    c = ElitConfig(depth=depth)
+    assert c.n_head == c.n_tail == split and c.core_blocks == depth - 2 * split
+
+
+def test_overrides_and_explicit_splits():
+    c = elit_config("S/2", 256, head_blocks=2, tail_blocks=1, j_max=4)
+    assert (c.n_head, c.core_blocks, c.n_tail, c.latents_per_group) == (2, 9, 1, 4)
+    assert elit_config("tiny", 64, head_blocks=0).n_head == 0
+
+
+@pytest.mark.parametrize("res", [16, 32, 256, 512])
+def test_resolutions_accepted(res):
+    assert elit_config("tiny", res).input_size == res // 8
+
+
+@pytest.mark.parametrize("res", [0, 4, 12, -8, 260, 256.0, True, "256", None])
+def test_bad_resolution_names_it(res):
+    with pytest.raises(ValueError, match="^resolution: expected a positive multiple of 8"):
+        elit_config("S/2", res)
+    with pytest.raises(ValueError, match="^resolution"):
+        elit_sit_config("S/2", res)
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="^name: unknown config 'M/2'; known: S/2, B/2, L/2, XL/2, tiny"):
+        elit_config("M/2")
+
+
+@pytest.mark.parametrize("field", ["hidden", "depth", "heads", "patch", "in_channels", "input_size", "window",
+                                   "num_classes", "latent_pos_rows"])
+@pytest.mark.parametrize("value", [0, -1, 1.0, True])
+def test_positive_int_fields(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: expected a positive int"):
+        ElitConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(patch=3), "^patch: 3 must divide input_size 32"),
+    (dict(window=3), "^window: 3 must divide the token grid side 16"),
+    (dict(heads=5), "^heads: 5 must divide hidden 384"),
+    (dict(hidden=1028, heads=2), "^hidden/heads: head dim 1028/2 = 514 exceeds 256"),
+    (dict(j_max=0), "^j_max: expected None or a positive int"),
+    (dict(j_max=True), "^j_max: expected None or a positive int"),
+    (dict(head_blocks=7, tail_blocks=6), r"^head_blocks/tail_blocks: 7\+6 exceed depth 12"),
+    (dict(interface_qk_norm="layer"), "^interface_qk_norm: expected one of"),
+    (dict(hidden=390, heads=6), "^hidden: 390 must be divisible by 4"),
+    (dict(learned_interface_pos=True, j_max=4), "^j_max: learned_interface_pos indexes latents"),
+    (dict(learned_interface_pos=True, latent_pos_rows=100), r"^latent_pos_rows: 100 < 256 tokens"),
+])
+def test_invalid_combinations_name_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ElitConfig(**kw)
+
+
+def test_valid_edges():
+    assert ElitConfig(hidden=512, heads=2).head_dim == 256  # the largest head dim the backends take
+    assert ElitConfig(head_blocks=6, tail_blocks=6).core_blocks == 0
+    assert ElitConfig(hidden=390, heads=6, latent_group_pos=False).hidden == 390  # no sin-cos: any width
+    assert ElitConfig(learned_interface_pos=True, latent_pos_rows=256).latent_pos_rows == 256
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    c = elit_sit_config("S/2", 256)
+    assert config_from_dict(config_dict(c)) == c
+    with pytest.raises(ValueError, match=r"^config: unknown ElitConfig field\(s\) \['colour'\]"):
+        config_from_dict({**config_dict(c), "colour": 1})

@@ -11,8 +11,9 @@ expressed exactly (causal stretches need Lq <= Lk, so every row sees a key; sing
 EPYC, 1 thread, S/2 256px batch 4 fp32, paper preset, 2026-11-29): at J = 2 the ELIT forward on this
 path took 797 ms CPU time vs 788 ms for the dense official-style forward of the same weights (5
 alternating calls); on the grouped path alone the attention had cost 280-340 ms per forward at J = 16
-against 120 ms for the dense forward's fused SDPA (a profile before this path existed). One interleaved elit-bench run: ragged/dense 0.95-1.08 over budgets 1..16, both
-presets (benchmarks/results/RESULTS.md).
+against 120 ms for the dense forward's fused SDPA (a profile before this path existed). One interleaved
+elit-bench run (commit e020f83, CPU time): ragged/dense 0.88-1.04 over budgets 1..16, both presets
+(benchmarks/results/RESULTS.md).
 
 **Everything else** (many distinct lengths, LSE, torch.compile, segments a view cannot express):
 

@@ -6,8 +6,9 @@ warm-up. Either way every repeat visits every case once, so a burst of load from
 all cases alike instead of one case; we quote medians. The order of the cases is shuffled in each repeat
 (seeded: the same orders in every run): on the CPU the call that follows a different case pays for its
 predecessor (allocator and cache state), and a fixed order charges that to the same cases every repeat.
-Measured on the 2-core AMD EPYC (2026-11-29, S/2 256px batch 4, 9-10 repeats): one forward timed first in
-every repeat read 1.12x the same forward timed second; alternating the order, 0.98-0.99x.
+Measured on the 2-core AMD EPYC (2026-11-29, S/2 256px batch 4, 9-10 repeats): of two forwards that differ
+by one copy per attention call (equal in a microbenchmark), the one timed first in every repeat read 1.12x
+the other; alternating which went first, 0.98-0.99x.
 """
 from __future__ import annotations
 

@@ -96,3 +96,63 @@ def test_config_dict_round_trip_and_unknown_keys():
     assert config_from_dict(config_dict(c)) == c
     with pytest.raises(ValueError, match=r"^config: unknown ElitConfig field\(s\) \['colour'\]"):
         config_from_dict({**config_dict(c), "colour": 1})
+
+
+# The released preset (docs/released_checkpoints.md §3.3): registry size -> depth, hidden, heads, tail blocks.
+@pytest.mark.parametrize("name,res,want", [
+    ("XL/2", 256, dict(hidden=1152, depth=28, heads=16, patch=2, input_size=32, window=4, n_tail=4)),
+    ("ELIT-SiT-XL/2", 512, dict(hidden=1152, depth=28, heads=16, patch=2, input_size=64, window=8, n_tail=4)),
+    ("L/4", 256, dict(hidden=1024, depth=24, heads=16, patch=4, input_size=32, window=4, n_tail=4)),
+    ("B/2", 256, dict(hidden=768, depth=12, heads=12, patch=2, input_size=32, window=4, n_tail=2)),
+    ("S/8", 512, dict(hidden=384, depth=12, heads=6, patch=8, input_size=64, window=8, n_tail=2)),
+    ("S/2", 128, dict(hidden=384, depth=12, heads=6, patch=2, input_size=16, window=4, n_tail=2)),  # other res: 4
+])
+def test_released_presets(name, res, want):
+    c = elit_sit_config(name, res)
+    got = {k: getattr(c, k) for k in want}
+    assert got == want
+    assert c.n_head == 8 and c.core_blocks == c.depth - 8 - c.n_tail  # encoder_depth 8 (train.py's default)
+    assert c.num_classes == 1000 and c.latents_per_group == c.tokens_per_group == c.window ** 2
+    assert c.budget_core_only and not c.block_qk_norm and c.learned_interface_pos  # the released switches
+
+
+def test_released_defaults_and_arguments():
+    assert elit_sit_config() == elit_sit_config("XL/2", 256, encoder_depth=8, group_size=None, num_classes=1000)
+    c = elit_sit_config("S/2", 256, encoder_depth=0, group_size=2, num_classes=10, mlp_ratio=2.0)
+    assert (c.n_head, c.n_tail, c.window, c.groups, c.num_classes, c.mlp_ratio) == (0, 2, 2, 64, 10, 2.0)
+    assert elit_sit_config("S/2", 256, encoder_depth=10).core_blocks == 0  # depth - tail: the largest
+    assert elit_sit_config("S/2", 256, group_size=1).groups == 256
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(group_size=0), "^group_size: 0 must be a positive int dividing the 16x16 token grid"),
+    (dict(group_size=3), "^group_size: 3 must be"),
+    (dict(group_size=True), "^group_size: True must be"),
+    (dict(group_size=4.0), "^group_size: 4.0 must be"),
+    (dict(encoder_depth=-1), r"^encoder_depth: expected an int in \[0, 10\]"),
+    (dict(encoder_depth=11), r"^encoder_depth: expected an int in \[0, 10\]"),
+    (dict(encoder_depth=True), r"^encoder_depth: expected an int"),
+    (dict(encoder_depth=8.0), r"^encoder_depth: expected an int"),
+])
+def test_released_argument_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        elit_sit_config("S/2", 256, **kw)
+
+
+def test_released_name_errors():
+    for bad in ("M/2", "XL/3", "xl/2", "XL", None):
+        with pytest.raises(ValueError, match="^name: unknown ELIT-SiT registry name"):
+            elit_sit_config(bad)
+    with pytest.raises(ValueError, match="^resolution: 72px gives a 9x9 latent, not divisible by patch 2"):
+        elit_sit_config("S/2", 72)
+
+
+def test_preset_config():
+    from elit_kernels.models.config import RELEASED_SWITCHES, preset_config
+
+    assert preset_config("paper", "S/2", 512) == elit_config("S/2", 512)
+    assert preset_config("released", "S/2", 512) == elit_sit_config("S/2", 512)
+    assert preset_config("released", "tiny", 64) == elit_config("tiny", 64, **RELEASED_SWITCHES)
+    assert preset_config("paper", "S/2") == elit_config("S/2", 256)
+    with pytest.raises(ValueError, match="^preset: expected one of"):
+        preset_config("official", "S/2")

@@ -8,6 +8,7 @@ import argparse
 import glob
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -433,6 +434,29 @@ def test_save_and_load_model_paper_preset(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
     with pytest.raises(ValueError, match="not an elit-kernels model file"):
         load_model(FIXTURE_A)
+
+
+def test_load_model_forwards_backend_dtype_and_names_the_file(tmp_path):
+    from elit_kernels.models import elit_config
+    from elit_kernels.models.checkpoint import FORMAT, config_dict
+
+    torch.manual_seed(0)
+    m = ElitDiT(elit_config("tiny", 64))
+    for suffix in (".safetensors", ".pt"):
+        p = save_model(str(tmp_path / ("m" + suffix)), m)
+        m2 = load_model(p, backend="reference", dtype=torch.float64)
+        assert m2.backend == "reference" and not m2.training
+        assert {t.dtype for t in m2.parameters()} == {torch.float64}
+        assert load_model(p).backend is None and next(load_model(p).parameters()).dtype == torch.float32
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    legacy = str(tmp_path / "legacy.pt")  # an older writer: no "meta" entry
+    torch.save({"format": FORMAT, "config": config_dict(m.cfg), "state_dict": sd}, legacy)
+    assert load_model(legacy, return_meta=True)[1] == {}
+    sd.pop(next(iter(sd)))
+    broken = str(tmp_path / "broken.pt")
+    torch.save({"format": FORMAT, "config": config_dict(m.cfg), "state_dict": sd, "meta": {}}, broken)
+    with pytest.raises(ValueError, match=f"^{re.escape(broken)}: state_dict does not match the config: missing keys"):
+        load_model(broken)
 
 
 # --- budgets and the released config ------------------------------------------------------------------

@@ -450,3 +450,30 @@ def test_plain_dit_equals_a_dense_dit_written_out(block_qk_norm):
     assert len(m.blocks) == cfg.depth
     # the dense path above uses each block's own projection: check that it is configured as the config says
     assert all(blk.attn.qk_norm == ("per_head" if block_qk_norm else None) for blk in m.blocks)
+
+
+def test_every_attention_of_both_models_goes_to_the_chosen_backend():
+    from elit_kernels import backends as B
+
+    calls = []
+
+    class _Spy(B.Backend):
+        name, priority, known_answer = "_model_spy", -1000, False
+
+        def forward(self, inp):
+            calls.append(inp.num_segments)
+            return B.get_backend("reference").forward(inp)
+
+    B.register_backend(_Spy())
+    try:
+        cfg = elit_config("tiny", 64)
+        x, t, y = inputs(2)
+        with torch.no_grad():
+            PlainDiT(cfg, backend="_model_spy")(x, t, y)
+            assert calls == [2] * cfg.depth  # one self-attention per block, one segment per sample
+            calls.clear()
+            ElitDiT(cfg, backend="_model_spy")(x, t, y, [2, 1])
+        # head + tail self-attention, Read and Write (one segment per group), the core (one per sample)
+        assert calls == [2] * cfg.n_head + [2 * cfg.groups] + [2] * cfg.core_blocks + [2 * cfg.groups] + [2] * cfg.n_tail
+    finally:
+        B._REGISTRY.pop("_model_spy", None)

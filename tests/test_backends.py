@@ -4,6 +4,8 @@ Each declaration a backend makes is turned into one reason by the base class; th
 reason appears exactly when its declaration excludes the inputs, and says what it excludes. The
 dispatch errors and ``describe_backends`` rows are what a user sees when nothing can run, so their
 content is pinned too."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -277,9 +279,7 @@ def test_torch_backend_takes_the_run_path_exactly_when_it_may(monkeypatch):
     monkeypatch.setattr(TA, "sdpa_over_runs", spy)
     tb = B.get_backend("torch")
     with torch.no_grad():
-        plain = _inp(causal=True, window=(2, -1))
-        plain = AttnInputs(*[getattr(plain, f) for f in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                                                         "max_seqlen_k")], 0.37, True, False, 2, -1, 0.0)
+        plain = dataclasses.replace(_inp(causal=True, window=(2, -1)), softmax_scale=0.37)
         out = tb.forward(plain)
         assert calls == [(0.37, True, 2, -1)]
         torch.testing.assert_close(out, B.get_backend("reference").forward(plain), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """Dispatch never trusts a kernel that has not run correctly: first-use known-answer checks (known_answer.py),
 exercised on CPU with deliberately broken fake backends."""
+import dataclasses
 import warnings
 
 import pytest
@@ -250,12 +251,8 @@ class _Spy(_Fake):
                               window=(inp.window_left, inp.window_right), softcap=inp.softcap, causal=inp.causal,
                               grad=inp.q.requires_grad, q=inp.q.detach().clone()))
         if self.extra in ("dq", "dk", "dv"):
-            i = "qkv".index(self.extra[1])
-            t = [inp.q, inp.k, inp.v]
-            t[i] = t[i] + 0.5 * (t[i] - t[i].detach())
-            inp = B.AttnInputs(*t, *[getattr(inp, f) for f in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                                                               "max_seqlen_k", "softmax_scale", "causal", "return_lse",
-                                                               "window_left", "window_right", "softcap")])
+            t = getattr(inp, self.extra[1])
+            inp = dataclasses.replace(inp, **{self.extra[1]: t + 0.5 * (t - t.detach())})
         out = super().forward(inp)
         if out.requires_grad:  # record the cotangent the case hands back
             out.register_hook(lambda g: self.douts.append(g.detach().clone()))

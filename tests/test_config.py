@@ -89,6 +89,14 @@ def test_valid_edges():
     assert ElitConfig(head_blocks=6, tail_blocks=6).core_blocks == 0
     assert ElitConfig(hidden=390, heads=6, latent_group_pos=False).hidden == 390  # no sin-cos: any width
     assert ElitConfig(learned_interface_pos=True, latent_pos_rows=256).latent_pos_rows == 256
+    assert ElitConfig(j_max=1).latents_per_group == 1  # the smallest J_max
+    assert elit_config("S/2") == elit_config("S/2", 256)  # the default resolution
+    from elit_kernels.models.config import _check_resolution
+
+    _check_resolution(8)  # the smallest resolution: one latent pixel
+    for bad in (0, 7, 9, 8.0, True):
+        with pytest.raises(ValueError, match=r"^resolution: expected a positive multiple of 8"):
+            _check_resolution(bad)
 
 
 def test_config_dict_round_trip_and_unknown_keys():

@@ -477,3 +477,114 @@ def test_every_attention_of_both_models_goes_to_the_chosen_backend():
         assert calls == [2] * cfg.n_head + [2 * cfg.groups] + [2] * cfg.core_blocks + [2 * cfg.groups] + [2] * cfg.n_tail
     finally:
         B._REGISTRY.pop("_model_spy", None)
+
+
+def _sincos_rows_first(dim, h, w):
+    """The 2-D sin-cos table [h*w, dim] (row-major positions; first half: the row), fp64, from the formula."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows = []
+    for r in range(h):
+        for col in range(w):
+            rows.append(torch.cat([torch.sin(r * omega), torch.cos(r * omega),
+                                   torch.sin(col * omega), torch.cos(col * omega)]))
+    return torch.stack(rows)
+
+
+def test_paper_elit_dit_equals_an_elit_dit_written_out():
+    """The paper preset written here from its description alone (config.py's docstring, the paper's Read /
+    core / Write), one sample and one window at a time on row-major tokens, in fp64, with every formula
+    spelled out (sinusoids, per-head RMSNorm, LayerNorms, softmax attention): only the parameter tensors
+    are taken from the model. A mixed batch (J_max, 1, 0 and 2 latents per group) must give the model's
+    velocity. Each sample's budget applies to Read, core and Write alike."""
+    import torch.nn.functional as F
+
+    cfg = elit_config("tiny", 64)
+    torch.manual_seed(0)
+    m = randomized(ElitDiT(cfg, backend="torch"), seed=5, std=0.1).eval()
+    x, t, y = inputs(4, seed=6)
+    budgets = [cfg.latents_per_group, 1, 0, 2]
+    P = {n: p.detach().double() for n, p in m.named_parameters()}
+    C, H = cfg.hidden, cfg.heads
+    D, g, w, p, ci = C // H, cfg.grid, cfg.window, cfg.patch, cfg.in_channels
+
+    def lin(h, name):
+        return h @ P[name + ".weight"].T + P[name + ".bias"]
+
+    def ln(h, eps=1e-6):
+        mu = h.mean(-1, keepdim=True)
+        return (h - mu) / torch.sqrt(((h - mu) ** 2).mean(-1, keepdim=True) + eps)
+
+    def mod(h, sh, sc):
+        return ln(h) * (1 + sc) + sh
+
+    def rms(h, weight):  # per head, eps 1e-6 inside the root
+        return h / torch.sqrt((h ** 2).mean(-1, keepdim=True) + 1e-6) * weight
+
+    def attn(hq, hkv, name):
+        q = lin(hq, name + ".q").view(-1, H, D)
+        kv = lin(hkv, name + ".kv")
+        k, v = kv[:, :C].reshape(-1, H, D), kv[:, C:].reshape(-1, H, D)
+        q, k = rms(q, P[name + ".q_norm.weight"]), rms(k, P[name + ".k_norm.weight"])
+        if k.shape[0] == 0:  # no keys: the output is zero (flash-attn's convention)
+            o = torch.zeros_like(q)
+        else:
+            s = torch.einsum("qhd,khd->hqk", q, k) / D ** 0.5
+            o = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
+        return lin(o.reshape(-1, C), name + ".proj")
+
+    def gelu_tanh(h):
+        return 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h ** 3)))
+
+    def mlp(h, name):
+        return lin(gelu_tanh(lin(h, name + ".fc1")), name + ".fc2")
+
+    def dit_block(h, cb, name):
+        sh1, sc1, g1, sh2, sc2, g2 = lin(F.silu(cb), name + ".ada").chunk(6)
+        a = mod(h, sh1, sc1)
+        h = h + g1 * attn(a, a, name + ".attn")
+        return h + g2 * mlp(mod(h, sh2, sc2), name + ".mlp")
+
+    pos = _sincos_rows_first(C, g, g)
+    group_pos = _sincos_rows_first(C, g // w, g // w)
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * torch.arange(128) / 128)
+    windows = [[r * g + col for r in range(gr * w, gr * w + w) for col in range(gc * w, gc * w + w)]
+               for gr in range(g // w) for gc in range(g // w)]  # token rows of each window, row-major
+    want = []
+    for b in range(x.shape[0]):
+        j = budgets[b]
+        patches = x[b].double().reshape(ci, g, p, g, p).permute(1, 3, 0, 2, 4).reshape(g * g, ci * p * p)
+        s = patches @ P["stem.patch_embed.weight"].reshape(C, -1).T + P["stem.patch_embed.bias"] + pos
+        args = 1000.0 * t[b].double() * freqs
+        temb = torch.cat([torch.cos(args), torch.sin(args)])
+        cb = lin(F.silu(lin(temb, "stem.t_embed.mlp.0")), "stem.t_embed.mlp.2") + P["stem.y_embed.weight"][y[b]]
+        s = dit_block(s, cb, "head.0")
+        # Read: the first j latents of every window <- that window's tokens
+        shq, scq, shk, sck, g1, sh2, sc2, g2 = lin(F.silu(cb), "read.ada").chunk(8)
+        lat = []
+        for gi, rows in enumerate(windows):
+            lt = P["latent_embed"][:j] + group_pos[gi]
+            lt = lt + g1 * attn(mod(lt, shq, scq), mod(s[rows], shk, sck), "read.attn")
+            lat.append(lt + g2 * mlp(mod(lt, sh2, sc2), "read.mlp"))
+        core = dit_block(torch.cat(lat), cb, "core.0")  # all of the sample's latents attend to each other
+        lat = core.split(j) if j else [core] * len(windows)
+        # Write: each window's tokens <- its j latents, LayerNorms with affine, no modulation, no gates
+        s = s.clone()
+        for gi, rows in enumerate(windows):
+            sw = s[rows]
+            nq = ln(sw) * P["write.norm_q.weight"] + P["write.norm_q.bias"]
+            nkv = ln(lat[gi]) * P["write.norm_kv.weight"] + P["write.norm_kv.bias"]
+            sw = sw + attn(nq, nkv, "write.attn")
+            s[rows] = sw + mlp(ln(sw) * P["write.norm_mlp.weight"] + P["write.norm_mlp.bias"], "write.mlp")
+        s = dit_block(s, cb, "tail.0")
+        sh, sc = lin(F.silu(cb), "stem.final.ada").chunk(2)
+        out = lin(mod(s, sh, sc), "stem.final.linear")  # [N, p*p*C_in], channels (p, p, C_in)
+        want.append(out.reshape(g, g, p, p, ci).permute(4, 0, 2, 1, 3).reshape(ci, g * p, g * p))
+    want = torch.stack(want)
+    with torch.no_grad():
+        got = m(x, t, y, budgets)
+    assert (cfg.n_head, cfg.core_blocks, cfg.n_tail) == (1, 1, 1)  # the blocks written out above
+    assert want.abs().max() > 1  # a velocity, not zeros
+    # fp32 model against an fp64 truth: the largest rounding is the timestep argument 1000·t in fp32
+    # (~6e-5 rad), which moves outputs of size ~3 by up to ~4e-5 (an fp64 model fed the same fp32 features
+    # agrees to 4e-7, the fp32 norms)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

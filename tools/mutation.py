@@ -54,7 +54,7 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     # that reach it, and with them one mutant cost about a minute here.
     "models": (["elit_kernels/models/blocks.py", "elit_kernels/models/elit_dit.py", "elit_kernels/models/ops.py",
                 "elit_kernels/models/config.py"],
-               ["tests/test_model.py", "tests/test_config.py", "tests/test_official.py", "-k",
+               ["tests/test_model.py", "tests/test_blocks.py", "tests/test_config.py", "tests/test_official.py", "-k",
                 "not compile and not triton and not overfit and not sampling_runs and not convert and not hostile "
                 "and not loader and not legacy and not bare_state and not other_sizes and not official_key"]),
     "checkpoint": (["elit_kernels/models/checkpoint.py"], ["tests/test_official.py", "-k", "not compile and not triton"]),

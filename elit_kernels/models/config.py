@@ -122,8 +122,8 @@ class ElitConfig:
 
 
 def _default_split(depth: int) -> int:
-    # The paper: 4-20-4 for 28 blocks, 3-6-3 for 12; ours for other depths: a quarter, at most 4.
-    return {28: 4, 12: 3}.get(depth, min(4, depth // 4))
+    # A quarter of the depth, at most 4: the paper's 4-20-4 for 28 blocks and 3-6-3 for 12, ours elsewhere.
+    return min(4, depth // 4)
 
 
 def config_dict(cfg: ElitConfig) -> dict:
@@ -207,7 +207,7 @@ def elit_sit_config(name: str = "XL/2", resolution: int = 256, *, encoder_depth:
     _check_resolution(resolution)
     depth, hidden, heads, tail = SIT_REGISTRY[size]
     if group_size is None:
-        group_size = {256: 4, 512: 8}.get(resolution, 4)
+        group_size = 8 if resolution == 512 else 4
     input_size = resolution // 8
     if input_size % patch:
         raise ValueError(f"resolution: {resolution}px gives a {input_size}x{input_size} latent, not divisible by patch {patch}")

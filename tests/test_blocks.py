@@ -80,6 +80,12 @@ def test_sincos_2d_default_puts_the_row_first():
     torch.testing.assert_close(got.double(), torch.cat([half(r), half(c)], dim=1), rtol=0, atol=1e-7)
     torch.testing.assert_close(sincos_2d(dim, h, w, column_first=True).double(), torch.cat([half(c), half(r)], dim=1),
                                rtol=0, atol=1e-7)
+    # computed in fp64 and rounded once: on a 64x64 token grid the entries are within fp32 rounding
+    # (~3e-8) of the formula; ω in fp32 would be off by up to ~4e-6
+    dim, h = 64, 64
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    r, c = torch.div(torch.arange(h * h), h, rounding_mode="floor").double(), (torch.arange(h * h) % h).double()
+    torch.testing.assert_close(sincos_2d(dim, h, h).double(), torch.cat([half(r), half(c)], dim=1), rtol=0, atol=2e-7)
 
 
 def test_block_defaults_are_the_paper_preset():
@@ -135,6 +141,11 @@ def test_buffers_follow_the_device_and_stay_out_of_the_state_dict(preset):
     m.reset_buffers()
     assert all(b.device == meta for b in m.buffers())
     p.stem.reset_buffers(meta)
+    assert p.stem.pos_embed.device == meta
+    p.stem.reset_buffers()
+    assert p.stem.pos_embed.device.type == "cpu"
+    p.to(meta)
+    p.stem.reset_buffers()
     assert p.stem.pos_embed.device == meta
 
 
@@ -210,6 +221,13 @@ def test_plain_dit_gather_path_equals_the_run_path():
         lambda x, sh, sc, idx, eps: layernorm_modulate(x, sh, sc, idx, eps),  # eps passed, never defaulted
         lambda x, y, g, idx: gated_residual(x, y, g, idx), takes_runs=False))
     assert get_elementwise("_test_plain_gather").takes_runs  # wrapped: called with TokenRuns like the rest
+    seen = []
+
+    def checked_lm(x, sh, sc, runs, eps):  # the TokenRuns PlainDiT hands over describes x's rows
+        seen.append((runs.total == x.shape[0], runs.batch == sh.shape[0], torch.device(runs.device) == x.device))
+        return layernorm_modulate(x, sh, sc, runs, eps)
+
+    register_elementwise("_test_plain_checked", ElementwiseImpl(checked_lm, gated_residual, takes_runs=True))
     cfg = elit_config("tiny", 64)
     torch.manual_seed(0)
     fast = PlainDiT(cfg)
@@ -223,5 +241,9 @@ def test_plain_dit_gather_path_equals_the_run_path():
         with torch.no_grad():
             torch.testing.assert_close(slow(x, t, y), fast(x, t, y), rtol=1e-5, atol=1e-6)
             assert slow(x[:0], t[:0], y[:0]).shape == (0, 4, 8, 8)
+            fast.elementwise = "_test_plain_checked"
+            fast(x, t, y)
+        assert seen and all(all(s) for s in seen), seen
     finally:
         ELEMENTWISE_IMPLS.pop("_test_plain_gather")
+        ELEMENTWISE_IMPLS.pop("_test_plain_checked")

@@ -267,7 +267,7 @@ def test_lr_scheduler_projectors_and_legacy_names_are_accepted(tmp_path):
         return c
 
     p = _variant(tmp_path, "v.pt", edit_sd=extras, edit_top=sched)
-    m = load_checkpoint(p, arch=arch)
+    m = load_checkpoint(p, arch=arch, backend="torch")  # the loader under test, not dispatch
     notes = " ".join(m.checkpoint_info["notes"])
     assert "lr_scheduler" in notes and "projectors" in notes and "legacy" in notes
     full = ref["outputs"]["full"]
@@ -280,7 +280,7 @@ def test_bare_state_dict_with_arch(tmp_path):
     p = tmp_path / "ema_only.pt"
     torch.save(c["ema"], p)
     arch = {**arch_of(FIXTURE_A), "encoder_depth": c["args"].encoder_depth}
-    m = load_checkpoint(str(p), arch=arch)
+    m = load_checkpoint(str(p), arch=arch, backend="torch")
     full = c["reference"]["outputs"]["full"]
     with torch.no_grad():
         assert_rel(m(c["reference"]["x"], c["reference"]["t"], c["reference"]["y"]), full["out"], msg="bare")
@@ -397,7 +397,7 @@ def test_convert_round_trips(tmp_path, suffix, capsys):
         assert m.cfg == direct.cfg and not m.training
         for k, v in direct.state_dict().items():
             assert torch.equal(m.state_dict()[k], v), k
-    m, meta = load_model(str(out), return_meta=True)
+    m, meta = load_model(str(out), backend="torch", return_meta=True)
     assert meta["weights"] == "ema" and meta["model"] == "ELIT-SiT-TinyA/2"
     ref = ckpt(FIXTURE_A)["reference"]
     with torch.no_grad():

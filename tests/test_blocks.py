@@ -230,11 +230,11 @@ def test_plain_dit_gather_path_equals_the_run_path():
     register_elementwise("_test_plain_checked", ElementwiseImpl(checked_lm, gated_residual, takes_runs=True))
     cfg = elit_config("tiny", 64)
     torch.manual_seed(0)
-    fast = PlainDiT(cfg)
+    fast = PlainDiT(cfg, backend="torch")
     with torch.no_grad():
         for prm in fast.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
-    slow = PlainDiT(cfg, elementwise="_test_plain_gather")
+    slow = PlainDiT(cfg, backend="torch", elementwise="_test_plain_gather")
     slow.load_state_dict(fast.state_dict())
     x, t, y = _randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])
     try:

@@ -57,8 +57,8 @@ def test_quick_run_writes_files(quick_run):
 
 def test_checkpoint_round_trip_is_exact(quick_run, tmp_path):
     out, ckpt, res = quick_run
-    a, meta = load_checkpoint(str(ckpt))
-    b, _ = load_checkpoint(str(ckpt))
+    a, meta = load_checkpoint(str(ckpt), backend="torch")
+    b, _ = load_checkpoint(str(ckpt), backend="torch")
     assert a.cfg == demo_config() and meta["trained_steps"] == 250
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for k, v in a.state_dict().items():

@@ -6,6 +6,7 @@ separated by ``os.pathsep``) is a tiny checkpoint in the official layout with th
 """
 import argparse
 import glob
+import json
 import os
 import pickle
 import re
@@ -304,7 +305,9 @@ def test_hostile_pickle_is_refused_not_executed(tmp_path):
     c["args"] = _Hostile(marker)
     p = tmp_path / "hostile.pt"
     torch.save(c, p)
-    with pytest.raises(UnsafeCheckpointError, match="refused.*system.*not executed") as e:
+    with pytest.raises(UnsafeCheckpointError, match=r"refused: the file pickles \S*system, which is not in the "
+                                                    r"allowlist of what ELIT checkpoints need \(argparse\.Namespace\); "
+                                                    "it was not executed") as e:
         load_checkpoint(str(p), arch=arch_of(FIXTURE_A))
     assert str(p) in str(e.value)
     assert not marker.exists()
@@ -457,6 +460,109 @@ def test_load_model_forwards_backend_dtype_and_names_the_file(tmp_path):
     torch.save({"format": FORMAT, "config": config_dict(m.cfg), "state_dict": sd, "meta": {}}, broken)
     with pytest.raises(ValueError, match=f"^{re.escape(broken)}: state_dict does not match the config: missing keys"):
         load_model(broken)
+
+
+def _tiny_file(tmp_path, suffix):
+    from elit_kernels.models import elit_config
+
+    torch.manual_seed(0)
+    return save_model(str(tmp_path / ("m" + suffix)), ElitDiT(elit_config("tiny", 64)))
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "html", "truncated_torch", "truncated_safetensors",
+                                  "html_safetensors"])
+def test_unreadable_files_name_the_file_and_the_reason(tmp_path, case, capsys):
+    # a partial download or a web page saved under the checkpoint's name: an error that names the file, its
+    # size and first bytes and the reader's reason, never a bare IndexError/KeyError from inside torch.load
+    body = {"empty": b"", "text": b"hello checkpoint\n" * 4, "html": b"<!DOCTYPE html><html>404</html>"}
+    if case in body:
+        p, kind = str(tmp_path / f"{case}.pt"), "torch checkpoint"
+        with open(p, "wb") as f:
+            f.write(body[case])
+    else:
+        suffix = ".pt" if case == "truncated_torch" else ".safetensors"
+        good = _tiny_file(tmp_path, suffix)
+        with open(good, "rb") as f:
+            data = f.read()
+        p, kind = str(tmp_path / f"{case}{suffix}"), ("torch checkpoint" if suffix == ".pt" else "safetensors file")
+        with open(p, "wb") as f:
+            f.write(b"<html>404</html>" if case == "html_safetensors" else data[: len(data) // 2])
+    size = os.path.getsize(p)
+    for reader in (load_checkpoint, load_model):
+        with pytest.raises(CheckpointError, match=f"^{re.escape(p)}: cannot be read as a {kind} "
+                                                  rf"\(\w+(: [^;]+)?; the file has {size} bytes, starting b") as e:
+            reader(p)
+        assert "Nothing in it was executed" in str(e.value) and not isinstance(e.value, UnsafeCheckpointError)
+    with pytest.raises(SystemExit) as ex:  # elit-convert: exit 2 with the same message, no traceback
+        convert_main([p, "--out", str(tmp_path / "o.safetensors")])
+    assert ex.value.code == 2 and "cannot be read as a" in capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_a_cpu(tmp_path, monkeypatch):
+    # the released files were written from CUDA tensors; torch.load without map_location would try to put
+    # them back on a GPU. Written here with every storage tagged "cuda:0", as a GPU run writes them.
+    c = _read(FIXTURE_A)
+    p = str(tmp_path / "from_gpu.pt")
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save(c, p)
+    monkeypatch.undo()
+    if not torch.cuda.is_available():  # the control: torch's own default cannot read it here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                torch.load(p, weights_only=True)
+    m = load_checkpoint(p, arch=arch_of(FIXTURE_A), backend="torch")
+    assert {t.device.type for t in m.state_dict().values()} == {"cpu"}
+    ref = c["reference"]
+    with torch.no_grad():
+        assert_rel(m(ref["x"], ref["t"], ref["y"]), ref["outputs"]["full"]["out"], msg="from gpu")
+
+
+def test_torch_files_are_memory_mapped_when_they_can_be(tmp_path, monkeypatch):
+    from elit_kernels.models.checkpoint import safe_torch_load
+
+    calls, real = [], torch.load
+
+    def spy(*a, **kw):
+        calls.append(kw.get("mmap"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    t = torch.randn(64)
+    zip_file, legacy = str(tmp_path / "z.pt"), str(tmp_path / "l.pt")
+    torch.save({"t": t}, zip_file)
+    torch.save({"t": t}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(safe_torch_load(zip_file)["t"], t) and calls == [True]  # mapped, not read whole
+    calls.clear()
+    assert torch.equal(safe_torch_load(legacy)["t"], t) and calls == [True, False]  # legacy: cannot map, read
+
+
+def test_our_files_read_back_with_their_defaults(tmp_path):
+    from safetensors.torch import save_file
+
+    from elit_kernels.models.checkpoint import FORMAT, config_dict, model_from_parts, read_model_file
+
+    p = _tiny_file(tmp_path, ".safetensors")
+    config, sd, meta = read_model_file(p)  # default device: the CPU
+    assert meta == {} and {v.device.type for v in sd.values()} == {"cpu"}
+    assert read_model_file(FIXTURE_A) is None  # not a .safetensors name: the caller tries a torch file
+    m = model_from_parts(config, sd)  # defaults: CPU, eval mode, the file's dtype
+    assert not m.training and {v.device.type for v in m.state_dict().values()} == {"cpu"}
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+    bare = str(tmp_path / "no_meta.safetensors")  # an older writer: format and config, no meta
+    save_file(sd, bare, metadata={"format": FORMAT, "config": json.dumps(config_dict(m.cfg))})
+    assert read_model_file(bare)[2] == {}
+    no_config = str(tmp_path / "no_config.safetensors")
+    save_file(sd, no_config, metadata={"format": FORMAT})
+    with pytest.raises(CheckpointError, match=f"^{re.escape(no_config)}: a safetensors file without elit-kernels "
+                                              "metadata .*config absent"):
+        load_model(no_config)
+    k = "core.0.mlp.fc1.weight"
+    with pytest.raises(ValueError, match=r"^checkpoint: state_dict does not match the config: missing keys \[\], "
+                                         r"unexpected keys \['extra'\]"):
+        model_from_parts(config, {**sd, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=rf"^checkpoint: shape mismatch for {re.escape(k)}: expected \(256, 64\), "
+                                         r"got \(64, 256\) \(1 mismatched in all\)"):
+        model_from_parts(config, {**sd, k: sd[k].T.contiguous()})
 
 
 # --- budgets and the released config ------------------------------------------------------------------

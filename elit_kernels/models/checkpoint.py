@@ -36,12 +36,33 @@ class UnsafeCheckpointError(CheckpointError):
     """The file pickles a global outside the allowlist; it was refused, not executed."""
 
 
+def _unreadable(path: str, kind: str, err: Exception) -> CheckpointError:
+    """The error for a file the readers cannot parse: names the file, its size and first bytes, and why."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # torch's safe unpickler: the reason follows its long preamble
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    why = type(err).__name__ + (": " + first.split(". ")[0].rstrip(".") if first else "")  # its first sentence
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+        seen = f"{size} bytes, starting {head!r}"
+    except OSError:
+        seen = "size unknown"
+    return CheckpointError(f"{path}: cannot be read as a {kind} ({why}; the file has {seen}). A damaged, truncated or "
+                           f"interrupted download, or another file saved under this name? Nothing in it was executed.")
+
+
 def safe_torch_load(path: str):
     """``torch.load(path, map_location="cpu", weights_only=True)`` with ``SAFE_GLOBALS`` allowlisted and
     memory-mapped when the file allows it (so a multi-GB checkpoint is read only where it is used).
+    Tensors saved from a GPU load onto the CPU.
 
     Raises UnsafeCheckpointError, naming the file and the refused global, when the file pickles anything
-    else; the file's code is never run."""
+    else; the file's code is never run. Raises CheckpointError naming the file, its size and first bytes
+    when it is not a readable torch file (damaged, truncated, an HTML page saved in its place, or a pickle
+    feature torch's weights-only unpickler does not take). OSError (a missing file) passes through."""
     def load(mmap: bool):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -55,12 +76,17 @@ def safe_torch_load(path: str):
             return load(mmap=False)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else str(e).splitlines()[0]
+        if not found:
+            raise _unreadable(path, "torch checkpoint", e) from None
         allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
         raise UnsafeCheckpointError(
-            f"{path}: refused: the file pickles {what}, which is not in the allowlist of what ELIT checkpoints "
+            f"{path}: refused: the file pickles {found.group(1)}, which is not in the allowlist of what ELIT checkpoints "
             f"need ({allowed}); it was not executed. Load it only if you trust it, and convert it to tensors "
             "yourself.") from None
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # the zip or legacy reader on a damaged file: RuntimeError, EOFError, KeyError, ...
+        raise _unreadable(path, "torch checkpoint", e) from None
 
 
 def _is_safetensors(path: str) -> bool:
@@ -91,18 +117,31 @@ def save_model(path: str, model: ElitDiT, meta: dict | None = None) -> str:
 
 
 def read_model_file(path: str, device="cpu") -> tuple[dict, dict, dict] | None:
-    """``(config dict, state_dict, meta)`` of one of our files, or None when ``path`` is a torch file of
-    another kind (so a caller can try the official layout). Raises ValueError for an unreadable file."""
+    """``(config dict, state_dict, meta)`` of one of our safetensors files (tensors on ``device``), or None
+    when ``path`` is not a ``.safetensors`` name (so a caller can try a torch file). Raises CheckpointError
+    (a ValueError) naming the file when it is damaged or lacks our metadata."""
     if _is_safetensors(path):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(path, framework="pt") as f:
-            md = f.metadata() or {}
-        if md.get("format") not in READABLE_FORMATS:
-            raise ValueError(f"{path}: a safetensors file without elit-kernels metadata (format {md.get('format')!r}; "
-                             f"expected {FORMAT!r}, as written by elit-convert / save_model)")
-        return json.loads(md["config"]), load_file(path, device=str(device)), json.loads(md.get("meta") or "{}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                md = f.metadata() or {}
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' own error for a damaged header
+            raise _unreadable(path, "safetensors file", e) from None
+        if md.get("format") not in READABLE_FORMATS or "config" not in md:
+            raise CheckpointError(f"{path}: a safetensors file without elit-kernels metadata (format "
+                                  f"{md.get('format')!r}, config {'present' if 'config' in md else 'absent'}; expected "
+                                  f"format {FORMAT!r} and a config, as written by elit-convert / save_model)")
+        try:
+            sd = load_file(path, device=str(device))
+        except OSError:
+            raise
+        except Exception as e:
+            raise _unreadable(path, "safetensors file", e) from None
+        return json.loads(md["config"]), sd, json.loads(md.get("meta") or "{}")
     return None
 
 

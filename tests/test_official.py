@@ -490,12 +490,34 @@ def test_unreadable_files_name_the_file_and_the_reason(tmp_path, case, capsys):
     size = os.path.getsize(p)
     for reader in (load_checkpoint, load_model):
         with pytest.raises(CheckpointError, match=f"^{re.escape(p)}: cannot be read as a {kind} "
-                                                  rf"\(\w+(: [^;]+)?; the file has {size} bytes, starting b") as e:
+                                                  rf"\((?!NoneType)\w+(: [^;]+)?; the file has {size} bytes, starting b") as e:
             reader(p)
         assert "Nothing in it was executed" in str(e.value) and not isinstance(e.value, UnsafeCheckpointError)
     with pytest.raises(SystemExit) as ex:  # elit-convert: exit 2 with the same message, no traceback
         convert_main([p, "--out", str(tmp_path / "o.safetensors")])
     assert ex.value.code == 2 and "cannot be read as a" in capsys.readouterr().err
+
+
+def test_unreadable_message_gives_the_reader_s_first_sentence_and_the_first_bytes(tmp_path):
+    from elit_kernels.models.checkpoint import _unreadable
+
+    p = str(tmp_path / "f.pt")
+    with open(p, "wb") as f:
+        f.write(b"0123456789abcdefGHIJ")  # 20 bytes: the message shows the first 16
+    tail = "; the file has 20 bytes, starting b'0123456789abcdef')"
+    weights_only = pickle.UnpicklingError(
+        "Weights only load failed. In PyTorch 2.6, we changed the default.\nWeightsUnpickler error: \n\n"
+        "Unsupported operand 60\n\nCheck the documentation. WeightsUnpickler error: again")
+    for err, why in ((weights_only, "UnpicklingError: Unsupported operand 60"),
+                     (RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory. "
+                                   "This is an internal miniz error. If you see it"), "RuntimeError: PytorchStreamReader "
+                      "failed reading zip archive: failed finding central directory"),
+                     (KeyError(101), "KeyError: 101"), (EOFError(), "EOFError"), (ValueError("bad header."),
+                                                                                 "ValueError: bad header")):
+        msg = str(_unreadable(p, "torch checkpoint", err))
+        assert msg.startswith(f"{p}: cannot be read as a torch checkpoint ({why}{tail}. A damaged"), msg
+    gone = str(tmp_path / "gone.pt")
+    assert "(EOFError; the file has size unknown)" in str(_unreadable(gone, "torch checkpoint", EOFError()))
 
 
 def test_a_checkpoint_saved_on_a_gpu_loads_on_a_cpu(tmp_path, monkeypatch):

@@ -17,6 +17,14 @@ def _randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def _perturbed(model, std=0.05):
+    """adaLN-Zero and zero-initialised output layers make a fresh model trivial; move every weight."""
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(std * torch.randn_like(prm))
+    return model
+
+
 def _rms_truth(x, weight, eps, outside):
     x = x.double()
     ms = x.pow(2).mean(-1, keepdim=True)
@@ -151,14 +159,12 @@ def test_buffers_follow_the_device_and_stay_out_of_the_state_dict(preset):
 
 @pytest.mark.parametrize("preset", ["paper", "released"])
 def test_reset_buffers_after_a_dtype_change_keeps_the_model_right(preset):
-    # reset_buffers rebuilds the fixed tables in fp32 (as a loader that casts and then resets does); the
-    # forward casts them to the tokens' dtype, so a bf16 model still runs in bf16 and gives the fp32 answer
+    # reset_buffers rebuilds the fixed tables in fp32 whatever the parameters' dtype (e.g. called after
+    # model.to(torch.bfloat16)); the forward casts them to the tokens' dtype, so a bf16 model still runs in
+    # bf16 and gives the fp32 answer
     cfg = preset_config(preset, "tiny", 64)
     torch.manual_seed(0)
-    m = ElitDiT(cfg, backend="torch")
-    with torch.no_grad():
-        for prm in m.parameters():
-            prm.add_(0.05 * torch.randn_like(prm))
+    m = _perturbed(ElitDiT(cfg, backend="torch"))
     mb = copy.deepcopy(m).to(torch.bfloat16)
     mb.reset_buffers()
     assert any(b.dtype == torch.float32 for b in mb.buffers() if b.is_floating_point())
@@ -230,10 +236,7 @@ def test_plain_dit_gather_path_equals_the_run_path():
     register_elementwise("_test_plain_checked", ElementwiseImpl(checked_lm, gated_residual, takes_runs=True))
     cfg = elit_config("tiny", 64)
     torch.manual_seed(0)
-    fast = PlainDiT(cfg, backend="torch")
-    with torch.no_grad():
-        for prm in fast.parameters():
-            prm.add_(0.05 * torch.randn_like(prm))
+    fast = _perturbed(PlainDiT(cfg, backend="torch"))
     slow = PlainDiT(cfg, backend="torch", elementwise="_test_plain_gather")
     slow.load_state_dict(fast.state_dict())
     x, t, y = _randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])

@@ -517,7 +517,8 @@ def test_unreadable_message_gives_the_reader_s_first_sentence_and_the_first_byte
         msg = str(_unreadable(p, "torch checkpoint", err))
         assert msg.startswith(f"{p}: cannot be read as a torch checkpoint ({why}{tail}. A damaged"), msg
     gone = str(tmp_path / "gone.pt")
-    assert "(EOFError; the file has size unknown)" in str(_unreadable(gone, "torch checkpoint", EOFError()))
+    assert "(EOFError; the file could not be opened to show its size)" in str(_unreadable(gone, "torch checkpoint",
+                                                                                          EOFError()))
 
 
 def test_a_checkpoint_saved_on_a_gpu_loads_on_a_cpu(tmp_path, monkeypatch):

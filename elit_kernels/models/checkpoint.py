@@ -47,11 +47,11 @@ def _unreadable(path: str, kind: str, err: Exception) -> CheckpointError:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(16)
-        seen = f"{size} bytes, starting {head!r}"
+        seen = f"the file has {size} bytes, starting {head!r}"
     except OSError:
-        seen = "size unknown"
-    return CheckpointError(f"{path}: cannot be read as a {kind} ({why}; the file has {seen}). A damaged, truncated or "
-                           f"interrupted download, or another file saved under this name? Nothing in it was executed.")
+        seen = "the file could not be opened to show its size"
+    return CheckpointError(f"{path}: cannot be read as a {kind} ({why}; {seen}). A damaged, truncated or interrupted "
+                           f"download, or another file saved under this name? Nothing in it was executed.")
 
 
 def safe_torch_load(path: str):
@@ -80,9 +80,9 @@ def safe_torch_load(path: str):
             raise _unreadable(path, "torch checkpoint", e) from None
         allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
         raise UnsafeCheckpointError(
-            f"{path}: refused: the file pickles {found.group(1)}, which is not in the allowlist of what ELIT checkpoints "
-            f"need ({allowed}); it was not executed. Load it only if you trust it, and convert it to tensors "
-            "yourself.") from None
+            f"{path}: refused: the file pickles {found.group(1)}, which is not in the allowlist of what ELIT "
+            f"checkpoints need ({allowed}); it was not executed. Load it only if you trust it, and convert it to "
+            "tensors yourself.") from None
     except (OSError, MemoryError):
         raise
     except Exception as e:  # the zip or legacy reader on a damaged file: RuntimeError, EOFError, KeyError, ...

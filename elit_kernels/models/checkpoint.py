@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -54,6 +55,18 @@ def _unreadable(path: str, kind: str, err: Exception) -> CheckpointError:
                            f"download, or another file saved under this name? Nothing in it was executed.")
 
 
+@contextlib.contextmanager
+def _reading(path: str, kind: str):
+    """Turn a parser's failure inside the block into ``_unreadable``; OS errors (a missing file), memory
+    errors and our own CheckpointErrors pass through unchanged."""
+    try:
+        yield
+    except (OSError, MemoryError, CheckpointError):
+        raise
+    except Exception as e:  # the zip/legacy torch readers, torch's weights-only unpickler, safetensors
+        raise _unreadable(path, kind, e) from None
+
+
 def safe_torch_load(path: str):
     """``torch.load(path, map_location="cpu", weights_only=True)`` with ``SAFE_GLOBALS`` allowlisted and
     memory-mapped when the file allows it (so a multi-GB checkpoint is read only where it is used).
@@ -67,26 +80,23 @@ def safe_torch_load(path: str):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
-    try:
+    with _reading(path, "torch checkpoint"):
         try:
-            return load(mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) torch files cannot be memory-mapped
-            if "mmap" not in str(e):
+            try:
+                return load(mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) torch files cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                return load(mmap=False)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            if not found:  # not a refused global: damage, or a pickle feature the safe unpickler lacks
                 raise
-            return load(mmap=False)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        if not found:
-            raise _unreadable(path, "torch checkpoint", e) from None
-        allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
-        raise UnsafeCheckpointError(
-            f"{path}: refused: the file pickles {found.group(1)}, which is not in the allowlist of what ELIT "
-            f"checkpoints need ({allowed}); it was not executed. Load it only if you trust it, and convert it to "
-            "tensors yourself.") from None
-    except (OSError, MemoryError):
-        raise
-    except Exception as e:  # the zip or legacy reader on a damaged file: RuntimeError, EOFError, KeyError, ...
-        raise _unreadable(path, "torch checkpoint", e) from None
+            allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
+            raise UnsafeCheckpointError(
+                f"{path}: refused: the file pickles {found.group(1)}, which is not in the allowlist of what ELIT "
+                f"checkpoints need ({allowed}); it was not executed. Load it only if you trust it, and convert it "
+                "to tensors yourself.") from None
 
 
 def _is_safetensors(path: str) -> bool:
@@ -124,23 +134,14 @@ def read_model_file(path: str, device="cpu") -> tuple[dict, dict, dict] | None:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        try:
-            with safe_open(path, framework="pt") as f:
-                md = f.metadata() or {}
-        except OSError:
-            raise
-        except Exception as e:  # safetensors' own error for a damaged header
-            raise _unreadable(path, "safetensors file", e) from None
+        with _reading(path, "safetensors file"), safe_open(path, framework="pt") as f:
+            md = f.metadata() or {}
         if md.get("format") not in READABLE_FORMATS or "config" not in md:
             raise CheckpointError(f"{path}: a safetensors file without elit-kernels metadata (format "
                                   f"{md.get('format')!r}, config {'present' if 'config' in md else 'absent'}; expected "
                                   f"format {FORMAT!r} and a config, as written by elit-convert / save_model)")
-        try:
+        with _reading(path, "safetensors file"):
             sd = load_file(path, device=str(device))
-        except OSError:
-            raise
-        except Exception as e:
-            raise _unreadable(path, "safetensors file", e) from None
         return json.loads(md["config"]), sd, json.loads(md.get("meta") or "{}")
     return None
 

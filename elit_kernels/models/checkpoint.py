@@ -132,16 +132,15 @@ def read_model_file(path: str, device="cpu") -> tuple[dict, dict, dict] | None:
     (a ValueError) naming the file when it is damaged or lacks our metadata."""
     if _is_safetensors(path):
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        with _reading(path, "safetensors file"), safe_open(path, framework="pt") as f:
+        with _reading(path, "safetensors file"), safe_open(path, framework="pt", device=str(device)) as f:
             md = f.metadata() or {}
-        if md.get("format") not in READABLE_FORMATS or "config" not in md:
-            raise CheckpointError(f"{path}: a safetensors file without elit-kernels metadata (format "
-                                  f"{md.get('format')!r}, config {'present' if 'config' in md else 'absent'}; expected "
-                                  f"format {FORMAT!r} and a config, as written by elit-convert / save_model)")
-        with _reading(path, "safetensors file"):
-            sd = load_file(path, device=str(device))
+            if md.get("format") not in READABLE_FORMATS or "config" not in md:
+                raise CheckpointError(f"{path}: a safetensors file without elit-kernels metadata (format "
+                                      f"{md.get('format')!r}, config {'present' if 'config' in md else 'absent'}; "
+                                      f"expected format {FORMAT!r} and a config, as written by elit-convert / "
+                                      "save_model)")
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # one open: the header is parsed once
         return json.loads(md["config"]), sd, json.loads(md.get("meta") or "{}")
     return None
 

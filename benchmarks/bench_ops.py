@@ -28,7 +28,7 @@ import time
 import torch
 
 from elit_kernels import set_value_checks
-from elit_kernels.bench.ops import Method, OpShape, available_methods, elit_shapes, make_fn, quiet_warnings
+from elit_kernels.bench.attention_cases import Method, OpShape, available_methods, elit_shapes, make_fn, quiet_warnings
 from elit_kernels.bench.report import metadata
 from elit_kernels.models import elit_config
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from elit_kernels import set_value_checks, value_checks_enabled
-from elit_kernels.bench.ops import available_methods, elit_shapes, make_fn, quiet_warnings
+from elit_kernels.bench.attention_cases import available_methods, elit_shapes, make_fn, quiet_warnings
 from elit_kernels.models import elit_config
 
 GPU = torch.cuda.is_available()

@@ -3,16 +3,13 @@
 When ``_C`` loads, this module registers, on the Python side, what the C++ schemas need:
 
 - fake (meta) impls and autograd formulas for every ``torch.ops.elit.*`` op defined in C++;
-- the ``cuda`` attention backend (priority 25, below triton until measured on a GPU: CUDA tensors, fp16/bf16, head dim 64/72/128, smaller
-  ones zero-padded by the contract) when the CUDA kernels are compiled in, and the ``cpp`` backend
-  (priority 5: CPU tensors);
-- the ``"fused"`` elementwise implementation for the model (``elit_kernels.models.ops``).
+- the ``"fused"`` elementwise implementation (``elit_kernels.elementwise``).
 
-When ``_C`` is missing, or was built for another torch, it warns once (with the build info and how to
-build), the ``cuda`` and ``cpp`` backends stay registered but unavailable (``describe_backends()``
-shows them with ``available: False`` and the reason in their description, ``unavailable_reason``
-holds it), and the pure-Python backends keep working. Importing this module never raises because of
-the extension.
+The attention backends over these ops (``cuda``, ``cpp``) live in ``elit_kernels.attention.backends.compiled``
+and ask this loader whether they can run. When ``_C`` is missing, or was built for another torch, it warns
+once (with the build info and how to build), ``unavailable_reason`` says why, and the pure-Python backends
+keep working. Importing this module never raises because of the extension; it imports nothing from the
+attention package or the model.
 
 Ops (shapes as in ``varlen_attention``)::
 
@@ -33,7 +30,7 @@ import warnings
 import torch
 
 from ._autograd import register_varlen_autograd
-from .backends import AttnInputs, Backend, register_backend
+from .elementwise import ElementwiseImpl, register_elementwise
 
 _C = None
 _BUILD_INFO: dict | None = None  # read once at load: a pybind call inside dispatch would break torch.compile graphs
@@ -228,88 +225,6 @@ def unpack_latents(packed, layout, fill: float = 0.0):
                                          float(fill))
 
 
-def _attn_forward(inp: AttnInputs):
-    if inp.has_window or inp.softcap:
-        out, lse = torch.ops.elit.varlen_attn_fwd(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
-                                                  inp.max_seqlen_q, inp.max_seqlen_k, inp.softmax_scale, inp.causal,
-                                                  inp.window_left, inp.window_right, inp.softcap)
-    else:  # the defaults: a _C built before window/softcap existed still runs these
-        out, lse = torch.ops.elit.varlen_attn_fwd(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
-                                                  inp.max_seqlen_q, inp.max_seqlen_k, inp.softmax_scale, inp.causal)
-    return (out, lse) if inp.return_lse else out
-
-
-class _CompiledBackend(Backend):
-    """A backend whose kernels live in ``_C``: registered even when ``_C`` is not usable, so that
-    ``describe_backends()`` lists it as unavailable and says why (in ``description``)."""
-
-    summary = ""
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        """Why this backend cannot run here (None when it can)."""
-        return unavailable_reason
-
-    @property
-    def description(self) -> str:
-        why = self.unavailable_reason
-        return self.summary + (f" [unavailable: {why}]" if why else "")
-
-    def is_available(self) -> bool:
-        return self.unavailable_reason is None
-
-
-class CudaBackend(_CompiledBackend):
-    name = "cuda"
-    # Below triton (30) until a GPU run has measured it correct and faster: it has never executed yet, and
-    # its design (WMMA, scores through shared memory) is estimated slower than Triton's on core shapes.
-    # tools/gpu_check.sh times both; the known-answer check guards correctness either way.
-    priority = 25
-    summary = ("compiled CUDA kernels (elit_kernels._C): tensor-core varlen attention, GQA by indexing, a "
-               "one-warp path for tiny Read/Write segments; fp16/bf16, head dim 64/72/128 (smaller ones "
-               "zero-padded)")
-    dtypes = (torch.float16, torch.bfloat16)
-    devices = ("cuda",)
-    #: must match dispatch_head_dim in csrc/cuda/attention_common.cuh (tests/test_dropin.py checks both sides)
-    head_dims = (64, 72, 128)
-    #: the CUDA kernels have neither (csrc/cuda/attention_cuda.cpp refuses them); dispatch skips to triton
-    supports_window = False
-    supports_softcap = False
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        if unavailable_reason is not None:
-            return unavailable_reason
-        if not has_kernel("varlen_attn_fwd_cuda"):
-            return "elit_kernels._C was built without the CUDA kernels (torch without CUDA, no nvcc, or ELIT_SKIP_CUDA_BUILD=1)"
-        if not torch.cuda.is_available():
-            return "no CUDA device (torch.cuda.is_available() is False)"
-        return None
-
-    def forward(self, inp: AttnInputs):
-        return _attn_forward(inp)
-
-
-class CppBackend(_CompiledBackend):
-    name = "cpp"
-    priority = 5
-    summary = "compiled C++ CPU loops (elit_kernels._C), one (segment, head) per task; all float dtypes"
-    devices = ("cpu",)
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        if unavailable_reason is None and not has_kernel("varlen_attn_fwd_cpu"):
-            return f"elit_kernels._C has no CPU attention kernel (build info: {_BUILD_INFO})"
-        return unavailable_reason
-
-    def forward(self, inp: AttnInputs):
-        return _attn_forward(inp)
-
-
-register_backend(CudaBackend())
-register_backend(CppBackend())
 if _load() is not None:
     _register_op_python_parts()
-    from .models.ops import ElementwiseImpl, register_elementwise
-
     register_elementwise("fused", ElementwiseImpl(layernorm_modulate, gated_residual))

@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import attention as _attention
-from .backends import get_backend, known_backends
+from .attention import get_backend, known_backends
 
 
 def probe_inputs(heads: int, head_dim: int, device, dtype):

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from .attention.inputs import SegmentRuns
+
 
 def _check_grid(h: int, w: int, window: int) -> None:
     for name, n in (("h", h), ("w", w), ("window", window)):
@@ -177,6 +179,12 @@ class ElitLayout:
     # Rows by sample, for per-sample adaLN parameters that broadcast instead of gathering (TokenRuns).
     latent_runs: TokenRuns | None = None  # the packed core latents [T, C]
     spatial_runs: TokenRuns | None = None  # the spatial tokens [B*N, C]: one run
+    # The segment lengths of each attention as host ints (SegmentRuns), handed to varlen_attention so that no
+    # backend reads cu_seqlens back from the device and uniform calls run as one dense SDPA.
+    read_segments: SegmentRuns | None = None  # (J_b, P) per (sample, group)
+    write_segments: SegmentRuns | None = None  # (P, J_b) per (sample, group)
+    core_segments: SegmentRuns | None = None  # (G*J_b, G*J_b) per sample
+    image_segments: SegmentRuns | None = None  # (N, N) per sample
 
     @property
     def interface_layout(self) -> "ElitLayout":
@@ -185,23 +193,26 @@ class ElitLayout:
 
     @property
     def read_args(self):
-        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for Read."""
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, segments) for Read."""
         lay = self.interface_layout
-        return lay.cu_latents, lay.cu_spatial, lay.max_latents, lay.tokens_per_group
+        return lay.cu_latents, lay.cu_spatial, lay.max_latents, lay.tokens_per_group, lay.read_segments
 
     @property
     def write_args(self):
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, segments) for Write."""
         lay = self.interface_layout
-        return lay.cu_spatial, lay.cu_latents, lay.tokens_per_group, lay.max_latents
+        return lay.cu_spatial, lay.cu_latents, lay.tokens_per_group, lay.max_latents, lay.write_segments
 
     @property
     def core_args(self):
-        return self.cu_core, self.cu_core, self.max_core, self.max_core
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, segments) for the core blocks."""
+        return self.cu_core, self.cu_core, self.max_core, self.max_core, self.core_segments
 
     @property
     def image_args(self):
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, segments) for the spatial blocks."""
         n = self.groups * self.tokens_per_group
-        return self.cu_image, self.cu_image, n, n
+        return self.cu_image, self.cu_image, n, n, self.image_segments
 
     def spatial_sample(self, device=None) -> torch.Tensor:
         """[B*N] long: sample of each spatial token (tokens are stored sample-major)."""
@@ -213,6 +224,20 @@ def _cu(lengths: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
     out[1:] = torch.cumsum(lengths, 0).to(torch.int32)
     return out
+
+
+def _runs_per_sample(budgets: list[int], per_sample: int, shape) -> SegmentRuns:
+    """``per_sample`` segments of ``shape(J_b) = (Lq, Lk)`` for each sample, merged into runs: O(batch) host work."""
+    runs: list = []
+    tq = tk = 0
+    for b in budgets:
+        lq, lk = shape(b)
+        tq, tk = tq + per_sample * lq, tk + per_sample * lk
+        if runs and runs[-1][1:] == (lq, lk):
+            runs[-1] = (runs[-1][0] + per_sample, lq, lk)
+        elif per_sample:
+            runs.append((per_sample, lq, lk))
+    return SegmentRuns(tuple(runs), tq, tk)
 
 
 def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max: int, device="cpu", *,
@@ -252,6 +277,10 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
     spatial_runs = TokenRuns(((0, batch * groups * tokens_per_group, 0, batch),) if batch else (),
                              batch * groups * tokens_per_group, batch, device)
     return ElitLayout(
+        read_segments=_runs_per_sample(bud, groups, lambda b: (b, tokens_per_group)),
+        write_segments=_runs_per_sample(bud, groups, lambda b: (tokens_per_group, b)),
+        core_segments=_runs_per_sample(bud, 1, lambda b: (groups * b, groups * b)),
+        image_segments=SegmentRuns.uniform_runs(batch, groups * tokens_per_group, groups * tokens_per_group),
         batch=batch, groups=groups, tokens_per_group=tokens_per_group, j_max=j_max, budgets=bud,
         total_latents=total, cu_latents=cu_lat, cu_spatial=cu_sp, max_latents=max(bud, default=0),
         cu_core=cu_core, max_core=groups * max(bud, default=0), cu_image=cu_img,

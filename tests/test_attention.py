@@ -194,7 +194,7 @@ def test_default_dispatch_compiles_without_graph_breaks():
     ([5, 5, 3], [9, 9, 3], True, 2),                # causal, bottom-right, Lq <= Lk
 ], ids=["read", "read_mixed", "write_single_key", "empty_gqa", "causal"])
 def test_torch_sdpa_over_runs_matches_reference(lens_q, lens_k, causal, h_kv):
-    from elit_kernels.torch_attention import sdpa_over_runs
+    from elit_kernels.attention.backends.torch_ops import sdpa_over_runs
 
     q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 16, seed=11)
     k, v = k[:, :h_kv].contiguous(), v[:, :h_kv].contiguous()
@@ -212,7 +212,7 @@ def test_torch_sdpa_over_runs_matches_reference(lens_q, lens_k, causal, h_kv):
 
 
 def test_torch_sdpa_over_runs_declines_what_it_cannot_express():
-    from elit_kernels.torch_attention import MAX_RUNS, sdpa_over_runs
+    from elit_kernels.attention.backends.torch_ops import MAX_RUNS, sdpa_over_runs
 
     q, k, v, cq, ck, *_ = random_varlen_inputs([3, 2], [2, 5], 2, 16, seed=12)
     assert sdpa_over_runs(q, k, v, cq, ck, 0.25, True) is None  # causal Lq > Lk: rows with no key

@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from elit_kernels import backends as B
-from elit_kernels import known_answer as KA
-from elit_kernels.backends import AttnInputs
+from elit_kernels import attention as B
+from elit_kernels.attention import known_answer as KA
+from elit_kernels.attention import AttnInputs
 from elit_kernels.testing import random_varlen_inputs
 
 
@@ -120,7 +120,7 @@ def registered():
     yield add
     KA.set_known_answer_checks(was)
     for n in made:
-        B._REGISTRY.pop(n, None)
+        B.registry._REGISTRY.pop(n, None)
 
 
 def test_explicit_backend_that_cannot_run_lists_every_reason(registered, monkeypatch):
@@ -176,9 +176,9 @@ def test_default_dispatch_takes_the_highest_priority_backend_that_can_run(regist
 
 
 def test_no_backend_error_lists_each_backend_with_its_reasons(registered):
-    saved = dict(B._REGISTRY)
+    saved = dict(B.registry._REGISTRY)
     try:
-        B._REGISTRY.clear()
+        B.registry._REGISTRY.clear()
         registered(_Unavailable())
         registered(_Declared())
         inp = _inp(return_lse=True)
@@ -190,8 +190,8 @@ def test_no_backend_error_lists_each_backend_with_its_reasons(registered):
             "  _declared: dtype torch.float32 not in ['torch.float16']; needs cuda tensors, got device cpu; "
             "cannot return the softmax log-sum-exp (return_attn_probs=True)")
     finally:
-        B._REGISTRY.clear()
-        B._REGISTRY.update(saved)
+        B.registry._REGISTRY.clear()
+        B.registry._REGISTRY.update(saved)
 
 
 def test_describe_backends_rows(registered):
@@ -200,7 +200,8 @@ def test_describe_backends_rows(registered):
     rows = B.describe_backends()
     assert [r["name"] for r in rows] == B.known_backends()
     un = next(r for r in rows if r["name"] == "_unavailable")
-    assert un == {"name": "_unavailable", "priority": 10_000, "available": False, "description": ""}
+    assert un == {"name": "_unavailable", "priority": 10_000, "available": False, "description": "",
+                  "unavailable_reason": "not available in this environment", "default_eligible": True}
     ref = next(r for r in rows if r["name"] == "reference")
     assert ref["available"] is True and ref["priority"] == 0 and "the truth" in ref["description"]
     with_inp = {r["name"]: r for r in B.describe_backends(_inp())}
@@ -211,7 +212,7 @@ def test_describe_backends_rows(registered):
 
 
 def test_register_and_get_errors():
-    with pytest.raises(TypeError, match="backend: expected an elit_kernels.backends.Backend, got str"):
+    with pytest.raises(TypeError, match="backend: expected an elit_kernels.Backend, got str"):
         B.register_backend("torch")
     with pytest.raises(TypeError, match="backend: expected a str or None, got int"):
         B.get_backend(3)
@@ -227,9 +228,11 @@ def test_register_replaces_a_backend_of_the_same_name(registered):
 
 
 def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits():
+    assert B.get_backend("torch_varlen").default_eligible and B.get_backend("torch_varlen").known_answer
+    fa = B.get_backend("flash_attn")  # a comparator: by name only
+    assert fa.priority < 0 and not fa.known_answer and not fa.default_eligible
     for name in ("torch_varlen", "flash_attn"):
         b = B.get_backend(name)
-        assert b.priority < 0 and not b.known_answer
         if not torch.cuda.is_available():
             assert not b.is_available()
         r = b.not_supported_reasons(_inp(heads=4, kv_heads=2, window=(1, 1), softcap=1.0, return_lse=True,
@@ -243,7 +246,7 @@ def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits(
 
 
 def test_comparator_missing_module_is_unavailable():
-    class _Missing(B._CudaComparator):
+    class _Missing(B.backends.library._CudaLibrary):
         name, module = "_missing", "elit_kernels_no_such_module"
 
     assert _Missing().is_available() is False
@@ -267,14 +270,14 @@ def test_torch_backend_returns_lse_on_request_and_takes_softcap_through_the_op()
 
 def test_torch_backend_takes_the_run_path_exactly_when_it_may(monkeypatch):
     """Eager, no LSE, no softcap: sdpa_over_runs first, handed the real scale and window; otherwise the op."""
-    from elit_kernels import torch_attention as TA
+    from elit_kernels.attention.backends import torch_ops as TA
 
     calls = []
     orig = TA.sdpa_over_runs
 
-    def spy(q, k, v, cq, ck, scale, causal, wl=-1, wr=-1):
+    def spy(q, k, v, cq, ck, scale, causal, wl=-1, wr=-1, *, segments=None):
         calls.append((scale, causal, wl, wr))
-        return orig(q, k, v, cq, ck, scale, causal, wl, wr)
+        return orig(q, k, v, cq, ck, scale, causal, wl, wr, segments=segments)
 
     monkeypatch.setattr(TA, "sdpa_over_runs", spy)
     tb = B.get_backend("torch")

@@ -18,7 +18,7 @@ import torch
 import elit_kernels
 from elit_kernels import _cext
 from elit_kernels.layout import build_layout, pack_latents, unpack_latents
-from elit_kernels.models.ops import ELEMENTWISE_IMPLS, get_elementwise
+from elit_kernels.elementwise import ELEMENTWISE_IMPLS, get_elementwise
 from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
 from elit_kernels.testing import assert_close_to_reference, check_backend_against_reference, default_atol
 from elit_kernels.testing import random_varlen_inputs
@@ -372,7 +372,7 @@ def test_attention_cuda_matches_reference(case, head_dim, dtype, causal):
 def test_attention_cuda_dispatch_and_opcheck():
     _require_cuda_kernel("varlen_attn_fwd_cuda")
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 1], [7, 0], 2, 64, device="cuda", dtype=torch.float16)
-    from elit_kernels.backends import select_backend
+    from elit_kernels.attention import select_backend
     from elit_kernels.attention import validate_inputs
     assert select_backend(validate_inputs(q, k, v, cq, ck, mq, mk, None, False)).name == "cuda"
     for permute in (False, True):

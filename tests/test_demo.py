@@ -140,7 +140,7 @@ def test_interpreted_triton_is_announced(backend, warns, monkeypatch, capsys):
     import elit_kernels.demo as demo
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from elit_kernels.backends import get_backend
+    from elit_kernels.attention import get_backend
 
     if not get_backend("triton").is_available():
         pytest.skip("triton is not installed here")

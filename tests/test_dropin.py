@@ -24,7 +24,7 @@ import elit_kernels  # noqa: E402
 from elit_kernels import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,  # noqa: E402
                           flash_attn_varlen_qkvpacked_func, set_value_checks, varlen_attention)
 from elit_kernels.attention import validate_inputs  # noqa: E402
-from elit_kernels.backends import get_backend  # noqa: E402
+from elit_kernels.attention import get_backend  # noqa: E402
 from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402
 from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs  # noqa: E402
 
@@ -200,7 +200,7 @@ def test_cuda_head_dims_declared_once_per_language():
     # The Python declaration (dispatch, padding) and the C++ list the kernels are instantiated for.
     text = (ROOT / "csrc" / "cuda" / "kernels.h").read_text()
     dims = tuple(int(x) for x in re.search(r"kHeadDims\[\] = \{([^}]*)\}", text).group(1).split(","))
-    from elit_kernels._cext import CudaBackend
+    from elit_kernels.attention.backends.compiled import CudaBackend
     assert CudaBackend.head_dims == dims
     cuda = CudaBackend()
     assert [cuda.run_head_dim(d) for d in (1, 64, 65, 72, 73, 128)] == [64, 64, 72, 72, 128, 128]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import elit_kernels
-from elit_kernels.backends import get_backend
+from elit_kernels.attention import get_backend
 
 HAS_TF = importlib.util.find_spec("transformers") is not None
 HAS_DF = importlib.util.find_spec("diffusers") is not None

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import elit_kernels
-from elit_kernels import backends as B
-from elit_kernels import known_answer as KA
+from elit_kernels import attention as B
+from elit_kernels.attention import known_answer as KA
 from elit_kernels import varlen_attention
 from elit_kernels.testing import random_varlen_inputs
 
@@ -53,7 +53,7 @@ def fake():
     KA.set_known_answer_checks(was)
     KA.clear_verdicts()
     for n in made:
-        B._REGISTRY.pop(n, None)
+        B.registry._REGISTRY.pop(n, None)
 
 
 def _inputs(requires_grad=False, seed=0):
@@ -270,7 +270,7 @@ def spy(fake):
 
     yield make
     for s in made:
-        B._REGISTRY.pop(s.name, None)
+        B.registry._REGISTRY.pop(s.name, None)
 
 
 def test_the_case_run_is_the_kind_asked_for(spy):

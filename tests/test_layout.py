@@ -38,7 +38,7 @@ def test_layout_cu_seqlens_and_indices():
     assert lay.latent_sample.tolist() == [0] * 6 + [1] * 2
     assert lay.latent_group.tolist() == [0, 0, 0, 1, 1, 1, 0, 1]
     assert lay.latent_index.tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
-    assert lay.read_args[2:] == (3, 5) and lay.write_args[2:] == (5, 3)
+    assert lay.read_args[2:4] == (3, 5) and lay.write_args[2:4] == (5, 3)
     assert all(t.dtype == torch.int32 for t in (lay.cu_latents, lay.cu_spatial, lay.cu_core, lay.cu_image))
     assert lay.spatial_sample().tolist() == [0] * 10 + [1] * 10 + [2] * 10
 

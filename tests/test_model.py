@@ -453,7 +453,7 @@ def test_plain_dit_equals_a_dense_dit_written_out(block_qk_norm):
 
 
 def test_every_attention_of_both_models_goes_to_the_chosen_backend():
-    from elit_kernels import backends as B
+    from elit_kernels import attention as B
 
     calls = []
 
@@ -476,7 +476,7 @@ def test_every_attention_of_both_models_goes_to_the_chosen_backend():
         # head + tail self-attention, Read and Write (one segment per group), the core (one per sample)
         assert calls == [2] * cfg.n_head + [2 * cfg.groups] + [2] * cfg.core_blocks + [2 * cfg.groups] + [2] * cfg.n_tail
     finally:
-        B._REGISTRY.pop("_model_spy", None)
+        B.registry._REGISTRY.pop("_model_spy", None)
 
 
 def _sincos_rows_first(dim, h, w):

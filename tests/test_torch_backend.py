@@ -6,7 +6,7 @@ detection, and every case in which the dense-SDPA-per-run path must decline or m
 import pytest
 import torch
 
-from elit_kernels import torch_attention as TA
+from elit_kernels.attention.backends import torch_ops as TA
 from elit_kernels import varlen_attention
 from elit_kernels.reference.attention import varlen_attention_reference
 from elit_kernels.testing import random_varlen_inputs
@@ -49,10 +49,20 @@ def test_grouped_path_in_small_chunks(monkeypatch, causal):
 
 
 def test_segment_runs_merge_equal_neighbours():
-    assert TA.segment_runs([0, 2, 4, 6], [0, 3, 6, 9]) == [(0, 3, 2, 3)]
-    assert TA.segment_runs([0, 2, 4, 5, 7], [0, 3, 6, 9, 12]) == [(0, 2, 2, 3), (2, 3, 1, 3), (3, 4, 2, 3)]
-    assert TA.segment_runs([0, 2, 4], [0, 3, 5]) == [(0, 1, 2, 3), (1, 2, 2, 2)]  # equal Lq, different Lk
-    assert TA.segment_runs([0], [0]) == []
+    from elit_kernels.attention import SegmentRuns
+
+    assert SegmentRuns.from_lengths([2, 2, 2], [3, 3, 3]).runs == ((3, 2, 3),)
+    assert SegmentRuns.from_lengths([2, 2, 1, 2], [3, 3, 3, 3]).runs == ((2, 2, 3), (1, 1, 3), (1, 2, 3))
+    assert SegmentRuns.from_lengths([2, 2], [3, 2]).runs == ((1, 2, 3), (1, 2, 2))  # equal Lq, different Lk
+    empty = SegmentRuns.from_lengths([], [])
+    assert empty.runs == () and empty.uniform and empty.num_segments == 0 and (empty.max_q, empty.max_k) == (0, 0)
+    r = SegmentRuns.from_lengths([4, 4, 0], [5, 5, 7])
+    assert (r.total_q, r.total_k, r.num_segments, r.max_q, r.max_k, r.uniform) == (8, 17, 3, 4, 7, False)
+    assert SegmentRuns.uniform_runs(3, 2, 5) == SegmentRuns(((3, 2, 5),), 6, 15)
+    with pytest.raises(ValueError, match="lengths_k: has 1 segments, lengths_q has 2"):
+        SegmentRuns.from_lengths([1, 2], [3])
+    with pytest.raises(ValueError, match="segment lengths must be >= 0"):
+        SegmentRuns.from_lengths([1, -2], [3, 3])
 
 
 def _runs(lens_q, lens_k, *, h=2, hkv=None, scale=None, causal=False, grad=False, extra_q=0):

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from elit_kernels import varlen_attention  # noqa: E402
-from elit_kernels.backends import AttnInputs, get_backend  # noqa: E402
+from elit_kernels.attention import AttnInputs, get_backend  # noqa: E402
 from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402
 from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs  # noqa: E402
 

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import elit_kernels  # noqa: E402
 from elit_kernels import flash_attn_varlen_func, varlen_attention  # noqa: E402
 from elit_kernels.attention import validate_inputs  # noqa: E402
-from elit_kernels.backends import get_backend  # noqa: E402
+from elit_kernels.attention import get_backend  # noqa: E402
 from elit_kernels.testing import random_varlen_inputs  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -237,7 +237,7 @@ def test_flash_attn_func_matches_dense_truth(backend, causal, window, softcap):
 def test_flash_attn_func_reads_contiguous_inputs_without_copies():
     """The batch is reshaped, not copied: a contiguous q reaches the backend as a view of its storage."""
     from elit_kernels import flash_attn_func
-    from elit_kernels.backends import Backend, register_backend, _REGISTRY
+    from elit_kernels.attention.registry import Backend, register_backend, _REGISTRY
 
     seen = {}
 

@@ -35,11 +35,11 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     "attention": (["elit_kernels/attention.py"], ["tests/test_attention.py", "tests/test_validation.py",
                                                   "tests/test_window_softcap.py", "tests/test_dropin.py", "-k",
                                                   "not compile and not triton and not never_garbage"]),
-    "backends": (["elit_kernels/backends.py", "elit_kernels/known_answer.py"],
+    "backends": (["elit_kernels/attention/registry.py", "elit_kernels/attention/dispatch.py", "elit_kernels/attention/known_answer.py"],
                  ["tests/test_attention.py", "tests/test_known_answer.py", "tests/test_window_softcap.py",
                   "tests/test_torch_backend.py", "tests/test_dropin.py", "tests/test_backends.py", "-k",
                   "not compile and not triton and not never_garbage"]),
-    "torch_attention": (["elit_kernels/torch_attention.py"], ["tests/test_torch_backend.py", "tests/test_attention.py",
+    "torch_attention": (["elit_kernels/attention/backends/torch_ops.py", "elit_kernels/attention/backends/pytorch.py"], ["tests/test_torch_backend.py", "tests/test_attention.py",
                                                               "tests/test_window_softcap.py", "-k",
                                                               "not compile and not triton"]),
     "reference": (["elit_kernels/reference/"], ["tests/test_attention.py", "tests/test_model.py", "tests/test_layout.py",
@@ -53,7 +53,7 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     # sampling tests of test_official are left to "checkpoint": every surviving mutant runs all the tests
     # that reach it, and with them one mutant cost about a minute here (four of them then ran interpreted
     # Triton through default dispatch; they use the torch backend now: test_official's selection takes ~11 s).
-    "models": (["elit_kernels/models/blocks.py", "elit_kernels/models/elit_dit.py", "elit_kernels/models/ops.py",
+    "models": (["elit_kernels/models/blocks.py", "elit_kernels/models/elit_dit.py", "elit_kernels/elementwise.py",
                 "elit_kernels/models/config.py"],
                ["tests/test_model.py", "tests/test_blocks.py", "tests/test_config.py", "tests/test_official.py", "-k",
                 "not compile and not triton and not overfit and not sampling_runs and not convert and not hostile "

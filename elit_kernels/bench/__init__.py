@@ -4,6 +4,6 @@
 ``flops.count_flops`` counts a call's FLOPs with attention counted analytically.
 """
 from .flops import count_flops, elit_attention_flops, plain_attention_flops
-from .official import OfficialStyleElit
+from .dense_baseline import OfficialStyleElit
 
 __all__ = ["OfficialStyleElit", "count_flops", "elit_attention_flops", "plain_attention_flops"]

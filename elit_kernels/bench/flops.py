@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import backends as _backends
-from ..backends import Backend, register_backend
+from ..attention import registry as _backends
+from ..attention.registry import Backend, register_backend
 
 STUB_BACKEND = "_bench_flop_stub"
 

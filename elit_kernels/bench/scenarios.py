@@ -15,7 +15,7 @@ import torch
 
 from ..flow import guided_velocity
 from ..models import ElitDiT, PlainDiT
-from .official import OfficialStyleElit
+from .dense_baseline import OfficialStyleElit
 from .timing import Case
 from .timing import Case as _Case
 

@@ -110,7 +110,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if not args.guidance >= 0:
         parser.error(f"--guidance: expected a CFG scale >= 0 (0 = no guidance), got {args.guidance}")
     if args.backend is not None:
-        from ..backends import known_backends
+        from ..attention import known_backends
 
         if args.backend not in known_backends():
             parser.error(f"--backend: unknown backend {args.backend!r}; choose from {', '.join(known_backends())}")

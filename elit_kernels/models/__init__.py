@@ -6,7 +6,7 @@ and checkpoints; load those with ``elit_kernels.official.load_checkpoint``).
 from .checkpoint import load_model, save_model
 from .config import ElitConfig, config_dict, config_from_dict, elit_config, elit_sit_config
 from .elit_dit import ElitDiT, PlainDiT
-from .ops import ELEMENTWISE_IMPLS, ElementwiseImpl, get_elementwise, register_elementwise
+from ..elementwise import ELEMENTWISE_IMPLS, ElementwiseImpl, get_elementwise, register_elementwise
 
 __all__ = ["ELEMENTWISE_IMPLS", "ElementwiseImpl", "ElitConfig", "ElitDiT", "PlainDiT", "config_dict",
            "config_from_dict", "elit_config", "elit_sit_config", "get_elementwise", "load_model",

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import varlen_attention
-from .ops import ElementwiseImpl
+from ..elementwise import ElementwiseImpl
 
 
 class RMSNorm(nn.Module):
@@ -87,9 +87,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x, ctx, cu_q, cu_k, max_q: int, max_k: int, backend=None):
+    def forward(self, x, ctx, cu_q, cu_k, max_q: int, max_k: int, segments=None, backend=None):
+        """``segments``: the call's ``SegmentRuns`` (host ints from the layout), so no backend reads
+        ``cu_seqlens`` on the host and uniform calls run as one dense SDPA."""
         q, k, v = self.project(x, ctx)  # v: a strided view of the kv projection; every backend takes strides
-        o = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend)
+        o = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend, segments=segments)
         return self.proj(o.flatten(-2))
 
 

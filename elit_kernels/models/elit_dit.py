@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attention import value_checks_enabled
+from ..attention import SegmentRuns, value_checks_enabled
 from ..layout import ElitLayout, TokenRuns, build_layout, from_group_major, group_major_permutation, to_group_major
 from .blocks import DiTBlock, FinalLayer, ReadBlock, TimestepEmbedder, WriteBlock, sincos_2d, zero_output_layers
 from .config import ElitConfig, elit_config  # noqa: F401  (elit_config: the doctest)
-from .ops import get_elementwise
+from ..elementwise import get_elementwise
 
 
 class _Stem(nn.Module):
@@ -58,11 +58,15 @@ class _Stem(nn.Module):
         if not isinstance(y, torch.Tensor) or y.shape != (b,) or y.dtype not in (torch.int32, torch.int64):
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y: expected integer class ids of shape [{b}], got {got}")
-        if b and value_checks_enabled() and not _tracing():  # reads y's values: eager only (a host sync)
-            lo, hi = int(y.min()), int(y.max())
-            if lo < 0 or hi > cfg.num_classes:
-                raise ValueError(f"y: class ids must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null "
-                                 f"class), got {lo if lo < 0 else hi}")
+        if b and value_checks_enabled() and not _tracing():
+            if y.device.type == "cpu":  # reading CPU values costs no device sync
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi > cfg.num_classes:
+                    raise ValueError(f"y: class ids must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null "
+                                     f"class), got {lo if lo < 0 else hi}")
+            elif y.device.type != "meta":  # on a GPU: checked on the device, no host sync
+                torch._assert_async(((y >= 0) & (y <= cfg.num_classes)).all(),
+                                    f"y: class ids must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null class)")
 
     def embed(self, x, t, y):
         """x ``[B, C_in, S, S]`` -> spatial tokens ``[B*N, C]`` (group-major) and conditioning ``c`` ``[B, C]``.
@@ -244,6 +248,7 @@ class PlainDiT(nn.Module):
         n = cfg.grid * cfg.grid
         runs = TokenRuns(((0, b * n, 0, b),) if b else (), b * n, b, x.device)
         cu = torch.arange(0, (b + 1) * n, n, device=x.device, dtype=torch.int32)
+        args = (cu, cu, n, n, SegmentRuns.uniform_runs(b, n, n))
         for blk in self.blocks:
-            s = blk(s, c, runs, (cu, cu, n, n), ew, self.backend)
+            s = blk(s, c, runs, args, ew, self.backend)
         return self.stem.unpatchify(self.stem.final(s, c, runs, ew), b)

@@ -23,19 +23,26 @@ import warnings
 
 import torch
 
+from ..testing import assert_close_to_reference, cu_seqlens, default_atol
+from .inputs import validate_inputs
+from .registry import get_backend, run_backend
+
 MODES = ("auto", "on", "off")
 _mode = os.environ.get("ELIT_KNOWN_ANSWER", "auto")
 _VERDICTS: dict[tuple, str | None] = {}
+#: bumped when the mode changes or verdicts are cleared: dispatch's cached decisions depend on both
+generation = 0
 # Segments of the known-answer case: a single query, Lq < Lk, Lq = Lk, lengths off the 16-row tiles.
 _LENS_Q, _LENS_K = [1, 7, 20], [5, 7, 33]
 
 
 def set_known_answer_checks(mode: str) -> None:
     """``"auto"`` (CUDA inputs), ``"on"`` (every device) or ``"off"``; see the module docstring."""
-    global _mode
+    global _mode, generation
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     _mode = mode
+    generation += 1
 
 
 def known_answer_checks() -> str:
@@ -44,7 +51,9 @@ def known_answer_checks() -> str:
 
 def clear_verdicts() -> None:
     """Forget every cached verdict (the next dispatch of each kind checks again)."""
+    global generation
     _VERDICTS.clear()
+    generation += 1
 
 
 def verdicts() -> dict:
@@ -94,8 +103,6 @@ def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int
 
     Raises ValueError naming ``device`` when it is a CUDA device and CUDA is not available (no verdict
     is cached: the backend is not at fault), ValueError / TypeError naming ``backend`` for an unknown name."""
-    from .backends import get_backend
-
     b = get_backend(name)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -107,10 +114,6 @@ def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int
 
 
 def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool, masked: bool = False) -> str | None:
-    from .attention import run_backend, validate_inputs
-    from .backends import get_backend
-    from .testing import assert_close_to_reference, cu_seqlens, default_atol
-
     heads, kv_heads = (4, 2) if gqa else (2, 2)
     g = torch.Generator().manual_seed(20261129)
     tq, tk = sum(_LENS_Q), sum(_LENS_K)

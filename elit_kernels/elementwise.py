@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from ..reference.modulate import gated_residual, layernorm_modulate
+from .reference.modulate import gated_residual, layernorm_modulate
 
 
 class ElementwiseImpl(NamedTuple):

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._autograd import register_varlen_autograd
-from .reference.attention import visible_mask
+from ..._autograd import register_varlen_autograd
+from ...reference.attention import visible_mask
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -248,37 +248,37 @@ register_varlen_autograd(varlen_attn_fwd_torch_op, varlen_attn_bwd_torch_op)
 MAX_RUNS = 64  # more stretches than this: the grouped path batches them better than one SDPA call each
 
 
-def segment_runs(cu_q: list[int], cu_k: list[int]) -> list[tuple[int, int, int, int]]:
-    """Maximal stretches of consecutive segments with equal lengths: ``[(seg_start, seg_stop, Lq, Lk), ...]``.
-
-    >>> segment_runs([0, 2, 4, 5, 6], [0, 4, 8, 12, 16])
-    [(0, 2, 2, 4), (2, 4, 1, 4)]
-    """
-    runs = []
-    for i in range(len(cu_q) - 1):
-        lq, lk = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
-        if runs and runs[-1][2:] == (lq, lk):
-            runs[-1] = (runs[-1][0], i + 1, lq, lk)
-        else:
-            runs.append((i, i + 1, lq, lk))
-    return runs
+def _run_offsets(segments) -> list[tuple[int, int, int, int, int, int, int]]:
+    """``[(n, Lq, Lk, q_start, q_stop, k_start, k_stop), ...]`` of a ``SegmentRuns`` (host ints)."""
+    out, qa, ka = [], 0, 0
+    for n, lq, lk in segments.runs:
+        out.append((n, lq, lk, qa, qa + n * lq, ka, ka + n * lk))
+        qa, ka = qa + n * lq, ka + n * lk
+    return out
 
 
 def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, window_left: int = -1,
-                   window_right: int = -1):
+                   window_right: int = -1, *, segments=None):
     """``out [total_q, H, D]`` through one SDPA per run of equal segments, or None when this path does not
-    apply (see the module docstring; with a sliding window also when a row of a run sees no key). Eager
-    only: it reads ``cu_seqlens`` on the host (free on CPU, a sync on CUDA, which the grouped path pays too)."""
+    apply (see the module docstring; with a sliding window also when a row of a run sees no key).
+
+    ``segments`` (a ``SegmentRuns``): the runs as host ints, so nothing is read from the device and the path
+    traces under ``torch.compile``. Without it the path reads ``cu_seqlens`` on the host (eager only: free on
+    CPU, a device sync on CUDA)."""
     windowed = window_left >= 0 or window_right >= 0
-    c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
-    runs = segment_runs(c[0], c[1])
-    if len(runs) > MAX_RUNS:
-        return None
+    if segments is None:
+        from ..inputs import SegmentRuns
+
+        c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+        segments = SegmentRuns.from_lengths([b - a for a, b in zip(c[0][:-1], c[0][1:])],
+                                            [b - a for a, b in zip(c[1][:-1], c[1][1:])])
+    runs = _run_offsets(segments)
+    if len(runs) > MAX_RUNS or segments.total_q > q.shape[0] or segments.total_k > k.shape[0]:
+        return None  # too many runs, or lengths past the tensors (the grouped op names the bad cu_seqlens)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     parts, attended = [], False
-    for s0, s1, lq, lk in runs:
-        n, qa, qb, ka, kb = s1 - s0, c[0][s0], c[0][s1], c[1][s0], c[1][s1]
+    for n, lq, lk, qa, qb, ka, kb in runs:
         if lq == 0:
             continue
         if lk == 0:  # queries that see no key: exact zeros
@@ -309,8 +309,8 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
         attended = True
     if not attended and need_grad:  # nothing to attend: the op path keeps q, k, v in the graph (zero grads)
         return None
-    if c[0][-1] < q.shape[0]:  # rows past the packed data: zeros
-        parts.append(q.new_zeros(q.shape[0] - c[0][-1], h, d))
+    if segments.total_q < q.shape[0]:  # rows past the packed data: zeros
+        parts.append(q.new_zeros(q.shape[0] - segments.total_q, h, d))
     if not parts:
         return q.new_zeros(q.shape)
     return parts[0] if len(parts) == 1 else torch.cat(parts)

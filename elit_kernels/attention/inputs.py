@@ -1,6 +1,7 @@
-"""The contract: ``varlen_attention`` (validation + dispatch) and a flash-attn drop-in.
+"""The inputs of one ``varlen_attention`` call: ``AttnInputs``, ``SegmentRuns`` and ``validate_inputs``.
 
-Every attention in ELIT is this one op; Read, Write and core attention differ only in cu_seqlens.
+Nothing here imports the rest of the attention package: the registry, the known-answer gate, dispatch and the
+backends all build on this module.
 """
 from __future__ import annotations
 
@@ -11,13 +12,142 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backends import AttnInputs, Backend, select_backend
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 256
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 _validate_values = os.environ.get("ELIT_VALIDATE", "1") not in ("0", "false", "False", "")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentRuns:
+    """The segment lengths of one call, known on the host: maximal stretches of consecutive segments with
+    equal ``(Lq, Lk)``, as Python ints.
+
+    ``runs``: ``((n_segments, Lq, Lk), ...)`` in segment order; ``total_q = sum(n * Lq)``, ``total_k =
+    sum(n * Lk)`` (rows past them are outside every segment). A caller that built ``cu_seqlens`` from the same
+    ints (``elit_kernels.layout.ElitLayout`` does, once per forward) passes this to ``varlen_attention(...,
+    segments=)``: then no backend reads ``cu_seqlens`` back to the host (no device sync), dispatch can tell a
+    uniform call (one run: every segment the same shape, which runs as one dense SDPA on a
+    ``[S, H, L, D]`` view) from a ragged one, and the eager checks compare these ints with the tensors
+    instead of reading the tensors.
+
+    >>> r = SegmentRuns.from_lengths([2, 2, 1], [4, 4, 4]); r.runs, r.uniform, r.num_segments
+    (((2, 2, 4), (1, 1, 4)), False, 3)
+    """
+
+    runs: tuple
+    total_q: int
+    total_k: int
+
+    @classmethod
+    def from_lengths(cls, lengths_q, lengths_k) -> "SegmentRuns":
+        """From per-segment lengths (sequences of Python ints of equal length)."""
+        lq, lk = [int(n) for n in lengths_q], [int(n) for n in lengths_k]
+        if len(lq) != len(lk):
+            raise ValueError(f"lengths_k: has {len(lk)} segments, lengths_q has {len(lq)}; they must match")
+        if any(n < 0 for n in lq + lk):
+            raise ValueError("lengths_q, lengths_k: segment lengths must be >= 0")
+        runs: list = []
+        for a, b in zip(lq, lk):
+            if runs and runs[-1][1:] == (a, b):
+                runs[-1] = (runs[-1][0] + 1, a, b)
+            else:
+                runs.append((1, a, b))
+        return cls(tuple(runs), sum(lq), sum(lk))
+
+    @classmethod
+    def uniform_runs(cls, n_segments: int, len_q: int, len_k: int) -> "SegmentRuns":
+        """``n_segments`` segments of ``len_q`` queries and ``len_k`` keys each."""
+        runs = ((n_segments, len_q, len_k),) if n_segments else ()
+        return cls(runs, n_segments * len_q, n_segments * len_k)
+
+    @property
+    def num_segments(self) -> int:
+        return sum(r[0] for r in self.runs)
+
+    @property
+    def uniform(self) -> bool:
+        """Every segment has the same (Lq, Lk) (at most one run)."""
+        return len(self.runs) <= 1
+
+    @property
+    def max_q(self) -> int:
+        return max((r[1] for r in self.runs), default=0)
+
+    @property
+    def max_k(self) -> int:
+        return max((r[2] for r in self.runs), default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnInputs:
+    """Validated arguments of one ``varlen_attention`` call (softmax_scale already resolved).
+
+    ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention: ``H % H_kv == 0``); ``q`` and
+    ``k``/``v`` may hold rows past ``cu_seqlens_*[-1]`` (never read; those output rows are zeros).
+    ``segments``: the host-side ``SegmentRuns`` when the caller passed them (None: only the tensors know).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    softmax_scale: float
+    causal: bool
+    return_lse: bool = False
+    #: sliding window (flash-attn semantics), -1 = unbounded side; with ``causal`` the right side is -1
+    #: here (causal already bounds it at 0).
+    window_left: int = -1
+    window_right: int = -1
+    #: logit soft-capping ``softcap * tanh(s / softcap)``; 0 = off.
+    softcap: float = 0.0
+    segments: SegmentRuns | None = None
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_segments(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1
+
+    @property
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)
+
+
+def _check_segments(segments, q, k, cu_q, max_q: int, max_k: int) -> None:
+    """``segments`` against the tensors and max lengths: host ints only, no device read."""
+    if not isinstance(segments, SegmentRuns):
+        raise TypeError(f"segments: expected an elit_kernels.attention.SegmentRuns or None, got {type(segments).__name__}")
+    if segments.num_segments != cu_q.shape[0] - 1:
+        raise ValueError(f"segments: describes {segments.num_segments} segments, cu_seqlens_q has {cu_q.shape[0] - 1}")
+    if segments.total_q > q.shape[0]:
+        raise ValueError(f"segments: {segments.total_q} query rows, q holds {q.shape[0]}")
+    if segments.total_k > k.shape[0]:
+        raise ValueError(f"segments: {segments.total_k} key rows, k/v hold {k.shape[0]}")
+    if segments.max_q > max_q:
+        raise ValueError(f"max_seqlen_q: {max_q} is smaller than the longest segment ({segments.max_q}) in segments")
+    if segments.max_k > max_k:
+        raise ValueError(f"max_seqlen_k: {max_k} is smaller than the longest segment ({segments.max_k}) in segments")
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -122,8 +252,11 @@ def _softcap(softcap) -> float:
 
 
 def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                    *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0) -> AttnInputs:
+                    *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0, segments=None) -> AttnInputs:
     """Check every argument of ``varlen_attention`` and return the resolved ``AttnInputs``.
+
+    With ``segments`` (a ``SegmentRuns``) the checks that would read ``cu_seqlens`` on the host compare the
+    segments with the tensors instead: the caller vouches that ``cu_seqlens`` holds the same lengths.
 
     Raises ``TypeError``/``ValueError`` whose message starts with the offending argument's name.
     """
@@ -162,7 +295,9 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise ValueError(
             f"cu_seqlens_k: has {cu_seqlens_k.shape[0]} elements but cu_seqlens_q has {cu_seqlens_q.shape[0]}; "
             "both must be [num_segments + 1]")
-    if _validate_values and not _capturing():
+    if segments is not None:
+        _check_segments(segments, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    elif _validate_values and not _capturing():
         _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, True)
         _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, True)
     if softmax_scale is None:
@@ -173,76 +308,4 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     left, right = _window(window_size, causal)
     return AttnInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), causal,
-                      bool(return_lse), left, right, _softcap(softcap))
-
-
-def run_backend(b: Backend, inp: AttnInputs):
-    """Run validated ``inp`` on backend ``b``: zero-pads the head dim to one ``b`` runs natively (the
-    scale stays that of the real D, already in ``inp``) and slices the output back, as flash-attn's
-    wrapper does. Returns ``out``, or ``(out, lse)`` when ``inp.return_lse``."""
-    d = inp.head_dim
-    d_run = b.run_head_dim(d)
-    if d_run != d:
-        pad = (0, d_run - d)
-        inp = dataclasses.replace(inp, q=F.pad(inp.q, pad), k=F.pad(inp.k, pad), v=F.pad(inp.v, pad))
-    res = b.forward(inp)
-    out, lse = res if inp.return_lse else (res, None)
-    if d_run != d:
-        out = out[..., :d]
-    if inp.return_lse:
-        return out, lse.detach()
-    return out
-
-
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     softmax_scale=None, causal=False, backend=None, return_lse=False, window_size=(-1, -1),
-                     softcap=0.0):
-    """Attention over packed ragged segments.
-
-    Arguments:
-        q: ``[total_q, H, D]``, float16 / bfloat16 / float32 / float64, any D in 1..256 (a backend that
-            cannot run D natively gets it zero-padded and the output sliced back).
-        k, v: ``[total_k, H_kv, D]``, q's dtype and device. ``H_kv`` must divide ``H`` (GQA / MQA): query
-            head h reads kv head ``h // (H // H_kv)``.
-        cu_seqlens_q, cu_seqlens_k: int32 ``[S+1]``, start at 0, non-decreasing. Segment i:
-            ``q[cu_q[i]:cu_q[i+1]]`` attends to ``k/v[cu_k[i]:cu_k[i+1]]``. The last element may be
-            smaller than the row count (static buffers): q rows past ``cu_q[-1]`` get exact zeros and
-            zero gradients, k/v rows past ``cu_k[-1]`` are never read.
-        max_seqlen_q, max_seqlen_k: the longest segment (an upper bound is fine: the cost does not grow
-            with it). A Python int, a NumPy integer, or a 0-dim integer tensor (``.item()``: a CUDA tensor
-            costs a host sync; pass ints under CUDA graphs / ``torch.compile``).
-        softmax_scale: float, default ``D**-0.5`` of the real D.
-        causal: bottom-right aligned mask, as flash-attn: query i sees key j iff ``j <= i + Lk - Lq``.
-        window_size: ``(left, right)`` ints >= -1, sliding-window (local) attention with flash-attn's
-            semantics: query i of a segment sees key j iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``
-            (bottom-right aligned; -1 leaves that side unbounded; with ``causal`` the right side is 0).
-            Default ``(-1, -1)``: no window.
-        softcap: float >= 0; when > 0 the logits are capped as flash-attn and Gemma-2 do,
-            ``s = softcap * tanh(softmax_scale * q.k / softcap)``, before masking and softmax. 0: off.
-        backend: a registered backend name (``elit_kernels.known_backends()``); None picks
-            ``$ELIT_BACKEND`` or the highest-priority backend that supports the inputs.
-        return_lse: also return the log-sum-exp of each query row.
-
-    Returns:
-        ``out [total_q, H, D]`` in q's dtype; with ``return_lse``, ``(out, lse)`` where ``lse`` is
-        ``[H, total_q]`` float32 (float64 for float64 inputs), natural log of the row's softmax
-        denominator, +inf for rows that see no key (empty key segment, causal with Lq > Lk, a window that
-        leaves the row no key, rows past
-        ``cu_q[-1]``), not differentiable. A query that sees no key gets exact zeros, never NaN.
-
-    Raises:
-        TypeError / ValueError naming the argument for invalid input (the checks that read
-        ``cu_seqlens`` values run in eager mode only; ``window_size``: TypeError unless a pair of ints,
-        ValueError for a side < -1; ``softcap``: ValueError when negative); ValueError listing every reason when no backend
-        (or not the one asked for) can run the inputs.
-
-    The first seven arguments match ``flash_attn_varlen_func``::
-
-        >>> q = torch.randn(9, 4, 64); k = v = torch.randn(12, 4, 64)
-        >>> cu_q = torch.tensor([0, 4, 9], dtype=torch.int32); cu_k = torch.tensor([0, 5, 12], dtype=torch.int32)
-        >>> varlen_attention(q, k, v, cu_q, cu_k, 5, 7).shape
-        torch.Size([9, 4, 64])
-    """
-    inp = validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                          return_lse=return_lse, window_size=window_size, softcap=softcap)
-    return run_backend(select_backend(inp, backend), inp)
+                      bool(return_lse), left, right, _softcap(softcap), segments)

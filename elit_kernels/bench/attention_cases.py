@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import validate_inputs
-from ..backends import describe_backends
+from ..attention import describe_backends
 from ..testing import cu_seqlens
 
 

@@ -1,5 +1,7 @@
-"""Registers the ``triton`` backend of ``varlen_attention`` (priority 30: preferred over the
-PyTorch backends whenever it can run)."""
+"""The ``triton`` backend: the Triton kernels of ``elit_kernels._triton`` behind the backend contract.
+
+fp32 inputs follow PyTorch's float32 matmul precision setting in the kernels' dot products (see
+``elit_kernels._triton``)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +9,8 @@ import os
 
 import torch
 
-from ..backends import AttnInputs, Backend, register_backend
+from ..inputs import AttnInputs
+from ..registry import Backend, register_backend
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -30,8 +33,19 @@ class TritonBackend(Backend):
     def devices(self):
         return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why the Triton kernels cannot run here (None when they can)."""
+        if not _HAS_TRITON:
+            return ("triton is not installed (pip install triton; its kernels run on CUDA GPUs, or on the CPU "
+                    "under TRITON_INTERPRET=1, for debugging)")
+        if not torch.cuda.is_available() and not _interpreting():
+            return ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1, set before triton is "
+                    "imported, runs the kernels on the CPU (slow: for debugging)")
+        return None
+
     def is_available(self) -> bool:
-        return _HAS_TRITON and (torch.cuda.is_available() or _interpreting())
+        return self.unavailable_reason is None
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
         r = super().not_supported_reasons(inp)
@@ -40,7 +54,7 @@ class TritonBackend(Backend):
         return r
 
     def forward(self, inp: AttnInputs):
-        from . import ops  # noqa: F401  (registers the custom ops)
+        from ..._triton import ops  # noqa: F401  (registers the custom ops)
 
         out, lse = torch.ops.elit.varlen_attn_fwd_triton(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,

@@ -1,0 +1,98 @@
+"""Other libraries' varlen kernels: ``torch_varlen`` (``torch.nn.attention.varlen``, FlashAttention-2 inside
+PyTorch) and ``flash_attn`` (the optional flash-attn package).
+
+``torch_varlen`` is a dispatch candidate: on CUDA in fp16/bf16 it is among the fastest exact kernels for
+ragged segments (see ``dispatch``); q rows past ``cu_seqlens_q[-1]`` are zeroed after the call (one masked
+fill on the device, no host read), so it keeps the contract. ``flash_attn`` stays a comparator, picked only by
+name.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+
+import torch
+
+from ..registry import Backend, register_backend
+
+
+class _CudaLibrary(Backend):
+    """A CUDA-only fp16/bf16 kernel from another package."""
+
+    module = ""  # importable module that provides it
+    dtypes = (torch.float16, torch.bfloat16)
+    devices = ("cuda",)
+    head_dim_multiple = 8
+    supports_gqa = False
+    supports_lse = False
+    supports_window = False
+    supports_softcap = False
+
+    def __init__(self):
+        # Looked up once, at registration: an import inside dispatch would break torch.compile's trace.
+        try:
+            found = importlib.util.find_spec(self.module) is not None
+        except ImportError:  # a parent package is missing
+            found = False
+        self._missing = None if found else f"{self.module} is not importable (not installed)"
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if self._missing is not None:
+            return self._missing
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        return None
+
+    def is_available(self):
+        return self.unavailable_reason is None
+
+
+def zero_rows_past_end(out: torch.Tensor, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
+    """``out [total_q, H, D]`` with rows at or past ``cu_seqlens_q[-1]`` set to zero, on the device (no host read)."""
+    rows = torch.arange(out.shape[0], device=out.device)
+    return out.masked_fill((rows >= cu_seqlens_q[-1])[:, None, None], 0.0)
+
+
+def _causal_kwargs(fn) -> dict:
+    """How this torch's ``varlen_attn`` asks for a bottom-right causal mask (the argument changed across releases)."""
+    params = inspect.signature(fn).parameters
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
+class TorchVarlenBackend(_CudaLibrary):
+    name, module = "torch_varlen", "torch.nn.attention.varlen"
+    priority = 20
+    description = ("torch.nn.attention.varlen.varlen_attn (FlashAttention-2 in PyTorch); CUDA, fp16/bf16, head dim a "
+                   "multiple of 8; CUDA-graph safe")
+
+    def forward(self, inp):
+        from torch.nn.attention.varlen import varlen_attn
+
+        kw = _causal_kwargs(varlen_attn) if inp.causal else {}
+        out = varlen_attn(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
+                          inp.max_seqlen_k, scale=inp.softmax_scale, **kw)
+        seg = inp.segments
+        if seg is not None and seg.total_q == inp.q.shape[0]:
+            return out  # every row is in a segment
+        return zero_rows_past_end(out, inp.cu_seqlens_q)
+
+
+class FlashAttnBackend(_CudaLibrary):
+    name, module = "flash_attn", "flash_attn"
+    priority = -10
+    default_eligible = False  # a comparator: picked by name only
+    known_answer = False
+    description = "flash_attn.flash_attn_varlen_func (optional package, comparator); CUDA, fp16/bf16"
+
+    def forward(self, inp):
+        import flash_attn
+
+        return flash_attn.flash_attn_varlen_func(
+            inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
+            softmax_scale=inp.softmax_scale, causal=inp.causal,
+        )
+
+
+register_backend(TorchVarlenBackend())
+register_backend(FlashAttnBackend())

@@ -1,0 +1,355 @@
+"""Which backend runs a ``varlen_attention`` call.
+
+``backend=`` (or ``$ELIT_BACKEND``) names one: it runs, or one ``ValueError`` lists every reason it cannot.
+Otherwise (default dispatch) the candidates are the registered backends that may be picked by default
+(``Backend.default_eligible``), are available and can run the inputs; they are ranked for the call's
+**shape class** (``shape_class``: device, GPU, dtype, head dim, uniform / few runs / ragged, query and key
+length buckets, segment-count bucket, forward or forward + backward), from the first source that has it:
+
+1. **tuned here**: rankings measured on this machine by ``tune`` / ``tuning()`` / ``$ELIT_TUNE=1`` (each new
+   shape class is timed once, eagerly, on the first call), kept in memory and on disk
+   (``cache_path()``: keyed by GPU name and torch / triton versions);
+2. **the committed table** (``dispatch_table.json`` beside this file): rankings measured on the GPUs we
+   ran (device, versions and date inside), the nearest measured shape of the same class for this GPU;
+3. **the static order**: what the measurements on an H200 showed in general (``static_order``); CPU inputs
+   follow the backends' priorities.
+
+The first ranked candidate that passes its first-use known-answer check (``known_answer.py``) runs. The
+decision is cached per shape class, so a repeated call costs a dictionary lookup. Under ``torch.compile``
+tracing and CUDA-graph capture nothing is timed or checked: the cached, tuned or static choice is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+
+import torch
+
+from .inputs import AttnInputs, _capturing
+from . import known_answer as _ka
+from . import registry as _registry
+from .known_answer import check_dispatch
+from .registry import Backend, describe_inputs, get_backend, reasons, registered_backends, run_backend
+
+#: a call whose host-side segments form at most this many runs of equal shape counts as "runs" (one dense
+#: SDPA per run beats a ragged kernel there); more runs count as "ragged".
+FEW_RUNS = 4
+_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
+
+_DECISIONS: dict = {}  # full decision key -> Backend
+_TUNED: dict = {}  # shape class -> ranking (names), measured here
+_TABLE: dict | None = None
+_tuning = os.environ.get("ELIT_TUNE", "0") not in ("", "0", "false", "False")
+
+
+def _bucket(n: int) -> int:
+    """The power of two at or above ``n`` (0 stays 0)."""
+    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+_GPU_NAMES: dict = {}
+
+
+def gpu_name(device: torch.device) -> str:
+    """The device's name (``torch.cuda.get_device_name``; ``"cpu"`` for CPU tensors), read once per device."""
+    key = str(device)
+    if key not in _GPU_NAMES:
+        _GPU_NAMES[key] = _gpu_name(device)
+    return _GPU_NAMES[key]
+
+
+def shape_class(inp: AttnInputs) -> dict:
+    """The call's shape class as a dict: ``gpu``, ``dtype``, ``head_dim``, ``kind`` (``"uniform"``: every
+    segment the same shape, known on the host; ``"runs"``: at most ``FEW_RUNS`` runs of equal segments;
+    ``"ragged"``: more runs, or lengths known only on the device), ``lq`` / ``lk`` (power-of-two buckets of
+    the longest segment: the real one when segments are known, else ``max_seqlen_*``), ``segments`` (bucket
+    of the segment count) and ``grad`` (a backward will follow)."""
+    seg = inp.segments
+    if seg is not None:
+        kind = "uniform" if seg.uniform else ("runs" if len(seg.runs) <= FEW_RUNS else "ragged")
+        lq, lk = seg.max_q, seg.max_k
+    else:
+        kind, lq, lk = "ragged", inp.max_seqlen_q, inp.max_seqlen_k
+    return {"gpu": gpu_name(inp.q.device), "dtype": str(inp.q.dtype).replace("torch.", ""), "head_dim": inp.head_dim,
+            "kind": kind, "lq": _bucket(lq), "lk": _bucket(lk), "segments": _bucket(inp.num_segments),
+            "grad": bool(inp.requires_grad)}
+
+
+def _class_key(c: dict) -> tuple:
+    return (c["gpu"], c["dtype"], c["head_dim"], c["kind"], c["lq"], c["lk"], c["segments"], c["grad"])
+
+
+def static_order(inp: AttnInputs) -> list[str]:
+    """Backend names, fastest first, from what the first H200 measurements showed in general (bf16, XL/2
+    shapes; see benchmarks/results): uniform or few-run segments known on the host run fastest as dense
+    SDPA on views (``torch``: cuDNN / FlashAttention); ragged fp16/bf16 segments on FlashAttention-2
+    varlen (``torch_varlen``), then ``triton``; fp32 on SDPA (TF32 as PyTorch's setting allows). On CPU:
+    the backends' priorities."""
+    names = [b.name for b in registered_backends()]
+    if inp.q.device.type != "cuda":
+        return names
+    seg = inp.segments
+    few = seg is not None and len(seg.runs) <= FEW_RUNS and not inp.return_lse and inp.softcap == 0.0
+    if few:
+        first = ["torch", "torch_varlen", "triton"]
+    elif inp.q.dtype in (torch.float16, torch.bfloat16):
+        first = ["torch_varlen", "triton", "torch"]
+    else:
+        first = ["torch", "triton"]
+    return first + [n for n in names if n not in first]
+
+
+def _load_table() -> dict:
+    global _TABLE
+    if _TABLE is None:
+        try:
+            with open(_TABLE_PATH) as f:
+                _TABLE = json.load(f)
+        except FileNotFoundError:
+            _TABLE = {"entries": []}
+        except (OSError, ValueError) as e:
+            warnings.warn(f"elit_kernels: the dispatch table {_TABLE_PATH} could not be read ({e}); using the "
+                          "static order", RuntimeWarning, stacklevel=2)
+            _TABLE = {"entries": []}
+    return _TABLE
+
+
+def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
+    """The committed table's ranking for shape class ``c``: the entry of the same GPU, dtype, kind and pass
+    whose (head dim, lq, lk, segments) is nearest on a log scale; None when the table has no such entry."""
+    entries = (table if table is not None else _load_table()).get("entries", [])
+    same = [e for e in entries if (e.get("gpu"), e.get("dtype"), e.get("kind"), bool(e.get("grad"))) ==
+            (c["gpu"], c["dtype"], c["kind"], c["grad"])]
+    if not same:
+        return None
+
+    def dist(e):
+        return sum(abs(math.log2(max(e.get(f, 1), 1)) - math.log2(max(c[f], 1)))
+                   for f in ("head_dim", "lq", "lk", "segments"))
+
+    return list(min(same, key=dist)["ranking"])
+
+
+def ranking(inp: AttnInputs) -> tuple[list[str], str]:
+    """``(names fastest first, source)`` for ``inp``; source is ``"tuned"``, ``"table"`` or ``"static"``."""
+    c = shape_class(inp)
+    tuned = _TUNED.get(_class_key(c))
+    if tuned is None and inp.q.device.type == "cuda":
+        tuned = _disk_cache().get(repr(_class_key(c)))
+    if tuned is not None:
+        order, src = list(tuned), "tuned"
+    else:
+        order = table_ranking(c) if inp.q.device.type == "cuda" else None
+        src = "table" if order is not None else "static"
+        if order is None:
+            order = static_order(inp)
+    rest = [n for n in static_order(inp) if n not in order]
+    return order + rest, src
+
+
+def candidates(inp: AttnInputs) -> tuple[list[Backend], list[str]]:
+    """``(backends default dispatch may use for inp, unranked; lines 'name: reasons' for the others)``."""
+    ok, tried = [], []
+    for b in registered_backends():
+        why = reasons(b, inp)
+        if not why and not b.default_eligible:
+            why = ["not picked by default dispatch (ask for it by name)"]
+        if why:
+            tried.append(f"{b.name}: {'; '.join(why)}")
+        else:
+            ok.append(b)
+    return ok, tried
+
+
+def _decision_key(inp: AttnInputs) -> tuple:
+    return (str(inp.q.device), inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
+            inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad,
+            None if inp.segments is None else inp.segments.runs, inp.max_seqlen_q, inp.max_seqlen_k,
+            inp.num_segments, _capturing(), os.environ.get("TRITON_INTERPRET", "0"), _registry.generation,
+            _ka.generation, _ka.known_answer_checks())
+
+
+def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
+    """The backend that runs ``inp`` (see the module docstring).
+
+    Raises ValueError naming ``backend`` (or ``ELIT_BACKEND``) when the requested backend cannot run the
+    inputs, listing every reason; ValueError listing every backend's reasons when none can."""
+    explicit = backend if backend is not None else (os.environ.get("ELIT_BACKEND") or None)
+    if explicit is not None:
+        b = get_backend(explicit)
+        why = reasons(b, inp)
+        if why:
+            src = "backend" if backend is not None else "ELIT_BACKEND"
+            raise ValueError(f"{src}: backend {b.name!r} cannot run these inputs ({describe_inputs(inp)}): "
+                             + "; ".join(why))
+        return b
+    eager = not _capturing()
+    key = _decision_key(inp) if eager else None
+    if key is not None:
+        hit = _DECISIONS.get(key)
+        if hit is not None and _registry._REGISTRY.get(hit.name) is hit:
+            return hit
+    ok, tried = candidates(inp)
+    if ok and eager and _tuning and len(ok) > 1:
+        c = shape_class(inp)
+        if _class_key(c) not in _TUNED:
+            tune_inputs(inp)
+    by_name = {b.name: b for b in ok}
+    order, _ = ranking(inp)
+    for name in order:
+        b = by_name.get(name)
+        if b is None:
+            continue
+        failed = check_dispatch(b, inp)
+        if failed is None:
+            if key is not None:
+                _DECISIONS[key] = b
+            return b
+        tried.append(f"{b.name}: failed its known-answer check: {failed}")
+    raise ValueError(f"no backend supports these inputs ({describe_inputs(inp)}):\n  " + "\n  ".join(tried))
+
+
+def clear_decisions() -> None:
+    """Forget cached decisions and rankings tuned in this process (the disk cache stays)."""
+    _DECISIONS.clear()
+    _TUNED.clear()
+
+
+# --- tuning on the device ----------------------------------------------------------------------------------
+
+def cache_path() -> str:
+    """Where tuned rankings are kept: ``$ELIT_CACHE_DIR`` (default ``~/.cache/elit_kernels``) /
+    ``dispatch-<gpu>-torch<version>-triton<version>.json``."""
+    root = os.environ.get("ELIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "elit_kernels")
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{gpu}-torch{torch.__version__}-triton{tv}")
+    return os.path.join(root, f"dispatch-{safe}.json")
+
+
+_DISK: dict | None = None
+
+
+def _disk_cache() -> dict:
+    global _DISK
+    if _DISK is None:
+        try:
+            with open(cache_path()) as f:
+                _DISK = json.load(f)
+        except (OSError, ValueError):
+            _DISK = {}
+    return _DISK
+
+
+def _save_disk_cache() -> None:
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(_disk_cache(), f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"elit_kernels: could not write the tuning cache {path} ({e}); tuned rankings last for this "
+                      "process only", RuntimeWarning, stacklevel=3)
+
+
+def _time_ms(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after two warm-ups (CUDA events on a GPU)."""
+    fn()
+    fn()
+    times = []
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    for _ in range(repeats):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_backends(inp: AttnInputs, repeats: int = 10) -> dict:
+    """Milliseconds per call of every default-eligible backend that can run ``inp`` and passes its
+    known-answer check, forward (and backward when ``inp`` needs gradients): ``{name: ms}``. A backend that
+    raises is left out with a warning."""
+    ok, _ = candidates(inp)
+    out = {}
+    grad = inp.requires_grad
+    for b in ok:
+        if check_dispatch(b, inp) is not None:
+            continue
+        if grad:
+            dout = torch.randn_like(inp.q)
+
+            def fn(b=b):
+                o = run_backend(b, inp)
+                torch.autograd.grad(o, [t for t in (inp.q, inp.k, inp.v) if t.requires_grad], dout)
+        else:
+            def fn(b=b):
+                with torch.no_grad():
+                    run_backend(b, inp)
+        try:
+            out[b.name] = _time_ms(fn, repeats)
+        except Exception as e:  # noqa: BLE001 - a backend that fails here is not ranked
+            warnings.warn(f"elit_kernels: tuning skipped backend {b.name!r} ({type(e).__name__}: {e})",
+                          RuntimeWarning, stacklevel=2)
+    return out
+
+
+def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
+    """Time the candidates for ``inp``'s shape class now and rank them for every later call of that class
+    (in memory, and on disk at ``cache_path()`` when ``save`` and the inputs are on a GPU). Returns
+    ``{"class": shape class, "ms": {name: ms}, "ranking": [names]}``. Eager only: raises RuntimeError under
+    ``torch.compile`` tracing or CUDA-graph capture."""
+    if _capturing():
+        raise RuntimeError("tune_inputs: cannot time backends under torch.compile tracing or CUDA-graph capture; "
+                           "tune eagerly before compiling or capturing")
+    c = shape_class(inp)
+    ms = time_backends(inp, repeats)
+    order = sorted(ms, key=ms.get)
+    _TUNED[_class_key(c)] = order
+    for k in [k for k in _DECISIONS if k[0] == str(inp.q.device)]:
+        del _DECISIONS[k]  # decisions made before this ranking existed
+    if save and inp.q.device.type == "cuda" and order:
+        _disk_cache()[repr(_class_key(c))] = order
+        _save_disk_cache()
+    return {"class": c, "ms": ms, "ranking": order}
+
+
+@contextlib.contextmanager
+def tuning(enabled: bool = True):
+    """Within the block, the first eager call of each new shape class times the candidate backends and
+    keeps the fastest (``ELIT_TUNE=1`` does the same for the whole process). Typical use: one forward of the
+    model at the batch and budgets you will serve, before compiling or capturing it::
+
+        with elit_kernels.tuning():
+            model(x, t, y, budgets)
+    """
+    global _tuning
+    was = _tuning
+    _tuning = bool(enabled)
+    try:
+        yield
+    finally:
+        _tuning = was

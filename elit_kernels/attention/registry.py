@@ -1,0 +1,213 @@
+"""Backend registry for ``varlen_attention``: the ``Backend`` base class, the registry, ``run_backend``.
+
+A backend declares what it can run as class data (dtypes, devices, native head dims, GQA, LSE, the GPU it
+needs), which the base class turns into ``not_supported_reasons``; ``dispatch.select_backend`` picks among
+the backends with no reasons. The backends themselves live in ``elit_kernels.attention.backends``, one
+module per family.
+
+Adding a backend::
+
+    class MyBackend(Backend):
+        name, priority = "mine", 50
+        devices, dtypes, head_dims, supports_gqa = ("cuda",), (torch.bfloat16,), (64, 128), False
+        def forward(self, inp): return my_kernel(inp.q, inp.k, inp.v, ...)
+    register_backend(MyBackend())
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .inputs import AttnInputs
+
+
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Backend:
+    """Base class: subclasses set ``name`` and ``priority``, declare what they run as class data, and
+    implement ``forward``.
+
+    The base turns the declaration into uniform ``not_supported_reasons``; a subclass adds only its
+    special cases (and calls the parent). ``forward(inp)`` returns ``out [total_q, H, D]``, or
+    ``(out, lse [H, total_q])`` when ``inp.return_lse`` is True.
+    """
+
+    name: str = "?"
+    priority: int = 0
+    #: one-line human description shown by ``describe_backends``.
+    description: str = ""
+    #: dtypes of q/k/v it runs.
+    dtypes: tuple = _ALL_DTYPES
+    #: device types (``"cpu"``, ``"cuda"``) it runs on; None: any.
+    devices: tuple | None = None
+    #: head dims it runs natively: exactly these, or (None) every multiple of ``head_dim_multiple`` up to
+    #: ``max_head_dim``. Any other D up to the largest native dim is zero-padded by ``varlen_attention``.
+    head_dims: tuple | None = None
+    head_dim_multiple: int = 1
+    max_head_dim: int = 256
+    #: k/v with fewer heads than q (GQA / MQA).
+    supports_gqa: bool = True
+    #: returns the log-sum-exp of each query row (``return_attn_probs=True``).
+    supports_lse: bool = True
+    #: sliding-window attention (``window_size``) and logit soft-capping (``softcap``).
+    supports_window: bool = True
+    supports_softcap: bool = True
+    #: default dispatch first checks it on a small case against the reference (``known_answer.py``); off for
+    #: the pure-PyTorch backends.
+    known_answer: bool = True
+    #: lowest CUDA compute capability ``(major, minor)`` its CUDA kernels run on (None: any); CPU inputs are
+    #: not affected.
+    min_compute_capability: tuple | None = None
+    #: picked by default dispatch when it can run (False: only when asked for by name, e.g. a reference
+    #: implementation or a comparator that is slower everywhere it was measured).
+    default_eligible: bool = True
+
+    def is_available(self) -> bool:
+        return True
+
+    def run_head_dim(self, d: int) -> int | None:
+        """The head dim a D-dim problem runs at here (D, or the next native dim after zero padding); None
+        when D is larger than every native dim."""
+        if self.head_dims is not None:
+            fits = [n for n in self.head_dims if n >= d]  # a list, not min(default=): torch 2.13's dynamo needs it
+            return min(fits) if fits else None
+        m = self.head_dim_multiple
+        padded = -(-d // m) * m
+        return padded if padded <= self.max_head_dim else None
+
+    def _native_dims_text(self) -> str:
+        if self.head_dims is not None:
+            return ", ".join(map(str, self.head_dims))
+        if self.head_dim_multiple == 1:
+            return f"1..{self.max_head_dim}"
+        return f"multiples of {self.head_dim_multiple} up to {self.max_head_dim}"
+
+    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
+        r = []
+        if inp.q.dtype not in self.dtypes:
+            r.append(f"dtype {inp.q.dtype} not in {[str(d) for d in self.dtypes]}")
+        if self.devices is not None and inp.q.device.type not in self.devices:
+            r.append(f"needs {' or '.join(self.devices)} tensors, got device {inp.q.device}")
+        if self.run_head_dim(inp.head_dim) is None:
+            r.append(f"head dim {inp.head_dim} too large (runs {self._native_dims_text()})")
+        if not self.supports_gqa and inp.num_kv_heads != inp.num_heads:
+            r.append(f"no grouped-query attention (q has {inp.num_heads} heads, k/v {inp.num_kv_heads})")
+        if not self.supports_lse and inp.return_lse:
+            r.append("cannot return the softmax log-sum-exp (return_attn_probs=True)")
+        if not self.supports_window and inp.has_window:
+            r.append(f"no sliding-window attention (window_size=({inp.window_left}, {inp.window_right}))")
+        if not self.supports_softcap and inp.softcap != 0.0:
+            r.append(f"no logit soft-capping (softcap={inp.softcap})")
+        cc = self.min_compute_capability
+        if cc is not None and inp.q.device.type == "cuda":
+            have = _compute_capability(inp.q.device)
+            if have < tuple(cc):
+                r.append(f"needs a GPU of compute capability {cc[0]}.{cc[1]} or newer, this one is {have[0]}.{have[1]}")
+        return r
+
+    def forward(self, inp: AttnInputs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name} priority={self.priority}>"
+
+
+_CC: dict = {}
+
+
+def _compute_capability(device: torch.device) -> tuple:
+    """``(major, minor)`` of a CUDA device, read once per device (a driver call, not a sync)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CC:
+        _CC[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return _CC[idx]
+
+
+_REGISTRY: dict[str, Backend] = {}
+#: bumped by every registration: dispatch's cached decisions are only valid for the generation they were made in
+generation = 0
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) a backend under ``backend.name``."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend: expected an elit_kernels.Backend, got {type(backend).__name__}")
+    global generation
+    _REGISTRY[backend.name] = backend
+    generation += 1
+    return backend
+
+
+def known_backends() -> list[str]:
+    """Names of all registered backends, highest priority first."""
+    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
+
+
+def get_backend(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a str or None, got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"backend: unknown backend {name!r}; known backends: {', '.join(known_backends())}") from None
+
+
+def unavailable_reason(b: Backend) -> str | None:
+    """Why ``b`` cannot run in this environment at all (None when it can): the backend's own
+    ``unavailable_reason`` when it states one, else a generic sentence."""
+    if b.is_available():
+        return None
+    return getattr(b, "unavailable_reason", None) or "not available in this environment"
+
+
+def reasons(b: Backend, inp: AttnInputs) -> list[str]:
+    """Every reason ``b`` cannot run ``inp`` ([] when it can)."""
+    why = unavailable_reason(b)
+    return ([why] if why else []) + b.not_supported_reasons(inp)
+
+
+def registered_backends() -> list[Backend]:
+    """Every registered backend, highest priority first."""
+    return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+
+
+def run_backend(b: Backend, inp: AttnInputs):
+    """Run validated ``inp`` on backend ``b``: zero-pads the head dim to one ``b`` runs natively (the
+    scale stays that of the real D, already in ``inp``) and slices the output back, as flash-attn's
+    wrapper does. Returns ``out``, or ``(out, lse)`` when ``inp.return_lse``."""
+    d = inp.head_dim
+    d_run = b.run_head_dim(d)
+    if d_run != d:
+        pad = (0, d_run - d)
+        inp = dataclasses.replace(inp, q=F.pad(inp.q, pad), k=F.pad(inp.k, pad), v=F.pad(inp.v, pad))
+    res = b.forward(inp)
+    out, lse = res if inp.return_lse else (res, None)
+    if d_run != d:
+        out = out[..., :d]
+    if inp.return_lse:
+        return out, lse.detach()
+    return out
+
+
+def describe_inputs(inp: AttnInputs) -> str:
+    """Shapes, dtype and device of ``inp`` in one line (dispatch errors start with it)."""
+    return (f"q {tuple(inp.q.shape)}, k/v {tuple(inp.k.shape)}, {inp.num_segments} segments, {inp.q.dtype}, "
+            f"{inp.q.device}" + (", causal" if inp.causal else "") + (", return_lse" if inp.return_lse else "")
+            + (f", window_size=({inp.window_left}, {inp.window_right})" if inp.has_window else "")
+            + (f", softcap={inp.softcap}" if inp.softcap else ""))
+
+
+def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
+    """One dict per backend: name, priority, available, why not (``unavailable_reason``), whether default
+    dispatch may pick it, and (given inputs) the reasons it can't run them."""
+    rows = []
+    for b in registered_backends():
+        row = {"name": b.name, "priority": b.priority, "available": b.is_available(), "description": b.description,
+               "unavailable_reason": unavailable_reason(b), "default_eligible": b.default_eligible}
+        if inp is not None:
+            row["reasons"] = reasons(b, inp)
+        rows.append(row)
+    return rows

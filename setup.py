@@ -74,6 +74,7 @@ setup(
     version="0.1.0",
     description="Fused varlen attention kernels and a reference model for ELIT diffusion transformers",
     packages=find_packages(include=["elit_kernels", "elit_kernels.*"]),
+    package_data={"elit_kernels.attention": ["dispatch_table.json"]},
     python_requires=">=3.10",
     # No upper pins and no triton pin: an installed torch that satisfies this is used as it is.
     install_requires=["torch>=2.5", "tqdm", "matplotlib", "numpy", "safetensors"],

@@ -32,7 +32,7 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     # -k "not compile": torch.compile cannot trace mutmut's trampolines (a ContextVar.set per call), so the
     # compile tests fail on the unmutated code of modules on the compiled path (test_dropin's
     # segment-longer-than-max_seqlen check, "never_garbage", compiles too); the CI suite runs them.
-    "attention": (["elit_kernels/attention.py"], ["tests/test_attention.py", "tests/test_validation.py",
+    "attention": (["elit_kernels/attention/__init__.py", "elit_kernels/attention/inputs.py"], ["tests/test_attention.py", "tests/test_validation.py",
                                                   "tests/test_window_softcap.py", "tests/test_dropin.py", "-k",
                                                   "not compile and not triton and not never_garbage"]),
     "backends": (["elit_kernels/attention/registry.py", "elit_kernels/attention/dispatch.py", "elit_kernels/attention/known_answer.py"],

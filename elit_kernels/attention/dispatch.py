@@ -43,6 +43,7 @@ _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch
 _DECISIONS: dict = {}  # full decision key -> Backend
 _TUNED: dict = {}  # shape class -> ranking (names), measured here
 _TABLE: dict | None = None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0")  # triton reads it once, at its import, too
 _tuning = os.environ.get("ELIT_TUNE", "0") not in ("", "0", "false", "False")
 
 
@@ -89,18 +90,23 @@ def _class_key(c: dict) -> tuple:
 
 def static_order(inp: AttnInputs) -> list[str]:
     """Backend names, fastest first, from what the first H200 measurements showed in general (bf16, XL/2
-    shapes; see benchmarks/results): uniform or few-run segments known on the host run fastest as dense
-    SDPA on views (``torch``: cuDNN / FlashAttention); ragged fp16/bf16 segments on FlashAttention-2
-    varlen (``torch_varlen``), then ``triton``; fp32 on SDPA (TF32 as PyTorch's setting allows). On CPU:
-    the backends' priorities."""
+    shapes; benchmarks/results/gpu): segments known on the host in few runs of equal shape run fastest as
+    dense SDPA on views, on the memory-efficient kernel for small windows (Lq, Lk <= 128: Read/Write) and on
+    cuDNN for long segments; ragged fp16/bf16 segments on FlashAttention-2 varlen (``torch_varlen``), then
+    ``triton``; fp32 on SDPA (TF32 as PyTorch's setting allows). On CPU: the backends' priorities."""
     names = [b.name for b in registered_backends()]
     if inp.q.device.type != "cuda":
         return names
     seg = inp.segments
     few = seg is not None and len(seg.runs) <= FEW_RUNS and not inp.return_lse and inp.softcap == 0.0
-    if few:
-        first = ["torch", "torch_varlen", "triton"]
-    elif inp.q.dtype in (torch.float16, torch.bfloat16):
+    half = inp.q.dtype in (torch.float16, torch.bfloat16)
+    if few and half:
+        small = max(seg.max_q, seg.max_k) <= 128
+        first = (["sdpa_efficient", "sdpa_cudnn", "torch"] if small else ["sdpa_cudnn", "torch", "sdpa_flash"])
+        first += ["torch_varlen", "triton"]
+    elif few:
+        first = ["torch", "sdpa_efficient", "triton"]
+    elif half:
         first = ["torch_varlen", "triton", "torch"]
     else:
         first = ["torch", "triton"]
@@ -173,7 +179,7 @@ def _decision_key(inp: AttnInputs) -> tuple:
     return (str(inp.q.device), inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
             inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad,
             None if inp.segments is None else inp.segments.runs, inp.max_seqlen_q, inp.max_seqlen_k,
-            inp.num_segments, _capturing(), os.environ.get("TRITON_INTERPRET", "0"), _registry.generation,
+            inp.num_segments, _capturing(), _INTERPRET, _registry.generation,
             _ka.generation, _ka.known_answer_checks())
 
 

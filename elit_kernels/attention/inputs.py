@@ -166,9 +166,11 @@ def value_checks_enabled() -> bool:
 
 
 def _capturing() -> bool:
+    """Under ``torch.compile`` tracing or CUDA-graph capture (no capture before CUDA is initialised; checking
+    that first keeps this cheap on the hot path)."""
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_cu(name: str, cu, total: int, max_name: str, max_len: int, check_values: bool) -> None:

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from ..testing import assert_close_to_reference, cu_seqlens, default_atol
-from .inputs import validate_inputs
+from .inputs import _capturing, validate_inputs
 from .registry import get_backend, run_backend
 
 MODES = ("auto", "on", "off")
@@ -59,10 +59,6 @@ def clear_verdicts() -> None:
 def verdicts() -> dict:
     """The cached verdicts: key (backend, device, dtype, head dim, causal, gqa, grad) -> None (passed) or the error."""
     return dict(_VERDICTS)
-
-
-def _capturing() -> bool:
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _key(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool, masked: bool = False) -> tuple:

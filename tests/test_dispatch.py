@@ -1,0 +1,326 @@
+"""Default dispatch (elit_kernels/attention/dispatch.py): shape classes, the committed table, the static order,
+tuning and its cache, overrides; the model forward reads nothing from the device; the package's import graph."""
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+
+import pytest
+import torch
+
+import elit_kernels
+from elit_kernels import attention as A
+from elit_kernels.attention import SegmentRuns, dispatch as D, registry as R
+from elit_kernels.testing import random_varlen_inputs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class _Fake(R.Backend):
+    """A CPU backend that answers with the reference and counts its calls."""
+
+    known_answer = False
+    devices = ("cpu",)
+
+    def __init__(self, name, priority=-500):
+        self.name, self.priority, self.calls = name, priority, 0
+
+    def forward(self, inp):
+        self.calls += 1
+        return R.get_backend("reference").forward(inp)
+
+
+@pytest.fixture
+def fakes():
+    made = []
+
+    def make(name, priority=-500):
+        b = R.register_backend(_Fake(name, priority))
+        made.append(name)
+        return b
+
+    D.clear_decisions()
+    yield make
+    for n in made:
+        R._REGISTRY.pop(n, None)
+    D.clear_decisions()
+
+
+def _inp(lens_q=(4, 4, 4), lens_k=(4, 4, 4), segments=True, device="cpu", dtype=torch.float32, grad=False):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(list(lens_q), list(lens_k), 2, 16, seed=3, dtype=dtype,
+                                                   requires_grad=grad)
+    seg = SegmentRuns.from_lengths(lens_q, lens_k) if segments else None
+    return A.validate_inputs(q, k, v, cq, ck, mq, mk, None, False, segments=seg)
+
+
+def test_shape_class_kinds_and_buckets():
+    c = D.shape_class(_inp())
+    assert (c["kind"], c["lq"], c["lk"], c["segments"], c["gpu"], c["dtype"], c["grad"]) == \
+        ("uniform", 4, 4, 4, "cpu", "float32", False)
+    c = D.shape_class(_inp((3, 3, 5), (9, 9, 17)))
+    assert (c["kind"], c["lq"], c["lk"]) == ("runs", 8, 32)  # real longest segments, bucketed up
+    many = tuple(range(1, D.FEW_RUNS + 3))
+    assert D.shape_class(_inp(many, many))["kind"] == "ragged"
+    nos = D.shape_class(_inp(segments=False))
+    assert nos["kind"] == "ragged" and nos["lq"] == 4  # lengths known only on the device: max_seqlen's bucket
+    assert D.shape_class(_inp(grad=True))["grad"] is True
+    assert [D._bucket(n) for n in (0, 1, 2, 3, 64, 65)] == [0, 1, 2, 4, 64, 128]
+
+
+def test_static_order_on_cpu_follows_priority_and_default_dispatch_uses_it(fakes):
+    inp = _inp()
+    assert D.static_order(inp) == [b.name for b in R.registered_backends()]
+    top = fakes("_top", priority=10_000)
+    out = A.varlen_attention(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, 4, 4,
+                             segments=inp.segments)
+    assert top.calls == 1 and out.shape == inp.q.shape
+    # a second call with the same shape class is a cached decision, still the same backend
+    A.varlen_attention(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, 4, 4, segments=inp.segments)
+    assert top.calls == 2
+
+
+def test_cached_decision_follows_the_registry(fakes):
+    inp = _inp()
+    top = fakes("_top", priority=10_000)
+    assert A.select_backend(inp) is top
+    R._REGISTRY.pop("_top")  # removed behind the registry's back: the cached decision must not outlive it
+    assert A.select_backend(inp).name != "_top"
+    newer = fakes("_newer", priority=20_000)  # a registration invalidates every cached decision
+    assert A.select_backend(inp) is newer
+
+
+def test_backend_not_default_eligible_is_never_picked_but_runs_by_name(fakes):
+    b = fakes("_byname", priority=50_000)
+    b.default_eligible = False
+    inp = _inp()
+    assert A.select_backend(inp).name != "_byname"
+    assert A.select_backend(inp, "_byname") is b
+    ok, tried = D.candidates(inp)
+    assert "_byname" not in [c.name for c in ok]
+    assert any(t.startswith("_byname: not picked by default dispatch") for t in tried)
+
+
+def test_override_wins_over_table_and_tuning(fakes, monkeypatch):
+    inp = _inp()
+    fakes("_fast", priority=-1)
+    D._TUNED[D._class_key(D.shape_class(inp))] = ["_fast"]
+    assert A.select_backend(inp).name == "_fast"
+    assert A.select_backend(inp, "reference").name == "reference"
+    monkeypatch.setenv("ELIT_BACKEND", "torch")
+    assert A.select_backend(inp).name == "torch"
+
+
+def _cuda_like(inp, monkeypatch, gpu="NVIDIA H200"):
+    """Pretend ``inp`` is on a GPU for the ranking functions (they read only the device type and name)."""
+    monkeypatch.setattr(D, "gpu_name", lambda device: gpu)
+
+    class _Dev:
+        type = "cuda"
+
+    class _Q:
+        device = _Dev()
+        dtype = inp.q.dtype
+        shape = inp.q.shape
+        requires_grad = False
+
+    class _Inp:
+        pass
+
+    fake = _Inp()
+    for f in ("k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "segments", "return_lse",
+              "softcap", "head_dim", "num_segments", "requires_grad"):
+        setattr(fake, f, getattr(inp, f))
+    fake.q = _Q()
+    return fake
+
+
+def test_table_entry_gives_its_ranking_and_unknown_gpu_falls_back_to_static(monkeypatch):
+    inp = _inp(dtype=torch.bfloat16)
+    table = {"entries": [
+        {"gpu": "NVIDIA H200", "dtype": "bfloat16", "kind": "uniform", "grad": False, "head_dim": 16, "lq": 4,
+         "lk": 4, "segments": 4, "ranking": ["triton", "torch"]},
+        {"gpu": "NVIDIA H200", "dtype": "bfloat16", "kind": "uniform", "grad": False, "head_dim": 16, "lq": 1024,
+         "lk": 1024, "segments": 4, "ranking": ["torch_varlen", "torch"]},
+    ]}
+    monkeypatch.setattr(D, "_TABLE", table)
+    fake = _cuda_like(inp, monkeypatch)
+    order, src = D.ranking(fake)
+    assert src == "table" and order[:2] == ["triton", "torch"]  # the nearest entry, not the 1024 one
+    assert set(order) == set(R.known_backends())  # every backend still ranked after the table's
+    fake = _cuda_like(inp, monkeypatch, gpu="Some Other GPU")
+    order, src = D.ranking(fake)
+    assert src == "static" and order[0] == "sdpa_efficient"  # small uniform windows: dense memory-efficient SDPA
+    assert D.table_ranking({"gpu": "NVIDIA H200", "dtype": "float16", "kind": "uniform", "grad": False,
+                            "head_dim": 16, "lq": 4, "lk": 4, "segments": 4}, table) is None
+
+
+def test_static_order_on_gpu_by_shape_class(monkeypatch):
+    ragged = _cuda_like(_inp(segments=False, dtype=torch.bfloat16), monkeypatch)
+    assert D.static_order(ragged)[:2] == ["torch_varlen", "triton"]
+    fp32 = _cuda_like(_inp(segments=False, dtype=torch.float32), monkeypatch)
+    assert D.static_order(fp32)[0] == "torch"  # SDPA (TF32 when allowed) beats the fp32 Triton kernels
+    assert D.static_order(_cuda_like(_inp(dtype=torch.bfloat16), monkeypatch))[0] == "sdpa_efficient"
+    long = _cuda_like(_inp((256, 256), (256, 256), dtype=torch.bfloat16), monkeypatch)
+    assert D.static_order(long)[0] == "sdpa_cudnn"
+    for order in (D.static_order(ragged), D.static_order(fp32)):
+        assert order.index("cuda") > order.index("triton")
+
+
+def test_committed_table_names_its_device_and_known_backends():
+    with open(D._TABLE_PATH) as f:
+        table = json.load(f)
+    for field in ("device", "torch", "date"):
+        assert table.get(field), f"dispatch_table.json: {field} missing"
+    for e in table["entries"]:
+        assert set(e["ranking"]) <= set(R.known_backends()), e
+        assert e["kind"] in ("uniform", "runs", "ragged") and e["dtype"] in ("float16", "bfloat16", "float32")
+
+
+def test_tuning_times_candidates_ranks_them_and_caches_on_disk(fakes, tmp_path, monkeypatch):
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "_DISK", None)
+    slow, fast = fakes("_slow", priority=-2), fakes("_fast", priority=-3)
+    import time as _t
+
+    def slow_forward(inp):
+        _t.sleep(0.004)
+        return R.get_backend("reference").forward(inp)
+
+    slow.forward = slow_forward
+    inp = _inp()
+    res = D.tune_inputs(inp, repeats=3)
+    assert res["ranking"].index("_fast") < res["ranking"].index("_slow")
+    assert res["ms"]["_slow"] >= 4.0 and set(res["ms"]) >= {"_slow", "_fast"}
+    assert D.ranking(inp)[1] == "tuned"
+    D.clear_decisions()
+    with D.tuning():  # first eager call of the class times, then every call uses the result
+        A.varlen_attention(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, 4, 4, segments=inp.segments)
+    assert D.ranking(inp)[1] == "tuned"
+    # CPU rankings stay in memory; a GPU's go to disk, keyed by GPU and versions
+    assert not list(tmp_path.iterdir())
+    assert "dispatch-cpu-torch" in D.cache_path() and str(tmp_path) in D.cache_path()
+    D._disk_cache()["k"] = ["torch"]
+    D._save_disk_cache()
+    with open(D.cache_path()) as f:
+        assert json.load(f) == {"k": ["torch"]}
+
+
+def test_tuning_refuses_under_compile():
+    inp = _inp()
+
+    def f():
+        return D.tune_inputs(inp)
+
+    with pytest.raises(Exception, match="tune_inputs: cannot time backends under torch.compile"):
+        torch.compile(f, backend="eager", fullgraph=True)()
+
+
+# --- the model forward reads nothing from the device ------------------------------------------------------
+@pytest.mark.parametrize("preset", ["paper", "released"])
+@pytest.mark.parametrize("budgets", [[4, 4, 4, 4], [4, 1, 2, 0], [4, 4, 1, 1]], ids=["uniform", "mixed", "ccfg"])
+def test_model_forward_on_meta_reads_no_device_data(preset, budgets):
+    """The meta device refuses .item()/.tolist()/.cpu() of its tensors: a forward that runs there has no host
+    read of device data, so it has no device sync on a GPU either."""
+    from elit_kernels.models import ElitDiT
+    from elit_kernels.models.config import preset_config
+
+    with pytest.raises(Exception):
+        torch.zeros(2, device="meta").tolist()  # the premise
+    cfg = preset_config(preset, "tiny", 64)
+    with torch.device("meta"):
+        m = ElitDiT(cfg)
+    m.reset_buffers(torch.device("meta"))
+    x = torch.empty(4, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
+    t = torch.empty(4, device="meta")
+    y = torch.empty(4, dtype=torch.long, device="meta")
+    out = m(x, t, y, budgets)
+    assert out.shape == x.shape and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("budgets", [[4, 4, 4], [4, 1, 2], [4, 4, 1]], ids=["uniform", "mixed", "ccfg"])
+def test_model_compiles_without_graph_breaks(budgets):
+    from torch._dynamo.testing import CompileCounter
+
+    from elit_kernels.models import ElitDiT
+    from elit_kernels.models.config import preset_config
+
+    for preset in ("paper", "released"):
+        cfg = preset_config(preset, "tiny", 64)
+        torch.manual_seed(0)
+        m = ElitDiT(cfg)
+        for p in m.parameters():
+            p.data.normal_(0, 0.2)
+        x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size)
+        t, y = torch.rand(3), torch.tensor([1, 2, cfg.num_classes])
+        cnt = CompileCounter()
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend=cnt, fullgraph=True)
+        with torch.no_grad():
+            got, want = compiled(x, t, y, budgets), m(x, t, y, budgets)
+        assert cnt.frame_count == 1, f"{preset}: {cnt.frame_count} graphs"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- the package's structure ------------------------------------------------------------------------------
+def _imports(path: pathlib.Path, pkg_root: pathlib.Path) -> set[str]:
+    """Modules of elit_kernels that ``path`` imports (absolute or relative, at any depth in the file)."""
+    mod = ".".join(path.relative_to(pkg_root.parent).with_suffix("").parts)
+    if mod.endswith(".__init__"):
+        mod = mod[: -len(".__init__")]
+        pkg = mod
+    else:
+        pkg = mod.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.startswith("elit_kernels")}
+    return out
+
+
+def test_package_import_graph_has_no_cycle_and_kernels_do_not_import_the_model():
+    pkg_root = ROOT / "elit_kernels"
+    modules = {}
+    for p in pkg_root.rglob("*.py"):
+        name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = p
+    graph = {m: {t for t in _imports(p, pkg_root) if t in modules and t != m} for m, p in modules.items()}
+    # a package imports its own submodules to register them: an edge parent -> child is not a cycle
+    for m in graph:
+        graph[m] = {t for t in graph[m] if not t.startswith(m + ".")}
+    state: dict = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for t in graph[m]:
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack + [m, t]))
+            if not state.get(t):
+                visit(t, stack + [m])
+        state[m] = 2
+
+    for m in graph:
+        if not state.get(m):
+            visit(m, [])
+    assert not any(t.startswith("elit_kernels.models") for t in graph["elit_kernels._cext"])
+    for m in graph:
+        if m.startswith("elit_kernels.attention"):
+            assert not any(t.startswith("elit_kernels.models") for t in graph[m]), m
+
+
+def test_every_backend_lives_in_the_backends_package():
+    for b in R.registered_backends():
+        mod = type(b).__module__
+        assert mod.startswith("elit_kernels.attention.backends."), (b.name, mod)
+    assert elit_kernels.known_backends() == R.known_backends()

@@ -28,7 +28,8 @@ import time
 import torch
 
 from elit_kernels import set_value_checks
-from elit_kernels.bench.attention_cases import Method, OpShape, available_methods, elit_shapes, make_fn, quiet_warnings
+from elit_kernels.bench.attention_cases import (H200_PEAKS, Method, OpShape, available_methods, dispatch_overhead_us,
+                                               elit_shapes, make_fn, min_bytes, quiet_warnings)
 from elit_kernels.bench.report import metadata
 from elit_kernels.models import elit_config
 
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
                        "exact": m.exact or shape.uniform, "segments": len(shape.lens_q), "total_q": sum(shape.lens_q),
                        "total_k": sum(shape.lens_k), "heads": shape.heads, "head_dim": shape.head_dim,
                        "gflop": shape.fwd_flops * (3.5 if ps == "fwd+bwd" else 1.0) / 1e9, "times_ms": [],
+                       "min_bytes": min_bytes(shape, torch.empty((), dtype=dtype).element_size()),
                        "error": None}
                 if args.max_seconds and time.monotonic() - t_start > 0.7 * args.max_seconds:
                     row["error"] = "skipped: --max-seconds spent during warm-up"
@@ -209,22 +211,36 @@ def main(argv=None) -> int:
     for r in rows:
         base = exact_ms.get((r["method"], r["pass"])) if r["kind"] == "slack" else None
         r["slack_ratio"] = r["ms"] / base if (base and r["ms"]) else None
+    for r in rows:  # roofline: the fewest bytes a forward moves, and the fraction of the H200's ceilings
+        r["min_mb"] = round(r["min_bytes"] / 1e6, 3) if r.get("min_bytes") else None
+        r["gbps"] = r["min_bytes"] / r["ms"] / 1e6 if (r.get("min_bytes") and r["ms"] and r["pass"] == "fwd") else None
+        on_h200 = dev.type == "cuda" and "H200" in torch.cuda.get_device_name(dev)
+        r["pct_peak_flops"] = 100 * r["tflops"] / H200_PEAKS["tflops"] if (on_h200 and r["tflops"]) else None
+        r["pct_peak_bw"] = 100 * r["gbps"] / H200_PEAKS["gbps"] if (on_h200 and r["gbps"]) else None
+    overhead = dispatch_overhead_us(dev, dtype, cfg.heads, args.head_dims[0])
     md = metadata(dev, {"config": args.config, "resolution": args.resolution, "batch": args.batch,
                         "head_dims": args.head_dims,
                         "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
-                        "flops": "4*sum(Lq*Lk)*H*D fwd, x3.5 fwd+bwd; useful (ragged) FLOPs for every method"})
+                        "flops": "4*sum(Lq*Lk)*H*D fwd, x3.5 fwd+bwd; useful (ragged) FLOPs for every method",
+                        "bytes": "fwd: q, k, v read once and out written once; pct_peak_* against the H200's measured "
+                                 "790 TFLOP/s bf16 matmul and 4.3 TB/s copy (H200 only)",
+                        "dispatch_overhead_us": overhead})
     label = "CPU" if dev.type == "cpu" else "GPU"
     dev_name = md["device"] if md["device"].startswith(label) else f"{label}: {md['device']}"
     print(f"varlen attention ops — {dev_name}, {args.config} {args.resolution}px batch {args.batch} "
           f"{args.dtype}, torch {md['torch']}")
-    print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}  note")
+    print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}{'GB/s':>8}  note")
     for r in rows:
         note = r["error"] or ("" if r["exact"] else "padded, no mask (timing only)")
         if r.get("slack_ratio") is not None and r["shape"] != f"slack 128x4 max={SLACK_MAX[0]}":
             note = f"slack ratio {r['slack_ratio']:.2f}x vs max_seqlen {SLACK_MAX[0]}"
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
         tf = f"{r['tflops']:.3f}" if r["tflops"] is not None else "-"
-        print(f"{r['shape'][:21]:<22}{r['pass']:<9}{r['method'][:25]:<26}{ms:>9}{tf:>9}  {note}")
+        gb = f"{r['gbps']:.0f}" if r.get("gbps") is not None else "-"
+        print(f"{r['shape'][:21]:<22}{r['pass']:<9}{r['method'][:25]:<26}{ms:>9}{tf:>9}{gb:>8}  {note}")
+    print(f"{label}: varlen_attention adds {overhead['added_us']:.1f} us per call over calling the backend it picks "
+          f"({overhead['backend']}) directly ({overhead['varlen_attention']:.1f} vs {overhead['direct']:.1f} us, "
+          "tiny Read-like call with host-side segments)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         full = [{**r, "device": md["device"], "torch": md["torch"], "triton": md["triton"],

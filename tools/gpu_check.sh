@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (torch + triton preinstalled, no network): build the CUDA extension for this card,
-# test the CUDA kernels, then the Triton kernels, at real ELIT sizes in bf16/fp16 (fp32 and tiny shapes are
-# CI's job), check every compiled backend against the reference (known-answer), time every attention
-# backend beside SDPA flash/cuDNN/efficient, torch.nn.attention.varlen and FlexAttention at Read/Write/core
-# shapes (D 64/72/128, bf16, TFLOP/s), and time the XL/2 512px model (both presets).
+# One call on a GPU machine (torch + triton + pytest-xdist preinstalled, no network): build the CUDA extension for
+# this card, run every GPU test (crash-isolated), measure the dispatch table, time the attention ops and the
+# XL/2 512px model (default dispatch against the dense "official way", bf16 and fp32).
 #
 #   bash tools/gpu_check.sh                # results in $OUT (default ./gpu_results)
 #
-# Budget: the whole script stops by GPU_CHECK_SECONDS (default 420 s; every stage runs under its own limit,
-# cut to what is left), so a rerun fits a 15-minute GPU window with the machine start. A stage past its limit
-# gets SIGINT (pytest still writes its junit XML) and the next stage runs. $OUT holds at most 8 files:
-#   gpu_check.log  summary.json  junit_cuda.xml  junit_triton.xml  ops.json  model.json  artifacts.tar.gz
+# Budget: GPU_CHECK_SECONDS (default 300 s) for the whole script; each stage has its own limit, planned so the
+# limits add up to the budget (the table is printed first), and a stage gets at most what is left. A stage past
+# its limit gets SIGINT (pytest still writes its junit XML) and the next stage runs. GPU tests run under
+# pytest-xdist workers (-n), so a test that crashes its process (SIGSEGV, illegal access) is reported as failed
+# and the others still run; the summary lists every collected test that did not run and why.
+# $OUT holds at most 8 files:
+#   gpu_check.log  summary.json  junit_gpu.xml  dispatch_table.json  dispatch_report.md  ops.json  model.json
+#   artifacts.tar.gz (logs, the fp32 model run, the collected test list)
 # summary.json is written on every exit (a trap), with pass/fail counts per backend and the key benchmark
 # ratios, which are also the last lines printed. Exit status: 0 when nothing that ran failed (stages that
 # cannot run without a GPU are skipped, so a CPU-only run exits 0 with a summary saying so).
-# Environment: PYTHON (default python3), OUT, GPU_CHECK_SECONDS, GPU_CHECK_SKIP_BUILD=1 (use the _C you have).
+# Environment: PYTHON (default python3), OUT, GPU_CHECK_SECONDS, GPU_CHECK_SKIP_BUILD=1 (use the _C you have),
+# GPU_CHECK_WORKERS (pytest-xdist workers, default 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT="${OUT:-$PWD/gpu_results}"
-BUDGET="${GPU_CHECK_SECONDS:-420}"
+BUDGET="${GPU_CHECK_SECONDS:-300}"
 mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"  # everything else, archived into artifacts.tar.gz
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, built in place
@@ -69,6 +72,12 @@ echo "=== environment ==="
 } | tee "$WORK/env.txt"
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
+# The plan: stage limits (seconds) that add up to the budget; printed so a reader sees it before anything runs.
+declare -A LIMIT=([build]=40 [tests]=95 [dispatch]=45 [ops]=35 [model]=55 [fp32]=25)
+echo "=== plan (budget ${BUDGET}s) ==="
+printf '%-28s %5s\n' "build" "${LIMIT[build]}" "tests: gpu" "${LIMIT[tests]}" "dispatch: measure" "${LIMIT[dispatch]}" \
+  "bench: attention ops" "${LIMIT[ops]}" "bench: model bf16" "${LIMIT[model]}" "bench: model fp32" "${LIMIT[fp32]}" | tee "$WORK/plan.txt"
+
 if [ "$GPU" != 1 ]; then
   skip "build" "no CUDA device"
 elif [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
@@ -76,28 +85,47 @@ elif [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
 else
   cap=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  stage "build" 150 "$PY" setup.py build_ext --inplace > "$WORK/build.log" 2>&1
+  stage "build" "${LIMIT[build]}" "$PY" setup.py build_ext --inplace > "$WORK/build.log" 2>&1
   tail -n 3 "$WORK/build.log"
 fi
 "$PY" -c "import elit_kernels, elit_kernels._cext as c; print('backends', [(r['name'], r['available']) for r in elit_kernels.describe_backends()]); print('_C', c.build_info() if c.available() else c.load_error)" \
   2>&1 | tee -a "$WORK/env.txt"
 
-# The CUDA kernels first: they have never run, and the Triton stage's compiles take longer.
-stage "tests: cuda kernels" 75 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cext.py tests/test_dropin.py \
-  tests/test_known_answer.py -k "cuda" --junitxml="$OUT/junit_cuda.xml"
-stage "tests: triton kernels" 110 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_triton_attention.py \
-  tests/test_known_answer.py -k "test_gpu_ and not fp32 or known_answer_on_gpu and triton" \
-  --junitxml="$OUT/junit_triton.xml"
+# Every GPU test in one crash-isolated run. The selection: the compiled ops (CUDA kernels and their argument
+# checks), the Triton kernels at real sizes in bf16/fp16 (fp32 and tiny shapes are CI's job on the
+# interpreter), the known-answer checks on the GPU, and the model path (no host sync, capture, dispatch).
+GPU_FILES="tests/test_cext.py tests/test_dropin.py tests/test_known_answer.py tests/test_triton_attention.py tests/test_gpu_model.py"
+for f in tests/test_compiled_checks.py tests/test_bounds.py; do [ -f "$f" ] && GPU_FILES="$GPU_FILES $f"; done
+GPU_K="(cuda and not triton) or (test_gpu_ and not fp32) or (known_answer_on_gpu and triton)"
+XDIST=""
+if [ "$GPU" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST="-n ${GPU_CHECK_WORKERS:-8} --max-worker-restart=50"
+fi
+# shellcheck disable=SC2086
+"$PY" -m pytest -q --collect-only -p no:cacheprovider $GPU_FILES -k "$GPU_K" 2>/dev/null | grep '::' > "$WORK/collected.txt"
+echo "collected $(wc -l < "$WORK/collected.txt") GPU tests${XDIST:+ (pytest-xdist: $XDIST)}"
+# shellcheck disable=SC2086
+stage "tests: gpu" "${LIMIT[tests]}" "$PY" -m pytest -q -rs -p no:cacheprovider $XDIST $GPU_FILES -k "$GPU_K" \
+  --junitxml="$OUT/junit_gpu.xml"
 
 if [ "$GPU" != 1 ]; then
+  skip "dispatch: measure" "no CUDA device"
   skip "bench: attention ops" "no CUDA device"
-  skip "bench: model" "no CUDA device"
+  skip "bench: model bf16" "no CUDA device"
+  skip "bench: model fp32" "no CUDA device"
 else
-  stage "bench: attention ops" 80 "$PY" benchmarks/bench_ops.py --device cuda --config XL/2 --resolution 512 \
-    --dtype bf16 --batch 8 --budgets 64,ragged --head-dims 64,72,128 --flex core --no-slack --repeats 3 \
-    --max-seconds 50 --out "$WORK/ops"
+  stage "dispatch: measure" "${LIMIT[dispatch]}" "$PY" tools/measure_dispatch.py --out "$WORK/dispatch" \
+    --max-seconds $(( LIMIT[dispatch] - 15 ))
+  for f in dispatch_table.json dispatch_report.md; do [ -f "$WORK/dispatch/$f" ] && cp "$WORK/dispatch/$f" "$OUT/$f"; done
+  stage "bench: attention ops" "${LIMIT[ops]}" "$PY" benchmarks/bench_ops.py --device cuda --config XL/2 --resolution 512 \
+    --dtype bf16 --batch 16 --budgets 64,4,ragged --head-dims 72 --flex core --no-slack --repeats 3 \
+    --max-seconds $(( LIMIT[ops] - 12 )) --out "$WORK/ops"
   [ -f "$WORK/ops/ops.json" ] && cp "$WORK/ops/ops.json" "$OUT/ops.json"
-  stage "bench: model" 80 "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 --dtype bf16 \
-    --batch 8 --repeats 3 --max-seconds 55 --no-progress --out "$WORK/model"
+  stage "bench: model bf16" "${LIMIT[model]}" "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 \
+    --dtype bf16 --batch 16 --presets released --backends default --budgets 64,16,4,1 --repeats 3 \
+    --max-seconds $(( LIMIT[model] - 20 )) --no-progress --out "$WORK/model"
   [ -f "$WORK/model/results.json" ] && cp "$WORK/model/results.json" "$OUT/model.json"
+  stage "bench: model fp32" "${LIMIT[fp32]}" "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 \
+    --dtype fp32 --batch 16 --presets released --backends default --budgets 64,4 --scenarios uniform --repeats 2 \
+    --max-seconds $(( LIMIT[fp32] - 12 )) --no-progress --out "$WORK/model_fp32"
 fi

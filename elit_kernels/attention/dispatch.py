@@ -38,6 +38,8 @@ from .registry import Backend, describe_inputs, get_backend, reasons, registered
 #: a call whose host-side segments form at most this many runs of equal shape counts as "runs" (one dense
 #: SDPA per run beats a ragged kernel there); more runs count as "ragged".
 FEW_RUNS = 4
+#: the truth, never fast: ranked last without being timed
+NEVER_TIMED = ("reference",)
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
 
 _DECISIONS: dict = {}  # full decision key -> Backend
@@ -303,6 +305,8 @@ def time_backends(inp: AttnInputs, repeats: int = 10) -> dict:
     out = {}
     grad = inp.requires_grad
     for b in ok:
+        if b.name in NEVER_TIMED:
+            continue
         if check_dispatch(b, inp) is not None:
             continue
         if grad:

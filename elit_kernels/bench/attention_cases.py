@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import validate_inputs
-from ..attention import describe_backends
+from ..attention import SegmentRuns, describe_backends
 from ..testing import cu_seqlens
 
 
@@ -66,15 +66,21 @@ def make_inputs(shape: OpShape, device, dtype, *, requires_grad=False, seed=0):
 class Method:
     name: str
     exact: bool  # False: a timing comparator that pads ragged segments without a mask (wrong numbers)
-    build: Callable  # (q, k, v, cu_q, cu_k, mq, mk) -> fn() returning the output [total_q, H, D]
+    build: Callable  # (q, k, v, cu_q, cu_k, mq, mk[, segments=]) -> fn() returning the output [total_q, H, D]
+    #: build takes ``segments=`` (the shape's SegmentRuns: host-side lengths, as the ELIT model passes them)
+    segments: bool = False
 
 
-def _backend_method(name):
+def _backend_method(name, with_segments: bool = True):
+    """``varlen_attention`` on backend ``name`` (None: default dispatch), handed the host-side segments as the
+    model does (``with_segments``), or only the tensors, as a flash-attn drop-in caller does."""
     from ..attention import varlen_attention
 
-    def build(q, k, v, cu_q, cu_k, mq, mk):
-        return lambda: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=name)
-    return Method(f"elit:{name}", True, build)
+    def build(q, k, v, cu_q, cu_k, mq, mk, segments=None):
+        seg = segments if with_segments else None
+        return lambda: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=name, segments=seg)
+    label = f"elit:{name or 'default'}" + ("" if with_segments else "(no segments)")
+    return Method(label, True, build, segments=True)
 
 
 def _pad(x, lens, lmax):
@@ -133,8 +139,8 @@ def available_methods(device: torch.device, dtype: torch.dtype, head_dim: int, h
     """Every backend that supports these inputs, plus SDPA flash / cuDNN (CUDA) and FlexAttention."""
     q = torch.zeros(4, heads, head_dim, device=device, dtype=dtype)
     cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
-    probe = validate_inputs(q, q, q, cu, cu, 2, 2, None, False)
-    methods = []
+    probe = validate_inputs(q, q, q, cu, cu, 2, 2, None, False, segments=SegmentRuns.uniform_runs(2, 2, 2))
+    methods = [_backend_method(None), _backend_method(None, with_segments=False)]
     for r in describe_backends(probe):
         if r["reasons"] or (r["name"] == "reference" and not include_reference):
             continue
@@ -160,7 +166,8 @@ def make_fn(method: Method, shape: OpShape, device, dtype, *, backward: bool, se
     """A zero-argument callable timing ``method`` on ``shape`` (fwd, or fwd+bwd), and the tensors
     whose .grad do_bench should reset."""
     inp = make_inputs(shape, device, dtype, requires_grad=backward, seed=seed)
-    f = method.build(*inp)
+    f = (method.build(*inp, segments=SegmentRuns.from_lengths(shape.lens_q, shape.lens_k)) if method.segments
+         else method.build(*inp))
     if not backward:
         def fwd():
             with torch.no_grad():
@@ -178,3 +185,44 @@ def make_fn(method: Method, shape: OpShape, device, dtype, *, backward: bool, se
 
 def quiet_warnings():
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+
+#: the H200's measured ceilings (copy bandwidth counting bytes read + written; bf16 matmul on random data),
+#: the denominators of the roofline fractions bench_ops reports on an H200
+H200_PEAKS = {"tflops": 790.0, "gbps": 4300.0}
+
+
+def min_bytes(shape: OpShape, elem_size: int) -> int:
+    """The fewest bytes a forward moves through memory: q, k and v read once, out written once."""
+    return (2 * sum(shape.lens_q) + 2 * sum(shape.lens_k)) * shape.heads * shape.head_dim * elem_size
+
+
+def dispatch_overhead_us(device, dtype, heads: int, head_dim: int, reps: int = 300) -> dict:
+    """Host microseconds per call that ``varlen_attention`` adds over calling the backend it picks directly
+    (``run_backend``), on a tiny Read-like call with host-side segments, as the model makes it: so the device
+    keeps up and the host is what is timed."""
+    import time
+
+    from ..attention import run_backend, select_backend, validate_inputs, varlen_attention
+
+    lens_q, lens_k = [4] * 8, [16] * 8
+    seg = SegmentRuns.from_lengths(lens_q, lens_k)
+    q, k, v, cq, ck, mq, mk = make_inputs(OpShape("overhead", "read", lens_q, lens_k, heads, head_dim), device, dtype)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False, segments=seg)
+    b = select_backend(inp)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    out = {}
+    with torch.no_grad():
+        for name, fn in (("varlen_attention", lambda: varlen_attention(q, k, v, cq, ck, mq, mk, segments=seg)),
+                         ("direct", lambda: run_backend(b, inp))):
+            for _ in range(20):
+                fn()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync()
+            out[name] = (time.perf_counter() - t0) / reps * 1e6
+    out["added_us"] = out["varlen_attention"] - out["direct"]
+    out["backend"] = b.name
+    return out

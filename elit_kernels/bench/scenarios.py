@@ -20,6 +20,8 @@ from .timing import Case
 from .timing import Case as _Case
 
 SCENARIOS = ("uniform", "mixed", "guidance", "baselines")
+#: the --backends name of default dispatch (backend=None: the fastest measured backend per attention call)
+DEFAULT = "default"
 GUIDANCE_SCALE = 4.0  # any non-zero scale: guided_velocity skips the weak pass at 0
 
 
@@ -78,7 +80,7 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
     elit = {}
     for be in s.backends:
         m = copy.copy(base)  # shares every parameter and submodule; only .backend differs
-        m.backend = be
+        m.backend = None if be == DEFAULT else be
         elit[be] = m
     want = set(s.scenarios)
     official = OfficialStyleElit(base).eval() if want & {"baselines", "mixed", "guidance"} else None
@@ -92,7 +94,7 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
         randomize_(pbase, seed + 1)
         for be in s.backends:
             m = copy.copy(pbase)
-            m.backend = be
+            m.backend = None if be == DEFAULT else be
             plain[be] = m
     G = cfg.groups
     cases: list[Case] = []

@@ -1,0 +1,180 @@
+"""Measure the dispatch table on this GPU: every attention shape class of an ELIT model, every eligible backend.
+
+For each call the model makes (ELIT-SiT-XL/2 at 512 px by default: spatial self-attention, Read, Write, core at
+uniform budgets, mixed batches and CCFG batches, with and without host-side segments), forward and forward +
+backward, it times every default-eligible backend with ``elit_kernels.attention.dispatch.time_backends`` and
+writes:
+
+- ``dispatch_table.json``: the rankings in the format ``dispatch.py`` reads (commit it as
+  ``elit_kernels/attention/dispatch_table.json``), with device, versions, commit and date;
+- ``dispatch_report.md``: per shape, the time of what default dispatch picked *before* this measurement
+  (committed table or static order) against the fastest backend, FlashAttention-2 varlen (``torch_varlen``)
+  and each SDPA kernel; and the per-call overhead of ``varlen_attention`` over calling the chosen backend.
+
+    python tools/measure_dispatch.py --out DIR [--max-seconds 60] [--batch 16] [--head-dim 72]
+
+GPU only (exits 2 on a machine without CUDA). Stops starting new shapes once ``--max-seconds`` is spent and
+writes what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _shapes(batch: int, groups: int, p: int, j_max: int, heads: int, d: int):
+    """(label, lens_q, lens_k, heads, d, with_segments) of the model's attention calls."""
+    n = groups * p
+    out = [(f"spatial {batch}x{n}", [n] * batch, [n] * batch, heads, d, True)]
+    for j in (j_max, j_max // 4, j_max // 16, 1):
+        j = max(1, j)
+        out.append((f"read J={j}", [j] * (batch * groups), [p] * (batch * groups), heads, d, True))
+        out.append((f"write J={j}", [p] * (batch * groups), [j] * (batch * groups), heads, d, True))
+        out.append((f"core J={j}", [groups * j] * batch, [groups * j] * batch, heads, d, True))
+    q4 = max(1, batch // 4)
+    mixed = [j_max] * q4 + [j_max // 4] * q4 + [max(1, j_max // 16)] * q4 + [1] * (batch - 3 * q4)
+    half = batch // 2
+    ccfg = [j_max] * half + [max(1, j_max // 16)] * (batch - half)
+    for name, bud in (("mixed", mixed), ("ccfg", ccfg)):
+        lens = [groups * j for j in bud]
+        out.append((f"core {name}", lens, lens, heads, d, True))
+        out.append((f"core {name}, no segments", lens, lens, heads, d, False))
+        rq = [j for j in bud for _ in range(groups)]
+        out.append((f"read {name}", rq, [p] * len(rq), heads, d, True))
+    out.append(("core 4x4096 D128", [4096] * 4, [4096] * 4, 16, 128, True))
+    return out
+
+
+def _inputs(lens_q, lens_k, heads, d, dtype, grad, with_segments, seed):
+    from elit_kernels.attention import SegmentRuns, validate_inputs
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q, k, v = (torch.randn(n, heads, d, device="cuda", dtype=dtype, generator=g).requires_grad_(grad)
+               for n in (tq, tk, tk))
+    cq = torch.zeros(len(lens_q) + 1, dtype=torch.int32)
+    ck = torch.zeros(len(lens_k) + 1, dtype=torch.int32)
+    cq[1:] = torch.tensor(lens_q).cumsum(0)
+    ck[1:] = torch.tensor(lens_k).cumsum(0)
+    seg = SegmentRuns.from_lengths(lens_q, lens_k) if with_segments else None
+    return validate_inputs(q, k, v, cq.cuda(), ck.cuda(), max(lens_q), max(lens_k), None, False, segments=seg)
+
+
+def _overhead_us(inp, reps: int = 300) -> tuple[float, float]:
+    """Host microseconds per call: ``varlen_attention`` vs ``run_backend`` on the chosen backend (a tiny case,
+    so the GPU keeps up and the host is what is timed)."""
+    from elit_kernels.attention import run_backend, select_backend, varlen_attention
+
+    b = select_backend(inp)
+    args = (inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k)
+
+    def full():
+        varlen_attention(*args, segments=inp.segments)
+
+    def direct():
+        run_backend(b, inp)
+
+    res = []
+    with torch.no_grad():
+        for fn in (full, direct):
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+            res.append((time.perf_counter() - t0) / reps * 1e6)
+    return res[0], res[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-seconds", type=float, default=60.0)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=72)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("measure_dispatch: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    from elit_kernels.attention import dispatch as D
+
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    gpu = torch.cuda.get_device_name()
+    shapes = _shapes(args.batch, 16, 64, 64, 16, args.head_dim)
+    entries, lines = [], []
+    passes = [(torch.bfloat16, False), (torch.bfloat16, True)]
+    fp32_labels = {f"spatial {args.batch}x1024", "core J=64", "read J=64", "core mixed, no segments"}
+    for label, lq, lk, h, d, ws in shapes:
+        for dtype, grad in passes + ([(torch.float32, False)] if label in fp32_labels else []):
+            if time.perf_counter() - t_start > args.max_seconds:
+                lines.append(f"| {label} | {str(dtype)[6:]} | {'fwd+bwd' if grad else 'fwd'} | not run: --max-seconds spent |")
+                continue
+            inp = _inputs(lq, lk, h, d, dtype, grad, ws, seed=len(entries))
+            D.clear_decisions()
+            before, src = D.ranking(inp)
+            picked = D.select_backend(inp).name
+            ms = D.time_backends(inp, args.repeats)
+            if not ms:
+                continue
+            order = sorted(ms, key=ms.get)
+            c = D.shape_class(inp)
+            entries.append({**{k: c[k] for k in ("gpu", "dtype", "kind", "grad", "head_dim", "lq", "lk", "segments")},
+                            "ranking": order, "ms": {k: round(v, 4) for k, v in ms.items()}, "shape": label})
+            best = ms[order[0]]
+            fa2 = ms.get("torch_varlen")
+            lines.append(f"| {label} | {c['dtype']} | {'fwd+bwd' if grad else 'fwd'} | {picked} ({src}) "
+                         f"{ms.get(picked, float('nan')):.3f} | {order[0]} {best:.3f} | "
+                         f"{ms.get(picked, float('nan')) / best:.2f} | "
+                         + (f"{fa2:.3f} ({fa2 / ms.get(picked, fa2):.2f}x)" if fa2 else "n/a") + " | "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: kv[1])) + " |")
+            print(lines[-1], flush=True)
+            del inp
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    table = {"about": "Backend rankings measured on GPUs by tools/measure_dispatch.py, read by "
+                      "elit_kernels.attention.dispatch (nearest entry of the same GPU, dtype, kind and pass).",
+             "device": gpu, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda,
+             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+             "source": f"tools/measure_dispatch.py, ELIT-SiT-XL/2 512px shapes, batch {args.batch}, "
+                       f"head dim {args.head_dim}, {args.repeats} timed calls per backend (median)",
+             "entries": entries}
+    with open(os.path.join(args.out, "dispatch_table.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    # per-call overhead on a tiny Read-like call with host-side segments
+    over = _overhead_us(_inputs([4] * 8, [64] * 8, 16, args.head_dim, torch.bfloat16, False, True, 0))
+    with open(os.path.join(args.out, "dispatch_report.md"), "w") as f:
+        f.write(f"# Dispatch measurement on {gpu}\n\ntorch {torch.__version__}, triton {tv}, commit {commit}, "
+                f"{table['date']}. ms per call (median of {args.repeats}); 'picked' is what default dispatch chose "
+                "before this measurement (committed table or static order).\n\n"
+                "| shape | dtype | pass | picked (source) ms | fastest ms | picked / fastest | FA2 varlen ms (vs picked) "
+                "| every backend, ms |\n|---|---|---|---|---|---|---|---|\n")
+        f.write("\n".join(lines) + "\n\n")
+        f.write(f"Per-call host overhead (tiny Read call, 8 windows, host-side segments): varlen_attention "
+                f"{over[0]:.1f} us, the chosen backend called directly {over[1]:.1f} us: {over[0] - over[1]:.1f} us "
+                "added by validation and dispatch.\n")
+    print(f"overhead: varlen_attention {over[0]:.1f} us/call, direct {over[1]:.1f} us/call "
+          f"(+{over[0] - over[1]:.1f} us)")
+    print(f"measure_dispatch: {len(entries)} entries in {time.perf_counter() - t_start:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

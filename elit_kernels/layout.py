@@ -220,6 +220,15 @@ class ElitLayout:
         return torch.arange(self.batch, device=device or self.cu_image.device).repeat_interleave(n)
 
 
+def _host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without a host sync: to a GPU through pinned memory with a non-blocking
+    copy (a plain copy from pageable memory waits for the stream), elsewhere a plain ``.to``."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_available():
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _cu(lengths: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
     out[1:] = torch.cumsum(lengths, 0).to(torch.int32)
@@ -259,7 +268,7 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name}: expected a positive int, got {n!r}")
     bud = normalize_budgets(budgets, batch, j_max)  # after the sizes: a bad j_max is named as such
-    b_t = torch.tensor(bud, dtype=torch.long, device=device)
+    b_t = _host_to_device(torch.tensor(bud, dtype=torch.long), device)
     per_group = b_t.repeat_interleave(groups)  # [B*G]
     cu_lat = _cu(per_group)
     cu_sp = _cu(torch.full((batch * groups,), tokens_per_group, dtype=torch.long, device=device))

@@ -374,7 +374,9 @@ def test_attention_cuda_dispatch_and_opcheck():
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 1], [7, 0], 2, 64, device="cuda", dtype=torch.float16)
     from elit_kernels.attention import select_backend
     from elit_kernels.attention import validate_inputs
-    assert select_backend(validate_inputs(q, k, v, cq, ck, mq, mk, None, False)).name == "cuda"
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False)
+    # measured slowest at every ELIT shape on an H200: by name only, never by default dispatch
+    assert select_backend(inp).name != "cuda" and select_backend(inp, "cuda").name == "cuda"
     for permute in (False, True):
         samples = _opcheck_samples(device="cuda", dtype=torch.float16, head_dim=64, permute=permute)
         for op in ("varlen_attn_fwd", "varlen_attn_bwd"):

@@ -101,7 +101,7 @@ def test_per_sample_budgets_and_backend_option(tmp_path):
     (["--lr", "0"], "--lr", "positive"),
     (["--latent-init-std", "-1"], "--latent-init-std", ">= 0"),
     (["--guidance", "-2"], "--guidance", ">= 0"),
-    (["--backend", "no-such-backend"], "--backend", ("choose from ", "torch, cpp, reference")),
+    (["--backend", "no-such-backend"], "--backend", ("choose from ", "torch", "cpp, reference")),
     (["--backend", "torch_varlen"], "--backend", "Usable here: "),  # a CUDA-only comparator on CPU
     (["--load", "missing.pt"], "--load", "no such file: missing.pt"),
     (["--load", "."], "--load", "is not a file"),

@@ -1,5 +1,6 @@
 """tools/gpu_check.sh on a machine without a GPU: it must exit cleanly, inside its budget, with summary.json
 and at most 8 files (the GPU machine returns no more), the CUDA/Triton test stages having run (and skipped)."""
+import importlib.util
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -29,17 +30,25 @@ def test_gpu_check_without_a_gpu_exits_cleanly(tmp_path):
     assert {"summary.json", "gpu_check.log", "artifacts.tar.gz"} <= set(files), files
     s = json.loads((out / "summary.json").read_text())
     stages = {x["stage"]: x["rc"] for x in s["stages"]}
-    assert stages["build"].startswith("skipped") and stages["bench: model"].startswith("skipped")
-    assert stages["tests: cuda kernels"] in ("0", "5") and stages["tests: triton kernels"] in ("0", "5")
+    assert stages["build"].startswith("skipped") and stages["bench: model bf16"].startswith("skipped")
+    assert stages["dispatch: measure"].startswith("skipped")
+    assert stages["tests: gpu"] in ("0", "5")
     assert s["ok"] is True and "gpu none" in " ".join(s["env"])
-    # the GPU selections are what they claim: the CUDA stage runs the CUDA kernels' tests, the Triton stage
-    # the real-size bf16/fp16 Triton tests and the Triton known-answer checks (no fp32 compiles)
-    names = {st: [f"{c.get('classname')}::{c.get('name')}" for c in ET.parse(out / f"junit_{st}.xml").getroot().iter("testcase")]
-             for st in ("cuda", "triton")}
-    assert any("test_attention_cuda_matches_reference" in n for n in names["cuda"])
-    assert any("known_answer_on_gpu[cuda" in n for n in names["cuda"])
-    assert not any("triton" in n for n in names["cuda"])
-    assert sum("known_answer_on_gpu[triton" in n for n in names["triton"]) == 6
-    assert any("test_gpu_values_and_grads" in n for n in names["triton"])
-    assert not any("fp32" in n for n in names["triton"])
+    assert s["tests"]["not_run"]["count"] == 0
+    # the GPU selection is what it claims: the CUDA kernels' tests and argument checks, the real-size bf16/fp16
+    # Triton tests (when triton is installed), the known-answer checks on the GPU, the model path; no fp32 compiles
+    names = [f"{c.get('classname')}::{c.get('name')}" for c in ET.parse(out / "junit_gpu.xml").getroot().iter("testcase")]
+    assert any("test_attention_cuda_matches_reference" in n for n in names)
+    assert any("known_answer_on_gpu[cuda" in n for n in names)
+    assert any("test_gpu_forward_has_no_host_sync" in n for n in names)
+    if importlib.util.find_spec("triton") is not None:
+        assert sum("known_answer_on_gpu[triton" in n for n in names) == 6
+        assert any("test_gpu_values_and_grads" in n for n in names)
+    else:
+        print("triton is not installed: the Triton GPU tests are not collected (checked only where it is)")
+    assert not any("fp32" in n for n in names if "triton" in n)
+    plan = (out / "gpu_check.log").read_text()
+    limits = [int(line.split()[-1]) for line in plan.split("=== plan")[1].split("===")[1].strip().splitlines()
+              if line.strip() and line.split()[-1].isdigit()]
+    assert sum(limits) <= 300, f"the stage limits add up to {sum(limits)} s"
     assert "summary: OK" in r.stdout.strip().splitlines()[-1]

@@ -13,7 +13,8 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
-BACKEND_OF_FILE = {"test_cext": "cuda", "test_dropin": "cuda", "test_triton_attention": "triton"}
+BACKEND_OF_FILE = {"test_cext": "cuda", "test_dropin": "cuda", "test_compiled_checks": "cuda",
+                   "test_triton_attention": "triton", "test_gpu_model": "model"}
 
 
 def _backend(case) -> str:
@@ -25,6 +26,26 @@ def _backend(case) -> str:
         if f in cls:
             return b
     return "other"
+
+
+def _node(case) -> str:
+    """``tests/file.py::name`` of a junit testcase (classname is dotted: tests.test_file)."""
+    cls = case.get("classname", "")
+    return f"{cls.replace('.', '/')}.py::{case.get('name', '')}"
+
+
+def not_run(collected_path: str, junit_path: str) -> list[str]:
+    """Collected GPU tests with no result in the junit XML (the stage's time ran out, or pytest died)."""
+    if not os.path.exists(collected_path):
+        return []
+    collected = [line.strip() for line in open(collected_path) if "::" in line]
+    seen = set()
+    if os.path.exists(junit_path):
+        try:
+            seen = {_node(c) for c in ET.parse(junit_path).getroot().iter("testcase")}
+        except ET.ParseError:
+            pass
+    return [c for c in collected if c not in seen]
 
 
 def test_counts(path: str) -> dict:
@@ -84,6 +105,12 @@ def model_summary(path: str) -> dict:
             if two:
                 ratios.append({"what": "one-pass / two-pass CCFG", "preset": r["preset"], "backend": r["backend"],
                                "value": round(r["latency_ms"] / two["latency_ms"], 3)})
+        if r["scenario"] == "mixed" and r["model"] == "elit" and r["case"] == "ragged" and r.get("latency_ms"):
+            parts = next((x for x in rows if x["preset"] == r["preset"] and x["model"] == "official"
+                          and x["scenario"] == "mixed" and x["case"] == "sum_of_parts" and x.get("latency_ms")), None)
+            if parts:
+                ratios.append({"what": "mixed ragged / dense sum of parts", "preset": r["preset"],
+                               "backend": r["backend"], "value": round(r["latency_ms"] / parts["latency_ms"], 3)})
         if r["scenario"] == "uniform" and r["model"] == "elit" and r.get("latency_ms"):
             dense = next((x for x in rows if x["preset"] == r["preset"] and x["model"] == "official"
                           and x["scenario"] == "uniform" and x["budget"] == r["budget"] and x.get("latency_ms")), None)
@@ -108,30 +135,48 @@ def main() -> int:
             name, rc, secs = line.rstrip("\n").split("\t")
             stages.append({"stage": name, "rc": rc, "seconds": int(secs)})
     env = open(os.path.join(a.work, "env.txt")).read() if os.path.exists(os.path.join(a.work, "env.txt")) else ""
-    tests = {"cuda": test_counts(os.path.join(a.out, "junit_cuda.xml")),
-             "triton": test_counts(os.path.join(a.out, "junit_triton.xml"))}
+    junit = os.path.join(a.out, "junit_gpu.xml")
+    tests = {"gpu": test_counts(junit)}
+    missed = not_run(os.path.join(a.work, "collected.txt"), junit)
+    stage_rc = {s["stage"]: s["rc"] for s in stages}
+    why = {"124": "the stage's time limit was reached", "skipped:budget": "the budget was spent"}.get(
+        stage_rc.get("tests: gpu", ""), f"the test stage ended with rc {stage_rc.get('tests: gpu', '?')}")
+    tests["not_run"] = {"count": len(missed), "why": why if missed else None, "tests": missed[:50]}
+    dispatch_md = os.path.join(a.out, "dispatch_report.md")
+    dispatch_lines = [ln.rstrip() for ln in open(dispatch_md)] if os.path.exists(dispatch_md) else []
     failed_stages = [s["stage"] for s in stages if not (s["rc"] == "0" or s["rc"].startswith("skipped")
                                                          or s["rc"] == "5")]  # 5: pytest collected nothing
     summary = {"env": env.strip().splitlines(), "seconds": a.seconds, "stages": stages,
                "failed_stages": failed_stages, "tests": tests,
+               "dispatch": {"rows": [ln for ln in dispatch_lines if ln.startswith("| ") and "---" not in ln][1:],
+                            "overhead": next((ln for ln in dispatch_lines if ln.startswith("Per-call")), None)},
                "ops": ops_summary(os.path.join(a.out, "ops.json")),
-               "model": model_summary(os.path.join(a.out, "model.json"))}
-    summary["ok"] = not failed_stages and all(
-        not c.get("failures") for c in tests.values() if isinstance(c, dict))
+               "model": model_summary(os.path.join(a.out, "model.json")),
+               "model_fp32": model_summary(os.path.join(a.work, "model_fp32", "results.json"))}
+    summary["ok"] = not failed_stages and not missed and all(
+        not c.get("failures") for k, c in tests.items() if k != "not_run" and isinstance(c, dict))
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     # The last lines of the log: what a reader needs first.
     print("stages: " + ", ".join(f"{s['stage']}={s['rc']} ({s['seconds']}s)" for s in stages))
     for stage, c in tests.items():
+        if stage == "not_run":
+            continue
         counts = c.get("by_backend", c)
         print(f"tests [{stage} stage]: " + json.dumps(counts))
         for name in c.get("failures", [])[:8]:
             print(f"  FAILED {name}")
+    print(f"tests not run: {len(missed)}" + (f" ({why}): " + ", ".join(missed[:5]) if missed else ""))
+    for row in summary["dispatch"]["rows"][:40]:
+        print("dispatch " + row[:200])
+    if summary["dispatch"]["overhead"]:
+        print(summary["dispatch"]["overhead"])
     for key, b in list(summary["ops"].get("best", {}).items())[:12]:
         print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
               f"cuda/best {b['elit:cuda / best']}")
-    for r in summary["model"].get("ratios", [])[:8]:
-        print(f"model {r['preset']} {r['backend']}: {r['what']} = {r['value']}")
+    for key in ("model", "model_fp32"):
+        for r in summary[key].get("ratios", [])[:16]:
+            print(f"{key} {r['preset']} {r['backend']}: {r['what']} = {r['value']}")
     print(f"summary: {'OK' if summary['ok'] else 'NOT OK'} in {a.seconds}s; wrote {a.out}/summary.json")
     return 0
 

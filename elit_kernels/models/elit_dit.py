@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..attention import SegmentRuns, value_checks_enabled
-from ..layout import ElitLayout, TokenRuns, build_layout, from_group_major, group_major_permutation, to_group_major
+from ..layout import ElitLayout, TokenRuns, build_layout, normalize_budgets, from_group_major, group_major_permutation, to_group_major
 from .blocks import DiTBlock, FinalLayer, ReadBlock, TimestepEmbedder, WriteBlock, sincos_2d, zero_output_layers
 from .config import ElitConfig, elit_config  # noqa: F401  (elit_config: the doctest)
 from ..elementwise import get_elementwise
@@ -168,11 +168,30 @@ class ElitDiT(nn.Module):
     def null_class(self) -> int:
         return self.stem.null_class
 
+    #: layouts kept per budget signature (budgets, batch, device), most recent last
+    LAYOUT_CACHE_SIZE = 16
+
     def layout(self, budgets, batch: int, device) -> ElitLayout:
-        """The ragged layout of one forward (budgets as in ``forward``), with this config's budget semantics."""
+        """The ragged layout of one forward (budgets as in ``forward``), with this config's budget semantics.
+
+        Eager calls keep the last ``LAYOUT_CACHE_SIZE`` layouts by budget signature: a sampling run (one
+        signature for every step) builds its index tensors once and copies nothing to the device after that.
+        Under ``torch.compile`` tracing the layout is built in the graph (its tensors become constants)."""
         cfg = self.cfg
-        return build_layout(budgets, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, device=device,
-                            budget_core_only=cfg.budget_core_only)
+        if torch.compiler.is_compiling():
+            return build_layout(budgets, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group,
+                                device=device, budget_core_only=cfg.budget_core_only)
+        bud = normalize_budgets(budgets, batch, cfg.latents_per_group)
+        key = (tuple(bud), batch, str(torch.device(device)))
+        cache = self.__dict__.setdefault("_layouts", {})
+        lay = cache.pop(key, None)
+        if lay is None:
+            lay = build_layout(bud, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, device=device,
+                               budget_core_only=cfg.budget_core_only)
+            while len(cache) >= self.LAYOUT_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+        cache[key] = lay  # most recent last
+        return lay
 
     def _add_in_group(self, tokens, table):
         """tokens ``[B*G*P, C]`` (group-major) + ``table[j]`` ``[P, C]`` for slot j of every group."""

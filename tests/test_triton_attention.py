@@ -20,7 +20,7 @@ from elit_kernels.reference.attention import varlen_attention_reference  # noqa:
 from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs  # noqa: E402
 
 pytest.importorskip("triton")
-from elit_kernels._triton import _common  # noqa: E402
+from elit_kernels._triton import _common, attention_bwd, attention_fwd  # noqa: E402
 from elit_kernels._triton import ops  # noqa: E402,F401  (registers torch.ops.elit.*)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -383,6 +383,87 @@ def test_opcheck_strided_inputs_like_the_model():
                           (dout, q, k, v, out, lse, cq, ck, 17, 9, 0.125, True))
 
 
+@contextlib.contextmanager
+def _float32_matmul_setting():
+    """Restore PyTorch's float32 matmul setting afterwards, through the legacy API, with the torch >= 2.9 settings
+    reset to "none": once both APIs were used, reading the legacy one raises (and torch.compile's guards read it)."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        if hasattr(torch.backends, "fp32_precision"):
+            torch.backends.fp32_precision = "none"
+            torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision(saved)
+        assert torch.get_float32_matmul_precision() == saved
+        assert torch.backends.cuda.matmul.allow_tf32 == (saved != "highest")
+
+
+def _set_fp32_matmul(how: str, value):
+    if how == "precision":
+        torch.set_float32_matmul_precision(value)
+    elif how == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = value
+    elif how == "cuda.matmul.fp32_precision":
+        torch.backends.cuda.matmul.fp32_precision = value
+    else:  # the generic setting, which applies where the CUDA matmul one is "none" (inherit)
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = value
+
+
+FP32_SETTINGS = [("precision", "highest", "ieee"), ("precision", "high", "tf32"), ("precision", "medium", "tf32"),
+                 ("allow_tf32", True, "tf32"), ("allow_tf32", False, "ieee"),
+                 ("cuda.matmul.fp32_precision", "tf32", "tf32"), ("cuda.matmul.fp32_precision", "ieee", "ieee"),
+                 ("fp32_precision", "tf32", "tf32")]
+
+
+@pytest.mark.parametrize("how,value,want", FP32_SETTINGS, ids=[f"{h}={v}" for h, v, _ in FP32_SETTINGS])
+def test_dot_precision_follows_torch_float32_matmul_setting(how, value, want):
+    # fp32 dots run as TF32 exactly when PyTorch lets its own fp32 matmuls use TF32 (cuBLAS, SDPA); 16-bit
+    # dots do not depend on it. PyTorch's default is IEEE fp32.
+    if how.endswith("fp32_precision") and not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no {how} setting (added in torch 2.9)")
+    with _float32_matmul_setting():
+        assert _common.dot_precision(torch.float32) == "ieee"
+        _set_fp32_matmul(how, value)
+        assert _common.fp32_matmul_precision() == want
+        assert _common.dot_precision(torch.float32) == want
+        assert _common.dot_flags(torch.float32)["DOT_PREC"] == want
+        for dt in (torch.float16, torch.bfloat16):
+            assert _common.dot_precision(dt) == "tf32"
+
+
+class _LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel: records the ``DOT_PREC`` of each launch, then launches it."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((self.name, kwargs["DOT_PREC"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("setting,want", [("highest", "ieee"), ("high", "tf32")])
+def test_launchers_pass_the_fp32_dot_precision(monkeypatch, setting, want):
+    # What the launchers hand every kernel as DOT_PREC, read at the call (the interpreter multiplies fp32
+    # exactly either way, so the values still match the reference).
+    seen = []
+    for mod, name in ((attention_fwd, "_varlen_attn_fwd_kernel"), (attention_bwd, "_varlen_attn_bwd_dkdv_kernel"),
+                      (attention_bwd, "_varlen_attn_bwd_dq_kernel")):
+        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), name, seen))
+    with _float32_matmul_setting():
+        torch.set_float32_matmul_precision(setting)
+        check_backend_against_reference(triton_attn, [5, 17], [9, 3], 2, 64, torch.float32, seed=26, device=DEV)
+        assert sorted(seen) == [("_varlen_attn_bwd_dkdv_kernel", want), ("_varlen_attn_bwd_dq_kernel", want),
+                                ("_varlen_attn_fwd_kernel", want)]
+        seen.clear()
+        check_backend_against_reference(triton_attn, [5], [9], 2, 64, torch.bfloat16, seed=27, device=DEV)
+        assert {p for _, p in seen} == {"tf32"} and len(seen) == 3
+
+
 def test_elit_model_triton_matches_reference():
     models = pytest.importorskip("elit_kernels.models")
     cfg = models.elit_config("tiny", 64)
@@ -477,6 +558,22 @@ def test_gpu_compile_inductor_read_core_write(check):
         _compile_check(*case, "cuda", "inductor", emulate_casts=True)
     else:
         _compile_close_to_truth(*case, "cuda")
+
+
+@needs_gpu
+def test_gpu_fp32_runs_tf32_when_torch_allows_it():
+    # Under "high" the fp32 dots run on TF32 tensor cores: the output changes (10-bit mantissa products) but stays
+    # as close to the fp64 truth as TF32 allows; under "highest" it is exact fp32.
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([1, 63, 97], [97, 5, 130], 4, 64, seed=28, device="cuda")
+    ref = varlen_attention_reference(q.double(), k.double(), v.double(), cq, ck, softmax_scale=0.125)
+    outs = {}
+    with _float32_matmul_setting():
+        for setting in ("highest", "high"):
+            torch.set_float32_matmul_precision(setting)
+            outs[setting] = torch.ops.elit.varlen_attn_fwd_triton(q, k, v, cq, ck, mq, mk, 0.125, False)[0]
+    err = {s: ((o.double() - ref).norm() / ref.norm()).item() for s, o in outs.items()}
+    assert err["highest"] < 1e-5, err
+    assert 1e-5 < err["high"] < 5e-3, err
 
 
 @needs_gpu

@@ -37,17 +37,41 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fp32_matmul_precision() -> str:
+    """PyTorch's float32 matmul setting for CUDA as ``tl.dot``'s ``input_precision``: ``"tf32"`` when it lets
+    float32 matmuls use TF32 tensor cores (``torch.set_float32_matmul_precision("high")`` or ``"medium"``,
+    ``torch.backends.cuda.matmul.allow_tf32 = True``, ``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+    or ``torch.backends.fp32_precision = "tf32"``), else ``"ieee"`` (PyTorch's default, ``"highest"``).
+
+    Read at every launch, so the kernels follow the setting as cuBLAS and SDPA do. The torch >= 2.9 attribute
+    ``torch.backends.cuda.matmul.fp32_precision`` resolves every way of setting it and never raises; reading
+    ``allow_tf32`` / ``get_float32_matmul_precision()`` raises once both the legacy and the new setters have
+    been used, so they are only the fallback for older torch."""
+    new_api = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if new_api is not None:
+        return "tf32" if new_api == "tf32" else "ieee"
+    return "tf32" if torch.get_float32_matmul_precision() in ("high", "medium") else "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every ``tl.dot`` for inputs of this dtype: float32 follows PyTorch's float32
+    matmul setting (``fp32_matmul_precision``: ``"tf32"``, tensor cores with a 10-bit mantissa, or ``"ieee"``,
+    exact float32 on the CUDA cores, many times slower); float16 / bfloat16 dots run on the tensor cores in
+    their own precision, where Triton ignores the argument (``"tf32"``, its default, is passed). Triton's
+    interpreter always multiplies float32 exactly, whatever the argument."""
+    return fp32_matmul_precision() if dtype == torch.float32 else "tf32"
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
-    """Constexpr flags that depend on the dtype and on the interpreter.
+    """Constexpr flags that depend on the dtype, the interpreter and PyTorch's float32 matmul setting.
 
     UPCAST: the interpreter multiplies bf16 bit patterns in tl.dot (triton#11584), so dot operands
     are widened to fp32 there; on a GPU bf16 goes to the tensor cores as is.
-    DOT_PREC: fp32 inputs would silently run as TF32 on tensor cores (10-bit mantissa), which breaks
-    the fp32 tolerance; "ieee" keeps fp32 exact. 16-bit inputs ignore the setting.
+    DOT_PREC: ``dot_precision(dtype)``, read at each launch (a changed setting compiles the other variant).
     """
     return {
         "UPCAST": bool(interpreting() and dtype == torch.bfloat16),
-        "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
+        "DOT_PREC": dot_precision(dtype),
     }
 
 

@@ -217,8 +217,9 @@ def _varlen_attn_bwd_dq_kernel(
 
 
 # Each backward kernel has its own tiles (_tiles.TILES): dK/dV owns keys and wants many of them with few
-# queries per step, dQ the reverse; pruning keeps only tiles that fit the longest segments.
-_KEY = ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"]
+# queries per step, dQ the reverse; pruning keeps only tiles that fit the longest segments. Tuned per
+# (length buckets, head dim, causal, dtype, fp32 dot precision): TF32 and IEEE fp32 dots favour different tiles.
+_KEY = ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL", "DOT_PREC"]
 _varlen_attn_bwd_dkdv_kernel_tuned = triton.autotune(
     configs=_tiles.configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _tiles.pruner("dkdv")},
 )(_varlen_attn_bwd_dkdv_kernel)

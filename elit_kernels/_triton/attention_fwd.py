@@ -97,11 +97,12 @@ def _varlen_attn_fwd_kernel(
         tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_valid)
 
 
-# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype) among the forward's entries
-# of _tiles.TILES that fit the longest segments, unless autotuning is off (then _tiles.heuristic picks it).
+# On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype, fp32 dot precision) among the
+# forward's entries of _tiles.TILES that fit the longest segments, unless autotuning is off (then
+# _tiles.heuristic picks it).
 _varlen_attn_fwd_kernel_tuned = triton.autotune(
     configs=_tiles.configs("fwd"),
-    key=["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL"],
+    key=["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL", "DOT_PREC"],
     prune_configs_by={"early_config_prune": _tiles.pruner("fwd")},
 )(_varlen_attn_fwd_kernel)
 

@@ -20,11 +20,21 @@ def _interpreting() -> bool:
 
 
 class TritonBackend(Backend):
+    """The Triton kernels (``elit::varlen_attn_fwd_triton`` / ``_bwd_triton``).
+
+    Precision: float16 / bfloat16 multiply on the tensor cores in their own precision and accumulate in
+    float32. float32 follows PyTorch's float32 matmul setting, read at every call, as cuBLAS and SDPA do:
+    TF32 tensor cores (10-bit mantissa) when ``torch.set_float32_matmul_precision("high")`` or ``"medium"``
+    (or ``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision = "tf32"``) allow it, exact IEEE float32
+    otherwise (PyTorch's default, ``"highest"``). Softmax statistics and accumulators are float32 throughout.
+    Under ``TRITON_INTERPRET=1`` float32 is always exact. ``_common.dot_precision`` makes the choice.
+    """
+
     name = "triton"
     priority = 30
     description = ("Triton online-softmax kernels over packed segments, GQA by indexing, deterministic backward; "
-                   "CUDA, or CPU under TRITON_INTERPRET=1; fp16/bf16/fp32, head dim multiple of 8 <= 256 "
-                   "(others zero-padded)")
+                   "CUDA, or CPU under TRITON_INTERPRET=1; fp16/bf16/fp32 (fp32 as TF32 or IEEE, following "
+                   "torch's float32 matmul precision), head dim multiple of 8 <= 256 (others zero-padded)")
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     # Rows of 8 elements keep 16-byte aligned loads for 16-bit types; flash-attn pads the same way.
     head_dim_multiple = 8

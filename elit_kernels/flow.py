@@ -129,7 +129,7 @@ def _check_interval(guidance_interval) -> tuple[float, float]:
 def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32, budget=None,
                  budget_schedule: Sequence | Callable[[int], object] | None = None, mode: str = "none",
                  scale: float = 0.0, weak_budget=None, guidance_interval=(0.0, 1.0), heun: bool = False,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, graphed: bool = False) -> torch.Tensor:
     """Integrate the flow ODE from t = 1 (``noise``) to t = 0 in ``steps`` steps, as the official
     ``samplers.euler_sampler`` does (docs/released_checkpoints.md §5).
 
@@ -144,6 +144,10 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
 
     ``budget``: None (J_max in every mode), an int, or one int per sample (latents per group).
     ``budget_schedule`` overrides it per step: a sequence of ``steps`` budgets or a callable ``step -> budget``.
+    ``graphed``: replay each forward from a CUDA graph captured once per budget signature
+    (``elit_kernels.models.capture``; a run keeps one or two signatures: guided and, outside the guidance
+    interval, unguided). On a CPU, or where capture fails, it warns once and runs eagerly. A ``GraphedForward``
+    passed as ``model`` is used as it is (its graphs then outlive the call).
     Raises ValueError naming ``steps``, ``budget_schedule``, ``mode``, ``scale`` or ``guidance_interval``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -161,6 +165,11 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
         if len(budget_schedule) != steps:
             raise ValueError(f"budget_schedule: expected {steps} budgets (one per step), got {len(budget_schedule)}")
         schedule = budget_schedule.__getitem__
+    if graphed:
+        from .models.capture import GraphedForward
+
+        if not isinstance(model, GraphedForward):
+            model = GraphedForward(model)
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     mdt = _model_dtype(model)
     x = noise.to(torch.float64)

@@ -1,0 +1,149 @@
+"""CUDA-graph capture of an ELIT forward, once per budget signature.
+
+A sampling run calls the model with one budget signature (batch size, per-sample budgets, dtype) at every step,
+so one captured graph serves all its steps: a replay launches the whole forward at once instead of hundreds of
+kernels from Python. ``GraphedForward`` keeps one graph per signature (at most ``max_graphs``, least recently
+used dropped), all in one memory pool, and builds each signature's layout once (index tensors on the device
+at fixed addresses).
+
+    graphed = capture(model)              # nothing is captured yet
+    v = graphed(x, t, y, budgets=[64] * 8 + [4] * 8)   # first call of a signature: warm up + capture, then replay
+    v = graphed(x2, t2, y, budgets=[64] * 8 + [4] * 8) # later calls: copy inputs in, replay
+
+Where capture is impossible (CPU tensors, no CUDA, a backend that must read the device, an error during
+capture) it warns once, in one line, and runs the model eagerly: same results, no speed-up. The samplers take
+it through ``euler_sample(..., graphed=True)``.
+
+Requirements met by the model path (tests/test_gpu_model.py): no host synchronisation in the forward
+(host-side segment lengths from the layout), attention backends that launch fixed work for fixed shapes, and
+known-answer checks / dispatch tuning done in the eager warm-up before capture.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from ..layout import normalize_budgets
+
+
+class GraphedForward:
+    """``model(x, t, y, budgets)`` replayed from CUDA graphs captured per budget signature.
+
+    Arguments:
+        model: an ``ElitDiT`` (any module with the same forward, ``cfg.latents_per_group`` and ``layout``).
+        max_graphs: signatures kept (least recently used dropped; its memory returns to the shared pool).
+        warmup: eager calls on a side stream before each capture (cuDNN / Triton autotune / known-answer checks
+            happen there).
+
+    Inference only (no autograd through a replay). Calling returns a new tensor (a copy of the graph's static
+    output), x's shape and dtype.
+    ``stats`` counts captures, replays and eager fallbacks. Raises what ``model`` raises for bad inputs
+    (checked eagerly on the first call of each signature).
+    """
+
+    def __init__(self, model, max_graphs: int = 8, warmup: int = 2):
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup: expected an int >= 1, got {warmup!r}")
+        self.model, self.max_graphs, self.warmup = model, max_graphs, warmup
+        self._graphs: OrderedDict = OrderedDict()
+        self._pool = None
+        self._warned = False
+        self.stats = {"captures": 0, "replays": 0, "eager": 0}
+
+    # the samplers read these off the model
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def null_class(self) -> int:
+        return self.model.null_class
+
+    def parameters(self, recurse: bool = True):
+        return self.model.parameters(recurse)
+
+    def signature(self, x, t, y, budgets) -> tuple:
+        """The key of one graph: shapes, dtypes and device of the inputs and the per-sample budgets."""
+        bud = normalize_budgets(budgets, x.shape[0], self.model.cfg.latents_per_group)
+        return (tuple(x.shape), x.dtype, t.dtype, y.dtype, str(x.device), tuple(bud))
+
+    def _fallback(self, why: str, x, t, y, budgets):
+        if not self._warned:
+            warnings.warn(f"elit_kernels: CUDA-graph capture is off for this model ({why}); running eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self._warned = True
+        self.stats["eager"] += 1
+        with torch.no_grad():
+            return self.model(x, t, y, budgets)
+
+    def _why_not(self, x) -> str | None:
+        """Why these inputs cannot be captured (None when they can)."""
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if not (isinstance(x, torch.Tensor) and x.is_cuda):
+            return "inputs are not CUDA tensors"
+        return None
+
+    def __call__(self, x, t, y, budgets=None):
+        why = self._why_not(x)
+        if why is not None:
+            return self._fallback(why, x, t, y, budgets)
+        key = self.signature(x, t, y, budgets)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(x, t, y, key)
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager, said once
+                torch.cuda.synchronize()
+                return self._fallback(f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}",
+                                      x, t, y, budgets)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, (xs, ts, ys), out = entry
+        xs.copy_(x)
+        ts.copy_(t)
+        ys.copy_(y)
+        graph.replay()
+        self.stats["replays"] += 1
+        return out.clone()
+
+    def _capture(self, x, t, y, key):
+        model = self.model
+        bud = list(key[-1])
+        model.stem.check_inputs(x, t, y)  # eager checks once per signature (they are skipped under capture)
+        lay = model.layout(bud, x.shape[0], x.device)
+        xs, ts, ys = x.clone(), t.clone(), y.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(self.warmup):
+                model(xs, ts, ys, layout=lay)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+            out = model(xs, ts, ys, layout=lay)
+        self.stats["captures"] += 1
+        return graph, (xs, ts, ys), out
+
+    def clear(self) -> None:
+        """Drop every captured graph (their memory returns to the pool)."""
+        self._graphs.clear()
+
+    @property
+    def signatures(self) -> list:
+        """The captured signatures, least recently used first."""
+        return list(self._graphs)
+
+
+def capture(model, max_graphs: int = 8, warmup: int = 2) -> GraphedForward:
+    """``GraphedForward(model, max_graphs, warmup)``: see the module docstring."""
+    return GraphedForward(model, max_graphs, warmup)

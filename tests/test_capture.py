@@ -1,0 +1,115 @@
+"""elit_kernels.models.capture: the per-signature cache and the eager fallback (on any machine); capture and
+replay themselves need CUDA (tests/test_gpu_model.py runs them on a GPU)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from elit_kernels.flow import euler_sample
+from elit_kernels.models import ElitDiT, GraphedForward, capture, elit_config
+
+
+def _model():
+    torch.manual_seed(0)
+    m = ElitDiT(elit_config("tiny", 64), backend="torch")
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    return m.eval()
+
+
+def _inputs(b=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, 4, 8, 8, generator=g), torch.rand(b, generator=g), torch.tensor([1, 2, 3][:b])
+
+
+def test_fallback_warns_once_and_matches_eager():
+    m = _model()
+    x, t, y = _inputs()
+    gf = capture(m)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = gf(x, t, y, [4, 1, 2])
+        b = gf(x, t, y, [4, 1, 2])
+    msgs = [str(x.message) for x in w if "CUDA-graph capture is off" in str(x.message)]
+    assert len(msgs) == 1 and ("no CUDA device" in msgs[0] or "not CUDA tensors" in msgs[0]), msgs
+    with torch.no_grad():
+        want = m(x, t, y, [4, 1, 2])
+    assert torch.equal(a, want) and torch.equal(b, want)
+    assert gf.stats == {"captures": 0, "replays": 0, "eager": 2}
+
+
+class _FakeGraph:
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+class _Recorded(GraphedForward):
+    """Capture replaced by a recorded eager call, so the signature cache runs on a CPU."""
+
+    def _why_not(self, x):
+        return None
+
+    def _capture(self, x, t, y, key):
+        xs, ts, ys = x.clone(), t.clone(), y.clone()
+        out = torch.empty_like(x)
+        lay = self.model.layout(list(key[-1]), x.shape[0], x.device)
+
+        def run():
+            with torch.no_grad():
+                out.copy_(self.model(xs, ts, ys, layout=lay))
+        self.stats["captures"] += 1
+        return _FakeGraph(run), (xs, ts, ys), out
+
+
+def test_signature_cache_replays_copies_inputs_and_keeps_the_most_recent():
+    m = _model()
+    x, t, y = _inputs()
+    gf = _Recorded(m, max_graphs=2)
+    sigs = ([4, 1, 2], [4, 4, 4], [1, 1, 1])
+    for bud in sigs:
+        out = gf(x, t, y, bud)
+        with torch.no_grad():
+            assert torch.equal(out, m(x, t, y, bud))
+    assert gf.stats["captures"] == 3 and len(gf.signatures) == 2  # the oldest was dropped
+    assert [s[-1] for s in gf.signatures] == [(4, 4, 4), (1, 1, 1)]
+    x2 = torch.randn_like(x)  # new inputs, same signature: replayed on the copied-in values
+    out = gf(x2, t, y, [1, 1, 1])
+    with torch.no_grad():
+        assert torch.equal(out, m(x2, t, y, [1, 1, 1]))
+    assert gf.stats["captures"] == 3 and gf.stats["replays"] == 4
+    assert out.data_ptr() != gf._graphs[gf.signatures[-1]][2].data_ptr()  # a copy, not the static buffer
+    assert gf.signature(x, t, y, None)[-1] == (4, 4, 4)  # None: J_max for every sample
+    gf.clear()
+    assert gf.signatures == []
+
+
+def test_arguments_are_checked():
+    m = _model()
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="max_graphs: expected a positive int"):
+            GraphedForward(m, max_graphs=bad)
+    with pytest.raises(ValueError, match="warmup: expected an int >= 1"):
+        GraphedForward(m, warmup=0)
+    x, t, y = _inputs()
+    with pytest.raises(ValueError, match="budgets"):
+        _Recorded(m)(x, t, y, [4, 1])  # one budget short
+
+
+def test_sampler_graphed_equals_eager_on_cpu():
+    m = _model()
+    x, _, y = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = euler_sample(m, x, y, steps=3, budget=[4, 1, 2], mode="ccfg", scale=1.5, graphed=True)
+    b = euler_sample(m, x, y, steps=3, budget=[4, 1, 2], mode="ccfg", scale=1.5)
+    assert torch.equal(a, b)
+    gf = _Recorded(m)
+    c = euler_sample(gf, x, y, steps=3, budget=[4, 1, 2], mode="ccfg", scale=1.5, graphed=True)
+    torch.testing.assert_close(c, b, rtol=0, atol=0)
+    assert gf.stats["captures"] == 1 and gf.stats["replays"] == 3  # one signature (CCFG's 2B batch), every step

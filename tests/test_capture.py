@@ -113,3 +113,16 @@ def test_sampler_graphed_equals_eager_on_cpu():
     c = euler_sample(gf, x, y, steps=3, budget=[4, 1, 2], mode="ccfg", scale=1.5, graphed=True)
     torch.testing.assert_close(c, b, rtol=0, atol=0)
     assert gf.stats["captures"] == 1 and gf.stats["replays"] == 3  # one signature (CCFG's 2B batch), every step
+
+
+def test_bench_graphed_backend_names(capsys):
+    from elit_kernels.bench.cli import main
+    from elit_kernels.bench.scenarios import split_backend
+
+    assert split_backend("default+graph") == (None, True)
+    assert split_backend("default") == (None, False)
+    assert split_backend("torch+graph") == ("torch", True) and split_backend("torch") == ("torch", False)
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--backends", "torch+graph"])
+    assert e.value.code == 2
+    assert "--backends: 'torch+graph' replays CUDA graphs, which needs --device cuda" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from .. import attention as _attention
 from ..models.config import _SIZES, PRESETS, config_dict, preset_config
 from .flops import count_flops
 from .report import OUTPUT_FILES, check_targets, format_table, make_rows, metadata, write_outputs
-from .scenarios import DEFAULT, SCENARIOS, Setup, build_cases
+from .scenarios import DEFAULT, SCENARIOS, Setup, build_cases, split_backend
 from .timing import (RunProgress, format_seconds, measure_memory, remaining_seconds, run_interleaved, sample_seconds,
                      time_once, warm_up)
 
@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None,
                    help="comma list of varlen_attention backends for ELIT and the plain DiT; 'default' is default "
                         "dispatch (the fastest backend measured for each attention call), what a user gets without "
-                        "naming one (default on GPU: default; on CPU: torch)")
+                        "naming one; NAME+graph replays each ELIT forward from a CUDA graph captured per budget "
+                        "signature (elit_kernels.models.capture; GPU only) (default on GPU: default,default+graph; "
+                        "on CPU: torch)")
     p.add_argument("--budgets", default=None,
                    help="comma list of per-group budgets J̃, each in 1..J_max (default: J_max/16, J_max/8, …, J_max; "
                         "J_max is always added). The model also runs 0 (no latents); the benchmark does not, since "
@@ -183,7 +185,7 @@ def resolve(args) -> tuple[Setup, dict]:
         notes.append("mixed skipped: batch 1")
     probe = _probe_inputs(cfg, device, dtype)
     if args.backends is None and device.type != "cpu":
-        backends = [DEFAULT]
+        backends = [DEFAULT, DEFAULT + "+graph"]
     elif args.backends is None:
         backends = [b for b in _cli.usable_backends(probe) if b != "reference"]
         if device.type == "cpu":
@@ -197,9 +199,12 @@ def resolve(args) -> tuple[Setup, dict]:
         if not backends:
             raise BenchError("--backends: expected a comma-separated list of backend names")
         for b in backends:
-            if b == DEFAULT:
+            name, graphed = split_backend(b)
+            if graphed and device.type != "cuda":
+                raise BenchError(f"--backends: {b!r} replays CUDA graphs, which needs --device cuda")
+            if name is None:
                 continue
-            err = _cli.backend_error("--backends", b, probe, f"{dname} on {device.type} (head dim {cfg.hidden // cfg.heads})")
+            err = _cli.backend_error("--backends", name, probe, f"{dname} on {device.type} (head dim {cfg.hidden // cfg.heads})")
             if err:
                 raise BenchError(err)
         backends = list(dict.fromkeys(backends))
@@ -287,7 +292,7 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
                 t0 = time.monotonic()
                 try:
                     warm_up(c, dev, extra["warmup"], 20.0)
-                    c.flops = count_flops(c.fn, c.models)
+                    c.flops = count_flops(c.count_fn or c.fn, c.models)
                     c.peak_mem_mb = measure_memory(c, dev)
                 except Exception as e:  # one backend failing one case must not lose the whole run
                     c.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..flow import guided_velocity
-from ..models import ElitDiT, PlainDiT
+from ..models import ElitDiT, GraphedForward, PlainDiT
 from .dense_baseline import OfficialStyleElit
 from .timing import Case
 from .timing import Case as _Case
@@ -22,6 +22,15 @@ from .timing import Case as _Case
 SCENARIOS = ("uniform", "mixed", "guidance", "baselines")
 #: the --backends name of default dispatch (backend=None: the fastest measured backend per attention call)
 DEFAULT = "default"
+#: a --backends name ending in this replays each forward from a CUDA graph (elit_kernels.models.capture)
+GRAPHED = "+graph"
+
+
+def split_backend(name: str) -> tuple[str | None, bool]:
+    """``"default+graph"`` -> ``(None, True)``: the model's backend attribute and whether forwards are graphed."""
+    graphed = name.endswith(GRAPHED)
+    base = name[: -len(GRAPHED)] if graphed else name
+    return (None if base == DEFAULT else base), graphed
 GUIDANCE_SCALE = 4.0  # any non-zero scale: guided_velocity skips the weak pass at 0
 
 
@@ -77,11 +86,12 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
         base = ElitDiT(cfg)
     base = base.to(dev, dt).eval()
     randomize_(base, seed)
-    elit = {}
+    elit, eager = {}, {}  # eager: the module itself (FLOP counts, backend switching); elit: what a case calls
     for be in s.backends:
         m = copy.copy(base)  # shares every parameter and submodule; only .backend differs
-        m.backend = None if be == DEFAULT else be
-        elit[be] = m
+        m.backend, graphed = split_backend(be)
+        eager[be] = m
+        elit[be] = GraphedForward(m) if graphed else m
     want = set(s.scenarios)
     official = OfficialStyleElit(base).eval() if want & {"baselines", "mixed", "guidance"} else None
     official_note = ("official code's way: dense SDPA on (B·G, P, C) reshapes"
@@ -93,8 +103,10 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
         pbase = pbase.to(dev, dt).eval()
         randomize_(pbase, seed + 1)
         for be in s.backends:
+            if split_backend(be)[1]:
+                continue  # graph capture serves ElitDiT's budget signatures
             m = copy.copy(pbase)
-            m.backend = None if be == DEFAULT else be
+            m.backend = split_backend(be)[0]
             plain[be] = m
     G = cfg.groups
     cases: list[Case] = []
@@ -113,7 +125,7 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
         for be in s.backends:
             if "uniform" in want or j == jm:
                 cases.append(Case("uniform", "uniform", "elit", be, j, [j] * b, b, G * j, fwd(elit[be], x, t, y, j),
-                                  [elit[be]], ref=full_key("elit", be)))
+                                  [eager[be]], ref=full_key("elit", be), count_fn=fwd(eager[be], x, t, y, j)))
         if official is not None and ("baselines" in want or j == jm):
             cases.append(Case("uniform", "uniform", "official", "sdpa_dense", j, [j] * b, b, G * j,
                               fwd(official, x, t, y, j), [official], ref=full_key("official", "sdpa_dense"),
@@ -140,14 +152,16 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
 
         lat = G * sum(mb) / b
         for be in s.backends:
-            m = elit[be]
-            cases.append(Case("mixed", "ragged", "elit", be, max(mb), list(mb), b, lat, fwd(m, x, t, y, mb), [m],
-                              ref=full_key("elit", be), note="one forward, a budget per sample"))
+            m, e = elit[be], eager[be]
+            cases.append(Case("mixed", "ragged", "elit", be, max(mb), list(mb), b, lat, fwd(m, x, t, y, mb), [e],
+                              ref=full_key("elit", be), note="one forward, a budget per sample",
+                              count_fn=fwd(e, x, t, y, mb)))
             cases.append(Case("mixed", "padded", "elit", be, max(mb), [max(mb)] * b, b, G * max(mb),
-                              fwd(m, x, t, y, max(mb)), [m], ref=full_key("elit", be),
-                              note="every sample padded to the largest budget"))
-            cases.append(Case("mixed", "sum_of_parts", "elit", be, max(mb), list(mb), b, lat, sum_of_parts(m), [m],
-                              ref=full_key("elit", be), note=f"{len(parts)} forwards, one per distinct budget"))
+                              fwd(m, x, t, y, max(mb)), [e], ref=full_key("elit", be),
+                              note="every sample padded to the largest budget", count_fn=fwd(e, x, t, y, max(mb))))
+            cases.append(Case("mixed", "sum_of_parts", "elit", be, max(mb), list(mb), b, lat, sum_of_parts(m), [e],
+                              ref=full_key("elit", be), note=f"{len(parts)} forwards, one per distinct budget",
+                              count_fn=sum_of_parts(e)))
         if official is not None:
             cases.append(Case("mixed", "padded", "official", "sdpa_dense", max(mb), [max(mb)] * b, b, G * max(mb),
                               fwd(official, x, t, y, max(mb)), [official], ref=full_key("official", "sdpa_dense")))
@@ -165,8 +179,9 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
             for be in s.backends:
                 m = elit[be]
                 buds = [jm] * (2 * b) if mode == "cfg" else [jm] * b + [jw] * b
-                cases.append(Case("guidance", mode, "elit", be, jm, buds, b, G * per, guided(m, mode), [m],
-                                  ref=(preset, "guidance", "cfg", "elit", be, jm), weak_budget=None if mode == "cfg" else jw))
+                cases.append(Case("guidance", mode, "elit", be, jm, buds, b, G * per, guided(m, mode), [eager[be]],
+                                  ref=(preset, "guidance", "cfg", "elit", be, jm), weak_budget=None if mode == "cfg" else jw,
+                                  count_fn=guided(eager[be], mode)))
             if official is not None and mode != "ccfg":  # the dense path cannot run a ragged batch
                 buds = [jm] * (2 * b) if mode == "cfg" else [jm] * b + [jw] * b
                 cases.append(Case("guidance", mode, "official", "sdpa_dense", jm, buds, b, G * per,

@@ -51,6 +51,7 @@ class Case:
     inner: int = 1  # calls per CPU timing sample
     preset: str = "paper"  # the model config's preset: "paper" or "released" (models.config.PRESETS)
     call_ms: float | None = None  # one call after warm-up (wall); set by warm_up
+    count_fn: Callable[[], Any] | None = None  # an eager call of the same work, for the FLOP count (graphed cases)
     warm_s: float | None = None  # the whole warm-up phase of this case (warm-up calls, FLOP count, memory)
 
     @property

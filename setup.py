@@ -5,7 +5,55 @@ Pure-Python install works anywhere torch is installed. The compiled extension ``
 ``pip install --no-build-isolation -e .`` so the build uses the torch already installed instead of
 pulling a second copy into an isolated build environment.
 """
+import os
+import subprocess
+import sys
+
 from setuptools import find_packages, setup
+
+
+def _shared_libstdcxx() -> list[str]:
+    """The shared libstdc++ this process (which has imported torch) runs on, as a link input for _C.
+
+    Some compilers find only a static libstdc++ (a toolchain whose own runtime is not installed next to it,
+    as /opt/gcc on the GPU machines here): _C then carries a private copy of the C++ runtime, and since a
+    shared object binds its own symbols first, its stream and locale code runs on torch's locale objects
+    and crashes the process (SIGSEGV) the first time a check formats a number into its error message.
+    Naming the shared library torch already uses, after the objects, makes the linker take every C++
+    runtime symbol from it. Empty where /proc/self/maps does not exist (not Linux).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.isfile(p))[:1]
+
+
+_ERROR_PATH_PROBE = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("elit_kernels._C", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+q, cu = torch.zeros(2, 1, 8), torch.tensor([0, 2], dtype=torch.int32)
+try:
+    mod.checks.varlen_attn_fwd(q, q, q, cu, cu, -5, 2, 1.0, False, cuda=False)
+except RuntimeError as e:
+    sys.exit(0 if "got -5" in str(e) else f"unexpected message: {e}")
+sys.exit("no error raised for max_seqlen_q = -5")
+"""
+
+
+def _check_error_path(path: str) -> None:
+    """Load the freshly built _C in a child process and make one of its checks fail: a build whose error
+    path crashes (see _shared_libstdcxx) fails here, not in the user's process."""
+    r = subprocess.run([sys.executable, "-c", _ERROR_PATH_PROBE, path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(
+            f"elit-kernels: the built extension {path} does not raise its argument errors cleanly (the probe "
+            f"exited with {r.returncode}: {(r.stderr or r.stdout).strip()[-400:]}). An exit code of -11 "
+            "(SIGSEGV) means it was linked with a second, static copy of the C++ runtime: build with a compiler "
+            "that links libstdc++ dynamically (e.g. CXX=g++ CC=gcc from the system).")
 
 
 def _extensions():
@@ -15,7 +63,6 @@ def _extensions():
     GPU targets (default "8.0;9.0"); MAX_JOBS caps parallel compiler jobs (default: up to 4).
     """
     import glob
-    import os
     import shutil
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +94,7 @@ def _extensions():
     # Stringified in C++ (ELIT_STR): no quotes, so the value survives ninja's shell.
     defines = [f"-DELIT_BUILD_TORCH_VERSION={torch.__version__}"]
     cxx = ["-O3"] + defines
+    link = _shared_libstdcxx()
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         # Kernels (*.cu) include no ATen header, so nvcc's per-arch passes stay cheap; their ATen glue is
@@ -60,11 +108,19 @@ def _extensions():
                 "-U__CUDA_NO_HALF2_OPERATORS__"] + defines
         ext = cpp_extension.CUDAExtension(
             "elit_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension(
-            "elit_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")], extra_compile_args={"cxx": cxx})
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+            "elit_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")], extra_compile_args={"cxx": cxx},
+            extra_link_args=link)
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            for e in self.extensions:
+                _check_error_path(self.get_ext_fullpath(e.name))
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extensions()

@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "elit_common.h"
 
 namespace elit {
@@ -200,12 +201,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, con
                                                        const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q,
                                                        int64_t max_k, double scale, bool causal, int64_t window_left,
                                                        int64_t window_right, double softcap) {
-  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  check_mask_args(window_left, window_right, softcap);
+  checks::varlen_attn_fwd(q_, k_, v_, cu_q_, cu_k_, max_q, max_k, window_left, window_right, softcap, Kernels::kCpu);
   auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  check_cu_values_cpu(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
-  check_cu_values_cpu(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k");
   // Contiguous outputs whatever the input strides (the fake impl promises the same).
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(stat_dtype(q)));
@@ -220,14 +218,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, double softcap) {
-  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  check_mask_args(window_left, window_right, softcap);
-  check_attention_bwd_extras(dout_, out_, lse_, q_);
+  checks::varlen_attn_bwd(dout_, q_, k_, v_, out_, lse_, cu_q_, cu_k_, max_q, max_k, window_left, window_right,
+                          softcap, Kernels::kCpu);
   auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   auto out = last_dim_contiguous(out_), dout = last_dim_contiguous(dout_), lse = lse_.contiguous();
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  check_cu_values_cpu(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
-  check_cu_values_cpu(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k");
   auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_bwd_cpu", [&] {

@@ -2,7 +2,8 @@
 //
 // Every check names the offending argument first ("q: ...") so a TORCH_CHECK failure points at it.
 // CPU and CUDA implementations share the shape/dtype/device checks; only the CPU side reads
-// cu_seqlens/index values (a device read on CUDA would be a host sync).
+// cu_seqlens/index values (a device read on CUDA would be a host sync). The entry points call them
+// through checks.h (one function per op, with the CUDA kernels' own limits).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -98,19 +99,20 @@ inline void check_cu_values_cpu(const at::Tensor& cu, const char* name, int64_t 
               ") in ", name);
 }
 
-// x [T, C] with a per-sample parameter p [B, C] gathered through index [T] (int64).
-inline void check_param(const at::Tensor& p, const char* name, const at::Tensor& x) {
+// x [T, C] (named xname) with a per-sample parameter p [B, C] gathered through index [T] (int64).
+inline void check_param(const at::Tensor& p, const char* name, const at::Tensor& x, const char* xname = "x") {
   check_tensor(p, name, 2);
-  check_same_dtype(p, name, x, "x");
-  check_same_device(p, name, x, "x");
-  TORCH_CHECK(p.size(1) == x.size(1), name, ": has ", p.size(1), " channels, x has ", x.size(1));
+  check_same_dtype(p, name, x, xname);
+  check_same_device(p, name, x, xname);
+  TORCH_CHECK(p.size(1) == x.size(1), name, ": has ", p.size(1), " channels, ", xname, " has ", x.size(1));
 }
 
-inline void check_index(const at::Tensor& index, const at::Tensor& x) {
+inline void check_index(const at::Tensor& index, const at::Tensor& x, const char* xname = "x") {
   check_tensor(index, "index", 1);
   TORCH_CHECK(index.scalar_type() == at::kLong, "index: expected dtype int64, got ", index.scalar_type());
-  check_same_device(index, "index", x, "x");
-  TORCH_CHECK(index.size(0) == x.size(0), "index: has ", index.size(0), " entries, x has ", x.size(0), " tokens");
+  check_same_device(index, "index", x, xname);
+  TORCH_CHECK(index.size(0) == x.size(0), "index: has ", index.size(0), " entries, ", xname, " has ", x.size(0),
+              " tokens");
 }
 
 inline void check_index_values_cpu(const at::Tensor& index, int64_t bound, const char* name, const char* what) {
@@ -180,8 +182,8 @@ inline void check_gated_args(const at::Tensor& x, const at::Tensor& y, const at:
   TORCH_CHECK(y.sizes() == x.sizes(), "y: expected shape ", x.sizes(), " (", xname, "'s), got ", y.sizes());
   check_same_dtype(y, "y", x, xname);
   check_same_device(y, "y", x, xname);
-  check_param(gate, "gate", x);
-  check_index(index, x);
+  check_param(gate, "gate", x, xname);
+  check_index(index, x, xname);
 }
 
 inline void check_pack_index(const at::Tensor& idx, const at::Tensor& ref, const char* ref_name) {

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
 #include "elit_common.h"
 
 namespace elit {
@@ -24,9 +25,8 @@ static KernelRegistrar reg_gr("gated_residual_cpu");
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cpu(const at::Tensor& x_, const at::Tensor& shift_,
                                                                           const at::Tensor& scale_,
                                                                           const at::Tensor& index_, double eps) {
-  check_layernorm_modulate_fwd_args(x_, shift_, scale_, index_, eps);
+  checks::layernorm_modulate_fwd(x_, shift_, scale_, index_, eps, Kernels::kCpu);
   auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
-  check_index_values_cpu(index, shift.size(0), "index", "a row of shift/scale");
   const int64_t T = x.size(0), C = x.size(1);
   auto out = at::empty_like(x);
   auto mean = at::empty({T}, x.options().dtype(stat_dtype(x)));
@@ -70,11 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cpu(const 
                                                                           const at::Tensor& index_,
                                                                           const at::Tensor& mean_,
                                                                           const at::Tensor& rstd_) {
-  check_layernorm_modulate_bwd_args(g_, x_, scale_, index_, mean_, rstd_);
+  checks::layernorm_modulate_bwd(g_, x_, scale_, index_, mean_, rstd_, Kernels::kCpu);
   auto g = g_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const int64_t T = x.size(0), C = x.size(1), B = scale.size(0);
-  check_index_values_cpu(index, B, "index", "a row of scale");
   auto gx = at::empty_like(x);
   auto gshift = at::empty({B, C}, x.options());
   auto gscale = at::empty({B, C}, x.options());
@@ -133,9 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cpu(const 
 
 at::Tensor gated_residual_fwd_cpu(const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& gate_,
                                   const at::Tensor& index_) {
-  check_gated_args(x_, y_, gate_, index_, "x");
+  checks::gated_residual_fwd(x_, y_, gate_, index_, Kernels::kCpu);
   auto x = x_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
-  check_index_values_cpu(index, gate.size(0), "index", "a row of gate");
   const int64_t T = x.size(0), C = x.size(1);
   auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_residual_fwd_cpu", [&] {
@@ -158,10 +156,9 @@ at::Tensor gated_residual_fwd_cpu(const at::Tensor& x_, const at::Tensor& y_, co
 
 std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& g_, const at::Tensor& y_,
                                                           const at::Tensor& gate_, const at::Tensor& index_) {
-  check_gated_args(g_, y_, gate_, index_, "grad_out");
+  checks::gated_residual_bwd(g_, y_, gate_, index_, Kernels::kCpu);
   auto g = g_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
   const int64_t T = g.size(0), C = g.size(1), B = gate.size(0);
-  check_index_values_cpu(index, B, "index", "a row of gate");
   auto gy = at::empty_like(y);
   auto ggate = at::empty({B, C}, gate.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gated_residual_bwd_cpu", [&] {

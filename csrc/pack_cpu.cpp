@@ -9,6 +9,7 @@
 
 #include <cstring>
 
+#include "checks.h"
 #include "elit_common.h"
 
 namespace elit {
@@ -26,11 +27,9 @@ void copy_rows(const char* src, char* dst, const int64_t* idx, int64_t rows, int
 }
 
 at::Tensor pack_latents_cpu(const at::Tensor& latents_, const at::Tensor& index_) {
-  check_tensor(latents_, "latents", 4);
-  check_pack_index(index_, latents_, "latents");
+  checks::pack_latents(latents_, index_, Kernels::kCpu);
   auto latents = latents_.contiguous(), index = index_.contiguous();
-  const int64_t rows = latents.size(0) * latents.size(1) * latents.size(2), C = latents.size(3);
-  check_index_values_cpu(index, rows, "pack_index", "a row of the [B, G, J_max] grid");
+  const int64_t C = latents.size(3);
   auto out = at::empty({index.size(0), C}, latents.options());
   copy_rows(static_cast<const char*>(latents.const_data_ptr()), static_cast<char*>(out.mutable_data_ptr()),
             index.const_data_ptr<int64_t>(), index.size(0), C * latents.element_size(), true);
@@ -39,10 +38,9 @@ at::Tensor pack_latents_cpu(const at::Tensor& latents_, const at::Tensor& index_
 
 at::Tensor unpack_latents_cpu(const at::Tensor& packed_, const at::Tensor& index_, int64_t batch, int64_t groups,
                               int64_t j_max, double fill) {
-  check_unpack_latents_args(packed_, index_, batch, groups, j_max);
+  checks::unpack_latents(packed_, index_, batch, groups, j_max, Kernels::kCpu);
   auto packed = packed_.contiguous(), index = index_.contiguous();
   const int64_t C = packed.size(1);
-  check_index_values_cpu(index, batch * groups * j_max, "pack_index", "a row of the [B, G, J_max] grid");
   auto out = at::full({batch, groups, j_max, C}, fill, packed.options());
   copy_rows(static_cast<const char*>(packed.const_data_ptr()), static_cast<char*>(out.mutable_data_ptr()),
             index.const_data_ptr<int64_t>(), index.size(0), C * packed.element_size(), false);

@@ -6,7 +6,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
+#include <torch/python.h>  // at::Tensor <-> torch.Tensor for the checks submodule
 
+#include <stdexcept>
+
+#include "checks.h"
 #include "elit_common.h"
 
 #define ELIT_STR_(x) #x
@@ -55,6 +59,87 @@ TORCH_LIBRARY(elit, m) {
 
 namespace py = pybind11;
 
+namespace {
+
+// A failed check as a RuntimeError carrying the check's message alone (no C++ backtrace).
+template <typename F>
+void run_check(F&& f) {
+  try {
+    std::forward<F>(f)();
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.msg());
+  }
+}
+
+inline elit::Kernels kernels(bool cuda) { return cuda ? elit::Kernels::kCuda : elit::Kernels::kCpu; }
+
+// _C.checks.<op>(<the op's arguments>, cuda=...): the argument checks of the op's CUDA (cuda=True) or CPU
+// entry point, without running it, on tensors of any device (cuda=True skips only the "is a CUDA tensor"
+// check). Returns None or raises the RuntimeError the op would raise.
+void def_checks(py::module_& m) {
+  auto c = m.def_submodule(
+      "checks", "The argument checks of each elit:: op's CPU or CUDA entry point (cuda=...), run without the op.");
+  using at::Tensor;
+  c.def("varlen_attn_fwd",
+        [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
+           int64_t max_k, double, bool, int64_t wl, int64_t wr, double softcap, bool cuda) {
+          run_check([&] { elit::checks::varlen_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, wl, wr, softcap,
+                                                         kernels(cuda)); });
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("causal"),
+        py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0, py::kw_only(),
+        py::arg("cuda"));
+  c.def("varlen_attn_bwd",
+        [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+           const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k, double, bool, int64_t wl, int64_t wr,
+           double softcap, bool cuda) {
+          run_check([&] { elit::checks::varlen_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, wl, wr,
+                                                         softcap, kernels(cuda)); });
+        },
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("softmax_scale"), py::arg("causal"), py::arg("window_left") = -1, py::arg("window_right") = -1,
+        py::arg("softcap") = 0.0, py::kw_only(), py::arg("cuda"));
+  c.def("layernorm_modulate_fwd",
+        [](const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& index, double eps, bool cuda) {
+          run_check([&] { elit::checks::layernorm_modulate_fwd(x, shift, scale, index, eps, kernels(cuda)); });
+        },
+        py::arg("x"), py::arg("shift"), py::arg("scale"), py::arg("index"), py::arg("eps"), py::kw_only(),
+        py::arg("cuda"));
+  c.def("layernorm_modulate_bwd",
+        [](const Tensor& g, const Tensor& x, const Tensor& scale, const Tensor& index, const Tensor& mean,
+           const Tensor& rstd, bool cuda) {
+          run_check([&] { elit::checks::layernorm_modulate_bwd(g, x, scale, index, mean, rstd, kernels(cuda)); });
+        },
+        py::arg("grad_out"), py::arg("x"), py::arg("scale"), py::arg("index"), py::arg("mean"), py::arg("rstd"),
+        py::kw_only(), py::arg("cuda"));
+  c.def("gated_residual_fwd",
+        [](const Tensor& x, const Tensor& y, const Tensor& gate, const Tensor& index, bool cuda) {
+          run_check([&] { elit::checks::gated_residual_fwd(x, y, gate, index, kernels(cuda)); });
+        },
+        py::arg("x"), py::arg("y"), py::arg("gate"), py::arg("index"), py::kw_only(), py::arg("cuda"));
+  c.def("gated_residual_bwd",
+        [](const Tensor& g, const Tensor& y, const Tensor& gate, const Tensor& index, bool cuda) {
+          run_check([&] { elit::checks::gated_residual_bwd(g, y, gate, index, kernels(cuda)); });
+        },
+        py::arg("grad_out"), py::arg("y"), py::arg("gate"), py::arg("index"), py::kw_only(), py::arg("cuda"));
+  c.def("pack_latents",
+        [](const Tensor& latents, const Tensor& index, bool cuda) {
+          run_check([&] { elit::checks::pack_latents(latents, index, kernels(cuda)); });
+        },
+        py::arg("latents"), py::arg("pack_index"), py::kw_only(), py::arg("cuda"));
+  c.def("unpack_latents",
+        [](const Tensor& packed, const Tensor& index, int64_t batch, int64_t groups, int64_t j_max, double,
+           bool cuda) {
+          run_check([&] { elit::checks::unpack_latents(packed, index, batch, groups, j_max, kernels(cuda)); });
+        },
+        py::arg("packed"), py::arg("pack_index"), py::arg("batch"), py::arg("groups"), py::arg("j_max"),
+        py::arg("fill"), py::kw_only(), py::arg("cuda"));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "elit-kernels compiled ops (registered under torch.ops.elit) and build information";
   m.def("build_info", []() {
@@ -77,4 +162,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["kernels"] = elit::compiled_kernels();
     return d;
   }, "Dict: torch_version (built against), with_cuda, cuda_archs (e.g. [80, 90]), cuda_version, kernels.");
+  def_checks(m);
 }

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import torch
 
@@ -198,7 +200,7 @@ def test_padding_keeps_the_real_head_dims_scale():
 
 def test_cuda_head_dims_declared_once_per_language():
     # The Python declaration (dispatch, padding) and the C++ list the kernels are instantiated for.
-    text = (ROOT / "csrc" / "cuda" / "kernels.h").read_text()
+    text = (ROOT / "csrc" / "kernel_limits.h").read_text()
     dims = tuple(int(x) for x in re.search(r"kHeadDims\[\] = \{([^}]*)\}", text).group(1).split(","))
     from elit_kernels.attention.backends.compiled import CudaBackend
     assert CudaBackend.head_dims == dims
@@ -210,12 +212,32 @@ def test_cuda_head_dims_declared_once_per_language():
     assert any("head dim 129 too large (runs 64, 72, 128)" in r for r in cuda.not_supported_reasons(inp))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="cuda: the C++ side of the head-dim declaration needs a GPU to call")
+@pytest.mark.skipif(not HAS_CUDA, reason="cuda: the C++ side of the head-dim declaration needs a GPU to call "
+                    "(its checks run on CPU tensors in tests/test_compiled_checks.py)")
 def test_cuda_op_refuses_head_dims_outside_its_declaration():
-    for d in (56, 80):
-        q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, d, dtype=torch.float16, device="cuda")
-        with pytest.raises(RuntimeError, match="q: the CUDA kernels take head dim 64, 72 or 128"):
-            torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.1, False)
+    # In a child process: the op once crashed the process (SIGSEGV) here instead of raising, which ended the
+    # whole test run; now that is a failure with its exit code.
+    code = """if True:
+        import torch
+        import elit_kernels
+        from elit_kernels.testing import random_varlen_inputs
+        for d in (56, 80, 256):
+            q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, d, dtype=torch.float16, device="cuda")
+            for fn, args in ((torch.ops.elit.varlen_attn_fwd, (q, k, v)),
+                             (torch.ops.elit.varlen_attn_bwd, (q, q, k, v, q, torch.zeros(2, 2, device="cuda")))):
+                try:
+                    fn(*args, cq, ck, mq, mk, 0.1, False)
+                    print("no error")
+                except RuntimeError as e:
+                    print(str(e).splitlines()[0])
+        """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, f"exit code {r.returncode} (-11: SIGSEGV)\n{r.stdout}\n{r.stderr[-3000:]}"
+    lines = r.stdout.splitlines()
+    assert len(lines) == 6, r.stdout
+    for line, (d, op) in zip(lines, [(d, op) for d in (56, 80, 256) for op in ("varlen_attn_fwd", "varlen_attn_bwd")]):
+        assert re.fullmatch(rf"{op}: q: head dim {d} is not supported by the CUDA kernels \(64, 72 or 128; .*\)",
+                            line), line
 
 
 # ------------------------------------------------------------------------------------------------

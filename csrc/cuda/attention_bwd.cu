@@ -284,13 +284,14 @@ cudaError_t varlen_attn_bwd(const AttnParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   attn::dispatch_half_types(p.bf16, [&](auto tag) {
     using T = decltype(tag);
-    attn::dispatch_head_dim(p.head_dim, [&](auto d) {
+    const bool dispatched = attn::dispatch_head_dim(p.head_dim, [&](auto d) {
       constexpr int D = decltype(d)::value;
       if (attn::small_bwd(p.max_q, p.max_k))
         err = attn::launch_bwd<T, D, 1, 32, 1, 32>(p, stream);
       else
         err = attn::launch_bwd<T, D, 4, 64, 2, 64>(p, stream);
     });
+    if (!dispatched) err = cudaErrorInvalidValue;  // no kernel for this head dim: launch nothing
   });
   return err;
 }

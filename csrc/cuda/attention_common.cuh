@@ -151,15 +151,19 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The instantiated head dims: cuda::kHeadDims (kernels.h) lists the same ones for the glue's check.
+// The instantiated head dims: cuda::kHeadDims (kernel_limits.h) lists the same ones for the glue's check.
+// Returns false, running nothing, for any other head dim (the glue refuses those before it gets here).
 template <typename F>
-inline void dispatch_head_dim(int64_t d, F&& f) {
+inline bool dispatch_head_dim(int64_t d, F&& f) {
   if (d == 64)
     f(std::integral_constant<int, 64>{});
   else if (d == 72)
     f(std::integral_constant<int, 72>{});
-  else
+  else if (d == 128)
     f(std::integral_constant<int, 128>{});
+  else
+    return false;
+  return true;
 }
 
 template <typename F>

@@ -1,7 +1,8 @@
 // ATen glue of the CUDA varlen attention (kernels: attention_fwd.cu, attention_bwd.cu): argument
-// checks, allocation, strides. Values of cu_seqlens are not read here (that would sync the host);
-// elit_kernels.varlen_attention validates them in eager mode, and the kernels size their grids from the
-// packed row counts so that a wrong max_seqlen under torch.compile still gives the right answer.
+// checks (checks.h, Kernels::kCuda), allocation, strides. Values of cu_seqlens are not read here (that
+// would sync the host); elit_kernels.varlen_attention validates them in eager mode, and the kernels size
+// their grids from the packed row counts so that a wrong max_seqlen under torch.compile still gives the
+// right answer.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -12,18 +13,6 @@ namespace {
 
 static KernelRegistrar reg_fwd("varlen_attn_fwd_cuda");
 static KernelRegistrar reg_bwd("varlen_attn_bwd_cuda");
-
-void check_cuda_attention_inputs(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q: the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
-  const int64_t d = q.size(2);
-  bool native = false;
-  for (int64_t n : cuda::kHeadDims) native = native || d == n;
-  TORCH_CHECK(native, "q: the CUDA kernels take head dim 64, 72 or 128, got ", d,
-              " (elit_kernels.varlen_attention zero-pads smaller head dims)");
-  TORCH_CHECK(q.size(1) <= cuda::kMaxGridYZ, "q: at most ", cuda::kMaxGridYZ, " heads, got ", q.size(1));
-}
 
 // Row views the kernels load with 16-byte vectors as they are (unit stride along D, row and head strides
 // multiples of 8 elements, 16-byte aligned base: the q/k/v views of a packed qkv pass); anything else is
@@ -72,23 +61,15 @@ cuda::AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at:
   return p;
 }
 
-// The CUDA kernels have no sliding window and no soft-capping (the cuda backend declares it in
-// elit_kernels._cext, so dispatch never sends them here); a direct op call is refused, not ignored.
-void check_no_window_or_softcap(int64_t window_left, int64_t window_right, double softcap) {
-  TORCH_CHECK(window_left == -1 && window_right == -1, "window_size: the CUDA kernels support only (-1, -1), got (",
-              window_left, ", ", window_right, "); use the triton backend");
-  TORCH_CHECK(softcap == 0.0, "softcap: the CUDA kernels support only 0.0, got ", softcap, "; use the triton backend");
-}
-
 // Outputs are contiguous whatever the input strides (the fake impls in elit_kernels._cext promise it).
 std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
                                                         const at::Tensor& v_, const at::Tensor& cu_q_,
                                                         const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
                                                         double scale, bool causal, int64_t window_left,
                                                         int64_t window_right, double softcap) {
-  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  check_no_window_or_softcap(window_left, window_right, softcap);
-  check_cuda_attention_inputs(q_);
+  check_cuda(q_, "varlen_attn_fwd: q");
+  checks::varlen_attn_fwd(q_, k_, v_, cu_q_, cu_k_, max_q, max_k, window_left, window_right, softcap,
+                          Kernels::kCuda);
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = loadable(q_), k = loadable(k_), v = loadable(v_);
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
@@ -105,10 +86,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, double softcap) {
-  check_attention_args(q_, k_, v_, cu_q_, cu_k_, max_q, max_k);
-  check_no_window_or_softcap(window_left, window_right, softcap);
-  check_cuda_attention_inputs(q_);
-  check_attention_bwd_extras(dout_, out_, lse_, q_);  // fp16/bf16 only here, so lse is float32
+  check_cuda(q_, "varlen_attn_bwd: q");
+  // fp16/bf16 only here, so lse is float32
+  checks::varlen_attn_bwd(dout_, q_, k_, v_, out_, lse_, cu_q_, cu_k_, max_q, max_k, window_left, window_right,
+                          softcap, Kernels::kCuda);
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = loadable(q_), k = loadable(k_), v = loadable(v_), out = aligned(out_), dout = aligned(dout_);
   auto lse = lse_.contiguous(), cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();

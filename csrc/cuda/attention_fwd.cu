@@ -151,13 +151,14 @@ cudaError_t varlen_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   attn::dispatch_half_types(p.bf16, [&](auto tag) {
     using T = decltype(tag);
-    attn::dispatch_head_dim(p.head_dim, [&](auto d) {
+    const bool dispatched = attn::dispatch_head_dim(p.head_dim, [&](auto d) {
       constexpr int D = decltype(d)::value;
       if (p.max_q <= attn::kSmallMaxQ)
         err = attn::launch_fwd<T, D, 1, 32>(p, stream);
       else
         err = attn::launch_fwd<T, D, 4, 64>(p, stream);
     });
+    if (!dispatched) err = cudaErrorInvalidValue;  // no kernel for this head dim: launch nothing
   });
   return err;
 }

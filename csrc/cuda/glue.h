@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../checks.h"
 #include "../elit_common.h"
 #include "kernels.h"
 

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "../kernel_limits.h"  // kHeadDims, grid limits: what the glue checks before launching
+
 namespace elit {
 namespace cuda {
 
@@ -27,12 +29,6 @@ struct AttnParams {
   float scale = 1.f;
   bool causal = false, bf16 = false;
 };
-
-// Grid limit the glue checks before launching (grid.y counts heads).
-constexpr int64_t kMaxGridYZ = 65535;
-// Head dims the kernels are instantiated for (dispatch_head_dim); elit_kernels._cext.CudaBackend.head_dims
-// declares the same list, and the contract zero-pads smaller dims up to one of them.
-constexpr int64_t kHeadDims[] = {64, 72, 128};
 
 cudaError_t varlen_attn_fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t varlen_attn_bwd(const AttnParams& p, cudaStream_t stream);

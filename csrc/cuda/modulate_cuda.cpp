@@ -15,8 +15,8 @@ static KernelRegistrar reg_gr("gated_residual_cuda");
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cuda(const at::Tensor& x_, const at::Tensor& shift_,
                                                                            const at::Tensor& scale_,
                                                                            const at::Tensor& index_, double eps) {
-  check_layernorm_modulate_fwd_args(x_, shift_, scale_, index_, eps);
-  check_cuda(x_, "x");
+  check_cuda(x_, "layernorm_modulate_fwd: x");
+  checks::layernorm_modulate_fwd(x_, shift_, scale_, index_, eps, Kernels::kCuda);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   const int64_t T = x.size(0), C = x.size(1), B = shift.size(0);
@@ -35,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cuda(const
                                                                            const at::Tensor& index_,
                                                                            const at::Tensor& mean_,
                                                                            const at::Tensor& rstd_) {
-  check_layernorm_modulate_bwd_args(g_, x_, scale_, index_, mean_, rstd_);
-  check_cuda(x_, "x");
+  check_cuda(x_, "layernorm_modulate_bwd: x");
+  checks::layernorm_modulate_bwd(g_, x_, scale_, index_, mean_, rstd_, Kernels::kCuda);
   c10::cuda::CUDAGuard guard(x_.device());
   auto g = g_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
@@ -52,12 +52,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cuda(const
   return {gx, dshift.to(x.scalar_type()), dscale.to(x.scalar_type())};
 }
 
-void check_gated_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index,
-                      const char* xname) {
-  check_gated_args(x, y, gate, index, xname);
-  check_cuda(x, xname);
-}
-
 // out = (x or 0) + gate[index] * y
 at::Tensor gated_apply(const at::Tensor* x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index) {
   auto out = at::empty_like(y);
@@ -69,7 +63,8 @@ at::Tensor gated_apply(const at::Tensor* x, const at::Tensor& y, const at::Tenso
 
 at::Tensor gated_residual_fwd_cuda(const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& gate_,
                                    const at::Tensor& index_) {
-  check_gated_cuda(x_, y_, gate_, index_, "x");
+  check_cuda(x_, "gated_residual_fwd: x");
+  checks::gated_residual_fwd(x_, y_, gate_, index_, Kernels::kCuda);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous();
   return gated_apply(&x, y_.contiguous(), gate_.contiguous(), index_.contiguous());
@@ -77,7 +72,8 @@ at::Tensor gated_residual_fwd_cuda(const at::Tensor& x_, const at::Tensor& y_, c
 
 std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cuda(const at::Tensor& g_, const at::Tensor& y_,
                                                            const at::Tensor& gate_, const at::Tensor& index_) {
-  check_gated_cuda(g_, y_, gate_, index_, "grad_out");
+  check_cuda(g_, "gated_residual_bwd: grad_out");
+  checks::gated_residual_bwd(g_, y_, gate_, index_, Kernels::kCuda);
   c10::cuda::CUDAGuard guard(g_.device());
   auto g = g_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
   auto gy = gated_apply(nullptr, g, gate, index);

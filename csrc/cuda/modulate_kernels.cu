@@ -20,7 +20,11 @@ namespace cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
+static_assert(kWarpsPerBlock == kNormRowsPerBlock, "the glue's token limit for grid.x (kernel_limits.h) must match");
 constexpr int kRowsPerChunk = 64;
+constexpr int kChunksPerBlock = 8;  // blockDim.y of the parameter-gradient kernel
+static_assert(kRowsPerChunk * kChunksPerBlock == kParamGradTokensPerBlock,
+              "the glue's token limit for grid.y (kernel_limits.h) must match the launch");
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -159,8 +163,8 @@ cudaError_t launch_param_grad(DType dt, const void* g, const void* other, const 
                               const int64_t* index, void* d1, void* d2, int64_t T, int64_t C, int64_t B,
                               cudaStream_t stream) {
   if (T == 0 || C == 0) return cudaSuccess;
-  dim3 block(32, 8);
-  dim3 grid(ceil_div(C, 32), ceil_div(T, kRowsPerChunk * 8));
+  dim3 block(32, kChunksPerBlock);
+  dim3 grid(ceil_div(C, 32), ceil_div(T, kRowsPerChunk * kChunksPerBlock));
   dispatch(dt, [&](auto s, auto a) {
     using scalar_t = decltype(s);
     using acc_t = decltype(a);

@@ -11,9 +11,8 @@ namespace {
 static KernelRegistrar reg_pack("pack_latents_cuda");
 
 at::Tensor pack_latents_cuda(const at::Tensor& latents_, const at::Tensor& index_) {
-  check_tensor(latents_, "latents", 4);
-  check_cuda(latents_, "latents");
-  check_pack_index(index_, latents_, "latents");
+  check_cuda(latents_, "pack_latents: latents");
+  checks::pack_latents(latents_, index_, Kernels::kCuda);
   c10::cuda::CUDAGuard guard(latents_.device());
   auto latents = latents_.contiguous(), index = index_.contiguous();
   const int64_t grid_rows = latents.size(0) * latents.size(1) * latents.size(2), C = latents.size(3);
@@ -26,8 +25,8 @@ at::Tensor pack_latents_cuda(const at::Tensor& latents_, const at::Tensor& index
 
 at::Tensor unpack_latents_cuda(const at::Tensor& packed_, const at::Tensor& index_, int64_t batch, int64_t groups,
                                int64_t j_max, double fill) {
-  check_unpack_latents_args(packed_, index_, batch, groups, j_max);
-  check_cuda(packed_, "packed");
+  check_cuda(packed_, "unpack_latents: packed");
+  checks::unpack_latents(packed_, index_, batch, groups, j_max, Kernels::kCuda);
   c10::cuda::CUDAGuard guard(packed_.device());
   auto packed = packed_.contiguous(), index = index_.contiguous();
   const int64_t C = packed.size(1);

@@ -50,9 +50,10 @@ class CudaBackend(_CompiledBackend):
                "zero-padded)")
     dtypes = (torch.float16, torch.bfloat16)
     devices = ("cuda",)
-    #: must match dispatch_head_dim in csrc/cuda/attention_common.cuh (tests/test_dropin.py checks both sides)
+    #: must match kHeadDims in csrc/kernel_limits.h (tests/test_dropin.py and tests/test_compiled_checks.py
+    #: check both sides)
     head_dims = (64, 72, 128)
-    #: the CUDA kernels have neither (csrc/cuda/attention_cuda.cpp refuses them); dispatch skips to triton
+    #: the CUDA kernels have neither (csrc/checks.h refuses them)
     supports_window = False
     supports_softcap = False
 

@@ -26,6 +26,12 @@ def set_value_checks(enabled: bool) -> None:
     They run in eager mode by default (``ELIT_VALIDATE=0`` turns them off at import). They are always
     skipped under ``torch.compile`` tracing and CUDA-graph capture, where a host copy would break the
     graph; shape, dtype and device checks always run.
+
+    Without them a wrong ``cu_seqlens`` still never makes a backend touch memory outside q/k/v and its
+    outputs: the kernels (``triton``, ``cuda``, ``cpp``) clamp every element into ``[0, rows]`` (a segment that
+    ends before it starts is empty), so a non-decreasing one that runs past the rows gives the attention over
+    the clamped segments; the backends that read it on the host (``reference``, ``torch``, ``cpp``) raise
+    ``ValueError`` (``RuntimeError`` from ``cpp``) naming it.
     """
     global _validate_values
     _validate_values = bool(enabled)

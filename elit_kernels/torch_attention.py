@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autograd import register_varlen_autograd
-from .reference.attention import visible_mask
+from .reference.attention import check_cu_rows, visible_mask
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -271,6 +271,8 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
     only: it reads ``cu_seqlens`` on the host (free on CPU, a sync on CUDA, which the grouped path pays too)."""
     windowed = window_left >= 0 or window_right >= 0
     c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+    check_cu_rows("cu_seqlens_q", c[0], q.shape[0])  # else a view past the rows fails with a nameless error
+    check_cu_rows("cu_seqlens_k", c[1], k.shape[0])
     runs = segment_runs(c[0], c[1])
     if len(runs) > MAX_RUNS:
         return None

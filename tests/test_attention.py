@@ -317,3 +317,30 @@ def test_double_backward_matches_reference_or_is_refused_by_name(backend, softca
     for name, g, w in zip("qkv", got, want):
         err = (g.double() - w).abs().max().item()
         assert err <= 1e-3 * (1 + w.abs().max().item()), f"d2/d{name}: max abs err {err:.3g} against the reference"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp", None], ids=["torch", "triton", "cpp", "default"])
+def test_max_seqlen_stays_symbolic_under_dynamic_compile(backend):
+    # Varlen training changes max_seqlen every step: under torch.compile(dynamic=True) it must not
+    # specialise the graph (a recompile per length, then FailOnRecompileLimitHit with fullgraph=True).
+    from elit_kernels.backends import get_backend
+
+    if backend is not None and not get_backend(backend).is_available():
+        pytest.skip(f"backend {backend!r} is not available here: {get_backend(backend).description}")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def f(q, k, v, cq, ck, mq, mk):
+        return varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend)
+
+    cf = torch.compile(f, dynamic=True, fullgraph=True, backend=counting)
+    for n in range(3, 23):  # 20 lengths
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([n, 2], [n + 1, 3], 2, 16, seed=n)
+        torch.testing.assert_close(cf(q, k, v, cq, ck, mq, mk), f(q, k, v, cq, ck, mq, mk))
+    assert len(compiles) == 1, f"{len(compiles)} compiles for 20 max_seqlen values"

@@ -284,8 +284,15 @@ def test_reference_with_no_segment_rows_but_buffer_rows():
 DOUBLE_BACKWARD = [("reference", 0.0), ("torch", 0.0), ("torch", 5.0), ("cpp", 0.0), ("triton", 0.0)]
 
 
+def _device(backend) -> str:
+    """Where a backend's inputs live here: the kernel backends take CUDA tensors when there is a GPU (Triton
+    runs CPU tensors only under TRITON_INTERPRET=1, which conftest.py sets without CUDA)."""
+    return "cuda" if backend in ("triton", "cuda", None) and torch.cuda.is_available() else "cpu"
+
+
 def _grad_of_grad(backend, softcap, dtype):
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2, 3], [3, 4], 2, 16, dtype=dtype, requires_grad=True, seed=21)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2, 3], [3, 4], 2, 16, dtype=dtype, requires_grad=True, seed=21,
+                                                   device=_device(backend))
     out = varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend, softcap=softcap)
     (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     return torch.autograd.grad(gq.square().sum(), (q, k, v))
@@ -315,7 +322,7 @@ def test_double_backward_matches_reference_or_is_refused_by_name(backend, softca
                          r"derivative for aten::_scaled_dot_product\w* is not implemented", str(e)), str(e)
         return
     for name, g, w in zip("qkv", got, want):
-        err = (g.double() - w).abs().max().item()
+        err = (g.double().cpu() - w).abs().max().item()
         assert err <= 1e-3 * (1 + w.abs().max().item()), f"d2/d{name}: max abs err {err:.3g} against the reference"
 
 
@@ -341,6 +348,6 @@ def test_max_seqlen_stays_symbolic_under_dynamic_compile(backend):
 
     cf = torch.compile(f, dynamic=True, fullgraph=True, backend=counting)
     for n in range(3, 23):  # 20 lengths
-        q, k, v, cq, ck, mq, mk = random_varlen_inputs([n, 2], [n + 1, 3], 2, 16, seed=n)
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([n, 2], [n + 1, 3], 2, 16, seed=n, device=_device(backend))
         torch.testing.assert_close(cf(q, k, v, cq, ck, mq, mk), f(q, k, v, cq, ck, mq, mk))
     assert len(compiles) == 1, f"{len(compiles)} compiles for 20 max_seqlen values"

@@ -268,7 +268,9 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
                    window_right: int = -1):
     """``out [total_q, H, D]`` through one SDPA per run of equal segments, or None when this path does not
     apply (see the module docstring; with a sliding window also when a row of a run sees no key). Eager
-    only: it reads ``cu_seqlens`` on the host (free on CPU, a sync on CUDA, which the grouped path pays too)."""
+    only: it reads ``cu_seqlens`` on the host (free on CPU, a sync on CUDA, which the grouped path pays too).
+    Raises ValueError naming a ``cu_seqlens`` that does not start at 0, decreases or runs past its rows
+    (``check_cu_rows``), whatever the value-check setting."""
     windowed = window_left >= 0 or window_right >= 0
     c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
     check_cu_rows("cu_seqlens_q", c[0], q.shape[0])  # else a view past the rows fails with a nameless error

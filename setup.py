@@ -133,7 +133,7 @@ setup(
     package_data={"elit_kernels.attention": ["dispatch_table.json"]},
     python_requires=">=3.10",
     # No upper pins and no triton pin: an installed torch that satisfies this is used as it is.
-    install_requires=["torch>=2.5", "tqdm", "matplotlib", "numpy", "safetensors"],
+    install_requires=["torch>=2.10", "tqdm", "matplotlib", "numpy", "safetensors"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"], "demo": ["scikit-learn"],
                     "integrations": ["transformers>=5,<6", "diffusers>=0.42,<0.43"],
                     "mutation": ["mutmut>=3.3"]},

@@ -42,6 +42,10 @@ inline KeyRange visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal, int
   return {lo, std::max<int64_t>(hi - lo + 1, 0)};
 }
 
+// A cu_seqlens element as a row index in [0, total]. The entry checks reject such cu_seqlens today; the
+// kernels clamp anyway, so that no change to those checks can make them address a row outside the tensors.
+inline int64_t clamp_row(int32_t c, int64_t total) { return std::min<int64_t>(std::max<int64_t>(c, 0), total); }
+
 // Row r, head h of a [total, H, D] tensor with unit stride along D (any row / head strides: the views of
 // a packed qkv are read in place).
 template <typename T>
@@ -60,7 +64,7 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const int32_t* ck, int64_t segs, double scale, bool causal, int64_t left, int64_t right,
                      double softcap, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), group = H / k.size(1);
+  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), tk = k.size(0), group = H / k.size(1);
   const Rows<const scalar_t> Q(q), K(k), V(v);
   const Rows<scalar_t> O(out);
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
@@ -68,7 +72,7 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const acc_t cap = static_cast<acc_t>(softcap);  // > 0: logits capped as cap * tanh(s / cap)
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   // Rows past the packed data (a longer static buffer) see no key: zeros and lse = +inf, as flash-attn.
-  for (int64_t row = cq[segs]; row < tq; ++row)
+  for (int64_t row = clamp_row(cq[segs], tq); row < tq; ++row)
     for (int64_t h = 0; h < H; ++h) {
       std::fill(O(row, h), O(row, h) + D, scalar_t(0));
       lp[h * tq + row] = inf;
@@ -77,7 +81,8 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     std::vector<acc_t> s, o(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seg = item / H, h = item % H, hk = h / group;  // GQA: query head h reads kv head hk
-      const int64_t qs = cq[seg], lq = cq[seg + 1] - qs, ks = ck[seg], lk = ck[seg + 1] - ks;
+      const int64_t qs = clamp_row(cq[seg], tq), lq = std::max<int64_t>(clamp_row(cq[seg + 1], tq) - qs, 0);
+      const int64_t ks = clamp_row(ck[seg], tk), lk = std::max<int64_t>(clamp_row(ck[seg + 1], tk) - ks, 0);
       s.resize(std::max<int64_t>(lk, 1));
       for (int64_t i = 0; i < lq; ++i) {
         const int64_t row = qs + i;
@@ -119,16 +124,16 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                      double scale, bool causal, int64_t left, int64_t right, double softcap, at::Tensor& dq,
                      at::Tensor& dk, at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), Hk = k.size(1), group = H / Hk;
+  const int64_t H = q.size(1), D = q.size(2), tq = q.size(0), tk = k.size(0), Hk = k.size(1), group = H / Hk;
   const Rows<const scalar_t> Q(q), K(k), V(v), O(out), dO(dout);
   const Rows<scalar_t> dQ(dq), dK(dk), dV(dv);
   const acc_t* lp = lse.const_data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale);
   const acc_t cap = static_cast<acc_t>(softcap);
   // Rows outside every segment get zero gradients.
-  for (int64_t row = cq[segs]; row < tq; ++row)
+  for (int64_t row = clamp_row(cq[segs], tq); row < tq; ++row)
     for (int64_t h = 0; h < H; ++h) std::fill(dQ(row, h), dQ(row, h) + D, scalar_t(0));
-  for (int64_t row = ck[segs]; row < k.size(0); ++row)
+  for (int64_t row = clamp_row(ck[segs], tk); row < tk; ++row)
     for (int64_t h = 0; h < Hk; ++h) {
       std::fill(dK(row, h), dK(row, h) + D, scalar_t(0));
       std::fill(dV(row, h), dV(row, h) + D, scalar_t(0));
@@ -139,7 +144,8 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     std::vector<acc_t> dkacc, dvacc, dqrow(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seg = item / Hk, hk = item % Hk;
-      const int64_t qs = cq[seg], lq = cq[seg + 1] - qs, ks = ck[seg], lk = ck[seg + 1] - ks;
+      const int64_t qs = clamp_row(cq[seg], tq), lq = std::max<int64_t>(clamp_row(cq[seg + 1], tq) - qs, 0);
+      const int64_t ks = clamp_row(ck[seg], tk), lk = std::max<int64_t>(clamp_row(ck[seg + 1], tk) - ks, 0);
       dkacc.assign(lk * D, acc_t(0));
       dvacc.assign(lk * D, acc_t(0));
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {

@@ -38,12 +38,14 @@ TORCH_LIBRARY(elit, m) {
   // no key, rows past cu_seqlens_q[-1] included (their out rows are zeros).
   // window_left/right: sliding window as flash-attn (-1: unbounded side); softcap > 0 caps the logits as
   // softcap * tanh(s / softcap) (0: off). The CUDA kernels implement neither and refuse them.
+  // The lengths are SymInt so that torch.compile(dynamic=True) keeps them symbolic (an int would specialise
+  // the graph on each new max_seqlen); the kernels still take int64_t.
   m.def("varlen_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
+        "SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal, SymInt window_left=-1, "
+        "SymInt window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
   m.def("varlen_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "
-        "int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal, "
+        "SymInt window_left=-1, SymInt window_right=-1, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
   // LayerNorm (no affine) + adaLN modulate; mean/rstd are [T] fp32 (fp64 for fp64 x), kept for backward.
   m.def("layernorm_modulate_fwd(Tensor x, Tensor shift, Tensor scale, Tensor index, float eps) "
         "-> (Tensor out, Tensor mean, Tensor rstd)");

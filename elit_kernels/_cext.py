@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from ._autograd import register_varlen_autograd
+from ._autograd import first_order_only, register_varlen_autograd
 from .elementwise import ElementwiseImpl, register_elementwise
 
 _C = None
@@ -98,7 +98,13 @@ def _stat_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+_ELEMENTWISE_HINT = "the model's elementwise='reference' implementation differentiates twice (plain PyTorch)"
+
+
 def _register_op_python_parts() -> None:
+    """Fakes and autograd of the C++ ops. The attention, layernorm_modulate and gated_residual backwards refuse
+    double backward (``_autograd.first_order_only``); pack/unpack are linear and call each other, so their
+    double backward is exact."""
     lib = "elit::"
 
     # Every C++ op returns contiguous tensors whatever its input strides (they copy or index rows), so the
@@ -151,7 +157,9 @@ def _register_op_python_parts() -> None:
         x, scale, index, mean, rstd = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(x)
-        gx, gshift, gscale = torch.ops.elit.layernorm_modulate_bwd(grad_out, x, scale, index, mean, rstd)
+        gx, gshift, gscale = first_order_only(lib + "layernorm_modulate_fwd", _ELEMENTWISE_HINT,
+                                              torch.ops.elit.layernorm_modulate_bwd, grad_out, x, scale, index, mean,
+                                              rstd)
         return gx, gshift, gscale, None, None
 
     torch.library.register_autograd(lib + "layernorm_modulate_fwd", lnm_backward, setup_context=lnm_setup)
@@ -162,7 +170,8 @@ def _register_op_python_parts() -> None:
 
     def gr_backward(ctx, grad_out):
         y, gate, index = ctx.saved_tensors
-        gy, ggate = torch.ops.elit.gated_residual_bwd(grad_out, y, gate, index)
+        gy, ggate = first_order_only(lib + "gated_residual_fwd", _ELEMENTWISE_HINT, torch.ops.elit.gated_residual_bwd,
+                                     grad_out, y, gate, index)
         return grad_out, gy, ggate, None
 
     torch.library.register_autograd(lib + "gated_residual_fwd", gr_backward, setup_context=gr_setup)

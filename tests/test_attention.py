@@ -1,4 +1,6 @@
 """varlen_attention: the pure-PyTorch backends vs fp64 truths, values and gradients."""
+import re
+
 import pytest
 import torch
 
@@ -273,3 +275,79 @@ def test_reference_with_no_segment_rows_but_buffer_rows():
     assert out.dtype == lse.dtype == torch.float64  # fp64 inputs: fp64 lse even with no segment to set it
     for name, g in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v))):
         assert torch.equal(g, torch.zeros_like(g)), name
+
+
+# Second derivatives (create_graph=True: gradient penalties, R1). Each backend either gives the reference's
+# values or refuses with an error naming the op; none may return numbers built from a backward treated as a
+# constant. The torch backend runs its SDPA path (plain) and its own op (softcap); triton runs under the
+# interpreter without CUDA.
+DOUBLE_BACKWARD = [("reference", 0.0), ("torch", 0.0), ("torch", 5.0), ("cpp", 0.0), ("triton", 0.0)]
+
+
+def _device(backend) -> str:
+    """Where a backend's inputs live here: the kernel backends take CUDA tensors when there is a GPU (Triton
+    runs CPU tensors only under TRITON_INTERPRET=1, which conftest.py sets without CUDA)."""
+    return "cuda" if backend in ("triton", "cuda", None) and torch.cuda.is_available() else "cpu"
+
+
+def _grad_of_grad(backend, softcap, dtype):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2, 3], [3, 4], 2, 16, dtype=dtype, requires_grad=True, seed=21,
+                                                   device=_device(backend))
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend, softcap=softcap)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    return torch.autograd.grad(gq.square().sum(), (q, k, v))
+
+
+def test_reference_double_backward_is_exact():
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2, 3], [3, 1], 1, 4, dtype=torch.float64, requires_grad=True,
+                                                   seed=22)
+    assert torch.autograd.gradgradcheck(
+        lambda q, k, v: varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference", causal=True, softcap=3.0),
+        (q, k, v))
+
+
+@pytest.mark.parametrize("backend,softcap", DOUBLE_BACKWARD, ids=[f"{b}-softcap{c:g}" for b, c in DOUBLE_BACKWARD])
+def test_double_backward_matches_reference_or_is_refused_by_name(backend, softcap):
+    from elit_kernels.backends import get_backend
+
+    b = get_backend(backend)
+    if not b.is_available():
+        pytest.skip(f"backend {backend!r} is not available here: {b.description}")
+    want = _grad_of_grad("reference", softcap, torch.float64)
+    try:
+        got = _grad_of_grad(backend, softcap, torch.float32)
+    except RuntimeError as e:
+        # ours names the forward op; PyTorch's own SDPA names its backward kernel
+        assert re.search(r"elit::varlen_attn_fwd\w*: double backward .* not supported; .*backend='reference'|"
+                         r"derivative for aten::_scaled_dot_product\w* is not implemented", str(e)), str(e)
+        return
+    for name, g, w in zip("qkv", got, want):
+        err = (g.double().cpu() - w).abs().max().item()
+        assert err <= 1e-3 * (1 + w.abs().max().item()), f"d2/d{name}: max abs err {err:.3g} against the reference"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp", None], ids=["torch", "triton", "cpp", "default"])
+def test_max_seqlen_stays_symbolic_under_dynamic_compile(backend):
+    # Varlen training changes max_seqlen every step: under torch.compile(dynamic=True) it must not
+    # specialise the graph (a recompile per length, then FailOnRecompileLimitHit with fullgraph=True).
+    from elit_kernels.backends import get_backend
+
+    if backend is not None and not get_backend(backend).is_available():
+        pytest.skip(f"backend {backend!r} is not available here: {get_backend(backend).description}")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def f(q, k, v, cq, ck, mq, mk):
+        return varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend)
+
+    cf = torch.compile(f, dynamic=True, fullgraph=True, backend=counting)
+    for n in range(3, 23):  # 20 lengths
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([n, 2], [n + 1, 3], 2, 16, seed=n, device=_device(backend))
+        torch.testing.assert_close(cf(q, k, v, cq, ck, mq, mk), f(q, k, v, cq, ck, mq, mk))
+    assert len(compiles) == 1, f"{len(compiles)} compiles for 20 max_seqlen values"

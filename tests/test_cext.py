@@ -515,3 +515,22 @@ def test_fused_ops_compile_fullgraph():
     g = torch.compile(f, fullgraph=True, backend="aot_eager")
     for a, b in zip(g(x, y, shift, scale, gate, lat), f(x, y, shift, scale, gate, lat)):
         torch.testing.assert_close(a, b)
+
+
+def test_elementwise_double_backward_refused_by_name_pack_exact():
+    # layernorm_modulate / gated_residual: a second derivative through the C++ backward ops would treat
+    # them as constants (silently wrong); it is refused, naming the op. pack/unpack are linear: exact.
+    x, y, shift, scale, gate, index = _ragged_modulate_inputs(torch.float64, T=7, C=5, seed=6)
+    calls = {"layernorm_modulate_fwd": (lambda a, b, c: _cext.layernorm_modulate(a, b, c, index, 1e-5),
+                                        (x, shift, scale)),
+             "gated_residual_fwd": (lambda a, b, c: _cext.gated_residual(a, b, c, index), (x, y, gate))}
+    for name, (f, args) in calls.items():
+        args = [t.detach().requires_grad_() for t in args]
+        grads = torch.autograd.grad(f(*args).square().sum(), args, create_graph=True)
+        with pytest.raises(RuntimeError, match=rf"elit::{name}: double backward .* not supported"):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), args)
+    lay = build_layout([2, 0, 3], batch=3, groups=2, tokens_per_group=4, j_max=3)
+    lat = torch.randn(3, 2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: _cext.pack_latents(t, lay).sin(), (lat,))
+    packed = torch.randn(lay.pack_index.shape[0], 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: _cext.unpack_latents(t, lay).sin(), (packed,))

@@ -122,6 +122,77 @@ def test_transformers_packed_position_ids(kind, backend):
 
 @needs_tf
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_transformers_packed_position_ids_under_compile(backend):
+    """Compiled (fullgraph): the packing is still read from position_ids (on the device, no host read), never
+    one dense causal call across the packed sequences."""
+    import torch._dynamo
+
+    ref, ours = _tf_pair("llama", backend)
+    lens = [4, 7, 3]
+    ids = _ids(1, sum(lens), seed=2)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    want = torch.cat([ref(ids[:, a:a + n], use_cache=False).logits for a, n in zip((0, 4, 11), lens)], 1)
+    torch._dynamo.reset()
+    f = torch.compile(lambda i, p: ours(i, position_ids=p, use_cache=False).logits, fullgraph=True,
+                      backend="aot_eager")
+    got = f(ids, pos)
+    assert (got - want).abs().max() <= ATOL
+    # one unpacked row (positions 0..n-1) through the same compiled graph path: plain causal attention
+    plain = torch.arange(sum(lens))[None]
+    assert (f(ids, plain) - ref(ids, use_cache=False).logits).abs().max() <= ATOL
+
+
+@needs_tf
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformers_packing_and_padding_mask_together(backend):
+    """Packed position_ids and a 2-D padding mask (padding at the start of the second sequence and at the end of
+    the third): each sequence attends only to its own valid tokens, as when run alone with its own mask."""
+    ref, ours = _tf_pair("llama", backend)
+    lens, starts = [4, 7, 3], (0, 4, 11)
+    ids = _ids(2, sum(lens), seed=6)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    mask = torch.ones(2, sum(lens), dtype=torch.long)
+    mask[0, 4:6] = 0
+    mask[1, 13:] = 0
+    mask[1, 0] = 0
+    got = ours(ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+    for a, n in zip(starts, lens):
+        m = mask[:, a:a + n]
+        want = ref(ids[:, a:a + n], position_ids=pos[:, a:a + n], attention_mask=m, use_cache=False).logits
+        err = (got[:, a:a + n] - want)[m.bool()].abs().max()
+        assert err <= ATOL, f"sequence at {a}: max abs err {err:.3g}"
+
+
+@needs_tf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tgt_len", [6, 4], ids=["same_length", "shorter"])
+def test_transformers_cross_attention_right_padded_encoder_mask(backend, tgt_len):
+    """Bart: the encoder mask (right padding) is a key mask for the decoder's cross-attention; every decoder
+    query is computed, whether or not the decoder length equals the encoder's."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from elit_kernels.integrations.transformers import register
+
+    cfg = BartConfig(vocab_size=101, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = BartForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation(register(f"elit_{backend}", backend=backend))
+    src, tgt = _ids(2, 6, seed=7), _ids(2, tgt_len, seed=8)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    outs = []
+    for m in (ref, ours):
+        logits = m(input_ids=src, attention_mask=mask, decoder_input_ids=tgt, use_cache=False).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        outs.append(logits.detach())
+    assert (outs[0] - outs[1]).abs().max() <= ATOL
+    _assert_same_grads(ref, ours)
+
+
+@needs_tf
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_transformers_packed_cu_seqlens_kwargs(backend):
     """DataCollatorWithFlattening-style kwargs: cu_seq_lens_* int32 and max_length_* as 0-dim tensors."""
     ref, ours = _tf_pair("llama", backend)

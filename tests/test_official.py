@@ -749,3 +749,111 @@ def test_other_sizes_load_back_exactly(tmp_path, sizes):
     with torch.no_grad():
         for budgets in (None, [1, cfg.latents_per_group, 2]):
             torch.testing.assert_close(loaded(x, t, y, budgets), m(x, t, y, budgets), rtol=0, atol=0)
+
+
+# --- dtypes, damage, torch floor ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_files_load_in_their_own_dtype(tmp_path, dtype):
+    """dtype=None keeps the file's dtype (no float32 copy of a bf16 model), for our files and official ones;
+    the values are the file's exactly."""
+    from elit_kernels.models import elit_config
+
+    torch.manual_seed(0)
+    m = ElitDiT(elit_config("tiny", 64)).to(dtype)
+    for suffix in (".safetensors", ".pt"):
+        p = save_model(str(tmp_path / ("m" + suffix)), m)
+        for loaded in (load_model(p), load_checkpoint(p, backend="torch")):
+            assert {t.dtype for t in loaded.parameters()} == {dtype}, suffix
+            assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
+        assert next(load_model(p, dtype=torch.float32).parameters()).dtype == torch.float32
+    c = _read(FIXTURE_A)
+    for w in ("ema", "model"):
+        c[w] = {k: v.to(dtype) for k, v in c[w].items()}
+    official = str(tmp_path / "official_half.pt")
+    torch.save(c, official)
+    model = load(official)
+    assert {t.dtype for t in model.parameters()} == {dtype}
+    want = convert_state_dict(c["ema"], model.cfg)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+
+
+def _damaged(sd: dict, key: str, index=(0,)) -> dict:
+    sd = {k: v.clone() for k, v in sd.items()}
+    sd[key].view(-1)[index[0]] = float("nan")
+    return sd
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_the_tensor(tmp_path):
+    from elit_kernels.models import elit_config
+    from elit_kernels.models.checkpoint import FORMAT, config_dict
+
+    torch.manual_seed(0)
+    m = ElitDiT(elit_config("tiny", 64))
+    sd = m.state_dict()
+    keys = list(sd)
+    bad_key = keys[len(keys) // 2]
+    for suffix in (".safetensors", ".pt"):
+        p = str(tmp_path / ("nan" + suffix))
+        if suffix == ".pt":
+            torch.save({"format": FORMAT, "config": config_dict(m.cfg), "state_dict": _damaged(sd, bad_key, (3,)),
+                        "meta": {}}, p)
+        else:
+            from safetensors import safe_open
+            from safetensors.torch import load_file, save_file
+
+            save_model(p, m)
+            with safe_open(p, framework="pt") as f:
+                md = f.metadata()
+            save_file(_damaged(load_file(p), bad_key, (3,)), p, metadata=md)
+        match = rf"^{re.escape(p)}: tensor '{re.escape(bad_key)}' holds 1 non-finite values"
+        with pytest.raises(CheckpointError, match=match):
+            load_model(p)
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(p)
+        loaded = load_model(p, check_finite=False)  # on request, loaded as it is
+        assert loaded.state_dict()[bad_key].isnan().sum() == 1
+    # official files: the error names the file's own key
+    official_key = "blocks.1.mlp.fc1.weight"
+    p = _variant(tmp_path, "nan_official.pt", edit_sd=lambda sd: _damaged(sd, official_key, (5,)))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(p)}: tensor '{official_key}' holds 1 non-finite"):
+        load(p)
+    assert load(p, check_finite=False).cfg == load(FIXTURE_A).cfg
+
+
+def test_sha256_is_checked_before_parsing(tmp_path):
+    import hashlib
+
+    from elit_kernels.models.checkpoint import file_sha256
+
+    p = _tiny_file(tmp_path, ".safetensors")
+    with open(p, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert file_sha256(p) == digest
+    load_model(p, sha256=digest.upper())  # any case
+    load_checkpoint(FIXTURE_A, sha256=file_sha256(FIXTURE_A), arch=arch_of(FIXTURE_A), backend="torch")
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    for loader in (load_model, load_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(p)}: SHA-256 {digest} does not match the expected "
+                                                  rf"{wrong}"):
+            loader(p, sha256=wrong)
+        with pytest.raises(ValueError, match="^sha256: expected 64 hex digits"):
+            loader(p, sha256="abc")
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # safetensors' path for the faked old torch
+def test_torch_files_are_refused_on_a_torch_without_the_weights_only_fixes(tmp_path, monkeypatch):
+    import elit_kernels.models.checkpoint as ck
+
+    pt = _tiny_file(tmp_path, ".pt")
+    st = _tiny_file(tmp_path, ".safetensors")
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    for old in ("2.5.1", "2.9.1+cu128", "1.13.0"):
+        monkeypatch.setattr(torch, "__version__", old)
+        for loader in (load_model, load_checkpoint, ck.safe_torch_load):
+            with pytest.raises(RuntimeError, match=rf"^{re.escape(pt)}: refusing to read a torch checkpoint with "
+                                                   rf"torch {re.escape(old)}: .*CVE-2025-32434.*CVE-2026-24747"):
+                loader(pt)
+        assert type(load_model(st)).__name__ == "ElitDiT"  # safetensors: nothing unpickled, any torch
+    assert loads == []  # refused before torch.load ran
+    assert ck._torch_release("2.10.0") == (2, 10) and ck._torch_release("2.14.1+cu130") >= ck.MIN_SAFE_TORCH

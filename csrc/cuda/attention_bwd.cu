@@ -55,8 +55,8 @@ __global__ void __launch_bounds__(WARPS * 32)
                               const T* __restrict__ v, const float* __restrict__ lse,
                               const float* __restrict__ delta, const int32_t* __restrict__ cu_q,
                               const int32_t* __restrict__ cu_k, T* __restrict__ dq, int H, int group, int64_t segs,
-                              int64_t total_q, int64_t max_q, int64_t q_st, int64_t q_sh, int64_t k_st, int64_t k_sh,
-                              int64_t v_st, int64_t v_sh, float scale, bool causal) {
+                              int64_t total_q, int64_t total_k, int64_t max_q, int64_t q_st, int64_t q_sh,
+                              int64_t k_st, int64_t k_sh, int64_t v_st, int64_t v_sh, float scale, bool causal) {
   using Cfg = DqCfg<T, D, WARPS, BN>;
   constexpr int DP = Cfg::DP, LDT = Cfg::LDT, LDO = Cfg::LDO, BM = Cfg::BM, LDS = Cfg::LDS, LDP = Cfg::LDP;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int lq = static_cast<int>(t.count);
   int64_t ks;
   int lk;
-  partner_rows(cu_k, t.seg, segs, ks, lk);
+  partner_rows(cu_k, t.seg, segs, total_k, ks, lk);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* Sw = reinterpret_cast<float*>(smem + Cfg::s_off) + warp * 16 * LDS;
   float* dPw = reinterpret_cast<float*>(smem + Cfg::dp_off) + warp * 16 * LDS;
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int lk = static_cast<int>(t.count);
   int64_t qs;
   int lq;
-  partner_rows(cu_q, t.seg, segs, qs, lq);
+  partner_rows(cu_q, t.seg, segs, total_q, qs, lq);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* St = reinterpret_cast<float*>(smem + Cfg::s_off) + warp * 16 * LDS;    // [16 keys, BM queries]
   float* dPt = reinterpret_cast<float*>(smem + Cfg::dp_off) + warp * 16 * LDS;
@@ -254,7 +254,8 @@ cudaError_t launch_bwd(const cuda::AttnParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     dim3 grid(static_cast<unsigned>(num_blocks(p.segs, p.total_q, p.max_q, DqC::BM)), static_cast<unsigned>(H));
     kernel<<<grid, DQ_WARPS * 32, DqC::bytes, stream>>>(
-        dout, q, k, v, p.lse_in, p.delta, p.cu_q, p.cu_k, static_cast<T*>(p.dq), H, group, p.segs, p.total_q, p.max_q,
+        dout, q, k, v, p.lse_in, p.delta, p.cu_q, p.cu_k, static_cast<T*>(p.dq), H, group, p.segs, p.total_q, p.total_k,
+        p.max_q,
         p.q_st, p.q_sh, p.k_st, p.k_sh, p.v_st, p.v_sh, p.scale, p.causal);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;

@@ -73,6 +73,13 @@ struct SegmentTiles {
   int64_t seg, first, step, start, count;
 };
 
+// A cu_seqlens element as a row index in [0, total]: every element is read through it, so cu_seqlens that
+// run past the rows (a compiled graph skips the host-side value checks) never address memory outside the
+// tensors; a segment that ends before it starts is empty.
+__device__ __forceinline__ int64_t clamp_row(int32_t c, int64_t total) {
+  return min(max(static_cast<int64_t>(c), static_cast<int64_t>(0)), total);
+}
+
 inline int64_t num_blocks(int64_t segs, int64_t total, int64_t max_len, int64_t rows) {
   const int64_t dense = (segs + 1) * ((std::max<int64_t>(max_len, 1) + rows - 1) / rows);
   return std::min(dense, total / rows + segs + 1);
@@ -88,25 +95,25 @@ __device__ __forceinline__ SegmentTiles segment_tiles(const int32_t* __restrict_
     int64_t lo = 0, hi = S + 1;
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (cu[mid] / rows + mid <= pid) lo = mid; else hi = mid;
+      if (clamp_row(cu[mid], total) / rows + mid <= pid) lo = mid; else hi = mid;
     }
     t.seg = lo;
-    t.first = pid - (cu[lo] / rows + lo);
+    t.first = pid - (clamp_row(cu[lo], total) / rows + lo);
   } else {
     t.seg = pid / nb;
     t.first = pid % nb;
   }
-  t.start = cu[t.seg];
-  t.count = (t.seg < S ? cu[t.seg + 1] : total) - t.start;
+  t.start = clamp_row(cu[t.seg], total);
+  t.count = max((t.seg < S ? clamp_row(cu[t.seg + 1], total) : total) - t.start, static_cast<int64_t>(0));
   t.step = search ? max((t.count + rows - 1) / rows, static_cast<int64_t>(1)) : nb;
   return t;
 }
 
-// Rows of segment `seg` along the other axis (none for the tail segment S).
-__device__ __forceinline__ void partner_rows(const int32_t* __restrict__ cu, int64_t seg, int64_t S, int64_t& start,
-                                             int& count) {
-  start = cu[seg];
-  count = static_cast<int>(cu[min(seg + 1, S)] - start);
+// Rows of segment `seg` along the other axis, which has `total` rows (none for the tail segment S).
+__device__ __forceinline__ void partner_rows(const int32_t* __restrict__ cu, int64_t seg, int64_t S, int64_t total,
+                                             int64_t& start, int& count) {
+  start = clamp_row(cu[seg], total);
+  count = static_cast<int>(max(clamp_row(cu[min(seg + 1, S)], total) - start, static_cast<int64_t>(0)));
 }
 
 // Keys query row i (of lq, in a segment of lk keys) sees.

@@ -35,7 +35,8 @@ template <typename T, int D, int WARPS, int BN>
 __global__ void __launch_bounds__(WARPS * 32)
     varlen_attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k, T* __restrict__ out,
-                           float* __restrict__ lse, int H, int group, int64_t segs, int64_t total_q, int64_t max_q,
+                           float* __restrict__ lse, int H, int group, int64_t segs, int64_t total_q, int64_t total_k,
+                           int64_t max_q,
                            int64_t q_st, int64_t q_sh, int64_t k_st, int64_t k_sh, int64_t v_st, int64_t v_sh,
                            float scale_log2, bool causal) {
   using Cfg = FwdCfg<T, D, WARPS, BN>;
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int lq = static_cast<int>(t.count);
   int64_t ks;
   int lk;
-  partner_rows(cu_k, t.seg, segs, ks, lk);
+  partner_rows(cu_k, t.seg, segs, total_k, ks, lk);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* Sw = reinterpret_cast<float*>(smem + Cfg::s_off) + warp * 16 * LDS;
   T* Pw = reinterpret_cast<T*>(smem + Cfg::p_off) + warp * 16 * LDP;
@@ -138,7 +139,7 @@ cudaError_t launch_fwd(const cuda::AttnParams& p, cudaStream_t stream) {
   kernel<<<grid, WARPS * 32, Cfg::bytes, stream>>>(
       static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), p.cu_q, p.cu_k,
       static_cast<T*>(p.o), p.lse, static_cast<int>(p.heads), static_cast<int>(p.heads / p.kv_heads), p.segs,
-      p.total_q, p.max_q, p.q_st, p.q_sh, p.k_st, p.k_sh, p.v_st, p.v_sh, p.scale * kLog2e, p.causal);
+      p.total_q, p.total_k, p.max_q, p.q_st, p.q_sh, p.k_st, p.k_sh, p.v_st, p.v_sh, p.scale * kLog2e, p.causal);
   return cudaGetLastError();
 }
 

@@ -151,6 +151,14 @@ def num_programs(num_segments: int, total: int, max_len: int, block: int) -> int
 
 
 @triton.jit
+def clamp_row(x, total):
+    """A ``cu_seqlens`` element as a row index inside ``[0, total]`` (int64). The kernels read every element
+    through it, so inconsistent ``cu_seqlens`` (values past the row count or negative, as a compiled graph
+    that skips the value checks may pass) never address a row outside the tensors."""
+    return tl.minimum(tl.maximum(x.to(tl.int64), 0), total)
+
+
+@triton.jit
 def segment_of_program(CU, S, total, max_len, BLOCK: tl.constexpr):
     """Map program id 0 to ``(segment, first block, block step, segment row start, segment row count)``
     along the axis that ``CU`` (int32 ``[S+1]``) cuts into segments; the caller loops over the blocks
@@ -158,6 +166,9 @@ def segment_of_program(CU, S, total, max_len, BLOCK: tl.constexpr):
 
     Segment ``S`` is the rows past ``CU[S]`` up to ``total`` (a buffer longer than the packed data): a
     segment with no partner rows, so the kernels write zeros there without a separate launch.
+
+    Every ``CU`` element is clamped into ``[0, total]`` (``clamp_row``) and a count below zero is 0, so
+    whatever ``CU`` holds, a segment's rows lie inside ``[0, total)``.
 
     Two mappings, picked from the launch shape alone (no host read of CU) exactly as ``num_programs``
     sizes the grid:
@@ -177,27 +188,28 @@ def segment_of_program(CU, S, total, max_len, BLOCK: tl.constexpr):
         hi = lo + S + 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            below = tl.load(CU + mid).to(tl.int64) // BLOCK + mid <= pid
+            below = clamp_row(tl.load(CU + mid), total) // BLOCK + mid <= pid
             lo = tl.where(below, mid, lo)
             hi = tl.where(below, hi, mid)
         seg = lo
-        first = pid - (tl.load(CU + seg).to(tl.int64) // BLOCK + seg)
+        first = pid - (clamp_row(tl.load(CU + seg), total) // BLOCK + seg)
     else:
         seg = pid // nb
         first = pid % nb
-    start = tl.load(CU + seg).to(tl.int64)
-    end = tl.where(seg < S, tl.load(CU + tl.minimum(seg + 1, S)).to(tl.int64), total)
-    count = end - start
+    start = clamp_row(tl.load(CU + seg), total)
+    end = tl.where(seg < S, clamp_row(tl.load(CU + tl.minimum(seg + 1, S)), total), total)
+    count = tl.maximum(end - start, 0)
     step = tl.where(search, tl.maximum(tl.cdiv(count, BLOCK), 1), nb)
     return seg, first, step, start, count
 
 
 @triton.jit
-def partner_rows(CU, seg, S):
-    """``(row start, row count)`` of segment ``seg`` along the other axis; the tail segment ``S`` has none."""
-    start = tl.load(CU + seg).to(tl.int64)
-    end = tl.load(CU + tl.minimum(seg + 1, S)).to(tl.int64)
-    return start, end - start
+def partner_rows(CU, seg, S, total):
+    """``(row start, row count)`` of segment ``seg`` along the other axis (``total`` rows; elements clamped
+    as in ``segment_of_program``); the tail segment ``S`` has none."""
+    start = clamp_row(tl.load(CU + seg), total)
+    end = clamp_row(tl.load(CU + tl.minimum(seg + 1, S)), total)
+    return start, tl.maximum(end - start, 0)
 
 
 # A window side of -1 (unbounded) reaches the kernels as this many keys, so the bounds need no branch; it

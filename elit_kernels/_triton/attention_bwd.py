@@ -49,12 +49,12 @@ def _varlen_attn_bwd_preprocess_kernel(
     tl.store(DELTA + h * stride_dh + t64, delta, mask=t_valid)
 
 
-@triton.jit(do_not_specialize=["S", "total_k", "max_seqlen_k", "win_left", "win_right"])
+@triton.jit(do_not_specialize=["S", "total_q", "total_k", "max_seqlen_k", "win_left", "win_right"])
 def _varlen_attn_bwd_dkdv_kernel(
     Q, K, V, DOUT, LSE, DELTA, DK, DV, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    S, total_k, max_seqlen_k, group, sm_scale, qk_scale, cap2, win_left, win_right,
+    S, total_q, total_k, max_seqlen_k, group, sm_scale, qk_scale, cap2, win_left, win_right,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -74,7 +74,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     C.static_checks(HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_M, BLOCK_N, ALIGN)
     hk = tl.program_id(1).to(tl.int64)
     seg, first, step, k_start, len_k = C.segment_of_program(CU_K, S, total_k, max_seqlen_k, BLOCK_N)
-    q_start, len_q = C.partner_rows(CU_Q, seg, S)
+    q_start, len_q = C.partner_rows(CU_Q, seg, S, total_q)
     offs_m = tl.arange(0, BLOCK_M)
     for nb in range(first, tl.cdiv(len_k, BLOCK_N), step):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,12 +148,12 @@ def _varlen_attn_bwd_dkdv_kernel(
                      dv0, dv1, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
 
-@triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q", "win_left", "win_right"])
+@triton.jit(do_not_specialize=["S", "total_q", "total_k", "max_seqlen_q", "win_left", "win_right"])
 def _varlen_attn_bwd_dq_kernel(
     Q, K, V, DOUT, LSE, DELTA, DQ, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_lh, stride_dqt, stride_dqh,
-    S, total_q, max_seqlen_q, group, sm_scale, qk_scale, cap2, win_left, win_right,
+    S, total_q, total_k, max_seqlen_q, group, sm_scale, qk_scale, cap2, win_left, win_right,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -169,7 +169,7 @@ def _varlen_attn_bwd_dq_kernel(
     h = tl.program_id(1).to(tl.int64)
     hk = h // group
     seg, first, step, q_start, len_q = C.segment_of_program(CU_Q, S, total_q, max_seqlen_q, BLOCK_M)
-    k_start, len_k = C.partner_rows(CU_K, seg, S)
+    k_start, len_k = C.partner_rows(CU_K, seg, S, total_k)
     offs_n = tl.arange(0, BLOCK_N)
     for mb in range(first, tl.cdiv(len_q, BLOCK_M), step):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -248,13 +248,13 @@ def bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_se
     dkdv = ((q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
              dout.stride(0), dout.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-             dv.stride(0), dv.stride(1), S, total_k, max_seqlen_k, H // H_kv, softmax_scale, qk_scale, cap2,
+             dv.stride(0), dv.stride(1), S, total_q, total_k, max_seqlen_k, H // H_kv, softmax_scale, qk_scale, cap2,
              win_left, win_right, *buckets),
             meta, lambda m: (C.num_programs(S, total_k, max_seqlen_k, m["BLOCK_N"]), H_kv))
     dq_ = ((q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), lse.stride(0), dq.stride(0), dq.stride(1),
-            S, total_q, max_seqlen_q, H // H_kv, softmax_scale, qk_scale, cap2, win_left, win_right, *buckets),
+            S, total_q, total_k, max_seqlen_q, H // H_kv, softmax_scale, qk_scale, cap2, win_left, win_right, *buckets),
            meta, lambda m: (C.num_programs(S, total_q, max_seqlen_q, m["BLOCK_M"]), H))
     return {"preprocess": pre, "dkdv": dkdv, "dq": dq_}
 

@@ -15,11 +15,11 @@ from . import _common as C
 from . import _tiles
 
 
-@triton.jit(do_not_specialize=["S", "total_q", "max_seqlen_q", "win_left", "win_right"])
+@triton.jit(do_not_specialize=["S", "total_q", "total_k", "max_seqlen_q", "win_left", "win_right"])
 def _varlen_attn_fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    S, total_q, max_seqlen_q, group, qk_scale, cap2, win_left, win_right,
+    S, total_q, total_k, max_seqlen_q, group, qk_scale, cap2, win_left, win_right,
     max_q_bucket, max_k_bucket,  # only read by the autotuner's key / pruning
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -40,7 +40,7 @@ def _varlen_attn_fwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     hk = h // group
     seg, first, step, q_start, len_q = C.segment_of_program(CU_Q, S, total_q, max_seqlen_q, BLOCK_M)
-    k_start, len_k = C.partner_rows(CU_K, seg, S)
+    k_start, len_k = C.partner_rows(CU_K, seg, S, total_k)
     offs_n = tl.arange(0, BLOCK_N)
     for mb in range(first, tl.cdiv(len_q, BLOCK_M), step):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,8 +119,8 @@ def fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            S, total_q, max_seqlen_q, H // k.shape[1], *C.score_args(softmax_scale, softcap), win_left, win_right,
-            C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
+            S, total_q, k.shape[0], max_seqlen_q, H // k.shape[1], *C.score_args(softmax_scale, softcap), win_left,
+            win_right, C.bucket(max_seqlen_q), C.bucket(max_seqlen_k))
     meta = C.kernel_meta(D, q.dtype, causal, q, k, v, out, window=window, softcap=softcap > 0.0)
 
     def grid(m):

@@ -156,6 +156,12 @@ def set_value_checks(enabled: bool) -> None:
     They run in eager mode by default (``ELIT_VALIDATE=0`` turns them off at import). They are always
     skipped under ``torch.compile`` tracing and CUDA-graph capture, where a host copy would break the
     graph; shape, dtype and device checks always run.
+
+    Without them a wrong ``cu_seqlens`` still never makes a backend touch memory outside q/k/v and its
+    outputs: the kernels (``triton``, ``cuda``, ``cpp``) clamp every element into ``[0, rows]`` (a segment that
+    ends before it starts is empty), so a non-decreasing one that runs past the rows gives the attention over
+    the clamped segments; the backends that read it on the host (``reference``, ``torch``, ``cpp``) raise
+    ``ValueError`` (``RuntimeError`` from ``cpp``) naming it.
     """
     global _validate_values
     _validate_values = bool(enabled)
@@ -201,7 +207,9 @@ def _check_cu(name: str, cu, total: int, max_name: str, max_len: int, check_valu
 
 def _as_int(name: str, n) -> int:
     """A max length as a Python int: ints, NumPy integers and 0-dim integer tensors (``.item()``: a host
-    sync for a CUDA tensor) are accepted."""
+    sync for a CUDA tensor) are accepted. An int is returned as is, so that under
+    ``torch.compile(dynamic=True)`` it stays symbolic (``operator.index`` would specialise the graph on its
+    value: one recompile per new length)."""
     if isinstance(n, torch.Tensor):
         if n.dim() != 0 or n.dtype not in _INT_DTYPES:
             raise TypeError(f"{name}: expected an int or a 0-dim integer tensor, got a tensor of shape "
@@ -209,11 +217,12 @@ def _as_int(name: str, n) -> int:
         n = n.item()
     if isinstance(n, bool):
         raise TypeError(f"{name}: expected an int, got bool")
-    try:
-        n = operator.index(n)  # int, NumPy integer, anything with __index__
-    except TypeError:
-        raise TypeError(f"{name}: expected an int (or a NumPy integer / 0-dim integer tensor), got "
-                        f"{type(n).__name__}") from None
+    if not isinstance(n, (int, torch.SymInt)):
+        try:
+            n = operator.index(n)  # NumPy integer, anything with __index__
+        except TypeError:
+            raise TypeError(f"{name}: expected an int (or a NumPy integer / 0-dim integer tensor), got "
+                            f"{type(n).__name__}") from None
     if n < 0:
         raise ValueError(f"{name}: must be >= 0, got {n}")
     return n
@@ -233,11 +242,12 @@ def _window(window_size, causal: bool) -> tuple[int, int]:
             n = n.item()
         if isinstance(n, bool):
             raise TypeError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got bool")
-        try:
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got "
-                            f"{type(n).__name__}") from None
+        if not isinstance(n, (int, torch.SymInt)):  # an int stays symbolic under dynamic shapes (as _as_int)
+            try:
+                n = operator.index(n)
+            except TypeError:
+                raise TypeError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got "
+                                f"{type(n).__name__}") from None
         if n < -1:
             raise ValueError(f"window_size: {side} must be >= -1 (-1: unbounded), got {n}")
         sides.append(n)

@@ -15,10 +15,13 @@ flash-attn semantics, bottom-right aligned causal mask):
 
 - **padding** (any positions, left or right or holes): the mask function hands over the 2-D boolean key mask
   ``[B, kv_length]``; valid keys and queries are gathered wherever they are, run as one packed call, and the
-  output is scattered back (rows of padded queries are zeros);
+  output is scattered back. Causal or windowed self-attention: the queries are the last ``S_q`` keys, and rows
+  of padded queries are zeros. Otherwise (cross-attention, whose mask is the encoder's; bidirectional
+  self-attention) every query attends to the valid keys of its row, as in eager attention;
 - **packed sequences**: ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (``DataCollatorWithFlattening``;
   ``max_length_*`` may be 0-dim tensors), or ``position_ids`` that restart (a new sequence wherever the position
-  does not grow by 1, as transformers' own masks read them);
+  does not grow by 1, as transformers' own masks read them), also under ``torch.compile`` (read on the device)
+  and together with a padding mask (each packed sequence attends to its own valid tokens);
 - **KV cache**: keys longer than queries; the queries are the last ones (bottom-right alignment);
 - **GQA / MQA**: key/value heads are passed as they are (no ``repeat_kv``);
 - **sliding window** (``sliding_window=w``, Mistral): ``window_size=(w - 1, w - 1)`` with causal, i.e. a query sees
@@ -61,19 +64,46 @@ def _as_cu(name: str, t) -> torch.Tensor:
     return t.to(torch.int32)
 
 
-def _packed_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int):
-    """``cu_seqlens`` int32 over the ``batch * seqlen`` flattened tokens when ``position_ids`` restart inside a
-    row (packed sequences), else None. A new sequence starts at every row start and wherever the position does
-    not grow by exactly 1 (transformers' ``find_packed_sequence_indices`` rule)."""
-    if position_ids.dim() != 2 or position_ids.shape[-1] != seqlen:
+def _packing_starts(position_ids, batch: int, seqlen: int) -> torch.Tensor | None:
+    """bool ``[batch, seqlen]``: the tokens that start a sequence of a packed row, or None when ``position_ids``
+    is absent or not ``[1 | batch, seqlen]``. A new sequence starts at every row start and wherever the position
+    does not grow by exactly 1 (transformers' ``find_packed_sequence_indices`` rule). On the device, no host
+    read."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != seqlen \
+            or position_ids.shape[0] not in (1, batch):
         return None
     pos = position_ids.expand(batch, -1)
     start = torch.ones_like(pos, dtype=torch.bool)
     start[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-    if int(start.sum()) == batch:
+    return start
+
+
+def _segment_lengths(start: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
+    """Valid tokens in each of the first ``count`` packed sequences (``start``, ``valid``: bool ``[B, S]``); the
+    sequences are numbered in flattened order, so ``count = B * S`` (static) leaves the unused ones empty."""
+    seq = torch.cumsum(start.flatten().to(torch.int64), 0) - 1
+    lengths = torch.zeros(count, dtype=torch.int64, device=start.device)
+    return lengths.index_add_(0, seq.clamp_max(count - 1), valid.flatten().to(torch.int64))
+
+
+def _packed_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int):
+    """``(cu_seqlens int32, max_seqlen)`` over the ``batch * seqlen`` flattened tokens when ``position_ids``
+    restart inside a row (packed sequences), else None (``_packing_starts``).
+
+    Eager: one host read, exactly the sequences. Under ``torch.compile`` (no host read): ``batch * seqlen``
+    segments, those past the last sequence empty, and ``seqlen`` as the max length (an upper bound), whether
+    or not the rows are packed; the checks never fall back to one dense causal call across sequences."""
+    start = _packing_starts(position_ids, batch, seqlen)
+    if start is None:
         return None
-    idx = start.flatten().nonzero().flatten()
-    return torch.cat([idx, idx.new_tensor([batch * seqlen])]).to(torch.int32)
+    if torch.compiler.is_compiling():
+        ones = torch.ones_like(start)
+        return _cu(_segment_lengths(start, ones, batch * seqlen)), seqlen
+    count = int(start.sum())
+    if count == batch:
+        return None
+    lengths = _segment_lengths(start, torch.ones_like(start), count)
+    return _cu(lengths), int(lengths.max())
 
 
 def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -118,9 +148,19 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         key_ok = attention_mask[:, :sk]
         if key_ok.shape[1] < sk:  # a static cache longer than the mask: the rest is not written yet
             key_ok = torch.nn.functional.pad(key_ok, (0, sk - key_ok.shape[1]), value=False)
-        q_ok = key_ok[:, -sq:] if sq <= sk else torch.ones(b, sq, dtype=torch.bool, device=query.device)
+        q_ok = torch.ones(b, sq, dtype=torch.bool, device=query.device)
+        if (causal or window != (-1, -1)) and sq <= sk:
+            # Self-attention (a cache only adds keys before them): the queries are the last sq keys, and the
+            # mask's alignment matters. Without causality or a window (cross-attention, where the mask is the
+            # encoder's; bidirectional self-attention) every query attends to the valid keys of its row.
+            q_ok = key_ok[:, -sq:]
+        start = _packing_starts(kwargs.get("position_ids"), b, sq) if sq == sk else None
+        if start is None:  # one segment per row
+            len_q, len_k = q_ok.sum(1), key_ok.sum(1)
+        else:  # packed rows with padding: one segment per packed sequence, its valid tokens only
+            count = int(start.sum())
+            len_q, len_k = _segment_lengths(start, q_ok, count), _segment_lengths(start, key_ok, count)
         idx_q, idx_k = q_ok.flatten().nonzero().flatten(), key_ok.flatten().nonzero().flatten()
-        len_q, len_k = q_ok.sum(1), key_ok.sum(1)
         out = flash_attn_varlen_func(q.reshape(b * sq, h, d)[idx_q], k.reshape(b * sk, *k.shape[2:])[idx_k],
                                      v.reshape(b * sk, *v.shape[2:])[idx_k], _cu(len_q), _cu(len_k),
                                      int(len_q.max()), int(len_k.max()), **fa)
@@ -134,14 +174,12 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                                      _as_cu("cu_seq_lens_k", cu_k), max_q, max_k, **fa)
         return out.view(b, sq, h, d), None
 
-    position_ids = kwargs.get("position_ids")
-    if position_ids is not None and sq == sk and not torch.compiler.is_compiling():
-        cu = _packed_from_position_ids(position_ids, b, sq)
-        if cu is not None:
-            longest = int((cu[1:] - cu[:-1]).max())
-            out = flash_attn_varlen_func(q.reshape(b * sq, h, d), k.reshape(b * sk, *k.shape[2:]),
-                                         v.reshape(b * sk, *v.shape[2:]), cu, cu, longest, longest, **fa)
-            return out.view(b, sq, h, d), None
+    packed = _packed_from_position_ids(kwargs.get("position_ids"), b, sq) if sq == sk else None
+    if packed is not None:
+        cu, longest = packed
+        out = flash_attn_varlen_func(q.reshape(b * sq, h, d), k.reshape(b * sk, *k.shape[2:]),
+                                     v.reshape(b * sk, *v.shape[2:]), cu, cu, longest, longest, **fa)
+        return out.view(b, sq, h, d), None
 
     return flash_attn_func(q, k, v, **fa), None
 

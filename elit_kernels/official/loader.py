@@ -15,7 +15,8 @@ import re
 import torch
 
 from ..models.checkpoint import (READABLE_FORMATS, SAFE_GLOBALS, CheckpointError, UnsafeCheckpointError,  # noqa: F401
-                                 model_from_parts, read_model_file, safe_torch_load)
+                                 check_finite as _check_finite, model_from_parts, read_model_file, safe_torch_load,
+                                 verify_sha256)
 from ..models.config import RELEASED_SWITCHES, SIT_REGISTRY, ElitConfig, config_dict, parse_sit_name
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,9 @@ def check_pos_embed(pos_embed: torch.Tensor, model, path: str = "checkpoint") ->
     ours = model.stem.pos_embed.detach().float().cpu()[inverse_permutation(perm)]
     theirs = pos_embed[0].float()
     err = (ours - theirs).abs().max().item()
-    if not err <= 1e-5:
+    # a bf16/fp16 file (or model) holds the table rounded to its precision (|values| <= 1)
+    tol = max([1e-5] + [torch.finfo(t.dtype).eps for t in (model.stem.pos_embed, pos_embed) if t.is_floating_point()])
+    if not err <= tol:
         raise CheckpointError(f"{path}: pos_embed differs from the 2-D sin-cos table (max abs diff {err:.3g}); "
                               "not the official fixed table")
 
@@ -263,10 +266,12 @@ def _check_weights(weights) -> None:
                          f"got {weights!r}")
 
 
-def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, ckpt=None):
+def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, ckpt=None, check_finite: bool = True):
     """Read an official file -> ``(cfg, our state_dict, info)`` without building a model.
 
-    ``ckpt``: the file's contents when already read with ``safe_torch_load``. ``info``: provenance and
+    ``ckpt``: the file's contents when already read with ``safe_torch_load``. ``check_finite``: refuse a
+    tensor of the chosen weights that holds NaN or inf (``models.checkpoint.check_finite``, naming the file's
+    key; one pass over those weights). ``info``: provenance and
     notes (what was ignored and why) for ``load_checkpoint`` and ``elit-convert``; ``info["official_pos_embed"]``
     is the stored sin-cos table (checked against ours by ``check_pos_embed``)."""
     _check_weights(weights)
@@ -294,6 +299,8 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
                               f"(official train.py) or one of our files (format {READABLE_FORMATS}), got {keys}")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: the {weights!r} entry is not a state_dict of tensors")
+    if check_finite:
+        _check_finite(str(path), sd)
     if READ + "learned_query_embed" not in sd:
         raise CheckpointError(f"{path}: not an ELIT-SiT checkpoint: no Read/Write interface keys "
                               f"({READ}...); a plain SiT or DFM checkpoint has the same file layout")
@@ -320,7 +327,7 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
 
 
 def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None, device="cpu", dtype=None,
-                    backend: str | None = None):
+                    backend: str | None = None, check_finite: bool = True, sha256: str | None = None):
     """A released ELIT-SiT checkpoint (or one of our files) -> ``ElitDiT`` in eval mode.
 
     Arguments:
@@ -330,8 +337,13 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
         weights: ``"ema"`` (default; what the official sampling scripts load) or ``"model"`` (the raw weights).
         arch: official constructor keywords (``num_heads``, ``dit_decoder_depth``, ``encoder_depth``, ...) for a
             model name outside the official registry; checked against the weights where both say something.
-        device, dtype: where and in what dtype to put the weights (default: CPU, the file's fp32).
+        device, dtype: where and in what dtype to put the weights (default: CPU, the file's dtype: a bf16 file
+            gives a bf16 model, allocated as such).
         backend: the model's ``varlen_attention`` backend (None = dispatch).
+        check_finite: refuse weights holding NaN or inf (default; one pass over the weights, about 0.1 s per GB
+            on one CPU core): a damaged download that still parses shows up this way.
+        sha256: the file's expected SHA-256 (64 hex digits), checked before anything is parsed (one read of the
+            whole file); None skips it.
 
     Safety: official files are read with ``torch.load(weights_only=True)`` and an allowlist of exactly
     ``argparse.Namespace`` (the ``args`` entry); a file pickling any other global raises
@@ -340,10 +352,14 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
 
     Raises CheckpointError (a ValueError) naming the file and the problem: not an ELIT-SiT checkpoint,
     missing or unexpected keys (listed), a shape mismatch (key, expected, got), an unknown registry name
-    without ``arch``; ValueError for ``weights`` not in {"ema", "model"} or unknown ``arch`` keys.
+    without ``arch``, a SHA-256 mismatch, a tensor holding NaN or inf (named); ValueError for ``weights`` not in
+    {"ema", "model"}, unknown ``arch`` keys or a malformed ``sha256``; RuntimeError for a torch-format file on
+    torch older than 2.10, whose ``weights_only`` loader is not safe against crafted files.
     """
     _check_weights(weights)
     arch = _check_arch(arch)
+    if sha256 is not None:
+        verify_sha256(path, sha256)
     ours, ckpt = read_model_file(path, device="cpu"), None
     if ours is None:
         ckpt = safe_torch_load(path)
@@ -356,14 +372,14 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
             raise ValueError(f"weights: {path} is an elit-kernels file holding one set of weights "
                              f"({ours[2].get('weights', 'unknown')!r} when converted); use the default")
         config, sd, meta = ours
+        if check_finite:
+            _check_finite(str(path), sd)
         model = model_from_parts(config, sd, backend=backend, device=device, dtype=dtype, source=str(path))
         model.checkpoint_info = {"source": str(path), "format": "elit-kernels", **meta}
         return model
-    cfg, sd, info = read_official(path, weights=weights, arch=arch, ckpt=ckpt)
-    model = model_from_parts(config_dict(cfg), sd, backend=backend, device=device, dtype=None, source=str(path))
+    cfg, sd, info = read_official(path, weights=weights, arch=arch, ckpt=ckpt, check_finite=check_finite)
+    model = model_from_parts(config_dict(cfg), sd, backend=backend, device=device, dtype=dtype, source=str(path))
     check_pos_embed(info.pop("official_pos_embed"), model, str(path))
-    if dtype is not None:
-        model = model.to(dtype)
     for n in info["notes"]:
         log.info("%s: %s", path, n)
     model.checkpoint_info = info

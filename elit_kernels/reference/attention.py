@@ -66,6 +66,22 @@ def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=tor
     return o.transpose(0, 1), lse
 
 
+def check_cu_rows(name: str, c: list, total: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless the host list ``c`` (a ``cu_seqlens``) starts at 0, is
+    non-decreasing and ends at most at ``total`` rows. The backends that read ``cu_seqlens`` on the host run
+    it whatever ``set_value_checks`` says: slicing ``q[a:b]`` past the row count would silently compute on
+    fewer rows than ``cu_seqlens`` claims."""
+    if c[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {name}[0] = {c[0]}")
+    for i in range(1, len(c)):
+        if c[i] < c[i - 1]:
+            raise ValueError(f"{name}: must be non-decreasing, but {name}[{i}] = {c[i]} < {name}[{i - 1}] = "
+                             f"{c[i - 1]}")
+    if c[-1] > total:
+        raise ValueError(f"{name}: last element {c[-1]} is past the end of the packed tokens ({total} rows); "
+                         "it must be <= the row count")
+
+
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float, causal: bool = False,
                                return_lse: bool = False, window_size=(-1, -1), softcap: float = 0.0):
     """Reference ``varlen_attention``: q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]`` -> ``[total_q, H, D]``.
@@ -73,6 +89,8 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_s
     ``window_size`` (left, right) and ``softcap`` as in ``varlen_attention`` (flash-attn semantics).
     Accumulates in fp32 (fp64 when the inputs are fp64) and returns q's dtype. q rows past
     ``cu_seqlens_q[-1]`` get zeros (and zero gradients); k/v rows past ``cu_seqlens_k[-1]`` are not read.
+    Raises ``ValueError`` naming the ``cu_seqlens`` that does not start at 0, decreases, or runs past its
+    tensor's rows (``check_cu_rows``; always, even with the value checks off).
     With ``return_lse`` returns ``(out, lse)``, lse ``[H, total_q]`` fp32 (fp64 for fp64 inputs), natural
     log, +inf on rows that see no key, detached.
 
@@ -84,6 +102,8 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_s
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
+    check_cu_rows("cu_seqlens_q", cq, q.shape[0])
+    check_cu_rows("cu_seqlens_k", ck, k.shape[0])
     outs, lses = [], []
     for i in range(len(cq) - 1):
         qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._autograd import register_varlen_autograd
-from ...reference.attention import visible_mask
+from ...reference.attention import check_cu_rows, visible_mask
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -264,12 +264,15 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
 
     ``segments`` (a ``SegmentRuns``): the runs as host ints, so nothing is read from the device and the path
     traces under ``torch.compile``. Without it the path reads ``cu_seqlens`` on the host (eager only: free on
-    CPU, a device sync on CUDA)."""
+    CPU, a device sync on CUDA) and raises ValueError naming a ``cu_seqlens`` that does not start at 0,
+    decreases or runs past its rows (``check_cu_rows``), whatever the value-check setting."""
     windowed = window_left >= 0 or window_right >= 0
     if segments is None:
         from ..inputs import SegmentRuns
 
         c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+        check_cu_rows("cu_seqlens_q", c[0], q.shape[0])  # else a view past the rows fails with a nameless error
+        check_cu_rows("cu_seqlens_k", c[1], k.shape[0])
         segments = SegmentRuns.from_lengths([b - a for a, b in zip(c[0][:-1], c[0][1:])],
                                             [b - a for a, b in zip(c[1][:-1], c[1][1:])])
     runs = _run_offsets(segments)

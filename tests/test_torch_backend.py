@@ -1,4 +1,4 @@
-"""The `torch` backend's two paths (elit_kernels/torch_attention.py) against the reference, each forced.
+"""The `torch` backend's two paths (elit_kernels/attention/backends/torch_ops.py) against the reference, each forced.
 
 Written against the mutation run (benchmarks/results/mutation.md): fp64 accumulation, chunked plans, the run
 detection, and every case in which the dense-SDPA-per-run path must decline or must handle a segment kind.

@@ -49,9 +49,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0")  # triton reads it once, at
 _tuning = os.environ.get("ELIT_TUNE", "0") not in ("", "0", "false", "False")
 
 
-def _bucket(n: int) -> int:
-    """The power of two at or above ``n`` (0 stays 0)."""
-    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+def _bucket(n) -> int:
+    """The power of two at or above ``n`` (0 stays 0); -1 for a symbolic length under ``torch.compile(dynamic=
+    True)``, whose value must not be read (that would specialise the graph on it)."""
+    if not isinstance(n, int):
+        return -1
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def _gpu_name(device: torch.device) -> str:
@@ -148,6 +151,8 @@ def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
 
 def ranking(inp: AttnInputs) -> tuple[list[str], str]:
     """``(names fastest first, source)`` for ``inp``; source is ``"tuned"``, ``"table"`` or ``"static"``."""
+    if inp.q.device.type != "cuda":
+        return static_order(inp), "static"
     c = shape_class(inp)
     tuned = _TUNED.get(_class_key(c))
     if tuned is None and inp.q.device.type == "cuda":

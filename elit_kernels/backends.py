@@ -173,9 +173,17 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"backend: unknown backend {name!r}; known backends: {', '.join(known_backends())}") from None
 
 
+def unavailable_reason(b: Backend) -> str | None:
+    """Why ``b`` cannot run in this environment at all (None when it can): the backend's own
+    ``unavailable_reason`` when it states one, else a generic sentence."""
+    if b.is_available():
+        return None
+    return getattr(b, "unavailable_reason", None) or "not available in this environment"
+
+
 def _reasons(b: Backend, inp: AttnInputs) -> list[str]:
-    missing = [] if b.is_available() else ["not available in this environment"]
-    return missing + b.not_supported_reasons(inp)
+    why = unavailable_reason(b)
+    return ([why] if why else []) + b.not_supported_reasons(inp)
 
 
 def describe_inputs(inp: AttnInputs) -> str:
@@ -218,10 +226,13 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
 
 
 def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
-    """One dict per backend: name, priority, available, and (given inputs) the reasons it can't run."""
+    """One dict per backend: name, priority, available, why not (``unavailable_reason``: what is missing and what
+    would fix it; None when available), description, and (given inputs) every reason it can't run them."""
     rows = []
     for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-        row = {"name": b.name, "priority": b.priority, "available": b.is_available(), "description": b.description}
+        why = unavailable_reason(b)
+        row = {"name": b.name, "priority": b.priority, "available": why is None, "unavailable_reason": why,
+               "description": b.description}
         if inp is not None:
             row["reasons"] = _reasons(b, inp)
         rows.append(row)
@@ -291,12 +302,18 @@ class _CudaComparator(Backend):
     supports_window = False
     supports_softcap = False
 
-    def is_available(self):
+    @property
+    def unavailable_reason(self) -> str | None:
         try:
             importlib.import_module(self.module)
-        except ImportError:
-            return False
-        return torch.cuda.is_available()
+        except ImportError as e:
+            return f"{self.module} is not importable ({e})"
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        return None
+
+    def is_available(self):
+        return self.unavailable_reason is None
 
 
 class TorchVarlenBackend(_CudaComparator):

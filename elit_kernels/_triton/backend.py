@@ -30,12 +30,24 @@ class TritonBackend(Backend):
     def devices(self):
         return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why the Triton kernels cannot run here (None when they can)."""
+        if not _HAS_TRITON:
+            return ("triton is not installed (pip install triton; its kernels run on CUDA GPUs, or on the CPU "
+                    "under TRITON_INTERPRET=1, for debugging)")
+        if not torch.cuda.is_available() and not _interpreting():
+            return ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1, set before triton is "
+                    "imported, runs the kernels on the CPU (slow: for debugging)")
+        return None
+
     def is_available(self) -> bool:
-        return _HAS_TRITON and (torch.cuda.is_available() or _interpreting())
+        return self.unavailable_reason is None
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
         r = super().not_supported_reasons(inp)
-        if inp.q.device.type == "cpu" and not _interpreting():
+        # Without triton the interpreter cannot help: unavailable_reason says to install it first.
+        if _HAS_TRITON and inp.q.device.type == "cpu" and not _interpreting():
             r.append("CPU tensors run only under TRITON_INTERPRET=1")
         return r
 

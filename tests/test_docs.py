@@ -2,6 +2,7 @@
 every relative link resolves, and the docstring examples pass."""
 import doctest
 import importlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -14,16 +15,39 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("**/*.md"))
 
 
+# Optional packages a block may import -> the pip extra of setup.py that installs them.
+EXTRAS = {"transformers": "integrations", "diffusers": "integrations", "sklearn": "demo"}
+
+
+def needed_extras(code: str) -> dict[str, str]:
+    """The optional packages ``code`` imports, each with its extra: ``{"transformers": "integrations"}``."""
+    names = re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", code, re.M)
+    return {n: EXTRAS[n] for n in dict.fromkeys(names) if n in EXTRAS}
+
+
 def _python_blocks():
     for doc in DOCS:
         text = doc.read_text()
         for i, m in enumerate(re.finditer(r"```python\n(.*?)```", text, re.S)):
             line = text[:m.start()].count("\n") + 2
-            yield pytest.param(doc, m.group(1), id=f"{doc.relative_to(ROOT)}:{line}")
+            extras = sorted(set(needed_extras(m.group(1)).values()))
+            yield pytest.param(doc, m.group(1), id=f"{doc.relative_to(ROOT)}:{line}" + "".join(f"-needs-{e}" for e in extras))
+
+
+def test_needed_extras_reads_the_imports():
+    assert needed_extras("import torch\nfrom transformers import AutoModel\n  import diffusers.models as m\n") == \
+        {"transformers": "integrations", "diffusers": "integrations"}
+    assert needed_extras("import torch  # transformers and diffusers in a comment\nx = 'import sklearn'\n") == {}
 
 
 @pytest.mark.parametrize("doc,code", list(_python_blocks()))
 def test_python_block_runs_standalone(doc, code):
+    # A block that imports an optional package runs where its extra is installed and skips, naming the extra,
+    # where it is not (the CPU-only install has no [integrations]).
+    missing = {n: e for n, e in needed_extras(code).items() if importlib.util.find_spec(n) is None}
+    if missing:
+        pytest.skip(f"{doc.name} block imports {', '.join(missing)}, not installed: the optional extra "
+                    + " and ".join(f'`pip install -e ".[{e}]"`' for e in sorted(set(missing.values()))))
     # A reader copies one block into a fresh interpreter: no names from earlier blocks, the default
     # backends of a plain CPU session (no TRITON_INTERPRET, which the test session sets), repo root as cwd.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,4 +1,4 @@
-"""flash-attn drop-in breadth and the faults of issue 11, on every backend: reference, torch, cpp, triton
+"""flash-attn drop-in breadth and the faults fixed in it, on every backend: reference, torch, cpp, triton
 (interpreted on CPU) and, on a GPU machine, cuda.
 
 GQA / MQA, head dims 1..256 (padded where a kernel needs it), the log-sum-exp (``return_attn_probs``),

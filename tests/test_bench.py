@@ -289,6 +289,14 @@ def test_no_warning_for_an_ordinary_run():
     assert _resolve(TINY)[1]["warnings"] == []
 
 
+@pytest.mark.parametrize("flag", ["float16", "fp16"])
+def test_fp16_on_cpu_warns_and_suggests_bf16_or_fp32(flag):
+    warnings = _resolve(TINY + ["--dtype", flag])[1]["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"--dtype {flag} on a CPU: most CPUs have no fp16 matmul")
+    assert "prefer --dtype bf16 or fp32" in warnings[0]
+    assert _resolve(TINY + ["--dtype", "bf16"])[1]["warnings"] == []
+
+
 def test_interpreted_triton_warns(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if "triton" not in known_backends() or not __import__("elit_kernels").backends.get_backend("triton").is_available():

@@ -79,3 +79,42 @@ def test_relative_links_resolve(doc):
 def test_docstring_examples(module):
     res = doctest.testmod(importlib.import_module(module), extraglobs={"torch": importlib.import_module("torch")})
     assert res.attempted > 0 and res.failed == 0, res
+
+
+def _pins(path: pathlib.Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file, by lower-case name."""
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)$", line.split("#")[0].strip())
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def _extras() -> dict[str, list[str]]:
+    """setup.py's ``extras_require``, read without running setup.py."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "extras_require":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py: no extras_require")
+
+
+def test_pins_agree_everywhere():
+    """One story of versions: requirements.txt (CI, full install), requirements-cpu.txt (the README's CPU path),
+    setup.py's [integrations] extra and every version the README names agree."""
+    full, cpu = _pins(ROOT / "requirements.txt"), _pins(ROOT / "requirements-cpu.txt")
+    assert "torch" in full and "torch" in cpu, (full, cpu)
+    integ = dict(x.split("==") for x in _extras()["integrations"])
+    assert set(integ) == {"transformers", "diffusers"}, integ
+    assert integ == {k: full.get(k) for k in integ}, (integ, full)  # the extra installs what CI tests
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for name, version in integ.items():
+        assert set(re.findall(rf"{name} (\d+\.\d+\.\d+)", readme)) == {version}, name
+    torch_cpu = cpu["torch"].split("+")[0]
+    assert set(re.findall(r"torch(?:==| )(\d+\.\d+\.\d+)", readme)) <= {full["torch"], torch_cpu}
+    assert f"torch {torch_cpu}'s CPU build" in readme and f"torch {full['torch']}'s CUDA build" in readme
+    assert "pip install -r requirements-cpu.txt" in readme and "pip install -r requirements.txt" in readme
+    assert "pip install -r requirements.txt" in (ROOT / ".ci" / "run").read_text()

@@ -10,7 +10,7 @@ so their rows say exact=false), and FlexAttention with a document mask (compiled
 FLOPs: 4·Σ(Lq·Lk)·H·D forward, ×3.5 for forward+backward (backward = 2.5× forward). A CPU number is
 labelled CPU. Cases are interleaved over repeats and medians quoted (docs/design.md §5).
 
-Slack rows (issue 11, item 8): 128 segments of 4 tokens (H 2, D 64) passed with max_seqlen 4 and with
+Slack rows: 128 segments of 4 tokens (H 2, D 64) passed with max_seqlen 4 and with
 max_seqlen 512, for every backend; ``slack_ratio`` = ms at 512 / ms at 4 (target <= 1.5: the cost must
 follow the data, not the bound).
 """

@@ -231,7 +231,8 @@ def _cpu_backends():
     for name in ("reference", "torch", "cpp", "triton"):
         marks = ()
         if name not in rows or not rows[name]["available"]:
-            marks = pytest.mark.skip(reason=f"backend {name!r} not available here")
+            why = rows[name]["unavailable_reason"] if name in rows else "not registered"
+            marks = pytest.mark.skip(reason=f"backend {name!r} not available here: {why}")
         out.append(pytest.param(name, marks=marks))
     return out
 

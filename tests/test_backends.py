@@ -201,7 +201,8 @@ def test_describe_backends_rows(registered):
     assert [r["name"] for r in rows] == B.known_backends()
     un = next(r for r in rows if r["name"] == "_unavailable")
     assert un == {"name": "_unavailable", "priority": 10_000, "available": False, "description": "",
-                  "unavailable_reason": "not available in this environment", "default_eligible": True}
+                  "unavailable_reason": "not available in this environment",  # it states no reason of its own
+                  "default_eligible": True}
     ref = next(r for r in rows if r["name"] == "reference")
     assert ref["available"] is True and ref["priority"] == 0 and "the truth" in ref["description"]
     with_inp = {r["name"]: r for r in B.describe_backends(_inp())}
@@ -289,3 +290,52 @@ def test_torch_backend_takes_the_run_path_exactly_when_it_may(monkeypatch):
         tb.forward(_inp(return_lse=True))
         tb.forward(_inp(softcap=1.5))
     assert len(calls) == 1  # LSE and softcap go to the grouped op
+
+
+def test_every_unavailable_backend_says_why():
+    """describe_backends(): each backend that cannot run here states a reason; each one that can states none."""
+    rows = B.describe_backends()
+    assert rows, rows
+    for r in rows:
+        if r["available"]:
+            assert r["unavailable_reason"] is None, r
+        else:
+            assert isinstance(r["unavailable_reason"], str) and len(r["unavailable_reason"]) > 20, r
+            assert r["unavailable_reason"] != "not available in this environment", r  # a real reason, not the generic one
+
+
+def test_comparator_reasons_name_what_is_missing(monkeypatch):
+    fa = B.get_backend("flash_attn")
+    monkeypatch.setattr(fa, "module", "_elit_no_such_module")
+    assert not fa.is_available()
+    assert fa.unavailable_reason.startswith("_elit_no_such_module is not importable (No module named")
+    monkeypatch.setattr(fa, "module", "math")  # importable: then only the device is missing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fa.unavailable_reason == "no CUDA device (torch.cuda.is_available() is False)"
+    assert B.describe_backends()[[r["name"] for r in B.describe_backends()].index("flash_attn")]["unavailable_reason"] \
+        == "no CUDA device (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_triton_reason_and_suggestion_fit_what_is_missing(monkeypatch, installed):
+    """Without triton the error says to install it and does not suggest TRITON_INTERPRET=1 as the remedy (the
+    interpreter is part of triton); with triton and no GPU it points to the interpreter."""
+    from elit_kernels._triton import backend as TB
+
+    monkeypatch.setattr(TB, "_HAS_TRITON", installed)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tb = B.get_backend("triton")
+    row = next(r for r in B.describe_backends() if r["name"] == "triton")
+    assert row["available"] is False and row["unavailable_reason"] == tb.unavailable_reason
+    with pytest.raises(ValueError) as e:
+        B.select_backend(_inp(), "triton")
+    msg = str(e.value)
+    if installed:
+        assert tb.unavailable_reason.startswith("no CUDA device")
+        assert "TRITON_INTERPRET=1, set before triton is imported" in msg
+        assert "CPU tensors run only under TRITON_INTERPRET=1" in msg
+    else:
+        assert tb.unavailable_reason.startswith("triton is not installed (pip install triton;")
+        assert "triton is not installed (pip install triton;" in msg
+        assert "CPU tensors run only under TRITON_INTERPRET=1" not in msg and "set before triton is imported" not in msg

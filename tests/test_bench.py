@@ -30,7 +30,7 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(TINY + ["--batch", "2", "--repeats", "2", "--warmup", "1", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "CPU" in stdout and "median_ms" in stdout and "targets:" in stdout
+    assert "CPU" in stdout and "median_ms" in stdout and "\ntargets (" in stdout and "checks hold" in stdout
     data = json.loads((out / "results.json").read_text())
     md = data["metadata"]
     assert md["estimate_s"] > 0 and md["run_seconds"] > 0
@@ -74,6 +74,14 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path, capsys):
     assert summary.startswith("### CPU")
     _check_summary_explains_rows(summary, rows)
     _check_figure_is_legible(rows, md)
+    # --replot redraws summary.md and the plot from results.json alone, as the run wrote them
+    (out / "summary.md").unlink()
+    (out / "latency_vs_latents.png").unlink()
+    capsys.readouterr()
+    assert main(["--replot", str(out)]) == 0
+    assert (out / "summary.md").read_text() == summary
+    assert (out / "latency_vs_latents.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "checks hold" in capsys.readouterr().out
     assert "_bench_flop_stub" not in known_backends()
 
 
@@ -105,13 +113,36 @@ def _check_figure_is_legible(rows, md):
             row_axes = axes[4 * i:4 * i + 4]
             assert all(ax.get_title().startswith(f"{preset}: ") for ax in row_axes), [a.get_title() for a in row_axes]
             for ax, scen in zip(row_axes[2:], ("mixed", "guidance")):
-                n = sum(1 for r in rows if r["preset"] == preset and r["scenario"] == scen and r["latency_ms"])
-                assert len(ax.patches) == n > 0, (scen, len(ax.patches), n)
+                rs = [r for r in rows if r["preset"] == preset and r["scenario"] == scen and r["latency_ms"]]
+                assert len(ax.patches) == len(rs) > 0, (scen, len(ax.patches), len(rs))
+                # no empty slot: the bars of one group stand side by side
+                xs = sorted(p.get_x() for p in ax.patches)
+                w = ax.patches[0].get_width()
+                groups = 1
+                for a, b in zip(xs, xs[1:]):
+                    if b - a > 1.5 * w:
+                        groups += 1
+                    else:
+                        assert b - a == pytest.approx(w), (scen, xs)
+                assert groups == len({(r["model"], r["backend"]) for r in rs}), (scen, xs)
+                # each value is written inside its bar, below the lower whisker (never on it)
+                labels = {t.get_text(): t.get_position()[1] for t in ax.texts}
+                for r in rs:
+                    y = labels[f"{r['latency_ms']:.0f}"]
+                    assert 0 < y < min(r["q1_ms"], r["latency_ms"]), (scen, r["case"], y, r["q1_ms"])
+                assert ax.get_ylim()[0] == 0
+                assert all(t.get_fontsize() >= 9 for t in ax.get_legend().get_texts())
+            assert row_axes[0].get_ylim()[0] == 0 and row_axes[1].get_ylim()[0] == 0  # latency axes start at zero
             for ax in row_axes[:2]:
                 lines = [(tuple(map(float, ln.get_xdata())), tuple(map(float, ln.get_ydata()))) for ln in ax.get_lines()
                          if len(ln.get_xdata()) > 1]
                 assert lines and len(set(lines)) == len(lines), ax.get_title()
                 assert ax.get_legend() is not None
+                assert all(t.get_fontsize() >= 9 for t in ax.get_legend().get_texts())
+        # the symbols are explained in the figure itself
+        caption = " ".join(t.get_text() for t in fig.texts)
+        for term in ("J̃:", "J_max:", "G·J̃ = latents per sample", "Dashed gray line: a plain DiT", "official/sdpa_dense ="):
+            assert term in caption, term
     finally:
         plt.close(fig)
 
@@ -208,6 +239,14 @@ def test_bad_flags_error_clearly(argv, flag, valid, capsys):
     assert "Traceback" not in err
 
 
+def test_replot_of_a_folder_without_results_errors_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--replot", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--replot: cannot read" in err and "results.json" in err, err
+
+
 def test_usage_error_from_the_console_has_no_traceback():
     r = subprocess.run([sys.executable, "-m", "elit_kernels.bench", "--config", "tiny", "--resolution", "64",
                         "--budgets", "0"], capture_output=True, text=True, timeout=300)
@@ -250,10 +289,18 @@ def test_no_warning_for_an_ordinary_run():
     assert _resolve(TINY)[1]["warnings"] == []
 
 
+@pytest.mark.parametrize("flag", ["float16", "fp16"])
+def test_fp16_on_cpu_warns_and_suggests_bf16_or_fp32(flag):
+    warnings = _resolve(TINY + ["--dtype", flag])[1]["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"--dtype {flag} on a CPU: most CPUs have no fp16 matmul")
+    assert "prefer --dtype bf16 or fp32" in warnings[0]
+    assert _resolve(TINY + ["--dtype", "bf16"])[1]["warnings"] == []
+
+
 def test_interpreted_triton_warns(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if "triton" not in known_backends() or not __import__("elit_kernels").attention.get_backend("triton").is_available():
-        pytest.skip("triton is not installed here")
+        pytest.skip(__import__("elit_kernels").attention.get_backend("triton").unavailable_reason)
     _, extra = _resolve(TINY + ["--backends", "torch,triton"])
     assert any("Triton interpreter" in w for w in extra["warnings"]), extra["warnings"]
 
@@ -465,3 +512,48 @@ def test_each_repeat_visits_every_case_once_in_its_own_seeded_order():
         timing.time_once = real
     assert visits == [i for r in range(3) for i in timing.repeat_order(5, r, 4)]
     assert all(c.times_ms == [1.0] * 3 for c in cases)
+
+
+def test_targets_say_what_they_are_and_where_a_fail_is_expected():
+    """Each checked target prints what it is and the devices it is meant for; on a CPU the GPU targets' FAILs are
+    marked informational, and the verdict counts them apart (on a GPU nothing is informational)."""
+    from elit_kernels.bench.report import TARGET_INFO, markdown_summary, targets_text
+
+    rows = [_row("uniform", "uniform", "elit", "torch", 16, 100.0, over_flops=1.0),
+            _row("uniform", "uniform", "elit", "torch", 4, 40.0, over_flops=1.0),
+            _row("uniform", "uniform", "official", "sdpa_dense", 16, 101.0),
+            _row("uniform", "uniform", "official", "sdpa_dense", 4, 38.0),  # ragged/dense 40/38: a FAIL
+            _row("guidance", "ccfg", "elit", "torch", 16, 95.0, "16x4,1x4"),  # 0.95 > 0.90: a FAIL
+            _row("guidance", "ccfg_two_pass", "elit", "torch", 16, 100.0, "16x4,1x4")]
+    cpu = check_targets(rows, "cpu")
+    assert {(t["target"].split(" <=")[0], t["meant_for"], t["informational"]) for t in cpu} == {
+        ("latency_ratio", "CPU and GPU", False), ("ragged / dense", "GPU", True), ("one-pass CCFG", "GPU", True)}
+    assert not any(t["informational"] for t in check_targets(rows, "cuda"))
+    text = "\n".join(targets_text(cpu, "CPU"))
+    for key in ("latency_ratio", "ragged / dense", "one-pass CCFG"):
+        assert TARGET_INFO[key]["name"] + ": " + TARGET_INFO[key]["what"] in text, key
+    fails = [ln for ln in text.splitlines() if ln.lstrip().startswith("FAIL")]
+    assert len(fails) == 2 and all(ln.endswith("(GPU target; on CPU informational)") for ln in fails), fails
+    assert "on CPU informational, a FAIL is expected: on a CPU both paths run the same matmuls" in text
+    assert text.splitlines()[-1].startswith("3 of 5 checks hold; 2 FAIL: 0 on targets meant for CPU, 2 on GPU-only")
+    gpu_text = "\n".join(targets_text(check_targets(rows, "cuda"), "GPU"))
+    assert "2 FAIL: 2 on targets meant for GPU." in gpu_text and "informational" not in gpu_text.split("checks hold")[1]
+    md = markdown_summary([dict(r, q1_ms=None, q3_ms=None, cpu_ratio=None, latency_ratio=None, flops_ratio=None,
+                                gflops=None, peak_mem_mb=None, latents=1) for r in rows], cpu, {"device_type": "cpu"})
+    assert "| ragged / dense <= 1.00 | wall | paper | torch | 4 | 1.053 | NO | GPU (informational on CPU) |" in md
+    assert "3 of 5 checks hold" in md
+
+
+def test_no_internal_issue_numbers_in_user_facing_text():
+    """README, docs, results, code and its comments speak to users: no "issue <number>" (the tracker is internal)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *root.glob("docs/**/*.md"), *root.glob("benchmarks/**/*.md"),
+             *root.glob("benchmarks/**/*.py"), *root.glob("elit_kernels/**/*.py"), *root.glob("tools/*"),
+             *root.glob("tests/*.py"), *root.glob("csrc/**/*.*")]
+    pat = re.compile(r"\bissues? *#? *\d|\bissue #", re.I)
+    bad = [f"{p.relative_to(root)}:{i}" for p in files if p.is_file()
+           for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if pat.search(line)]
+    assert not bad, bad

@@ -1,8 +1,9 @@
 """elit_kernels._C: C++ CPU ops vs the references (values + gradients), opcheck, argument errors, and
 the CUDA kernels vs the references when a GPU is present.
 
-CI builds the extension (`pip install --no-build-isolation -e .`), so a missing or stale _C FAILS
-here rather than skipping.
+CI builds the extension (`pip install --no-build-isolation -e .`) and sets ELIT_REQUIRE_EXTENSION=1, so a
+missing or stale _C FAILS there rather than skipping; elsewhere (an install without a compiler) these tests
+skip, naming the build command.
 """
 from __future__ import annotations
 
@@ -29,9 +30,13 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device here: the C
 
 @pytest.fixture(autouse=True)
 def _require_extension():
+    # An install without a compiler has no _C: these tests skip there, saying why. CI (.ci/run) sets
+    # ELIT_REQUIRE_EXTENSION=1, so that a build that silently failed fails the run instead of skipping it.
     if not _cext.available():
-        pytest.fail(f"elit_kernels._C is not usable: {_cext.load_error}. CI must build it with "
-                    "`pip install --no-build-isolation -e .`", pytrace=False)
+        msg = f"elit_kernels._C is not usable: {_cext.load_error}"
+        if os.environ.get("ELIT_REQUIRE_EXTENSION", "0") not in ("", "0"):
+            pytest.fail(msg + " (ELIT_REQUIRE_EXTENSION is set: the build must have made it)", pytrace=False)
+        pytest.skip(msg)
 
 
 def test_build_info_and_registration():

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn")
+pytest.importorskip("sklearn", reason='the demo\'s data set ships with scikit-learn, not installed: the optional '
+                    'extra `pip install -e ".[demo]"`')
 
 from elit_kernels.demo import build_parser, load_checkpoint, main  # noqa: E402
 from elit_kernels.demo.evaluate import grid_budgets  # noqa: E402
@@ -143,7 +144,7 @@ def test_interpreted_triton_is_announced(backend, warns, monkeypatch, capsys):
     from elit_kernels.attention import get_backend
 
     if not get_backend("triton").is_available():
-        pytest.skip("triton is not installed here")
+        pytest.skip(f"triton backend: {get_backend('triton').unavailable_reason}")
     p = build_parser()
     args = p.parse_args([] if backend is None else ["--backend", backend])
     demo._check_backend(args, p, demo_config())

@@ -2,6 +2,7 @@
 every relative link resolves, and the docstring examples pass."""
 import doctest
 import importlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -14,16 +15,39 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("**/*.md"))
 
 
+# Optional packages a block may import -> the pip extra of setup.py that installs them.
+EXTRAS = {"transformers": "integrations", "diffusers": "integrations", "sklearn": "demo"}
+
+
+def needed_extras(code: str) -> dict[str, str]:
+    """The optional packages ``code`` imports, each with its extra: ``{"transformers": "integrations"}``."""
+    names = re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", code, re.M)
+    return {n: EXTRAS[n] for n in dict.fromkeys(names) if n in EXTRAS}
+
+
 def _python_blocks():
     for doc in DOCS:
         text = doc.read_text()
         for i, m in enumerate(re.finditer(r"```python\n(.*?)```", text, re.S)):
             line = text[:m.start()].count("\n") + 2
-            yield pytest.param(doc, m.group(1), id=f"{doc.relative_to(ROOT)}:{line}")
+            extras = sorted(set(needed_extras(m.group(1)).values()))
+            yield pytest.param(doc, m.group(1), id=f"{doc.relative_to(ROOT)}:{line}" + "".join(f"-needs-{e}" for e in extras))
+
+
+def test_needed_extras_reads_the_imports():
+    assert needed_extras("import torch\nfrom transformers import AutoModel\n  import diffusers.models as m\n") == \
+        {"transformers": "integrations", "diffusers": "integrations"}
+    assert needed_extras("import torch  # transformers and diffusers in a comment\nx = 'import sklearn'\n") == {}
 
 
 @pytest.mark.parametrize("doc,code", list(_python_blocks()))
 def test_python_block_runs_standalone(doc, code):
+    # A block that imports an optional package runs where its extra is installed and skips, naming the extra,
+    # where it is not (the CPU-only install has no [integrations]).
+    missing = {n: e for n, e in needed_extras(code).items() if importlib.util.find_spec(n) is None}
+    if missing:
+        pytest.skip(f"{doc.name} block imports {', '.join(missing)}, not installed: the optional extra "
+                    + " and ".join(f'`pip install -e ".[{e}]"`' for e in sorted(set(missing.values()))))
     # A reader copies one block into a fresh interpreter: no names from earlier blocks, the default
     # backends of a plain CPU session (no TRITON_INTERPRET, which the test session sets), repo root as cwd.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -55,3 +79,42 @@ def test_relative_links_resolve(doc):
 def test_docstring_examples(module):
     res = doctest.testmod(importlib.import_module(module), extraglobs={"torch": importlib.import_module("torch")})
     assert res.attempted > 0 and res.failed == 0, res
+
+
+def _pins(path: pathlib.Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file, by lower-case name."""
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)$", line.split("#")[0].strip())
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def _extras() -> dict[str, list[str]]:
+    """setup.py's ``extras_require``, read without running setup.py."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "extras_require":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py: no extras_require")
+
+
+def test_pins_agree_everywhere():
+    """One story of versions: requirements.txt (CI, full install), requirements-cpu.txt (the README's CPU path),
+    setup.py's [integrations] extra and every version the README names agree."""
+    full, cpu = _pins(ROOT / "requirements.txt"), _pins(ROOT / "requirements-cpu.txt")
+    assert "torch" in full and "torch" in cpu, (full, cpu)
+    integ = dict(x.split("==") for x in _extras()["integrations"])
+    assert set(integ) == {"transformers", "diffusers"}, integ
+    assert integ == {k: full.get(k) for k in integ}, (integ, full)  # the extra installs what CI tests
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for name, version in integ.items():
+        assert set(re.findall(rf"{name} (\d+\.\d+\.\d+)", readme)) == {version}, name
+    torch_cpu = cpu["torch"].split("+")[0]
+    assert set(re.findall(r"torch(?:==| )(\d+\.\d+\.\d+)", readme)) <= {full["torch"], torch_cpu}
+    assert f"torch {torch_cpu}'s CPU build" in readme and f"torch {full['torch']}'s CUDA build" in readme
+    assert "pip install -r requirements-cpu.txt" in readme and "pip install -r requirements.txt" in readme
+    assert "pip install -r requirements.txt" in (ROOT / ".ci" / "run").read_text()

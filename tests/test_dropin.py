@@ -1,4 +1,4 @@
-"""flash-attn drop-in breadth and the faults of issue 11, on every backend: reference, torch, cpp, triton
+"""flash-attn drop-in breadth and the faults fixed in it, on every backend: reference, torch, cpp, triton
 (interpreted on CPU) and, on a GPU machine, cuda.
 
 GQA / MQA, head dims 1..256 (padded where a kernel needs it), the log-sum-exp (``return_attn_probs``),
@@ -369,7 +369,7 @@ def test_compile_inductor_on_permuted_views_cpp(monkeypatch):
     # aot_eager does not compare a fake's strides with the real ones; inductor asserts them (without its
     # on-disk cache, which would replay code generated from an older fake).
     if "cpp" not in elit_kernels.known_backends():
-        pytest.skip("cpp: elit_kernels._C not built")
+        pytest.skip("cpp: elit_kernels._C not built (pip install --no-build-isolation -e .)")
     import torch._inductor.config as inductor_config
     monkeypatch.setattr(inductor_config, "force_disable_caches", True)
     g = torch.Generator().manual_seed(4)
@@ -410,7 +410,7 @@ def test_huge_max_seqlen_costs_nothing(backend):
 
 
 def test_kernel_grids_do_not_grow_with_slack():
-    pytest.importorskip("triton", reason="triton is not installed (the CPU-only torch): no Triton grids to check")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the full install: pip install -r requirements.txt): no Triton grids to check")
     from elit_kernels._triton import _common
     exact = _common.num_programs(128, 512, 4, 16)
     assert exact == 129

@@ -18,8 +18,8 @@ from elit_kernels.attention import get_backend
 
 HAS_TF = importlib.util.find_spec("transformers") is not None
 HAS_DF = importlib.util.find_spec("diffusers") is not None
-needs_tf = pytest.mark.skipif(not HAS_TF, reason="transformers is not importable (pip install -r requirements.txt)")
-needs_df = pytest.mark.skipif(not HAS_DF, reason="diffusers is not importable (pip install -r requirements.txt)")
+needs_tf = pytest.mark.skipif(not HAS_TF, reason='transformers is not installed: the optional extra `pip install -e ".[integrations]"`')
+needs_df = pytest.mark.skipif(not HAS_DF, reason='diffusers is not installed: the optional extra `pip install -e ".[integrations]"`')
 
 ATOL = 1e-5
 
@@ -29,7 +29,7 @@ def _backends():
     if "cpp" in elit_kernels.known_backends() and get_backend("cpp").is_available():
         out.append("cpp")
     else:
-        out.append(pytest.param("cpp", marks=pytest.mark.skip(reason="cpp: elit_kernels._C not built")))
+        out.append(pytest.param("cpp", marks=pytest.mark.skip(reason=f"cpp: {get_backend('cpp').unavailable_reason}")))
     return out
 
 

@@ -635,7 +635,7 @@ def _backend_or_skip(name):
 
     row = next((r for r in describe_backends() if r["name"] == name), None)
     if row is None or not row["available"]:
-        pytest.skip(f"backend {name!r} not available here: {row['description'] if row else 'not registered'}")
+        pytest.skip(f"backend {name!r} not available here: {row['unavailable_reason'] if row else 'not registered'}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])

@@ -19,7 +19,7 @@ from elit_kernels.attention import AttnInputs, get_backend  # noqa: E402
 from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402
 from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs  # noqa: E402
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the full install: pip install -r requirements.txt)")
 from elit_kernels._triton import _common, attention_bwd, attention_fwd  # noqa: E402
 from elit_kernels._triton import ops  # noqa: E402,F401  (registers torch.ops.elit.*)
 

@@ -1,6 +1,6 @@
 """The static sm_90 check (``tools/triton_sm90_report.py``) without a GPU: its parsers on canned compiler
 output, and a CI-sized compile of the Triton kernels for sm_90 that must show no register spills,
-16-byte vector tile loads and D=72 run as at most 80 columns of tensor-core work (issue 14).
+16-byte vector tile loads and D=72 run as at most 80 columns of tensor-core work.
 
 The compile runs in a subprocess: the tests run the kernels under ``TRITON_INTERPRET=1``, where ``triton.jit``
 gives interpreted functions that cannot be compiled, and the fake sm_90 driver is process-wide.

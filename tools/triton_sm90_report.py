@@ -122,7 +122,7 @@ def mma_kinds(ptx: str) -> list[str]:
 
 
 def violations(rows: list[dict]) -> list[str]:
-    """Rows that break issue 14's bar: spills, loads narrower than 16 bytes, D=72 padded past 80."""
+    """Rows that fail ``--check``: spills, loads narrower than 16 bytes, D=72 padded past 80."""
     bad = []
     for r in rows:
         tag = (f"{r['kernel']} D={r['head_dim']} {r['dtype']} {'causal' if r['causal'] else 'full'} "

@@ -80,7 +80,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write " + ", ".join(f"DIR/{f}" for f in OUTPUT_FILES) + " (default: print the table only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the estimate and warnings still print)")
+    p.add_argument("--replot", default=None, metavar="DIR",
+                   help="time nothing: read DIR/results.json of an earlier run, print its table and targets, and "
+                        "redraw DIR/summary.md and DIR/latency_vs_latents.png (default: off)")
     return p
+
+
+def replot(out_dir: str) -> int:
+    """``--replot DIR``: the table, targets, summary.md and plot of DIR/results.json, re-rendered by this version."""
+    import json
+    import os
+
+    from .report import markdown_summary, plot
+
+    path = os.path.join(out_dir, OUTPUT_FILES[0])
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        rows, md = data["rows"], data["metadata"]
+    except (OSError, ValueError, KeyError) as e:
+        raise BenchError(f"--replot: cannot read {path} ({type(e).__name__}: {e}); expected the results.json that "
+                         "elit-bench --out DIR wrote") from None
+    targets = check_targets(rows, md.get("device_type"))
+    word = "CPU" if md.get("device_type") != "cuda" else "GPU"
+    print(format_table(rows, targets, f"{word} ({md.get('device')}), {md.get('config')} {md.get('resolution')}px "
+                                      f"batch {md.get('batch')} {md.get('dtype')}, torch {md.get('torch')} (replotted)"))
+    p = os.path.join(out_dir, OUTPUT_FILES[2])
+    with open(p, "w") as f:
+        f.write(markdown_summary(rows, targets, md))
+    print(f"wrote {p}")
+    p = os.path.join(out_dir, OUTPUT_FILES[3])
+    plot(rows, md, p)
+    print(f"wrote {p}")
+    return 0
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -208,6 +240,10 @@ def resolve(args) -> tuple[Setup, dict]:
             if err:
                 raise BenchError(err)
         backends = list(dict.fromkeys(backends))
+    if dtype == torch.float16 and device.type == "cpu":
+        warnings.append(f"--dtype {dname} on a CPU: most CPUs have no fp16 matmul and PyTorch emulates it, many times "
+                        "slower than fp32 (a [1024, 384] x [384, 1536] matmul took 30x its fp32 time on the CPU the "
+                        "defaults were measured on), and its times say nothing about a GPU; prefer --dtype bf16 or fp32")
     if "triton" in backends and _cli.triton_interpreted():
         warnings.append("backend triton runs under the Triton interpreter (TRITON_INTERPRET=1): a correctness tool, "
                         "orders of magnitude slower than the compiled kernel (over a minute per case at S/2); its times "
@@ -321,7 +357,7 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
             bar.close()
         _attention.set_value_checks(was)
         torch.set_num_threads(threads_was)
-    targets = check_targets(rows)
+    targets = check_targets(rows, dev.type)
     md = metadata(dev, {**extra, **meta, "memory": "peak_mem_mb: memory one call allocates beyond what is held before it (MiB; weights "
                         "and inputs excluded); " + ("torch.cuda.max_memory_allocated - memory_allocated before"
                         if dev.type == "cuda" else "torch.profiler memory events (profile_memory=True), running sum's max"),
@@ -337,6 +373,11 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        try:
+            return replot(args.replot)
+        except BenchError as e:
+            parser.error(str(e))
     try:
         setup, extra = resolve(args)
     except BenchError as e:

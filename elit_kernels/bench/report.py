@@ -12,11 +12,51 @@ import torch
 
 from .timing import Case, summarize
 
-# The targets of check_targets (issue 13), each a ratio that must be <= its limit.
+# The targets of check_targets, each a ratio of one run that should be <= its limit.
 LATENCY_TARGET = 1.10  # latency(J̃)/latency(J_max) <= 1.10 × FLOPs(J̃)/FLOPs(J_max)
 DENSE_TARGET = 1.00  # ragged path / dense path (same weights, same budget)
 MIXED_TARGET = 0.95  # one ragged forward of a mixed batch <= 0.95 × the dense path's one forward per budget
 CCFG_TARGET = 0.90  # one-pass CCFG <= 0.90 × two-pass CCFG (same model and backend)
+
+# What each target is, and the devices it is a goal on. On any other device its verdict is printed but a FAIL
+# is expected: informational, with the reason. Keyed by the start of check_targets' "target" text.
+TARGET_INFO = {
+    "latency_ratio": dict(
+        name="latency follows FLOPs",
+        what=f"uniform budgets: latency(J̃)/latency(J_max) <= {LATENCY_TARGET:.2f} × FLOPs(J̃)/FLOPs(J_max) of the same "
+             "model and backend (a smaller budget is as much faster as it is cheaper)",
+        devices=("cpu", "cuda"), why_not=""),
+    "ragged / dense": dict(
+        name="ragged vs dense",
+        what=f"at every budget, our ragged model <= {DENSE_TARGET:.2f} × the same weights run the official way "
+             "(official/sdpa_dense: dense SDPA over windows, one budget per batch)",
+        devices=("cuda",),
+        why_not="on a CPU both paths run the same matmuls and SDPA calls, so they tie within the run's noise; the "
+                "ragged kernels' gain is owed on a GPU"),
+    "mixed ragged": dict(
+        name="mixed batch",
+        what=f"one ragged forward of a mixed-budget batch <= {MIXED_TARGET:.2f} × the dense path's one forward per "
+             "distinct budget (all a one-budget-per-batch implementation can do)",
+        devices=("cpu", "cuda"), why_not=""),
+    "one-pass CCFG": dict(
+        name="one-pass CCFG",
+        what=f"CCFG's conditional and weak halves as one ragged batch <= {CCFG_TARGET:.2f} × the same model running "
+             "them as two forwards",
+        devices=("cuda",),
+        why_not="the same FLOPs in a 2x batch: on a CPU one pass saves only per-call overhead and loses cache "
+                "locality; its gain (fewer launches, a fuller device) is owed on a GPU"),
+}
+_DEVICE_WORD = {"cpu": "CPU", "cuda": "GPU"}
+
+
+def target_info(target: str) -> dict:
+    """TARGET_INFO of a check_targets ``target`` text ("ragged / dense <= 1.00" -> the "ragged / dense" entry)."""
+    return TARGET_INFO[target.split(" <=")[0]]
+
+
+def meant_for(target: str) -> str:
+    """The devices ``target`` is a goal on, in words: "CPU and GPU" or "GPU"."""
+    return " and ".join(_DEVICE_WORD[d] for d in target_info(target)["devices"])
 
 ROW_FIELDS = ["preset", "scenario", "case", "model", "backend", "budget", "budgets", "weak_budget", "batch", "latents",
               "latency_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "cpu_ms", "cpu_q1_ms", "cpu_q3_ms", "repeats", "gflops", "attention_gflops",
@@ -74,8 +114,12 @@ def _by_key(rows: list[dict]) -> dict:
     return {(r["preset"], r["scenario"], r["case"], r["model"], r["backend"], r["budget"]): r for r in rows}
 
 
-def check_targets(rows: list[dict]) -> list[dict]:
-    """The targets of issue 13, one entry per checked row and clock (the ELIT varlen path against the dense path).
+def check_targets(rows: list[dict], device_type: str | None = None) -> list[dict]:
+    """The project's speed targets, one entry per checked row and clock (the ELIT varlen path against the dense path).
+
+    Each entry: ``target`` (the inequality), ``clock``, ``preset``, ``backend``, ``budget``, ``value``, ``holds``,
+    ``meant_for`` ("CPU and GPU" or "GPU") and ``informational``: True when the run's ``device_type`` ("cpu" or
+    "cuda") is not one the target is meant for, so that a FAIL there is expected (TARGET_INFO says why).
 
     - ``latency_ratio <= 1.10 x flops_ratio``: uniform budgets, latency(J̃)/latency(J_max) of one model and
       backend at most 1.10 × its FLOPs(J̃)/FLOPs(J_max) (latency falls as fast as the work);
@@ -92,8 +136,10 @@ def check_targets(rows: list[dict]) -> list[dict]:
     out = []
 
     def add(target, clock, r, budget, value, limit):
+        info = target_info(target)
         out.append({"target": target, "clock": clock, "preset": r["preset"], "backend": r["backend"], "budget": budget,
-                    "value": value, "holds": value <= limit})
+                    "value": value, "holds": value <= limit, "meant_for": meant_for(target),
+                    "informational": device_type is not None and device_type not in info["devices"]})
 
     by = _by_key(rows)
     for clock, ratio_key, ms_key in (("wall", "latency_over_flops", "latency_ms"), ("cpu", "cpu_over_flops", "cpu_ms")):
@@ -152,12 +198,50 @@ def format_table(rows: list[dict], targets: list[dict], device_label: str) -> st
         lines.append("  ".join(v.rjust(w) for v, w in zip(vals, widths)))
     if targets:
         lines.append("")
-        lines.append("targets:")
-        for t in targets:
-            lines.append(f"  {'OK  ' if t['holds'] else 'FAIL'} {t['target']:<44} {t['clock']:<5} {t['preset']:<8} "
-                         f"backend={t['backend']:<10} "
-                         f"budget={t['budget']!s:<12} value={t['value']:.3f}")
+        lines += targets_text(targets, device_label.split(" ")[0])
     return "\n".join(lines)
+
+
+def targets_legend(targets: list[dict], device_word: str) -> list[str]:
+    """One line per target that was checked: what it is, where it is a goal, and whether a FAIL on this device
+    is expected (and why)."""
+    out = []
+    for key, info in TARGET_INFO.items():
+        ts = [t for t in targets if t["target"].startswith(key)]
+        if not ts:
+            continue
+        where = meant_for(ts[0]["target"])
+        here = (f"{where} target; on {device_word} informational, a FAIL is expected: {info['why_not']}"
+                if ts[0].get("informational") else f"A goal on {where}: a FAIL here is a real shortfall")
+        out.append(f"{info['name']}: {info['what']}. {here}.")
+    return out
+
+
+def targets_verdict(targets: list[dict], device_word: str) -> str:
+    """One sentence: how many checks hold, and how many FAILs are on targets meant for this device."""
+    fails = [t for t in targets if not t["holds"]]
+    info = [t for t in fails if t.get("informational")]
+    real = len(fails) - len(info)
+    s = f"{len(targets) - len(fails)} of {len(targets)} checks hold"
+    if fails:
+        s += (f"; {len(fails)} FAIL: {real} on targets meant for {device_word}"
+              + (f", {len(info)} on GPU-only targets (informational on {device_word})" if info else ""))
+    return s + ". A FAIL does not change elit-bench's exit status."
+
+
+def targets_text(targets: list[dict], device_word: str) -> list[str]:
+    """The console's targets section: the legend, one line per check, the verdict."""
+    lines = ["targets (each a ratio of this run that should be <= its limit; 'wall' = median wall time, 'cpu' = "
+             "process CPU time):"]
+    lines += [f"  - {x}" for x in targets_legend(targets, device_word)]
+    names = {k: v["name"] for k, v in TARGET_INFO.items()}
+    for t in targets:
+        name = names[t["target"].split(" <=")[0]]
+        tag = f"  ({t['meant_for']} target; on {device_word} informational)" if t.get("informational") else ""
+        lines.append(f"  {'OK  ' if t['holds'] else 'FAIL'} {name:<21} {t['target']:<44} {t['clock']:<5} "
+                     f"{t['preset']:<8} backend={t['backend']:<10} budget={t['budget']!s:<12} value={t['value']:.3f}{tag}")
+    lines.append(targets_verdict(targets, device_word))
+    return lines
 
 
 def git_commit(path: str | None = None) -> str | None:
@@ -249,10 +333,18 @@ def _merge_equal(series: list[tuple[str, list, list]]) -> list[tuple[str, list, 
     return [tuple(o) for o in out]
 
 
+_LEGEND_PT = 9  # legend text, points
+_NO_BAR = {("official", "ragged"): "one budget per batch:\nno ragged forward",
+           ("official", "ccfg"): "one budget per batch:\nno one-pass CCFG"}
+
+
 def _bars(ax, rows: list[dict], scenario: str, preset: str, title: str) -> None:
-    """Grouped bars: one group per model/backend, one bar per case of ``scenario`` (median, IQR whiskers)."""
+    """Grouped bars: one group per model/backend, one bar per case of ``scenario`` it ran (median, IQR whiskers).
+
+    A group has only the bars of the cases it ran, side by side (no empty slots); the cases it cannot run are
+    named under its tick label. Each bar's value is written inside it, clear of its whisker."""
     rs = [r for r in rows if r["preset"] == preset and r["scenario"] == scenario and r["latency_ms"] is not None]
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=10)
     if not rs:
         ax.text(0.5, 0.5, f"{scenario}: not run", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
@@ -260,32 +352,50 @@ def _bars(ax, rows: list[dict], scenario: str, preset: str, title: str) -> None:
     groups = list(dict.fromkeys(f"{r['model']}/{r['backend']}" for r in rs))
     cases = [c for c in _CASE_ORDER[scenario] if any(r["case"] == c for r in rs)]
     width = 0.8 / len(cases)
-    for k, case in enumerate(cases):
-        for g, name in enumerate(groups):
-            r = next((r for r in rs if r["case"] == case and f"{r['model']}/{r['backend']}" == name), None)
-            if r is None:
-                continue
-            x = g - 0.4 + width * (k + 0.5)
+    ticks = []
+    for g, name in enumerate(groups):
+        mine = [(k, c, next(r for r in rs if r["case"] == c and f"{r['model']}/{r['backend']}" == name))
+                for k, c in enumerate(cases) if any(r["case"] == c and f"{r['model']}/{r['backend']}" == name for r in rs)]
+        for i, (k, case, r) in enumerate(mine):
+            x = g - width * len(mine) / 2 + width * (i + 0.5)
             ax.bar(x, r["latency_ms"], width, color=f"C{k}", label=_CASE_LABEL[case],
-                   yerr=[[r["latency_ms"] - r["q1_ms"]], [r["q3_ms"] - r["latency_ms"]]], capsize=2)
-            ax.annotate(f"{r['latency_ms']:.0f}", (x, r["latency_ms"]), ha="center", va="bottom", fontsize=7,
-                        xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.set_ylabel("latency, ms (median, IQR)")
+                   yerr=[[r["latency_ms"] - r["q1_ms"]], [r["q3_ms"] - r["latency_ms"]]], capsize=3)
+            # inside the bar, below its lower whisker: the whisker never crosses the number
+            ax.text(x, min(r["q1_ms"], r["latency_ms"]) * 0.5, f"{r['latency_ms']:.0f}", ha="center", va="center",
+                    fontsize=8, color="white", rotation=90 if width < 0.25 else 0)
+        missing = [_NO_BAR.get((name.split("/")[0], c), f"no {_CASE_LABEL[c]}") for c in cases
+                   if c not in {m[1] for m in mine}]
+        ticks.append("\n".join([name] + missing))
+    ax.set_xticks(range(len(groups)), ticks, fontsize=8)
+    ax.set_ylabel("latency, ms (median; whiskers: IQR)")
     top = max(r["q3_ms"] if r["q3_ms"] is not None else r["latency_ms"] for r in rs)
     ax.set_ylim(0, 1.3 * top)  # a free band above the bars for the legend
     handles, labels = ax.get_legend_handles_labels()
     seen = dict(zip(labels, handles))  # one entry per case, however many groups have it
-    ax.legend(seen.values(), seen.keys(), fontsize=7, loc="upper center", ncol=len(seen))
+    ax.legend(seen.values(), seen.keys(), fontsize=_LEGEND_PT, loc="upper center", ncol=len(seen),
+              handlelength=1.2, columnspacing=0.8)
+
+
+def figure_caption(meta: dict) -> str:
+    """What the figure's symbols mean (printed under it)."""
+    g, jm = meta.get("groups"), meta.get("j_max")
+    return ("J̃: the budget, latents per group (1..J_max); J_max: a group's full set of latents"
+            + (f" ({jm})" if jm else "") + "; G: groups (windows) per image" + (f" ({g})" if g else "")
+            + ", so G·J̃ = latents per sample. elit = our model, one ragged batch; official/sdpa_dense = the same "
+            "weights run the official code's way (dense SDPA, one budget per batch).\n"
+            "Dashed gray line: a plain DiT of the same size (every block attends over all N spatial tokens, no "
+            "latents), one latency for every budget. Markers and bars: median of interleaved repeats; whiskers: "
+            "interquartile range. Relative panel: each series divided by the same model and backend at J_max.")
 
 
 def make_figure(rows: list[dict], meta: dict):
-    """The figure of ``latency_vs_latents.png``: one row of four titled panels per preset.
+    """The figure of ``latency_vs_latents.png``: one row of four titled panels per preset, and a caption.
 
     1. uniform budgets: latency vs latents per sample, every model/backend (plain DiT as a dashed line);
     2. the same relative to J_max, with FLOPs/full (identical series are drawn once, labelled ``a = b``);
     3. mixed batch: one ragged forward vs padded vs one forward per budget (bars);
     4. guidance: CFG vs two-pass CCFG vs one-pass ragged CCFG (bars).
+    Latency axes start at zero; the caption (``figure_caption``) explains J̃, J_max, G·J̃ and the plain-DiT line.
     """
     import matplotlib
 
@@ -293,9 +403,11 @@ def make_figure(rows: list[dict], meta: dict):
     import matplotlib.pyplot as plt
 
     presets = list(dict.fromkeys(r["preset"] for r in rows)) or ["paper"]
-    fig, axes = plt.subplots(len(presets), 4, figsize=(20, 4.4 * len(presets)), squeeze=False)
+    fig, axes = plt.subplots(len(presets), 4, figsize=(21, 4.9 * len(presets) + 0.8), squeeze=False)
     names = sorted({f"{r['model']}/{r['backend']}" for r in rows if r["scenario"] == "uniform" and r["case"] == "uniform"})
     style = {n: (f"C{i}", _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(names)}
+    g = meta.get("groups")
+    xlabel = "latents per sample, G·J̃" + (f" (G = {g} groups)" if g else "")
     for row_i, preset in enumerate(presets):
         ax_lat, ax_rel, ax_mix, ax_guid = axes[row_i]
         uni = [r for r in rows if r["preset"] == preset and r["scenario"] == "uniform" and r["case"] == "uniform"
@@ -315,7 +427,8 @@ def make_figure(rows: list[dict], meta: dict):
                 flop_lines.append((f"FLOPs/full {name}", xs, [r["flops_ratio"] for r in rs]))
         for r in rows:
             if r["preset"] == preset and r["model"] == "plain" and r["latency_ms"] is not None:
-                ax_lat.axhline(r["latency_ms"], ls="--", lw=1, color="gray", label=f"plain DiT/{r['backend']} (N tokens)")
+                ax_lat.axhline(r["latency_ms"], ls="--", lw=1, color="gray",
+                               label=f"plain DiT/{r['backend']} (all N tokens)")
         for i, (label, xs, ys) in enumerate(_merge_equal(rel_lines)):
             ax_rel.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=f"C{i}", label=label)
         for i, (label, xs, ys) in enumerate(_merge_equal(flop_lines)):
@@ -328,13 +441,19 @@ def make_figure(rows: list[dict], meta: dict):
             if ticks:
                 ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
                 ax.minorticks_off()
-            ax.set_xlabel("latents per sample (G·J̃)")
+            ax.set_xlabel(xlabel)
             if not uni:
                 ax.text(0.5, 0.5, "uniform: not run", ha="center", va="center", transform=ax.transAxes)
-        ax_lat.set_ylabel("forward latency, ms (median, IQR bars)")
+        # Both start at zero: a cropped axis makes a 10 % difference look like a factor.
+        ax_lat.set_ylim(0, 1.35 * max([r["q3_ms"] or r["latency_ms"] for r in uni]
+                                      + [r["latency_ms"] for r in rows if r["preset"] == preset and r["model"] == "plain"
+                                         and r["latency_ms"] is not None] or [1.0]))
+        rel_top = max([y for _, _, ys in rel_lines + flop_lines for y in ys] or [1.0])
+        ax_rel.set_ylim(0, 1.35 * max(rel_top, LATENCY_TARGET))
+        ax_lat.set_ylabel("forward latency, ms (median; whiskers: IQR)")
         ax_rel.set_ylabel("relative to J_max (same model and backend)")
-        ax_lat.set_title(f"{preset}: uniform budgets, latency", fontsize=9)
-        ax_rel.set_title(f"{preset}: uniform budgets, latency and FLOPs relative to J_max", fontsize=9)
+        ax_lat.set_title(f"{preset}: uniform budgets, latency", fontsize=10)
+        ax_rel.set_title(f"{preset}: uniform budgets, latency and FLOPs relative to J_max", fontsize=10)
         mb = next((r["budgets"] for r in rows if r["preset"] == preset and r["scenario"] == "mixed"
                    and r["case"] == "ragged"), "")
         _bars(ax_mix, rows, "mixed", preset, f"{preset}: mixed batch (budgets {mb})")
@@ -343,13 +462,14 @@ def make_figure(rows: list[dict], meta: dict):
         _bars(ax_guid, rows, "guidance", preset, f"{preset}: guidance at J_max (weak J̃ = {jw})")
         for ax in (ax_lat, ax_rel):
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=_LEGEND_PT, loc="upper left")
     label = "CPU" if meta.get("device_type") != "cuda" else "GPU"
     dev = str(meta.get("device"))
     fig.suptitle(f"{label}: {dev[len(label) + 2:] if dev.startswith(label + ': ') else dev} — {meta.get('config')} "
                  f"{meta.get('resolution')}px, batch {meta.get('batch')}, {meta.get('dtype')} — torch {meta.get('torch')}, "
-                 f"{(meta.get('git_commit') or '')[:12]}", fontsize=10)
-    fig.tight_layout()
+                 f"{(meta.get('git_commit') or '')[:12]}", fontsize=11)
+    fig.text(0.01, 0.005, figure_caption(meta), ha="left", va="bottom", fontsize=9, wrap=True)
+    fig.tight_layout(rect=(0, 0.6 / (4.9 * len(presets) + 0.8), 1, 1))
     return fig
 
 
@@ -380,10 +500,16 @@ def markdown_summary(rows: list[dict], targets: list[dict], meta: dict) -> str:
                    f"{_fmt(r['latency_ratio'], 3)} | {_fmt(r['cpu_ratio'], 3)} | {_fmt(r['flops_ratio'], 3)} | "
                    f"{_fmt(r['peak_mem_mb'], 1)} |")
     if targets:
-        out += ["", "| target | clock | preset | backend | budget | value | holds |", "|---|---|---|---|---|---|---|"]
+        out += ["", "Targets: each a ratio of this run that should be <= its limit; `wall` = median wall time, `cpu` = "
+                "process CPU time. A NO on a target meant for another device is expected (informational).", ""]
+        out += [f"- {x}" for x in targets_legend(targets, label)]
+        out += ["", "| target | clock | preset | backend | budget | value | holds | meant for |",
+                "|---|---|---|---|---|---|---|---|"]
         for t in targets:
             out.append(f"| {t['target']} | {t['clock']} | {t['preset']} | {t['backend']} | {t['budget']} | {t['value']:.3f} | "
-                       f"{'yes' if t['holds'] else 'NO'} |")
+                       f"{'yes' if t['holds'] else 'NO'} | {t['meant_for']}"
+                       + (f" (informational on {label})" if t.get("informational") else "") + " |")
+        out += ["", targets_verdict(targets, label)]
     return "\n".join(out + [""] + run_findings(rows, meta) + [""] + HOW_TO_READ) + "\n"
 
 

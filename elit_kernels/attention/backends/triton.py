@@ -59,7 +59,7 @@ class TritonBackend(Backend):
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
         r = super().not_supported_reasons(inp)
-        if inp.q.device.type == "cpu" and not _interpreting():
+        if _HAS_TRITON and inp.q.device.type == "cpu" and not _interpreting():  # no hint that cannot help
             r.append("CPU tensors run only under TRITON_INTERPRET=1")
         return r
 

@@ -309,7 +309,7 @@ def test_reference_double_backward_is_exact():
 
 @pytest.mark.parametrize("backend,softcap", DOUBLE_BACKWARD, ids=[f"{b}-softcap{c:g}" for b, c in DOUBLE_BACKWARD])
 def test_double_backward_matches_reference_or_is_refused_by_name(backend, softcap):
-    from elit_kernels.backends import get_backend
+    from elit_kernels.attention import get_backend
 
     b = get_backend(backend)
     if not b.is_available():
@@ -331,7 +331,7 @@ def test_double_backward_matches_reference_or_is_refused_by_name(backend, softca
 def test_max_seqlen_stays_symbolic_under_dynamic_compile(backend):
     # Varlen training changes max_seqlen every step: under torch.compile(dynamic=True) it must not
     # specialise the graph (a recompile per length, then FailOnRecompileLimitHit with fullgraph=True).
-    from elit_kernels.backends import get_backend
+    from elit_kernels.attention import get_backend
 
     if backend is not None and not get_backend(backend).is_available():
         pytest.skip(f"backend {backend!r} is not available here: {get_backend(backend).description}")

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 import elit_kernels  # noqa: E402
 from elit_kernels import varlen_attention  # noqa: E402
-from elit_kernels.backends import get_backend  # noqa: E402
+from elit_kernels.attention import get_backend  # noqa: E402
 from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()

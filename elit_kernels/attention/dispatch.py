@@ -66,7 +66,11 @@ _GPU_NAMES: dict = {}
 
 def gpu_name(device: torch.device) -> str:
     """The device's name (``torch.cuda.get_device_name``; ``"cpu"`` for CPU tensors), read once per device."""
+    if device.type != "cuda":
+        return "cpu"
     key = str(device)
+    if torch.compiler.is_compiling():  # no cache writes (or driver calls) while tracing: a guard on the cache
+        return _GPU_NAMES.get(key, "cpu" if device.type == "cpu" else "unknown")
     if key not in _GPU_NAMES:
         _GPU_NAMES[key] = _gpu_name(device)
     return _GPU_NAMES[key]
@@ -81,11 +85,15 @@ def shape_class(inp: AttnInputs) -> dict:
     seg = inp.segments
     if seg is not None:
         kind = "uniform" if seg.uniform else ("runs" if len(seg.runs) <= FEW_RUNS else "ragged")
-        lq, lk = seg.max_q, seg.max_k
+        lq, lk, n = seg.max_q, seg.max_k, seg.num_segments
+    elif torch.compiler.is_compiling():  # max_seqlen and the segment count may be symbolic: never read them
+        kind, lq, lk, n = "ragged", None, None, None
     else:
-        kind, lq, lk = "ragged", inp.max_seqlen_q, inp.max_seqlen_k
-    return {"gpu": gpu_name(inp.q.device), "dtype": str(inp.q.dtype).replace("torch.", ""), "head_dim": inp.head_dim,
-            "kind": kind, "lq": _bucket(lq), "lk": _bucket(lk), "segments": _bucket(inp.num_segments),
+        kind, lq, lk, n = "ragged", inp.max_seqlen_q, inp.max_seqlen_k, inp.num_segments
+    d = inp.head_dim
+    return {"gpu": gpu_name(inp.q.device), "dtype": str(inp.q.dtype).replace("torch.", ""),
+            "head_dim": d if isinstance(d, int) else -1,
+            "kind": kind, "lq": _bucket(lq), "lk": _bucket(lk), "segments": _bucket(n),
             "grad": bool(inp.requires_grad)}
 
 
@@ -94,11 +102,12 @@ def _class_key(c: dict) -> tuple:
 
 
 def static_order(inp: AttnInputs) -> list[str]:
-    """Backend names, fastest first, from what the first H200 measurements showed in general (bf16, XL/2
-    shapes; benchmarks/results/gpu): segments known on the host in few runs of equal shape run fastest as
-    dense SDPA on views, on the memory-efficient kernel for small windows (Lq, Lk <= 128: Read/Write) and on
-    cuDNN for long segments; ragged fp16/bf16 segments on FlashAttention-2 varlen (``torch_varlen``), then
-    ``triton``; fp32 on SDPA (TF32 as PyTorch's setting allows). On CPU: the backends' priorities."""
+    """Backend names, fastest first, from what the H200 measurements showed in general (bf16, ELIT-SiT-XL/2
+    shapes, benchmarks/results/gpu): segments known on the host in few runs of equal shape run fastest as
+    dense SDPA on views with PyTorch's own kernel choice (``torch``; a pinned cuDNN kernel wins some
+    backward passes, which the table records); ragged fp16/bf16 segments known only on the device on
+    FlashAttention-2 varlen (``torch_varlen``), then ``triton``; fp32 on SDPA (TF32 as PyTorch's setting
+    allows; the fp32 Triton kernels ran 18x slower). On CPU: the backends' priorities."""
     names = [b.name for b in registered_backends()]
     if inp.q.device.type != "cuda":
         return names
@@ -106,9 +115,7 @@ def static_order(inp: AttnInputs) -> list[str]:
     few = seg is not None and len(seg.runs) <= FEW_RUNS and not inp.return_lse and inp.softcap == 0.0
     half = inp.q.dtype in (torch.float16, torch.bfloat16)
     if few and half:
-        small = max(seg.max_q, seg.max_k) <= 128
-        first = (["sdpa_efficient", "sdpa_cudnn", "torch"] if small else ["sdpa_cudnn", "torch", "sdpa_flash"])
-        first += ["torch_varlen", "triton"]
+        first = ["torch", "sdpa_cudnn", "sdpa_flash", "torch_varlen", "sdpa_efficient", "triton"]
     elif few:
         first = ["torch", "sdpa_efficient", "triton"]
     elif half:
@@ -151,8 +158,6 @@ def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
 
 def ranking(inp: AttnInputs) -> tuple[list[str], str]:
     """``(names fastest first, source)`` for ``inp``; source is ``"tuned"``, ``"table"`` or ``"static"``."""
-    if inp.q.device.type != "cuda":
-        return static_order(inp), "static"
     c = shape_class(inp)
     tuned = _TUNED.get(_class_key(c))
     if tuned is None and inp.q.device.type == "cuda":

@@ -57,9 +57,10 @@ class TorchBackend(Backend):
 
 class SdpaKernelBackend(TorchBackend):
     """``torch``'s dense path with one SDPA kernel pinned (``torch.nn.attention.sdpa_kernel``), so that dispatch
-    can pick the kernel that is fastest for a shape class instead of PyTorch's fixed preference: on an H200,
-    Read/Write windows (64 x 64, thousands of segments) ran 1.4-1.6x faster on the memory-efficient kernel
-    than on FlashAttention, and the core's 1024-token segments 1.5x faster on cuDNN.
+    can pick the kernel that is fastest for a shape class instead of PyTorch's fixed preference: on an H200
+    (ELIT-SiT-XL/2 shapes, bf16, head dim 72) PyTorch's own pick was fastest or within 7 % for every forward,
+    but the backward of Read and of the core ran 1.15x and 1.03x faster pinned to cuDNN
+    (benchmarks/results/gpu).
 
     Runs only when the segment lengths are known on the host (``segments=``) and form at most
     ``dispatch.FEW_RUNS`` runs; a run that one dense SDPA cannot express exactly (causal with Lq > Lk,

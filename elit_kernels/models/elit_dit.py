@@ -124,7 +124,7 @@ class ElitDiT(nn.Module):
     torch.Size([2, 4, 8, 8])
     """
 
-    def __init__(self, cfg: ElitConfig, backend: str | None = None, elementwise: str = "reference"):
+    def __init__(self, cfg: ElitConfig, backend: str | None = None, elementwise: str = "native"):
         super().__init__()
         self.cfg, self.backend = cfg, backend
         self.elementwise = elementwise
@@ -244,7 +244,7 @@ class PlainDiT(nn.Module):
 
     ``forward(x, t, y, budgets=None)``: budgets is accepted for a uniform call signature and must be None."""
 
-    def __init__(self, cfg: ElitConfig, backend: str | None = None, elementwise: str = "reference"):
+    def __init__(self, cfg: ElitConfig, backend: str | None = None, elementwise: str = "native"):
         super().__init__()
         self.cfg, self.backend, self.elementwise = cfg, backend, elementwise
         get_elementwise(elementwise)

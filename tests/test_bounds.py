@@ -37,19 +37,6 @@ def value_checks_off():
     elit_kernels.set_value_checks(was)
 
 
-@pytest.fixture
-def poisoned_triton_outputs():
-    """Triton outputs NaN-filled before launch: a row no program writes is NaN in both guarded runs."""
-    from elit_kernels._triton import _common
-
-    before = _common.poison_outputs_enabled(), _common.autotune_enabled()
-    _common.set_poison_outputs(True)
-    _common.set_autotune(False)
-    yield
-    _common.set_poison_outputs(before[0])
-    _common.set_autotune(before[1])
-
-
 def _case(seed: int, monotone: bool):
     """(total_q, total_k, cu_q, cu_k, max_q, max_k, causal): 1-3 segments whose cu_seqlens run past the rows
     (monotone from 0) or are arbitrary (negative, decreasing, not starting at 0)."""

@@ -119,10 +119,51 @@ def test_bench_graphed_backend_names(capsys):
     from elit_kernels.bench.cli import main
     from elit_kernels.bench.scenarios import split_backend
 
-    assert split_backend("default+graph") == (None, True)
-    assert split_backend("default") == (None, False)
-    assert split_backend("torch+graph") == ("torch", True) and split_backend("torch") == ("torch", False)
+    assert split_backend("default+graph") == (None, "graph")
+    assert split_backend("default") == (None, "")
+    assert split_backend("torch+graph") == ("torch", "graph") and split_backend("torch") == ("torch", "")
+    assert split_backend("torch+compile") == ("torch", "compile")
     with pytest.raises(SystemExit) as e:
         main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--backends", "torch+graph"])
     assert e.value.code == 2
     assert "--backends: 'torch+graph' replays CUDA graphs, which needs --device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--backends", "torch+jit"])
+    assert "unknown suffix '+jit'; expected NAME, NAME+graph or NAME+compile" in capsys.readouterr().err
+
+
+def test_bench_times_a_compiled_model_on_cpu(tmp_path):
+    # eager vs compiled in one interleaved run (inductor on the CPU: one compile per budget signature)
+    import json
+
+    from elit_kernels.bench.cli import main
+
+    rc = main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--backends", "torch,torch+compile",
+               "--budgets", "4", "--scenarios", "uniform", "--presets", "paper", "--repeats", "2", "--warmup", "1",
+               "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    got = {r["backend"]: r for r in rows if r["model"] == "elit" and r["scenario"] == "uniform"}
+    assert set(got) == {"torch", "torch+compile"}
+    assert got["torch+compile"]["latency_ms"] > 0 and got["torch"]["latency_ms"] > 0
+    assert got["torch+compile"]["gflops"] == got["torch"]["gflops"]  # FLOPs counted on the eager twin
+
+
+def test_compiled_sampling_run_compiles_once_per_budget_signature():
+    # A sampling run keeps one budget signature, so a compiled model traces once for all its steps; leaving the
+    # guidance interval adds the unguided signature (one more graph), and nothing else recompiles.
+    from torch._dynamo.testing import CompileCounter
+
+    m = _model()
+    x, _, y = _inputs()
+    torch._dynamo.reset()
+    cnt = CompileCounter()
+    compiled = torch.compile(m, backend=cnt, fullgraph=True)
+    with torch.no_grad():
+        got = euler_sample(compiled, x, y, steps=6, budget=[4, 1, 2], mode="ccfg", scale=1.5, weak_budget=1)
+    assert cnt.frame_count == 1, f"{cnt.frame_count} graphs for one signature"
+    want = euler_sample(m, x, y, steps=6, budget=[4, 1, 2], mode="ccfg", scale=1.5, weak_budget=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    euler_sample(compiled, x, y, steps=6, budget=[4, 1, 2], mode="ccfg", scale=1.5, weak_budget=1,
+                 guidance_interval=(0.0, 0.5))
+    assert cnt.frame_count == 2, f"{cnt.frame_count} graphs for two signatures (guided, unguided)"

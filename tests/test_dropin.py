@@ -70,19 +70,9 @@ def _dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
 
 
 @pytest.fixture(autouse=True)
-def _poison_triton_outputs():
-    """Unwritten Triton outputs are NaN (so a tail row the kernel skips fails); heuristic tiles."""
-    try:
-        from elit_kernels._triton import _common
-    except ImportError:
-        yield
-        return
-    before = _common.poison_outputs_enabled(), _common.autotune_enabled()
-    _common.set_poison_outputs(True)
-    _common.set_autotune(False)
+def _poison_triton_outputs(poisoned_triton_outputs):
+    """Unwritten Triton outputs are NaN (so a tail row the kernel skips fails); heuristic tiles (conftest)."""
     yield
-    _common.set_poison_outputs(before[0])
-    _common.set_autotune(before[1])
 
 
 def _fn(backend, return_lse=False):

@@ -42,19 +42,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs_fixed_tiles():
-    """NaN-fill every kernel output before launch so an unwritten element fails the comparison.
-
-    Also use the heuristic tiles: autotuning compiles every candidate tile for each new (length
-    bucket, head dim, causal, dtype) key, which would swamp a GPU test run with compile time;
-    test_gpu_autotuned_tiles covers the autotuned path.
-    """
-    before = _common.poison_outputs_enabled(), _common.autotune_enabled()
-    _common.set_poison_outputs(True)
-    _common.set_autotune(False)
+def poison_outputs_fixed_tiles(poisoned_triton_outputs):
+    """Every kernel output NaN-filled before launch, heuristic tiles (conftest's poisoned_triton_outputs);
+    test_gpu_autotuned_tiles covers the autotuned path."""
     yield
-    _common.set_poison_outputs(before[0])
-    _common.set_autotune(before[1])
 
 
 def triton_attn(q, k, v, cq, ck, mq, mk, scale, causal):

@@ -22,7 +22,7 @@ from .. import attention as _attention
 from ..models.config import _SIZES, PRESETS, config_dict, preset_config
 from .flops import count_flops
 from .report import OUTPUT_FILES, check_targets, format_table, make_rows, metadata, write_outputs
-from .scenarios import DEFAULT, SCENARIOS, Setup, build_cases, split_backend
+from .scenarios import DEFAULT, SCENARIOS, WRAPPERS, Setup, build_cases, split_backend
 from .timing import (RunProgress, format_seconds, measure_memory, remaining_seconds, run_interleaved, sample_seconds,
                      time_once, warm_up)
 
@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of varlen_attention backends for ELIT and the plain DiT; 'default' is default "
                         "dispatch (the fastest backend measured for each attention call), what a user gets without "
                         "naming one; NAME+graph replays each ELIT forward from a CUDA graph captured per budget "
-                        "signature (elit_kernels.models.capture; GPU only) (default on GPU: default,default+graph; "
-                        "on CPU: torch)")
+                        "signature (elit_kernels.models.capture; GPU only); NAME+compile runs it under "
+                        "torch.compile(fullgraph=True), compiled once per budget signature during the warm-up "
+                        "(default on GPU: default,default+graph; on CPU: torch)")
     p.add_argument("--budgets", default=None,
                    help="comma list of per-group budgets J̃, each in 1..J_max (default: J_max/16, J_max/8, …, J_max; "
                         "J_max is always added). The model also runs 0 (no latents); the benchmark does not, since "
@@ -231,8 +232,11 @@ def resolve(args) -> tuple[Setup, dict]:
         if not backends:
             raise BenchError("--backends: expected a comma-separated list of backend names")
         for b in backends:
-            name, graphed = split_backend(b)
-            if graphed and device.type != "cuda":
+            name, wrap = split_backend(b)
+            if wrap not in ("",) + WRAPPERS:
+                raise BenchError(f"--backends: {b!r}: unknown suffix '+{wrap}'; expected NAME, NAME+graph or "
+                                 "NAME+compile")
+            if wrap == "graph" and device.type != "cuda":
                 raise BenchError(f"--backends: {b!r} replays CUDA graphs, which needs --device cuda")
             if name is None:
                 continue

@@ -320,7 +320,7 @@ def test_comparator_reasons_name_what_is_missing(monkeypatch):
 def test_triton_reason_and_suggestion_fit_what_is_missing(monkeypatch, installed):
     """Without triton the error says to install it and does not suggest TRITON_INTERPRET=1 as the remedy (the
     interpreter is part of triton); with triton and no GPU it points to the interpreter."""
-    from elit_kernels._triton import backend as TB
+    from elit_kernels.attention.backends import triton as TB
 
     monkeypatch.setattr(TB, "_HAS_TRITON", installed)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -29,17 +29,26 @@ class _CudaLibrary(Backend):
     supports_softcap = False
 
     def __init__(self):
-        # Looked up once, at registration: an import inside dispatch would break torch.compile's trace.
-        try:
-            found = importlib.util.find_spec(self.module) is not None
-        except ImportError:  # a parent package is missing
-            found = False
-        self._missing = None if found else f"{self.module} is not importable (not installed)"
+        self._checked = None  # the module name _missing was computed for
+
+    def _missing(self) -> str | None:
+        """Why ``module`` cannot be imported (None when it can), looked up once per module name: an import
+        inside dispatch would break torch.compile's trace, and a failed import is not retried on every call."""
+        if self._checked != self.module:
+            try:
+                found = importlib.util.find_spec(self.module) is not None
+            except ImportError:  # a parent package is missing
+                found = False
+            self._missing_text = None if found else (f"{self.module} is not importable (No module named "
+                                                      f"{self.module!r}; install it to use this backend)")
+            self._checked = self.module
+        return self._missing_text
 
     @property
     def unavailable_reason(self) -> str | None:
-        if self._missing is not None:
-            return self._missing
+        missing = self._missing()
+        if missing is not None:
+            return missing
         if not torch.cuda.is_available():
             return "no CUDA device (torch.cuda.is_available() is False)"
         return None
@@ -94,5 +103,6 @@ class FlashAttnBackend(_CudaLibrary):
         )
 
 
-register_backend(TorchVarlenBackend())
-register_backend(FlashAttnBackend())
+for _b in (TorchVarlenBackend(), FlashAttnBackend()):
+    _b._missing()  # looked up now, outside any trace
+    register_backend(_b)

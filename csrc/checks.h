@@ -168,24 +168,5 @@ inline void gated_residual_bwd(const at::Tensor& grad_out, const at::Tensor& y, 
   });
 }
 
-inline void pack_latents(const at::Tensor& latents, const at::Tensor& index, Kernels kernels) {
-  for_op("pack_latents", [&] {
-    check_tensor(latents, "latents", 4);
-    check_pack_index(index, latents, "latents");
-    if (kernels == Kernels::kCpu)
-      index_values(index, latents.size(0) * latents.size(1) * latents.size(2), "pack_index",
-                   "a row of the [B, G, J_max] grid");
-  });
-}
-
-inline void unpack_latents(const at::Tensor& packed, const at::Tensor& index, int64_t batch, int64_t groups,
-                           int64_t j_max, Kernels kernels) {
-  for_op("unpack_latents", [&] {
-    check_unpack_latents_args(packed, index, batch, groups, j_max);
-    if (kernels == Kernels::kCpu)
-      index_values(index, batch * groups * j_max, "pack_index", "a row of the [B, G, J_max] grid");
-  });
-}
-
 }  // namespace checks
 }  // namespace elit

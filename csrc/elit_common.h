@@ -186,21 +186,5 @@ inline void check_gated_args(const at::Tensor& x, const at::Tensor& y, const at:
   check_index(index, x, xname);
 }
 
-inline void check_pack_index(const at::Tensor& idx, const at::Tensor& ref, const char* ref_name) {
-  check_tensor(idx, "pack_index", 1);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "pack_index: expected dtype int64, got ", idx.scalar_type());
-  check_same_device(idx, "pack_index", ref, ref_name);
-}
-
-inline void check_unpack_latents_args(const at::Tensor& packed, const at::Tensor& index, int64_t batch, int64_t groups,
-                                      int64_t j_max) {
-  check_tensor(packed, "packed", 2);
-  check_pack_index(index, packed, "packed");
-  TORCH_CHECK(index.size(0) == packed.size(0), "pack_index: has ", index.size(0), " entries, packed has ",
-              packed.size(0), " rows");
-  TORCH_CHECK(batch >= 0, "batch: must be >= 0, got ", batch);
-  TORCH_CHECK(groups >= 0, "groups: must be >= 0, got ", groups);
-  TORCH_CHECK(j_max >= 0, "j_max: must be >= 0, got ", j_max);
-}
 
 }  // namespace elit

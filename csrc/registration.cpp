@@ -54,9 +54,6 @@ TORCH_LIBRARY(elit, m) {
   // x + gate[index] * y; the x gradient is grad_out itself, so the backward returns (dy, dgate).
   m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor gate, Tensor index) -> Tensor");
   m.def("gated_residual_bwd(Tensor grad_out, Tensor y, Tensor gate, Tensor index) -> (Tensor grad_y, Tensor grad_gate)");
-  // Latent pack/unpack through ElitLayout.pack_index ([T] int64 rows of the flattened [B, G, J_max] grid).
-  m.def("pack_latents(Tensor latents, Tensor pack_index) -> Tensor");
-  m.def("unpack_latents(Tensor packed, Tensor pack_index, int batch, int groups, int j_max, float fill) -> Tensor");
 }
 
 namespace py = pybind11;
@@ -126,18 +123,6 @@ void def_checks(py::module_& m) {
           run_check([&] { elit::checks::gated_residual_bwd(g, y, gate, index, kernels(cuda)); });
         },
         py::arg("grad_out"), py::arg("y"), py::arg("gate"), py::arg("index"), py::kw_only(), py::arg("cuda"));
-  c.def("pack_latents",
-        [](const Tensor& latents, const Tensor& index, bool cuda) {
-          run_check([&] { elit::checks::pack_latents(latents, index, kernels(cuda)); });
-        },
-        py::arg("latents"), py::arg("pack_index"), py::kw_only(), py::arg("cuda"));
-  c.def("unpack_latents",
-        [](const Tensor& packed, const Tensor& index, int64_t batch, int64_t groups, int64_t j_max, double,
-           bool cuda) {
-          run_check([&] { elit::checks::unpack_latents(packed, index, batch, groups, j_max, kernels(cuda)); });
-        },
-        py::arg("packed"), py::arg("pack_index"), py::arg("batch"), py::arg("groups"), py::arg("j_max"),
-        py::arg("fill"), py::kw_only(), py::arg("cuda"));
 }
 
 }  // namespace

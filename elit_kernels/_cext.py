@@ -18,8 +18,6 @@ Ops (shapes as in ``varlen_attention``)::
     # k/v [total_k, H_kv, D] with H % H_kv == 0; lse +inf on rows that see no key
     out, mean, rstd = torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, eps)
     out = torch.ops.elit.gated_residual_fwd(x, y, gate, index)
-    packed = torch.ops.elit.pack_latents(latents, layout.pack_index)        # [B, G, J_max, C] -> [T, C]
-    latents = torch.ops.elit.unpack_latents(packed, layout.pack_index, B, G, J_max, 0.0)
 """
 from __future__ import annotations
 
@@ -98,13 +96,13 @@ def _stat_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-_ELEMENTWISE_HINT = "the model's elementwise='reference' implementation differentiates twice (plain PyTorch)"
+_ELEMENTWISE_HINT = ("the model's elementwise='native' or 'reference' implementations differentiate twice "
+                     "(plain PyTorch)")
 
 
 def _register_op_python_parts() -> None:
     """Fakes and autograd of the C++ ops. The attention, layernorm_modulate and gated_residual backwards refuse
-    double backward (``_autograd.first_order_only``); pack/unpack are linear and call each other, so their
-    double backward is exact."""
+    double backward (``_autograd.first_order_only``)."""
     lib = "elit::"
 
     # Every C++ op returns contiguous tensors whatever its input strides (they copy or index rows), so the
@@ -137,14 +135,6 @@ def _register_op_python_parts() -> None:
     def _(grad_out, y, gate, index):
         return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
-    @torch.library.register_fake(lib + "pack_latents")
-    def _(latents, pack_index):
-        return latents.new_empty((pack_index.shape[0], latents.shape[-1]))
-
-    @torch.library.register_fake(lib + "unpack_latents")
-    def _(packed, pack_index, batch, groups, j_max, fill):
-        return packed.new_empty((batch, groups, j_max, packed.shape[-1]))
-
     register_varlen_autograd(lib + "varlen_attn_fwd", torch.ops.elit.varlen_attn_bwd)
 
     def lnm_setup(ctx, inputs, output):
@@ -176,36 +166,10 @@ def _register_op_python_parts() -> None:
 
     torch.library.register_autograd(lib + "gated_residual_fwd", gr_backward, setup_context=gr_setup)
 
-    def pack_setup(ctx, inputs, output):
-        latents, index = inputs
-        ctx.save_for_backward(index)
-        ctx.grid = tuple(latents.shape[:3])
-
-    def pack_backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return torch.ops.elit.unpack_latents(grad, index, *ctx.grid, 0.0), None
-
-    torch.library.register_autograd(lib + "pack_latents", pack_backward, setup_context=pack_setup)
-
-    def unpack_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    def unpack_backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return torch.ops.elit.pack_latents(grad, index), None, None, None, None, None
-
-    torch.library.register_autograd(lib + "unpack_latents", unpack_backward, setup_context=unpack_setup)
-
 
 # ---------------------------------------------------------------------------------------------
-# Public wrappers, backends, fused elementwise ops.
+# The fused elementwise ops (the attention ops are reached through elit_kernels.attention).
 # ---------------------------------------------------------------------------------------------
-
-def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal=False):
-    """``elit::varlen_attn_fwd`` returning only ``out`` ``[total_q, H, D]`` (differentiable)."""
-    return torch.ops.elit.varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          float(softmax_scale), bool(causal))[0]
-
 
 def layernorm_modulate(x, shift, scale, index, eps: float = 1e-6):
     """Fused ``LayerNorm(x) * (1 + scale[index]) + shift[index]``; x ``[T, C]``, shift/scale ``[B, C]``."""
@@ -221,17 +185,6 @@ def gated_residual(x, y, gate, index):
         from .reference.modulate import gated_residual as ref
         return ref(x, y, gate, index)
     return torch.ops.elit.gated_residual_fwd(x, y, gate, index)
-
-
-def pack_latents(latents, layout):
-    """``[B, G, J_max, C]`` -> packed ``[T, C]`` (same as ``elit_kernels.layout.pack_latents``)."""
-    return torch.ops.elit.pack_latents(latents, layout.pack_index)
-
-
-def unpack_latents(packed, layout, fill: float = 0.0):
-    """Packed ``[T, C]`` -> ``[B, G, J_max, C]`` with ``fill`` elsewhere (as ``layout.unpack_latents``)."""
-    return torch.ops.elit.unpack_latents(packed, layout.pack_index, layout.batch, layout.groups, layout.j_max,
-                                         float(fill))
 
 
 if _load() is not None:

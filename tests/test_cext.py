@@ -18,7 +18,7 @@ import torch
 
 import elit_kernels
 from elit_kernels import _cext
-from elit_kernels.layout import build_layout, pack_latents, unpack_latents
+from elit_kernels.layout import build_layout
 from elit_kernels.elementwise import ELEMENTWISE_IMPLS, get_elementwise
 from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
 from elit_kernels.testing import assert_close_to_reference, check_backend_against_reference, default_atol
@@ -42,9 +42,9 @@ def _require_extension():
 def test_build_info_and_registration():
     info = _cext.build_info()
     assert info["torch_version"] == torch.__version__
-    for k in ("varlen_attn_fwd_cpu", "varlen_attn_bwd_cpu", "layernorm_modulate_cpu", "gated_residual_cpu",
-              "pack_latents_cpu"):
+    for k in ("varlen_attn_fwd_cpu", "varlen_attn_bwd_cpu", "layernorm_modulate_cpu", "gated_residual_cpu"):
         assert k in info["kernels"]
+    assert not any("pack" in k for k in info["kernels"])  # the pack/unpack ops left: the model indexes instead
     if info["with_cuda"]:
         assert info["cuda_archs"], info
         assert info["cuda_version"]
@@ -58,7 +58,8 @@ def test_build_info_and_registration():
 # ------------------------------------------------------------------------------------------------
 
 def _attn(q, k, v, cq, ck, mq, mk, scale, causal):
-    return _cext.varlen_attn(q, k, v, cq, ck, mq, mk, scale, causal)
+    """The compiled forward op's output (differentiable through its registered backward)."""
+    return torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, float(scale), bool(causal))[0]
 
 
 ATTN_CASES = {
@@ -197,30 +198,6 @@ def test_empty_tokens():
 
 
 # ------------------------------------------------------------------------------------------------
-# Pack / unpack
-# ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("budgets", [[2, 0, 3], [3, 3, 3], [0, 0, 0], [1]], ids=["ragged", "full", "none", "one"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_pack_unpack_cpu(budgets, dtype):
-    lay = build_layout(budgets, batch=len(budgets), groups=2, tokens_per_group=4, j_max=3)
-    lat = torch.randn(len(budgets), 2, 3, 5, dtype=dtype, requires_grad=True)
-    p = _cext.pack_latents(lat, lay)
-    # expected, built here without the layout's pack_index: sample-major, group-major, first J_b per group
-    want = torch.cat([lat[b, g, :j] for b, j in enumerate(budgets) for g in range(2)]) if sum(budgets) else lat.new_zeros(0, 5)
-    assert torch.equal(p, want) and torch.equal(p, pack_latents(lat, lay))
-    u = _cext.unpack_latents(p, lay, fill=-1.5)
-    want_u = torch.full_like(lat, -1.5)
-    for b, j in enumerate(budgets):
-        want_u[b, :, :j] = lat[b, :, :j]
-    assert torch.equal(u, want_u) and torch.equal(u, unpack_latents(p, lay, fill=-1.5))
-    g = torch.randn_like(u)
-    (gl,) = torch.autograd.grad(u, lat, g)
-    (gl_ref,) = torch.autograd.grad(unpack_latents(pack_latents(lat, lay), lay, fill=-1.5), lat, g)
-    assert torch.equal(gl, gl_ref)
-
-
-# ------------------------------------------------------------------------------------------------
 # opcheck
 # ------------------------------------------------------------------------------------------------
 
@@ -241,8 +218,6 @@ def _opcheck_samples(device="cpu", dtype=torch.float32, head_dim=8, permute=Fals
     dout = p(torch.randn_like(out))
     x, y, shift, scale, gate, index = (p(t) for t in _ragged_modulate_inputs(dtype, device=device, seed=12))
     _, mean, rstd = torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, 1e-6)
-    lay = build_layout([2, 0, 1], batch=3, groups=2, tokens_per_group=4, j_max=2, device=device)
-    lat = p(torch.randn(3, 2, 2, 6, device=device, dtype=dtype))
     rg = lambda *ts: [p(t.detach().clone()).requires_grad_(True) for t in ts]  # noqa: E731
     return {
         "varlen_attn_fwd": (q, k, v, cq, ck, mq, mk, 0.4, True),
@@ -251,13 +226,11 @@ def _opcheck_samples(device="cpu", dtype=torch.float32, head_dim=8, permute=Fals
         "layernorm_modulate_bwd": (p(torch.randn_like(x)), x, scale, index, mean, rstd),
         "gated_residual_fwd": (*rg(x, y, gate), index),
         "gated_residual_bwd": (p(torch.randn_like(x)), y, gate, index),
-        "pack_latents": (p(lat.clone()).requires_grad_(True), lay.pack_index),
-        "unpack_latents": (p(pack_latents(lat, lay)).requires_grad_(True), lay.pack_index, 3, 2, 2, 0.5),
     }
 
 
 OPS = ["varlen_attn_fwd", "varlen_attn_bwd", "layernorm_modulate_fwd",
-       "layernorm_modulate_bwd", "gated_residual_fwd", "gated_residual_bwd", "pack_latents", "unpack_latents"]
+       "layernorm_modulate_bwd", "gated_residual_fwd", "gated_residual_bwd"]
 
 
 @pytest.mark.parametrize("permute", [False, True], ids=["contiguous", "permuted"])
@@ -336,22 +309,6 @@ def test_elementwise_bad_inputs():
         torch.ops.elit.gated_residual_bwd(x, y, gate, index[:-1])
 
 
-def test_pack_bad_inputs():
-    lay = build_layout([2, 1], batch=2, groups=2, tokens_per_group=4, j_max=2)
-    lat = torch.randn(2, 2, 2, 3)
-    with pytest.raises(RuntimeError, match="latents"):
-        torch.ops.elit.pack_latents(lat[0], lay.pack_index)
-    with pytest.raises(RuntimeError, match="pack_index"):
-        torch.ops.elit.pack_latents(lat, lay.pack_index + 100)
-    with pytest.raises(RuntimeError, match="pack_index"):
-        torch.ops.elit.pack_latents(lat, lay.pack_index.int())
-    p = pack_latents(lat, lay)
-    with pytest.raises(RuntimeError, match="pack_index"):
-        torch.ops.elit.unpack_latents(p, lay.pack_index, 1, 2, 2, 0.0)
-    with pytest.raises(RuntimeError, match="packed"):
-        torch.ops.elit.unpack_latents(p[0], lay.pack_index, 2, 2, 2, 0.0)
-
-
 # ------------------------------------------------------------------------------------------------
 # CUDA (GPU machine only)
 # ------------------------------------------------------------------------------------------------
@@ -409,25 +366,13 @@ def test_elementwise_cuda(dtype):
 
 
 @needs_cuda
-def test_elementwise_and_pack_cuda_opcheck():
-    _require_cuda_kernel("pack_latents_cuda")
+def test_elementwise_cuda_opcheck():
+    _require_cuda_kernel("layernorm_modulate_cuda")
     _require_cuda_kernel("varlen_attn_fwd_cuda")  # the samples run the attention forward
     for permute in (False, True):
         samples = _opcheck_samples(device="cuda", dtype=torch.float16, head_dim=64, permute=permute)
         for op in OPS[2:]:
             torch.library.opcheck(getattr(torch.ops.elit, op).default, samples[op])
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_pack_unpack_cuda(dtype):
-    _require_cuda_kernel("pack_latents_cuda")
-    lay = build_layout([5, 0, 16, 1], batch=4, groups=16, tokens_per_group=16, j_max=16, device="cuda")
-    for c in (1152, 7, 3):
-        lat = torch.randn(4, 16, 16, c, device="cuda").to(dtype)
-        p = _cext.pack_latents(lat, lay)
-        assert torch.equal(p, pack_latents(lat, lay))
-        assert torch.equal(_cext.unpack_latents(p, lay, 2.0), unpack_latents(p, lay, 2.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -510,21 +455,17 @@ def test_model_with_cpp_backend_and_fused_elementwise():
 
 def test_fused_ops_compile_fullgraph():
     x, y, shift, scale, gate, index = _ragged_modulate_inputs(torch.float32, seed=21)
-    lay = build_layout([2, 0, 1], batch=3, groups=2, tokens_per_group=4, j_max=2)
-    lat = torch.randn(3, 2, 2, 24)
 
-    def f(x, y, shift, scale, gate, lat):
-        h = _cext.gated_residual(x, _cext.layernorm_modulate(y, shift, scale, index), gate, index)
-        return h, _cext.unpack_latents(_cext.pack_latents(lat, lay) * 2, lay)
+    def f(x, y, shift, scale, gate):
+        return _cext.gated_residual(x, _cext.layernorm_modulate(y, shift, scale, index), gate, index)
 
     g = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for a, b in zip(g(x, y, shift, scale, gate, lat), f(x, y, shift, scale, gate, lat)):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g(x, y, shift, scale, gate), f(x, y, shift, scale, gate))
 
 
-def test_elementwise_double_backward_refused_by_name_pack_exact():
+def test_elementwise_double_backward_refused_by_name():
     # layernorm_modulate / gated_residual: a second derivative through the C++ backward ops would treat
-    # them as constants (silently wrong); it is refused, naming the op. pack/unpack are linear: exact.
+    # them as constants (silently wrong); it is refused, naming the op.
     x, y, shift, scale, gate, index = _ragged_modulate_inputs(torch.float64, T=7, C=5, seed=6)
     calls = {"layernorm_modulate_fwd": (lambda a, b, c: _cext.layernorm_modulate(a, b, c, index, 1e-5),
                                         (x, shift, scale)),
@@ -534,8 +475,3 @@ def test_elementwise_double_backward_refused_by_name_pack_exact():
         grads = torch.autograd.grad(f(*args).square().sum(), args, create_graph=True)
         with pytest.raises(RuntimeError, match=rf"elit::{name}: double backward .* not supported"):
             torch.autograd.grad(sum(g.square().sum() for g in grads), args)
-    lay = build_layout([2, 0, 3], batch=3, groups=2, tokens_per_group=4, j_max=3)
-    lat = torch.randn(3, 2, 3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: _cext.pack_latents(t, lay).sin(), (lat,))
-    packed = torch.randn(lay.pack_index.shape[0], 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: _cext.unpack_latents(t, lay).sin(), (packed,))

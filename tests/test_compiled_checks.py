@@ -25,7 +25,6 @@ import pytest
 import torch
 
 from elit_kernels import _cext
-from elit_kernels.layout import build_layout
 from elit_kernels.testing import random_varlen_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,24 +93,8 @@ def _gated_bwd():
     return dict(grad_out=torch.randn_like(x), y=y, gate=gate, index=index)
 
 
-def _layout():
-    return build_layout([2, 1], batch=2, groups=2, tokens_per_group=4, j_max=2)
-
-
-def _pack():
-    lay = _layout()
-    return dict(latents=torch.randn(lay.batch, lay.groups, lay.j_max, 3), pack_index=lay.pack_index)
-
-
-def _unpack():
-    lay = _layout()
-    return dict(packed=torch.randn(lay.pack_index.shape[0], 3), pack_index=lay.pack_index, batch=lay.batch,
-                groups=lay.groups, j_max=lay.j_max, fill=0.0)
-
-
 VALID = {"varlen_attn_fwd": _attn_fwd, "varlen_attn_bwd": _attn_bwd, "layernorm_modulate_fwd": _lnm_fwd,
-         "layernorm_modulate_bwd": _lnm_bwd, "gated_residual_fwd": _gated_fwd, "gated_residual_bwd": _gated_bwd,
-         "pack_latents": _pack, "unpack_latents": _unpack}
+         "layernorm_modulate_bwd": _lnm_bwd, "gated_residual_fwd": _gated_fwd, "gated_residual_bwd": _gated_bwd}
 
 
 def _huge(shape, dtype=torch.float16):
@@ -316,26 +299,6 @@ CASES += [
         "grad_out": _huge((T_GRAD_MAX + 1, 24), torch.float32), "y": _huge((T_GRAD_MAX + 1, 24), torch.float32),
         "index": _huge((T_GRAD_MAX + 1,), torch.long)},
         "cuda", rf"{T_GRAD_MAX + 1} tokens is more than the CUDA backward's parameter-gradient kernel", big=True),
-
-    Case("pack_latents", "latents_3d", "latents", lambda a: dict(latents=a["latents"][0]), msg=r"expected a 4-D tensor"),
-    Case("pack_latents", "index_int32", "pack_index", lambda a: dict(pack_index=a["pack_index"].int()),
-         msg=r"expected dtype int64"),
-    Case("pack_latents", "index_2d", "pack_index", lambda a: dict(pack_index=a["pack_index"][None]),
-         msg=r"expected a 1-D tensor"),
-    Case("pack_latents", "index_device", "pack_index", lambda a: dict(pack_index=_meta(a["pack_index"])),
-         msg=r"on device meta, but latents is on cpu", meta=True),
-    Case("pack_latents", "index_values", "pack_index", lambda a: dict(pack_index=a["pack_index"] + 100), "cpu",
-         r"is out of range \[0, 8\) \(a row of the \[B, G, J_max\] grid\)"),
-
-    Case("unpack_latents", "packed_1d", "packed", lambda a: dict(packed=a["packed"][0]), msg=r"expected a 2-D tensor"),
-    Case("unpack_latents", "index_length", "pack_index", lambda a: dict(pack_index=a["pack_index"][:-1]),
-         msg=r"entries, packed has \d+ rows"),
-    Case("unpack_latents", "index_int32", "pack_index", lambda a: dict(pack_index=a["pack_index"].int()),
-         msg=r"expected dtype int64"),
-    Case("unpack_latents", "batch", "batch", lambda a: dict(batch=-1), msg=r"must be >= 0, got -1"),
-    Case("unpack_latents", "groups", "groups", lambda a: dict(groups=-2), msg=r"must be >= 0, got -2"),
-    Case("unpack_latents", "j_max", "j_max", lambda a: dict(j_max=-3), msg=r"must be >= 0, got -3"),
-    Case("unpack_latents", "index_values", "pack_index", lambda a: dict(batch=1), "cpu", r"is out of range \[0, 4\)"),
 ]
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS), "case ids must be unique"
@@ -459,14 +422,12 @@ def test_compiled_errors_raise_without_crashing_the_process():
         show(lambda: C.checks.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.1, False, cuda=True))
         x, index = torch.randn(3, 8), torch.tensor([0, 1, 7])
         show(lambda: torch.ops.elit.layernorm_modulate_fwd(x, torch.randn(2, 8), torch.randn(2, 8), index, 1e-6))
-        show(lambda: torch.ops.elit.unpack_latents(x, index, 1, 1, 2, 0.0))
         """)
     assert out.splitlines() == [
         "varlen_attn_fwd: max_seqlen_q: must be >= 0, got -5",
         "varlen_attn_fwd: q: head dim 80 is not supported by the CUDA kernels (64, 72 or 128; "
         "elit_kernels.varlen_attention zero-pads smaller head dims)",
         "layernorm_modulate_fwd: index: entry 2 = 7 is out of range [0, 2) (a row of shift/scale)",
-        "unpack_latents: pack_index: entry 2 = 7 is out of range [0, 2) (a row of the [B, G, J_max] grid)",
     ], out
 
 

@@ -1,5 +1,5 @@
 """Pure-PyTorch references of every op: the truth every kernel is tested against."""
-from .attention import attention_segment, causal_mask, varlen_attention_reference
+from .attention import attention_segment, varlen_attention_reference
 from .modulate import gated_residual, layernorm_modulate
 
-__all__ = ["attention_segment", "causal_mask", "gated_residual", "layernorm_modulate", "varlen_attention_reference"]
+__all__ = ["attention_segment", "gated_residual", "layernorm_modulate", "varlen_attention_reference"]

@@ -8,12 +8,6 @@ from __future__ import annotations
 import torch
 
 
-def causal_mask(lq: int, lk: int, device) -> torch.Tensor:
-    """Bottom-right aligned causal mask ``[lq, lk]`` (flash-attn convention): query i sees key j
-    when ``j <= i + lk - lq``."""
-    return visible_mask(lq, lk, True, device=device)
-
-
 def visible_mask(lq: int, lk: int, causal: bool, window_left: int = -1, window_right: int = -1,
                  device=None) -> torch.Tensor:
     """``[lq, lk]`` bool: query i sees key j (flash-attn's semantics, bottom-right aligned with

@@ -326,3 +326,14 @@ def test_every_backend_lives_in_the_backends_package():
         mod = type(b).__module__
         assert mod.startswith("elit_kernels.attention.backends."), (b.name, mod)
     assert elit_kernels.known_backends() == R.known_backends()
+
+
+def test_the_0_1_import_paths_still_work():
+    # code written against 0.1 imported the registry from elit_kernels.backends and the README documented
+    # elit_kernels.known_answer.verify_backend: the same objects, re-exported
+    from elit_kernels import backends as old_b, known_answer as old_ka
+    from elit_kernels.attention import known_answer as KA
+
+    assert old_b.Backend is R.Backend and old_b.register_backend is R.register_backend
+    assert old_b.select_backend is D.select_backend and old_b.get_backend("torch") is R.get_backend("torch")
+    assert old_ka.verify_backend is KA.verify_backend and old_ka.set_known_answer_checks is KA.set_known_answer_checks

@@ -188,11 +188,11 @@ def candidates(inp: AttnInputs) -> tuple[list[Backend], list[str]]:
 
 
 def _decision_key(inp: AttnInputs) -> tuple:
-    return (str(inp.q.device), inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
+    """Everything a decision depends on, for an eager call (never under capture or tracing)."""
+    return (inp.q.device, inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
             inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad,
             None if inp.segments is None else inp.segments.runs, inp.max_seqlen_q, inp.max_seqlen_k,
-            inp.num_segments, _capturing(), _INTERPRET, _registry.generation,
-            _ka.generation, _ka.known_answer_checks())
+            inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode)
 
 
 def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
@@ -349,7 +349,7 @@ def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
     ms = time_backends(inp, repeats)
     order = sorted(ms, key=ms.get)
     _TUNED[_class_key(c)] = order
-    for k in [k for k in _DECISIONS if k[0] == str(inp.q.device)]:
+    for k in [k for k in _DECISIONS if k[0] == inp.q.device]:
         del _DECISIONS[k]  # decisions made before this ranking existed
     if save and inp.q.device.type == "cuda" and order:
         _disk_cache()[repr(_class_key(c))] = order

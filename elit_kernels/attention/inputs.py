@@ -277,32 +277,33 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name}: expected shape [total_tokens, num_heads, head_dim] (3-D), got {t.dim()}-D shape {tuple(t.shape)}")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"q: dtype {q.dtype} not supported; expected one of {[str(d) for d in _SUPPORTED_DTYPES]}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")
-        if t.shape[2] != q.shape[2]:
-            raise ValueError(f"{name}: head dim {t.shape[2]} does not match q's head dim {q.shape[2]}")
-    if v.shape[1] != k.shape[1]:
-        raise ValueError(f"v: has {v.shape[1]} heads, k has {k.shape[1]}; they must match")
-    h, h_kv = q.shape[1], k.shape[1]
+    qs, ks, vs, qdt, dev = q.shape, k.shape, v.shape, q.dtype, q.device  # read once: this runs on every call
+    if qdt not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q: dtype {qdt} not supported; expected one of {[str(d) for d in _SUPPORTED_DTYPES]}")
+    for name, t, ts in (("k", k, ks), ("v", v, vs)):
+        if t.dtype != qdt:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {qdt}")
+        if t.device != dev:
+            raise ValueError(f"{name}: on device {t.device}, but q is on {dev}")
+        if ts[2] != qs[2]:
+            raise ValueError(f"{name}: head dim {ts[2]} does not match q's head dim {qs[2]}")
+    if vs[1] != ks[1]:
+        raise ValueError(f"v: has {vs[1]} heads, k has {ks[1]}; they must match")
+    h, h_kv = qs[1], ks[1]
     if h_kv == 0 or h % h_kv != 0:
         raise ValueError(f"k: has {h_kv} heads, which does not divide q's {h} heads (grouped-query attention "
                          "needs num_heads % num_kv_heads == 0)")
-    if v.shape[0] != k.shape[0]:
-        raise ValueError(f"v: has {v.shape[0]} tokens, k has {k.shape[0]}; they must match")
-    d = q.shape[2]
+    if vs[0] != ks[0]:
+        raise ValueError(f"v: has {vs[0]} tokens, k has {ks[0]}; they must match")
+    d = qs[2]
     if d < 1 or d > _MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {d} not supported; expected 1..{_MAX_HEAD_DIM}")
     max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank first
-        if cu.device != q.device:
-            raise ValueError(f"{name}: on device {cu.device}, but q is on {q.device}")
+        if cu.device != dev:
+            raise ValueError(f"{name}: on device {cu.device}, but q is on {dev}")
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         raise ValueError(
             f"cu_seqlens_k: has {cu_seqlens_k.shape[0]} elements but cu_seqlens_q has {cu_seqlens_q.shape[0]}; "

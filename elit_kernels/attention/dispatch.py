@@ -6,7 +6,7 @@ Otherwise (default dispatch) the candidates are the registered backends that may
 **shape class** (``shape_class``: device, GPU, dtype, head dim, uniform / few runs / ragged, query and key
 length buckets, segment-count bucket, forward or forward + backward), from the first source that has it:
 
-1. **tuned here**: rankings measured on this machine by ``tune`` / ``tuning()`` / ``$ELIT_TUNE=1`` (each new
+1. **tuned here**: rankings measured on this machine by ``tune_inputs`` / ``tuning()`` / ``$ELIT_TUNE=1`` (each new
    shape class is timed once, eagerly, on the first call), kept in memory and on disk
    (``cache_path()``: keyed by GPU name and torch / triton versions);
 2. **the committed table** (``dispatch_table.json`` beside this file): rankings measured on the GPUs we
@@ -159,13 +159,15 @@ def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
 def ranking(inp: AttnInputs) -> tuple[list[str], str]:
     """``(names fastest first, source)`` for ``inp``; source is ``"tuned"``, ``"table"`` or ``"static"``."""
     c = shape_class(inp)
+    tracing = torch.compiler.is_compiling()  # no file reads while tracing: what an eager call loaded, or nothing
     tuned = _TUNED.get(_class_key(c))
     if tuned is None and inp.q.device.type == "cuda":
-        tuned = _disk_cache().get(repr(_class_key(c)))
+        tuned = ((_DISK or {}) if tracing else _disk_cache()).get(repr(_class_key(c)))
     if tuned is not None:
         order, src = list(tuned), "tuned"
     else:
-        order = table_ranking(c) if inp.q.device.type == "cuda" else None
+        table = (_TABLE or {"entries": []}) if tracing else None
+        order = table_ranking(c, table) if inp.q.device.type == "cuda" else None
         src = "table" if order is not None else "static"
         if order is None:
             order = static_order(inp)

@@ -144,5 +144,6 @@ setup(
         "elit-bench=elit_kernels.bench.cli:main",
         "elit-demo=elit_kernels.demo:main",
         "elit-convert=elit_kernels.official.cli:main",
+        "elit-sample=elit_kernels.sample.cli:main",
     ]},
 )

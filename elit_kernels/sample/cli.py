@@ -1,0 +1,120 @@
+"""The ``elit-sample`` command line: flags -> ``generate``; exit status 2 naming the flag for a usage error."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .rules import SamplingError, UsageError
+from .run import DTYPES, GUIDANCE, SAMPLERS, generate
+
+
+def _arch_item(text):
+    from ..official.cli import _arch_item as parse
+
+    return parse(text)
+
+
+def _read_classes(text: str | None, path: str | None):
+    if text is not None and path is not None:
+        raise UsageError("class_file", "give --classes or --class-file, not both")
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = " ".join(line.split("#", 1)[0] for line in f)
+        except OSError as e:
+            raise UsageError("class_file", f"cannot read {path} ({e.strerror or e})") from None
+        items = raw.replace(",", " ").split()
+        arg = "class_file"
+    elif text is None or text.strip().lower() == "all":
+        return None
+    else:
+        items, arg = [s.strip() for s in text.split(",") if s.strip()], "classes"
+    out = []
+    for s in items:
+        try:
+            out.append(int(s))
+        except ValueError:
+            raise UsageError(arg, f"unknown class {s!r}: expected integer class ids") from None
+    if not out:
+        raise UsageError(arg, "no class ids found")
+    return out
+
+
+def _interval(text: str):
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0,1), got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __doc__ as doc
+
+    p = argparse.ArgumentParser(prog="elit-sample", description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="official train.py checkpoint, bare official state_dict (with --arch), or a "
+                                      "file written by elit-convert")
+    p.add_argument("--out", required=True, help="output folder (created; an earlier run's samples there are kept)")
+    p.add_argument("--vae", help="local folder of the diffusers AutoencoderKL to decode with (sd-vae-ft-ema / -mse)")
+    p.add_argument("--latents-only", action="store_true", help="save latents (.npy, latents.npz), no decoder")
+    p.add_argument("--num-samples", type=int, default=50_000, help="samples N (default 50000)")
+    p.add_argument("--classes", help="'all' (default: every class, balanced) or a comma list of class ids")
+    p.add_argument("--class-file", help="a file of class ids (whitespace or commas; # comments)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE sampler (default euler)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--guidance", choices=GUIDANCE, default="none", help="guidance mode (default none)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="the official cfg_scale (λ = cfg_scale − 1; default 1)")
+    p.add_argument("--guidance-interval", type=_interval, default=(0.0, 1.0), metavar="LOW,HIGH",
+                   help="times where guidance is on (default 0,1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=float,
+                   help="official float budget: a fraction in (0, 1] or a count of latents > 1")
+    g.add_argument("--latents", type=int, help="latents per group J (default: all, J_max)")
+    g.add_argument("--budget-mix",
+                   help="per-sample mix J:WEIGHT,... of latents per group, e.g. 64:0.5,16:0.25,4:0.25")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weak-budget", type=float, help="official float budget of the weak pass (autoguidance, ccfg)")
+    w.add_argument("--weak-latents", type=int, help="latents per group of the weak pass (default J_max // 16, min 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward on each device (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
+    p.add_argument("--dtype", default="float32", choices=sorted(set(DTYPES)), help="model dtype (default float32)")
+    p.add_argument("--backend", help="attention backend (default: dispatch)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default cuda:LOCAL_RANK when available)")
+    p.add_argument("--graphed", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the forward from CUDA graphs (default: on with CUDA)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    p.add_argument("--grid", type=int, default=64, help="images in grid.png (default 64; 0 = none)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a train.py file")
+    p.add_argument("--arch", action="append", type=_arch_item, default=[], metavar="KEY=VALUE",
+                   help="official constructor keyword for a name outside the registry (as elit-convert)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    arch = {}
+    for item in args.arch:
+        arch.update(item)
+    try:
+        classes = _read_classes(args.classes, args.class_file)
+        generate(args.checkpoint, args.out, num_samples=args.num_samples, classes=classes, sampler=args.sampler,
+                 steps=args.steps, guidance=args.guidance, cfg_scale=args.cfg_scale,
+                 guidance_interval=args.guidance_interval, budget=args.budget, latents=args.latents,
+                 budget_mix=args.budget_mix, weak_budget=args.weak_budget, weak_latents=args.weak_latents,
+                 batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, backend=args.backend,
+                 device=args.device, vae=args.vae, latents_only=args.latents_only, graphed=args.graphed,
+                 grid=args.grid, weights=args.weights, arch=arch or None, tf32=args.tf32,
+                 progress=not args.no_progress)
+    except UsageError as e:
+        flag = "checkpoint" if e.arg == "checkpoint" else "--" + e.arg.replace("_", "-")
+        parser.error(f"{flag}: {e.message}")
+    except SamplingError as e:
+        print(f"elit-sample: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,145 @@
+"""The files of a sampling run: atomic per-sample writes, the streamed ``.npz``, the contact sheet, the VAE."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import uuid
+import zipfile
+
+import numpy as np
+import torch
+
+from .rules import SamplingError, UsageError
+
+LATENT_SCALE = 0.18215  # SD-VAE latent scale of the released checkpoints: decode z / 0.18215 (SiT/REPA generate.py)
+_NAME = re.compile(r"^(\d{6,})\.(png|npy)$")
+
+
+def sample_name(index: int, ext: str = "png") -> str:
+    """``000123.png``: the file of sample ``index`` (6 digits, more past 999,999)."""
+    return f"{index:06d}.{ext}"
+
+
+def atomic_write(path: str, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: a reader (or a resumed run) never sees a partial file. The
+    temporary name is hidden (``.NAME.<pid>.<random>.tmp``) and removed on failure."""
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_png(arr: np.ndarray, path: str) -> None:
+    """uint8 [H, W, 3] -> an RGB PNG at ``path``, atomically."""
+    from PIL import Image
+
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+def save_npy(arr: np.ndarray, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+    atomic_write(path, write)
+
+
+def write_npz(path: str, items, n: int, shape: tuple, dtype, extra: dict) -> None:
+    """An uncompressed ``.npz`` like ``np.savez(path, arr_0=..., **extra)``, with ``arr_0`` [n, *shape] streamed
+    from ``items`` (one array per sample) so memory holds one sample at a time. Written atomically; raises
+    SamplingError when ``items`` does not hold n arrays of ``shape``."""
+    dt = np.dtype(dtype)
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": (n, *shape)})
+                count = 0
+                for a in items:
+                    a = np.ascontiguousarray(a, dtype=dt)
+                    if a.shape != tuple(shape):
+                        raise SamplingError(f"sample {count}: shape {a.shape}, expected {tuple(shape)}")
+                    f.write(a.tobytes())
+                    count += 1
+                if count != n:
+                    raise SamplingError(f"{path}: {count} samples, expected {n}")
+            for k, v in extra.items():
+                with zf.open(f"{k}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
+    atomic_write(path, write)
+
+
+def contact_sheet(images: list, columns: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] images -> one grid image, row-major, ceil(sqrt(n)) columns by default, 2-pixel gutters."""
+    n = len(images)
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w = images[0].shape[:2]
+    g = 2
+    sheet = np.zeros((rows * h + (rows - 1) * g, cols * w + (cols - 1) * g, 3), np.uint8)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        sheet[r * (h + g):r * (h + g) + h, c * (w + g):c * (w + g) + w] = im
+    return sheet
+
+
+def latents_to_uint8(vae, z: torch.Tensor) -> np.ndarray:
+    """Decode latents [B, C, h, w] as the released checkpoints' sampling code does: ``vae.decode(z / 0.18215)``,
+    ``x -> clamp(255·(x + 1)/2, 0, 255)`` truncated to uint8. Returns [B, H, W, 3] uint8 (HWC, the ADM layout)."""
+    p = next(vae.parameters())
+    img = vae.decode(z.to(device=p.device, dtype=p.dtype) / LATENT_SCALE).sample
+    img = torch.clamp(255.0 * (img.float() + 1) / 2, 0, 255)
+    return img.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def load_vae(folder: str, device):
+    """``diffusers.AutoencoderKL.from_pretrained(folder, local_files_only=True)`` in fp32 on ``device`` (eval).
+    Raises UsageError naming ``vae`` when the folder or diffusers is missing; nothing is downloaded."""
+    what = ("the local folder of the Stable-Diffusion VAE the checkpoint was trained with (a diffusers "
+            "AutoencoderKL folder: config.json + diffusion_pytorch_model.safetensors, e.g. a download of "
+            "stabilityai/sd-vae-ft-ema or stabilityai/sd-vae-ft-mse), or --latents-only to save latents instead")
+    if not os.path.isdir(folder):
+        raise UsageError("vae", f"no such folder: {folder}; pass {what}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UsageError("vae", f"{folder} has no config.json, so it is not a diffusers model folder; pass {what}")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise UsageError("vae", f"decoding needs diffusers ({e}); pip install diffusers, or use "
+                                "--latents-only") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
+                                            low_cpu_mem_usage=False)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad --vae folder
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError("vae", f"{folder} could not be loaded as an AutoencoderKL ({type(e).__name__}: {first}); "
+                                f"pass {what}") from None
+    return vae.to(device).eval()
+
+
+def samples_on_disk(folder: str, ext: str) -> set[int]:
+    """Indices whose file (``NNNNNN.ext``, a regular file) exists in ``folder``."""
+    if not os.path.isdir(folder):
+        return set()
+    out = set()
+    for e in os.scandir(folder):
+        m = _NAME.match(e.name)
+        if m and m.group(2) == ext and e.is_file():
+            out.add(int(m.group(1)))
+    return out
+
+
+def remove_temporaries(folder: str) -> None:
+    """Delete the hidden ``.*.tmp`` files an interrupted run left behind."""
+    if os.path.isdir(folder):
+        for e in os.scandir(folder):
+            if e.name.startswith(".") and e.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)

@@ -1,0 +1,186 @@
+"""Arguments of a sampling run checked and resolved against the model: device, checkpoint, budgets, the output
+folder and an earlier run's settings; the FLOPs report. Every error is a UsageError naming the argument."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from fractions import Fraction
+
+import torch
+
+from .rules import UsageError, mix_budgets, parse_budget_mix
+
+FORMAT = "elit-sample/1"
+WEAK_MODES = ("autoguidance", "ccfg", "ccfg_two_pass")
+
+
+def check_int(name, v, lo, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise UsageError(name, f"expected an int {rng}, got {v!r}")
+    return v
+
+
+def resolve_device(device, local_rank: int) -> torch.device:
+    """None -> ``cuda:LOCAL_RANK`` when CUDA is available, else cpu; ``cuda`` -> ``cuda:LOCAL_RANK``."""
+    if device is None:
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError("device", f"not a torch device ({e}); e.g. cpu, cuda, cuda:1") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("device", f"{device} asked for but no CUDA device is available here; use cpu")
+        if d.index is None:
+            d = torch.device(f"cuda:{local_rank}")
+    elif d.type != "cpu":
+        raise UsageError("device", f"expected cpu or cuda[:N], got {device!r}")
+    return d
+
+
+def load_model(checkpoint, weights, arch, device, dtype, backend):
+    """(model in eval mode, the checkpoint's name, its size in bytes or None for a module passed in)."""
+    from ..models.checkpoint import CheckpointError
+    from ..official import load_checkpoint
+
+    if isinstance(checkpoint, torch.nn.Module):
+        return checkpoint.to(device=device, dtype=dtype).eval(), f"<{type(checkpoint).__name__}>", None
+    if not os.path.isfile(str(checkpoint)):
+        raise UsageError("checkpoint", f"no such file: {checkpoint}")
+    try:
+        model = load_checkpoint(str(checkpoint), weights=weights, arch=arch or None, device=device, dtype=dtype,
+                                backend=backend)
+    except (CheckpointError, ValueError, TypeError) as e:
+        msg = str(e)
+        arg = "arch" if msg.startswith("arch") else "weights" if msg.startswith("weights") else "checkpoint"
+        if arg != "checkpoint":
+            msg = msg.split(": ", 1)[1]
+        elif "pass arch=" in msg:
+            msg += " (on the command line: --arch num_heads=H --arch dit_decoder_depth=T)"
+        raise UsageError(arg, msg) from None
+    return model, os.path.basename(str(checkpoint)), os.path.getsize(str(checkpoint))
+
+
+def resolve_budgets(cfg, n, budget, latents, budget_mix):
+    """Per-sample J for the N samples, and the description stored in config.json."""
+    from ..official import latents_for_budget
+
+    j_max = cfg.latents_per_group
+    given = [k for k, v in (("budget", budget), ("latents", latents), ("budget_mix", budget_mix)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(given[1], f"give one of budget, latents, budget_mix (got {', '.join(given)})")
+    if budget_mix is not None:
+        if isinstance(budget_mix, str):
+            mix = parse_budget_mix(budget_mix)
+        else:
+            mix = [(int(j), Fraction(w)) for j, w in budget_mix]
+        for j, _ in mix:
+            if not 1 <= j <= j_max:
+                raise UsageError("budget_mix", f"J = {j} latents per group is out of range: this model takes "
+                                               f"1..{j_max}")
+        return mix_budgets(mix, range(n)), {"mix": [[j, str(w)] for j, w in mix]}
+    if budget is not None:
+        try:
+            j = latents_for_budget(budget, cfg)
+        except (ValueError, TypeError) as e:
+            raise UsageError("budget", str(e).split(": ", 1)[-1]) from None
+    elif latents is not None:
+        j = check_int("latents", latents, 1, j_max)
+    else:
+        j = j_max
+    return [j] * n, {"latents": j}
+
+
+def resolve_weak(cfg, guidance, weak_budget, weak_latents):
+    """J of the weak pass (autoguidance / ccfg), None for the other modes; default J_max // 16 (min 1), the
+    official 1/16."""
+    from ..official import latents_for_budget
+
+    given = [k for k, v in (("weak_budget", weak_budget), ("weak_latents", weak_latents)) if v is not None]
+    if given and guidance not in WEAK_MODES:
+        raise UsageError(given[0], f"only autoguidance and ccfg use a weak budget; guidance is {guidance!r}")
+    if len(given) > 1:
+        raise UsageError("weak_latents", "give weak_budget or weak_latents, not both")
+    if guidance not in WEAK_MODES:
+        return None
+    if weak_budget is not None:
+        try:
+            return latents_for_budget(weak_budget, cfg)
+        except (ValueError, TypeError) as e:
+            raise UsageError("weak_budget", str(e).split(": ", 1)[-1]) from None
+    if weak_latents is not None:
+        return check_int("weak_latents", weak_latents, 1, cfg.latents_per_group)
+    return max(1, cfg.latents_per_group // 16)
+
+
+def check_out(out: str) -> None:
+    """Create ``out`` and write a probe file into it; UsageError naming ``out`` when that fails."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError("out", f"cannot write into {out} ({e.strerror or e})") from None
+
+
+def check_earlier_run(path: str, settings: dict, soft: dict) -> list[str]:
+    """Compare with an earlier run's config.json: UsageError naming ``out`` when a setting that decides the images
+    differs; notes for the ones that only move rounding (batch size, backend, ...)."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError("out", f"{path} is not readable JSON ({e}); use a new --out folder") from None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise UsageError("out", f"{path} was not written by elit-sample ({FORMAT}); use a new --out folder")
+    was, was_soft = old.get("settings", {}), old.get("soft", {})
+    diff = [k for k in settings if was.get(k) != settings[k]]
+    if diff:
+        show = "; ".join(f"{k}: {was.get(k)!r} there, {settings[k]!r} now" for k in diff[:4])
+        raise UsageError("out", f"{os.path.dirname(path)} holds samples of a different run ({show}); resume with the "
+                                "same settings or use a new --out folder")
+    return [f"{k} was {was_soft[k]!r}, now {soft[k]!r}" for k in soft if k in was_soft and was_soft[k] != soft[k]]
+
+
+def flops_report(model, budgets, weak_j, guidance, heun, guided_steps, device, dtype) -> str:
+    """One line: FLOPs of one forward of one image per budget (``elit_kernels.bench.flops.count_flops``), and the
+    mean per image of this run (its mix, guidance on ``guided_steps``, Heun's second evaluation)."""
+    from ..bench.flops import count_flops
+
+    cfg, steps = model.cfg, len(guided_steps)
+
+    def forward(j):
+        x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=device, dtype=dtype)
+        t = torch.full((1,), 0.5, device=device)
+        y = torch.zeros(1, dtype=torch.long, device=device)
+        return count_flops(lambda: model(x, t, y, [j]), [model])["total"]
+
+    counts: dict[int, int] = {}
+    for j in budgets:
+        counts[j] = counts.get(j, 0) + 1
+    per = {j: forward(j) for j in sorted(set(counts) | ({weak_j} - {None}), reverse=True)}
+
+    def image(j):
+        tot = 0
+        for i, guided in enumerate(guided_steps):
+            f = per[j] + ((per[j] if guidance == "cfg" else per[weak_j]) if guided else 0)
+            tot += (2 if heun and i < steps - 1 else 1) * f
+        return tot
+    n = len(budgets)
+    mean = sum(c * image(j) for j, c in counts.items()) / n
+    fw = ", ".join(f"J={j}: {_flops(per[j])}" for j in per)
+    mix = ", ".join(f"J={j} {c / n:.0%}" for j, c in sorted(counts.items(), reverse=True))
+    return (f"FLOPs of one forward of one image: {fw}; per image over {steps} steps ({mix}"
+            f"{', guidance ' + guidance if any(guided_steps) else ''}): {_flops(mean)}")
+
+
+def _flops(f: float) -> str:
+    for unit, s in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if f >= s:
+            return f"{f / s:.3g} {unit}"
+    return f"{f:.3g} FLOP"

@@ -1,0 +1,407 @@
+"""``generate``: one sampling run, on one process or as one rank of a torchrun job."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import options as O
+from .files import (LATENT_SCALE, atomic_write, contact_sheet, latents_to_uint8, load_vae, remove_temporaries,
+                    sample_name, samples_on_disk, save_npy, save_png, write_npz)
+from .rules import SamplingError, UsageError, plan_batches, sample_labels, sample_noise
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+SAMPLERS = ("euler", "heun")
+GUIDANCE = ("none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass")
+
+
+@dataclass
+class SampleResult:
+    """What ``generate`` did. ``npz`` / ``grid`` are None on ranks other than 0."""
+    out: str
+    npz: str | None
+    grid: str | None
+    num_samples: int
+    generated: int
+    skipped: int
+    seconds: float
+    images_per_s: float
+    labels: list = field(default_factory=list, repr=False)
+    budgets: list = field(default_factory=list, repr=False)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    owned: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def _init_dist(dev: torch.device) -> _Dist:
+    """Join the torchrun process group (WORLD_SIZE > 1): NCCL bound to ``dev`` on CUDA, gloo on the CPU. A group
+    already initialised by the caller is used as it is (and left to the caller to destroy)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size())
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist()
+    if dev.type == "cuda":
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group("gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), owned=True)
+
+
+def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, sampler: str = "euler",
+             steps: int = 50, guidance: str = "none", cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
+             budget=None, latents: int | None = None, budget_mix=None, weak_budget=None, weak_latents=None,
+             batch_size: int = 32, seed: int = 0, dtype: str = "float32", backend: str | None = None, device=None,
+             vae=None, latents_only: bool = False, graphed: bool | None = None, grid: int = 64,
+             weights: str = "ema", arch: dict | None = None, tf32: bool = False, progress: bool = True,
+             log=print) -> SampleResult:
+    """Sample ``num_samples`` images from ``checkpoint`` into the folder ``out`` (files: docs/sampling.md).
+
+    Arguments (the CLI flags are the same names with dashes):
+        checkpoint: an official ELIT-SiT ``train.py`` file, a bare official state_dict (with ``arch``), a file of
+            ours (``elit-convert`` / ``save_model``), or an ``ElitDiT`` already built.
+        classes: None (all ``num_classes``, balanced) or a sequence of class ids; sample i gets
+            ``classes[i % len(classes)]``.
+        sampler / steps: ``"euler"`` or ``"heun"`` ODE (``elit_kernels.flow.euler_sample``).
+        guidance / cfg_scale / guidance_interval: mode (``none``, ``cfg``, ``autoguidance``, ``ccfg``,
+            ``ccfg_two_pass``), the official ``cfg_scale`` (λ = cfg_scale − 1; > 1 with a guidance mode, 1
+            without), and the (low, high) times where guidance is on.
+        budget / latents / budget_mix: at most one: the official float budget (fraction <= 1 or a count > 1),
+            latents per group J, or a mix ``"J:w,J:w"`` / ``[(J, w), ...]`` assigned per sample by index.
+            None of them: J_max.
+        weak_budget / weak_latents: the weak pass of ``autoguidance`` / ``ccfg`` (default J_max // 16, min 1).
+        batch_size: samples per forward on each device. seed: the global seed (int >= 0). dtype: float32,
+            bfloat16 or float16 (the model; the ODE state stays float64). backend: the attention backend
+            (None = dispatch).
+        device: None (``cuda:LOCAL_RANK`` when CUDA is available, else cpu), or a torch device string.
+        vae: a local diffusers ``AutoencoderKL`` folder (or the module). latents_only: save latents, no decode.
+        graphed: replay the forward from CUDA graphs per budget signature (None = on when the device is CUDA).
+        grid: images in the contact sheet (0 = none). weights / arch: as ``official.load_checkpoint``.
+        tf32: allow TF32 matmuls on CUDA during the run (the official generate.py's default; ours off).
+        progress: a tqdm bar on rank 0. log: where rank 0's lines go.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) it joins the process group (NCCL on CUDA, gloo on CPU) unless one is
+    already initialised, and shares the canonical batches out across ranks; rank 0 writes the grid and the
+    ``.npz``. Samples already in ``out`` are skipped. Raises UsageError (a ValueError naming the argument) for
+    bad arguments, before anything is written; SamplingError when a rank fails (files already written are kept).
+    """
+    a = dict(locals())
+    t_start = time.perf_counter()
+    for name, lo in (("num_samples", 1), ("steps", 1), ("batch_size", 1), ("seed", 0), ("grid", 0)):
+        O.check_int(name, a[name], lo)
+    if sampler not in SAMPLERS:
+        raise UsageError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if guidance not in GUIDANCE:
+        raise UsageError("guidance", f"expected one of {', '.join(GUIDANCE)}, got {guidance!r}")
+    if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale) and cfg_scale >= 1):
+        raise UsageError("cfg_scale", f"expected the official cfg_scale >= 1 (1 = no guidance), got {cfg_scale!r}")
+    if guidance == "none" and cfg_scale != 1:
+        raise UsageError("guidance", f"cfg_scale {cfg_scale} needs a guidance mode (cfg, autoguidance, ccfg)")
+    if guidance != "none" and cfg_scale == 1:
+        raise UsageError("cfg_scale", f"guidance {guidance} needs cfg_scale > 1 (1 = no guidance)")
+    try:
+        low, high = (float(v) for v in guidance_interval)
+    except (TypeError, ValueError):
+        raise UsageError("guidance_interval", f"expected LOW,HIGH times in [0, 1], got {guidance_interval!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise UsageError("guidance_interval", f"expected 0 <= low <= high <= 1, got {low}, {high}")
+    a["guidance_interval"] = (low, high)
+    if dtype not in DTYPES:
+        raise UsageError("dtype", f"expected one of float32, bfloat16, float16, got {dtype!r}")
+    if latents_only and vae is not None:
+        raise UsageError("latents_only", "saves latents without decoding; drop --vae (it would not be used)")
+    if not latents_only and vae is None:
+        raise UsageError("vae", "no decoder given: pass the local folder of the Stable-Diffusion VAE the checkpoint "
+                                "was trained with (diffusers AutoencoderKL, e.g. a download of "
+                                "stabilityai/sd-vae-ft-ema), or --latents-only to save latents")
+    if classes is not None:
+        a["classes"] = list(classes)
+        if not a["classes"]:
+            raise UsageError("classes", "empty class list")
+    a["out"] = out = str(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError("out", f"{out} exists and is not a folder")
+
+    dev = O.resolve_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dd = _init_dist(dev)
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        if tf32 and dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return _Run(a, dd, dev, t_start).run()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+        if dd.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _Run:
+    """The steps of ``generate`` after the cheap checks: set up (model, budgets, folder), plan, report, sample,
+    write the ``.npz`` and the grid."""
+
+    def __init__(self, a: dict, dd: _Dist, dev: torch.device, t_start: float):
+        self.a, self.dd, self.dev, self.t_start = a, dd, dev, t_start
+        self.main = dd.rank == 0
+        self.say = a["log"] if self.main else (lambda *x, **k: None)
+
+    def run(self) -> SampleResult:
+        self.setup()
+        self.plan()
+        self.startup_report()
+        t0 = time.perf_counter()
+        self.sample()
+        t_sampling = time.perf_counter() - t0
+        npz_path = grid_path = None
+        if self.main:
+            npz_path, grid_path = self.write_npz_and_grid()
+        elapsed = time.perf_counter() - self.t_start
+        ips = self.missing / t_sampling if self.missing and t_sampling > 0 else 0.0
+        self.say(f"elit-sample: done: {self.missing} new {self.what} ({self.n - self.missing} already on disk) in "
+                 f"{t_sampling:.1f} s of sampling, {ips:.2f} {self.what}/s over {self.dd.world} rank(s); total "
+                 f"{elapsed:.1f} s" + (f"; wrote {npz_path}" if npz_path else ""))
+        return SampleResult(out=self.a["out"], npz=npz_path, grid=grid_path, num_samples=self.n,
+                            generated=self.missing, skipped=self.n - self.missing, seconds=elapsed,
+                            images_per_s=ips, labels=self.labels, budgets=self.budgets)
+
+    # --- the model, the samples' labels and budgets, the folder
+    def setup(self) -> None:
+        from .. import _cli
+
+        a, dev = self.a, self.dev
+        self.dtype = DTYPES[a["dtype"]]
+        model, ckpt_name, ckpt_bytes = O.load_model(a["checkpoint"], a["weights"], a["arch"], dev, self.dtype,
+                                                    a["backend"])
+        cfg = self.cfg = model.cfg
+        if a["backend"] is not None:
+            probe = _cli.probe_inputs(cfg.heads, cfg.head_dim, dev, self.dtype)
+            err = _cli.backend_error("backend", a["backend"], probe,
+                                     f"this model ({dev.type}, {a['dtype']}, head dim {cfg.head_dim})")
+            if err:
+                raise UsageError("backend", err.split(": ", 1)[1])
+            model.backend = a["backend"]
+        self.model = model
+        classes = a["classes"] if a["classes"] is not None else list(range(cfg.num_classes))
+        bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer))
+               or not 0 <= c < cfg.num_classes]
+        if bad:
+            raise UsageError("classes", f"unknown class {bad[0]!r}: this model has classes 0..{cfg.num_classes - 1}")
+        self.n = a["num_samples"]
+        self.budgets, budget_desc = O.resolve_budgets(cfg, self.n, a["budget"], a["latents"], a["budget_mix"])
+        self.weak_j = O.resolve_weak(cfg, a["guidance"], a["weak_budget"], a["weak_latents"])
+        self.vae = None
+        if not a["latents_only"]:
+            self.vae = a["vae"] if isinstance(a["vae"], torch.nn.Module) else load_vae(str(a["vae"]), dev)
+            lc = getattr(getattr(self.vae, "config", None), "latent_channels", cfg.in_channels)
+            if lc != cfg.in_channels:
+                raise UsageError("vae", f"the VAE has {lc} latent channels, the model {cfg.in_channels}")
+        O.check_out(a["out"])  # the last check: nothing is created for a bad command
+        self.labels = sample_labels(classes, range(self.n))
+        self.scale = float(a["cfg_scale"]) - 1.0
+        self.mode = a["guidance"] if self.scale > 0 else "none"
+        low, high = a["guidance_interval"]
+        ts = torch.linspace(1.0, 0.0, a["steps"] + 1, dtype=torch.float64)
+        self.guided_steps = [self.mode != "none" and low <= ts[i].item() <= high for i in range(a["steps"])]
+        self.shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        self.ext = "npy" if self.vae is None else "png"
+        self.what = "latents" if self.vae is None else "images"
+        self.folder = os.path.join(a["out"], "latents" if self.vae is None else "samples")
+        vae_name = None
+        if self.vae is not None:
+            v = a["vae"]
+            vae_name = f"<{type(v).__name__}>" if isinstance(v, torch.nn.Module) else os.path.basename(
+                os.path.abspath(str(v)))
+        self.settings = {
+            "checkpoint": ckpt_name, "checkpoint_bytes": ckpt_bytes, "weights": a["weights"], "arch": a["arch"] or None,
+            "seed": a["seed"], "classes": "all" if a["classes"] is None else [int(c) for c in classes],
+            "budgets": budget_desc, "sampler": a["sampler"], "steps": a["steps"], "guidance": a["guidance"],
+            "cfg_scale": float(a["cfg_scale"]), "guidance_interval": [low, high], "weak_latents": self.weak_j,
+            "dtype": str(self.dtype).replace("torch.", ""), "output": self.ext, "vae": vae_name,
+            "latent_scale": LATENT_SCALE}
+        self.soft = {"batch_size": a["batch_size"], "backend": a["backend"], "tf32": bool(a["tf32"]),
+                     "device_type": dev.type}
+        self.cfg_path = os.path.join(a["out"], "config.json")
+        for note in O.check_earlier_run(self.cfg_path, self.settings, self.soft):
+            self.say(f"elit-sample: note: resuming with different {note}: the remaining samples differ from a fresh "
+                     "run's by floating-point rounding only")
+        os.makedirs(self.folder, exist_ok=True)
+
+    # --- what is left, decided by rank 0 and told to every rank
+    def plan(self) -> None:
+        import torch.distributed as dist
+
+        self.batches = plan_batches(self.budgets, self.a["batch_size"])
+        msg = [None, None]
+        if self.main:
+            remove_temporaries(self.folder)
+            done = samples_on_disk(self.folder, self.ext)
+            todo = [k for k, b in enumerate(self.batches) if not all(i in done for i in b)]
+            msg = [todo, sum(1 for k in todo for i in self.batches[k] if i not in done)]
+            if not os.path.isfile(self.cfg_path):
+                def write(tmp):
+                    with open(tmp, "w") as f:
+                        json.dump({"format": O.FORMAT, "settings": self.settings, "soft": self.soft}, f, indent=1)
+                atomic_write(self.cfg_path, write)
+        if self.dd.on:
+            dist.broadcast_object_list(msg, src=0)
+        todo, self.missing = msg
+        self.mine = [self.batches[k] for k in todo[self.dd.rank::self.dd.world]]
+        self.rounds = math.ceil(len(todo) / self.dd.world)
+        self.runner = self.model
+        use_graphs = self.a["graphed"] if self.a["graphed"] is not None else self.dev.type == "cuda"
+        if use_graphs and self.dev.type != "cuda":
+            self.say(f"elit-sample: note: CUDA graphs need a CUDA device; running eagerly on {self.dev.type}")
+            use_graphs = False
+        if use_graphs:
+            from ..models.capture import GraphedForward
+
+            self.runner = GraphedForward(self.model, max_graphs=max(8, 4 * len(set(self.budgets))))
+        self.graphs = use_graphs
+
+    def _inputs(self, idx):
+        noise = sample_noise(self.a["seed"], idx, self.shape).to(self.dev)
+        y = torch.tensor([self.labels[i] for i in idx], dtype=torch.long, device=self.dev)
+        return noise, y, [self.budgets[i] for i in idx]
+
+    # --- start-up lines: the run, the measured forward time, the FLOPs (rank 0)
+    def startup_report(self) -> None:
+        from ..flow import guided_velocity
+
+        a, mode = self.a, self.mode
+        low, high = a["guidance_interval"]
+        guided = f"guidance {mode}" + (f" (cfg_scale {a['cfg_scale']}, interval {low}..{high}"
+                                       + (f", weak J={self.weak_j}" if self.weak_j is not None else "") + ")"
+                                       if mode != "none" else "")
+        self.say(f"elit-sample: {self.n} samples ({self.n - self.missing} already in {self.folder}, {self.missing} to "
+                 f"do) on {self.dd.world} rank(s) ({self.dev.type}, {a['dtype']}), batch {a['batch_size']} per device, "
+                 f"{a['steps']} {a['sampler']} steps, {guided}")
+        if not (self.main and self.mine):
+            return
+        noise, y, bud = self._inputs(self.mine[0])
+        x, t = noise.to(self.dtype), torch.full((len(bud),), 0.5, device=self.dev)
+        m0 = mode if any(self.guided_steps) else "none"
+
+        def step():
+            with torch.no_grad():
+                guided_velocity(self.runner, x, t, y, bud, mode=m0, scale=self.scale, weak_budget=self.weak_j,
+                                dtype=torch.float64)
+            if self.dev.type == "cuda":
+                torch.cuda.synchronize(self.dev)
+        step()  # warm-up: autotune, known-answer checks, graph capture
+        t0 = time.perf_counter()
+        step()
+        dt = time.perf_counter() - t0
+        self.say(f"elit-sample: forward per step {dt * 1e3:.2f} ms (first batch: {len(bud)} "
+                 f"sample{'s' if len(bud) > 1 else ''} at J={bud[0]}{', guided ' + m0 if m0 != 'none' else ''}"
+                 f"{', CUDA graphs' if self.graphs else ''})")
+        try:
+            self.say("elit-sample: " + O.flops_report(self.model, self.budgets, self.weak_j, m0,
+                                                      a["sampler"] == "heun", self.guided_steps, self.dev, self.dtype))
+        except Exception as e:  # noqa: BLE001 - the FLOP count is information, never a reason to stop
+            self.say(f"elit-sample: FLOPs not counted ({type(e).__name__}: {e})")
+
+    # --- the loop: one canonical batch per round; after each round every rank learns whether one failed
+    def sample(self) -> None:
+        import torch.distributed as dist
+
+        from ..flow import euler_sample
+
+        a, dd = self.a, self.dd
+        bar = None
+        if self.main and a["progress"] and self.mine:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(b) for b in self.mine), unit="img", dynamic_ncols=True,
+                       desc="sampling" + (f" (rank 0 of {dd.world})" if dd.on else ""))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)  # PNG encoding releases the GIL
+        save = save_npy if self.vae is None else save_png
+        failure = None
+        try:
+            for r in range(self.rounds):
+                if failure is None and r < len(self.mine):
+                    idx = self.mine[r]
+                    try:
+                        noise, y, bud = self._inputs(idx)
+                        with torch.no_grad():
+                            z = euler_sample(self.runner, noise, y, steps=a["steps"], budget=bud, mode=self.mode,
+                                             scale=self.scale, weak_budget=self.weak_j,
+                                             guidance_interval=a["guidance_interval"], heun=a["sampler"] == "heun")
+                            z = z.float()
+                            arrs = z.cpu().numpy() if self.vae is None else latents_to_uint8(self.vae, z)
+                        paths = [os.path.join(self.folder, sample_name(i, self.ext)) for i in idx]
+                        jobs = [pool.submit(save, arr, p) for arr, p in zip(arrs, paths) if not os.path.isfile(p)]
+                        for j in jobs:
+                            j.result()
+                        if bar is not None:
+                            bar.update(len(idx))
+                    except Exception as e:  # noqa: BLE001 - reported to every rank below
+                        failure = (f"rank {dd.rank} of {dd.world} failed on samples {idx[0]}..{idx[-1]}: "
+                                   f"{type(e).__name__}: {e}")
+                if dd.on:
+                    flags = torch.zeros(dd.world, device=self.dev if dist.get_backend() == "nccl" else "cpu")
+                    flags[dd.rank] = float(failure is not None)
+                    dist.all_reduce(flags)
+                    failed = [str(k) for k in range(dd.world) if flags[k] > 0]
+                    if failed:
+                        failure = failure or f"rank(s) {', '.join(failed)} of {dd.world} failed"
+                if failure is not None:
+                    break
+        finally:
+            pool.shutdown(wait=True)
+            if bar is not None:
+                bar.close()
+        if failure is not None:
+            raise SamplingError(f"{failure}. The samples written before are kept in {self.folder}; rerun the same "
+                                "command to resume")
+        if dd.on:
+            dist.barrier()  # every file is on disk; only rank 0 goes on (no collective after this)
+
+    # --- rank 0: the .npz (streamed from the files) and the grid
+    def write_npz_and_grid(self):
+        n, folder = self.n, self.folder
+        extra = {"labels": np.asarray(self.labels, dtype=np.int64),
+                 "budgets": np.asarray(self.budgets, dtype=np.int64)}
+        if self.vae is None:
+            path = os.path.join(self.a["out"], "latents.npz")
+            write_npz(path, (np.load(os.path.join(folder, sample_name(i, "npy"))) for i in range(n)), n, self.shape,
+                      np.float32, extra)
+            return path, None
+        from PIL import Image
+
+        first: list = []
+
+        def images():
+            for i in range(n):
+                with Image.open(os.path.join(folder, sample_name(i))) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                if i < self.a["grid"]:
+                    first.append(arr)
+                yield arr
+        with Image.open(os.path.join(folder, sample_name(0))) as im0:
+            w, h = im0.size
+        path = os.path.join(self.a["out"], "samples.npz")
+        write_npz(path, images(), n, (h, w, 3), np.uint8, extra)
+        grid_path = None
+        if first:
+            grid_path = os.path.join(self.a["out"], "grid.png")
+            save_png(contact_sheet(first), grid_path)
+        return path, grid_path

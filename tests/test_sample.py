@@ -1,0 +1,336 @@
+"""elit-sample: files and their contents, the seeding rule, torchrun sharding, resume, failures, usage errors.
+
+A tiny random ElitDiT (8x8 latents, 4 groups of P = 4) and a tiny random diffusers AutoencoderKL (downsample 8:
+64x64 images), both saved to a temp folder as a user would have them.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from elit_kernels import sample as S
+from elit_kernels.sample import run as R
+from elit_kernels.flow import euler_sample
+from elit_kernels.models import ElitDiT, elit_config, load_model, save_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+diffusers = pytest.importorskip("diffusers", reason="elit-sample decodes with diffusers.AutoencoderKL")
+FIXTURE = ROOT / "tests" / "fixtures" / "elit_sit_tiny_a.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny shapes gain nothing from threads, and the CI box shares its cores: one thread is faster and steady.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample_inputs")
+    torch.manual_seed(0)
+    model = ElitDiT(elit_config("tiny", 64)).eval()  # 10 classes, J_max = 4
+    with torch.no_grad():
+        for p in model.parameters():  # random everywhere (the init zeroes the output layers)
+            p.normal_(0, 0.05)
+    save_model(str(d / "tiny.pt"), model)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=64)
+    vae.save_pretrained(str(d / "vae"))
+    return {"ckpt": str(d / "tiny.pt"), "vae": str(d / "vae")}
+
+
+def run(files, out, **kw):
+    kw.setdefault("steps", 2)
+    kw.setdefault("progress", False)
+    kw.setdefault("log", lambda *a, **k: None)
+    kw.setdefault("backend", "torch")  # the Triton interpreter (TRITON_INTERPRET=1 here) would take minutes
+    if not kw.get("latents_only"):
+        kw.setdefault("vae", files["vae"])
+    return S.generate(files["ckpt"], str(out), **kw)
+
+
+def npz(path):
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def torchrun(args, nproc=2, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "elit_kernels.sample", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# --- the seeding rule and the plan ------------------------------------------------------------------------
+def test_noise_labels_and_budgets_depend_on_the_index_only():
+    shape = (4, 8, 8)
+    a = S.sample_noise(3, [5, 6, 7], shape)
+    assert torch.equal(a[1], S.sample_noise(3, [6], shape)[0])
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], S.sample_noise(4, [5], shape)[0])
+    assert a.dtype == torch.float32 and 0.5 < a.std() < 1.5
+    assert S.sample_labels([3, 1, 4], range(7)) == [3, 1, 4, 3, 1, 4, 3]
+    mix = S.parse_budget_mix("64:0.5,16:0.25,4:0.25")
+    assert [j for j, _ in mix] == [64, 16, 4]
+    got = S.mix_budgets(mix, range(2000))
+    assert got[1000:1010] == S.mix_budgets(mix, range(1000, 1010))
+    counts = {j: got.count(j) for j in (64, 16, 4)}
+    assert abs(counts[64] - 1000) <= 5 and abs(counts[16] - 500) <= 5 and abs(counts[4] - 500) <= 5, counts
+    # every short run of consecutive indices holds the mix too (golden-ratio sequence)
+    assert all(abs(got[k:k + 40].count(64) - 20) <= 3 for k in range(0, 2000, 40))
+
+
+def test_canonical_batches_do_not_depend_on_n_except_the_last_per_budget():
+    bud = S.mix_budgets(S.parse_budget_mix("4:1,1:1"), range(50))
+    full, short = S.plan_batches(bud, 4), S.plan_batches(bud[:30], 4)
+    assert sorted(i for b in full for i in b) == list(range(50))
+    assert all(len({bud[i] for i in b}) == 1 for b in full)  # one budget per batch (one graph signature)
+    complete = [b for b in short if len(b) == 4]
+    assert all(b in full for b in complete)
+
+
+@pytest.mark.parametrize("text", ["4", "4:0", "x:1", "4:1,4:2", "4:-1"])
+def test_budget_mix_parse_errors_name_the_argument(text):
+    with pytest.raises(S.UsageError, match="budget_mix"):
+        S.parse_budget_mix(text)
+
+
+# --- one run ----------------------------------------------------------------------------------------------
+def test_run_writes_pngs_grid_and_npz(files, tmp_path):
+    out = tmp_path / "run"
+    res = run(files, out, num_samples=7, batch_size=3, budget_mix="4:0.5,1:0.5", guidance="ccfg", cfg_scale=2.0,
+              seed=5, grid=4)
+    names = sorted(os.listdir(out / "samples"))
+    assert names == [f"{i:06d}.png" for i in range(7)]
+    d = npz(out / "samples.npz")
+    assert set(d) == {"arr_0", "labels", "budgets"}
+    assert d["arr_0"].shape == (7, 64, 64, 3) and d["arr_0"].dtype == np.uint8
+    assert d["labels"].tolist() == [i % 10 for i in range(7)] and d["labels"].dtype == np.int64
+    want_bud = S.mix_budgets([(4, 1), (1, 1)], range(7))
+    assert d["budgets"].tolist() == want_bud and set(want_bud) == {4, 1}
+    assert res.generated == 7 and res.skipped == 0 and res.budgets == want_bud
+    for i in range(7):
+        assert np.array_equal(png(out / "samples" / f"{i:06d}.png"), d["arr_0"][i])
+    assert d["arr_0"].std() > 5  # a decoded image, not a constant
+    sheet = png(out / "grid.png")
+    assert sheet.shape == (2 * 64 + 2, 2 * 64 + 2, 3)
+    assert np.array_equal(sheet[:64, 66:], d["arr_0"][1]) and np.array_equal(sheet[66:, 66:], d["arr_0"][3])
+    # the ADM evaluator reads the stored member arr_0.npy's header and streams the rest
+    with zipfile.ZipFile(out / "samples.npz") as zf, zf.open("arr_0.npy") as f:
+        assert zf.getinfo("arr_0.npy").compress_type == zipfile.ZIP_STORED
+        assert np.lib.format.read_magic(f) in ((1, 0), (2, 0))
+
+    # the images are the decoded latents of the same samples: vae.decode(z / 0.18215), (x + 1) / 2 * 255, truncated
+    lat = tmp_path / "lat"
+    run(files, lat, num_samples=7, batch_size=3, budget_mix="4:0.5,1:0.5", guidance="ccfg", cfg_scale=2.0, seed=5,
+        latents_only=True)
+    z = npz(lat / "latents.npz")
+    assert z["arr_0"].shape == (7, 4, 8, 8) and z["arr_0"].dtype == np.float32
+    assert np.array_equal(z["labels"], d["labels"]) and np.array_equal(z["budgets"], d["budgets"])
+    assert sorted(os.listdir(lat / "latents")) == [f"{i:06d}.npy" for i in range(7)]
+    vae = diffusers.AutoencoderKL.from_pretrained(files["vae"]).eval()
+    for batch in S.plan_batches(want_bud, 3):
+        with torch.no_grad():
+            x = vae.decode(torch.from_numpy(z["arr_0"][batch]) / 0.18215).sample
+        want = torch.clamp(255 * (x + 1) / 2, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+        assert np.array_equal(d["arr_0"][batch], want)
+
+
+def test_budget_mix_matches_euler_sample_per_sample(files, tmp_path):
+    kw = dict(num_samples=6, batch_size=4, budget_mix="4:1,2:1,1:1", guidance="ccfg", cfg_scale=3.0, steps=3,
+              sampler="heun", guidance_interval=(0.2, 0.9), weak_latents=1, seed=11)
+    run(files, tmp_path / "o", latents_only=True, **kw)
+    d = npz(tmp_path / "o" / "latents.npz")
+    bud = d["budgets"].tolist()
+    assert len(set(bud)) == 3
+    model = load_model(files["ckpt"], backend="torch")
+    common = dict(steps=3, mode="ccfg", scale=2.0, weak_budget=1, guidance_interval=(0.2, 0.9), heun=True)
+    for i in range(6):  # each sample alone, at its recorded budget
+        z = euler_sample(model, S.sample_noise(11, [i], (4, 8, 8)), torch.tensor([i % 10]), budget=[bud[i]], **common)
+        torch.testing.assert_close(torch.from_numpy(d["arr_0"][i]), z[0], atol=2e-5, rtol=1e-4)
+    for b in S.plan_batches(bud, 4):  # and bitwise in its canonical batch
+        z = euler_sample(model, S.sample_noise(11, b, (4, 8, 8)), torch.tensor([i % 10 for i in b]),
+                         budget=[bud[i] for i in b], **common)
+        assert torch.equal(torch.from_numpy(d["arr_0"][b]), z)
+
+
+def test_official_checkpoint_with_arch_and_a_float_budget(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = S.main([str(FIXTURE), "--arch", "num_heads=2", "--arch", "dit_decoder_depth=1", "--latents-only",
+                 "--num-samples", "3", "--steps", "2", "--budget", "0.5", "--classes", "1,5", "--graphed",
+                 "--no-progress", "--backend", "torch", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    d = npz(out / "latents.npz")
+    assert d["arr_0"].shape == (3, 4, 16, 16) and d["budgets"].tolist() == [8, 8, 8]
+    assert d["labels"].tolist() == [1, 5, 1]
+    assert "CUDA graphs need a CUDA device" in text and "forward per step" in text and "FLOPs" in text
+    assert "images/s" not in text and "latents/s" in text
+
+
+# --- resume and failure -----------------------------------------------------------------------------------
+def test_interrupted_run_resumes_without_duplicates_or_losses(files, tmp_path, monkeypatch):
+    kw = dict(num_samples=8, batch_size=3, budget_mix="4:1,1:1", seed=2)
+    ref = tmp_path / "ref"
+    run(files, ref, **kw)
+    want = npz(ref / "samples.npz")
+
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real = R.latents_to_uint8
+
+    def dies_on_the_third_batch(vae, z):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(vae, z)
+    monkeypatch.setattr(R, "latents_to_uint8", dies_on_the_third_batch)
+    with pytest.raises(S.SamplingError, match="rank 0 of 1 failed on samples .*simulated crash.*rerun"):
+        run(files, out, **kw)
+    monkeypatch.setattr(R, "latents_to_uint8", real)
+    first = sorted(os.listdir(out / "samples"))
+    b = S.plan_batches(S.mix_budgets([(4, 1), (1, 1)], range(8)), 3)
+    assert first == sorted(f"{i:06d}.png" for i in b[0] + b[1])  # the two batches done are kept
+    assert not (out / "samples.npz").exists()
+    # damage the folder further: one sample deleted, a stale temporary file left behind
+    os.unlink(out / "samples" / first[0])
+    (out / "samples" / ".000001.png.123.abcd.tmp").write_bytes(b"partial")
+    kept = {n: os.stat(out / "samples" / n).st_mtime_ns for n in first[1:]}
+
+    res = run(files, out, **kw)
+    assert (res.generated, res.skipped) == (9 - len(first), len(first) - 1)
+    names = sorted(os.listdir(out / "samples"))
+    assert names == [f"{i:06d}.png" for i in range(8)]  # no duplicates, nothing lost, temp file gone
+    assert all(os.stat(out / "samples" / n).st_mtime_ns == t for n, t in kept.items())  # not rewritten
+    got = npz(out / "samples.npz")
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k  # bitwise the uninterrupted run
+
+    res = run(files, out, **kw)  # nothing left to do
+    assert (res.generated, res.skipped) == (0, 8)
+
+
+def test_resume_refuses_a_folder_of_another_run(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    run(files, out, num_samples=2, batch_size=2, seed=1, latents_only=True)
+    with pytest.raises(S.UsageError, match=r"^out: .*different run \(seed: 1 there, 2 now"):
+        run(files, out, num_samples=2, batch_size=2, seed=2, latents_only=True)
+    notes = []
+    run(files, out, num_samples=3, batch_size=1, seed=1, latents_only=True, log=notes.append)
+    assert any("batch_size was 2, now 1" in n for n in notes)
+
+
+# --- torchrun ---------------------------------------------------------------------------------------------
+def test_two_process_torchrun_matches_one_process(files, tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("# a few classes\n3, 7\n9\n")
+    common = [files["ckpt"], "--vae", files["vae"], "--num-samples", "7", "--steps", "2", "--class-file",
+              str(classes), "--budget-mix", "4:2,2:1", "--guidance", "cfg", "--cfg-scale", "1.5", "--seed", "9",
+              "--no-progress", "--backend", "torch"]
+    r = torchrun(common + ["--batch-size", "2", "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 rank(s)" in r.stdout and "forward per step" in r.stdout
+    two = npz(tmp_path / "two" / "samples.npz")
+    assert two["labels"].tolist() == [[3, 7, 9][i % 3] for i in range(7)]
+
+    one_res = run(files, tmp_path / "one", num_samples=7, steps=2, classes=[3, 7, 9], budget_mix="4:2,2:1",
+                  guidance="cfg", cfg_scale=1.5, seed=9, batch_size=2)
+    one = npz(one_res.npz)
+    for k in ("arr_0", "labels", "budgets"):
+        assert np.array_equal(one[k], two[k]), k  # bitwise: the batches are the same whatever the world size
+    for i in range(7):
+        assert (tmp_path / "two" / "samples" / f"{i:06d}.png").read_bytes() == \
+               (tmp_path / "one" / "samples" / f"{i:06d}.png").read_bytes()
+
+    # Another batch size: the same noise, labels and budgets; the images differ only where the batched matmuls
+    # round differently (BLAS kernels depend on the row count), i.e. at most one uint8 level.
+    other = npz(run(files, tmp_path / "three", num_samples=7, steps=2, classes=[3, 7, 9], budget_mix="4:2,2:1",
+                    guidance="cfg", cfg_scale=1.5, seed=9, batch_size=3).npz)
+    assert np.array_equal(other["labels"], two["labels"]) and np.array_equal(other["budgets"], two["budgets"])
+    assert np.abs(other["arr_0"].astype(int) - two["arr_0"].astype(int)).max() <= 1
+
+
+def test_a_failing_rank_stops_the_run_and_keeps_what_was_written(files, tmp_path):
+    out = tmp_path / "o"
+    # batches of 1 at one budget: rank 0 gets samples 0, 2, 4; rank 1 gets 1, 3, 5. A folder where rank 1's
+    # second PNG must go makes its write fail.
+    (out / "samples" / "000003.png").mkdir(parents=True)
+    r = torchrun([files["ckpt"], "--vae", files["vae"], "--num-samples", "6", "--steps", "1", "--batch-size", "1",
+                  "--no-progress", "--backend", "torch", "--out", str(out)])
+    assert r.returncode != 0
+    assert "rank 1 of 2 failed on samples 3..3" in r.stderr and "rerun the same command" in r.stderr, r.stderr[-3000:]
+    assert not (out / "samples.npz").exists()
+    written = sorted(p.name for p in (out / "samples").iterdir() if p.is_file())
+    assert {"000000.png", "000001.png"} <= set(written) and "000005.png" not in written
+    assert not [n for n in os.listdir(out / "samples") if n.endswith(".tmp")]
+
+
+# --- usage errors -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra,flag", [
+    (["--classes", "3,10"], "--classes: unknown class 10"),
+    (["--classes", "3,cat"], "--classes: unknown class 'cat'"),
+    (["--latents", "5"], "--latents: expected an int in [1, 4]"),
+    (["--budget", "0.1"], "--budget: "),
+    (["--budget", "65"], "--budget: "),
+    (["--budget-mix", "4:1,8:1"], "--budget-mix: J = 8"),
+    (["--guidance", "ccfg"], "--cfg-scale: guidance ccfg needs cfg_scale > 1"),
+    (["--cfg-scale", "2"], "--guidance: "),
+    (["--guidance", "cfg", "--cfg-scale", "2", "--weak-latents", "1"], "--weak-latents: "),
+    (["--guidance-interval", "0.5,0.2"], "--guidance-interval: "),
+    (["--num-samples", "0"], "--num-samples: "),
+    (["--backend", "nope"], "--backend: unknown backend 'nope'"),
+    (["--vae", "MISSING"], "--vae: no such folder"),
+    (["--latents-only", "--vae", "VAE"], "--latents-only: "),
+    (["--out", "FILE"], "--out: "),
+    (["--out", "FILE/sub"], "--out: cannot write"),
+])
+def test_bad_arguments_exit_2_naming_the_argument(files, tmp_path, capsys, extra, flag):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    sub = {"MISSING": str(tmp_path / "no_vae"), "VAE": files["vae"], "FILE": str(afile)}
+    extra = [sub.get(e, e.replace("FILE", str(afile))) for e in extra]
+    argv = [files["ckpt"], "--num-samples", "2", "--steps", "1", "--no-progress"]
+    if "--backend" not in extra:
+        argv += ["--backend", "torch"]
+    if "--vae" not in extra and "--latents-only" not in extra:
+        argv += ["--vae", files["vae"]]
+    if "--out" not in extra:
+        argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        S.main(argv + extra)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag in err, err
+    if "--out" not in extra:
+        assert not (tmp_path / "out").exists()  # nothing created for a bad command
+
+
+def test_missing_checkpoint_and_vae_hint(tmp_path, capsys, files):
+    with pytest.raises(SystemExit) as e:
+        S.main([str(tmp_path / "nope.pt"), "--latents-only", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "checkpoint: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        S.main([files["ckpt"], "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--vae: no decoder given" in err and "--latents-only" in err

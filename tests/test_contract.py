@@ -66,3 +66,21 @@ def test_segments_that_disagree_with_the_tensors_are_refused():
             varlen_attention(q, k, v, cq, ck, mq, mk, segments=seg)
     with pytest.raises(ValueError, match=r"max_seqlen_q: 3 is smaller than the longest segment \(4\) in segments"):
         varlen_attention(q, k, v, cq, ck, 3, mk, segments=SegmentRuns.from_lengths([4, 4], [6, 6]))
+
+
+def test_segments_with_other_lengths_than_cu_seqlens_are_refused_once_checked():
+    # same totals and count, different per-segment lengths: each backend would read its own source of lengths
+    from elit_kernels.attention import inputs as I
+
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 2], [6, 6], 2, 16, seed=2)
+    wrong = SegmentRuns.from_lengths([3, 3], [6, 6])
+    with pytest.raises(ValueError, match=r"segments: segment 0 has \(Lq, Lk\) = \(3, 6\) in segments but \(4, 6\)"):
+        varlen_attention(q, k, v, cq, ck, mq, mk, segments=wrong)
+    right = SegmentRuns.from_lengths([4, 2], [6, 6])
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, segments=right)
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference"))
+    key = next(k_ for k_ in I._VERIFIED if k_[-1] == right)
+    assert key[0] == cq.data_ptr()  # checked once; later calls with the same tensors look it up
+    cq.add_(0)  # an in-place write bumps the version: checked again
+    varlen_attention(q, k, v, cq, ck, mq, mk, segments=right)
+    assert sum(k_[-1] == right and k_[0] == cq.data_ptr() for k_ in I._VERIFIED) == 2

@@ -150,6 +150,37 @@ def _check_segments(segments, q, k, cu_q, max_q: int, max_k: int) -> None:
         raise ValueError(f"max_seqlen_k: {max_k} is smaller than the longest segment ({segments.max_k}) in segments")
 
 
+_VERIFIED: dict = {}  # (cu tensors' identity and version, segments) -> True, for pairs already compared
+_VERIFIED_MAX = 256
+
+
+def _verify_segments_once(segments, cu_q, cu_k) -> None:
+    """Eager value check of ``segments`` against ``cu_seqlens``, once per (cu_seqlens pair, segments): the model
+    hands the same layout tensors to every block, so a forward reads them at most once per layout (on a GPU that
+    first read is a device sync; later calls cost a dictionary lookup). Raises ValueError naming ``segments``
+    when a segment's length differs from what ``cu_seqlens`` says (every backend would otherwise read its own
+    source of lengths: a silent disagreement)."""
+    if cu_q.device.type == "meta":
+        return
+    key = (cu_q.data_ptr(), cu_q._version, cu_k.data_ptr(), cu_k._version, cu_q.device, segments)
+    if key in _VERIFIED:
+        return
+    c = torch.stack([cu_q, cu_k]).tolist() if cu_q.shape == cu_k.shape else [cu_q.tolist(), cu_k.tolist()]
+    i = 0
+    for n, lq, lk in segments.runs:
+        for _ in range(n):
+            got = (c[0][i + 1] - c[0][i], c[1][i + 1] - c[1][i])
+            if got != (lq, lk):
+                raise ValueError(f"segments: segment {i} has (Lq, Lk) = ({lq}, {lk}) in segments but {got} in "
+                                 "cu_seqlens_q/cu_seqlens_k; build both from the same lengths")
+            i += 1
+    if c[0][0] != 0 or c[1][0] != 0:
+        raise ValueError("segments: cu_seqlens_q and cu_seqlens_k must start at 0 (they describe the segments)")
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.pop(next(iter(_VERIFIED)))
+    _VERIFIED[key] = True
+
+
 def set_value_checks(enabled: bool) -> None:
     """Turn on/off the checks that read ``cu_seqlens`` values (a device-to-host copy).
 
@@ -267,8 +298,9 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
                     *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0, segments=None) -> AttnInputs:
     """Check every argument of ``varlen_attention`` and return the resolved ``AttnInputs``.
 
-    With ``segments`` (a ``SegmentRuns``) the checks that would read ``cu_seqlens`` on the host compare the
-    segments with the tensors instead: the caller vouches that ``cu_seqlens`` holds the same lengths.
+    With ``segments`` (a ``SegmentRuns``) the per-call checks compare the segments with the tensors' shapes, and
+    the eager value check compares them with ``cu_seqlens`` once per (cu_seqlens pair, segments)
+    (``_verify_segments_once``): no host read after the first call with a layout.
 
     Raises ``TypeError``/``ValueError`` whose message starts with the offending argument's name.
     """
@@ -310,6 +342,8 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             "both must be [num_segments + 1]")
     if segments is not None:
         _check_segments(segments, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+        if _validate_values and not _capturing():
+            _verify_segments_once(segments, cu_seqlens_q, cu_seqlens_k)
     elif _validate_values and not _capturing():
         _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, True)
         _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, True)

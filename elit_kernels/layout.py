@@ -291,8 +291,8 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
         core_segments=_runs_per_sample(bud, 1, lambda b: (groups * b, groups * b)),
         image_segments=SegmentRuns.uniform_runs(batch, groups * tokens_per_group, groups * tokens_per_group),
         batch=batch, groups=groups, tokens_per_group=tokens_per_group, j_max=j_max, budgets=bud,
-        total_latents=total, cu_latents=cu_lat, cu_spatial=cu_sp, max_latents=max(bud, default=0),
-        cu_core=cu_core, max_core=groups * max(bud, default=0), cu_image=cu_img,
+        total_latents=total, cu_latents=cu_lat, cu_spatial=cu_sp, max_latents=max(bud or [0]),
+        cu_core=cu_core, max_core=groups * max(bud or [0]), cu_image=cu_img,
         latent_sample=sample, latent_group=group, latent_index=j, pack_index=seg * j_max + j,
         interface=interface, budget_core_only=budget_core_only, latent_runs=latent_runs, spatial_runs=spatial_runs,
     )

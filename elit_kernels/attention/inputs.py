@@ -66,7 +66,7 @@ class SegmentRuns:
 
     @property
     def num_segments(self) -> int:
-        return sum(r[0] for r in self.runs)
+        return sum([r[0] for r in self.runs])
 
     @property
     def uniform(self) -> bool:
@@ -75,11 +75,11 @@ class SegmentRuns:
 
     @property
     def max_q(self) -> int:
-        return max((r[1] for r in self.runs), default=0)
+        return max([r[1] for r in self.runs] or [0])  # no max(..., default=): torch 2.13's dynamo refuses it
 
     @property
     def max_k(self) -> int:
-        return max((r[2] for r in self.runs), default=0)
+        return max([r[2] for r in self.runs] or [0])
 
 
 @dataclasses.dataclass(frozen=True)

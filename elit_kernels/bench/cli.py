@@ -232,15 +232,15 @@ def resolve(args) -> tuple[Setup, dict]:
         if not backends:
             raise BenchError("--backends: expected a comma-separated list of backend names")
         for b in backends:
-            name, wrap = split_backend(b)
+            be_name, wrap = split_backend(b)
             if wrap not in ("",) + WRAPPERS:
                 raise BenchError(f"--backends: {b!r}: unknown suffix '+{wrap}'; expected NAME, NAME+graph or "
                                  "NAME+compile")
             if wrap == "graph" and device.type != "cuda":
                 raise BenchError(f"--backends: {b!r} replays CUDA graphs, which needs --device cuda")
-            if name is None:
+            if be_name is None:
                 continue
-            err = _cli.backend_error("--backends", name, probe, f"{dname} on {device.type} (head dim {cfg.hidden // cfg.heads})")
+            err = _cli.backend_error("--backends", be_name, probe, f"{dname} on {device.type} (head dim {cfg.hidden // cfg.heads})")
             if err:
                 raise BenchError(err)
         backends = list(dict.fromkeys(backends))
@@ -392,6 +392,10 @@ def main(argv=None) -> int:
     label = ("CPU" if setup.device.type == "cpu" else "GPU") + f" ({md['device']}), {extra['config']} " \
         f"{extra['resolution']}px batch {extra['batch']} {extra['dtype']}, torch {md['torch']}"
     print(format_table(rows, targets, label))
+    for r in rows:  # a case that could not run says why on screen, not only in the files
+        note = r.get("note") or ""
+        if note.startswith("FAILED") or note.startswith("skipped"):
+            _say(f"{r['preset']} {r['scenario']} {r['case']} {r['model']} {r['backend']} J̃={r.get('budget')}: {note}")
     if args.out:
         for p in write_outputs(args.out, rows, targets, md):
             print(f"wrote {p}")

@@ -337,3 +337,25 @@ def test_the_0_1_import_paths_still_work():
     assert old_b.Backend is R.Backend and old_b.register_backend is R.register_backend
     assert old_b.select_backend is D.select_backend and old_b.get_backend("torch") is R.get_backend("torch")
     assert old_ka.verify_backend is KA.verify_backend and old_ka.set_known_answer_checks is KA.set_known_answer_checks
+
+
+def test_a_damaged_table_or_cache_is_warned_about_and_left_out(tmp_path, monkeypatch):
+    good = {"gpu": "G", "dtype": "bfloat16", "kind": "uniform", "grad": False, "head_dim": 72, "lq": 64, "lk": 64,
+            "segments": 256, "ranking": ["torch"]}
+    for text, n_good, warns in (("{not json", 0, "could not be read"), ('["a"]', 0, "could not be read"),
+                                (json.dumps({"entries": [good, {**good, "lq": "64"}, {**good, "ranking": "torch"}, 3]}),
+                                 1, "3 of 4 entries are malformed")):
+        p = tmp_path / "t.json"
+        p.write_text(text)
+        with pytest.warns(RuntimeWarning, match=warns):
+            t = D._load_table(str(p))
+        assert len(t["entries"]) == n_good
+    assert D._load_table(str(tmp_path / "missing.json")) == {"entries": []}  # no table: no warning, static order
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "_DISK", None)
+    import os
+
+    os.makedirs(os.path.dirname(D.cache_path()), exist_ok=True)
+    with open(D.cache_path(), "w") as f:
+        json.dump({"a": ["torch"], "b": "torch", "c": [1]}, f)
+    assert D._disk_cache() == {"a": ["torch"]}

@@ -125,19 +125,41 @@ def static_order(inp: AttnInputs) -> list[str]:
     return first + [n for n in names if n not in first]
 
 
-def _load_table() -> dict:
+def _valid_entry(e) -> bool:
+    """A table or cache entry dispatch can use: the class fields with their types and a list of names."""
+    return (isinstance(e, dict) and all(isinstance(e.get(f), str) for f in ("gpu", "dtype", "kind"))
+            and all(isinstance(e.get(f), int) and not isinstance(e.get(f), bool)
+                    for f in ("head_dim", "lq", "lk", "segments"))
+            and isinstance(e.get("grad", False), bool) and isinstance(e.get("ranking"), list)
+            and all(isinstance(n, str) for n in e["ranking"]))
+
+
+def _load_table(path: str | None = None) -> dict:
+    """The committed table, read once; a file that cannot be read, or entries of the wrong shape, are warned
+    about (naming the file) and left out: dispatch then uses the static order for those classes."""
     global _TABLE
-    if _TABLE is None:
-        try:
-            with open(_TABLE_PATH) as f:
-                _TABLE = json.load(f)
-        except FileNotFoundError:
-            _TABLE = {"entries": []}
-        except (OSError, ValueError) as e:
-            warnings.warn(f"elit_kernels: the dispatch table {_TABLE_PATH} could not be read ({e}); using the "
-                          "static order", RuntimeWarning, stacklevel=2)
-            _TABLE = {"entries": []}
-    return _TABLE
+    if _TABLE is not None and path is None:
+        return _TABLE
+    path = path or _TABLE_PATH
+    table = {"entries": []}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
+            raise ValueError("expected an object with a list 'entries'")
+        good = [e for e in raw["entries"] if _valid_entry(e)]
+        if len(good) != len(raw["entries"]):
+            warnings.warn(f"elit_kernels: the dispatch table {path}: {len(raw['entries']) - len(good)} of "
+                          f"{len(raw['entries'])} entries are malformed and left out", RuntimeWarning, stacklevel=2)
+        table = {**raw, "entries": good}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        warnings.warn(f"elit_kernels: the dispatch table {path} could not be read ({e}); using the static order",
+                      RuntimeWarning, stacklevel=2)
+    if path == _TABLE_PATH:
+        _TABLE = table
+    return table
 
 
 def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
@@ -268,9 +290,12 @@ def _disk_cache() -> dict:
     if _DISK is None:
         try:
             with open(cache_path()) as f:
-                _DISK = json.load(f)
+                raw = json.load(f)
         except (OSError, ValueError):
-            _DISK = {}
+            raw = {}
+        # a damaged cache is ignored entry by entry: only lists of backend names are kept
+        _DISK = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, list)
+                 and all(isinstance(n, str) for n in v)} if isinstance(raw, dict) else {}
     return _DISK
 
 

@@ -32,15 +32,15 @@ _HALF = (torch.float16, torch.bfloat16)
 def native_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
     """``LayerNorm(x) * (1 + scale) + shift`` computed in x's dtype, as the official ELIT code computes adaLN
     (``F.layer_norm`` accumulates its statistics in fp32 internally; the modulation is one fused multiply-add
-    in x's dtype). fp32/fp64 inputs: the reference, bit for bit. For fp16/bf16 it moves a third of the bytes
+    in x's dtype). fp32 inputs: the reference, bit for bit; fp64 in fp64 (the reference computes in fp32). For fp16/bf16 it moves a third of the bytes
     of the reference's fp32 round trip (x.float(), fp32 LayerNorm and modulation, cast back): on an H200 the
     reference elementwise ops were where ELIT-SiT-XL/2 lost most of its 9-10 % to the dense official way."""
-    if x.dtype not in _HALF:
+    if x.dtype == torch.float32:
         return layernorm_modulate(x, shift, scale, tokens, eps)
     c = x.shape[-1]
 
-    def fn(xr, sh, sc):
-        return torch.addcmul(sh, F.layer_norm(xr, (c,), eps=eps), 1 + sc)
+    def fn(xr, sh, sc):  # fp16/bf16 as the official code; fp64 in fp64; parameters cast to x's dtype
+        return torch.addcmul(sh.to(x.dtype), F.layer_norm(xr, (c,), eps=eps), 1 + sc.to(x.dtype))
 
     if isinstance(tokens, TokenRuns):
         return _per_run(x, (shift, scale), tokens, fn)
@@ -48,10 +48,11 @@ def native_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
 
 
 def native_gated_residual(x, y, gate, tokens):
-    """``x + gate * y`` in x's dtype for fp16/bf16 (one fused multiply-add, as the official code); fp32/fp64:
-    the reference, bit for bit."""
-    if x.dtype not in _HALF:
+    """``x + gate * y`` in x's dtype for fp16/bf16/fp64 (one fused multiply-add, as the official code); fp32: the
+    reference, bit for bit. The result has x's dtype whatever the parameters' dtype."""
+    if x.dtype == torch.float32:
         return gated_residual(x, y, gate, tokens)
+    gate, y = gate.to(x.dtype), y.to(x.dtype)
     if isinstance(tokens, TokenRuns):
         c = x.shape[-1]
         parts = [torch.addcmul(x[a:b].view(s1 - s0, -1, c), gate[s0:s1, None], y[a:b].view(s1 - s0, -1, c))

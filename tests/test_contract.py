@@ -79,8 +79,57 @@ def test_segments_with_other_lengths_than_cu_seqlens_are_refused_once_checked():
     right = SegmentRuns.from_lengths([4, 2], [6, 6])
     out = varlen_attention(q, k, v, cq, ck, mq, mk, segments=right)
     torch.testing.assert_close(out, varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference"))
-    key = next(k_ for k_ in I._VERIFIED if k_[-1] == right)
-    assert key[0] == cq.data_ptr()  # checked once; later calls with the same tensors look it up
-    cq.add_(0)  # an in-place write bumps the version: checked again
+    rec = I._VERIFIED[(id(cq), id(ck), right)]  # checked once; later calls with the same tensors look it up
+    assert rec[0]() is cq and rec[2] == (cq._version, ck._version)
+    cq.add_(0)  # an in-place write bumps the version: checked again, and the record follows
     varlen_attention(q, k, v, cq, ck, mq, mk, segments=right)
-    assert sum(k_[-1] == right and k_[0] == cq.data_ptr() for k_ in I._VERIFIED) == 2
+    assert I._VERIFIED[(id(cq), id(ck), right)][2] == (cq._version, ck._version)
+
+
+def test_a_new_cu_seqlens_tensor_is_checked_again_whatever_its_address():
+    # the once-per-layout record holds weak references: a tensor allocated where a checked one was freed is new
+    q = k = v = torch.randn(8, 2, 16)
+    seg = SegmentRuns.from_lengths([3, 5], [3, 5])
+    for _ in range(8):
+        good = torch.tensor([0, 3, 8], dtype=torch.int32)
+        varlen_attention(q, k, v, good, good, 5, 5, segments=seg)
+        del good
+        bad = torch.tensor([0, 4, 8], dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"segments: segment 0 has \(Lq, Lk\) = \(3, 3\) in segments but \(4, 4\)"):
+            varlen_attention(q, k, v, bad, bad, 5, 5, segments=seg)
+
+
+def test_segment_runs_refuse_what_is_not_a_description():
+    import numpy as np
+
+    assert SegmentRuns.from_lengths([np.int64(2), 3], [1, 1]).runs == ((1, 2, 1), (1, 3, 1))
+    for make, err, match in (
+            (lambda: SegmentRuns.uniform_runs(2, -3, 4), ValueError, "len_q: segment lengths must be >= 0, got -3"),
+            (lambda: SegmentRuns.uniform_runs(2, 4.0, 4), TypeError, r"len_q: expected ints >= 0, got float"),
+            (lambda: SegmentRuns.uniform_runs("2", 3, 4), TypeError, "n_segments: expected ints >= 0, got str"),
+            (lambda: SegmentRuns.from_lengths([2.7], [1]), TypeError, "lengths_q: expected ints >= 0, got float"),
+            (lambda: SegmentRuns.from_lengths([True], [1]), TypeError, "lengths_q: expected ints >= 0, got bool"),
+            (lambda: SegmentRuns(((1, 3, 3), (1, 5, 5)), 6, 8), ValueError, r"total_q/total_k \(6, 8\) do not match"),
+            (lambda: SegmentRuns([(1, 2, 2)], 2, 2), TypeError, "segments: runs must be a tuple"),
+            (lambda: SegmentRuns(((0, 9, 9),), 0, 0), ValueError, r"run \(0, 9, 9\) needs n_segments >= 1")):
+        with pytest.raises(err, match=match):
+            make()
+
+
+def test_a_backend_that_breaks_the_output_contract_is_named():
+    class _Bad(registry.Backend):
+        name, priority, known_answer, devices = "_bad_shape", -999, False, ("cpu",)
+
+        def forward(self, inp):
+            return inp.q[:3].double()
+
+    registry.register_backend(_Bad())
+    try:
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 2], [4, 4], 2, 16, seed=3)
+        with pytest.raises(RuntimeError, match=r"backend '_bad_shape': its forward returned \(3, 2, 16\) "
+                                               r"torch.float64, the contract is q's shape and dtype"):
+            varlen_attention(q, k, v, cq, ck, mq, mk, backend="_bad_shape")
+        with pytest.raises(RuntimeError, match=r"backend '_bad_shape': asked for \(out, lse\)"):
+            varlen_attention(q, k, v, cq, ck, mq, mk, backend="_bad_shape", return_lse=True)
+    finally:
+        registry._REGISTRY.pop("_bad_shape", None)

@@ -359,3 +359,27 @@ def test_a_damaged_table_or_cache_is_warned_about_and_left_out(tmp_path, monkeyp
     with open(D.cache_path(), "w") as f:
         json.dump({"a": ["torch"], "b": "torch", "c": [1]}, f)
     assert D._disk_cache() == {"a": ["torch"]}
+
+
+def test_registry_tuning_and_environment_arguments_are_checked(monkeypatch):
+    class _B(R.Backend):
+        pass
+
+    for name, prio, err, match in ((None, 1, ValueError, "backend: name must be a non-empty str"),
+                                   ("", 1, ValueError, "backend: name must be a non-empty str"),
+                                   ("a+graph", 1, ValueError, "without '\\+'"),
+                                   ("_x", "high", TypeError, "backend: priority must be a number, got str")):
+        b = _B()
+        b.name, b.priority = name, prio
+        with pytest.raises(err, match=match):
+            R.register_backend(b)
+    assert "_x" not in R.known_backends()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="repeats: expected an int >= 1"):
+            D.tune_inputs(_inp(), repeats=bad)
+    with pytest.raises(TypeError, match="enabled: expected a bool, got str"):
+        with D.tuning("no"):
+            pass
+    monkeypatch.setenv("ELIT_BACKEND", "garbage")
+    with pytest.raises(ValueError, match=r"^ELIT_BACKEND='garbage': unknown backend 'garbage'; known backends"):
+        A.select_backend(_inp())

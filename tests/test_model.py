@@ -615,3 +615,27 @@ def test_native_elementwise_is_the_reference_in_fp32_and_close_in_bf16(preset):
         err_nat, err_ref = ((a - want).norm() / want.norm()).item(), ((b - want).norm() / want.norm()).item()
         assert not torch.equal(a, b)  # the bf16 math really differs
         assert err_nat < 3e-2 and err_nat < 3 * err_ref + 1e-3, (err_nat, err_ref)
+
+
+def test_budgets_that_disagree_with_the_layout_are_refused():
+    m = randomized(ElitDiT(elit_config("tiny", 64), backend="torch"))
+    x, t, y = inputs(2)
+    lay = m.layout([4, 4], 2, "cpu")
+    with pytest.raises(ValueError, match=r"budgets: \[1, 1\] disagree with the layout's budgets \[4, 4\]"):
+        m(x, t, y, [1, 1], layout=lay)
+    torch.testing.assert_close(m(x, t, y, [4, 4], layout=lay), m(x, t, y, [4, 4]), rtol=0, atol=0)
+
+
+def test_native_elementwise_keeps_fp64_and_the_activation_dtype():
+    import torch.nn.functional as F
+
+    from elit_kernels.elementwise import native_gated_residual, native_layernorm_modulate
+    from elit_kernels.layout import TokenRuns
+
+    runs = TokenRuns.from_counts([4, 4])
+    x, s = torch.randn(8, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    want = (F.layer_norm(x, (16,), eps=1e-6).view(2, 4, 16) * (1 + s[:, None]) + s[:, None]).view(8, 16)
+    assert (native_layernorm_modulate(x, s, s, runs, 1e-6) - want).abs().max() < 1e-12  # fp64, not fp32
+    xb = torch.randn(8, 16, dtype=torch.bfloat16)
+    assert native_layernorm_modulate(xb, s.float(), s.float(), runs).dtype == torch.bfloat16
+    assert native_gated_residual(xb, xb, s.float(), runs).dtype == torch.bfloat16

@@ -300,6 +300,7 @@ def test_a_failing_rank_stops_the_run_and_keeps_what_was_written(files, tmp_path
     (["--guidance", "cfg", "--cfg-scale", "2", "--weak-latents", "1"], "--weak-latents: "),
     (["--guidance-interval", "0.5,0.2"], "--guidance-interval: "),
     (["--num-samples", "0"], "--num-samples: "),
+    (["--num-samples", "99999999999999999999"], "--num-samples: at most 10,000,000 samples per run"),
     (["--backend", "nope"], "--backend: unknown backend 'nope'"),
     (["--vae", "MISSING"], "--vae: no such folder"),
     (["--latents-only", "--vae", "VAE"], "--latents-only: "),

@@ -226,7 +226,12 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
     inputs, listing every reason; ValueError listing every backend's reasons when none can."""
     explicit = backend if backend is not None else (os.environ.get("ELIT_BACKEND") or None)
     if explicit is not None:
-        b = get_backend(explicit)
+        try:
+            b = get_backend(explicit)
+        except ValueError as e:
+            if backend is None:  # it came from the environment: say so
+                raise ValueError(f"ELIT_BACKEND={explicit!r}: " + str(e).removeprefix("backend: ")) from None
+            raise
         why = reasons(b, inp)
         if why:
             src = "backend" if backend is not None else "ELIT_BACKEND"
@@ -372,6 +377,8 @@ def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
     if _capturing():
         raise RuntimeError("tune_inputs: cannot time backends under torch.compile tracing or CUDA-graph capture; "
                            "tune eagerly before compiling or capturing")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
     c = shape_class(inp)
     ms = time_backends(inp, repeats)
     order = sorted(ms, key=ms.get)
@@ -394,8 +401,10 @@ def tuning(enabled: bool = True):
             model(x, t, y, budgets)
     """
     global _tuning
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
     was = _tuning
-    _tuning = bool(enabled)
+    _tuning = enabled
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ backends all build on this module.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 import operator
 import os
 
@@ -19,6 +20,20 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 _validate_values = os.environ.get("ELIT_VALIDATE", "1") not in ("0", "false", "False", "")
 
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _as_length(name: str, n) -> int:
+    """A segment length or count as an int >= 0 (NumPy integers accepted; bools, floats and strings refused)."""
+    if isinstance(n, bool) or not (isinstance(n, int) or hasattr(n, "__index__")) or isinstance(n, torch.Tensor):
+        raise TypeError(f"{name}: expected ints >= 0, got {type(n).__name__} ({n!r})")
+    n = operator.index(n)
+    if n < 0:
+        raise ValueError(f"{name}: segment lengths must be >= 0, got {n}")
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +57,26 @@ class SegmentRuns:
     total_q: int
     total_k: int
 
+    def __post_init__(self):
+        if not isinstance(self.runs, tuple):
+            raise TypeError(f"segments: runs must be a tuple of (n_segments, Lq, Lk) tuples, got "
+                            f"{type(self.runs).__name__}")
+        tq = tk = 0
+        for r in self.runs:
+            if not (isinstance(r, tuple) and len(r) == 3 and all(_is_int(x) for x in r)):
+                raise TypeError(f"segments: each run must be a tuple (n_segments, Lq, Lk) of ints, got {r!r}")
+            n, lq, lk = r
+            if n < 1 or lq < 0 or lk < 0:
+                raise ValueError(f"segments: run {r!r} needs n_segments >= 1 and lengths >= 0")
+            tq, tk = tq + n * lq, tk + n * lk
+        if (self.total_q, self.total_k) != (tq, tk):
+            raise ValueError(f"segments: total_q/total_k ({self.total_q}, {self.total_k}) do not match the runs' "
+                             f"({tq}, {tk})")
+
     @classmethod
     def from_lengths(cls, lengths_q, lengths_k) -> "SegmentRuns":
-        """From per-segment lengths (sequences of Python ints of equal length)."""
-        lq, lk = [int(n) for n in lengths_q], [int(n) for n in lengths_k]
+        """From per-segment lengths (sequences of ints of equal length; NumPy integers are accepted)."""
+        lq, lk = [_as_length("lengths_q", n) for n in lengths_q], [_as_length("lengths_k", n) for n in lengths_k]
         if len(lq) != len(lk):
             raise ValueError(f"lengths_k: has {len(lk)} segments, lengths_q has {len(lq)}; they must match")
         if any(n < 0 for n in lq + lk):
@@ -60,7 +91,9 @@ class SegmentRuns:
 
     @classmethod
     def uniform_runs(cls, n_segments: int, len_q: int, len_k: int) -> "SegmentRuns":
-        """``n_segments`` segments of ``len_q`` queries and ``len_k`` keys each."""
+        """``n_segments`` segments of ``len_q`` queries and ``len_k`` keys each (ints >= 0)."""
+        n_segments, len_q, len_k = (_as_length(name, v) for name, v in
+                                    (("n_segments", n_segments), ("len_q", len_q), ("len_k", len_k)))
         runs = ((n_segments, len_q, len_k),) if n_segments else ()
         return cls(runs, n_segments * len_q, n_segments * len_k)
 
@@ -150,20 +183,23 @@ def _check_segments(segments, q, k, cu_q, max_q: int, max_k: int) -> None:
         raise ValueError(f"max_seqlen_k: {max_k} is smaller than the longest segment ({segments.max_k}) in segments")
 
 
-_VERIFIED: dict = {}  # (cu tensors' identity and version, segments) -> True, for pairs already compared
+_VERIFIED: dict = {}  # (id(cu_q), id(cu_k), segments) -> (weakref cu_q, weakref cu_k, versions) already compared
 _VERIFIED_MAX = 256
 
 
 def _verify_segments_once(segments, cu_q, cu_k) -> None:
-    """Eager value check of ``segments`` against ``cu_seqlens``, once per (cu_seqlens pair, segments): the model
+    """Eager value check of ``segments`` against ``cu_seqlens``, once per (cu_seqlens tensors, segments): the model
     hands the same layout tensors to every block, so a forward reads them at most once per layout (on a GPU that
-    first read is a device sync; later calls cost a dictionary lookup). Raises ValueError naming ``segments``
-    when a segment's length differs from what ``cu_seqlens`` says (every backend would otherwise read its own
-    source of lengths: a silent disagreement)."""
+    first read is a device sync; later calls cost a dictionary lookup). The record holds weak references and the
+    tensors' version counters, so a new tensor (even at a freed tensor's address) or an in-place write is checked
+    again; a write that bypasses the version counter (``.data``, a NumPy view) is not seen. Raises ValueError
+    naming ``segments`` when a segment's length differs from what ``cu_seqlens`` says (every backend would
+    otherwise read its own source of lengths: a silent disagreement)."""
     if cu_q.device.type == "meta":
         return
-    key = (cu_q.data_ptr(), cu_q._version, cu_k.data_ptr(), cu_k._version, cu_q.device, segments)
-    if key in _VERIFIED:
+    key = (id(cu_q), id(cu_k), segments)
+    rec = _VERIFIED.get(key)
+    if rec is not None and rec[0]() is cu_q and rec[1]() is cu_k and rec[2] == (cu_q._version, cu_k._version):
         return
     c = torch.stack([cu_q, cu_k]).tolist() if cu_q.shape == cu_k.shape else [cu_q.tolist(), cu_k.tolist()]
     i = 0
@@ -178,7 +214,7 @@ def _verify_segments_once(segments, cu_q, cu_k) -> None:
         raise ValueError("segments: cu_seqlens_q and cu_seqlens_k must start at 0 (they describe the segments)")
     if len(_VERIFIED) >= _VERIFIED_MAX:
         _VERIFIED.pop(next(iter(_VERIFIED)))
-    _VERIFIED[key] = True
+    _VERIFIED[key] = (weakref.ref(cu_q), weakref.ref(cu_k), (cu_q._version, cu_k._version))
 
 
 def set_value_checks(enabled: bool) -> None:

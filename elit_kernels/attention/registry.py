@@ -136,6 +136,11 @@ def register_backend(backend: Backend) -> Backend:
     if not isinstance(backend, Backend):
         raise TypeError(f"backend: expected an elit_kernels.Backend, got {type(backend).__name__}")
     global generation
+    if not isinstance(backend.name, str) or not backend.name or "+" in backend.name:
+        raise ValueError(f"backend: name must be a non-empty str without '+', got {backend.name!r}")
+    if isinstance(backend.priority, bool) or not isinstance(backend.priority, (int, float)):
+        raise TypeError(f"backend: priority must be a number, got {type(backend.priority).__name__} "
+                        f"({backend.priority!r})")
     _REGISTRY[backend.name] = backend
     generation += 1
     return backend
@@ -184,7 +189,13 @@ def run_backend(b: Backend, inp: AttnInputs):
         pad = (0, d_run - d)
         inp = dataclasses.replace(inp, q=F.pad(inp.q, pad), k=F.pad(inp.k, pad), v=F.pad(inp.v, pad))
     res = b.forward(inp)
+    if inp.return_lse and not (isinstance(res, tuple) and len(res) == 2):
+        raise RuntimeError(f"backend {b.name!r}: asked for (out, lse), its forward returned {type(res).__name__}")
     out, lse = res if inp.return_lse else (res, None)
+    if not isinstance(out, torch.Tensor) or out.shape != inp.q.shape or out.dtype != inp.q.dtype:
+        got = f"{type(out).__name__}" if not isinstance(out, torch.Tensor) else f"{tuple(out.shape)} {out.dtype}"
+        raise RuntimeError(f"backend {b.name!r}: its forward returned {got}, the contract is q's shape and dtype "
+                           f"({tuple(inp.q.shape)} {inp.q.dtype})")
     if d_run != d:
         out = out[..., :d]
     if inp.return_lse:

@@ -233,7 +233,7 @@ def resolve(args) -> tuple[Setup, dict]:
             raise BenchError("--backends: expected a comma-separated list of backend names")
         for b in backends:
             be_name, wrap = split_backend(b)
-            if wrap not in ("",) + WRAPPERS:
+            if (wrap not in ("",) + WRAPPERS) or b.endswith("+") or b.startswith("+"):
                 raise BenchError(f"--backends: {b!r}: unknown suffix '+{wrap}'; expected NAME, NAME+graph or "
                                  "NAME+compile")
             if wrap == "graph" and device.type != "cuda":

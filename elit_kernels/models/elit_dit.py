@@ -205,6 +205,10 @@ class ElitDiT(nn.Module):
         lay = layout if layout is not None else self.layout(budgets, b, x.device)
         if lay.batch != b:
             raise ValueError(f"layout: built for batch {lay.batch}, x has batch {b}")
+        if layout is not None and budgets is not None and \
+                normalize_budgets(budgets, b, cfg.latents_per_group) != list(lay.budgets):
+            raise ValueError(f"budgets: {budgets!r} disagree with the layout's budgets {lay.budgets}; pass one of "
+                             "them (the layout carries its budgets)")
         if layout is not None:
             want = (cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, cfg.budget_core_only)
             got = (lay.groups, lay.tokens_per_group, lay.j_max, lay.budget_core_only)

@@ -64,6 +64,10 @@ def _init_dist(dev: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), owned=True)
 
 
+#: the largest run: file names are zero-padded global indices and the .npz holds every image
+MAX_SAMPLES = 10_000_000
+
+
 def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, sampler: str = "euler",
              steps: int = 50, guidance: str = "none", cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
              budget=None, latents: int | None = None, budget_mix=None, weak_budget=None, weak_latents=None,
@@ -105,6 +109,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
     t_start = time.perf_counter()
     for name, lo in (("num_samples", 1), ("steps", 1), ("batch_size", 1), ("seed", 0), ("grid", 0)):
         O.check_int(name, a[name], lo)
+    if num_samples > MAX_SAMPLES:  # the index -> file name and seeding scheme, and the .npz, are sized for this
+        raise UsageError("num_samples", f"at most {MAX_SAMPLES:,} samples per run, got {num_samples:,}")
     if sampler not in SAMPLERS:
         raise UsageError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if guidance not in GUIDANCE:

@@ -26,9 +26,6 @@ class ElementwiseImpl(NamedTuple):
     takes_runs: bool = False  # tokens as a layout.TokenRuns (True) or a [T] long index (False)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def native_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
     """``LayerNorm(x) * (1 + scale) + shift`` computed in x's dtype, as the official ELIT code computes adaLN
     (``F.layer_norm`` accumulates its statistics in fp32 internally; the modulation is one fused multiply-add

@@ -18,7 +18,6 @@ import torch
 
 import elit_kernels
 from elit_kernels import _cext
-from elit_kernels.layout import build_layout
 from elit_kernels.elementwise import ELEMENTWISE_IMPLS, get_elementwise
 from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
 from elit_kernels.testing import assert_close_to_reference, check_backend_against_reference, default_atol

@@ -180,7 +180,8 @@ def test_committed_table_names_its_device_and_known_backends():
 def test_tuning_times_candidates_ranks_them_and_caches_on_disk(fakes, tmp_path, monkeypatch):
     monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(D, "_DISK", None)
-    slow, fast = fakes("_slow", priority=-2), fakes("_fast", priority=-3)
+    slow = fakes("_slow", priority=-2)
+    fakes("_fast", priority=-3)
     import time as _t
 
     def slow_forward(inp):

@@ -11,7 +11,6 @@ import operator
 import os
 
 import torch
-import torch.nn.functional as F
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

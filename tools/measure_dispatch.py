@@ -66,34 +66,6 @@ def _inputs(lens_q, lens_k, heads, d, dtype, grad, with_segments, seed):
     return validate_inputs(q, k, v, cq.cuda(), ck.cuda(), max(lens_q), max(lens_k), None, False, segments=seg)
 
 
-def _overhead_us(inp, reps: int = 300) -> tuple[float, float]:
-    """Host microseconds per call: ``varlen_attention`` vs ``run_backend`` on the chosen backend (a tiny case,
-    so the GPU keeps up and the host is what is timed)."""
-    from elit_kernels.attention import run_backend, select_backend, varlen_attention
-
-    b = select_backend(inp)
-    args = (inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k)
-
-    def full():
-        varlen_attention(*args, segments=inp.segments)
-
-    def direct():
-        run_backend(b, inp)
-
-    res = []
-    with torch.no_grad():
-        for fn in (full, direct):
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            torch.cuda.synchronize()
-            res.append((time.perf_counter() - t0) / reps * 1e6)
-    return res[0], res[1]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -158,8 +130,11 @@ def main(argv=None) -> int:
              "entries": entries}
     with open(os.path.join(args.out, "dispatch_table.json"), "w") as f:
         json.dump(table, f, indent=1)
-    # per-call overhead on a tiny Read-like call with host-side segments
-    over = _overhead_us(_inputs([4] * 8, [64] * 8, 16, args.head_dim, torch.bfloat16, False, True, 0))
+    # per-call overhead on a tiny Read-like call with host-side segments (the op bench's measurement)
+    from elit_kernels.bench.attention_cases import dispatch_overhead_us
+
+    o = dispatch_overhead_us(torch.device("cuda"), torch.bfloat16, 16, args.head_dim)
+    over = (o["varlen_attention"], o["direct"])
     with open(os.path.join(args.out, "dispatch_report.md"), "w") as f:
         f.write(f"# Dispatch measurement on {gpu}\n\ntorch {torch.__version__}, triton {tv}, commit {commit}, "
                 f"{table['date']}. ms per call (median of {args.repeats}); 'picked' is what default dispatch chose "

@@ -49,6 +49,11 @@ class TorchBackend(Backend):
                                            inp.causal, inp.window_left, inp.window_right, segments=inp.segments)
             if out is not None:
                 return out
+        return self._grouped(inp)
+
+    @staticmethod
+    def _grouped(inp):
+        """The grouped op (``elit::varlen_attn_fwd_torch``): every case, LSE included."""
         out, lse = torch.ops.elit.varlen_attn_fwd_torch(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
             inp.softmax_scale, inp.causal, inp.window_left, inp.window_right, inp.softcap)
@@ -107,7 +112,7 @@ class SdpaKernelBackend(TorchBackend):
                                                segments=inp.segments)
             if out is not None:
                 return out
-        return super().forward(inp)
+        return self._grouped(inp)  # not TorchBackend.forward: it would try the same runs again (a second host read)
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -215,7 +215,7 @@ def _decision_key(inp: AttnInputs) -> tuple:
     """Everything a decision depends on, for an eager call (never under capture or tracing)."""
     return (inp.q.device, inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
             inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad,
-            None if inp.segments is None else inp.segments.runs, inp.max_seqlen_q, inp.max_seqlen_k,
+            inp.segments, inp.max_seqlen_q, inp.max_seqlen_k,
             inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode)
 
 

@@ -41,7 +41,9 @@ class SegmentRuns:
     equal ``(Lq, Lk)``, as Python ints.
 
     ``runs``: ``((n_segments, Lq, Lk), ...)`` in segment order; ``total_q = sum(n * Lq)``, ``total_k =
-    sum(n * Lk)`` (rows past them are outside every segment). A caller that built ``cu_seqlens`` from the same
+    sum(n * Lk)`` (rows past them are outside every segment). Derived on construction: ``num_segments``,
+    ``max_q``, ``max_k``, ``uniform`` (at most one run) and ``offsets``, one ``(n, Lq, Lk, q_start, q_stop,
+    k_start, k_stop)`` per run. A caller that built ``cu_seqlens`` from the same
     ints (``elit_kernels.layout.ElitLayout`` does, once per forward) passes this to ``varlen_attention(...,
     segments=)``: then no backend reads ``cu_seqlens`` back to the host (no device sync), dispatch can tell a
     uniform call (one run: every segment the same shape, which runs as one dense SDPA on a
@@ -60,17 +62,26 @@ class SegmentRuns:
         if not isinstance(self.runs, tuple):
             raise TypeError(f"segments: runs must be a tuple of (n_segments, Lq, Lk) tuples, got "
                             f"{type(self.runs).__name__}")
-        tq = tk = 0
+        tq = tk = ns = mq = mk = 0
+        offsets = []
         for r in self.runs:
             if not (isinstance(r, tuple) and len(r) == 3 and all(_is_int(x) for x in r)):
                 raise TypeError(f"segments: each run must be a tuple (n_segments, Lq, Lk) of ints, got {r!r}")
             n, lq, lk = r
             if n < 1 or lq < 0 or lk < 0:
                 raise ValueError(f"segments: run {r!r} needs n_segments >= 1 and lengths >= 0")
-            tq, tk = tq + n * lq, tk + n * lk
+            offsets.append((n, lq, lk, tq, tq + n * lq, tk, tk + n * lk))
+            tq, tk, ns, mq, mk = tq + n * lq, tk + n * lk, ns + n, max(mq, lq), max(mk, lk)
         if (self.total_q, self.total_k) != (tq, tk):
             raise ValueError(f"segments: total_q/total_k ({self.total_q}, {self.total_k}) do not match the runs' "
                              f"({tq}, {tk})")
+        # derived once (the object is frozen): every attention call of a forward reads them
+        for name, val in (("num_segments", ns), ("max_q", mq), ("max_k", mk), ("uniform", len(self.runs) <= 1),
+                          ("offsets", tuple(offsets)), ("_hash", hash((self.runs, tq, tk)))):
+            object.__setattr__(self, name, val)
+
+    def __hash__(self):
+        return self._hash
 
     @classmethod
     def from_lengths(cls, lengths_q, lengths_k) -> "SegmentRuns":
@@ -95,24 +106,6 @@ class SegmentRuns:
                                     (("n_segments", n_segments), ("len_q", len_q), ("len_k", len_k)))
         runs = ((n_segments, len_q, len_k),) if n_segments else ()
         return cls(runs, n_segments * len_q, n_segments * len_k)
-
-    @property
-    def num_segments(self) -> int:
-        return sum([r[0] for r in self.runs])
-
-    @property
-    def uniform(self) -> bool:
-        """Every segment has the same (Lq, Lk) (at most one run)."""
-        return len(self.runs) <= 1
-
-    @property
-    def max_q(self) -> int:
-        return max([r[1] for r in self.runs] or [0])  # no max(..., default=): torch 2.13's dynamo refuses it
-
-    @property
-    def max_k(self) -> int:
-        return max([r[2] for r in self.runs] or [0])
-
 
 @dataclasses.dataclass(frozen=True)
 class AttnInputs:
@@ -342,18 +335,21 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected shape [total_tokens, num_heads, head_dim] (3-D), got {t.dim()}-D shape {tuple(t.shape)}")
     qs, ks, vs, qdt, dev = q.shape, k.shape, v.shape, q.dtype, q.device  # read once: this runs on every call
+    for name, ts in (("q", qs), ("k", ks), ("v", vs)):
+        if len(ts) != 3:
+            raise ValueError(f"{name}: expected shape [total_tokens, num_heads, head_dim] (3-D), got {len(ts)}-D "
+                             f"shape {tuple(ts)}")
     if qdt not in _SUPPORTED_DTYPES:
         raise TypeError(f"q: dtype {qdt} not supported; expected one of {[str(d) for d in _SUPPORTED_DTYPES]}")
-    for name, t, ts in (("k", k, ks), ("v", v, vs)):
-        if t.dtype != qdt:
-            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {qdt}")
-        if t.device != dev:
-            raise ValueError(f"{name}: on device {t.device}, but q is on {dev}")
-        if ts[2] != qs[2]:
-            raise ValueError(f"{name}: head dim {ts[2]} does not match q's head dim {qs[2]}")
+    if k.dtype != qdt or v.dtype != qdt or k.device != dev or v.device != dev or ks[2] != qs[2] or vs[2] != qs[2]:
+        for name, t, ts in (("k", k, ks), ("v", v, vs)):  # the slow path names the first mismatch
+            if t.dtype != qdt:
+                raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {qdt}")
+            if t.device != dev:
+                raise ValueError(f"{name}: on device {t.device}, but q is on {dev}")
+            if ts[2] != qs[2]:
+                raise ValueError(f"{name}: head dim {ts[2]} does not match q's head dim {qs[2]}")
     if vs[1] != ks[1]:
         raise ValueError(f"v: has {vs[1]} heads, k has {ks[1]}; they must match")
     h, h_kv = qs[1], ks[1]
@@ -365,10 +361,13 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     d = qs[2]
     if d < 1 or d > _MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {d} not supported; expected 1..{_MAX_HEAD_DIM}")
-    max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q)
-    max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k)
+    if type(max_seqlen_q) is not int or max_seqlen_q < 0:  # ints are the common case: one type check each
+        max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q)
+    if type(max_seqlen_k) is not int or max_seqlen_k < 0:
+        max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank first
+        if not (type(cu) is torch.Tensor and cu.dtype == torch.int32 and cu.dim() == 1 and cu.shape[0] >= 1):
+            _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank: raises naming the fault
         if cu.device != dev:
             raise ValueError(f"{name}: on device {cu.device}, but q is on {dev}")
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
@@ -388,6 +387,11 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    left, right = _window(window_size, causal)
+    if type(window_size) is tuple and window_size == (-1, -1) and not causal:  # the default: nothing to resolve
+        left, right = -1, -1
+    else:
+        left, right = _window(window_size, causal)
+    if type(softcap) not in (float, int) or softcap != 0.0:
+        softcap = _softcap(softcap)
     return AttnInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), causal,
-                      bool(return_lse), left, right, _softcap(softcap), segments)
+                      bool(return_lse), left, right, float(softcap), segments)

@@ -248,15 +248,6 @@ register_varlen_autograd(varlen_attn_fwd_torch_op, varlen_attn_bwd_torch_op)
 MAX_RUNS = 64  # more stretches than this: the grouped path batches them better than one SDPA call each
 
 
-def _run_offsets(segments) -> list[tuple[int, int, int, int, int, int, int]]:
-    """``[(n, Lq, Lk, q_start, q_stop, k_start, k_stop), ...]`` of a ``SegmentRuns`` (host ints)."""
-    out, qa, ka = [], 0, 0
-    for n, lq, lk in segments.runs:
-        out.append((n, lq, lk, qa, qa + n * lq, ka, ka + n * lk))
-        qa, ka = qa + n * lq, ka + n * lk
-    return out
-
-
 def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, window_left: int = -1,
                    window_right: int = -1, *, segments=None):
     """``out [total_q, H, D]`` through one SDPA per run of equal segments, or None when this path does not
@@ -275,7 +266,7 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
         check_cu_rows("cu_seqlens_k", c[1], k.shape[0])
         segments = SegmentRuns.from_lengths([b - a for a, b in zip(c[0][:-1], c[0][1:])],
                                             [b - a for a, b in zip(c[1][:-1], c[1][1:])])
-    runs = _run_offsets(segments)
+    runs = segments.offsets  # (n, Lq, Lk, q_start, q_stop, k_start, k_stop) per run
     if len(runs) > MAX_RUNS or segments.total_q > q.shape[0] or segments.total_k > k.shape[0]:
         return None  # too many runs, or lengths past the tensors (the grouped op names the bad cu_seqlens)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

@@ -557,3 +557,78 @@ def test_no_internal_issue_numbers_in_user_facing_text():
     bad = [f"{p.relative_to(root)}:{i}" for p in files if p.is_file()
            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if pat.search(line)]
     assert not bad, bad
+
+
+# --- where one forward's time goes (elit_kernels.bench.breakdown) ---------------------------------------------
+
+def test_op_kind_sorts_profiler_names():
+    from elit_kernels.bench.breakdown import op_kind
+
+    want = {"aten::scaled_dot_product_attention": "attention", "elit::varlen_attn_fwd_triton": "attention",
+            "aten::_flash_attention_forward": "attention", "aten::linear": "matmul", "aten::addmm": "matmul",
+            "aten::conv2d": "matmul", "aten::native_layer_norm": "norm/elementwise", "aten::gelu": "norm/elementwise",
+            "aten::mul": "norm/elementwise", "aten::index_copy": "gather/copy", "aten::to": "gather/copy",
+            "aten::cat": "gather/copy", "aten::embedding": "other"}
+    assert {n: op_kind(n) for n in want} == want
+
+
+def test_breakdown_attributes_self_time_to_innermost_stage_and_outermost_op():
+    from types import SimpleNamespace as E
+
+    from elit_kernels.bench.breakdown import attribute
+
+    def ev(name, parent=None, cpu=0.0, dev=0.0):
+        return E(name=name, cpu_parent=parent, self_cpu_time_total=cpu, self_device_time_total=dev)
+
+    head = ev("elit.stage:head", cpu=100)
+    read = ev("elit.stage:read", head, cpu=50)  # a stage inside another: the innermost one counts
+    lin = ev("aten::linear", read, cpu=1, dev=0)
+    mm = ev("aten::addmm", lin, cpu=2, dev=7)
+    ln = ev("aten::layer_norm", head, cpu=3, dev=4)
+    glue = ev("aten::index_select", None, cpu=5, dev=6)
+    events = [head, read, lin, mm, ln, glue]
+    assert attribute(events, device=True) == {("read", "matmul"): 7, ("head", "norm/elementwise"): 4,
+                                              ("glue", "gather/copy"): 6}
+    assert attribute(events, device=False) == {("read", "matmul"): 3, ("head", "norm/elementwise"): 3,
+                                               ("glue", "gather/copy"): 5}
+
+
+@pytest.mark.parametrize("preset", ["paper", "released"])
+def test_forward_breakdown_covers_every_stage_and_leaves_the_model_as_it_was(preset):
+    from elit_kernels.bench.breakdown import format_breakdown, forward_breakdown
+
+    cfg = preset_config(preset, "tiny", 64)
+    torch.manual_seed(0)
+    m = ElitDiT(cfg).eval()
+    randomize_(m, 1)
+    x, t, y = _inputs(cfg, 3)
+    budgets = [cfg.latents_per_group, 1, 2]
+    with torch.no_grad():
+        before = m(x, t, y, budgets)
+    b = forward_breakdown(m, x, t, y, budgets)
+    assert b["clock"] == "host" and b["total_ms"] > 0 and b["wall_ms"] > 0
+    assert {"embed", "head", "read", "core", "write", "tail", "final"} <= set(b["stages"])
+    for stage in ("head", "read", "core", "write", "tail"):
+        assert any(r["stage"] == stage and r["kind"] == "attention" and r["ms"] > 0 for r in b["rows"]), stage
+        assert any(r["stage"] == stage and r["kind"] == "matmul" and r["ms"] > 0 for r in b["rows"]), stage
+    assert sum(r["ms"] for r in b["rows"]) == pytest.approx(b["total_ms"])
+    assert sum(b["stages"].values()) == pytest.approx(b["total_ms"])
+    assert sum(r["share"] for r in b["rows"]) == pytest.approx(1.0)
+    assert [r["ms"] for r in b["rows"]] == sorted((r["ms"] for r in b["rows"]), reverse=True)
+    for mod in m.modules():  # the hooks are gone: later calls pay nothing
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(m(x, t, y, budgets), before)
+    text = format_breakdown(b, "t")
+    assert text.splitlines()[0].startswith("t: host time") and "\n  all " in text and "read" in text
+
+
+def test_cli_breakdown_profiles_largest_and_smallest_budget(tmp_path, capsys):
+    out = tmp_path / "bd"
+    assert main(TINY + ["--batch", "2", "--repeats", "1", "--warmup", "1", "--scenarios", "uniform", "--budgets", "1,2,4",
+                        "--presets", "released", "--backends", "torch", "--breakdown", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("where one forward's time goes: released torch") == 2
+    bd = json.loads((out / "results.json").read_text())["metadata"]["breakdown"]
+    assert sorted(b["budget"] for b in bd) == [1, 4]
+    assert all(b["total_ms"] > 0 and b["stages"]["read"] > 0 for b in bd)

@@ -123,7 +123,7 @@ else
   [ -f "$WORK/ops/ops.json" ] && cp "$WORK/ops/ops.json" "$OUT/ops.json"
   stage "bench: model bf16" "${LIMIT[model]}" "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 \
     --dtype bf16 --batch 16 --presets released --backends default,default+graph --budgets 64,16,4,1 --repeats 3 \
-    --max-seconds $(( LIMIT[model] - 20 )) --no-progress --out "$WORK/model"
+    --max-seconds $(( LIMIT[model] - 20 )) --breakdown --no-progress --out "$WORK/model"
   [ -f "$WORK/model/results.json" ] && cp "$WORK/model/results.json" "$OUT/model.json"
   stage "bench: model fp32" "${LIMIT[fp32]}" "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 \
     --dtype fp32 --batch 16 --presets released --backends default --budgets 64,4 --scenarios uniform --repeats 2 \

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random weights and inputs (default 0; every case of a preset shares them)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write " + ", ".join(f"DIR/{f}" for f in OUTPUT_FILES) + " (default: print the table only)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after timing, profile one eager forward per preset at the largest and smallest uniform "
+                        "budget with each eager backend and print where its time goes: per stage (head, Read, "
+                        "core, Write, tail, ...) and kind of op (attention, matmul, norm/elementwise, gather/copy); "
+                        "device time on a GPU, host time on CPU (elit_kernels.bench.breakdown); saved in "
+                        "results.json under metadata.breakdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the estimate and warnings still print)")
     p.add_argument("--replot", default=None, metavar="DIR",
                    help="time nothing: read DIR/results.json of an earlier run, print its table and targets, and "
@@ -259,7 +265,7 @@ def resolve(args) -> tuple[Setup, dict]:
              "backends": backends,
              "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
              "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes,
-             "warnings": warnings}
+             "warnings": warnings, "breakdown": bool(args.breakdown)}
     return setup, extra
 
 
@@ -355,6 +361,8 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         extra["notes"] = extra["notes"] + [f"{len(skipped)} cases skipped (time budget)"] * bool(skipped) \
             + [f"{len(failed)} cases failed (see their note)"] * bool(failed)
         rows = make_rows(cases, dev)
+        if extra.get("breakdown"):
+            extra["breakdown"] = run_breakdowns(cases, extra)
         md_threads = torch.get_num_threads()
     finally:
         if bar is not None:
@@ -372,6 +380,28 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
                                  "4*sum(Lq*Lk)*H*D from the layout (FlopCounterMode cannot see varlen ops)",
                         "value_checks": "off while timing", "cpu_threads": md_threads})
     return rows, targets, md
+
+
+def run_breakdowns(cases, extra) -> list[dict]:
+    """``forward_breakdown`` of each eager ElitDiT case of the uniform sweep at the largest and smallest budget
+    (one profiled forward each, after the timing so that it cannot disturb it)."""
+    from .breakdown import forward_breakdown
+
+    out = []
+    picks = [c for c in cases if c.scenario == "uniform" and c.model == "elit" and c.inputs is not None
+             and not split_backend(c.backend)[1] and not c.note.startswith("FAILED")]
+    for c in picks:
+        same = [x.budget for x in picks if (x.preset, x.backend) == (c.preset, c.backend)]
+        if c.budget not in (max(same), min(same)):
+            continue
+        x, t, y = c.inputs
+        try:
+            b = forward_breakdown(c.models[0], x, t, y, c.budgets)
+        except Exception as e:  # the profiler missing a feature must not lose the timed run
+            _say(f"breakdown of {c.preset} {c.backend} J̃={c.budget} failed: {type(e).__name__}: {e}")
+            continue
+        out.append({"preset": c.preset, "backend": c.backend, "budget": c.budget, **b})
+    return out
 
 
 def main(argv=None) -> int:
@@ -392,6 +422,11 @@ def main(argv=None) -> int:
     label = ("CPU" if setup.device.type == "cpu" else "GPU") + f" ({md['device']}), {extra['config']} " \
         f"{extra['resolution']}px batch {extra['batch']} {extra['dtype']}, torch {md['torch']}"
     print(format_table(rows, targets, label))
+    if args.breakdown:
+        from .breakdown import format_breakdown
+
+        for b in md.get("breakdown") or []:
+            print(format_breakdown(b, f"where one forward's time goes: {b['preset']} {b['backend']} J̃={b['budget']}"))
     for r in rows:  # a case that could not run says why on screen, not only in the files
         note = r.get("note") or ""
         if note.startswith("FAILED") or note.startswith("skipped"):

@@ -135,7 +135,8 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
         for be in s.backends:
             if "uniform" in want or j == jm:
                 cases.append(Case("uniform", "uniform", "elit", be, j, [j] * b, b, G * j, fwd(elit[be], x, t, y, j),
-                                  [eager[be]], ref=full_key("elit", be), count_fn=fwd(eager[be], x, t, y, j)))
+                                  [eager[be]], ref=full_key("elit", be), count_fn=fwd(eager[be], x, t, y, j),
+                                  inputs=(x, t, y)))
         if official is not None and ("baselines" in want or j == jm):
             cases.append(Case("uniform", "uniform", "official", "sdpa_dense", j, [j] * b, b, G * j,
                               fwd(official, x, t, y, j), [official], ref=full_key("official", "sdpa_dense"),

@@ -53,6 +53,7 @@ class Case:
     call_ms: float | None = None  # one call after warm-up (wall); set by warm_up
     count_fn: Callable[[], Any] | None = None  # an eager call of the same work, for the FLOP count (graphed cases)
     warm_s: float | None = None  # the whole warm-up phase of this case (warm-up calls, FLOP count, memory)
+    inputs: tuple | None = None  # (x, t, y) of an eager ElitDiT case: what --breakdown profiles
 
     @property
     def key(self) -> tuple:

@@ -632,3 +632,29 @@ def test_cli_breakdown_profiles_largest_and_smallest_budget(tmp_path, capsys):
     bd = json.loads((out / "results.json").read_text())["metadata"]["breakdown"]
     assert sorted(b["budget"] for b in bd) == [1, 4]
     assert all(b["total_ms"] > 0 and b["stages"]["read"] > 0 for b in bd)
+
+
+def test_cli_sampling_scenario_times_whole_runs_against_the_official_sampler(tmp_path, capsys):
+    assert "sampling" not in build_parser().parse_args([]).scenarios.split(",")  # asked for by name only
+    out = tmp_path / "s"
+    assert main(TINY + ["--batch", "2", "--repeats", "1", "--warmup", "1", "--scenarios", "sampling", "--budgets", "4",
+                        "--presets", "released", "--backends", "torch", "--sampling-steps", "2", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert data["metadata"]["sampling_steps"] == 2
+    rows = {(r["case"], r["model"]): r for r in data["rows"] if r["scenario"] == "sampling"}
+    assert set(rows) == {("ccfg", "elit"), ("ccfg_two_pass", "official")}
+    for r in rows.values():
+        assert r["steps"] == 2 and r["budgets"] == "4,4,1,1" and r["warmup_s"] > 0
+        assert r["images_per_s"] == pytest.approx(2 / (r["latency_ms"] / 1e3))
+        assert r["steps_per_s"] == pytest.approx(2 / (r["latency_ms"] / 1e3))
+    ours, off = rows[("ccfg", "elit")], rows[("ccfg_two_pass", "official")]
+    assert ours["latency_ratio"] == pytest.approx(ours["latency_ms"] / off["latency_ms"])
+    # the same work both ways (same steps, budgets and batch): equal FLOPs
+    assert ours["gflops"] == pytest.approx(off["gflops"], rel=0.02)
+    t = [x for x in data["targets"] if x["target"].startswith("sampling CCFG")]
+    assert t and all(x["informational"] for x in t) and "sampling run" in stdout
+    assert "- released, sampling on torch: 2 CCFG steps of 2 images in " in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--sampling-steps", "0"])
+    assert e.value.code == 2 and "--sampling-steps" in capsys.readouterr().err

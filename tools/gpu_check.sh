@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (torch + triton + pytest-xdist preinstalled, no network): build the CUDA extension for
 # this card, run every GPU test (crash-isolated), measure the dispatch table, time the attention ops and the
-# XL/2 512px model (default dispatch against the dense "official way", bf16 and fp32).
+# XL/2 512px model (default dispatch against the dense "official way", bf16 with a per-stage breakdown, fp32, and a
+# whole CCFG sampling run against the official sampler).
 #
 #   bash tools/gpu_check.sh                # results in $OUT (default ./gpu_results)
 #
@@ -12,7 +13,7 @@
 # and the others still run; the summary lists every collected test that did not run and why.
 # $OUT holds at most 8 files:
 #   gpu_check.log  summary.json  junit_gpu.xml  dispatch_table.json  dispatch_report.md  ops.json  model.json
-#   artifacts.tar.gz (logs, the fp32 model run, the collected test list)
+#   artifacts.tar.gz (logs, the fp32 model run, the sampling run, the collected test list)
 # summary.json is written on every exit (a trap), with pass/fail counts per backend and the key benchmark
 # ratios, which are also the last lines printed. Exit status: 0 when nothing that ran failed (stages that
 # cannot run without a GPU are skipped, so a CPU-only run exits 0 with a summary saying so).
@@ -73,10 +74,11 @@ echo "=== environment ==="
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
 # The plan: stage limits (seconds) that add up to the budget; printed so a reader sees it before anything runs.
-declare -A LIMIT=([build]=30 [tests]=75 [dispatch]=65 [ops]=30 [model]=55 [fp32]=25)
+declare -A LIMIT=([build]=30 [tests]=65 [dispatch]=55 [ops]=30 [model]=55 [fp32]=25 [sampling]=40)
 echo "=== plan (budget ${BUDGET}s) ==="
 printf '%-28s %5s\n' "build" "${LIMIT[build]}" "tests: gpu" "${LIMIT[tests]}" "dispatch: measure" "${LIMIT[dispatch]}" \
-  "bench: attention ops" "${LIMIT[ops]}" "bench: model bf16" "${LIMIT[model]}" "bench: model fp32" "${LIMIT[fp32]}" | tee "$WORK/plan.txt"
+  "bench: attention ops" "${LIMIT[ops]}" "bench: model bf16" "${LIMIT[model]}" "bench: model fp32" "${LIMIT[fp32]}" \
+  "bench: sampling" "${LIMIT[sampling]}" | tee "$WORK/plan.txt"
 
 if [ "$GPU" != 1 ]; then
   skip "build" "no CUDA device"
@@ -113,6 +115,7 @@ if [ "$GPU" != 1 ]; then
   skip "bench: attention ops" "no CUDA device"
   skip "bench: model bf16" "no CUDA device"
   skip "bench: model fp32" "no CUDA device"
+  skip "bench: sampling" "no CUDA device"
 else
   stage "dispatch: measure" "${LIMIT[dispatch]}" "$PY" tools/measure_dispatch.py --out "$WORK/dispatch" \
     --max-seconds $(( LIMIT[dispatch] - 15 ))
@@ -128,4 +131,9 @@ else
   stage "bench: model fp32" "${LIMIT[fp32]}" "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 \
     --dtype fp32 --batch 16 --presets released --backends default --budgets 64,4 --scenarios uniform --repeats 2 \
     --max-seconds $(( LIMIT[fp32] - 12 )) --no-progress --out "$WORK/model_fp32"
+  # A whole CCFG sampling run (10 Euler steps; the ratio per step is what a 50-step run gets) against the official
+  # sampler's two dense passes per step, eager and graph-replayed.
+  stage "bench: sampling" "${LIMIT[sampling]}" "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 \
+    --dtype bf16 --batch 16 --presets released --backends default,default+graph --budgets 64 --scenarios sampling \
+    --sampling-steps 10 --repeats 2 --max-seconds $(( LIMIT[sampling] - 12 )) --no-progress --out "$WORK/sampling"
 fi

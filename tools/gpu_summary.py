@@ -3,7 +3,7 @@ runs whatever else failed).
 
 Reads the stage table (``WORK/stages.tsv``), the junit XML of each test stage (or, for a stage killed before
 pytest could write one, nothing: its count says so), ``ops.json`` (attention TFLOP/s per method) and
-``model.json`` (elit-bench rows and targets).
+``model.json`` (elit-bench rows, targets and the per-stage breakdown) and the sampling run's results.
 """
 from __future__ import annotations
 
@@ -111,6 +111,14 @@ def model_summary(path: str) -> dict:
             if parts:
                 ratios.append({"what": "mixed ragged / dense sum of parts", "preset": r["preset"],
                                "backend": r["backend"], "value": round(r["latency_ms"] / parts["latency_ms"], 3)})
+        if r["scenario"] == "sampling" and r["model"] == "elit" and r.get("latency_ms"):
+            off = next((x for x in rows if x["preset"] == r["preset"] and x["model"] == "official"
+                        and x["scenario"] == "sampling" and x.get("latency_ms")), None)
+            if off:
+                ratios.append({"what": f"sampling run ({r.get('steps')} CCFG steps) / official sampler, images/s "
+                                       f"{r.get('images_per_s', 0):.2f} vs {off.get('images_per_s', 0):.2f}",
+                               "preset": r["preset"], "backend": r["backend"],
+                               "value": round(r["latency_ms"] / off["latency_ms"], 3)})
         if r["scenario"] == "uniform" and r["model"] == "elit" and r.get("latency_ms"):
             dense = next((x for x in rows if x["preset"] == r["preset"] and x["model"] == "official"
                           and x["scenario"] == "uniform" and x["budget"] == r["budget"] and x.get("latency_ms")), None)
@@ -118,6 +126,12 @@ def model_summary(path: str) -> dict:
                 ratios.append({"what": f"ragged / dense J={r['budget']}", "preset": r["preset"],
                                "backend": r["backend"], "value": round(r["latency_ms"] / dense["latency_ms"], 3)})
     out["ratios"] = ratios
+    # elit-bench --breakdown: per (preset, backend, budget) the device time per stage and kind of op
+    out["breakdown"] = [{"preset": b["preset"], "backend": b["backend"], "budget": b["budget"],
+                         "clock": b.get("clock"), "ms": round(b["total_ms"], 3), "wall_ms": round(b["wall_ms"], 3),
+                         "stages": {k: round(v, 3) for k, v in b["stages"].items()},
+                         "kinds": {k: round(v, 3) for k, v in b["kinds"].items()}}
+                        for b in data.get("metadata", {}).get("breakdown") or []]
     return out
 
 
@@ -152,7 +166,8 @@ def main() -> int:
                             "overhead": next((ln for ln in dispatch_lines if ln.startswith("Per-call")), None)},
                "ops": ops_summary(os.path.join(a.out, "ops.json")),
                "model": model_summary(os.path.join(a.out, "model.json")),
-               "model_fp32": model_summary(os.path.join(a.work, "model_fp32", "results.json"))}
+               "model_fp32": model_summary(os.path.join(a.work, "model_fp32", "results.json")),
+               "sampling": model_summary(os.path.join(a.work, "sampling", "results.json"))}
     summary["ok"] = not failed_stages and not missed and all(
         not c.get("failures") for k, c in tests.items() if k != "not_run" and isinstance(c, dict))
     with open(os.path.join(a.out, "summary.json"), "w") as f:
@@ -174,9 +189,12 @@ def main() -> int:
     for key, b in list(summary["ops"].get("best", {}).items())[:12]:
         print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
               f"cuda/best {b['elit:cuda / best']}")
-    for key in ("model", "model_fp32"):
+    for key in ("model", "model_fp32", "sampling"):
         for r in summary[key].get("ratios", [])[:16]:
             print(f"{key} {r['preset']} {r['backend']}: {r['what']} = {r['value']}")
+        for b in summary[key].get("breakdown", []):
+            print(f"{key} breakdown {b['preset']} {b['backend']} J={b['budget']}: {b['clock']} time {b['ms']} ms of "
+                  f"{b['wall_ms']} ms wall; stages {b['stages']}; kinds {b['kinds']}")
     print(f"summary: {'OK' if summary['ok'] else 'NOT OK'} in {a.seconds}s; wrote {a.out}/summary.json")
     return 0
 

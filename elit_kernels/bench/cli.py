@@ -22,7 +22,7 @@ from .. import attention as _attention
 from ..models.config import _SIZES, PRESETS, config_dict, preset_config
 from .flops import count_flops
 from .report import OUTPUT_FILES, check_targets, format_table, make_rows, metadata, write_outputs
-from .scenarios import DEFAULT, SCENARIOS, WRAPPERS, Setup, build_cases, split_backend
+from .scenarios import DEFAULT, DEFAULT_SCENARIOS, SCENARIOS, WRAPPERS, Setup, build_cases, split_backend
 from .timing import (RunProgress, format_seconds, measure_memory, remaining_seconds, run_interleaved, sample_seconds,
                      time_once, warm_up)
 
@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of per-group budgets J̃, each in 1..J_max (default: J_max/16, J_max/8, …, J_max; "
                         "J_max is always added). The model also runs 0 (no latents); the benchmark does not, since "
                         "the official code and its dense baseline need at least one latent per group")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                   help=f"comma list of {', '.join(SCENARIOS)} (default: {','.join(DEFAULT_SCENARIOS)}; 'sampling' "
+                        "times a whole CCFG sampling run per case against the official sampler)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="Euler steps of one sampling run (the sampling scenario; default 50 on GPU, the official "
+                        "configs' count; 4 on CPU)")
     p.add_argument("--presets", default=",".join(PRESETS),
                    help="comma list of model presets to run at the chosen size: paper (elit_config) and/or released "
                         "(the ELIT-SiT code and checkpoints, elit_sit_config; encoder_depth 8) (default: both; "
@@ -218,7 +223,7 @@ def resolve(args) -> tuple[Setup, dict]:
         raise BenchError(f"--scenarios: unknown scenario {bad[0] if bad else args.scenarios!r}; choose from {', '.join(SCENARIOS)}")
     notes = []
     if "mixed" in scen and batch < 2:
-        if args.scenarios != ",".join(SCENARIOS):
+        if args.scenarios != ",".join(DEFAULT_SCENARIOS):
             raise BenchError("--scenarios: 'mixed' needs --batch >= 2 (samples with different budgets)")
         scen.remove("mixed")
         notes.append("mixed skipped: batch 1")
@@ -258,14 +263,18 @@ def resolve(args) -> tuple[Setup, dict]:
         warnings.append("backend triton runs under the Triton interpreter (TRITON_INTERPRET=1): a correctness tool, "
                         "orders of magnitude slower than the compiled kernel (over a minute per case at S/2); its times "
                         "say nothing about the GPU kernel")
+    steps = args.sampling_steps if args.sampling_steps is not None else (50 if device.type == "cuda" else 4)
+    if isinstance(steps, bool) or steps < 1:
+        raise BenchError(f"--sampling-steps: expected an int >= 1, got {steps}")
     setup = Setup(cfgs=cfgs, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
-                  scenarios=scen, seed=args.seed)
+                  scenarios=scen, seed=args.seed, sampling_steps=steps)
     extra = {"config": name, "presets": presets, "preset_configs": {pr: config_dict(c) for pr, c in cfgs.items()},
              "resolution": res, "batch": batch, "dtype": dname, "budgets": budgets,
              "backends": backends,
              "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
              "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes,
-             "warnings": warnings, "breakdown": bool(args.breakdown)}
+             "warnings": warnings, "breakdown": bool(args.breakdown),
+             "sampling_steps": steps if "sampling" in scen else None}
     return setup, extra
 
 

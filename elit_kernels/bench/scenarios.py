@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..flow import guided_velocity
+from ..flow import euler_sample, guided_velocity
 from ..models import ElitDiT, GraphedForward, PlainDiT
 from .dense_baseline import OfficialStyleElit
 from .timing import Case
 from .timing import Case as _Case
 
-SCENARIOS = ("uniform", "mixed", "guidance", "baselines")
+SCENARIOS = ("uniform", "mixed", "guidance", "baselines", "sampling")
+#: what runs without --scenarios: "sampling" (a whole multi-step sampling run per case) is asked for by name
+DEFAULT_SCENARIOS = ("uniform", "mixed", "guidance", "baselines")
 #: the --backends name of default dispatch (backend=None: the fastest measured backend per attention call)
 DEFAULT = "default"
 #: --backends suffixes: "+graph" replays each forward from a CUDA graph per budget signature
@@ -54,6 +56,7 @@ class Setup:
     backends: list[str]
     scenarios: list[str]
     seed: int = 0
+    sampling_steps: int = 50  # Euler steps of one "sampling" case
 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
@@ -103,7 +106,7 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
         eager[be] = m
         elit[be] = _wrap(m, wrap)
     want = set(s.scenarios)
-    official = OfficialStyleElit(base).eval() if want & {"baselines", "mixed", "guidance"} else None
+    official = OfficialStyleElit(base).eval() if want & {"baselines", "mixed", "guidance", "sampling"} else None
     official_note = ("official code's way: dense SDPA on (B·G, P, C) reshapes"
                      + (", all P latents through Read/Write, kept ones gathered for the core" if cfg.budget_core_only else ""))
     plain = {}
@@ -198,4 +201,26 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
                 cases.append(Case("guidance", mode, "official", "sdpa_dense", jm, buds, b, G * per,
                                   guided(official, mode), [official], ref=(preset, "guidance", "cfg", "official", "sdpa_dense", jm),
                                   weak_budget=None if mode == "cfg" else jw))
+
+    if "sampling" in want:
+        # A whole CCFG sampling run (Euler, the official sampler's steps) of the batch: ours in one ragged pass per
+        # step (conditional at J_max + unconditional at the weak budget), the official way as two passes per step.
+        jw, steps = meta["weak_budget"], s.sampling_steps
+        meta["sampling_steps"] = steps
+
+        def sampler(m, mode):
+            return lambda: euler_sample(m, x, y, steps=steps, budget=jm, mode=mode, scale=GUIDANCE_SCALE,
+                                        weak_budget=jw)
+
+        buds = [jm] * b + [jw] * b
+        ref = (preset, "sampling", "ccfg_two_pass", "official", "sdpa_dense", jm)
+        for be in s.backends:
+            cases.append(Case("sampling", "ccfg", "elit", be, jm, buds, b, G * (jm + jw), sampler(elit[be], "ccfg"),
+                              [eager[be]], ref=ref, weak_budget=jw, steps=steps,
+                              note=f"{steps} Euler steps, CCFG in one ragged pass per step",
+                              count_fn=sampler(eager[be], "ccfg")))
+        if official is not None:
+            cases.append(Case("sampling", "ccfg_two_pass", "official", "sdpa_dense", jm, buds, b, G * (jm + jw),
+                              sampler(official, "ccfg_two_pass"), [official], ref=ref, weak_budget=jw, steps=steps,
+                              note=f"{steps} Euler steps, CCFG as two passes per step (the official sampler)"))
     return cases, meta

@@ -54,6 +54,7 @@ class Case:
     count_fn: Callable[[], Any] | None = None  # an eager call of the same work, for the FLOP count (graphed cases)
     warm_s: float | None = None  # the whole warm-up phase of this case (warm-up calls, FLOP count, memory)
     inputs: tuple | None = None  # (x, t, y) of an eager ElitDiT case: what --breakdown profiles
+    steps: int | None = None  # model steps of one call (a "sampling" case: a whole sampling run)
 
     @property
     def key(self) -> tuple:

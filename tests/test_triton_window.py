@@ -86,6 +86,15 @@ def test_several_heads_per_program(monkeypatch):
                                     seed=10, device=DEV, extra_q=1, extra_k=3)
 
 
+def test_dkdv_in_key_blocks(monkeypatch):
+    # Above padded head dim 80 dK/dV walks a 128-key tile in 64-key blocks (sm_90 registers); here every head dim
+    # walks 16-key blocks, so segments of 1..64 keys take 1..4 blocks, with rows past cu_seqlens_k[-1] after them.
+    monkeypatch.setattr(_tiles, "WINDOW_DKDV_KEY_BLOCK", (0, 16))
+    assert W.tile("dkdv", 4, 64, 72, 8, 2)["BLOCK_N"] == 16 and W.tile("dkdv", 4, 64, 72, 8, 2)["KEY_TILE"] == 64
+    check_backend_against_reference(window_attn, [4, 1, 5, 3], [64, 1, 37, 16], 2, 72, torch.float16, seed=21,
+                                    device=DEV, extra_q=2, extra_k=20)
+
+
 def test_no_key_rows_are_exact_zeros_with_lse_inf():
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 2], [0, 5], 2, 72, seed=11, device=DEV, requires_grad=True)
     out, lse = torch.ops.elit.window_attn_fwd_triton(q, k, v, cq, ck, mq, mk, 0.1)
@@ -128,6 +137,7 @@ def test_understated_max_seqlen_k_gives_nan_not_a_truncated_softmax():
                                                        out, lse, cq, ck, 3, 16, 0.125)
     assert dq[:2].isnan().all() and dk[:40].isnan().all() and dv[:40].isnan().all()
     assert torch.isfinite(dq[2:]).all() and torch.isfinite(dk[40:]).all() and torch.isfinite(dv[40:]).all()
+    assert W.tile("dkdv", 3, 128, 128, 2, 2)["BLOCK_N"] == 64  # D=128: a 128-key tile in two 64-key blocks
 
 
 def test_backward_is_deterministic():
@@ -148,6 +158,67 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.elit.window_attn_bwd_triton.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cq,
                            ck, mq, mk, 0.125))
+
+
+class _LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's ``DOT_PREC``, then launches it."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((self.name, kwargs["DOT_PREC"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("setting,want", [("highest", "ieee"), ("high", "tf32")])
+def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, setting, want):
+    # As the triton backend: fp32 dots run TF32 exactly when PyTorch lets its own fp32 matmuls (the interpreter
+    # multiplies fp32 exactly either way, so the values still match the reference); 16-bit dots pass "tf32".
+    seen = []
+    for name in ("_window_attn_fwd_kernel", "_window_attn_bwd_dq_kernel", "_window_attn_bwd_dkdv_kernel"):
+        monkeypatch.setattr(W, name, _LaunchSpy(getattr(W, name), name, seen))
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(setting)
+        check_backend_against_reference(window_attn, [4, 1], [64, 9], 2, 64, torch.float32, seed=26, device=DEV)
+        assert sorted(seen) == [("_window_attn_bwd_dkdv_kernel", want), ("_window_attn_bwd_dq_kernel", want),
+                                ("_window_attn_fwd_kernel", want)]
+        seen.clear()
+        check_backend_against_reference(window_attn, [4], [9], 2, 64, torch.bfloat16, seed=27, device=DEV)
+        assert {p for _, p in seen} == {"tf32"} and len(seen) == 3
+    finally:
+        if hasattr(torch.backends, "fp32_precision"):
+            torch.backends.fp32_precision = "none"
+            torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_compile_fullgraph_read_then_write():
+    # Read (latents attend to their window's tokens) then Write (tokens attend to the updated latents) through
+    # torch.compile(fullgraph=True): the custom ops' fakes and autograd, values and gradients as eager.
+    lat_lens, sp_lens = [4, 1, 0, 3], [16, 16, 16, 16]
+    g = torch.Generator().manual_seed(28)
+    lat = torch.randn(sum(lat_lens), 2, 64, generator=g).to(DEV).requires_grad_()
+    sp = torch.randn(sum(sp_lens), 2, 64, generator=g).to(DEV).requires_grad_()
+    from elit_kernels.testing import cu_seqlens
+
+    cu_lat, cu_sp = cu_seqlens(lat_lens, DEV), cu_seqlens(sp_lens, DEV)
+
+    def read_write(lat, sp):
+        lat = lat + varlen_attention(lat, sp, sp, cu_lat, cu_sp, 4, 16, backend="triton_window")
+        return sp + varlen_attention(sp, lat, lat, cu_sp, cu_lat, 16, 4, backend="triton_window")
+
+    def run(fn):
+        out = fn(lat, sp)
+        return (out, *torch.autograd.grad(out.square().sum(), (lat, sp)))
+
+    torch._dynamo.reset()
+    compiled, eager = run(torch.compile(read_write, fullgraph=True, backend="aot_eager")), run(read_write)
+    for name, a, b in zip(("out", "d lat", "d sp"), compiled, eager):
+        assert torch.equal(a, b), name
 
 
 def _inp(lens_q, lens_k, *, dtype=torch.float32, causal=False, segments=False, max_k=None, **kw):

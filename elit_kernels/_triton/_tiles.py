@@ -96,10 +96,20 @@ def pruner(kernel: str):
 WINDOW_TILES = {
     "fwd": ((64, 128, 16, 64, 4, 2), (128, 80, 16, 64, 4, 2), (128, 128, 16, 32, 4, 2)),
     "dq": ((64, 128, 16, 64, 4, 2), (128, 64, 16, 64, 8, 2), (128, 80, 64, 64, 8, 2), (128, 128, 16, 32, 8, 2)),
-    "dkdv": ((32, 128, 16, 16, 4, 2), (128, 128, 16, 16, 8, 2)),
+    "dkdv": ((32, 128, 16, 16, 4, 2), (128, 128, 16, 16, 8, 2)),  # BLOCK_N: window_key_block
 }
 #: kv heads one window program owns at most (``attention_window.heads_per_program``)
 WINDOW_HEADS = {"fwd": 4, "dq": 4, "dkdv": 2}
+#: dK/dV walks a key tile in blocks of at most this many keys above this padded head dim: (padded, keys). Its
+#: dK and dV accumulators for 128 keys x 128 columns spilled on sm_90 (16 query rows, 8 warps, 1-3 stages).
+WINDOW_DKDV_KEY_BLOCK = (80, 64)
+
+
+def window_key_block(bn: int, padded: int) -> int:
+    """Key rows per step of the window dK/dV kernel for a key tile of ``bn`` rows: the whole tile, or
+    ``WINDOW_DKDV_KEY_BLOCK`` rows above its padded head dim."""
+    above, keys = WINDOW_DKDV_KEY_BLOCK
+    return min(bn, keys) if padded > above else bn
 
 
 def window_tile(kernel: str, qb: int, bn: int, padded: int) -> tuple[int, int, int]:

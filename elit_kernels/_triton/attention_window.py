@@ -192,27 +192,30 @@ def _window_attn_bwd_dkdv_kernel(
     stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     S, total_q, total_k, group, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TILE: tl.constexpr, HEADS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dk, dv of the keys of segment ``program_id(0)`` for the kv heads ``program_id(1) * HEADS + [0, HEADS)``,
     summed over the query heads that share each kv head: ``dv_j = sum_i p_ij dO_i``, ``dk_j = scale sum_i
-    ds_ij q_i`` (``delta`` from the dq kernel). One program owns all of a segment's keys and every query row
-    that sees them: no atomics. A segment with one key has p = 1 and ds = 0 exactly. Keys of a segment with
-    no queries get zeros; program ``(S, .)`` writes zeros on the k/v rows past ``CU_K[S]``."""
+    ds_ij q_i`` (``delta`` from the dq kernel). One program owns all of a segment's keys (the forward's
+    ``KEY_TILE``, walked in blocks of ``BLOCK_N`` rows: P comes from the LSE, so key blocks are independent) and
+    every query row that sees them: no atomics. A segment with one key has p = 1 and ds = 0 exactly. Keys of a
+    segment with no queries get zeros; program ``(S, .)`` writes zeros on the k/v rows past ``CU_K[S]``."""
     C.static_checks(HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_M, BLOCK_N, ALIGN)
+    tl.static_assert(KEY_TILE % BLOCK_N == 0, "key blocks tile the forward's key tile")
     seg = tl.program_id(0).to(tl.int64)
     hk0 = tl.program_id(1).to(tl.int64) * HEADS
     q_start, len_q, k_start, len_k = _segment(CU_Q, CU_K, seg, S, total_q, total_k)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    n_valid = offs_n < len_k
-    fits = len_k <= BLOCK_N
+    fits = len_k <= KEY_TILE
     g_scale = tl.where(fits, 1.0, float("nan"))
     single = len_k == 1
     n_qb = tl.cdiv(len_q, BLOCK_M)
-    for i in range(0, HEADS):
-        hk = hk0 + i
+    n_kb = tl.cdiv(tl.minimum(len_k, KEY_TILE), BLOCK_N)
+    for it in range(0, HEADS * n_kb):
+        hk = hk0 + it // n_kb
+        offs_n = (it % n_kb) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < len_k
         k0, k1 = C.load_head(K, C.row_offsets(k_start, offs_n, stride_kt, hk, stride_kh, ALIGN), n_valid,
                              HEAD_DIM, BLOCK_D, BLOCK_DT, UPCAST)
         v0, v1 = C.load_head(V, C.row_offsets(k_start, offs_n, stride_vt, hk, stride_vh, ALIGN), n_valid,
@@ -257,11 +260,11 @@ def _window_attn_bwd_dkdv_kernel(
     # cu_seqlens_k[-1] belong to no segment: zero gradients, written by the tail program. Neither loop runs
     # for a regular segment that fits its tile.
     tail_start = C.clamp_row(tl.load(CU_K + S), total_k)
-    n_fill = tl.where(seg == S, total_k - tail_start, tl.where(fits, 0, len_k - BLOCK_N))
-    fill_start = tl.where(seg == S, tail_start, k_start + BLOCK_N)
+    n_fill = tl.where(seg == S, total_k - tail_start, tl.where(fits, 0, len_k - KEY_TILE))
+    fill_start = tl.where(seg == S, tail_start, k_start + KEY_TILE)
     fill = tl.where(seg == S, 0.0, float("nan"))
     for nb in range(0, tl.cdiv(n_fill, BLOCK_N)):
-        rows = nb * BLOCK_N + offs_n
+        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         for i in range(0, HEADS):
             _fill_rows(DK, fill_start, rows, rows < n_fill, stride_dkt, hk0 + i, stride_dkh, fill, HEAD_DIM, BLOCK_D,
                        BLOCK_DT, ALIGN)
@@ -287,16 +290,20 @@ def heads_per_program(num_segments: int, kv_heads: int, cap: int) -> int:
 def tile(kernel: str, max_seqlen_q: int, max_seqlen_k: int, head_dim: int, num_segments: int,
          kv_heads: int) -> dict:
     """Launch parameters of ``kernel`` ("fwd", "dq" or "dkdv"): ``BLOCK_M``, ``BLOCK_N``, ``HEADS``,
-    ``num_warps``, ``num_stages``. ``BLOCK_N`` holds the longest key segment; ``BLOCK_M`` and the warps come from
-    ``_tiles.window_tile`` (the tiles the sm_90 report compiled spill-free); under the interpreter the
-    query tile is 16 rows (the smallest tl.dot tile)."""
+    ``num_warps``, ``num_stages`` (dkdv: also ``KEY_TILE``). ``BLOCK_N`` holds the longest key segment (dkdv:
+    ``KEY_TILE`` does, walked in blocks of ``BLOCK_N`` = ``_tiles.window_key_block`` rows); ``BLOCK_M`` and the
+    warps come from ``_tiles.window_tile`` (the tiles the sm_90 report compiled spill-free); under the interpreter
+    the query tile is 16 rows (the smallest tl.dot tile)."""
     bn = window_block_n(max_seqlen_k)
     bm, warps, stages = _tiles.window_tile(kernel, C.bucket(max_seqlen_q), bn, C.padded_head_dim(head_dim))
     if C.interpreting():
         bm = C.INTERP_BLOCK_M
     cap = _tiles.WINDOW_HEADS[kernel]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, HEADS=heads_per_program(num_segments, kv_heads, cap), num_warps=warps,
-                num_stages=stages)
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, HEADS=heads_per_program(num_segments, kv_heads, cap), num_warps=warps,
+                  num_stages=stages)
+    if kernel == "dkdv":  # keys in blocks of BLOCK_N rows of the forward's tile
+        blocks.update(KEY_TILE=bn, BLOCK_N=_tiles.window_key_block(bn, C.padded_head_dim(head_dim)))
+    return blocks
 
 
 def window_block_n(max_seqlen_k: int) -> int:
@@ -348,7 +355,7 @@ def bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_se
 def _meta(D: int, dtype: torch.dtype, blocks: dict, *tensors) -> dict:
     bd, bdt = C.head_blocks(D)
     return dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_DT=bdt, ALIGN=C.row_align(*tensors), **C.dot_flags(dtype),
-                BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], HEADS=blocks["HEADS"])
+                **{k: blocks[k] for k in ("BLOCK_M", "BLOCK_N", "KEY_TILE", "HEADS") if k in blocks})
 
 
 def _compile_opts(blocks: dict) -> dict:

@@ -10,13 +10,15 @@ tile, so:
 * one program owns one segment and a block of ``HEADS`` kv heads (and every query head that shares them,
   GQA), so 4096 windows x 16 heads are 4096 x 16 / HEADS programs, not 65536 under-filled ones. The forward
   runs (kv head, query head, query block) as one flat loop, which Triton's pipeliner can prefetch across;
-* K/V rows are read once per (segment, kv head) as contiguous 16-byte vectors (``_common.row_offsets``),
-  QK^T and PV run on the tensor cores (``tl.dot``, tiles of at least 16 rows: a Read with J = 4 queries
+* K/V rows are read as contiguous 16-byte vectors (``_common.row_offsets``), once per (segment, kv head) for
+  Read/Write (no GQA, one query block; a query head sharing the kv head or a second query block re-reads the
+  tile, from L2 in practice), QK^T and PV run on the tensor cores (``tl.dot``, tiles of at least 16 rows: a Read with J = 4 queries
   pads its query tile to 16 masked rows), D = 72 as 64 + 16 columns (``_common.head_blocks``);
 * the backward has the same structure in two kernels, P recomputed from the forward's LSE: dq (a flat loop
   like the forward's, which also writes ``delta = rowsum(dO * O)``), then dK/dV, where the program that owns
-  a segment's keys walks every query row that sees them (no atomics, deterministic). One fused kernel
-  spilled registers at D = 72 on sm_90 (every tile tried), the split ones do not.
+  a segment's keys walks every query row that sees them (no atomics, deterministic; above 80 padded columns
+  a 128-key tile in two 64-key blocks). One fused kernel spilled registers at D = 72 on sm_90 (every tile
+  tried), the split ones do not.
 
 The contract is ``varlen_attention``'s without causal masks, windows or softcap (ELIT's Read/Write use none):
 empty key segments give exact zeros and LSE +inf, empty query segments zero dk/dv, rows past

@@ -1,6 +1,6 @@
-"""The ``triton_window`` backend (``elit_kernels._triton.attention_window``): ELIT's Read/Write attention with every
-key segment in one tile of at most 128 keys. Values, gradients and LSE against the reference on fresh random
-inputs, the contract's edge cases, what it refuses and why, and where dispatch ranks it.
+"""The ``triton_window`` backend (``elit_kernels._triton.attention_window`` and ``attention_window_bwd``): ELIT's
+Read/Write attention with every key segment in one tile of at most 128 keys. Values, gradients and LSE against the
+reference on fresh random inputs, the contract's edge cases, what it refuses and why, and where dispatch ranks it.
 
 Without CUDA the kernels run through ``TRITON_INTERPRET=1`` (set here and in conftest.py before triton is
 imported) on small shapes; bf16 dots are upcast there (triton#11584), so bf16 tensor-core numerics are a GPU test.
@@ -19,7 +19,7 @@ from elit_kernels.attention import SegmentRuns, get_backend, validate_inputs  # 
 from elit_kernels.testing import check_backend_against_reference, random_varlen_inputs  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-from elit_kernels._triton import _tiles, attention_window as W  # noqa: E402
+from elit_kernels._triton import _tiles, attention_window as W, attention_window_bwd as WB  # noqa: E402
 from elit_kernels._triton import ops  # noqa: E402,F401  (registers torch.ops.elit.*)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -178,8 +178,9 @@ def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, setting, want):
     # As the triton backend: fp32 dots run TF32 exactly when PyTorch lets its own fp32 matmuls (the interpreter
     # multiplies fp32 exactly either way, so the values still match the reference); 16-bit dots pass "tf32".
     seen = []
-    for name in ("_window_attn_fwd_kernel", "_window_attn_bwd_dq_kernel", "_window_attn_bwd_dkdv_kernel"):
-        monkeypatch.setattr(W, name, _LaunchSpy(getattr(W, name), name, seen))
+    for mod, name in ((W, "_window_attn_fwd_kernel"), (WB, "_window_attn_bwd_dq_kernel"),
+                      (WB, "_window_attn_bwd_dkdv_kernel")):
+        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), name, seen))
     saved = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(setting)
@@ -254,7 +255,8 @@ def test_segments_size_the_tile_not_the_bound():
     # The model passes segments: a slack max_seqlen_k (512) still runs, on a tile of the real 64 keys.
     lq, lk = [4, 1], [64, 16]
     q, k, v, cq, ck, mq, _ = random_varlen_inputs(lq, lk, 2, 64, seed=18, device=DEV)
-    out = varlen_attention(q, k, v, cq, ck, 512, 512, backend="triton_window", segments=SegmentRuns.from_lengths(lq, lk))
+    out = varlen_attention(q, k, v, cq, ck, 512, 512, backend="triton_window",
+                           segments=SegmentRuns.from_lengths(lq, lk))
     ref = varlen_attention(q, k, v, cq, ck, mq, 64, backend="reference")
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
     assert W.tile("fwd", 4, 64, 72, 4096, 16)["BLOCK_N"] == 64

@@ -3,9 +3,10 @@
 Triton: every attention kernel x tile the dispatcher can choose (the heuristic tiles and the autotuner's
 candidates after its own pruning, over all length buckets; for the window kernels ``window_*`` of the
 ``triton_window`` backend, the tile of every key tile 16..128 and query bucket) at head dims 64/72/128, bf16/fp16,
-causal or not (the window kernels: not), compiled for sm_90 through each kernel's own JIT warm-up (``JITFunction.warmup``) with the launch
-arguments its launcher builds (``fwd_launch`` / ``bwd_launches``, ``attention_window``'s likewise) from realistically strided tensors: q and
-dO contiguous ``[T, H, D]``, k/v views of one ``[T, 2, H, D]`` projection, H = 16. A fake driver reports an
+causal or not (the window kernels: not), compiled for sm_90 through each kernel's own JIT warm-up
+(``JITFunction.warmup``) with the launch arguments its launcher builds (``fwd_launch`` / ``bwd_launches``, the
+window modules' likewise) from realistically strided tensors: q and dO contiguous ``[T, H, D]``, k/v views of one
+``[T, 2, H, D]`` projection, H = 16. A fake driver reports an
 sm_90 target, so nothing runs; Triton's own ptxas log gives registers and spills.
 
 CUDA: each ``csrc/cuda/*.cu`` compiled with ``nvcc -arch=sm_90 -Xptxas -v`` (setup.py's flags) when nvcc is
@@ -197,9 +198,9 @@ def _setup_triton() -> None:
     if hasattr(knobs, "compilation") and hasattr(knobs.compilation, "always_compile"):
         knobs.compilation.always_compile = True
     sys.path.insert(0, ROOT)
-    from elit_kernels._triton import attention_bwd, attention_fwd, attention_window
+    from elit_kernels._triton import attention_bwd, attention_fwd, attention_window, attention_window_bwd
 
-    _ENV.update(torch=torch, F=attention_fwd, B=attention_bwd, W=attention_window)
+    _ENV.update(torch=torch, F=attention_fwd, B=attention_bwd, W=attention_window, WB=attention_window_bwd)
 
 
 def triton_unavailable() -> str | None:
@@ -235,7 +236,7 @@ def _tensors(D: int, dtype: str, H: int = 16, T: int = 4096, S: int = 64):
 def _window_launch(kernel: str, D: int, dtype: str):
     """(JITFunction, args, meta without the tile, grid as a function of the tile) of a window kernel, as
     ``attention_window``'s launchers build them; HEADS as for 4096 Read windows x 16 heads."""
-    W = _ENV["W"]
+    W, WB = _ENV["W"], _ENV["WB"]
     t = _tensors(D, dtype)
     name = WINDOW[kernel]
     heads = W.heads_per_program(4096, t["k"].shape[1], W._tiles.WINDOW_HEADS[name])
@@ -244,11 +245,11 @@ def _window_launch(kernel: str, D: int, dtype: str):
         args, meta, grid = W.fwd_launch(t["q"], t["k"], t["v"], t["out"], t["lse"], t["cu"], t["cu"], D ** -0.5, blocks)
         jit = W._window_attn_fwd_kernel
     else:
-        launches = W.bwd_launches(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["delta"], t["dq"], t["dk"],
+        launches = WB.bwd_launches(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["delta"], t["dq"], t["dk"],
                                   t["dv"], t["cu"], t["cu"], D ** -0.5,
                                   {"dq": blocks, "dkdv": dict(blocks, KEY_TILE=W.MAX_KEYS)})
         args, meta, grid = launches[name]
-        jit = {"dq": W._window_attn_bwd_dq_kernel, "dkdv": W._window_attn_bwd_dkdv_kernel}[name]
+        jit = {"dq": WB._window_attn_bwd_dq_kernel, "dkdv": WB._window_attn_bwd_dkdv_kernel}[name]
     meta = {k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_N")}
     return jit, args, meta, lambda m: grid
 

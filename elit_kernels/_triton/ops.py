@@ -14,7 +14,8 @@ import torch
 from .._autograd import register_varlen_autograd
 from .attention_bwd import varlen_attn_bwd_triton
 from .attention_fwd import varlen_attn_fwd_triton
-from .attention_window import window_attn_bwd_triton, window_attn_fwd_triton
+from .attention_window import window_attn_fwd_triton
+from .attention_window_bwd import window_attn_bwd_triton
 
 
 @torch.library.custom_op("elit::varlen_attn_fwd_triton", mutates_args=())

@@ -75,8 +75,8 @@ class TritonBackend(Backend):
 
 
 class TritonWindowBackend(TritonBackend):
-    """The window kernels (``elit::window_attn_fwd_triton`` / ``_bwd_triton``, ``elit_kernels._triton.attention_window``)
-    for ELIT's Read and Write: every key segment in one tile of at most ``MAX_KEYS`` = 128 keys (one softmax pass,
+    """The window kernels (``elit::window_attn_fwd_triton`` / ``_bwd_triton``, ``elit_kernels._triton.attention_window``
+    and ``attention_window_bwd``) for ELIT's Read and Write: every key segment in one tile of at most ``MAX_KEYS`` = 128 keys (one softmax pass,
     no online rescaling), one program per segment and block of heads. No causal mask, sliding window or softcap
     (Read and Write use none); GQA by indexing; head dims multiples of 8 up to 128 (the tiles compiled spill-free
     for sm_90). Precision as ``triton``.

@@ -124,6 +124,12 @@ def test_keys_without_queries_get_zero_grads():
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert torch.equal(dk[:5], torch.zeros_like(dk[:5])) and torch.equal(dv[:5], torch.zeros_like(dv[:5]))
     assert (dk[5:] != 0).any() and (dv[5:] != 0).any()
+    # no query rows at all: an empty output, and zero key gradients (written, not left as the NaN poison)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([0, 0], [3, 2], 2, 64, seed=22, device=DEV, requires_grad=True)
+    out = window_attn(q, k, v, cq, ck, mq, mk, 0.125, False)
+    assert out.shape == (0, 2, 64)
+    dk, dv = torch.autograd.grad(out.sum(), (k, v))
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
 
 
 def test_understated_max_seqlen_k_gives_nan_not_a_truncated_softmax():

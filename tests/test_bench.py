@@ -297,12 +297,14 @@ def test_fp16_on_cpu_warns_and_suggests_bf16_or_fp32(flag):
     assert _resolve(TINY + ["--dtype", "bf16"])[1]["warnings"] == []
 
 
-def test_interpreted_triton_warns(monkeypatch):
+@pytest.mark.parametrize("name", ["triton", "triton_window"])
+def test_interpreted_triton_warns(monkeypatch, name):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if "triton" not in known_backends() or not __import__("elit_kernels").attention.get_backend("triton").is_available():
-        pytest.skip(__import__("elit_kernels").attention.get_backend("triton").unavailable_reason)
-    _, extra = _resolve(TINY + ["--backends", "torch,triton"])
-    assert any("Triton interpreter" in w for w in extra["warnings"]), extra["warnings"]
+    if name not in known_backends() or not __import__("elit_kernels").attention.get_backend(name).is_available():
+        pytest.skip(__import__("elit_kernels").attention.get_backend(name).unavailable_reason)
+    _, extra = _resolve(TINY + ["--backends", f"torch,{name}"])
+    assert [w for w in extra["warnings"] if "Triton interpreter" in w and w.startswith(f"backend {name} ")], \
+        extra["warnings"]
 
 
 def test_warnings_print_before_anything_runs(monkeypatch, capsys):

@@ -167,6 +167,27 @@ def test_static_order_on_gpu_by_shape_class(monkeypatch):
         assert order.index("cuda") > order.index("triton")
 
 
+def test_unmeasured_window_backend_ranks_after_every_measured_path(monkeypatch):
+    # triton_window has no GPU timing yet: on CUDA the static order, and the table's rankings followed by the
+    # static order, put it after the library, PyTorch and triton paths for Read/Write shapes, with or without
+    # host-side segments; tuning still times it (it is a candidate wherever it can run).
+    for segments in (False, True):
+        for dtype in (torch.bfloat16, torch.float32):
+            inp = _cuda_like(_inp([4] * 8, [64] * 8, segments=segments, dtype=dtype), monkeypatch)
+            for order in (D.static_order(inp), D.ranking(inp)[0]):
+                measured = [n for n in order if n not in ("triton_window", *D.NEVER_TIMED, "flash_attn")]
+                assert order.index("triton_window") > max(order.index(n) for n in measured), order
+    with open(D._TABLE_PATH) as f:
+        assert not any("triton_window" in e["ranking"] for e in json.load(f)["entries"])
+    if R.reasons(R.get_backend("triton_window"), _inp()):
+        pytest.skip("triton_window cannot run here: " + "; ".join(R.reasons(R.get_backend("triton_window"), _inp())))
+    read, core = _inp([4] * 8, [64] * 8, segments=False), _inp([200], [200], segments=False)
+    assert "triton_window" in [b.name for b in D.candidates(read)[0]]
+    ok, tried = D.candidates(core)
+    assert "triton_window" not in [b.name for b in ok]
+    assert any(t.startswith("triton_window: max_seqlen_k is 200: key segments of at most 128 keys") for t in tried)
+
+
 def test_committed_table_names_its_device_and_known_backends():
     with open(D._TABLE_PATH) as f:
         table = json.load(f)

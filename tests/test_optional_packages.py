@@ -24,7 +24,8 @@ HIDE_DIR = ROOT / "tests" / "hide_optional"
 # install -> (hidden modules, test selection, skip reasons that must appear)
 INSTALLS = {
     "cpu-only": (["triton", "transformers", "diffusers"],
-                 ["tests/test_integrations.py", "tests/test_triton_attention.py", "tests/test_backends.py",
+                 ["tests/test_integrations.py", "tests/test_triton_attention.py", "tests/test_triton_window.py",
+                  "tests/test_backends.py",
                   "tests/test_gpu_check.py", "tests/test_docs.py",
                   "-k", "not test_docstring_examples and not (test_python_block_runs_standalone and not needs)"],
                  ['`pip install -e ".[integrations]"`', "triton is not installed (pip install triton"]),

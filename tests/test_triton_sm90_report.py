@@ -84,7 +84,7 @@ def test_global_load_widths():
 def _row(**kw):
     row = dict(kernel="fwd", head_dim=72, dtype="bf16", causal=False, BLOCK_M=64, BLOCK_N=64, num_warps=4,
                num_stages=2, registers=200, spill_bytes=0, spill_load_bytes=0, vectorized_loads=True,
-               narrow_loads=[], padded_head_dim=80)
+               narrow_loads=[], padded_head_dim=80, mma=["wgmma", "cp.async"])
     row.update(kw)
     return row
 
@@ -97,6 +97,26 @@ def test_violations_name_the_row_and_the_problem():
     assert len(bad) == 3
     assert "fwd D=72 bf16 full 64x64 w4 s2: spills 8 B" in bad[0]
     assert "padded to 128" in bad[1] and "64x128" in bad[2]
+    # An attention kernel must run its products on the tensor cores; the preprocess has none.
+    assert R.violations([_row(kernel="window_fwd", mma=["cp.async"])]) == [
+        "window_fwd D=72 bf16 full 64x64 w4 s2: no tensor-core instruction (mma.sync / wgmma) in the PTX"]
+    assert R.violations([_row(kernel="window_dq", mma=["mma.sync"]), _row(kernel="preprocess", mma=[])]) == []
+
+
+def test_update_replaces_only_the_recompiled_rows():
+    old = dict(commit="a", date="d0", triton_version="3.8.0", triton=[_row(), _row(kernel="window_fwd", registers=1),
+                                                                    _row(kernel="window_fwd", head_dim=64)],
+               cuda=[dict(file="x.cu", kernel="k", registers=1, spill_bytes=0, shared_bytes=0)], cuda_skipped=None)
+    new = dict(commit="b", date="d1", triton_version="3.8.0", triton_seconds=1.0,
+               triton=[_row(kernel="window_fwd", registers=2)], cuda=[], cuda_skipped="nvcc not on the PATH")
+    merged = R.merge_reports(old, new, {("window_fwd", 72, "bf16")}, cuda_rerun=False)
+    assert [(r["kernel"], r["head_dim"], r["registers"]) for r in merged["triton"]] == [
+        ("fwd", 72, 200), ("window_fwd", 64, 200), ("window_fwd", 72, 2)]
+    assert merged["cuda"] == old["cuda"] and merged["commit"] == "a"
+    assert merged["updates"] == [dict(rows=["window_fwd D=72 bf16"], commit="b", date="d1", triton_version="3.8.0",
+                                      triton_seconds=1.0)]
+    assert "Updated d1 (commit b, Triton 3.8.0): the rows of window_fwd recompiled" in R.markdown(
+        dict(merged, note="n", target="t", violations=[]))
 
 
 def test_sm90_compile_ci_subset(tmp_path):
@@ -115,11 +135,14 @@ def test_sm90_compile_ci_subset(tmp_path):
     rows = report["triton"]
     print(f"{len(rows)} sm_90 compiles in {time.time() - t0:.0f} s (Triton {report['triton_version']})")
     assert {(r["kernel"], r["causal"]) for r in rows if r["head_dim"] == 72} >= {
-        (k, c) for k in ("fwd", "dkdv", "dq") for c in (False, True)} | {("preprocess", False)}
+        (k, c) for k in ("fwd", "dkdv", "dq") for c in (False, True)} | {("preprocess", False)} | {
+        (f"window_{k}", False) for k in ("fwd", "dq", "dkdv")}
+    # the window kernels at the Read tile (J = 4 queries padded to 16 rows x 64 keys) run on the tensor cores
+    assert all({"mma.sync", "wgmma"} & set(r["mma"]) for r in rows if r["kernel"].startswith("window_"))
     assert {r["head_dim"] for r in rows} == {64, 72, 128}
     assert all(r["padded_head_dim"] <= 80 for r in rows if r["head_dim"] == 72)
     assert R.violations(rows) == [], "\n".join(R.violations(rows))
     summary = md.read_text()  # one line per kernel x head dim, with the worst tile's numbers
     assert "Violations: 0" in summary
-    for k in ("fwd", "dkdv", "dq"):
+    for k in ("fwd", "dkdv", "dq", "window_fwd", "window_dq", "window_dkdv"):
         assert f"| {k} | 72 |" in summary and f"| {k} | 128 |" in summary

@@ -84,9 +84,9 @@ def ops_summary(path: str) -> dict:
     best = {}
     for key, methods in table.items():
         name, tf = max(methods.items(), key=lambda kv: kv[1])
-        best[key] = {"best": name, "tflops": tf,
-                     "elit:triton / best": round(methods["elit:triton"] / tf, 3) if "elit:triton" in methods else None,
-                     "elit:cuda / best": round(methods["elit:cuda"] / tf, 3) if "elit:cuda" in methods else None}
+        best[key] = {"best": name, "tflops": tf, **{
+            f"elit:{b} / best": round(methods[f"elit:{b}"] / tf, 3) if f"elit:{b}" in methods else None
+            for b in ("triton", "triton_window", "cuda")}}
     return {"tflops": table, "best": best}
 
 
@@ -188,7 +188,7 @@ def main() -> int:
         print(summary["dispatch"]["overhead"])
     for key, b in list(summary["ops"].get("best", {}).items())[:12]:
         print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
-              f"cuda/best {b['elit:cuda / best']}")
+              f"triton_window/best {b['elit:triton_window / best']}, cuda/best {b['elit:cuda / best']}")
     for key in ("model", "model_fp32", "sampling"):
         for r in summary[key].get("ratios", [])[:16]:
             print(f"{key} {r['preset']} {r['backend']}: {r['what']} = {r['value']}")

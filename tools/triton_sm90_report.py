@@ -1,16 +1,23 @@
 """Static sm_90 report of the GPU kernels, on a machine with no GPU.
 
 Triton: every attention kernel x tile the dispatcher can choose (the heuristic tiles and the autotuner's
-candidates after its own pruning, over all length buckets) at head dims 64/72/128, bf16/fp16, causal or
-not, compiled for sm_90 through each kernel's own JIT warm-up (``JITFunction.warmup``) with the launch
-arguments its launcher builds (``fwd_launch`` / ``bwd_launches``) from realistically strided tensors: q and
-dO contiguous ``[T, H, D]``, k/v views of one ``[T, 2, H, D]`` projection, H = 16. A fake driver reports an
+candidates after its own pruning, over all length buckets; for the window kernels ``window_*`` of the
+``triton_window`` backend, the tile of every key tile 16..128 and query bucket) at head dims 64/72/128, bf16/fp16,
+causal or not (the window kernels: not), compiled for sm_90 through each kernel's own JIT warm-up
+(``JITFunction.warmup``) with the launch arguments its launcher builds (``fwd_launch`` / ``bwd_launches``, the
+window modules' likewise) from realistically strided tensors: q and dO contiguous ``[T, H, D]``, k/v views of one
+``[T, 2, H, D]`` projection, H = 16. A fake driver reports an
 sm_90 target, so nothing runs; Triton's own ptxas log gives registers and spills.
 
 CUDA: each ``csrc/cuda/*.cu`` compiled with ``nvcc -arch=sm_90 -Xptxas -v`` (setup.py's flags) when nvcc is
 on the PATH: registers, spills and static shared memory per kernel.
 
     python tools/triton_sm90_report.py --json FILE [--md FILE] [--subset ci] [--jobs N] [--no-cuda] [--check]
+        [--kernels K,...] [--update]
+
+``--update`` recompiles only the rows of ``--kernels`` / ``--head-dims`` / ``--dtypes`` and replaces them in an
+existing ``--json`` report (every other row, and the CUDA rows under ``--no-cuda``, kept), noting the partial run
+under ``updates``; ``--md`` is rewritten from the merged report.
 
 Rows (``triton``): kernel, head_dim, dtype, causal, BLOCK_M, BLOCK_N, num_warps, num_stages, registers,
 spill_bytes (spill stores), spill_load_bytes, shared_bytes, vectorized_loads (every 16-bit tile load or
@@ -38,7 +45,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_DIMS = (64, 72, 128)
 DTYPES = ("bf16", "fp16")
-KERNELS = ("fwd", "dkdv", "dq", "preprocess")
+KERNELS = ("fwd", "dkdv", "dq", "preprocess", "window_fwd", "window_dq", "window_dkdv")
+#: window kernel -> its name in ``_tiles.WINDOW_TILES`` / ``attention_window.tile``
+WINDOW = {"window_fwd": "fwd", "window_dq": "dq", "window_dkdv": "dkdv"}
 UNAVAILABLE = 77  # exit status: no Triton CUDA backend / ptxas here (the CI test skips)
 MAX_PADDED_72 = 80
 
@@ -121,8 +130,13 @@ def mma_kinds(ptx: str) -> list[str]:
     return kinds
 
 
+#: kernels with no matrix product (no tensor-core instruction expected)
+NO_DOT = ("preprocess",)
+
+
 def violations(rows: list[dict]) -> list[str]:
-    """Rows that fail ``--check``: spills, loads narrower than 16 bytes, D=72 padded past 80."""
+    """Rows that fail ``--check``: spills, loads narrower than 16 bytes, D=72 padded past 80, an attention kernel
+    without tensor-core instructions (``mma.sync`` / ``wgmma``) in its PTX."""
     bad = []
     for r in rows:
         tag = (f"{r['kernel']} D={r['head_dim']} {r['dtype']} {'causal' if r['causal'] else 'full'} "
@@ -138,6 +152,8 @@ def violations(rows: list[dict]) -> list[str]:
             bad.append(f"{tag}: narrow tile loads {r['narrow_loads']}")
         if r["head_dim"] == 72 and r["padded_head_dim"] > MAX_PADDED_72:
             bad.append(f"{tag}: D=72 padded to {r['padded_head_dim']} columns")
+        if r["kernel"] not in NO_DOT and not {"mma.sync", "wgmma"} & set(r.get("mma") or ()):
+            bad.append(f"{tag}: no tensor-core instruction (mma.sync / wgmma) in the PTX")
     return bad
 
 
@@ -182,9 +198,9 @@ def _setup_triton() -> None:
     if hasattr(knobs, "compilation") and hasattr(knobs.compilation, "always_compile"):
         knobs.compilation.always_compile = True
     sys.path.insert(0, ROOT)
-    from elit_kernels._triton import attention_bwd, attention_fwd
+    from elit_kernels._triton import attention_bwd, attention_fwd, attention_window, attention_window_bwd
 
-    _ENV.update(torch=torch, F=attention_fwd, B=attention_bwd)
+    _ENV.update(torch=torch, F=attention_fwd, B=attention_bwd, W=attention_window, WB=attention_window_bwd)
 
 
 def triton_unavailable() -> str | None:
@@ -217,8 +233,31 @@ def _tensors(D: int, dtype: str, H: int = 16, T: int = 4096, S: int = 64):
                 cu=torch.zeros(S + 1, dtype=torch.int32), max_len=T // S * 2)
 
 
+def _window_launch(kernel: str, D: int, dtype: str):
+    """(JITFunction, args, meta without the tile, grid as a function of the tile) of a window kernel, as
+    ``attention_window``'s launchers build them; HEADS as for 4096 Read windows x 16 heads."""
+    W, WB = _ENV["W"], _ENV["WB"]
+    t = _tensors(D, dtype)
+    name = WINDOW[kernel]
+    heads = W.heads_per_program(4096, t["k"].shape[1], W._tiles.WINDOW_HEADS[name])
+    blocks = dict(BLOCK_M=16, BLOCK_N=16, HEADS=heads)  # the tile itself comes from the job
+    if name == "fwd":
+        args, meta, grid = W.fwd_launch(t["q"], t["k"], t["v"], t["out"], t["lse"], t["cu"], t["cu"], D ** -0.5, blocks)
+        jit = W._window_attn_fwd_kernel
+    else:
+        launches = WB.bwd_launches(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["delta"], t["dq"], t["dk"],
+                                  t["dv"], t["cu"], t["cu"], D ** -0.5,
+                                  {"dq": blocks, "dkdv": dict(blocks, KEY_TILE=W.MAX_KEYS)})
+        args, meta, grid = launches[name]
+        jit = {"dq": WB._window_attn_bwd_dq_kernel, "dkdv": WB._window_attn_bwd_dkdv_kernel}[name]
+    meta = {k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_N")}
+    return jit, args, meta, lambda m: grid
+
+
 def _launch(kernel: str, D: int, dtype: str, causal: bool):
     """(JITFunction, args, meta, grid) exactly as the launcher would build them."""
+    if kernel in WINDOW:
+        return _window_launch(kernel, D, dtype)
     F, B = _ENV["F"], _ENV["B"]
     t = _tensors(D, dtype)
     scale = D ** -0.5
@@ -239,11 +278,17 @@ def dispatch_tiles(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]
     _setup_triton()
     F, B = _ENV["F"], _ENV["B"]
     C, T = F.C, F._tiles
+    bd, bdt = C.head_blocks(head_dim)
     if kernel == "preprocess":
         return [(B.PRE_BLOCK_T, 0, 4, 3)]  # Triton's default warps / stages (the launcher passes none)
+    if kernel in WINDOW:  # the key tile is the whole segment: every key tile x query bucket the launcher sizes
+        W = _ENV["W"]
+        key_rows = W._tiles.window_key_block if kernel == "window_dkdv" else (lambda bn, padded: bn)
+        return sorted({(bm, key_rows(bn, bd + bdt), warps, stages)
+                       for bn in (16, 32, 64, 128) for qb in (16, 32, 64, 128)
+                       for bm, warps, stages in [W._tiles.window_tile(WINDOW[kernel], qb, bn, bd + bdt)]})
     tuner = {"fwd": F._varlen_attn_fwd_kernel_tuned, "dkdv": B._varlen_attn_bwd_dkdv_kernel_tuned,
              "dq": B._varlen_attn_bwd_dq_kernel_tuned}[kernel]
-    bd, bdt = C.head_blocks(head_dim)
     buckets = [2 ** i for i in range(4, 15)]
     tiles = set()
     for qb in buckets:
@@ -285,7 +330,10 @@ def compile_triton(job: tuple) -> dict:
 # its largest tile (most registers), a 16-row tile and the 8-warp wgmma tiles; at D=64 and 128 the largest.
 CI_TILES = {"fwd": [(128, 64, 8, 2), (64, 64, 8, 2), (16, 32, 4, 2)], "dkdv": [(16, 128, 8, 2), (32, 64, 8, 2),
                                                                                (16, 32, 4, 2)],
-            "dq": [(128, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)], "preprocess": [(64, 0, 4, 3)]}
+            "dq": [(128, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)], "preprocess": [(64, 0, 4, 3)],
+            # window kernels: Read J = 4 x 64 keys (16-row query tile), Write / J = 64 x 64, the 128-key tiles
+            "window_fwd": [(16, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2)],
+            "window_dq": [(16, 64, 4, 2), (64, 128, 8, 2)], "window_dkdv": [(16, 64, 8, 2), (16, 128, 8, 2)]}
 
 
 def triton_jobs(subset: str, kernels=KERNELS, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[tuple]:
@@ -294,7 +342,7 @@ def triton_jobs(subset: str, kernels=KERNELS, head_dims=HEAD_DIMS, dtypes=DTYPES
         for D in head_dims:
             tiles = dispatch_tiles(kernel, D)
             for dtype in dtypes:
-                for causal in ((False,) if kernel == "preprocess" else (False, True)):
+                for causal in ((False,) if kernel == "preprocess" or kernel in WINDOW else (False, True)):
                     for tile in tiles:
                         if subset == "ci":
                             ci = [t for t in CI_TILES[kernel] if t in tiles]
@@ -403,11 +451,28 @@ def _git_commit() -> str | None:
         return None
 
 
+def merge_reports(old: dict, new: dict, replaced: set, cuda_rerun: bool) -> dict:
+    """``old`` with its Triton rows of every (kernel, head_dim, dtype) in ``replaced`` swapped for ``new``'s rows
+    (the rest kept, in order), the CUDA rows replaced only when ``cuda_rerun``; the partial run is appended to
+    ``updates`` (what it recompiled, its commit, date and Triton version)."""
+    kept = [r for r in old.get("triton", []) if (r.get("kernel"), r.get("head_dim"), r.get("dtype")) not in replaced]
+    merged = dict(old, triton=kept + new["triton"])
+    if cuda_rerun:
+        merged["cuda"], merged["cuda_skipped"] = new.get("cuda"), new.get("cuda_skipped")
+    merged["updates"] = list(old.get("updates", [])) + [dict(
+        rows=sorted(f"{k} D={d} {dt}" for k, d, dt in replaced), commit=new["commit"], date=new["date"],
+        triton_version=new["triton_version"], triton_seconds=new["triton_seconds"])]
+    return merged
+
+
 def markdown(report: dict) -> str:
     """The report as a short markdown page: per Triton kernel x head dim, the worst tile; then the CUDA kernels."""
     out = [f"# Static sm_90 report ({report['date']}, commit {report['commit']}, Triton {report['triton_version']})", "",
            f"{report['note']}; `python tools/triton_sm90_report.py --json FILE --md FILE` on a machine without a GPU.",
            f"Target: {report['target']}. Violations: {len(report['violations'])}.", "",
+           *[line for u in report.get("updates", []) for line in (
+               f"Updated {u['date']} (commit {u['commit']}, Triton {u['triton_version']}): the rows of "
+               f"{', '.join(sorted({r.split()[0] for r in u['rows']}))} recompiled, the others as above.", "")],
            "## Triton: worst tile per kernel and head dim (bf16/fp16, causal or not)", "",
            "| kernel | D | tiles | max registers | max spill bytes | max shared bytes | all loads vectorized | padded D |",
            "|---|---|---|---|---|---|---|---|"]
@@ -449,8 +514,22 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/cuda/*.cu")
     ap.add_argument("--no-triton", action="store_true", help="only the nvcc report of csrc/cuda/*.cu")
-    ap.add_argument("--check", action="store_true", help="exit 1 on a spill, a narrow load or D=72 padded past 80")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 on a spill, a narrow load, D=72 padded past 80 or no tensor-core instruction")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows of this run's kernels / head dims / dtypes in the existing --json "
+                         "report (other rows kept; CUDA rows kept under --no-cuda)")
     a = ap.parse_args(argv)
+    unknown = sorted(set(a.kernels.split(",")) - set(KERNELS))
+    if unknown:
+        ap.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
+    old = None
+    if a.update:
+        try:
+            with open(a.json) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"--update: cannot read the existing report {a.json} ({e})")
 
     why = triton_unavailable()
     if why:
@@ -479,9 +558,11 @@ def main(argv=None) -> int:
                   commit=_git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   note="compile-time statistics from ptxas, not GPU runs", triton_seconds=round(time.time() - t0, 1),
                   triton=rows)
-    bad = violations(rows)
     if not a.no_cuda:
         report["cuda"], report["cuda_skipped"] = cuda_rows()
+    if old is not None:
+        report = merge_reports(old, report, {(j[0], j[1], j[2]) for j in jobs}, cuda_rerun=not a.no_cuda)
+    bad = violations(report["triton"])
     report["violations"] = bad
     with open(a.json, "w") as f:
         json.dump(report, f, indent=1)

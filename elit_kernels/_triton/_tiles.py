@@ -83,3 +83,40 @@ def pruner(kernel: str):
         keep = candidates(kernel, args["max_q_bucket"], args["max_k_bucket"], args["BLOCK_D"] + args["BLOCK_DT"])
         return [c for c in cfgs if as_tile(c)[:4] in {t[:4] for t in keep}] or cfgs[-1:]
     return prune
+
+
+# Window kernels (``attention_window``): the key tile is a whole segment (BLOCK_N = 16..128, from the longest
+# key segment), so only the query tile and the warps are chosen here. Entries (largest BLOCK_N, largest padded
+# head dim, smallest BLOCK_M, largest BLOCK_M, num_warps, num_stages), the first that covers the key tile and head
+# dim applies. Every entry compiled spill-free for sm_90 at head dims 64/72/128 (tools/triton_sm90_report.py,
+# Triton 3.8; a sweep of BLOCK_M 16/32/64 x BLOCK_N 16..128 x 4/8 warps chose them). Left out because they
+# spilled: dq at D=72 with 128 keys and 16 or 32 query rows (any warps; 64 rows fit), dq with 16 rows over 8 warps
+# at D=72, dK/dV with 32+ query rows per step at D=72 and most 4-warp dK/dV tiles past 32 keys. Not yet timed on a
+# GPU: the warps and head blocks per program are first guesses.
+WINDOW_TILES = {
+    "fwd": ((64, 128, 16, 64, 4, 2), (128, 80, 16, 64, 4, 2), (128, 128, 16, 32, 4, 2)),
+    "dq": ((64, 128, 16, 64, 4, 2), (128, 64, 16, 64, 8, 2), (128, 80, 64, 64, 8, 2), (128, 128, 16, 32, 8, 2)),
+    "dkdv": ((32, 128, 16, 16, 4, 2), (128, 128, 16, 16, 8, 2)),  # BLOCK_N: window_key_block
+}
+#: kv heads one window program owns at most (``attention_window.heads_per_program``)
+WINDOW_HEADS = {"fwd": 4, "dq": 4, "dkdv": 2}
+#: dK/dV walks a key tile in blocks of at most this many keys above this padded head dim: (padded, keys). Its
+#: dK and dV accumulators for 128 keys x 128 columns spilled on sm_90 (16 query rows, 8 warps, 1-3 stages).
+WINDOW_DKDV_KEY_BLOCK = (80, 64)
+
+
+def window_key_block(bn: int, padded: int) -> int:
+    """Key rows per step of the window dK/dV kernel for a key tile of ``bn`` rows: the whole tile, or
+    ``WINDOW_DKDV_KEY_BLOCK`` rows above its padded head dim."""
+    above, keys = WINDOW_DKDV_KEY_BLOCK
+    return min(bn, keys) if padded > above else bn
+
+
+def window_tile(kernel: str, qb: int, bn: int, padded: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, num_warps, num_stages)`` of window kernel ``kernel`` ("fwd", "dq", "dkdv") for a query-length
+    bucket ``qb``, key tile ``bn`` (16..128) and padded head dim (<= 128): the first entry of ``WINDOW_TILES``
+    that covers ``bn`` and ``padded``; BLOCK_M is ``qb`` clamped into the entry's range."""
+    for max_n, max_padded, m_min, m_max, warps, stages in WINDOW_TILES[kernel]:
+        if bn <= max_n and padded <= max_padded:
+            return max(m_min, min(qb, m_max)), warps, stages
+    raise ValueError(f"window_tile: no {kernel} tile for {bn} keys at padded head dim {padded} (at most 128 each)")

@@ -40,6 +40,9 @@ from .registry import Backend, describe_inputs, get_backend, reasons, registered
 FEW_RUNS = 4
 #: the truth, never fast: ranked last without being timed
 NEVER_TIMED = ("reference",)
+#: built and checked, but not yet timed on a GPU: the static order ranks them after every measured path (tuning
+#: on the device times them like the rest)
+UNMEASURED = ["triton_window"]
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
 
 _DECISIONS: dict = {}  # full decision key -> Backend
@@ -107,7 +110,9 @@ def static_order(inp: AttnInputs) -> list[str]:
     dense SDPA on views with PyTorch's own kernel choice (``torch``; a pinned cuDNN kernel wins some
     backward passes, which the table records); ragged fp16/bf16 segments known only on the device on
     FlashAttention-2 varlen (``torch_varlen``), then ``triton``; fp32 on SDPA (TF32 as PyTorch's setting
-    allows; the fp32 Triton kernels ran 18x slower). On CPU: the backends' priorities."""
+    allows; the fp32 Triton kernels ran 18x slower). Backends no GPU run has timed yet (``UNMEASURED``) come
+    after all of those, so they never make a call slower before a measurement ranks them. On CPU: the
+    backends' priorities."""
     names = [b.name for b in registered_backends()]
     if inp.q.device.type != "cuda":
         return names
@@ -122,7 +127,9 @@ def static_order(inp: AttnInputs) -> list[str]:
         first = ["torch_varlen", "triton", "torch"]
     else:
         first = ["torch", "triton"]
-    return first + [n for n in names if n not in first]
+    order = first + [n for n in names if n not in first and n not in UNMEASURED and n not in NEVER_TIMED]
+    # Not measured on a GPU yet: after every path that was (tuning ranks them by their times where they run).
+    return order + [n for n in UNMEASURED if n in names] + [n for n in names if n in NEVER_TIMED]
 
 
 def _valid_entry(e) -> bool:

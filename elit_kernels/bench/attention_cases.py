@@ -136,7 +136,9 @@ def _flex_method(compiled: bool):
 
 def available_methods(device: torch.device, dtype: torch.dtype, head_dim: int, heads: int, *,
                       include_reference: bool = False) -> list[Method]:
-    """Every backend that supports these inputs, plus SDPA flash / cuDNN (CUDA) and FlexAttention."""
+    """Every backend that supports these inputs, plus SDPA flash / cuDNN (CUDA) and FlexAttention. A backend
+    limited in segment length (``triton_window``: at most 128 keys) is probed on short segments and listed; on
+    the shapes it cannot run (the core) its row says why."""
     q = torch.zeros(4, heads, head_dim, device=device, dtype=dtype)
     cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
     probe = validate_inputs(q, q, q, cu, cu, 2, 2, None, False, segments=SegmentRuns.uniform_runs(2, 2, 2))
@@ -144,7 +146,7 @@ def available_methods(device: torch.device, dtype: torch.dtype, head_dim: int, h
     for r in describe_backends(probe):
         if r["reasons"] or (r["name"] == "reference" and not include_reference):
             continue
-        if r["name"] == "triton" and device.type != "cuda":
+        if r["name"] in ("triton", "triton_window") and device.type != "cuda":
             continue  # the interpreter is a correctness tool, not a benchmark
         methods.append(_backend_method(r["name"]))
     from torch.nn.attention import SDPBackend

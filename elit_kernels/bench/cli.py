@@ -235,7 +235,7 @@ def resolve(args) -> tuple[Setup, dict]:
         if device.type == "cpu":
             # CPU default: the fair baseline only, so the run stays short. Other CPU backends (cpp) on
             # request; the Triton interpreter is a correctness tool, never a benchmark.
-            backends = [b for b in backends if b == "torch"] or [b for b in backends if b != "triton"]
+            backends = [b for b in backends if b == "torch"] or [b for b in backends if not b.startswith("triton")]
         if not backends:
             backends = ["reference"]
     else:
@@ -259,8 +259,8 @@ def resolve(args) -> tuple[Setup, dict]:
         warnings.append(f"--dtype {dname} on a CPU: most CPUs have no fp16 matmul and PyTorch emulates it, many times "
                         "slower than fp32 (a [1024, 384] x [384, 1536] matmul took 30x its fp32 time on the CPU the "
                         "defaults were measured on), and its times say nothing about a GPU; prefer --dtype bf16 or fp32")
-    if "triton" in backends and _cli.triton_interpreted():
-        warnings.append("backend triton runs under the Triton interpreter (TRITON_INTERPRET=1): a correctness tool, "
+    for tb in [b for b in backends if b in ("triton", "triton_window")] if _cli.triton_interpreted() else []:
+        warnings.append(f"backend {tb} runs under the Triton interpreter (TRITON_INTERPRET=1): a correctness tool, "
                         "orders of magnitude slower than the compiled kernel (over a minute per case at S/2); its times "
                         "say nothing about the GPU kernel")
     steps = args.sampling_steps if args.sampling_steps is not None else (50 if device.type == "cuda" else 4)

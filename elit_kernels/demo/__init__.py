@@ -137,8 +137,8 @@ def _check_backend(args, parser, cfg) -> None:
         if err:
             parser.error(err)
     chosen = args.backend or next(iter(_cli.usable_backends(probe)), None)
-    if chosen == "triton" and _cli.triton_interpreted():
-        print("elit-demo: warning: the triton backend runs under the Triton interpreter (TRITON_INTERPRET=1): "
+    if chosen in ("triton", "triton_window") and _cli.triton_interpreted():
+        print(f"elit-demo: warning: the {chosen} backend runs under the Triton interpreter (TRITON_INTERPRET=1): "
               "correct but very slow; pass --backend torch for a run of minutes", file=sys.stderr)
 
 

@@ -1,4 +1,6 @@
-"""The ``triton`` backend: the Triton kernels of ``elit_kernels._triton`` behind the backend contract.
+"""The ``triton`` and ``triton_window`` backends: the Triton kernels of ``elit_kernels._triton`` behind the backend
+contract (``triton``: every segment length; ``triton_window``: key segments of at most 128 keys, ELIT's Read and
+Write).
 
 fp32 inputs follow PyTorch's float32 matmul precision setting in the kernels' dot products (see
 ``elit_kernels._triton``)."""
@@ -72,4 +74,56 @@ class TritonBackend(Backend):
         return (out, lse) if inp.return_lse else out
 
 
+class TritonWindowBackend(TritonBackend):
+    """The window kernels (``elit::window_attn_fwd_triton`` / ``_bwd_triton``, ``elit_kernels._triton.attention_window``
+    and ``attention_window_bwd``) for ELIT's Read and Write: every key segment in one tile of at most ``MAX_KEYS`` = 128 keys (one softmax pass,
+    no online rescaling), one program per segment and block of heads. No causal mask, sliding window or softcap
+    (Read and Write use none); GQA by indexing; head dims multiples of 8 up to 128 (the tiles compiled spill-free
+    for sm_90). Precision as ``triton``.
+
+    Dispatch: a candidate that on-device tuning (``tuning()`` / ``$ELIT_TUNE=1``) times like every other; until a
+    measurement ranks it, the static order puts it after the library and PyTorch paths (and after ``triton``).
+    """
+
+    name = "triton_window"
+    priority = 28
+    description = ("Triton window kernels for key segments of at most 128 keys (ELIT Read/Write): the whole key "
+                   "segment in one tile, one program per segment and block of heads, GQA, deterministic backward; "
+                   "no causal/window/softcap; CUDA, or CPU under TRITON_INTERPRET=1; fp16/bf16/fp32, head dim a "
+                   "multiple of 8 <= 128 (others zero-padded)")
+    max_head_dim = 128
+    supports_window = False
+    supports_softcap = False
+    MAX_KEYS = 128
+
+    @staticmethod
+    def tile_lengths(inp: AttnInputs) -> tuple:
+        """``(max_q, max_k)`` the kernels size their tiles from: the host-side segments' longest when the caller
+        passed them (exact), else ``max_seqlen_q`` / ``max_seqlen_k`` (an upper bound)."""
+        seg = inp.segments
+        return (seg.max_q, seg.max_k) if seg is not None else (inp.max_seqlen_q, inp.max_seqlen_k)
+
+    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
+        r = super().not_supported_reasons(inp)
+        if inp.causal:
+            r.append("no causal mask (the window kernels serve ELIT's Read/Write, which attend to the whole segment)")
+        _, mk = self.tile_lengths(inp)
+        if not isinstance(mk, int):
+            r.append("max_seqlen_k is symbolic here (torch.compile with dynamic shapes): the key tile is sized from "
+                     "it; pass segments= or a static max_seqlen_k")
+        elif mk > self.MAX_KEYS:
+            src = "the longest key segment" if inp.segments is not None else "max_seqlen_k"
+            r.append(f"{src} is {mk}: key segments of at most {self.MAX_KEYS} keys (one tile) only")
+        return r
+
+    def forward(self, inp: AttnInputs):
+        from ..._triton import ops  # noqa: F401  (registers the custom ops)
+
+        mq, mk = self.tile_lengths(inp)
+        out, lse = torch.ops.elit.window_attn_fwd_triton(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, mq,
+                                                         mk, inp.softmax_scale)
+        return (out, lse) if inp.return_lse else out
+
+
 register_backend(TritonBackend())
+register_backend(TritonWindowBackend())

@@ -74,7 +74,7 @@ echo "=== environment ==="
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
 # The plan: stage limits (seconds) that add up to the budget; printed so a reader sees it before anything runs.
-declare -A LIMIT=([build]=30 [tests]=65 [dispatch]=55 [ops]=30 [model]=55 [fp32]=25 [sampling]=40)
+declare -A LIMIT=([build]=30 [tests]=70 [dispatch]=55 [ops]=30 [model]=55 [fp32]=25 [sampling]=35)
 echo "=== plan (budget ${BUDGET}s) ==="
 printf '%-28s %5s\n' "build" "${LIMIT[build]}" "tests: gpu" "${LIMIT[tests]}" "dispatch: measure" "${LIMIT[dispatch]}" \
   "bench: attention ops" "${LIMIT[ops]}" "bench: model bf16" "${LIMIT[model]}" "bench: model fp32" "${LIMIT[fp32]}" \

@@ -70,7 +70,7 @@ def _dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
 
 
 @pytest.fixture(autouse=True)
-def _poison_triton_outputs(poisoned_triton_outputs):
+def _poison_triton_outputs(poisoned_outputs):
     """Unwritten Triton outputs are NaN (so a tail row the kernel skips fails); heuristic tiles (conftest)."""
     yield
 

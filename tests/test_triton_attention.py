@@ -42,8 +42,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs_fixed_tiles(poisoned_triton_outputs):
-    """Every kernel output NaN-filled before launch, heuristic tiles (conftest's poisoned_triton_outputs);
+def poison_outputs_fixed_tiles(poisoned_outputs):
+    """Every kernel output NaN-filled before launch, heuristic tiles (conftest's poisoned_outputs);
     test_gpu_autotuned_tiles covers the autotuned path."""
     yield
 

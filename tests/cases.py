@@ -15,6 +15,7 @@ orders of magnitude between runners:
   (tests/test_triton_attention.py): each is seconds in the interpreter, so few and tiny.
 - ``cuda``: the CUDA kernels on a GPU (tests/test_cext.py), the ``ops`` cases plus longer ones.
 - ``gpu``: ELIT-sized shapes for the Triton kernels on a GPU (tests/test_triton_attention.py).
+- ``window``: the lengths every sliding-window / softcap option runs on (tests/test_window_softcap.py).
 
 ``backend_params`` builds a test's backend list from the registry (``registered_backends()``), each backend
 that cannot run here skipped with its own reason.
@@ -96,6 +97,8 @@ CASES: dict[str, Case] = {
     "rows-past-end": _case([3, 0, 6], [5, 2, 4], "contract", "buffers longer than the packed data: 3 q rows and "
                            "2 k/v rows past cu_seqlens[-1] (exact zeros, never read)", causal=True, extra_q=3,
                            extra_k=2),
+    "window-tiles": _case([37, 1, 0, 9, 20, 3], [41, 3, 2, 0, 20, 1], "window", "sliding windows over several "
+                          "16-row tiles, a single key, empty segments on either side, Lq > Lk (rows without keys)"),
     "window-softcap": _case([9, 1, 0, 12], [11, 3, 2, 12], "contract", "sliding window (3, 2) and softcap 4 "
                             "(rows the window leaves without a key)", window=(3, 2), softcap=4.0),
 }

@@ -10,8 +10,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# The attention tests' one case table and the registry-built backend lists (tests/cases.py).
-from cases import CASES, Case, backend_device, backend_params, cases, skip_unless_runs  # noqa: E402,F401
+# The attention tests' one table of segment shapes and their registry-built backend lists live in
+# tests/cases.py (``from cases import cases, backend_params, ...`` in a test file); imported here so that a
+# broken table fails at collection, before any test runs.
+import cases  # noqa: E402,F401
 
 
 @pytest.fixture

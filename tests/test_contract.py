@@ -16,9 +16,7 @@ from elit_kernels.attention import (SegmentRuns, get_backend, registry, validate
 from elit_kernels.testing import check_backend_against_reference, random_varlen_inputs
 
 
-@pytest.fixture(autouse=True)
-def _poison(poisoned_outputs):
-    yield
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py: every backend's outputs NaN-filled first
 
 
 def _dtype(device):

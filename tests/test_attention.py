@@ -10,6 +10,8 @@ import elit_kernels
 from elit_kernels import flash_attn_varlen_func, varlen_attention
 from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs
 
+#: every output NaN-filled before a kernel writes it (conftest.py): a row left unwritten fails
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: The backends that run every dtype and head dim on any device: the pure-PyTorch ones. The sweeps below (3
 #: dtypes x 3 head dims x both masks x the "pytorch" cases) are theirs; the kernels have their own files and the

@@ -211,8 +211,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q_, con
   auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
   // Contiguous outputs whatever the input strides (the fake impl promises the same).
-  auto out = at::empty(q.sizes(), q.options());
-  auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(stat_dtype(q)));
+  auto out = new_output(q.sizes(), q.options());
+  auto lse = new_output({q.size(1), q.size(0)}, q.options().dtype(stat_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_fwd_cpu", [&] {
     attn_fwd_kernel<scalar_t>(q, k, v, cu_q.const_data_ptr<int32_t>(), cu_k.const_data_ptr<int32_t>(),
                               cu_q.size(0) - 1, scale, causal, window_left, window_right, softcap, out, lse);
@@ -229,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
   auto q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   auto out = last_dim_contiguous(out_), dout = last_dim_contiguous(dout_), lse = lse_.contiguous();
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
+  auto dq = new_output(q.sizes(), q.options()), dk = new_output(k.sizes(), k.options());
+  auto dv = new_output(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attn_bwd_cpu", [&] {
     attn_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, cu_q.const_data_ptr<int32_t>(),
                               cu_k.const_data_ptr<int32_t>(), cu_q.size(0) - 1, scale, causal, window_left,

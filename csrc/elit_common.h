@@ -7,12 +7,40 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <limits>
 #include <string>
 #include <vector>
 
 namespace elit {
+
+// The poison switch (elit_kernels/_outputs.py, ELIT_POISON_OUTPUTS): Python hands it over through
+// _C.set_poison_outputs. When on, every output an op is meant to write in full starts as NaN instead of
+// leftover memory, so an element a kernel forgets to write fails the tests. One flag for the whole extension
+// (an inline function's static is one object across translation units).
+inline std::atomic<bool>& poison_outputs() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
+// An output buffer for a kernel to write in full: at::empty, NaN-filled when the poison switch is on.
+// Buffers a kernel accumulates into start from at::zeros instead.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
+  if (poison_outputs().load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// new_output with like's shape, dtype, device and strides (at::empty_like).
+inline at::Tensor new_output_like(const at::Tensor& like) {
+  auto t = at::empty_like(like);
+  if (poison_outputs().load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
 
 // Names of the kernels compiled into this build (filled by static registrars in each source).
 std::vector<std::string>& compiled_kernels();

@@ -28,9 +28,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cpu(const 
   checks::layernorm_modulate_fwd(x_, shift_, scale_, index_, eps, Kernels::kCpu);
   auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   const int64_t T = x.size(0), C = x.size(1);
-  auto out = at::empty_like(x);
-  auto mean = at::empty({T}, x.options().dtype(stat_dtype(x)));
-  auto rstd = at::empty({T}, x.options().dtype(stat_dtype(x)));
+  auto out = new_output_like(x);
+  auto mean = new_output({T}, x.options().dtype(stat_dtype(x)));
+  auto rstd = new_output({T}, x.options().dtype(stat_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layernorm_modulate_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -74,9 +74,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cpu(const 
   auto g = g_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const int64_t T = x.size(0), C = x.size(1), B = scale.size(0);
-  auto gx = at::empty_like(x);
-  auto gshift = at::empty({B, C}, x.options());
-  auto gscale = at::empty({B, C}, x.options());
+  auto gx = new_output_like(x);
+  auto gshift = new_output({B, C}, x.options());
+  auto gscale = new_output({B, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layernorm_modulate_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
@@ -135,7 +135,7 @@ at::Tensor gated_residual_fwd_cpu(const at::Tensor& x_, const at::Tensor& y_, co
   checks::gated_residual_fwd(x_, y_, gate_, index_, Kernels::kCpu);
   auto x = x_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
   const int64_t T = x.size(0), C = x.size(1);
-  auto out = at::empty_like(x);
+  auto out = new_output_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_residual_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
@@ -159,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& g_, 
   checks::gated_residual_bwd(g_, y_, gate_, index_, Kernels::kCpu);
   auto g = g_.contiguous(), y = y_.contiguous(), gate = gate_.contiguous(), index = index_.contiguous();
   const int64_t T = g.size(0), C = g.size(1), B = gate.size(0);
-  auto gy = at::empty_like(y);
-  auto ggate = at::empty({B, C}, gate.options());
+  auto gy = new_output_like(y);
+  auto ggate = new_output({B, C}, gate.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gated_residual_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *gp = g.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();

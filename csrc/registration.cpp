@@ -149,5 +149,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["kernels"] = elit::compiled_kernels();
     return d;
   }, "Dict: torch_version (built against), with_cuda, cuda_archs (e.g. [80, 90]), cuda_version, kernels.");
+  m.def("set_poison_outputs", [](bool on) { elit::poison_outputs().store(on); }, py::arg("enabled"),
+        "NaN-fill every output an op writes in full before it runs (elit_kernels._outputs hands its switch over).");
+  m.def("poison_outputs_enabled", []() { return elit::poison_outputs().load(); },
+        "Whether the ops' outputs are NaN-filled before they run.");
   def_checks(m);
 }

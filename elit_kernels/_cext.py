@@ -3,7 +3,9 @@
 When ``_C`` loads, this module registers, on the Python side, what the C++ schemas need:
 
 - fake (meta) impls and autograd formulas for every ``torch.ops.elit.*`` op defined in C++;
-- the ``"fused"`` elementwise implementation (``elit_kernels.elementwise``).
+- the ``"fused"`` elementwise implementation (``elit_kernels.elementwise``);
+- the output poison switch (``elit_kernels._outputs``, ``ELIT_POISON_OUTPUTS``), handed to ``_C`` now and on
+  every change.
 
 The attention backends over these ops (``cuda``, ``cpp``) live in ``elit_kernels.attention.backends.compiled``
 and ask this loader whether they can run. When ``_C`` is missing, or was built for another torch, it warns
@@ -27,6 +29,7 @@ import warnings
 
 import torch
 
+from . import _outputs
 from ._autograd import first_order_only, register_varlen_autograd
 from .elementwise import ElementwiseImpl, register_elementwise
 
@@ -70,7 +73,13 @@ def _load():
         _warn_once(f"{name} is stale: built for torch {info.get('torch_version')}, running torch "
                    f"{torch.__version__} (build info: {info}); not using it. {_BUILD_HINT}")
         return None
+    if not hasattr(ext, "set_poison_outputs"):  # built before the poison switch reached the compiled ops
+        unavailable_reason = f"{name} is stale: it predates the output poison switch (set_poison_outputs); rebuild it"
+        _warn_once(f"{name} is stale: it has no set_poison_outputs, so ELIT_POISON_OUTPUTS would not reach its ops "
+                   f"(build info: {info}); not using it. {_BUILD_HINT}")
+        return None
     _C, _BUILD_INFO = ext, info
+    _outputs.add_listener(ext.set_poison_outputs)  # the compiled ops follow the package's poison switch
     return ext
 
 

@@ -81,14 +81,17 @@ def default_atol(dtype: torch.dtype) -> float:
 
 def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, *, causal=False, seed=0,
                                     grads=True, device="cpu", scale=None, kv_heads=None, extra_q=0, extra_k=0,
-                                    check_lse=False):
+                                    check_lse=False, window_size=(-1, -1), softcap=0.0):
     """Run ``fn`` (a varlen_attention-like callable) and check values and gradients against the reference.
 
     ``ref`` is computed in fp64 from the same inputs, ``ref_lowprec`` by the reference in ``dtype``.
     ``kv_heads``, ``extra_q`` / ``extra_k`` as in ``random_varlen_inputs`` (the extra rows are NaN: an
     output row or a gradient there must come out an exact zero). With ``check_lse``, ``fn`` returns
     ``(out, lse)`` and lse is checked against the fp64 log-sum-exp (+inf exactly where a row sees no key).
-    Kernels are expected to NaN-poison their own outputs in debug mode; any NaN fails here.
+    ``window_size`` / ``softcap`` go to the reference; ``fn`` (whose signature has no place for them) must
+    apply the same ones itself.
+    Run it with the output poison switch on (``ELIT_POISON_OUTPUTS=1``, ``elit_kernels._outputs``): a row a
+    kernel leaves unwritten is then NaN, and any NaN fails here.
     """
     q, k, v, cu_q, cu_k, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, head_dim, dtype=dtype, device=device,
                                                        seed=seed, requires_grad=grads, kv_heads=kv_heads,
@@ -111,7 +114,8 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
                    gv if gv is not None else zero(vv))
 
     def ref_fn(qq, kk, vv, cq, ck, _mq, _mk, s, c):
-        return varlen_attention_reference(qq, kk, vv, cq, ck, softmax_scale=s, causal=c, return_lse=check_lse)
+        return varlen_attention_reference(qq, kk, vv, cq, ck, softmax_scale=s, causal=c, return_lse=check_lse,
+                                          window_size=window_size, softcap=softcap)
 
     def detach(t, dt):
         return t.detach().to(dt).requires_grad_(grads)

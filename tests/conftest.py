@@ -10,19 +10,29 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The attention tests' one table of segment shapes and their registry-built backend lists live in
+# tests/cases.py (``from cases import cases, backend_params, ...`` in a test file); imported here so that a
+# broken table fails at collection, before any test runs.
+import cases  # noqa: E402,F401
+
 
 @pytest.fixture
-def poisoned_triton_outputs():
-    """Triton's outputs NaN-filled before every launch (a row no program writes then fails the comparison), and
-    its heuristic tiles (autotuning would compile every candidate tile per new key). Without triton: nothing."""
+def poisoned_outputs():
+    """Every backend's outputs NaN-filled before its kernels write them (``elit_kernels._outputs``: Triton's
+    launchers, the torch backend's grouped op, the compiled ops), so a row no kernel writes fails the
+    comparison; and Triton's heuristic tiles (autotuning would compile every candidate tile per new key)."""
+    from elit_kernels import _outputs
+
+    before = _outputs.poison_outputs_enabled()
+    _outputs.set_poison_outputs(True)
     try:
         from elit_kernels._triton import _common
-    except ImportError:
-        yield
-        return
-    before = _common.poison_outputs_enabled(), _common.autotune_enabled()
-    _common.set_poison_outputs(True)
-    _common.set_autotune(False)
+    except ImportError:  # without triton: nothing to tune
+        _common = None
+    tuned = _common.autotune_enabled() if _common else None
+    if _common:
+        _common.set_autotune(False)
     yield
-    _common.set_poison_outputs(before[0])
-    _common.set_autotune(before[1])
+    _outputs.set_poison_outputs(before)
+    if _common:
+        _common.set_autotune(tuned)

@@ -104,7 +104,7 @@ def _kernel_or_skip(name):
 
 @pytest.mark.parametrize("seed,monotone", MONOTONE + ARBITRARY)
 @pytest.mark.parametrize("backend", list(KERNELS))
-@pytest.mark.usefixtures("poisoned_triton_outputs")
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_kernels_never_read_outside_the_tensors(backend, seed, monotone):
     spec = _kernel_or_skip(backend)
     tq, tk, cu_q, cu_k, max_q, max_k, causal = _case(seed, monotone)

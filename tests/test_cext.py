@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+from cases import cases
 
 import elit_kernels
 from elit_kernels import _cext
@@ -23,6 +24,8 @@ from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
 from elit_kernels.testing import assert_close_to_reference, check_backend_against_reference, default_atol
 from elit_kernels.testing import random_varlen_inputs
 
+#: every output NaN-filled before a kernel writes it (conftest.py): a row left unwritten fails
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device here: the CUDA kernels are tested on the GPU machine")
 
@@ -61,26 +64,14 @@ def _attn(q, k, v, cq, ck, mq, mk, scale, causal):
     return torch.ops.elit.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, float(scale), bool(causal))[0]
 
 
-ATTN_CASES = {
-    # name: (lens_q, lens_k)
-    "read_j1": ([1, 1, 1], [16, 16, 16]),
-    "write": ([16, 16, 5], [3, 1, 2]),
-    "empty_keys": ([3, 2, 4], [0, 5, 0]),
-    "empty_queries": ([0, 4, 0], [6, 0, 3]),
-    "core_odd": ([63, 1, 17], [63, 1, 17]),
-    "lq_ne_lk": ([7, 20], [13, 5]),
-    "single": ([1], [1]),
-}
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("case", list(ATTN_CASES), ids=list(ATTN_CASES))
+@pytest.mark.parametrize("case", cases("ops"))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
 def test_attention_cpu_matches_reference(case, dtype, causal):
-    lq, lk = ATTN_CASES[case]
+    lq, lk = case.lens
     check_backend_against_reference(_attn, lq, lk, heads=2, head_dim=16, dtype=dtype, causal=causal,
-                                    seed=zlib.crc32(f"{case}-{causal}".encode()) % 1000)
+                                    seed=zlib.crc32(f"{case.lens}-{causal}".encode()) % 1000)
 
 
 @pytest.mark.parametrize("head_dim", [64, 72, 128])
@@ -318,20 +309,16 @@ def _require_cuda_kernel(name):
                     pytrace=False)
 
 
-CUDA_ATTN_CASES = dict(ATTN_CASES, read_16x64=([16] * 8, [64] * 8), write_64x16=([64] * 8, [16] * 8),
-                       core_long=([300, 97, 1], [300, 97, 1]), long_lq_ne_lk=([129, 200], [257, 33]))
-
-
 @needs_cuda
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("case", list(CUDA_ATTN_CASES), ids=list(CUDA_ATTN_CASES))
+@pytest.mark.parametrize("case", cases("cuda"))
 @pytest.mark.parametrize("head_dim", [64, 72, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_attention_cuda_matches_reference(case, head_dim, dtype, causal):
     _require_cuda_kernel("varlen_attn_fwd_cuda")
-    lq, lk = CUDA_ATTN_CASES[case]
+    lq, lk = case.lens
     check_backend_against_reference(_attn, lq, lk, heads=3, head_dim=head_dim, dtype=dtype, causal=causal,
-                                    device="cuda", seed=zlib.crc32(f"{case}-{head_dim}".encode()) % 1000)
+                                    device="cuda", seed=zlib.crc32(f"{case.lens}-{head_dim}".encode()) % 1000)
 
 
 @needs_cuda

@@ -103,7 +103,8 @@ def _huge(shape, dtype=torch.float16):
 
 
 # ------------------------------------------------------------------------------------------------
-# One bad argument per case
+# One bad argument per case: a table of argument errors of the C++ checks (the attention tests' table of
+# segment shapes is tests/cases.py)
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -356,6 +357,22 @@ def test_cuda_checks_take_exactly_the_declared_head_dims():
     assert tuple(taken) == declared
 
 
+def test_cuda_head_dims_declared_once_per_language():
+    # The Python declaration (dispatch, padding) and the C++ list the kernels are instantiated for.
+    from elit_kernels.attention import validate_inputs
+    from elit_kernels.attention.backends.compiled import CudaBackend
+
+    text = (REPO / "csrc" / "kernel_limits.h").read_text()
+    dims = tuple(int(x) for x in re.search(r"kHeadDims\[\] = \{([^}]*)\}", text).group(1).split(","))
+    assert CudaBackend.head_dims == dims
+    cuda = CudaBackend()
+    assert [cuda.run_head_dim(d) for d in (1, 64, 65, 72, 73, 128)] == [64, 64, 72, 72, 128, 128]
+    assert cuda.run_head_dim(129) is None
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, 129, dtype=torch.float16)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False)
+    assert any("head dim 129 too large (runs 64, 72, 128)" in r for r in cuda.not_supported_reasons(inp))
+
+
 @pytest.mark.parametrize("op", sorted(VALID))
 def test_valid_arguments_pass_every_check(op):
     """The control of every case below: its valid arguments pass both entry points' checks and the CPU op."""
@@ -548,3 +565,31 @@ def test_cuda_ops_refuse_bad_arguments_before_launching():
     assert re.search(r"^varlen_attn_fwd: cu_seqlens_q: on device cpu, but q is on cuda", got["device-cu_seqlens_q"])
     assert re.search(r"^varlen_attn_fwd: k: on device cpu, but q is on cuda", got["device-k"])
     assert "after the errors, a valid call: True" in out
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="cuda: the C++ side of the head-dim declaration needs a GPU to call "
+                    "(its checks run on CPU tensors above)")
+def test_cuda_op_refuses_head_dims_outside_its_declaration():
+    # In a child process: the op once crashed the process (SIGSEGV) here instead of raising, which ended the
+    # whole test run; now that is a failure with its exit code.
+    code = """if True:
+        import torch
+        import elit_kernels
+        from elit_kernels.testing import random_varlen_inputs
+        for d in (56, 80, 256):
+            q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, d, dtype=torch.float16, device="cuda")
+            for fn, args in ((torch.ops.elit.varlen_attn_fwd, (q, k, v)),
+                             (torch.ops.elit.varlen_attn_bwd, (q, q, k, v, q, torch.zeros(2, 2, device="cuda")))):
+                try:
+                    fn(*args, cq, ck, mq, mk, 0.1, False)
+                    print("no error")
+                except RuntimeError as e:
+                    print(str(e).splitlines()[0])
+        """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, f"exit code {r.returncode} (-11: SIGSEGV)\n{r.stdout}\n{r.stderr[-3000:]}"
+    lines = r.stdout.splitlines()
+    assert len(lines) == 6, r.stdout
+    for line, (d, op) in zip(lines, [(d, op) for d in (56, 80, 256) for op in ("varlen_attn_fwd", "varlen_attn_bwd")]):
+        assert re.fullmatch(rf"{op}: q: head dim {d} is not supported by the CUDA kernels \(64, 72 or 128; .*\)",
+                            line), line

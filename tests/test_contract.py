@@ -1,6 +1,7 @@
 """The contract, generated from the registry: every registered backend that can run here (library comparators
-included) against the reference on one table of cases, values and gradients, with and without host-side
-segments. A backend that cannot run a case skips with its own reasons (`describe_backends`), so a new backend
+included) against the reference on the shared case table's ``contract`` cases (tests/cases.py), values and
+gradients, with and without host-side segments, with the output poison switch on (a row a backend leaves
+unwritten is NaN and fails). A backend that cannot run a case skips with its own reasons, so a new backend
 is covered by registering it. Behaviour specific to one backend lives in that backend's test file."""
 from __future__ import annotations
 
@@ -8,52 +9,52 @@ import zlib
 
 import pytest
 import torch
+from cases import backend_device, backend_params, cases
 
-from elit_kernels.attention import (SegmentRuns, get_backend, known_backends, registry, validate_inputs,
-                                    varlen_attention)
+from elit_kernels import _outputs
+from elit_kernels.attention import (SegmentRuns, get_backend, registry, validate_inputs, varlen_attention)
 from elit_kernels.testing import check_backend_against_reference, random_varlen_inputs
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-#: (lens_q, lens_k, causal, kv_heads): empty segments, single keys, Lq > Lk, Lq < Lk, odd lengths, GQA
-CASES = {
-    "read": ([4, 4, 1, 1], [16, 16, 16, 16], False, None),
-    "write-single-key": ([16, 16, 16], [4, 1, 1], False, None),
-    "core-uniform": ([24, 24], [24, 24], False, None),
-    "empty-and-odd": ([0, 1, 5, 17], [3, 0, 17, 5], False, None),
-    "causal": ([5, 9, 3], [9, 9, 3], True, None),
-    "gqa": ([7, 3], [5, 11], False, 1),
-}
-DTYPE = torch.float32 if DEV == "cpu" else torch.bfloat16
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest.py: every backend's outputs NaN-filled first
 
 
-def _backends():
-    return [b for b in known_backends() if not b.startswith("_")]
-
-
-def _reasons(name, lens_q, lens_k, causal, kv_heads, with_segments):
-    b = get_backend(name)
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 16, dtype=DTYPE, device=DEV, seed=0,
-                                                   kv_heads=kv_heads)
-    seg = SegmentRuns.from_lengths(lens_q, lens_k) if with_segments else None
-    return registry.reasons(b, validate_inputs(q, k, v, cq, ck, mq, mk, None, causal, segments=seg))
+def _dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
 
 
 @pytest.mark.parametrize("with_segments", [False, True], ids=["tensors", "segments"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", cases("contract"))
+@pytest.mark.parametrize("backend", backend_params())
 def test_every_backend_matches_the_reference(backend, case, with_segments):
-    lens_q, lens_k, causal, kv_heads = CASES[case]
-    why = _reasons(backend, lens_q, lens_k, causal, kv_heads, with_segments)
-    if why:
-        pytest.skip(f"backend {backend!r} cannot run {case} here: {'; '.join(why)}")
+    assert _outputs.poison_outputs_enabled()
+    dev = backend_device(backend)
+    lens_q, lens_k = case.lens
     seg = SegmentRuns.from_lengths(lens_q, lens_k) if with_segments else None
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 16, dtype=_dtype(dev), device=dev, seed=0,
+                                                   kv_heads=case.kv_heads, extra_q=case.extra_q,
+                                                   extra_k=case.extra_k)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, case.causal, window_size=case.window, softcap=case.softcap,
+                          segments=seg)
+    why = registry.reasons(get_backend(backend), inp)
+    if why:
+        pytest.skip(f"backend {backend!r} cannot run this case here: {'; '.join(why)}")
 
     def fn(q, k, v, cq, ck, mq, mk, scale, c):
         return varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=scale, causal=c, backend=backend,
-                                segments=seg)
+                                window_size=case.window, softcap=case.softcap, segments=seg)
 
-    check_backend_against_reference(fn, lens_q, lens_k, 2, 16, DTYPE, causal=causal, device=DEV,
-                                    seed=zlib.crc32(f"{backend}-{case}".encode()) % 1000, kv_heads=kv_heads)
+    check_backend_against_reference(fn, lens_q, lens_k, 2, 16, _dtype(dev), causal=case.causal, device=dev,
+                                    seed=zlib.crc32(f"{backend}-{lens_q}".encode()) % 1000, kv_heads=case.kv_heads,
+                                    extra_q=case.extra_q, extra_k=case.extra_k, window_size=case.window,
+                                    softcap=case.softcap)
+
+
+def test_the_library_comparators_are_in_the_contract():
+    # torch_varlen and flash_attn are checked against the reference like our own kernels (they skip, with
+    # their reasons, where they cannot run)
+    names = [p.id for p in backend_params()]
+    assert {"torch_varlen", "flash_attn", "reference", "torch", "triton", "cpp", "cuda"} <= set(names), names
 
 
 def test_segments_that_disagree_with_the_tensors_are_refused():
@@ -133,3 +134,43 @@ def test_a_backend_that_breaks_the_output_contract_is_named():
             varlen_attention(q, k, v, cq, ck, mq, mk, backend="_bad_shape", return_lse=True)
     finally:
         registry._REGISTRY.pop("_bad_shape", None)
+
+
+def test_the_poison_switch_reaches_every_backend_that_allocates_outputs(monkeypatch):
+    """One switch (``elit_kernels._outputs``, ``ELIT_POISON_OUTPUTS``): Triton's launchers allocate through it,
+    the compiled ops follow it, and the torch backend's grouped op writes every row itself, so a row its plan
+    missed would come out NaN (here: a plan that forgets to zero the rows past cu_seqlens_q[-1])."""
+    from elit_kernels import _cext
+    from elit_kernels.attention.backends import torch_ops
+
+    assert _outputs.poison_outputs_enabled()  # this file's fixture
+    assert torch.isnan(_outputs.new_output((3, 2), torch.float32, "cpu")).all()
+    if _cext.available():
+        assert _cext._C.poison_outputs_enabled()
+        _outputs.set_poison_outputs(False)
+        assert not _cext._C.poison_outputs_enabled() and not _outputs.poison_outputs_enabled()
+        _outputs.set_poison_outputs(True)
+        assert _cext._C.poison_outputs_enabled()
+    try:
+        from elit_kernels._triton import _common
+    except ImportError:
+        pass
+    else:
+        assert _common.alloc is _outputs.new_output
+    with pytest.raises(TypeError, match="enabled: expected a bool, got int"):
+        _outputs.set_poison_outputs(1)
+
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 0, 2], [4, 2, 5], 2, 8, seed=4, extra_q=2, extra_fill=None)
+    out, _ = torch_ops.varlen_attn_fwd_torch(q, k, v, cq, ck, 0.3, False)
+    assert not out.isnan().any() and torch.equal(out[5:], torch.zeros_like(out[5:]))
+    plan = torch_ops._plan
+
+    def forgetful(*a):
+        idle, chunks = plan(*a)
+        return idle[:-1], chunks  # the last row past the packed data is never written
+
+    monkeypatch.setattr(torch_ops, "_plan", forgetful)
+    out, lse = torch_ops.varlen_attn_fwd_torch(q, k, v, cq, ck, 0.3, False)
+    assert out[-1].isnan().all() and lse[:, -1].isnan().all() and not out[:-1].isnan().any()
+    dq, _, _ = torch_ops.varlen_attn_bwd_torch(torch.randn_like(q), q, k, v, lse, cq, ck, 0.3, False)
+    assert dq[-1].isnan().all() and not dq[:-1].isnan().any()

@@ -1,78 +1,50 @@
-"""flash-attn drop-in breadth and the faults fixed in it, on every backend: reference, torch, cpp, triton
-(interpreted on CPU) and, on a GPU machine, cuda.
+"""The flash-attn drop-in's promises, on every backend that makes them (the registry's, less the library
+comparators, which tests/test_contract.py checks against the reference): reference, torch, cpp, triton
+(interpreted on CPU) and, on a GPU machine, cuda; each skipped with its own reasons where it cannot run.
 
-GQA / MQA, head dims 1..256 (padded where a kernel needs it), the log-sum-exp (``return_attn_probs``),
-the packed qkv / kv functions, max_seqlen as tensors / NumPy ints, buffers longer than the packed data,
-fake-kernel strides (opcheck on permuted inputs), cost independent of max_seqlen slack, segments longer
-than max_seqlen under torch.compile, and exact gradients for single-key segments.
+Grouped-query attention and MQA, the log-sum-exp (``return_attn_probs``) and buffers longer than the packed
+data; any head dim 1..256 (zero-padded where a kernel needs it, at the real head dim's scale); the packed
+qkv / kv entry points and max_seqlen as tensors or NumPy ints; fake kernels that describe the real strides
+(opcheck and torch.compile on permuted inputs); a cost that does not grow with max_seqlen slack; segments
+longer than max_seqlen with the value checks off; exact outputs and gradients for single-key segments.
 """
 from __future__ import annotations
 
 import os
-import pathlib
-import re
-import subprocess
-import sys
 
+import numpy as np
+import pytest
 import torch
+from cases import CASES, backend_device, backend_params, skip_unless_runs
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import elit_kernels  # noqa: E402
-from elit_kernels import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,  # noqa: E402
-                          flash_attn_varlen_qkvpacked_func, set_value_checks, varlen_attention)
-from elit_kernels.attention import validate_inputs  # noqa: E402
-from elit_kernels.attention import get_backend  # noqa: E402
-from elit_kernels.reference.attention import varlen_attention_reference  # noqa: E402
-from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs  # noqa: E402
+from elit_kernels import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
+                          set_value_checks, varlen_attention)
+from elit_kernels.attention import get_backend, validate_inputs
+from elit_kernels.reference.attention import varlen_attention_reference
+from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-DEV = "cuda" if HAS_CUDA else "cpu"
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: every registered backend but the library comparators (torch_varlen, flash_attn): these promises are the
+#: drop-in's, not theirs (their single-key gradients, for one, are not exact); the contract test covers them
+BACKENDS = backend_params(keep=lambda b: not type(b).__module__.endswith(".library"))
+#: Unwritten outputs of every backend are NaN (so a tail row a kernel skips fails); Triton's heuristic tiles
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
-def _backend_params():
-    """Every backend of the issue, skipped with its own reasons where it cannot run here."""
-    out = []
-    for name in ("reference", "torch", "cpp", "triton", "cuda"):
-        if name not in elit_kernels.known_backends():
-            why = f"{name}: not registered (elit_kernels._C not built?)"
-            out.append(pytest.param(name, marks=pytest.mark.skip(reason=why)))
-            continue
-        b = get_backend(name)
-        dev = "cuda" if name == "cuda" else DEV
-        if not b.is_available() or (dev == "cuda" and not HAS_CUDA):
-            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: not available without a GPU")))
-            continue
-        out.append(name)
-    return out
-
-
-BACKENDS = _backend_params()
-
-
-def _device(backend: str) -> str:
-    return {"cuda": "cuda", "cpp": "cpu"}.get(backend, DEV)
+def _dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or bfloat16 for a backend that does not run it (the CUDA kernels: fp16/bf16 only)."""
+    return dtype if dtype in get_backend(backend).dtypes else torch.bfloat16
 
 
 def _triton_runs_on(device: str) -> bool:
     return get_backend("triton").is_available() and (device == "cuda" or INTERP)
 
 
-def _dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
-    return torch.bfloat16 if backend == "cuda" and dtype == torch.float32 else dtype
-
-
-@pytest.fixture(autouse=True)
-def _poison_triton_outputs(poisoned_triton_outputs):
-    """Unwritten Triton outputs are NaN (so a tail row the kernel skips fails); heuristic tiles (conftest)."""
-    yield
+def _compiled_ops_run_on(device: str) -> bool:
+    """The backends are registered whether or not elit_kernels._C loaded: ask the backend that runs there."""
+    return get_backend("cuda" if device == "cuda" else "cpp").is_available()
 
 
 def _fn(backend, return_lse=False):
@@ -82,13 +54,13 @@ def _fn(backend, return_lse=False):
     return f
 
 
-# (lens_q, lens_k) small enough for the Triton interpreter: empty and length-1 segments, Lq > Lk and
-# Lq < Lk, lengths that straddle the 16-row tiles.
-SEGS = ([0, 1, 5, 17], [3, 0, 17, 5])
+#: small enough for the Triton interpreter: empty and length-1 segments, Lq > Lk and Lq < Lk, lengths that
+#: straddle the 16-row tiles (the shared case table, tests/cases.py)
+SEGS = CASES["empty-and-odd"].lens
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. GQA / MQA, 3. log-sum-exp, 6. buffers longer than the packed data
+# Grouped-query attention, the log-sum-exp, buffers longer than the packed data
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -97,24 +69,29 @@ SEGS = ([0, 1, 5, 17], [3, 0, 17, 5])
 def test_gqa_lse_and_longer_buffers(backend, heads, kv_heads, causal):
     # NaN rows past cu_seqlens_*[-1]: q rows there must come out exact zeros with zero gradients, k/v
     # rows there must never be read (a NaN would spread).
-    d = 64 if backend == "cuda" else 24
-    check_backend_against_reference(_fn(backend, True), *SEGS, heads, d, _dtype(backend, torch.float32),
-                                    causal=causal, seed=heads + 7 * causal, device=_device(backend),
-                                    kv_heads=kv_heads, extra_q=3, extra_k=2, check_lse=True)
+    d, dev, dt = get_backend(backend).run_head_dim(24), backend_device(backend), _dtype(backend, torch.float32)
+    skip_unless_runs(backend, *random_varlen_inputs(*SEGS, heads, d, dtype=dt, device=dev, kv_heads=kv_heads),
+                     causal=causal, return_lse=True)
+    check_backend_against_reference(_fn(backend, True), *SEGS, heads, d, dt, causal=causal, seed=heads + 7 * causal,
+                                    device=dev, kv_heads=kv_heads, extra_q=3, extra_k=2, check_lse=True)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gqa_low_precision(backend, dtype):
+    dev = backend_device(backend)
+    skip_unless_runs(backend, *random_varlen_inputs([1, 17, 4], [5, 3, 16], 4, 64, dtype=DTYPES[dtype], device=dev,
+                                                    kv_heads=1), causal=True)
     check_backend_against_reference(_fn(backend), [1, 17, 4], [5, 3, 16], 4, 64, DTYPES[dtype], causal=True,
-                                    seed=31, device=_device(backend), kv_heads=1, extra_q=2)
+                                    seed=31, device=dev, kv_heads=1, extra_q=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_is_plus_inf_exactly_where_no_key_is_seen(backend):
     # Segment 0: no keys. Segment 1: causal, Lq 6 > Lk 2, so rows 0..3 see nothing. Then 2 rows past the end.
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 6], [0, 2], 2, 64, seed=9, device=_device(backend),
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 6], [0, 2], 2, 64, seed=9, device=backend_device(backend),
                                                    dtype=_dtype(backend, torch.float32), extra_q=2)
+    skip_unless_runs(backend, q, k, v, cq, ck, mq, mk, causal=True, return_lse=True)
     out, lse = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend, return_lse=True)
     blind = torch.tensor([1] * 7 + [0, 0] + [1, 1], dtype=torch.bool, device=q.device)
     assert lse.shape == (2, 11) and lse.dtype == torch.float32
@@ -125,7 +102,7 @@ def test_lse_is_plus_inf_exactly_where_no_key_is_seen(backend):
 def _raw_ops(device):
     """(name, forward op) of every elit:: attention op that runs on ``device``."""
     ops = [("torch", torch.ops.elit.varlen_attn_fwd_torch)]
-    if "cpp" in elit_kernels.known_backends() or device == "cuda":
+    if _compiled_ops_run_on(device):
         ops.append(("cpp/cuda", torch.ops.elit.varlen_attn_fwd))
     if _triton_runs_on(device):
         from elit_kernels._triton import ops as _  # noqa: F401
@@ -157,89 +134,57 @@ def test_flash_attn_return_attn_probs():
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Any head dim 1..256
+# Any head dim 1..256: zero-padded to one a backend runs, at the real head dim's scale
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("head_dim", [1, 20, 136])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_any_head_dim(backend, head_dim):
+    dev, dt = backend_device(backend), _dtype(backend, torch.float32)
     if get_backend(backend).run_head_dim(head_dim) is None:  # cuda above 128: declared, so refused by name
-        q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, head_dim, dtype=torch.float16, device="cuda")
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, head_dim, dtype=dt, device=dev)
         with pytest.raises(ValueError, match=f"head dim {head_dim} too large"):
             varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
         return
-    check_backend_against_reference(_fn(backend, True), [1, 5, 17], [4, 17, 2], 2, head_dim,
-                                    _dtype(backend, torch.float32), causal=True, seed=head_dim,
-                                    device=_device(backend), check_lse=True)
+    skip_unless_runs(backend, *random_varlen_inputs([1, 5], [4, 17], 2, head_dim, dtype=dt, device=dev), causal=True,
+                     return_lse=True)
+    check_backend_against_reference(_fn(backend, True), [1, 5, 17], [4, 17, 2], 2, head_dim, dt, causal=True,
+                                    seed=head_dim, device=dev, check_lse=True)
 
 
-def test_padding_keeps_the_real_head_dims_scale():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_keeps_the_real_head_dims_scale(backend):
     # Triton runs D = 20 padded to 24 and the CUDA kernels would run it at 64: the default scale must
     # stay 20 ** -0.5 and the output come back [.., 20].
-    for b in [p for p in BACKENDS if isinstance(p, str)]:
-        dt = torch.float16 if b == "cuda" else torch.float32
-        q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 5], [4, 6], 2, 20, seed=12, device=_device(b), dtype=dt)
-        ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=20 ** -0.5)
-        tol = dict(rtol=0, atol=2e-6) if dt == torch.float32 else dict(rtol=0, atol=2e-3)
-        out = varlen_attention(q, k, v, cq, ck, mq, mk, backend=b)
-        assert out.shape == (8, 2, 20), b
-        torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"{b}: {m}")
+    dev = backend_device(backend)
+    dt = torch.float32 if torch.float32 in get_backend(backend).dtypes else torch.float16
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 5], [4, 6], 2, 20, seed=12, device=dev, dtype=dt)
+    skip_unless_runs(backend, q, k, v, cq, ck, mq, mk)
+    ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=20 ** -0.5)
+    tol = dict(rtol=0, atol=2e-6) if dt == torch.float32 else dict(rtol=0, atol=2e-3)
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
+    assert out.shape == (8, 2, 20)
+    torch.testing.assert_close(out, ref, **tol)
+    assert get_backend(backend).run_head_dim(20) >= 20
+
+
+def test_run_head_dim_pads_to_a_native_one():
     assert get_backend("triton").run_head_dim(20) == 24
     assert get_backend("reference").run_head_dim(20) == 20
 
 
-def test_cuda_head_dims_declared_once_per_language():
-    # The Python declaration (dispatch, padding) and the C++ list the kernels are instantiated for.
-    text = (ROOT / "csrc" / "kernel_limits.h").read_text()
-    dims = tuple(int(x) for x in re.search(r"kHeadDims\[\] = \{([^}]*)\}", text).group(1).split(","))
-    from elit_kernels.attention.backends.compiled import CudaBackend
-    assert CudaBackend.head_dims == dims
-    cuda = CudaBackend()
-    assert [cuda.run_head_dim(d) for d in (1, 64, 65, 72, 73, 128)] == [64, 64, 72, 72, 128, 128]
-    assert cuda.run_head_dim(129) is None
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, 129, dtype=torch.float16)
-    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False)
-    assert any("head dim 129 too large (runs 64, 72, 128)" in r for r in cuda.not_supported_reasons(inp))
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="cuda: the C++ side of the head-dim declaration needs a GPU to call "
-                    "(its checks run on CPU tensors in tests/test_compiled_checks.py)")
-def test_cuda_op_refuses_head_dims_outside_its_declaration():
-    # In a child process: the op once crashed the process (SIGSEGV) here instead of raising, which ended the
-    # whole test run; now that is a failure with its exit code.
-    code = """if True:
-        import torch
-        import elit_kernels
-        from elit_kernels.testing import random_varlen_inputs
-        for d in (56, 80, 256):
-            q, k, v, cq, ck, mq, mk = random_varlen_inputs([2], [3], 2, d, dtype=torch.float16, device="cuda")
-            for fn, args in ((torch.ops.elit.varlen_attn_fwd, (q, k, v)),
-                             (torch.ops.elit.varlen_attn_bwd, (q, q, k, v, q, torch.zeros(2, 2, device="cuda")))):
-                try:
-                    fn(*args, cq, ck, mq, mk, 0.1, False)
-                    print("no error")
-                except RuntimeError as e:
-                    print(str(e).splitlines()[0])
-        """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, f"exit code {r.returncode} (-11: SIGSEGV)\n{r.stdout}\n{r.stderr[-3000:]}"
-    lines = r.stdout.splitlines()
-    assert len(lines) == 6, r.stdout
-    for line, (d, op) in zip(lines, [(d, op) for d in (56, 80, 256) for op in ("varlen_attn_fwd", "varlen_attn_bwd")]):
-        assert re.fullmatch(rf"{op}: q: head dim {d} is not supported by the CUDA kernels \(64, 72 or 128; .*\)",
-                            line), line
-
-
 # ------------------------------------------------------------------------------------------------
-# 4. Packed qkv / kv, 5. max_seqlen types
+# The packed qkv / kv entry points; max_seqlen as a tensor or a NumPy int
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_qkvpacked_and_kvpacked(backend):
-    dev, dt = _device(backend), _dtype(backend, torch.float32)
+    dev, dt = backend_device(backend), _dtype(backend, torch.float32)
     g = torch.Generator().manual_seed(21)
     lens, lens_q = [5, 0, 17, 1], [3, 2, 17, 1]
     cu, cq = cu_seqlens(lens, dev), cu_seqlens(lens_q, dev)
+    skip_unless_runs(backend, *random_varlen_inputs(lens_q, lens, 4, 64, dtype=dt, device=dev, kv_heads=2),
+                     causal=True, return_lse=True)
     qkv = torch.randn(sum(lens) + 2, 3, 4, 64, generator=g).to(dev, dt).requires_grad_()
     q = torch.randn(sum(lens_q), 4, 64, generator=g).to(dev, dt).requires_grad_()
     kv = torch.randn(sum(lens), 2, 2, 64, generator=g).to(dev, dt).requires_grad_()
@@ -282,7 +227,7 @@ def test_max_seqlen_as_tensor_or_numpy(max_q):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. Fake kernels match real strides: opcheck on permuted inputs, torch.compile on permuted views
+# Fake kernels describe the real strides: opcheck on permuted inputs, torch.compile on permuted views
 # ------------------------------------------------------------------------------------------------
 
 def permuted(t: torch.Tensor, last_dim_too: bool = False) -> torch.Tensor:
@@ -308,7 +253,7 @@ def _attn_op_samples(fwd, bwd, device, dtype, last_dim_too):
 
 def _attn_ops(device):
     ops = [(torch.ops.elit.varlen_attn_fwd_torch.default, torch.ops.elit.varlen_attn_bwd_torch.default)]
-    if device == "cuda" or "cpp" in elit_kernels.known_backends():
+    if _compiled_ops_run_on(device):
         ops.append((torch.ops.elit.varlen_attn_fwd.default, torch.ops.elit.varlen_attn_bwd.default))
     if _triton_runs_on(device):
         from elit_kernels._triton import ops as _  # noqa: F401
@@ -329,12 +274,13 @@ def test_opcheck_attention_ops_on_permuted_inputs(device, last_dim_too):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph_on_permuted_views(backend):
-    # The issue's case: q = randn(2, 6, 16).transpose(0, 1), cu = [0, 2, 6]; then a permuted k, whose
+    # A transposed q (randn(2, 6, 16).transpose(0, 1), cu = [0, 2, 6]: rows strided), then a permuted k, whose
     # gradient the backward's fake must describe with the real strides.
     if backend == "reference":
         pytest.skip("reference: reads cu_seqlens on the host (a graph break by design)")
-    dev, dt = _device(backend), _dtype(backend, torch.float32)
-    d = 64 if backend == "cuda" else 16
+    dev, dt = backend_device(backend), _dtype(backend, torch.float32)
+    d = get_backend(backend).run_head_dim(16)  # natively (the CUDA kernels: 64)
+    skip_unless_runs(backend, *random_varlen_inputs([2, 4], [2, 4], 2, d, dtype=dt, device=dev))
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 6, d, generator=g).to(dev, dt).transpose(0, 1).requires_grad_()
     k = torch.randn(2, 6, d, generator=g).to(dev, dt).transpose(0, 1).requires_grad_()
@@ -358,8 +304,8 @@ def test_compile_fullgraph_on_permuted_views(backend):
 def test_compile_inductor_on_permuted_views_cpp(monkeypatch):
     # aot_eager does not compare a fake's strides with the real ones; inductor asserts them (without its
     # on-disk cache, which would replay code generated from an older fake).
-    if "cpp" not in elit_kernels.known_backends():
-        pytest.skip("cpp: elit_kernels._C not built (pip install --no-build-isolation -e .)")
+    if not get_backend("cpp").is_available():
+        pytest.skip(f"backend 'cpp' cannot run here: {get_backend('cpp').unavailable_reason}")
     import torch._inductor.config as inductor_config
     monkeypatch.setattr(inductor_config, "force_disable_caches", True)
     g = torch.Generator().manual_seed(4)
@@ -381,16 +327,17 @@ def test_compile_inductor_on_permuted_views_cpp(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. Cost independent of max_seqlen slack
+# The cost does not grow with max_seqlen slack
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_max_seqlen_costs_nothing(backend):
     # 32 segments of 4 tokens passed with max_seqlen 2**20: padding to it would need 32 * 2**40 scores
     # (an allocation error) and a grid sized by it 2 million programs (hours in the interpreter).
-    d = 64 if backend == "cuda" else 16
-    q, k, v, cq, ck, _, _ = random_varlen_inputs([4] * 32, [4] * 32, 1, d, seed=6, device=_device(backend),
+    d = get_backend(backend).run_head_dim(16)  # natively (the CUDA kernels: 64)
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([4] * 32, [4] * 32, 1, d, seed=6, device=backend_device(backend),
                                                  dtype=_dtype(backend, torch.float32), requires_grad=True)
+    skip_unless_runs(backend, q, k, v, cq, ck, 4, 4)
     exact = varlen_attention(q, k, v, cq, ck, 4, 4, backend=backend)
     slack = varlen_attention(q, k, v, cq, ck, 1 << 20, 1 << 20, backend=backend)
     assert torch.equal(exact, slack)
@@ -409,13 +356,14 @@ def test_kernel_grids_do_not_grow_with_slack():
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. A segment longer than max_seqlen with the value checks off (as under torch.compile)
+# A segment longer than max_seqlen with the value checks off (as under torch.compile): never garbage
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segment_longer_than_max_seqlen_is_never_garbage(backend):
-    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 40], [5, 45], 2, 64, seed=13, device=_device(backend),
-                                                 dtype=_dtype(backend, torch.float32))
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 40], [5, 45], 2, 64, seed=13, device=backend_device(backend),
+                                                   dtype=_dtype(backend, torch.float32))
+    skip_unless_runs(backend, q, k, v, cq, ck, mq, mk)
     ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.125)
 
     def f(q, k, v):
@@ -438,7 +386,7 @@ def test_segment_longer_than_max_seqlen_is_never_garbage(backend):
 
 
 # ------------------------------------------------------------------------------------------------
-# 12. Exactness: a single visible key has weight exactly 1
+# Exactness: a single visible key has weight exactly 1
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -446,10 +394,11 @@ def test_segment_longer_than_max_seqlen_is_never_garbage(backend):
 def test_single_key_is_exact(backend, dtype):
     # Segments 0 and 2 have one query and one key; segment 1 is causal with Lq = Lk = 5, whose first row
     # sees only key 0. Those rows: out = v, dq = 0, dv = dO exactly; their keys get dk = 0 exactly.
-    dt = DTYPES[dtype] if backend != "cuda" or dtype != "fp32" else torch.float16
-    dev = _device(backend)
+    dt = DTYPES[dtype] if DTYPES[dtype] in get_backend(backend).dtypes else torch.float16
+    dev = backend_device(backend)
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([1, 5, 1], [1, 5, 1], 2, 64, seed=17, device=dev, dtype=dt,
                                                    requires_grad=True)
+    skip_unless_runs(backend, q, k, v, cq, ck, mq, mk, causal=True)
     out = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend)
     ref = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.125, causal=True)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(18)).to(dev, dt)

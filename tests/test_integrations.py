@@ -2,8 +2,9 @@
 
 Every model runs twice from the same weights: once with the library's own attention (transformers "eager",
 diffusers' default processors / native dispatcher backend) and once through ``elit_kernels.integrations``;
-outputs (fp32, <= 1e-5) and parameter gradients must agree. Backends are named explicitly ("torch", and
-"cpp" where built): under TRITON_INTERPRET=1 default dispatch would pick the interpreted Triton kernels.
+outputs (fp32, <= 1e-5) and parameter gradients must agree. Backends are named explicitly (the registry's
+CPU backends: "torch", and "cpp" where built): under TRITON_INTERPRET=1 default dispatch would pick the
+interpreted Triton kernels.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import importlib.util
 import pytest
 import torch
 
-import elit_kernels
-from elit_kernels.attention import get_backend
+from cases import backend_params
 
 HAS_TF = importlib.util.find_spec("transformers") is not None
 HAS_DF = importlib.util.find_spec("diffusers") is not None
@@ -24,16 +24,14 @@ needs_df = pytest.mark.skipif(not HAS_DF, reason='diffusers is not installed: th
 ATOL = 1e-5
 
 
-def _backends():
-    out = ["torch"]
-    if "cpp" in elit_kernels.known_backends() and get_backend("cpp").is_available():
-        out.append("cpp")
-    else:
-        out.append(pytest.param("cpp", marks=pytest.mark.skip(reason=f"cpp: {get_backend('cpp').unavailable_reason}")))
-    return out
+def _runs_whole_models_on_cpu(b) -> bool:
+    """The models here run on the CPU in fp32: the backends with CPU kernels of their own. Not the interpreted
+    Triton kernels (minutes per model) and not the reference (it reads cu_seqlens on the host, which the
+    fullgraph compile tests cannot trace; the library's own attention is the truth here)."""
+    return b.devices in (None, ("cpu",)) and b.name != "reference"
 
 
-BACKENDS = _backends()
+BACKENDS = backend_params(keep=_runs_whole_models_on_cpu)
 
 
 def _grads(model) -> dict:

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from cases import CASES, cases  # noqa: E402
 
 from elit_kernels import varlen_attention  # noqa: E402
 from elit_kernels.attention import AttnInputs, get_backend  # noqa: E402
@@ -28,24 +29,11 @@ INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if HAS_CUDA else "cpu"
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (real ELIT sizes, bf16 tensor-core numerics)")
 needs_runtime = pytest.mark.skipif(not (HAS_CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
-pytestmark = needs_runtime
+#: every kernel output NaN-filled before launch, heuristic tiles (conftest's poisoned_outputs);
+#: test_gpu_autotuned_tiles covers the autotuned path
+pytestmark = [needs_runtime, pytest.mark.usefixtures("poisoned_outputs")]
 
-# Interpreter-sized (lens_q, lens_k): length 0 and 1 segments, Lq > Lk and Lq < Lk, odd lengths
-# that straddle the 16-row tiles.
-SEGMENTS = {
-    "mixed-0-1-5-17": ([0, 1, 5, 17], [3, 0, 17, 5]),
-    "lq>lk": ([17, 5], [5, 1]),
-    "lq<lk": ([1, 3], [17, 33]),
-    "read-like": ([1, 4, 16], [16, 16, 16]),
-}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs_fixed_tiles(poisoned_triton_outputs):
-    """Every kernel output NaN-filled before launch, heuristic tiles (conftest's poisoned_triton_outputs);
-    test_gpu_autotuned_tiles covers the autotuned path."""
-    yield
 
 
 def triton_attn(q, k, v, cq, ck, mq, mk, scale, causal):
@@ -55,11 +43,11 @@ def triton_attn(q, k, v, cq, ck, mq, mk, scale, causal):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("head_dim", [64, 72])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("seg", list(SEGMENTS), ids=list(SEGMENTS))
-def test_values_and_grads_match_reference(seg, causal, head_dim, dtype):
+@pytest.mark.parametrize("case", cases("interpreter"))
+def test_values_and_grads_match_reference(case, causal, head_dim, dtype):
     # bf16 on the interpreter runs with dot operands upcast to fp32 (triton#11584); real bf16
     # tensor-core numerics are covered by test_gpu_* below.
-    lq, lk = SEGMENTS[seg]
+    lq, lk = case.lens
     check_backend_against_reference(triton_attn, lq, lk, 2, head_dim, DTYPES[dtype], causal=causal,
                                     seed=head_dim + 3 * causal, device=DEV)
 
@@ -484,42 +472,34 @@ def test_elit_model_triton_matches_reference():
 # GPU: real ELIT sizes, tensor-core bf16/fp16, autotuned tiles.
 # ---------------------------------------------------------------------------------------------
 
-GPU_SEGMENTS = {
-    # Read at 512px: 1..64 latents (ragged budgets) vs 64 spatial tokens, B*G segments.
-    "read-512px": ([1, 7, 16, 33, 64] * 200, [64] * 1000),
-    # Write at 256px: 16 spatial queries vs 0..16 latents.
-    "write-256px": ([16] * 1500, [0, 1, 4, 9, 16] * 300),
-    # Core: up to 4096 latents per sample, ragged over samples.
-    "core-long": ([4096, 1024, 97, 1, 0], [4096, 1024, 97, 1, 0]),
-    "mixed-odd": ([0, 1, 63, 97, 5], [3, 0, 97, 63, 1]),
-}
 # An explicit list rather than a full product: every (dtype, head dim, causal, tile) is a fresh
 # compile of three kernels, and the GPU machine is lent for minutes.
 GPU_CASES = [
     (seg, dt, d, causal)
-    for seg in ("read-512px", "write-256px")
+    for seg in ("read-512px", "write-256px")  # names in the shared case table (tests/cases.py), tag "gpu"
     for (dt, d, causal) in (("bf16", 64, False), ("bf16", 72, False), ("bf16", 128, False), ("fp16", 72, False))
 ] + [
-    ("core-long", "bf16", 72, False), ("core-long", "bf16", 72, True), ("core-long", "bf16", 128, False),
-    ("core-long", "fp16", 64, False), ("mixed-odd", "bf16", 72, True), ("mixed-odd", "bf16", 64, False),
-    ("mixed-odd", "fp16", 128, True), ("mixed-odd", "bf16", 128, True),
+    ("core-4096", "bf16", 72, False), ("core-4096", "bf16", 72, True), ("core-4096", "bf16", 128, False),
+    ("core-4096", "fp16", 64, False), ("empty-and-odd-97", "bf16", 72, True), ("empty-and-odd-97", "bf16", 64, False),
+    ("empty-and-odd-97", "fp16", 128, True), ("empty-and-odd-97", "bf16", 128, True),
 ]
+assert all("gpu" in CASES[seg].tags for seg, *_ in GPU_CASES)
 
 
 @needs_gpu
 @pytest.mark.parametrize("seg,dtype,head_dim,causal", GPU_CASES,
                          ids=[f"{s}-{dt}-d{d}-{'causal' if c else 'full'}" for s, dt, d, c in GPU_CASES])
 def test_gpu_values_and_grads(seg, dtype, head_dim, causal):
-    lq, lk = GPU_SEGMENTS[seg]
+    lq, lk = CASES[seg].lens
     check_backend_against_reference(triton_attn, lq, lk, 4, head_dim, DTYPES[dtype], causal=causal, seed=20,
                                     device="cuda")
 
 
 @needs_gpu
-@pytest.mark.parametrize("seg", ["read-512px", "core-long"])
+@pytest.mark.parametrize("seg", ["read-512px", "core-4096"])
 def test_gpu_autotuned_tiles(seg):
     _common.set_autotune(True)
-    lq, lk = GPU_SEGMENTS[seg]
+    lq, lk = CASES[seg].lens
     check_backend_against_reference(triton_attn, lq, lk, 4, 72, torch.bfloat16, seed=24, device="cuda")
 
 

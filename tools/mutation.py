@@ -32,16 +32,22 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     # -k "not compile": torch.compile cannot trace mutmut's trampolines (a ContextVar.set per call), so the
     # compile tests fail on the unmutated code of modules on the compiled path (test_dropin's
     # segment-longer-than-max_seqlen check, "never_garbage", compiles too); the CI suite runs them.
-    "attention": (["elit_kernels/attention/__init__.py", "elit_kernels/attention/inputs.py"], ["tests/test_attention.py", "tests/test_validation.py",
-                                                  "tests/test_window_softcap.py", "tests/test_dropin.py", "-k",
-                                                  "not compile and not triton and not never_garbage"]),
-    "backends": (["elit_kernels/attention/registry.py", "elit_kernels/attention/dispatch.py", "elit_kernels/attention/known_answer.py"],
+    # The attention package (elit_kernels/attention/): the contract and its inputs, the registry, dispatch and the
+    # known-answer gate, the pure-PyTorch backends; tests/test_contract.py runs every backend on the shared case
+    # table (tests/cases.py), tests/test_dispatch.py holds dispatch's own tests.
+    "attention": (["elit_kernels/attention/__init__.py", "elit_kernels/attention/inputs.py"],
+                  ["tests/test_attention.py", "tests/test_validation.py", "tests/test_window_softcap.py",
+                   "tests/test_dropin.py", "tests/test_contract.py", "-k",
+                   "not compile and not triton and not never_garbage"]),
+    "backends": (["elit_kernels/attention/registry.py", "elit_kernels/attention/dispatch.py",
+                  "elit_kernels/attention/known_answer.py"],
                  ["tests/test_attention.py", "tests/test_known_answer.py", "tests/test_window_softcap.py",
-                  "tests/test_torch_backend.py", "tests/test_dropin.py", "tests/test_backends.py", "-k",
+                  "tests/test_torch_backend.py", "tests/test_dropin.py", "tests/test_backends.py",
+                  "tests/test_dispatch.py", "tests/test_contract.py", "-k",
                   "not compile and not triton and not never_garbage"]),
-    "torch_attention": (["elit_kernels/attention/backends/torch_ops.py", "elit_kernels/attention/backends/pytorch.py"], ["tests/test_torch_backend.py", "tests/test_attention.py",
-                                                              "tests/test_window_softcap.py", "-k",
-                                                              "not compile and not triton"]),
+    "torch_attention": (["elit_kernels/attention/backends/torch_ops.py", "elit_kernels/attention/backends/pytorch.py"],
+                        ["tests/test_torch_backend.py", "tests/test_attention.py", "tests/test_window_softcap.py",
+                         "tests/test_contract.py", "-k", "not compile and not triton"]),
     "reference": (["elit_kernels/reference/"], ["tests/test_attention.py", "tests/test_model.py", "tests/test_layout.py",
                                                 "tests/test_window_softcap.py", "tests/test_torch_backend.py",
                                                 "tests/test_dropin.py", "-k", "not compile and not triton and not never_garbage"]),

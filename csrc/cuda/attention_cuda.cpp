@@ -73,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q_, co
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = loadable(q_), k = loadable(k_), v = loadable(v_);
   auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  auto out = at::empty(q.sizes(), q.options());
-  auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  auto out = new_output(q.sizes(), q.options());
+  auto lse = new_output({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   auto p = base_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
   p.o = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
@@ -93,9 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = loadable(q_), k = loadable(k_), v = loadable(v_), out = aligned(out_), dout = aligned(dout_);
   auto lse = lse_.contiguous(), cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
-  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
-  auto delta = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  auto dq = new_output(q.sizes(), q.options()), dk = new_output(k.sizes(), k.options());
+  auto dv = new_output(v.sizes(), v.options());
+  auto delta = new_output({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   auto p = base_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
   p.out = out.const_data_ptr();
   p.dout = dout.const_data_ptr();

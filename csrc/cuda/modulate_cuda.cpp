@@ -20,9 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd_cuda(const
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   const int64_t T = x.size(0), C = x.size(1), B = shift.size(0);
-  auto out = at::empty_like(x);
-  auto mean = at::empty({T}, x.options().dtype(stat_dtype(x)));
-  auto rstd = at::empty({T}, x.options().dtype(stat_dtype(x)));
+  auto out = new_output_like(x);
+  auto mean = new_output({T}, x.options().dtype(stat_dtype(x)));
+  auto rstd = new_output({T}, x.options().dtype(stat_dtype(x)));
   C10_CUDA_CHECK(cuda::layernorm_modulate_fwd(to_dtype(x.scalar_type()), x.const_data_ptr(), shift.const_data_ptr(),
                                               scale.const_data_ptr(), index.const_data_ptr<int64_t>(),
                                               out.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr(),
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cuda(const
   auto g = g_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous(), index = index_.contiguous();
   auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const int64_t T = x.size(0), C = x.size(1), B = scale.size(0);
-  auto gx = at::empty_like(x);
+  auto gx = new_output_like(x);
   auto acc_opts = x.options().dtype(stat_dtype(x));
   auto dscale = at::zeros({B, C}, acc_opts), dshift = at::zeros({B, C}, acc_opts);
   C10_CUDA_CHECK(cuda::layernorm_modulate_bwd(to_dtype(x.scalar_type()), g.const_data_ptr(), x.const_data_ptr(),
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd_cuda(const
 
 // out = (x or 0) + gate[index] * y
 at::Tensor gated_apply(const at::Tensor* x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& index) {
-  auto out = at::empty_like(y);
+  auto out = new_output_like(y);
   C10_CUDA_CHECK(cuda::gated_apply(to_dtype(y.scalar_type()), x ? x->const_data_ptr() : nullptr, y.const_data_ptr(),
                                    gate.const_data_ptr(), index.const_data_ptr<int64_t>(), out.mutable_data_ptr(),
                                    y.size(0), y.size(1), gate.size(0), current_stream()));

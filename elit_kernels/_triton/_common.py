@@ -1,4 +1,4 @@
-"""Shared launch-time helpers for the Triton attention kernels (block choice, dtype flags, poisoning)."""
+"""Shared launch-time helpers for the Triton attention kernels (block choice, dtype flags, output buffers)."""
 from __future__ import annotations
 
 import os
@@ -7,29 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
+# Every output buffer comes from the package's one allocator: with the poison switch on (ELIT_POISON_OUTPUTS=1,
+# elit_kernels/_outputs.py) it is NaN-filled before launch, so an element a kernel forgets to write fails the
+# tests instead of passing on leftover memory.
+from .._outputs import new_output as alloc  # noqa: F401
+
 LOG2E = 1.4426950408889634
 # In-kernel copy (jit functions read module constants only as constexpr).
 LOG2E_C: tl.constexpr = tl.constexpr(1.4426950408889634)
-
-# Debug aid (docs/design.md §4): fill kernel outputs with NaN before launch so an element a kernel
-# forgets to write fails the tests instead of passing on leftover memory.
-_poison_outputs = os.environ.get("ELIT_POISON_OUTPUTS", "0") not in ("0", "", "false", "False")
-
-
-def set_poison_outputs(enabled: bool) -> None:
-    """NaN-fill every output buffer of the Triton kernels before they run (tests; costs a memset)."""
-    global _poison_outputs
-    _poison_outputs = bool(enabled)
-
-
-def poison_outputs_enabled() -> bool:
-    return _poison_outputs
-
-
-def alloc(shape, dtype, device) -> torch.Tensor:
-    if _poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def interpreting() -> bool:

@@ -50,8 +50,7 @@ class CudaBackend(_CompiledBackend):
                "zero-padded)")
     dtypes = (torch.float16, torch.bfloat16)
     devices = ("cuda",)
-    #: must match kHeadDims in csrc/kernel_limits.h (tests/test_dropin.py and tests/test_compiled_checks.py
-    #: check both sides)
+    #: must match kHeadDims in csrc/kernel_limits.h (tests/test_compiled_checks.py checks both sides)
     head_dims = (64, 72, 128)
     #: the CUDA kernels have neither (csrc/checks.h refuses them)
     supports_window = False

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._autograd import register_varlen_autograd
+from ..._outputs import new_output
 from ...reference.attention import check_cu_rows, visible_mask
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
@@ -65,13 +66,25 @@ class _Chunk:
 
 def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, heads: int, causal: bool,
           window_left: int = -1, window_right: int = -1):
-    """One host read of both cu_seqlens -> the chunks to run, segments grouped by the power-of-two buckets
-    of their real (Lq, Lk). Vectorised over segments: the Python work grows with the number of groups."""
+    """One host read of both cu_seqlens -> ``(idle, chunks)``: ``idle``, the query rows (long, on cu_q's
+    device) that no chunk covers, which see no key (segments without keys, rows past ``cu_q[-1]``); ``chunks``,
+    a generator of the chunks to run, segments grouped by the power-of-two buckets of their real (Lq, Lk).
+    Every other query row is in exactly one chunk. Vectorised over segments: the Python work grows with the
+    number of groups."""
     c = torch.stack([cu_q, cu_k]).cpu().long()  # both int32 [S+1] on one device: one copy
     lens = c[:, 1:] - c[:, :-1]
     for i, (name, total) in enumerate((("cu_seqlens_q", total_q), ("cu_seqlens_k", total_k))):
         if c[i, 0] != 0 or (lens[i] < 0).any() or c[i, -1] > total:
             raise ValueError(f"{name}: must start at 0, be non-decreasing and end at most at the row count {total}")
+    seg_of_row = torch.repeat_interleave(torch.arange(lens.shape[1]), lens[0])  # [cu_q[-1]]
+    idle = torch.cat([(lens[1][seg_of_row] == 0).nonzero().flatten(), torch.arange(int(c[0, -1]), total_q)])
+    return idle.to(cu_q.device, non_blocking=True), _chunks(c, lens, heads, causal, window_left, window_right,
+                                                            cu_q.device)
+
+
+def _chunks(c: torch.Tensor, lens: torch.Tensor, heads: int, causal: bool, window_left: int, window_right: int,
+            dev: torch.device):
+    """The chunks of ``_plan``, from the host copies ``c`` (cu_seqlens, ``[2, S+1]``) and ``lens`` (``[2, S]``)."""
     lq, lk = lens
     # no query: nothing to compute; no key: zeros / +inf, as initialised
     live = ((lq > 0) & (lk > 0)).nonzero().flatten()
@@ -82,7 +95,6 @@ def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, he
     order = torch.argsort(key, stable=True)
     live, key = live[order], key[order]
     _, counts = torch.unique_consecutive(key, return_counts=True)
-    dev = cu_q.device
     for segs in torch.split(live, counts.tolist()):
         sq, sk, nq, nk = c[0, segs], c[1, segs], lq[segs], lk[segs]
         mq, mk = int(nq.max()), int(nk.max())
@@ -151,10 +163,15 @@ def varlen_attn_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: fl
     fp32 (fp64 for fp64), +inf on rows that see no key; rows past ``cu_seqlens_q[-1]`` are zeros.
     ``window_left/right`` (-1: unbounded) and ``softcap`` (0: off) as in ``varlen_attention``."""
     acc = _acc(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((q.shape[0], q.shape[1]), float("inf"), dtype=acc, device=q.device)  # [total_q, H] here
-    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal, window_left,
-                   window_right):
+    # Written in full: the rows no chunk covers here, every other row by its chunk (NaN first when the poison
+    # switch is on, so a row the plan misses shows).
+    out = new_output(q.shape, acc, q.device)
+    lse = new_output((q.shape[0], q.shape[1]), acc, q.device)  # [total_q, H] here
+    idle, chunks = _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal, window_left,
+                         window_right)
+    out[idle] = 0.0
+    lse[idle] = float("inf")
+    for c in chunks:
         _, _, s, _ = _scores(c, q, k, softmax_scale, acc, softcap)
         blind = ~c.has_key[:, None, None, :, None]
         m = s.amax(dim=-1, keepdim=True).masked_fill_(blind, 0.0)  # -inf on rows with no key: 0 keeps NaN out
@@ -174,13 +191,15 @@ def varlen_attn_bwd_torch(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, softma
     rows outside every segment. With softcap the score gradient goes through the cap:
     ``d(scale q.k) = ds * (1 - tanh^2)``."""
     acc = _acc(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dq = new_output(q.shape, acc, q.device)  # written in full, as out in the forward
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)  # accumulated into (index_add_): zero is their start
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     h_kv = k.shape[1]
     lse_t = lse.t()  # [total_q, H]
-    for c in _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal, window_left,
-                   window_right):
+    idle, chunks = _plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.shape[1], causal, window_left,
+                         window_right)
+    dq[idle] = 0.0
+    for c in chunks:
         qb, kb, s, t = _scores(c, q, k, softmax_scale, acc, softcap)
         m = lse_t[c.qi].to(acc)  # [n, m, H]
         n, rows, h = m.shape

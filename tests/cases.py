@@ -159,3 +159,17 @@ def skip_unless_runs(name: str | None, q, k, v, cu_q, cu_k, max_q, max_k, *, cau
     why = registry.reasons(get_backend(name), inp)
     if why:
         pytest.skip(f"backend {name!r} cannot run these inputs here: {'; '.join(why)}")
+
+
+class LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel in a test: records ``(name, DOT_PREC)`` of each launch in ``seen``,
+    then launches the real kernel (the fp32-precision tests of both Triton families use it)."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((self.name, kwargs["DOT_PREC"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch

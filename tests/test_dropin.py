@@ -338,6 +338,8 @@ def test_huge_max_seqlen_costs_nothing(backend):
     q, k, v, cq, ck, _, _ = random_varlen_inputs([4] * 32, [4] * 32, 1, d, seed=6, device=backend_device(backend),
                                                  dtype=_dtype(backend, torch.float32), requires_grad=True)
     skip_unless_runs(backend, q, k, v, cq, ck, 4, 4)
+    # a backend with a declared key limit (triton_window: one tile of <= 128 keys) refuses the slack by name
+    skip_unless_runs(backend, q, k, v, cq, ck, 1 << 20, 1 << 20)
     exact = varlen_attention(q, k, v, cq, ck, 4, 4, backend=backend)
     slack = varlen_attention(q, k, v, cq, ck, 1 << 20, 1 << 20, backend=backend)
     assert torch.equal(exact, slack)
@@ -382,6 +384,11 @@ def test_segment_longer_than_max_seqlen_is_never_garbage(backend):
     finally:
         set_value_checks(True)
     tol = dict(rtol=0, atol=2e-6) if q.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    if backend == "triton_window":
+        # One key tile sized by max_seqlen_k: the segment it cannot hold comes out NaN (visibly wrong), never a
+        # softmax over its first keys; the segment that fits is exact.
+        assert torch.isnan(out[3:43]).all()
+        out, ref = out[:3], ref[:3]
     torch.testing.assert_close(out, ref, **tol)
 
 

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from cases import CASES, cases  # noqa: E402
+from cases import CASES, LaunchSpy, cases  # noqa: E402
 
 from elit_kernels import varlen_attention  # noqa: E402
 from elit_kernels.attention import AttnInputs, get_backend  # noqa: E402
@@ -412,19 +412,6 @@ def test_dot_precision_follows_torch_float32_matmul_setting(how, value, want):
             assert _common.dot_precision(dt) == "tf32"
 
 
-class _LaunchSpy:
-    """Stands in for a ``@triton.jit`` kernel: records the ``DOT_PREC`` of each launch, then launches it."""
-
-    def __init__(self, kernel, name, seen):
-        self.kernel, self.name, self.seen = kernel, name, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.append((self.name, kwargs["DOT_PREC"]))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("setting,want", [("highest", "ieee"), ("high", "tf32")])
 def test_launchers_pass_the_fp32_dot_precision(monkeypatch, setting, want):
     # What the launchers hand every kernel as DOT_PREC, read at the call (the interpreter multiplies fp32
@@ -432,7 +419,7 @@ def test_launchers_pass_the_fp32_dot_precision(monkeypatch, setting, want):
     seen = []
     for mod, name in ((attention_fwd, "_varlen_attn_fwd_kernel"), (attention_bwd, "_varlen_attn_bwd_dkdv_kernel"),
                       (attention_bwd, "_varlen_attn_bwd_dq_kernel")):
-        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), name, seen))
+        monkeypatch.setattr(mod, name, LaunchSpy(getattr(mod, name), name, seen))
     with _float32_matmul_setting():
         torch.set_float32_matmul_precision(setting)
         check_backend_against_reference(triton_attn, [5, 17], [9, 3], 2, 64, torch.float32, seed=26, device=DEV)

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from cases import LaunchSpy  # noqa: E402
 
 from elit_kernels import varlen_attention  # noqa: E402
 from elit_kernels.attention import SegmentRuns, get_backend, validate_inputs  # noqa: E402
@@ -38,7 +39,7 @@ SEGMENTS = {
     "long-queries": ([70, 3], [5, 33]),
 }
 # The poisoned outputs and heuristic tiles of conftest's fixture.
-pytestmark = [pytestmark, pytest.mark.usefixtures("poisoned_triton_outputs")]
+pytestmark = [pytestmark, pytest.mark.usefixtures("poisoned_outputs")]
 
 
 def window_attn(q, k, v, cq, ck, mq, mk, scale, causal):
@@ -166,19 +167,6 @@ def test_opcheck():
                            ck, mq, mk, 0.125))
 
 
-class _LaunchSpy:
-    """Stands in for a ``@triton.jit`` kernel: records each launch's ``DOT_PREC``, then launches it."""
-
-    def __init__(self, kernel, name, seen):
-        self.kernel, self.name, self.seen = kernel, name, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.append((self.name, kwargs["DOT_PREC"]))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("setting,want", [("highest", "ieee"), ("high", "tf32")])
 def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, setting, want):
     # As the triton backend: fp32 dots run TF32 exactly when PyTorch lets its own fp32 matmuls (the interpreter
@@ -186,7 +174,7 @@ def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, setting, want):
     seen = []
     for mod, name in ((W, "_window_attn_fwd_kernel"), (WB, "_window_attn_bwd_dq_kernel"),
                       (WB, "_window_attn_bwd_dkdv_kernel")):
-        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), name, seen))
+        monkeypatch.setattr(mod, name, LaunchSpy(getattr(mod, name), name, seen))
     saved = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(setting)

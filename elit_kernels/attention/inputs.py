@@ -219,7 +219,8 @@ def set_value_checks(enabled: bool) -> None:
     Without them a wrong ``cu_seqlens`` still never makes a backend touch memory outside q/k/v and its
     outputs: the kernels (``triton``, ``cuda``, ``cpp``) clamp every element into ``[0, rows]`` (a segment that
     ends before it starts is empty), so a non-decreasing one that runs past the rows gives the attention over
-    the clamped segments; the backends that read it on the host (``reference``, ``torch``, ``cpp``) raise
+    the clamped segments (``triton_window``, whose one key tile is sized by ``max_seqlen_k``, gives NaN for a
+    segment longer than that, never a softmax over its first keys); the backends that read it on the host (``reference``, ``torch``, ``cpp``) raise
     ``ValueError`` (``RuntimeError`` from ``cpp``) naming it.
     """
     global _validate_values

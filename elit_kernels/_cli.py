@@ -10,12 +10,22 @@ from . import attention as _attention
 from .attention import get_backend, known_backends
 
 
-def probe_inputs(heads: int, head_dim: int, device, dtype):
-    """Validated attention inputs of this head count / head dim / device / dtype (two tiny segments), to
-    ask each backend whether it could run the model's attention."""
+def probe_inputs(heads: int, head_dim: int, device, dtype, max_seqlen: int = 2):
+    """Validated attention inputs of this head count / head dim / device / dtype (two tiny segments declared
+    as up to ``max_seqlen`` tokens long), to ask each backend whether it could run the model's attention.
+    Pass the model's longest segment (``model_probe``): a backend limited in segment length (``triton_window``:
+    at most 128 keys) must be refused up front, not fail at the first attention it cannot hold."""
     q = torch.zeros(4, heads, head_dim, device=device, dtype=dtype)
     cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
-    return _attention.validate_inputs(q, q, q, cu, cu, 2, 2, None, False)
+    n = max(int(max_seqlen), 2)
+    return _attention.validate_inputs(q, q, q, cu, cu, n, n, None, False)
+
+
+def model_probe(cfg, device, dtype):
+    """``probe_inputs`` for an ELIT/DiT config: its heads and head dim, and its longest attention segment, the
+    N = ``cfg.tokens`` spatial tokens of one sample (the head/tail blocks attend over them; the core's
+    G * J latents and a Read/Write window's P tokens are at most N)."""
+    return probe_inputs(cfg.heads, cfg.hidden // cfg.heads, device, dtype, max_seqlen=cfg.tokens)
 
 
 def backend_problems(name: str, probe) -> list[str]:

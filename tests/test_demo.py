@@ -151,6 +151,37 @@ def test_interpreted_triton_is_announced(backend, warns, monkeypatch, capsys):
     assert ("warning: the triton backend runs under the Triton interpreter" in capsys.readouterr().err) == warns
 
 
+def test_a_backend_too_short_for_the_models_segments_is_refused_up_front(monkeypatch, capsys):
+    # triton_window holds key segments of at most 128 keys; the demo model's spatial blocks attend over all
+    # N tokens of a sample. Probing on two tiny segments accepted it, and the run then failed at the first
+    # head block: the probe carries the model's longest segment now.
+    import elit_kernels.demo as demo
+    from elit_kernels import _cli
+    from elit_kernels.attention import get_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not get_backend("triton_window").is_available():
+        pytest.skip(f"triton_window backend: {get_backend('triton_window').unavailable_reason}")
+    import dataclasses
+
+    p = build_parser()
+    small = demo_config()  # 64 tokens a sample: the window backend holds every segment of it
+    assert small.tokens <= get_backend("triton_window").MAX_KEYS
+    demo._check_backend(p.parse_args(["--backend", "triton_window"]), p, small)
+    cfg = dataclasses.replace(small, input_size=2 * small.input_size)  # 4x the tokens
+    assert cfg.tokens > get_backend("triton_window").MAX_KEYS, "the model must be too long for the check"
+    with pytest.raises(SystemExit) as e:
+        demo._check_backend(p.parse_args(["--backend", "triton_window"]), p, cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"--backend: backend 'triton_window' cannot run the demo model (CPU, fp32): max_seqlen_k is "
+            f"{cfg.tokens}: key segments of at most 128 keys" in err), err
+    assert "Usable here:" in err and "triton_window" not in err.split("Usable here:")[1], err
+    # the same backend at a length it holds passes the probe
+    assert _cli.backend_problems("triton_window", _cli.probe_inputs(cfg.heads, cfg.head_dim, "cpu", torch.float32,
+                                                                   max_seqlen=128)) == []
+
+
 def test_j_max_conflicting_with_the_checkpoint(quick_run, capsys):
     _, ckpt, _ = quick_run
     with pytest.raises(SystemExit) as e:

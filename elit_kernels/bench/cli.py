@@ -141,8 +141,9 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def _probe_inputs(cfg, device, dtype):
-    """Small inputs of the model's head dim / dtype / device, to ask backends whether they can run."""
-    return _cli.probe_inputs(cfg.heads, cfg.hidden // cfg.heads, device, dtype)
+    """Small inputs of the model's head dim / dtype / device and longest segment, to ask backends whether they
+    can run."""
+    return _cli.model_probe(cfg, device, dtype)
 
 
 def resolve(args) -> tuple[Setup, dict]:

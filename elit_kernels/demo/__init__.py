@@ -131,7 +131,7 @@ def _check_backend(args, parser, cfg) -> None:
     backend that will run is Triton's CPU interpreter (correct, but slow enough to make the demo take hours)."""
     from .. import _cli
 
-    probe = _cli.probe_inputs(cfg.heads, cfg.hidden // cfg.heads, "cpu", torch.float32)
+    probe = _cli.model_probe(cfg, "cpu", torch.float32)
     if args.backend is not None:
         err = _cli.backend_error("--backend", args.backend, probe, "the demo model (CPU, fp32)")
         if err:

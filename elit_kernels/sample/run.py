@@ -199,7 +199,7 @@ class _Run:
                                                     a["backend"])
         cfg = self.cfg = model.cfg
         if a["backend"] is not None:
-            probe = _cli.probe_inputs(cfg.heads, cfg.head_dim, dev, self.dtype)
+            probe = _cli.model_probe(cfg, dev, self.dtype)
             err = _cli.backend_error("backend", a["backend"], probe,
                                      f"this model ({dev.type}, {a['dtype']}, head dim {cfg.head_dim})")
             if err:

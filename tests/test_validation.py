@@ -192,3 +192,24 @@ def test_return_lse_and_window_reach_the_backend(args):
     plain = call(args, backend="torch")
     assert not torch.equal(call(args, backend="torch", window_size=(0, 0)), plain)
     assert not torch.equal(call(args, backend="torch", softcap=0.5), plain)
+
+
+def test_validated_inputs_equal_the_dataclass_built_field_by_field():
+    # validate_inputs builds AttnInputs through one __dict__ update (the hot path): it must be the same object as
+    # the dataclass's own constructor gives, every field set, still frozen
+    import dataclasses
+
+    from elit_kernels.attention import AttnInputs, SegmentRuns, validate_inputs
+
+    q, k = torch.randn(5, 4, 8), torch.randn(7, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
+    seg = SegmentRuns.from_lengths([2, 3], [3, 4])
+    got = validate_inputs(q, k, k, cu_q, cu_k, 3, 4, 0.5, True, return_lse=True, window_size=(2, 1), softcap=3,
+                          segments=seg)
+    want = AttnInputs(q, k, k, cu_q, cu_k, 3, 4, 0.5, True, True, 2, -1, 3.0, seg)
+    assert got == want and type(got) is AttnInputs
+    assert {f.name for f in dataclasses.fields(AttnInputs)} == set(vars(got))
+    assert [type(getattr(got, f)) for f in ("softmax_scale", "softcap", "return_lse")] == [float, float, bool]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.causal = False
+    assert dataclasses.replace(got, causal=False).causal is False

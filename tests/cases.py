@@ -16,6 +16,8 @@ orders of magnitude between runners:
 - ``cuda``: the CUDA kernels on a GPU (tests/test_cext.py), the ``ops`` cases plus longer ones.
 - ``gpu``: ELIT-sized shapes for the Triton kernels on a GPU (tests/test_triton_attention.py).
 - ``window``: the lengths every sliding-window / softcap option runs on (tests/test_window_softcap.py).
+- ``window-kernel`` / ``window-kernel-gpu``: Read/Write shapes of at most 128 keys for the window kernels, at
+  interpreter size / at ELIT size on a GPU (tests/test_triton_window.py).
 
 ``backend_params`` builds a test's backend list from the registry (``registered_backends()``), each backend
 that cannot run here skipped with its own reason.
@@ -101,6 +103,20 @@ CASES: dict[str, Case] = {
                           "16-row tiles, a single key, empty segments on either side, Lq > Lk (rows without keys)"),
     "window-softcap": _case([9, 1, 0, 12], [11, 3, 2, 12], "contract", "sliding window (3, 2) and softcap 4 "
                             "(rows the window leaves without a key)", window=(3, 2), softcap=4.0),
+    # the window kernels (triton_window: every key segment in one tile of at most 128 keys): Read J x P and
+    # Write P x J with P from 16 to 64 (odd ones off the power-of-two key tile), empty key and query segments,
+    # a single key, more than one 64-row query block (tests/test_triton_window.py)
+    "win-read": _case([1, 4, 5, 4, 1], [16, 64, 37, 64, 23], "window-kernel", "Read, J in {1, 4, 5}, P 16..64"),
+    "win-write": _case([16, 64, 37, 23, 64], [1, 4, 5, 4, 1], "window-kernel", "Write, P 16..64 over J 1..5"),
+    "win-empty-and-single": _case([4, 0, 5, 3, 1], [0, 16, 1, 9, 64], "window-kernel",
+                                  "empty key and query segments, a single key"),
+    "win-long-queries": _case([70, 3], [5, 33], "window-kernel", "70 queries: more than one 64-row block"),
+    "win-read-512px": _case([1, 4, 16, 33, 64] * 200, [64] * 1000, "window-kernel-gpu",
+                            "Read at 512 px: 1..64 latent queries x 64 keys, 1000 windows"),
+    "win-write-512px": _case([64] * 1000, [0, 1, 4, 37, 64] * 200, "window-kernel-gpu",
+                             "Write at 512 px: 64 queries x 0..64 latents"),
+    "win-read-128-keys": _case([4, 64, 1] * 100, [128, 97, 128] * 100, "window-kernel-gpu",
+                               "the largest key tile (128 keys)"),
 }
 
 

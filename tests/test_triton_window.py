@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from cases import LaunchSpy  # noqa: E402
+from cases import CASES, LaunchSpy  # noqa: E402
 
 from elit_kernels import varlen_attention  # noqa: E402
 from elit_kernels.attention import SegmentRuns, get_backend, validate_inputs  # noqa: E402
@@ -29,15 +29,8 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# (lens_q, lens_k) at interpreter size. Read: J latent queries x P spatial keys per window, J in {1, 4, 5}, P
-# from 16 to 64 (odd ones off the power-of-two key tile); Write: P queries x J keys; empty key and query
-# segments, a single key, a query tile of more than one block (70 > 64 queries).
-SEGMENTS = {
-    "read": ([1, 4, 5, 4, 1], [16, 64, 37, 64, 23]),
-    "write": ([16, 64, 37, 23, 64], [1, 4, 5, 4, 1]),
-    "empty-and-single": ([4, 0, 5, 3, 1], [0, 16, 1, 9, 64]),
-    "long-queries": ([70, 3], [5, 33]),
-}
+# (lens_q, lens_k) at interpreter size, from the shared case table (tests/cases.py, tag "window-kernel").
+SEGMENTS = {name.removeprefix("win-"): c.lens for name, c in CASES.items() if "window-kernel" in c.tags}
 # The poisoned outputs and heuristic tiles of conftest's fixture.
 pytestmark = [pytestmark, pytest.mark.usefixtures("poisoned_outputs")]
 
@@ -51,12 +44,12 @@ def window_attn_lse(q, k, v, cq, ck, mq, mk, scale, causal):
                             return_lse=True)
 
 
-CASES = [("read", 72, "bf16"), ("read", 64, "fp16"), ("read", 72, "fp32"), ("write", 72, "fp16"),
+WINDOW_CASES = [("read", 72, "bf16"), ("read", 64, "fp16"), ("read", 72, "fp32"), ("write", 72, "fp16"),
          ("write", 64, "bf16"), ("write", 72, "fp32"), ("empty-and-single", 72, "fp16"),
          ("long-queries", 64, "fp32")]
 
 
-@pytest.mark.parametrize("seg,head_dim,dtype", CASES, ids=[f"{s}-d{d}-{dt}" for s, d, dt in CASES])
+@pytest.mark.parametrize("seg,head_dim,dtype", WINDOW_CASES, ids=[f"{s}-d{d}-{dt}" for s, d, dt in WINDOW_CASES])
 def test_values_and_grads_match_reference(seg, head_dim, dtype):
     # Rows past cu_seqlens[-1] (NaN-filled: a kernel that reads them fails) must come out exact zeros in out,
     # dq, dk and dv; every output is NaN-poisoned before the kernels run (an unwritten row fails).
@@ -279,13 +272,8 @@ def test_tiles_cover_the_read_and_write_shapes():
 # ---------------------------------------------------------------------------------------------
 
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (real ELIT sizes, bf16 tensor-core numerics)")
-GPU_SEGMENTS = {
-    # Read at 512 px: 1..64 latent queries (ragged budgets) x 64 spatial keys, 1000 windows.
-    "read-512px": ([1, 4, 16, 33, 64] * 200, [64] * 1000),
-    # Write: 64 spatial queries x 0..64 latents; and a 128-key tile (the largest).
-    "write-512px": ([64] * 1000, [0, 1, 4, 37, 64] * 200),
-    "read-128-keys": ([4, 64, 1] * 100, [128, 97, 128] * 100),
-}
+# ELIT-sized shapes from the shared case table (tag "window-kernel-gpu").
+GPU_SEGMENTS = {name.removeprefix("win-"): c.lens for name, c in CASES.items() if "window-kernel-gpu" in c.tags}
 GPU_CASES = [("read-512px", "bf16", 72), ("read-512px", "fp16", 64), ("write-512px", "bf16", 72),
              ("read-128-keys", "bf16", 72), ("read-128-keys", "bf16", 128)]
 

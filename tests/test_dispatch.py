@@ -228,6 +228,27 @@ def test_tuning_times_candidates_ranks_them_and_caches_on_disk(fakes, tmp_path, 
         assert json.load(f) == {"k": ["torch"]}
 
 
+def test_tuning_ranks_by_time_passes_repeats_and_drops_the_devices_earlier_decisions(monkeypatch):
+    inp = _inp()
+    seen = []
+
+    def fake_times(i, repeats):
+        seen.append(repeats)
+        return {"zz_fast": 1.0, "aa_slow": 3.0, "mm_mid": 2.0}  # names out of time order
+
+    monkeypatch.setattr(D, "time_backends", fake_times)
+    D.clear_decisions()
+    D.select_backend(inp)  # a decision for this device, made before the ranking existed
+    other = ("not-a-device",) + (None,) * 5
+    D._DECISIONS[other] = R.get_backend("reference")  # another device's decision
+    assert any(k[0] == inp.q.device for k in D._DECISIONS)
+    res = D.tune_inputs(inp, repeats=1, save=False)  # one repeat is allowed
+    assert seen == [1] and res["ranking"] == ["zz_fast", "mm_mid", "aa_slow"]
+    assert not any(k[0] == inp.q.device for k in D._DECISIONS), "decisions made before tuning must go"
+    assert other in D._DECISIONS, "another device's decisions stay"
+    D.clear_decisions()
+
+
 def test_tuning_refuses_under_compile():
     inp = _inp()
 
@@ -405,3 +426,33 @@ def test_registry_tuning_and_environment_arguments_are_checked(monkeypatch):
     monkeypatch.setenv("ELIT_BACKEND", "garbage")
     with pytest.raises(ValueError, match=r"^ELIT_BACKEND='garbage': unknown backend 'garbage'; known backends"):
         A.select_backend(_inp())
+
+
+def test_table_ranking_takes_the_nearest_entry_of_the_same_class_on_a_log_scale():
+    from elit_kernels.attention.dispatch import table_ranking
+
+    c = {"gpu": "Test GPU", "dtype": "bfloat16", "kind": "ragged", "grad": False, "head_dim": 64, "lq": 1024,
+         "lk": 1024, "segments": 1}
+
+    def entry(ranking, **kw):
+        return {"gpu": "Test GPU", "dtype": "bfloat16", "kind": "ragged", "grad": False, "head_dim": 64, "lq": 1024,
+                "lk": 1024, "segments": 1, "ranking": ranking, **kw}
+
+    # the nearest length bucket wins (|log2 512 - log2 1024| = 1 against 6 for 16), whatever the order
+    far, near = entry(["far"], lq=16), entry(["near"], lq=512)
+    assert table_ranking(c, {"entries": [far, near]}) == ["near"] == table_ranking(c, {"entries": [near, far]})
+    # the pass must match: a forward-only class never takes a forward + backward ranking, and the reverse
+    both = {"entries": [entry(["fwd"]), entry(["fwd+bwd"], grad=True)]}
+    assert table_ranking(c, both) == ["fwd"] and table_ranking({**c, "grad": True}, both) == ["fwd+bwd"]
+    assert table_ranking(c, {"entries": [entry(["bwd"], grad=True)]}) is None
+    # a field an entry leaves out counts as 1, as the class's own 1 does: distance 0, ahead of a one-step miss
+    exact_but_bare = {k: v for k, v in entry(["bare"]).items() if k != "segments"}
+    one_off = entry(["one-off"], lq=2048)
+    assert table_ranking(c, {"entries": [one_off, exact_but_bare]}) == ["bare"]
+    assert table_ranking(c, {"entries": [one_off, entry(["exact"])]}) == ["exact"]
+    # one segment is bucket 1 on both sides (log 0): an entry of 2 segments is one step away, not nearer
+    assert table_ranking(c, {"entries": [entry(["two"], segments=2), entry(["one"])]}) == ["one"]
+    # other GPUs, dtypes or kinds: no ranking; an explicit table is used instead of the committed one
+    assert table_ranking({**c, "gpu": "Other"}, {"entries": [near]}) is None
+    assert table_ranking({**c, "kind": "uniform"}, {"entries": [near]}) is None
+    assert table_ranking(c, {}) is None and table_ranking(c, {"entries": []}) is None

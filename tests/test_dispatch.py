@@ -456,3 +456,11 @@ def test_table_ranking_takes_the_nearest_entry_of_the_same_class_on_a_log_scale(
     assert table_ranking({**c, "gpu": "Other"}, {"entries": [near]}) is None
     assert table_ranking({**c, "kind": "uniform"}, {"entries": [near]}) is None
     assert table_ranking(c, {}) is None and table_ranking(c, {"entries": []}) is None
+
+
+def test_backend_timing_is_the_median_in_milliseconds_after_two_warmups():
+    import time as _t
+
+    durations = iter([0.0, 0.0, 0.001, 0.040, 0.020, 0.030, 0.010])  # two warm-ups, then five timed calls
+    ms = D._time_ms(lambda: _t.sleep(next(durations)), 5)
+    assert 19.0 <= ms < 29.0, f"median of 1, 40, 20, 30, 10 ms should be ~20 ms, got {ms:.1f}"

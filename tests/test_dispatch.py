@@ -464,3 +464,24 @@ def test_backend_timing_is_the_median_in_milliseconds_after_two_warmups():
     durations = iter([0.0, 0.0, 0.001, 0.040, 0.020, 0.030, 0.010])  # two warm-ups, then five timed calls
     ms = D._time_ms(lambda: _t.sleep(next(durations)), 5)
     assert 19.0 <= ms < 29.0, f"median of 1, 40, 20, 30, 10 ms should be ~20 ms, got {ms:.1f}"
+
+
+def test_tuning_cache_path_default_location_and_file_name(monkeypatch, tmp_path):
+    # without ELIT_CACHE_DIR: ~/.cache/elit_kernels; the file name keys GPU and versions, with every character a
+    # file name should not hold made "_"
+    import os
+
+    monkeypatch.delenv("ELIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130 a/b")
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    assert all(ch.isalnum() or ch in "-_." for ch in tv), tv
+    want = os.path.join(str(tmp_path), ".cache", "elit_kernels", f"dispatch-cpu-torch2.14.1_cu130_a_b-triton{tv}.json")
+    assert D.cache_path() == want
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert D.cache_path() == os.path.join(str(tmp_path / "elsewhere"), os.path.basename(want))

@@ -485,3 +485,12 @@ def test_tuning_cache_path_default_location_and_file_name(monkeypatch, tmp_path)
     assert D.cache_path() == want
     monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert D.cache_path() == os.path.join(str(tmp_path / "elsewhere"), os.path.basename(want))
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "not json", '{"k": ["torch"], "bad": "torch", "mixed": ["torch", 3]}'])
+def test_a_damaged_tuning_cache_is_read_as_what_it_holds_that_is_usable(monkeypatch, tmp_path, text):
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "_DISK", None)
+    pathlib.Path(D.cache_path()).write_text(text)
+    assert D._disk_cache() == ({"k": ["torch"]} if text.startswith("{") else {})
+    monkeypatch.setattr(D, "_DISK", None)

@@ -244,6 +244,7 @@ def test_tuning_ranks_by_time_passes_repeats_and_drops_the_devices_earlier_decis
     assert any(k[0] == inp.q.device for k in D._DECISIONS)
     res = D.tune_inputs(inp, repeats=1, save=False)  # one repeat is allowed
     assert seen == [1] and res["ranking"] == ["zz_fast", "mm_mid", "aa_slow"]
+    assert res["class"] == D.shape_class(inp) and res["ms"] == fake_times(inp, 1)
     assert not any(k[0] == inp.q.device for k in D._DECISIONS), "decisions made before tuning must go"
     assert other in D._DECISIONS, "another device's decisions stay"
     D.clear_decisions()

@@ -495,3 +495,30 @@ def test_a_damaged_tuning_cache_is_read_as_what_it_holds_that_is_usable(monkeypa
     pathlib.Path(D.cache_path()).write_text(text)
     assert D._disk_cache() == ({"k": ["torch"]} if text.startswith("{") else {})
     monkeypatch.setattr(D, "_DISK", None)
+
+
+def test_few_runs_boundary_and_the_static_order_of_a_cuda_class(monkeypatch):
+    # FEW_RUNS runs of equal segments still count as "runs" (one dense SDPA each); one more is "ragged"
+    n = D.FEW_RUNS
+    few = _inp(tuple(range(1, n + 1)), tuple(range(1, n + 1)))
+    many = _inp(tuple(range(1, n + 2)), tuple(range(1, n + 2)))
+    assert len(few.segments.runs) == n and D.shape_class(few)["kind"] == "runs"
+    assert D.shape_class(many)["kind"] == "ragged"
+    # the static order of a CUDA call, read on a CPU: AttnInputs whose q only says it is on a GPU (static_order
+    # reads q's device and dtype, nothing on the device)
+    import dataclasses
+    import types
+
+    def on_gpu(inp, dtype):
+        fake_q = types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=inp.q.shape,
+                                       requires_grad=False)
+        return dataclasses.replace(inp, q=fake_q)
+
+    assert D.static_order(on_gpu(few, torch.bfloat16))[:2] == ["torch", "sdpa_cudnn"]
+    assert D.static_order(on_gpu(few, torch.float32))[:3] == ["torch", "sdpa_efficient", "triton"]
+    assert D.static_order(on_gpu(many, torch.bfloat16))[:3] == ["torch_varlen", "triton", "torch"]
+    assert D.static_order(on_gpu(many, torch.float32))[:2] == ["torch", "triton"]
+    order = D.static_order(on_gpu(many, torch.bfloat16))
+    assert sorted(order) == sorted(R.known_backends()), "every backend once"
+    assert order.index("triton_window") > max(order.index(b) for b in ("torch", "torch_varlen", "triton"))
+    assert order[-1] == "reference"

@@ -25,7 +25,7 @@ def model_probe(cfg, device, dtype):
     """``probe_inputs`` for an ELIT/DiT config: its heads and head dim, and its longest attention segment, the
     N = ``cfg.tokens`` spatial tokens of one sample (the head/tail blocks attend over them; the core's
     G * J latents and a Read/Write window's P tokens are at most N)."""
-    return probe_inputs(cfg.heads, cfg.hidden // cfg.heads, device, dtype, max_seqlen=cfg.tokens)
+    return probe_inputs(cfg.heads, cfg.head_dim, device, dtype, max_seqlen=cfg.tokens)
 
 
 def backend_problems(name: str, probe) -> list[str]:

@@ -497,7 +497,7 @@ def test_a_damaged_tuning_cache_is_read_as_what_it_holds_that_is_usable(monkeypa
     monkeypatch.setattr(D, "_DISK", None)
 
 
-def test_few_runs_boundary_and_the_static_order_of_a_cuda_class(monkeypatch):
+def test_few_runs_boundary_and_the_static_order_of_a_cuda_class():
     # FEW_RUNS runs of equal segments still count as "runs" (one dense SDPA each); one more is "ragged"
     n = D.FEW_RUNS
     few = _inp(tuple(range(1, n + 1)), tuple(range(1, n + 1)))

@@ -140,12 +140,6 @@ def _int_list(flag: str, text: str) -> list[int]:
     return out
 
 
-def _probe_inputs(cfg, device, dtype):
-    """Small inputs of the model's head dim / dtype / device and longest segment, to ask backends whether they
-    can run."""
-    return _cli.model_probe(cfg, device, dtype)
-
-
 def resolve(args) -> tuple[Setup, dict]:
     """Check every flag and fill in defaults; raises BenchError naming the flag."""
     if args.device is None:
@@ -228,7 +222,7 @@ def resolve(args) -> tuple[Setup, dict]:
             raise BenchError("--scenarios: 'mixed' needs --batch >= 2 (samples with different budgets)")
         scen.remove("mixed")
         notes.append("mixed skipped: batch 1")
-    probe = _probe_inputs(cfg, device, dtype)
+    probe = _cli.model_probe(cfg, device, dtype)
     if args.backends is None and device.type != "cpu":
         backends = [DEFAULT, DEFAULT + "+graph"]
     elif args.backends is None:

@@ -339,3 +339,58 @@ def test_triton_reason_and_suggestion_fit_what_is_missing(monkeypatch, installed
         assert tb.unavailable_reason.startswith("triton is not installed (pip install triton;")
         assert "triton is not installed (pip install triton;" in msg
         assert "CPU tensors run only under TRITON_INTERPRET=1" not in msg and "set before triton is imported" not in msg
+
+
+class _Pads(B.Backend):
+    """Runs only head dim 16: what it receives is recorded, and the pad columns of its output are garbage that
+    run_backend must slice away."""
+
+    name, priority, known_answer = "_pads", -1000, False
+    head_dims = (16,)
+
+    def forward(self, inp):
+        self.got = inp
+        res = B.get_backend("reference").forward(inp)
+        out, lse = res if inp.return_lse else (res, None)
+        out = out.clone()
+        out[..., 12:] = 1e4
+        return (out, lse) if inp.return_lse else out
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_run_backend_zero_pads_q_k_v_to_the_native_head_dim_and_slices_the_output(registered, return_lse):
+    b = registered(_Pads())
+    inp = _inp(head_dim=12, return_lse=return_lse)
+    res = B.run_backend(b, inp)
+    want = B.run_backend(B.get_backend("reference"), inp)
+    out, lse = res if return_lse else (res, None)
+    for name in ("q", "k", "v"):  # every one padded with zeros to 16, its first 12 columns the caller's
+        t, orig = getattr(b.got, name), getattr(inp, name)
+        assert t.shape[-1] == 16 and torch.equal(t[..., :12], orig) and not t[..., 12:].any(), name
+    assert b.got.softmax_scale == inp.softmax_scale == 12 ** -0.5  # the real D's scale, not the padded one's
+    assert out.shape == inp.q.shape and torch.allclose(out, want[0] if return_lse else want, atol=1e-5)
+    if return_lse:
+        assert not lse.requires_grad and torch.allclose(lse, want[1], atol=1e-5)
+    b.got = None
+    B.run_backend(b, _inp(head_dim=16))  # a native dim runs as it is
+    assert b.got.q.shape[-1] == 16
+
+
+def test_minimum_compute_capability_is_checked_on_cuda_inputs_only(monkeypatch):
+    import types
+
+    class _Hopper(B.Backend):
+        name = "_hopper"
+        min_compute_capability = (9, 0)
+
+    inp = _inp()
+    on_gpu = dataclasses.replace(inp, q=types.SimpleNamespace(device=torch.device("cuda", 0), dtype=inp.q.dtype,
+                                                              shape=inp.q.shape))
+    monkeypatch.setitem(B.registry._CC, 0, (8, 0))
+    assert _Hopper().not_supported_reasons(on_gpu) == [
+        "needs a GPU of compute capability 9.0 or newer, this one is 8.0"]
+    monkeypatch.setitem(B.registry._CC, 0, (9, 0))
+    assert _Hopper().not_supported_reasons(on_gpu) == []
+    monkeypatch.setitem(B.registry._CC, 0, (8, 0))
+    assert _Hopper().not_supported_reasons(inp) == []  # a CPU tensor has no compute capability to check
+    assert B.Backend().not_supported_reasons(on_gpu) == []  # no minimum declared: nothing to read

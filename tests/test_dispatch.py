@@ -522,3 +522,170 @@ def test_few_runs_boundary_and_the_static_order_of_a_cuda_class():
     assert sorted(order) == sorted(R.known_backends()), "every backend once"
     assert order.index("triton_window") > max(order.index(b) for b in ("torch", "torch_varlen", "triton"))
     assert order[-1] == "reference"
+
+
+def _on_gpu(inp, dtype=None, index=None):
+    """``inp`` with a q that says it is on a GPU (the ranking functions read q's device and dtype only)."""
+    import dataclasses
+    import types
+
+    q = types.SimpleNamespace(device=torch.device("cuda", index) if index is not None else torch.device("cuda"),
+                              dtype=dtype or inp.q.dtype, shape=inp.q.shape, requires_grad=False)
+    return dataclasses.replace(inp, q=q)
+
+
+def test_gpu_name_is_read_once_per_cuda_device_and_cpu_is_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(D, "_gpu_name", lambda device: calls.append(str(device)) or f"GPU of {device}")
+    monkeypatch.setattr(D, "_GPU_NAMES", {})
+    assert D.gpu_name(torch.device("cpu")) == "cpu" and calls == []
+    assert D.gpu_name(torch.device("cuda", 1)) == "GPU of cuda:1"
+    assert D.gpu_name(torch.device("cuda", 1)) == "GPU of cuda:1" and calls == ["cuda:1"]  # cached
+    assert D.gpu_name(torch.device("cuda", 0)) == "GPU of cuda:0" and calls == ["cuda:1", "cuda:0"]
+
+
+def test_shape_class_records_the_head_dim_and_a_symbolic_one_as_minus_one():
+    import dataclasses
+    import types
+
+    inp = _inp()
+    assert D.shape_class(inp)["head_dim"] == 16
+    symbolic = types.SimpleNamespace(device=inp.q.device, dtype=inp.q.dtype, shape=(12, 2, object()),
+                                     requires_grad=False)
+    assert D.shape_class(dataclasses.replace(inp, q=symbolic))["head_dim"] == -1
+
+
+def test_ranking_of_a_cuda_class_reads_memory_then_the_disk_cache_then_the_table(monkeypatch, tmp_path):
+    monkeypatch.setattr(D, "gpu_name", lambda device: "Test GPU")
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    inp = _on_gpu(_inp(dtype=torch.bfloat16))
+    key = D._class_key(D.shape_class(inp))
+    entry = {**D.shape_class(inp), "ranking": ["triton", "torch_varlen"]}
+    table_file = tmp_path / "table.json"
+    table_file.write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setattr(D, "_TABLE_PATH", str(table_file))
+    monkeypatch.setattr(D, "_TABLE", None)  # read from the file on first use
+    monkeypatch.setattr(D, "_DISK", None)
+    monkeypatch.setattr(D, "_TUNED", {})
+    order, src = D.ranking(inp)
+    assert (src, order[:2]) == ("table", ["triton", "torch_varlen"]) and D._TABLE["entries"] == [entry]
+    pathlib.Path(D.cache_path()).write_text(json.dumps({repr(key): ["cuda", "triton"]}))
+    monkeypatch.setattr(D, "_DISK", None)  # read from the file on first use
+    order, src = D.ranking(inp)
+    assert (src, order[:2]) == ("tuned", ["cuda", "triton"])
+    D._TUNED[key] = ["sdpa_flash"]  # tuned in this process: ahead of the disk cache
+    assert D.ranking(inp)[0][0] == "sdpa_flash" and D.ranking(inp)[1] == "tuned"
+    # a CPU class never reads the disk cache or the table, even when they hold its key
+    cpu = _inp(dtype=torch.bfloat16)
+    monkeypatch.setattr(D, "gpu_name", lambda device: "cpu")
+    ckey = D._class_key(D.shape_class(cpu))
+    D._DISK[repr(ckey)] = ["cuda"]
+    D._TABLE["entries"].append({**D.shape_class(cpu), "ranking": ["cuda"]})
+    assert D.ranking(cpu) == (D.static_order(cpu), "static")
+
+
+def test_ranking_while_tracing_uses_what_was_loaded_and_reads_no_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(D, "gpu_name", lambda device: "Test GPU")
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    inp = _on_gpu(_inp(dtype=torch.bfloat16))
+    c = D.shape_class(inp)
+    key = D._class_key(c)
+    pathlib.Path(D.cache_path()).write_text(json.dumps({repr(key): ["cuda"]}))
+    table_file = tmp_path / "table.json"
+    table_file.write_text(json.dumps({"entries": [{**c, "ranking": ["triton"]}]}))
+    monkeypatch.setattr(D, "_TABLE_PATH", str(table_file))
+    monkeypatch.setattr(D, "_TUNED", {})
+    monkeypatch.setattr(D, "_DISK", None)
+    monkeypatch.setattr(D, "_TABLE", None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert D.ranking(inp) == (D.static_order(inp), "static")  # nothing loaded: the files stay unread
+    assert D._DISK is None and D._TABLE is None
+    monkeypatch.setattr(D, "_TABLE", {"entries": [{**c, "ranking": ["sdpa_flash"]}]})
+    order, src = D.ranking(inp)
+    assert (src, order[0]) == ("table", "sdpa_flash")  # what an eager call loaded
+    monkeypatch.setattr(D, "_DISK", {repr(key): ["sdpa_cudnn"]})
+    order, src = D.ranking(inp)
+    assert (src, order[0]) == ("tuned", "sdpa_cudnn")
+
+
+def test_the_committed_table_is_cached_and_another_file_is_not(monkeypatch, tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"entries": []}))
+    committed = tmp_path / "committed.json"
+    committed.write_text(json.dumps({"device": "x", "entries": []}))
+    monkeypatch.setattr(D, "_TABLE_PATH", str(committed))
+    monkeypatch.setattr(D, "_TABLE", None)
+    D._load_table(str(mine))
+    assert D._TABLE is None  # an explicit file is read, not kept as the committed table
+    t = D._load_table()
+    assert D._TABLE is t and t["device"] == "x"
+    committed.write_text(json.dumps({"device": "changed", "entries": []}))
+    assert D._load_table()["device"] == "x"  # read once
+
+
+def test_a_decision_is_cached_per_key_and_never_while_capturing(fakes, monkeypatch):
+    inp = _inp()
+    calls = []
+    real = D.ranking
+    monkeypatch.setattr(D, "ranking", lambda i: calls.append(1) or real(i))
+    first = D.select_backend(inp)
+    assert D.select_backend(inp) is first and len(calls) == 1  # the second call is a dictionary lookup
+    assert list(D._DECISIONS.values()) == [first]
+    D.clear_decisions()
+    monkeypatch.setattr(D, "_capturing", lambda: True)
+    assert D.select_backend(inp) is first and D.select_backend(inp) is first
+    assert len(calls) == 3 and D._DECISIONS == {}  # ranked each time, nothing cached under capture
+
+
+def test_tuning_runs_only_when_there_is_a_choice(monkeypatch):
+    inp = _inp()
+    tuned = []
+    monkeypatch.setattr(D, "tune_inputs", lambda i: tuned.append(i))
+    monkeypatch.setattr(D, "_tuning", True)
+    ref, torch_b = R.get_backend("reference"), R.get_backend("torch")
+    for ok, want in (([ref], 0), ([ref, torch_b], 1)):
+        D.clear_decisions()
+        monkeypatch.setattr(D, "candidates", lambda i, ok=ok: (list(ok), []))
+        tuned.clear()
+        D.select_backend(inp)
+        assert len(tuned) == want, [b.name for b in ok]
+    D.clear_decisions()
+
+
+def test_every_candidate_failing_its_known_answer_check_is_named_in_the_error(monkeypatch):
+    monkeypatch.setattr(D, "check_dispatch", lambda b, inp: "max |error| 1.0")
+    D.clear_decisions()
+    with pytest.raises(ValueError, match=r"no backend supports these inputs") as e:
+        D.select_backend(_inp())
+    assert "  reference: failed its known-answer check: max |error| 1.0" in str(e.value)
+    assert "  torch: failed its known-answer check: max |error| 1.0" in str(e.value)
+
+
+def test_timing_defaults_and_the_backward_is_timed_when_gradients_are_needed(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_time(fn, repeats):
+        seen.append(repeats)
+        fn()
+        return 1.0
+
+    grads = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(1) or real_grad(*a, **k))
+    monkeypatch.setattr(D, "_time_ms", fake_time)
+    ms = D.time_backends(_inp())
+    assert ms and all(r == 10 for r in seen) and grads == []  # forward only
+    seen.clear()
+    D.time_backends(_inp(grad=True), repeats=2)
+    assert seen and all(r == 2 for r in seen) and len(grads) == len(seen)  # forward + backward, each backend
+    # tune_inputs: 10 repeats and a saved ranking unless told otherwise
+    monkeypatch.setattr(D, "gpu_name", lambda device: "Test GPU")
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "_DISK", None)
+    monkeypatch.setattr(D, "_TUNED", {})
+    reps = []
+    monkeypatch.setattr(D, "time_backends", lambda i, repeats: reps.append(repeats) or {"torch": 1.0})
+    gpu = _on_gpu(_inp(dtype=torch.bfloat16))
+    res = D.tune_inputs(gpu)
+    assert reps == [10] and json.loads(pathlib.Path(D.cache_path()).read_text()) == \
+        {repr(D._class_key(res["class"])): ["torch"]}

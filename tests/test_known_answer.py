@@ -392,3 +392,14 @@ def test_while_tracing_an_unchecked_kind_is_trusted_and_not_cached(fake, monkeyp
     inp = B.AttnInputs(q, k, v, cq, ck, mq, mk, 0.25, False)
     assert KA.check_dispatch(b, inp) is None  # no case can run while tracing: trusted
     assert b.calls == 0 and not any(key[0] == "_traced" for key in KA.verdicts())
+
+
+def test_every_mode_change_and_clear_is_a_new_generation():
+    # dispatch keys its cached decisions on the generation: each change must give a value not seen before
+    was = KA.known_answer_checks()
+    seen = [KA.generation]
+    for step in (lambda: KA.set_known_answer_checks("on"), KA.clear_verdicts, lambda: KA.set_known_answer_checks(was),
+                 KA.clear_verdicts):
+        step()
+        assert KA.generation not in seen, seen
+        seen.append(KA.generation)

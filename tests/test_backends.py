@@ -394,3 +394,10 @@ def test_minimum_compute_capability_is_checked_on_cuda_inputs_only(monkeypatch):
     monkeypatch.setitem(B.registry._CC, 0, (8, 0))
     assert _Hopper().not_supported_reasons(inp) == []  # a CPU tensor has no compute capability to check
     assert B.Backend().not_supported_reasons(on_gpu) == []  # no minimum declared: nothing to read
+    # a device without an index is the current one
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    current = dataclasses.replace(on_gpu, q=types.SimpleNamespace(device=torch.device("cuda"), dtype=inp.q.dtype,
+                                                                  shape=inp.q.shape))
+    assert _Hopper().not_supported_reasons(current) == [
+        "needs a GPU of compute capability 9.0 or newer, this one is 8.0"]
+    assert None not in B.registry._CC

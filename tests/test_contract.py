@@ -136,6 +136,30 @@ def test_a_backend_that_breaks_the_output_contract_is_named():
         registry._REGISTRY.pop("_bad_shape", None)
 
 
+@pytest.mark.parametrize("answer, return_lse, match", [
+    (lambda inp: inp.q.double(), False,  # the dtype alone is wrong
+     r"its forward returned \(5, 2, 16\) torch.float64, the contract is q's shape and dtype \(\(5, 2, 16\) torch.float32\)"),
+    (lambda inp: inp.q[:4], False, r"its forward returned \(4, 2, 16\) torch.float32"),  # the shape alone is wrong
+    (lambda inp: [inp.q], False, r"its forward returned list, the contract"),  # not a tensor
+    (lambda inp: (inp.q, inp.q[..., 0].T, None), True, r"asked for \(out, lse\), its forward returned tuple"),
+    (lambda inp: [inp.q, inp.q[..., 0].T], True, r"asked for \(out, lse\), its forward returned list"),
+])
+def test_each_way_of_breaking_the_output_contract_is_caught(answer, return_lse, match):
+    class _Bad(registry.Backend):
+        name, priority, known_answer, devices = "_bad_answer", -999, False, ("cpu",)
+
+        def forward(self, inp):
+            return answer(inp)
+
+    registry.register_backend(_Bad())
+    try:
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 2], [4, 4], 2, 16, seed=3)
+        with pytest.raises(RuntimeError, match="backend '_bad_answer': " + match):
+            varlen_attention(q, k, v, cq, ck, mq, mk, backend="_bad_answer", return_lse=return_lse)
+    finally:
+        registry._REGISTRY.pop("_bad_answer", None)
+
+
 def test_the_poison_switch_reaches_every_backend_that_allocates_outputs(monkeypatch):
     """One switch (``elit_kernels._outputs``, ``ELIT_POISON_OUTPUTS``): Triton's launchers allocate through it,
     the compiled ops follow it, and the torch backend's grouped op writes every row itself, so a row its plan

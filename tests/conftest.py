@@ -36,3 +36,19 @@ def poisoned_outputs():
     _outputs.set_poison_outputs(before)
     if _common:
         _common.set_autotune(tuned)
+
+
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """Backends a test registers do not outlive it: a test's spy (one answers zeros) left registered would be a
+    default-dispatch and tuning candidate for every later test. The registry is put back as it was, and dispatch's
+    cached decisions dropped, when a test changed it."""
+    from elit_kernels.attention import dispatch, registry
+
+    before = dict(registry._REGISTRY)
+    yield
+    if registry._REGISTRY != before:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(before)
+        registry.generation += 1
+        dispatch.clear_decisions()

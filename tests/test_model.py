@@ -639,3 +639,22 @@ def test_native_elementwise_keeps_fp64_and_the_activation_dtype():
     xb = torch.randn(8, 16, dtype=torch.bfloat16)
     assert native_layernorm_modulate(xb, s.float(), s.float(), runs).dtype == torch.bfloat16
     assert native_gated_residual(xb, xb, s.float(), runs).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", None])
+def test_inference_mode_forward_and_a_training_forward_after_it(backend):
+    # torch.inference_mode() makes inference tensors, which keep no version counter and cannot be saved for
+    # backward: a layout (and its attention plans) made under it must neither crash there nor leak into a
+    # forward that autograd records
+    m = tiny(backend)
+    x, t, y = inputs(3)
+    with torch.inference_mode():  # the first forward of these budgets: the layout is made here
+        got = m(x, t, y, [4, 1, 2])
+        again = m(x, t, y, [4, 1, 2])  # the cached layout and plans
+    with torch.no_grad():
+        want = m(x, t, y, [4, 1, 2])
+    assert torch.equal(got, want) and torch.equal(again, want)
+    out = m(x, t, y, [4, 1, 2])
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    torch.testing.assert_close(out.detach(), want)

@@ -175,6 +175,12 @@ def _check_segments(segments, q, k, cu_q, max_q: int, max_k: int) -> None:
         raise ValueError(f"max_seqlen_k: {max_k} is smaller than the longest segment ({segments.max_k}) in segments")
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """``t``'s in-place version counter (it grows with every in-place write); -1 for an inference tensor (made
+    under ``torch.inference_mode()``), which keeps none, so an in-place write to one is not seen."""
+    return -1 if t.is_inference() else t._version
+
+
 _VERIFIED: dict = {}  # (id(cu_q), id(cu_k), segments) -> (weakref cu_q, weakref cu_k, versions) already compared
 _VERIFIED_MAX = 256
 
@@ -184,14 +190,15 @@ def _verify_segments_once(segments, cu_q, cu_k) -> None:
     hands the same layout tensors to every block, so a forward reads them at most once per layout (on a GPU that
     first read is a device sync; later calls cost a dictionary lookup). The record holds weak references and the
     tensors' version counters, so a new tensor (even at a freed tensor's address) or an in-place write is checked
-    again; a write that bypasses the version counter (``.data``, a NumPy view) is not seen. Raises ValueError
+    again; a write that bypasses the version counter (``.data``, a NumPy view, an inference tensor) is not seen. Raises ValueError
     naming ``segments`` when a segment's length differs from what ``cu_seqlens`` says (every backend would
     otherwise read its own source of lengths: a silent disagreement)."""
     if cu_q.device.type == "meta":
         return
     key = (id(cu_q), id(cu_k), segments)
     rec = _VERIFIED.get(key)
-    if rec is not None and rec[0]() is cu_q and rec[1]() is cu_k and rec[2] == (cu_q._version, cu_k._version):
+    if rec is not None and rec[0]() is cu_q and rec[1]() is cu_k and rec[2] == (tensor_version(cu_q),
+                                                                                 tensor_version(cu_k)):
         return
     c = torch.stack([cu_q, cu_k]).tolist() if cu_q.shape == cu_k.shape else [cu_q.tolist(), cu_k.tolist()]
     i = 0
@@ -206,7 +213,7 @@ def _verify_segments_once(segments, cu_q, cu_k) -> None:
         raise ValueError("segments: cu_seqlens_q and cu_seqlens_k must start at 0 (they describe the segments)")
     if len(_VERIFIED) >= _VERIFIED_MAX:
         _VERIFIED.pop(next(iter(_VERIFIED)))
-    _VERIFIED[key] = (weakref.ref(cu_q), weakref.ref(cu_k), (cu_q._version, cu_k._version))
+    _VERIFIED[key] = (weakref.ref(cu_q), weakref.ref(cu_k), (tensor_version(cu_q), tensor_version(cu_k)))
 
 
 def set_value_checks(enabled: bool) -> None:

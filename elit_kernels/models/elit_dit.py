@@ -168,21 +168,24 @@ class ElitDiT(nn.Module):
     def null_class(self) -> int:
         return self.stem.null_class
 
-    #: layouts kept per budget signature (budgets, batch, device), most recent last
+    #: layouts kept per budget signature (budgets, batch, device, inference mode), most recent last
     LAYOUT_CACHE_SIZE = 16
 
     def layout(self, budgets, batch: int, device) -> ElitLayout:
         """The ragged layout of one forward (budgets as in ``forward``), with this config's budget semantics.
 
-        Eager calls keep the last ``LAYOUT_CACHE_SIZE`` layouts by budget signature: a sampling run (one
-        signature for every step) builds its index tensors once and copies nothing to the device after that.
+        Eager calls keep the last ``LAYOUT_CACHE_SIZE`` layouts by budget signature (budgets, batch, device, and
+        whether ``torch.inference_mode()`` is on): a sampling run (one signature for every step) builds its index
+        tensors once and copies nothing to the device after that.
         Under ``torch.compile`` tracing the layout is built in the graph (its tensors become constants)."""
         cfg = self.cfg
         if torch.compiler.is_compiling():
             return build_layout(budgets, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group,
                                 device=device, budget_core_only=cfg.budget_core_only)
         bud = normalize_budgets(budgets, batch, cfg.latents_per_group)
-        key = (tuple(bud), batch, str(torch.device(device)))
+        # inference mode in the key: a layout made under torch.inference_mode() holds inference tensors, which a
+        # forward that autograd records cannot use
+        key = (tuple(bud), batch, str(torch.device(device)), torch.is_inference_mode_enabled())
         cache = self.__dict__.setdefault("_layouts", {})
         lay = cache.pop(key, None)
         if lay is None:

@@ -72,7 +72,8 @@ def test_relative_links_resolve(doc):
     assert not bad, f"{doc.name}: links to missing files: {bad}"
 
 
-@pytest.mark.parametrize("module", ["elit_kernels.attention", "elit_kernels.layout", "elit_kernels.models.elit_dit",
+@pytest.mark.parametrize("module", ["elit_kernels.attention", "elit_kernels.attention.plan", "elit_kernels.layout",
+                                    "elit_kernels.models.elit_dit",
                                     "elit_kernels.models.config", "elit_kernels.models.blocks",
                                     "elit_kernels.official.budget", "elit_kernels.reference.attention",
                                     "elit_kernels.reference.modulate"])

@@ -339,16 +339,17 @@ def test_fresh_write_block_is_the_identity(prenorm):
     # the final layer starts at zero too)
     from elit_kernels.layout import build_layout
     from elit_kernels.models.blocks import WriteBlock
+    from elit_kernels.models.elit_dit import attention_plans
 
     torch.manual_seed(0)
     w = WriteBlock(16, 2, prenorm=prenorm, qk_norm="per_head" if prenorm else "full_width", mlp_bias=prenorm)
     lay = build_layout([3, 1], 2, groups=2, tokens_per_group=4, j_max=4)
     s = torch.randn(2 * 2 * 4, 16)
     lat = torch.randn(lay.total_latents, 16)
-    assert torch.equal(w(s, lat, lay.write_args, backend="torch"), s)
+    assert torch.equal(w(s, lat, attention_plans(lay)["write"], backend="torch"), s)
     with torch.no_grad():
         w.mlp.fc2.weight.normal_()
-    assert not torch.equal(w(s, lat, lay.write_args, backend="torch"), s)  # the check can fail
+    assert not torch.equal(w(s, lat, attention_plans(lay)["write"], backend="torch"), s)  # the check can fail
 
 
 def test_logit_normal_has_the_logit_normal_distribution():

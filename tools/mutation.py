@@ -32,12 +32,13 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     # -k "not compile": torch.compile cannot trace mutmut's trampolines (a ContextVar.set per call), so the
     # compile tests fail on the unmutated code of modules on the compiled path (test_dropin's
     # segment-longer-than-max_seqlen check, "never_garbage", compiles too); the CI suite runs them.
-    # The attention package (elit_kernels/attention/): the contract and its inputs, the registry, dispatch and the
-    # known-answer gate, the pure-PyTorch backends; tests/test_contract.py runs every backend on the shared case
-    # table (tests/cases.py), tests/test_dispatch.py holds dispatch's own tests.
-    "attention": (["elit_kernels/attention/__init__.py", "elit_kernels/attention/inputs.py"],
+    # The attention package (elit_kernels/attention/): the contract and its inputs, AttentionPlan, the registry,
+    # dispatch and the known-answer gate, the pure-PyTorch backends; tests/test_contract.py runs every backend on
+    # the shared case table (tests/cases.py), tests/test_dispatch.py holds dispatch's own tests.
+    "attention": (["elit_kernels/attention/__init__.py", "elit_kernels/attention/inputs.py",
+                   "elit_kernels/attention/plan.py"],
                   ["tests/test_attention.py", "tests/test_validation.py", "tests/test_window_softcap.py",
-                   "tests/test_dropin.py", "tests/test_contract.py", "-k",
+                   "tests/test_dropin.py", "tests/test_contract.py", "tests/test_plan.py", "-k",
                    "not compile and not triton and not never_garbage"]),
     "backends": (["elit_kernels/attention/registry.py", "elit_kernels/attention/dispatch.py",
                   "elit_kernels/attention/known_answer.py"],

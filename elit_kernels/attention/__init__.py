@@ -4,9 +4,11 @@
 - ``registry``: the ``Backend`` base class, ``register_backend``, ``run_backend``;
 - ``known_answer``: the first-use check that keeps a wrong kernel out of default dispatch;
 - ``dispatch``: which backend runs a call (explicit choice, tuned or measured ranking, static order);
+- ``plan``: ``AttentionPlan``, ``varlen_attention`` over fixed segments checked once and run many times (the model's
+  path);
 - ``backends``: one module per backend family (``pytorch``, ``library``, ``triton``, ``compiled``).
 
-Imports run one way: ``inputs`` <- ``registry`` <- ``known_answer`` <- ``dispatch`` <- this module; the
+Imports run one way: ``inputs`` <- ``registry`` <- ``known_answer`` <- ``dispatch`` <- ``plan`` <- this module; the
 backends import ``inputs`` and ``registry`` only. Every attention in ELIT is ``varlen_attention``; Read, Write
 and core attention differ only in ``cu_seqlens``.
 """
@@ -15,10 +17,11 @@ from __future__ import annotations
 from . import backends  # noqa: F401  (registers every built-in backend)
 from .dispatch import select_backend, tune_inputs, tuning
 from .inputs import AttnInputs, SegmentRuns, set_value_checks, validate_inputs, value_checks_enabled
+from .plan import AttentionPlan
 from .registry import (Backend, describe_backends, describe_inputs, get_backend, known_backends, register_backend,
                        registered_backends, run_backend)
 
-__all__ = ["AttnInputs", "Backend", "SegmentRuns", "describe_backends", "describe_inputs", "get_backend", "known_backends",
+__all__ = ["AttentionPlan", "AttnInputs", "Backend", "SegmentRuns", "describe_backends", "describe_inputs", "get_backend", "known_backends",
            "register_backend", "registered_backends", "run_backend", "select_backend", "set_value_checks",
            "tune_inputs", "tuning", "validate_inputs", "value_checks_enabled", "varlen_attention"]
 

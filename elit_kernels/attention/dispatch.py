@@ -50,6 +50,9 @@ _TUNED: dict = {}  # shape class -> ranking (names), measured here
 _TABLE: dict | None = None
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0")  # triton reads it once, at its import, too
 _tuning = os.environ.get("ELIT_TUNE", "0") not in ("", "0", "false", "False")
+#: bumped whenever cached decisions may no longer hold (cleared, a new tuned ranking, tuning switched on or off):
+#: an ``AttentionPlan`` drops what it cached when this changes
+generation = 0
 
 
 def _bucket(n) -> int:
@@ -273,8 +276,10 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
 
 def clear_decisions() -> None:
     """Forget cached decisions and rankings tuned in this process (the disk cache stays)."""
+    global generation
     _DECISIONS.clear()
     _TUNED.clear()
+    generation += 1
 
 
 # --- tuning on the device ----------------------------------------------------------------------------------
@@ -381,6 +386,7 @@ def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
     (in memory, and on disk at ``cache_path()`` when ``save`` and the inputs are on a GPU). Returns
     ``{"class": shape class, "ms": {name: ms}, "ranking": [names]}``. Eager only: raises RuntimeError under
     ``torch.compile`` tracing or CUDA-graph capture."""
+    global generation
     if _capturing():
         raise RuntimeError("tune_inputs: cannot time backends under torch.compile tracing or CUDA-graph capture; "
                            "tune eagerly before compiling or capturing")
@@ -392,6 +398,7 @@ def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
     _TUNED[_class_key(c)] = order
     for k in [k for k in _DECISIONS if k[0] == inp.q.device]:
         del _DECISIONS[k]  # decisions made before this ranking existed
+    generation += 1
     if save and inp.q.device.type == "cuda" and order:
         _disk_cache()[repr(_class_key(c))] = order
         _save_disk_cache()
@@ -407,12 +414,14 @@ def tuning(enabled: bool = True):
         with elit_kernels.tuning():
             model(x, t, y, budgets)
     """
-    global _tuning
+    global _tuning, generation
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
     was = _tuning
     _tuning = enabled
+    generation += 1  # plans made before the block re-dispatch, so the block's first calls are timed
     try:
         yield
     finally:
         _tuning = was
+        generation += 1

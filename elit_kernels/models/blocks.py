@@ -4,7 +4,7 @@ Spatial tokens of B samples are ``[B*N, C]`` (sample-major, group-major inside a
 ``[B, N, C]`` batch); latents of a ragged batch are ``[T, C]``. adaLN conditioning is per sample and reaches
 the tokens through the layout's ``TokenRuns`` (runs of equal-length samples, viewed ``[samples, L, C]`` so the
 ``[B, C]`` parameters broadcast), so the same block code serves uniform and ragged batches. Every attention
-is ``varlen_attention`` with the cu_seqlens of the ElitLayout.
+is ``varlen_attention`` over the ElitLayout's cu_seqlens, through the layout's ``AttentionPlan`` of that call.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import varlen_attention
+from ..attention import AttentionPlan
 from ..elementwise import ElementwiseImpl
 
 
@@ -87,12 +87,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x, ctx, cu_q, cu_k, max_q: int, max_k: int, segments=None, backend=None):
-        """``segments``: the call's ``SegmentRuns`` (host ints from the layout), so no backend reads
-        ``cu_seqlens`` on the host and uniform calls run as one dense SDPA."""
+    def forward(self, x, ctx, plan: AttentionPlan, backend=None):
+        """``plan``: the call's ``AttentionPlan`` (``elit_dit.attention_plans(layout)["read"]``, ...): its segments
+        are host ints, so no backend reads ``cu_seqlens`` on the host and uniform calls run as one dense SDPA, and
+        after a layout's first forward a call skips the argument checks and dispatch."""
         q, k, v = self.project(x, ctx)  # v: a strided view of the kv projection; every backend takes strides
-        o = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend, segments=segments)
-        return self.proj(o.flatten(-2))
+        return self.proj(plan(q, k, v, backend=backend).flatten(-2))
 
 
 class DiTBlock(nn.Module):
@@ -106,10 +106,10 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ada = nn.Linear(dim, 6 * dim)
 
-    def forward(self, x, c, index, attn_args, ew: ElementwiseImpl, backend=None):
+    def forward(self, x, c, index, plan: AttentionPlan, ew: ElementwiseImpl, backend=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)
         h = ew.layernorm_modulate(x, sh1, sc1, index, 1e-6)
-        x = ew.gated_residual(x, self.attn(h, h, *attn_args, backend=backend), g1, index)
+        x = ew.gated_residual(x, self.attn(h, h, plan, backend=backend), g1, index)
         h = ew.layernorm_modulate(x, sh2, sc2, index, 1e-6)
         return ew.gated_residual(x, self.mlp(h), g2, index)
 
@@ -131,7 +131,8 @@ class ReadBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=mlp_bias)
         self.ada = nn.Linear(dim, (8 if modulate_queries else 6) * dim)
 
-    def forward(self, lat, spatial, c, lat_index, sp_index, read_args, ew: ElementwiseImpl, backend=None):
+    def forward(self, lat, spatial, c, lat_index, sp_index, read_plan: AttentionPlan, ew: ElementwiseImpl,
+                backend=None):
         chunks = self.ada(F.silu(c)).chunk(8 if self.modulate_queries else 6, dim=-1)
         if self.modulate_queries:
             hq = ew.layernorm_modulate(lat, chunks[0], chunks[1], lat_index, 1e-6)
@@ -140,7 +141,7 @@ class ReadBlock(nn.Module):
             hq = lat
         shk, sck, g1, sh2, sc2, g2 = chunks
         hk = ew.layernorm_modulate(spatial, shk, sck, sp_index, 1e-6)
-        lat = ew.gated_residual(lat, self.attn(hq, hk, *read_args, backend=backend), g1, lat_index)
+        lat = ew.gated_residual(lat, self.attn(hq, hk, read_plan, backend=backend), g1, lat_index)
         h = ew.layernorm_modulate(lat, sh2, sc2, lat_index, 1e-6)
         return ew.gated_residual(lat, self.mlp(h), g2, lat_index)
 
@@ -161,8 +162,8 @@ class WriteBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=mlp_bias)
         zero_output_layers(self)
 
-    def forward(self, spatial, lat, write_args, backend=None):
-        spatial = spatial + self.attn(self.norm_q(spatial), self.norm_kv(lat), *write_args, backend=backend)
+    def forward(self, spatial, lat, write_plan: AttentionPlan, backend=None):
+        spatial = spatial + self.attn(self.norm_q(spatial), self.norm_kv(lat), write_plan, backend=backend)
         return spatial + self.mlp(self.norm_mlp(spatial))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attention import SegmentRuns, value_checks_enabled
+from ..attention import AttentionPlan, SegmentRuns, value_checks_enabled
 from ..layout import ElitLayout, TokenRuns, build_layout, normalize_budgets, from_group_major, group_major_permutation, to_group_major
 from .blocks import DiTBlock, FinalLayer, ReadBlock, TimestepEmbedder, WriteBlock, sincos_2d, zero_output_layers
 from .config import ElitConfig, elit_config  # noqa: F401  (elit_config: the doctest)
@@ -104,6 +104,22 @@ def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (ElitDiT, PlainDiT)):
         nn.init.zeros_(module.stem.final.linear.weight)
         nn.init.zeros_(module.stem.final.linear.bias)
+
+
+def attention_plans(layout: ElitLayout) -> dict[str, AttentionPlan]:
+    """The ``AttentionPlan`` of each attention of a forward over ``layout``: ``"image"`` (head/tail blocks),
+    ``"read"``, ``"core"`` and ``"write"`` (from the layout's ``*_args``). Made on first use and kept with the
+    layout (which ``ElitDiT.layout`` keeps per budget signature), so after a layout's first forward an attention
+    call skips the argument checks and dispatch; under ``torch.compile`` tracing nothing is kept (a plan then is
+    the plain ``varlen_attention`` call)."""
+    plans = layout.__dict__.get("_attention_plans")
+    if plans is None:
+        plans = {name: AttentionPlan(*args[:4], segments=args[4]) for name, args in (
+            ("image", layout.image_args), ("read", layout.read_args), ("core", layout.core_args),
+            ("write", layout.write_args))}
+        if not torch.compiler.is_compiling():
+            layout.__dict__["_attention_plans"] = plans
+    return plans
 
 
 class ElitDiT(nn.Module):
@@ -219,10 +235,11 @@ class ElitDiT(nn.Module):
                 raise ValueError(f"layout: built for (groups, tokens_per_group, j_max, budget_core_only) = {got}, the "
                                  f"model needs {want}; build it with model.layout(budgets, batch, device)")
         ew, be = get_elementwise(self.elementwise), self.backend
+        plans = attention_plans(lay)
         s, c = self.stem.embed(x, t, y)
         sp_runs = lay.spatial_runs
         for blk in self.head:
-            s = blk(s, c, sp_runs, lay.image_args, ew, be)
+            s = blk(s, c, sp_runs, plans["image"], ew, be)
         if cfg.learned_interface_pos:  # the Write later starts from this s too
             s = self._add_in_group(s, self.read_pos_embed)
         # Read: the latents Read and Write see (all J_max per group under the official budget semantics).
@@ -230,19 +247,19 @@ class ElitDiT(nn.Module):
         lat = self.latent_embed[ia.latent_index]
         if cfg.latent_group_pos:
             lat = lat + self.group_pos[ia.latent_group]
-        lat = self.read(lat.to(s.dtype), s, c, ia.latent_runs, sp_runs, lay.read_args, ew, be)
+        lat = self.read(lat.to(s.dtype), s, c, ia.latent_runs, sp_runs, plans["read"], ew, be)
         if cfg.learned_interface_pos:
             slot = ia.latent_group * cfg.tokens_per_group + ia.latent_index
             lat = lat + self.latent_pos_embed[self.slot_raster_index[slot]].to(lat.dtype)
         # Core: the first J_b latents of each group of sample b; dropped ones keep their Read values.
         core = lat[lay.pack_index] if lay.interface is not None else lat
         for blk in self.core:
-            core = blk(core, c, lay.latent_runs, lay.core_args, ew, be)
+            core = blk(core, c, lay.latent_runs, plans["core"], ew, be)
         lat = lat.index_copy(0, lay.pack_index, core) if lay.interface is not None else core
         sq = self._add_in_group(s, self.write_pos_embed) if cfg.learned_interface_pos else s
-        s = self.write(sq, lat, lay.write_args, be)
+        s = self.write(sq, lat, plans["write"], be)
         for blk in self.tail:
-            s = blk(s, c, sp_runs, lay.image_args, ew, be)
+            s = blk(s, c, sp_runs, plans["image"], ew, be)
         return self.stem.unpatchify(self.stem.final(s, c, sp_runs, ew), b)
 
 
@@ -264,6 +281,21 @@ class PlainDiT(nn.Module):
     def null_class(self) -> int:
         return self.stem.null_class
 
+    def _plan(self, b: int, n: int, device) -> AttentionPlan:
+        """The self-attention plan of a batch of ``b`` (one segment of ``n`` tokens per sample), kept per (batch,
+        device) in eager mode, as ``ElitDiT.layout`` keeps layouts: later forwards build and check nothing."""
+        if torch.compiler.is_compiling():
+            cu = torch.arange(0, (b + 1) * n, n, device=device, dtype=torch.int32)
+            return AttentionPlan(cu, cu, n, n, segments=SegmentRuns.uniform_runs(b, n, n))
+        plans = self.__dict__.setdefault("_plans", {})
+        key = (b, str(torch.device(device)), torch.is_inference_mode_enabled())  # as ElitDiT.layout's key
+        if key not in plans:
+            if len(plans) >= ElitDiT.LAYOUT_CACHE_SIZE:
+                plans.pop(next(iter(plans)))
+            cu = torch.arange(0, (b + 1) * n, n, device=device, dtype=torch.int32)
+            plans[key] = AttentionPlan(cu, cu, n, n, segments=SegmentRuns.uniform_runs(b, n, n))
+        return plans[key]
+
     def forward(self, x, t, y, budgets=None):
         if budgets is not None:
             raise ValueError("budgets: a plain DiT has no latent interface; pass None")
@@ -273,8 +305,7 @@ class PlainDiT(nn.Module):
         s, c = self.stem.embed(x, t, y)
         n = cfg.grid * cfg.grid
         runs = TokenRuns(((0, b * n, 0, b),) if b else (), b * n, b, x.device)
-        cu = torch.arange(0, (b + 1) * n, n, device=x.device, dtype=torch.int32)
-        args = (cu, cu, n, n, SegmentRuns.uniform_runs(b, n, n))
+        plan = self._plan(b, n, x.device)
         for blk in self.blocks:
-            s = blk(s, c, runs, args, ew, self.backend)
+            s = blk(s, c, runs, plan, ew, self.backend)
         return self.stem.unpatchify(self.stem.final(s, c, runs, ew), b)

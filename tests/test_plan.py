@@ -1,0 +1,321 @@
+"""``AttentionPlan`` (elit_kernels/attention/plan.py): the same answers as ``varlen_attention``, the argument
+checks and dispatch run once per input signature, and nothing cached survives what could make it stale."""
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES, cases
+
+import elit_kernels
+from elit_kernels.attention import AttentionPlan, SegmentRuns, dispatch as D, known_answer as KA, plan as P
+from elit_kernels.attention import registry as R, varlen_attention
+from elit_kernels.testing import random_varlen_inputs
+
+
+def _case_inputs(case, seed=0, grad=False, dtype=torch.float32):
+    lens_q, lens_k = case.lens
+    return random_varlen_inputs(lens_q, lens_k, 2, 12, dtype=dtype, seed=seed, kv_heads=case.kv_heads,
+                                extra_q=case.extra_q, extra_k=case.extra_k, requires_grad=grad)
+
+
+class _Count:
+    """Counts the plan module's calls of validate_inputs and select_backend."""
+
+    def __init__(self, monkeypatch):
+        self.validate = self.select = 0
+        real_v, real_s = P.validate_inputs, P.select_backend
+
+        def v(*a, **k):
+            self.validate += 1
+            return real_v(*a, **k)
+
+        def s(*a, **k):
+            self.select += 1
+            return real_s(*a, **k)
+
+        monkeypatch.setattr(P, "validate_inputs", v)
+        monkeypatch.setattr(P, "select_backend", s)
+
+
+@pytest.mark.parametrize("with_segments", [False, True], ids=["tensors", "segments"])
+@pytest.mark.parametrize("case", cases("contract"))
+def test_a_plan_gives_what_varlen_attention_gives_values_lse_and_gradients(case, with_segments):
+    lens_q, lens_k = case.lens
+    seg = SegmentRuns.from_lengths(lens_q, lens_k) if with_segments else None
+    kw = dict(causal=case.causal, window_size=case.window, softcap=case.softcap, segments=seg)
+    plan = AttentionPlan(*_case_inputs(case)[3:], **kw)
+    lse_plan = AttentionPlan(*_case_inputs(case)[3:], return_lse=True, softmax_scale=0.3, **kw)
+    for seed in (1, 2):  # the second call of a signature takes the cached path
+        q, k, v, cq, ck, mq, mk = _case_inputs(case, seed=seed, grad=True)
+        want = varlen_attention(q, k, v, cq, ck, mq, mk, **kw)
+        got = plan(q, k, v)
+        assert torch.equal(got, want)
+        gw = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))
+        gg = torch.autograd.grad(got, (q, k, v), torch.ones_like(got))
+        assert all(torch.equal(a, b) for a, b in zip(gg, gw))
+        with torch.no_grad():
+            o1, l1 = lse_plan(q, k, v)
+            o2, l2 = varlen_attention(q, k, v, cq, ck, mq, mk, return_lse=True, softmax_scale=0.3, **kw)
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+def test_checks_and_dispatch_run_once_per_signature(monkeypatch):
+    n = _Count(monkeypatch)
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk, segments=SegmentRuns.from_lengths(*case.lens))
+    for _ in range(3):
+        plan(q, k, v)
+    assert (n.validate, n.select) == (1, 1)
+    for other in (dict(dtype=torch.float64), dict(grad=True)):  # a new signature: checked and dispatched again
+        q2, k2, v2 = _case_inputs(case, **other)[:3]
+        plan(q2, k2, v2)
+        plan(q2, k2, v2)
+    with torch.no_grad():  # gradients not needed: the first signature again
+        plan(q2, k2, v2)
+    plan(q, k, v, backend="reference")
+    plan(q, k, v, backend="reference")
+    assert (n.validate, n.select) == (4, 4)
+    q3 = torch.randn(q.shape[0], q.shape[1], 16)
+    with pytest.raises(ValueError, match="k: head dim 12 does not match q's head dim 16"):
+        plan(q3, k, v)
+
+
+def test_bad_tensors_are_named_on_every_call():
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk)
+    plan(q, k, v)
+    with pytest.raises(TypeError, match="q: expected a torch.Tensor, got list"):
+        plan([1.0], k, v)
+    with pytest.raises(TypeError, match="k: dtype torch.float64 does not match q's dtype torch.float32"):
+        plan(q, k.double(), v)
+    with pytest.raises(ValueError, match="cu_seqlens_q: last element 48 is past the end of the packed tokens"):
+        plan(q[:40], k, v)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(cu_seqlens_q=[0, 4]), TypeError, "cu_seqlens_q: expected a torch.Tensor, got list"),
+    (dict(cu_seqlens_k=torch.tensor([0, 24, 48])), TypeError, "cu_seqlens_k: expected dtype torch.int32"),
+    (dict(cu_seqlens_k=torch.tensor([0, 48], dtype=torch.int32)), ValueError,
+     "cu_seqlens_k: has 2 elements but cu_seqlens_q has 3"),
+    (dict(max_seqlen_q=-1), ValueError, "max_seqlen_q: must be >= 0, got -1"),
+    (dict(max_seqlen_k="24"), TypeError, "max_seqlen_k: expected an int"),
+    (dict(segments=SegmentRuns.from_lengths([24], [24])), ValueError,
+     "segments: describes 1 segments, cu_seqlens_q has 2"),
+    (dict(segments=SegmentRuns.from_lengths([20, 24], [24, 24])), ValueError,
+     r"segments: segment 0 has \(Lq, Lk\) = \(20, 24\) in segments but \(24, 24\)"),
+    (dict(segments=(24, 24)), TypeError, "segments: expected an elit_kernels.attention.SegmentRuns or None, got tuple"),
+    (dict(softmax_scale="0.1"), TypeError, "softmax_scale: expected a float or None, got str"),
+    (dict(causal=1), TypeError, "causal: expected a bool, got int"),
+    (dict(window_size=(-2, 0)), ValueError, "window_size: left must be >= -1"),
+    (dict(softcap=-1.0), ValueError, "softcap: expected a finite float >= 0"),
+])
+def test_bad_plan_arguments_are_named_when_the_plan_is_made(kwargs, err, match):
+    cq = ck = torch.tensor([0, 24, 48], dtype=torch.int32)
+    args = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=24, max_seqlen_k=24)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        AttentionPlan(args.pop("cu_seqlens_q"), args.pop("cu_seqlens_k"), args.pop("max_seqlen_q"),
+                      args.pop("max_seqlen_k"), **args)
+
+
+class _Spy(R.Backend):
+    name, priority, known_answer, devices = "_plan_spy", 100_000, False, ("cpu",)
+
+    def __init__(self):
+        self.calls = 0
+
+    def forward(self, inp):
+        self.calls += 1
+        return R.get_backend("reference").forward(inp)
+
+
+def test_a_cached_decision_is_dropped_whenever_dispatch_could_change(monkeypatch):
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk, segments=SegmentRuns.from_lengths(*case.lens))
+    n = _Count(monkeypatch)
+    was = KA.known_answer_checks()
+    spy = _Spy()
+    try:
+        plan(q, k, v)
+        R.register_backend(spy)  # a new backend of the highest priority: the next call must use it
+        plan(q, k, v)
+        assert spy.calls == 1
+        R._REGISTRY.pop(spy.name)  # removed behind the registry's back: the cached backend is not used
+        plan(q, k, v)
+        assert spy.calls == 1
+        count = n.select
+        for change in (lambda: KA.set_known_answer_checks("off"), KA.clear_verdicts, D.clear_decisions):
+            change()
+            plan(q, k, v)
+            assert n.select == count + 1, change
+            count += 1
+        with D.tuning(False):  # entering and leaving tuning() re-dispatches
+            plan(q, k, v)
+        plan(q, k, v)
+        assert n.select == count + 2
+    finally:
+        R._REGISTRY.pop(spy.name, None)
+        KA.set_known_answer_checks(was)
+        D.clear_decisions()
+
+
+def test_an_in_place_write_to_cu_seqlens_is_checked_again(monkeypatch):
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    cq, ck = cq.clone(), ck.clone()
+    plan = AttentionPlan(cq, ck, mq, mk, segments=SegmentRuns.from_lengths(*case.lens))
+    plan(q, k, v)
+    cq[1] = 20  # the segments now disagree with cu_seqlens_q
+    with pytest.raises(ValueError, match=r"segments: segment 0 has \(Lq, Lk\) = \(24, 24\) in segments but \(20, 24\)"):
+        plan(q, k, v)
+
+
+def test_under_capture_a_call_is_the_plain_path(monkeypatch):
+    # a backend's reasons can differ under capture (the torch backend refuses inputs whose lengths it would read
+    # on the host), so a capture never reuses an eager decision, and nothing made there is kept
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk)
+    plan(q, k, v)
+    n = _Count(monkeypatch)
+    monkeypatch.setattr(P, "_capturing", lambda: True)
+    plan(q, k, v)
+    plan(q, k, v)
+    assert (n.validate, n.select) == (2, 2) and len(plan._runs) == 1
+
+
+def test_the_environment_override_is_read_on_every_call(monkeypatch):
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk)
+    monkeypatch.setenv("ELIT_BACKEND", "reference")
+    want_ref = plan(q, k, v)
+    monkeypatch.delenv("ELIT_BACKEND")
+    assert torch.equal(plan(q, k, v), varlen_attention(q, k, v, cq, ck, mq, mk))
+    monkeypatch.setenv("ELIT_BACKEND", "nope")  # after cached calls: still refused, as varlen_attention refuses it
+    with pytest.raises(ValueError, match="ELIT_BACKEND='nope': unknown backend 'nope'"):
+        plan(q, k, v)
+    monkeypatch.setenv("ELIT_BACKEND", "reference")
+    assert torch.equal(plan(q, k, v), want_ref)
+
+
+def test_a_backend_that_is_not_a_name_is_named_in_the_error():
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk)
+    for bad in (["torch"], {"torch": 1}, 3):
+        with pytest.raises(TypeError, match="backend: expected a str or None, got"):
+            plan(q, k, v, backend=bad)
+
+
+def test_turning_the_value_checks_back_on_checks_again():
+    from elit_kernels.attention import set_value_checks
+
+    case = CASES["core-odd"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    set_value_checks(False)
+    try:
+        plan = AttentionPlan(cq, ck, 2, 2)  # shorter than the longest segment: unchecked now
+        plan(q, k, v)
+        set_value_checks(True)
+        with pytest.raises(ValueError, match=r"max_seqlen_q: 2 is smaller than the longest segment \(63\)"):
+            plan(q, k, v)
+    finally:
+        set_value_checks(True)
+
+
+def test_what_a_plan_was_made_with_cannot_change_behind_it():
+    cq = torch.tensor([0, 3, 8], dtype=torch.int32)
+    ck = torch.tensor([0, 4, 10], dtype=torch.int32)
+    window = [1, 1]
+    plan = AttentionPlan(cq, ck, 5, 6, window_size=window)
+    window[0] = 0  # the caller's list changes after the plan was made: the plan keeps what it was given
+    q, k = torch.randn(8, 2, 16), torch.randn(10, 2, 16)
+    assert torch.equal(plan(q, k, k), varlen_attention(q, k, k, cq, ck, 5, 6, window_size=(1, 1)))
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "segments"):
+        with pytest.raises(AttributeError):
+            setattr(plan, name, None)
+    assert plan.cu_seqlens_q is cq and plan.max_seqlen_k == 6 and plan.segments is None
+    with pytest.raises(ValueError, match=r"max_seqlen_q: 4 is smaller than the longest segment \(5\) in segments"):
+        AttentionPlan(cq, ck, 4, 6, segments=SegmentRuns.from_lengths([3, 5], [4, 6]))
+    with pytest.raises(ValueError, match=r"max_seqlen_k: 5 is smaller than the longest segment \(6\) in segments"):
+        AttentionPlan(cq, ck, 5, 5, segments=SegmentRuns.from_lengths([3, 5], [4, 6]))
+
+
+def test_a_plan_remembers_a_bounded_number_of_signatures(monkeypatch):
+    monkeypatch.setattr(P, "_MAX_SIGNATURES", 2)
+    cq = ck = torch.tensor([0, 3], dtype=torch.int32)
+    plan = AttentionPlan(cq, ck, 3, 3)
+    for d in (8, 12, 16):
+        x = torch.randn(3, 1, d)
+        plan(x, x, x)
+    assert len(plan._runs) == 2 and [k[0][-1] for k in plan._runs] == [12, 16]  # the oldest went
+
+
+def test_a_plan_compiles_without_graph_breaks():
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk, segments=SegmentRuns.from_lengths(*case.lens))
+    plan(q, k, v)  # a cached eager signature: tracing must not use (or change) the cache
+    compiled = torch.compile(lambda q, k, v: plan(q, k, v) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), plan(q, k, v) * 2)
+
+
+def test_the_model_forward_checks_and_dispatches_only_on_a_layouts_first_forward(monkeypatch):
+    from elit_kernels.models import ElitDiT, elit_config
+    from elit_kernels.models.elit_dit import attention_plans
+
+    torch.manual_seed(0)
+    cfg = elit_config("tiny", 64)
+    m = ElitDiT(cfg, backend="torch").eval()
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    t, y = torch.rand(2), torch.tensor([0, 1])
+    with torch.no_grad():
+        first = m(x, t, y, [3, 1])
+        n = _Count(monkeypatch)
+        again = m(x, t, y, [3, 1])
+    assert torch.equal(first, again) and (n.validate, n.select) == (0, 0)
+    lay = m.layout([3, 1], 2, "cpu")
+    plans = attention_plans(lay)
+    assert set(plans) == {"image", "read", "core", "write"} and attention_plans(lay) is plans
+    assert plans["core"].segments is lay.core_segments and plans["read"].cu_seqlens_q is lay.read_args[0]
+    assert "AttentionPlan(" in repr(plans["core"]) and "segments on the host" in repr(plans["core"])
+
+
+def test_the_plan_is_public():
+    assert elit_kernels.attention.AttentionPlan is AttentionPlan
+
+
+def test_the_overhead_measurement_times_the_added_work_and_restores_the_backend_call():
+    from elit_kernels import attention as A
+    from elit_kernels.bench.attention_cases import dispatch_overhead_us
+
+    real = A.run_backend
+    o = dispatch_overhead_us("cpu", torch.float32, 2, 16, reps=3)
+    assert A.run_backend is real and P.run_backend is real
+    assert set(o) == {"added_us", "plan_added_us", "direct_us", "backend"}
+    assert all(o[k] > 0 for k in ("added_us", "plan_added_us", "direct_us")) and o["backend"] in R.known_backends()
+
+
+def test_inference_tensors_as_cu_seqlens_work_in_varlen_attention_and_a_plan():
+    # inference tensors keep no version counter; the once-per-layout check and the plan read it
+    from elit_kernels.attention.inputs import tensor_version
+
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    seg = SegmentRuns.from_lengths(*case.lens)
+    want = varlen_attention(q, k, v, cq, ck, mq, mk, segments=seg)
+    with torch.inference_mode():
+        icq, ick = cq.clone(), ck.clone()
+        assert tensor_version(icq) == -1
+        plan = AttentionPlan(icq, ick, mq, mk, segments=seg)
+        for _ in range(2):
+            assert torch.equal(varlen_attention(q, k, v, icq, ick, mq, mk, segments=seg), want)
+            assert torch.equal(plan(q, k, v), want)
+    c = cq.clone()
+    before = tensor_version(c)
+    c.add_(0)
+    assert tensor_version(c) == before + 1

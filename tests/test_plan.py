@@ -200,6 +200,11 @@ def test_the_environment_override_is_read_on_every_call(monkeypatch):
         plan(q, k, v)
     monkeypatch.setenv("ELIT_BACKEND", "reference")
     assert torch.equal(plan(q, k, v), want_ref)
+    assert P._env_backend() is not None
+    monkeypatch.setattr(P, "_ENV_STORE", None)  # where os.environ keeps no raw store: the documented read
+    assert P._env_backend() == "reference"
+    monkeypatch.delenv("ELIT_BACKEND")
+    assert P._env_backend() is None
 
 
 def test_a_backend_that_is_not_a_name_is_named_in_the_error():

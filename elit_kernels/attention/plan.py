@@ -22,6 +22,7 @@ import os
 import torch
 
 from . import dispatch as _dispatch
+from . import inputs as _inputs
 from . import known_answer as _ka
 from . import registry as _registry
 from .dispatch import select_backend
@@ -30,6 +31,17 @@ from .inputs import (AttnInputs, SegmentRuns, _as_int, _capturing, _check_cu, _s
 from .registry import run_backend
 
 _MAX_SIGNATURES = 64  # input signatures one plan remembers (a model uses one or two per plan)
+# $ELIT_BACKEND as a signature field, read on every call: os.environ.get costs ~1 us (it encodes the key and
+# decodes the value); os.environ's own store, where CPython keeps it, is one dict lookup of the raw value.
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("ELIT_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend():
+    """``$ELIT_BACKEND``'s raw value (or None), for a signature: a change of it changes the signature."""
+    if isinstance(_ENV_STORE, dict) and _ENV_KEY is not None:
+        return _ENV_STORE.get(_ENV_KEY)
+    return os.environ.get("ELIT_BACKEND")
 
 
 def _epoch() -> tuple:
@@ -122,14 +134,14 @@ class AttentionPlan:
         if _capturing():  # traced or captured: the plain path (once per graph; it reads nothing on the host)
             inp, b = self._full(q, k, v, backend)
             return run_backend(b, inp)
-        env = os.environ.get("ELIT_BACKEND") if backend is None else None  # read per call, as varlen_attention does
+        env = _env_backend() if backend is None else None  # read per call, as varlen_attention reads it
         try:
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                    (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled(), backend, env) \
                 if backend is None or type(backend) is str else None  # a backend that is not a name: checks say so
         except AttributeError:  # not tensors: the full checks name the argument
             key = None
-        state = (_epoch(), value_checks_enabled(), tensor_version(self._cu_q), tensor_version(self._cu_k))
+        state = (_epoch(), _inputs._validate_values, tensor_version(self._cu_q), tensor_version(self._cu_k))
         if state != self._state:
             self._runs.clear()
             self._state = state

@@ -159,20 +159,28 @@ class AttnInputs:
         return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)
 
 
-def _check_segments(segments, q, k, cu_q, max_q: int, max_k: int) -> None:
-    """``segments`` against the tensors and max lengths: host ints only, no device read."""
+def _check_segments(segments, cu_q, max_q: int, max_k: int, q=None, k=None) -> None:
+    """``segments`` against ``cu_seqlens_q``'s segment count, the max lengths and (given) the tensors' row counts:
+    host ints only, no device read. ``AttentionPlan`` checks without q/k when it is made."""
     if not isinstance(segments, SegmentRuns):
         raise TypeError(f"segments: expected an elit_kernels.attention.SegmentRuns or None, got {type(segments).__name__}")
     if segments.num_segments != cu_q.shape[0] - 1:
         raise ValueError(f"segments: describes {segments.num_segments} segments, cu_seqlens_q has {cu_q.shape[0] - 1}")
-    if segments.total_q > q.shape[0]:
+    if q is not None and segments.total_q > q.shape[0]:
         raise ValueError(f"segments: {segments.total_q} query rows, q holds {q.shape[0]}")
-    if segments.total_k > k.shape[0]:
+    if k is not None and segments.total_k > k.shape[0]:
         raise ValueError(f"segments: {segments.total_k} key rows, k/v hold {k.shape[0]}")
     if segments.max_q > max_q:
         raise ValueError(f"max_seqlen_q: {max_q} is smaller than the longest segment ({segments.max_q}) in segments")
     if segments.max_k > max_k:
         raise ValueError(f"max_seqlen_k: {max_k} is smaller than the longest segment ({segments.max_k}) in segments")
+
+
+def _check_cu_pair(cu_q, cu_k) -> None:
+    """Both ``cu_seqlens`` describe the same segments: one element more than the segment count each."""
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(f"cu_seqlens_k: has {cu_k.shape[0]} elements but cu_seqlens_q has {cu_q.shape[0]}; "
+                         "both must be [num_segments + 1]")
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -378,12 +386,9 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank: raises naming the fault
         if cu.device != dev:
             raise ValueError(f"{name}: on device {cu.device}, but q is on {dev}")
-    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-        raise ValueError(
-            f"cu_seqlens_k: has {cu_seqlens_k.shape[0]} elements but cu_seqlens_q has {cu_seqlens_q.shape[0]}; "
-            "both must be [num_segments + 1]")
+    _check_cu_pair(cu_seqlens_q, cu_seqlens_k)
     if segments is not None:
-        _check_segments(segments, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+        _check_segments(segments, cu_seqlens_q, max_seqlen_q, max_seqlen_k, q, k)
         if _validate_values and not _capturing():
             _verify_segments_once(segments, cu_seqlens_q, cu_seqlens_k)
     elif _validate_values and not _capturing():

@@ -26,8 +26,8 @@ from . import inputs as _inputs
 from . import known_answer as _ka
 from . import registry as _registry
 from .dispatch import select_backend
-from .inputs import (AttnInputs, SegmentRuns, _as_int, _capturing, _check_cu, _softcap, _verify_segments_once, _window,
-                     tensor_version, validate_inputs, value_checks_enabled)
+from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _softcap,
+                     _verify_segments_once, _window, tensor_version, validate_inputs, value_checks_enabled)
 from .registry import run_backend
 
 _MAX_SIGNATURES = 64  # input signatures one plan remembers (a model uses one or two per plan)
@@ -66,7 +66,7 @@ class AttentionPlan:
     here (with ``segments``, its eager comparison with ``cu_seqlens`` included); at the first call of each
     input signature, those of the tensors and the value checks of ``cu_seqlens``.
 
-        >>> from elit_kernels import varlen_attention
+        >>> from elit_kernels import SegmentRuns, varlen_attention
         >>> cu = torch.tensor([0, 4, 8], dtype=torch.int32)
         >>> plan = AttentionPlan(cu, cu, 4, 4, segments=SegmentRuns.from_lengths([4, 4], [4, 4]))
         >>> q = torch.randn(8, 2, 16)
@@ -82,25 +82,12 @@ class AttentionPlan:
         max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
         for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
             _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype, rank; values below or at the first call
-        if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-            raise ValueError(f"cu_seqlens_k: has {cu_seqlens_k.shape[0]} elements but cu_seqlens_q has "
-                             f"{cu_seqlens_q.shape[0]}; both must be [num_segments + 1]")
+        _check_cu_pair(cu_seqlens_q, cu_seqlens_k)
         if cu_seqlens_k.device != cu_seqlens_q.device:
             raise ValueError(f"cu_seqlens_k: on device {cu_seqlens_k.device}, but cu_seqlens_q is on "
                              f"{cu_seqlens_q.device}")
         if segments is not None:
-            if not isinstance(segments, SegmentRuns):
-                raise TypeError(f"segments: expected an elit_kernels.attention.SegmentRuns or None, got "
-                                f"{type(segments).__name__}")
-            if segments.num_segments != cu_seqlens_q.shape[0] - 1:
-                raise ValueError(f"segments: describes {segments.num_segments} segments, cu_seqlens_q has "
-                                 f"{cu_seqlens_q.shape[0] - 1}")
-            if segments.max_q > max_q:
-                raise ValueError(f"max_seqlen_q: {max_q} is smaller than the longest segment ({segments.max_q}) in "
-                                 "segments")
-            if segments.max_k > max_k:
-                raise ValueError(f"max_seqlen_k: {max_k} is smaller than the longest segment ({segments.max_k}) in "
-                                 "segments")
+            _check_segments(segments, cu_seqlens_q, max_q, max_k)
             if eager and value_checks_enabled():
                 _verify_segments_once(segments, cu_seqlens_q, cu_seqlens_k)
         if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):

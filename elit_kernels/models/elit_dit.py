@@ -284,16 +284,18 @@ class PlainDiT(nn.Module):
     def _plan(self, b: int, n: int, device) -> AttentionPlan:
         """The self-attention plan of a batch of ``b`` (one segment of ``n`` tokens per sample), kept per (batch,
         device) in eager mode, as ``ElitDiT.layout`` keeps layouts: later forwards build and check nothing."""
-        if torch.compiler.is_compiling():
+        def make():
             cu = torch.arange(0, (b + 1) * n, n, device=device, dtype=torch.int32)
             return AttentionPlan(cu, cu, n, n, segments=SegmentRuns.uniform_runs(b, n, n))
+
+        if torch.compiler.is_compiling():
+            return make()
         plans = self.__dict__.setdefault("_plans", {})
         key = (b, str(torch.device(device)), torch.is_inference_mode_enabled())  # as ElitDiT.layout's key
         if key not in plans:
             if len(plans) >= ElitDiT.LAYOUT_CACHE_SIZE:
                 plans.pop(next(iter(plans)))
-            cu = torch.arange(0, (b + 1) * n, n, device=device, dtype=torch.int32)
-            plans[key] = AttentionPlan(cu, cu, n, n, segments=SegmentRuns.uniform_runs(b, n, n))
+            plans[key] = make()
         return plans[key]
 
     def forward(self, x, t, y, budgets=None):

@@ -117,6 +117,78 @@ def test_segment_runs_refuse_what_is_not_a_description():
             make()
 
 
+def test_segment_runs_merge_equal_neighbours_and_derive_their_fields():
+    assert SegmentRuns.from_lengths([2, 2, 2], [3, 3, 3]).runs == ((3, 2, 3),)
+    assert SegmentRuns.from_lengths([2, 2, 1, 2], [3, 3, 3, 3]).runs == ((2, 2, 3), (1, 1, 3), (1, 2, 3))
+    assert SegmentRuns.from_lengths([2, 2], [3, 2]).runs == ((1, 2, 3), (1, 2, 2))  # equal Lq, different Lk
+    empty = SegmentRuns.from_lengths([], [])
+    assert empty.runs == () and empty.uniform and empty.num_segments == 0 and (empty.max_q, empty.max_k) == (0, 0)
+    assert SegmentRuns.uniform_runs(0, 3, 4) == empty  # no segments: no run (a run holds at least one)
+    one = SegmentRuns.from_lengths([4, 4], [5, 5])
+    assert one.uniform and one.runs == ((2, 4, 5),) and one.offsets == ((2, 4, 5, 0, 8, 0, 10),)
+    r = SegmentRuns.from_lengths([4, 4, 0], [5, 5, 7])
+    assert (r.total_q, r.total_k, r.num_segments, r.max_q, r.max_k, r.uniform) == (8, 17, 3, 4, 7, False)
+    assert r.offsets == ((2, 4, 5, 0, 8, 0, 10), (1, 0, 7, 8, 8, 10, 17))
+    assert SegmentRuns.uniform_runs(3, 2, 5) == SegmentRuns(((3, 2, 5),), 6, 15)
+    assert hash(SegmentRuns.from_lengths([4, 4], [5, 5])) == hash(one)  # equal descriptions: one dictionary key
+    with pytest.raises(ValueError, match="lengths_k: has 1 segments, lengths_q has 2"):
+        SegmentRuns.from_lengths([1, 2], [3])
+    with pytest.raises(ValueError, match="lengths_q: segment lengths must be >= 0"):
+        SegmentRuns.from_lengths([1, -2], [3, 3])
+    with pytest.raises(ValueError, match="lengths_k: segment lengths must be >= 0"):
+        SegmentRuns.from_lengths([1, 2], [3, -3])
+    with pytest.raises(ValueError, match="len_k: segment lengths must be >= 0"):
+        SegmentRuns.uniform_runs(1, 1, -1)
+
+
+@pytest.mark.parametrize("run, err", [((1, 2.0, 3), TypeError), ((1, 2, True), TypeError), ((1, 2), TypeError),
+                                      ([1, 2, 3], TypeError), ((1, -1, 3), ValueError), ((1, 3, -1), ValueError)])
+def test_segment_runs_refuse_a_run_that_is_not_three_ints(run, err):
+    # a run is (n_segments >= 1, Lq >= 0, Lk >= 0) of ints; each part is checked on its own
+    with pytest.raises(err, match=r"^segments: "):
+        SegmentRuns((run,), 2, 3)
+
+
+def test_segments_are_compared_with_cu_seqlens_once_with_one_host_read(monkeypatch):
+    # the first call with a (cu_seqlens pair, segments) reads both tensors in one copy (one device sync on a GPU);
+    # later calls with the same tensors read nothing; the record stays bounded
+    from elit_kernels.attention import inputs as I
+
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(tuple(t.shape)) or real(t))
+    seg = SegmentRuns.from_lengths([3, 5], [2, 6])
+    cq, ck = torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 2, 8], dtype=torch.int32)
+    for _ in range(3):
+        I._verify_segments_once(seg, cq, ck)
+    assert reads == [(2, 3)]
+    monkeypatch.setattr(I, "_VERIFIED_MAX", 2)
+    I._VERIFIED.clear()
+    pairs = [(torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 2, 8], dtype=torch.int32)) for _ in range(4)]
+    for a, b in pairs:
+        I._verify_segments_once(seg, a, b)
+    assert len(I._VERIFIED) == 2 and (id(pairs[-1][0]), id(pairs[-1][1]), seg) in I._VERIFIED
+
+
+@pytest.mark.parametrize("cq, ck", [([1, 4, 9], [0, 2, 8]), ([0, 3, 8], [1, 3, 9])], ids=["cu_q", "cu_k"])
+def test_segments_refuse_cu_seqlens_that_do_not_start_at_zero(cq, ck):
+    # the lengths agree with the segments, the offsets do not: either tensor starting elsewhere is refused
+    from elit_kernels.attention import inputs as I
+
+    cq, ck = torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
+    seg = SegmentRuns.from_lengths((cq[1:] - cq[:-1]).tolist(), (ck[1:] - ck[:-1]).tolist())
+    with pytest.raises(ValueError, match="segments: cu_seqlens_q and cu_seqlens_k must start at 0"):
+        I._verify_segments_once(seg, cq, ck)
+
+
+def test_segments_with_meta_cu_seqlens_are_not_read():
+    # fake/meta tensors (shape propagation, torch.compile's fake mode) hold no values: nothing to compare
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 5], [2, 6], 2, 16, seed=3)
+    seg = SegmentRuns.from_lengths([3, 5], [2, 6])
+    inp = validate_inputs(*(t.to("meta") for t in (q, k, v, cq, ck)), mq, mk, None, False, segments=seg)
+    assert inp.segments is seg and inp.cu_seqlens_q.device.type == "meta"
+
+
 def test_a_backend_that_breaks_the_output_contract_is_named():
     class _Bad(registry.Backend):
         name, priority, known_answer, devices = "_bad_shape", -999, False, ("cpu",)

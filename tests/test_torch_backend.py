@@ -48,23 +48,6 @@ def test_grouped_path_in_small_chunks(monkeypatch, causal):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_segment_runs_merge_equal_neighbours():
-    from elit_kernels.attention import SegmentRuns
-
-    assert SegmentRuns.from_lengths([2, 2, 2], [3, 3, 3]).runs == ((3, 2, 3),)
-    assert SegmentRuns.from_lengths([2, 2, 1, 2], [3, 3, 3, 3]).runs == ((2, 2, 3), (1, 1, 3), (1, 2, 3))
-    assert SegmentRuns.from_lengths([2, 2], [3, 2]).runs == ((1, 2, 3), (1, 2, 2))  # equal Lq, different Lk
-    empty = SegmentRuns.from_lengths([], [])
-    assert empty.runs == () and empty.uniform and empty.num_segments == 0 and (empty.max_q, empty.max_k) == (0, 0)
-    r = SegmentRuns.from_lengths([4, 4, 0], [5, 5, 7])
-    assert (r.total_q, r.total_k, r.num_segments, r.max_q, r.max_k, r.uniform) == (8, 17, 3, 4, 7, False)
-    assert SegmentRuns.uniform_runs(3, 2, 5) == SegmentRuns(((3, 2, 5),), 6, 15)
-    with pytest.raises(ValueError, match="lengths_k: has 1 segments, lengths_q has 2"):
-        SegmentRuns.from_lengths([1, 2], [3])
-    with pytest.raises(ValueError, match="segment lengths must be >= 0"):
-        SegmentRuns.from_lengths([1, -2], [3, 3])
-
-
 def _runs(lens_q, lens_k, *, h=2, hkv=None, scale=None, causal=False, grad=False, extra_q=0):
     q, k, v, cq, ck, _, _ = random_varlen_inputs(lens_q, lens_k, h, 8, kv_heads=hkv, requires_grad=grad,
                                                  extra_q=extra_q, extra_fill=None)

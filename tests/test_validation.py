@@ -30,9 +30,13 @@ CASES = {
     "k-heads": (lambda a: a.update(k=torch.randn(6, 3, 64), v=torch.randn(6, 3, 64)), ValueError,
                 r"^k: has 3 heads, which does not divide q's 2 heads"),
     "v-heads": (lambda a: a.update(v=a["v"][:, :1]), ValueError, r"^v: has 1 heads, k has 2"),
+    "v-rank": (lambda a: a.update(v=a["v"][:, 0]), ValueError, r"^v: .*3-D"),
     "v-headdim": (lambda a: a.update(v=a["v"][..., :32]), ValueError, r"^v: head dim 32"),
+    "k-headdim": (lambda a: a.update(k=a["k"][..., :32]), ValueError, r"^k: head dim 32 does not match q's head dim 64"),
     "v-tokens": (lambda a: a.update(v=a["v"][:5]), ValueError, r"^v: has 5 tokens"),
     "k-dtype": (lambda a: a.update(k=a["k"].half()), TypeError, r"^k: dtype torch.float16"),
+    "v-dtype": (lambda a: a.update(v=a["v"].half()), TypeError, r"^v: dtype torch.float16 does not match q's"),
+    "k-device": (lambda a: a.update(k=a["k"].to("meta")), ValueError, r"^k: on device meta, but q is on cpu"),
     "q-dtype-int": (lambda a: a.update(q=a["q"].long(), k=a["k"].long(), v=a["v"].long()), TypeError, r"^q: dtype"),
     "v-device": (lambda a: a.update(v=a["v"].to("meta")), ValueError, r"^v: on device meta"),
     "cu_k-device": (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"].to("meta")), ValueError, r"^cu_seqlens_k: on device meta"),
@@ -41,6 +45,8 @@ CASES = {
     "cu_k-length": (lambda a: a.update(cu_seqlens_k=i32(0, 6)), ValueError, r"^cu_seqlens_k: has 2 elements but cu_seqlens_q has 3"),
     "cu_q-start": (lambda a: a.update(cu_seqlens_q=i32(1, 3, 8)), ValueError, r"^cu_seqlens_q: must start at 0"),
     "cu_k-decreasing": (lambda a: a.update(cu_seqlens_k=i32(0, 7, 6)), ValueError, r"^cu_seqlens_k: must be non-decreasing"),
+    "cu_k-decreasing-after-empty": (lambda a: a.update(cu_seqlens_k=i32(0, 0, -1)), ValueError,
+                                    r"^cu_seqlens_k: must be non-decreasing, but cu_seqlens_k\[2\] = -1 < cu_seqlens_k\[1\] = 0"),
     "cu_q-end": (lambda a: a.update(cu_seqlens_q=i32(0, 3, 9)), ValueError, r"^cu_seqlens_q: last element 9 is past the end .* \(8 rows\)"),
     "cu_k-end": (lambda a: a.update(cu_seqlens_k=i32(0, 4, 7)), ValueError, r"^cu_seqlens_k: last element 7 is past"),
     "max_q-small": (lambda a: a.update(max_seqlen_q=4), ValueError, r"^max_seqlen_q: 4 is smaller than the longest segment \(5\)"),
@@ -213,3 +219,57 @@ def test_validated_inputs_equal_the_dataclass_built_field_by_field():
     with pytest.raises(dataclasses.FrozenInstanceError):
         got.causal = False
     assert dataclasses.replace(got, causal=False).causal is False
+
+
+def test_type_checks_of_cu_seqlens_run_with_the_value_checks_off(args):
+    # the switch turns off what reads cu_seqlens' values; its type, dtype and rank are always checked
+    set_value_checks(False)
+    try:
+        args["cu_seqlens_q"] = args["cu_seqlens_q"].long()
+        with pytest.raises(TypeError, match=r"^cu_seqlens_q: expected dtype torch.int32"):
+            call(args)
+    finally:
+        set_value_checks(True)
+
+
+def test_value_checks_off_never_compare_segments_with_cu_seqlens(args, monkeypatch):
+    # with the switch off, neither varlen_attention nor a plan reads cu_seqlens to compare it with segments
+    from elit_kernels.attention import AttentionPlan, SegmentRuns, inputs as I, plan as P
+
+    compared = []
+    monkeypatch.setattr(I, "_verify_segments_once", lambda *a: compared.append(a))
+    monkeypatch.setattr(P, "_verify_segments_once", lambda *a: compared.append(a))
+    seg = SegmentRuns.from_lengths([3, 5], [4, 2])
+    a = args
+    call(a, segments=seg)
+    AttentionPlan(a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"], a["max_seqlen_k"], segments=seg)
+    assert len(compared) == 2  # on: both compare
+    set_value_checks(False)
+    try:
+        want = call(a, backend="torch")
+        torch.testing.assert_close(call(a, segments=seg, backend="torch"), want)
+        plan = AttentionPlan(a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"], a["max_seqlen_k"], segments=seg)
+        torch.testing.assert_close(plan(a["q"], a["k"], a["v"], backend="torch"), want)
+    finally:
+        set_value_checks(True)
+    assert len(compared) == 2
+
+
+def test_window_sides_given_as_tensors_or_numpy_ints(args):
+    import numpy as np
+
+    want = call(args, backend="torch", window_size=(2, 1))
+    for left in (np.int64(2), torch.tensor(2), torch.tensor([2])):
+        torch.testing.assert_close(call(args, backend="torch", window_size=(left, 1)), want)
+    for left in (torch.tensor([1, 2]), torch.tensor(2.0)):
+        with pytest.raises(TypeError, match=r"^window_size: left must be an int >= -1 \(-1: unbounded\), got Tensor"):
+            call(args, window_size=(left, 1))
+    # causal bounds the right side itself: a causal call's right side is stored as -1 whatever was given
+    from elit_kernels.attention import validate_inputs
+
+    a = args
+    for window in ((-1, -1), (3, 0), (3, 5)):
+        inp = validate_inputs(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"],
+                              a["max_seqlen_k"], None, True, window_size=window)
+        assert (inp.window_left, inp.window_right) == (window[0], -1)
+

@@ -400,7 +400,11 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if type(window_size) is tuple and window_size == (-1, -1) and not causal:  # the default: nothing to resolve
+    try:  # the default needs nothing resolved; a side that is a multi-element tensor cannot be compared: _window names it
+        default = type(window_size) is tuple and window_size == (-1, -1) and not causal
+    except RuntimeError:
+        default = False
+    if default:
         left, right = -1, -1
     else:
         left, right = _window(window_size, causal)

@@ -324,3 +324,52 @@ def test_inference_tensors_as_cu_seqlens_work_in_varlen_attention_and_a_plan():
     before = tensor_version(c)
     c.add_(0)
     assert tensor_version(c) == before + 1
+
+
+def test_under_capture_the_backend_argument_still_decides(monkeypatch):
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk)
+    monkeypatch.setattr(P, "_capturing", lambda: True)
+    with pytest.raises(ValueError, match="backend: unknown backend 'no_such_backend'"):
+        plan(q, k, v, backend="no_such_backend")
+
+
+@pytest.mark.parametrize("grad", ["q", "k", "v"])
+def test_any_input_that_needs_gradients_is_a_new_signature(monkeypatch, grad):
+    # a decision made without gradients may pick a forward-only path: one tensor needing them must dispatch again
+    n = _Count(monkeypatch)
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk)
+    plan(q, k, v)
+    t = dict(q=q, k=k, v=v)
+    t[grad] = t[grad].clone().requires_grad_(True)
+    out = plan(t["q"], t["k"], t["v"])
+    assert out.requires_grad and n.select == 2
+
+
+def test_a_plan_keeps_no_tensor_of_its_calls_alive():
+    import gc
+    import weakref
+
+    case = CASES["core-uniform"]
+    q, k, v, cq, ck, mq, mk = _case_inputs(case)
+    plan = AttentionPlan(cq, ck, mq, mk)
+    refs = [weakref.ref(t) for t in (q, k, v)]
+    out = plan(q, k, v)
+    del q, k, v, out
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None] and len(plan._runs) == 1
+
+
+def test_a_plan_with_no_rows_and_its_description():
+    cu0 = torch.zeros(1, dtype=torch.int32)
+    empty = torch.randn(0, 2, 8)
+    plan = AttentionPlan(cu0, cu0, 0, 0)
+    assert plan(empty, empty, empty).shape == (0, 2, 8) and (plan.max_seqlen_q, plan.max_seqlen_k) == (0, 0)
+    assert repr(plan) == "AttentionPlan(0 segments, max_seqlen_q=0, max_seqlen_k=0, segments unknown)"
+    cq = torch.tensor([0, 3, 8], dtype=torch.int32)
+    seg = SegmentRuns.from_lengths([3, 5], [3, 5])
+    assert repr(AttentionPlan(cq, cq, 5, 6, segments=seg)) == \
+        "AttentionPlan(2 segments, max_seqlen_q=5, max_seqlen_k=6, segments on the host)"

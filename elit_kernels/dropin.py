@@ -44,7 +44,7 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, a
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: only 0.0 is supported (no attention dropout), got {dropout_p}")
-    if attention_chunk not in (0, None):
+    if attention_chunk is not None and not (type(attention_chunk) is int and attention_chunk == 0):
         raise NotImplementedError(f"attention_chunk: only 0 (no chunked attention) is supported, got {attention_chunk}")
     for name, value in (("alibi_slopes", alibi_slopes), ("block_table", block_table), *not_none.items()):
         if value is not None:
@@ -54,6 +54,8 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, a
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap, return_attn_probs,
          backend):
     kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend)
+    if type(return_attn_probs) not in (bool, int):  # flash-attn tests it for truth; a tensor has none
+        raise TypeError(f"return_attn_probs: expected a bool, got {type(return_attn_probs).__name__}")
     if not return_attn_probs:
         return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
     out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)

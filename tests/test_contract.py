@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 import torch
-from cases import backend_device, backend_params, cases
+from cases import backend_device, backend_params, cases, skip_unless_runs
 
 from elit_kernels import _outputs
 from elit_kernels.attention import (SegmentRuns, get_backend, registry, validate_inputs, varlen_attention)
@@ -48,6 +48,43 @@ def test_every_backend_matches_the_reference(backend, case, with_segments):
                                     seed=zlib.crc32(f"{backend}-{lens_q}".encode()) % 1000, kv_heads=case.kv_heads,
                                     extra_q=case.extra_q, extra_k=case.extra_k, window_size=case.window,
                                     softcap=case.softcap)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_loose_bounds_and_windows_past_every_segment_are_exact_on_every_backend(backend):
+    # "no limit" spelled as a huge max_seqlen or window side (2**31 - 1, sys.maxsize, 2**63) is the exact answer:
+    # bounds past the rows are the row count and sides past every segment are unbounded, so no kernel adds them
+    # to a position (int32/int64 overflow gave zeros or garbage before)
+    dev = backend_device(backend)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 4], [5, 2], 2, 16, dtype=_dtype(dev), device=dev, seed=5,
+                                                   requires_grad=True)
+    skip_unless_runs(backend, q, k, v, cq, ck, mq, mk, return_lse=True)
+    windows = not registry.reasons(get_backend(backend), validate_inputs(q, k, v, cq, ck, mq, mk, None, False,
+                                                                         return_lse=True, window_size=(0, 0)))
+    want, want_lse = varlen_attention(q, k, v, cq, ck, mq, mk, return_lse=True, backend="reference")
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for big in (2**31 - 1, 2**31 - 8, 2**63 - 1, 2**63):
+        for max_q, max_k, window in ((big, big, (-1, -1)), (mq, mk, (big, big)), (big, big, (-1, big)))[:3 if windows else 1]:
+            out, lse = varlen_attention(q, k, v, cq, ck, max_q, max_k, return_lse=True, window_size=window,
+                                        backend=backend)
+            torch.testing.assert_close(out, want)
+            torch.testing.assert_close(lse, want_lse)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), g), want_grads):
+                torch.testing.assert_close(a, b)
+    inp = validate_inputs(q, k, v, cq, ck, 2**63, 2**31 - 1, None, False, window_size=(2**64, 7))
+    assert (inp.max_seqlen_q, inp.max_seqlen_k, inp.window_left, inp.window_right) == (7, 7, -1, -1)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False, window_size=(mk - 1, mq - 1))  # still a window
+    assert (inp.max_seqlen_q, inp.max_seqlen_k, inp.window_left, inp.window_right) == (4, 5, 4, 3)
+
+
+def test_meta_tensors_run_without_reading_cu_seqlens():
+    # no values to check or read: every check that needs none still runs, and the result has the right shape
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 4], [5, 2], 2, 16, seed=6)
+    out, lse = varlen_attention(*(t.to("meta") for t in (q, k, v, cq, ck)), mq, mk, return_lse=True)
+    assert out.device.type == "meta" and out.shape == q.shape and lse.shape == (2, q.shape[0])
+    with pytest.raises(ValueError, match="^k: head dim 8 does not match"):
+        varlen_attention(*(t.to("meta") for t in (q, k[..., :8], v, cq, ck)), mq, mk)
 
 
 def test_the_library_comparators_are_in_the_contract():
@@ -112,7 +149,12 @@ def test_segment_runs_refuse_what_is_not_a_description():
             (lambda: SegmentRuns.from_lengths([True], [1]), TypeError, "lengths_q: expected ints >= 0, got bool"),
             (lambda: SegmentRuns(((1, 3, 3), (1, 5, 5)), 6, 8), ValueError, r"total_q/total_k \(6, 8\) do not match"),
             (lambda: SegmentRuns([(1, 2, 2)], 2, 2), TypeError, "segments: runs must be a tuple"),
-            (lambda: SegmentRuns(((0, 9, 9),), 0, 0), ValueError, r"run \(0, 9, 9\) needs n_segments >= 1")):
+            (lambda: SegmentRuns(((0, 9, 9),), 0, 0), ValueError, r"run \(0, 9, 9\) needs n_segments >= 1"),
+            (lambda: SegmentRuns(((1, 3, 5),), 3.0, 5), TypeError, "segments: total_q and total_k must be ints"),
+            (lambda: SegmentRuns(((1, 3, 5),), 3, True), TypeError, "segments: total_q and total_k must be ints"),
+            (lambda: SegmentRuns.from_lengths(5, [5]), TypeError, "lengths_q: expected a sequence of ints"),
+            (lambda: SegmentRuns.from_lengths([5], None), TypeError, "lengths_k: expected a sequence of ints"),
+            (lambda: SegmentRuns.from_lengths("55", [5, 5]), TypeError, "lengths_q: expected a sequence of ints")):
         with pytest.raises(err, match=match):
             make()
 

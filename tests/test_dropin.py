@@ -216,6 +216,18 @@ def test_packed_layout_errors_name_the_argument():
                                         alibi_slopes=torch.ones(2))
 
 
+def test_flash_attn_flags_that_are_tensors_are_named():
+    # flash-attn tests these for truth; a multi-element tensor has none: named, not torch's "ambiguous" error
+    q = torch.randn(3, 2, 8)
+    cu = cu_seqlens([3])
+    with pytest.raises(TypeError, match="^return_attn_probs: expected a bool, got Tensor"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=torch.tensor([1, 0]))
+    with pytest.raises(NotImplementedError, match=r"^attention_chunk: only 0 \(no chunked attention\)"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, attention_chunk=torch.tensor([4, 4]))
+    out, lse, _ = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=1, attention_chunk=None)
+    torch.testing.assert_close(out, flash_attn_varlen_func(q, q, q, cu, cu, 3, 3))
+
+
 @pytest.mark.parametrize("max_q", [9, np.int64(9), np.int32(9), torch.tensor(9), torch.tensor(9, dtype=torch.int32)],
                          ids=["int", "np.int64", "np.int32", "tensor-int64", "tensor-int32"])
 def test_max_seqlen_as_tensor_or_numpy(max_q):

@@ -109,7 +109,11 @@ def test_bad_tensors_are_named_on_every_call():
     (dict(softmax_scale="0.1"), TypeError, "softmax_scale: expected a float or None, got str"),
     (dict(causal=1), TypeError, "causal: expected a bool, got int"),
     (dict(window_size=(-2, 0)), ValueError, "window_size: left must be >= -1"),
-    (dict(softcap=-1.0), ValueError, "softcap: expected a finite float >= 0"),
+    (dict(softcap=-1.0), ValueError, r"softcap: expected 0 \(off\) or a finite float in float32's normal range"),
+    (dict(softmax_scale=float("inf")), ValueError, "softmax_scale: expected a finite float within float32's range"),
+    (dict(return_lse="False"), TypeError, "return_lse: expected a bool, got str"),
+    (dict(window_size={1: 0, 2: 0}), TypeError, r"window_size: expected a pair \(left, right\)"),
+    (dict(window_size=iter([1, 1])), TypeError, r"window_size: expected a pair \(left, right\)"),
 ])
 def test_bad_plan_arguments_are_named_when_the_plan_is_made(kwargs, err, match):
     cq = ck = torch.tensor([0, 24, 48], dtype=torch.int32)
@@ -240,6 +244,11 @@ def test_what_a_plan_was_made_with_cannot_change_behind_it():
     window[0] = 0  # the caller's list changes after the plan was made: the plan keeps what it was given
     q, k = torch.randn(8, 2, 16), torch.randn(10, 2, 16)
     assert torch.equal(plan(q, k, k), varlen_attention(q, k, k, cq, ck, 5, 6, window_size=(1, 1)))
+    window = torch.tensor([1, 1])  # a tensor is read into ints when the plan is made, as a list is copied
+    plan = AttentionPlan(cq, ck, 5, 6, window_size=window)
+    window.fill_(0)
+    assert torch.equal(plan(q.double(), k.double(), k.double()),
+                       varlen_attention(q.double(), k.double(), k.double(), cq, ck, 5, 6, window_size=(1, 1)))
     for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "segments"):
         with pytest.raises(AttributeError):
             setattr(plan, name, None)

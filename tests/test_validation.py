@@ -27,6 +27,8 @@ CASES = {
     "q-not-tensor": (lambda a: a.update(q=[1, 2]), TypeError, r"^q: expected a torch.Tensor"),
     "k-not-tensor": (lambda a: a.update(k=None), TypeError, r"^k: expected a torch.Tensor"),
     "v-not-tensor": (lambda a: a.update(v=a["v"].numpy()), TypeError, r"^v: expected a torch.Tensor"),
+    "q-no-heads": (lambda a: a.update(q=a["q"][:, :0]), ValueError, r"^q: has 0 heads; expected at least 1"),
+    "q-sparse": (lambda a: a.update(q=a["q"].to_sparse()), TypeError, r"^q: expected a dense \(strided\) tensor"),
     "k-heads": (lambda a: a.update(k=torch.randn(6, 3, 64), v=torch.randn(6, 3, 64)), ValueError,
                 r"^k: has 3 heads, which does not divide q's 2 heads"),
     "v-heads": (lambda a: a.update(v=a["v"][:, :1]), ValueError, r"^v: has 1 heads, k has 2"),
@@ -155,11 +157,15 @@ def test_window_edges(args):
     inp = validate_inputs(*a, None, True, window_size=(3, 5))
     assert (inp.window_left, inp.window_right, inp.causal) == (3, -1, True)
     assert validate_inputs(*a, None, False).return_lse is False and validate_inputs(*a, None, False).softcap == 0.0
-    inp = validate_inputs(*a, None, False, return_lse=1, softcap=2)
+    inp = validate_inputs(*a, None, False, return_lse=True, softcap=2)
     assert inp.return_lse is True and inp.softcap == 2.0 and type(inp.softcap) is float
+    for flag in (1, "False", torch.tensor([1, 0])):  # a flag is a bool, as causal is ("False" is truthy)
+        with pytest.raises(TypeError, match=r"^return_lse: expected a bool, got "):
+            validate_inputs(*a, None, False, return_lse=flag)
 
 
-@pytest.mark.parametrize("softcap,err", [(True, TypeError), ("1", TypeError), (-0.5, ValueError),
+@pytest.mark.parametrize("softcap,err", [(True, TypeError), ("1", TypeError), (-0.5, ValueError), (1e-300, ValueError),
+                                         (1e39, ValueError),
                                          (float("inf"), ValueError), (float("nan"), ValueError)])
 def test_softcap_errors(args, softcap, err):
     with pytest.raises(err, match="^softcap: expected"):
@@ -185,7 +191,11 @@ def test_set_value_checks_stores_a_bool():
     try:
         set_value_checks(0)
         assert value_checks_enabled() is False
-        set_value_checks("yes")
+        set_value_checks(True)
+        assert value_checks_enabled() is True
+        for bad in ("no", 2, None, torch.tensor([1, 0])):  # "no" is truthy: refused, not taken as True
+            with pytest.raises(TypeError, match=r"^enabled: expected a bool"):
+                set_value_checks(bad)
         assert value_checks_enabled() is True
     finally:
         set_value_checks(was)
@@ -272,4 +282,15 @@ def test_window_sides_given_as_tensors_or_numpy_ints(args):
         inp = validate_inputs(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"],
                               a["max_seqlen_k"], None, True, window_size=window)
         assert (inp.window_left, inp.window_right) == (window[0], -1)
+
+
+def test_describe_backends_names_a_bad_argument(args):
+    from elit_kernels import describe_backends
+    from elit_kernels.attention import validate_inputs
+
+    with pytest.raises(TypeError, match=r"^inp: expected an AttnInputs"):
+        describe_backends("x")
+    inp = validate_inputs(*(args[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                              "max_seqlen_k")), None, False)
+    assert all("reasons" in row for row in describe_backends(inp))
 

@@ -32,8 +32,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """Attention over packed ragged segments.
 
     Arguments:
-        q: ``[total_q, H, D]``, float16 / bfloat16 / float32 / float64, any D in 1..256 (a backend that
-            cannot run D natively gets it zero-padded and the output sliced back).
+        q: ``[total_q, H, D]``, a dense (strided) tensor, float16 / bfloat16 / float32 / float64, H >= 1, any D
+            in 1..256 (a backend that cannot run D natively gets it zero-padded and the output sliced back).
         k, v: ``[total_k, H_kv, D]``, q's dtype and device. ``H_kv`` must divide ``H`` (GQA / MQA): query
             head h reads kv head ``h // (H // H_kv)``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[S+1]``, start at 0, non-decreasing. Segment i:
@@ -41,16 +41,20 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             smaller than the row count (static buffers): q rows past ``cu_q[-1]`` get exact zeros and
             zero gradients, k/v rows past ``cu_k[-1]`` are never read.
         max_seqlen_q, max_seqlen_k: the longest segment (an upper bound is fine: the cost does not grow
-            with it). A Python int, a NumPy integer, or a 0-dim integer tensor (``.item()``: a CUDA tensor
-            costs a host sync; pass ints under CUDA graphs / ``torch.compile``).
-        softmax_scale: float, default ``D**-0.5`` of the real D.
+            with it, and a bound past the row count is taken as the row count). A Python int, a NumPy integer,
+            or a 0-dim integer tensor (``.item()``: a CUDA tensor costs a host sync; pass ints under CUDA graphs /
+            ``torch.compile``).
+        softmax_scale: float, default ``D**-0.5`` of the real D; finite, ``|scale| <= 3.4e38`` (the kernels
+            compute scores in float32).
         causal: bottom-right aligned mask, as flash-attn: query i sees key j iff ``j <= i + Lk - Lq``.
         window_size: ``(left, right)`` ints >= -1, sliding-window (local) attention with flash-attn's
             semantics: query i of a segment sees key j iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``
-            (bottom-right aligned; -1 leaves that side unbounded; with ``causal`` the right side is 0).
-            Default ``(-1, -1)``: no window.
-        softcap: float >= 0; when > 0 the logits are capped as flash-attn and Gemma-2 do,
-            ``s = softcap * tanh(softmax_scale * q.k / softcap)``, before masking and softmax. 0: off.
+            (bottom-right aligned; -1 leaves that side unbounded; with ``causal`` the right side is 0). A side that
+            reaches past every segment (``left >= max_seqlen_k``, ``right >= max_seqlen_q``) is unbounded too.
+            A tuple, a list or a 2-element tensor. Default ``(-1, -1)``: no window.
+        softcap: float, 0 (off) or in float32's normal range ``[1.18e-38, 3.4e38]``; when > 0 the logits are
+            capped as flash-attn and Gemma-2 do, ``s = softcap * tanh(softmax_scale * q.k / softcap)``, before
+            masking and softmax.
         backend: a registered backend name (``elit_kernels.known_backends()``); None picks
             ``$ELIT_BACKEND`` or, by default dispatch, the fastest backend measured for this GPU and shape
             class that can run the inputs (``elit_kernels.attention.dispatch``).
@@ -58,7 +62,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             With it nothing reads ``cu_seqlens`` back to the host (no device sync; CUDA-graph capture and
             ``torch.compile`` hold), uniform segments run as one dense SDPA, and the eager value checks
             compare it with the tensors instead: ``cu_seqlens`` must hold the same lengths.
-        return_lse: also return the log-sum-exp of each query row.
+        return_lse: bool, also return the log-sum-exp of each query row.
 
     Returns:
         ``out [total_q, H, D]`` in q's dtype; with ``return_lse``, ``(out, lse)`` where ``lse`` is
@@ -70,8 +74,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Raises:
         TypeError / ValueError naming the argument for invalid input (the checks that read
         ``cu_seqlens`` values run in eager mode only; ``window_size``: TypeError unless a pair of ints,
-        ValueError for a side < -1; ``softcap``: ValueError when negative); ValueError listing every reason when no backend
-        (or not the one asked for) can run the inputs.
+        ValueError for a side < -1; ``softmax_scale`` / ``softcap``: ValueError outside the ranges above;
+        ``return_lse``: TypeError unless a bool); ValueError listing every reason when no backend (or not the one
+        asked for) can run the inputs.
 
     The first seven arguments match ``flash_attn_varlen_func``::
 

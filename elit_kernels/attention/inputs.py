@@ -16,6 +16,10 @@ import torch
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 256
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# softmax_scale and softcap reach every kernel as float32: outside float32's normal range they overflow to inf or
+# flush to 0 (NaN scores and gradients), so they are refused there
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 _validate_values = os.environ.get("ELIT_VALIDATE", "1") not in ("0", "false", "False", "")
 
@@ -62,6 +66,9 @@ class SegmentRuns:
         if not isinstance(self.runs, tuple):
             raise TypeError(f"segments: runs must be a tuple of (n_segments, Lq, Lk) tuples, got "
                             f"{type(self.runs).__name__}")
+        if not (_is_int(self.total_q) and _is_int(self.total_k)):
+            raise TypeError(f"segments: total_q and total_k must be ints, got {type(self.total_q).__name__} and "
+                            f"{type(self.total_k).__name__}")
         tq = tk = ns = mq = mk = 0
         offsets = []
         for r in self.runs:
@@ -86,6 +93,9 @@ class SegmentRuns:
     @classmethod
     def from_lengths(cls, lengths_q, lengths_k) -> "SegmentRuns":
         """From per-segment lengths (sequences of ints of equal length; NumPy integers are accepted)."""
+        for name, seq in (("lengths_q", lengths_q), ("lengths_k", lengths_k)):
+            if isinstance(seq, (str, bytes, dict, torch.Tensor)) or not hasattr(seq, "__iter__"):
+                raise TypeError(f"{name}: expected a sequence of ints >= 0 (one per segment), got {type(seq).__name__}")
         lq, lk = [_as_length("lengths_q", n) for n in lengths_q], [_as_length("lengths_k", n) for n in lengths_k]
         if len(lq) != len(lk):
             raise ValueError(f"lengths_k: has {len(lk)} segments, lengths_q has {len(lq)}; they must match")
@@ -239,6 +249,8 @@ def set_value_checks(enabled: bool) -> None:
     ``ValueError`` (``RuntimeError`` from ``cpp``) naming it.
     """
     global _validate_values
+    if type(enabled) not in (bool, int) or enabled not in (0, 1):
+        raise TypeError(f"enabled: expected a bool, got {enabled!r}")
     _validate_values = bool(enabled)
 
 
@@ -263,7 +275,7 @@ def _check_cu(name: str, cu, total: int, max_name: str, max_len: int, check_valu
         raise ValueError(f"{name}: expected a 1-D tensor [num_segments + 1], got shape {tuple(cu.shape)}")
     if cu.shape[0] < 1:
         raise ValueError(f"{name}: expected at least one element (cu[0] = 0), got an empty tensor")
-    if not check_values:
+    if not check_values or cu.device.type == "meta":  # a meta tensor holds no values
         return
     c = cu.tolist()
     if c[0] != 0:
@@ -307,6 +319,8 @@ def _window(window_size, causal: bool) -> tuple[int, int]:
     """``window_size`` as ``(left, right)`` ints, -1 for an unbounded side; with ``causal`` the right side is
     the causal bound (flash-attn sets it to 0), stored as -1 since ``causal`` already applies it."""
     try:
+        if not isinstance(window_size, (tuple, list, torch.Tensor)):
+            raise TypeError
         left, right = window_size
     except (TypeError, ValueError):
         raise TypeError(f"window_size: expected a pair (left, right) of ints >= -1 (-1: unbounded), got "
@@ -330,11 +344,22 @@ def _window(window_size, causal: bool) -> tuple[int, int]:
     return left, (-1 if causal else right)
 
 
+def _scale(softmax_scale) -> float:
+    """A user's ``softmax_scale`` as a float: finite and within float32's range (the kernels' score dtype)."""
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not abs(softmax_scale) <= _F32_MAX:
+        raise ValueError(f"softmax_scale: expected a finite float within float32's range (|scale| <= {_F32_MAX:.4g}), "
+                         f"got {softmax_scale}")
+    return float(softmax_scale)
+
+
 def _softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"softcap: expected a float >= 0 (0: off), got {type(softcap).__name__}")
-    if not softcap >= 0.0 or softcap == float("inf"):
-        raise ValueError(f"softcap: expected a finite float >= 0 (0: off), got {softcap}")
+    if softcap != 0.0 and not _F32_TINY <= softcap <= _F32_MAX:
+        raise ValueError(f"softcap: expected 0 (off) or a finite float in float32's normal range [{_F32_TINY:.4g}, "
+                         f"{_F32_MAX:.4g}], got {softcap}")
     return float(softcap)
 
 
@@ -351,6 +376,8 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     qs, ks, vs, qdt, dev = q.shape, k.shape, v.shape, q.dtype, q.device  # read once: this runs on every call
     for name, ts in (("q", qs), ("k", ks), ("v", vs)):
         if len(ts) != 3:
@@ -369,6 +396,8 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     if vs[1] != ks[1]:
         raise ValueError(f"v: has {vs[1]} heads, k has {ks[1]}; they must match")
     h, h_kv = qs[1], ks[1]
+    if h == 0:
+        raise ValueError(f"q: has 0 heads; expected at least 1 (shape {tuple(qs)})")
     if h_kv == 0 or h % h_kv != 0:
         raise ValueError(f"k: has {h_kv} heads, which does not divide q's {h} heads (grouped-query attention "
                          "needs num_heads % num_kv_heads == 0)")
@@ -381,6 +410,12 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q)
     if type(max_seqlen_k) is not int or max_seqlen_k < 0:
         max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k)
+    # A loose bound is legal; no segment is longer than the rows it indexes, so a bound past them is the row count
+    # (kernels size grids and tiles by it: a bound near 2**31 or 2**63 would overflow their index arithmetic).
+    if max_seqlen_q > qs[0]:
+        max_seqlen_q = qs[0]
+    if max_seqlen_k > ks[0]:
+        max_seqlen_k = ks[0]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not (type(cu) is torch.Tensor and cu.dtype == torch.int32 and cu.dim() == 1 and cu.shape[0] >= 1):
             _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank: raises naming the fault
@@ -396,10 +431,12 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, True)
     if softmax_scale is None:
         softmax_scale = d ** -0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    elif type(softmax_scale) is not float or not abs(softmax_scale) <= _F32_MAX:
+        softmax_scale = _scale(softmax_scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if type(return_lse) is not bool:
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     try:  # the default needs nothing resolved; a side that is a multi-element tensor cannot be compared: _window names it
         default = type(window_size) is tuple and window_size == (-1, -1) and not causal
     except RuntimeError:
@@ -408,6 +445,12 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         left, right = -1, -1
     else:
         left, right = _window(window_size, causal)
+        # A side that reaches past every segment is unbounded (a query sees keys j with j - i - (Lk - Lq) in
+        # [1 - Lk, Lq - 1]); stored as -1 so that no kernel adds a huge side to a position and overflows.
+        if left >= max_seqlen_k:
+            left = -1
+        if right >= max_seqlen_q:
+            right = -1
     if type(softcap) not in (float, int) or softcap != 0.0:
         softcap = _softcap(softcap)
     # The dataclass's own __init__ sets its 14 fields one frozen setattr at a time (2.2 us on this project's
@@ -416,6 +459,6 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     inp = object.__new__(AttnInputs)
     inp.__dict__.update(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                         max_seqlen_k=max_seqlen_k, softmax_scale=float(softmax_scale), causal=causal,
-                        return_lse=bool(return_lse), window_left=left, window_right=right, softcap=float(softcap),
+                        return_lse=return_lse, window_left=left, window_right=right, softcap=float(softcap),
                         segments=segments)
     return inp

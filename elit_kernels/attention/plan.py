@@ -26,7 +26,7 @@ from . import inputs as _inputs
 from . import known_answer as _ka
 from . import registry as _registry
 from .dispatch import select_backend
-from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _softcap,
+from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _scale, _softcap,
                      _verify_segments_once, _window, tensor_version, validate_inputs, value_checks_enabled)
 from .registry import run_backend
 
@@ -90,17 +90,19 @@ class AttentionPlan:
             _check_segments(segments, cu_seqlens_q, max_q, max_k)
             if eager and value_checks_enabled():
                 _verify_segments_once(segments, cu_seqlens_q, cu_seqlens_k)
-        if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
-            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+        if softmax_scale is not None:
+            softmax_scale = _scale(softmax_scale)
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-        _window(window_size, causal)
-        _softcap(softcap)
+        if type(return_lse) is not bool:
+            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        window_size = _window(window_size, False)  # ints (a caller's list or tensor may change later)
+        softcap = _softcap(softcap)
         # private, with read-only properties: the cached runs hold these, so they must not change behind them
         self._cu_q, self._cu_k, self._max_q, self._max_k = cu_seqlens_q, cu_seqlens_k, max_q, max_k
         self._segments = segments
-        self._kw = dict(softmax_scale=softmax_scale, causal=causal, return_lse=bool(return_lse),
-                        window_size=tuple(window_size), softcap=softcap)  # a copy: the caller's list may change
+        self._kw = dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse, window_size=window_size,
+                        softcap=softcap)
         self._runs: dict = {}  # signature -> (backend, AttnInputs fields other than q/k/v)
         self._state = None  # (_epoch(), value checks on, cu versions) the cached runs were made under
 

@@ -214,6 +214,9 @@ def describe_inputs(inp: AttnInputs) -> str:
 def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
     """One dict per backend: name, priority, available, why not (``unavailable_reason``), whether default
     dispatch may pick it, and (given inputs) the reasons it can't run them."""
+    if inp is not None and not isinstance(inp, AttnInputs):
+        raise TypeError(f"inp: expected an AttnInputs (from elit_kernels.attention.validate_inputs) or None, got "
+                        f"{type(inp).__name__}")
     rows = []
     for b in registered_backends():
         row = {"name": b.name, "priority": b.priority, "available": b.is_available(), "description": b.description,

@@ -157,6 +157,26 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
+def _change(mutant: str, diff: str) -> tuple:
+    """A survivor's identity across runs: its function and the lines the mutant changed (mutmut numbers the
+    mutants of a function afresh whenever the function changes)."""
+    body = tuple(line.strip() for line in diff.splitlines()
+                 if line[:1] in "+-" and not line.startswith(("+++", "---")))
+    return mutant.rsplit("__mutmut_", 1)[0], body
+
+
+def _carry_reasons(old: list, new: list, reasons: dict) -> int:
+    """Give each new survivor without a reason the reason of an old survivor with the same ``_change``."""
+    by_change = {_change(m, d): reasons[m] for m, d in old if m in reasons}
+    n = 0
+    for m, d in new:
+        why = by_change.get(_change(m, d))
+        if m not in reasons and why is not None:
+            reasons[m] = why
+            n += 1
+    return n
+
+
 def write_report(results: list[dict], triton: list[dict]) -> Path:
     """Merge this invocation's modules into mutation.json (each keeps its own date and commit) and write
     mutation.md from all of them, with the reason recorded in mutation_reasons.json for each survivor."""
@@ -164,17 +184,23 @@ def write_report(results: list[dict], triton: list[dict]) -> Path:
 
     store = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {"modules": {}, "triton": []}
     stamp = {"date": dt.date.today().isoformat(), "commit": _commit()}
+    reasons = json.loads(REASONS_JSON.read_text()) if REASONS_JSON.exists() else {}
+    carried = 0
     for r in results:
         if not any(r["counts"].get(k) for k in ("killed", "timeout", "survived")):
             # mutmut's clean run failed (no mutant was tested): keep the last real result, say so
             print(f"== {r['name']}: no mutant tested (the clean test run failed); keeping the stored result",
                   flush=True)
             continue
+        old = store["modules"].get(r["name"], {}).get("survivors", [])
+        carried += _carry_reasons(old, r["survivors"], reasons)
         store["modules"][r["name"]] = {**r, **stamp}
     if triton:
         store["triton"] = [{**t, **stamp} for t in triton]
     RESULTS_JSON.write_text(json.dumps(store, indent=1) + "\n")
-    reasons = json.loads(REASONS_JSON.read_text()) if REASONS_JSON.exists() else {}
+    if carried:
+        print(f"== {carried} reasons carried over to renumbered survivors (same function, same change)", flush=True)
+        REASONS_JSON.write_text(json.dumps(reasons, indent=1, ensure_ascii=False))
     mods = [store["modules"][n] for n in MODULES if n in store["modules"]]
     lines = ["# Mutation testing (mutmut, CPU)", "",
              "`bash tools/mutation.sh [MODULE ...]` (outside CI). Score = (killed + timed out) / (killed + timed out +",

@@ -2,31 +2,150 @@
 
 Convention (the paper's): ``x_t = (1 - t) * x0 + t * noise``, the model predicts the velocity
 ``noise - x0``; sampling integrates from t = 1 (noise) to t = 0 (data).
+
+Every bad argument raises TypeError or ValueError whose message starts with the argument's name. The checks run
+once per call on Python values and tensor metadata (never on a device tensor's values: no host sync).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+import numbers
+import sys
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .layout import normalize_budgets
+
+
+# --- argument checks, shared with elit_kernels.sample (which turns them into UsageError) ---------------------
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    """``v`` as an int in [lo, hi] (a bool is not an int); ValueError naming ``name`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected an int {rng}, got {v!r}")
+    return v
+
+
+def _check_real(name: str, v, lo: float | None = None, what: str = "") -> float:
+    """``v`` as a finite Python float >= ``lo``: TypeError for a non-real (bool, str, None, complex, tensor),
+    ValueError for NaN, ±inf or a value below ``lo``; both name ``name``. ``what`` is added to the message."""
+    want = f"a finite real number{'' if lo is None else f' >= {lo:g}'}{what}"
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected {want}, got {type(v).__name__} ({v!r})")
+    f = float(v)
+    if not math.isfinite(f) or (lo is not None and f < lo):
+        raise ValueError(f"{name}: expected {want}, got {v!r}")
+    return f
+
+
+def _check_bool(name: str, v) -> bool:
+    """A flag must be a bool (``"no"`` or 1 would be read as true); TypeError naming ``name`` otherwise."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(v).__name__} ({v!r})")
+    return v
+
+
+def _check_tensor(name: str, v, *, floating: bool = False, what: str = "") -> torch.Tensor:
+    """``v`` must be a torch.Tensor (a floating-point one with ``floating``); TypeError naming ``name``."""
+    kind = "a floating-point tensor" if floating else "a tensor"
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected {kind}{what}, got {type(v).__name__}")
+    if floating and not v.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected {kind}{what}, got {v.dtype} (an integer, bool or complex tensor would be "
+                        "truncated or refused by the model: convert it with .float())")
+    return v
+
+
+def _check_model(name: str, model, guided: bool = False):
+    """The velocity model: callable ``model(x, t, y, budgets)``; a guided sampler also needs ``null_class`` and
+    ``cfg.latents_per_group`` (ElitDiT, PlainDiT, GraphedForward)."""
+    if not callable(model):
+        raise TypeError(f"{name}: expected a velocity model called as model(x, t, y, budgets) (e.g. ElitDiT), got "
+                        f"{type(model).__name__}")
+    if guided and (not hasattr(model, "null_class") or
+                   not hasattr(getattr(model, "cfg", None), "latents_per_group")):
+        raise TypeError(f"{name}: guidance needs a class-conditional model with null_class and cfg.latents_per_group "
+                        f"(ElitDiT, PlainDiT), got {type(model).__name__}")
+    return model
+
+
+def _j_max(model) -> int:
+    """J_max of ``model`` for the budget range check (no bound for a model without ``cfg.latents_per_group``)."""
+    j = getattr(getattr(model, "cfg", None), "latents_per_group", None)
+    return j if isinstance(j, int) else sys.maxsize
+
+
+_BUDGET_KINDS = "None (J_max), an int, a sequence of ints (one per sample) or a 1-D integer tensor"
+
+
+def _check_budget(name: str, budget, b: int, j_max: int, where: str = "") -> None:
+    """A budget argument as the model takes it (``layout.normalize_budgets``: None, an int, a sequence of ints or a
+    1-D integer tensor of ``b``, each in [0, j_max]), refused naming ``name``. A tensor's values stay on its device
+    (its dtype and length are checked here, its values by the model): no host sync."""
+    if budget is None:
+        return
+    if isinstance(budget, torch.Tensor):
+        if budget.dim() != 1 or not _is_int_dtype(budget.dtype):
+            raise TypeError(f"{name}: {where}expected {_BUDGET_KINDS}, got a {budget.dtype} tensor of shape "
+                            f"{tuple(budget.shape)}")
+        if budget.shape[0] != b:
+            raise ValueError(f"{name}: {where}expected {b} budgets (one per sample), got {budget.shape[0]}")
+        return
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, int):
+        raise TypeError(f"{name}: {where}expected {_BUDGET_KINDS}, got {type(budget).__name__} ({budget!r}); the "
+                        "model takes Python ints: pass int(...)")
+    if isinstance(budget, (str, bytes)) or not isinstance(budget, (int, Sequence)):
+        raise TypeError(f"{name}: {where}expected {_BUDGET_KINDS}, got {type(budget).__name__} ({budget!r}); "
+                        "elit_kernels.official.latents_for_budget converts the official float budgets")
+    try:
+        normalize_budgets(budget, b, j_max)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {where}{str(e).split(': ', 1)[-1]}") from None
+
+
+def _is_int_dtype(dt: torch.dtype) -> bool:
+    return not (dt.is_floating_point or dt.is_complex or dt == torch.bool)
+
 
 def _check_range(name: str, lo: int, hi: int) -> None:
-    if not (isinstance(lo, int) and isinstance(hi, int)) or not 0 <= lo <= hi:
+    if not (isinstance(lo, int) and isinstance(hi, int)) or isinstance(lo, bool) or isinstance(hi, bool) \
+            or not 0 <= lo <= hi:
         raise ValueError(f"{name}: expected ints 0 <= j_min <= j_max, got j_min={lo!r}, j_max={hi!r}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected None or a torch.Generator, got {type(generator).__name__}")
 
 
 def sample_budgets(batch: int, j_min: int, j_max: int, *, per_sample: bool = False,
                    generator: torch.Generator | None = None) -> list[int]:
-    """Tail dropping: J̃ ~ Uniform{j_min..j_max}, once for the batch (the paper) or per sample (ours)."""
+    """Tail dropping: J̃ ~ Uniform{j_min..j_max}, once for the batch (the paper) or per sample (ours).
+
+    ``batch``: an int >= 0; ``j_min``/``j_max``: ints with 0 <= j_min <= j_max; ``per_sample``: a bool;
+    ``generator``: None or a CPU torch.Generator. Returns ``batch`` Python ints. Raises ValueError naming
+    ``batch`` or ``j_min``, TypeError naming ``per_sample`` or ``generator``.
+    """
+    _check_int("batch", batch, 0)
     _check_range("j_min", j_min, j_max)
+    _check_bool("per_sample", per_sample)
+    _check_generator(generator)
     n = batch if per_sample else 1
     draws = torch.randint(j_min, j_max + 1, (n,), generator=generator).tolist()
     return draws if per_sample else draws * batch
 
 
 def logit_normal(batch: int, *, mean: float = 0.0, std: float = 1.0, generator=None, device="cpu") -> torch.Tensor:
-    """t = sigmoid(N(mean, std²)) — the logit-normal timestep distribution."""
+    """t = sigmoid(N(mean, std²)) — the logit-normal timestep distribution: ``batch`` (int >= 0) float32 times
+    on ``device``. ``mean``: a finite real; ``std``: a finite real >= 0; ``generator``: None or a CPU
+    torch.Generator. Raises ValueError / TypeError naming ``batch``, ``mean``, ``std`` or ``generator``."""
+    _check_int("batch", batch, 0)
+    mean = _check_real("mean", mean)
+    std = _check_real("std", std, 0)
+    _check_generator(generator)
     return torch.sigmoid(torch.randn(batch, generator=generator) * std + mean).to(device)
 
 
@@ -34,13 +153,29 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
                         noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean squared error between ``model(x_t, t, y, budgets)`` and the velocity ``noise - x0``.
 
-    ``t`` defaults to logit-normal draws, ``noise`` to standard normal (both from ``generator``).
+    ``x0``: a floating-point tensor ``[B, ...]``; ``y``: the class ids (a tensor, checked by the model);
+    ``budgets``: as the model takes them (checked by the model). ``t``: None (logit-normal draws) or a
+    floating-point tensor of shape ``[B]``; ``noise``: None (standard normal) or a floating-point tensor of
+    x0's shape (both drawn from ``generator``, None or a CPU torch.Generator). Raises TypeError / ValueError
+    naming ``model``, ``x0``, ``y``, ``t``, ``noise`` or ``generator``.
     """
+    _check_model("model", model)
+    _check_tensor("x0", x0, floating=True, what=" [B, ...] of clean latents")
+    if x0.dim() < 1:
+        raise ValueError("x0: expected a tensor [B, ...] with a batch dimension, got a 0-dim tensor")
+    _check_tensor("y", y, what=" of class ids [B]")
+    _check_generator(generator)
     b = x0.shape[0]
     if t is None:
         t = logit_normal(b, generator=generator, device=x0.device)
+    else:
+        _check_tensor("t", t, floating=True, what=f" of times of shape [B] = ({b},)")
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"t: expected one time per sample, shape ({b},), got {tuple(t.shape)}")
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator).to(x0)
+    else:
+        _check_tensor("noise", noise, floating=True, what=f" of x0's shape {tuple(x0.shape)}")
     if noise.shape != x0.shape:
         raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
     tt = t.to(x0.dtype).view(b, *([1] * (x0.dim() - 1)))
@@ -49,24 +184,59 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
 
 
 GUIDANCE_MODES = ("none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass")
+#: the modes with a weak pass at its own budget (``weak_budget``); ``cfg`` uses ``budget`` for both halves
+WEAK_MODES = ("autoguidance", "ccfg", "ccfg_two_pass")
+_SCALE = " (λ = the official cfg_scale − 1)"
+
+
+def _check_guidance(mode, scale, weak_budget) -> float:
+    """``mode``, ``scale`` and ``weak_budget`` together, as elit-sample's rules: a scale > 0 needs a mode, a
+    weak budget needs a mode with a weak pass. Returns scale as a float."""
+    if not isinstance(mode, str) or mode not in GUIDANCE_MODES:
+        raise ValueError(f"mode: expected one of {GUIDANCE_MODES}, got {mode!r}")
+    scale = _check_real("scale", scale, 0, _SCALE)
+    if mode == "none" and scale != 0:
+        raise ValueError(f"mode: scale {scale:g} needs a guidance mode (cfg, autoguidance, ccfg, ccfg_two_pass); "
+                         "with mode 'none' it would be ignored")
+    if weak_budget is not None and mode not in WEAK_MODES:
+        raise ValueError(f"weak_budget: only {', '.join(WEAK_MODES)} use a weak budget; mode is {mode!r} (it would "
+                         "be ignored)")
+    return scale
+
+
+def _check_dtype(dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected None (x's dtype) or a floating-point torch.dtype such as torch.float64, "
+                        f"got {dtype!r}")
+
+
+def _check_t(t, b: int, device) -> torch.Tensor:
+    """``t`` of ``guided_velocity`` as a ``[b]`` tensor: a Python real (float32 on ``device``), a 0-dim tensor
+    (expanded) or a ``[b]`` floating-point tensor."""
+    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+        return torch.full((b,), float(t), dtype=torch.float32, device=device)
+    _check_tensor("t", t, floating=True, what=f" of times of shape [B] = ({b},), a 0-dim one or a float")
+    if t.dim() == 0:
+        return t.expand(b)
+    if tuple(t.shape) != (b,):
+        raise ValueError(f"t: expected one time per sample, shape ({b},), or a 0-dim tensor, got {tuple(t.shape)}")
+    return t
 
 
 def _per_sample(budget, b: int, j_max: int) -> list:
-    """A budget argument (None = J_max, an int, or one per sample) as one int per sample."""
+    """A budget argument (None = J_max, an int, or one per sample; already checked) as one int per sample."""
     if budget is None:
         return [j_max] * b
-    if isinstance(budget, int) and not isinstance(budget, bool):
+    if isinstance(budget, int):
         return [budget] * b
     if isinstance(budget, torch.Tensor):
         budget = budget.tolist()
-    out = list(budget)
-    if len(out) != b:
-        raise ValueError(f"budget: expected {b} budgets (one per sample), got {len(out)}")
-    return out
+    return list(budget)
 
 
 def _model_dtype(model) -> torch.dtype:
-    p = next(iter(model.parameters()), None)
+    params = getattr(model, "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
     return p.dtype if p is not None else torch.float32
 
 
@@ -81,17 +251,41 @@ def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: f
       (budgets ``[J̃]*B + [J̃_w]*B``), so the weak half costs only its own latents.
     - ``ccfg_two_pass``: the same maths as two forward passes (what the official code does).
 
-    ``scale`` is λ = the official ``cfg_scale − 1`` (docs/released_checkpoints.md §5). ``budget`` / ``weak_budget``:
-    None (J_max / max(1, J_max // 16), the official default 1/16), an int, or one int per sample (latents per
-    group; ``elit_kernels.official.latents_for_budget`` converts the official float budgets). ``dtype``: the
-    dtype the passes are cast to before they are combined and of the result (None = x's dtype).
-    Works with ``PlainDiT`` for ``none`` and ``cfg`` (budget must be None there).
+    Arguments:
+        model: called as ``model(x, t, y, budgets)``; a guided mode with ``scale > 0`` needs ``null_class`` and
+            ``cfg.latents_per_group`` (``ElitDiT``; ``PlainDiT`` for ``none`` and ``cfg`` with budget None).
+        x: a floating-point tensor ``[B, ...]``. t: a Python float, a 0-dim tensor (both used for every sample)
+            or a floating-point tensor ``[B]``. y: class ids, a tensor ``[B]`` (checked by the model).
+        mode: one of ``GUIDANCE_MODES``. scale: λ = the official ``cfg_scale − 1``, a finite real >= 0; a
+            nonzero scale needs a mode other than ``none``.
+        budget / weak_budget: None (J_max / max(1, J_max // 16), the official default 1/16), an int, a sequence
+            of ints or a 1-D integer tensor (one per sample), each in [0, J_max] (latents per group; Python ints,
+            not NumPy: ``elit_kernels.official.latents_for_budget`` converts the official float budgets).
+            ``weak_budget`` only with ``autoguidance``, ``ccfg`` or ``ccfg_two_pass``.
+        dtype: None (x's dtype) or a floating-point torch.dtype: the passes are cast to it before they are
+            combined, and the result has it.
+
+    Raises TypeError / ValueError naming ``model``, ``x``, ``t``, ``y``, ``mode``, ``scale``, ``budget``,
+    ``weak_budget`` or ``dtype`` (the model itself names what it checks on values, e.g. ``budgets``, ``t``).
     """
-    if mode not in GUIDANCE_MODES:
-        raise ValueError(f"mode: expected one of {GUIDANCE_MODES}, got {mode!r}")
+    scale = _check_guidance(mode, scale, weak_budget)
+    _check_model("model", model, guided=mode != "none" and scale > 0)
+    _check_tensor("x", x, floating=True, what=" [B, ...]")
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor [B, ...] with a batch dimension, got a 0-dim tensor")
     b = x.shape[0]
-    t = t.expand(b) if t.dim() == 0 else t
-    dtype = dtype or x.dtype
+    t = _check_t(t, b, x.device)
+    _check_tensor("y", y, what=" of class ids [B]")
+    _check_dtype(dtype)
+    j_max = _j_max(model)
+    _check_budget("budget", budget, b, j_max)
+    _check_budget("weak_budget", weak_budget, b, j_max)
+    return _velocity(model, x, t, y, budget, mode, scale, weak_budget, dtype or x.dtype)
+
+
+def _velocity(model, x, t, y, budget, mode: str, scale: float, weak_budget, dtype: torch.dtype):
+    """``guided_velocity`` on checked arguments (``t`` a ``[B]`` tensor): the sampler's per-step call."""
+    b = x.shape[0]
     if mode == "none" or scale == 0.0:
         return model(x, t, y, budget).to(dtype)
     null = torch.full_like(y, model.null_class)
@@ -117,10 +311,22 @@ def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: f
 
 
 def _check_interval(guidance_interval) -> tuple[float, float]:
+    """(low, high) guidance times with 0 <= low <= high <= 1 (a str is refused: "01" is not (0, 1));
+    ValueError naming ``guidance_interval``."""
+    bad = ValueError(f"guidance_interval: expected a pair (low, high) of real times in [0, 1], got "
+                     f"{guidance_interval!r}")
+    if isinstance(guidance_interval, (str, bytes)):
+        raise bad
     try:
-        low, high = (float(v) for v in guidance_interval)
+        low, high = guidance_interval
     except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval: expected (low, high) times in [0, 1], got {guidance_interval!r}") from None
+        raise bad from None
+    if any(isinstance(v, (bool, str, bytes)) for v in (low, high)):
+        raise bad
+    try:
+        low, high = float(low), float(high)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad from None
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"guidance_interval: expected 0 <= low <= high <= 1, got {guidance_interval!r}")
     return low, high
@@ -142,29 +348,59 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
       (inclusive; t_cur is the time at the start of the step, and decides both evaluations of a Heun step).
       Outside the interval a step is one conditional pass at the step's budget.
 
-    ``budget``: None (J_max in every mode), an int, or one int per sample (latents per group).
-    ``budget_schedule`` overrides it per step: a sequence of ``steps`` budgets or a callable ``step -> budget``.
-    ``graphed``: replay each forward from a CUDA graph captured once per budget signature
-    (``elit_kernels.models.capture``; a run keeps one or two signatures: guided and, outside the guidance
-    interval, unguided). On a CPU, or where capture fails, it warns once and runs eagerly. A ``GraphedForward``
-    passed as ``model`` is used as it is (its graphs then outlive the call).
-    Raises ValueError naming ``steps``, ``budget_schedule``, ``mode``, ``scale`` or ``guidance_interval``.
+    Arguments:
+        model: as ``guided_velocity``'s. noise: a floating-point tensor ``[B, C, H, W]`` (integer or bool noise
+            is refused: the result takes noise's dtype). y: class ids, a tensor ``[B]``. steps: an int >= 1.
+        mode / scale / weak_budget: as ``guided_velocity`` (scale a finite real >= 0; a nonzero scale needs a
+            mode; weak_budget only with autoguidance, ccfg or ccfg_two_pass).
+        budget: None (J_max in every mode), an int, or one int per sample (latents per group; as
+            ``guided_velocity``). budget_schedule: instead of ``budget`` (not with it), a sequence of ``steps``
+            budgets or a callable ``step -> budget`` (its results are checked at each step).
+        guidance_interval: a pair (low, high) of reals with 0 <= low <= high <= 1 (not a str).
+        heun / progress / graphed: bools. ``progress`` shows a tqdm bar. ``graphed``: replay each forward from a
+            CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a run keeps one or
+            two signatures: guided and, outside the guidance interval, unguided). On a CPU, or where capture
+            fails, it warns once and runs eagerly. A ``GraphedForward`` passed as ``model`` is used as it is
+            (its graphs then outlive the call).
+
+    Raises TypeError / ValueError naming ``model``, ``noise``, ``y``, ``steps``, ``budget``, ``budget_schedule``,
+    ``mode``, ``scale``, ``weak_budget``, ``guidance_interval``, ``heun``, ``progress`` or ``graphed``; the checks
+    run once per call (a callable schedule's result once per step), on Python values and tensor metadata only.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if mode not in GUIDANCE_MODES:
-        raise ValueError(f"mode: expected one of {GUIDANCE_MODES}, got {mode!r}")
-    if not scale >= 0:
-        raise ValueError(f"scale: expected λ >= 0 (the official cfg_scale − 1), got {scale!r}")
+    scale = _check_guidance(mode, scale, weak_budget)
     low, high = _check_interval(guidance_interval)
+    for name, flag in (("heun", heun), ("progress", progress), ("graphed", graphed)):
+        _check_bool(name, flag)
+    _check_model("model", model, guided=mode != "none" and scale > 0)
+    _check_tensor("noise", noise, floating=True, what=" [B, C, H, W] (the result takes its dtype)")
+    if noise.dim() < 1:
+        raise ValueError("noise: expected a tensor [B, C, H, W] with a batch dimension, got a 0-dim tensor")
+    _check_tensor("y", y, what=" of class ids [B]")
+    b, j_max = noise.shape[0], _j_max(model)
+    _check_budget("weak_budget", weak_budget, b, j_max)
     if budget_schedule is None:
+        _check_budget("budget", budget, b, j_max)
         schedule = lambda i: budget  # noqa: E731
+    elif budget is not None:
+        raise ValueError("budget_schedule: give budget or budget_schedule, not both (the schedule would override "
+                         f"budget={budget!r})")
     elif callable(budget_schedule):
-        schedule = budget_schedule
-    else:
+        def schedule(i):
+            bud = budget_schedule(i)
+            _check_budget("budget_schedule", bud, b, j_max, f"step {i} returned {bud!r}: ")
+            return bud
+    elif (isinstance(budget_schedule, Sequence) and not isinstance(budget_schedule, (str, bytes))) or \
+            (isinstance(budget_schedule, torch.Tensor) and budget_schedule.dim() >= 1):
         if len(budget_schedule) != steps:
             raise ValueError(f"budget_schedule: expected {steps} budgets (one per step), got {len(budget_schedule)}")
+        for i in range(steps):
+            _check_budget("budget_schedule", budget_schedule[i], b, j_max, f"step {i}: ")
         schedule = budget_schedule.__getitem__
+    else:
+        raise TypeError(f"budget_schedule: expected None, a sequence of {steps} budgets (one per step) or a callable "
+                        f"step -> budget, got {type(budget_schedule).__name__} ({budget_schedule!r})")
     if graphed:
         from .models.capture import GraphedForward
 
@@ -173,7 +409,6 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     mdt = _model_dtype(model)
     x = noise.to(torch.float64)
-    b = x.shape[0]
     it = range(steps)
     if progress:
         from tqdm.auto import tqdm
@@ -182,8 +417,8 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
 
     def velocity(xs, t, guided, bud):
         tt = torch.full((b,), float(t), device=xs.device, dtype=torch.float32)
-        return guided_velocity(model, xs.to(mdt), tt, y, bud, mode=mode if guided else "none", scale=scale,
-                               weak_budget=weak_budget, dtype=torch.float64)
+        return _velocity(model, xs.to(mdt), tt, y, bud, mode if guided else "none", scale,
+                         weak_budget if guided else None, torch.float64)
 
     with torch.no_grad():
         for i in it:

@@ -7,6 +7,7 @@ definitions (docs/released_checkpoints.md §5) and compared exactly. Written aga
 """
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,7 +55,7 @@ def _xty(b=3, dtype=torch.float32, seed=0):
 def test_guided_velocity_combination_and_calls(mode):
     x, t, y = _xty()
     m, s, budget, weak = Fake(), 0.75, [4, 8, 2], 1
-    got = guided_velocity(m, x, t, y, budget, mode=mode, scale=s, weak_budget=weak)
+    got = guided_velocity(m, x, t, y, budget, mode=mode, scale=s, weak_budget=None if mode == "cfg" else weak)
     xd = x.double()
     cond = v(xd, t, y, budget)
     weak_v = {"cfg": v(xd, t, torch.full_like(y, NULL), budget), "autoguidance": v(xd, t, y, weak),
@@ -250,3 +251,220 @@ def test_loss_feeds_the_model_in_its_dtype():
     m = Fake(dtype=torch.bfloat16)
     rectified_flow_loss(m, x0.bfloat16(), y, t=t)
     assert m.calls[0]["dtype"] == torch.bfloat16
+
+
+
+# --- bad arguments: each refused by name (TypeError / ValueError whose message starts "name: "), before any pass ---
+GUIDED = ["cfg", "autoguidance", "ccfg", "ccfg_two_pass"]
+WEAK = ["autoguidance", "ccfg", "ccfg_two_pass"]
+
+
+def _both(m, x, t, y, **kw):
+    """guided_velocity and euler_sample with the same arguments: each must refuse them the same way."""
+    steps = kw.pop("steps", 2)
+    return [lambda: guided_velocity(m, x, t, y, **kw), lambda: euler_sample(m, x, y, steps=steps, **kw)]
+
+
+@pytest.mark.parametrize("scale,err", [(float("inf"), ValueError), (float("-inf"), ValueError),
+                                       (float("nan"), ValueError), (-2, ValueError), (-1e-9, ValueError),
+                                       (True, TypeError), ("a", TypeError), (None, TypeError), (1j, TypeError),
+                                       (torch.tensor(1.0), TypeError), ([1.0], TypeError)])
+def test_scale_must_be_a_finite_real_number(scale, err):
+    x, t, y = _xty()
+    m = Fake()
+    for call in _both(m, x, t, y, mode="cfg", scale=scale):
+        with pytest.raises(err, match=r"^scale: expected a finite real number >= 0 \(λ = the official cfg_scale"):
+            call()
+    assert m.calls == []
+
+
+def test_scale_accepts_any_real_number_type():
+    x, t, y = _xty()
+    want = guided_velocity(Fake(), x, t, y, 4, mode="cfg", scale=1.5)
+    for s in (np.float64(1.5), np.float32(1.5)):
+        assert torch.equal(guided_velocity(Fake(), x, t, y, 4, mode="cfg", scale=s), want)
+    assert torch.equal(guided_velocity(Fake(), x, t, y, 4, mode="cfg", scale=2),
+                       guided_velocity(Fake(), x, t, y, 4, mode="cfg", scale=2.0))
+
+
+@pytest.mark.parametrize("make", [lambda z: z.long(), lambda z: z > 0, lambda z: z.to(torch.complex64),
+                                  lambda z: z.numpy(), lambda z: z.tolist(), lambda z: None])
+def test_noise_and_x_must_be_floating_tensors(make):
+    x, t, y = _xty()
+    m = Fake()
+    with pytest.raises(TypeError, match="^noise: expected a floating-point tensor"):
+        euler_sample(m, make(x), y, steps=2)
+    with pytest.raises(TypeError, match="^x: expected a floating-point tensor"):
+        guided_velocity(m, make(x), t, y)
+    with pytest.raises(TypeError, match="^x0: expected a floating-point tensor"):
+        rectified_flow_loss(m, make(x), y)
+    assert m.calls == []
+
+
+def test_model_and_y_are_named():
+    x, t, y = _xty()
+    for call in _both(None, x, t, y) + [lambda: rectified_flow_loss(None, x, y)]:
+        with pytest.raises(TypeError, match="^model: expected a velocity model"):
+            call()
+    # guidance needs null_class and cfg.latents_per_group; a bare function has neither (no AttributeError)
+    for call in _both(lambda x, t, y, b=None: x, x, t, y, mode="ccfg", scale=1.0):
+        with pytest.raises(TypeError, match="^model: guidance needs a class-conditional model"):
+            call()
+    for call in _both(Fake(), x, t, y.tolist()) + [lambda: rectified_flow_loss(Fake(), x, y.tolist())]:
+        with pytest.raises(TypeError, match="^y: expected a tensor"):
+            call()
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(mode="none", scale=1.0), "mode"),  # a scale without a mode would be ignored
+    (dict(scale=0.5), "mode"),
+    (dict(mode="cfg", scale=1.0, weak_budget=1), "weak_budget"),  # cfg has no weak pass
+    (dict(mode="none", weak_budget=1), "weak_budget"),
+    (dict(mode="cfg", weak_budget=[1, 2, 3]), "weak_budget"),
+    (dict(mode="CFG", scale=1.0), "mode"),
+    (dict(mode=None), "mode"),
+])
+def test_arguments_that_would_be_ignored_are_refused(kw, name):
+    x, t, y = _xty()
+    m = Fake()
+    for call in _both(m, x, t, y, **kw):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            call()
+    assert m.calls == []
+
+
+BAD_BUDGETS = [(2.0, TypeError), (0.5, TypeError), (np.int64(2), TypeError), ("4", TypeError), (True, TypeError),
+               ([1, 2], ValueError), ([1, 2, 3, 4], ValueError), ([1, 2.0, 3], TypeError), ([1, np.int64(2), 3], TypeError),
+               (33, ValueError), ([1, -1, 2], ValueError), (torch.tensor([1.0, 2.0, 3.0]), TypeError),
+               (torch.tensor([[1, 2, 3]]), TypeError), (torch.tensor([1, 2]), ValueError), ({1: 2}, TypeError)]
+
+
+@pytest.mark.parametrize("mode", ["none"] + GUIDED)
+@pytest.mark.parametrize("budget,err", BAD_BUDGETS)
+def test_every_mode_checks_budget_by_name(mode, budget, err):
+    x, t, y = _xty()
+    m = Fake()
+    for call in _both(m, x, t, y, budget=budget, mode=mode, scale=0.0 if mode == "none" else 1.0):
+        with pytest.raises(err, match="^budget: "):
+            call()
+    assert m.calls == []
+
+
+@pytest.mark.parametrize("mode", WEAK)
+@pytest.mark.parametrize("weak,err", BAD_BUDGETS)
+def test_every_weak_mode_checks_weak_budget_by_name(mode, weak, err):
+    x, t, y = _xty()
+    m = Fake()
+    for call in _both(m, x, t, y, budget=4, mode=mode, scale=1.0, weak_budget=weak):
+        with pytest.raises(err, match="^weak_budget: "):
+            call()
+    assert m.calls == []
+
+
+def test_numpy_budgets_say_how_to_convert():
+    x, t, y = _xty()
+    with pytest.raises(TypeError, match=r"^budget: .*got int64 .*pass int\(\.\.\.\)"):
+        guided_velocity(Fake(), x, t, y, np.int64(2), mode="ccfg", scale=1.0)
+
+
+def test_valid_budget_forms_reach_the_model_unchanged():
+    """An int tensor budget is checked by its dtype and length only (its values stay on the device)."""
+    x, t, y = _xty()
+    m = Fake()
+    bud = torch.tensor([4, 8, 2])
+    euler_sample(m, x, y, steps=1, budget=bud)
+    assert m.calls[0]["budgets"] is bud
+    m.calls.clear()
+    guided_velocity(m, x, t, y, (4, 8, 2), mode="ccfg", scale=1.0, weak_budget=range(1, 4))
+    assert m.calls[0]["budgets"] == [4, 8, 2, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(budget_schedule=4), TypeError, "^budget_schedule: expected None, a sequence of 2 budgets"),
+    (dict(budget_schedule="ab"), TypeError, "^budget_schedule: expected None"),
+    (dict(budget_schedule=torch.tensor(4)), TypeError, "^budget_schedule: expected None"),
+    (dict(budget_schedule=[4, 2.0]), TypeError, "^budget_schedule: step 1: "),
+    (dict(budget_schedule=[4, [1, 2]]), ValueError, "^budget_schedule: step 1: expected 3 budgets"),
+    (dict(budget_schedule=[4, 2, 1]), ValueError, "^budget_schedule: expected 2 budgets"),
+    (dict(budget_schedule=lambda i: 2.5), TypeError, "^budget_schedule: step 0 returned 2.5: "),
+    (dict(budget_schedule=lambda i: 4 if i == 0 else 99), ValueError, "^budget_schedule: step 1 returned 99: "),
+    (dict(budget_schedule=[4, 2], budget=4), ValueError, "^budget_schedule: give budget or budget_schedule"),
+])
+def test_budget_schedule_errors_name_it(kw, err, msg):
+    x, _, y = _xty()
+    with pytest.raises(err, match=msg):
+        euler_sample(Fake(), x, y, steps=2, **kw)
+
+
+def test_a_tensor_schedule_is_one_row_per_step():
+    x, _, y = _xty()
+    m = Fake()
+    euler_sample(m, x, y, steps=2, budget_schedule=torch.tensor([[4, 8, 2], [1, 1, 1]]))
+    assert [c["budgets"].tolist() for c in m.calls] == [[4, 8, 2], [1, 1, 1]]
+
+
+def test_guided_velocity_takes_a_float_t_and_checks_t_and_dtype():
+    x, t, y = _xty()
+    want = guided_velocity(Fake(), x, torch.full((3,), 0.5), y, 4, mode="ccfg", scale=1.0)
+    for tt in (0.5, np.float64(0.5), torch.tensor(0.5)):
+        assert torch.equal(guided_velocity(Fake(), x, tt, y, 4, mode="ccfg", scale=1.0), want)
+    for tt, err in (("0.5", TypeError), (True, TypeError), (None, TypeError), (torch.tensor([1, 0, 1]), TypeError),
+                    (torch.rand(2), ValueError), (torch.rand(3, 1), ValueError)):
+        with pytest.raises(err, match="^t: "):
+            guided_velocity(Fake(), x, tt, y)
+    for dt in ("float64", torch.int64, torch.bool, float, 1):
+        with pytest.raises(TypeError, match="^dtype: expected None .* floating-point torch.dtype"):
+            guided_velocity(Fake(), x, t, y, dtype=dt)
+
+
+@pytest.mark.parametrize("kw,err,name", [
+    (dict(t=torch.rand(2)), ValueError, "t"), (dict(t=torch.rand(3, 1)), ValueError, "t"),
+    (dict(t=torch.tensor([0, 1, 0])), TypeError, "t"), (dict(t=0.5), TypeError, "t"),
+    (dict(noise=torch.zeros(3, 2, 2, 2, dtype=torch.long)), TypeError, "noise"),
+    (dict(noise=np.zeros((3, 2, 2, 2))), TypeError, "noise"), (dict(noise=torch.zeros(3, 2)), ValueError, "noise"),
+    (dict(generator=3), TypeError, "generator"),
+])
+def test_rectified_flow_loss_errors_name_the_argument(kw, err, name):
+    x0, _, y = _xty()
+    m = Fake()
+    with pytest.raises(err, match=f"^{name}: "):
+        rectified_flow_loss(m, x0, y, **kw)
+    assert m.calls == []
+
+
+@pytest.mark.parametrize("call,err,name", [
+    (lambda: sample_budgets(-1, 0, 2), ValueError, "batch"), (lambda: sample_budgets(2.5, 0, 2), ValueError, "batch"),
+    (lambda: sample_budgets(True, 0, 2), ValueError, "batch"), (lambda: sample_budgets("3", 0, 2), ValueError, "batch"),
+    (lambda: sample_budgets(2, True, 2), ValueError, "j_min"),
+    (lambda: sample_budgets(2, 0, 2, per_sample="yes"), TypeError, "per_sample"),
+    (lambda: sample_budgets(2, 0, 2, generator=0), TypeError, "generator"),
+    (lambda: logit_normal(-1), ValueError, "batch"), (lambda: logit_normal(2, std=-1.0), ValueError, "std"),
+    (lambda: logit_normal(2, std=float("nan")), ValueError, "std"),
+    (lambda: logit_normal(2, mean=float("inf")), ValueError, "mean"), (lambda: logit_normal(2, mean="0"), TypeError, "mean"),
+])
+def test_draws_errors_name_the_argument(call, err, name):
+    with pytest.raises(err, match=f"^{name}: "):
+        call()
+
+
+def test_empty_batches_are_legal():
+    assert sample_budgets(0, 1, 4) == [] and sample_budgets(0, 1, 4, per_sample=True) == []
+    assert logit_normal(0).shape == (0,)
+
+
+@pytest.mark.parametrize("interval", ["01", b"01", ("0", "1"), (True, 1), (0, False), (0,), (0, 0.5, 1), None, 0.5,
+                                      (float("nan"), 1), (0, float("inf")), (torch.zeros(2), 1)])
+def test_guidance_interval_errors(interval):
+    x, _, y = _xty()
+    with pytest.raises(ValueError, match="^guidance_interval: expected"):
+        euler_sample(Fake(), x, y, steps=2, mode="cfg", scale=1.0, guidance_interval=interval)
+
+
+@pytest.mark.parametrize("name", ["heun", "progress", "graphed"])
+@pytest.mark.parametrize("value", ["yes", "no", 1, 0, None, np.bool_(True)])
+def test_flags_must_be_bools(name, value):
+    x, _, y = _xty()
+    m = Fake()
+    with pytest.raises(TypeError, match=f"^{name}: expected True or False"):
+        euler_sample(m, x, y, steps=2, **{name: value})
+    assert m.calls == []

@@ -111,10 +111,32 @@ def test_canonical_batches_do_not_depend_on_n_except_the_last_per_budget():
     assert all(b in full for b in complete)
 
 
-@pytest.mark.parametrize("text", ["4", "4:0", "x:1", "4:1,4:2", "4:-1"])
+@pytest.mark.parametrize("text", ["4", "4:0", "x:1", "4:1,4:2", "4:-1", "4:nan", "4:inf", "2.7:1", "", "4:1,"])
 def test_budget_mix_parse_errors_name_the_argument(text):
-    with pytest.raises(S.UsageError, match="budget_mix"):
+    with pytest.raises(S.UsageError, match="^budget_mix: "):
         S.parse_budget_mix(text)
+
+
+# the list form goes through the string form's checks (it truncated 2.7 to 2, took weight -1 and duplicate J, and
+# raised ZeroDivisionError / a raw ValueError / "'int' object is not iterable")
+BAD_MIXES = [[(4, -1)], [(2.7, 1)], [(2.0, 1)], [(4, 1), (4, 2)], [(4, 0)], [(4, float("nan"))], [(4, float("inf"))],
+             [(True, 1)], [(4, True)], [(4, "1")], [(4,)], [(4, 1, 2)], [4], [], 5, 2.5, b"4:1", {4: 1}.items]
+
+
+@pytest.mark.parametrize("mix", BAD_MIXES)
+def test_budget_mix_list_form_is_checked_like_the_string(mix):
+    with pytest.raises(S.UsageError, match="^budget_mix: "):
+        S.parse_budget_mix(mix)
+    with pytest.raises(S.UsageError, match="^mix: "):
+        S.mix_budgets(mix, range(3))
+
+
+def test_budget_mix_list_form_accepts_int_j_and_real_weights():
+    from fractions import Fraction
+
+    got = S.parse_budget_mix([(4, 1), (np.int64(2), 0.5), (1, Fraction(1, 4))])
+    assert got == [(4, Fraction(1)), (2, Fraction(1, 2)), (1, Fraction(1, 4))] and type(got[1][0]) is int
+    assert S.mix_budgets(got, range(50)) == S.mix_budgets("4:1,2:0.5,1:0.25", range(50))
 
 
 # --- one run ----------------------------------------------------------------------------------------------
@@ -335,3 +357,39 @@ def test_missing_checkpoint_and_vae_hint(tmp_path, capsys, files):
         S.main([files["ckpt"], "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--vae: no decoder given" in err and "--latents-only" in err
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(out=None), "out"), (dict(out=3), "out"), (dict(out=""), "out"), (dict(out=b"bytes_dir"), "out"),
+    (dict(cfg_scale=True, guidance="cfg"), "cfg_scale"), (dict(cfg_scale=float("inf"), guidance="cfg"), "cfg_scale"),
+    (dict(cfg_scale="2", guidance="cfg"), "cfg_scale"), (dict(cfg_scale=float("nan")), "cfg_scale"),
+    (dict(guidance_interval="01"), "guidance_interval"), (dict(guidance_interval=(0, 0.5, 1)), "guidance_interval"),
+    (dict(latents_only="yes"), "latents_only"), (dict(tf32=1), "tf32"), (dict(progress="no"), "progress"),
+    (dict(graphed="yes"), "graphed"), (dict(dtype=["float32"]), "dtype"),
+    (dict(budget_mix=5), "budget_mix"), (dict(budget_mix=[(4, 1), (4, 1)]), "budget_mix"),
+    (dict(budget_mix=[(2.7, 1)]), "budget_mix"), (dict(budget_mix=[(4, 0)]), "budget_mix"),
+    (dict(budget_mix=[(8, 1)]), "budget_mix"),  # J past this model's J_max = 4
+])
+def test_generate_refuses_bad_library_arguments_by_name(files, tmp_path, kw, name):
+    out = kw.pop("out", tmp_path / "o")
+    kw = {"num_samples": 2, "steps": 1, "latents_only": True, "backend": "torch", "progress": False,
+          "log": lambda *a, **k: None, **kw}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a str(None) folder would land here
+    try:
+        with pytest.raises(S.UsageError, match=f"^{name}: "):
+            S.generate(files["ckpt"], out, **kw)
+    finally:
+        os.chdir(cwd)
+    assert os.listdir(tmp_path) == []  # nothing created for a bad call
+
+
+def test_generate_takes_a_path_and_a_guidance_interval_that_guides_no_step(files, tmp_path):
+    """out as a pathlib.Path; ccfg with an interval that holds no step's t_cur: every step is one plain pass (the
+    start-up timing then runs unguided, without the weak budget it would ignore)."""
+    out = tmp_path / "p"
+    notes = []
+    res = S.generate(files["ckpt"], out, num_samples=2, steps=1, latents_only=True, backend="torch", progress=False,
+                     guidance="ccfg", cfg_scale=3.0, guidance_interval=(0.0, 0.5), log=notes.append)
+    assert res.out == str(out) and (out / "latents.npz").is_file()
+    assert any("forward per step" in n and "guided" not in n for n in notes), notes

@@ -5,21 +5,40 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from fractions import Fraction
 
 import torch
 
+from .. import flow
+from ..flow import WEAK_MODES
 from .rules import UsageError, mix_budgets, parse_budget_mix
 
 FORMAT = "elit-sample/1"
-WEAK_MODES = ("autoguidance", "ccfg", "ccfg_two_pass")
+
+
+def usage(check, name, *args):
+    """``check(name, *args)`` (one of ``elit_kernels.flow``'s argument checks, the rules the library API uses) with
+    its TypeError / ValueError turned into a UsageError naming ``name``: the CLI reports it with exit status 2."""
+    try:
+        return check(name, *args)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(name, str(e).split(": ", 1)[-1]) from None
 
 
 def check_int(name, v, lo, hi=None):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise UsageError(name, f"expected an int {rng}, got {v!r}")
-    return v
+    """An int in [lo, hi] (not a bool); UsageError naming ``name``."""
+    return usage(flow._check_int, name, v, lo, hi)
+
+
+def check_real(name, v, lo=None, what=""):
+    """A finite real number >= lo (not a bool), as a float; UsageError naming ``name``."""
+    return usage(flow._check_real, name, v, lo, what)
+
+
+def check_bool(name, v):
+    """A flag: True or False (not "no", not 1); UsageError naming ``name``."""
+    return usage(flow._check_bool, name, v)
 
 
 def resolve_device(device, local_rank: int) -> torch.device:
@@ -54,7 +73,9 @@ def load_model(checkpoint, weights, arch, device, dtype, backend):
                                 backend=backend)
     except (CheckpointError, ValueError, TypeError) as e:
         msg = str(e)
-        arg = "arch" if msg.startswith("arch") else "weights" if msg.startswith("weights") else "checkpoint"
+        # the loader names the argument at the start of its message: report it under that argument's flag
+        arg = next((k for k in ("arch", "weights", "backend", "device", "dtype") if msg.startswith(k + ":")),
+                   "checkpoint")
         if arg != "checkpoint":
             msg = msg.split(": ", 1)[1]
         elif "pass arch=" in msg:
@@ -72,10 +93,7 @@ def resolve_budgets(cfg, n, budget, latents, budget_mix):
     if len(given) > 1:
         raise UsageError(given[1], f"give one of budget, latents, budget_mix (got {', '.join(given)})")
     if budget_mix is not None:
-        if isinstance(budget_mix, str):
-            mix = parse_budget_mix(budget_mix)
-        else:
-            mix = [(int(j), Fraction(w)) for j, w in budget_mix]
+        mix = parse_budget_mix(budget_mix)  # the string and the list form: the same checks
         for j, _ in mix:
             if not 1 <= j <= j_max:
                 raise UsageError("budget_mix", f"J = {j} latents per group is out of range: this model takes "

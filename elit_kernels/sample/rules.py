@@ -1,6 +1,9 @@
 """What sample i is, from the settings and i alone: its noise, label, budget and batch (docs/sampling.md)."""
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterable
 from fractions import Fraction
 
 import numpy as np
@@ -40,33 +43,59 @@ def sample_labels(classes, indices) -> list[int]:
     return [int(classes[i % len(classes)]) for i in indices]
 
 
-def parse_budget_mix(text: str) -> list[tuple[int, Fraction]]:
-    """``"64:0.5,16:0.25,4:0.25"`` -> ``[(64, 1/2), (16, 1/4), (4, 1/4)]``: latents per group J and a weight > 0
-    (weights are normalised). Raises UsageError naming ``budget_mix``."""
-    mix = []
-    for item in str(text).split(","):
-        j, sep, w = item.strip().partition(":")
-        try:
-            jj, ww = int(j), Fraction(w.strip())
-        except (ValueError, ZeroDivisionError):
-            jj = ww = None
-        if not sep or jj is None or ww <= 0:
-            raise UsageError("budget_mix", f"expected J:WEIGHT,... with J an int (latents per group) and a weight "
-                                           f"> 0, e.g. 16:0.5,4:0.5; got {item.strip()!r}")
-        if any(jj == k for k, _ in mix):
-            raise UsageError("budget_mix", f"J = {jj} appears twice")
-        mix.append((jj, ww))
-    return mix
+def parse_budget_mix(mix, name: str = "budget_mix") -> list[tuple[int, Fraction]]:
+    """A budget mix as ``[(J, weight), ...]``: from the CLI's string ``"64:0.5,16:0.25,4:0.25"`` ->
+    ``[(64, 1/2), (16, 1/4), (4, 1/4)]``, or from a sequence of ``(J, weight)`` pairs, through the same checks:
+    J an int (latents per group; a float such as 2.7 is refused, not truncated), each J once, a weight a finite
+    real number > 0 (weights are normalised; a weight is kept exactly as a Fraction). Raises UsageError naming
+    ``name`` (``budget_mix``)."""
+    if isinstance(mix, str):
+        items = []
+        for item in mix.split(","):
+            j, sep, w = item.strip().partition(":")
+            try:
+                jj, ww = int(j), Fraction(w.strip())
+            except (ValueError, ZeroDivisionError):
+                jj = ww = None
+            if not sep or jj is None or ww <= 0:
+                raise UsageError(name, f"expected J:WEIGHT,... with J an int (latents per group) and a weight "
+                                       f"> 0, e.g. 16:0.5,4:0.5; got {item.strip()!r}")
+            items.append((jj, ww))
+    elif isinstance(mix, bytes) or not isinstance(mix, Iterable):
+        raise UsageError(name, f"expected a string J:WEIGHT,... or a sequence of (J, weight) pairs, got "
+                               f"{type(mix).__name__} ({mix!r})")
+    else:
+        items = []
+        for item in mix:
+            try:
+                j, w = item
+            except (TypeError, ValueError):
+                raise UsageError(name, f"expected (J, weight) pairs, got {item!r}") from None
+            if isinstance(j, bool) or not isinstance(j, numbers.Integral):
+                raise UsageError(name, f"J (latents per group) must be an int, got {j!r} in {item!r}")
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w <= 0:
+                raise UsageError(name, f"a weight must be a finite real number > 0, got {w!r} in {item!r}")
+            items.append((int(j), Fraction(w)))
+    if not items:
+        raise UsageError(name, "no J:WEIGHT entries")
+    seen = set()
+    for jj, _ in items:
+        if jj in seen:
+            raise UsageError(name, f"J = {jj} appears twice")
+        seen.add(jj)
+    return items
 
 
 def mix_budgets(mix, indices) -> list[int]:
     """Budget J of each sample of a mix: entry k such that u_i falls in the k-th slice of the cumulative normalised
     weights, u_i = ((i + 1)·0x9E3779B97F4A7C15 mod 2^64) / 2^64 (a golden-ratio sequence: every run of consecutive
-    indices holds the mix's proportions closely). Depends on the index only."""
-    total = sum(Fraction(w) for _, w in mix)
+    indices holds the mix's proportions closely). Depends on the index only. ``mix``: as ``parse_budget_mix``
+    takes it (a string or (J, weight) pairs), checked the same way (UsageError naming ``mix``)."""
+    mix = parse_budget_mix(mix, "mix")
+    total = sum(w for _, w in mix)
     cums, acc = [], Fraction(0)
     for j, w in mix:
-        acc += Fraction(w) / total
+        acc += w / total
         cums.append((acc, j))
     out = []
     for i in indices:

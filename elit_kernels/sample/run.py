@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import flow
 from . import options as O
 from .files import (LATENT_SCALE, atomic_write, contact_sheet, latents_to_uint8, load_vae, remove_temporaries,
                     sample_name, samples_on_disk, save_npy, save_png, write_npz)
@@ -19,7 +20,7 @@ from .rules import SamplingError, UsageError, plan_batches, sample_labels, sampl
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 SAMPLERS = ("euler", "heun")
-GUIDANCE = ("none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass")
+GUIDANCE = flow.GUIDANCE_MODES
 
 
 @dataclass
@@ -80,14 +81,17 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
     Arguments (the CLI flags are the same names with dashes):
         checkpoint: an official ELIT-SiT ``train.py`` file, a bare official state_dict (with ``arch``), a file of
             ours (``elit-convert`` / ``save_model``), or an ``ElitDiT`` already built.
+        out: the output folder, a non-empty str or ``os.PathLike`` (None is refused, not a folder named "None").
         classes: None (all ``num_classes``, balanced) or a sequence of class ids; sample i gets
             ``classes[i % len(classes)]``.
         sampler / steps: ``"euler"`` or ``"heun"`` ODE (``elit_kernels.flow.euler_sample``).
         guidance / cfg_scale / guidance_interval: mode (``none``, ``cfg``, ``autoguidance``, ``ccfg``,
-            ``ccfg_two_pass``), the official ``cfg_scale`` (λ = cfg_scale − 1; > 1 with a guidance mode, 1
-            without), and the (low, high) times where guidance is on.
+            ``ccfg_two_pass``), the official ``cfg_scale`` (a finite real number, not a bool; λ = cfg_scale − 1;
+            > 1 with a guidance mode, 1 without), and the (low, high) times where guidance is on (a pair of reals,
+            0 <= low <= high <= 1; not a str).
         budget / latents / budget_mix: at most one: the official float budget (fraction <= 1 or a count > 1),
-            latents per group J, or a mix ``"J:w,J:w"`` / ``[(J, w), ...]`` assigned per sample by index.
+            latents per group J, or a mix ``"J:w,J:w"`` / ``[(J, w), ...]`` assigned per sample by index (both
+            forms checked alike by ``parse_budget_mix``: int J in 1..J_max, each once, weights finite and > 0).
             None of them: J_max.
         weak_budget / weak_latents: the weak pass of ``autoguidance`` / ``ccfg`` (default J_max // 16, min 1).
         batch_size: samples per forward on each device. seed: the global seed (int >= 0). dtype: float32,
@@ -98,7 +102,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         graphed: replay the forward from CUDA graphs per budget signature (None = on when the device is CUDA).
         grid: images in the contact sheet (0 = none). weights / arch: as ``official.load_checkpoint``.
         tf32: allow TF32 matmuls on CUDA during the run (the official generate.py's default; ours off).
-        progress: a tqdm bar on rank 0. log: where rank 0's lines go.
+        progress: a tqdm bar on rank 0. log: where rank 0's lines go. The flags (latents_only, tf32, progress,
+            graphed when not None) are bools: "no" or 1 is refused, not read as true.
 
     Under ``torchrun`` (WORLD_SIZE > 1) it joins the process group (NCCL on CUDA, gloo on CPU) unless one is
     already initialised, and shares the canonical batches out across ranks; rank 0 writes the grid and the
@@ -115,20 +120,17 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         raise UsageError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if guidance not in GUIDANCE:
         raise UsageError("guidance", f"expected one of {', '.join(GUIDANCE)}, got {guidance!r}")
-    if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale) and cfg_scale >= 1):
-        raise UsageError("cfg_scale", f"expected the official cfg_scale >= 1 (1 = no guidance), got {cfg_scale!r}")
+    O.check_real("cfg_scale", cfg_scale, 1, " (the official cfg_scale; 1 = no guidance)")
     if guidance == "none" and cfg_scale != 1:
         raise UsageError("guidance", f"cfg_scale {cfg_scale} needs a guidance mode (cfg, autoguidance, ccfg)")
     if guidance != "none" and cfg_scale == 1:
         raise UsageError("cfg_scale", f"guidance {guidance} needs cfg_scale > 1 (1 = no guidance)")
-    try:
-        low, high = (float(v) for v in guidance_interval)
-    except (TypeError, ValueError):
-        raise UsageError("guidance_interval", f"expected LOW,HIGH times in [0, 1], got {guidance_interval!r}") from None
-    if not 0 <= low <= high <= 1:
-        raise UsageError("guidance_interval", f"expected 0 <= low <= high <= 1, got {low}, {high}")
-    a["guidance_interval"] = (low, high)
-    if dtype not in DTYPES:
+    a["guidance_interval"] = O.usage(lambda _, v: flow._check_interval(v), "guidance_interval", guidance_interval)
+    for name in ("latents_only", "tf32", "progress"):
+        O.check_bool(name, a[name])
+    if graphed is not None:
+        O.check_bool("graphed", graphed)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UsageError("dtype", f"expected one of float32, bfloat16, float16, got {dtype!r}")
     if latents_only and vae is not None:
         raise UsageError("latents_only", "saves latents without decoding; drop --vae (it would not be used)")
@@ -140,7 +142,10 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         a["classes"] = list(classes)
         if not a["classes"]:
             raise UsageError("classes", "empty class list")
-    a["out"] = out = str(out)
+    if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str) or not os.fspath(out):
+        raise UsageError("out", f"expected the output folder as a non-empty str or os.PathLike path, got "
+                                f"{type(out).__name__} ({out!r})")
+    a["out"] = out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError("out", f"{out} exists and is not a folder")
 
@@ -305,11 +310,12 @@ class _Run:
         noise, y, bud = self._inputs(self.mine[0])
         x, t = noise.to(self.dtype), torch.full((len(bud),), 0.5, device=self.dev)
         m0 = mode if any(self.guided_steps) else "none"
+        kw = dict(mode=m0, scale=self.scale, weak_budget=self.weak_j if m0 in flow.WEAK_MODES else None) \
+            if m0 != "none" else {}  # what a step of the run does: guidance (where it is on) or one plain pass
 
         def step():
             with torch.no_grad():
-                guided_velocity(self.runner, x, t, y, bud, mode=m0, scale=self.scale, weak_budget=self.weak_j,
-                                dtype=torch.float64)
+                guided_velocity(self.runner, x, t, y, bud, dtype=torch.float64, **kw)
             if self.dev.type == "cuda":
                 torch.cuda.synchronize(self.dev)
         step()  # warm-up: autotune, known-answer checks, graph capture

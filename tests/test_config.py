@@ -164,3 +164,36 @@ def test_preset_config():
     assert preset_config("paper", "S/2") == elit_config("S/2", 256)
     with pytest.raises(ValueError, match="^preset: expected one of"):
         preset_config("official", "S/2")
+
+
+@pytest.mark.parametrize("field, value", [("mlp_ratio", -1.0), ("mlp_ratio", float("nan")), ("mlp_ratio", "4"),
+                                          ("interface_mlp_ratio", 0), ("timestep_scale", float("inf")),
+                                          ("timestep_scale", True), ("head_blocks", -1), ("tail_blocks", 1.5),
+                                          ("block_qk_norm", "no"), ("budget_core_only", 1),
+                                          ("pos_embed_column_first", None)])
+def test_every_field_of_a_config_is_checked_by_name(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: expected "):
+        elit_config("tiny", 64, **{field: value})
+
+
+def test_every_switch_is_checked_as_a_bool():
+    # the list of bool fields the config checks is every field whose default is a bool
+    from dataclasses import fields
+
+    from elit_kernels.models import ElitConfig
+    from elit_kernels.models.config import _BOOL_FIELDS
+
+    assert set(_BOOL_FIELDS) == {f.name for f in fields(ElitConfig) if isinstance(f.default, bool)}
+
+
+def test_a_saved_config_must_hold_every_field():
+    from elit_kernels.models import config_dict, config_from_dict
+
+    d = config_dict(elit_config("tiny", 64))
+    assert config_from_dict(d, complete=True) == elit_config("tiny", 64)
+    d.pop("timestep_scale")
+    assert config_from_dict(d).timestep_scale == 1000.0  # a partial dict is for overrides
+    with pytest.raises(ValueError, match=r"^config: missing ElitConfig field\(s\) \['timestep_scale'\]"):
+        config_from_dict(d, complete=True)
+    with pytest.raises(ValueError, match="^config: expected a dict"):
+        config_from_dict(None)

@@ -659,3 +659,36 @@ def test_inference_mode_forward_and_a_training_forward_after_it(backend):
     out.square().sum().backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
     torch.testing.assert_close(out.detach(), want)
+
+
+def test_model_arguments_are_named_whatever_is_wrong():
+    # found by a break-it trial: each of these ran, raised a torch/AttributeError, or gave a wrong answer
+    from elit_kernels.models import PlainDiT, capture
+
+    m = tiny("torch")
+    x, t, y = inputs(2)
+    cases = [
+        (dict(t=torch.tensor([5.0, 0.5])), ValueError, r"^t: times must be in \[0, 1\] \(finite\), got 5.0"),
+        (dict(t=torch.tensor([float("nan"), 0.5])), ValueError, r"^t: times must be in \[0, 1\] \(finite\), got nan"),
+        (dict(t=torch.tensor([1, 0])), TypeError, r"^t: expected a floating-point tensor"),
+        (dict(t=torch.tensor([True, False])), TypeError, r"^t: expected a floating-point tensor"),
+        (dict(x=x.long()), TypeError, r"^x: expected a floating-point tensor in the model's dtype"),
+        (dict(x=x.to("meta")), ValueError, r"^x: on device meta, but the model's parameters are on cpu"),
+        (dict(t=t.to("meta")), ValueError, r"^t: on device meta, but x is on cpu"),
+        (dict(y=y.to("meta")), ValueError, r"^y: on device meta, but x is on cpu"),
+    ]
+    for kw, err, match in cases:
+        a = dict(x=x, t=t, y=y)
+        a.update(kw)
+        with pytest.raises(err, match=match):
+            m(a["x"], a["t"], a["y"], [1, 2])
+    with pytest.raises(TypeError, match=r"^layout: expected an ElitLayout"):
+        m(x, t, y, layout="abc")
+    for cls in (ElitDiT, PlainDiT):
+        with pytest.raises(TypeError, match=r"^cfg: expected an ElitConfig"):
+            cls(None)
+        with pytest.raises(ValueError, match=r"^backend: unknown backend 'bogus'; known backends: "):
+            cls(elit_config("tiny", 64), backend="bogus")
+    with pytest.raises(TypeError, match=r"^model: expected an ElitDiT"):
+        capture(None)
+    torch.testing.assert_close(m(x, torch.tensor([0.0, 1.0]), y, [1, 2]).isfinite().all(), torch.tensor(True))

@@ -857,3 +857,47 @@ def test_torch_files_are_refused_on_a_torch_without_the_weights_only_fixes(tmp_p
         assert type(load_model(st)).__name__ == "ElitDiT"  # safetensors: nothing unpickled, any torch
     assert loads == []  # refused before torch.load ran
     assert ck._torch_release("2.10.0") == (2, 10) and ck._torch_release("2.14.1+cu130") >= ck.MIN_SAFE_TORCH
+
+
+def test_our_files_refuse_what_would_load_silently_wrong_or_not_at_all(tmp_path):
+    # found by a break-it trial: a config missing a field loaded with the paper default (outputs off by 15.7);
+    # save_model wrote a .pt that load_model refused; hand-made files raised KeyError/AttributeError
+    import datetime
+
+    from elit_kernels.models import elit_config
+
+    torch.manual_seed(0)  # the released switches, none of them the paper's default
+    m = ElitDiT(elit_config("tiny", 64, timestep_scale=1.0, pos_embed_column_first=True, budget_core_only=True))
+    p = save_model(str(tmp_path / "m.pt"), m)
+    ck = torch.load(p, weights_only=True)
+    for key in ("timestep_scale", "budget_core_only", "pos_embed_column_first"):
+        bad = {**ck, "config": {k: v for k, v in ck["config"].items() if k != key}}
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=rf"bad.pt: config: missing ElitConfig field\(s\) \['{key}'\]"):
+            load_model(str(tmp_path / "bad.pt"))
+    for part, value, match in (("config", None, "its config is NoneType"), ("state_dict", None, "its state_dict is not"),
+                               ("state_dict", {"a": 1}, r"not a dict of tensors \(got dict holding \['int'\]\)")):
+        torch.save({**ck, part: value}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=match):
+            load_model(str(tmp_path / "bad.pt"))
+    for suffix in (".pt", ".safetensors"):
+        with pytest.raises(TypeError, match="^meta: must be JSON-serialisable"):
+            save_model(str(tmp_path / ("d" + suffix)), m, meta={"when": datetime.datetime(2020, 1, 1)})
+        assert not (tmp_path / ("d" + suffix)).exists()
+    with pytest.raises(TypeError, match="^meta: expected a dict"):
+        save_model(str(tmp_path / "e.pt"), m, meta=[1, 2])
+    with pytest.raises(IsADirectoryError, match="^path: .* is a directory"):
+        save_model(str(tmp_path), m)
+    for fn in (lambda: save_model(None, m), lambda: load_model(None), lambda: load_model(3)):
+        with pytest.raises(TypeError, match="^path: expected a file path"):
+            fn()
+    for kw, err, match in ((dict(dtype="float32"), TypeError, "^dtype: expected None or a floating torch.dtype"),
+                           (dict(dtype=torch.int64), TypeError, "^dtype: "), (dict(device="bogus"), ValueError, "^device: "),
+                           (dict(backend="bogus"), ValueError, "^backend: unknown backend"),
+                           (dict(check_finite="no"), TypeError, "^check_finite: expected a bool")):
+        with pytest.raises(err, match=match):
+            load_model(p, **kw)
+    with pytest.raises(TypeError, match="^dtype: "):
+        load_checkpoint(p, dtype="float32")
+    torch.save({**ck, "meta": None}, tmp_path / "nometa.pt")
+    assert load_model(str(tmp_path / "nometa.pt"), return_meta=True)[1] == {}

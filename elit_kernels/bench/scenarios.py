@@ -186,7 +186,8 @@ def _preset_cases(s: Setup, preset: str, cfg, seed: int) -> tuple[list[Case], di
         jw = meta["weak_budget"]
 
         def guided(m, mode):
-            return lambda: guided_velocity(m, x, t, y, jm, mode=mode, scale=GUIDANCE_SCALE, weak_budget=jw)
+            return lambda: guided_velocity(m, x, t, y, jm, mode=mode, scale=GUIDANCE_SCALE,
+                                           weak_budget=None if mode == "cfg" else jw)
 
         specs = [("cfg", 2 * jm), ("ccfg_two_pass", jm + jw), ("ccfg", jm + jw)]
         for mode, per in specs:

@@ -44,6 +44,9 @@ class GraphedForward:
     """
 
     def __init__(self, model, max_graphs: int = 8, warmup: int = 2):
+        if not callable(model) or not hasattr(model, "cfg"):
+            raise TypeError(f"model: expected an ElitDiT (a module with cfg, layout and forward), got "
+                            f"{type(model).__name__}")
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:

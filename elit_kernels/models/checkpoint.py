@@ -172,22 +172,54 @@ def _is_safetensors(path: str) -> bool:
     return str(path).endswith(".safetensors")
 
 
+def _check_path(path) -> str:
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _check_load_args(device, dtype, backend) -> torch.device:
+    """``load_model``'s keyword arguments, named when wrong (before any file is read)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected None or a floating torch.dtype (torch.float32, torch.bfloat16, ...), got "
+                        f"{dtype!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a torch.device or a device string such as 'cpu' or 'cuda:0', got "
+                         f"{device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {dev} requested, but torch.cuda.is_available() is False")
+    if backend is not None:
+        from ..attention import known_backends
+
+        if not isinstance(backend, str) or backend not in known_backends():
+            raise ValueError(f"backend: unknown backend {backend!r}; known backends: {', '.join(known_backends())}")
+    return dev
+
+
 def save_model(path: str, model: ElitDiT, meta: dict | None = None) -> str:
     """Write ``model`` (config + state_dict) to ``path``: safetensors when it ends in ``.safetensors``, else
     a torch file. ``meta``: JSON-serialisable extras (e.g. where the weights came from). Returns ``path``."""
+    path = _check_path(path)
     if not isinstance(model, ElitDiT):
         raise TypeError(f"model: expected an ElitDiT, got {type(model).__name__}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta: expected a dict (JSON-serialisable) or None, got {type(meta).__name__}")
     meta = dict(meta or {})
+    try:  # both formats: load_model reads a torch file's meta with the weights-only unpickler, which refuses others
+        meta_json = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"meta: must be JSON-serialisable (str keys; str, finite numbers, bools, None, lists and "
+                        f"dicts of them) ({e})") from None
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path} is a directory; expected a file name")
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
-        try:
-            meta_json = json.dumps(meta)
-        except TypeError as e:
-            raise TypeError(f"meta: must be JSON-serialisable for a safetensors file ({e})") from None
         save_file(sd, path, metadata={"format": FORMAT, "config": json.dumps(config_dict(model.cfg)),
                                       "meta": meta_json})
     else:
@@ -230,7 +262,10 @@ def model_from_parts(config: dict, state_dict: dict, *, backend=None, device="cp
 
     ``dtype``: the parameters' and buffers' dtype; None keeps the state_dict's (``file_dtype``). The model is
     allocated in that dtype directly (no full-size float32 copy of a bf16 file)."""
-    cfg = config_from_dict(config)
+    try:
+        cfg = config_from_dict(config, complete=True)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     if dtype is None:
         dtype = file_dtype(state_dict)
     with torch.device("meta"):  # no throw-away random init of a 700M-parameter model
@@ -268,6 +303,11 @@ def load_model(path: str, *, backend: str | None = None, device="cpu", dtype=Non
     the file (and the tensor). Raises ValueError naming the file when it is not one of ours; RuntimeError for a
     torch-format file on torch older than 2.10 (``safe_torch_load``).
     """
+    path = _check_path(path)
+    device = _check_load_args(device, dtype, backend)
+    for name, flag in (("return_meta", return_meta), ("check_finite", check_finite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
     if sha256 is not None:
         verify_sha256(path, sha256)
     parts = read_model_file(path, device=device)
@@ -277,8 +317,15 @@ def load_model(path: str, *, backend: str | None = None, device="cpu", dtype=Non
             raise ValueError(f"{path}: not an elit-kernels model file (expected a dict with format in "
                              f"{READABLE_FORMATS}); for a released ELIT-SiT checkpoint use "
                              "elit_kernels.official.load_checkpoint")
-        parts = ckpt["config"], ckpt["state_dict"], ckpt.get("meta", {})
+        parts = ckpt.get("config"), ckpt.get("state_dict"), ckpt.get("meta", {})
     config, sd, meta = parts
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its config is {type(config).__name__}, expected a dict of ElitConfig fields")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: its state_dict is not a dict of tensors (got {type(sd).__name__}"
+                              + (f" holding {sorted({type(v).__name__ for v in sd.values()})}" if isinstance(sd, dict)
+                                 else "") + ")")
+    meta = {} if meta is None else meta
     if check_finite:
         _check_finite(str(path), sd)
     model = model_from_parts(config, sd, backend=backend, device=device, dtype=dtype, source=str(path))

@@ -19,6 +19,8 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 
 INTERFACE_QK_NORMS = ("per_head", "full_width")
+_BOOL_FIELDS = ("block_qk_norm", "read_modulates_queries", "write_prenorm", "interface_mlp_bias", "latent_group_pos",
+                "learned_interface_pos", "pos_embed_column_first", "budget_core_only")
 MAX_HEAD_DIM = 256  # the largest head dim varlen_attention accepts (elit_kernels.attention)
 
 
@@ -69,6 +71,17 @@ class ElitConfig:
                              f"{MAX_HEAD_DIM}, the largest the attention backends take; use more heads")
         if self.j_max is not None and (isinstance(self.j_max, bool) or not isinstance(self.j_max, int) or self.j_max < 1):
             raise ValueError(f"j_max: expected None or a positive int, got {self.j_max!r}")
+        for name in ("head_blocks", "tail_blocks"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name}: expected None or an int >= 0, got {v!r}")
+        for name in ("mlp_ratio", "interface_mlp_ratio", "timestep_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):  # a string such as "no" would be truthy
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.core_blocks < 0:
             raise ValueError(f"head_blocks/tail_blocks: {self.n_head}+{self.n_tail} exceed depth {self.depth}")
         if self.interface_qk_norm not in INTERFACE_QK_NORMS:
@@ -131,12 +144,19 @@ def config_dict(cfg: ElitConfig) -> dict:
     return asdict(cfg)
 
 
-def config_from_dict(d: dict) -> ElitConfig:
-    """``ElitConfig(**d)`` that names unknown keys instead of a bare ``TypeError``."""
+def config_from_dict(d: dict, *, complete: bool = False) -> ElitConfig:
+    """``ElitConfig(**d)`` that names unknown keys instead of a bare ``TypeError``. ``complete``: every field must
+    be present (a saved config holds them all: a missing one would silently take the paper preset's default, which
+    the released checkpoints do not share). Raises ValueError naming the keys."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config: expected a dict of ElitConfig fields, got {type(d).__name__}")
     known = {f.name for f in fields(ElitConfig)}
     bad = sorted(set(d) - known)
     if bad:
         raise ValueError(f"config: unknown ElitConfig field(s) {bad}; known: {sorted(known)}")
+    missing = sorted(known - set(d)) if complete else []
+    if missing:
+        raise ValueError(f"config: missing ElitConfig field(s) {missing}; a saved config holds every field")
     return ElitConfig(**d)
 
 

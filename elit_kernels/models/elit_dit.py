@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attention import AttentionPlan, SegmentRuns, value_checks_enabled
+from ..attention import AttentionPlan, SegmentRuns, known_backends, value_checks_enabled
 from ..layout import ElitLayout, TokenRuns, build_layout, normalize_budgets, from_group_major, group_major_permutation, to_group_major
 from .blocks import DiTBlock, FinalLayer, ReadBlock, TimestepEmbedder, WriteBlock, sincos_2d, zero_output_layers
 from .config import ElitConfig, elit_config  # noqa: F401  (elit_config: the doctest)
@@ -47,26 +47,41 @@ class _Stem(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected [B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}], got {got}")
-        wdt = self.patch_embed.weight.dtype
+        w = self.patch_embed.weight
+        wdt = w.dtype
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor in the model's dtype ({wdt}), got {x.dtype}; "
+                            f"pass x.to({wdt})")
         if x.dtype != wdt:
             raise TypeError(f"x: dtype {x.dtype} does not match the model's parameters ({wdt}); "
                             f"pass x.to({wdt}) or convert the model with model.to({x.dtype})")
+        if x.device != w.device:
+            raise ValueError(f"x: on device {x.device}, but the model's parameters are on {w.device}")
         b = x.shape[0]
         if not isinstance(t, torch.Tensor) or t.shape != (b,):
             raise ValueError(f"t: expected a tensor of shape [{b}] (one time in [0, 1] per sample), "
                              f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"t: expected a floating-point tensor (times in [0, 1]), got {t.dtype}")
         if not isinstance(y, torch.Tensor) or y.shape != (b,) or y.dtype not in (torch.int32, torch.int64):
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y: expected integer class ids of shape [{b}], got {got}")
+        for name, u in (("t", t), ("y", y)):
+            if u.device != x.device:
+                raise ValueError(f"{name}: on device {u.device}, but x is on {x.device}")
         if b and value_checks_enabled() and not _tracing():
+            t_ok = "t: times must be in [0, 1] (finite)"
+            y_ok = f"y: class ids must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null class)"
             if y.device.type == "cpu":  # reading CPU values costs no device sync
                 lo, hi = int(y.min()), int(y.max())
                 if lo < 0 or hi > cfg.num_classes:
-                    raise ValueError(f"y: class ids must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null "
-                                     f"class), got {lo if lo < 0 else hi}")
+                    raise ValueError(f"{y_ok}, got {lo if lo < 0 else hi}")
+                if not bool(((t >= 0) & (t <= 1)).all()):
+                    bad = t[~((t >= 0) & (t <= 1))][0].item()
+                    raise ValueError(f"{t_ok}, got {bad}")
             elif y.device.type != "meta":  # on a GPU: checked on the device, no host sync
-                torch._assert_async(((y >= 0) & (y <= cfg.num_classes)).all(),
-                                    f"y: class ids must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null class)")
+                torch._assert_async(((y >= 0) & (y <= cfg.num_classes)).all(), y_ok)
+                torch._assert_async(((t >= 0) & (t <= 1)).all(), t_ok)
 
     def embed(self, x, t, y):
         """x ``[B, C_in, S, S]`` -> spatial tokens ``[B*N, C]`` (group-major) and conditioning ``c`` ``[B, C]``.
@@ -83,6 +98,16 @@ class _Stem(nn.Module):
         img = from_group_major(out, cfg.grid, cfg.grid, cfg.window)  # [B, p*p*C, g, g]
         img = img.reshape(b, p, p, cfg.in_channels, cfg.grid, cfg.grid)
         return img.permute(0, 3, 4, 1, 5, 2).reshape(b, cfg.in_channels, cfg.input_size, cfg.input_size)
+
+
+def _check_model_args(cfg, backend) -> None:
+    """A model's constructor arguments, named when wrong (a backend name is checked against the registry now,
+    not at the first forward)."""
+    if not isinstance(cfg, ElitConfig):
+        raise TypeError(f"cfg: expected an ElitConfig (elit_config(...) / elit_sit_config(...)), got "
+                        f"{type(cfg).__name__}")
+    if backend is not None and (not isinstance(backend, str) or backend not in known_backends()):
+        raise ValueError(f"backend: unknown backend {backend!r}; known backends: {', '.join(known_backends())}")
 
 
 def _tracing() -> bool:
@@ -142,6 +167,7 @@ class ElitDiT(nn.Module):
 
     def __init__(self, cfg: ElitConfig, backend: str | None = None, elementwise: str = "native"):
         super().__init__()
+        _check_model_args(cfg, backend)
         self.cfg, self.backend = cfg, backend
         self.elementwise = elementwise
         get_elementwise(elementwise)
@@ -221,6 +247,9 @@ class ElitDiT(nn.Module):
         cfg = self.cfg
         self.stem.check_inputs(x, t, y)
         b = x.shape[0]
+        if layout is not None and not isinstance(layout, ElitLayout):
+            raise TypeError(f"layout: expected an ElitLayout (model.layout(budgets, batch, device)) or None, got "
+                            f"{type(layout).__name__}")
         lay = layout if layout is not None else self.layout(budgets, b, x.device)
         if lay.batch != b:
             raise ValueError(f"layout: built for batch {lay.batch}, x has batch {b}")
@@ -270,6 +299,7 @@ class PlainDiT(nn.Module):
 
     def __init__(self, cfg: ElitConfig, backend: str | None = None, elementwise: str = "native"):
         super().__init__()
+        _check_model_args(cfg, backend)
         self.cfg, self.backend, self.elementwise = cfg, backend, elementwise
         get_elementwise(elementwise)
         self.stem = _Stem(cfg)

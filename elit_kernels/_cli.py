@@ -11,13 +11,14 @@ from .attention import get_backend, known_backends
 
 
 def probe_inputs(heads: int, head_dim: int, device, dtype, max_seqlen: int = 2):
-    """Validated attention inputs of this head count / head dim / device / dtype (two tiny segments declared
-    as up to ``max_seqlen`` tokens long), to ask each backend whether it could run the model's attention.
-    Pass the model's longest segment (``model_probe``): a backend limited in segment length (``triton_window``:
-    at most 128 keys) must be refused up front, not fail at the first attention it cannot hold."""
-    q = torch.zeros(4, heads, head_dim, device=device, dtype=dtype)
-    cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
+    """Validated attention inputs of this head count / head dim / device / dtype (two segments of
+    ``max_seqlen`` tokens, in uninitialised memory: never run), to ask each backend whether it could run the
+    model's attention. Pass the model's longest segment (``model_probe``): a backend limited in segment length
+    (``triton_window``: at most 128 keys) must be refused up front, not fail at the first attention it cannot
+    hold. The rows are real (``validate_inputs`` takes a bound past the row count as the row count)."""
     n = max(int(max_seqlen), 2)
+    q = torch.empty(2 * n, heads, head_dim, device=device, dtype=dtype)
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32, device=device)
     return _attention.validate_inputs(q, q, q, cu, cu, n, n, None, False)
 
 

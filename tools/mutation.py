@@ -94,6 +94,7 @@ def _copy_tree(dst: Path) -> None:
 def run_module(name: str, keep: bool) -> dict:
     paths, tests = MODULES[name]
     work = Path(tempfile.mkdtemp(prefix=f"mutation_{name}_"))
+    commit = _commit()  # the code the mutants are made from (HEAD may move while mutmut runs)
     _copy_tree(work)
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
@@ -126,7 +127,7 @@ def run_module(name: str, keep: bool) -> dict:
     caught = counts.get("killed", 0) + counts.get("timeout", 0)
     effective = caught + counts.get("survived", 0)
     return {"name": name, "counts": counts, "score": caught / effective if effective else None,
-            "survivors": survivors}
+            "survivors": survivors, "commit": commit}
 
 
 def run_triton_mutants() -> list[dict]:
@@ -194,7 +195,7 @@ def write_report(results: list[dict], triton: list[dict]) -> Path:
             continue
         old = store["modules"].get(r["name"], {}).get("survivors", [])
         carried += _carry_reasons(old, r["survivors"], reasons)
-        store["modules"][r["name"]] = {**r, **stamp}
+        store["modules"][r["name"]] = {**stamp, **r}  # the run's own commit wins over HEAD at report time
     if triton:
         store["triton"] = [{**t, **stamp} for t in triton]
     RESULTS_JSON.write_text(json.dumps(store, indent=1) + "\n")

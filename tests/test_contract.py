@@ -186,9 +186,13 @@ def test_segment_runs_merge_equal_neighbours_and_derive_their_fields():
 @pytest.mark.parametrize("run, err", [((1, 2.0, 3), TypeError), ((1, 2, True), TypeError), ((1, 2), TypeError),
                                       ([1, 2, 3], TypeError), ((1, -1, 3), ValueError), ((1, 3, -1), ValueError)])
 def test_segment_runs_refuse_a_run_that_is_not_three_ints(run, err):
-    # a run is (n_segments >= 1, Lq >= 0, Lk >= 0) of ints; each part is checked on its own
-    with pytest.raises(err, match=r"^segments: "):
-        SegmentRuns((run,), 2, 3)
+    # a run is (n_segments >= 1, Lq >= 0, Lk >= 0) of ints; each part is checked on its own (totals that agree
+    # with the bad run, so that only the run's own check can refuse it)
+    totals = (run[0] * run[1], run[0] * run[2]) if err is ValueError else (2, 3)
+    match = r"^segments: run .* needs n_segments >= 1 and lengths >= 0" if err is ValueError else \
+        r"^segments: each run must be a tuple"
+    with pytest.raises(err, match=match):
+        SegmentRuns((run,), *totals)
 
 
 def test_segments_are_compared_with_cu_seqlens_once_with_one_host_read(monkeypatch):

@@ -12,9 +12,13 @@ def args():
     return dict(q=q, k=k, v=v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk)
 
 
+_POSITIONAL = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+
 def call(a, **kw):
-    return varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"],
-                            a["max_seqlen_k"], **kw)
+    """varlen_attention with ``a``'s seven positional arguments and any keyword a case put in ``a``."""
+    extra = {n: x for n, x in a.items() if n not in _POSITIONAL}
+    return varlen_attention(*(a[n] for n in _POSITIONAL), **extra, **kw)
 
 
 def i32(*xs):
@@ -61,6 +65,10 @@ CASES = {
     "max_q-small-tensor": (lambda a: a.update(max_seqlen_q=torch.tensor(4)), ValueError,
                            r"^max_seqlen_q: 4 is smaller"),
     "max_q-negative": (lambda a: a.update(max_seqlen_q=-1), ValueError, r"^max_seqlen_q: must be >= 0"),
+    "scale-inf": (lambda a: a.update(softmax_scale=float("inf")), ValueError,
+                  r"^softmax_scale: expected a finite float within float32's range"),
+    "scale-nan": (lambda a: a.update(softmax_scale=float("nan")), ValueError, r"^softmax_scale: expected a finite"),
+    "scale-past-float32": (lambda a: a.update(softmax_scale=-1e39), ValueError, r"^softmax_scale: expected a finite"),
     "head-dim-zero": (lambda a: [a.update({n: a[n][..., :0]}) for n in "qkv"], ValueError,
                       r"^q: head dim 0 not supported; expected 1..256"),
     "head-dim-big": (lambda a: [a.update({n: torch.randn(a[n].shape[0], 2, 264)}) for n in "qkv"], ValueError,
@@ -293,4 +301,20 @@ def test_describe_backends_names_a_bad_argument(args):
     inp = validate_inputs(*(args[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                                               "max_seqlen_k")), None, False)
     assert all("reasons" in row for row in describe_backends(inp))
+
+
+def test_the_edges_of_the_float32_ranges_are_legal(args):
+    # softmax_scale up to float32's max, softcap from its smallest normal to its max, ints as floats
+    import torch as _t
+
+    f32 = _t.finfo(_t.float32)
+    want = call(args, backend="reference", softmax_scale=1.0)
+    torch.testing.assert_close(call(args, backend="reference", softmax_scale=1), want)  # an int scale
+    from elit_kernels.attention import AttentionPlan
+
+    for scale in (float(f32.max), -float(f32.max)):
+        call(args, backend="reference", softmax_scale=scale)
+        AttentionPlan(args["cu_seqlens_q"], args["cu_seqlens_k"], 5, 4, softmax_scale=scale)  # checked when made
+    for cap in (float(f32.tiny), float(f32.max), 3):
+        assert call(args, backend="reference", softcap=cap).isfinite().all()
 

@@ -191,21 +191,24 @@ def test_model_input_errors():
 
 @pytest.mark.parametrize("mode", ["none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass"])
 def test_every_guidance_mode_runs_with_the_default_budget(mode):
-    # budget=None means J_max in every mode (it raised TypeError for the guided modes once)
+    # budget=None means J_max in every mode (it raised TypeError for the guided modes once); a weak mode's
+    # weak_budget=None means J_max // 16 (at least 1). Mode 'none' takes no scale and only weak modes a weak budget.
+    from elit_kernels.flow import WEAK_MODES
     m = tiny("torch")
     x, _, y = inputs(2)
     y = y.clamp(max=m.cfg.num_classes - 1)
-    out = euler_sample(m, x, y, steps=2, mode=mode, scale=1.5)
-    explicit = euler_sample(m, x, y, steps=2, mode=mode, scale=1.5, budget=m.cfg.latents_per_group,
-                            weak_budget=max(1, m.cfg.latents_per_group // 16))
+    scale = 0.0 if mode == "none" else 1.5
+    out = euler_sample(m, x, y, steps=2, mode=mode, scale=scale)
+    weak = {"weak_budget": max(1, m.cfg.latents_per_group // 16)} if mode in WEAK_MODES else {}
+    explicit = euler_sample(m, x, y, steps=2, mode=mode, scale=scale, budget=m.cfg.latents_per_group, **weak)
     assert out.shape == x.shape and out.dtype == x.dtype
     torch.testing.assert_close(out, explicit, rtol=0, atol=0)
     p = randomized(PlainDiT(elit_config("tiny", 64), backend="torch"))
     if mode in ("none", "cfg"):
-        assert torch.isfinite(euler_sample(p, x, y, steps=2, mode=mode, scale=1.5)).all()
+        assert torch.isfinite(euler_sample(p, x, y, steps=2, mode=mode, scale=scale)).all()
     else:
         with pytest.raises(ValueError, match="budgets: a plain DiT"):
-            euler_sample(p, x, y, steps=2, mode=mode, scale=1.5)
+            euler_sample(p, x, y, steps=2, mode=mode, scale=scale)
 
 
 class _CallLog(torch.nn.Module):

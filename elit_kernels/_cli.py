@@ -54,6 +54,18 @@ def backend_error(flag: str, name: str, probe, what: str) -> str | None:
             + f". Usable here: {', '.join(usable_backends(probe)) or 'none'}")
 
 
+MAX_SEED = 2**32 - 1  # the seeds elit-demo and elit-bench accept: [0, MAX_SEED] (numpy's range); they derive
+# further seeds from it (elit-demo 10_007 * seed + 2 + 7919 * rank, elit-bench seed + 10 * case), which must stay
+# inside the signed 64-bit range torch.Generator.manual_seed takes
+
+
+def seed_error(flag: str, seed: int) -> str | None:
+    """The usage-error message for a ``flag`` seed outside ``[0, MAX_SEED]`` (None when it is inside)."""
+    if 0 <= seed <= MAX_SEED:
+        return None
+    return f"{flag}: expected a seed in [0, {MAX_SEED}] (2**32 - 1), got {seed}"
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): correct, but slow."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -226,6 +226,8 @@ def test_mixed_budgets_spread():
     (["--threads", "0"], "--threads", "positive integer"),
     (["--max-seconds", "0"], "--max-seconds", "positive number"),
     (["--warmup", "-1"], "--warmup", ">= 0"),
+    (["--seed", "-1"], "--seed", "[0, 4294967295]"),
+    (["--seed", str(2**64)], "--seed", "[0, 4294967295]"),
     (["--batch", "two"], "--batch", "invalid int value"),
 ])
 def test_bad_flags_error_clearly(argv, flag, valid, capsys):

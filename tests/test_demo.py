@@ -102,6 +102,8 @@ def test_per_sample_budgets_and_backend_option(tmp_path):
     (["--lr", "0"], "--lr", "positive"),
     (["--latent-init-std", "-1"], "--latent-init-std", ">= 0"),
     (["--guidance", "-2"], "--guidance", ">= 0"),
+    (["--seed", "-1"], "--seed", "[0, 4294967295]"),
+    (["--seed", str(2**64)], "--seed", "[0, 4294967295]"),  # torch's manual_seed overflows past 2**64 - 1
     (["--backend", "no-such-backend"], "--backend", ("choose from ", "torch", "cpp, reference")),
     (["--backend", "torch_varlen"], "--backend", "Usable here: "),  # a CUDA-only comparator on CPU
     (["--load", "missing.pt"], "--load", "no such file: missing.pt"),

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: stop repeating once it is spent (at least one full repeat; results still written)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random weights and inputs (default 0; every case of a preset shares them)")
+                   help="seed of the random weights and inputs, in [0, 2**32 - 1] (default 0; every case of a preset "
+                        "shares them)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write " + ", ".join(f"DIR/{f}" for f in OUTPUT_FILES) + " (default: print the table only)")
     p.add_argument("--breakdown", action="store_true",
@@ -186,6 +187,8 @@ def resolve(args) -> tuple[Setup, dict]:
     repeats = args.repeats if args.repeats is not None else d_rep
     if repeats < 1:
         raise BenchError(f"--repeats: expected a positive integer, got {repeats}")
+    if (msg := _cli.seed_error("--seed", args.seed)) is not None:
+        raise BenchError(msg)
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     if threads is not None and threads < 1:
         raise BenchError(f"--threads: expected a positive integer, got {threads}")

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training steps, >= 0 (default {DEFAULTS['steps']}; {QUICK['steps']} with --quick; 0 with --load)")
     p.add_argument("--batch", type=int, default=None,
                    help=f"global batch, split over DDP ranks (default {DEFAULTS['batch']}; {QUICK['batch']} with --quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, budgets, t and noise (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, budgets, t and noise, in [0, 2**32 - 1] (default 0)")
     p.add_argument("--lr", type=float, default=4e-3,
                    help="peak AdamW learning rate, > 0 (warm-up, then cosine to 10%%; default 4e-3)")
     p.add_argument("--latent-init-std", type=float, default=1.0,
@@ -97,6 +97,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         v = getattr(args, k)
         if v < (0 if k == "steps" else 1):
             parser.error(f"--{k.replace('_', '-')}: expected a {'non-negative' if k == 'steps' else 'positive'} int, got {v}")
+    from .._cli import seed_error
+
+    if (msg := seed_error("--seed", args.seed)) is not None:
+        parser.error(msg)
     if args.j_max is not None and args.j_max < 1:
         parser.error(f"--j-max: expected J_max >= 1 latents per group (default {DEFAULT_J_MAX}), got {args.j_max}")
     if args.j_min is not None:

@@ -273,6 +273,26 @@ def test_reference_with_no_segment_rows_but_buffer_rows():
         assert torch.equal(g, torch.zeros_like(g)), name
 
 
+@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("cu, fault", [
+    ([0, -1, 4], "must be non-decreasing, but {n}[1] = -1 < {n}[0] = 0"),   # the first step, not only later ones
+    ([0, 2, 4, 3], "must be non-decreasing, but {n}[3] = 3 < {n}[2] = 4"),
+    ([0, 2, 6], "last element 6 is past the end of the packed tokens (5 rows)"),  # only the last one is past
+    ([1, 3, 5], "must start at 0, got {n}[0] = 1"),
+])
+def test_reference_names_the_bad_cu_seqlens_it_reads_on_the_host(which, cu, fault):
+    """The reference reads cu_seqlens on the host whatever set_value_checks says; a bad one is refused with
+    the argument's name and the offending entries, never sliced into a shorter computation."""
+    from elit_kernels.reference.attention import varlen_attention_reference
+
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([2, 3], [2, 3], 2, 8, seed=33)
+    bad = torch.tensor(cu, dtype=torch.int32)
+    cq, ck = (bad, ck) if which == "q" else (cq, bad)
+    name = f"cu_seqlens_{which}"
+    with pytest.raises(ValueError, match=re.escape(f"{name}: " + fault.format(n=name))):
+        varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.3)
+
+
 # Second derivatives (create_graph=True: gradient penalties, R1). Each backend either gives the reference's
 # values or refuses with an error naming the op; none may return numbers built from a backward treated as a
 # constant. softcap 5 takes the torch backend off its SDPA path onto its own op; triton runs under the

@@ -166,6 +166,30 @@ def test_layout_runs_describe_the_batch():
     assert lay.spatial_sample().tolist() == [s for s in range(3) for _ in range(8)]
 
 
+@pytest.mark.parametrize("core_only", [False, True])
+@pytest.mark.parametrize("budgets", [[2, 2, 1, 1, 3], [3, 3, 3], [0, 2, 0], [1]])
+def test_layout_segments_are_the_host_copy_of_its_cu_seqlens(budgets, core_only):
+    """Each attention's SegmentRuns (handed to varlen_attention so no backend reads cu_seqlens back) describes
+    exactly the segments of the cu_seqlens it comes with, equal neighbours merged into one run; read_args /
+    write_args / core_args / image_args carry them together."""
+    from elit_kernels import SegmentRuns
+
+    def runs(cu_q, cu_k):
+        return SegmentRuns.from_lengths(cu_q.diff().tolist(), cu_k.diff().tolist())
+
+    lay = build_layout(budgets, batch=len(budgets), groups=3, tokens_per_group=4, j_max=3, budget_core_only=core_only)
+    for one in (lay, lay.interface_layout):
+        assert one.read_segments == runs(one.cu_latents, one.cu_spatial)
+        assert one.write_segments == runs(one.cu_spatial, one.cu_latents)
+        assert one.core_segments == runs(one.cu_core, one.cu_core)
+        assert one.image_segments == runs(one.cu_image, one.cu_image)
+    for args in (lay.read_args, lay.write_args, lay.core_args, lay.image_args):
+        assert args[-1] == runs(args[0], args[1])
+    if budgets == [2, 2, 1, 1, 3]:  # pinned: 3 groups per sample, equal samples merged
+        assert lay.read_segments.runs == ((6, 2, 4), (6, 1, 4), (3, 3, 4))
+        assert lay.core_segments.runs == ((2, 6, 6), (2, 3, 3), (1, 9, 9))
+
+
 def test_modulate_over_zero_tokens():
     """Every sample at budget 0: no latent token, no run; the run path returns [0, C] like the gather path."""
     from elit_kernels.layout import TokenRuns

@@ -642,7 +642,16 @@ def test_native_elementwise_keeps_fp64_and_the_activation_dtype():
     assert (native_layernorm_modulate(x, s, s, runs, 1e-6) - want).abs().max() < 1e-12  # fp64, not fp32
     xb = torch.randn(8, 16, dtype=torch.bfloat16)
     assert native_layernorm_modulate(xb, s.float(), s.float(), runs).dtype == torch.bfloat16
-    assert native_gated_residual(xb, xb, s.float(), runs).dtype == torch.bfloat16
+    assert native_gated_residual(xb, xb.float(), s.float(), runs).dtype == torch.bfloat16  # y's dtype is x's too
+    # the default eps is the official 1e-6; fp32 takes the reference path with the eps given
+    assert (native_layernorm_modulate(x, s, s, runs) - want).abs().max() < 1e-12
+    from elit_kernels.reference.modulate import layernorm_modulate
+
+    xf, sf = x.float(), s.float()
+    assert torch.equal(native_layernorm_modulate(xf, sf, sf, runs, 0.5), layernorm_modulate(xf, sf, sf, runs, 0.5))
+    y = torch.randn(8, 16, dtype=torch.float64)
+    want_res = (x.view(2, 4, 16) + s[:, None] * y.view(2, 4, 16)).view(8, 16)
+    assert (native_gated_residual(x, y, s, runs) - want_res).abs().max() < 1e-12  # fp64, not fp32
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", None])
@@ -673,6 +682,9 @@ def test_model_arguments_are_named_whatever_is_wrong():
     cases = [
         (dict(t=torch.tensor([5.0, 0.5])), ValueError, r"^t: times must be in \[0, 1\] \(finite\), got 5.0"),
         (dict(t=torch.tensor([float("nan"), 0.5])), ValueError, r"^t: times must be in \[0, 1\] \(finite\), got nan"),
+        # the ends 0 and 1 are valid times: the one named is the first outside, past either end
+        (dict(t=torch.tensor([0.0, 1.5])), ValueError, r"^t: times must be in \[0, 1\] \(finite\), got 1.5$"),
+        (dict(t=torch.tensor([1.0, -0.25])), ValueError, r"^t: times must be in \[0, 1\] \(finite\), got -0.25$"),
         (dict(t=torch.tensor([1, 0])), TypeError, r"^t: expected a floating-point tensor"),
         (dict(t=torch.tensor([True, False])), TypeError, r"^t: expected a floating-point tensor"),
         (dict(x=x.long()), TypeError, r"^x: expected a floating-point tensor in the model's dtype"),
@@ -695,3 +707,24 @@ def test_model_arguments_are_named_whatever_is_wrong():
     with pytest.raises(TypeError, match=r"^model: expected an ElitDiT"):
         capture(None)
     torch.testing.assert_close(m(x, torch.tensor([0.0, 1.0]), y, [1, 2]).isfinite().all(), torch.tensor(True))
+
+
+def test_layouts_and_plain_plans_are_kept_per_signature_oldest_out_first():
+    """ElitDiT.layout and PlainDiT's self-attention plan are built once per signature and reused (a sampling
+    loop builds nothing after its first step); at most LAYOUT_CACHE_SIZE are kept, the least recently used
+    dropped first. A PlainDiT plan carries its segments on the host: b segments of N tokens."""
+    from elit_kernels import SegmentRuns
+    from elit_kernels.models import PlainDiT
+
+    size = ElitDiT.LAYOUT_CACHE_SIZE
+    cfg = elit_config("tiny", 64)
+    m, plain = ElitDiT(cfg), PlainDiT(cfg)
+    for get in (lambda b: m.layout(None, b, "cpu"), lambda b: plain._plan(b, cfg.tokens, "cpu")):
+        kept = {b: get(b) for b in range(1, size + 1)}  # full
+        assert all(get(b) is kept[b] for b in (1, 2))  # used again: 1 and 2 are now the most recent
+        get(size + 1)  # one more: the least recently used (3) goes
+        assert get(3) is not kept[3]
+        assert get(1) is kept[1] and get(2) is kept[2]
+    plan = plain._plan(3, cfg.tokens, "cpu")
+    assert plan.segments == SegmentRuns.uniform_runs(3, cfg.tokens, cfg.tokens)
+    assert plan.cu_seqlens_q.tolist() == [0, cfg.tokens, 2 * cfg.tokens, 3 * cfg.tokens]

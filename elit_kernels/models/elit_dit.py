@@ -313,7 +313,8 @@ class PlainDiT(nn.Module):
 
     def _plan(self, b: int, n: int, device) -> AttentionPlan:
         """The self-attention plan of a batch of ``b`` (one segment of ``n`` tokens per sample), kept per (batch,
-        device) in eager mode, as ``ElitDiT.layout`` keeps layouts: later forwards build and check nothing."""
+        device) in eager mode, as ``ElitDiT.layout`` keeps layouts (the last ``LAYOUT_CACHE_SIZE``, least recently used
+        out first): later forwards build and check nothing."""
         def make():
             cu = torch.arange(0, (b + 1) * n, n, device=device, dtype=torch.int32)
             return AttentionPlan(cu, cu, n, n, segments=SegmentRuns.uniform_runs(b, n, n))
@@ -322,11 +323,13 @@ class PlainDiT(nn.Module):
             return make()
         plans = self.__dict__.setdefault("_plans", {})
         key = (b, str(torch.device(device)), torch.is_inference_mode_enabled())  # as ElitDiT.layout's key
-        if key not in plans:
-            if len(plans) >= ElitDiT.LAYOUT_CACHE_SIZE:
-                plans.pop(next(iter(plans)))
-            plans[key] = make()
-        return plans[key]
+        plan = plans.pop(key, None)
+        if plan is None:
+            plan = make()
+            while len(plans) >= ElitDiT.LAYOUT_CACHE_SIZE:
+                plans.pop(next(iter(plans)))  # the least recently used
+        plans[key] = plan  # most recent last
+        return plan
 
     def forward(self, x, t, y, budgets=None):
         if budgets is not None:

@@ -901,3 +901,118 @@ def test_our_files_refuse_what_would_load_silently_wrong_or_not_at_all(tmp_path)
         load_checkpoint(p, dtype="float32")
     torch.save({**ck, "meta": None}, tmp_path / "nometa.pt")
     assert load_model(str(tmp_path / "nometa.pt"), return_meta=True)[1] == {}
+
+
+def test_torch_floor_is_inclusive_and_an_unparseable_version_is_refused(tmp_path, monkeypatch):
+    pt = _tiny_file(tmp_path, ".pt")
+    monkeypatch.setattr(torch, "__version__", "2.10.0")  # the floor itself has both fixes: read
+    assert type(load_model(pt)).__name__ == "ElitDiT"
+    monkeypatch.setattr(torch, "__version__", "unknown")  # a version we cannot tell: refused, not guessed
+    with pytest.raises(RuntimeError, match=rf"^{re.escape(pt)}: refusing to read a torch checkpoint with torch unknown"):
+        load_model(pt)
+
+
+def test_file_sha256_reads_a_large_file_in_bounded_chunks(tmp_path, monkeypatch):
+    import hashlib
+
+    import elit_kernels.models.checkpoint as ck
+
+    data = bytes(range(256)) * (10 * 1024 + 1)  # 2.5 MiB + 256 bytes
+    p = tmp_path / "big.bin"
+    p.write_bytes(data)
+    reads, real_open = [], open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            reads.append(n)
+            return self.f.read(n)
+
+    monkeypatch.setattr(ck, "open", lambda *a, **k: Spy(real_open(*a, **k)), raising=False)
+    assert ck.file_sha256(str(p)) == hashlib.sha256(data).hexdigest()
+    assert max(reads) == 1 << 20 and len(reads) == 4  # bounded reads (1 MiB, as documented): a multi-GB checkpoint
+    # is hashed in constant memory
+
+
+def test_check_finite_skips_what_cannot_hold_nan_and_names_the_first_bad_index():
+    from elit_kernels.models.checkpoint import check_finite
+
+    check_finite("f.pt", {"steps": 50000, "ids": torch.arange(5), "empty": torch.empty(0),
+                          "big": torch.full((4,), 3e38), "w": torch.ones(3)})  # "big": only its sum overflows
+    grid = torch.zeros(2, 3)
+    grid[1, 2] = float("inf")
+    for t, of, first in ((torch.tensor([float("nan")]), 1, "(0,)"), (grid, 6, "(1, 2)")):
+        with pytest.raises(CheckpointError, match=re.escape(f"f.pt: tensor 'scale' holds 1 non-finite values (NaN or "
+                                                            f"inf) of {of}, the first at index {first}: a damaged")):
+            check_finite("f.pt", {"w": torch.ones(3), "scale": t})
+
+
+def test_load_args_are_checked_before_the_file_is_read(tmp_path, monkeypatch):
+    from elit_kernels.attention import known_backends
+
+    missing = str(tmp_path / "missing.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for reader in (load_model, load_checkpoint):
+        with pytest.raises(ValueError, match=re.escape("device: cuda:0 requested, but torch.cuda.is_available() is "
+                                                       "False")):
+            reader(missing, device="cuda:0")
+        with pytest.raises(ValueError, match=re.escape(f"backend: unknown backend 'bogus'; known backends: "
+                                                       f"{', '.join(known_backends())}")):
+            reader(missing, backend="bogus")
+    with pytest.raises(TypeError, match=re.escape("return_meta: expected a bool, got 'yes'")):
+        load_model(missing, return_meta="yes")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: the device is accepted
+    with pytest.raises(FileNotFoundError):
+        load_model(missing, device="cuda:0")
+
+
+def test_save_model_refuses_non_finite_meta(tmp_path):
+    torch.manual_seed(0)
+    from elit_kernels.models import elit_config
+
+    m = ElitDiT(elit_config("tiny", 64))
+    for meta in ({"loss": float("nan")}, {"lr": [float("inf")]}):  # JSON has no NaN/inf
+        for suffix in (".pt", ".safetensors"):
+            with pytest.raises(TypeError, match=r"^meta: must be JSON-serialisable \(str keys; str, finite numbers"):
+                save_model(str(tmp_path / ("n" + suffix)), m, meta=meta)
+            assert not (tmp_path / ("n" + suffix)).exists()
+
+
+def test_file_dtype_is_the_floating_dtype_holding_most_elements():
+    from elit_kernels.models.checkpoint import file_dtype
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    sd = {"a": torch.zeros(3, dtype=f32), "b": torch.zeros(5, dtype=bf16), "c": torch.zeros(3, dtype=f32),
+          "ids": torch.arange(10)}
+    assert file_dtype(sd) == f32  # 6 float32 elements against 5 bfloat16; the int64 ones do not count
+    assert file_dtype({**sd, "d": torch.zeros(2, dtype=bf16)}) == bf16  # 7 against 6
+    assert file_dtype({"ids": torch.arange(3)}) is None and file_dtype({}) is None
+
+
+def test_a_bf16_file_is_built_in_bf16_buffers_included(tmp_path, monkeypatch):
+    from elit_kernels.models import elit_config
+
+    torch.manual_seed(0)
+    m = ElitDiT(elit_config("tiny", 64)).to(torch.bfloat16)
+    p = save_model(str(tmp_path / "m.safetensors"), m)
+    allocated, real = [], torch.nn.Module.to_empty
+
+    def spy(self, *a, **k):
+        allocated.append({t.dtype for t in self.parameters()})
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    loaded = load_model(p)
+    assert allocated == [{torch.bfloat16}]  # allocated in bf16 directly: no full-size float32 copy
+    want, got = dict(m.named_buffers()), dict(loaded.named_buffers())
+    assert set(got) == set(want) and any(b.is_floating_point() for b in want.values())
+    for k, b in want.items():  # the fixed tables too (not in the file): the model's dtype and values
+        assert got[k].dtype == b.dtype and torch.equal(got[k], b), k

@@ -355,7 +355,8 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
             mode; weak_budget only with autoguidance, ccfg or ccfg_two_pass).
         budget: None (J_max in every mode), an int, or one int per sample (latents per group; as
             ``guided_velocity``). budget_schedule: instead of ``budget`` (not with it), a sequence of ``steps``
-            budgets or a callable ``step -> budget`` (its results are checked at each step).
+            budgets (a list; a ``[steps]`` integer tensor, read on the host once; a ``[steps, B]`` one) or a
+            callable ``step -> budget`` (its results are checked at each step).
         guidance_interval: a pair (low, high) of reals with 0 <= low <= high <= 1 (not a str).
         heun / progress / graphed: bools. ``progress`` shows a tqdm bar. ``graphed``: replay each forward from a
             CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a run keeps one or
@@ -380,6 +381,13 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     _check_tensor("y", y, what=" of class ids [B]")
     b, j_max = noise.shape[0], _j_max(model)
     _check_budget("weak_budget", weak_budget, b, j_max)
+    if isinstance(budget_schedule, torch.Tensor) and budget_schedule.dim() == 1:
+        # one budget (every sample's) per step: read on the host once, before the loop, as a list of ints (a
+        # [steps, B] tensor stays where it is: each step hands the model one row)
+        if not _is_int_dtype(budget_schedule.dtype):
+            raise TypeError(f"budget_schedule: expected an integer tensor of {steps} budgets (one per step), got "
+                            f"{budget_schedule.dtype}")
+        budget_schedule = budget_schedule.tolist()
     if budget_schedule is None:
         _check_budget("budget", budget, b, j_max)
         schedule = lambda i: budget  # noqa: E731

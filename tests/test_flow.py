@@ -5,13 +5,16 @@ makes (batches, budgets, dtypes) and the Euler / Heun integration can be recompu
 definitions (docs/released_checkpoints.md §5) and compared exactly. Written against the mutation run
 (benchmarks/results/mutation.md).
 """
+import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from elit_kernels.flow import (euler_sample, guided_velocity, logit_normal, rectified_flow_loss, sample_budgets)
+from elit_kernels.flow import (_check_int, euler_sample, guided_velocity, logit_normal, rectified_flow_loss,
+                               sample_budgets)
 
 J_MAX, NULL = 32, 7
 
@@ -168,6 +171,13 @@ def test_euler_defaults_and_schedules(capsys):
     m.calls.clear()
     euler_sample(m, x, y, steps=2, budget_schedule=[5, 6], heun=True)
     assert [c["budgets"] for c in m.calls] == [5, 5, 6]
+    m.calls.clear()  # a [steps] integer tensor: one int per step, as the list; a [steps, B] one: one row per step
+    euler_sample(m, x, y, steps=2, budget_schedule=torch.tensor([5, 6]))
+    assert [c["budgets"] for c in m.calls] == [5, 6] and all(type(c["budgets"]) is int for c in m.calls)
+    m.calls.clear()
+    rows = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    euler_sample(m, x, y, steps=2, budget_schedule=rows)
+    assert len(m.calls) == 2 and all(torch.equal(c["budgets"], r) for c, r in zip(m.calls, rows))
     assert euler_sample(m, x, y, steps=1).shape == x.shape  # the smallest legal step count
 
 
@@ -468,3 +478,167 @@ def test_flags_must_be_bools(name, value):
     with pytest.raises(TypeError, match=f"^{name}: expected True or False"):
         euler_sample(m, x, y, steps=2, **{name: value})
     assert m.calls == []
+
+
+class NullOnly:
+    """A callable with null_class but no cfg.latents_per_group: not enough for guidance."""
+
+    null_class = NULL
+
+    def __call__(self, x, t, y, budgets=None):
+        return x
+
+
+_KINDS = "None (J_max), an int, a sequence of ints (one per sample) or a 1-D integer tensor"
+_FLOAT_HINT = " (an integer, bool or complex tensor would be truncated or refused by the model: convert it with .float())"
+
+
+@pytest.mark.parametrize("call,err,msg", [
+    (lambda x, t, y: logit_normal(2, mean="0"), TypeError, "mean: expected a finite real number, got str ('0')"),
+    (lambda x, t, y: logit_normal(2, std=-1.0), ValueError, "std: expected a finite real number >= 0, got -1.0"),
+    (lambda x, t, y: logit_normal(2, generator=3), TypeError, "generator: expected None or a torch.Generator, got int"),
+    (lambda x, t, y: sample_budgets(-1, 0, 2), ValueError, "batch: expected an int >= 0, got -1"),
+    (lambda x, t, y: rectified_flow_loss(Fake(), x.tolist(), y), TypeError,
+     "x0: expected a floating-point tensor [B, ...] of clean latents, got list"),
+    (lambda x, t, y: rectified_flow_loss(Fake(), x[0, 0, 0, 0], y), ValueError,
+     "x0: expected a tensor [B, ...] with a batch dimension, got a 0-dim tensor"),
+    (lambda x, t, y: rectified_flow_loss(Fake(), x, y.tolist()), TypeError, "y: expected a tensor of class ids [B], got list"),
+    (lambda x, t, y: rectified_flow_loss(Fake(), x, y, t=torch.tensor([0, 1, 0])), TypeError,
+     "t: expected a floating-point tensor of times of shape [B] = (3,), got torch.int64" + _FLOAT_HINT),
+    (lambda x, t, y: rectified_flow_loss(Fake(), x, y, noise=np.zeros((3, 2, 2, 2))), TypeError,
+     "noise: expected a floating-point tensor of x0's shape (3, 2, 2, 2), got ndarray"),
+    # t and noise given: the generator is never used, and still refused
+    (lambda x, t, y: rectified_flow_loss(Fake(), x, y, t=t, noise=torch.randn_like(x), generator=3), TypeError,
+     "generator: expected None or a torch.Generator, got int"),
+    (lambda x, t, y: guided_velocity(Fake(), x.tolist(), t, y), TypeError, "x: expected a floating-point tensor [B, ...], got list"),
+    (lambda x, t, y: guided_velocity(Fake(), x, "0.5", y), TypeError,
+     "t: expected a floating-point tensor of times of shape [B] = (3,), a 0-dim one or a float, got str"),
+    (lambda x, t, y: guided_velocity(Fake(), x, t, y.tolist()), TypeError, "y: expected a tensor of class ids [B], got list"),
+    (lambda x, t, y: guided_velocity(Fake(), x, t, y, 2.0), TypeError,
+     f"budget: expected {_KINDS}, got float (2.0); elit_kernels.official.latents_for_budget converts the official "
+     "float budgets"),
+    (lambda x, t, y: guided_velocity(Fake(), x, t, y, torch.tensor([True, False, True])), TypeError,
+     f"budget: expected {_KINDS}, got a torch.bool tensor of shape (3,)"),
+    (lambda x, t, y: guided_velocity(Fake(), x, t, y, torch.ones(3, dtype=torch.complex64)), TypeError,
+     f"budget: expected {_KINDS}, got a torch.complex64 tensor of shape (3,)"),
+    (lambda x, t, y: guided_velocity(NullOnly(), x, t, y, mode="ccfg", scale=1.0), TypeError,
+     "model: guidance needs a class-conditional model with null_class and cfg.latents_per_group (ElitDiT, PlainDiT), "
+     "got NullOnly"),
+    (lambda x, t, y: euler_sample(Fake(), x.tolist(), y), TypeError,
+     "noise: expected a floating-point tensor [B, C, H, W] (the result takes its dtype), got list"),
+    (lambda x, t, y: euler_sample(Fake(), x, y.tolist()), TypeError, "y: expected a tensor of class ids [B], got list"),
+    (lambda x, t, y: euler_sample(NullOnly(), x, y, mode="ccfg", scale=1.0), TypeError,
+     "model: guidance needs a class-conditional model with null_class and cfg.latents_per_group (ElitDiT, PlainDiT), "
+     "got NullOnly"),
+    # the model's own message is kept whole after the argument name and the step, ": " inside it included
+    (lambda x, t, y: euler_sample(Fake(), x, y, steps=2, budget_schedule=lambda i: [4, {"j": 2}, 8]), TypeError,
+     "budget_schedule: step 0 returned [4, {'j': 2}, 8]: expected ints, got dict ({'j': 2})"),
+    (lambda x, t, y: guided_velocity(Fake(), x, t, y, [4, "a: b", 8]), TypeError,
+     "budget: expected ints, got str ('a: b')"),
+    # a [steps] tensor schedule holds one int budget per step: a float one is refused before any step
+    (lambda x, t, y: euler_sample(Fake(), x, y, steps=2, budget_schedule=torch.tensor([4.0, 2.0])), TypeError,
+     "budget_schedule: expected an integer tensor of 2 budgets (one per step), got torch.float32"),
+    (lambda x, t, y: euler_sample(Fake(), x, y, steps=2, budget_schedule=torch.tensor([4, 2, 1])), ValueError,
+     "budget_schedule: expected 2 budgets (one per step), got 3"),
+])
+def test_error_messages_name_the_argument_and_what_it_expects(call, err, msg):
+    x, t, y = _xty()
+    with pytest.raises(err, match="^" + re.escape(msg) + "$"):
+        call(x, t, y)
+
+
+def test_check_int_range_is_inclusive_and_named():
+    """The CLI's int check (elit-sample --latents): both ends of [lo, hi] are legal, the message gives the range."""
+    assert _check_int("latents", 32, 1, 32) == 32 and _check_int("latents", 1, 1, 32) == 1
+    for v in (33, 0):
+        with pytest.raises(ValueError, match="^" + re.escape(f"latents: expected an int in [1, 32], got {v}") + "$"):
+            _check_int("latents", v, 1, 32)
+    with pytest.raises(ValueError, match="^" + re.escape("latents: expected an int >= 1, got 0") + "$"):
+        _check_int("latents", 0, 1)
+
+
+def test_a_plain_function_model_runs_unguided_with_any_budget():
+    """A callable without cfg or parameters: no J_max bound on budgets, float32 inputs, and a guided mode at
+    scale 0 (one plain pass) needs no null_class."""
+    x, t, y = _xty(dtype=torch.float64)
+    dtypes = []
+
+    def f(xs, ts, ys, budgets=None):
+        dtypes.append(xs.dtype)
+        return 0.5 * xs
+
+    for kw in (dict(), dict(mode="cfg", scale=0.0)):
+        torch.testing.assert_close(guided_velocity(f, x, t, y, 100, **kw), 0.5 * x, rtol=0, atol=0)
+        got = euler_sample(f, x, y, steps=2, budget=100, **kw)
+        torch.testing.assert_close(got, x.float().double() * 0.75 ** 2, rtol=0, atol=1e-7)  # x ← x − 0.5·0.5·x
+    assert set(dtypes[-2:]) == {torch.float32}
+
+
+def test_a_float_t_becomes_float32_on_x_device():
+    seen = []
+
+    def f(xs, ts, ys, budgets=None):
+        seen.append((ts.dtype, ts.device.type, ts.shape))
+        return xs
+
+    x = torch.zeros(3, 2, device="meta")
+    guided_velocity(f, x, 0.25, torch.zeros(3, dtype=torch.long, device="meta"))
+    assert seen == [(torch.float32, "meta", (3,))]
+    x, _, y = _xty(dtype=torch.float64)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # t stays float32 (as the official sampler's), whatever the default
+    try:
+        out = guided_velocity(Fake(dtype=torch.float64), x, 0.1, y, 4)
+        guided_velocity(f, x, 0.1, y)
+    finally:
+        torch.set_default_dtype(old)
+    assert seen[-1] == (torch.float32, "cpu", (3,))
+    torch.testing.assert_close(out, v(x, torch.tensor(0.1, dtype=torch.float32).item(), y, 4), rtol=0, atol=1e-12)
+
+
+def test_guided_velocity_combines_the_passes_in_the_requested_dtype():
+    x, t, y = _xty()
+    m = Fake()
+    got = guided_velocity(m, x, t, y, 4, mode="ccfg", scale=0.5, weak_budget=1, dtype=torch.float16)
+    ref = Fake()
+    cond, weak = ref(x, t, y, 4).half(), ref(x, t, torch.full_like(y, NULL), 1).half()
+    assert got.dtype == torch.float16
+    assert torch.equal(got, weak + 1.5 * (cond - weak))
+
+
+def test_guided_euler_combines_the_passes_in_float64():
+    """The float32 passes are combined in float64 (the state's dtype), not in the model's."""
+    x, _, y = _xty(dtype=torch.float64)
+    s = 0.3
+    got = euler_sample(Fake(), x, y, steps=3, budget=8, mode="ccfg_two_pass", scale=s, weak_budget=3)
+    ref, want = Fake(), x.clone()
+    ts = torch.linspace(1.0, 0.0, 4, dtype=torch.float64)
+    for i in range(3):
+        tc, tn = ts[i].item(), ts[i + 1].item()
+        tt = torch.full((3,), tc, dtype=torch.float32)
+        c = ref(want.float(), tt, y, 8).double()
+        w = ref(want.float(), tt, torch.full_like(y, NULL), 3).double()
+        want = want + (tn - tc) * (w + (s + 1.0) * (c - w))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_sampler_runs_eagerly_unless_graphed():
+    x, _, y = _xty()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no CUDA-graph wrapper (and its CPU warning) by default
+        want = euler_sample(Fake(), x, y, steps=2)
+    if not torch.cuda.is_available():
+        with pytest.warns(RuntimeWarning, match="CUDA-graph capture is off"):
+            assert torch.equal(euler_sample(Fake(), x, y, steps=2, graphed=True), want)
+
+
+def test_one_dim_inputs_are_a_batch_of_scalars():
+    x, t, y = _xty(dtype=torch.float64)
+    x1 = x[:, 0, 0, 0].contiguous()
+    noise = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    loss = rectified_flow_loss(Fake(dtype=torch.float64), x1, y, t=t, noise=noise)
+    xt = (1 - t.double()) * x1 + t.double() * noise
+    torch.testing.assert_close(loss.double(), ((v(xt, t.double(), y, J_MAX) - (noise - x1)) ** 2).mean().float().double())
+    got = euler_sample(Fake(), x1.float(), y, steps=3, budget=4)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got.double(), _euler_by_hand(x1.float(), y, 3, 4).float().double(), rtol=0, atol=1e-6)

@@ -3,11 +3,20 @@
 Written against the mutation run (benchmarks/results/mutation.md): fp64 accumulation, chunked plans, the run
 detection, and every case in which the dense-SDPA-per-run path must decline or must handle a segment kind.
 """
+import dataclasses
+import re
+import types
+
 import pytest
 import torch
 
 from elit_kernels.attention.backends import torch_ops as TA
 from elit_kernels import varlen_attention
+from elit_kernels.attention import SegmentRuns
+from elit_kernels.attention.backends.pytorch import SdpaKernelBackend, TorchBackend
+from elit_kernels.attention.dispatch import FEW_RUNS
+from elit_kernels.attention.inputs import AttnInputs
+from elit_kernels.attention.registry import get_backend
 from elit_kernels.reference.attention import varlen_attention_reference
 from elit_kernels.testing import random_varlen_inputs
 
@@ -201,3 +210,180 @@ def test_backward_op_returns_the_input_dtypes():
     grads = TA.varlen_attn_bwd_torch(torch.randn_like(out), q, k, v, lse, cq, ck, 8 ** -0.5, False)
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_run_path_names_the_bad_cu_seqlens(which):
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 4], [5, 2], 2, 8)
+    bad = torch.tensor([1, 3, 7], dtype=torch.int32)
+    args = (q, k, v, bad, ck) if which == "q" else (q, k, v, cq, bad)
+    name = f"cu_seqlens_{which}"
+    with pytest.raises(ValueError, match=re.escape(f"{name}: must start at 0, got {name}[0] = 1")):
+        TA.sdpa_over_runs(*args, 0.3, False)
+
+
+@pytest.mark.parametrize("lens_q,lens_k", [([4, 4], [3, 3]), ([3, 3], [4, 4])])
+def test_run_path_declines_host_segments_longer_than_the_tensors(lens_q, lens_k):
+    """Host segments claiming more query (or key) rows than q (or k) holds: the run path declines (the
+    grouped op then names the bad cu_seqlens) instead of viewing past the rows."""
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 3], [3, 3], 2, 8)
+    with torch.no_grad():
+        assert TA.sdpa_over_runs(q, k, v, cq, ck, 0.3, False, segments=SegmentRuns.from_lengths(lens_q, lens_k)) is None
+
+
+def test_grouped_functions_default_to_no_window_and_no_softcap():
+    q, k, v, cq, ck, _, _ = random_varlen_inputs([3, 5], [4, 6], 2, 8, dtype=torch.float64)
+    out, lse = TA.varlen_attn_fwd_torch(q, k, v, cq, ck, 0.3, False)
+    ref, ref_lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.3, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    got = TA.varlen_attn_bwd_torch(g, q, k, v, lse, cq, ck, 0.3, False)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    want = torch.autograd.grad(varlen_attention_reference(qq, kk, vv, cq, ck, softmax_scale=0.3), (qq, kk, vv), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_grouped_path_without_segments_gives_zeros_and_infinite_lse():
+    """cu_seqlens [0] (no segment at all): every query row is outside the packed data."""
+    q, k, v, _, _, _, _ = random_varlen_inputs([3], [4], 2, 8, dtype=torch.float64)
+    empty = torch.zeros(1, dtype=torch.int32)
+    out, lse = TA.varlen_attn_fwd_torch(q, k, v, empty, empty, 0.3, False)
+    assert torch.equal(out, torch.zeros_like(q))
+    assert torch.equal(lse, torch.full((2, 3), float("inf"), dtype=torch.float64))
+
+
+def _tiles(monkeypatch):
+    """Records ``(n, heads, rows, keys, real key counts, real query counts)`` of every score tile computed."""
+    seen, scores = [], TA._scores
+
+    def spy(c, q, k, *a, **kw):
+        n, m, lk = c.allowed.shape
+        seen.append((n, q.shape[1], m, lk, c.k_ok.sum(1), c.q_ok.sum(1)))
+        return scores(c, q, k, *a, **kw)
+
+    monkeypatch.setattr(TA, "_scores", spy)
+    return seen
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_path_tiles_stay_under_the_chunk_budget(monkeypatch, causal):
+    """Forward and backward: every score tile (segments x heads x rows x keys) stays under _CHUNK_ELEMS,
+    splitting segments and then rows, with 4 heads of dim 2 (the budget counts heads, not the head dim)."""
+    monkeypatch.setattr(TA, "_CHUNK_ELEMS", 48)
+    seen = _tiles(monkeypatch)
+    # keys 7 (4 * 7 = 28 > 24: one row per tile), keys 3 (one 4x4x3 segment per tile, 48 = budget), keys 2 / rows 1
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 1, 4, 4, 1, 1], [7, 7, 3, 3, 2, 2], 4, 2, kv_heads=2,
+                                                   dtype=torch.float64, requires_grad=True)
+    out, lse = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", causal=causal, return_lse=True)
+    ref, ref_lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=2 ** -0.5, causal=causal,
+                                              return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert seen
+    for n, h, m, lk, _, _ in seen:
+        assert n * h * m * lk <= 48, (n, h, m, lk)
+
+
+def test_grouped_path_pads_each_segment_to_less_than_twice_its_lengths(monkeypatch):
+    """Segments are grouped by the power-of-two buckets of (Lq, Lk): a 1-query segment never shares a tile
+    with 5-query ones of the same key count (the cost follows the data)."""
+    seen = _tiles(monkeypatch)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([1, 5, 2, 16, 3], [4, 4, 9, 4, 4], 2, 8, dtype=torch.float64)
+    out, lse = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", return_lse=True)
+    torch.testing.assert_close(out, _ref(q, k, v, cq, ck), rtol=0, atol=1e-12)
+    assert seen
+    for _, _, m, lk, real_k, real_q in seen:
+        assert m < 2 * int(real_q.min()) and lk < 2 * int(real_k.min()), (m, lk, real_q, real_k)
+
+
+def test_torch_backend_serves_runs_of_equal_segments_without_the_grouped_op(monkeypatch):
+    """Eager calls without LSE or softcap go to one SDPA per run, with the caller's softmax_scale, whether or
+    not the segments are given on the host."""
+    def grouped(inp):
+        raise AssertionError("the grouped op ran")
+
+    monkeypatch.setattr(TorchBackend, "_grouped", staticmethod(grouped))
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 3, 2], [5, 5, 4], 2, 8)
+    ref = _ref(q, k, v, cq, ck, scale=0.3)
+    for seg in (None, SegmentRuns.from_lengths([3, 3, 2], [5, 5, 4])):
+        out = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", softmax_scale=0.3, segments=seg)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_on_meta_tensors_reads_nothing_back():
+    """Meta tensors (shape propagation): with or without host segments the call returns q's shape, reading no
+    cu_seqlens value (a meta tensor has none)."""
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 3], [4, 4], 2, 8)
+    meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (q, k, v, cq, ck)]
+    for seg in (None, SegmentRuns.from_lengths([3, 3], [4, 4])):
+        out = varlen_attention(*meta, mq, mk, backend="torch", segments=seg)
+        assert (out.shape, out.dtype, out.device.type) == (q.shape, q.dtype, "meta")
+
+
+def test_pinned_sdpa_backend_keeps_its_kernel_and_head_dims():
+    b = SdpaKernelBackend("sdpa_test", "FLASH_ATTENTION", (torch.float16,), 128, "test-kernel")
+    assert (b.name, b.kernel, b.dtypes, b.max_head_dim) == ("sdpa_test", "FLASH_ATTENTION", (torch.float16,), 128)
+    assert [b.run_head_dim(d) for d in (60, 64, 72, 121, 129)] == [64, 64, 72, 128, None]  # multiples of 8
+    assert "test-kernel kernel" in b.description and "head dim up to 128" in b.description
+
+
+def test_pinned_sdpa_backends_are_available_only_with_cuda():
+    for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient"):
+        assert get_backend(name).is_available() == torch.cuda.is_available(), name
+
+
+def _inputs(lens_q=(3, 3), lens_k=(4, 4), dtype=torch.float16, **kw):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(list(lens_q), list(lens_k), 2, 8, dtype=dtype)
+    return AttnInputs(q, k, v, cq, ck, mq, mk, 8 ** -0.5, False, **kw)
+
+
+def test_pinned_sdpa_backend_reasons():
+    b = get_backend("sdpa_efficient")
+    host = SegmentRuns.from_lengths([3, 3], [4, 4])
+    assert "needs the segment lengths on the host (varlen_attention(segments=))" in b.not_supported_reasons(_inputs())
+    lens_k = list(range(1, FEW_RUNS + 2))
+    for n_runs in (FEW_RUNS, FEW_RUNS + 1):
+        inp = _inputs([1] * n_runs, lens_k[:n_runs], segments=SegmentRuns.from_lengths([1] * n_runs, lens_k[:n_runs]))
+        runs = [r for r in b.not_supported_reasons(inp) if "runs of equal segments" in r]
+        assert runs == ([] if n_runs <= FEW_RUNS else [f"{n_runs} runs of equal segments (runs at most {FEW_RUNS})"])
+    assert not [r for r in b.not_supported_reasons(_inputs(segments=host)) if "soft-capping" in r]
+    assert "no logit soft-capping (softcap=0.5)" in b.not_supported_reasons(_inputs(segments=host, softcap=0.5))
+
+
+def test_torch_backend_refuses_cuda_graph_capture_unless_host_free(monkeypatch):
+    """Under CUDA-graph capture the torch backend runs only when nothing is read on the host: segments given,
+    no LSE, no softcap (simulated on the CPU: a CUDA-looking q and a capturing stream)."""
+    capture = "reads segment lengths on the host, which CUDA-graph capture forbids"
+    host = SegmentRuns.from_lengths([3, 3], [4, 4])
+
+    def refused(**kw):
+        inp = _inputs(**kw)
+        q = types.SimpleNamespace(is_cuda=True, dtype=inp.q.dtype, device=torch.device("cuda"), shape=inp.q.shape)
+        return any(capture in r for r in TorchBackend().not_supported_reasons(dataclasses.replace(inp, q=q)))
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not refused()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert refused()
+    assert not refused(segments=host)
+    assert refused(segments=host, return_lse=True)
+    assert refused(segments=host, softcap=0.5)
+
+
+def test_grouped_backward_with_large_causal_logits():
+    """Logits in the hundreds (fp32), causal, a 3-row segment padded to the 4 rows of its group: the gradients
+    stay finite and match the reference (a padded row must see no key, or exp overflows there)."""
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 4], [3, 4], 2, 8, seed=1)
+    q, k = (q * 20).requires_grad_(True), (k * 20).requires_grad_(True)
+    v.requires_grad_(True)
+    out, _ = varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch", causal=True, return_lse=True)
+    ref = _ref(q, k, v, cq, ck, causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

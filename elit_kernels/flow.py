@@ -400,7 +400,7 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
             _check_budget("budget_schedule", bud, b, j_max, f"step {i} returned {bud!r}: ")
             return bud
     elif (isinstance(budget_schedule, Sequence) and not isinstance(budget_schedule, (str, bytes))) or \
-            (isinstance(budget_schedule, torch.Tensor) and budget_schedule.dim() >= 1):
+            (isinstance(budget_schedule, torch.Tensor) and budget_schedule.dim() >= 2):
         if len(budget_schedule) != steps:
             raise ValueError(f"budget_schedule: expected {steps} budgets (one per step), got {len(budget_schedule)}")
         for i in range(steps):

@@ -32,7 +32,8 @@ class Fake(torch.nn.Module):
     def forward(self, x, t, y, budgets=None):
         b = x.shape[0]
         bud = [J_MAX] * b if budgets is None else ([budgets] * b if isinstance(budgets, int) else list(budgets))
-        self.calls.append({"batch": b, "budgets": budgets, "dtype": x.dtype, "t_shape": tuple(t.shape), "y": y.tolist()})
+        self.calls.append({"batch": b, "budgets": budgets, "dtype": x.dtype, "t_shape": tuple(t.shape), "t_dtype": t.dtype,
+                           "y": y.tolist()})
         shape = (b,) + (1,) * (x.dim() - 1)
         j = torch.tensor(bud, dtype=x.dtype).view(shape)
         return (self.a.to(x.dtype) * x + t.to(x.dtype).view(shape) + 0.1 * y.to(x.dtype).view(shape) + 0.01 * j).to(
@@ -642,3 +643,25 @@ def test_one_dim_inputs_are_a_batch_of_scalars():
     got = euler_sample(Fake(), x1.float(), y, steps=3, budget=4)
     assert got.shape == (3,)
     torch.testing.assert_close(got.double(), _euler_by_hand(x1.float(), y, 3, 4).float().double(), rtol=0, atol=1e-6)
+
+
+def test_euler_accumulates_in_float64_and_hands_the_model_float32_times():
+    """The sampler's state is float64 whatever the noise's dtype (one rounding at the end: float32 noise gives
+    the float64 run's result rounded once); t reaches the model as float32 even under a float64 default dtype;
+    a guided mode at scale 0 is guidance off: one pass per step."""
+    x, _, y = _xty()
+    m = Fake()
+    got = euler_sample(m, x, y, steps=8, budget=4)
+    want = euler_sample(m, x.double(), y, steps=8, budget=4).float()
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    m.calls.clear()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        euler_sample(m, x, y, steps=2)
+    finally:
+        torch.set_default_dtype(prev)
+    assert [c["t_dtype"] for c in m.calls] == [torch.float32] * 2
+    m.calls.clear()
+    euler_sample(m, x, y, steps=3, mode="cfg", scale=0.0)
+    assert len(m.calls) == 3 and all(c["batch"] == x.shape[0] for c in m.calls)

@@ -353,6 +353,8 @@ def test_pinned_sdpa_backend_reasons():
         assert runs == ([] if n_runs <= FEW_RUNS else [f"{n_runs} runs of equal segments (runs at most {FEW_RUNS})"])
     assert not [r for r in b.not_supported_reasons(_inputs(segments=host)) if "soft-capping" in r]
     assert "no logit soft-capping (softcap=0.5)" in b.not_supported_reasons(_inputs(segments=host, softcap=0.5))
+    assert "cannot return the softmax log-sum-exp" in b.not_supported_reasons(_inputs(segments=host, return_lse=True))
+    assert "cannot return the softmax log-sum-exp" not in b.not_supported_reasons(_inputs(segments=host))
 
 
 def test_torch_backend_refuses_cuda_graph_capture_unless_host_free(monkeypatch):
@@ -364,7 +366,7 @@ def test_torch_backend_refuses_cuda_graph_capture_unless_host_free(monkeypatch):
     def refused(**kw):
         inp = _inputs(**kw)
         q = types.SimpleNamespace(is_cuda=True, dtype=inp.q.dtype, device=torch.device("cuda"), shape=inp.q.shape)
-        return any(capture in r for r in TorchBackend().not_supported_reasons(dataclasses.replace(inp, q=q)))
+        return any(r.startswith(capture) for r in TorchBackend().not_supported_reasons(dataclasses.replace(inp, q=q)))
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert not refused()

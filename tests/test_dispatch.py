@@ -696,3 +696,21 @@ def test_timing_defaults_and_the_backward_is_timed_when_gradients_are_needed(mon
     res = D.tune_inputs(gpu)
     assert reps == [10] and json.loads(pathlib.Path(D.cache_path()).read_text()) == \
         {repr(D._class_key(res["class"])): ["torch"]}
+
+
+def test_every_dispatch_change_starts_a_generation_never_seen_before(monkeypatch):
+    """AttentionPlans keep a decision until dispatch.generation changes: clearing, tuning inputs, and entering
+    or leaving tuning() must each give a value never used before (one seen again would revive stale decisions)."""
+    monkeypatch.setattr(D, "time_backends", lambda inp, repeats: {"reference": 1.0})
+    seen = [D.generation]
+    try:
+        for change in (D.clear_decisions, lambda: D.tune_inputs(_inp(), repeats=1, save=False), D.clear_decisions,
+                       lambda: D.tune_inputs(_inp(), repeats=1, save=False)):
+            change()
+            seen.append(D.generation)
+            with D.tuning(False):
+                seen.append(D.generation)
+            seen.append(D.generation)
+    finally:
+        D.clear_decisions()
+    assert seen == sorted(set(seen)), seen  # strictly increasing: every value new

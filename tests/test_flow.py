@@ -5,6 +5,7 @@ makes (batches, budgets, dtypes) and the Euler / Heun integration can be recompu
 definitions (docs/released_checkpoints.md §5) and compared exactly. Written against the mutation run
 (benchmarks/results/mutation.md).
 """
+import contextlib
 import re
 import warnings
 from types import SimpleNamespace
@@ -575,6 +576,16 @@ def test_a_plain_function_model_runs_unguided_with_any_budget():
     assert set(dtypes[-2:]) == {torch.float32}
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def test_a_float_t_becomes_float32_on_x_device():
     seen = []
 
@@ -586,13 +597,9 @@ def test_a_float_t_becomes_float32_on_x_device():
     guided_velocity(f, x, 0.25, torch.zeros(3, dtype=torch.long, device="meta"))
     assert seen == [(torch.float32, "meta", (3,))]
     x, _, y = _xty(dtype=torch.float64)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # t stays float32 (as the official sampler's), whatever the default
-    try:
+    with _default_dtype(torch.float64):  # t stays float32 (as the official sampler's), whatever the default
         out = guided_velocity(Fake(dtype=torch.float64), x, 0.1, y, 4)
         guided_velocity(f, x, 0.1, y)
-    finally:
-        torch.set_default_dtype(old)
     assert seen[-1] == (torch.float32, "cpu", (3,))
     torch.testing.assert_close(out, v(x, torch.tensor(0.1, dtype=torch.float32).item(), y, 4), rtol=0, atol=1e-12)
 
@@ -655,12 +662,8 @@ def test_euler_accumulates_in_float64_and_hands_the_model_float32_times():
     want = euler_sample(m, x.double(), y, steps=8, budget=4).float()
     assert got.dtype == torch.float32 and torch.equal(got, want)
     m.calls.clear()
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with _default_dtype(torch.float64):
         euler_sample(m, x, y, steps=2)
-    finally:
-        torch.set_default_dtype(prev)
     assert [c["t_dtype"] for c in m.calls] == [torch.float32] * 2
     m.calls.clear()
     euler_sample(m, x, y, steps=3, mode="cfg", scale=0.0)

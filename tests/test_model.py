@@ -709,7 +709,7 @@ def test_model_arguments_are_named_whatever_is_wrong():
     torch.testing.assert_close(m(x, torch.tensor([0.0, 1.0]), y, [1, 2]).isfinite().all(), torch.tensor(True))
 
 
-def test_layouts_and_plain_plans_are_kept_per_signature_oldest_out_first():
+def test_layouts_and_plain_plans_are_kept_per_signature_least_recently_used_out_first():
     """ElitDiT.layout and PlainDiT's self-attention plan are built once per signature and reused (a sampling
     loop builds nothing after its first step); at most LAYOUT_CACHE_SIZE are kept, the least recently used
     dropped first. A PlainDiT plan carries its segments on the host: b segments of N tokens."""

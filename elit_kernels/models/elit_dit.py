@@ -131,6 +131,18 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.stem.final.linear.bias)
 
 
+def _lru_get(cache: dict, key, size: int, make):
+    """``cache[key]``, made with ``make()`` when missing; ``cache`` keeps at most ``size`` entries in order of use
+    (most recent last), the least recently used dropped first."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
+        while len(cache) >= size:
+            cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
 def attention_plans(layout: ElitLayout) -> dict[str, AttentionPlan]:
     """The ``AttentionPlan`` of each attention of a forward over ``layout``: ``"image"`` (head/tail blocks),
     ``"read"``, ``"core"`` and ``"write"`` (from the layout's ``*_args``). Made on first use and kept with the
@@ -228,15 +240,9 @@ class ElitDiT(nn.Module):
         # inference mode in the key: a layout made under torch.inference_mode() holds inference tensors, which a
         # forward that autograd records cannot use
         key = (tuple(bud), batch, str(torch.device(device)), torch.is_inference_mode_enabled())
-        cache = self.__dict__.setdefault("_layouts", {})
-        lay = cache.pop(key, None)
-        if lay is None:
-            lay = build_layout(bud, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, device=device,
-                               budget_core_only=cfg.budget_core_only)
-            while len(cache) >= self.LAYOUT_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-        cache[key] = lay  # most recent last
-        return lay
+        return _lru_get(self.__dict__.setdefault("_layouts", {}), key, self.LAYOUT_CACHE_SIZE, lambda: build_layout(
+            bud, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, device=device,
+            budget_core_only=cfg.budget_core_only))
 
     def _add_in_group(self, tokens, table):
         """tokens ``[B*G*P, C]`` (group-major) + ``table[j]`` ``[P, C]`` for slot j of every group."""
@@ -321,15 +327,8 @@ class PlainDiT(nn.Module):
 
         if torch.compiler.is_compiling():
             return make()
-        plans = self.__dict__.setdefault("_plans", {})
         key = (b, str(torch.device(device)), torch.is_inference_mode_enabled())  # as ElitDiT.layout's key
-        plan = plans.pop(key, None)
-        if plan is None:
-            plan = make()
-            while len(plans) >= ElitDiT.LAYOUT_CACHE_SIZE:
-                plans.pop(next(iter(plans)))  # the least recently used
-        plans[key] = plan  # most recent last
-        return plan
+        return _lru_get(self.__dict__.setdefault("_plans", {}), key, ElitDiT.LAYOUT_CACHE_SIZE, make)
 
     def forward(self, x, t, y, budgets=None):
         if budgets is not None:

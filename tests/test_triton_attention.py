@@ -91,6 +91,41 @@ def test_tile_tables_heuristic_is_a_candidate():
     assert _tiles.heuristic("fwd", 16, 64, 80)[:2] == (16, 32)
 
 
+def test_autotuners_cache_their_choice_on_disk(monkeypatch):
+    # Every tuned kernel's autotuner times its table's tiles (pruned per call) and, where the installed Triton can,
+    # keeps the winner on disk, so a new process does not time every candidate again. Under the interpreter
+    # Triton turns the disk cache off itself, so the arguments _tiles passes are what is checked here.
+    import inspect
+
+    import triton
+
+    from elit_kernels._triton import _tiles
+    seen = {}
+    monkeypatch.setattr(triton, "autotune", lambda **kw: seen.update(kw) or (lambda fn: fn))
+    for kernel in _tiles.KERNELS:
+        seen.clear()
+        assert _tiles.autotuned(kernel, ["max_q_bucket"])("kernel") == "kernel"
+        assert [_tiles.as_tile(c) for c in seen["configs"]] == list(_tiles.TILES[kernel]), kernel
+        assert seen["key"] == ["max_q_bucket"]
+        cfgs = seen["configs"]
+        pruned = seen["prune_configs_by"]["early_config_prune"](
+            cfgs, {"max_q_bucket": 4096, "max_k_bucket": 4096, "BLOCK_D": 64, "BLOCK_DT": 16})
+        assert {_tiles.as_tile(c) for c in pruned} == set(_tiles.candidates(kernel, 4096, 4096, 80)), kernel
+    monkeypatch.undo()
+    assert _tiles.AUTOTUNE_CACHES == ("cache_results" in inspect.signature(triton.autotune).parameters)
+    if _tiles.AUTOTUNE_CACHES:
+        assert seen.get("cache_results") is True
+    else:
+        print(f"triton {triton.__version__} has no autotune(cache_results=...): choices are timed once per process")
+        assert "cache_results" not in seen
+    # the three launchers' autotuners are built this way, each over its own table
+    for kernel, tuned in (("fwd", attention_fwd._varlen_attn_fwd_kernel_tuned),
+                          ("dq", attention_bwd._varlen_attn_bwd_dq_kernel_tuned),
+                          ("dkdv", attention_bwd._varlen_attn_bwd_dkdv_kernel_tuned)):
+        assert [_tiles.as_tile(c) for c in tuned.configs] == list(_tiles.TILES[kernel]), kernel
+        assert list(tuned.keys) == ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL", "DOT_PREC"], kernel
+
+
 def test_row_align_needs_every_stride():
     # ALIGN promises Triton 16-byte aligned row offsets: 8 elements for 16-bit types, 4 for fp32, and 1
     # (no promise) as soon as one row or head stride of one tensor breaks it.

@@ -13,6 +13,8 @@ which halves the accumulator registers per thread: dK/dV and dQ need that).
 """
 from __future__ import annotations
 
+import inspect
+
 import triton
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest padded head dim it runs at). Left out because they
@@ -68,6 +70,23 @@ def heuristic(kernel: str, qb: int, kb: int, padded: int) -> tuple:
 def configs(kernel: str) -> list:
     """The kernel's table as ``triton.Config`` objects for ``triton.autotune``."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for (m, n, w, s, _) in TILES[kernel]]
+
+
+#: whether the installed Triton can keep an autotuning choice on disk (``triton.autotune(cache_results=...)``)
+AUTOTUNE_CACHES = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotuned(kernel: str, key: list[str]):
+    """``triton.autotune`` over ``kernel``'s tiles, pruned to ``candidates`` per call, keyed by ``key`` (plus the
+    argument dtypes, which Triton adds). The choice is cached on disk where the installed Triton can
+    (``cache_results``, Triton >= 3.3): in Triton's cache directory (``TRITON_CACHE_DIR``), keyed by the Triton
+    version, the GPU architecture, the kernel source, the candidate tiles and the key, so a new process reuses
+    it instead of timing every candidate again (seconds per key). H100 and H200 share an architecture (sm_90)
+    and so share a cached choice."""
+    kwargs = dict(configs=configs(kernel), key=key, prune_configs_by={"early_config_prune": pruner(kernel)})
+    if AUTOTUNE_CACHES:
+        kwargs["cache_results"] = True
+    return triton.autotune(**kwargs)
 
 
 def as_tile(c) -> tuple:

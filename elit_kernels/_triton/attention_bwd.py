@@ -220,12 +220,8 @@ def _varlen_attn_bwd_dq_kernel(
 # queries per step, dQ the reverse; pruning keeps only tiles that fit the longest segments. Tuned per
 # (length buckets, head dim, causal, dtype, fp32 dot precision): TF32 and IEEE fp32 dots favour different tiles.
 _KEY = ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL", "DOT_PREC"]
-_varlen_attn_bwd_dkdv_kernel_tuned = triton.autotune(
-    configs=_tiles.configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _tiles.pruner("dkdv")},
-)(_varlen_attn_bwd_dkdv_kernel)
-_varlen_attn_bwd_dq_kernel_tuned = triton.autotune(
-    configs=_tiles.configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _tiles.pruner("dq")},
-)(_varlen_attn_bwd_dq_kernel)
+_varlen_attn_bwd_dkdv_kernel_tuned = _tiles.autotuned("dkdv", _KEY)(_varlen_attn_bwd_dkdv_kernel)
+_varlen_attn_bwd_dq_kernel_tuned = _tiles.autotuned("dq", _KEY)(_varlen_attn_bwd_dq_kernel)
 
 
 def bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,

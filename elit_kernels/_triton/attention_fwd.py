@@ -99,12 +99,9 @@ def _varlen_attn_fwd_kernel(
 
 # On CUDA the tile is autotuned per (length buckets, head dim, causal, dtype, fp32 dot precision) among the
 # forward's entries of _tiles.TILES that fit the longest segments, unless autotuning is off (then
-# _tiles.heuristic picks it).
-_varlen_attn_fwd_kernel_tuned = triton.autotune(
-    configs=_tiles.configs("fwd"),
-    key=["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL", "DOT_PREC"],
-    prune_configs_by={"early_config_prune": _tiles.pruner("fwd")},
-)(_varlen_attn_fwd_kernel)
+# _tiles.heuristic picks it); the choice is cached on disk (_tiles.autotuned).
+_varlen_attn_fwd_kernel_tuned = _tiles.autotuned(
+    "fwd", ["max_q_bucket", "max_k_bucket", "HEAD_DIM", "CAUSAL", "DOT_PREC"])(_varlen_attn_fwd_kernel)
 
 
 def fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,

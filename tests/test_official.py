@@ -286,7 +286,32 @@ def test_bare_state_dict_with_arch(tmp_path):
     with torch.no_grad():
         assert_rel(m(c["reference"]["x"], c["reference"]["t"], c["reference"]["y"]), full["out"], msg="bare")
     with pytest.raises(CheckpointError, match="encoder_depth"):
-        load_checkpoint(str(p), arch=arch_of(FIXTURE_A) | {"encoder_depth": None})
+        load_checkpoint(str(p), arch=arch_of(FIXTURE_A) | {"encoder_depth": None})  # None: not given
+
+
+@pytest.mark.parametrize("key,value,error,match", [
+    ("num_heads", 0, ValueError, "an int >= 1, got 0"),
+    ("hidden_size", -3, ValueError, "an int >= 1, got -3"),
+    ("num_heads", "2", TypeError, "an int, got str"),
+    ("num_heads", 2.0, TypeError, "an int, got float"),
+    ("depth", True, TypeError, "an int, got bool"),
+    ("dit_decoder_depth", -1, ValueError, "an int >= 0, got -1"),
+    ("encoder_depth", "1", TypeError, "an int, got str"),
+    ("mlp_ratio", 0, ValueError, "a finite real > 0, got 0"),
+    ("mlp_ratio", float("inf"), ValueError, "a finite real > 0, got inf"),
+    ("mlp_ratio", "4", TypeError, "a real number, got str"),
+    ("class_dropout_prob", 1.5, ValueError, r"a real in \[0, 1\], got 1.5"),
+    ("elit_max_mask_prob", float("nan"), ValueError, r"a real in \[0, 1\], got nan"),
+    ("qk_norm", 1, TypeError, "a bool, got int"),
+])
+def test_arch_values_are_checked_by_name(key, value, error, match):
+    # checked before the file is read, so a missing file does not hide the bad value
+    with pytest.raises(error, match=rf"^arch: {key}: expected {match}"):
+        load_checkpoint("/nonexistent/ckpt.pt", arch={"num_heads": 2, "dit_decoder_depth": 1, key: value})
+    # the values the official constructor takes pass: sizes, counts (0 included), reals, bools, None (not given)
+    m = load_checkpoint(FIXTURE_A, arch={**arch_of(FIXTURE_A), "encoder_depth": None, "mlp_ratio": 4,
+                                         "class_dropout_prob": 0.1, "qk_norm": False, "path_type": "linear"})
+    assert m.cfg.mlp_ratio == 4
 
 
 class _Hostile:
@@ -423,6 +448,18 @@ def test_convert_cli_usage_errors(tmp_path, capsys):
     assert "--out: " in run([FIXTURE_A, "--out", str(tmp_path / "exists.pt"), "--arch", "num_heads=2"])
     assert "--arch: arch: unknown keyword" in run([FIXTURE_A, "--out", str(tmp_path / "o2.pt"), "--arch", "heads=2"])
     assert "--weights" in run([FIXTURE_A, "--out", str(tmp_path / "o3.pt"), "--weights", "best"])
+    # arch values of the wrong type or range: named, before anything divides by them
+    assert "--arch: arch: num_heads: expected an int >= 1, got 0" in run(
+        [FIXTURE_A, "--out", str(tmp_path / "o4.pt"), "--arch", "num_heads=0", "--arch", "dit_decoder_depth=1"])
+    assert "--arch: arch: num_heads: expected an int, got str ('two')" in run(
+        [FIXTURE_A, "--out", str(tmp_path / "o5.pt"), "--arch", '{"num_heads": "two", "dit_decoder_depth": 1}'])
+    # an output path that cannot be written is refused before the checkpoint is read
+    for out, why in ((tmp_path, "is a folder (expected a file path)"),
+                     ("/proc/elit-convert.safetensors", "cannot write into /proc"),
+                     (tmp_path / "no" / "o.pt", "does not exist")):
+        err = run([FIXTURE_A, "--out", str(out), "--force", "--arch", "num_heads=2"])
+        assert "--out: " in err and why in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.pt"]  # nothing written by the refused runs
 
 
 def test_save_and_load_model_paper_preset(tmp_path):
@@ -579,6 +616,18 @@ def test_our_files_read_back_with_their_defaults(tmp_path):
     with pytest.raises(CheckpointError, match=f"^{re.escape(no_config)}: a safetensors file without elit-kernels "
                                               "metadata .*config absent"):
         load_model(no_config)
+    # damaged JSON in either metadata field, or JSON that is not an object: named, as a CheckpointError
+    good = json.dumps(config_dict(m.cfg))
+    for field, md, why in (("config", {"config": "{not json"}, "is not valid JSON"),
+                           ("meta", {"config": good, "meta": "[1, 2"}, "is not valid JSON"),
+                           ("config", {"config": "[1, 2]"}, "should be a JSON object, got list"),
+                           ("meta", {"config": good, "meta": "3"}, "should be a JSON object, got int")):
+        bad = str(tmp_path / f"bad_{field}.safetensors")
+        save_file(sd, bad, metadata={"format": FORMAT, **md})
+        for load in (read_model_file, load_model):
+            with pytest.raises(CheckpointError, match=f"^{re.escape(bad)}: the '{field}' metadata of this "
+                                                      f"safetensors file {why}"):
+                load(bad)
     k = "core.0.mlp.fc1.weight"
     with pytest.raises(ValueError, match=r"^checkpoint: state_dict does not match the config: missing keys \[\], "
                                          r"unexpected keys \['extra'\]"):

@@ -242,8 +242,24 @@ def read_model_file(path: str, device="cpu") -> tuple[dict, dict, dict] | None:
                                       f"expected format {FORMAT!r} and a config, as written by elit-convert / "
                                       "save_model)")
             sd = {k: f.get_tensor(k) for k in f.keys()}  # one open: the header is parsed once
-        return json.loads(md["config"]), sd, json.loads(md.get("meta") or "{}")
+        return _metadata_dict(path, md, "config"), sd, _metadata_dict(path, md, "meta")
     return None
+
+
+def _metadata_dict(path: str, md: dict, field: str) -> dict:
+    """The JSON object stored under ``field`` of a safetensors header's metadata (``{}`` when absent);
+    CheckpointError naming the file and the field when it is not a JSON object."""
+    text = md.get(field) or "{}"
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the {field!r} metadata of this safetensors file is not valid JSON ({e}; "
+                              f"starts {text[:40]!r}): the file is damaged or was not written by elit-convert / "
+                              "save_model") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: the {field!r} metadata of this safetensors file should be a JSON object, got "
+                              f"{type(value).__name__} ({text[:40]!r})")
+    return value
 
 
 def file_dtype(state_dict: dict) -> torch.dtype | None:

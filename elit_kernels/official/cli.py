@@ -18,6 +18,7 @@ import os
 import sys
 
 from .. import __version__
+from .._cli import output_file_error
 from ..models.checkpoint import save_model
 from ..models.config import config_dict
 from .loader import ARCH_KEYS, WEIGHTS, CheckpointError, load_checkpoint
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
         parser.error(f"--out: {args.out} exists; pass --force to overwrite it")
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         parser.error("--out: must differ from the input checkpoint")
+    if why := output_file_error(args.out):  # before reading a multi-GB checkpoint, not after
+        parser.error(f"--out: {why}")
     try:
         model = load_checkpoint(args.checkpoint, weights=args.weights, arch=arch or None)
     except (CheckpointError, ValueError, TypeError) as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import numbers
 import re
 
 import torch
@@ -257,7 +258,41 @@ def _check_arch(arch) -> dict:
     bad = sorted(set(arch) - set(ARCH_KEYS))
     if bad:
         raise ValueError(f"arch: unknown keyword(s) {bad}; known (official SiTELIT constructor names): {', '.join(ARCH_KEYS)}")
+    for key, value in arch.items():
+        _check_arch_value(key, value)
     return dict(arch)
+
+
+# What each ``arch`` keyword takes (the official constructor's types); the rest (path_type, z_dims) are not read.
+_ARCH_POSITIVE_INTS = ("depth", "hidden_size", "decoder_hidden_size", "patch_size", "num_heads", "input_size",
+                       "in_channels", "num_classes", "group_size", "projector_dim")
+_ARCH_COUNTS = ("dit_encoder_depth", "dit_decoder_depth", "encoder_depth", "elit_read_depth", "elit_write_depth")
+_ARCH_REALS = ("class_dropout_prob", "mlp_ratio", "elit_max_mask_prob", "elit_min_mask_prob")
+_ARCH_BOOLS = ("qk_norm", "fused_attn", "enable_repa", "use_cfg", "enable_elit")
+
+
+def _check_arch_value(key: str, value) -> None:
+    """TypeError / ValueError naming ``arch[key]`` when ``value`` is not what the official constructor takes for it
+    (an int >= 1 for sizes, >= 0 for block counts, a finite real > 0 for ``mlp_ratio`` and in [0, 1] for the
+    probabilities, a bool for switches; None: not given, as if the key were absent)."""
+    where = f"arch: {key}"
+    if value is None:
+        return
+    if key in _ARCH_POSITIVE_INTS + _ARCH_COUNTS:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{where}: expected an int, got {type(value).__name__} ({value!r})")
+        lo = 1 if key in _ARCH_POSITIVE_INTS else 0
+        if value < lo:
+            raise ValueError(f"{where}: expected an int >= {lo}, got {value!r}")
+    elif key in _ARCH_REALS:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{where}: expected a real number, got {type(value).__name__} ({value!r})")
+        ok = 0 < value < math.inf if key == "mlp_ratio" else 0 <= value <= 1
+        if not ok:
+            raise ValueError(f"{where}: expected {'a finite real > 0' if key == 'mlp_ratio' else 'a real in [0, 1]'}"
+                             f", got {value!r}")
+    elif key in _ARCH_BOOLS and not isinstance(value, bool):
+        raise TypeError(f"{where}: expected a bool, got {type(value).__name__} ({value!r})")
 
 
 def _check_weights(weights) -> None:

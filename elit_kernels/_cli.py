@@ -1,8 +1,11 @@
-"""Helpers shared by the command-line tools (``elit-bench``, ``elit-demo``): which attention backends can
-run here, and why the others cannot, in words a usage error can quote."""
+"""Helpers shared by the command-line tools (``elit-bench``, ``elit-demo``, ``elit-sample``, ``elit-convert``):
+which attention backends can run here and why the others cannot, and whether an output path can be written, in
+words a usage error can quote (checked before any work, so a long run never ends in a write error)."""
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 
 import torch
 
@@ -64,6 +67,51 @@ def seed_error(flag: str, seed: int) -> str | None:
     if 0 <= seed <= MAX_SEED:
         return None
     return f"{flag}: expected a seed in [0, {MAX_SEED}] (2**32 - 1), got {seed}"
+
+
+def _probe_dir(folder: str) -> None:
+    """Create and remove a probe file in ``folder`` (OSError when that fails)."""
+    fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def output_dir_error(path: str) -> str | None:
+    """Create the output folder ``path`` (and its parents) and write a probe file in it; why that failed (for a
+    usage error naming the flag), or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} exists and is not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+        _probe_dir(path)
+    except OSError as e:
+        return f"cannot write into {path} ({e.strerror or e})"
+    return None
+
+
+def output_file_error(path: str) -> str | None:
+    """Whether a file can be written at ``path``: not a folder, its folder exists and takes a new file, and an
+    existing file there is writable; why not (for a usage error naming the flag), or None. Writes nothing but
+    a probe file, removed at once."""
+    if os.path.isdir(path):
+        return f"{path} is a folder (expected a file path)"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path} exists and is not writable"
+    try:
+        _probe_dir(folder)
+    except OSError as e:
+        return f"cannot write into {folder} ({e.strerror or e})"
+    return None
+
+
+def finite_positive_error(value: float) -> str | None:
+    """Why ``value`` is not a finite real > 0 (for a usage error naming the flag), or None."""
+    if not (math.isfinite(value) and value > 0):
+        return f"expected a finite number > 0, got {value}"
+    return None
 
 
 def triton_interpreted() -> bool:

@@ -224,7 +224,11 @@ def test_mixed_budgets_spread():
     (["--backends", "torch_varlen"], "--backends", "Usable here: "),  # CUDA-only comparator on CPU
     (["--device", "tpu"], "--device", "cpu or cuda"),
     (["--threads", "0"], "--threads", "positive integer"),
-    (["--max-seconds", "0"], "--max-seconds", "positive number"),
+    (["--max-seconds", "0"], "--max-seconds", "finite number > 0"),
+    (["--max-seconds", "nan"], "--max-seconds", "finite number > 0, got nan"),
+    (["--max-seconds", "inf"], "--max-seconds", "finite number > 0, got inf"),
+    (["--out", "/proc/elit-bench-out"], "--out", "cannot write into /proc/elit-bench-out"),
+    (["--out", __file__], "--out", "exists and is not a folder"),
     (["--warmup", "-1"], "--warmup", ">= 0"),
     (["--seed", "-1"], "--seed", "[0, 4294967295]"),
     (["--seed", str(2**64)], "--seed", "[0, 4294967295]"),

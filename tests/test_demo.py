@@ -100,8 +100,12 @@ def test_per_sample_budgets_and_backend_option(tmp_path):
     (["--eval-reps", "0"], "--eval-reps", "positive"),
     (["--threads", "0"], "--threads", "positive"),
     (["--lr", "0"], "--lr", "positive"),
+    (["--lr", "inf"], "--lr", "finite positive learning rate, got inf"),
+    (["--lr", "nan"], "--lr", "finite positive learning rate, got nan"),
     (["--latent-init-std", "-1"], "--latent-init-std", ">= 0"),
+    (["--latent-init-std", "inf"], "--latent-init-std", "finite std >= 0"),
     (["--guidance", "-2"], "--guidance", ">= 0"),
+    (["--guidance", "inf"], "--guidance", "finite CFG scale >= 0"),
     (["--seed", "-1"], "--seed", "[0, 4294967295]"),
     (["--seed", str(2**64)], "--seed", "[0, 4294967295]"),  # torch's manual_seed overflows past 2**64 - 1
     (["--backend", "no-such-backend"], "--backend", ("choose from ", "torch", "cpp, reference")),
@@ -109,8 +113,11 @@ def test_per_sample_budgets_and_backend_option(tmp_path):
     (["--load", "missing.pt"], "--load", "no such file: missing.pt"),
     (["--load", "."], "--load", "is not a file"),
     (["--load", "NOT_A_CHECKPOINT"], "--load", "cannot load"),
-    (["--out", "A_FILE"], "--out", "exists and is not a directory"),
-    (["--save", "."], "--save", "is a directory"),
+    (["--out", "A_FILE"], "--out", "exists and is not a folder"),
+    (["--out", "/proc/elit-demo-out"], "--out", "cannot write into /proc/elit-demo-out"),
+    (["--save", "."], "--save", "is a folder (expected a file path)"),
+    (["--save", "/proc/elit-demo.pt"], "--save", "cannot write into /proc"),
+    (["--save", "no/such/folder/ck.pt"], "--save", "no/such/folder does not exist"),
     (["--quick", "--steps", "x"], "--steps", "invalid int value"),
 ])
 def test_usage_errors_name_the_flag(argv, flag, valid, tmp_path, capsys, monkeypatch):

@@ -192,8 +192,8 @@ def resolve(args) -> tuple[Setup, dict]:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     if threads is not None and threads < 1:
         raise BenchError(f"--threads: expected a positive integer, got {threads}")
-    if args.max_seconds is not None and args.max_seconds <= 0:
-        raise BenchError(f"--max-seconds: expected a positive number, got {args.max_seconds}")
+    if args.max_seconds is not None and (why := _cli.finite_positive_error(args.max_seconds)):
+        raise BenchError(f"--max-seconds: {why}")
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
     if warmup < 0:
         raise BenchError(f"--warmup: expected >= 0, got {warmup}")
@@ -264,6 +264,9 @@ def resolve(args) -> tuple[Setup, dict]:
     steps = args.sampling_steps if args.sampling_steps is not None else (50 if device.type == "cuda" else 4)
     if isinstance(steps, bool) or steps < 1:
         raise BenchError(f"--sampling-steps: expected an int >= 1, got {steps}")
+    # last of the checks, as it creates the folder: a run never ends in a write error after its timing
+    if getattr(args, "out", None) and (why := _cli.output_dir_error(args.out)):
+        raise BenchError(f"--out: {why}")
     setup = Setup(cfgs=cfgs, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
                   scenarios=scen, seed=args.seed, sampling_steps=steps)
     extra = {"config": name, "presets": presets, "preset_configs": {pr: config_dict(c) for pr, c in cfgs.items()},

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import platform
@@ -107,12 +108,13 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         hi = args.j_max if args.j_max is not None else None if args.load else DEFAULT_J_MAX
         if args.j_min < 1 or (hi is not None and args.j_min > hi):
             parser.error(f"--j-min: expected 1 <= J_min <= J_max{f' = {hi}' if hi else ''}, got {args.j_min}")
-    if not args.lr > 0:
-        parser.error(f"--lr: expected a positive learning rate, got {args.lr}")
-    if not args.latent_init_std >= 0:
-        parser.error(f"--latent-init-std: expected a std >= 0 (0 keeps the model's init), got {args.latent_init_std}")
-    if not args.guidance >= 0:
-        parser.error(f"--guidance: expected a CFG scale >= 0 (0 = no guidance), got {args.guidance}")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"--lr: expected a finite positive learning rate, got {args.lr}")
+    if not 0 <= args.latent_init_std < math.inf:
+        parser.error(f"--latent-init-std: expected a finite std >= 0 (0 keeps the model's init), got "
+                     f"{args.latent_init_std}")
+    if not 0 <= args.guidance < math.inf:
+        parser.error(f"--guidance: expected a finite CFG scale >= 0 (0 = no guidance), got {args.guidance}")
     if args.backend is not None:
         from ..attention import known_backends
 
@@ -121,12 +123,15 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if args.load is not None and not os.path.isfile(args.load):
         parser.error(f"--load: no such file: {args.load}" if not os.path.exists(args.load)
                      else f"--load: {args.load} is not a file (expected an elit-demo --save checkpoint)")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out: {args.out} exists and is not a directory")
+    # Both written after training: checked (and --out created) now, so a run never ends in a write error.
+    from .._cli import output_dir_error, output_file_error
+
+    if why := output_dir_error(args.out):
+        parser.error(f"--out: {why}")
     if args.save == "":
         args.save = os.path.join(args.out, "checkpoint.pt")
-    if args.save is not None and os.path.isdir(args.save):
-        parser.error(f"--save: {args.save} is a directory (expected a file path)")
+    if args.save is not None and (why := output_file_error(args.save)):
+        parser.error(f"--save: {why}")
     return args
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 
@@ -135,13 +134,11 @@ def resolve_weak(cfg, guidance, weak_budget, weak_latents):
 
 def check_out(out: str) -> None:
     """Create ``out`` and write a probe file into it; UsageError naming ``out`` when that fails."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError("out", f"cannot write into {out} ({e.strerror or e})") from None
+    from .._cli import output_dir_error
+
+    why = output_dir_error(out)
+    if why:
+        raise UsageError("out", why)
 
 
 def check_earlier_run(path: str, settings: dict, soft: dict) -> list[str]:

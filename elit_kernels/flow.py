@@ -110,10 +110,13 @@ def _is_int_dtype(dt: torch.dtype) -> bool:
     return not (dt.is_floating_point or dt.is_complex or dt == torch.bool)
 
 
+_MAX_DRAW = 2**63 - 2  # torch.randint's exclusive high (j_max + 1) is an int64
+
+
 def _check_range(name: str, lo: int, hi: int) -> None:
     if not (isinstance(lo, int) and isinstance(hi, int)) or isinstance(lo, bool) or isinstance(hi, bool) \
-            or not 0 <= lo <= hi:
-        raise ValueError(f"{name}: expected ints 0 <= j_min <= j_max, got j_min={lo!r}, j_max={hi!r}")
+            or not 0 <= lo <= hi <= _MAX_DRAW:
+        raise ValueError(f"{name}: expected ints 0 <= j_min <= j_max <= 2**63 - 2, got j_min={lo!r}, j_max={hi!r}")
 
 
 def _check_generator(generator) -> None:
@@ -125,7 +128,7 @@ def sample_budgets(batch: int, j_min: int, j_max: int, *, per_sample: bool = Fal
                    generator: torch.Generator | None = None) -> list[int]:
     """Tail dropping: J̃ ~ Uniform{j_min..j_max}, once for the batch (the paper) or per sample (ours).
 
-    ``batch``: an int >= 0; ``j_min``/``j_max``: ints with 0 <= j_min <= j_max; ``per_sample``: a bool;
+    ``batch``: an int >= 0; ``j_min``/``j_max``: ints with 0 <= j_min <= j_max <= 2**63 - 2; ``per_sample``: a bool;
     ``generator``: None or a CPU torch.Generator. Returns ``batch`` Python ints. Raises ValueError naming
     ``batch`` or ``j_min``, TypeError naming ``per_sample`` or ``generator``.
     """
@@ -153,16 +156,19 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
                         noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean squared error between ``model(x_t, t, y, budgets)`` and the velocity ``noise - x0``.
 
-    ``x0``: a floating-point tensor ``[B, ...]``; ``y``: the class ids (a tensor, checked by the model);
+    ``x0``: a floating-point tensor ``[B, ...]``, B >= 1; ``y``: the class ids (a tensor, checked by the model);
     ``budgets``: as the model takes them (checked by the model). ``t``: None (logit-normal draws) or a
-    floating-point tensor of shape ``[B]``; ``noise``: None (standard normal) or a floating-point tensor of
-    x0's shape (both drawn from ``generator``, None or a CPU torch.Generator). Raises TypeError / ValueError
+    floating-point tensor of shape ``[B]``; ``noise``: None (standard normal) or a tensor of x0's shape, dtype
+    and device (both drawn from ``generator``, None or a CPU torch.Generator). Raises TypeError / ValueError
     naming ``model``, ``x0``, ``y``, ``t``, ``noise`` or ``generator``.
     """
     _check_model("model", model)
     _check_tensor("x0", x0, floating=True, what=" [B, ...] of clean latents")
     if x0.dim() < 1:
         raise ValueError("x0: expected a tensor [B, ...] with a batch dimension, got a 0-dim tensor")
+    if x0.shape[0] == 0:
+        raise ValueError(f"x0: expected at least one sample (the loss is a mean over the batch), got shape "
+                         f"{tuple(x0.shape)}")
     _check_tensor("y", y, what=" of class ids [B]")
     _check_generator(generator)
     b = x0.shape[0]
@@ -178,6 +184,9 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
         _check_tensor("noise", noise, floating=True, what=f" of x0's shape {tuple(x0.shape)}")
     if noise.shape != x0.shape:
         raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    if noise.dtype != x0.dtype or noise.device != x0.device:
+        raise ValueError(f"noise: expected x0's dtype and device ({x0.dtype}, {x0.device}), got {noise.dtype}, "
+                         f"{noise.device}")
     tt = t.to(x0.dtype).view(b, *([1] * (x0.dim() - 1)))
     xt = (1 - tt) * x0 + tt * noise
     return F.mse_loss(model(xt, t, y, budgets).float(), (noise - x0).float())

@@ -76,7 +76,8 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
     elif isinstance(budgets, int):
         out = [budgets] * batch
     elif isinstance(budgets, torch.Tensor):
-        if budgets.dim() != 1 or budgets.dtype.is_floating_point or budgets.dtype == torch.bool:
+        if budgets.dim() != 1 or budgets.dtype.is_floating_point or budgets.dtype.is_complex or \
+                budgets.dtype == torch.bool:
             raise TypeError(f"budgets: expected a 1-D integer tensor, got {budgets.dtype} of shape {tuple(budgets.shape)}")
         out = [int(b) for b in budgets.tolist()]
     elif isinstance(budgets, Sequence):

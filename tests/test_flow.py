@@ -509,6 +509,12 @@ _FLOAT_HINT = " (an integer, bool or complex tensor would be truncated or refuse
      "t: expected a floating-point tensor of times of shape [B] = (3,), got torch.int64" + _FLOAT_HINT),
     (lambda x, t, y: rectified_flow_loss(Fake(), x, y, noise=np.zeros((3, 2, 2, 2))), TypeError,
      "noise: expected a floating-point tensor of x0's shape (3, 2, 2, 2), got ndarray"),
+    (lambda x, t, y: rectified_flow_loss(Fake(), x, y, noise=torch.randn_like(x).double()), ValueError,
+     "noise: expected x0's dtype and device (torch.float32, cpu), got torch.float64, cpu"),
+    (lambda x, t, y: rectified_flow_loss(Fake(), x[:0], y[:0]), ValueError,
+     "x0: expected at least one sample (the loss is a mean over the batch), got shape (0, 2, 2, 2)"),
+    (lambda x, t, y: sample_budgets(2, 0, 2**63 - 1), ValueError,
+     "j_min: expected ints 0 <= j_min <= j_max <= 2**63 - 2, got j_min=0, j_max=9223372036854775807"),
     # t and noise given: the generator is never used, and still refused
     (lambda x, t, y: rectified_flow_loss(Fake(), x, y, t=t, noise=torch.randn_like(x), generator=3), TypeError,
      "generator: expected None or a torch.Generator, got int"),

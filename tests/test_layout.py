@@ -76,8 +76,10 @@ def test_budgets_normalisation_and_errors():
         normalize_budgets([1, 2], 3, 8)
     with pytest.raises(TypeError, match="budgets"):
         normalize_budgets([1.5, 2], 2, 8)
-    with pytest.raises(TypeError, match="budgets"):
-        normalize_budgets(torch.tensor([1.0, 2.0]), 2, 8)
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([1, 2], dtype=torch.complex64), torch.tensor([True, False]),
+                torch.tensor([[1, 2]])):
+        with pytest.raises(TypeError, match=rf"^budgets: expected a 1-D integer tensor, got {bad.dtype}"):
+            normalize_budgets(bad, 2, 8)
     with pytest.raises(ValueError, match="packed"):
         unpack_latents(torch.randn(3, 2), build_layout([1], 1, 2, 4, 2))
     with pytest.raises(ValueError, match="latents"):

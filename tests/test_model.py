@@ -630,6 +630,23 @@ def test_budgets_that_disagree_with_the_layout_are_refused():
     torch.testing.assert_close(m(x, t, y, [4, 4], layout=lay), m(x, t, y, [4, 4]), rtol=0, atol=0)
 
 
+def test_a_layout_from_inference_mode_is_refused_by_name_where_autograd_needs_it():
+    m = randomized(ElitDiT(elit_config("tiny", 64), backend="torch"))
+    x, t, y = inputs(2)
+    with torch.inference_mode():
+        lay = m.layout([4, 1], 2, "cpu")
+        want = m(x, t, y, layout=lay)
+    with pytest.raises(ValueError, match=r"^layout: built under torch.inference_mode\(\), so autograd cannot save"):
+        m(x, t, y, layout=lay)
+    with torch.no_grad():  # nothing is saved for backward: the layout is usable
+        torch.testing.assert_close(m(x, t, y, layout=lay), want, rtol=0, atol=0)
+    grad_lay = m.layout([4, 1], 2, "cpu")  # built outside inference mode: a forward with gradients takes it
+    out = m(x.requires_grad_(), t, y, layout=grad_lay)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), want)  # fp32 tolerance: with gradients SDPA takes another CPU kernel
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_native_elementwise_keeps_fp64_and_the_activation_dtype():
     import torch.nn.functional as F
 

@@ -2,6 +2,7 @@
 checks and dispatch run once per input signature, and nothing cached survives what could make it stale."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from cases import CASES, cases
@@ -108,6 +109,7 @@ def test_bad_tensors_are_named_on_every_call():
     (dict(segments=(24, 24)), TypeError, "segments: expected an elit_kernels.attention.SegmentRuns or None, got tuple"),
     (dict(softmax_scale="0.1"), TypeError, "softmax_scale: expected a float or None, got str"),
     (dict(causal=1), TypeError, "causal: expected a bool, got int"),
+    (dict(causal=torch.tensor(True)), TypeError, "causal: expected a bool, got torch.Tensor"),
     (dict(window_size=(-2, 0)), ValueError, "window_size: left must be >= -1"),
     (dict(softcap=-1.0), ValueError, r"softcap: expected 0 \(off\) or a finite float in float32's normal range"),
     (dict(softmax_scale=float("inf")), ValueError, "softmax_scale: expected a finite float within float32's range"),
@@ -122,6 +124,17 @@ def test_bad_plan_arguments_are_named_when_the_plan_is_made(kwargs, err, match):
     with pytest.raises(err, match=match):
         AttentionPlan(args.pop("cu_seqlens_q"), args.pop("cu_seqlens_k"), args.pop("max_seqlen_q"),
                       args.pop("max_seqlen_k"), **args)
+
+
+def test_numpy_bools_are_taken_as_bools():
+    # np.True_ (what array.any() returns) is a bool to a plan, as to varlen_attention: same answer as True
+    cq = ck = torch.tensor([0, 24, 48], dtype=torch.int32)
+    q, k, v = (torch.randn(48, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    plan = AttentionPlan(cq, ck, 24, 24, causal=np.True_, return_lse=np.True_)
+    out, lse = plan(q, k, v)
+    want, want_lse = varlen_attention(q, k, v, cq, ck, 24, 24, causal=True, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert not torch.equal(out, varlen_attention(q, k, v, cq, ck, 24, 24, causal=False))  # the flag mattered
 
 
 class _Spy(R.Backend):

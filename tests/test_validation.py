@@ -1,4 +1,5 @@
 """Every input check of varlen_attention raises an error that names the offending argument."""
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +171,11 @@ def test_window_edges(args):
     for flag in (1, "False", torch.tensor([1, 0])):  # a flag is a bool, as causal is ("False" is truthy)
         with pytest.raises(TypeError, match=r"^return_lse: expected a bool, got "):
             validate_inputs(*a, None, False, return_lse=flag)
+    with pytest.raises(TypeError, match=r"^causal: expected a bool, got torch.Tensor$"):  # a type name that
+        validate_inputs(*a, None, torch.tensor(True))  # is not a builtin's is given with its module
+    # NumPy's bool (what array.any() returns) is a bool: taken, as a Python bool
+    inp = validate_inputs(*a, None, np.True_, return_lse=np.False_)
+    assert inp.causal is True and inp.return_lse is False
 
 
 @pytest.mark.parametrize("softcap,err", [(True, TypeError), ("1", TypeError), (-0.5, ValueError), (1e-300, ValueError),

@@ -344,6 +344,18 @@ def _window(window_size, causal: bool) -> tuple[int, int]:
     return left, (-1 if causal else right)
 
 
+def _flag(name: str, value) -> bool:
+    """A user's bool argument ``name`` (``causal``, ``return_lse``): a bool, or NumPy's bool (``np.True_``, as
+    ``array.any()`` returns) taken as one; TypeError naming ``name`` and the value's type otherwise."""
+    if isinstance(value, bool):
+        return value
+    t = type(value)
+    if t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"):
+        return bool(value)
+    what = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    raise TypeError(f"{name}: expected a bool, got {what}")
+
+
 def _scale(softmax_scale) -> float:
     """A user's ``softmax_scale`` as a float: finite and within float32's range (the kernels' score dtype)."""
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
@@ -433,10 +445,10 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         softmax_scale = d ** -0.5
     elif type(softmax_scale) is not float or not abs(softmax_scale) <= _F32_MAX:
         softmax_scale = _scale(softmax_scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if type(causal) is not bool:
+        causal = _flag("causal", causal)
     if type(return_lse) is not bool:
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        return_lse = _flag("return_lse", return_lse)
     try:  # the default needs nothing resolved; a side that is a multi-element tensor cannot be compared: _window names it
         default = type(window_size) is tuple and window_size == (-1, -1) and not causal
     except RuntimeError:

@@ -26,8 +26,8 @@ from . import inputs as _inputs
 from . import known_answer as _ka
 from . import registry as _registry
 from .dispatch import select_backend
-from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _scale, _softcap,
-                     _verify_segments_once, _window, tensor_version, validate_inputs, value_checks_enabled)
+from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _flag, _scale,
+                     _softcap, _verify_segments_once, _window, tensor_version, validate_inputs, value_checks_enabled)
 from .registry import run_backend
 
 _MAX_SIGNATURES = 64  # input signatures one plan remembers (a model uses one or two per plan)
@@ -92,10 +92,7 @@ class AttentionPlan:
                 _verify_segments_once(segments, cu_seqlens_q, cu_seqlens_k)
         if softmax_scale is not None:
             softmax_scale = _scale(softmax_scale)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-        if type(return_lse) is not bool:
-            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        causal, return_lse = _flag("causal", causal), _flag("return_lse", return_lse)
         window_size = _window(window_size, False)  # ints (a caller's list or tensor may change later)
         softcap = _softcap(softcap)
         # private, with read-only properties: the cached runs hold these, so they must not change behind them

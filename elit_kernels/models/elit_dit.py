@@ -269,6 +269,11 @@ class ElitDiT(nn.Module):
             if got != want:
                 raise ValueError(f"layout: built for (groups, tokens_per_group, j_max, budget_core_only) = {got}, the "
                                  f"model needs {want}; build it with model.layout(budgets, batch, device)")
+            if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not \
+                    torch.compiler.is_compiling() and lay.cu_core.is_inference():
+                raise ValueError("layout: built under torch.inference_mode(), so autograd cannot save its index "
+                                 "tensors; build it outside inference mode for a forward with gradients (or run this "
+                                 "forward under torch.no_grad() / torch.inference_mode())")
         ew, be = get_elementwise(self.elementwise), self.backend
         plans = attention_plans(lay)
         s, c = self.stem.embed(x, t, y)

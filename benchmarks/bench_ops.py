@@ -28,6 +28,7 @@ import time
 import torch
 
 from elit_kernels import set_value_checks
+from elit_kernels._cli import output_dir_error
 from elit_kernels.bench.attention_cases import (H200_PEAKS, Method, OpShape, available_methods, dispatch_overhead_us,
                                                elit_shapes, make_fn, min_bytes, quiet_warnings)
 from elit_kernels.bench.report import metadata
@@ -64,6 +65,8 @@ def parse(argv=None):
                         "config's, 72 for XL/2), e.g. 64,72,128 to compare every backend across them")
     p.add_argument("--out", default=None, help="write DIR/ops.json and DIR/ops.csv")
     args = p.parse_args(argv)
+    if args.out and (why := output_dir_error(args.out)):  # now, not after the timing
+        p.error(f"--out: {why}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(args.device)

@@ -1,6 +1,7 @@
 """elit-bench: the CLI end to end on a tiny config, the official-style baseline, FLOP counting, bad flags."""
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -243,6 +244,14 @@ def test_bad_flags_error_clearly(argv, flag, valid, capsys):
     assert f"error: {flag}:" in err or f"error: argument {flag}:" in err, err
     assert valid in err, err
     assert "Traceback" not in err
+
+
+def test_op_bench_refuses_an_unwritable_out_before_timing():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_ops.py"), "--device", "cpu", "--out",
+                        "/proc/elit-bench-ops"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "error: --out: cannot write into /proc/elit-bench-ops" in r.stderr, r.stderr
+    assert r.stdout == "", r.stdout  # nothing was timed
 
 
 def test_replot_of_a_folder_without_results_errors_clearly(tmp_path, capsys):

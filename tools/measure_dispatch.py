@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from elit_kernels._cli import output_dir_error
+
 
 def _shapes(batch: int, groups: int, p: int, j_max: int, heads: int, d: int):
     """(label, lens_q, lens_k, heads, d, with_segments) of the model's attention calls."""
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
         return 2
     from elit_kernels.attention import dispatch as D
 
-    os.makedirs(args.out, exist_ok=True)
+    if why := output_dir_error(args.out):
+        ap.error(f"--out: {why}")
     t_start = time.perf_counter()
     gpu = torch.cuda.get_device_name()
     shapes = _shapes(args.batch, 16, 64, 64, 16, args.head_dim)

@@ -353,6 +353,52 @@ def test_remaining_seconds_covers_warm_up_and_timing():
     assert remaining_seconds([], [probe, other, fast], 3, probe, cpu) == pytest.approx(3 * 0.15 + 1 * 0.02)
 
 
+def test_remaining_seconds_counts_each_backend_at_its_own_probe():
+    # A compiled backend's warm-up holds a compile, which each of its budget signatures pays again: its cases are
+    # counted at its own probe's warm-up and speed, not at the eager probe's.
+    cpu = torch.device("cpu")
+    probe = _case("probe", call_ms=100.0, warm_s=0.3)
+    compiled_probe = _case("probe", call_ms=40.0, warm_s=20.0)
+    compiled_probe.backend = "torch+compile"
+    eager, compiled = _case("a"), _case("b")
+    compiled.backend = "torch+compile"
+    by_backend = {"torch": probe, "torch+compile": compiled_probe}
+    got = remaining_seconds([eager, compiled], [eager, compiled], 2, probe, cpu, by_backend)
+    assert got == pytest.approx(0.3 + 20.0 + 2 * (0.1 + 0.04))
+    # without the map every case counts at the probe's (the old estimate: 20 s of compile missing)
+    assert remaining_seconds([eager, compiled], [eager, compiled], 2, probe, cpu) == pytest.approx(0.6 + 2 * 0.2)
+
+
+def test_estimate_includes_the_compile_of_each_signature(monkeypatch):
+    # A stand-in for torch.compile whose compile takes 1 s per budget signature (a real inductor compile is tens of
+    # seconds at S/2 on this CPU): the estimate printed before timing must hold those seconds.
+    import time
+
+    class SlowToCompile(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.seen = model, set()
+
+        def forward(self, x, t, y, budgets=None, **kw):
+            if repr(budgets) not in self.seen:
+                self.seen.add(repr(budgets))
+                time.sleep(1.0)
+            return self.model(x, t, y, budgets, **kw)
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: SlowToCompile(model))
+    events, estimates = [], []
+    monkeypatch.setattr(cli, "_say", lambda msg: events.append(msg))
+    real = cli._estimate
+    monkeypatch.setattr(cli, "_estimate", lambda extra, *a: (real(extra, *a), estimates.append(extra["estimate_s"])))
+    t0 = time.monotonic()
+    assert main(TINY + ["--presets", "paper", "--scenarios", "uniform", "--budgets", "1,2,4", "--repeats", "1",
+                        "--backends", "torch,torch+compile"]) == 0
+    took = time.monotonic() - t0
+    est = next(e for e in events if e.startswith("estimated run time"))
+    assert "torch: warm-up" in est and "torch+compile: warm-up 1." in est and "(compile)" in est, est
+    assert took >= 3.0 and 0.7 * took <= estimates[0] <= 1.5 * took, (estimates, took)  # 3 compiles of 1 s counted
+
+
 class _RecordingProgress:
     updates: list = []
 

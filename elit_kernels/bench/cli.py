@@ -283,14 +283,19 @@ def _say(msg: str) -> None:
     print(f"elit-bench: {msg}", file=sys.stderr, flush=True)
 
 
-def _estimate(extra: dict, ref, to_warm: list, to_time: list, t_start: float, dev) -> None:
-    """Print the run-time estimate once ``ref`` (the first case) is warmed up; warn when it is long."""
+def _estimate(extra: dict, ref, by_backend: dict, to_warm: list, to_time: list, t_start: float, dev) -> None:
+    """Print the run-time estimate once the probes (``by_backend``: the first case of each backend, ``ref`` the
+    first of them) are warmed up; warn when it is long."""
     repeats = extra["repeats"]
-    est = extra["estimate_s"] = time.monotonic() - t_start + remaining_seconds(to_warm, to_time, repeats, ref, dev)
+    est = extra["estimate_s"] = time.monotonic() - t_start + remaining_seconds(to_warm, to_time, repeats, ref, dev,
+                                                                               by_backend)
     capped = extra.get("max_seconds") is not None and est > extra["max_seconds"]
-    _say(f"estimated run time {format_seconds(est)}: {len(to_time)} cases × (warm-up {ref.warm_s:.1f} s + {repeats} × "
-         f"{sample_seconds(ref, dev):.2f} s timed) at the speed of the first case ({ref.preset} {ref.model} "
-         f"J̃={ref.budget}, {ref.backend})"
+    speeds = "; ".join(f"{b}: warm-up {c.warm_s:.1f} s{' (compile)' if b.endswith('+compile') else ''}"
+                       f"{' (capture)' if b.endswith('+graph') else ''}, {sample_seconds(c, dev):.2f} s a sample"
+                       for b, c in by_backend.items())
+    _say(f"estimated run time {format_seconds(est)}: {len(to_time)} cases, {extra['warmup']} warm-up call(s) and "
+         f"{repeats} timed samples each, at the speed of the first case ({ref.preset} {ref.model} J̃={ref.budget}) "
+         f"of each backend: {speeds}"
          + (f"; --max-seconds stops it after about {format_seconds(extra['max_seconds'])}" if capped else ""))
     if est > 60 * LONG_RUN_MINUTES and not capped:
         _say(f"warning: this run takes about {format_seconds(est)}, over {LONG_RUN_MINUTES} min. Shorter: "
@@ -319,9 +324,18 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         repeats = extra["repeats"]
         # The probe: the first full-budget ELIT case (the costliest single forward of the uniform sweep), warmed
         # up first; until a case has its own measured speed, the estimate counts it at the probe's.
-        probe = next((c for c in cases if c.scenario == "uniform" and c.model == "elit" and c.budget == extra["j_max"]),
-                     cases[0])
-        order = [probe] + [c for c in cases if c is not probe]
+        # The probes: that case of each backend (a +compile or +graph backend's warm-up also compiles or captures,
+        # so its cases cost what its own probe does), warmed up before the estimate.
+        def first_of(backend):
+            mine = [c for c in cases if c.backend == backend]
+            return next((c for c in mine if c.scenario == "uniform" and c.model == "elit"
+                         and c.budget == extra["j_max"]), mine[0] if mine else None)
+
+        probes = []
+        for b in dict.fromkeys([cases[0].backend, *extra["backends"]]):
+            if (c := first_of(b)) is not None:
+                probes.append(c)
+        order = probes + [c for c in cases if c not in probes]
         _say(f"{len(cases)} cases ({', '.join(extra['presets'])} × {', '.join(extra['scenarios'])}; backends "
              f"{', '.join(extra['backends'])}): {extra['warmup']} warm-up call(s) + a FLOP count each, then "
              f"{repeats} interleaved timing repeats; warming up the first case to estimate the run time")
@@ -329,15 +343,19 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         deadline = t_start + extra["max_seconds"] if extra.get("max_seconds") else None
         skipped, failed = [], []
 
+        def warmed_probes() -> dict:
+            return {c.backend: c for c in probes if c.warm_s is not None and c not in failed}
+
         def refresh(i_warm: int, desc: str) -> None:
             ref = next((x for x in order if x.warm_s is not None and x not in failed), None)
-            if ref is None:
+            if ref is None or not estimated:
                 return
             nonlocal bar
             if bar is None:  # created after the estimate is printed, so the two do not share a line
                 bar = RunProgress(progress)
             pending = [c for c in order if c not in skipped and c not in failed]
-            bar.update(time.monotonic() - t_work, remaining_seconds(order[i_warm:], pending, repeats, ref, dev), desc)
+            bar.update(time.monotonic() - t_work,
+                       remaining_seconds(order[i_warm:], pending, repeats, ref, dev, warmed_probes()), desc)
 
         estimated = False
         with torch.no_grad():
@@ -354,12 +372,19 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
                     c.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     failed.append(c)
                 c.warm_s = time.monotonic() - t0
-                if not estimated and c not in failed:
-                    estimated = True
+                if c in probes and c not in failed:
                     # Warm calls for the estimate (the warm-up's last call may be the cold first one: 2.5 s vs a
                     # 1.65 s median measured); not kept as samples, which come from the interleaved repeats.
                     c.call_ms = min(time_once(c, dev)[0] for _ in range(2))
-                    _estimate(extra, c, order[i + 1:], [x for x in order if x not in failed], t_start, dev)
+                if not estimated and i >= len(probes) - 1:
+                    by_backend = warmed_probes()
+                    if not by_backend and c not in failed:  # every probe failed: this case stands in
+                        c.call_ms = min(time_once(c, dev)[0] for _ in range(2))
+                        by_backend = {c.backend: c}
+                    if by_backend:
+                        estimated = True
+                        _estimate(extra, next(iter(by_backend.values())), by_backend, order[i + 1:],
+                                  [x for x in order if x not in failed], t_start, dev)
                 refresh(i + 1, "warm-up + FLOPs")
         for c in skipped:
             c.note = "skipped: --max-seconds spent during warm-up"

@@ -194,17 +194,20 @@ def sample_seconds(case: Case, device: torch.device, cuda_rep_ms: float = CUDA_R
 
 
 def remaining_seconds(to_warm: list[Case], to_time: list[Case], repeats: int, probe: Case,
-                      device: torch.device) -> float:
+                      device: torch.device, by_backend: dict | None = None) -> float:
     """Estimated seconds of work left: the warm-up of ``to_warm`` and the samples ``to_time`` still lack.
 
-    A case already warmed up counts at its own measured speed; the others at ``probe``'s (a warmed-up
-    case; the benchmark picks the full-budget one, the costliest single forward of the uniform sweep)."""
+    A case already warmed up counts at its own measured speed; the others at the speed of ``by_backend``'s
+    warmed-up case of their own backend (``{backend: case}``: a ``+compile`` or ``+graph`` backend's warm-up
+    holds a compile or capture, which every budget signature pays again), else at ``probe``'s (a warmed-up case;
+    the benchmark picks the full-budget one, the costliest single forward of the uniform sweep)."""
+    like = by_backend or {}
     left = 0.0
-    for _ in to_warm:
-        left += probe.warm_s
+    for c in to_warm:
+        left += like.get(c.backend, probe).warm_s
     for c in to_time:
         n = max(0, repeats - len(c.times_ms))
-        left += n * sample_seconds(c if c.call_ms is not None else probe, device)
+        left += n * sample_seconds(c if c.call_ms is not None else like.get(c.backend, probe), device)
     return left
 
 

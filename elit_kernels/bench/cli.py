@@ -322,10 +322,9 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
     try:
         cases, meta = build_cases(setup)
         repeats = extra["repeats"]
-        # The probe: the first full-budget ELIT case (the costliest single forward of the uniform sweep), warmed
-        # up first; until a case has its own measured speed, the estimate counts it at the probe's.
-        # The probes: that case of each backend (a +compile or +graph backend's warm-up also compiles or captures,
-        # so its cases cost what its own probe does), warmed up before the estimate.
+        # The probes, warmed up first: each backend's first full-budget ELIT case (the costliest single forward of
+        # the uniform sweep). Until a case has its own measured speed, the estimate counts it at its backend's
+        # probe's: a +compile or +graph backend's warm-up also compiles or captures, once per budget signature.
         def first_of(backend):
             mine = [c for c in cases if c.backend == backend]
             return next((c for c in mine if c.scenario == "uniform" and c.model == "elit"
@@ -338,7 +337,7 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         order = probes + [c for c in cases if c not in probes]
         _say(f"{len(cases)} cases ({', '.join(extra['presets'])} × {', '.join(extra['scenarios'])}; backends "
              f"{', '.join(extra['backends'])}): {extra['warmup']} warm-up call(s) + a FLOP count each, then "
-             f"{repeats} interleaved timing repeats; warming up the first case to estimate the run time")
+             f"{repeats} interleaved timing repeats; warming up the first case of each backend to estimate the run time")
         t_work = time.monotonic()
         deadline = t_start + extra["max_seconds"] if extra.get("max_seconds") else None
         skipped, failed = [], []

@@ -388,7 +388,8 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
     Raises CheckpointError (a ValueError) naming the file and the problem: not an ELIT-SiT checkpoint,
     missing or unexpected keys (listed), a shape mismatch (key, expected, got), an unknown registry name
     without ``arch``, a SHA-256 mismatch, a tensor holding NaN or inf (named); ValueError for ``weights`` not in
-    {"ema", "model"}, unknown ``arch`` keys or a malformed ``sha256``; RuntimeError for a torch-format file on
+    {"ema", "model"}, unknown ``arch`` keys, an ``arch`` value out of its range or a malformed ``sha256``; TypeError
+    for an ``arch`` value of the wrong type (both name ``arch`` and the key); RuntimeError for a torch-format file on
     torch older than 2.10, whose ``weights_only`` loader is not safe against crafted files.
     """
     _check_weights(weights)

@@ -149,6 +149,25 @@ def test_bench_times_a_compiled_model_on_cpu(tmp_path):
     assert got["torch+compile"]["gflops"] == got["torch"]["gflops"]  # FLOPs counted on the eager twin
 
 
+def test_bench_compiles_every_signature_past_dynamos_default_limit(monkeypatch):
+    # More budget signatures than dynamo's default recompile_limit (8): past it dynamo runs the forward eagerly, so
+    # a +compile row would time eager forwards. elit-bench raises the limit for its run and restores it after.
+    from torch._dynamo.testing import CompileCounter
+
+    from elit_kernels.bench.cli import main
+
+    cnt, real = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, **{**kw, "backend": cnt}))
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    rc = main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--backends", "torch+compile",
+               "--budgets", "1,2,3,4", "--scenarios", "uniform,mixed,guidance", "--presets", "paper", "--repeats", "1",
+               "--warmup", "1", "--no-progress"])
+    assert rc == 0
+    assert cnt.frame_count > 8, f"{cnt.frame_count} graphs: dynamo stopped compiling at its limit"
+    assert torch._dynamo.config.recompile_limit == limit
+
+
 def test_compiled_sampling_run_compiles_once_per_budget_signature():
     # A sampling run keeps one budget signature, so a compiled model traces once for all its steps; leaving the
     # guidance interval adds the unguided signature (one more graph), and nothing else recompiles.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .attention import varlen_attention
+from .attention.inputs import _flag
 
 
 # flash-attn (2.x and the FA3 / kernels-community variants that transformers and vLLM call) options that
@@ -55,7 +56,7 @@ def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, 
          backend):
     kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend)
     if type(return_attn_probs) not in (bool, int):  # flash-attn tests it for truth; a tensor has none
-        raise TypeError(f"return_attn_probs: expected a bool, got {type(return_attn_probs).__name__}")
+        return_attn_probs = _flag("return_attn_probs", return_attn_probs)  # NumPy's bool passes
     if not return_attn_probs:
         return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
     out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)

@@ -340,6 +340,19 @@ def _case(name, batch=2, budgets=None, call_ms=None, inner=1, warm_s=None, times
     return c
 
 
+def test_a_value_is_printed_with_the_digits_its_verdict_needs():
+    from elit_kernels.bench.report import targets_text, value_text
+
+    fail = {"value": 1.10036, "limit": 1.10, "holds": False}
+    assert value_text(fail) == "1.1004"  # 3 decimals would print 1.100, which reads as meeting <= 1.10
+    assert value_text({"value": 1.0996, "limit": 1.10, "holds": True}) == "1.100"  # a pass at 1.100 reads right
+    assert value_text({"value": 0.93217, "limit": 0.95, "holds": True}) == "0.932"
+    assert value_text({"value": 1.1000004, "limit": 1.10, "holds": False}) == "1.1000004"
+    line = targets_text([{**fail, "target": "latency_ratio <= 1.10 x flops_ratio", "clock": "cpu", "preset": "paper",
+                          "backend": "torch", "budget": 2, "meant_for": "CPU and GPU", "informational": False}], "CPU")[-2]
+    assert line.startswith("  FAIL") and line.endswith("value=1.1004"), line
+
+
 def test_remaining_seconds_covers_warm_up_and_timing():
     cpu = torch.device("cpu")
     probe = _case("probe", call_ms=100.0, inner=1, warm_s=0.3)
@@ -603,7 +616,7 @@ def test_targets_say_what_they_are_and_where_a_fail_is_expected():
     assert "2 FAIL: 2 on targets meant for GPU." in gpu_text and "informational" not in gpu_text.split("checks hold")[1]
     md = markdown_summary([dict(r, q1_ms=None, q3_ms=None, cpu_ratio=None, latency_ratio=None, flops_ratio=None,
                                 gflops=None, peak_mem_mb=None, latents=1) for r in rows], cpu, {"device_type": "cpu"})
-    assert "| ragged / dense <= 1.00 | wall | paper | torch | 4 | 1.053 | NO | GPU (informational on CPU) |" in md
+    assert "| ragged / dense <= 1.00 | wall | paper | torch | 4 | 1.053 | FAIL | GPU (informational on CPU) |" in md
     assert "3 of 5 checks hold" in md
 
 

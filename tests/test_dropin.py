@@ -220,8 +220,10 @@ def test_flash_attn_flags_that_are_tensors_are_named():
     # flash-attn tests these for truth; a multi-element tensor has none: named, not torch's "ambiguous" error
     q = torch.randn(3, 2, 8)
     cu = cu_seqlens([3])
-    with pytest.raises(TypeError, match="^return_attn_probs: expected a bool, got Tensor"):
+    with pytest.raises(TypeError, match="^return_attn_probs: expected a bool, got torch.Tensor"):
         flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=torch.tensor([1, 0]))
+    out, lse, _ = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=__import__("numpy").True_)
+    assert lse.shape == (2, 3)  # NumPy's bool is a bool
     with pytest.raises(NotImplementedError, match=r"^attention_chunk: only 0 \(no chunked attention\)"):
         flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, attention_chunk=torch.tensor([4, 4]))
     out, lse, _ = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=1, attention_chunk=None)

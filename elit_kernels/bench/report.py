@@ -152,7 +152,7 @@ def check_targets(rows: list[dict], device_type: str | None = None) -> list[dict
     def add(target, clock, r, budget, value, limit):
         info = target_info(target)
         out.append({"target": target, "clock": clock, "preset": r["preset"], "backend": r["backend"], "budget": budget,
-                    "value": value, "holds": value <= limit, "meant_for": meant_for(target),
+                    "value": value, "limit": limit, "holds": value <= limit, "meant_for": meant_for(target),
                     "informational": device_type is not None and device_type not in info["devices"]})
 
     by = _by_key(rows)
@@ -185,6 +185,16 @@ def check_targets(rows: list[dict], device_type: str | None = None) -> list[dict
                     add(f"one-pass CCFG <= {CCFG_TARGET:.2f} x two-pass CCFG", clock, r, r["budgets"],
                         r[ms_key] / two[ms_key], CCFG_TARGET)
     return out
+
+
+def value_text(t: dict) -> str:
+    """A target's value to 3 decimals, or to as many more (up to 7) as it takes for the printed number to give the
+    same verdict against the limit as the value itself (1.10036 against 1.10 prints 1.1004, not 1.100)."""
+    for nd in range(3, 8):
+        text = f"{t['value']:.{nd}f}"
+        if "limit" not in t or (float(text) <= t["limit"]) == t["holds"]:
+            return text
+    return repr(t["value"])
 
 
 def _fmt(v, nd=2):
@@ -258,7 +268,7 @@ def targets_text(targets: list[dict], device_word: str) -> list[str]:
         name = names[t["target"].split(" <=")[0]]
         tag = f"  ({t['meant_for']} target; on {device_word} informational)" if t.get("informational") else ""
         lines.append(f"  {'OK  ' if t['holds'] else 'FAIL'} {name:<21} {t['target']:<44} {t['clock']:<5} "
-                     f"{t['preset']:<8} backend={t['backend']:<10} budget={t['budget']!s:<12} value={t['value']:.3f}{tag}")
+                     f"{t['preset']:<8} backend={t['backend']:<10} budget={t['budget']!s:<12} value={value_text(t)}{tag}")
     lines.append(targets_verdict(targets, device_word))
     return lines
 
@@ -520,13 +530,13 @@ def markdown_summary(rows: list[dict], targets: list[dict], meta: dict) -> str:
                    f"{_fmt(r['peak_mem_mb'], 1)} |")
     if targets:
         out += ["", "Targets: each a ratio of this run that should be <= its limit; `wall` = median wall time, `cpu` = "
-                "process CPU time. A NO on a target meant for another device is expected (informational).", ""]
+                "process CPU time. A FAIL on a target meant for another device is expected (informational).", ""]
         out += [f"- {x}" for x in targets_legend(targets, label)]
-        out += ["", "| target | clock | preset | backend | budget | value | holds | meant for |",
+        out += ["", "| target | clock | preset | backend | budget | value | verdict | meant for |",
                 "|---|---|---|---|---|---|---|---|"]
         for t in targets:
-            out.append(f"| {t['target']} | {t['clock']} | {t['preset']} | {t['backend']} | {t['budget']} | {t['value']:.3f} | "
-                       f"{'yes' if t['holds'] else 'NO'} | {t['meant_for']}"
+            out.append(f"| {t['target']} | {t['clock']} | {t['preset']} | {t['backend']} | {t['budget']} | {value_text(t)} | "
+                       f"{'OK' if t['holds'] else 'FAIL'} | {t['meant_for']}"
                        + (f" (informational on {label})" if t.get("informational") else "") + " |")
         out += ["", targets_verdict(targets, label)]
     return "\n".join(out + [""] + run_findings(rows, meta) + [""] + HOW_TO_READ) + "\n"

@@ -76,3 +76,22 @@ def test_ops_summary_ratios_name_each_of_our_kernels(tmp_path):
     assert best["read J=4 fwd"] == {"best": "elit:triton_window", "tflops": 4.4, "elit:triton / best": 0.25,
                                     "elit:triton_window / best": 1.0, "elit:cuda / best": None}
     assert best["core fwd"]["best"] == "sdpa_cudnn(padded)" and best["core fwd"]["elit:triton_window / best"] is None
+
+
+def test_dispatch_measurement_spends_its_budget_on_inference_first():
+    # tools/measure_dispatch.py stops at --max-seconds (the H200 run measured 13 of 44 shape x pass rows, 5 of them backward): the
+    # forwards of the released model's calls come first, then fp32, then forward + backward; each row once.
+    spec = importlib.util.spec_from_file_location("measure_dispatch", ROOT / "tools" / "measure_dispatch.py")
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    shapes = md._shapes(16, 16, 64, 64, 16, 72)
+    passes = [(torch.bfloat16, False), (torch.bfloat16, True)]
+    fp32 = {"spatial 16x1024", "core J=64"}
+    work = md._priority(shapes, passes, fp32)
+    assert len(work) == 2 * len(shapes) + len(fp32)
+    assert len({(w[0], w[6], w[7]) for w in work}) == len(work)
+    assert [w[0] for w in work[:9]] == ["spatial 16x1024", "read J=64", "write J=64", "core J=64", "core mixed",
+                                        "core ccfg", "core J=16", "core J=4", "core J=1"]
+    kinds = [("fp32" if w[6] == torch.float32 else "bwd" if w[7] else "fwd") for w in work]
+    assert kinds == ["fwd"] * len(shapes) + ["fp32"] * len(fp32) + ["bwd"] * len(shapes)
+    assert [w[0] for w in work if w[7]][:4] == ["spatial 16x1024", "read J=64", "write J=64", "core J=64"]

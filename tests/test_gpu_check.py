@@ -95,3 +95,35 @@ def test_dispatch_measurement_spends_its_budget_on_inference_first():
     kinds = [("fp32" if w[6] == torch.float32 else "bwd" if w[7] else "fwd") for w in work]
     assert kinds == ["fwd"] * len(shapes) + ["fp32"] * len(fp32) + ["bwd"] * len(shapes)
     assert [w[0] for w in work if w[7]][:4] == ["spatial 16x1024", "read J=64", "write J=64", "core J=64"]
+
+
+def test_elementwise_bench_checks_and_times_every_implementation(tmp_path):
+    # benchmarks/bench_elementwise.py (gpu_check's elementwise stage) on the CPU: every registered implementation and
+    # native under torch.compile, each checked against the fp32 reference first; gpu_summary reads its output.
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_elementwise.py"), "--device", "cpu",
+                        "--config", "S/2", "--resolution", "64", "--batch", "2", "--repeats", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((tmp_path / "elementwise.json").read_text())["rows"]
+    from elit_kernels.elementwise import ELEMENTWISE_IMPLS
+    want = {(op, impl) for op in ("layernorm_modulate", "gated_residual")
+            for impl in [*ELEMENTWISE_IMPLS, "native+compile"]}
+    assert {(x["op"], x["impl"]) for x in rows} == want
+    for x in rows:
+        assert x["error"] is None and x["ms"] > 0 and x["max_abs_err"] < 1e-4, x
+        assert x["tokens"] == 2 * 16 and x["hidden"] == 384
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "tools" / "gpu_summary.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    summ = gs.elementwise_summary(str(tmp_path / "elementwise.json"))
+    for op in ("layernorm_modulate", "gated_residual"):
+        ratio = summ[op]["fused / best of native, native+compile"]
+        if "fused" in ELEMENTWISE_IMPLS:
+            best = min(summ[op]["native"]["ms"], summ[op]["native+compile"]["ms"])
+            assert ratio == round(summ[op]["fused"]["ms"] / best, 3)
+        else:
+            print("no fused elementwise ops here (elit_kernels._C not built): the ratio is None")
+            assert ratio is None
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_elementwise.py"), "--device", "cpu",
+                          "--out", "/proc/elit-ew"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and "--out: cannot write into /proc/elit-ew" in bad.stderr, bad.stderr

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (torch + triton + pytest-xdist preinstalled, no network): build the CUDA extension for
-# this card, run every GPU test (crash-isolated), measure the dispatch table, time the attention ops and the
-# XL/2 512px model (default dispatch against the dense "official way", bf16 with a per-stage breakdown, fp32, and a
+# this card, run every GPU test (crash-isolated), measure the dispatch table, time the attention ops, the
+# elementwise ops (fused vs native vs compiled) and the XL/2 512px model (default dispatch against the dense "official way", bf16 with a per-stage breakdown, fp32, and a
 # whole CCFG sampling run against the official sampler).
 #
 #   bash tools/gpu_check.sh                # results in $OUT (default ./gpu_results)
@@ -13,7 +13,7 @@
 # and the others still run; the summary lists every collected test that did not run and why.
 # $OUT holds at most 8 files:
 #   gpu_check.log  summary.json  junit_gpu.xml  dispatch_table.json  dispatch_report.md  ops.json  model.json
-#   artifacts.tar.gz (logs, the fp32 model run, the sampling run, the collected test list)
+#   artifacts.tar.gz (logs, the elementwise bench, the fp32 model run, the sampling run, the collected test list)
 # summary.json is written on every exit (a trap), with pass/fail counts per backend and the key benchmark
 # ratios, which are also the last lines printed. Exit status: 0 when nothing that ran failed (stages that
 # cannot run without a GPU are skipped, so a CPU-only run exits 0 with a summary saying so).
@@ -74,10 +74,11 @@ echo "=== environment ==="
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
 # The plan: stage limits (seconds) that add up to the budget; printed so a reader sees it before anything runs.
-declare -A LIMIT=([build]=30 [tests]=70 [dispatch]=55 [ops]=30 [model]=55 [fp32]=25 [sampling]=35)
+declare -A LIMIT=([build]=30 [tests]=70 [dispatch]=45 [ops]=30 [elementwise]=20 [model]=55 [fp32]=25 [sampling]=25)
 echo "=== plan (budget ${BUDGET}s) ==="
 printf '%-28s %5s\n' "build" "${LIMIT[build]}" "tests: gpu" "${LIMIT[tests]}" "dispatch: measure" "${LIMIT[dispatch]}" \
-  "bench: attention ops" "${LIMIT[ops]}" "bench: model bf16" "${LIMIT[model]}" "bench: model fp32" "${LIMIT[fp32]}" \
+  "bench: attention ops" "${LIMIT[ops]}" "bench: elementwise" "${LIMIT[elementwise]}" \
+  "bench: model bf16" "${LIMIT[model]}" "bench: model fp32" "${LIMIT[fp32]}" \
   "bench: sampling" "${LIMIT[sampling]}" | tee "$WORK/plan.txt"
 
 if [ "$GPU" != 1 ]; then
@@ -113,6 +114,7 @@ stage "tests: gpu" "${LIMIT[tests]}" "$PY" -m pytest -q -rs -p no:cacheprovider 
 if [ "$GPU" != 1 ]; then
   skip "dispatch: measure" "no CUDA device"
   skip "bench: attention ops" "no CUDA device"
+  skip "bench: elementwise" "no CUDA device"
   skip "bench: model bf16" "no CUDA device"
   skip "bench: model fp32" "no CUDA device"
   skip "bench: sampling" "no CUDA device"
@@ -124,6 +126,10 @@ else
     --dtype bf16 --batch 16 --budgets 64,4,ragged --head-dims 72 --flex core --no-slack --repeats 3 \
     --max-seconds $(( LIMIT[ops] - 12 )) --out "$WORK/ops"
   [ -f "$WORK/ops/ops.json" ] && cp "$WORK/ops/ops.json" "$OUT/ops.json"
+  # adaLN LayerNorm + modulate and the gated residual at [16384, 1152] bf16: fused (_C) vs native eager vs
+  # native compiled (inductor), GB/s; in summary.json and the tarball (the output keeps to 8 files)
+  stage "bench: elementwise" "${LIMIT[elementwise]}" "$PY" benchmarks/bench_elementwise.py --device cuda \
+    --repeats 3 --out "$WORK/elementwise"
   stage "bench: model bf16" "${LIMIT[model]}" "$PY" -m elit_kernels.bench --device cuda --config XL/2 --resolution 512 \
     --dtype bf16 --batch 16 --presets released --backends default,default+graph --budgets 64,16,4,1 --repeats 3 \
     --max-seconds $(( LIMIT[model] - 20 )) --breakdown --no-progress --out "$WORK/model"

@@ -2,7 +2,8 @@
 runs whatever else failed).
 
 Reads the stage table (``WORK/stages.tsv``), the junit XML of each test stage (or, for a stage killed before
-pytest could write one, nothing: its count says so), ``ops.json`` (attention TFLOP/s per method) and
+pytest could write one, nothing: its count says so), ``ops.json`` (attention TFLOP/s per method),
+``WORK/elementwise/elementwise.json`` (the elementwise ops' bandwidth per implementation) and
 ``model.json`` (elit-bench rows, targets and the per-stage breakdown) and the sampling run's results.
 """
 from __future__ import annotations
@@ -90,6 +91,26 @@ def ops_summary(path: str) -> dict:
     return {"tflops": table, "best": best}
 
 
+def elementwise_summary(path: str) -> dict:
+    """Per op: each implementation's ms, GB/s and % of the H200's bandwidth, and ``fused`` against the best of
+    what PyTorch gives (``native`` eager, ``native+compile``): the measurement that decides whether the compiled
+    elementwise kernels stay (benchmarks/bench_elementwise.py)."""
+    if not os.path.exists(path):
+        return {}
+    rows = json.load(open(path))["rows"]
+    out = {}
+    for r in rows:
+        if r.get("ms") is None:
+            continue
+        out.setdefault(r["op"], {})[r["impl"]] = {"ms": round(r["ms"], 4), "gbps": round(r["gbps"], 1),
+                                                  "pct_peak_bw": r.get("pct_peak_bw") and round(r["pct_peak_bw"], 1)}
+    for impls in out.values():
+        torch_best = min((impls[k]["ms"] for k in ("native", "native+compile") if k in impls), default=None)
+        impls["fused / best of native, native+compile"] = (
+            round(impls["fused"]["ms"] / torch_best, 3) if "fused" in impls and torch_best else None)
+    return out
+
+
 def model_summary(path: str) -> dict:
     if not os.path.exists(path):
         return {}
@@ -165,6 +186,7 @@ def main() -> int:
                "dispatch": {"rows": [ln for ln in dispatch_lines if ln.startswith("| ") and "---" not in ln][1:],
                             "overhead": next((ln for ln in dispatch_lines if ln.startswith("Per-call")), None)},
                "ops": ops_summary(os.path.join(a.out, "ops.json")),
+               "elementwise": elementwise_summary(os.path.join(a.work, "elementwise", "elementwise.json")),
                "model": model_summary(os.path.join(a.out, "model.json")),
                "model_fp32": model_summary(os.path.join(a.work, "model_fp32", "results.json")),
                "sampling": model_summary(os.path.join(a.work, "sampling", "results.json"))}
@@ -189,6 +211,9 @@ def main() -> int:
     for key, b in list(summary["ops"].get("best", {}).items())[:12]:
         print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
               f"triton_window/best {b['elit:triton_window / best']}, cuda/best {b['elit:cuda / best']}")
+    for op, impls in summary["elementwise"].items():
+        print(f"elementwise {op}: " + "; ".join(
+            f"{k} {v['ms']} ms {v['gbps']} GB/s" if isinstance(v, dict) else f"{k} {v}" for k, v in impls.items()))
     for key in ("model", "model_fp32", "sampling"):
         for r in summary[key].get("ratios", [])[:16]:
             print(f"{key} {r['preset']} {r['backend']}: {r['what']} = {r['value']}")

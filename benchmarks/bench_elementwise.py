@@ -23,13 +23,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from elit_kernels._cli import output_dir_error
 from elit_kernels.bench.attention_cases import H200_PEAKS
 from elit_kernels.bench.report import metadata
+from elit_kernels.bench.timing import time_call
 from elit_kernels.elementwise import ELEMENTWISE_IMPLS, get_elementwise
 from elit_kernels.layout import TokenRuns
 from elit_kernels.models import elit_config
@@ -100,20 +100,6 @@ def make_inputs(t: int, c: int, b: int, dev, dtype, seed: int = 0):
     return x, y, shift, scale, gate
 
 
-def time_sample(fn, dev, min_ms: float = 20.0) -> float:
-    if dev.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    n, total = 0, 0.0
-    while total < min_ms or n == 0:
-        t0 = time.perf_counter()
-        fn()
-        total += (time.perf_counter() - t0) * 1e3
-        n += 1
-    return total / n
-
-
 def main(argv=None) -> int:
     args, dev = parse(argv)
     if args.threads:
@@ -150,7 +136,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for _ in range(args.repeats):  # interleaved: every case once per repeat
             for row, fn in cases:
-                row["times_ms"].append(time_sample(fn, dev))
+                row["times_ms"].append(time_call(fn, dev))
     for row in rows:
         ts = row.pop("times_ms")
         row["ms"] = statistics.median(ts) if ts else None

@@ -32,6 +32,7 @@ from elit_kernels._cli import output_dir_error
 from elit_kernels.bench.attention_cases import (H200_PEAKS, Method, OpShape, available_methods, dispatch_overhead_us,
                                                elit_shapes, make_fn, min_bytes, quiet_warnings)
 from elit_kernels.bench.report import metadata
+from elit_kernels.bench.timing import time_call
 from elit_kernels.models import elit_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,20 +105,6 @@ SLACK_MAX = (4, 512)
 def _with_max_seqlen(m: Method, max_len: int) -> Method:
     """``m`` called with max_seqlen_q = max_seqlen_k = ``max_len`` whatever the real lengths."""
     return Method(m.name, m.exact, lambda q, k, v, cu_q, cu_k, mq, mk: m.build(q, k, v, cu_q, cu_k, max_len, max_len))
-
-
-def time_sample(fn, dev, grad_to_none, min_ms=20.0):
-    if dev.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
-    n, total = 0, 0.0
-    while total < min_ms or n == 0:  # loop short calls up to ~min_ms so timer resolution is no issue
-        t0 = time.perf_counter()
-        fn()
-        total += (time.perf_counter() - t0) * 1e3
-        n += 1
-    return total / n
 
 
 def main(argv=None) -> int:
@@ -197,7 +184,7 @@ def main(argv=None) -> int:
         bar = None
     for _ in range(args.repeats):  # interleaved: every case once per repeat
         for row, fn, g2n in cases:
-            row["times_ms"].append(time_sample(fn, dev, g2n))
+            row["times_ms"].append(time_call(fn, dev, g2n))
             if bar is not None:
                 bar.update(1)
         if args.max_seconds and time.monotonic() - t_start > args.max_seconds:

@@ -27,6 +27,23 @@ import torch
 CUDA_REP_MS = 60.0  # do_bench repetition time per CUDA timing sample
 
 
+def time_call(fn: Callable[[], Any], device: torch.device, grad_to_none=None, min_ms: float = 20.0) -> float:
+    """Milliseconds of one ``fn()`` call, one timing sample of an op benchmark: on CUDA ``do_bench``'s median
+    (warm-up 10 ms, 40 ms of repetitions; ``grad_to_none``: tensors whose ``.grad`` it resets); on CPU the mean
+    of calls looped until ``min_ms`` have passed (so the timer's resolution does not matter)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
+    n, total = 0, 0.0
+    while total < min_ms or n == 0:
+        t0 = time.perf_counter()
+        fn()
+        total += (time.perf_counter() - t0) * 1e3
+        n += 1
+    return total / n
+
+
 @dataclass
 class Case:
     """One thing to time. ``fn()`` runs it; ``models`` are the modules its attention backend lives on."""

@@ -224,6 +224,34 @@ def test_transformers_kv_cache_decoding(kind, backend):
 
 
 @needs_tf
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_transformers_static_cache_prefill_and_decoding(kind, padded):
+    """A StaticCache holds more key slots than tokens written: the queries are the last keys written, not the last
+    slots, and the empty slots are never attended (with or without an attention_mask)."""
+    from transformers import StaticCache
+
+    ref, ours = _tf_pair(kind, "torch")
+    ids = _ids(2, 5, seed=6)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    if padded:
+        mask[0, :2] = 0
+    caches = [StaticCache(config=m.config, max_cache_len=12) for m in (ref, ours)]
+    with torch.no_grad():
+        outs = [m(ids, attention_mask=mask if padded else None, past_key_values=c, use_cache=True)
+                for m, c in zip((ref, ours), caches)]
+        valid = mask.bool()  # padding queries' outputs are not defined
+        assert (outs[0].logits - outs[1].logits)[valid].abs().max() <= ATOL
+        for step in range(3):
+            nxt = _ids(2, 1, seed=20 + step)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            pos = torch.tensor([5 + step])
+            outs = [m(nxt, attention_mask=mask if padded else None, past_key_values=c, use_cache=True,
+                      cache_position=pos) for m, c in zip((ref, ours), caches)]
+            assert (outs[0].logits - outs[1].logits).abs().max() <= ATOL, step
+
+
+@needs_tf
 def test_transformers_gqa_runs_without_repeating_kv(monkeypatch):
     """k/v reach elit_kernels with the model's 2 kv heads, not repeated to 4."""
     import elit_kernels.integrations.transformers as T

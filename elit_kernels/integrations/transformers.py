@@ -146,14 +146,15 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                             + (f"shape {tuple(attention_mask.shape)} dtype {attention_mask.dtype}"
                                if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__))
         key_ok = attention_mask[:, :sk]
-        if key_ok.shape[1] < sk:  # a static cache longer than the mask: the rest is not written yet
-            key_ok = torch.nn.functional.pad(key_ok, (0, sk - key_ok.shape[1]), value=False)
+        written = key_ok.shape[1]  # the mask covers the keys written so far (elit_attention_mask)
+        if written < sk:  # a static cache longer than the mask: the rest is not written yet
+            key_ok = torch.nn.functional.pad(key_ok, (0, sk - written), value=False)
         q_ok = torch.ones(b, sq, dtype=torch.bool, device=query.device)
-        if (causal or window != (-1, -1)) and sq <= sk:
-            # Self-attention (a cache only adds keys before them): the queries are the last sq keys, and the
-            # mask's alignment matters. Without causality or a window (cross-attention, where the mask is the
-            # encoder's; bidirectional self-attention) every query attends to the valid keys of its row.
-            q_ok = key_ok[:, -sq:]
+        if (causal or window != (-1, -1)) and sq <= written:
+            # Self-attention (a cache only adds keys before them): the queries are the last sq keys written,
+            # and the mask's alignment matters. Without causality or a window (cross-attention, where the mask
+            # is the encoder's; bidirectional self-attention) every query attends to the valid keys of its row.
+            q_ok = key_ok[:, written - sq:written]
         start = _packing_starts(kwargs.get("position_ids"), b, sq) if sq == sk else None
         if start is None:  # one segment per row
             len_q, len_k = q_ok.sum(1), key_ok.sum(1)
@@ -187,8 +188,9 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
 def elit_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                         mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
     """transformers mask function (the ``AttentionMaskInterface`` signature) paired with
-    ``elit_attention_forward``: the 2-D boolean key mask ``[batch, <= kv_length]`` (the last ``kv_length``
-    columns of ``attention_mask``), or None when every key is valid. Causality, sliding windows and packed
+    ``elit_attention_forward``: the 2-D boolean key mask ``[batch, <= kv_length]`` of the keys written so far
+    (the last ``kv_length`` columns of ``attention_mask``; without one, all ``q_offset + q_length`` written keys
+    of a static cache, whose later slots are empty), or None when every key is valid. Causality, sliding windows and packed
     sequences are applied by the attention function itself (from ``is_causal``, ``sliding_window`` and
     ``position_ids``), as for transformers' flash-attention path.
 
@@ -199,7 +201,15 @@ def elit_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
         raise NotImplementedError("mask_function: the model adds custom or/and mask overlays (e.g. bidirectional "
                                   "image tokens), which elit attention cannot express; use attn_implementation='sdpa'")
     if attention_mask is None:
-        return None
+        if kv_length <= q_length:  # no cache: every key is valid
+            return None
+        # A cache: its keys are the earlier tokens and these q_length ones, up to q_offset + q_length; a static
+        # cache has unwritten slots after them, which the key mask must exclude. q_offset (transformers'
+        # cache_position[0], a tensor) is read on the host here, once per forward.
+        written = int(q_offset) + q_length
+        if written >= kv_length:
+            return None
+        return torch.ones(batch_size, written, dtype=torch.bool, device=kwargs.get("device"))
     if attention_mask.dim() != 2:
         raise TypeError(f"attention_mask: expected a 2-D [batch, kv_length] padding mask, got shape "
                         f"{tuple(attention_mask.shape)}")

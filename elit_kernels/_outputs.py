@@ -18,12 +18,13 @@ This module imports nothing from the package, so every kernel family can use it 
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
-_enabled = os.environ.get("ELIT_POISON_OUTPUTS", "0") not in ("0", "", "false", "False")
+from ._env import env_flag
+
+_enabled = env_flag("ELIT_POISON_OUTPUTS", False)
 _listeners: list[Callable[[bool], None]] = []
 
 

@@ -10,6 +10,7 @@ import triton.language as tl
 # Every output buffer comes from the package's one allocator: with the poison switch on (ELIT_POISON_OUTPUTS=1,
 # elit_kernels/_outputs.py) it is NaN-filled before launch, so an element a kernel forgets to write fails the
 # tests instead of passing on leftover memory.
+from .._env import env_flag
 from .._outputs import new_output as alloc  # noqa: F401
 
 LOG2E = 1.4426950408889634
@@ -114,7 +115,7 @@ INTERP_BLOCK_N = 16
 # Autotuning compiles every candidate tile on first use of a (length bucket, head dim, causal,
 # dtype) key: seconds each, so an uncached test matrix can spend many minutes compiling. It is on by
 # default for real runs; ELIT_TRITON_AUTOTUNE=0 (or set_autotune(False)) uses the heuristic tile.
-_autotune = os.environ.get("ELIT_TRITON_AUTOTUNE", "1") not in ("0", "", "false", "False")
+_autotune = env_flag("ELIT_TRITON_AUTOTUNE", True)
 
 
 def set_autotune(enabled: bool) -> None:

@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from .._env import env_flag
 from .inputs import AttnInputs, _capturing
 from . import known_answer as _ka
 from . import registry as _registry
@@ -49,7 +50,7 @@ _DECISIONS: dict = {}  # full decision key -> Backend
 _TUNED: dict = {}  # shape class -> ranking (names), measured here
 _TABLE: dict | None = None
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0")  # triton reads it once, at its import, too
-_tuning = os.environ.get("ELIT_TUNE", "0") not in ("", "0", "false", "False")
+_tuning = env_flag("ELIT_TUNE", False)
 #: bumped whenever cached decisions may no longer hold (cleared, a new tuned ranking, tuning switched on or off):
 #: an ``AttentionPlan`` drops what it cached when this changes
 generation = 0

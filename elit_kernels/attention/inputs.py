@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import weakref
 import operator
-import os
 
 import torch
+
+from .._env import env_flag
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -21,7 +22,7 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _F32_TINY = float(torch.finfo(torch.float32).tiny)
 
-_validate_values = os.environ.get("ELIT_VALIDATE", "1") not in ("0", "false", "False", "")
+_validate_values = env_flag("ELIT_VALIDATE", True)
 
 
 

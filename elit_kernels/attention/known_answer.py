@@ -18,17 +18,17 @@ it and the error, and the dispatcher moves on to the next backend for those inpu
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from .._env import env_choice
 from ..testing import assert_close_to_reference, cu_seqlens, default_atol
 from .inputs import _capturing, validate_inputs
 from .registry import get_backend, run_backend
 
 MODES = ("auto", "on", "off")
-_mode = os.environ.get("ELIT_KNOWN_ANSWER", "auto")
+_mode = env_choice("ELIT_KNOWN_ANSWER", MODES, "auto")
 _VERDICTS: dict[tuple, str | None] = {}
 #: bumped when the mode changes or verdicts are cleared: dispatch's cached decisions depend on both
 generation = 0

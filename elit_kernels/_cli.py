@@ -76,9 +76,10 @@ def _probe_dir(folder: str) -> None:
     os.unlink(probe)
 
 
-def output_dir_error(path: str) -> str | None:
-    """Create the output folder ``path`` (and its parents) and write a probe file in it; why that failed (for a
-    usage error naming the flag), or None."""
+def output_dir_error(path: str, files: tuple[str, ...] = ()) -> str | None:
+    """Create the output folder ``path`` (and its parents) and write a probe file in it; why that failed, or why
+    one of the ``files`` to be written there cannot be (a folder in its place) (for a usage error naming the flag),
+    or None."""
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{path} exists and is not a folder"
     try:
@@ -86,6 +87,9 @@ def output_dir_error(path: str) -> str | None:
         _probe_dir(path)
     except OSError as e:
         return f"cannot write into {path} ({e.strerror or e})"
+    for name in files:
+        if why := output_file_error(os.path.join(path, name)):
+            return why
     return None
 
 
@@ -95,7 +99,9 @@ def output_file_error(path: str) -> str | None:
     a probe file, removed at once."""
     if os.path.isdir(path):
         return f"{path} is a folder (expected a file path)"
-    folder = os.path.dirname(os.path.abspath(path))
+    if path.endswith(("/", os.sep)):
+        return f"{path} names a folder (a trailing {path[-1]!r}; expected a file path)"
+    folder = os.path.dirname(os.path.realpath(path))  # where a symlink's target would be written
     if not os.path.isdir(folder):
         return f"the folder {folder} does not exist"
     if os.path.exists(path) and not os.access(path, os.W_OK):

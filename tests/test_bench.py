@@ -246,6 +246,14 @@ def test_bad_flags_error_clearly(argv, flag, valid, capsys):
     assert "Traceback" not in err
 
 
+def test_a_folder_where_an_output_file_goes_is_refused_before_timing(tmp_path, capsys):
+    (tmp_path / "results.json").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert f"error: --out: {tmp_path / 'results.json'} is a folder (expected a file path)" in capsys.readouterr().err
+
+
 def test_op_bench_refuses_an_unwritable_out_before_timing():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_ops.py"), "--device", "cpu", "--out",

@@ -118,6 +118,8 @@ def test_per_sample_budgets_and_backend_option(tmp_path):
     (["--save", "."], "--save", "is a folder (expected a file path)"),
     (["--save", "/proc/elit-demo.pt"], "--save", "cannot write into /proc"),
     (["--save", "no/such/folder/ck.pt"], "--save", "no/such/folder does not exist"),
+    (["--save", "ck.pt/"], "--save", "ck.pt/ names a folder (a trailing '/'; expected a file path)"),
+    (["--save", "DANGLING"], "--save", "does not exist"),  # a symlink into a missing folder
     (["--quick", "--steps", "x"], "--steps", "invalid int value"),
 ])
 def test_usage_errors_name_the_flag(argv, flag, valid, tmp_path, capsys, monkeypatch):
@@ -125,6 +127,7 @@ def test_usage_errors_name_the_flag(argv, flag, valid, tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "NOT_A_CHECKPOINT").write_text("not a checkpoint\n")
     (tmp_path / "A_FILE").write_text("x")
+    (tmp_path / "DANGLING").symlink_to(tmp_path / "missing" / "ck.pt")
     with pytest.raises(SystemExit) as e:
         main(argv + ["--no-progress", "--sample-steps" if "--sample-steps" not in argv else "--seed", "1"])
     assert e.value.code == 2

@@ -460,6 +460,16 @@ def test_convert_cli_usage_errors(tmp_path, capsys):
         err = run([FIXTURE_A, "--out", str(out), "--force", "--arch", "num_heads=2"])
         assert "--out: " in err and why in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.pt"]  # nothing written by the refused runs
+    # --force never overwrites the input itself, whatever name reaches it (a symlink, a hard link)
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(open(FIXTURE_A, "rb").read())
+    os.symlink(victim, tmp_path / "link.pt")
+    os.link(victim, tmp_path / "hard.pt")
+    for out in ("link.pt", "hard.pt"):
+        err = run([str(victim), "--out", str(tmp_path / out), "--force", "--arch", "num_heads=2", "--arch",
+                   "dit_decoder_depth=1"])
+        assert "--out: must differ from the input checkpoint (it is the same file)" in err, err
+    assert victim.read_bytes() == open(FIXTURE_A, "rb").read()
 
 
 def test_save_and_load_model_paper_preset(tmp_path):

@@ -266,7 +266,7 @@ def resolve(args) -> tuple[Setup, dict]:
     if isinstance(steps, bool) or steps < 1:
         raise BenchError(f"--sampling-steps: expected an int >= 1, got {steps}")
     # last of the checks, as it creates the folder: a run never ends in a write error after its timing
-    if getattr(args, "out", None) and (why := _cli.output_dir_error(args.out)):
+    if getattr(args, "out", None) and (why := _cli.output_dir_error(args.out, OUTPUT_FILES)):
         raise BenchError(f"--out: {why}")
     setup = Setup(cfgs=cfgs, device=device, dtype=dtype, batch=batch, budgets=budgets, backends=backends,
                   scenarios=scen, seed=args.seed, sampling_steps=steps)

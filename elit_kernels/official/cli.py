@@ -67,8 +67,10 @@ def main(argv=None) -> int:
         parser.error(f"checkpoint: no such file: {args.checkpoint}")
     if os.path.exists(args.out) and not args.force:
         parser.error(f"--out: {args.out} exists; pass --force to overwrite it")
-    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
-        parser.error("--out: must differ from the input checkpoint")
+    same = os.path.realpath(args.out) == os.path.realpath(args.checkpoint) or (
+        os.path.exists(args.out) and os.path.samefile(args.out, args.checkpoint))  # a symlink or a hard link too
+    if same:
+        parser.error("--out: must differ from the input checkpoint (it is the same file)")
     if why := output_file_error(args.out):  # before reading a multi-GB checkpoint, not after
         parser.error(f"--out: {why}")
     try:

@@ -230,6 +230,25 @@ def test_verify_backend_forwards_its_arguments_and_caches(fake):
     assert KA.verdicts()[("_verify_bad", "cpu", "float32", 16, False, False, True, False)] == err
 
 
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(dtype="float32"), TypeError, "dtype: expected a floating-point torch.dtype"),
+    (dict(dtype=torch.int32), TypeError, "dtype: expected a floating-point torch.dtype"),
+    (dict(head_dim=0), ValueError, r"head_dim: expected an int in \[1, 256\], got 0"),
+    (dict(head_dim="64"), ValueError, r"head_dim: expected an int in \[1, 256\], got '64'"),
+    (dict(head_dim=1000), ValueError, r"head_dim: expected an int in \[1, 256\], got 1000"),
+    (dict(causal="yes"), TypeError, r"causal: expected a bool, got str \('yes'\)"),
+    (dict(grad=1), TypeError, r"grad: expected a bool, got int \(1\)"),
+])
+def test_verify_backend_blames_its_arguments_not_the_backend(fake, kwargs, err, match):
+    # a bad argument is the caller's fault: raised by name, and no failed verdict is cached for the backend (a
+    # cached failure would take a correct backend out of dispatch)
+    b = fake("_verify_args")
+    before = dict(KA.verdicts())
+    with pytest.raises(err, match="^" + match):
+        KA.verify_backend("_verify_args", **{"device": "cpu", "dtype": torch.float32, **kwargs})
+    assert KA.verdicts() == before and b.calls == 0
+
+
 def test_run_case_reports_an_exception_by_type_and_message(fake):
     b = fake("_raises", "raise")
     err = KA._run_case(b, torch.device("cpu"), torch.float32, 16, False, False, False)

@@ -97,9 +97,18 @@ def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int
     """Run the known-answer case for backend ``name`` now (eagerly) and cache the verdict: None when it
     passed, else the error. Use before ``torch.compile`` / CUDA-graph capture, where no check can run.
 
-    Raises ValueError naming ``device`` when it is a CUDA device and CUDA is not available (no verdict
-    is cached: the backend is not at fault), ValueError / TypeError naming ``backend`` for an unknown name."""
+    Raises (and caches no verdict: the backend is not at fault) ValueError naming ``device`` when it is a CUDA
+    device and CUDA is not available; ValueError / TypeError naming ``backend`` for an unknown name, ``dtype``
+    for anything but a floating-point ``torch.dtype``, ``head_dim`` for anything but an int in [1, 256],
+    ``causal`` / ``gqa`` / ``grad`` for anything but a bool."""
     b = get_backend(name)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= 256:
+        raise ValueError(f"head_dim: expected an int in [1, 256], got {head_dim!r}")
+    for flag, value in (("causal", causal), ("gqa", gqa), ("grad", grad)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__} ({value!r})")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {str(dev)!r} is not available here (torch.cuda.is_available() is False); "

@@ -9,6 +9,7 @@ interpreted Triton kernels.
 from __future__ import annotations
 
 import copy
+import warnings
 import importlib.util
 
 import pytest
@@ -289,6 +290,8 @@ def test_transformers_clear_errors():
     module.is_causal = True
     q = torch.randn(1, 4, 3, 8)
     kv = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="^backend: unknown backend 'bogus'"):
+        register(backend="bogus")
     with pytest.raises(NotImplementedError, match="^s_aux: "):
         elit_attention_forward(module, q, kv, kv, None, s_aux=torch.zeros(4), elit_backend="torch")
     with pytest.raises(NotImplementedError, match="^dropout_p: "):
@@ -424,6 +427,17 @@ def test_diffusers_backend_name_and_clear_errors():
         elit_dispatch_attention(q, q, q, dropout_p=0.1)
     with pytest.raises(TypeError, match="^model: "):
         use_elit("not a model")
+    # a backend name is checked when it is bound, not at the first forward
+    with pytest.raises(ValueError, match="^backend: unknown backend 'bogus'; known backends: "):
+        register("bogus")
+    with pytest.raises(TypeError, match="^backend: expected a str or None, got float"):
+        use_elit(torch.nn.Linear(2, 2), backend=3.5)
+    # the dispatcher entry is one per process: binding it to another backend says so
+    with pytest.warns(UserWarning, match="ran elit_kernels backend 'torch'; it now runs 'reference' for every model"):
+        register("reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register("reference")  # the same backend again: nothing changes, nothing said
 
 
 @needs_df

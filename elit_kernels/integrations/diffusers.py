@@ -34,11 +34,13 @@ import warnings
 
 import torch
 
+from ..attention import get_backend
 from ..dropin import _uniform_cu, flash_attn_func, flash_attn_varlen_func
 from ..layout import _cu  # int32 [n + 1] offsets of a lengths tensor
 
 SUPPORTED = "diffusers 0.42.x (tested with 0.42.1)"
 NAME = "elit"
+_bound: list = []  # the backend the dispatcher entry runs, once registered
 # Additive masks: at or below this a key counts as masked (diffusers builds -10000 or finfo.min biases).
 _MASKED_BELOW = -1e4
 
@@ -159,10 +161,21 @@ def register(backend: str | None = None):
     ``elit_dispatch_attention`` on ``elit_kernels`` backend ``backend`` (None: dispatch per call). Idempotent;
     a second call rebinds ``backend``. Returns the enum member.
 
+    The dispatcher backend is one per process: rebinding it to another ``backend`` changes it for every model
+    already routed through it (``use_elit``), so a rebind warns, naming both backends.
+
     Raises ``ImportError`` naming the supported diffusers version and the missing name when the private names
-    listed in the module docstring have moved.
+    listed in the module docstring have moved; ``ValueError`` / ``TypeError`` naming ``backend`` when it is not
+    None or a registered ``varlen_attention`` backend.
     """
+    if backend is not None:
+        get_backend(backend)  # an unknown name is named now, not at the first forward
     ad = _dispatch_module()
+    if _bound and _bound[-1] != backend:
+        warnings.warn(f"register: the '{NAME}' attention dispatcher backend ran elit_kernels backend {_bound[-1]!r}; "
+                      f"it now runs {backend!r} for every model routed through it (use_elit's processors keep their "
+                      "own)", stacklevel=2)
+    _bound[:] = [backend]
     member = _add_enum_member(ad.AttentionBackendName, NAME.upper(), NAME)
 
     def elit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -268,8 +281,12 @@ def use_elit(model: torch.nn.Module, backend: str | None = None) -> dict:
     ``ElitAttnProcessor`` / ``ElitJointAttnProcessor``. Other processors (IP-adapter, LoRA-fused, ...) are left
     as they are, with one warning naming their classes.
 
-    Returns ``{"dispatcher": n, "processor": n, "unchanged": [class names]}``. Raises ``ImportError`` as
-    ``register``; ``TypeError`` naming ``model`` when it is not a ``torch.nn.Module``.
+    ``backend``: the ``varlen_attention`` backend (None: dispatch per call). The replaced processors keep it per
+    model; the dispatcher entry is one per process, so routing a second model with another backend changes it
+    for the first too (``register`` warns when it does).
+
+    Returns ``{"dispatcher": n, "processor": n, "unchanged": [class names]}``. Raises ``ImportError`` and the
+    ``backend`` errors as ``register``; ``TypeError`` naming ``model`` when it is not a ``torch.nn.Module``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a diffusers model), got {type(model).__name__}")

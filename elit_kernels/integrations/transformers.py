@@ -40,6 +40,7 @@ import warnings
 
 import torch
 
+from ..attention import get_backend
 from ..dropin import flash_attn_func, flash_attn_varlen_func
 from ..layout import _cu  # int32 [n + 1] offsets of a lengths tensor
 
@@ -228,10 +229,13 @@ def register(name: str = "elit", backend: str | None = None) -> str:
         backend: the ``varlen_attention`` backend to run (None: dispatch per call).
 
     Returns ``name``. Raises ``ImportError`` naming the supported transformers version when it is missing or
-    lacks the registration interfaces; ``TypeError`` when ``name`` is not a non-empty string.
+    lacks the registration interfaces; ``TypeError`` when ``name`` is not a non-empty string; ``ValueError`` /
+    ``TypeError`` naming ``backend`` when it is not None or a registered ``varlen_attention`` backend.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    if backend is not None:
+        get_backend(backend)  # an unknown name is named now, not at the first forward
     transformers = _transformers()
 
     def attention(module, query, key, value, attention_mask, **kwargs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pathlib
 
 import pytest
@@ -248,6 +249,32 @@ def test_tuning_ranks_by_time_passes_repeats_and_drops_the_devices_earlier_decis
     assert not any(k[0] == inp.q.device for k in D._DECISIONS), "decisions made before tuning must go"
     assert other in D._DECISIONS, "another device's decisions stay"
     D.clear_decisions()
+
+
+def test_tuning_arguments_are_named_and_numpy_scalars_taken(monkeypatch):
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"^inp: expected an AttnInputs \(elit_kernels.attention.validate_inputs"):
+        D.tune_inputs("not inputs")
+    with pytest.raises(TypeError, match="^save: expected a bool, got str"):
+        D.tune_inputs(_inp(), repeats=1, save="no")
+    with pytest.raises(ValueError, match=r"^repeats: expected an int >= 1, got np.int64\(0\)"):
+        D.tune_inputs(_inp(), repeats=np.int64(0))
+    assert D.tune_inputs(_inp(), repeats=np.int64(1), save=np.False_)["ranking"]  # NumPy scalars are numbers
+    with pytest.raises(TypeError, match="^enabled: expected a bool, got str$"):
+        with D.tuning("yes"):
+            pass
+    with D.tuning(np.True_):
+        assert D._tuning is True
+
+
+def test_a_cache_file_nested_past_the_json_parsers_depth_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "_DISK", None)
+    os.makedirs(os.path.dirname(D.cache_path()), exist_ok=True)
+    with open(D.cache_path(), "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)  # json.load raises RecursionError, not ValueError
+    assert D._disk_cache() == {}
 
 
 def test_tuning_refuses_under_compile():

@@ -309,9 +309,14 @@ def test_arch_values_are_checked_by_name(key, value, error, match):
     with pytest.raises(error, match=rf"^arch: {key}: expected {match}"):
         load_checkpoint("/nonexistent/ckpt.pt", arch={"num_heads": 2, "dit_decoder_depth": 1, key: value})
     # the values the official constructor takes pass: sizes, counts (0 included), reals, bools, None (not given)
-    m = load_checkpoint(FIXTURE_A, arch={**arch_of(FIXTURE_A), "encoder_depth": None, "mlp_ratio": 4,
-                                         "class_dropout_prob": 0.1, "qk_norm": False, "path_type": "linear"})
-    assert m.cfg.mlp_ratio == 4
+    import numpy as np
+
+    arch = arch_of(FIXTURE_A)
+    m = load_checkpoint(FIXTURE_A, arch={"num_heads": np.int64(arch["num_heads"]),  # NumPy ints are ints
+                                         "dit_decoder_depth": arch["dit_decoder_depth"], "encoder_depth": None,
+                                         "mlp_ratio": np.float32(4), "class_dropout_prob": 0.1, "qk_norm": False,
+                                         "path_type": "linear"})
+    assert m.cfg.mlp_ratio == 4 and type(m.cfg.heads) is int
 
 
 class _Hostile:

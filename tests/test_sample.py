@@ -328,11 +328,14 @@ def test_a_failing_rank_stops_the_run_and_keeps_what_was_written(files, tmp_path
     (["--latents-only", "--vae", "VAE"], "--latents-only: "),
     (["--out", "FILE"], "--out: "),
     (["--out", "FILE/sub"], "--out: cannot write"),
+    (["--class-file", "LATIN1"], "--class-file: "),  # not UTF-8: named, not a UnicodeDecodeError
 ])
 def test_bad_arguments_exit_2_naming_the_argument(files, tmp_path, capsys, extra, flag):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    sub = {"MISSING": str(tmp_path / "no_vae"), "VAE": files["vae"], "FILE": str(afile)}
+    (tmp_path / "latin1.txt").write_bytes(b"\xff\xfe1\n")
+    sub = {"MISSING": str(tmp_path / "no_vae"), "VAE": files["vae"], "FILE": str(afile),
+           "LATIN1": str(tmp_path / "latin1.txt")}
     extra = [sub.get(e, e.replace("FILE", str(afile))) for e in extra]
     argv = [files["ckpt"], "--num-samples", "2", "--steps", "1", "--no-progress"]
     if "--backend" not in extra:
@@ -393,3 +396,14 @@ def test_generate_takes_a_path_and_a_guidance_interval_that_guides_no_step(files
                      guidance="ccfg", cfg_scale=3.0, guidance_interval=(0.0, 0.5), log=notes.append)
     assert res.out == str(out) and (out / "latents.npz").is_file()
     assert any("forward per step" in n and "guided" not in n for n in notes), notes
+
+
+def test_class_file_reads_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    from elit_kernels.sample.cli import _read_classes
+
+    for raw in (b"3, 7\n# a comment\n9\n", b"\xef\xbb\xbf3, 7\n9\n"):  # plain, and with a UTF-8 BOM
+        (tmp_path / "c.txt").write_bytes(raw)
+        assert _read_classes(None, str(tmp_path / "c.txt")) == [3, 7, 9]
+    (tmp_path / "c.txt").write_bytes(b"\xff\xfe1\n")
+    with pytest.raises(S.UsageError, match=r"^class_file: .*c.txt is not UTF-8 text \(byte 0: invalid start byte\)"):
+        _read_classes(None, str(tmp_path / "c.txt"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -30,7 +31,7 @@ import warnings
 import torch
 
 from .._env import env_flag
-from .inputs import AttnInputs, _capturing
+from .inputs import AttnInputs, _capturing, _flag
 from . import known_answer as _ka
 from . import registry as _registry
 from .known_answer import check_dispatch
@@ -309,7 +310,7 @@ def _disk_cache() -> dict:
         try:
             with open(cache_path()) as f:
                 raw = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested past the parser's depth
             raw = {}
         # a damaged cache is ignored entry by entry: only lists of backend names are kept
         _DISK = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, list)
@@ -391,8 +392,12 @@ def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
     if _capturing():
         raise RuntimeError("tune_inputs: cannot time backends under torch.compile tracing or CUDA-graph capture; "
                            "tune eagerly before compiling or capturing")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not isinstance(inp, AttnInputs):
+        raise TypeError(f"inp: expected an AttnInputs (elit_kernels.attention.validate_inputs(...)), got "
+                        f"{type(inp).__name__}")
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
         raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
+    repeats, save = int(repeats), _flag("save", save)
     c = shape_class(inp)
     ms = time_backends(inp, repeats)
     order = sorted(ms, key=ms.get)
@@ -416,8 +421,7 @@ def tuning(enabled: bool = True):
             model(x, t, y, budgets)
     """
     global _tuning, generation
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    enabled = _flag("enabled", enabled)  # NumPy's bool is a bool
     was = _tuning
     _tuning = enabled
     generation += 1  # plans made before the block re-dispatch, so the block's first calls are timed

@@ -260,7 +260,9 @@ def _check_arch(arch) -> dict:
         raise ValueError(f"arch: unknown keyword(s) {bad}; known (official SiTELIT constructor names): {', '.join(ARCH_KEYS)}")
     for key, value in arch.items():
         _check_arch_value(key, value)
-    return dict(arch)
+    # NumPy ints and floats as Python's (the config takes plain ints)
+    return {k: int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else
+            float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v for k, v in arch.items()}
 
 
 # What each ``arch`` keyword takes (the official constructor's types); the rest (path_type, z_dims) are not read.

@@ -19,10 +19,13 @@ def _read_classes(text: str | None, path: str | None):
         raise UsageError("class_file", "give --classes or --class-file, not both")
     if path is not None:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is not part of the first id
                 raw = " ".join(line.split("#", 1)[0] for line in f)
         except OSError as e:
             raise UsageError("class_file", f"cannot read {path} ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise UsageError("class_file", f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); expected class "
+                                           "ids separated by spaces, commas or new lines") from None
         items = raw.replace(",", " ").split()
         arg = "class_file"
     elif text is None or text.strip().lower() == "all":

@@ -246,7 +246,7 @@ def test_a_backend_that_breaks_the_output_contract_is_named():
     try:
         q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 2], [4, 4], 2, 16, seed=3)
         with pytest.raises(RuntimeError, match=r"backend '_bad_shape': its forward returned \(3, 2, 16\) "
-                                               r"torch.float64, the contract is q's shape and dtype"):
+                                               r"torch.float64 on cpu, the contract is q's shape, dtype and device"):
             varlen_attention(q, k, v, cq, ck, mq, mk, backend="_bad_shape")
         with pytest.raises(RuntimeError, match=r"backend '_bad_shape': asked for \(out, lse\)"):
             varlen_attention(q, k, v, cq, ck, mq, mk, backend="_bad_shape", return_lse=True)
@@ -256,7 +256,14 @@ def test_a_backend_that_breaks_the_output_contract_is_named():
 
 @pytest.mark.parametrize("answer, return_lse, match", [
     (lambda inp: inp.q.double(), False,  # the dtype alone is wrong
-     r"its forward returned \(5, 2, 16\) torch.float64, the contract is q's shape and dtype \(\(5, 2, 16\) torch.float32\)"),
+     r"its forward returned \(5, 2, 16\) torch.float64 on cpu, the contract is q's shape, dtype and device "
+     r"\(\(5, 2, 16\) torch.float32 on cpu\)"),
+    (lambda inp: inp.q.to("meta"), False, r"its forward returned \(5, 2, 16\) torch.float32 on meta"),  # the device
+    (lambda inp: (inp.q, None), True, r"its forward returned an lse of NoneType, the contract is float32 \(float64 for "
+                                      r"float64 inputs\) \[H, total_q\] = \(2, 5\) on cpu"),
+    (lambda inp: (inp.q, inp.q[..., 0]), True, r"its forward returned an lse of \(5, 2\) torch.float32 on cpu"),  # [total_q, H]: transposed
+    (lambda inp: (inp.q, inp.q[..., 0].T.double()), True, r"its forward returned an lse of \(2, 5\) torch.float64 on cpu"),
+    (lambda inp: (inp.q, inp.q[..., 0].T.to("meta")), True, r"its forward returned an lse of \(2, 5\) torch.float32 on meta"),
     (lambda inp: inp.q[:4], False, r"its forward returned \(4, 2, 16\) torch.float32"),  # the shape alone is wrong
     (lambda inp: [inp.q], False, r"its forward returned list, the contract"),  # not a tensor
     (lambda inp: (inp.q, inp.q[..., 0].T, None), True, r"asked for \(out, lse\), its forward returned tuple"),

@@ -25,16 +25,19 @@ class _Fake(B.Backend):
 
     def forward(self, inp):
         self.calls += 1
-        out = B.get_backend("reference").forward(inp)
+        res = B.get_backend("reference").forward(inp)
+        out, lse = res if inp.return_lse else (res, None)
         if self.bug == "scale":
-            return out * 1.01
-        if self.bug == "nan_row" and out.shape[0]:
-            return torch.cat([out[:1] * float("nan"), out[1:]])
-        if self.bug == "raise":
+            out = out * 1.01
+        elif self.bug == "nan_row" and out.shape[0]:
+            out = torch.cat([out[:1] * float("nan"), out[1:]])
+        elif self.bug == "raise":
             raise RuntimeError("illegal memory access (simulated)")
-        if self.bug == "grad":  # right forward, wrong backward
-            return out + 0.5 * (out - out.detach())
-        return out
+        elif self.bug == "grad":  # right forward, wrong backward
+            out = out + 0.5 * (out - out.detach())
+        elif self.bug == "lse" and lse is not None:  # right output and gradients, wrong log-sum-exp
+            lse = lse + 3.5
+        return (out, lse) if inp.return_lse else out
 
 
 @pytest.fixture
@@ -224,7 +227,7 @@ def test_verify_backend_forwards_its_arguments_and_caches(fake):
     n = bad.calls
     # wrong only in its backward: passes without gradients, fails with them, naming the gradient
     assert KA.verify_backend("_verify_bad", "cpu", torch.float32, 16, grad=False) is None
-    assert bad.calls == n + 1
+    assert bad.calls == n + 2  # the output, then the log-sum-exp
     err = KA.verify_backend("_verify_bad", "cpu", torch.float32, 16, grad=True)
     assert err is not None and "dq" in err
     assert KA.verdicts()[("_verify_bad", "cpu", "float32", 16, False, False, True, False)] == err
@@ -249,6 +252,15 @@ def test_verify_backend_blames_its_arguments_not_the_backend(fake, kwargs, err, 
     assert KA.verdicts() == before and b.calls == 0
 
 
+def test_a_wrong_log_sum_exp_fails_the_case_by_name(fake):
+    # right output and gradients, LSE off by 3.5: dispatch must not hand this backend return_lse calls
+    b = fake("_bad_lse", "lse")
+    err = KA._run_case(b, torch.device("cpu"), torch.float32, 16, False, False, True)
+    assert err is not None and err.startswith("lse"), err
+    assert KA._run_case(fake("_good_lse"), torch.device("cpu"), torch.float32, 16, True, True, True,
+                        masked=True) is None
+
+
 def test_run_case_reports_an_exception_by_type_and_message(fake):
     b = fake("_raises", "raise")
     err = KA._run_case(b, torch.device("cpu"), torch.float32, 16, False, False, False)
@@ -265,6 +277,9 @@ class _Spy(_Fake):
     def __init__(self, name, bug=None):
         super().__init__(name, bug if bug in (None, "scale", "raise", "grad") else None)
         self.seen, self.douts, self.extra = [], [], bug
+
+    def not_supported_reasons(self, inp):  # the spies record the output and gradient runs only
+        return ["no log-sum-exp (a spy)"] if inp.return_lse else super().not_supported_reasons(inp)
 
     def forward(self, inp):
         self.seen.append(dict(heads=inp.num_heads, kv_heads=inp.num_kv_heads, head_dim=inp.head_dim, dtype=inp.q.dtype,

@@ -25,7 +25,7 @@ import torch
 from .._env import env_choice
 from ..testing import assert_close_to_reference, cu_seqlens, default_atol
 from .inputs import _capturing, validate_inputs
-from .registry import get_backend, run_backend
+from .registry import get_backend, reasons, run_backend
 
 MODES = ("auto", "on", "off")
 _mode = env_choice("ELIT_KNOWN_ANSWER", MODES, "auto")
@@ -127,21 +127,35 @@ def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bo
     cu_q, cu_k = cu_seqlens(_LENS_Q, device), cu_seqlens(_LENS_K, device)
     ref = get_backend("reference")
 
+    def inputs(dt, requires_grad, return_lse=False):
+        qkv = [t.to(device=device, dtype=dt).requires_grad_(requires_grad) for t in base]
+        return qkv, validate_inputs(*qkv, cu_q, cu_k, max(_LENS_Q), max(_LENS_K), None, causal,
+                                    return_lse=return_lse, **(_MASKED_CASE if masked else {}))
+
     def run(backend, dt):
-        qkv = [t.to(device=device, dtype=dt).requires_grad_(grad) for t in base]
-        inp = validate_inputs(*qkv, cu_q, cu_k, max(_LENS_Q), max(_LENS_K), None, causal,
-                              **(_MASKED_CASE if masked else {}))
+        qkv, inp = inputs(dt, grad)
         with torch.enable_grad() if grad else torch.no_grad():
             out = run_backend(backend, inp)
             grads = torch.autograd.grad(out, qkv, dout.to(device=device, dtype=dt)) if grad else ()
         return [out.detach(), *grads]
 
+    def lse(backend, dt):
+        with torch.no_grad():
+            return run_backend(backend, inputs(dt, False, return_lse=True)[1])[1]
+
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
     try:
         got = run(b, dtype)
-        truth = run(ref, torch.float64 if dtype == torch.float64 else torch.float32)
+        truth = run(ref, wide)
         low = run(ref, dtype)
         for name, a, t, lo in zip(("out", "dq", "dk", "dv"), got, truth, low):
             assert_close_to_reference(a, t, lo, atol=default_atol(dtype), name=name)
+        if not reasons(b, inputs(dtype, False, return_lse=True)[1]):  # the log-sum-exp, where b returns one
+            a, t, lo = lse(b, dtype), lse(ref, wide), lse(ref, dtype)
+            seen = torch.isfinite(t)  # +inf on rows that see no key, in every backend
+            if not torch.equal(seen, torch.isfinite(a)):
+                raise AssertionError("lse: not +inf exactly on the rows that see no key")
+            assert_close_to_reference(a[seen], t[seen].float(), lo[seen], atol=default_atol(dtype), name="lse")
     except AssertionError as e:
         return f"{str(e).splitlines()[0][:300]}"
     except Exception as e:  # noqa: BLE001 - a kernel that raises is a kernel that failed

@@ -192,13 +192,21 @@ def run_backend(b: Backend, inp: AttnInputs):
     if inp.return_lse and not (isinstance(res, tuple) and len(res) == 2):
         raise RuntimeError(f"backend {b.name!r}: asked for (out, lse), its forward returned {type(res).__name__}")
     out, lse = res if inp.return_lse else (res, None)
-    if not isinstance(out, torch.Tensor) or out.shape != inp.q.shape or out.dtype != inp.q.dtype:
-        got = f"{type(out).__name__}" if not isinstance(out, torch.Tensor) else f"{tuple(out.shape)} {out.dtype}"
-        raise RuntimeError(f"backend {b.name!r}: its forward returned {got}, the contract is q's shape and dtype "
-                           f"({tuple(inp.q.shape)} {inp.q.dtype})")
+    q = inp.q
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        got = (f"{type(out).__name__}" if not isinstance(out, torch.Tensor) else
+               f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        raise RuntimeError(f"backend {b.name!r}: its forward returned {got}, the contract is q's shape, dtype and "
+                           f"device ({tuple(q.shape)} {q.dtype} on {q.device})")
     if d_run != d:
         out = out[..., :d]
     if inp.return_lse:
+        want, wdt = (q.shape[1], q.shape[0]), torch.float64 if q.dtype == torch.float64 else torch.float32
+        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want or lse.dtype != wdt or lse.device != q.device:
+            got = (f"{type(lse).__name__}" if not isinstance(lse, torch.Tensor) else
+                   f"{tuple(lse.shape)} {lse.dtype} on {lse.device}")
+            raise RuntimeError(f"backend {b.name!r}: its forward returned an lse of {got}, the contract is "
+                               f"{str(wdt)[6:]} (float64 for float64 inputs) [H, total_q] = {want} on {q.device}")
         return out, lse.detach()
     return out
 

@@ -317,6 +317,15 @@ def test_arch_values_are_checked_by_name(key, value, error, match):
                                          "mlp_ratio": np.float32(4), "class_dropout_prob": 0.1, "qk_norm": False,
                                          "path_type": "linear"})
     assert m.cfg.mlp_ratio == 4 and type(m.cfg.heads) is int
+    # keys the loader takes but does not read are listed, not silently dropped
+    assert "arch keys not read (training-only, or fixed by the weights): class_dropout_prob, path_type" in \
+        m.checkpoint_info["notes"]
+
+
+def test_arch_enable_elit_false_is_refused():
+    with pytest.raises(ValueError, match=r"^arch: enable_elit: False describes a plain SiT; this loader reads ELIT-SiT"):
+        load_checkpoint(FIXTURE_A, arch={**arch_of(FIXTURE_A), "enable_elit": False})
+    assert load_checkpoint(FIXTURE_A, arch={**arch_of(FIXTURE_A), "enable_elit": True}).cfg.heads > 0
 
 
 class _Hostile:

@@ -407,3 +407,8 @@ def test_class_file_reads_utf8_with_or_without_a_byte_order_mark(tmp_path):
     (tmp_path / "c.txt").write_bytes(b"\xff\xfe1\n")
     with pytest.raises(S.UsageError, match=r"^class_file: .*c.txt is not UTF-8 text \(byte 0: invalid start byte\)"):
         _read_classes(None, str(tmp_path / "c.txt"))
+
+
+def test_tf32_on_a_cpu_says_it_is_ignored(files, tmp_path):
+    with pytest.warns(UserWarning, match="^tf32: ignored on cpu: TF32 is a matmul mode of CUDA GPUs"):
+        run(files, tmp_path / "o", num_samples=1, steps=1, latents_only=True, tf32=True)

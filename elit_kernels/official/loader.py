@@ -273,6 +273,11 @@ _ARCH_REALS = ("class_dropout_prob", "mlp_ratio", "elit_max_mask_prob", "elit_mi
 _ARCH_BOOLS = ("qk_norm", "fused_attn", "enable_repa", "use_cfg", "enable_elit")
 
 
+#: ``arch`` keywords the loader takes but does not read: training-only switches, or sizes the weights fix
+_ARCH_UNREAD = ("dit_encoder_depth", "class_dropout_prob", "fused_attn", "enable_repa", "use_cfg", "z_dims",
+                "projector_dim", "path_type", "elit_max_mask_prob", "elit_min_mask_prob")
+
+
 def _check_arch_value(key: str, value) -> None:
     """TypeError / ValueError naming ``arch[key]`` when ``value`` is not what the official constructor takes for it
     (an int >= 1 for sizes, >= 0 for block counts, a finite real > 0 for ``mlp_ratio`` and in [0, 1] for the
@@ -295,6 +300,9 @@ def _check_arch_value(key: str, value) -> None:
                              f", got {value!r}")
     elif key in _ARCH_BOOLS and not isinstance(value, bool):
         raise TypeError(f"{where}: expected a bool, got {type(value).__name__} ({value!r})")
+    if key == "enable_elit" and value is False:
+        raise ValueError(f"{where}: False describes a plain SiT; this loader reads ELIT-SiT checkpoints (Read/Write "
+                         "interface weights), whose constructor has enable_elit=True")
 
 
 def _check_weights(weights) -> None:
@@ -316,6 +324,9 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
     if ckpt is None:
         ckpt = safe_torch_load(path)
     notes = []
+    unread = sorted(k for k, v in arch.items() if k in _ARCH_UNREAD and v is not None)
+    if unread:
+        notes.append(f"arch keys not read (training-only, or fixed by the weights): {', '.join(unread)}")
     bare = isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt
     if bare:  # a bare state_dict (e.g. ckpt['ema'] saved alone)
         sd, args = ckpt, {}

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,6 +155,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         torch.cuda.set_device(dev)
     dd = _init_dist(dev)
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if tf32 and dev.type != "cuda":
+        warnings.warn(f"tf32: ignored on {dev.type}: TF32 is a matmul mode of CUDA GPUs", stacklevel=2)
     try:
         if tf32 and dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -411,13 +411,13 @@ def test_estimate_includes_the_compile_of_each_signature(monkeypatch):
     monkeypatch.setattr(cli, "_say", lambda msg: events.append(msg))
     real = cli._estimate
     monkeypatch.setattr(cli, "_estimate", lambda extra, *a: (real(extra, *a), estimates.append(extra["estimate_s"])))
-    t0 = time.monotonic()
     assert main(TINY + ["--presets", "paper", "--scenarios", "uniform", "--budgets", "1,2,4", "--repeats", "1",
                         "--backends", "torch,torch+compile"]) == 0
-    took = time.monotonic() - t0
     est = next(e for e in events if e.startswith("estimated run time"))
     assert "torch: warm-up" in est and "torch+compile: warm-up 1." in est and "(compile)" in est, est
-    assert took >= 3.0 and 0.7 * took <= estimates[0] <= 1.5 * took, (estimates, took)  # 3 compiles of 1 s counted
+    # all three 1 s compiles are in the estimate: the probe's, already spent, and two more counted at its speed (a
+    # lower bound only, so a slow or loaded machine cannot fail it; counted at the eager probe's speed it was < 1 s)
+    assert estimates[0] >= 3.0, estimates
 
 
 class _RecordingProgress:

@@ -219,9 +219,11 @@ def test_sample_budgets_range_and_generator():
     a = sample_budgets(64, 0, 9, per_sample=True, generator=torch.Generator().manual_seed(0))
     b = sample_budgets(64, 0, 9, per_sample=True, generator=torch.Generator().manual_seed(0))
     assert a == b and set(a) <= set(range(10)) and len(set(a)) > 3
-    for lo, hi in [(1.0, 4), (1, 4.0), (-1, 4), (5, 4)]:
+    for lo, hi in [(1.0, 4), (1, 4.0), (-1, 4), (5, 4), (0, 2**63 - 1)]:
         with pytest.raises(ValueError, match="^j_min: expected ints 0 <= j_min <= j_max"):
             sample_budgets(2, lo, hi)
+    top = 2**63 - 2  # the largest j_max torch.randint can draw up to (its exclusive high is an int64): inclusive
+    assert all(0 <= j <= top for j in sample_budgets(3, 0, top, per_sample=True))
 
 
 class NoParams(torch.nn.Module):

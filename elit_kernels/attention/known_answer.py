@@ -139,9 +139,9 @@ def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bo
             grads = torch.autograd.grad(out, qkv, dout.to(device=device, dtype=dt)) if grad else ()
         return [out.detach(), *grads]
 
-    def lse(backend, dt):
+    def lse(backend, inp):
         with torch.no_grad():
-            return run_backend(backend, inputs(dt, False, return_lse=True)[1])[1]
+            return run_backend(backend, inp)[1]
 
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     try:
@@ -150,8 +150,9 @@ def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bo
         low = run(ref, dtype)
         for name, a, t, lo in zip(("out", "dq", "dk", "dv"), got, truth, low):
             assert_close_to_reference(a, t, lo, atol=default_atol(dtype), name=name)
-        if not reasons(b, inputs(dtype, False, return_lse=True)[1]):  # the log-sum-exp, where b returns one
-            a, t, lo = lse(b, dtype), lse(ref, wide), lse(ref, dtype)
+        low_inp = inputs(dtype, False, return_lse=True)[1]
+        if not reasons(b, low_inp):  # the log-sum-exp, where b returns one
+            a, t, lo = lse(b, low_inp), lse(ref, inputs(wide, False, return_lse=True)[1]), lse(ref, low_inp)
             seen = torch.isfinite(t)  # +inf on rows that see no key, in every backend
             if not torch.equal(seen, torch.isfinite(a)):
                 raise AssertionError("lse: not +inf exactly on the rows that see no key")

@@ -284,10 +284,10 @@ def _say(msg: str) -> None:
     print(f"elit-bench: {msg}", file=sys.stderr, flush=True)
 
 
-def _estimate(extra: dict, ref, by_backend: dict, to_warm: list, to_time: list, t_start: float, dev) -> None:
-    """Print the run-time estimate once the probes (``by_backend``: the first case of each backend, ``ref`` the
-    first of them) are warmed up; warn when it is long."""
-    repeats = extra["repeats"]
+def _estimate(extra: dict, by_backend: dict, to_warm: list, to_time: list, t_start: float, dev) -> None:
+    """Print the run-time estimate once the probes (``by_backend``: the first case of each backend) are warmed up;
+    warn when it is long."""
+    repeats, ref = extra["repeats"], next(iter(by_backend.values()))
     est = extra["estimate_s"] = time.monotonic() - t_start + remaining_seconds(to_warm, to_time, repeats, ref, dev,
                                                                                by_backend)
     capped = extra.get("max_seconds") is not None and est > extra["max_seconds"]
@@ -378,19 +378,17 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
                     c.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     failed.append(c)
                 c.warm_s = time.monotonic() - t0
-                if c in probes and c not in failed:
+                stand_in = not estimated and i >= len(probes) - 1 and not warmed_probes()  # every probe failed
+                if c not in failed and (c in probes or stand_in):
                     # Warm calls for the estimate (the warm-up's last call may be the cold first one: 2.5 s vs a
                     # 1.65 s median measured); not kept as samples, which come from the interleaved repeats.
                     c.call_ms = min(time_once(c, dev)[0] for _ in range(2))
                 if not estimated and i >= len(probes) - 1:
-                    by_backend = warmed_probes()
-                    if not by_backend and c not in failed:  # every probe failed: this case stands in
-                        c.call_ms = min(time_once(c, dev)[0] for _ in range(2))
-                        by_backend = {c.backend: c}
+                    by_backend = {c.backend: c} if stand_in and c not in failed else warmed_probes()
                     if by_backend:
                         estimated = True
-                        _estimate(extra, next(iter(by_backend.values())), by_backend, order[i + 1:],
-                                  [x for x in order if x not in failed], t_start, dev)
+                        _estimate(extra, by_backend, order[i + 1:], [x for x in order if x not in failed], t_start,
+                                  dev)
                 refresh(i + 1, "warm-up + FLOPs")
         for c in skipped:
             c.note = "skipped: --max-seconds spent during warm-up"

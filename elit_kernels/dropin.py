@@ -38,9 +38,13 @@ _NOT_NONE = {
 }
 
 
-def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, attention_chunk=0, **not_none) -> None:
+def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, deterministic=False, attention_chunk=0,
+                        **not_none) -> None:
     """Raise ``NotImplementedError`` naming the first flash-attn option we do not implement that was set:
-    ``dropout_p`` other than 0, ``attention_chunk`` other than 0, or any of ``_NOT_NONE`` not None."""
+    ``dropout_p`` other than 0, ``attention_chunk`` other than 0, or any of ``_NOT_NONE`` not None; a
+    ``TypeError`` naming ``deterministic`` unless it is a bool (or an int / NumPy bool, which flash-attn's
+    op schema takes as one). Every backward here is deterministic, so its value changes nothing."""
+    _bool_like("deterministic", deterministic)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
@@ -52,11 +56,18 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, a
             raise NotImplementedError(f"{name}: {_NOT_NONE[name]}; only None is accepted")
 
 
+def _bool_like(name: str, value):
+    """flash-attn's flags as it takes them: a bool or an int (tested for truth); NumPy's bool as a bool;
+    anything else (a string, a tensor: no single truth value) a TypeError naming ``name``."""
+    if type(value) in (bool, int):
+        return value
+    return _flag(name, value)
+
+
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap, return_attn_probs,
          backend):
     kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend)
-    if type(return_attn_probs) not in (bool, int):  # flash-attn tests it for truth; a tensor has none
-        return_attn_probs = _flag("return_attn_probs", return_attn_probs)  # NumPy's bool passes
+    return_attn_probs = _bool_like("return_attn_probs", return_attn_probs)
     if not return_attn_probs:
         return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
     out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)
@@ -85,7 +96,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (with ``causal`` right is 0), as flash-attn.
         softcap: > 0 caps the logits as ``softcap * tanh(scale q.k / softcap)`` (flash-attn); 0 = off.
         alibi_slopes, block_table: only None.
-        deterministic: accepted; every backward here is deterministic.
+        deterministic: a bool, accepted; every backward here is deterministic.
         return_attn_probs: also return ``softmax_lse``.
         s_aux, seqused_q, seqused_k, qv, q_descale, k_descale, v_descale, leftpad_k, rotary_cos, rotary_sin:
             keyword only, options of flash-attn 3 / kernels-community builds (attention sinks, used lengths,
@@ -103,9 +114,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Raises:
         NotImplementedError naming the option for ``dropout_p`` other than 0, ``alibi_slopes``,
         ``block_table``, ``s_aux``, ``seqused_q/k``, ``qv``, ``*_descale``, ``leftpad_k``, ``rotary_*`` not
-        None and ``attention_chunk`` other than 0; otherwise what ``varlen_attention`` raises.
+        None and ``attention_chunk`` other than 0; TypeError naming ``deterministic`` or ``return_attn_probs``
+        when it is not a bool (an int or NumPy's bool is taken as one); otherwise what ``varlen_attention`` raises.
     """
-    _refuse_unsupported(dropout_p, alibi_slopes, block_table, attention_chunk=attention_chunk, s_aux=s_aux,
+    _refuse_unsupported(dropout_p, alibi_slopes, block_table, deterministic=deterministic,
+                        attention_chunk=attention_chunk, s_aux=s_aux,
                         seqused_q=seqused_q, seqused_k=seqused_k, qv=qv, q_descale=q_descale, k_descale=k_descale,
                         v_descale=v_descale, leftpad_k=leftpad_k, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
@@ -129,7 +142,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     load with aligned 16-byte vectors. ``cu_seqlens`` / ``max_seqlen`` serve both q and k. Returns and
     raises as ``flash_attn_varlen_func`` (a ``ValueError`` naming ``qkv`` for a wrong layout).
     """
-    _refuse_unsupported(dropout_p, alibi_slopes, s_aux=s_aux)
+    _refuse_unsupported(dropout_p, alibi_slopes, deterministic=deterministic, s_aux=s_aux)
     _check_packed("qkv", qkv, 3, "[total, 3, num_heads, head_dim]")
     q, k, v = qkv.unbind(1)
     return _run(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal, window_size, softcap,
@@ -144,7 +157,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     ``kv [total_k, 2, H_kv, D]`` (keys ``kv[:, 0]``, values ``kv[:, 1]``, strided views; ``H % H_kv == 0``).
     Returns and raises as ``flash_attn_varlen_func`` (a ``ValueError`` naming ``kv`` for a wrong layout).
     """
-    _refuse_unsupported(dropout_p, alibi_slopes, s_aux=s_aux)
+    _refuse_unsupported(dropout_p, alibi_slopes, deterministic=deterministic, s_aux=s_aux)
     _check_packed("kv", kv, 2, "[total_k, 2, num_kv_heads, head_dim]")
     k, v = kv.unbind(1)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
@@ -176,7 +189,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         dropout_p: only 0.0. softmax_scale: default ``D**-0.5``.
         causal: bottom-right aligned (query i sees key j iff ``j <= i + S_k - S_q``), as flash-attn >= 2.1.
         window_size, softcap: as in ``flash_attn_varlen_func`` (flash-attn semantics).
-        alibi_slopes: only None. deterministic: accepted; every backward here is deterministic.
+        alibi_slopes: only None. deterministic: a bool, accepted; every backward here is deterministic.
         return_attn_probs: also return ``softmax_lse``.
         s_aux, qv, q_descale, k_descale, v_descale, attention_chunk: keyword only (flash-attn 3 / kernels
             builds), refused unless None / 0; num_splits, pack_gqa, sm_margin: scheduling hints, ignored.
@@ -199,7 +212,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         >>> flash_attn_func(q, k, v, causal=True).shape
         torch.Size([2, 5, 4, 32])
     """
-    _refuse_unsupported(dropout_p, alibi_slopes, attention_chunk=attention_chunk, s_aux=s_aux, qv=qv,
+    _refuse_unsupported(dropout_p, alibi_slopes, deterministic=deterministic, attention_chunk=attention_chunk,
+                        s_aux=s_aux, qv=qv,
                         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
     _check_dense("q", q, "[batch, seqlen_q, num_heads, head_dim]")
     _check_dense("k", k, "[batch, seqlen_k, num_kv_heads, head_dim]")

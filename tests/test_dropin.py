@@ -17,8 +17,8 @@ import pytest
 import torch
 from cases import CASES, backend_device, backend_params, skip_unless_runs
 
-from elit_kernels import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
-                          set_value_checks, varlen_attention)
+from elit_kernels import (flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                          flash_attn_varlen_qkvpacked_func, set_value_checks, varlen_attention)
 from elit_kernels.attention import get_backend, validate_inputs
 from elit_kernels.reference.attention import varlen_attention_reference
 from elit_kernels.testing import check_backend_against_reference, cu_seqlens, random_varlen_inputs
@@ -228,6 +228,25 @@ def test_flash_attn_flags_that_are_tensors_are_named():
         flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, attention_chunk=torch.tensor([4, 4]))
     out, lse, _ = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=1, attention_chunk=None)
     torch.testing.assert_close(out, flash_attn_varlen_func(q, q, q, cu, cu, 3, 3))
+
+
+@pytest.mark.parametrize("entry", ["varlen", "qkvpacked", "kvpacked", "dense"])
+@pytest.mark.parametrize("bad", ["no", torch.tensor([True, False]), None])
+def test_flash_attn_deterministic_must_be_a_bool(entry, bad):
+    # deterministic='no' is truthy: taking it silently would hide a caller's mistake; flash-attn's op schema
+    # refuses it at backward time. Named here, at the call, in every entry point.
+    q = torch.randn(4, 2, 8)
+    cu = cu_seqlens([3, 1])
+    calls = {"varlen": lambda d: flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, deterministic=d),
+             "qkvpacked": lambda d: flash_attn_varlen_qkvpacked_func(torch.stack([q, q, q], 1), cu, 3, deterministic=d),
+             "kvpacked": lambda d: flash_attn_varlen_kvpacked_func(q, torch.stack([q, q], 1), cu, cu, 3, 3,
+                                                                   deterministic=d),
+             "dense": lambda d: flash_attn_func(q[None], q[None], q[None], deterministic=d)}
+    with pytest.raises(TypeError, match="^deterministic: expected a bool, got "):
+        calls[entry](bad)
+    want = calls[entry](False)
+    for ok in (True, 1, __import__("numpy").True_):
+        torch.testing.assert_close(calls[entry](ok), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("max_q", [9, np.int64(9), np.int32(9), torch.tensor(9), torch.tensor(9, dtype=torch.int32)],

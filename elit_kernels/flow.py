@@ -17,16 +17,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ._types import is_bool, is_int, is_int_array
 from .layout import normalize_budgets
 
 
 # --- argument checks, shared with elit_kernels.sample (which turns them into UsageError) ---------------------
 def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
-    """``v`` as an int in [lo, hi] (a bool is not an int); ValueError naming ``name`` otherwise."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+    """``v`` as a Python int in [lo, hi] (a NumPy integer is one, a bool is not); ValueError naming ``name``
+    otherwise."""
+    if not is_int(v) or v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name}: expected an int {rng}, got {v!r}")
-    return v
+    return int(v)
 
 
 def _check_real(name: str, v, lo: float | None = None, what: str = "") -> float:
@@ -42,10 +44,11 @@ def _check_real(name: str, v, lo: float | None = None, what: str = "") -> float:
 
 
 def _check_bool(name: str, v) -> bool:
-    """A flag must be a bool (``"no"`` or 1 would be read as true); TypeError naming ``name`` otherwise."""
-    if not isinstance(v, bool):
+    """A flag must be a bool or NumPy's bool (``"no"`` or 1 would be read as true), returned as a Python bool;
+    TypeError naming ``name`` otherwise."""
+    if not is_bool(v):
         raise TypeError(f"{name}: expected True or False, got {type(v).__name__} ({v!r})")
-    return v
+    return bool(v)
 
 
 def _check_tensor(name: str, v, *, floating: bool = False, what: str = "") -> torch.Tensor:
@@ -78,32 +81,35 @@ def _j_max(model) -> int:
     return j if isinstance(j, int) else sys.maxsize
 
 
-_BUDGET_KINDS = "None (J_max), an int, a sequence of ints (one per sample) or a 1-D integer tensor"
+_BUDGET_KINDS = ("None (J_max), an int, a sequence of ints (one per sample), a 1-D integer tensor or NumPy "
+                 "array")
 
 
-def _check_budget(name: str, budget, b: int, j_max: int, where: str = "") -> None:
-    """A budget argument as the model takes it (``layout.normalize_budgets``: None, an int, a sequence of ints or a
-    1-D integer tensor of ``b``, each in [0, j_max]), refused naming ``name``. A tensor's values stay on its device
+def _check_budget(name: str, budget, b: int, j_max: int, where: str = ""):
+    """A budget argument as the model takes it (``layout.normalize_budgets``: None, an int, a sequence of ints, a
+    1-D integer tensor or NumPy array of ``b``, each in [0, j_max]), refused naming ``name``; returned with NumPy
+    values as Python ones (an int, a list of ints), anything else as given. A tensor's values stay on its device
     (its dtype and length are checked here, its values by the model): no host sync."""
     if budget is None:
-        return
+        return None
     if isinstance(budget, torch.Tensor):
         if budget.dim() != 1 or not _is_int_dtype(budget.dtype):
             raise TypeError(f"{name}: {where}expected {_BUDGET_KINDS}, got a {budget.dtype} tensor of shape "
                             f"{tuple(budget.shape)}")
         if budget.shape[0] != b:
             raise ValueError(f"{name}: {where}expected {b} budgets (one per sample), got {budget.shape[0]}")
-        return
-    if isinstance(budget, numbers.Integral) and not isinstance(budget, int):
-        raise TypeError(f"{name}: {where}expected {_BUDGET_KINDS}, got {type(budget).__name__} ({budget!r}); the "
-                        "model takes Python ints: pass int(...)")
-    if isinstance(budget, (str, bytes)) or not isinstance(budget, (int, Sequence)):
+        return budget
+    if isinstance(budget, (str, bytes)) or not (is_int(budget) or isinstance(budget, Sequence) or
+                                                 is_int_array(budget)):
         raise TypeError(f"{name}: {where}expected {_BUDGET_KINDS}, got {type(budget).__name__} ({budget!r}); "
                         "elit_kernels.official.latents_for_budget converts the official float budgets")
     try:
-        normalize_budgets(budget, b, j_max)
+        per_sample = normalize_budgets(budget, b, j_max)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name}: {where}{str(e).split(': ', 1)[-1]}") from None
+    if is_int(budget):
+        return int(budget)
+    return per_sample if is_int_array(budget) or any(type(j) is not int for j in budget) else budget
 
 
 def _is_int_dtype(dt: torch.dtype) -> bool:
@@ -113,10 +119,10 @@ def _is_int_dtype(dt: torch.dtype) -> bool:
 _MAX_DRAW = 2**63 - 2  # torch.randint's exclusive high (j_max + 1) is an int64
 
 
-def _check_range(name: str, lo: int, hi: int) -> None:
-    if not (isinstance(lo, int) and isinstance(hi, int)) or isinstance(lo, bool) or isinstance(hi, bool) \
-            or not 0 <= lo <= hi <= _MAX_DRAW:
+def _check_range(name: str, lo: int, hi: int) -> tuple[int, int]:
+    if not (is_int(lo) and is_int(hi)) or not 0 <= lo <= hi <= _MAX_DRAW:
         raise ValueError(f"{name}: expected ints 0 <= j_min <= j_max <= 2**63 - 2, got j_min={lo!r}, j_max={hi!r}")
+    return int(lo), int(hi)
 
 
 def _check_generator(generator) -> None:
@@ -132,9 +138,9 @@ def sample_budgets(batch: int, j_min: int, j_max: int, *, per_sample: bool = Fal
     ``generator``: None or a CPU torch.Generator. Returns ``batch`` Python ints. Raises ValueError naming
     ``batch`` or ``j_min``, TypeError naming ``per_sample`` or ``generator``.
     """
-    _check_int("batch", batch, 0)
-    _check_range("j_min", j_min, j_max)
-    _check_bool("per_sample", per_sample)
+    batch = _check_int("batch", batch, 0)
+    j_min, j_max = _check_range("j_min", j_min, j_max)
+    per_sample = _check_bool("per_sample", per_sample)
     _check_generator(generator)
     n = batch if per_sample else 1
     draws = torch.randint(j_min, j_max + 1, (n,), generator=generator).tolist()
@@ -145,7 +151,7 @@ def logit_normal(batch: int, *, mean: float = 0.0, std: float = 1.0, generator=N
     """t = sigmoid(N(mean, std²)) — the logit-normal timestep distribution: ``batch`` (int >= 0) float32 times
     on ``device``. ``mean``: a finite real; ``std``: a finite real >= 0; ``generator``: None or a CPU
     torch.Generator. Raises ValueError / TypeError naming ``batch``, ``mean``, ``std`` or ``generator``."""
-    _check_int("batch", batch, 0)
+    batch = _check_int("batch", batch, 0)
     mean = _check_real("mean", mean)
     std = _check_real("std", std, 0)
     _check_generator(generator)
@@ -287,8 +293,8 @@ def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: f
     _check_tensor("y", y, what=" of class ids [B]")
     _check_dtype(dtype)
     j_max = _j_max(model)
-    _check_budget("budget", budget, b, j_max)
-    _check_budget("weak_budget", weak_budget, b, j_max)
+    budget = _check_budget("budget", budget, b, j_max)
+    weak_budget = _check_budget("weak_budget", weak_budget, b, j_max)
     return _velocity(model, x, t, y, budget, mode, scale, weak_budget, dtype or x.dtype)
 
 
@@ -367,7 +373,7 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
             budgets (a list; a ``[steps]`` integer tensor, read on the host once; a ``[steps, B]`` one) or a
             callable ``step -> budget`` (its results are checked at each step).
         guidance_interval: a pair (low, high) of reals with 0 <= low <= high <= 1 (not a str).
-        heun / progress / graphed: bools. ``progress`` shows a tqdm bar. ``graphed``: replay each forward from a
+        heun / progress / graphed: bools (NumPy's bool is one). ``progress`` shows a tqdm bar. ``graphed``: replay each forward from a
             CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a run keeps one or
             two signatures: guided and, outside the guidance interval, unguided). On a CPU, or where capture
             fails, it warns once and runs eagerly. A ``GraphedForward`` passed as ``model`` is used as it is
@@ -377,19 +383,22 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     ``mode``, ``scale``, ``weak_budget``, ``guidance_interval``, ``heun``, ``progress`` or ``graphed``; the checks
     run once per call (a callable schedule's result once per step), on Python values and tensor metadata only.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    steps = int(steps)
     scale = _check_guidance(mode, scale, weak_budget)
     low, high = _check_interval(guidance_interval)
-    for name, flag in (("heun", heun), ("progress", progress), ("graphed", graphed)):
-        _check_bool(name, flag)
+    heun, progress, graphed = (_check_bool(name, flag) for name, flag in
+                               (("heun", heun), ("progress", progress), ("graphed", graphed)))
     _check_model("model", model, guided=mode != "none" and scale > 0)
     _check_tensor("noise", noise, floating=True, what=" [B, C, H, W] (the result takes its dtype)")
     if noise.dim() < 1:
         raise ValueError("noise: expected a tensor [B, C, H, W] with a batch dimension, got a 0-dim tensor")
     _check_tensor("y", y, what=" of class ids [B]")
     b, j_max = noise.shape[0], _j_max(model)
-    _check_budget("weak_budget", weak_budget, b, j_max)
+    weak_budget = _check_budget("weak_budget", weak_budget, b, j_max)
+    if is_int_array(budget_schedule):  # NumPy: [steps] or [steps, B], as the lists it holds
+        budget_schedule = budget_schedule.tolist()
     if isinstance(budget_schedule, torch.Tensor) and budget_schedule.dim() == 1:
         # one budget (every sample's) per step: read on the host once, before the loop, as a list of ints (a
         # [steps, B] tensor stays where it is: each step hands the model one row)
@@ -398,7 +407,7 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
                             f"{budget_schedule.dtype}")
         budget_schedule = budget_schedule.tolist()
     if budget_schedule is None:
-        _check_budget("budget", budget, b, j_max)
+        budget = _check_budget("budget", budget, b, j_max)
         schedule = lambda i: budget  # noqa: E731
     elif budget is not None:
         raise ValueError("budget_schedule: give budget or budget_schedule, not both (the schedule would override "
@@ -406,15 +415,14 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     elif callable(budget_schedule):
         def schedule(i):
             bud = budget_schedule(i)
-            _check_budget("budget_schedule", bud, b, j_max, f"step {i} returned {bud!r}: ")
-            return bud
+            return _check_budget("budget_schedule", bud, b, j_max, f"step {i} returned {bud!r}: ")
     elif (isinstance(budget_schedule, Sequence) and not isinstance(budget_schedule, (str, bytes))) or \
             (isinstance(budget_schedule, torch.Tensor) and budget_schedule.dim() >= 2):
         if len(budget_schedule) != steps:
             raise ValueError(f"budget_schedule: expected {steps} budgets (one per step), got {len(budget_schedule)}")
-        for i in range(steps):
-            _check_budget("budget_schedule", budget_schedule[i], b, j_max, f"step {i}: ")
-        schedule = budget_schedule.__getitem__
+        checked = [_check_budget("budget_schedule", budget_schedule[i], b, j_max, f"step {i}: ")
+                   for i in range(steps)]
+        schedule = checked.__getitem__
     else:
         raise TypeError(f"budget_schedule: expected None, a sequence of {steps} budgets (one per step) or a callable "
                         f"step -> budget, got {type(budget_schedule).__name__} ({budget_schedule!r})")

@@ -11,12 +11,13 @@ from typing import Sequence
 
 import torch
 
+from ._types import is_bool, is_int, is_int_array
 from .attention.inputs import SegmentRuns
 
 
 def _check_grid(h: int, w: int, window: int) -> None:
     for name, n in (("h", h), ("w", w), ("window", window)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"{name}: expected a positive int, got {n!r}")
     if h % window or w % window:
         raise ValueError(f"window: {window} must divide the token grid {h}x{w}")
@@ -66,15 +67,20 @@ def from_group_major(tokens: torch.Tensor, h: int, w: int, window: int) -> torch
 def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
     """Budgets as a list of Python ints, one per sample, each in [0, j_max].
 
-    Accepts None (every sample at j_max), an int (every sample at it), a sequence or a 1-D
-    integer tensor (one per sample; a tensor costs one host copy here, once per forward).
+    Accepts None (every sample at j_max), an int (every sample at it), a sequence of ints, a 1-D integer
+    tensor (a tensor costs one host copy here, once per forward) or a 1-D NumPy integer array (one per sample).
+    NumPy integers are ints; a bool is not.
     """
     if budgets is None:
         out = [j_max] * batch
-    elif isinstance(budgets, bool):
+    elif is_bool(budgets):
         raise TypeError("budgets: expected None, an int, a sequence of ints or a 1-D integer tensor, got bool")
-    elif isinstance(budgets, int):
-        out = [budgets] * batch
+    elif is_int(budgets):
+        out = [int(budgets)] * batch
+    elif is_int_array(budgets):
+        if budgets.ndim != 1:
+            raise TypeError(f"budgets: expected a 1-D integer array, got shape {tuple(budgets.shape)}")
+        out = [int(b) for b in budgets.tolist()]
     elif isinstance(budgets, torch.Tensor):
         if budgets.dim() != 1 or budgets.dtype.is_floating_point or budgets.dtype.is_complex or \
                 budgets.dtype == torch.bool:
@@ -83,7 +89,7 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
     elif isinstance(budgets, Sequence):
         out = []
         for b in budgets:
-            if isinstance(b, bool) or not isinstance(b, int):
+            if not is_int(b):
                 raise TypeError(f"budgets: expected ints, got {type(b).__name__} ({b!r})")
             out.append(int(b))
     else:
@@ -266,8 +272,9 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
     ([0, 2, 4, 6, 8], [0, 4, 6], [0, 1, 2, 3, 4, 6])
     """
     for name, n in (("groups", groups), ("tokens_per_group", tokens_per_group), ("j_max", j_max)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"{name}: expected a positive int, got {n!r}")
+    groups, tokens_per_group, j_max = int(groups), int(tokens_per_group), int(j_max)  # NumPy ints as Python's
     bud = normalize_budgets(budgets, batch, j_max)  # after the sizes: a bad j_max is named as such
     b_t = _host_to_device(torch.tensor(bud, dtype=torch.long), device)
     per_group = b_t.repeat_interleave(groups)  # [B*G]

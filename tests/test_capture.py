@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,10 @@ def test_arguments_are_checked():
             GraphedForward(m, max_graphs=bad)
     with pytest.raises(ValueError, match="warmup: expected an int >= 1"):
         GraphedForward(m, warmup=0)
+    gf = GraphedForward(m, max_graphs=np.int64(2), warmup=np.int32(1))  # NumPy ints are ints
+    assert (type(gf.max_graphs), gf.max_graphs, type(gf.warmup), gf.warmup) == (int, 2, int, 1)
+    with pytest.raises(ValueError, match="max_graphs: expected a positive int"):
+        GraphedForward(m, max_graphs=np.True_)
     x, t, y = _inputs()
     with pytest.raises(ValueError, match="budgets"):
         _Recorded(m)(x, t, y, [4, 1])  # one budget short

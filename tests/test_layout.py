@@ -1,4 +1,5 @@
 """Group-major order and the ragged latent layout."""
+import numpy as np
 import pytest
 import torch
 
@@ -80,6 +81,17 @@ def test_budgets_normalisation_and_errors():
                 torch.tensor([[1, 2]])):
         with pytest.raises(TypeError, match=rf"^budgets: expected a 1-D integer tensor, got {bad.dtype}"):
             normalize_budgets(bad, 2, 8)
+    # NumPy integers are ints (what indexing an array gives), converted to Python's; NumPy's bool is not
+    for numpy_form in (np.int64(3), np.array([3, 3]), np.array([3, 3], dtype=np.uint8), [np.int32(3), 3]):
+        got = normalize_budgets(numpy_form, 2, 8)
+        assert got == [3, 3] and all(type(j) is int for j in got)
+    for bad in (np.True_, [np.True_, 1], np.array([1.0, 2.0]), np.array([[1, 2]])):
+        with pytest.raises(TypeError, match="^budgets: expected"):
+            normalize_budgets(bad, 2, 8)
+    lay = build_layout(np.array([2, 1]), np.int64(2), np.int64(2), np.int64(4), np.int64(3))
+    ref = build_layout([2, 1], 2, 2, 4, 3)
+    assert lay.budgets == ref.budgets and torch.equal(lay.cu_latents, ref.cu_latents)
+    assert type(lay.j_max) is int and type(lay.groups) is int
     with pytest.raises(ValueError, match="packed"):
         unpack_latents(torch.randn(3, 2), build_layout([1], 1, 2, 4, 2))
     with pytest.raises(ValueError, match="latents"):

@@ -745,3 +745,21 @@ def test_layouts_and_plain_plans_are_kept_per_signature_least_recently_used_out_
     plan = plain._plan(3, cfg.tokens, "cpu")
     assert plan.segments == SegmentRuns.uniform_runs(3, cfg.tokens, cfg.tokens)
     assert plan.cu_seqlens_q.tolist() == [0, cfg.tokens, 2 * cfg.tokens, 3 * cfg.tokens]
+
+
+def test_numpy_budgets_give_the_python_ints_answer():
+    # budgets from an array (np.int64 elements, or the array itself) are the Python ints they equal: same layout
+    # (one cache entry), same output; sample_budgets takes NumPy sizes too
+    import numpy as np
+
+    m = tiny("torch")
+    x, t, y = inputs(3)
+    with torch.no_grad():
+        want = m(x, t, y, [4, 1, 3])
+        for numpy_form in (np.array([4, 1, 3]), [np.int64(4), np.int64(1), np.int64(3)]):
+            assert torch.equal(m(x, t, y, numpy_form), want)
+        assert torch.equal(m(x, t, y, np.int64(2)), m(x, t, y, 2))
+    draws = sample_budgets(np.int64(3), np.int64(1), np.int64(4), per_sample=np.True_,
+                           generator=torch.Generator().manual_seed(0))
+    assert draws == sample_budgets(3, 1, 4, per_sample=True, generator=torch.Generator().manual_seed(0))
+    assert all(type(j) is int for j in draws)

@@ -412,3 +412,18 @@ def test_class_file_reads_utf8_with_or_without_a_byte_order_mark(tmp_path):
 def test_tf32_on_a_cpu_says_it_is_ignored(files, tmp_path):
     with pytest.warns(UserWarning, match="^tf32: ignored on cpu: TF32 is a matmul mode of CUDA GPUs"):
         run(files, tmp_path / "o", num_samples=1, steps=1, latents_only=True, tf32=True)
+
+
+def test_generate_takes_numpy_numbers_and_writes_python_ones(files, tmp_path):
+    """NumPy ints and bools (what reading a config array gives) are the Python values they equal: the run is the
+    Python-valued run, and the run file records Python values (a NumPy scalar is not JSON)."""
+    runs = {}
+    for name, kw in (("py", dict(num_samples=2, steps=1, batch_size=2, seed=0, latents_only=True, progress=False)),
+                     ("np", dict(num_samples=np.int64(2), steps=np.int32(1), batch_size=np.int64(2), seed=np.int64(0),
+                                 latents_only=np.True_, progress=np.False_))):
+        res = S.generate(files["ckpt"], tmp_path / name, backend="torch", log=lambda *a, **k: None, **kw)
+        runs[name] = (res, np.load(res.npz)["arr_0"])
+    assert runs["np"][0].num_samples == 2 and type(runs["np"][0].num_samples) is int
+    assert np.array_equal(runs["np"][1], runs["py"][1])
+    settings = {n: sorted(p.name for p in (tmp_path / n).iterdir()) for n in runs}
+    assert settings["np"] == settings["py"]

@@ -12,6 +12,7 @@ import operator
 import torch
 
 from .._env import env_flag
+from .._types import is_numpy_bool
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -350,9 +351,9 @@ def _flag(name: str, value) -> bool:
     ``array.any()`` returns) taken as one; TypeError naming ``name`` and the value's type otherwise."""
     if isinstance(value, bool):
         return value
-    t = type(value)
-    if t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"):
+    if is_numpy_bool(value):
         return bool(value)
+    t = type(value)
     what = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
     raise TypeError(f"{name}: expected a bool, got {what}")
 

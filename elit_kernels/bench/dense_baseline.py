@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._types import is_int
 from ..layout import group_major_permutation, inverse_permutation
 from ..models import ElitDiT
 from .flops import active_counter
@@ -55,8 +56,8 @@ class OfficialStyleElit(nn.Module):
         jm = self.cfg.latents_per_group
         if budgets is None:
             return jm
-        if isinstance(budgets, int) and not isinstance(budgets, bool):
-            js = [budgets]
+        if is_int(budgets):
+            js = [int(budgets)]
         else:
             js = [int(b) for b in budgets]
             if len(js) != batch:

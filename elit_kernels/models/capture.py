@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import torch
 
+from .._types import is_int
 from ..layout import normalize_budgets
 
 
@@ -47,11 +48,11 @@ class GraphedForward:
         if not callable(model) or not hasattr(model, "cfg"):
             raise TypeError(f"model: expected an ElitDiT (a module with cfg, layout and forward), got "
                             f"{type(model).__name__}")
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        if not is_int(max_graphs) or max_graphs < 1:
             raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        if not is_int(warmup) or warmup < 1:
             raise ValueError(f"warmup: expected an int >= 1, got {warmup!r}")
-        self.model, self.max_graphs, self.warmup = model, max_graphs, warmup
+        self.model, self.max_graphs, self.warmup = model, int(max_graphs), int(warmup)
         self._graphs: OrderedDict = OrderedDict()
         self._pool = None
         self._warned = False

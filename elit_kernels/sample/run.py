@@ -114,7 +114,7 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
     a = dict(locals())
     t_start = time.perf_counter()
     for name, lo in (("num_samples", 1), ("steps", 1), ("batch_size", 1), ("seed", 0), ("grid", 0)):
-        O.check_int(name, a[name], lo)
+        a[name] = O.check_int(name, a[name], lo)
     if num_samples > MAX_SAMPLES:  # the index -> file name and seeding scheme, and the .npz, are sized for this
         raise UsageError("num_samples", f"at most {MAX_SAMPLES:,} samples per run, got {num_samples:,}")
     if sampler not in SAMPLERS:
@@ -128,9 +128,9 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         raise UsageError("cfg_scale", f"guidance {guidance} needs cfg_scale > 1 (1 = no guidance)")
     a["guidance_interval"] = O.usage(lambda _, v: flow._check_interval(v), "guidance_interval", guidance_interval)
     for name in ("latents_only", "tf32", "progress"):
-        O.check_bool(name, a[name])
+        a[name] = O.check_bool(name, a[name])
     if graphed is not None:
-        O.check_bool("graphed", graphed)
+        a["graphed"] = O.check_bool("graphed", graphed)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UsageError("dtype", f"expected one of float32, bfloat16, float16, got {dtype!r}")
     if latents_only and vae is not None:

@@ -1,0 +1,33 @@
+"""How user-facing arguments read numbers and flags: NumPy's scalars count as the Python int or bool they stand for.
+
+``np.int64(4)`` (what indexing an integer array gives) is an int and ``np.True_`` (what ``array.any()`` gives) is
+a bool wherever the package takes one, and both are converted to the Python value before use (a NumPy scalar in
+a JSON file or a cache key would differ from the int it equals). A bool is never an int: ``True`` given as a
+budget or a count is a mistake, not 1. Nothing else (floats, strings, tensors) is converted here.
+"""
+from __future__ import annotations
+
+import numbers
+
+
+def is_numpy_bool(v) -> bool:
+    """Whether ``v`` is NumPy's bool scalar (``np.True_`` / ``np.False_``), without importing NumPy."""
+    t = type(v)
+    return t.__module__ == "numpy" and t.__name__ in ("bool", "bool_")
+
+
+def is_bool(v) -> bool:
+    """A Python bool or NumPy's bool scalar."""
+    return isinstance(v, bool) or is_numpy_bool(v)
+
+
+def is_int(v) -> bool:
+    """An integer that is not a bool: a Python int or a NumPy (or other ``numbers.Integral``) integer scalar.
+    NumPy's bool is not ``numbers.Integral``, so it is refused as an int too."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_int_array(v) -> bool:
+    """A NumPy integer array (``dtype.kind`` ``i`` or ``u``), without importing NumPy."""
+    return type(v).__module__ == "numpy" and getattr(getattr(v, "dtype", None), "kind", None) in ("i", "u") \
+        and hasattr(v, "ndim") and hasattr(v, "tolist")

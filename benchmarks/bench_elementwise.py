@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from elit_kernels import _cli
 from elit_kernels._cli import output_dir_error
 from elit_kernels.bench.attention_cases import H200_PEAKS
 from elit_kernels.bench.report import metadata
@@ -53,7 +54,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default 1 on CPU, as elit-bench: on a shared 2-core machine 2 OpenMP "
                         "threads wait for each other; untouched on GPU)")
-    p.add_argument("--out", default=None, help="write DIR/elementwise.json")
+    p.add_argument("--out", default=None, type=_cli.user_path, help="write DIR/elementwise.json")
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type not in DEFAULTS:

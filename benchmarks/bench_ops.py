@@ -28,6 +28,7 @@ import time
 import torch
 
 from elit_kernels import set_value_checks
+from elit_kernels import _cli
 from elit_kernels._cli import output_dir_error
 from elit_kernels.bench.attention_cases import (H200_PEAKS, Method, OpShape, available_methods, dispatch_overhead_us,
                                                elit_shapes, make_fn, min_bytes, quiet_warnings)
@@ -64,7 +65,7 @@ def parse(argv=None):
     p.add_argument("--head-dims", default=None,
                    help="comma list of head dims to run the shapes at (same heads and token counts; default: the "
                         "config's, 72 for XL/2), e.g. 64,72,128 to compare every backend across them")
-    p.add_argument("--out", default=None, help="write DIR/ops.json and DIR/ops.csv")
+    p.add_argument("--out", default=None, type=_cli.user_path, help="write DIR/ops.json and DIR/ops.csv")
     args = p.parse_args(argv)
     if args.out and (why := output_dir_error(args.out)):  # now, not after the timing
         p.error(f"--out: {why}")

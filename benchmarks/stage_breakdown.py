@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from elit_kernels import set_value_checks
+from elit_kernels import _cli, set_value_checks
 from elit_kernels.bench.report import metadata
 from elit_kernels.bench.scenarios import randomize_
 from elit_kernels.models import ElitDiT, elit_config
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="write DIR/stages.json")
+    p.add_argument("--out", default=None, type=_cli.user_path, help="write DIR/stages.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     set_value_checks(False)

@@ -76,6 +76,13 @@ def _probe_dir(folder: str) -> None:
     os.unlink(probe)
 
 
+def user_path(text: str) -> str:
+    """argparse ``type`` of every path flag: a leading ``~`` or ``~user`` is that home folder, as the shell would
+    have made it had the flag and its value been two words (``--out ~/x``); ``--out=~/x`` reaches us unexpanded,
+    and a folder literally named ``~`` is never what was meant."""
+    return os.path.expanduser(text)
+
+
 def output_dir_error(path: str, files: tuple[str, ...] = ()) -> str | None:
     """Create the output folder ``path`` (and its parents) and write a probe file in it; why that failed, or why
     one of the ``files`` to be written there cannot be (a folder in its place) (for a usage error naming the flag),

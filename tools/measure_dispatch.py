@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from elit_kernels import _cli
 from elit_kernels._cli import output_dir_error
 
 
@@ -90,7 +91,7 @@ def _inputs(lens_q, lens_k, heads, d, dtype, grad, with_segments, seed):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, type=_cli.user_path)
     ap.add_argument("--max-seconds", type=float, default=60.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=72)

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights and inputs, in [0, 2**32 - 1] (default 0; every case of a preset "
                         "shares them)")
-    p.add_argument("--out", default=None, metavar="DIR",
+    p.add_argument("--out", default=None, type=_cli.user_path, metavar="DIR",
                    help="write " + ", ".join(f"DIR/{f}" for f in OUTPUT_FILES) + " (default: print the table only)")
     p.add_argument("--breakdown", action="store_true",
                    help="after timing, profile one eager forward per preset at the largest and smallest uniform "
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "device time on a GPU, host time on CPU (elit_kernels.bench.breakdown); saved in "
                         "results.json under metadata.breakdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the estimate and warnings still print)")
-    p.add_argument("--replot", default=None, metavar="DIR",
+    p.add_argument("--replot", default=None, type=_cli.user_path, metavar="DIR",
                    help="time nothing: read DIR/results.json of an earlier run, print its table and targets, and "
                         "redraw DIR/summary.md and DIR/latency_vs_latents.png (default: off)")
     return p

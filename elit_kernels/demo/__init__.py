@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .. import _cli
 from .data import load_digits_split
 from .evaluate import grid_budgets, heldout_loss_by_budget, sample_grid, write_grid_png, write_loss_png
 from .train import (DistInfo, TrainSettings, demo_config, init_distributed, load_checkpoint, save_checkpoint,
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are written into each help text (ArgumentDefaultsHelpFormatter would print them a second
     # time, and "default: None" where the real default depends on --quick or --load).
     p = argparse.ArgumentParser(prog="elit-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo_out", metavar="DIR",
+    p.add_argument("--out", default="demo_out", type=_cli.user_path, metavar="DIR",
                    help="directory for samples.png, loss_by_budget.png, results.json and, with a bare --save, "
                         "checkpoint.pt (default demo_out)")
     p.add_argument("--quick", action="store_true",
@@ -78,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-reps", type=int, default=None,
                    help=f"(t, noise) draws per held-out image (default {DEFAULTS['eval_reps']}; "
                         f"{QUICK['eval_reps']} with --quick)")
-    p.add_argument("--save", nargs="?", const="", default=None, metavar="PATH",
+    p.add_argument("--save", nargs="?", const="", default=None, type=_cli.user_path, metavar="PATH",
                    help="save a checkpoint (config + state_dict); PATH defaults to OUT/checkpoint.pt")
-    p.add_argument("--load", default=None, metavar="PATH",
+    p.add_argument("--load", default=None, type=_cli.user_path, metavar="PATH",
                    help="start from this checkpoint (an elit-demo --save file; then train --steps more, default 0)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p

@@ -18,6 +18,7 @@ import os
 import sys
 
 from .. import __version__
+from .. import _cli
 from .._cli import output_file_error
 from ..models.checkpoint import save_model
 from ..models.config import config_dict
@@ -46,8 +47,8 @@ def _arch_item(text: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elit-convert", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="an official ELIT-SiT train.py checkpoint (.pt), or one of our files")
-    p.add_argument("--out", required=True, help="output file: *.safetensors for safetensors, any other name for a torch file")
+    p.add_argument("checkpoint", type=_cli.user_path, help="an official ELIT-SiT train.py checkpoint (.pt), or one of our files")
+    p.add_argument("--out", required=True, type=_cli.user_path, help="output file: *.safetensors for safetensors, any other name for a torch file")
     p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="which weights to convert: ema (what the official sampling scripts load; default) or model")
     p.add_argument("--arch", action="append", type=_arch_item, default=[], metavar="KEY=VALUE",

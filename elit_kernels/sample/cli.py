@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import _cli
 from .rules import SamplingError, UsageError
 from .run import DTYPES, GUIDANCE, SAMPLERS, generate
 
@@ -58,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="elit-sample", description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="official train.py checkpoint, bare official state_dict (with --arch), or a "
+    p.add_argument("checkpoint", type=_cli.user_path, help="official train.py checkpoint, bare official state_dict (with --arch), or a "
                                       "file written by elit-convert")
-    p.add_argument("--out", required=True, help="output folder (created; an earlier run's samples there are kept)")
-    p.add_argument("--vae", help="local folder of the diffusers AutoencoderKL to decode with (sd-vae-ft-ema / -mse)")
+    p.add_argument("--out", required=True, type=_cli.user_path, help="output folder (created; an earlier run's samples there are kept)")
+    p.add_argument("--vae", type=_cli.user_path, help="local folder of the diffusers AutoencoderKL to decode with (sd-vae-ft-ema / -mse)")
     p.add_argument("--latents-only", action="store_true", help="save latents (.npy, latents.npz), no decoder")
     p.add_argument("--num-samples", type=int, default=50_000, help="samples N (default 50000)")
     p.add_argument("--classes", help="'all' (default: every class, balanced) or a comma list of class ids")
-    p.add_argument("--class-file", help="a file of class ids (whitespace or commas; # comments)")
+    p.add_argument("--class-file", type=_cli.user_path, help="a file of class ids (whitespace or commas; # comments)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE sampler (default euler)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--guidance", choices=GUIDANCE, default="none", help="guidance mode (default none)")

@@ -254,6 +254,55 @@ def test_interrupted_run_resumes_without_duplicates_or_losses(files, tmp_path, m
     assert (res.generated, res.skipped) == (0, 8)
 
 
+@pytest.mark.parametrize("latents_only", [True, False], ids=["npy", "png"])
+def test_resume_samples_damaged_files_again(files, tmp_path, latents_only):
+    """A sample file is written by an atomic rename, so a damaged one comes from outside (a copy that ran out of
+    disk, a crash of the file system). Resuming must not take it as done: the .npz would hold garbage or fail to
+    build. Empty, truncated and foreign files are named, sampled again, and the result is the undamaged run's."""
+    out = tmp_path / "o"
+    kw = dict(num_samples=5, batch_size=2, seed=3, latents_only=latents_only)
+    want = npz(run(files, out, **kw).npz)
+    ext = "npy" if latents_only else "png"
+    sub = out / ("latents" if latents_only else "samples")
+    (sub / f"000001.{ext}").write_bytes(b"")
+    whole = (sub / f"000002.{ext}").read_bytes()
+    (sub / f"000002.{ext}").write_bytes(whole[:len(whole) // 2])
+    (sub / f"000004.{ext}").write_bytes(b"not a sample " * 20)
+    kept = {n: os.stat(sub / n).st_mtime_ns for n in (f"000000.{ext}", f"000003.{ext}")}
+    notes = []
+    res = run(files, out, log=notes.append, **kw)
+    assert (res.generated, res.skipped) == (3, 2)
+    note = next(n for n in notes if "damaged" in n)
+    assert note.startswith("elit-sample: note: 3 sample file(s)") and f"000001.{ext}, 000002.{ext}, 000004.{ext}" in note
+    assert all(os.stat(sub / n).st_mtime_ns == t for n, t in kept.items())  # the whole ones are kept
+    got = npz(res.npz)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+    assert (sub / f"000002.{ext}").read_bytes() == whole
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(files, tmp_path):
+    """Two runs on one --out would delete each other's temporary files and write the same samples twice: the
+    second is refused by name, before it touches the folder, and the folder is free again once the first ends
+    (however it ends: the lock is an flock, released by the operating system with its process)."""
+    from elit_kernels.sample.files import lock_folder
+
+    out = tmp_path / "o"
+    run(files, out, num_samples=2, batch_size=2, latents_only=True)
+    held = lock_folder(str(out))  # as a run in progress holds it (another open file: flock locks conflict)
+    try:
+        tmp = out / "latents" / ".000009.npy.1.abcd.tmp"
+        tmp.write_bytes(b"another run's sample in the making")
+        with pytest.raises(S.UsageError, match=r"^out: .* is being written by another elit-sample run \(pid "
+                                               rf"{os.getpid()} on .*\); wait for it to finish or use another --out"):
+            run(files, out, num_samples=3, batch_size=2, latents_only=True)
+        assert tmp.exists()  # the other run's files were not touched
+    finally:
+        held.close()
+    res = run(files, out, num_samples=3, batch_size=2, latents_only=True)
+    assert (res.generated, res.skipped) == (1, 2)
+
+
 def test_resume_refuses_a_folder_of_another_run(files, tmp_path, capsys):
     out = tmp_path / "o"
     run(files, out, num_samples=2, batch_size=2, seed=1, latents_only=True)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import re
+import socket
+import time
 import uuid
 import zipfile
 
@@ -134,6 +137,73 @@ def samples_on_disk(folder: str, ext: str) -> set[int]:
         if m and m.group(2) == ext and e.is_file():
             out.add(int(m.group(1)))
     return out
+
+
+_PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+_PNG_TAIL = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def npy_size(shape: tuple, dtype) -> int:
+    """Bytes of the ``.npy`` file ``save_npy`` writes for one array of ``shape`` and ``dtype`` (fixed: NumPy pads
+    the header to a fixed multiple)."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(shape, dtype=dtype))
+    return buf.tell()
+
+
+def damaged_samples(folder: str, indices, ext: str, npy_bytes: int | None = None) -> list[int]:
+    """Of ``indices`` (samples whose file exists), those whose file is not one this tool writes whole: a ``.npy``
+    of another size than ``npy_bytes``, a ``.png`` without the PNG signature or the final IEND chunk (a zero-byte,
+    truncated or foreign file). Every file is written by an atomic rename, so only damage from outside (a full disk
+    on a copy, a crash of the file system, another program) makes one; two reads of a few bytes per file."""
+    bad = []
+    for i in sorted(indices):
+        path = os.path.join(folder, sample_name(i, ext))
+        try:
+            size = os.path.getsize(path)
+            if ext == "npy":
+                ok = size == npy_bytes
+            else:
+                with open(path, "rb") as f:
+                    head = f.read(len(_PNG_HEAD))
+                    f.seek(max(0, size - len(_PNG_TAIL)))
+                    ok = size >= len(_PNG_HEAD) + len(_PNG_TAIL) and head == _PNG_HEAD and f.read() == _PNG_TAIL
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(i)
+    return bad
+
+
+LOCK_NAME = ".elit-sample.lock"
+
+
+def lock_folder(folder: str):
+    """Take ``folder``'s run lock (an exclusive ``fcntl.flock`` on ``folder/.elit-sample.lock``) for this process and
+    return the open lock file: the lock lasts until it is closed or the process ends, however it ends (no stale
+    lock after a crash). Raises UsageError naming ``out`` when another run holds it, with what that run wrote
+    (pid, host, start time). Two runs in one folder would delete each other's temporary files and write the same
+    samples twice. Returns None where ``fcntl`` does not exist (not POSIX): no lock there."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = os.path.join(folder, LOCK_NAME)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "holder unknown"
+        f.close()
+        raise UsageError("out", f"{os.path.dirname(path) or '.'} is being written by another elit-sample run "
+                                f"({holder}); wait for it to finish or use another --out folder (two runs in one "
+                                "folder would overwrite each other's files)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def remove_temporaries(folder: str) -> None:

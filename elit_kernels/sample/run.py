@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -14,8 +15,9 @@ import torch
 
 from .. import flow
 from . import options as O
-from .files import (LATENT_SCALE, atomic_write, contact_sheet, latents_to_uint8, load_vae, remove_temporaries,
-                    sample_name, samples_on_disk, save_npy, save_png, write_npz)
+from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, latents_to_uint8, load_vae,
+                    lock_folder, npy_size, remove_temporaries, sample_name, samples_on_disk, save_npy, save_png,
+                    write_npz)
 from .rules import SamplingError, UsageError, plan_batches, sample_labels, sample_noise
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -179,6 +181,14 @@ class _Run:
         self.say = a["log"] if self.main else (lambda *x, **k: None)
 
     def run(self) -> SampleResult:
+        self.lock = None
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.close()  # releases the folder's run lock
+
+    def _run(self) -> SampleResult:
         self.setup()
         self.plan()
         self.startup_report()
@@ -264,12 +274,26 @@ class _Run:
         import torch.distributed as dist
 
         self.batches = plan_batches(self.budgets, self.a["batch_size"])
-        msg = [None, None]
+        msg = [None, None, None]
         if self.main:
+            try:
+                self.lock = lock_folder(self.a["out"])
+            except UsageError as e:
+                msg[2] = (e.arg, e.message)  # told to every rank, which all raise it
+        if self.main and msg[2] is None:
             remove_temporaries(self.folder)
             done = samples_on_disk(self.folder, self.ext)
+            bad = damaged_samples(self.folder, done, self.ext, npy_size(self.shape, np.float32))
+            if bad:
+                shown = ", ".join(sample_name(i, self.ext) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+                self.say(f"elit-sample: note: {len(bad)} sample file(s) in {self.folder} are damaged (empty, "
+                         f"truncated or not written by elit-sample: {shown}); they are sampled again")
+                for i in bad:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.folder, sample_name(i, self.ext)))
+                done -= set(bad)
             todo = [k for k, b in enumerate(self.batches) if not all(i in done for i in b)]
-            msg = [todo, sum(1 for k in todo for i in self.batches[k] if i not in done)]
+            msg[:2] = [todo, sum(1 for k in todo for i in self.batches[k] if i not in done)]
             if not os.path.isfile(self.cfg_path):
                 def write(tmp):
                     with open(tmp, "w") as f:
@@ -277,7 +301,9 @@ class _Run:
                 atomic_write(self.cfg_path, write)
         if self.dd.on:
             dist.broadcast_object_list(msg, src=0)
-        todo, self.missing = msg
+        if msg[2] is not None:
+            raise UsageError(*msg[2])
+        todo, self.missing = msg[:2]
         self.mine = [self.batches[k] for k in todo[self.dd.rank::self.dd.world]]
         self.rounds = math.ceil(len(todo) / self.dd.world)
         self.runner = self.model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -302,6 +303,34 @@ def test_transformers_clear_errors():
         elit_attention_mask(1, 3, 3, attention_mask=None, use_vmap=True)
     with pytest.raises(TypeError, match="^name: "):
         register("")
+
+
+@needs_tf
+@pytest.mark.parametrize("name", ["sdpa", "flash_attention_2", "eager", "flex_attention", "paged|sdpa"])
+def test_transformers_register_refuses_to_replace_a_builtin(name):
+    # transformers' registry is process-wide: registering under "sdpa" would silently move every model of the
+    # process (ones that never asked for ours) onto our attention. Refused by name unless asked for explicitly.
+    import transformers
+
+    from elit_kernels.integrations.transformers import register
+
+    before = (dict(transformers.AttentionInterface._global_mapping),
+              dict(transformers.AttentionMaskInterface._global_mapping))
+    with pytest.raises(ValueError, match=rf"^name: '{re.escape(name)}' is transformers' own attention implementation; "
+                                         r".*replace_builtin=True.*sdpa"):
+        register(name)
+    with pytest.raises(TypeError, match="^replace_builtin: expected a bool"):
+        register("elit_x", replace_builtin="yes")
+    after = (dict(transformers.AttentionInterface._global_mapping),
+             dict(transformers.AttentionMaskInterface._global_mapping))
+    assert after == before  # nothing was registered
+    if name == "sdpa":  # asked for explicitly: done, then put back for the rest of the process
+        try:
+            assert register("sdpa", replace_builtin=True) == "sdpa"
+            assert transformers.AttentionInterface._global_mapping["sdpa"] is not before[0]["sdpa"]
+        finally:
+            transformers.AttentionInterface._global_mapping["sdpa"] = before[0]["sdpa"]
+            transformers.AttentionMaskInterface._global_mapping["sdpa"] = before[1]["sdpa"]
 
 
 # --------------------------------------------------------------------------------------------------------

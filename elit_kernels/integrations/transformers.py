@@ -41,6 +41,7 @@ import warnings
 import torch
 
 from ..attention import get_backend
+from ..attention.inputs import _flag
 from ..dropin import flash_attn_func, flash_attn_varlen_func
 from ..layout import _cu  # int32 [n + 1] offsets of a lengths tensor
 
@@ -220,23 +221,50 @@ def elit_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
     return attention_mask
 
 
-def register(name: str = "elit", backend: str | None = None) -> str:
+#: transformers' own attention implementations, for versions whose registries cannot say which entries are theirs
+_BUILTIN_FALLBACK = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+
+
+def _builtin_names(transformers) -> set[str]:
+    """The ``attn_implementation`` names transformers defines itself (registry entries whose function comes from
+    transformers, ``eager``, and the ``paged|...`` forms), so that ``register`` can refuse to replace one."""
+    names = set(_BUILTIN_FALLBACK)
+    for interface in (transformers.AttentionInterface, transformers.AttentionMaskInterface):
+        for key, fn in getattr(interface, "_global_mapping", {}).items():
+            if getattr(fn, "__module__", "").startswith("transformers"):
+                names.add(key)
+    return names
+
+
+def register(name: str = "elit", backend: str | None = None, *, replace_builtin: bool = False) -> str:
     """Register ``elit_attention_forward`` and ``elit_attention_mask`` with transformers under ``name``.
 
     Arguments:
         name: the ``attn_implementation`` to register (``from_config(cfg, attn_implementation=name)`` or
-            ``model.set_attn_implementation(name)``).
+            ``model.set_attn_implementation(name)``). Registering again under a name of ours rebinds it.
         backend: the ``varlen_attention`` backend to run (None: dispatch per call).
+        replace_builtin: allow ``name`` to be one of transformers' own implementations (``sdpa``,
+            ``flash_attention_2``, ...). transformers' registry is process-wide, so that replaces the built-in
+            for every model in the process, including ones that never asked for ours; off by default.
 
     Returns ``name``. Raises ``ImportError`` naming the supported transformers version when it is missing or
-    lacks the registration interfaces; ``TypeError`` when ``name`` is not a non-empty string; ``ValueError`` /
-    ``TypeError`` naming ``backend`` when it is not None or a registered ``varlen_attention`` backend.
+    lacks the registration interfaces; ``TypeError`` when ``name`` is not a non-empty string; ``ValueError``
+    naming ``name`` when it is one of transformers' own implementations and ``replace_builtin`` is off;
+    ``ValueError`` / ``TypeError`` naming ``backend`` when it is not None or a registered ``varlen_attention``
+    backend.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    replace_builtin = _flag("replace_builtin", replace_builtin)
     if backend is not None:
         get_backend(backend)  # an unknown name is named now, not at the first forward
     transformers = _transformers()
+    builtin = _builtin_names(transformers)
+    if not replace_builtin and (name in builtin or name.startswith("paged|")):
+        raise ValueError(f"name: {name!r} is transformers' own attention implementation; registering ours under "
+                         "it would replace it for every model in this process. Use a name of ours (the default "
+                         "'elit'), or pass replace_builtin=True to mean it. transformers' own: "
+                         f"{', '.join(sorted(builtin))}")
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         return elit_attention_forward(module, query, key, value, attention_mask, elit_backend=backend, **kwargs)

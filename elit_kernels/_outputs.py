@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from ._env import env_flag
+from ._types import check_bool
 
 _enabled = env_flag("ELIT_POISON_OUTPUTS", False)
 _listeners: list[Callable[[bool], None]] = []
@@ -37,9 +38,7 @@ def set_poison_outputs(enabled: bool) -> None:
     """Switch the NaN poisoning of kernel outputs on or off for every backend (tests; costs a fill per
     output). ``enabled``: a bool; TypeError otherwise."""
     global _enabled
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
-    _enabled = enabled
+    _enabled = check_bool("enabled", enabled)
     for fn in _listeners:
         fn(enabled)
 

@@ -31,3 +31,16 @@ def is_int_array(v) -> bool:
     """A NumPy integer array (``dtype.kind`` ``i`` or ``u``), without importing NumPy."""
     return type(v).__module__ == "numpy" and getattr(getattr(v, "dtype", None), "kind", None) in ("i", "u") \
         and hasattr(v, "ndim") and hasattr(v, "tolist")
+
+
+def check_bool(name: str, v) -> bool:
+    """A user's flag ``name`` as a Python bool: a bool, or NumPy's bool taken as one. Anything else is a TypeError
+    naming ``name`` and what was given (``"no"`` or 1 would otherwise be read as true, a multi-element tensor
+    has no truth value): ``causal: expected a bool, got str ('no')``, ``... got torch.Tensor``."""
+    if isinstance(v, bool):
+        return v
+    if is_numpy_bool(v):
+        return bool(v)
+    t = type(v)
+    what = f"{t.__name__} ({v!r})" if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    raise TypeError(f"{name}: expected a bool, got {what}")

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._types import is_bool, is_int, is_int_array
+from ._types import check_bool, is_int, is_int_array
 from .layout import normalize_budgets
 
 
@@ -45,10 +45,8 @@ def _check_real(name: str, v, lo: float | None = None, what: str = "") -> float:
 
 def _check_bool(name: str, v) -> bool:
     """A flag must be a bool or NumPy's bool (``"no"`` or 1 would be read as true), returned as a Python bool;
-    TypeError naming ``name`` otherwise."""
-    if not is_bool(v):
-        raise TypeError(f"{name}: expected True or False, got {type(v).__name__} ({v!r})")
-    return bool(v)
+    TypeError naming ``name`` otherwise (``_types.check_bool``)."""
+    return check_bool(name, v)
 
 
 def _check_tensor(name: str, v, *, floating: bool = False, what: str = "") -> torch.Tensor:

@@ -1040,7 +1040,7 @@ def test_load_args_are_checked_before_the_file_is_read(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=re.escape(f"backend: unknown backend 'bogus'; known backends: "
                                                        f"{', '.join(known_backends())}")):
             reader(missing, backend="bogus")
-    with pytest.raises(TypeError, match=re.escape("return_meta: expected a bool, got 'yes'")):
+    with pytest.raises(TypeError, match=re.escape("return_meta: expected a bool, got str ('yes')")):
         load_model(missing, return_meta="yes")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: the device is accepted
     with pytest.raises(FileNotFoundError):

@@ -12,7 +12,7 @@ import operator
 import torch
 
 from .._env import env_flag
-from .._types import is_numpy_bool
+from .._types import check_bool
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -347,15 +347,8 @@ def _window(window_size, causal: bool) -> tuple[int, int]:
 
 
 def _flag(name: str, value) -> bool:
-    """A user's bool argument ``name`` (``causal``, ``return_lse``): a bool, or NumPy's bool (``np.True_``, as
-    ``array.any()`` returns) taken as one; TypeError naming ``name`` and the value's type otherwise."""
-    if isinstance(value, bool):
-        return value
-    if is_numpy_bool(value):
-        return bool(value)
-    t = type(value)
-    what = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    raise TypeError(f"{name}: expected a bool, got {what}")
+    """A user's bool argument ``name`` (``causal``, ``return_lse``): ``_types.check_bool``."""
+    return check_bool(name, value)
 
 
 def _scale(softmax_scale) -> float:

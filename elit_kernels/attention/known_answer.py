@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from .._env import env_choice
+from .._types import check_bool
 from ..testing import assert_close_to_reference, cu_seqlens, default_atol
 from .inputs import _capturing, validate_inputs
 from .registry import get_backend, reasons, run_backend
@@ -106,9 +107,8 @@ def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int
         raise TypeError(f"dtype: expected a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= 256:
         raise ValueError(f"head_dim: expected an int in [1, 256], got {head_dim!r}")
-    for flag, value in (("causal", causal), ("gqa", gqa), ("grad", grad)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__} ({value!r})")
+    causal, gqa, grad = (check_bool(flag, value) for flag, value in
+                         (("causal", causal), ("gqa", gqa), ("grad", grad)))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {str(dev)!r} is not available here (torch.cuda.is_available() is False); "

@@ -20,6 +20,7 @@ import re
 
 import torch
 
+from .._types import check_bool
 from .config import config_dict, config_from_dict
 from .elit_dit import ElitDiT
 
@@ -321,9 +322,7 @@ def load_model(path: str, *, backend: str | None = None, device="cpu", dtype=Non
     """
     path = _check_path(path)
     device = _check_load_args(device, dtype, backend)
-    for name, flag in (("return_meta", return_meta), ("check_finite", check_finite)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected a bool, got {flag!r}")
+    return_meta, check_finite = check_bool("return_meta", return_meta), check_bool("check_finite", check_finite)
     if sha256 is not None:
         verify_sha256(path, sha256)
     parts = read_model_file(path, device=device)

@@ -15,6 +15,7 @@ import re
 
 import torch
 
+from .._types import check_bool
 from ..models.checkpoint import (READABLE_FORMATS, SAFE_GLOBALS, CheckpointError, UnsafeCheckpointError,  # noqa: F401
                                  _check_load_args, _check_path, check_finite as _check_finite, model_from_parts, read_model_file, safe_torch_load,
                                  verify_sha256)
@@ -409,8 +410,7 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
     arch = _check_arch(arch)
     path = _check_path(path)
     device = _check_load_args(device, dtype, backend)
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
+    check_finite = check_bool("check_finite", check_finite)
     if sha256 is not None:
         verify_sha256(path, sha256)
     ours, ckpt = read_model_file(path, device="cpu"), None

@@ -120,11 +120,13 @@ def output_file_error(path: str) -> str | None:
     return None
 
 
-def finite_positive_error(value: float) -> str | None:
-    """Why ``value`` is not a finite real > 0 (for a usage error naming the flag), or None."""
-    if not (math.isfinite(value) and value > 0):
-        return f"expected a finite number > 0, got {value}"
-    return None
+def finite_error(value: float, lo: float = 0.0, *, above: bool = True, what: str = "number") -> str | None:
+    """Why a float flag's ``value`` is not a finite ``what`` above ``lo`` (``> lo``; ``>= lo`` when ``above`` is
+    False), for a usage error naming the flag; None when it is. argparse's ``type=float`` takes "nan" and
+    "inf", which would run a whole job to a NaN."""
+    if math.isfinite(value) and (value > lo if above else value >= lo):
+        return None
+    return f"expected a finite {what} {'>' if above else '>='} {lo:g}, got {value}"
 
 
 def triton_interpreted() -> bool:

@@ -225,9 +225,9 @@ def test_mixed_budgets_spread():
     (["--backends", "torch_varlen"], "--backends", "Usable here: "),  # CUDA-only comparator on CPU
     (["--device", "tpu"], "--device", "cpu or cuda"),
     (["--threads", "0"], "--threads", "positive integer"),
-    (["--max-seconds", "0"], "--max-seconds", "finite number > 0"),
-    (["--max-seconds", "nan"], "--max-seconds", "finite number > 0, got nan"),
-    (["--max-seconds", "inf"], "--max-seconds", "finite number > 0, got inf"),
+    (["--max-seconds", "0"], "--max-seconds", "finite number of seconds > 0, got 0.0"),
+    (["--max-seconds", "nan"], "--max-seconds", "finite number of seconds > 0, got nan"),
+    (["--max-seconds", "inf"], "--max-seconds", "finite number of seconds > 0, got inf"),
     (["--out", "/proc/elit-bench-out"], "--out", "cannot write into /proc/elit-bench-out"),
     (["--out", __file__], "--out", "exists and is not a folder"),
     (["--warmup", "-1"], "--warmup", ">= 0"),

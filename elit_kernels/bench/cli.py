@@ -193,7 +193,7 @@ def resolve(args) -> tuple[Setup, dict]:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     if threads is not None and threads < 1:
         raise BenchError(f"--threads: expected a positive integer, got {threads}")
-    if args.max_seconds is not None and (why := _cli.finite_positive_error(args.max_seconds)):
+    if args.max_seconds is not None and (why := _cli.finite_error(args.max_seconds, what="number of seconds")):
         raise BenchError(f"--max-seconds: {why}")
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
     if warmup < 0:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pickle
 import platform
@@ -109,13 +108,11 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         hi = args.j_max if args.j_max is not None else None if args.load else DEFAULT_J_MAX
         if args.j_min < 1 or (hi is not None and args.j_min > hi):
             parser.error(f"--j-min: expected 1 <= J_min <= J_max{f' = {hi}' if hi else ''}, got {args.j_min}")
-    if not 0 < args.lr < math.inf:
-        parser.error(f"--lr: expected a finite positive learning rate, got {args.lr}")
-    if not 0 <= args.latent_init_std < math.inf:
-        parser.error(f"--latent-init-std: expected a finite std >= 0 (0 keeps the model's init), got "
-                     f"{args.latent_init_std}")
-    if not 0 <= args.guidance < math.inf:
-        parser.error(f"--guidance: expected a finite CFG scale >= 0 (0 = no guidance), got {args.guidance}")
+    for flag, value, above, what in (("--lr", args.lr, True, "learning rate"),
+                                     ("--latent-init-std", args.latent_init_std, False, "std"),
+                                     ("--guidance", args.guidance, False, "CFG scale")):
+        if why := _cli.finite_error(value, above=above, what=what):
+            parser.error(f"{flag}: {why}")
     if args.backend is not None:
         from ..attention import known_backends
 

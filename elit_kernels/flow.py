@@ -85,9 +85,10 @@ _BUDGET_KINDS = ("None (J_max), an int, a sequence of ints (one per sample), a 1
 
 def _check_budget(name: str, budget, b: int, j_max: int, where: str = ""):
     """A budget argument as the model takes it (``layout.normalize_budgets``: None, an int, a sequence of ints, a
-    1-D integer tensor or NumPy array of ``b``, each in [0, j_max]), refused naming ``name``; returned with NumPy
-    values as Python ones (an int, a list of ints), anything else as given. A tensor's values stay on its device
-    (its dtype and length are checked here, its values by the model): no host sync."""
+    1-D integer tensor or NumPy array of ``b``, each in [0, j_max]), refused naming ``name``; returned as Python
+    values: an int as an int, a sequence or NumPy array as a list of ints, None as None. A tensor is returned as
+    given, its values on its device (its dtype and length are checked here, its values by the model): no host
+    sync."""
     if budget is None:
         return None
     if isinstance(budget, torch.Tensor):
@@ -105,9 +106,7 @@ def _check_budget(name: str, budget, b: int, j_max: int, where: str = ""):
         per_sample = normalize_budgets(budget, b, j_max)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name}: {where}{str(e).split(': ', 1)[-1]}") from None
-    if is_int(budget):
-        return int(budget)
-    return per_sample if is_int_array(budget) or any(type(j) is not int for j in budget) else budget
+    return int(budget) if is_int(budget) else per_sample
 
 
 def _is_int_dtype(dt: torch.dtype) -> bool:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ._types import is_bool, is_int, is_int_array
+from ._types import is_int, is_int_array
 from .attention.inputs import SegmentRuns
 
 
@@ -73,9 +73,7 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
     """
     if budgets is None:
         out = [j_max] * batch
-    elif is_bool(budgets):
-        raise TypeError("budgets: expected None, an int, a sequence of ints or a 1-D integer tensor, got bool")
-    elif is_int(budgets):
+    elif is_int(budgets):  # not a bool (is_int refuses bools): True falls through to the last TypeError
         out = [int(budgets)] * batch
     elif is_int_array(budgets):
         if budgets.ndim != 1:

@@ -197,3 +197,30 @@ def test_a_saved_config_must_hold_every_field():
         config_from_dict(d, complete=True)
     with pytest.raises(ValueError, match="^config: expected a dict"):
         config_from_dict(None)
+
+
+def test_numpy_scalars_are_the_python_values_they_equal():
+    """A config built from NumPy values (read from an array, a .npz) is the config built from Python ones: equal,
+    same hash, Python types in every field (config_dict writes them to JSON); a NumPy bool is still not an int."""
+    import json
+
+    import numpy as np
+
+    c = ElitConfig(hidden=np.int64(64), depth=np.int32(3), heads=np.uint8(4), j_max=np.int16(4),
+                   head_blocks=np.int64(1), mlp_ratio=np.float32(2.0), block_qk_norm=np.False_,
+                   interface_qk_norm=np.str_("full_width"), input_size=np.int64(8), window=np.int64(2))
+    want = ElitConfig(hidden=64, depth=3, heads=4, j_max=4, head_blocks=1, mlp_ratio=2.0, block_qk_norm=False,
+                      interface_qk_norm="full_width", input_size=8, window=2)
+    assert c == want and hash(c) == hash(want)
+    assert all(type(getattr(c, k)) is type(getattr(want, k)) for k in config_dict(want))
+    json.dumps(config_dict(c))
+    for field in ("hidden", "j_max", "head_blocks"):
+        with pytest.raises(ValueError, match=f"^{field}: expected"):
+            ElitConfig(**{field: np.True_})
+    with pytest.raises(ValueError, match="^hidden: expected a positive int, got 64.0"):
+        ElitConfig(hidden=np.float64(64))
+    assert elit_config("tiny", np.int64(64)) == elit_config("tiny", 64)
+    assert elit_sit_config("S/2", np.int64(256), encoder_depth=np.int64(2), group_size=np.int64(4)) == \
+        elit_sit_config("S/2", 256, encoder_depth=2, group_size=4)
+    with pytest.raises(ValueError, match="^resolution"):
+        elit_config("tiny", np.float64(64))

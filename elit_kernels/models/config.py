@@ -15,8 +15,11 @@ Both are the same ``ElitDiT`` code path; the fields below the ``# switches`` lin
 """
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import asdict, dataclass, fields, replace
+
+from .._types import is_int, is_numpy_bool
 
 INTERFACE_QK_NORMS = ("per_head", "full_width")
 _BOOL_FIELDS = ("block_qk_norm", "read_modulates_queries", "write_prenorm", "interface_mlp_bias", "latent_group_pos",
@@ -55,6 +58,7 @@ class ElitConfig:
     budget_core_only: bool = False  # official budget semantics: Read/Write see all P latents, core the first J
 
     def __post_init__(self):
+        self._numpy_to_python()
         for name in ("hidden", "depth", "heads", "patch", "in_channels", "input_size", "window", "num_classes",
                      "latent_pos_rows"):
             v = getattr(self, name)
@@ -94,6 +98,26 @@ class ElitConfig:
                                  f"equal the tokens per group ({self.tokens_per_group}), got {self.j_max}")
             if self.latent_pos_rows < self.grid * self.grid:
                 raise ValueError(f"latent_pos_rows: {self.latent_pos_rows} < {self.grid * self.grid} tokens")
+
+    def _numpy_to_python(self):
+        """NumPy scalars in any field become the Python int, float, bool or str they equal (``_types``: a config built
+        from array values must save, compare and hash as the one built from Python values); a bool is never an
+        int. Anything else is left for the checks to refuse."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if type(v).__module__ != "numpy":
+                continue
+            if is_numpy_bool(v):
+                v = bool(v)
+            elif is_int(v):
+                v = int(v)
+            elif isinstance(v, numbers.Real):
+                v = float(v)
+            elif isinstance(v, str):
+                v = str(v)
+            else:
+                continue
+            object.__setattr__(self, f.name, v)  # frozen dataclass: set once, before anything reads it
 
     @property
     def grid(self) -> int:
@@ -174,7 +198,7 @@ def elit_config(name: str, resolution: int = 256, **overrides) -> ElitConfig:
     """
     if name not in _SIZES:
         raise ValueError(f"name: unknown config {name!r}; known: {', '.join(_SIZES)}")
-    _check_resolution(resolution)
+    resolution = _check_resolution(resolution)
     hidden, depth, heads = _SIZES[name]
     input_size = resolution // 8
     window = max(1, (input_size // 2) // 4)  # 16 groups on a 4x4 grid of windows
@@ -184,9 +208,11 @@ def elit_config(name: str, resolution: int = 256, **overrides) -> ElitConfig:
     return replace(base, **overrides)
 
 
-def _check_resolution(resolution) -> None:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
+def _check_resolution(resolution) -> int:
+    """``resolution`` as a Python int (a NumPy integer taken as the int it equals), or ValueError naming it."""
+    if not is_int(resolution) or resolution < 8 or resolution % 8:
         raise ValueError(f"resolution: expected a positive multiple of 8 (pixels, 8x VAE), got {resolution!r}")
+    return int(resolution)
 
 
 # The official registry (models/sit_elit.py; docs/released_checkpoints.md §3.3): size -> (depth, hidden, heads,
@@ -224,7 +250,7 @@ def elit_sit_config(name: str = "XL/2", resolution: int = 256, *, encoder_depth:
     (8, 16, 4, 16, 64)
     """
     size, patch = parse_sit_name(name)
-    _check_resolution(resolution)
+    resolution = _check_resolution(resolution)
     depth, hidden, heads, tail = SIT_REGISTRY[size]
     if group_size is None:
         group_size = 8 if resolution == 512 else 4
@@ -232,11 +258,12 @@ def elit_sit_config(name: str = "XL/2", resolution: int = 256, *, encoder_depth:
     if input_size % patch:
         raise ValueError(f"resolution: {resolution}px gives a {input_size}x{input_size} latent, not divisible by patch {patch}")
     grid = input_size // patch
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or grid % group_size:
+    if not is_int(group_size) or group_size < 1 or grid % group_size:
         raise ValueError(f"group_size: {group_size!r} must be a positive int dividing the {grid}x{grid} token grid "
                          f"of {name} at {resolution}px")
-    if isinstance(encoder_depth, bool) or not isinstance(encoder_depth, int) or not 0 <= encoder_depth <= depth - tail:
+    if not is_int(encoder_depth) or not 0 <= encoder_depth <= depth - tail:
         raise ValueError(f"encoder_depth: expected an int in [0, {depth - tail}] (head blocks of {name}), got {encoder_depth!r}")
+    group_size, encoder_depth = int(group_size), int(encoder_depth)
     base = ElitConfig(hidden=hidden, depth=depth, heads=heads, patch=patch, input_size=input_size,
                       window=group_size, num_classes=num_classes, head_blocks=encoder_depth, tail_blocks=tail,
                       **RELEASED_SWITCHES)

@@ -3,7 +3,8 @@
 ``np.int64(4)`` (what indexing an integer array gives) is an int and ``np.True_`` (what ``array.any()`` gives) is
 a bool wherever the package takes one, and both are converted to the Python value before use (a NumPy scalar in
 a JSON file or a cache key would differ from the int it equals). A bool is never an int: ``True`` given as a
-budget or a count is a mistake, not 1. Nothing else (floats, strings, tensors) is converted here.
+budget or a count is a mistake, not 1. A real-number argument (a scale, a softcap) takes NumPy's floats and ints
+(``is_real``) and converts them with ``float``. Strings and tensors are never taken as numbers.
 """
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def is_int(v) -> bool:
     """An integer that is not a bool: a Python int or a NumPy (or other ``numbers.Integral``) integer scalar.
     NumPy's bool is not ``numbers.Integral``, so it is refused as an int too."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A real number that is not a bool: a Python int or float, or a NumPy (or other ``numbers.Real``) scalar such
+    as ``np.float32(0.125)`` or ``np.int64(2)``. NumPy's bool is not ``numbers.Real``; a tensor is not either."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def is_int_array(v) -> bool:

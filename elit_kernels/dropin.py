@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .attention import varlen_attention
+from ._types import is_real
 from .attention.inputs import _flag
 
 
@@ -45,7 +46,7 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, d
     ``TypeError`` naming ``deterministic`` unless it is a bool (or an int / NumPy bool, which flash-attn's
     op schema takes as one). Every backward here is deterministic, so its value changes nothing."""
     _bool_like("deterministic", deterministic)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+    if not is_real(dropout_p):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: only 0.0 is supported (no attention dropout), got {dropout_p}")

@@ -259,6 +259,26 @@ def test_max_seqlen_as_tensor_or_numpy(max_q):
     torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.25))
 
 
+@pytest.mark.parametrize("kind", ["np.float32", "np.float64", "np.int64"])
+def test_real_arguments_as_numpy_scalars(kind):
+    """softmax_scale, softcap and dropout_p take NumPy's scalars (what arithmetic on an array gives) as the Python
+    number they equal: same result as the Python float, bit for bit; a NumPy bool is still refused."""
+    conv = {"np.float32": np.float32, "np.float64": np.float64, "np.int64": np.int64}[kind]
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 9], [4, 6], 2, 16, seed=7)
+    scale, cap = (0.25, 2.0) if kind != "np.int64" else (1, 2)
+    want = flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, 0.0, float(scale), softcap=float(cap), backend="torch")
+    got = flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, conv(0), conv(scale), softcap=conv(cap), backend="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, conv(scale), False, softcap=conv(cap))
+    assert type(inp.softmax_scale) is float and type(inp.softcap) is float
+    for name, kw in (("softmax_scale", {"softmax_scale": np.True_}), ("softcap", {"softcap": np.True_}),
+                     ("dropout_p", {"dropout_p": np.False_})):
+        with pytest.raises(TypeError, match=f"^{name}: expected"):
+            flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **kw, backend="torch")
+    with pytest.raises(NotImplementedError, match="^dropout_p: only 0.0"):
+        flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, conv(1), backend="torch")
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake kernels describe the real strides: opcheck on permuted inputs, torch.compile on permuted views
 # ------------------------------------------------------------------------------------------------

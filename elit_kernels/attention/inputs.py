@@ -12,7 +12,7 @@ import operator
 import torch
 
 from .._env import env_flag
-from .._types import check_bool
+from .._types import check_bool, is_real
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -353,7 +353,7 @@ def _flag(name: str, value) -> bool:
 
 def _scale(softmax_scale) -> float:
     """A user's ``softmax_scale`` as a float: finite and within float32's range (the kernels' score dtype)."""
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+    if not is_real(softmax_scale):
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
     if not abs(softmax_scale) <= _F32_MAX:
         raise ValueError(f"softmax_scale: expected a finite float within float32's range (|scale| <= {_F32_MAX:.4g}), "
@@ -362,7 +362,7 @@ def _scale(softmax_scale) -> float:
 
 
 def _softcap(softcap) -> float:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+    if not is_real(softcap):
         raise TypeError(f"softcap: expected a float >= 0 (0: off), got {type(softcap).__name__}")
     if softcap != 0.0 and not _F32_TINY <= softcap <= _F32_MAX:
         raise ValueError(f"softcap: expected 0 (off) or a finite float in float32's normal range [{_F32_TINY:.4g}, "

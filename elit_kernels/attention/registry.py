@@ -20,6 +20,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .._types import is_real
 from .inputs import AttnInputs
 
 
@@ -138,7 +139,7 @@ def register_backend(backend: Backend) -> Backend:
     global generation
     if not isinstance(backend.name, str) or not backend.name or "+" in backend.name:
         raise ValueError(f"backend: name must be a non-empty str without '+', got {backend.name!r}")
-    if isinstance(backend.priority, bool) or not isinstance(backend.priority, (int, float)):
+    if not is_real(backend.priority):
         raise TypeError(f"backend: priority must be a number, got {type(backend.priority).__name__} "
                         f"({backend.priority!r})")
     _REGISTRY[backend.name] = backend

@@ -15,11 +15,10 @@ Both are the same ``ElitDiT`` code path; the fields below the ``# switches`` lin
 """
 from __future__ import annotations
 
-import numbers
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
-from .._types import is_int, is_numpy_bool
+from .._types import is_int, is_numpy_bool, is_real
 
 INTERFACE_QK_NORMS = ("per_head", "full_width")
 _BOOL_FIELDS = ("block_qk_norm", "read_modulates_queries", "write_prenorm", "interface_mlp_bias", "latent_group_pos",
@@ -111,7 +110,7 @@ class ElitConfig:
                 v = bool(v)
             elif is_int(v):
                 v = int(v)
-            elif isinstance(v, numbers.Real):
+            elif is_real(v):
                 v = float(v)
             elif isinstance(v, str):
                 v = str(v)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-import numbers
+
+from .._types import is_real
 
 
 def latents_for_budget(budget, cfg) -> int:
@@ -30,7 +31,7 @@ def latents_for_budget(budget, cfg) -> int:
         raise ValueError("budget: None is the official generate.py default, which draws a random training budget "
                          "(or fails without torch.distributed); pass a fraction in (0, 1] or a count in (1, "
                          f"{n}], or use budgets=None in ElitDiT for the full budget")
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+    if not is_real(budget):
         raise TypeError(f"budget: expected a float (fraction in (0, 1]) or a number (count in (1, {n}]), "
                         f"got {type(budget).__name__}")
     b = float(budget)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import numbers
 import re
 
 import torch
 
-from .._types import check_bool
+from .._types import check_bool, is_int, is_real
 from ..models.checkpoint import (READABLE_FORMATS, SAFE_GLOBALS, CheckpointError, UnsafeCheckpointError,  # noqa: F401
                                  _check_load_args, _check_path, check_finite as _check_finite, model_from_parts, read_model_file, safe_torch_load,
                                  verify_sha256)
@@ -262,8 +261,7 @@ def _check_arch(arch) -> dict:
     for key, value in arch.items():
         _check_arch_value(key, value)
     # NumPy ints and floats as Python's (the config takes plain ints)
-    return {k: int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else
-            float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v for k, v in arch.items()}
+    return {k: int(v) if is_int(v) else float(v) if is_real(v) else v for k, v in arch.items()}
 
 
 # What each ``arch`` keyword takes (the official constructor's types); the rest (path_type, z_dims) are not read.
@@ -287,13 +285,13 @@ def _check_arch_value(key: str, value) -> None:
     if value is None:
         return
     if key in _ARCH_POSITIVE_INTS + _ARCH_COUNTS:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not is_int(value):
             raise TypeError(f"{where}: expected an int, got {type(value).__name__} ({value!r})")
         lo = 1 if key in _ARCH_POSITIVE_INTS else 0
         if value < lo:
             raise ValueError(f"{where}: expected an int >= {lo}, got {value!r}")
     elif key in _ARCH_REALS:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_real(value):
             raise TypeError(f"{where}: expected a real number, got {type(value).__name__} ({value!r})")
         ok = 0 < value < math.inf if key == "mlp_ratio" else 0 <= value <= 1
         if not ok:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 from fractions import Fraction
 
 import numpy as np
 import torch
+
+from .._types import is_int, is_real
 
 _PHI64 = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the Weyl sequence of the budget-mix assignment
 
@@ -71,9 +72,9 @@ def parse_budget_mix(mix, name: str = "budget_mix") -> list[tuple[int, Fraction]
                 j, w = item
             except (TypeError, ValueError):
                 raise UsageError(name, f"expected (J, weight) pairs, got {item!r}") from None
-            if isinstance(j, bool) or not isinstance(j, numbers.Integral):
+            if not is_int(j):
                 raise UsageError(name, f"J (latents per group) must be an int, got {j!r} in {item!r}")
-            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w <= 0:
+            if not is_real(w) or not math.isfinite(w) or w <= 0:
                 raise UsageError(name, f"a weight must be a finite real number > 0, got {w!r} in {item!r}")
             items.append((int(j), Fraction(w)))
     if not items:

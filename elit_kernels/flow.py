@@ -9,7 +9,6 @@ once per call on Python values and tensor metadata (never on a device tensor's v
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from collections.abc import Sequence
 from typing import Callable
@@ -17,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._types import check_bool, is_int, is_int_array
+from ._types import check_bool, is_int, is_int_array, is_real
 from .layout import normalize_budgets
 
 
@@ -35,7 +34,7 @@ def _check_real(name: str, v, lo: float | None = None, what: str = "") -> float:
     """``v`` as a finite Python float >= ``lo``: TypeError for a non-real (bool, str, None, complex, tensor),
     ValueError for NaN, ±inf or a value below ``lo``; both name ``name``. ``what`` is added to the message."""
     want = f"a finite real number{'' if lo is None else f' >= {lo:g}'}{what}"
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not is_real(v):
         raise TypeError(f"{name}: expected {want}, got {type(v).__name__} ({v!r})")
     f = float(v)
     if not math.isfinite(f) or (lo is not None and f < lo):
@@ -225,7 +224,7 @@ def _check_dtype(dtype) -> None:
 def _check_t(t, b: int, device) -> torch.Tensor:
     """``t`` of ``guided_velocity`` as a ``[b]`` tensor: a Python real (float32 on ``device``), a 0-dim tensor
     (expanded) or a ``[b]`` floating-point tensor."""
-    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+    if is_real(t):
         return torch.full((b,), float(t), dtype=torch.float32, device=device)
     _check_tensor("t", t, floating=True, what=f" of times of shape [B] = ({b},), a 0-dim one or a float")
     if t.dim() == 0:
@@ -244,6 +243,13 @@ def _per_sample(budget, b: int, j_max: int) -> list:
     if isinstance(budget, torch.Tensor):
         budget = budget.tolist()
     return list(budget)
+
+
+def _input_shape(model) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` the model takes (``cfg.in_channels``, ``cfg.input_size``), or None for a model without them."""
+    cfg = getattr(model, "cfg", None)
+    c, s = getattr(cfg, "in_channels", None), getattr(cfg, "input_size", None)
+    return (c, s, s) if isinstance(c, int) and isinstance(s, int) else None
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -391,6 +397,10 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     _check_tensor("noise", noise, floating=True, what=" [B, C, H, W] (the result takes its dtype)")
     if noise.dim() < 1:
         raise ValueError("noise: expected a tensor [B, C, H, W] with a batch dimension, got a 0-dim tensor")
+    chw = _input_shape(model)
+    if chw is not None and tuple(noise.shape[1:]) != chw:  # named here, not as the model's x at the first step
+        raise ValueError(f"noise: expected [B, {chw[0]}, {chw[1]}, {chw[2]}] (the model's in_channels and "
+                         f"input_size), got {tuple(noise.shape)}")
     _check_tensor("y", y, what=" of class ids [B]")
     b, j_max = noise.shape[0], _j_max(model)
     weak_budget = _check_budget("weak_budget", weak_budget, b, j_max)

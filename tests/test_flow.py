@@ -315,6 +315,23 @@ def test_noise_and_x_must_be_floating_tensors(make):
     assert m.calls == []
 
 
+def test_noise_of_the_wrong_size_is_named_as_noise():
+    """euler_sample checks noise against the model's (in_channels, input_size) before the first step: the error
+    names noise (the sampler's argument), not x (the model's), and the model is never called."""
+    from elit_kernels.models import ElitDiT, elit_config
+
+    m = ElitDiT(elit_config("tiny", 64))
+    calls = []
+    m.register_forward_pre_hook(lambda *a: calls.append(1))
+    y = torch.tensor([1, 2])
+    for shape in ((2, 4, 16, 16), (2, 3, 8, 8), (2, 4, 8)):
+        with pytest.raises(ValueError, match=re.escape(f"noise: expected [B, 4, 8, 8] (the model's in_channels and "
+                                                       f"input_size), got {shape}")):
+            euler_sample(m, torch.randn(shape), y, steps=2)
+    assert calls == []
+    assert euler_sample(m, torch.randn(2, 4, 8, 8), y, steps=1).shape == (2, 4, 8, 8)
+
+
 def test_model_and_y_are_named():
     x, t, y = _xty()
     for call in _both(None, x, t, y) + [lambda: rectified_flow_loss(None, x, y)]:

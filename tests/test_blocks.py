@@ -184,12 +184,18 @@ def test_input_errors_say_what_was_given():
         m(x.tolist(), t, y)
     with pytest.raises(ValueError, match=r"^x: expected \[B, 4, 8, 8\], got \(2, 4, 8\)$"):
         m(x[..., 0], t, y)
-    with pytest.raises(ValueError, match=r"^y: expected integer class ids of shape \[2\], got list$"):
+    with pytest.raises(ValueError, match=r"^y: expected class ids of shape \[2\] as an int64 or int32 tensor .*, got list$"):
         m(x, t, y.tolist())
-    with pytest.raises(ValueError, match=r"^y: expected integer class ids of shape \[2\], got torch.float32 \(2,\)$"):
+    with pytest.raises(ValueError, match=r"^y: expected class ids of shape \[2\] as an int64 or int32 tensor .*, got torch.float32 \(2,\)$"):
         m(x, t, y.float())
-    with pytest.raises(ValueError, match=r"^y: expected integer class ids of shape \[2\], got torch.int64 \(1,\)$"):
+    with pytest.raises(ValueError, match=r"^y: expected class ids of shape \[2\] as an int64 or int32 tensor .*, got torch.int64 \(1,\)$"):
         m(x, t, y[:1])
+    with pytest.raises(ValueError, match=r"^y: .*convert others with y.long\(\)\), got torch.uint8 \(2,\)$"):
+        m(x, t, y.to(torch.uint8))
+    # a layout must live where x does: named as the layout, not as a cu_seqlens deep inside attention
+    with pytest.raises(ValueError, match=r"^layout: built on device meta, but x is on cpu; build it with "
+                                         r"model.layout\(budgets, 2, x.device\)$"):
+        m(x, t, y, layout=m.layout([4, 1], 2, "meta"))
 
 
 def test_class_id_range_check_is_the_value_check_switch():

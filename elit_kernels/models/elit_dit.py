@@ -65,7 +65,8 @@ class _Stem(nn.Module):
             raise TypeError(f"t: expected a floating-point tensor (times in [0, 1]), got {t.dtype}")
         if not isinstance(y, torch.Tensor) or y.shape != (b,) or y.dtype not in (torch.int32, torch.int64):
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y: expected integer class ids of shape [{b}], got {got}")
+            raise ValueError(f"y: expected class ids of shape [{b}] as an int64 or int32 tensor (what nn.Embedding "
+                             f"indexes with; convert others with y.long()), got {got}")
         for name, u in (("t", t), ("y", y)):
             if u.device != x.device:
                 raise ValueError(f"{name}: on device {u.device}, but x is on {x.device}")
@@ -259,6 +260,9 @@ class ElitDiT(nn.Module):
         lay = layout if layout is not None else self.layout(budgets, b, x.device)
         if lay.batch != b:
             raise ValueError(f"layout: built for batch {lay.batch}, x has batch {b}")
+        if lay.cu_core.device != x.device:
+            raise ValueError(f"layout: built on device {lay.cu_core.device}, but x is on {x.device}; build it with "
+                             f"model.layout(budgets, {b}, x.device)")
         if layout is not None and budgets is not None and \
                 normalize_budgets(budgets, b, cfg.latents_per_group) != list(lay.budgets):
             raise ValueError(f"budgets: {budgets!r} disagree with the layout's budgets {lay.budgets}; pass one of "

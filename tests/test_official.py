@@ -530,6 +530,32 @@ def _tiny_file(tmp_path, suffix):
     return save_model(str(tmp_path / ("m" + suffix)), ElitDiT(elit_config("tiny", 64)))
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_have_the_umasks_mode_and_are_never_partial(tmp_path, suffix, umask, monkeypatch):
+    """safetensors creates its file 0600 whatever the umask; save_model (and so elit-convert and elit-demo
+    --save) leaves 0o666 & ~umask, as any file the user writes. A save that fails halfway leaves the old file
+    and no temporary behind."""
+    import elit_kernels.models.checkpoint as ck
+
+    old = os.umask(umask)
+    try:
+        path = _tiny_file(tmp_path, suffix)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~umask)
+    before = open(path, "rb").read()
+
+    def broken(*a, **k):
+        raise KeyboardInterrupt  # a Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(torch, "save", broken)
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_model(path, load_model(path))
+    assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["m" + suffix]
+
+
 @pytest.mark.parametrize("case", ["empty", "text", "html", "truncated_torch", "truncated_safetensors",
                                   "html_safetensors"])
 def test_unreadable_files_name_the_file_and_the_reason(tmp_path, case, capsys):
@@ -1037,6 +1063,10 @@ def test_load_args_are_checked_before_the_file_is_read(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=re.escape("device: cuda:0 requested, but torch.cuda.is_available() is "
                                                        "False")):
             reader(missing, device="cuda:0")
+        for meta in ("meta", torch.device("meta")):  # no values to hold the weights: refused, not a weightless model
+            with pytest.raises(ValueError, match=re.escape("device: 'meta' holds no weights, so a loaded model would "
+                                                           "have none; load on 'cpu' or a GPU")):
+                reader(missing, device=meta)
         with pytest.raises(ValueError, match=re.escape(f"backend: unknown backend 'bogus'; known backends: "
                                                        f"{', '.join(known_backends())}")):
             reader(missing, backend="bogus")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
 import os
 import time
 import warnings
@@ -31,6 +30,8 @@ import warnings
 import torch
 
 from .._env import env_flag
+from .._files import atomic_write
+from .._types import is_int
 from .inputs import AttnInputs, _capturing, _flag
 from . import known_answer as _ka
 from . import registry as _registry
@@ -322,10 +323,10 @@ def _save_disk_cache() -> None:
     path = cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(_disk_cache(), f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(_disk_cache(), f, indent=1, sort_keys=True)
+        atomic_write(path, write)  # another process reading the cache never sees half a file
     except OSError as e:
         warnings.warn(f"elit_kernels: could not write the tuning cache {path} ({e}); tuned rankings last for this "
                       "process only", RuntimeWarning, stacklevel=3)
@@ -395,7 +396,7 @@ def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
     if not isinstance(inp, AttnInputs):
         raise TypeError(f"inp: expected an AttnInputs (elit_kernels.attention.validate_inputs(...)), got "
                         f"{type(inp).__name__}")
-    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
     repeats, save = int(repeats), _flag("save", save)
     c = shape_class(inp)

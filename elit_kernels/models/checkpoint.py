@@ -20,6 +20,7 @@ import re
 
 import torch
 
+from .._files import atomic_write
 from .._types import check_bool
 from .config import config_dict, config_from_dict
 from .elit_dit import ElitDiT
@@ -189,6 +190,9 @@ def _check_load_args(device, dtype, backend) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: expected a torch.device or a device string such as 'cpu' or 'cuda:0', got "
                          f"{device!r} ({e})") from None
+    if dev.type == "meta":  # a meta tensor holds no values: the weights read would be dropped (with a warning each)
+        raise ValueError("device: 'meta' holds no weights, so a loaded model would have none; load on 'cpu' or a "
+                         "GPU (for a weightless model of a config, build ElitDiT(cfg) under torch.device('meta'))")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {dev} requested, but torch.cuda.is_available() is False")
     if backend is not None:
@@ -201,7 +205,9 @@ def _check_load_args(device, dtype, backend) -> torch.device:
 
 def save_model(path: str, model: ElitDiT, meta: dict | None = None) -> str:
     """Write ``model`` (config + state_dict) to ``path``: safetensors when it ends in ``.safetensors``, else
-    a torch file. ``meta``: JSON-serialisable extras (e.g. where the weights came from). Returns ``path``."""
+    a torch file. ``meta``: JSON-serialisable extras (e.g. where the weights came from). Returns ``path``.
+    The file is written whole or not at all (a temporary name renamed onto ``path``), with mode
+    ``0o666 & ~umask`` (``_files.atomic_write``)."""
     path = _check_path(path)
     if not isinstance(model, ElitDiT):
         raise TypeError(f"model: expected an ElitDiT, got {type(model).__name__}")
@@ -221,10 +227,13 @@ def save_model(path: str, model: ElitDiT, meta: dict | None = None) -> str:
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
-        save_file(sd, path, metadata={"format": FORMAT, "config": json.dumps(config_dict(model.cfg)),
-                                      "meta": meta_json})
+        def write(tmp):
+            save_file(sd, tmp, metadata={"format": FORMAT, "config": json.dumps(config_dict(model.cfg)),
+                                         "meta": meta_json})
     else:
-        torch.save({"format": FORMAT, "config": config_dict(model.cfg), "state_dict": sd, "meta": meta}, path)
+        def write(tmp):
+            torch.save({"format": FORMAT, "config": config_dict(model.cfg), "state_dict": sd, "meta": meta}, tmp)
+    atomic_write(path, write)  # whole or not at all (an interrupted save keeps the old file); mode from the umask
     return path
 
 

@@ -8,12 +8,12 @@ import os
 import re
 import socket
 import time
-import uuid
 import zipfile
 
 import numpy as np
 import torch
 
+from .._files import atomic_write
 from .rules import SamplingError, UsageError
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scale of the released checkpoints: decode z / 0.18215 (SiT/REPA generate.py)
@@ -23,20 +23,6 @@ _NAME = re.compile(r"^(\d{6,})\.(png|npy)$")
 def sample_name(index: int, ext: str = "png") -> str:
     """``000123.png``: the file of sample ``index`` (6 digits, more past 999,999)."""
     return f"{index:06d}.{ext}"
-
-
-def atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: a reader (or a resumed run) never sees a partial file. The
-    temporary name is hidden (``.NAME.<pid>.<random>.tmp``) and removed on failure."""
-    d, base = os.path.split(path)
-    tmp = os.path.join(d, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def save_png(arr: np.ndarray, path: str) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 
 import torch
 
@@ -132,3 +134,17 @@ def finite_error(value: float, lo: float = 0.0, *, above: bool = True, what: str
 def triton_interpreted() -> bool:
     """True when Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): correct, but slow."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+SIGINT_STATUS = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
+
+
+def run_interruptible(prog: str, body: Callable[[], int], kept: str) -> int:
+    """``body()``; a Ctrl-C (KeyboardInterrupt) ends it with one line on stderr, ``prog: interrupted; <kept>``
+    (what the run leaves on disk and how to go on), and exit status 130, not a traceback from wherever the
+    interpreter happened to be."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {kept}", file=sys.stderr)
+        return SIGINT_STATUS

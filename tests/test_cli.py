@@ -41,3 +41,68 @@ def test_path_flags_expand_a_leading_tilde(tool, form, monkeypatch, tmp_path):
     plain = parser.parse_args(argv)
     assert all(getattr(plain, d) == argv[argv.index(flags[d]) + 1] if flags[d] else getattr(plain, d) == argv[0]
                for d in dests)  # other paths untouched
+
+
+# (main, the function its work runs in, arguments that pass the flag checks, what the line says is kept)
+def _interruptible(tool, tmp_path):
+    import elit_kernels.bench.cli as bench
+    import elit_kernels.demo as demo
+    import elit_kernels.official.cli as convert
+    import elit_kernels.sample.cli as sample
+
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"x")
+    return {"elit-sample": (sample, "generate", [str(ck), "--out", str(tmp_path / "o")], "rerun the same command to "
+                            "resume"),
+            "elit-convert": (convert, "load_checkpoint", [str(ck), "--out", str(tmp_path / "c.pt")],
+                             "was not written (it is written whole or not at all)"),
+            "elit-demo": (demo, "_run", ["--out", str(tmp_path / "d")], "rerun to get them"),
+            "elit-bench": (bench, "resolve", [], "nothing was written")}[tool]
+
+
+@pytest.mark.parametrize("tool", sorted(CLIS))
+def test_ctrl_c_is_one_line_and_status_130(tool, tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt anywhere in a run: exit status 130 (as a shell reports SIGINT) and one line saying
+    what is kept, not a traceback from wherever the interpreter was."""
+    module, where, argv, kept = _interruptible(tool, tmp_path)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, where, interrupted)
+    assert module.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tool}: interrupted; ") and kept in err and err.count("\n") == 1, err
+
+
+def test_sigint_during_sampling_keeps_the_samples_and_a_rerun_resumes(tmp_path):
+    """A real SIGINT to a running elit-sample: status 130, the one line, the finished samples on disk, and the
+    same command run again completes the rest (the resume reads the files)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from elit_kernels.models import ElitDiT, elit_config, save_model
+
+    ck = save_model(str(tmp_path / "m.safetensors"), ElitDiT(elit_config("tiny", 64)))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "elit_kernels.sample", ck, "--out", str(out), "--num-samples", "48", "--batch-size",
+           "2", "--steps", "40", "--latents-only", "--no-progress", "--backend", "torch"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and \
+            len(list((out / "latents").glob("*.npy")) if (out / "latents").is_dir() else []) < 2:
+        time.sleep(0.1)
+    assert p.poll() is None, "the run ended before it could be interrupted: " + p.communicate()[1]
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (f"elit-sample: interrupted; the samples written so far are kept in {out}: "
+                                            "rerun the same command to resume") and "Traceback" not in err, err
+    kept = len(list((out / "latents").glob("*.npy")))
+    assert 2 <= kept < 48
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"{48 - kept} new latents ({kept} already on disk)" in r.stdout + r.stderr, r.stdout + r.stderr

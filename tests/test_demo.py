@@ -202,6 +202,23 @@ def test_j_max_conflicting_with_the_checkpoint(quick_run, capsys):
     assert "error: --j-max: 8 conflicts with the checkpoint's J_max 16" in capsys.readouterr().err
 
 
+def test_a_model_that_is_not_the_demos_is_refused_before_training_or_saving(tmp_path, capsys):
+    """A valid checkpoint of another model (4x8x8 inputs) loads, but the demo trains and evaluates on 1x16x16
+    digits: a usage error naming --load, before any step and before --save writes anything."""
+    from elit_kernels.models import ElitDiT, elit_config, save_model
+
+    ckpt = save_model(str(tmp_path / "other.safetensors"), ElitDiT(elit_config("tiny", 64)))
+    saved = tmp_path / "saved.pt"
+    with pytest.raises(SystemExit) as e:
+        main(["--load", ckpt, "--save", str(saved), "--steps", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"error: --load: {ckpt} holds a model of 4x8x8 inputs and 10 classes; elit-demo trains and evaluates "
+            "on 1x16x16 digits of 10 classes" in err), err
+    out = tmp_path / "o"  # the flag checks create --out (probing that it takes files); nothing was written into it
+    assert not saved.exists() and (not out.exists() or not any(out.iterdir()))
+
+
 def test_usage_error_from_the_console_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "elit_kernels.demo", "--j-max", "0"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)

@@ -448,6 +448,11 @@ def run_breakdowns(cases, extra) -> list[dict]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return _cli.run_interruptible("elit-bench", lambda: _main(parser, args),
+                                  "nothing was written (the tables and files come at the end of a run)")
+
+
+def _main(parser, args) -> int:
     if args.replot is not None:
         try:
             return replot(args.replot)

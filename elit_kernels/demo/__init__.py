@@ -26,7 +26,7 @@ import time
 import torch
 
 from .. import _cli
-from .data import load_digits_split
+from .data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 from .evaluate import grid_budgets, heldout_loss_by_budget, sample_grid, write_grid_png, write_loss_png
 from .train import (DistInfo, TrainSettings, demo_config, init_distributed, load_checkpoint, save_checkpoint,
                     shutdown_distributed, spread_latent_init, train)
@@ -183,6 +183,12 @@ def _run(args, parser, info: DistInfo) -> dict | None:
             # CheckpointError (not ours, refused pickle) is a ValueError; torch.load raises the others
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             parser.error(f"--load: cannot load {args.load} as an elit-demo checkpoint: {msg}")
+        c = model.cfg
+        if (c.in_channels, c.input_size) != (1, IMAGE_SIZE) or c.num_classes < NUM_CLASSES:
+            # checked before any training or --save: the demo's data and evaluation need these
+            parser.error(f"--load: {args.load} holds a model of {c.in_channels}x{c.input_size}x{c.input_size} inputs "
+                         f"and {c.num_classes} classes; elit-demo trains and evaluates on 1x{IMAGE_SIZE}x{IMAGE_SIZE} "
+                         f"digits of {NUM_CLASSES} classes (load a checkpoint elit-demo --save wrote)")
         if args.j_max is not None and args.j_max != model.cfg.latents_per_group:
             parser.error(f"--j-max: {args.j_max} conflicts with the checkpoint's J_max {model.cfg.latents_per_group} "
                          "(omit --j-max with --load)")
@@ -272,5 +278,9 @@ def _run(args, parser, info: DistInfo) -> dict | None:
 
 
 def main(argv=None) -> int:
-    run(argv)
-    return 0
+    def body() -> int:
+        run(argv)
+        return 0
+    return _cli.run_interruptible("elit-demo", body,
+                                  "the checkpoint (--save) is written after training and the figures and "
+                                  "results.json at the end; rerun to get them")

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return _cli.run_interruptible("elit-convert", lambda: _main(parser, args),
+                                  f"{args.out} was not written (it is written whole or not at all)")
+
+
+def _main(parser, args) -> int:
     arch = {}
     for item in args.arch:
         arch.update(item)

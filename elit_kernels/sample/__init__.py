@@ -8,7 +8,7 @@ Writes ``OUT/samples/000123.png`` (one per sample, by global index), ``OUT/grid.
 ``--latents-only``, ``OUT/latents/000123.npy`` and ``OUT/latents.npz`` instead. The noise, label and budget of
 sample i follow from (seed, i) alone; the file layout and the seeding rule: docs/sampling.md. Exit status 2 for a
 usage error (the message names the argument), 1 when sampling fails (samples already written are kept; rerun
-the same command to resume), 0 on success.
+the same command to resume), 130 after Ctrl-C (the same: samples written are kept), 0 on success.
 """
 from .files import LATENT_SCALE, contact_sheet, latents_to_uint8, load_vae, sample_name, write_npz
 from .rules import (SamplingError, UsageError, mix_budgets, parse_budget_mix, plan_batches, sample_labels,

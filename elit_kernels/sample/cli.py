@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-mix",
                    help="per-sample mix J:WEIGHT,... of latents per group, e.g. 64:0.5,16:0.25,4:0.25")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--weak-budget", type=float, help="official float budget of the weak pass (autoguidance, ccfg)")
+    w.add_argument("--weak-budget", type=float,
+                   help="official float budget of the weak pass (autoguidance, ccfg, ccfg_two_pass)")
     w.add_argument("--weak-latents", type=int, help="latents per group of the weak pass (default J_max // 16, min 1)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward on each device (default 32)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return _cli.run_interruptible("elit-sample", lambda: _main(parser, args),
+                                  f"the samples written so far are kept in {args.out}: rerun the same command to "
+                                  "resume")
+
+
+def _main(parser, args) -> int:
     arch = {}
     for item in args.arch:
         arch.update(item)

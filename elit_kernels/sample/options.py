@@ -117,7 +117,7 @@ def resolve_weak(cfg, guidance, weak_budget, weak_latents):
 
     given = [k for k, v in (("weak_budget", weak_budget), ("weak_latents", weak_latents)) if v is not None]
     if given and guidance not in WEAK_MODES:
-        raise UsageError(given[0], f"only autoguidance and ccfg use a weak budget; guidance is {guidance!r}")
+        raise UsageError(given[0], f"only {', '.join(WEAK_MODES)} use a weak budget; guidance is {guidance!r}")
     if len(given) > 1:
         raise UsageError("weak_latents", "give weak_budget or weak_latents, not both")
     if guidance not in WEAK_MODES:

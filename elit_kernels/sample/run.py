@@ -125,7 +125,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         raise UsageError("guidance", f"expected one of {', '.join(GUIDANCE)}, got {guidance!r}")
     O.check_real("cfg_scale", cfg_scale, 1, " (the official cfg_scale; 1 = no guidance)")
     if guidance == "none" and cfg_scale != 1:
-        raise UsageError("guidance", f"cfg_scale {cfg_scale} needs a guidance mode (cfg, autoguidance, ccfg)")
+        raise UsageError("guidance", f"cfg_scale {cfg_scale} needs a guidance mode "
+                                      f"({', '.join(m for m in GUIDANCE if m != 'none')})")
     if guidance != "none" and cfg_scale == 1:
         raise UsageError("cfg_scale", f"guidance {guidance} needs cfg_scale > 1 (1 = no guidance)")
     a["guidance_interval"] = O.usage(lambda _, v: flow._check_interval(v), "guidance_interval", guidance_interval)

@@ -4,7 +4,8 @@ Every file the package writes for a user (model files, samples, ``.npz`` archive
 ``atomic_write``: the content is written under a hidden temporary name in the target folder and renamed onto
 the target, so a reader (or a resumed run, or a process killed halfway) never sees a partial file. Some
 writers create their file with mode 0600 whatever the umask (safetensors' ``save_file`` does); the finished
-file gets ``0o666 & ~umask``, as ``open(path, "w")`` would have given it.
+file gets the mode ``open(path, "w")`` would have given it (a new file ``0o666 & ~umask``, a replaced one its
+own), and a symlink is written through.
 
 This module imports nothing from the package.
 """
@@ -29,14 +30,22 @@ def current_umask() -> int:
 
 
 def atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path`` with mode ``0o666 & ~umask``. The temporary name is hidden
-    (``.NAME.<pid>.<random>.tmp``, in ``path``'s folder, so the rename never crosses a file system) and removed
-    when ``write`` raises (``KeyboardInterrupt`` included); ``path`` is then left as it was."""
+    """``write(tmp_path)`` then rename onto ``path``, with the mode ``open(path, "w")`` would leave: an existing
+    file's own mode, else ``0o666 & ~umask``. A symlink is written through (its target is replaced, the link
+    stays), as ``open`` would. The temporary name is hidden (``.NAME.<pid>.<random>.tmp``, in the target's
+    folder, so the rename never crosses a file system) and removed when ``write`` raises (``KeyboardInterrupt``
+    included); the target is then left as it was."""
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     d, base = os.path.split(path)
     tmp = os.path.join(d, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        mode = 0o666 & ~current_umask()
+    try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

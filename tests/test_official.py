@@ -556,6 +556,24 @@ def test_saved_files_have_the_umasks_mode_and_are_never_partial(tmp_path, suffix
     assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["m" + suffix]
 
 
+def test_a_replaced_file_keeps_its_mode_and_a_symlink_is_written_through(tmp_path):
+    """save_model over an existing file leaves that file's mode (as open(path, "w") would); a path that is a
+    symlink is written through: the link stays, its target holds the new model."""
+    first = _tiny_file(tmp_path, ".safetensors")
+    os.chmod(first, 0o640)
+    save_model(first, load_model(first))
+    assert os.stat(first).st_mode & 0o777 == 0o640
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(first)
+    m = load_model(first)
+    with torch.no_grad():
+        next(m.parameters()).add_(1.0)
+    save_model(str(link), m)
+    assert link.is_symlink() and os.readlink(link) == first
+    assert torch.equal(next(load_model(first).parameters()), next(m.parameters()))
+    assert sorted(os.listdir(tmp_path)) == ["link.safetensors", "m.safetensors"]
+
+
 @pytest.mark.parametrize("case", ["empty", "text", "html", "truncated_torch", "truncated_safetensors",
                                   "html_safetensors"])
 def test_unreadable_files_name_the_file_and_the_reason(tmp_path, case, capsys):

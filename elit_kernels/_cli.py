@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from . import attention as _attention
+from .attention import registry as _registry
 from .attention import get_backend, known_backends
 
 
@@ -37,10 +38,10 @@ def model_probe(cfg, device, dtype):
 def backend_problems(name: str, probe) -> list[str]:
     """Why backend ``name`` cannot run ``probe`` here ([] when it can). ``name`` must be registered."""
     be = get_backend(name)
-    if not be.is_available():
-        why = getattr(be, "unavailable_reason", None)  # the compiled backends say why (elit_kernels._cext)
-        return [f"not available here ({why or be.description})"]
-    return list(be.not_supported_reasons(probe))
+    why = _registry.unavailable_reason(be)  # the compiled backends say why (elit_kernels._cext)
+    if why is not None:
+        return [f"not available here ({be.description if why == _registry.NOT_AVAILABLE and be.description else why})"]
+    return _registry.reasons(be, probe)
 
 
 def usable_backends(probe) -> list[str]:

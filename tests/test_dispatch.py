@@ -436,10 +436,13 @@ def test_registry_tuning_and_environment_arguments_are_checked(monkeypatch):
     class _B(R.Backend):
         pass
 
-    for name, prio, err, match in ((None, 1, ValueError, "backend: name must be a non-empty str"),
+    for name, prio, err, match in ((None, 1, TypeError, "backend: name must be a str, got NoneType"),
+                                   (5, 1, TypeError, "backend: name must be a str, got int"),
                                    ("", 1, ValueError, "backend: name must be a non-empty str"),
+                                   (" x", 1, ValueError, "without '\\+' or surrounding spaces"),
                                    ("a+graph", 1, ValueError, "without '\\+'"),
-                                   ("_x", "high", TypeError, "backend: priority must be a number, got str")):
+                                   ("_x", "high", TypeError, "backend: priority must be a number, got str"),
+                                   ("_x", float("nan"), ValueError, "backend: priority must be a finite number")):
         b = _B()
         b.name, b.priority = name, prio
         with pytest.raises(err, match=match):
@@ -454,6 +457,77 @@ def test_registry_tuning_and_environment_arguments_are_checked(monkeypatch):
     monkeypatch.setenv("ELIT_BACKEND", "garbage")
     with pytest.raises(ValueError, match=r"^ELIT_BACKEND='garbage': unknown backend 'garbage'; known backends"):
         A.select_backend(_inp())
+
+
+@pytest.mark.parametrize("field,value,err,match", [
+    ("dtypes", "float32", TypeError, r"^backend: dtypes must be a non-empty tuple of torch dtypes.*got str \('float32'\)"),
+    ("dtypes", (), TypeError, "^backend: dtypes must be a non-empty tuple"),
+    ("dtypes", ("float32",), TypeError, "^backend: dtypes must be"),
+    ("devices", "cuda", TypeError, "^backend: devices must be None .*got str"),
+    ("head_dims", 64, TypeError, r"^backend: head_dims must be None \(every multiple of head_dim_multiple\) or a non-empty tuple of ints >= 1, got int"),
+    ("head_dims", (64, 0), TypeError, "^backend: head_dims must be"),
+    ("head_dim_multiple", 0, ValueError, "^backend: head_dim_multiple must be an int >= 1, got int"),
+    ("max_head_dim", 128.0, ValueError, "^backend: max_head_dim must be an int >= 1"),
+    ("supports_gqa", "yes", TypeError, "^backend: supports_gqa must be a bool"),
+    ("default_eligible", 1, TypeError, "^backend: default_eligible must be a bool"),
+    ("min_compute_capability", 8, TypeError, r"^backend: min_compute_capability must be None or \(major, minor\)"),
+    ("description", None, TypeError, "^backend: description must be a str"),
+])
+def test_a_badly_declared_backend_is_refused_at_registration(field, value, err, match):
+    """Each declared field is checked by register_backend: a wrong one used to be accepted and then broke default
+    dispatch for every call (a TypeError from inside another backend's not_supported_reasons)."""
+    class _B(R.Backend):
+        name, priority = "_bad_decl", -50
+
+        def forward(self, inp):
+            return R.get_backend("reference").forward(inp)
+
+    b = _B()
+    setattr(b, field, value)
+    with pytest.raises(err, match=match):
+        R.register_backend(b)
+    assert "_bad_decl" not in R.known_backends()
+
+
+def test_a_backend_whose_own_checks_raise_is_skipped_not_fatal():
+    """A registered backend whose is_available() or not_supported_reasons() raises is unavailable (the exception is
+    its reason): describe_backends works and default dispatch runs on the others, with the reference's numbers."""
+    from elit_kernels.attention import varlen_attention
+    from elit_kernels.reference.attention import varlen_attention_reference
+
+    class _Raises(R.Backend):
+        name, priority = "_raises_avail", 1e9
+
+        def is_available(self):
+            raise RuntimeError("driver not loaded")
+
+        def forward(self, inp):
+            raise AssertionError("never run")
+
+    class _RaisesCheck(_Raises):
+        name = "_raises_check"
+
+        def is_available(self):
+            return True
+
+        def not_supported_reasons(self, inp):
+            raise KeyError("oops")
+
+    made = [R.register_backend(_Raises()), R.register_backend(_RaisesCheck())]
+    try:
+        rows = {r["name"]: r for r in R.describe_backends(_inp())}
+        assert rows["_raises_avail"]["available"] is False
+        assert rows["_raises_avail"]["unavailable_reason"] == "its is_available() raised RuntimeError: driver not loaded"
+        assert rows["_raises_check"]["reasons"] == ["its not_supported_reasons() raised KeyError: 'oops'"]
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(9, 2, 16, generator=g) for _ in range(3))
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+        torch.testing.assert_close(varlen_attention(q, k, v, cu, cu, 5, 5),
+                                   varlen_attention_reference(q, k, v, cu, cu, softmax_scale=0.25))
+    finally:
+        for b in made:
+            R._REGISTRY.pop(b.name, None)
+        D.clear_decisions()
 
 
 def test_table_ranking_takes_the_nearest_entry_of_the_same_class_on_a_log_scale():

@@ -16,11 +16,12 @@ Adding a backend::
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 
-from .._types import is_real
+from .._types import is_int, is_real
 from .inputs import AttnInputs
 
 
@@ -133,18 +134,58 @@ generation = 0
 
 
 def register_backend(backend: Backend) -> Backend:
-    """Add (or replace) a backend under ``backend.name``."""
+    """Add (or replace) a backend under ``backend.name``.
+
+    Its declaration (the class data above) is checked here, so a badly declared backend is refused when it is
+    registered instead of breaking default dispatch for every call later: TypeError / ValueError naming
+    ``backend``, the field and what it takes."""
     if not isinstance(backend, Backend):
         raise TypeError(f"backend: expected an elit_kernels.Backend, got {type(backend).__name__}")
     global generation
-    if not isinstance(backend.name, str) or not backend.name or "+" in backend.name:
-        raise ValueError(f"backend: name must be a non-empty str without '+', got {backend.name!r}")
-    if not is_real(backend.priority):
-        raise TypeError(f"backend: priority must be a number, got {type(backend.priority).__name__} "
-                        f"({backend.priority!r})")
+    _check_declaration(backend)
     _REGISTRY[backend.name] = backend
     generation += 1
     return backend
+
+
+def _check_declaration(b: Backend) -> None:
+    """``register_backend``'s checks of one backend's declared fields."""
+    def bad(field, want, exc=TypeError):
+        v = getattr(b, field)
+        raise exc(f"backend: {field} must be {want}, got {type(v).__name__} ({v!r})")
+
+    if not isinstance(b.name, str):
+        bad("name", "a str")
+    if not b.name or "+" in b.name or b.name != b.name.strip():
+        bad("name", "a non-empty str without '+' or surrounding spaces", ValueError)
+    if not is_real(b.priority):
+        bad("priority", "a number")
+    if not math.isfinite(b.priority):
+        bad("priority", "a finite number (it orders the backends)", ValueError)
+    if not isinstance(b.description, str):
+        bad("description", "a str")
+    if not isinstance(b.dtypes, (tuple, list, frozenset, set)) or not b.dtypes or \
+            not all(isinstance(d, torch.dtype) for d in b.dtypes):
+        bad("dtypes", "a non-empty tuple of torch dtypes, e.g. (torch.float16, torch.bfloat16)")
+    if b.devices is not None and (not isinstance(b.devices, (tuple, list, frozenset, set)) or not b.devices or
+                                  not all(isinstance(d, str) for d in b.devices)):
+        bad("devices", "None (any) or a non-empty tuple of device types, e.g. ('cuda',)")
+    if b.head_dims is not None and (not isinstance(b.head_dims, (tuple, list, frozenset, set)) or not b.head_dims or
+                                    not all(is_int(d) and d >= 1 for d in b.head_dims)):
+        bad("head_dims", "None (every multiple of head_dim_multiple) or a non-empty tuple of ints >= 1")
+    for field in ("head_dim_multiple", "max_head_dim"):
+        if not is_int(getattr(b, field)) or getattr(b, field) < 1:
+            bad(field, "an int >= 1", ValueError)
+    for field in ("supports_gqa", "supports_lse", "supports_window", "supports_softcap", "known_answer",
+                  "default_eligible"):
+        if not isinstance(getattr(b, field), bool):
+            bad(field, "a bool")
+    cc = b.min_compute_capability
+    if cc is not None and (not isinstance(cc, (tuple, list)) or len(cc) != 2 or not all(is_int(c) for c in cc)):
+        bad("min_compute_capability", "None or (major, minor), e.g. (8, 0)")
+    for method in ("forward", "is_available", "not_supported_reasons"):
+        if not callable(getattr(b, method, None)):
+            bad(method, "a method")
 
 
 def known_backends() -> list[str]:
@@ -163,16 +204,33 @@ def get_backend(name: str) -> Backend:
 
 def unavailable_reason(b: Backend) -> str | None:
     """Why ``b`` cannot run in this environment at all (None when it can): the backend's own
-    ``unavailable_reason`` when it states one, else a generic sentence."""
-    if b.is_available():
-        return None
-    return getattr(b, "unavailable_reason", None) or "not available in this environment"
+    ``unavailable_reason`` when it states one, else a generic sentence. An ``is_available`` that raises makes
+    the backend unavailable, the exception its reason: one faulty backend never breaks the others' dispatch."""
+    try:
+        if b.is_available():
+            return None
+    except Exception as e:  # noqa: BLE001 - any fault of a backend's own check
+        return f"its is_available() raised {type(e).__name__}: {e}"
+    return getattr(b, "unavailable_reason", None) or NOT_AVAILABLE
+
+
+NOT_AVAILABLE = "not available in this environment"  # unavailable_reason of a backend that states none
+
+
+def backend_available(b: Backend) -> bool:
+    """``b.is_available()``, False when it raises (``unavailable_reason`` says why)."""
+    return unavailable_reason(b) is None
 
 
 def reasons(b: Backend, inp: AttnInputs) -> list[str]:
-    """Every reason ``b`` cannot run ``inp`` ([] when it can)."""
+    """Every reason ``b`` cannot run ``inp`` ([] when it can). A ``not_supported_reasons`` that raises is a
+    reason too (the backend is skipped, not the call)."""
     why = unavailable_reason(b)
-    return ([why] if why else []) + b.not_supported_reasons(inp)
+    try:
+        more = list(b.not_supported_reasons(inp))
+    except Exception as e:  # noqa: BLE001 - any fault of a backend's own check
+        more = [f"its not_supported_reasons() raised {type(e).__name__}: {e}"]
+    return ([why] if why else []) + more
 
 
 def registered_backends() -> list[Backend]:
@@ -228,7 +286,7 @@ def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
                         f"{type(inp).__name__}")
     rows = []
     for b in registered_backends():
-        row = {"name": b.name, "priority": b.priority, "available": b.is_available(), "description": b.description,
+        row = {"name": b.name, "priority": b.priority, "available": backend_available(b), "description": b.description,
                "unavailable_reason": unavailable_reason(b), "default_eligible": b.default_eligible}
         if inp is not None:
             row["reasons"] = reasons(b, inp)

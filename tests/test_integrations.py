@@ -301,12 +301,14 @@ def test_transformers_clear_errors():
         elit_attention_forward(module, q, kv, kv, torch.zeros(1, 1, 3, 3), elit_backend="torch")
     with pytest.raises(NotImplementedError, match="^mask_function: "):
         elit_attention_mask(1, 3, 3, attention_mask=None, use_vmap=True)
-    with pytest.raises(TypeError, match="^name: "):
+    with pytest.raises(ValueError, match="^name: '' cannot be registered: it is empty"):
         register("")
+    with pytest.raises(TypeError, match="^name: expected a str, got int"):
+        register(3)
 
 
 @needs_tf
-@pytest.mark.parametrize("name", ["sdpa", "flash_attention_2", "eager", "flex_attention", "paged|sdpa"])
+@pytest.mark.parametrize("name", ["sdpa", "flash_attention_2", "eager", "flex_attention", "paged|eager"])
 def test_transformers_register_refuses_to_replace_a_builtin(name):
     # transformers' registry is process-wide: registering under "sdpa" would silently move every model of the
     # process (ones that never asked for ours) onto our attention. Refused by name unless asked for explicitly.
@@ -331,6 +333,100 @@ def test_transformers_register_refuses_to_replace_a_builtin(name):
         finally:
             transformers.AttentionInterface._global_mapping["sdpa"] = before[0]["sdpa"]
             transformers.AttentionMaskInterface._global_mapping["sdpa"] = before[1]["sdpa"]
+
+
+@needs_tf
+@pytest.mark.parametrize("name, why", [
+    ("paged|elit", "transformers strips the 'paged|' prefix"), ("paged|sdpa", "transformers strips the 'paged|'"),
+    (" elit", "it is not a plain identifier"), ("elit ", "it is not a plain identifier"),
+    ("elit|x", "it is not a plain identifier"), ("org/elit", "transformers loads names of the form 'org/repo"),
+    ("org/elit:fn", "transformers loads names"), ("1elit", "it is not a plain identifier"),
+    ("elit_flash", "contains 'flash'"), ("my_sdpa", "contains 'sdpa'"), ("elit_flex_attention", "contains 'flex"),
+])
+def test_transformers_register_names_transformers_reads_differently(name, why):
+    """A name transformers would not look up as typed (it strips 'paged|', loads 'org/repo' from the Hub, routes
+    'flash' / 'sdpa' / 'flex_attention' names through its own checks) is refused, saying which names work; a
+    plain one (letters, digits, '_', '-') is registered as it is."""
+    import transformers
+
+    from elit_kernels.integrations.transformers import register
+
+    before = dict(transformers.AttentionInterface._global_mapping)
+    with pytest.raises(ValueError, match=rf"^name: '{re.escape(name)}' .*{re.escape(why)}.*Allowed: an ASCII letter "
+                                         r"followed by letters, digits, '_' or '-'"):
+        register(name)
+    assert dict(transformers.AttentionInterface._global_mapping) == before
+    for ok in ("elit-test_2", "E"):
+        assert register(ok) == ok and ok in transformers.AttentionInterface._global_mapping
+
+
+def _window_sets_differ(key_ok, starts, first_q, left, right) -> bool:
+    """Brute force: does any valid query (key positions >= first_q) see another set of keys when the window is
+    counted over the gathered valid tokens of its segment than when it is counted over positions?"""
+    for row, st in zip(key_ok.tolist(), starts.tolist()):
+        seg_of = [sum(st[:p + 1]) for p in range(len(row))]
+        for p, ok in enumerate(row):
+            if not ok or p < first_q:
+                continue
+            same = [j for j in range(len(row)) if row[j] and seg_of[j] == seg_of[p]]
+            i = same.index(p)
+            lo, hi = (0 if left < 0 else max(0, i - left)), (len(same) if right < 0 else i + right + 1)
+            gathered = set(same[lo:hi])
+            by_pos = {j for j in same if (left < 0 or j >= p - left) and (right < 0 or j <= p + right)}
+            if gathered != by_pos:
+                return True
+    return False
+
+
+@needs_tf
+def test_transformers_window_hole_check_matches_brute_force():
+    """The exact hole check (refuse only when a query's packed window would hold other keys than its positional
+    one) against a brute-force set comparison, on random masks with holes, packed rows, causal and two-sided
+    windows and cached queries; both outcomes occur."""
+    from elit_kernels.integrations.transformers import _check_window_holes
+
+    g = torch.Generator().manual_seed(11)
+    outcomes = set()
+    for trial in range(300):
+        b, s = 3, int(torch.randint(4, 14, (1,), generator=g))
+        key_ok = torch.rand(b, s, generator=g) > torch.rand(1, generator=g).item() * 0.6
+        packed = trial % 3 == 0
+        starts = (torch.rand(b, s, generator=g) < 0.25) if packed else torch.zeros(b, s, dtype=torch.bool)
+        starts[:, 0] = True
+        w = int(torch.randint(1, 6, (1,), generator=g))
+        right = 0 if trial % 2 else w - 1
+        first_q = 0 if packed else int(torch.randint(0, s, (1,), generator=g))
+        want = _window_sets_differ(key_ok, starts, first_q, w - 1, right)
+        outcomes.add(want)
+        try:
+            _check_window_holes(key_ok, starts if packed else None, first_q, s, w - 1, right, w)
+            got = False
+        except ValueError as e:
+            msg = str(e)
+            assert msg.startswith("attention_mask: padding between the valid tokens") and f"sliding_window={w}" in msg
+            got = True
+        assert got == want, (key_ok, starts, first_q, w, right)
+    assert outcomes == {True, False}
+
+
+@needs_tf
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformers_window_with_padding_holes(backend):
+    """Mistral (window 4) with holes in the padding mask: a hole a query's window reaches past is refused with a
+    ValueError naming attention_mask (the packed window would count valid tokens, not positions); holes the
+    window does not reach past, and holes without a window (Llama), match eager on every valid row."""
+    ref, ours = _tf_pair("mistral", backend)
+    ids = _ids(2, 10, seed=12)
+    bad = torch.tensor([[1, 0, 1, 1, 0, 1, 1, 1, 0, 1], [1] * 10])
+    with pytest.raises(ValueError, match=r"^attention_mask: padding between the valid tokens of a sequence \(a hole\) "
+                                         r"inside a query's sliding window \(sliding_window=4\).*left and/or right"):
+        ours(ids, attention_mask=bad, use_cache=False)
+    fine = torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 0, 1, 1]])
+    outs = [m(ids, attention_mask=fine, use_cache=False).logits for m in (ref, ours)]
+    assert (outs[0] - outs[1])[fine.bool()].abs().max() <= ATOL
+    ref, ours = _tf_pair("llama", backend)  # no window: holes anywhere
+    outs = [m(ids, attention_mask=bad, use_cache=False).logits for m in (ref, ours)]
+    assert (outs[0] - outs[1])[bad.bool()].abs().max() <= ATOL
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -479,3 +575,133 @@ def test_diffusers_moved_private_names_fail_clearly(monkeypatch):
     with pytest.raises(ImportError, match=r"supports diffusers 0\.42\.x .* no diffusers\.models\.attention_dispatch"
                                           r"\._AttentionBackendRegistry"):
         register()
+
+
+@needs_df
+def test_diffusers_use_elit_again_rebinds_the_processors(monkeypatch):
+    """A second use_elit with another backend rebinds the processors it put in (they then run the new backend),
+    reports them as rebound and says so; the same backend again changes nothing and says nothing."""
+    import elit_kernels.integrations.diffusers as D
+
+    make_model, make_inputs = _df_models()["dit"]
+    torch.manual_seed(0)
+    ref = make_model().eval()
+    ours = copy.deepcopy(ref)
+    assert D.use_elit(ours, backend="torch")["processor"] > 0
+    with pytest.warns(UserWarning, match=r"^use_elit: \d+ elit attention processors ran elit_kernels backend\(s\) "
+                                         r"'torch'; they now run 'reference'"):
+        report = D.use_elit(ours, backend="reference")
+    assert report["rebound"] == report["processor"] > 0 and report["unchanged"] == []
+    seen = []
+    real = D.flash_attn_func
+    monkeypatch.setattr(D, "flash_attn_func", lambda *a, **k: seen.append(k.get("backend")) or real(*a, **k))
+    inputs = make_inputs()
+    got = ours(**inputs).sample
+    assert seen and set(seen) == {"reference"}
+    assert (got - ref(**inputs).sample).abs().max() <= ATOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = D.use_elit(ours, backend="reference")
+    assert again["rebound"] == 0 and again["processor"] == report["processor"]
+
+
+def _mask_forms(batch, heads, sq, sk, g):
+    """name -> mask (True / 0.0 = attend) in every layout AttnProcessor2_0 accepts, from one random key mask with
+    at least one valid key per sample."""
+    ok = torch.rand(batch, sk, generator=g) > 0.4
+    ok[:, int(torch.randint(0, sk, (1,), generator=g))] = True
+    add = torch.zeros(batch, sk).masked_fill(~ok, -10000.0)
+    return {"bool [B, S_k]": ok, "additive [B, S_k]": add, "additive [B, 1, S_k]": add[:, None],
+            "bool [B, 1, S_k]": ok[:, None], "additive [B, S_q, S_k]": add[:, None].expand(batch, sq, sk).clone(),
+            "additive [B*H, 1, S_k]": add.repeat_interleave(heads, 0)[:, None],
+            "finfo.min [B*H, S_q, S_k]": torch.zeros(batch * heads, sq, sk).masked_fill(
+                ~ok.repeat_interleave(heads, 0)[:, None], torch.finfo(torch.float32).min)}
+
+
+@needs_df
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_diffusers_processor_accepts_every_mask_form(backend, cross):
+    """ElitAttnProcessor takes every attention_mask layout AttnProcessor2_0 takes (it prepares them with
+    attn.prepare_attention_mask as diffusers does, [batch * heads, 1, S_k] included), with the same outputs and
+    input gradients."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from elit_kernels.integrations.diffusers import ElitAttnProcessor
+
+    g = torch.Generator().manual_seed(21)
+    torch.manual_seed(3)
+    ref = Attention(query_dim=16, heads=2, dim_head=8, cross_attention_dim=12 if cross else None).eval()
+    ref.set_processor(AttnProcessor2_0())
+    ours = copy.deepcopy(ref)
+    ours.set_processor(ElitAttnProcessor(backend))
+    x = torch.randn(2, 6, 16, generator=g)
+    ctx = torch.randn(2, 5, 12, generator=g) if cross else None
+    sk = 5 if cross else 6
+    for name, mask in _mask_forms(2, 2, 6, sk, g).items():
+        outs = []
+        for m in (ref, ours):
+            xi = x.clone().requires_grad_()
+            out = m(xi, encoder_hidden_states=ctx, attention_mask=mask)
+            (out * torch.linspace(-1, 1, 16)).sum().backward()
+            outs.append((out.detach(), xi.grad))
+        assert (outs[0][0] - outs[1][0]).abs().max() <= ATOL, name
+        assert (outs[0][1] - outs[1][1]).abs().max() <= ATOL, name
+
+
+@needs_df
+def test_diffusers_processor_applies_the_declared_scale():
+    """Attention(scale_qk=False) (attn.scale = 1.0, T5FilmDecoder): ElitAttnProcessor applies attn.scale, as
+    AttnProcessor (diffusers' choice for such modules) does; AttnProcessor2_0, if set by hand, ignores it, so
+    use_elit says the outputs change. With the default scale all three agree."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from elit_kernels.integrations.diffusers import use_elit
+
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(5))
+    for scale_qk in (False, True):
+        torch.manual_seed(4)
+        sdpa = Attention(query_dim=16, heads=2, dim_head=8, scale_qk=scale_qk).eval()
+        sdpa.set_processor(AttnProcessor2_0())
+        classic = copy.deepcopy(sdpa)
+        classic.set_processor(AttnProcessor())
+        ours = copy.deepcopy(sdpa)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert use_elit(ours, backend="torch")["processor"] == 1
+        said = [str(w.message) for w in caught if "attn.scale" in str(w.message)]
+        with torch.no_grad():
+            got, want, sdpa_out = ours(x), classic(x), sdpa(x)
+        assert (got - want).abs().max() <= ATOL
+        if scale_qk:
+            assert not said and (got - sdpa_out).abs().max() <= ATOL
+        else:
+            assert said and said[0].startswith("use_elit: 1 AttnProcessor2_0 processors were on attentions whose "
+                                               "attn.scale is not head_dim**-0.5")
+            assert (got - sdpa_out).abs().max() > 1e-2  # the declared scale, not SDPA's default
+
+
+@needs_df
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sq, sk", [(3, 5), (5, 3), (4, 4), (1, 6), (6, 1)])
+def test_diffusers_dispatcher_causal_matches_native(backend, sq, sk):
+    """is_causal through the "elit" dispatcher backend is what diffusers' "native" backend (SDPA, top-left
+    aligned) computes, also when S_q != S_k; outputs and q/k/v gradients. A mask with is_causal is refused as
+    native refuses it."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from elit_kernels.integrations.diffusers import register
+
+    member = register(backend)
+    g = torch.Generator().manual_seed(sq * 10 + sk)
+    base = [torch.randn(2, n, 2, 8, generator=g) for n in (sq, sk, sk)]
+    outs = []
+    for which in ("native", member):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = dispatch_attention_fn(q, k, v, is_causal=True, backend=which)
+        (out * torch.linspace(-1, 1, 8)).sum().backward()
+        outs.append((out.detach(), q.grad, k.grad, v.grad))
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() <= ATOL
+    with pytest.raises(ValueError, match="^is_causal: True together with attn_mask is not supported"):
+        dispatch_attention_fn(*base, attn_mask=torch.ones(2, sk, dtype=torch.bool), is_causal=True, backend=member)

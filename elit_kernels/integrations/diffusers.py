@@ -12,8 +12,14 @@ Supported: diffusers 0.42.x (tested with 0.42.1). Two routes, because diffusers 
    ``with attention_backend("elit"):`` and ``use_elit(model)`` work as for the built-in backends.
 2. **Attention processors** (DiT, PixArt: ``AttnProcessor2_0`` / ``AttnProcessor``; SD3: ``JointAttnProcessor2_0``),
    which call ``F.scaled_dot_product_attention`` themselves: ``use_elit`` replaces them with
-   ``ElitAttnProcessor`` / ``ElitJointAttnProcessor``, which compute the same projections and norms and run
-   the attention through ``elit_kernels``.
+   ``ElitAttnProcessor`` / ``ElitJointAttnProcessor``, which compute the same projections and norms, accept the
+   same attention masks and run the attention through ``elit_kernels``. One deliberate difference: the
+   replacement applies ``attn.scale`` (the model's declared scale, as ``AttnProcessor`` does), where
+   ``AttnProcessor2_0`` ignores it; they differ only for ``Attention(scale_qk=False)`` given an
+   ``AttnProcessor2_0`` by hand (diffusers picks ``AttnProcessor`` for those), and ``use_elit`` warns then.
+
+``is_causal`` (dispatcher) is top-left aligned as diffusers' ``"native"`` backend (SDPA) computes it, also when
+``S_q != S_k``; the kernels' own causal is bottom-right (flash-attn), so ``attention_bshd`` shifts it.
 
 Private names touched (all in ``diffusers.models.attention_dispatch`` unless said): ``_AttentionBackendRegistry``
 (its ``register`` decorator and the ``_backends`` table), the ``Enum`` internals of ``AttentionBackendName``
@@ -25,11 +31,13 @@ Masks: a boolean mask (True = attend) or an additive one (0 = attend, <= -1e4 = 
 build them) that is the same for every query and head is a *key mask*: the valid keys of each sample are
 gathered wherever they are (not assumed to be a prefix) and the batch runs as one packed call. A mask that
 differs between queries or heads, or an additive bias with other values, raises ``NotImplementedError`` naming
-``attn_mask``; so do ``dropout_p > 0`` and context parallelism (``_parallel_config``).
+``attn_mask``; so do ``dropout_p > 0`` and context parallelism (``_parallel_config``). A mask together with
+``is_causal`` raises ``ValueError`` naming ``is_causal`` (SDPA refuses the pair too).
 """
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import warnings
 
 import torch
@@ -121,13 +129,38 @@ def key_mask(attn_mask: torch.Tensor, batch: int, seqlen_q: int, seqlen_k: int, 
     return first[:, 0, 0].expand(batch, seqlen_k)
 
 
+def _causal_top_left(query, key, value, scale, dropout_p, backend):
+    """``is_causal`` as ``torch.nn.functional.scaled_dot_product_attention`` (diffusers' native backend) aligns
+    it: top-left, query ``i`` sees key ``j`` iff ``j <= i``. The kernels' ``causal`` is bottom-right
+    (``j <= i + S_k - S_q``, flash-attn); the two agree when ``S_q == S_k``. ``S_q < S_k``: keys from ``S_q`` on
+    are seen by no query, so the call runs on the first ``S_q`` keys with bottom-right causal (their gradients
+    are zeros). ``S_q > S_k``: no causal, window ``(-1, S_q - S_k)`` (query ``i`` sees
+    ``j <= i + S_k - S_q + (S_q - S_k) = i``)."""
+    sq, sk = query.shape[1], key.shape[1]
+    if sq <= sk:
+        return flash_attn_func(query, key[:, :sq], value[:, :sq], dropout_p, scale, True, backend=backend)
+    return flash_attn_func(query, key, value, dropout_p, scale, False, (-1, sq - sk), backend=backend)
+
+
 def attention_bshd(query, key, value, attn_mask=None, *, scale=None, is_causal=False, dropout_p=0.0, backend=None):
     """Attention on ``[B, S_q, H, D]`` queries and ``[B, S_k, H_kv, D]`` keys/values (``H % H_kv == 0``) ->
     ``[B, S_q, H, D]``, with an optional key mask (``key_mask``): the valid keys of each sample are gathered
     wherever they are and all samples run as one packed ``flash_attn_varlen_func`` call. A query whose sample
-    has no valid key gets zeros. Raises as ``key_mask`` and ``flash_attn_varlen_func``."""
+    has no valid key gets zeros.
+
+    ``is_causal``: top-left aligned, as ``torch.nn.functional.scaled_dot_product_attention`` and diffusers'
+    native backend (query ``i`` sees key ``j`` iff ``j <= i``; differs from flash-attn's bottom-right alignment
+    when ``S_q != S_k``). Raises ``ValueError`` naming ``is_causal`` when it comes with ``attn_mask`` (SDPA
+    refuses that pair too; the gathered keys would lose their positions); otherwise as ``key_mask`` and
+    ``flash_attn_varlen_func``."""
+    if is_causal and attn_mask is not None:
+        raise ValueError("is_causal: True together with attn_mask is not supported (as torch's "
+                         "scaled_dot_product_attention, diffusers' native backend, refuses it): pass is_causal=False "
+                         "with a mask, or is_causal=True without one")
     if attn_mask is None:
-        return flash_attn_func(query, key, value, dropout_p, scale, is_causal, backend=backend)
+        if is_causal:
+            return _causal_top_left(query, key, value, scale, dropout_p, backend)
+        return flash_attn_func(query, key, value, dropout_p, scale, False, backend=backend)
     b, sq, h, d = query.shape
     sk = key.shape[1]
     ok = key_mask(attn_mask.to(query.device), b, sq, sk, h)
@@ -136,7 +169,7 @@ def attention_bshd(query, key, value, attn_mask=None, *, scale=None, is_causal=F
     cu_k, cu_q = _cu(counts), _uniform_cu(b, sq, query.device)
     out = flash_attn_varlen_func(query.reshape(b * sq, h, d), key.reshape(b * sk, *key.shape[2:])[idx],
                                  value.reshape(b * sk, *value.shape[2:])[idx], cu_q, cu_k, sq, int(counts.max()),
-                                 dropout_p, scale, is_causal, backend=backend)
+                                 dropout_p, scale, False, backend=backend)
     return out.view(b, sq, h, d)
 
 
@@ -145,10 +178,12 @@ def elit_dispatch_attention(query: torch.Tensor, key: torch.Tensor, value: torch
                             scale: float | None = None, enable_gqa: bool = False, _parallel_config=None, *,
                             elit_backend: str | None = None) -> torch.Tensor:
     """The ``"elit"`` backend of diffusers' attention dispatcher: ``[B, S, H, D]`` in and out (the dispatcher's
-    layout), GQA when k/v have fewer heads (``enable_gqa`` or not), masks as ``attention_bshd``.
+    layout), GQA when k/v have fewer heads (``enable_gqa`` or not), masks as ``attention_bshd``; ``is_causal``
+    top-left aligned as diffusers' ``"native"`` backend (SDPA) computes it, also when ``S_q != S_k``.
 
     Raises ``NotImplementedError`` naming ``_parallel_config`` (context parallelism), ``dropout_p`` (> 0) or
-    ``attn_mask`` (see ``key_mask``).
+    ``attn_mask`` (see ``key_mask``); ``ValueError`` naming ``is_causal`` when it comes with ``attn_mask``
+    (``"native"`` raises for that pair too).
     """
     if _parallel_config is not None:
         raise NotImplementedError("_parallel_config: context parallelism is not supported by the elit backend")
@@ -173,8 +208,9 @@ def register(backend: str | None = None):
     ad = _dispatch_module()
     if _bound and _bound[-1] != backend:
         warnings.warn(f"register: the '{NAME}' attention dispatcher backend ran elit_kernels backend {_bound[-1]!r}; "
-                      f"it now runs {backend!r} for every model routed through it (use_elit's processors keep their "
-                      "own)", stacklevel=2)
+                      f"it now runs {backend!r} for every model routed through it (ElitAttnProcessor / "
+                      "ElitJointAttnProcessor keep the backend they were made with; use_elit(model, backend) "
+                      "rebinds a model's)", stacklevel=2)
     _bound[:] = [backend]
     member = _add_enum_member(ad.AttentionBackendName, NAME.upper(), NAME)
 
@@ -191,10 +227,32 @@ def register(backend: str | None = None):
     return member
 
 
+def _default_scale(attn) -> float | None:
+    """The softmax scale ``AttnProcessor2_0`` runs with whatever ``attn.scale`` says: SDPA's default,
+    ``head_dim**-0.5`` with ``head_dim = to_k.out_features // heads`` (its own computation); None for a module
+    without ``scale``, ``heads`` or a linear ``to_k``."""
+    out = getattr(getattr(attn, "to_k", None), "out_features", None)
+    if not isinstance(getattr(attn, "scale", None), (int, float)) or not getattr(attn, "heads", None) or not out:
+        return None
+    return (out // attn.heads) ** -0.5
+
+
 class ElitAttnProcessor:
     """Processor for diffusers' ``Attention`` modules that default to ``AttnProcessor2_0`` / ``AttnProcessor``
     (DiT, PixArt, UNet blocks): the same projections, norms, residual and rescale, with the attention run by
-    ``elit_kernels`` (``attention_bshd``; ``attn.scale``; masks as ``key_mask``)."""
+    ``elit_kernels`` (``attention_bshd``).
+
+    ``attention_mask``: every form those processors accept, prepared the same way (``attn.prepare_attention_mask``,
+    then viewed as ``[batch, heads, 1 | S_q, S_k]``): ``[B, S_k]``, ``[B, 1 | S_q, S_k]``,
+    ``[B * heads, 1 | S_q, S_k]``, boolean or additive; then read as ``key_mask`` (a mask that differs between
+    queries or heads raises ``NotImplementedError`` naming ``attn_mask``).
+
+    Scale: ``attn.scale``, the model's declared scale, as ``AttnProcessor`` (``get_attention_scores``) applies it.
+    ``AttnProcessor2_0`` ignores ``attn.scale`` and runs SDPA's default ``head_dim**-0.5``, so the two agree exactly
+    when ``attn.scale == head_dim**-0.5`` (``scale_qk=True``, the default); for ``scale_qk=False``
+    (``attn.scale = 1.0``, e.g. T5FilmDecoder) this processor matches ``AttnProcessor``, which is what diffusers
+    itself picks for such modules, not an ``AttnProcessor2_0`` set on them by hand (``use_elit`` warns when it
+    replaces one)."""
 
     def __init__(self, backend: str | None = None):
         self.backend = backend
@@ -208,6 +266,10 @@ class ElitAttnProcessor:
         if image:
             b, c, hh, ww = hidden_states.shape
             hidden_states = hidden_states.view(b, c, hh * ww).transpose(1, 2)
+        if attention_mask is not None:  # as AttnProcessor2_0: lengths from the keys' source, [B, H, 1 | S_q, S_k]
+            batch, seqlen_k = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[:2]
+            attention_mask = attn.prepare_attention_mask(attention_mask, seqlen_k, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         batch = hidden_states.shape[0]
@@ -283,15 +345,25 @@ def use_elit(model: torch.nn.Module, backend: str | None = None) -> dict:
 
     ``backend``: the ``varlen_attention`` backend (None: dispatch per call). The replaced processors keep it per
     model; the dispatcher entry is one per process, so routing a second model with another backend changes it
-    for the first too (``register`` warns when it does).
+    for the first too (``register`` warns when it does). Calling ``use_elit`` again on the same model with
+    another backend rebinds it: processors already ours that ran another backend are replaced by new ones
+    running ``backend`` (new instances: a processor shared with another model is not changed), with a warning
+    naming both backends.
 
-    Returns ``{"dispatcher": n, "processor": n, "unchanged": [class names]}``. Raises ``ImportError`` and the
-    ``backend`` errors as ``register``; ``TypeError`` naming ``model`` when it is not a ``torch.nn.Module``.
+    An ``AttnProcessor2_0`` on a module whose ``attn.scale`` is not ``head_dim**-0.5`` (``scale_qk=False``, set by
+    hand: diffusers picks ``AttnProcessor`` there) ignored that scale; its replacement applies it (see
+    ``ElitAttnProcessor``), so the outputs change: warned, naming the count.
+
+    Returns ``{"dispatcher": n, "processor": n, "rebound": n, "unchanged": [class names]}``: ``processor`` counts
+    the modules whose processor is ours after the call (replaced now or already ours), ``rebound`` those of them
+    that were ours with another backend. Raises ``ImportError`` and the ``backend`` errors as ``register``;
+    ``TypeError`` naming ``model`` when it is not a ``torch.nn.Module``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a diffusers model), got {type(model).__name__}")
     member = register(backend)
-    report = {"dispatcher": 0, "processor": 0, "unchanged": []}
+    report = {"dispatcher": 0, "processor": 0, "rebound": 0, "unchanged": []}
+    old_backends, rescaled = set(), 0
     for module in model.modules():
         proc = getattr(module, "processor", None)
         if proc is None or not hasattr(module, "set_processor"):
@@ -300,10 +372,27 @@ def use_elit(model: torch.nn.Module, backend: str | None = None) -> dict:
             proc._attention_backend = member
             report["dispatcher"] += 1
         elif type(proc).__name__ in _PROCESSOR_FOR:
+            default = _default_scale(module) if type(proc).__name__ == "AttnProcessor2_0" else None
+            if default is not None and not math.isclose(module.scale, default):
+                rescaled += 1
             module.set_processor(_PROCESSOR_FOR[type(proc).__name__](backend))
             report["processor"] += 1
-        elif not isinstance(proc, (ElitAttnProcessor, ElitJointAttnProcessor)):
+        elif isinstance(proc, (ElitAttnProcessor, ElitJointAttnProcessor)):
+            if proc.backend != backend:
+                old_backends.add(proc.backend)
+                module.set_processor(type(proc)(backend))
+                report["rebound"] += 1
+            report["processor"] += 1
+        else:
             report["unchanged"].append(type(proc).__name__)
+    if report["rebound"]:
+        warnings.warn(f"use_elit: {report['rebound']} elit attention processors ran elit_kernels backend(s) "
+                      f"{', '.join(sorted(repr(b) for b in old_backends))}; they now run {backend!r}", stacklevel=2)
+    if rescaled:
+        warnings.warn(f"use_elit: {rescaled} AttnProcessor2_0 processors were on attentions whose attn.scale is not "
+                      "head_dim**-0.5 (scale_qk=False); AttnProcessor2_0 ignored attn.scale, ElitAttnProcessor "
+                      "applies it (as AttnProcessor, diffusers' own choice for such modules), so their outputs "
+                      "change", stacklevel=2)
     if report["unchanged"]:
         warnings.warn(f"use_elit: {len(report['unchanged'])} attention processors kept their own attention "
                       f"(classes {sorted(set(report['unchanged']))}): elit_kernels has no equivalent processor for them",

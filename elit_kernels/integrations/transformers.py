@@ -13,11 +13,14 @@ left-padded batch would then attend to its padding).
 What the attention function handles (all through ``elit_kernels.flash_attn_varlen_func`` / ``flash_attn_func``,
 flash-attn semantics, bottom-right aligned causal mask):
 
-- **padding** (any positions, left or right or holes): the mask function hands over the 2-D boolean key mask
+- **padding** (left, right, or holes between valid tokens): the mask function hands over the 2-D boolean key mask
   ``[B, kv_length]``; valid keys and queries are gathered wherever they are, run as one packed call, and the
   output is scattered back. Causal or windowed self-attention: the queries are the last ``S_q`` keys, and rows
   of padded queries are zeros. Otherwise (cross-attention, whose mask is the encoder's; bidirectional
-  self-attention) every query attends to the valid keys of its row, as in eager attention;
+  self-attention) every query attends to the valid keys of its row, as in eager attention. Holes with a sliding
+  window: the packed call counts the window over the gathered valid tokens, transformers over positions; the
+  two agree for left/right padding and for holes no query's window reaches past, and any other hole raises
+  ``ValueError`` naming ``attention_mask`` (checked exactly, per query; use ``sdpa`` / ``eager`` for such a batch);
 - **packed sequences**: ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (``DataCollatorWithFlattening``;
   ``max_length_*`` may be 0-dim tensors), or ``position_ids`` that restart (a new sequence wherever the position
   does not grow by 1, as transformers' own masks read them), also under ``torch.compile`` (read on the device)
@@ -25,10 +28,12 @@ flash-attn semantics, bottom-right aligned causal mask):
 - **KV cache**: keys longer than queries; the queries are the last ones (bottom-right alignment);
 - **GQA / MQA**: key/value heads are passed as they are (no ``repeat_kv``);
 - **sliding window** (``sliding_window=w``, Mistral): ``window_size=(w - 1, w - 1)`` with causal, i.e. a query sees
-  itself and the ``w - 1`` keys before it, as transformers' masks and its flash-attention path do;
+  itself and the ``w - 1`` keys before it, as transformers' masks and its flash-attention path do (positions; see
+  padding for holes);
 - **softcap** (Gemma-2 style ``softcap=``).
 
 Refused with an error naming the argument: ``s_aux`` (attention sinks), ``dropout > 0`` (``NotImplementedError``),
+a padding hole that changes what a sliding window holds (``ValueError``, see padding),
 an attention mask that is not the 2-D boolean mask of our mask function (``TypeError``), and mask overlays that
 a 2-D mask cannot express (``or_mask_function`` / ``and_mask_function``, e.g. bidirectional image tokens:
 ``NotImplementedError`` from the mask function).
@@ -36,6 +41,7 @@ a 2-D mask cannot express (``or_mask_function`` / ``and_mask_function``, e.g. bi
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import warnings
 
 import torch
@@ -108,6 +114,50 @@ def _packed_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: in
     return _cu(lengths), int(lengths.max())
 
 
+def _check_window_holes(key_ok: torch.Tensor, start: torch.Tensor | None, first_q: int, end_q: int, left: int,
+                        right: int, sliding_window: int) -> None:
+    """Raise ``ValueError`` naming ``attention_mask`` when a padding hole would change what a sliding window holds.
+
+    The packed call applies the window to the gathered valid tokens (``left`` valid keys before a query and
+    ``right`` after it), transformers applies it to positions (the valid keys among the ``left`` positions before
+    and ``right`` after). The gathered window always holds the positional one; the two agree exactly when they
+    hold as many keys, which this counts for every valid query (key positions ``first_q .. end_q - 1`` of
+    ``key_ok``, bool ``[B, S_k]``), within its segment (its row, or its packed sequence when ``start``, bool
+    ``[B, S_k]``, marks where sequences start). Left or right padding never differs; a hole differs only when a
+    query's window reaches past it. One host read."""
+    b, sk = key_ok.shape
+    valid = key_ok.to(torch.int64)
+    upto = torch.cumsum(valid, 1)  # valid keys at positions <= p
+    before = upto - valid  # valid keys at positions < p
+    pos = torch.arange(sk, device=key_ok.device).expand(b, sk)
+    if start is None:
+        first = torch.zeros_like(pos)
+        last = torch.full_like(pos, sk - 1)
+    else:
+        first = torch.where(start, pos, 0).cummax(1).values
+        ends = torch.zeros_like(start)
+        ends[:, :-1] = start[:, 1:]
+        ends[:, -1] = True
+        last = torch.where(ends, pos, sk - 1).flip(1).cummin(1).values.flip(1)
+    wrong = torch.zeros_like(key_ok)
+    if left >= 0:
+        lo = torch.maximum(pos - left, first)
+        wrong |= (upto - before.gather(1, lo)) != torch.clamp_max(upto - before.gather(1, first), left + 1)
+    if right >= 0:
+        hi = torch.minimum(pos + right, last)
+        wrong |= (upto.gather(1, hi) - before) != torch.clamp_max(upto.gather(1, last) - before, right + 1)
+    queries = key_ok.clone()
+    queries[:, :first_q] = False
+    queries[:, end_q:] = False
+    if bool((wrong & queries).any()):
+        raise ValueError(f"attention_mask: padding between the valid tokens of a sequence (a hole) inside a query's "
+                         f"sliding window (sliding_window={sliding_window}) is not supported: elit attention packs "
+                         "the valid tokens and would count the window over them, not over positions as transformers "
+                         "does. Supported with a sliding window: left and/or right padding (each sequence's valid "
+                         "tokens contiguous), and holes no query's window reaches past; without a window, holes "
+                         "anywhere. Use attn_implementation='sdpa' or 'eager' for this batch")
+
+
 def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                            sliding_window: int | None = None, softcap: float | None = None,
@@ -121,8 +171,9 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         attention_mask: None, or the 2-D boolean ``[B, L]`` key mask from ``elit_attention_mask`` (``L <= S_k``:
             keys past ``L`` are not valid).
         scaling: softmax scale (default ``D**-0.5``); dropout: only 0.0; sliding_window: total causal window
-            ``w`` (``window_size=(w - 1, w - 1)``); softcap: logit cap; is_causal: default ``module.is_causal``;
-            s_aux: only None.
+            ``w`` (``window_size=(w - 1, w - 1)``, over positions: a padding hole that would make the packed
+            window hold other keys raises ``ValueError`` naming ``attention_mask``); softcap: logit cap;
+            is_causal: default ``module.is_causal``; s_aux: only None.
         kwargs: ``cu_seq_lens_q/k``, ``max_length_q/k`` (packed batches), ``position_ids``; others are ignored as
             transformers' own implementations ignore them (``output_attentions`` warns: no weights are returned).
         elit_backend: keyword only, bound by ``register(backend=...)``: the ``varlen_attention`` backend.
@@ -158,6 +209,9 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             # is the encoder's; bidirectional self-attention) every query attends to the valid keys of its row.
             q_ok = key_ok[:, written - sq:written]
         start = _packing_starts(kwargs.get("position_ids"), b, sq) if sq == sk else None
+        if window != (-1, -1) and sq <= written:
+            _check_window_holes(key_ok, start, written - sq, written, window[0], 0 if causal else window[1],
+                                sliding_window)
         if start is None:  # one segment per row
             len_q, len_k = q_ok.sum(1), key_ok.sum(1)
         else:  # packed rows with padding: one segment per packed sequence, its valid tokens only
@@ -236,6 +290,34 @@ def _builtin_names(transformers) -> set[str]:
     return names
 
 
+#: the names ``register`` accepts (besides transformers' own with ``replace_builtin``): an ASCII letter, then
+#: letters, digits, ``_`` or ``-``
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+#: substrings transformers reads in an ``attn_implementation`` name (``is_flash_attention_requested``, the checks
+#: of ``PreTrainedModel.get_correct_attn_implementation``): a name holding one is not treated as a plain entry
+_READ_BY_TRANSFORMERS = ("flash", "flex_attention", "sdpa")
+
+
+def _check_name(name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless transformers would look it up as it is. transformers 5.24 reads
+    more than the registry key: it strips a ``paged|`` prefix, loads ``org/repo[:fn]`` names from the Hub
+    (``is_kernel``), and routes names containing ``flash`` / ``flex_attention`` / ``sdpa`` through the checks of
+    its own implementations (``modeling_utils``)."""
+    allowed = ("an ASCII letter followed by letters, digits, '_' or '-' (e.g. 'elit', 'elit_cpp'), without "
+               f"{', '.join(repr(x) for x in _READ_BY_TRANSFORMERS)}")
+    if not _NAME.fullmatch(name):
+        why = ("it is empty" if not name else
+               "transformers strips the 'paged|' prefix and would run the name after it"
+               if name.startswith("paged|") else
+               "transformers loads names of the form 'org/repo[:function]' as Hub kernels" if "/" in name else
+               "it is not a plain identifier (spaces, separators and other characters are not looked up as typed)")
+        raise ValueError(f"name: {name!r} cannot be registered: {why}. Allowed: {allowed}")
+    for part in _READ_BY_TRANSFORMERS:
+        if part in name:
+            raise ValueError(f"name: {name!r} contains {part!r}, which transformers reads as a request for its own "
+                             f"{part} attention path (model checks, imports). Allowed: {allowed}")
+
+
 def register(name: str = "elit", backend: str | None = None, *, replace_builtin: bool = False) -> str:
     """Register ``elit_attention_forward`` and ``elit_attention_mask`` with transformers under ``name``.
 
@@ -248,23 +330,29 @@ def register(name: str = "elit", backend: str | None = None, *, replace_builtin:
             for every model in the process, including ones that never asked for ours; off by default.
 
     Returns ``name``. Raises ``ImportError`` naming the supported transformers version when it is missing or
-    lacks the registration interfaces; ``TypeError`` when ``name`` is not a non-empty string; ``ValueError``
-    naming ``name`` when it is one of transformers' own implementations and ``replace_builtin`` is off;
+    lacks the registration interfaces; ``TypeError`` naming ``name`` when it is not a str; ``ValueError``
+    naming ``name`` when it is one of transformers' own implementations and ``replace_builtin`` is off, or
+    when it is not one of ours as transformers would look it up: an ASCII letter, then letters, digits, ``_``
+    or ``-``, without ``flash``, ``flex_attention`` or ``sdpa`` (transformers strips ``paged|``, loads
+    ``org/repo`` names from the Hub and routes those substrings to its own implementations' checks);
     ``ValueError`` / ``TypeError`` naming ``backend`` when it is not None or a registered ``varlen_attention``
     backend.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
     replace_builtin = _flag("replace_builtin", replace_builtin)
     if backend is not None:
         get_backend(backend)  # an unknown name is named now, not at the first forward
     transformers = _transformers()
     builtin = _builtin_names(transformers)
-    if not replace_builtin and (name in builtin or name.startswith("paged|")):
-        raise ValueError(f"name: {name!r} is transformers' own attention implementation; registering ours under "
-                         "it would replace it for every model in this process. Use a name of ours (the default "
-                         "'elit'), or pass replace_builtin=True to mean it. transformers' own: "
-                         f"{', '.join(sorted(builtin))}")
+    if name in builtin:
+        if not replace_builtin:
+            raise ValueError(f"name: {name!r} is transformers' own attention implementation; registering ours under "
+                             "it would replace it for every model in this process. Use a name of ours (the default "
+                             "'elit'), or pass replace_builtin=True to mean it. transformers' own: "
+                             f"{', '.join(sorted(builtin))}")
+    else:
+        _check_name(name)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         return elit_attention_forward(module, query, key, value, attention_mask, elit_backend=backend, **kwargs)

@@ -289,6 +289,55 @@ def test_bare_state_dict_with_arch(tmp_path):
         load_checkpoint(str(p), arch=arch_of(FIXTURE_A) | {"encoder_depth": None})  # None: not given
 
 
+@pytest.mark.parametrize("kind", ["bool", "int64", "complex"])
+def test_a_weight_that_is_not_floating_point_is_refused_naming_it(tmp_path, kind):
+    """A bool, integer or complex tensor where a float weight belongs was cast in without a word (the output
+    moved by 4 to 8; complex lost its imaginary part): refused naming the key and its dtype, in the official
+    loader (elit-convert) and in our own format."""
+    arch = arch_of(FIXTURE_A)
+    c = {k: v for k, v in ckpt(FIXTURE_A).items() if k != "reference"}  # a copy: ckpt() is shared
+    key = "t_embedder.mlp.2.weight"
+    w = c["ema"][key]
+    c["ema"] = {**c["ema"], key: {"bool": w > 0, "int64": (w * 10).round().long(), "complex": torch.complex(w, w)}[kind]}
+    p = tmp_path / "bad.pt"
+    torch.save(c, p)
+    dt = c["ema"][key].dtype
+    with pytest.raises(CheckpointError, match=re.escape(f"bad.pt: tensor '{key}' is {dt}, expected a floating-point "
+                                                        "weight (1 such tensors in all)")):
+        load_checkpoint(str(p), arch=arch, check_finite=False)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{key}' is {dt}")):  # the finite check runs after
+        load_checkpoint(str(p), arch=arch)
+    ours = _tiny_file(tmp_path, ".pt")
+    f = torch.load(ours, weights_only=False)
+    k0 = sorted(f["state_dict"])[0]
+    f["state_dict"][k0] = {"bool": f["state_dict"][k0] > 0, "int64": f["state_dict"][k0].long(),
+                           "complex": f["state_dict"][k0].to(torch.complex64)}[kind]
+    torch.save(f, ours)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{k0}' is {f['state_dict'][k0].dtype}, expected a "
+                                                        "floating-point weight")):
+        load_model(ours)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
+@pytest.mark.parametrize("bare", [False, True])
+def test_a_wrapped_models_state_dict_loads_with_a_note(tmp_path, prefix, bare):
+    """Every key prefixed 'module.' (DDP) or '_orig_mod.' (torch.compile): the same weights, loaded with a note
+    (it was refused as 'not an ELIT-SiT checkpoint'), giving the official outputs."""
+    arch = arch_of(FIXTURE_A)
+    c = {k: v for k, v in ckpt(FIXTURE_A).items() if k != "reference"}  # a copy: ckpt() is shared
+    ref = ckpt(FIXTURE_A)["reference"]
+    c["ema"] = {prefix + k: v for k, v in c["ema"].items()}
+    p = tmp_path / "wrapped.pt"
+    torch.save(c["ema"] if bare else c, p)
+    arch = {**arch, "encoder_depth": c["args"].encoder_depth} if bare else arch
+    m = load_checkpoint(str(p), arch=arch, backend="torch")
+    assert "removed the 'module.' prefix" in " ".join(m.checkpoint_info["notes"]) or prefix != "module."
+    assert "prefix of every key" in " ".join(m.checkpoint_info["notes"])
+    full = ref["outputs"]["full"]
+    with torch.no_grad():
+        assert_rel(m(ref["x"], ref["t"], ref["y"]), full["out"], msg="wrapped")
+
+
 @pytest.mark.parametrize("key,value,error,match", [
     ("num_heads", 0, ValueError, "an int >= 1, got 0"),
     ("hidden_size", -3, ValueError, "an int >= 1, got -3"),
@@ -467,6 +516,9 @@ def test_convert_cli_usage_errors(tmp_path, capsys):
         [FIXTURE_A, "--out", str(tmp_path / "o4.pt"), "--arch", "num_heads=0", "--arch", "dit_decoder_depth=1"])
     assert "--arch: arch: num_heads: expected an int, got str ('two')" in run(
         [FIXTURE_A, "--out", str(tmp_path / "o5.pt"), "--arch", '{"num_heads": "two", "dit_decoder_depth": 1}'])
+    # a key given twice with two values: which was meant cannot be told (the same value twice is harmless)
+    assert "--arch: num_heads is given twice (4 and 2); give it once" in run(
+        [FIXTURE_A, "--out", str(tmp_path / "o6.pt"), "--arch", "num_heads=4", "--arch", '{"num_heads": 2}'])
     # an output path that cannot be written is refused before the checkpoint is read
     for out, why in ((tmp_path, "is a folder (expected a file path)"),
                      ("/proc/elit-convert.safetensors", "cannot write into /proc"),

@@ -304,12 +304,20 @@ def model_from_parts(config: dict, state_dict: dict, *, backend=None, device="cp
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: state_dict does not match the config: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
+        raise CheckpointError(f"{source}: state_dict does not match the config: missing keys {missing}, "
+                              f"unexpected keys {unexpected}")
     bad = [(k, tuple(own[k].shape), tuple(v.shape)) for k, v in state_dict.items() if own[k].shape != v.shape]
     if bad:
         k, e, g = bad[0]
-        raise ValueError(f"{source}: shape mismatch for {k}: expected {e}, got {g} ({len(bad)} mismatched in all)")
+        raise CheckpointError(f"{source}: shape mismatch for {k}: expected {e}, got {g} ({len(bad)} mismatched in "
+                              "all)")
+    # a bool, integer or complex tensor where a float weight belongs would be cast in silently (complex losing
+    # its imaginary part): a damaged or foreign file, never a released one
+    bad = [(k, v.dtype) for k, v in state_dict.items() if own[k].is_floating_point() and not v.is_floating_point()]
+    if bad:
+        k, got = bad[0]
+        raise CheckpointError(f"{source}: tensor {k!r} is {got}, expected a floating-point weight ({own[k].dtype} "
+                              f"here) ({len(bad)} such tensors in all): the file is damaged or not an ELIT model")
     model.load_state_dict(state_dict, strict=True)
     if dtype is not None:
         model = model.to(dtype)

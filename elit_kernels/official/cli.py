@@ -44,6 +44,18 @@ def _arch_item(text: str):
     return {key.strip(): parsed}
 
 
+def merge_arch(items: list[dict]) -> tuple[dict, str | None]:
+    """The ``--arch`` items (each ``_arch_item``'s dict) as one dict, and the usage error when a key is given
+    twice with different values (which one was meant cannot be told; the same value twice is harmless)."""
+    arch: dict = {}
+    for item in items:
+        for k, v in item.items():
+            if k in arch and arch[k] != v:
+                return arch, f"{k} is given twice ({arch[k]!r} and {v!r}); give it once"
+            arch[k] = v
+    return arch, None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elit-convert", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,9 +78,9 @@ def main(argv=None) -> int:
 
 
 def _main(parser, args) -> int:
-    arch = {}
-    for item in args.arch:
-        arch.update(item)
+    arch, why = merge_arch(args.arch)
+    if why:
+        parser.error(f"--arch: {why}")
     if not os.path.isfile(args.checkpoint):
         parser.error(f"checkpoint: no such file: {args.checkpoint}")
     if os.path.exists(args.out) and not args.force:

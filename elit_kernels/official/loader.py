@@ -277,6 +277,25 @@ _ARCH_UNREAD = ("dit_encoder_depth", "class_dropout_prob", "fused_attn", "enable
                 "projector_dim", "path_type", "elit_max_mask_prob", "elit_min_mask_prob")
 
 
+#: key prefixes of a wrapped model's state_dict: DistributedDataParallel / DataParallel, torch.compile
+_WRAPPER_PREFIXES = (("module.", "a DistributedDataParallel / DataParallel model"),
+                     ("_orig_mod.", "a torch.compile'd model"))
+
+
+def _strip_wrapper_prefixes(sd: dict, notes: list) -> dict:
+    """``sd`` without the prefix every key carries when the state_dict was taken from a wrapped model (the
+    weights are the same), each removal noted; unchanged otherwise."""
+    while sd and all(isinstance(k, str) for k in sd):
+        for prefix, what in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                notes.append(f"removed the {prefix!r} prefix of every key (a state_dict of {what})")
+                break
+        else:
+            return sd
+    return sd
+
+
 def _check_arch_value(key: str, value) -> None:
     """TypeError / ValueError naming ``arch[key]`` when ``value`` is not what the official constructor takes for it
     (an int >= 1 for sizes, >= 0 for block counts, a finite real > 0 for ``mlp_ratio`` and in [0, 1] for the
@@ -326,6 +345,8 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
     unread = sorted(k for k, v in arch.items() if k in _ARCH_UNREAD and v is not None)
     if unread:
         notes.append(f"arch keys not read (training-only, or fixed by the weights): {', '.join(unread)}")
+    if isinstance(ckpt, dict) and not any(w in ckpt for w in WEIGHTS):
+        ckpt = _strip_wrapper_prefixes(ckpt, notes)
     bare = isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt
     if bare:  # a bare state_dict (e.g. ckpt['ema'] saved alone)
         sd, args = ckpt, {}
@@ -346,6 +367,11 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
                               f"(official train.py) or one of our files (format {READABLE_FORMATS}), got {keys}")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: the {weights!r} entry is not a state_dict of tensors")
+    sd = _strip_wrapper_prefixes(sd, notes)
+    bad = [(k, v.dtype) for k, v in sd.items() if not v.is_floating_point()]
+    if bad:  # every weight and buffer of the released models is floating point; a cast would hide the damage
+        raise CheckpointError(f"{path}: tensor {bad[0][0]!r} is {bad[0][1]}, expected a floating-point weight "
+                              f"({len(bad)} such tensors in all): the file is damaged or not an ELIT-SiT checkpoint")
     if check_finite:
         _check_finite(str(path), sd)
     if READ + "learned_query_embed" not in sd:

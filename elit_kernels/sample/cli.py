@@ -109,9 +109,11 @@ def main(argv=None) -> int:
 
 
 def _main(parser, args) -> int:
-    arch = {}
-    for item in args.arch:
-        arch.update(item)
+    from ..official.cli import merge_arch
+
+    arch, why = merge_arch(args.arch)
+    if why:
+        parser.error(f"--arch: {why}")
     try:
         classes = _read_classes(args.classes, args.class_file)
         generate(args.checkpoint, args.out, num_samples=args.num_samples, classes=classes, sampler=args.sampler,

@@ -457,6 +457,12 @@ def test_registry_tuning_and_environment_arguments_are_checked(monkeypatch):
     monkeypatch.setenv("ELIT_BACKEND", "garbage")
     with pytest.raises(ValueError, match=r"^ELIT_BACKEND='garbage': unknown backend 'garbage'; known backends"):
         A.select_backend(_inp())
+    monkeypatch.setenv("ELIT_BACKEND", " torch\n")  # spaces around a name, as a shell script may leave them
+    assert A.select_backend(_inp()).name == "torch"
+    monkeypatch.setenv("ELIT_BACKEND", "  ")  # blank: as if unset
+    blank = A.select_backend(_inp()).name
+    monkeypatch.delenv("ELIT_BACKEND")
+    assert blank == A.select_backend(_inp()).name
 
 
 @pytest.mark.parametrize("field,value,err,match", [

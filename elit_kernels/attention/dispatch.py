@@ -237,7 +237,8 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
 
     Raises ValueError naming ``backend`` (or ``ELIT_BACKEND``) when the requested backend cannot run the
     inputs, listing every reason; ValueError listing every backend's reasons when none can."""
-    explicit = backend if backend is not None else (os.environ.get("ELIT_BACKEND") or None)
+    # the environment's value without surrounding spaces (as the other ELIT_* switches); names keep their case
+    explicit = backend if backend is not None else (os.environ.get("ELIT_BACKEND", "").strip() or None)
     if explicit is not None:
         try:
             b = get_backend(explicit)

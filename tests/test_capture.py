@@ -106,6 +106,23 @@ def test_arguments_are_checked():
         _Recorded(m)(x, t, y, [4, 1])  # one budget short
 
 
+def test_inputs_that_require_grad_are_refused_not_silently_detached():
+    """A graphed forward is inference only: x or t requiring grad (grad mode on) is named, where the output used
+    to come back without a graph and backward() failed far away; under no_grad the same inputs run."""
+    m = _model()
+    g = capture(m)
+    x, t, y = _inputs()
+    for name, xx, tt in (("x", x.clone().requires_grad_(), t), ("t", x, t.clone().requires_grad_())):
+        with pytest.raises(ValueError, match=f"^{name}: requires grad, but a graphed forward is inference only"):
+            g(xx, tt, y, [4, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the CPU fallback's one-line warning
+        with torch.no_grad():
+            got = g(x.clone().requires_grad_(), t, y, [4, 1, 2])
+            want = m(x, t, y, [4, 1, 2])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_sampler_graphed_equals_eager_on_cpu():
     m = _model()
     x, _, y = _inputs()

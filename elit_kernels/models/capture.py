@@ -38,7 +38,8 @@ class GraphedForward:
         warmup: eager calls on a side stream before each capture (cuDNN / Triton autotune / known-answer checks
             happen there).
 
-    Inference only (no autograd through a replay). Calling returns a new tensor (a copy of the graph's static
+    Inference only (no autograd through a replay): an ``x`` or ``t`` that requires grad (with grad mode on) is a
+    ValueError naming it, not an output without a graph. Calling returns a new tensor (a copy of the graph's static
     output), x's shape and dtype.
     ``stats`` counts captures, replays and eager fallbacks. Raises what ``model`` raises for bad inputs
     (checked eagerly on the first call of each signature).
@@ -93,6 +94,12 @@ class GraphedForward:
         return None
 
     def __call__(self, x, t, y, budgets=None):
+        if torch.is_grad_enabled():  # a replay (and the eager fallback, to give the same result) records no autograd
+            for name, u in (("x", x), ("t", t)):
+                if isinstance(u, torch.Tensor) and u.requires_grad:
+                    raise ValueError(f"{name}: requires grad, but a graphed forward is inference only (no autograd "
+                                     "through a replay); call the model itself for gradients, or pass "
+                                     f"{name}.detach()")
         why = self._why_not(x)
         if why is not None:
             return self._fallback(why, x, t, y, budgets)

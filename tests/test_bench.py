@@ -270,6 +270,163 @@ def test_replot_of_a_folder_without_results_errors_clearly(tmp_path, capsys):
     assert "--replot: cannot read" in err and "results.json" in err, err
 
 
+@pytest.fixture(scope="module")
+def replot_src(tmp_path_factory):
+    """The results.json (and the rest) of one short real run, for --replot to read."""
+    out = tmp_path_factory.mktemp("replot") / "src"
+    assert main(TINY + ["--batch", "2", "--repeats", "1", "--warmup", "0", "--presets", "paper", "--scenarios",
+                        "uniform", "--out", str(out)]) == 0
+    return out
+
+
+def _set(i, key, value):
+    def damage(d):
+        d["rows"][i][key] = value
+    return damage
+
+
+def _meta(key, value):
+    def damage(d):
+        d["metadata"][key] = value
+    return damage
+
+
+def _del(*path):
+    def damage(d):
+        obj = d
+        for k in path[:-1]:
+            obj = obj[k]
+        del obj[path[-1]]
+    return damage
+
+
+def _top(key, value):
+    def damage(d):
+        d[key] = value
+    return damage
+
+
+# (name, how the results.json of a run is damaged, what the usage error says after "--replot: DIR/results.json: ")
+DAMAGED = [
+    ("list", lambda d: [1, 2], 'the top level is a list; expected an object with "metadata" and "rows"'),
+    ("meta_missing", _del("metadata"), "no metadata at the top level"),
+    ("rows_missing", _del("rows"), "no rows at the top level"),
+    ("meta_str", _top("metadata", "hi"), "metadata is a string; expected an object"),
+    ("rows_dict", _top("rows", {"a": 1}), "rows is an object; expected a list"),
+    ("row_is_int", lambda d: d["rows"].__setitem__(0, 5), "rows[0] is an integer; expected an object"),
+    ("row_missing_latency", _del("rows", 0, "latency_ms"), "rows[0] has no latency_ms; expected a finite number or null"),
+    ("row_missing_preset", _del("rows", 1, "preset"), "rows[1] has no preset; expected a string"),
+    ("row_str_latency", _set(0, "latency_ms", "fast"),
+     'rows[0].latency_ms is "fast" (a string); expected a finite number or null'),
+    ("row_nan_latency", _set(1, "latency_ms", float("nan")), "rows[1].latency_ms is NaN (a number); expected a finite"),
+    ("row_inf_q3", _set(1, "q3_ms", float("inf")), "rows[1].q3_ms is Infinity (a number); expected a finite"),
+    ("row_bool_latency", _set(0, "latency_ms", True), "rows[0].latency_ms is true (a boolean); expected a finite"),
+    ("row_huge_int_latency", _set(0, "latency_ms", 10**400),
+     f"rows[0].latency_ms is 1{'0' * 36}... (an integer); expected a finite number within ±1e308"),
+    ("row_null_latents", _set(0, "latents", None), "rows[0].latents is null; expected a finite number"),
+    ("row_str_budget", _set(0, "budget", "4"), 'rows[0].budget is "4" (a string); expected an integer or null'),
+    ("row_int_backend", _set(0, "backend", 7), "rows[0].backend is 7 (an integer); expected a string"),
+    ("row_list_ratio", _set(0, "latency_over_flops", [1]), "rows[0].latency_over_flops is [1] (a list)"),
+    ("row_null_q1", _set(0, "q1_ms", None), "rows[0].q1_ms is null while rows[0].latency_ms is"),
+    ("row_median_outside_iqr", _set(0, "q3_ms", 0.0), "rows[0]: expected q1_ms <= latency_ms <= q3_ms"),
+    ("meta_list_j_max", _meta("j_max", [4]), "metadata.j_max is [4] (a list); expected an integer or null"),
+    ("meta_int_commit", _meta("git_commit", 5), "metadata.git_commit is 5 (an integer); expected a string or null"),
+    ("row_huge_batch", _set(0, "batch", 10**400),
+     f"rows[0].batch is 1{'0' * 36}... (an integer); expected an integer within ±1e308"),
+]
+
+
+@pytest.mark.parametrize("name,damage,says", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_replot_of_a_damaged_results_json_is_a_usage_error(replot_src, tmp_path, capsys, name, damage, says):
+    """Every field --replot reads is checked, with its type, before anything is drawn: a usage error naming the
+    file, the row and the key, never a traceback, and nothing written."""
+    data = json.loads((replot_src / "results.json").read_text())
+    data = damage(data) or data
+    d = tmp_path / name
+    d.mkdir()
+    path = d / "results.json"
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--replot", str(d)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --replot: {path}: {says}" in err, err
+    assert "Traceback" not in err
+    assert [p.name for p in d.iterdir()] == ["results.json"]  # nothing written
+
+
+@pytest.mark.parametrize("name", ["failed_row", "null_latency_only", "no_rows", "garbage_targets", "no_metadata_keys"])
+def test_replot_accepts_what_a_run_can_write(replot_src, tmp_path, capsys, name):
+    """Not damage: a failed case (no times), an empty table, a stale targets list (--replot recomputes it),
+    metadata without the optional keys."""
+    data = json.loads((replot_src / "results.json").read_text())
+    if name == "failed_row":
+        data["rows"][0].update(latency_ms=None, q1_ms=None, q3_ms=None, cpu_ms=None, latency_ratio=None,
+                               latency_over_flops=None, cpu_ratio=None, cpu_over_flops=None, gflops=None)
+    elif name == "null_latency_only":
+        data["rows"][0]["latency_ms"] = None
+    elif name == "no_rows":
+        data["rows"] = []
+    elif name == "garbage_targets":
+        data["targets"] = [{"x": 1}]
+    else:
+        data["metadata"] = {}
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    assert main(["--replot", str(tmp_path)]) == 0
+    assert (tmp_path / "summary.md").read_text().startswith("### CPU")
+    assert (tmp_path / "latency_vs_latents.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,got", [
+    (["--budgets", "99", "--device", "cuda"], "got --budgets, --device"),
+    (["--device", "cuda", "--budgets", "99"], "got --device, --budgets"),  # in the order given
+    (["--seed", "0"], "got --seed"),  # given, even at its default value
+    (["--budg=4", "--no-progress"], "got --budgets, --no-progress"),  # abbreviated, --flag=value
+    (["--breakdown", "--out", "X"], "got --breakdown"),
+])
+def test_replot_refuses_run_flags(replot_src, tmp_path, capsys, argv, got):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "results.json").write_bytes((replot_src / "results.json").read_bytes())
+    with pytest.raises(SystemExit) as e:
+        main(["--replot", str(src)] + [str(tmp_path / a) if a == "X" else a for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --replot: takes no run flags; {got} (" in err and "only flag it takes is --out" in err, err
+    assert [p.name for p in src.iterdir()] == ["results.json"] and not (tmp_path / "X").exists()  # nothing written
+
+
+def test_replot_writes_to_out_and_leaves_the_source_as_it_was(replot_src, tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "a" / "dst"
+    src.mkdir()
+    for f in ("results.json", "results.csv"):
+        (src / f).write_bytes((replot_src / f).read_bytes())
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in src.iterdir()}
+    assert main(["--replot", str(src), "--out", str(dst)]) == 0
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in src.iterdir()} == before  # untouched
+    assert sorted(p.name for p in dst.iterdir()) == sorted(OUTPUT_FILES)
+    assert (dst / "results.json").read_bytes() == (src / "results.json").read_bytes()
+    assert (dst / "results.csv").read_text() == (src / "results.csv").read_text()  # what the run wrote
+    assert (dst / "summary.md").read_text() == (replot_src / "summary.md").read_text()
+    assert (dst / "latency_vs_latents.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {dst / 'summary.md'}" in capsys.readouterr().out
+    # OUT can itself be replotted, and --out DIR naming the source is the in-place replot
+    assert main(["--replot", str(dst), "--out", str(dst)]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == sorted(OUTPUT_FILES)
+    help_out = " ".join(build_parser().format_help().split())
+    assert "with --out OUT, write all four files to OUT" in help_out and "Takes no other flag" in help_out
+
+
+def test_replot_refuses_an_out_it_cannot_write(replot_src, tmp_path, capsys):
+    (tmp_path / "results.json").write_bytes((replot_src / "results.json").read_bytes())
+    with pytest.raises(SystemExit) as e:
+        main(["--replot", str(tmp_path), "--out", str(tmp_path / "results.json")])
+    assert e.value.code == 2
+    assert f"error: --out: {tmp_path / 'results.json'} exists and is not a folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
 def test_usage_error_from_the_console_has_no_traceback():
     r = subprocess.run([sys.executable, "-m", "elit_kernels.bench", "--config", "tiny", "--resolution", "64",
                         "--budgets", "0"], capture_output=True, text=True, timeout=300)
@@ -306,6 +463,25 @@ def test_one_point_budget_sweep_warns(argv, why):
     setup, extra = _resolve(argv)
     assert setup.budgets == [setup.cfgs["paper"].latents_per_group]
     assert len(extra["warnings"]) == 1 and "one-point budget sweep" in extra["warnings"][0] and why in extra["warnings"][0]
+
+
+@pytest.mark.parametrize("argv,says,not_said", [
+    (TINY + ["--budgets", "4", "--scenarios", "uniform"], ["uniform ratio"], ["mixed", "guidance", "sampling"]),
+    (TINY + ["--budgets", "4", "--scenarios", "mixed"], ["mixed batch"], ["uniform", "guidance", "sampling"]),
+    (TINY + ["--budgets", "4"], ["uniform ratio", "mixed batch"], ["guidance", "sampling"]),  # weak J̃ 1 < J_max 4
+    (["--device", "cpu", "--config", "S/2", "--resolution", "64", "--presets", "paper", "--scenarios",
+      "uniform,guidance,sampling"], ["uniform ratio", "guidance and sampling weak budget equals J_max"], ["mixed"]),
+])
+def test_one_point_sweep_warning_names_only_the_selected_scenarios(argv, says, not_said):
+    (w,) = _resolve(argv)[1]["warnings"]
+    assert w.startswith("a one-point budget sweep")
+    assert all(x in w for x in says) and not any(x in w for x in not_said), w
+
+
+@pytest.mark.parametrize("scenarios", ["guidance", "baselines"])
+def test_no_one_point_warning_when_no_selected_scenario_needs_a_sweep(scenarios):
+    # guidance's weak budget is max(1, J_max // 16), not one of --budgets: at J_max 4 it is 1, still a contrast
+    assert _resolve(TINY + ["--budgets", "4", "--scenarios", scenarios])[1]["warnings"] == []
 
 
 def test_no_warning_for_an_ordinary_run():

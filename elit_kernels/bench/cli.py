@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random weights and inputs, in [0, 2**32 - 1] (default 0; every case of a preset "
                         "shares them)")
     p.add_argument("--out", default=None, type=_cli.user_path, metavar="DIR",
-                   help="write " + ", ".join(f"DIR/{f}" for f in OUTPUT_FILES) + " (default: print the table only)")
+                   help="write " + ", ".join(f"DIR/{f}" for f in OUTPUT_FILES) + "; with --replot, where the "
+                        "replotted files go (default: print the table only; with --replot, the replotted folder)")
     p.add_argument("--breakdown", action="store_true",
                    help="after timing, profile one eager forward per preset at the largest and smallest uniform "
                         "budget with each eager backend and print where its time goes: per stage (head, Read, "
@@ -96,37 +97,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the estimate and warnings still print)")
     p.add_argument("--replot", default=None, type=_cli.user_path, metavar="DIR",
                    help="time nothing: read DIR/results.json of an earlier run, print its table and targets, and "
-                        "redraw DIR/summary.md and DIR/latency_vs_latents.png (default: off)")
+                        "redraw DIR/summary.md and DIR/latency_vs_latents.png; with --out OUT, write all four files "
+                        "to OUT instead (results.json copied, results.csv from its rows, summary.md and the plot "
+                        "redrawn) and leave DIR as it is. Takes no other flag: a run flag (--budgets, --device, ...) "
+                        "with --replot is a usage error (default: off)")
     return p
 
 
-def replot(out_dir: str) -> int:
-    """``--replot DIR``: the table, targets, summary.md and plot of DIR/results.json, re-rendered by this version."""
+def replot(src: str, out: str | None = None) -> int:
+    """``--replot DIR [--out OUT]``: the table, targets, summary.md and plot of DIR/results.json, re-rendered by
+    this version, into DIR, or into OUT with a copy of results.json and results.csv from its rows (DIR untouched).
+    A results.json that cannot be read, or lacks a field the replot reads or has it of the wrong type, is a
+    BenchError naming the file, the row and the key, raised before anything is written."""
     import json
     import os
+    import shutil
 
-    from .report import markdown_summary, plot
+    from .report import markdown_summary, plot, results_error, write_csv
 
-    path = os.path.join(out_dir, OUTPUT_FILES[0])
+    path = os.path.join(src, OUTPUT_FILES[0])
     try:
         with open(path) as f:
             data = json.load(f)
-        rows, md = data["rows"], data["metadata"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise BenchError(f"--replot: cannot read {path} ({type(e).__name__}: {e}); expected the results.json that "
                          "elit-bench --out DIR wrote") from None
+    if why := results_error(data):
+        raise BenchError(f"--replot: {path}: {why}")
+    rows, md = data["rows"], data["metadata"]
+    dst = src if out is None else out
+    if out is None:
+        if why := _cli.output_dir_error(src, OUTPUT_FILES[2:]):
+            raise BenchError(f"--replot: {why}; --out OUT writes the replotted files to another folder")
+    elif why := _cli.output_dir_error(out, OUTPUT_FILES):
+        raise BenchError(f"--out: {why}")
+    copy = out is not None and not os.path.samefile(src, out)
     targets = check_targets(rows, md.get("device_type"))
     word = "CPU" if md.get("device_type") != "cuda" else "GPU"
     print(format_table(rows, targets, f"{word} ({md.get('device')}), {md.get('config')} {md.get('resolution')}px "
                                       f"batch {md.get('batch')} {md.get('dtype')}, torch {md.get('torch')} (replotted)"))
-    p = os.path.join(out_dir, OUTPUT_FILES[2])
+    if copy:
+        p = os.path.join(dst, OUTPUT_FILES[0])
+        shutil.copyfile(path, p)
+        print(f"wrote {p}")
+        p = os.path.join(dst, OUTPUT_FILES[1])
+        write_csv(p, rows)
+        print(f"wrote {p}")
+    p = os.path.join(dst, OUTPUT_FILES[2])
     with open(p, "w") as f:
         f.write(markdown_summary(rows, targets, md))
     print(f"wrote {p}")
-    p = os.path.join(out_dir, OUTPUT_FILES[3])
+    p = os.path.join(dst, OUTPUT_FILES[3])
     plot(rows, md, p)
     print(f"wrote {p}")
     return 0
+
+
+def _given_flags(argv) -> list[str]:
+    """The flags ``argv`` gives (parsed as main parses it: abbreviations, ``--flag=value``), in the order given;
+    a flag is given even when its value equals the default."""
+    q = build_parser()
+    for a in q._actions:
+        a.default = argparse.SUPPRESS
+    given = vars(q.parse_args(argv))
+    flags = [a.option_strings[-1] for a in q._actions if a.dest in given and a.option_strings]
+    words = [w.split("=", 1)[0] for w in (sys.argv[1:] if argv is None else list(argv))]
+
+    def first(flag):
+        return next((i for i, w in enumerate(words) if w.startswith("--") and len(w) > 2 and flag.startswith(w)),
+                    len(words))
+    return sorted(flags, key=first)
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -211,11 +251,6 @@ def resolve(args) -> tuple[Setup, dict]:
             raise BenchError(f"--budgets: each budget must be in 1..{jm} (J_max of {name} at {res}px), got {bad[0]}")
     budgets = sorted(set(budgets) | {jm})
     warnings = []
-    if len(budgets) == 1:
-        why = (f"J_max is {jm} for {name} at {res}px" if jm == 1 else f"--budgets {args.budgets} gives only J_max = {jm}")
-        warnings.append(f"a one-point budget sweep ({why}): every ratio to the full budget is 1 and the mixed and "
-                        "guidance scenarios have nothing to vary; for a sweep pick a larger --resolution"
-                        + (" or more --budgets" if jm > 1 else ""))
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scen if s not in SCENARIOS]
     if bad or not scen:
@@ -226,6 +261,19 @@ def resolve(args) -> tuple[Setup, dict]:
             raise BenchError("--scenarios: 'mixed' needs --batch >= 2 (samples with different budgets)")
         scen.remove("mixed")
         notes.append("mixed skipped: batch 1")
+    if len(budgets) == 1:
+        # what a one-point sweep leaves with nothing to vary, of the scenarios this run has (the weak budget of
+        # guidance and sampling is max(1, J_max // 16), not one of --budgets: it equals J_max only when J_max is 1)
+        flat = ["every uniform ratio to the full budget is 1"] * ("uniform" in scen) \
+            + ["the mixed batch has a single budget (ragged = padded = sum of parts)"] * ("mixed" in scen)
+        weak = [x for x in ("guidance", "sampling") if x in scen and jm == 1]
+        if weak:
+            flat.append(f"the {' and '.join(weak)} weak budget equals J_max, so CCFG is CFG")
+        if flat:
+            why = (f"J_max is {jm} for {name} at {res}px" if jm == 1
+                   else f"--budgets {args.budgets} gives only J_max = {jm}")
+            warnings.append(f"a one-point budget sweep ({why}): {'; '.join(flat)}; for a sweep pick a larger "
+                            "--resolution" + (" or more --budgets" if jm > 1 else ""))
     probe = _cli.model_probe(cfg, device, dtype)
     if args.backends is None and device.type != "cpu":
         backends = [DEFAULT, DEFAULT + "+graph"]
@@ -448,14 +496,18 @@ def run_breakdowns(cases, extra) -> list[dict]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return _cli.run_interruptible("elit-bench", lambda: _main(parser, args),
+    return _cli.run_interruptible("elit-bench", lambda: _main(parser, args, argv),
                                   "nothing was written (the tables and files come at the end of a run)")
 
 
-def _main(parser, args) -> int:
+def _main(parser, args, argv=None) -> int:
     if args.replot is not None:
+        extra = [f for f in _given_flags(argv) if f not in ("--replot", "--out")]
+        if extra:
+            parser.error(f"--replot: takes no run flags; got {', '.join(extra)} (--replot DIR times nothing; the "
+                         "only flag it takes is --out OUT, where to write the replotted files)")
         try:
-            return replot(args.replot)
+            return replot(args.replot, args.out)
         except BenchError as e:
             parser.error(str(e))
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -326,12 +327,7 @@ def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dic
         json.dump({"metadata": meta, "targets": targets, "rows": full}, f, indent=1)
     paths.append(p)
     p = os.path.join(out_dir, csv_name)
-    fields = ROW_FIELDS + ["device", "torch", "triton", "git_commit", "date"]
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in full:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    write_csv(p, full)
     paths.append(p)
     p = os.path.join(out_dir, md_name)
     with open(p, "w") as f:
@@ -341,6 +337,99 @@ def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dic
     plot(rows, meta, p)
     paths.append(p)
     return paths
+
+
+def write_csv(path: str, full_rows: list[dict]) -> None:
+    """``results.csv``: one line per row of results.json (``full_rows``, each with its run's device, torch, triton,
+    git_commit and date)."""
+    fields = ROW_FIELDS + ["device", "torch", "triton", "git_commit", "date"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in full_rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+
+
+# What --replot reads of a results.json (check_targets, format_table, markdown_summary, run_findings, make_figure),
+# and the type each field must have there. "?": null allowed. Every row key is required (write_outputs writes
+# them all); the metadata keys are read with .get, so each may be missing.
+_ROW_TYPES = {"preset": "str", "scenario": "str", "case": "str", "model": "str", "backend": "str",
+              "budget": "int?", "budgets": "str?", "weak_budget": "int?", "batch": "int", "steps": "int?",
+              "latents": "num", "latency_ms": "num?", "q1_ms": "num?", "q3_ms": "num?", "cpu_ms": "num?",
+              "gflops": "num?", "latency_ratio": "num?", "cpu_ratio": "num?", "flops_ratio": "num?",
+              "latency_over_flops": "num?", "cpu_over_flops": "num?", "peak_mem_mb": "num?"}
+_META_TYPES = {"device": "str?", "device_type": "str?", "config": "str?", "dtype": "str?", "torch": "str?",
+               "triton": "str?", "git_commit": "str?", "date": "str?", "resolution": "int?", "batch": "int?",
+               "cpu_threads": "int?", "repeats": "int?", "repeats_done": "int?", "j_max": "int?", "groups": "int?"}
+_KIND_WORDS = {"str": "a string", "int": "an integer", "num": "a finite number"}
+
+
+def _type_word(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_kind(v, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(v, str)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
+        return False
+    try:
+        return math.isfinite(float(v))  # NaN and Infinity load from JSON; an int past 1e308 does not fit a float
+    except OverflowError:
+        return False
+
+
+def _field_error(obj: dict, key: str, want: str, where: str) -> str | None:
+    kind, nullable = want.rstrip("?"), want.endswith("?")
+    v = obj[key]
+    if (v is None and nullable) or (v is not None and _is_kind(v, kind)):
+        return None
+    try:
+        text = json.dumps(v, ensure_ascii=False)  # as the file spells it: null, true, "fast", NaN
+    except (TypeError, ValueError):
+        text = repr(v)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    big = " within ±1e308" if isinstance(v, int) and not isinstance(v, bool) and kind != "str" else ""
+    return (f"{where}.{key} is {text}{'' if v is None else f' ({_type_word(v)})'}; expected {_KIND_WORDS[kind]}{big}"
+            + (" or null" if nullable else ""))
+
+
+def results_error(data) -> str | None:
+    """Why ``data`` (a loaded results.json) is not one that --replot can redraw, naming the first problem and where
+    it is (the key, the row index); None when every field --replot reads is there with its type."""
+    expected = 'expected an object with "metadata" and "rows", as elit-bench --out DIR writes it'
+    if not isinstance(data, dict):
+        return f"the top level is {_type_word(data)}; {expected}"
+    for key, kind in (("metadata", dict), ("rows", list)):
+        if key not in data:
+            return f"no {key} at the top level; {expected}"
+        if not isinstance(data[key], kind):
+            return f"{key} is {_type_word(data[key])}; expected {_type_word(kind())}"
+    md = data["metadata"]
+    for key, want in _META_TYPES.items():
+        if key in md and (why := _field_error(md, key, want, "metadata")):
+            return why
+    for i, r in enumerate(data["rows"]):
+        where = f"rows[{i}]"
+        if not isinstance(r, dict):
+            return f"{where} is {_type_word(r)}; expected an object (one row of the table)"
+        for key, want in _ROW_TYPES.items():
+            if key not in r:
+                kind = want.rstrip("?")
+                return (f"{where} has no {key}; expected {_KIND_WORDS[kind]}" + (" or null" * want.endswith("?"))
+                        + " there, as in every row elit-bench --out DIR writes")
+            if why := _field_error(r, key, want, where):
+                return why
+        # a timed row has its quartiles too (the IQR whiskers and the summary's IQR column subtract them)
+        for have, need in (("latency_ms", "q1_ms"), ("latency_ms", "q3_ms"), ("q1_ms", "q3_ms")):
+            if r[have] is not None and r[need] is None:
+                return (f"{where}.{need} is null while {where}.{have} is {r[have]!r}; expected a finite number (a "
+                        "timed row has its median and quartiles)")
+        if r["q1_ms"] is not None and r["latency_ms"] is not None and not r["q1_ms"] <= r["latency_ms"] <= r["q3_ms"]:
+            return (f"{where}: expected q1_ms <= latency_ms <= q3_ms (the median between its quartiles), got "
+                    f"{r['q1_ms']!r}, {r['latency_ms']!r}, {r['q3_ms']!r}")
+    return None
 
 
 _MARKERS = "osD^vP*X"

@@ -166,6 +166,9 @@ def test_window_edges(args):
     inp = validate_inputs(*a, None, True, window_size=(3, 5))
     assert (inp.window_left, inp.window_right, inp.causal) == (3, -1, True)
     assert validate_inputs(*a, None, False).return_lse is False and validate_inputs(*a, None, False).softcap == 0.0
+    # softmax_scale and causal default as in varlen_attention (None: D**-0.5; not causal), and take keywords
+    dflt, kw = validate_inputs(*a), validate_inputs(*a, softmax_scale=0.3, causal=True)
+    assert (dflt.softmax_scale, dflt.causal) == (a[0].shape[-1] ** -0.5, False) and (kw.softmax_scale, kw.causal) == (0.3, True)
     inp = validate_inputs(*a, None, False, return_lse=True, softcap=2)
     assert inp.return_lse is True and inp.softcap == 2.0 and type(inp.softcap) is float
     for flag in (1, "False", torch.tensor([1, 0])):  # a flag is a bool, as causal is ("False" is truthy)

@@ -40,7 +40,8 @@ def backend_problems(name: str, probe) -> list[str]:
     be = get_backend(name)
     why = _registry.unavailable_reason(be)  # the compiled backends say why (elit_kernels._cext)
     if why is not None:
-        return [f"not available here ({be.description if why == _registry.NOT_AVAILABLE and be.description else why})"]
+        generic = why == _registry.NOT_AVAILABLE and be.description  # the backend's own words say more
+        return [f"not available here ({be.description if generic else why})"]
     return _registry.reasons(be, probe)
 
 

@@ -371,7 +371,8 @@ def _softcap(softcap) -> float:
 
 
 def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                    causal=False, *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0, segments=None) -> AttnInputs:
+                    causal=False, *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0,
+                    segments=None) -> AttnInputs:
     """Check every argument of ``varlen_attention`` and return the resolved ``AttnInputs``.
 
     With ``segments`` (a ``SegmentRuns``) the per-call checks compare the segments with the tensors' shapes, and

@@ -217,11 +217,6 @@ def unavailable_reason(b: Backend) -> str | None:
 NOT_AVAILABLE = "not available in this environment"  # unavailable_reason of a backend that states none
 
 
-def backend_available(b: Backend) -> bool:
-    """``b.is_available()``, False when it raises (``unavailable_reason`` says why)."""
-    return unavailable_reason(b) is None
-
-
 def reasons(b: Backend, inp: AttnInputs) -> list[str]:
     """Every reason ``b`` cannot run ``inp`` ([] when it can). A ``not_supported_reasons`` that raises is a
     reason too (the backend is skipped, not the call)."""
@@ -286,8 +281,9 @@ def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
                         f"{type(inp).__name__}")
     rows = []
     for b in registered_backends():
-        row = {"name": b.name, "priority": b.priority, "available": backend_available(b), "description": b.description,
-               "unavailable_reason": unavailable_reason(b), "default_eligible": b.default_eligible}
+        why = unavailable_reason(b)  # one is_available() call per backend (False, with the reason, if it raises)
+        row = {"name": b.name, "priority": b.priority, "available": why is None, "description": b.description,
+               "unavailable_reason": why, "default_eligible": b.default_eligible}
         if inp is not None:
             row["reasons"] = reasons(b, inp)
         rows.append(row)

@@ -206,8 +206,8 @@ def _check_load_args(device, dtype, backend) -> torch.device:
 def save_model(path: str, model: ElitDiT, meta: dict | None = None) -> str:
     """Write ``model`` (config + state_dict) to ``path``: safetensors when it ends in ``.safetensors``, else
     a torch file. ``meta``: JSON-serialisable extras (e.g. where the weights came from). Returns ``path``.
-    The file is written whole or not at all (a temporary name renamed onto ``path``), with mode
-    ``0o666 & ~umask`` (``_files.atomic_write``)."""
+    The file is written whole or not at all (a temporary name renamed onto ``path``), with the mode
+    ``open(path, "w")`` would leave (``_files.atomic_write``: a new file ``0o666 & ~umask``, a replaced one its own)."""
     path = _check_path(path)
     if not isinstance(model, ElitDiT):
         raise TypeError(f"model: expected an ElitDiT, got {type(model).__name__}")

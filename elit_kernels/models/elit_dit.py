@@ -260,14 +260,14 @@ class ElitDiT(nn.Module):
         lay = layout if layout is not None else self.layout(budgets, b, x.device)
         if lay.batch != b:
             raise ValueError(f"layout: built for batch {lay.batch}, x has batch {b}")
-        if lay.cu_core.device != x.device:
-            raise ValueError(f"layout: built on device {lay.cu_core.device}, but x is on {x.device}; build it with "
-                             f"model.layout(budgets, {b}, x.device)")
         if layout is not None and budgets is not None and \
                 normalize_budgets(budgets, b, cfg.latents_per_group) != list(lay.budgets):
             raise ValueError(f"budgets: {budgets!r} disagree with the layout's budgets {lay.budgets}; pass one of "
                              "them (the layout carries its budgets)")
-        if layout is not None:
+        if layout is not None:  # a layout of ours (self.layout) is built on x's device with this config's sizes
+            if lay.cu_core.device != x.device:
+                raise ValueError(f"layout: built on device {lay.cu_core.device}, but x is on {x.device}; build it "
+                                 f"with model.layout(budgets, {b}, x.device)")
             want = (cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, cfg.budget_core_only)
             got = (lay.groups, lay.tokens_per_group, lay.j_max, lay.budget_core_only)
             if got != want:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Callable
 
@@ -350,6 +351,28 @@ def _check_interval(guidance_interval) -> tuple[float, float]:
     return low, high
 
 
+class NonFiniteSampleWarning(RuntimeWarning):
+    """``euler_sample`` returned samples holding NaN or inf (``nonfinite_samples`` names them)."""
+
+
+def nonfinite_samples(x: torch.Tensor) -> list[int]:
+    """Indices along dim 0 of the samples of ``x`` (``[B, ...]``) holding a NaN or an inf: one device read."""
+    if x.dim() == 0 or x.numel() == 0:
+        return []
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    return bad.nonzero().flatten().tolist()
+
+
+def _nonfinite_message(where: str, bad: list[int], b: int, scale: float, mode: str, dtype: torch.dtype) -> str:
+    """What ``euler_sample`` / elit-sample say of samples ``bad`` (of ``b``) that came out NaN or inf."""
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    why = (f"guidance multiplies the difference of two velocities by scale = {scale:g}, so the state outgrew "
+           f"{dtype}'s range: a smaller scale keeps it finite" if mode != "none" and scale > 0 else
+           f"the model returned NaN or inf, or the state outgrew {dtype}'s range")
+    return (f"{where}: {len(bad)} of {b} samples hold NaN or inf (sample{'s' if len(bad) > 1 else ''} {shown}); "
+            f"{why} (a model in float16 overflows sooner than in bfloat16 or float32)")
+
+
 def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32, budget=None,
                  budget_schedule: Sequence | Callable[[int], object] | None = None, mode: str = "none",
                  scale: float = 0.0, weak_budget=None, guidance_interval=(0.0, 1.0), heun: bool = False,
@@ -376,15 +399,17 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
             budgets (a list; a ``[steps]`` integer tensor, read on the host once; a ``[steps, B]`` one) or a
             callable ``step -> budget`` (its results are checked at each step).
         guidance_interval: a pair (low, high) of reals with 0 <= low <= high <= 1 (not a str).
-        heun / progress / graphed: bools (NumPy's bool is one). ``progress`` shows a tqdm bar. ``graphed``: replay each forward from a
-            CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a run keeps one or
-            two signatures: guided and, outside the guidance interval, unguided). On a CPU, or where capture
-            fails, it warns once and runs eagerly. A ``GraphedForward`` passed as ``model`` is used as it is
+        heun / progress / graphed: bools (NumPy's bool is one). ``progress`` shows a tqdm bar. ``graphed``: replay
+            each forward from a CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a
+            run keeps one or two signatures: guided and, outside the guidance interval, unguided). On a CPU, or
+            where capture fails, it warns once and runs eagerly. A ``GraphedForward`` passed as ``model`` is used as it is
             (its graphs then outlive the call).
 
     Raises TypeError / ValueError naming ``model``, ``noise``, ``y``, ``steps``, ``budget``, ``budget_schedule``,
     ``mode``, ``scale``, ``weak_budget``, ``guidance_interval``, ``heun``, ``progress`` or ``graphed``; the checks
     run once per call (a callable schedule's result once per step), on Python values and tensor metadata only.
+    Warns ``NonFiniteSampleWarning`` naming the samples when the result holds NaN or inf (a guidance scale too
+    large for the dtype, a model that overflows): one read of the result on the host, after the last step.
     """
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
@@ -463,4 +488,9 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
                 d2 = velocity(x_next, t_next, guided, bud)
                 x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d2)
             x = x_next
-    return x.to(noise.dtype)
+    out = x.to(noise.dtype)
+    bad = nonfinite_samples(out)
+    if bad:
+        warnings.warn(_nonfinite_message("euler_sample", bad, b, scale, mode, mdt), NonFiniteSampleWarning,
+                      stacklevel=2)
+    return out

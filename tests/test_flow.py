@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from elit_kernels.flow import (_check_int, euler_sample, guided_velocity, logit_normal, rectified_flow_loss,
-                               sample_budgets)
+from elit_kernels.flow import (NonFiniteSampleWarning, _check_int, euler_sample, guided_velocity, logit_normal,
+                               nonfinite_samples, rectified_flow_loss, sample_budgets)
 
 J_MAX, NULL = 32, 7
 
@@ -118,6 +118,38 @@ def _euler_by_hand(x, y, steps, j, heun=False, guided_at=lambda t: False, s=0.0,
             xn = x + (tn - tc) * (0.5 * d + 0.5 * vel(xn, tn))
         x = xn
     return x
+
+
+class NanAt(Fake):
+    """The fake, whose velocity for sample ``k`` of every call is NaN."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x, t, y, budgets=None):
+        out = super().forward(x, t, y, budgets)
+        out[self.k] = float("nan")
+        return out
+
+
+def test_euler_warns_naming_the_samples_that_come_out_nan_or_inf():
+    """A result holding NaN or inf is never returned silently: a guidance scale float32 cannot carry (the state
+    grows as scale) and a model returning NaN for one sample are named, sample by sample; a finite run is silent."""
+    x, _, y = _xty()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(euler_sample(Fake(), x, y, steps=3, mode="cfg", scale=3.0)).all()
+    with pytest.warns(NonFiniteSampleWarning, match=r"^euler_sample: 3 of 3 samples hold NaN or inf \(samples 0, "
+                      r"1, 2\); guidance multiplies .* by scale = 1e\+40, so the state outgrew torch.float32's range"):
+        got = euler_sample(Fake(), x, y, steps=3, mode="cfg", scale=1e40)
+    assert nonfinite_samples(got) == [0, 1, 2]
+    with pytest.warns(NonFiniteSampleWarning, match=r"^euler_sample: 1 of 3 samples hold NaN or inf \(sample 1\); "
+                      "the model returned NaN or inf"):
+        got = euler_sample(NanAt(1), x, y, steps=2)
+    assert nonfinite_samples(got) == [1] and torch.isfinite(got[[0, 2]]).all()
+    assert nonfinite_samples(torch.tensor([[1.0, float("inf")], [0.0, 2.0]])) == [0]
+    assert nonfinite_samples(torch.empty(0, 3)) == []
 
 
 @pytest.mark.parametrize("heun", [False, True])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from elit_kernels import flow
 from elit_kernels import sample as S
 from elit_kernels.sample import run as R
 from elit_kernels.flow import euler_sample
@@ -294,6 +295,33 @@ def test_resume_samples_damaged_files_again(files, tmp_path, latents_only):
     for k in want:
         assert np.array_equal(got[k], want[k]), k
     assert (sub / f"000002.{ext}").read_bytes() == whole
+
+
+def test_samples_that_come_out_nan_or_inf_are_refused_not_written(files, tmp_path, monkeypatch):
+    """NaN latents would decode to black images or garbage in the .npz, silently. The finite samples of the batch
+    are written, the others named (index and J) with what to change; rerunning with the change resumes."""
+    out = tmp_path / "o"
+    kw = dict(num_samples=4, batch_size=4, seed=1, latents_only=True)
+    real = flow.euler_sample
+
+    def nan_in_sample_2(*a, **k):
+        z = real(*a, **k)
+        z[2] = float("nan")
+        return z
+    monkeypatch.setattr(flow, "euler_sample", nan_in_sample_2)
+    with pytest.raises(S.SamplingError, match=r"rank 0 of 1 failed on samples 0\.\.3: SamplingError: sample 2 \(J=4\) "
+                       r"came out NaN or inf, so no file was written for it; the model returned NaN or inf in "
+                       r"torch.float32.*The finite samples are kept in .*; rerun with the change above"):
+        run(files, out, **kw)
+    assert sorted(os.listdir(out / "latents")) == ["000000.npy", "000001.npy", "000003.npy"]
+    assert not (out / "samples.npz").exists()
+    monkeypatch.setattr(flow, "euler_sample", real)
+    with pytest.raises(S.SamplingError, match=r"SamplingError: samples 0 \(J=4\), 1 \(J=4\), 2 \(J=4\), 3 \(J=4\) came "
+                       r"out NaN or inf.* by cfg_scale - 1 = 1e\+40, .* a smaller --cfg-scale keeps it finite"):
+        run(files, tmp_path / "huge", guidance="cfg", cfg_scale=1e40, **kw)
+    assert not os.listdir(tmp_path / "huge" / "latents")
+    res = run(files, out, **kw)  # the cause gone, the run resumes: only sample 2 is sampled again
+    assert (res.generated, res.skipped) == (1, 3)
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(files, tmp_path):

@@ -376,23 +376,30 @@ class _Run:
                        desc="sampling" + (f" (rank 0 of {dd.world})" if dd.on else ""))
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)  # PNG encoding releases the GIL
         save = save_npy if self.vae is None else save_png
-        failure = None
+        failure, nonfinite = None, False
         try:
             for r in range(self.rounds):
                 if failure is None and r < len(self.mine):
                     idx = self.mine[r]
                     try:
                         noise, y, bud = self._inputs(idx)
-                        with torch.no_grad():
+                        with torch.no_grad(), warnings.catch_warnings():
+                            warnings.simplefilter("ignore", flow.NonFiniteSampleWarning)  # refused below, by index
                             z = euler_sample(self.runner, noise, y, steps=a["steps"], budget=bud, mode=self.mode,
                                              scale=self.scale, weak_budget=self.weak_j,
                                              guidance_interval=a["guidance_interval"], heun=a["sampler"] == "heun")
                             z = z.float()
+                            bad = set(flow.nonfinite_samples(z))
                             arrs = z.cpu().numpy() if self.vae is None else latents_to_uint8(self.vae, z)
                         paths = [os.path.join(self.folder, sample_name(i, self.ext)) for i in idx]
-                        jobs = [pool.submit(save, arr, p) for arr, p in zip(arrs, paths) if not os.path.isfile(p)]
+                        jobs = [pool.submit(save, arr, p) for k, (arr, p) in enumerate(zip(arrs, paths))
+                                if k not in bad and not os.path.isfile(p)]
                         for j in jobs:
                             j.result()
+                        if bad:
+                            nonfinite = True
+                            raise SamplingError(self.nonfinite_message([idx[k] for k in sorted(bad)],
+                                                                       [bud[k] for k in sorted(bad)]))
                         if bar is not None:
                             bar.update(len(idx))
                     except Exception as e:  # noqa: BLE001 - reported to every rank below
@@ -412,10 +419,25 @@ class _Run:
             if bar is not None:
                 bar.close()
         if failure is not None:
+            if nonfinite:  # the same command would compute the same NaN again
+                raise SamplingError(f"{failure}. The finite samples are kept in {self.folder}; rerun with the change "
+                                    "above to go on from them")
             raise SamplingError(f"{failure}. The samples written before are kept in {self.folder}; rerun the same "
                                 "command to resume")
         if dd.on:
             dist.barrier()  # every file is on disk; only rank 0 goes on (no collective after this)
+
+    def nonfinite_message(self, indices: list[int], budgets: list[int]) -> str:
+        """Why samples ``indices`` (run at ``budgets``) came out NaN or inf, and what to change."""
+        shown = ", ".join(f"{i} (J={j})" for i, j in zip(indices[:8], budgets[:8])) + (", ..." if len(indices) > 8
+                                                                                       else "")
+        guided = self.mode != "none" and self.scale > 0
+        fix = (f"guidance multiplies the difference of two velocities by cfg_scale - 1 = {self.scale:g}, and the "
+               f"state outgrew {self.dtype}'s range: a smaller --cfg-scale keeps it finite" if guided else
+               f"the model returned NaN or inf in {self.dtype}")
+        return (f"sample{'s' if len(indices) > 1 else ''} {shown} came out NaN or inf, so no file was written for "
+                f"{'them' if len(indices) > 1 else 'it'}; {fix} (float16 overflows sooner than bfloat16 or "
+                "float32: --dtype)")
 
     # --- rank 0: the .npz (streamed from the files) and the grid
     def write_npz_and_grid(self):

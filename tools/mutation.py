@@ -67,6 +67,11 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
                 "not compile and not triton and not overfit and not sampling_runs and not convert and not hostile "
                 "and not loader and not legacy and not bare_state and not other_sizes and not official_key"]),
     "checkpoint": (["elit_kernels/models/checkpoint.py"], ["tests/test_official.py", "-k", "not compile and not triton"]),
+    # elit-sample's rules (per-index seeds, labels, budget mixes, canonical batches), its files (atomic writes,
+    # damaged-file detection, the streamed .npz) and its option checks; run.py's orchestration is left to the
+    # end-to-end tests. The torchrun tests start two processes per mutant (seconds each): left to CI.
+    "sample": (["elit_kernels/sample/rules.py", "elit_kernels/sample/files.py", "elit_kernels/sample/options.py"],
+               ["tests/test_sample.py", "-k", "not torchrun and not two_process and not failing_rank"]),
 }
 NO_MUTATE = [r"^\s*raise \w+(Error|Exception)\(", r"warnings\.warn\(", r"^\s*log\.\w+\("]
 

@@ -2,7 +2,10 @@
 replay themselves need CUDA (tests/test_gpu_model.py runs them on a GPU)."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -88,6 +91,59 @@ def test_signature_cache_replays_copies_inputs_and_keeps_the_most_recent():
     assert gf.signature(x, t, y, None)[-1] == (4, 4, 4)  # None: J_max for every sample
     gf.clear()
     assert gf.signatures == []
+
+
+class _CpuCapture(GraphedForward):
+    """The real ``_capture`` on a CPU: CUDA's stream and graph primitives replaced by no-ops (``cuda_faked``)."""
+
+    def _why_not(self, x):
+        return None
+
+
+@pytest.fixture
+def cuda_faked(monkeypatch):
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+
+
+def test_a_captured_graph_keeps_its_layout_alive(cuda_faked):
+    """A graph's kernels read its layout's device tensors (cu_seqlens, index maps, attention plans) at their
+    addresses at capture; the model's layout cache drops a layout after LAYOUT_CACHE_SIZE other signatures.
+    Freed while the graph lives, that memory would be reused by other tensors and every replay would read it:
+    a wrong answer, silently. The graph's entry must hold its layout, and only as long as the graph."""
+    m = _model()
+    x, t, y = _inputs()
+    made = []
+    real_layout = m.layout
+
+    def recording_layout(budgets, batch, device):
+        lay = real_layout(budgets, batch, device)
+        made.append(weakref.ref(lay))
+        return lay
+    m.layout = recording_layout
+    gf = _CpuCapture(m, warmup=1)
+    gf(x, t, y, [4, 1, 2])
+    assert gf.stats["captures"] == 1 and made
+    del m.layout  # later layouts are the model's own
+    for j in range(m.LAYOUT_CACHE_SIZE + 1):  # other signatures push the captured one out of the model's cache
+        m.layout([j % 5, (j // 5) % 5, 3], 3, "cpu")
+    gc.collect()
+    assert all(r() is not None for r in made), "a captured graph's layout was freed while the graph lives"
+    assert gf._graphs[gf.signatures[0]][3] is made[0]()
+    gf.clear()
+    gc.collect()
+    assert all(r() is None for r in made)  # held by the graph alone: dropped with it
 
 
 def test_arguments_are_checked():

@@ -117,7 +117,7 @@ class GraphedForward:
                 self._graphs.popitem(last=False)
         else:
             self._graphs.move_to_end(key)
-        graph, (xs, ts, ys), out = entry
+        graph, (xs, ts, ys), out = entry[:3]
         xs.copy_(x)
         ts.copy_(t)
         ys.copy_(y)
@@ -126,6 +126,10 @@ class GraphedForward:
         return out.clone()
 
     def _capture(self, x, t, y, key):
+        """``(graph, static inputs, static output, layout)`` of one signature. The graph's kernels read the
+        layout's device tensors (cu_seqlens, index maps, its attention plans) at the addresses they had at
+        capture, and the model's layout cache drops a layout after ``LAYOUT_CACHE_SIZE`` other signatures: the
+        entry holds the layout, so its memory lives exactly as long as the graph that reads it."""
         model = self.model
         bud = list(key[-1])
         model.stem.check_inputs(x, t, y)  # eager checks once per signature (they are skipped under capture)
@@ -143,7 +147,7 @@ class GraphedForward:
         with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
             out = model(xs, ts, ys, layout=lay)
         self.stats["captures"] += 1
-        return graph, (xs, ts, ys), out
+        return graph, (xs, ts, ys), out, lay
 
     def clear(self) -> None:
         """Drop every captured graph (their memory returns to the pool)."""

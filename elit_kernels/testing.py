@@ -84,7 +84,14 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
                                     check_lse=False, window_size=(-1, -1), softcap=0.0):
     """Run ``fn`` (a varlen_attention-like callable) and check values and gradients against the reference.
 
-    ``ref`` is computed in fp64 from the same inputs, ``ref_lowprec`` by the reference in ``dtype``.
+    ``fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)`` gets fresh
+    random inputs (``random_varlen_inputs``, seeded by ``seed``): q ``[sum(lens_q), heads, head_dim]``, k/v
+    ``[sum(lens_k), kv_heads, head_dim]`` in ``dtype`` on ``device``, requiring grad when ``grads``; it returns
+    ``out`` (``(out, lse)`` with ``check_lse``). ``lens_q`` / ``lens_k``: the segments' lengths, one int each
+    per segment (0 allowed); ``scale`` defaults to ``head_dim ** -0.5``.
+
+    ``ref`` is computed in fp64 from the same inputs, ``ref_lowprec`` by the reference in ``dtype``; each of
+    out, dq, dk, dv must meet ``assert_close_to_reference`` with ``default_atol(dtype)``.
     ``kv_heads``, ``extra_q`` / ``extra_k`` as in ``random_varlen_inputs`` (the extra rows are NaN: an
     output row or a gradient there must come out an exact zero). With ``check_lse``, ``fn`` returns
     ``(out, lse)`` and lse is checked against the fp64 log-sum-exp (+inf exactly where a row sees no key).
@@ -92,6 +99,10 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
     apply the same ones itself.
     Run it with the output poison switch on (``ELIT_POISON_OUTPUTS=1``, ``elit_kernels._outputs``): a row a
     kernel leaves unwritten is then NaN, and any NaN fails here.
+
+    Returns ``fn``'s output. Raises AssertionError naming the tensor (``out``, ``dq``, ``dk``, ``dv``, ``lse``)
+    and what is wrong: its worst error against the bound, non-finite elements, a shape, rows past the packed
+    data that are not exact zeros.
     """
     q, k, v, cu_q, cu_k, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, head_dim, dtype=dtype, device=device,
                                                        seed=seed, requires_grad=grads, kv_heads=kv_heads,

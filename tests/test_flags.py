@@ -11,7 +11,7 @@ import torch
 
 from elit_kernels import flash_attn_varlen_func, varlen_attention
 from elit_kernels._outputs import set_poison_outputs
-from elit_kernels.attention import AttentionPlan, tuning
+from elit_kernels.attention import AttentionPlan, set_value_checks, tuning, value_checks_enabled
 from elit_kernels.attention.known_answer import verify_backend
 from elit_kernels.flow import euler_sample, sample_budgets
 from elit_kernels.models import ElitDiT, elit_config
@@ -53,6 +53,26 @@ def _poison(v):
         set_poison_outputs(False)
 
 
+def _value_checks(v):
+    was = value_checks_enabled()
+    try:
+        set_value_checks(v)
+    finally:
+        set_value_checks(was)
+
+
+def _autotune(v):
+    try:  # triton is not in the CPU-only install (requirements-cpu.txt)
+        from elit_kernels._triton._common import autotune_enabled, set_autotune
+    except ImportError as e:
+        pytest.skip(f"triton not importable ({e}): set_autotune is the Triton kernels' switch")
+    was = autotune_enabled()
+    try:
+        set_autotune(v)
+    finally:
+        set_autotune(was)
+
+
 FLAGS = {  # flag name -> call with the flag set to v
     "varlen_attention causal": ("causal", lambda v: varlen_attention(_q, _q, _q, _cu, _cu, 3, 3, causal=v)),
     "varlen_attention return_lse": ("return_lse",
@@ -66,6 +86,8 @@ FLAGS = {  # flag name -> call with the flag set to v
     "verify_backend grad": ("grad", lambda v: verify_backend("reference", "cpu", torch.float32, 8, grad=v)),
     "tuning enabled": ("enabled", _tuning),
     "set_poison_outputs enabled": ("enabled", _poison),
+    "set_value_checks enabled": ("enabled", _value_checks),
+    "set_autotune enabled": ("enabled", _autotune),
     "euler_sample heun": ("heun", lambda v: _euler(heun=v)),
     "euler_sample graphed": ("graphed", lambda v: _euler(graphed=v)),
     "sample_budgets per_sample": ("per_sample", lambda v: sample_budgets(2, 1, 4, per_sample=v)),

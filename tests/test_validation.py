@@ -206,11 +206,11 @@ def test_legal_edges_of_the_contract():
 def test_set_value_checks_stores_a_bool():
     was = value_checks_enabled()
     try:
-        set_value_checks(0)
+        set_value_checks(np.False_)
         assert value_checks_enabled() is False
         set_value_checks(True)
         assert value_checks_enabled() is True
-        for bad in ("no", 2, None, torch.tensor([1, 0])):  # "no" is truthy: refused, not taken as True
+        for bad in ("no", 0, 1, 2, None, torch.tensor([1, 0])):  # "no" is truthy: refused, not taken as True
             with pytest.raises(TypeError, match=r"^enabled: expected a bool"):
                 set_value_checks(bad)
         assert value_checks_enabled() is True

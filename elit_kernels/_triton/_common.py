@@ -11,6 +11,7 @@ import triton.language as tl
 # elit_kernels/_outputs.py) it is NaN-filled before launch, so an element a kernel forgets to write fails the
 # tests instead of passing on leftover memory.
 from .._env import env_flag
+from .._types import check_bool
 from .._outputs import new_output as alloc  # noqa: F401
 
 LOG2E = 1.4426950408889634
@@ -119,9 +120,10 @@ _autotune = env_flag("ELIT_TRITON_AUTOTUNE", True)
 
 
 def set_autotune(enabled: bool) -> None:
-    """Autotune tiles on CUDA (True) or use ``_tiles.heuristic`` (False)."""
+    """Autotune tiles on CUDA (True) or use ``_tiles.heuristic`` (False). ``enabled``: a bool (NumPy's bool is
+    one); anything else is a TypeError naming it."""
     global _autotune
-    _autotune = bool(enabled)
+    _autotune = check_bool("enabled", enabled)
 
 
 def autotune_enabled() -> bool:

@@ -247,13 +247,13 @@ def set_value_checks(enabled: bool) -> None:
     outputs: the kernels (``triton``, ``cuda``, ``cpp``) clamp every element into ``[0, rows]`` (a segment that
     ends before it starts is empty), so a non-decreasing one that runs past the rows gives the attention over
     the clamped segments (``triton_window``, whose one key tile is sized by ``max_seqlen_k``, gives NaN for a
-    segment longer than that, never a softmax over its first keys); the backends that read it on the host (``reference``, ``torch``, ``cpp``) raise
-    ``ValueError`` (``RuntimeError`` from ``cpp``) naming it.
+    segment longer than that, never a softmax over its first keys); the backends that read it on the host
+    (``reference``, ``torch``, ``cpp``) raise ``ValueError`` (``RuntimeError`` from ``cpp``) naming it.
+
+    ``enabled``: a bool (NumPy's bool is one); anything else, 0 and 1 included, is a TypeError naming it.
     """
     global _validate_values
-    if type(enabled) not in (bool, int) or enabled not in (0, 1):
-        raise TypeError(f"enabled: expected a bool, got {enabled!r}")
-    _validate_values = bool(enabled)
+    _validate_values = check_bool("enabled", enabled)
 
 
 def value_checks_enabled() -> bool:

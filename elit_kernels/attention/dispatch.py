@@ -32,15 +32,12 @@ import torch
 from .._env import env_flag
 from .._files import atomic_write
 from .._types import is_int
-from .inputs import AttnInputs, _capturing, _flag
+from .inputs import FEW_RUNS, AttnInputs, _capturing, _flag
 from . import known_answer as _ka
 from . import registry as _registry
 from .known_answer import check_dispatch
 from .registry import Backend, describe_inputs, get_backend, reasons, registered_backends, run_backend
 
-#: a call whose host-side segments form at most this many runs of equal shape counts as "runs" (one dense
-#: SDPA per run beats a ragged kernel there); more runs count as "ragged".
-FEW_RUNS = 4
 #: the truth, never fast: ranked last without being timed
 NEVER_TIMED = ("reference",)
 #: built and checked, but not yet timed on a GPU: the static order ranks them after every measured path (tuning

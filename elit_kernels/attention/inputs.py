@@ -41,6 +41,12 @@ def _as_length(name: str, n) -> int:
     return n
 
 
+#: a call whose host-side segments form at most this many runs of equal shape counts as "runs" (one dense
+#: SDPA per run beats a ragged kernel there; the ``torch`` backend's dense path takes at most this many); more
+#: runs count as "ragged" (``dispatch.shape_class``).
+FEW_RUNS = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentRuns:
     """The segment lengths of one call, known on the host: maximal stretches of consecutive segments with

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inputs import FEW_RUNS
 from ..registry import Backend, register_backend
 from . import torch_ops  # noqa: F401  (registers elit::varlen_attn_{fwd,bwd}_torch)
 
@@ -68,7 +69,7 @@ class SdpaKernelBackend(TorchBackend):
     (benchmarks/results/gpu).
 
     Runs only when the segment lengths are known on the host (``segments=``) and form at most
-    ``dispatch.FEW_RUNS`` runs; a run that one dense SDPA cannot express exactly (causal with Lq > Lk,
+    ``inputs.FEW_RUNS`` runs; a run that one dense SDPA cannot express exactly (causal with Lq > Lk,
     single-key segments under autograd) goes to the grouped op, as in ``torch``."""
 
     priority = 8
@@ -90,8 +91,6 @@ class SdpaKernelBackend(TorchBackend):
 
     def not_supported_reasons(self, inp):
         r = super().not_supported_reasons(inp)
-        from ..dispatch import FEW_RUNS
-
         if inp.segments is None:
             r.append("needs the segment lengths on the host (varlen_attention(segments=))")
         elif len(inp.segments.runs) > FEW_RUNS:

@@ -5,10 +5,16 @@
 Supported as in flash-attn: GQA / MQA (k/v with fewer heads), any head dim 1..256, sliding windows
 (``window_size``) and ``softcap``, ``return_attn_probs`` (returns ``(out, softmax_lse, None)``), the packed
 ``qkv`` / ``kv`` layouts, ``max_seqlen_*`` as ints, NumPy integers or 0-dim integer tensors, and buffers
-longer than the packed data. Not implemented: dropout, ALiBi, paged KV and flash-attn 3's extras (attention sinks ``s_aux``,
-``seqused_*``, FP8 descales, ...). They are parameters of every function, so callers that keep only the
-keywords a signature names still pass them, and asking for them raises ``NotImplementedError`` naming the
-argument rather than being ignored.
+longer than the packed data. Not implemented: dropout, ALiBi, paged KV and flash-attn 3's extras (attention sinks
+``s_aux``, ``seqused_*``, FP8 descales, ...). Each function names the ones its flash-attn counterpart takes (all of
+them ``flash_attn_varlen_func``; the packed functions ``dropout_p``, ``alibi_slopes`` and ``s_aux``;
+``flash_attn_func`` all but the paged and varlen ones), so callers that keep only the keywords a signature names
+still pass them, and asking for one raises ``NotImplementedError`` naming the argument rather than being ignored.
+
+``deterministic`` is accepted and not acted on: the backwards of ``reference``, ``cpp``, ``triton``,
+``triton_window`` and ``cuda`` are deterministic (no atomics); the library backends default dispatch may pick on a
+GPU (``torch`` and ``sdpa_*`` through PyTorch's SDPA kernels, ``torch_varlen``, ``flash_attn``) are not unless
+PyTorch's own settings make them so. For a deterministic backward on a GPU pass ``backend="triton"``.
 """
 from __future__ import annotations
 
@@ -44,7 +50,8 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, d
     """Raise ``NotImplementedError`` naming the first flash-attn option we do not implement that was set:
     ``dropout_p`` other than 0, ``attention_chunk`` other than 0, or any of ``_NOT_NONE`` not None; a
     ``TypeError`` naming ``deterministic`` unless it is a bool (or an int / NumPy bool, which flash-attn's
-    op schema takes as one). Every backward here is deterministic, so its value changes nothing."""
+    op schema takes as one). Its value is not acted on (the module docstring says which backwards are
+    deterministic)."""
     _bool_like("deterministic", deterministic)
     if not is_real(dropout_p):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
@@ -97,13 +104,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (with ``causal`` right is 0), as flash-attn.
         softcap: > 0 caps the logits as ``softcap * tanh(scale q.k / softcap)`` (flash-attn); 0 = off.
         alibi_slopes, block_table: only None.
-        deterministic: a bool, accepted; every backward here is deterministic.
+        deterministic: a bool, accepted, not acted on (see the module docstring: which backwards are deterministic).
         return_attn_probs: also return ``softmax_lse``.
         s_aux, seqused_q, seqused_k, qv, q_descale, k_descale, v_descale, leftpad_k, rotary_cos, rotary_sin:
             keyword only, options of flash-attn 3 / kernels-community builds (attention sinks, used lengths,
             FP8 scales, ...): accepted so that callers which pass only what a signature names (transformers)
             hand them over, then refused with ``NotImplementedError`` unless None.
-        attention_chunk: keyword only; only 0. num_splits, pack_gqa, sm_margin: keyword only, scheduling
+        attention_chunk: keyword only; only 0 (or None). num_splits, pack_gqa, sm_margin: keyword only, scheduling
             hints of flash-attn 3 with no effect on the result; accepted and ignored.
         backend: keyword only, ours: a backend name as in ``varlen_attention``.
 
@@ -190,7 +197,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         dropout_p: only 0.0. softmax_scale: default ``D**-0.5``.
         causal: bottom-right aligned (query i sees key j iff ``j <= i + S_k - S_q``), as flash-attn >= 2.1.
         window_size, softcap: as in ``flash_attn_varlen_func`` (flash-attn semantics).
-        alibi_slopes: only None. deterministic: a bool, accepted; every backward here is deterministic.
+        alibi_slopes: only None. deterministic: a bool, accepted, not acted on (module docstring).
         return_attn_probs: also return ``softmax_lse``.
         s_aux, qv, q_descale, k_descale, v_descale, attention_chunk: keyword only (flash-attn 3 / kernels
             builds), refused unless None / 0; num_splits, pack_gqa, sm_margin: scheduling hints, ignored.

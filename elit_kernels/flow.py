@@ -278,8 +278,8 @@ def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: f
         mode: one of ``GUIDANCE_MODES``. scale: λ = the official ``cfg_scale − 1``, a finite real >= 0; a
             nonzero scale needs a mode other than ``none``.
         budget / weak_budget: None (J_max / max(1, J_max // 16), the official default 1/16), an int, a sequence
-            of ints or a 1-D integer tensor (one per sample), each in [0, J_max] (latents per group; Python ints,
-            not NumPy: ``elit_kernels.official.latents_for_budget`` converts the official float budgets).
+            of ints or a 1-D integer tensor or NumPy array (one per sample), each in [0, J_max] (latents per group,
+            ints: ``elit_kernels.official.latents_for_budget`` converts the official float budgets).
             ``weak_budget`` only with ``autoguidance``, ``ccfg`` or ``ccfg_two_pass``.
         dtype: None (x's dtype) or a floating-point torch.dtype: the passes are cast to it before they are
             combined, and the result has it.

@@ -11,10 +11,10 @@ them ``flash_attn_varlen_func``; the packed functions ``dropout_p``, ``alibi_slo
 ``flash_attn_func`` all but the paged and varlen ones), so callers that keep only the keywords a signature names
 still pass them, and asking for one raises ``NotImplementedError`` naming the argument rather than being ignored.
 
-``deterministic`` is accepted and not acted on: the backwards of ``reference``, ``cpp``, ``triton``,
-``triton_window`` and ``cuda`` are deterministic (no atomics); the library backends default dispatch may pick on a
-GPU (``torch`` and ``sdpa_*`` through PyTorch's SDPA kernels, ``torch_varlen``, ``flash_attn``) are not unless
-PyTorch's own settings make them so. For a deterministic backward on a GPU pass ``backend="triton"``.
+``deterministic=True`` is honoured as flash-attn honours it: when a backward follows, the call runs only on a backend
+whose backward is deterministic on its device (``reference``, ``cpp``, ``triton``, ``triton_window``, ``cuda``;
+``torch`` on the CPU), never on the library kernels default dispatch otherwise prefers on a GPU (PyTorch's SDPA
+kernels behind ``torch`` / ``sdpa_*``, ``torch_varlen``, ``flash_attn``: they accumulate with atomics).
 """
 from __future__ import annotations
 
@@ -50,8 +50,7 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, d
     """Raise ``NotImplementedError`` naming the first flash-attn option we do not implement that was set:
     ``dropout_p`` other than 0, ``attention_chunk`` other than 0, or any of ``_NOT_NONE`` not None; a
     ``TypeError`` naming ``deterministic`` unless it is a bool (or an int / NumPy bool, which flash-attn's
-    op schema takes as one). Its value is not acted on (the module docstring says which backwards are
-    deterministic)."""
+    op schema takes as one); ``_run`` hands its value to ``varlen_attention``."""
     _bool_like("deterministic", deterministic)
     if not is_real(dropout_p):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
@@ -73,8 +72,9 @@ def _bool_like(name: str, value):
 
 
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap, return_attn_probs,
-         backend):
-    kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend)
+         backend, deterministic):
+    kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend,
+              deterministic=bool(_bool_like("deterministic", deterministic)))
     return_attn_probs = _bool_like("return_attn_probs", return_attn_probs)
     if not return_attn_probs:
         return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
@@ -104,7 +104,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (with ``causal`` right is 0), as flash-attn.
         softcap: > 0 caps the logits as ``softcap * tanh(scale q.k / softcap)`` (flash-attn); 0 = off.
         alibi_slopes, block_table: only None.
-        deterministic: a bool, accepted, not acted on (see the module docstring: which backwards are deterministic).
+        deterministic: a bool (or an int, as flash-attn): with True and a backward to follow, only backends whose
+            backward is deterministic run the call (``varlen_attention``'s ``deterministic``).
         return_attn_probs: also return ``softmax_lse``.
         s_aux, seqused_q, seqused_k, qv, q_descale, k_descale, v_descale, leftpad_k, rotary_cos, rotary_sin:
             keyword only, options of flash-attn 3 / kernels-community builds (attention sinks, used lengths,
@@ -130,7 +131,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                         seqused_q=seqused_q, seqused_k=seqused_k, qv=qv, q_descale=q_descale, k_descale=k_descale,
                         v_descale=v_descale, leftpad_k=leftpad_k, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
-                softcap, return_attn_probs, backend)
+                softcap, return_attn_probs, backend, deterministic)
 
 
 def _check_packed(name: str, t, n: int, layout: str) -> None:
@@ -154,7 +155,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     _check_packed("qkv", qkv, 3, "[total, 3, num_heads, head_dim]")
     q, k, v = qkv.unbind(1)
     return _run(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal, window_size, softcap,
-                return_attn_probs, backend)
+                return_attn_probs, backend, deterministic)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -169,7 +170,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     _check_packed("kv", kv, 2, "[total_k, 2, num_kv_heads, head_dim]")
     k, v = kv.unbind(1)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
-                softcap, return_attn_probs, backend)
+                softcap, return_attn_probs, backend, deterministic)
 
 
 def _check_dense(name: str, t, layout: str) -> None:
@@ -197,7 +198,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         dropout_p: only 0.0. softmax_scale: default ``D**-0.5``.
         causal: bottom-right aligned (query i sees key j iff ``j <= i + S_k - S_q``), as flash-attn >= 2.1.
         window_size, softcap: as in ``flash_attn_varlen_func`` (flash-attn semantics).
-        alibi_slopes: only None. deterministic: a bool, accepted, not acted on (module docstring).
+        alibi_slopes: only None. deterministic: as in ``flash_attn_varlen_func``.
         return_attn_probs: also return ``softmax_lse``.
         s_aux, qv, q_descale, k_descale, v_descale, attention_chunk: keyword only (flash-attn 3 / kernels
             builds), refused unless None / 0; num_splits, pack_gqa, sm_margin: scheduling hints, ignored.
@@ -237,7 +238,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     cu_k = cu_q if sk == sq else _uniform_cu(b, sk, q.device)
     res = _run(q.reshape(b * sq, h, d), k.reshape(b * sk, k.shape[2], k.shape[3]),
                v.reshape(b * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk, softmax_scale, causal, window_size,
-               softcap, return_attn_probs, backend)
+               softcap, return_attn_probs, backend, deterministic)
     if not return_attn_probs:
         return res.view(b, sq, h, d)
     out, lse, _ = res

@@ -202,9 +202,10 @@ def test_describe_backends_rows(registered):
     un = next(r for r in rows if r["name"] == "_unavailable")
     assert un == {"name": "_unavailable", "priority": 10_000, "available": False, "description": "",
                   "unavailable_reason": "not available in this environment",  # it states no reason of its own
-                  "default_eligible": True}
+                  "default_eligible": True, "deterministic_devices": ()}  # says nothing: deterministic nowhere
     ref = next(r for r in rows if r["name"] == "reference")
     assert ref["available"] is True and ref["priority"] == 0 and "the truth" in ref["description"]
+    assert ref["deterministic_devices"] is None  # every device
     with_inp = {r["name"]: r for r in B.describe_backends(_inp())}
     assert with_inp["_unavailable"]["reasons"] == ["not available in this environment"]
     assert with_inp["_picky"]["reasons"] == ["dtype torch.float32 not in ['torch.float64']"]

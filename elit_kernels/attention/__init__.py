@@ -28,7 +28,7 @@ __all__ = ["AttentionPlan", "AttnInputs", "Backend", "SegmentRuns", "describe_ba
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      softmax_scale=None, causal=False, backend=None, return_lse=False, window_size=(-1, -1),
-                     softcap=0.0, segments=None):
+                     softcap=0.0, segments=None, deterministic=False):
     """Attention over packed ragged segments.
 
     Arguments:
@@ -63,6 +63,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             ``torch.compile`` hold), uniform segments run as one dense SDPA, and the eager value checks
             compare it with the tensors instead: ``cu_seqlens`` must hold the same lengths.
         return_lse: bool, also return the log-sum-exp of each query row.
+        deterministic: bool (flash-attn's ``deterministic``). When a backward will follow (q, k or v requires
+            grad, grad mode on), run only on a backend whose backward gives the same gradients bit for bit on
+            every run (``Backend.deterministic_devices``: ``reference``, ``cpp``, ``triton``, ``triton_window``,
+            ``cuda``; ``torch`` on the CPU only; not the library kernels on a GPU, which accumulate with
+            atomics). Default dispatch then picks the fastest of those, without on-device tuning; an explicit
+            backend that is not deterministic there is a ValueError saying so. No effect on a forward alone.
 
     Returns:
         ``out [total_q, H, D]`` in q's dtype; with ``return_lse``, ``(out, lse)`` where ``lse`` is
@@ -75,7 +81,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         TypeError / ValueError naming the argument for invalid input (the checks that read
         ``cu_seqlens`` values run in eager mode only; ``window_size``: TypeError unless a pair of ints,
         ValueError for a side < -1; ``softmax_scale`` / ``softcap``: ValueError outside the ranges above;
-        ``return_lse``: TypeError unless a bool); ValueError listing every reason when no backend (or not the one
+        ``return_lse`` / ``deterministic``: TypeError unless a bool); ValueError listing every reason when no backend (or not the one
         asked for) can run the inputs.
 
     The first seven arguments match ``flash_attn_varlen_func``::
@@ -86,5 +92,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         torch.Size([9, 4, 64])
     """
     inp = validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                          return_lse=return_lse, window_size=window_size, softcap=softcap, segments=segments)
+                          return_lse=return_lse, window_size=window_size, softcap=softcap, segments=segments,
+                          deterministic=deterministic)
     return run_backend(select_backend(inp, backend), inp)

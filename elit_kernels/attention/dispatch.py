@@ -224,7 +224,7 @@ def candidates(inp: AttnInputs) -> tuple[list[Backend], list[str]]:
 def _decision_key(inp: AttnInputs) -> tuple:
     """Everything a decision depends on, for an eager call (never under capture or tracing)."""
     return (inp.q.device, inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
-            inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad,
+            inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad, inp.deterministic,
             inp.segments, inp.max_seqlen_q, inp.max_seqlen_k,
             inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode)
 
@@ -256,7 +256,9 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
         if hit is not None and _registry._REGISTRY.get(hit.name) is hit:
             return hit
     ok, tried = candidates(inp)
-    if ok and eager and _tuning and len(ok) > 1:
+    # A deterministic call's candidates are a subset of its class's: timing them would rank the class without
+    # the others (the class ranking serves every call of the class), so it takes the ranking as it is.
+    if ok and eager and _tuning and len(ok) > 1 and not inp.deterministic:
         c = shape_class(inp)
         if _class_key(c) not in _TUNED:
             tune_inputs(inp)

@@ -151,6 +151,9 @@ class AttnInputs:
     #: logit soft-capping ``softcap * tanh(s / softcap)``; 0 = off.
     softcap: float = 0.0
     segments: SegmentRuns | None = None
+    #: the caller asked for a deterministic backward (flash-attn's ``deterministic=True``): only backends whose
+    #: backward is deterministic on this device (``Backend.deterministic_devices``) run it when one follows.
+    deterministic: bool = False
 
     @property
     def has_window(self) -> bool:
@@ -378,7 +381,7 @@ def _softcap(softcap) -> float:
 
 def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                     causal=False, *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0,
-                    segments=None) -> AttnInputs:
+                    segments=None, deterministic: bool = False) -> AttnInputs:
     """Check every argument of ``varlen_attention`` and return the resolved ``AttnInputs``.
 
     With ``segments`` (a ``SegmentRuns``) the per-call checks compare the segments with the tensors' shapes, and
@@ -467,12 +470,14 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             right = -1
     if type(softcap) not in (float, int) or softcap != 0.0:
         softcap = _softcap(softcap)
-    # The dataclass's own __init__ sets its 14 fields one frozen setattr at a time (2.2 us on this project's
+    if deterministic is not False:
+        deterministic = _flag("deterministic", deterministic)
+    # The dataclass's own __init__ sets its 15 fields one frozen setattr at a time (2.2 us on this project's
     # CPU, on every attention call); one __dict__ update builds the same object (fields, equality, frozenness;
     # validate_inputs as a whole went from 9.5 to 7.1 us).
     inp = object.__new__(AttnInputs)
     inp.__dict__.update(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                         max_seqlen_k=max_seqlen_k, softmax_scale=float(softmax_scale), causal=causal,
                         return_lse=return_lse, window_left=left, window_right=right, softcap=float(softcap),
-                        segments=segments)
+                        segments=segments, deterministic=deterministic)
     return inp

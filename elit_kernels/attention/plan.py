@@ -57,7 +57,7 @@ class AttentionPlan:
     Arguments (as ``varlen_attention``'s): ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``[S+1]``;
     ``max_seqlen_q`` / ``max_seqlen_k`` ints; ``segments`` (``SegmentRuns``, the lengths on the host: no device
     read, uniform segments run as one dense SDPA); ``softmax_scale`` (None: ``D**-0.5`` of the call's D),
-    ``causal``, ``window_size``, ``softcap``, ``return_lse``.
+    ``causal``, ``window_size``, ``softcap``, ``return_lse``, ``deterministic``.
 
     ``plan(q, k, v, backend=None)``: q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]``; returns ``out`` (or
     ``(out, lse)``) exactly as ``varlen_attention``. ``backend`` / ``$ELIT_BACKEND`` as there.
@@ -75,7 +75,7 @@ class AttentionPlan:
     """
 
     def __init__(self, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, segments=None, softmax_scale=None,
-                 causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False):
+                 causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False, deterministic=False):
         # The checks that need no q/k/v run now, so a bad argument is named where the plan is made; the first call
         # of each signature runs validate_inputs in full (q/k/v against all of this).
         eager = not _capturing()
@@ -93,13 +93,14 @@ class AttentionPlan:
         if softmax_scale is not None:
             softmax_scale = _scale(softmax_scale)
         causal, return_lse = _flag("causal", causal), _flag("return_lse", return_lse)
+        deterministic = _flag("deterministic", deterministic)
         window_size = _window(window_size, False)  # ints (a caller's list or tensor may change later)
         softcap = _softcap(softcap)
         # private, with read-only properties: the cached runs hold these, so they must not change behind them
         self._cu_q, self._cu_k, self._max_q, self._max_k = cu_seqlens_q, cu_seqlens_k, max_q, max_k
         self._segments = segments
         self._kw = dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse, window_size=window_size,
-                        softcap=softcap)
+                        softcap=softcap, deterministic=deterministic)
         self._runs: dict = {}  # signature -> (backend, AttnInputs fields other than q/k/v)
         self._state = None  # (_epoch(), value checks on, cu versions) the cached runs were made under
 
@@ -113,7 +114,7 @@ class AttentionPlan:
         kw = self._kw
         inp = validate_inputs(q, k, v, self._cu_q, self._cu_k, self._max_q, self._max_k, kw["softmax_scale"],
                               kw["causal"], return_lse=kw["return_lse"], window_size=kw["window_size"],
-                              softcap=kw["softcap"], segments=self._segments)
+                              softcap=kw["softcap"], segments=self._segments, deterministic=kw["deterministic"])
         return inp, select_backend(inp, backend)
 
     def __call__(self, q, k, v, *, backend=None):

@@ -66,6 +66,11 @@ class Backend:
     #: picked by default dispatch when it can run (False: only when asked for by name, e.g. a reference
     #: implementation or a comparator that is slower everywhere it was measured).
     default_eligible: bool = True
+    #: device types (``"cpu"``, ``"cuda"``) on which its backward is deterministic: bitwise the same gradients
+    #: for the same inputs, run after run (no atomics, no order-dependent reductions); None: every device.
+    #: A call that asks for it (``deterministic=True``) and needs a backward runs only where this holds.
+    #: Empty (the default, for a backend that does not say): nowhere.
+    deterministic_devices: tuple | None = ()
 
     def is_available(self) -> bool:
         return True
@@ -103,6 +108,10 @@ class Backend:
             r.append(f"no sliding-window attention (window_size=({inp.window_left}, {inp.window_right}))")
         if not self.supports_softcap and inp.softcap != 0.0:
             r.append(f"no logit soft-capping (softcap={inp.softcap})")
+        det = self.deterministic_devices
+        if inp.deterministic and det is not None and inp.q.device.type not in det and inp.requires_grad:
+            r.append(f"its backward is not deterministic on {inp.q.device.type} (deterministic=True"
+                     + (f"; it is on {' and '.join(det)})" if det else ")"))
         cc = self.min_compute_capability
         if cc is not None and inp.q.device.type == "cuda":
             have = _compute_capability(inp.q.device)
@@ -170,6 +179,10 @@ def _check_declaration(b: Backend) -> None:
     if b.devices is not None and (not isinstance(b.devices, (tuple, list, frozenset, set)) or not b.devices or
                                   not all(isinstance(d, str) for d in b.devices)):
         bad("devices", "None (any) or a non-empty tuple of device types, e.g. ('cuda',)")
+    det = b.deterministic_devices
+    if det is not None and (not isinstance(det, (tuple, list, frozenset, set)) or
+                            not all(isinstance(d, str) for d in det)):
+        bad("deterministic_devices", "None (every device) or a tuple of device types, e.g. ('cpu',) or ()")
     if b.head_dims is not None and (not isinstance(b.head_dims, (tuple, list, frozenset, set)) or not b.head_dims or
                                     not all(is_int(d) and d >= 1 for d in b.head_dims)):
         bad("head_dims", "None (every multiple of head_dim_multiple) or a non-empty tuple of ints >= 1")
@@ -270,12 +283,13 @@ def describe_inputs(inp: AttnInputs) -> str:
     return (f"q {tuple(inp.q.shape)}, k/v {tuple(inp.k.shape)}, {inp.num_segments} segments, {inp.q.dtype}, "
             f"{inp.q.device}" + (", causal" if inp.causal else "") + (", return_lse" if inp.return_lse else "")
             + (f", window_size=({inp.window_left}, {inp.window_right})" if inp.has_window else "")
-            + (f", softcap={inp.softcap}" if inp.softcap else ""))
+            + (f", softcap={inp.softcap}" if inp.softcap else "") + (", deterministic" if inp.deterministic else ""))
 
 
 def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
     """One dict per backend: name, priority, available, why not (``unavailable_reason``), whether default
-    dispatch may pick it, and (given inputs) the reasons it can't run them."""
+    dispatch may pick it, the device types its backward is deterministic on (None: every one), and (given
+    inputs) the reasons it can't run them."""
     if inp is not None and not isinstance(inp, AttnInputs):
         raise TypeError(f"inp: expected an AttnInputs (from elit_kernels.attention.validate_inputs) or None, got "
                         f"{type(inp).__name__}")
@@ -283,7 +297,8 @@ def describe_backends(inp: AttnInputs | None = None) -> list[dict]:
     for b in registered_backends():
         why = unavailable_reason(b)  # one is_available() call per backend (False, with the reason, if it raises)
         row = {"name": b.name, "priority": b.priority, "available": why is None, "description": b.description,
-               "unavailable_reason": why, "default_eligible": b.default_eligible}
+               "unavailable_reason": why, "default_eligible": b.default_eligible,
+               "deterministic_devices": None if b.deterministic_devices is None else tuple(b.deterministic_devices)}
         if inp is not None:
             row["reasons"] = reasons(b, inp)
         rows.append(row)

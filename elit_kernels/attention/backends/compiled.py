@@ -26,6 +26,9 @@ class _CompiledBackend(Backend):
     ``describe_backends()`` lists it as unavailable and says why (in ``description``)."""
 
     summary = ""
+    #: every (segment, head) task writes its own gradient rows: no atomics (csrc/attention_cpu.cpp,
+    #: csrc/cuda/attention_bwd.cu)
+    deterministic_devices = None
 
     @property
     def unavailable_reason(self) -> str | None:

@@ -93,13 +93,15 @@ class FlashAttnBackend(_CudaLibrary):
     default_eligible = False  # a comparator: picked by name only
     known_answer = False
     description = "flash_attn.flash_attn_varlen_func (optional package, comparator); CUDA, fp16/bf16"
+    #: flash-attn's own deterministic backward, asked for when the call asks for one
+    deterministic_devices = ("cuda",)
 
     def forward(self, inp):
         import flash_attn
 
         return flash_attn.flash_attn_varlen_func(
             inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
-            softmax_scale=inp.softmax_scale, causal=inp.causal,
+            softmax_scale=inp.softmax_scale, causal=inp.causal, deterministic=inp.deterministic,
         )
 
 

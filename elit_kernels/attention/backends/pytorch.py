@@ -13,6 +13,9 @@ class ReferenceBackend(Backend):
     priority = 0
     known_answer = False  # it is the known answer
     description = "pure PyTorch, one segment at a time, fp32 (fp64 for fp64 input) accumulation: the truth"
+    #: autograd through per-segment matmul / softmax / cat: no atomics (on CUDA, cuBLAS is deterministic given
+    #: CUBLAS_WORKSPACE_CONFIG, as PyTorch's reproducibility notes say)
+    deterministic_devices = None
 
     def forward(self, inp):
         from ...reference.attention import varlen_attention_reference
@@ -27,6 +30,9 @@ class TorchBackend(Backend):
     name = "torch"
     priority = 10
     known_answer = False  # plain PyTorch ops
+    #: on CUDA the SDPA kernels PyTorch picks (FlashAttention, efficient, cuDNN) and the grouped path's
+    #: index_add_ accumulate with atomics; on the CPU neither does
+    deterministic_devices = ("cpu",)
     description = ("PyTorch: one dense SDPA (cuDNN / FlashAttention / efficient, as PyTorch picks) per run of equal "
                    "segments on strided views of the packed tensors, else matmul/softmax over segments grouped by "
                    "their real lengths. With host-side segments (varlen_attention(segments=), as the ELIT model "

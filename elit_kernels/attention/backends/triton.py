@@ -40,6 +40,8 @@ class TritonBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     # Rows of 8 elements keep 16-byte aligned loads for 16-bit types; flash-attn pads the same way.
     head_dim_multiple = 8
+    #: dq and dK/dV are separate kernels, each program owning its rows: no atomics (the window kernels too)
+    deterministic_devices = None
 
     @property
     def devices(self):

@@ -1,0 +1,151 @@
+"""``deterministic=True`` (flash-attn's flag, ``varlen_attention``'s, ``AttentionPlan``'s): when a backward follows,
+only a backend that declares its backward deterministic on the inputs' device runs the call.
+
+flash-attn honours the flag with a slower backward without atomics; the library kernels default dispatch prefers
+on a GPU accumulate with atomics. Before this flag was honoured the drop-in accepted ``deterministic=True`` and
+ran them anyway: gradients that differ run to run, with no word. On a CPU a registered spy that declares itself
+non-deterministic stands in for them; the declarations of the real backends are pinned, and the CPU ones are
+checked bit for bit."""
+import pytest
+import torch
+
+from elit_kernels import flash_attn_varlen_func, varlen_attention
+from elit_kernels.attention import AttentionPlan, SegmentRuns, describe_backends, validate_inputs
+from elit_kernels.attention import dispatch as D
+from elit_kernels.attention import registry as R
+from elit_kernels.testing import random_varlen_inputs
+
+LENS_Q, LENS_K = [3, 5, 0, 4], [4, 2, 3, 4]
+
+
+class _Atomic(R.Backend):
+    """A CPU backend, first in default dispatch, whose backward says nothing about determinism (as a library
+    kernel that accumulates with atomics): answers with the reference and counts its calls."""
+
+    name, priority, known_answer, devices = "_atomic", 10_000, False, ("cpu",)
+
+    def __init__(self):
+        self.calls = 0
+
+    def forward(self, inp):
+        self.calls += 1
+        return R.get_backend("reference").forward(inp)
+
+
+@pytest.fixture
+def atomic():
+    b = R.register_backend(_Atomic())
+    D.clear_decisions()
+    yield b
+    R._REGISTRY.pop(b.name, None)
+    D.clear_decisions()
+
+
+def _inputs(grad=True, seed=0):
+    return random_varlen_inputs(LENS_Q, LENS_K, 2, 16, seed=seed, requires_grad=grad)
+
+
+def test_deterministic_calls_with_a_backward_skip_backends_that_are_not(atomic):
+    q, k, v, cq, ck, mq, mk = _inputs()
+    want = varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference")
+    out = varlen_attention(q, k, v, cq, ck, mq, mk)  # not asked: the spy, first in line, runs it
+    assert atomic.calls == 1 and torch.equal(out, want)
+    # asked (and a decision for the same shapes is cached from the call above): another backend runs it
+    out = varlen_attention(q, k, v, cq, ck, mq, mk, deterministic=True)
+    assert atomic.calls == 1
+    torch.testing.assert_close(out, want)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, deterministic=True)
+    chosen = D.select_backend(inp)
+    assert chosen.name != "_atomic" and (chosen.deterministic_devices is None or "cpu" in chosen.deterministic_devices)
+    with torch.no_grad():  # no backward follows: nothing to be deterministic about
+        varlen_attention(q, k, v, cq, ck, mq, mk, deterministic=True)
+    assert atomic.calls == 2
+    q2, k2, v2 = (t.detach() for t in (q, k, v))
+    varlen_attention(q2, k2, v2, cq, ck, mq, mk, deterministic=True)
+    assert atomic.calls == 3
+
+
+def test_an_explicit_backend_that_is_not_deterministic_is_refused_by_name(atomic):
+    q, k, v, cq, ck, mq, mk = _inputs()
+    with pytest.raises(ValueError, match=r"^backend: backend '_atomic' cannot run these inputs \(.*, deterministic\): "
+                       r"its backward is not deterministic on cpu \(deterministic=True\)$"):
+        varlen_attention(q, k, v, cq, ck, mq, mk, backend="_atomic", deterministic=True)
+    with pytest.raises(ValueError, match=r"^backend: backend 'torch_varlen' cannot run these inputs .*"):
+        varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch_varlen", deterministic=True)
+    assert atomic.calls == 0
+    with pytest.raises(TypeError, match=r"^deterministic: expected a bool, got str \('yes'\)$"):
+        varlen_attention(q, k, v, cq, ck, mq, mk, deterministic="yes")
+
+
+def test_the_drop_in_and_a_plan_pass_the_flag_on(atomic):
+    q, k, v, cq, ck, mq, mk = _inputs()
+    want = varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference")
+    for det in (True, 1):  # flash-attn's schema takes an int as its bool
+        out = flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, deterministic=det)
+        torch.testing.assert_close(out, want)
+    assert atomic.calls == 0
+    flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, deterministic=False)
+    assert atomic.calls == 1
+    seg = SegmentRuns.from_lengths(LENS_Q, LENS_K)
+    plan = AttentionPlan(cq, ck, mq, mk, segments=seg, deterministic=True)
+    for _ in range(2):  # the second call comes from the plan's cache
+        torch.testing.assert_close(plan(q, k, v), want)
+    assert atomic.calls == 1
+    plain = AttentionPlan(cq, ck, mq, mk, segments=seg)
+    plain(q, k, v)
+    assert atomic.calls == 2
+    with pytest.raises(TypeError, match=r"^deterministic: expected a bool"):
+        AttentionPlan(cq, ck, mq, mk, deterministic="no")
+
+
+def test_tuning_does_not_rank_a_class_on_its_deterministic_subset(atomic, monkeypatch):
+    """A class's ranking serves every call of the class: timing only the deterministic candidates would drop the
+    others from it."""
+    timed = []
+    monkeypatch.setattr(D, "tune_inputs", lambda inp, *a, **k: timed.append(inp))
+    q, k, v, cq, ck, mq, mk = _inputs()
+    with D.tuning(True):
+        varlen_attention(q, k, v, cq, ck, mq, mk, deterministic=True)
+        assert timed == []
+        varlen_attention(q, k, v, cq, ck, mq, mk)
+        assert len(timed) == 1
+
+
+def test_declarations():
+    """What each backend declares, and why (its docstring / module): the kernels of this package own their
+    gradient rows (no atomics) on every device they run on; PyTorch's SDPA kernels and index_add_ on CUDA do not;
+    flash-attn has a deterministic mode the backend asks for; torch_varlen has none."""
+    rows = {r["name"]: r["deterministic_devices"] for r in describe_backends()}
+    assert {n: rows[n] for n in ("reference", "torch", "cpp", "cuda", "triton", "triton_window", "torch_varlen",
+                                 "flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient") if n in rows} == {
+        "reference": None, "torch": ("cpu",), "cpp": None, "cuda": None, "triton": None, "triton_window": None,
+        "torch_varlen": (), "flash_attn": ("cuda",), "sdpa_cudnn": ("cpu",), "sdpa_flash": ("cpu",),
+        "sdpa_efficient": ("cpu",)}
+
+
+def test_a_bad_declaration_is_refused_at_registration():
+    class Bad(_Atomic):
+        name, deterministic_devices = "_bad_det", "cpu"  # a str, not a tuple: "c", "p", "u" would be device types
+    with pytest.raises(TypeError, match=r"^backend: deterministic_devices must be None \(every device\) or a tuple"):
+        R.register_backend(Bad())
+    assert "_bad_det" not in R.known_backends()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_the_cpu_backends_that_say_so_are_deterministic_bit_for_bit(backend):
+    """Ten backward passes on the same inputs give the same gradients, bit for bit (two threads, GQA, causal)."""
+    if backend == "cpp":
+        from elit_kernels import _cext
+        if _cext.unavailable_reason is not None:
+            pytest.skip(f"cpp backend unavailable: {_cext.unavailable_reason}")
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([7, 33, 1, 20], [9, 40, 5, 20], 4, 32, seed=4, kv_heads=2,
+                                                   requires_grad=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    seg = SegmentRuns.from_lengths([7, 33, 1, 20], [9, 40, 5, 20])
+    grads = []
+    for _ in range(10):
+        out = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, backend=backend, deterministic=True,
+                               segments=seg)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))

@@ -149,3 +149,24 @@ def test_the_cpu_backends_that_say_so_are_deterministic_bit_for_bit(backend):
         grads.append(torch.autograd.grad(out, (q, k, v), dout))
     for g in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
+
+
+def test_gpu_deterministic_backward_is_bitwise_repeatable():
+    """On a GPU, default dispatch with deterministic=True leaves the library kernels (atomics) out and picks one
+    declared deterministic on CUDA, whose gradients repeat bit for bit (bf16, ragged, GQA; tools/gpu_check.sh)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False): the GPU half of deterministic=True")
+    lens_q, lens_k = [64, 200, 1, 128], [64, 300, 5, 128]
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 8, 64, seed=6, kv_heads=2, dtype=torch.bfloat16,
+                                                   device="cuda", requires_grad=True)
+    seg = SegmentRuns.from_lengths(lens_q, lens_k)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, segments=seg, deterministic=True)
+    chosen = D.select_backend(inp)
+    assert chosen.deterministic_devices is None or "cuda" in chosen.deterministic_devices, chosen.name
+    dout = torch.randn_like(q)
+    grads = []
+    for _ in range(5):
+        out = varlen_attention(q, k, v, cq, ck, mq, mk, segments=seg, deterministic=True)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0])), chosen.name

@@ -170,3 +170,24 @@ def test_gpu_deterministic_backward_is_bitwise_repeatable():
         grads.append(torch.autograd.grad(out, (q, k, v), dout))
     for g in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(g, grads[0])), chosen.name
+
+
+def test_pytorchs_deterministic_switch_asks_for_it_too(atomic):
+    """torch.use_deterministic_algorithms(True) (transformers' enable_full_determinism sets it) asks every op for a
+    deterministic backward: default dispatch and a plan made before the switch honour it, and forget it after."""
+    q, k, v, cq, ck, mq, mk = _inputs()
+    plan = AttentionPlan(cq, ck, mq, mk)
+    plan(q, k, v)
+    assert atomic.calls == 1
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        varlen_attention(q, k, v, cq, ck, mq, mk)
+        plan(q, k, v)  # its cached run was made before the switch
+        assert atomic.calls == 1
+        assert validate_inputs(q, k, v, cq, ck, mq, mk).deterministic is True
+    finally:
+        torch.use_deterministic_algorithms(was)
+    plan(q, k, v)
+    varlen_attention(q, k, v, cq, ck, mq, mk)
+    assert atomic.calls == 3

@@ -705,3 +705,40 @@ def test_diffusers_dispatcher_causal_matches_native(backend, sq, sk):
         assert (a - b).abs().max() <= ATOL
     with pytest.raises(ValueError, match="^is_causal: True together with attn_mask is not supported"):
         dispatch_attention_fn(*base, attn_mask=torch.ones(2, sk, dtype=torch.bool), is_causal=True, backend=member)
+
+
+@needs_tf
+def test_transformers_deterministic_as_transformers_reads_it(monkeypatch):
+    """transformers' flash-attention path asks for a deterministic backward through a ``deterministic`` kwarg or,
+    unset, ``$FLASH_ATTENTION_DETERMINISTIC == "1"`` (enable_full_determinism sets it); ours reads both the same
+    way. A registered CPU spy that declares no deterministic backward, first in default dispatch, shows which ran."""
+    from elit_kernels.attention import dispatch as D
+    from elit_kernels.attention import registry as R
+    from elit_kernels.integrations.transformers import elit_attention_forward
+
+    class Atomic(R.Backend):
+        name, priority, known_answer, devices = "_atomic_tf", 10_000, False, ("cpu",)
+        calls = 0
+
+        def forward(self, inp):
+            Atomic.calls += 1
+            return R.get_backend("reference").forward(inp)
+    R.register_backend(Atomic())
+    D.clear_decisions()
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 5, 8, generator=g, requires_grad=True)
+    kv = torch.randn(2, 2, 5, 8, generator=g)
+    want = elit_attention_forward(module, q, kv, kv, None, elit_backend="reference")[0]
+    monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    for env, kw, spy_runs in ((None, {}, True), ("1", {}, False), ("0", {}, True), (None, {"deterministic": True}, False),
+                              ("1", {"deterministic": False}, True)):
+        if env is None:
+            monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+        else:
+            monkeypatch.setenv("FLASH_ATTENTION_DETERMINISTIC", env)
+        before = Atomic.calls
+        out = elit_attention_forward(module, q, kv, kv, None, **kw)[0]
+        torch.testing.assert_close(out, want)
+        assert (Atomic.calls > before) == spy_runs, (env, kw)

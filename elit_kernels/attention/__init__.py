@@ -69,6 +69,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             ``cuda``; ``torch`` on the CPU only; not the library kernels on a GPU, which accumulate with
             atomics). Default dispatch then picks the fastest of those, without on-device tuning; an explicit
             backend that is not deterministic there is a ValueError saying so. No effect on a forward alone.
+            ``torch.use_deterministic_algorithms(True)`` asks for it too (as it does of every PyTorch op).
 
     Returns:
         ``out [total_q, H, D]`` in q's dtype; with ``return_lse``, ``(out, lse)`` where ``lse`` is

@@ -151,8 +151,9 @@ class AttnInputs:
     #: logit soft-capping ``softcap * tanh(s / softcap)``; 0 = off.
     softcap: float = 0.0
     segments: SegmentRuns | None = None
-    #: the caller asked for a deterministic backward (flash-attn's ``deterministic=True``): only backends whose
-    #: backward is deterministic on this device (``Backend.deterministic_devices``) run it when one follows.
+    #: the caller asked for a deterministic backward (flash-attn's ``deterministic=True``, or PyTorch's
+    #: ``torch.use_deterministic_algorithms(True)``): only backends whose backward is deterministic on this device
+    #: (``Backend.deterministic_devices``) run it when one follows.
     deterministic: bool = False
 
     @property
@@ -472,6 +473,8 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         softcap = _softcap(softcap)
     if deterministic is not False:
         deterministic = _flag("deterministic", deterministic)
+    elif torch.are_deterministic_algorithms_enabled():  # PyTorch's own switch asks the same of every op
+        deterministic = True
     # The dataclass's own __init__ sets its 15 fields one frozen setattr at a time (2.2 us on this project's
     # CPU, on every attention call); one __dict__ update builds the same object (fields, equality, frozenness;
     # validate_inputs as a whole went from 9.5 to 7.1 us).

@@ -102,7 +102,7 @@ class AttentionPlan:
         self._kw = dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse, window_size=window_size,
                         softcap=softcap, deterministic=deterministic)
         self._runs: dict = {}  # signature -> (backend, AttnInputs fields other than q/k/v)
-        self._state = None  # (_epoch(), value checks on, cu versions) the cached runs were made under
+        self._state = None  # (_epoch(), value checks on, torch's deterministic switch, cu versions) of the cached runs
 
     cu_seqlens_q = property(lambda self: self._cu_q, doc="int32 ``[S+1]``, as given")
     cu_seqlens_k = property(lambda self: self._cu_k, doc="int32 ``[S+1]``, as given")
@@ -128,7 +128,8 @@ class AttentionPlan:
                 if backend is None or type(backend) is str else None  # a backend that is not a name: checks say so
         except AttributeError:  # not tensors: the full checks name the argument
             key = None
-        state = (_epoch(), _inputs._validate_values, tensor_version(self._cu_q), tensor_version(self._cu_k))
+        state = (_epoch(), _inputs._validate_values, torch.are_deterministic_algorithms_enabled(),
+                 tensor_version(self._cu_q), tensor_version(self._cu_k))
         if state != self._state:
             self._runs.clear()
             self._state = state

@@ -41,6 +41,7 @@ a 2-D mask cannot express (``or_mask_function`` / ``and_mask_function``, e.g. bi
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import warnings
 
@@ -174,8 +175,10 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             ``w`` (``window_size=(w - 1, w - 1)``, over positions: a padding hole that would make the packed
             window hold other keys raises ``ValueError`` naming ``attention_mask``); softcap: logit cap;
             is_causal: default ``module.is_causal``; s_aux: only None.
-        kwargs: ``cu_seq_lens_q/k``, ``max_length_q/k`` (packed batches), ``position_ids``; others are ignored as
-            transformers' own implementations ignore them (``output_attentions`` warns: no weights are returned).
+        kwargs: ``cu_seq_lens_q/k``, ``max_length_q/k`` (packed batches), ``position_ids``, ``deterministic``
+            (default: ``$FLASH_ATTENTION_DETERMINISTIC == "1"``, as transformers' flash-attention path reads it;
+            ``enable_full_determinism`` sets it); others are ignored as transformers' own implementations ignore
+            them (``output_attentions`` warns: no weights are returned).
         elit_backend: keyword only, bound by ``register(backend=...)``: the ``varlen_attention`` backend.
 
     Returns:
@@ -188,8 +191,12 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     sk = key.shape[2]
     causal = bool(module.is_causal if is_causal is None else is_causal)
     window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)
+    deterministic = kwargs.get("deterministic")
+    if deterministic is None:
+        deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
     fa = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window,
-              softcap=0.0 if softcap is None else softcap, s_aux=s_aux, backend=elit_backend)
+              softcap=0.0 if softcap is None else softcap, s_aux=s_aux, backend=elit_backend,
+              deterministic=deterministic)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, S, H, D] views
 
     if attention_mask is not None:

@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from ._types import is_int
 from .reference.attention import varlen_attention_reference
 
 
@@ -26,6 +27,10 @@ def random_varlen_inputs(lens_q: Sequence[int], lens_k: Sequence[int], heads: in
     past ``cu_seqlens_*[-1]`` (a static buffer longer than the packed data), filled with ``extra_fill``
     (NaN by default, so a kernel that reads them fails; None: random values).
     """
+    for name, lens in (("lens_q", lens_q), ("lens_k", lens_k)):
+        if isinstance(lens, (str, bytes)) or not hasattr(lens, "__len__") or \
+                not all(is_int(n) and n >= 0 for n in lens):
+            raise ValueError(f"{name}: expected a sequence of segment lengths (ints >= 0), got {lens!r}")
     if len(lens_q) != len(lens_k):
         raise ValueError(f"lens_k: expected {len(lens_q)} segments like lens_q, got {len(lens_k)}")
     kv_heads = heads if kv_heads is None else kv_heads
@@ -101,9 +106,15 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
     kernel leaves unwritten is then NaN, and any NaN fails here.
 
     Returns ``fn``'s output. Raises AssertionError naming the tensor (``out``, ``dq``, ``dk``, ``dv``, ``lse``)
-    and what is wrong: its worst error against the bound, non-finite elements, a shape, rows past the packed
-    data that are not exact zeros.
+    and what is wrong: its worst error against the bound, non-finite elements, a shape, dtype or device other than
+    q's, an output no gradient flows through, rows past the packed data that are not exact zeros; ValueError /
+    TypeError naming ``fn``, ``lens_q``, ``lens_k``, ``heads`` or ``head_dim`` for bad arguments.
     """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable with varlen_attention's positional arguments, got {type(fn).__name__}")
+    for name, n, lo in (("heads", heads, 1), ("head_dim", head_dim, 1)):
+        if not is_int(n) or n < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {n!r}")
     q, k, v, cu_q, cu_k, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, head_dim, dtype=dtype, device=device,
                                                        seed=seed, requires_grad=grads, kv_heads=kv_heads,
                                                        extra_q=extra_q, extra_k=extra_k)
@@ -116,9 +127,19 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
         qq, kk, vv = tensors
         o = f(qq, kk, vv, cu_q, cu_k, mq, mk, sc, causal)
         if check_lse:
+            if not (isinstance(o, (tuple, list)) and len(o) == 2):
+                raise AssertionError(f"out: with check_lse the callable must return (out, lse), got "
+                                     f"{type(o).__name__}")
             o, lses[key] = o
+        if not isinstance(o, torch.Tensor) or o.shape != qq.shape or o.dtype != qq.dtype or o.device != qq.device:
+            got = f"{tuple(o.shape)} {o.dtype} on {o.device}" if isinstance(o, torch.Tensor) else type(o).__name__
+            raise AssertionError(f"out: expected a tensor of q's shape, dtype and device ({tuple(qq.shape)} "
+                                 f"{qq.dtype} on {qq.device}), got {got}")
         if not grads:
             return o, ()
+        if not o.requires_grad:
+            raise AssertionError("out: does not require grad, so no gradient reaches q, k, v (the callable "
+                                 "detached it, or ran without autograd)")
         gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), dout.to(o.dtype), allow_unused=True)
         zero = torch.zeros_like
         return o, (gq if gq is not None else zero(qq), gk if gk is not None else zero(kk),
@@ -141,8 +162,10 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
     tq, tk = cu_q[-1].item(), cu_k[-1].item()
     for name, t in (("out", out), ("dq", gr[0] if grads else None), ("dk", gr[1] if grads else None),
                     ("dv", gr[2] if grads else None)):
-        rows = t[tq:] if name in ("out", "dq") else (t[tk:] if t is not None else None)
-        if rows is not None and not torch.equal(rows, torch.zeros_like(rows)):
+        if t is None:
+            continue
+        rows = t[tq:] if name in ("out", "dq") else t[tk:]
+        if not torch.equal(rows, torch.zeros_like(rows)):
             raise AssertionError(f"{name}: rows past cu_seqlens[-1] are not exact zeros")
     if check_lse:
         lse, lref = lses["out"], lses["ref"]

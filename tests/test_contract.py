@@ -323,3 +323,33 @@ def test_the_poison_switch_reaches_every_backend_that_allocates_outputs(monkeypa
     assert out[-1].isnan().all() and lse[:, -1].isnan().all() and not out[:-1].isnan().any()
     dq, _, _ = torch_ops.varlen_attn_bwd_torch(torch.randn_like(q), q, k, v, lse, cq, ck, 0.3, False)
     assert dq[-1].isnan().all() and not dq[:-1].isnan().any()
+
+
+def _dispatch(q, k, v, cq, ck, mq, mk, s, c):
+    return varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=s, causal=c)
+
+
+@pytest.mark.parametrize("wrong,says", [
+    (lambda *a: _dispatch(*a)[:-1], r"out: expected a tensor of q's shape, dtype and device \(\(8, 2, 8\) torch.float32"),
+    (lambda *a: _dispatch(*a).double(), r"out: expected a tensor of q's shape.*got \(8, 2, 8\) torch.float64"),
+    (lambda *a: None, r"out: expected a tensor of q's shape.*got NoneType"),
+    (lambda *a: _dispatch(*a).detach(), r"out: does not require grad"),
+    (lambda *a: _dispatch(*a) * 1.001, r"out: max abs err"),
+])
+def test_the_reference_check_fails_a_wrong_callable_by_name(wrong, says):
+    """check_backend_against_reference (README: check a backend against the reference) fails a wrong callable with an
+    AssertionError naming what is wrong, never a traceback from inside autograd, and never a silent pass (a float64
+    output for float32 inputs passed before)."""
+    with pytest.raises(AssertionError, match=says):
+        check_backend_against_reference(wrong, [3, 5], [4, 2], 2, 8, torch.float32)
+    with pytest.raises(AssertionError, match=r"^out: with check_lse the callable must return \(out, lse\), got Tensor"):
+        check_backend_against_reference(_dispatch, [3, 5], [4, 2], 2, 8, torch.float32, check_lse=True)
+    out = check_backend_against_reference(_dispatch, [3, 5], [4, 2], 2, 8, torch.float32, grads=False)  # crashed
+    assert out.shape == (8, 2, 8)
+    for kw, msg in ((dict(lens_q=[-1, 2]), r"^lens_q: expected a sequence of segment lengths \(ints >= 0\)"),
+                    (dict(lens_k=[1.5, 2]), r"^lens_k: expected a sequence"), (dict(head_dim=0), r"^head_dim: expected"),
+                    (dict(heads=0), r"^heads: expected an int >= 1")):
+        a = dict(lens_q=[3, 5], lens_k=[4, 2], heads=2, head_dim=8, dtype=torch.float32)
+        a.update(kw)
+        with pytest.raises(ValueError, match=msg):
+            check_backend_against_reference(_dispatch, **a)

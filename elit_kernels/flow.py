@@ -159,7 +159,8 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
                         noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean squared error between ``model(x_t, t, y, budgets)`` and the velocity ``noise - x0``.
 
-    ``x0``: a floating-point tensor ``[B, ...]``, B >= 1; ``y``: the class ids (a tensor, checked by the model);
+    ``x0``: a floating-point tensor ``[B, ...]``, B >= 1; ``y``: the class ids, a tensor ``[B]`` (values checked by the
+    model); the model must return a velocity of x0's shape (ValueError naming ``model`` otherwise);
     ``budgets``: as the model takes them (checked by the model). ``t``: None (logit-normal draws) or a
     floating-point tensor of shape ``[B]``; ``noise``: None (standard normal) or a tensor of x0's shape, dtype
     and device (both drawn from ``generator``, None or a CPU torch.Generator). Raises TypeError / ValueError
@@ -172,9 +173,9 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
     if x0.shape[0] == 0:
         raise ValueError(f"x0: expected at least one sample (the loss is a mean over the batch), got shape "
                          f"{tuple(x0.shape)}")
-    _check_tensor("y", y, what=" of class ids [B]")
-    _check_generator(generator)
     b = x0.shape[0]
+    _check_y(y, b)
+    _check_generator(generator)
     if t is None:
         t = logit_normal(b, generator=generator, device=x0.device)
     else:
@@ -192,7 +193,7 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
                          f"{noise.device}")
     tt = t.to(x0.dtype).view(b, *([1] * (x0.dim() - 1)))
     xt = (1 - tt) * x0 + tt * noise
-    return F.mse_loss(model(xt, t, y, budgets).float(), (noise - x0).float())
+    return F.mse_loss(_call(model, xt, t, y, budgets).float(), (noise - x0).float())
 
 
 GUIDANCE_MODES = ("none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass")
@@ -233,6 +234,26 @@ def _check_t(t, b: int, device) -> torch.Tensor:
     if tuple(t.shape) != (b,):
         raise ValueError(f"t: expected one time per sample, shape ({b},), or a 0-dim tensor, got {tuple(t.shape)}")
     return t
+
+
+def _check_y(y, b: int) -> None:
+    """``y`` a tensor of ``b`` class ids ``[b]`` (a model that is not ours may not check it, and a y of another
+    length would broadcast or be cut); TypeError / ValueError naming ``y``."""
+    _check_tensor("y", y, what=" of class ids [B]")
+    if tuple(y.shape) != (b,):
+        raise ValueError(f"y: expected one class id per sample, shape ({b},), got {tuple(y.shape)}")
+
+
+def _call(model, x, t, y, budget) -> torch.Tensor:
+    """``model(x, t, y, budget)``, checked to be a velocity of ``x``'s shape: a model that is not ours returning
+    another shape would otherwise broadcast into the state silently. ValueError / TypeError naming ``model``."""
+    v = model(x, t, y, budget)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"model: expected it to return the velocity, a tensor of x's shape {tuple(x.shape)}, got "
+                        f"{type(v).__name__}")
+    if v.shape != x.shape:
+        raise ValueError(f"model: returned a velocity of shape {tuple(v.shape)}, expected x's shape {tuple(x.shape)}")
+    return v
 
 
 def _per_sample(budget, b: int, j_max: int) -> list:
@@ -294,7 +315,7 @@ def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: f
         raise ValueError("x: expected a tensor [B, ...] with a batch dimension, got a 0-dim tensor")
     b = x.shape[0]
     t = _check_t(t, b, x.device)
-    _check_tensor("y", y, what=" of class ids [B]")
+    _check_y(y, b)
     _check_dtype(dtype)
     j_max = _j_max(model)
     budget = _check_budget("budget", budget, b, j_max)
@@ -306,7 +327,7 @@ def _velocity(model, x, t, y, budget, mode: str, scale: float, weak_budget, dtyp
     """``guided_velocity`` on checked arguments (``t`` a ``[B]`` tensor): the sampler's per-step call."""
     b = x.shape[0]
     if mode == "none" or scale == 0.0:
-        return model(x, t, y, budget).to(dtype)
+        return _call(model, x, t, y, budget).to(dtype)
     null = torch.full_like(y, model.null_class)
     j_max = model.cfg.latents_per_group  # a PlainDiT refuses any budget but None itself, naming `budgets`
     if mode != "cfg" and weak_budget is None:
@@ -315,16 +336,16 @@ def _velocity(model, x, t, y, budget, mode: str, scale: float, weak_budget, dtyp
     if mode == "cfg":
         # Same budget for both halves: one batch of 2B is the standard way to run CFG.
         bud = None if budget is None else _per_sample(budget, b, j_max) * 2
-        cond, weak = model(xx, tt, torch.cat([y, null]), bud).chunk(2)
+        cond, weak = _call(model, xx, tt, torch.cat([y, null]), bud).chunk(2)
     elif mode == "autoguidance":
         bud = _per_sample(budget, b, j_max) + _per_sample(weak_budget, b, j_max)
-        cond, weak = model(xx, tt, torch.cat([y, y]), bud).chunk(2)
+        cond, weak = _call(model, xx, tt, torch.cat([y, y]), bud).chunk(2)
     elif mode == "ccfg":
         bud = _per_sample(budget, b, j_max) + _per_sample(weak_budget, b, j_max)
-        cond, weak = model(xx, tt, torch.cat([y, null]), bud).chunk(2)
+        cond, weak = _call(model, xx, tt, torch.cat([y, null]), bud).chunk(2)
     else:  # ccfg_two_pass
-        cond = model(x, t, y, budget)
-        weak = model(x, t, null, weak_budget)
+        cond = _call(model, x, t, y, budget)
+        weak = _call(model, x, t, null, weak_budget)
     cond, weak = cond.to(dtype), weak.to(dtype)
     return weak + (scale + 1.0) * (cond - weak)
 
@@ -356,21 +377,32 @@ class NonFiniteSampleWarning(RuntimeWarning):
 
 
 def nonfinite_samples(x: torch.Tensor) -> list[int]:
-    """Indices along dim 0 of the samples of ``x`` (``[B, ...]``) holding a NaN or an inf: one device read."""
-    if x.dim() == 0 or x.numel() == 0:
+    """Indices along dim 0 of the samples of ``x`` (a tensor ``[B, ...]``) holding a NaN or an inf: one device read.
+    TypeError naming ``x`` for anything but a tensor, ValueError for a 0-dim one (no samples to name)."""
+    _check_tensor("x", x, what=" [B, ...]")
+    if x.dim() == 0:
+        raise ValueError("x: expected a tensor [B, ...] with a batch dimension, got a 0-dim tensor")
+    if x.numel() == 0:
         return []
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     return bad.nonzero().flatten().tolist()
 
 
-def _nonfinite_message(where: str, bad: list[int], b: int, scale: float, mode: str, dtype: torch.dtype) -> str:
-    """What ``euler_sample`` / elit-sample say of samples ``bad`` (of ``b``) that came out NaN or inf."""
+def _nonfinite_message(bad: list[int], b: int, in_state: bool, guided_scale: float, model_dtype: torch.dtype,
+                       out_dtype: torch.dtype) -> str:
+    """What ``euler_sample`` says of samples ``bad`` (of ``b``) that came out NaN or inf: ``in_state``, already in
+    the float64 state (the model's outputs or guidance), else only when cast to ``out_dtype`` (noise's dtype);
+    ``guided_scale``: the scale of the guided steps, 0 when no step was guided."""
     shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
-    why = (f"guidance multiplies the difference of two velocities by scale = {scale:g}, so the state outgrew "
-           f"{dtype}'s range: a smaller scale keeps it finite" if mode != "none" and scale > 0 else
-           f"the model returned NaN or inf, or the state outgrew {dtype}'s range")
-    return (f"{where}: {len(bad)} of {b} samples hold NaN or inf (sample{'s' if len(bad) > 1 else ''} {shown}); "
-            f"{why} (a model in float16 overflows sooner than in bfloat16 or float32)")
+    head = f"euler_sample: {len(bad)} of {b} samples hold NaN or inf (sample{'s' if len(bad) > 1 else ''} {shown}); "
+    if not in_state:
+        return head + (f"the float64 state is finite, but outside {out_dtype}'s range, the dtype of noise that the "
+                       f"result takes: pass noise in a wider dtype (e.g. noise.float())")
+    why = "the model returned NaN or inf"
+    if guided_scale > 0:
+        why = (f"guidance multiplies the difference of two velocities by scale = {guided_scale:g}: a scale too large "
+               f"for {model_dtype} makes the state outgrow it (a smaller scale keeps it finite), or {why}")
+    return head + why + " (a model in float16 overflows sooner than in bfloat16 or float32)"
 
 
 def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32, budget=None,
@@ -426,8 +458,8 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     if chw is not None and tuple(noise.shape[1:]) != chw:  # named here, not as the model's x at the first step
         raise ValueError(f"noise: expected [B, {chw[0]}, {chw[1]}, {chw[2]}] (the model's in_channels and "
                          f"input_size), got {tuple(noise.shape)}")
-    _check_tensor("y", y, what=" of class ids [B]")
     b, j_max = noise.shape[0], _j_max(model)
+    _check_y(y, b)
     weak_budget = _check_budget("weak_budget", weak_budget, b, j_max)
     if is_int_array(budget_schedule):  # NumPy: [steps] or [steps, B], as the lists it holds
         budget_schedule = budget_schedule.tolist()
@@ -477,10 +509,12 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
         return _velocity(model, xs.to(mdt), tt, y, bud, mode if guided else "none", scale,
                          weak_budget if guided else None, torch.float64)
 
+    any_guided = False
     with torch.no_grad():
         for i in it:
             t_cur, t_next = ts[i].item(), ts[i + 1].item()
             guided = mode != "none" and scale > 0 and low <= t_cur <= high
+            any_guided |= guided
             bud = schedule(i)
             d = velocity(x, t_cur, guided, bud)
             x_next = x + (t_next - t_cur) * d
@@ -491,6 +525,7 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     out = x.to(noise.dtype)
     bad = nonfinite_samples(out)
     if bad:
-        warnings.warn(_nonfinite_message("euler_sample", bad, b, scale, mode, mdt), NonFiniteSampleWarning,
-                      stacklevel=2)
+        in_state = bool(nonfinite_samples(x[bad]))
+        warnings.warn(_nonfinite_message(bad, b, in_state, scale if any_guided else 0.0, mdt, noise.dtype),
+                      NonFiniteSampleWarning, stacklevel=2)
     return out

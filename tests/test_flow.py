@@ -141,15 +141,51 @@ def test_euler_warns_naming_the_samples_that_come_out_nan_or_inf():
         warnings.simplefilter("error")
         assert torch.isfinite(euler_sample(Fake(), x, y, steps=3, mode="cfg", scale=3.0)).all()
     with pytest.warns(NonFiniteSampleWarning, match=r"^euler_sample: 3 of 3 samples hold NaN or inf \(samples 0, "
-                      r"1, 2\); guidance multiplies .* by scale = 1e\+40, so the state outgrew torch.float32's range"):
+                      r"1, 2\); guidance multiplies .* by scale = 1e\+40: a scale too large for torch.float32 makes "
+                      r"the state outgrow it"):
         got = euler_sample(Fake(), x, y, steps=3, mode="cfg", scale=1e40)
     assert nonfinite_samples(got) == [0, 1, 2]
     with pytest.warns(NonFiniteSampleWarning, match=r"^euler_sample: 1 of 3 samples hold NaN or inf \(sample 1\); "
-                      "the model returned NaN or inf"):
+                      r"the model returned NaN or inf \(a model"):
         got = euler_sample(NanAt(1), x, y, steps=2)
     assert nonfinite_samples(got) == [1] and torch.isfinite(got[[0, 2]]).all()
+    # guidance on, but its interval holds no step: the guidance is not what to blame
+    with pytest.warns(NonFiniteSampleWarning, match=r"\(sample 1\); the model returned NaN or inf \(a model"):
+        euler_sample(NanAt(1), x, y, steps=2, mode="cfg", scale=0.5, guidance_interval=(0.0, 0.1))
+    # finite in the float64 state, outside float16 (noise's dtype, which the result takes): that is the cause
+    def grows(xx, tt, yy, budgets=None):  # x_next = x + 0.5 * 20 x: 6e4 (float16 holds it) -> 6.6e5 (it does not)
+        return -20.0 * xx
+    with pytest.warns(NonFiniteSampleWarning, match=r"3 of 3 samples .* the float64 state is finite, but outside "
+                      r"torch.float16's range, the dtype of noise that the result takes: pass noise in a wider dtype"):
+        euler_sample(grows, torch.full_like(x, 6e4).half(), y, steps=2)
     assert nonfinite_samples(torch.tensor([[1.0, float("inf")], [0.0, 2.0]])) == [0]
     assert nonfinite_samples(torch.empty(0, 3)) == []
+    with pytest.raises(TypeError, match=r"^x: expected a tensor \[B, \.\.\.\], got ndarray"):
+        nonfinite_samples(np.array([np.nan]))
+    with pytest.raises(ValueError, match=r"^x: expected a tensor \[B, \.\.\.\] with a batch dimension"):
+        nonfinite_samples(torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("wrong", [lambda x: x[:1], lambda x: x[:, :1], lambda x: x.flatten(1), lambda x: None])
+def test_a_velocity_of_another_shape_is_refused_not_broadcast(wrong):
+    """A model that is not ours may return a velocity of another shape; broadcast into the state it would give
+    every sample a wrong sample, silently. The samplers and the loss name it; a y of another length likewise."""
+    x, t, y = _xty()
+
+    class Wrong(Fake):
+        def forward(self, xx, tt, yy, budgets=None):
+            return wrong(super().forward(xx, tt, yy, budgets))
+    model = Wrong()
+    err = TypeError if wrong(x) is None else ValueError
+    for call in (lambda: euler_sample(model, x, y, steps=1), lambda: guided_velocity(model, x, t, y),
+                 lambda: guided_velocity(model, x, t, y, mode="ccfg_two_pass", scale=1.0),
+                 lambda: rectified_flow_loss(model, x, y)):
+        with pytest.raises(err, match=r"^model: (returned a velocity of shape|expected it to return the velocity)"):
+            call()
+    for call in (lambda: euler_sample(Fake(), x, y[:2], steps=1), lambda: guided_velocity(Fake(), x, t, y[:2]),
+                 lambda: rectified_flow_loss(Fake(), x, torch.tensor([[1, 2, 3]]))):
+        with pytest.raises(ValueError, match=r"^y: expected one class id per sample, shape \(3,\)"):
+            call()
 
 
 @pytest.mark.parametrize("heun", [False, True])

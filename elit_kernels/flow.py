@@ -434,8 +434,9 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
         heun / progress / graphed: bools (NumPy's bool is one). ``progress`` shows a tqdm bar. ``graphed``: replay
             each forward from a CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a
             run keeps one or two signatures: guided and, outside the guidance interval, unguided). On a CPU, or
-            where capture fails, it warns once and runs eagerly. A ``GraphedForward`` passed as ``model`` is used as it is
-            (its graphs then outlive the call).
+            where capture fails, it warns once and runs eagerly. A ``GraphedForward`` passed as ``model`` is used as
+            it is (its graphs then outlive the call); any other model must be an ``ElitDiT`` (a layout to capture:
+            TypeError naming ``model`` otherwise).
 
     Raises TypeError / ValueError naming ``model``, ``noise``, ``y``, ``steps``, ``budget``, ``budget_schedule``,
     ``mode``, ``scale``, ``weak_budget``, ``guidance_interval``, ``heun``, ``progress`` or ``graphed``; the checks

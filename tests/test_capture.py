@@ -153,6 +153,10 @@ def test_arguments_are_checked():
             GraphedForward(m, max_graphs=bad)
     with pytest.raises(ValueError, match="warmup: expected an int >= 1"):
         GraphedForward(m, warmup=0)
+    with pytest.raises(TypeError, match=r"^model: already a GraphedForward"):
+        capture(capture(m))
+    with pytest.raises(TypeError, match=r"^model: expected an ElitDiT \(a module with cfg, layout and forward\)"):
+        GraphedForward(type("NoLayout", (), {"cfg": m.cfg, "__call__": lambda self, *a: None})())
     gf = GraphedForward(m, max_graphs=np.int64(2), warmup=np.int32(1))  # NumPy ints are ints
     assert (type(gf.max_graphs), gf.max_graphs, type(gf.warmup), gf.warmup) == (int, 2, int, 1)
     with pytest.raises(ValueError, match="max_graphs: expected a positive int"):

@@ -6,6 +6,7 @@ on a GPU accumulate with atomics. Before this flag was honoured the drop-in acce
 ran them anyway: gradients that differ run to run, with no word. On a CPU a registered spy that declares itself
 non-deterministic stands in for them; the declarations of the real backends are pinned, and the CPU ones are
 checked bit for bit."""
+import numpy as np
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def test_deterministic_calls_with_a_backward_skip_backends_that_are_not(atomic):
 def test_an_explicit_backend_that_is_not_deterministic_is_refused_by_name(atomic):
     q, k, v, cq, ck, mq, mk = _inputs()
     with pytest.raises(ValueError, match=r"^backend: backend '_atomic' cannot run these inputs \(.*, deterministic\): "
-                       r"its backward is not deterministic on cpu \(deterministic=True\)$"):
+                       r"its backward is not deterministic on cpu \(deterministic=True asks for one\)$"):
         varlen_attention(q, k, v, cq, ck, mq, mk, backend="_atomic", deterministic=True)
     with pytest.raises(ValueError, match=r"^backend: backend 'torch_varlen' cannot run these inputs .*"):
         varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch_varlen", deterministic=True)
@@ -119,15 +120,20 @@ def test_declarations():
     assert {n: rows[n] for n in ("reference", "torch", "cpp", "cuda", "triton", "triton_window", "torch_varlen",
                                  "flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient") if n in rows} == {
         "reference": None, "torch": ("cpu",), "cpp": None, "cuda": None, "triton": None, "triton_window": None,
-        "torch_varlen": (), "flash_attn": ("cuda",), "sdpa_cudnn": ("cpu",), "sdpa_flash": ("cpu",),
-        "sdpa_efficient": ("cpu",)}
+        "torch_varlen": (), "flash_attn": ("cuda",), "sdpa_cudnn": (), "sdpa_flash": (), "sdpa_efficient": ()}
 
 
-def test_a_bad_declaration_is_refused_at_registration():
-    class Bad(_Atomic):
-        name, deterministic_devices = "_bad_det", "cpu"  # a str, not a tuple: "c", "p", "u" would be device types
-    with pytest.raises(TypeError, match=r"^backend: deterministic_devices must be None \(every device\) or a tuple"):
-        R.register_backend(Bad())
+@pytest.mark.parametrize("field,value,err", [
+    ("deterministic_devices", "cpu", TypeError),  # a str, not a tuple: "c", "p", "u" would be device types
+    ("deterministic_devices", ("CPU",), ValueError),  # never equal to a device's type: deterministic nowhere, silently
+    ("deterministic_devices", ("cuda:0",), ValueError),
+    ("deterministic_devices", ("",), ValueError),
+    ("devices", ("cuda:0",), ValueError),
+])
+def test_a_bad_declaration_is_refused_at_registration(field, value, err):
+    bad = type("Bad", (_Atomic,), {"name": "_bad_det", field: value})()
+    with pytest.raises(err, match=rf"^backend: {field} must be "):
+        R.register_backend(bad)
     assert "_bad_det" not in R.known_backends()
 
 
@@ -170,6 +176,52 @@ def test_gpu_deterministic_backward_is_bitwise_repeatable():
         grads.append(torch.autograd.grad(out, (q, k, v), dout))
     for g in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(g, grads[0])), chosen.name
+
+
+def test_numpys_false_is_false_under_pytorchs_switch(atomic):
+    """np.False_ is a bool here like False: it must not turn PyTorch's switch off (it did: only `is False` was
+    upgraded), and under the switch a refusal names the switch, not deterministic=True, as the cause."""
+    q, k, v, cq, ck, mq, mk = _inputs()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for flag in (False, np.False_):
+            varlen_attention(q, k, v, cq, ck, mq, mk, deterministic=flag)
+            assert atomic.calls == 0, flag
+        with pytest.raises(ValueError, match=r"its backward is not deterministic on cpu \(torch.use_deterministic_"
+                           r"algorithms\(True\) asks for one\)$"):
+            varlen_attention(q, k, v, cq, ck, mq, mk, backend="_atomic", deterministic=False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_warn_only_runs_a_backend_asked_for_by_name_with_a_warning(atomic):
+    """torch.use_deterministic_algorithms(True, warn_only=True): an op without a deterministic path warns and
+    runs (PyTorch's semantics). Default dispatch still prefers a deterministic backend."""
+    q, k, v, cq, ck, mq, mk = _inputs()
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    D._WARNED_NONDETERMINISTIC.discard("_atomic")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        varlen_attention(q, k, v, cq, ck, mq, mk)
+        assert atomic.calls == 0
+        with pytest.warns(UserWarning, match=r"backend '_atomic' runs under torch.use_deterministic_algorithms\(True, "
+                          r"warn_only=True\), but its backward is not deterministic on cpu"):
+            varlen_attention(q, k, v, cq, ck, mq, mk, backend="_atomic")
+        assert atomic.calls == 1
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+        D._WARNED_NONDETERMINISTIC.discard("_atomic")
+
+
+def test_a_forward_only_deterministic_call_still_tunes(atomic, monkeypatch):
+    """Without a backward nothing is filtered, so the class may be timed as usual."""
+    timed = []
+    monkeypatch.setattr(D, "tune_inputs", lambda inp, *a, **k: timed.append(inp))
+    q, k, v, cq, ck, mq, mk = _inputs(grad=False)
+    with D.tuning(True):
+        varlen_attention(q, k, v, cq, ck, mq, mk, deterministic=True)
+    assert len(timed) == 1
 
 
 def test_pytorchs_deterministic_switch_asks_for_it_too(atomic):

@@ -229,6 +229,9 @@ def _decision_key(inp: AttnInputs) -> tuple:
             inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode)
 
 
+_WARNED_NONDETERMINISTIC: set = set()  # backends asked for by name under the warn-only switch, warned once
+
+
 def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
     """The backend that runs ``inp`` (see the module docstring).
 
@@ -244,6 +247,15 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
                 raise ValueError(f"ELIT_BACKEND={explicit!r}: " + str(e).removeprefix("backend: ")) from None
             raise
         why = reasons(b, inp)
+        if why and torch.is_deterministic_algorithms_warn_only_enabled() and torch.are_deterministic_algorithms_enabled():
+            # PyTorch's warn-only mode: an op without a deterministic path warns and runs. Default dispatch still
+            # prefers a deterministic backend; one asked for by name runs, with a warning once per backend.
+            det = [r for r in why if r.startswith(_registry.NOT_DETERMINISTIC)]
+            if det and b.name not in _WARNED_NONDETERMINISTIC:
+                _WARNED_NONDETERMINISTIC.add(b.name)
+                warnings.warn(f"elit_kernels: backend {b.name!r} runs under torch.use_deterministic_algorithms(True, "
+                              f"warn_only=True), but {det[0]}", UserWarning, stacklevel=3)
+            why = [r for r in why if r not in det]
         if why:
             src = "backend" if backend is not None else "ELIT_BACKEND"
             raise ValueError(f"{src}: backend {b.name!r} cannot run these inputs ({describe_inputs(inp)}): "
@@ -256,9 +268,9 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
         if hit is not None and _registry._REGISTRY.get(hit.name) is hit:
             return hit
     ok, tried = candidates(inp)
-    # A deterministic call's candidates are a subset of its class's: timing them would rank the class without
-    # the others (the class ranking serves every call of the class), so it takes the ranking as it is.
-    if ok and eager and _tuning and len(ok) > 1 and not inp.deterministic:
+    # A deterministic call with a backward has a subset of its class's candidates: timing them would rank the class
+    # without the others (the class ranking serves every call of the class), so it takes the ranking as it is.
+    if ok and eager and _tuning and len(ok) > 1 and not (inp.deterministic and inp.requires_grad):
         c = shape_class(inp)
         if _class_key(c) not in _TUNED:
             tune_inputs(inp)

@@ -471,9 +471,9 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             right = -1
     if type(softcap) not in (float, int) or softcap != 0.0:
         softcap = _softcap(softcap)
-    if deterministic is not False:
+    if type(deterministic) is not bool:
         deterministic = _flag("deterministic", deterministic)
-    elif torch.are_deterministic_algorithms_enabled():  # PyTorch's own switch asks the same of every op
+    if not deterministic and torch.are_deterministic_algorithms_enabled():  # PyTorch's switch asks it of every op
         deterministic = True
     # The dataclass's own __init__ sets its 15 fields one frozen setattr at a time (2.2 us on this project's
     # CPU, on every attention call); one __dict__ update builds the same object (fields, equality, frozenness;

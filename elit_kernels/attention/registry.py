@@ -28,6 +28,17 @@ from .inputs import AttnInputs
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+#: how the reason a backend cannot give a deterministic backward starts (``select_backend`` finds it by this)
+NOT_DETERMINISTIC = "its backward is not deterministic"
+
+
+def deterministic_source() -> str:
+    """What asked for a deterministic backward, for messages: PyTorch's global switch when it is on."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "torch.use_deterministic_algorithms(True)"
+    return "deterministic=True"
+
+
 class Backend:
     """Base class: subclasses set ``name`` and ``priority``, declare what they run as class data, and
     implement ``forward``.
@@ -110,7 +121,7 @@ class Backend:
             r.append(f"no logit soft-capping (softcap={inp.softcap})")
         det = self.deterministic_devices
         if inp.deterministic and det is not None and inp.q.device.type not in det and inp.requires_grad:
-            r.append(f"its backward is not deterministic on {inp.q.device.type} (deterministic=True"
+            r.append(f"{NOT_DETERMINISTIC} on {inp.q.device.type} ({deterministic_source()} asks for one"
                      + (f"; it is on {' and '.join(det)})" if det else ")"))
         cc = self.min_compute_capability
         if cc is not None and inp.q.device.type == "cuda":
@@ -157,6 +168,14 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+def _is_device_type(name: str) -> bool:
+    """Whether ``name`` is a device type as ``torch.device(...).type`` gives it ("cpu", "cuda"; not "cuda:0")."""
+    try:
+        return torch.device(name).type == name
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
 def _check_declaration(b: Backend) -> None:
     """``register_backend``'s checks of one backend's declared fields."""
     def bad(field, want, exc=TypeError):
@@ -179,10 +198,16 @@ def _check_declaration(b: Backend) -> None:
     if b.devices is not None and (not isinstance(b.devices, (tuple, list, frozenset, set)) or not b.devices or
                                   not all(isinstance(d, str) for d in b.devices)):
         bad("devices", "None (any) or a non-empty tuple of device types, e.g. ('cuda',)")
+    if b.devices is not None and not all(_is_device_type(d) for d in b.devices):
+        bad("devices", "device types as torch.device(...).type names them, e.g. ('cuda',) (not 'cuda:0' or 'CUDA')",
+            ValueError)
     det = b.deterministic_devices
     if det is not None and (not isinstance(det, (tuple, list, frozenset, set)) or
                             not all(isinstance(d, str) for d in det)):
         bad("deterministic_devices", "None (every device) or a tuple of device types, e.g. ('cpu',) or ()")
+    if det is not None and not all(_is_device_type(d) for d in det):
+        bad("deterministic_devices", "device types as torch.device(...).type names them, e.g. ('cpu',) (not "
+            "'cuda:0' or 'CPU')", ValueError)
     if b.head_dims is not None and (not isinstance(b.head_dims, (tuple, list, frozenset, set)) or not b.head_dims or
                                     not all(is_int(d) and d >= 1 for d in b.head_dims)):
         bad("head_dims", "None (every multiple of head_dim_multiple) or a non-empty tuple of ints >= 1")

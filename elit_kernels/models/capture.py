@@ -46,7 +46,9 @@ class GraphedForward:
     """
 
     def __init__(self, model, max_graphs: int = 8, warmup: int = 2):
-        if not callable(model) or not hasattr(model, "cfg"):
+        if isinstance(model, GraphedForward):
+            raise TypeError("model: already a GraphedForward; capture the model it wraps once (graphed.model)")
+        if not callable(model) or not hasattr(model, "cfg") or not callable(getattr(model, "layout", None)):
             raise TypeError(f"model: expected an ElitDiT (a module with cfg, layout and forward), got "
                             f"{type(model).__name__}")
         if not is_int(max_graphs) or max_graphs < 1:

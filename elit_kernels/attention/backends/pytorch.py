@@ -80,6 +80,7 @@ class SdpaKernelBackend(TorchBackend):
 
     priority = 8
     known_answer = True  # a pinned kernel may not support the shape: checked once per kind
+    deterministic_devices = ()  # CUDA only, where PyTorch's fused SDPA kernels accumulate with atomics
     devices = ("cuda",)
 
     def __init__(self, name: str, kernel: str, dtypes: tuple, max_head_dim: int, what: str):

@@ -13,6 +13,7 @@ op and what to use instead; the ``reference`` backend (plain PyTorch) differenti
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -30,6 +31,20 @@ class _FirstOrderOnly(torch.autograd.Function):
     def backward(ctx, *grads):
         raise RuntimeError(f"{ctx.name}: double backward (a derivative of its gradient, as create_graph=True and "
                            f"gradient penalties need) is not supported; {ctx.hint}")
+
+
+def alert_not_deterministic(name: str, why: str, instead: str) -> None:
+    """What PyTorch's own ops do for a backward without a deterministic implementation, for ours: under
+    ``torch.use_deterministic_algorithms(True)`` a RuntimeError naming ``name`` (``warn_only=True``: a UserWarning),
+    saying ``why`` and what to use ``instead``; nothing otherwise."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{name} does not have a deterministic implementation ({why}), but torch.use_deterministic_algorithms"
+           f"(True) is on; {instead}")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
 
 
 ATTENTION_HINT = "varlen_attention(..., backend='reference') differentiates twice (plain PyTorch)"

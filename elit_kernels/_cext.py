@@ -30,7 +30,7 @@ import warnings
 import torch
 
 from . import _outputs
-from ._autograd import first_order_only, register_varlen_autograd
+from ._autograd import alert_not_deterministic, first_order_only, register_varlen_autograd
 from .elementwise import ElementwiseImpl, register_elementwise
 
 _C = None
@@ -105,6 +105,9 @@ def _stat_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# csrc/cuda/modulate_kernels.cu sums the per-sample parameter gradients with atomicAdd; the CPU kernels do not
+_ATOMICS = "on CUDA the per-sample shift/scale/gate gradients are summed with atomicAdd"
+_DETERMINISTIC_INSTEAD = "the model's elementwise='native' (the default) or 'reference' is deterministic"
 _ELEMENTWISE_HINT = ("the model's elementwise='native' or 'reference' implementations differentiate twice "
                      "(plain PyTorch)")
 
@@ -154,6 +157,8 @@ def _register_op_python_parts() -> None:
 
     def lnm_backward(ctx, grad_out, grad_mean, grad_rstd):
         x, scale, index, mean, rstd = ctx.saved_tensors
+        if x.is_cuda:
+            alert_not_deterministic(lib + "layernorm_modulate_bwd", _ATOMICS, _DETERMINISTIC_INSTEAD)
         if grad_out is None:
             grad_out = torch.zeros_like(x)
         gx, gshift, gscale = first_order_only(lib + "layernorm_modulate_fwd", _ELEMENTWISE_HINT,
@@ -169,6 +174,8 @@ def _register_op_python_parts() -> None:
 
     def gr_backward(ctx, grad_out):
         y, gate, index = ctx.saved_tensors
+        if y.is_cuda:
+            alert_not_deterministic(lib + "gated_residual_bwd", _ATOMICS, _DETERMINISTIC_INSTEAD)
         gy, ggate = first_order_only(lib + "gated_residual_fwd", _ELEMENTWISE_HINT, torch.ops.elit.gated_residual_bwd,
                                      grad_out, y, gate, index)
         return grad_out, gy, ggate, None

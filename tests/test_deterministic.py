@@ -243,3 +243,66 @@ def test_pytorchs_deterministic_switch_asks_for_it_too(atomic):
     plan(q, k, v)
     varlen_attention(q, k, v, cq, ck, mq, mk)
     assert atomic.calls == 3
+
+
+def test_our_backwards_without_a_deterministic_path_alert_as_pytorchs_own_ops():
+    """A backward of ours that sums with atomics (the fused elementwise ops on CUDA) does what PyTorch's own ops do
+    under torch.use_deterministic_algorithms(True): raise naming the op, or warn with warn_only=True."""
+    from elit_kernels._autograd import alert_not_deterministic
+
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        alert_not_deterministic("elit::op", "why", "instead")  # off: nothing
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match=r"^elit::op does not have a deterministic implementation \(why\), but "
+                           r"torch.use_deterministic_algorithms\(True\) is on; instead$"):
+            alert_not_deterministic("elit::op", "why", "instead")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match=r"^elit::op does not have a deterministic implementation"):
+            alert_not_deterministic("elit::op", "why", "instead")
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+def test_the_fused_elementwise_backward_on_a_cpu_is_deterministic_and_does_not_alert():
+    """The C++ CPU kernels own their rows (no atomics): under the switch they run, and repeat bit for bit."""
+    from elit_kernels import _cext
+
+    if _cext.unavailable_reason is not None:
+        pytest.skip(f"the compiled extension is unavailable: {_cext.unavailable_reason}")
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(12, 16, generator=g, requires_grad=True)
+    shift, scale, gate = (torch.randn(3, 16, generator=g, requires_grad=True) for _ in range(3))
+    index = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
+    dout = torch.randn(12, 16, generator=g)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(3):
+            out = _cext.gated_residual(_cext.layernorm_modulate(x, shift, scale, index), x, gate, index)
+            grads.append(torch.autograd.grad(out, (x, shift, scale, gate), dout))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(a, b) for g2 in grads[1:] for a, b in zip(g2, grads[0]))
+
+
+def test_gpu_fused_elementwise_backward_alerts_under_the_switch():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False): the fused CUDA backward's alert")
+    from elit_kernels import _cext
+
+    if _cext.unavailable_reason is not None or not _cext.has_kernel("layernorm_modulate_cuda"):
+        pytest.skip(f"the fused CUDA kernels are not built here ({_cext.unavailable_reason or 'no CUDA kernels'})")
+    x = torch.randn(12, 16, device="cuda", requires_grad=True)
+    shift, scale = (torch.randn(3, 16, device="cuda", requires_grad=True) for _ in range(2))
+    index = torch.tensor([0] * 5 + [1] * 4 + [2] * 3, device="cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = _cext.layernorm_modulate(x, shift, scale, index)
+        with pytest.raises(RuntimeError, match=r"elit::layernorm_modulate_bwd does not have a deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)

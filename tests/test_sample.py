@@ -468,6 +468,7 @@ def test_missing_checkpoint_and_vae_hint(tmp_path, capsys, files):
     (dict(budget_mix=[(8, 1)]), "budget_mix"),  # J past this model's J_max = 4
 ])
 def test_generate_refuses_bad_library_arguments_by_name(files, tmp_path, kw, name):
+    kw = dict(kw)  # the parametrize dict is shared by every run of the test in this process: pop from a copy
     out = kw.pop("out", tmp_path / "o")
     kw = {"num_samples": 2, "steps": 1, "latents_only": True, "backend": "torch", "progress": False,
           "log": lambda *a, **k: None, **kw}

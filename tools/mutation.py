@@ -71,7 +71,8 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
     # damaged-file detection, the streamed .npz) and its option checks; run.py's orchestration is left to the
     # end-to-end tests. The torchrun tests start two processes per mutant (seconds each): left to CI.
     "sample": (["elit_kernels/sample/rules.py", "elit_kernels/sample/files.py", "elit_kernels/sample/options.py"],
-               ["tests/test_sample.py", "-k", "not torchrun and not two_process and not failing_rank"]),
+               ["tests/test_sample.py", "tests/test_sample_rules.py", "-k",
+                "not torchrun and not two_process and not failing_rank"]),
 }
 NO_MUTATE = [r"^\s*raise \w+(Error|Exception)\(", r"warnings\.warn\(", r"^\s*log\.\w+\("]
 

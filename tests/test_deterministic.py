@@ -306,3 +306,100 @@ def test_gpu_fused_elementwise_backward_alerts_under_the_switch():
             out.sum().backward()
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+class _DetElsewhere(_Atomic):
+    """Deterministic on two device types, neither of them the CPU."""
+
+    name, priority, deterministic_devices = "_det_elsewhere", 9_000, ("cuda", "mps")
+
+
+def test_a_refusal_names_the_devices_a_backend_is_deterministic_on(atomic):
+    """A backend deterministic on other device types registers, and its reason on a CPU names them all; one declared
+    deterministic on the CPU has no reason there."""
+    b = R.register_backend(_DetElsewhere())
+    try:
+        inp = validate_inputs(*_inputs(), deterministic=True)
+        assert R.reasons(b, inp) == [("its backward is not deterministic on cpu (deterministic=True asks for one; "
+                                      "it is on cuda and mps)")]
+        b.deterministic_devices = ("cpu",)
+        assert R.reasons(b, inp) == []
+    finally:
+        R._REGISTRY.pop(b.name, None)
+        D.clear_decisions()
+
+
+class _Float64Only(_Atomic):
+    """Like the spy, but runs float64 only: float32 inputs give it a reason besides determinism."""
+
+    name, dtypes = "_atomic64", (torch.float64,)
+
+
+def test_warn_only_warns_once_and_keeps_every_other_reason(atomic):
+    """Under warn_only a backend asked for by name warns once (per backend, not per call) for its non-deterministic
+    backward, and that reason alone is waived: another one (here its dtypes) is still a ValueError naming it, with a
+    backward to follow or not."""
+    import re
+    import warnings
+
+    q, k, v, cq, ck, mq, mk = _inputs()
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    f64 = R.register_backend(_Float64Only())
+    for n in ("_atomic", "_atomic64"):
+        D._WARNED_NONDETERMINISTIC.discard(n)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                varlen_attention(q, k, v, cq, ck, mq, mk, backend="_atomic")
+        assert atomic.calls == 2
+        assert [str(w.message) for w in seen if "elit_kernels: backend" in str(w.message)] == [
+            ("elit_kernels: backend '_atomic' runs under torch.use_deterministic_algorithms(True, warn_only=True), but "
+             "its backward is not deterministic on cpu (torch.use_deterministic_algorithms(True) asks for one)")]
+        dtype_reason = "dtype torch.float32 not in ['torch.float64']"
+        q2, k2, v2 = (t.detach() for t in (q, k, v))  # no backward: the dtype is its only reason
+        with pytest.raises(ValueError, match=r"^backend: backend '_atomic64' cannot run these inputs \(.*\): "
+                           + re.escape(dtype_reason) + "$"):
+            varlen_attention(q2, k2, v2, cq, ck, mq, mk, backend="_atomic64")
+        refused = r"^backend: backend '_atomic64' cannot run these inputs \(.*\): " + re.escape(dtype_reason) + "$"
+        warned = r"backend '_atomic64' runs under"
+        with pytest.warns(UserWarning, match=warned), pytest.raises(ValueError, match=refused):
+            varlen_attention(q, k, v, cq, ck, mq, mk, backend="_atomic64")
+        assert f64.calls == 0
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+        for n in ("_atomic", "_atomic64"):
+            D._WARNED_NONDETERMINISTIC.discard(n)
+        R._REGISTRY.pop(f64.name, None)
+        D.clear_decisions()
+
+
+class _LseOff(_Atomic):
+    """Not deterministic anywhere (the default declaration); out and gradients are the reference's, the lse 0.5 off."""
+
+    name = "_lse_off_det"
+
+    def forward(self, inp):
+        res = super().forward(inp)
+        return (res[0], res[1] + 0.5) if inp.return_lse else res
+
+
+def test_the_known_answer_check_of_the_lse_runs_under_pytorchs_switch():
+    """The known-answer case checks a backend's lse on a forward-only call: under torch.use_deterministic_algorithms
+    (True) a backend whose backward is not deterministic still returns an lse there, and a wrong one is caught."""
+    from elit_kernels.attention import known_answer as KA
+
+    b = R.register_backend(_LseOff())
+    before = dict(KA._VERDICTS)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        verdict = KA.verify_backend(b.name, device="cpu", dtype=torch.float32, head_dim=16)
+    finally:
+        torch.use_deterministic_algorithms(was)
+        R._REGISTRY.pop(b.name, None)
+        KA._VERDICTS.clear()
+        KA._VERDICTS.update(before)
+        D.clear_decisions()
+    assert verdict is not None and verdict.startswith("lse: "), verdict

@@ -250,12 +250,13 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
         if why and torch.is_deterministic_algorithms_warn_only_enabled() and torch.are_deterministic_algorithms_enabled():
             # PyTorch's warn-only mode: an op without a deterministic path warns and runs. Default dispatch still
             # prefers a deterministic backend; one asked for by name runs, with a warning once per backend.
-            det = [r for r in why if r.startswith(_registry.NOT_DETERMINISTIC)]
-            if det and b.name not in _WARNED_NONDETERMINISTIC:
-                _WARNED_NONDETERMINISTIC.add(b.name)
-                warnings.warn(f"elit_kernels: backend {b.name!r} runs under torch.use_deterministic_algorithms(True, "
-                              f"warn_only=True), but {det[0]}", UserWarning, stacklevel=3)
-            why = [r for r in why if r not in det]
+            det = _registry.deterministic_refusal(b, inp)
+            if det in why:
+                if b.name not in _WARNED_NONDETERMINISTIC:
+                    _WARNED_NONDETERMINISTIC.add(b.name)
+                    warnings.warn(f"elit_kernels: backend {b.name!r} runs under torch.use_deterministic_algorithms("
+                                  f"True, warn_only=True), but {det}", UserWarning, stacklevel=3)
+                why = [r for r in why if r != det]
         if why:
             src = "backend" if backend is not None else "ELIT_BACKEND"
             raise ValueError(f"{src}: backend {b.name!r} cannot run these inputs ({describe_inputs(inp)}): "

@@ -28,15 +28,17 @@ from .inputs import AttnInputs
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-#: how the reason a backend cannot give a deterministic backward starts (``select_backend`` finds it by this)
-NOT_DETERMINISTIC = "its backward is not deterministic"
-
-
-def deterministic_source() -> str:
-    """What asked for a deterministic backward, for messages: PyTorch's global switch when it is on."""
-    if torch.are_deterministic_algorithms_enabled():
-        return "torch.use_deterministic_algorithms(True)"
-    return "deterministic=True"
+def deterministic_refusal(b: "Backend", inp: AttnInputs) -> str | None:
+    """The reason ``b`` cannot run ``inp`` because the call asks for a deterministic backward that ``b`` does not
+    give on ``inp``'s device (None when it can): one of ``b.not_supported_reasons``, which ``select_backend``
+    also looks for by itself (PyTorch's warn-only mode turns it into a warning for a backend asked for by name)."""
+    det = b.deterministic_devices
+    if not inp.deterministic or det is None or inp.q.device.type in det or not inp.requires_grad:
+        return None
+    source = ("torch.use_deterministic_algorithms(True)" if torch.are_deterministic_algorithms_enabled()
+              else "deterministic=True")
+    return (f"its backward is not deterministic on {inp.q.device.type} ({source} asks for one"
+            + (f"; it is on {' and '.join(det)})" if det else ")"))
 
 
 class Backend:
@@ -119,10 +121,9 @@ class Backend:
             r.append(f"no sliding-window attention (window_size=({inp.window_left}, {inp.window_right}))")
         if not self.supports_softcap and inp.softcap != 0.0:
             r.append(f"no logit soft-capping (softcap={inp.softcap})")
-        det = self.deterministic_devices
-        if inp.deterministic and det is not None and inp.q.device.type not in det and inp.requires_grad:
-            r.append(f"{NOT_DETERMINISTIC} on {inp.q.device.type} ({deterministic_source()} asks for one"
-                     + (f"; it is on {' and '.join(det)})" if det else ")"))
+        det = deterministic_refusal(self, inp)
+        if det is not None:
+            r.append(det)
         cc = self.min_compute_capability
         if cc is not None and inp.q.device.type == "cuda":
             have = _compute_capability(inp.q.device)
@@ -195,19 +196,20 @@ def _check_declaration(b: Backend) -> None:
     if not isinstance(b.dtypes, (tuple, list, frozenset, set)) or not b.dtypes or \
             not all(isinstance(d, torch.dtype) for d in b.dtypes):
         bad("dtypes", "a non-empty tuple of torch dtypes, e.g. (torch.float16, torch.bfloat16)")
-    if b.devices is not None and (not isinstance(b.devices, (tuple, list, frozenset, set)) or not b.devices or
-                                  not all(isinstance(d, str) for d in b.devices)):
-        bad("devices", "None (any) or a non-empty tuple of device types, e.g. ('cuda',)")
-    if b.devices is not None and not all(_is_device_type(d) for d in b.devices):
-        bad("devices", "device types as torch.device(...).type names them, e.g. ('cuda',) (not 'cuda:0' or 'CUDA')",
-            ValueError)
-    det = b.deterministic_devices
-    if det is not None and (not isinstance(det, (tuple, list, frozenset, set)) or
-                            not all(isinstance(d, str) for d in det)):
-        bad("deterministic_devices", "None (every device) or a tuple of device types, e.g. ('cpu',) or ()")
-    if det is not None and not all(_is_device_type(d) for d in det):
-        bad("deterministic_devices", "device types as torch.device(...).type names them, e.g. ('cpu',) (not "
-            "'cuda:0' or 'CPU')", ValueError)
+    def device_types(field, none_means, example, non_empty):
+        v = getattr(b, field)
+        if v is None:
+            return
+        if not isinstance(v, (tuple, list, frozenset, set)) or (non_empty and not v) or \
+                not all(isinstance(d, str) for d in v):
+            bad(field, f"None ({none_means}) or a {'non-empty ' if non_empty else ''}tuple of device types, e.g. "
+                       f"{example}")
+        if not all(_is_device_type(d) for d in v):
+            bad(field, f"device types as torch.device(...).type names them, e.g. {example} (not 'cuda:0' or 'CPU')",
+                ValueError)
+
+    device_types("devices", "any", "('cuda',)", non_empty=True)
+    device_types("deterministic_devices", "every device", "('cpu',) or ()", non_empty=False)
     if b.head_dims is not None and (not isinstance(b.head_dims, (tuple, list, frozenset, set)) or not b.head_dims or
                                     not all(is_int(d) and d >= 1 for d in b.head_dims)):
         bad("head_dims", "None (every multiple of head_dim_multiple) or a non-empty tuple of ints >= 1")

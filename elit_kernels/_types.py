@@ -40,7 +40,7 @@ def is_int_array(v) -> bool:
         and hasattr(v, "ndim") and hasattr(v, "tolist")
 
 
-def check_bool(name: str, v) -> bool:
+def check_bool(name: str, v, expected: str = "a bool") -> bool:
     """A user's flag ``name`` as a Python bool: a bool, or NumPy's bool taken as one. Anything else is a TypeError
     naming ``name`` and what was given (``"no"`` or 1 would otherwise be read as true, a multi-element tensor
     has no truth value): ``causal: expected a bool, got str ('no')``, ``... got torch.Tensor``."""
@@ -50,4 +50,4 @@ def check_bool(name: str, v) -> bool:
         return bool(v)
     t = type(v)
     what = f"{t.__name__} ({v!r})" if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    raise TypeError(f"{name}: expected a bool, got {what}")
+    raise TypeError(f"{name}: expected {expected}, got {what}")

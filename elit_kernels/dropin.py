@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from .attention import varlen_attention
-from ._types import is_real
-from .attention.inputs import _flag
+from ._types import check_bool, is_real
 
 
 # flash-attn (2.x and the FA3 / kernels-community variants that transformers and vLLM call) options that
@@ -65,10 +64,10 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, d
 
 def _bool_like(name: str, value):
     """flash-attn's flags as it takes them: a bool or an int (tested for truth); NumPy's bool as a bool;
-    anything else (a string, a tensor: no single truth value) a TypeError naming ``name``."""
+    anything else (a string, a tensor: no single truth value) a TypeError naming ``name`` and what it takes."""
     if type(value) in (bool, int):
         return value
-    return _flag(name, value)
+    return check_bool(name, value, expected="a bool or an int (as flash-attn takes its flags)")
 
 
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap, return_attn_probs,

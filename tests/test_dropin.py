@@ -220,7 +220,7 @@ def test_flash_attn_flags_that_are_tensors_are_named():
     # flash-attn tests these for truth; a multi-element tensor has none: named, not torch's "ambiguous" error
     q = torch.randn(3, 2, 8)
     cu = cu_seqlens([3])
-    with pytest.raises(TypeError, match="^return_attn_probs: expected a bool, got torch.Tensor"):
+    with pytest.raises(TypeError, match=r"^return_attn_probs: expected a bool or an int \(as flash-attn takes its flags\), got torch.Tensor"):
         flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=torch.tensor([1, 0]))
     out, lse, _ = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=__import__("numpy").True_)
     assert lse.shape == (2, 3)  # NumPy's bool is a bool
@@ -242,7 +242,8 @@ def test_flash_attn_deterministic_must_be_a_bool(entry, bad):
              "kvpacked": lambda d: flash_attn_varlen_kvpacked_func(q, torch.stack([q, q], 1), cu, cu, 3, 3,
                                                                    deterministic=d),
              "dense": lambda d: flash_attn_func(q[None], q[None], q[None], deterministic=d)}
-    with pytest.raises(TypeError, match="^deterministic: expected a bool, got "):
+    with pytest.raises(TypeError, match=r"^deterministic: expected a bool or an int \(as flash-attn takes its flags\), "
+                       r"got "):
         calls[entry](bad)
     want = calls[entry](False)
     for ok in (True, 1, __import__("numpy").True_):

@@ -51,3 +51,10 @@ def check_bool(name: str, v, expected: str = "a bool") -> bool:
     t = type(v)
     what = f"{t.__name__} ({v!r})" if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
     raise TypeError(f"{name}: expected {expected}, got {what}")
+
+
+def first_few(items, limit: int = 8) -> str:
+    """``items`` (strings, or anything ``str`` takes) joined by ", ", the first ``limit`` of them, with ", ..."
+    after when there are more: how an error or a warning names a long list of samples or files."""
+    items = list(items)
+    return ", ".join(map(str, items[:limit])) + (", ..." if len(items) > limit else "")

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._types import check_bool, is_int, is_int_array, is_real
+from ._types import check_bool, first_few, is_int, is_int_array, is_real
 from .layout import normalize_budgets
 
 
@@ -393,7 +393,7 @@ def _nonfinite_message(bad: list[int], b: int, in_state: bool, guided_scale: flo
     """What ``euler_sample`` says of samples ``bad`` (of ``b``) that came out NaN or inf: ``in_state``, already in
     the float64 state (the model's outputs or guidance), else only when cast to ``out_dtype`` (noise's dtype);
     ``guided_scale``: the scale of the guided steps, 0 when no step was guided."""
-    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    shown = first_few(bad)
     head = f"euler_sample: {len(bad)} of {b} samples hold NaN or inf (sample{'s' if len(bad) > 1 else ''} {shown}); "
     if not in_state:
         return head + (f"the float64 state is finite, but outside {out_dtype}'s range, the dtype of noise that the "

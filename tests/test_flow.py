@@ -158,6 +158,11 @@ def test_euler_warns_naming_the_samples_that_come_out_nan_or_inf():
     with pytest.warns(NonFiniteSampleWarning, match=r"3 of 3 samples .* the float64 state is finite, but outside "
                       r"torch.float16's range, the dtype of noise that the result takes: pass noise in a wider dtype"):
         euler_sample(grows, torch.full_like(x, 6e4).half(), y, steps=2)
+    # ten bad samples: the first eight named, then "..." (a long batch does not make a page-long warning)
+    x10 = torch.randn(10, *x.shape[1:])
+    with pytest.warns(NonFiniteSampleWarning, match=r"^euler_sample: 10 of 10 samples hold NaN or inf \(samples 0, "
+                      r"1, 2, 3, 4, 5, 6, 7, \.\.\.\); the model returned"):
+        euler_sample(NanAt(slice(None)), x10, torch.arange(10), steps=2)
     assert nonfinite_samples(torch.tensor([[1.0, float("inf")], [0.0, 2.0]])) == [0]
     assert nonfinite_samples(torch.empty(0, 3)) == []
     with pytest.raises(TypeError, match=r"^x: expected a tensor \[B, \.\.\.\], got ndarray"):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import flow
+from .._types import first_few
 from . import options as O
 from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, latents_to_uint8, load_vae,
                     lock_folder, npy_size, remove_temporaries, sample_name, samples_on_disk, save_npy, save_png,
@@ -286,7 +287,7 @@ class _Run:
             done = samples_on_disk(self.folder, self.ext)
             bad = damaged_samples(self.folder, done, self.ext, npy_size(self.shape, np.float32))
             if bad:
-                shown = ", ".join(sample_name(i, self.ext) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+                shown = first_few((sample_name(i, self.ext) for i in bad), 5)
                 self.say(f"elit-sample: note: {len(bad)} sample file(s) in {self.folder} are damaged (empty, "
                          f"truncated or not written by elit-sample: {shown}); they are sampled again")
                 for i in bad:
@@ -429,8 +430,7 @@ class _Run:
 
     def nonfinite_message(self, indices: list[int], budgets: list[int]) -> str:
         """Why samples ``indices`` (run at ``budgets``) came out NaN or inf, and what to change."""
-        shown = ", ".join(f"{i} (J={j})" for i, j in zip(indices[:8], budgets[:8])) + (", ..." if len(indices) > 8
-                                                                                       else "")
+        shown = first_few(f"{i} (J={j})" for i, j in zip(indices, budgets))
         guided = self.mode != "none" and self.scale > 0
         fix = (f"guidance multiplies the difference of two velocities by cfg_scale - 1 = {self.scale:g}, and the "
                f"state outgrew {self.dtype}'s range: a smaller --cfg-scale keeps it finite" if guided else

@@ -6,6 +6,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 # Every output buffer comes from the package's one allocator: with the poison switch on (ELIT_POISON_OUTPUTS=1,
 # elit_kernels/_outputs.py) it is NaN-filled before launch, so an element a kernel forgets to write fails the
@@ -105,6 +106,56 @@ def bucket(n: int) -> int:
     max_seqlen) does not trigger a fresh tuning run, while Read/Write (<=64) and core (up to 4096)
     shapes still tune separately."""
     return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+#: (kernel, device, argument dtypes, constexprs, first tile) -> the tile of its fallback list that launched
+_FITTING: dict[tuple, dict] = {}
+
+
+def launch_fitting(name: str, jit, grid, args: tuple, meta: dict, tiles: list[dict], device) -> dict:
+    """Launch ``jit[grid](*args, **meta, **tile)`` with the first of ``tiles`` this GPU can run; returns that tile.
+
+    ``tiles``: launch options, the chosen tile first, then smaller ones (dicts of tile constexprs and
+    ``num_warps`` / ``num_stages``; they override ``meta``). The tile tables were compiled spill-free for sm_90 in
+    16-bit types (``tools/triton_sm90_report.py``); float32 doubles a tile's shared memory, and GPUs with less
+    shared memory per block than an H100's 227 KB (A100: 163 KB, consumer Ampere / Ada cards: 99 KB) cannot hold
+    every tile. Triton raises ``OutOfResources`` for such a tile when it loads the compiled kernel, before anything
+    runs, so the next tile is tried; the one that launched is remembered for this (kernel, device, dtypes,
+    constexprs), so later calls go straight to it. ``name``: the kernel, for the error. Raises RuntimeError naming
+    the kernel, the device and what it lacks when no tile fits.
+    """
+    key = (name, str(device), tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
+           tuple(sorted(meta.items())), tuple(sorted(tiles[0].items())))
+    known = _FITTING.get(key)
+    tried = []
+    for tile in ([known] if known is not None else tiles):
+        try:
+            jit[grid](*args, **{**meta, **tile})
+        except OutOfResources as e:
+            tried.append(f"{_tile_name(tile)}: {e.name} {e.required} > {e.limit}")
+            continue
+        if tile is not tiles[0]:
+            _FITTING[key] = tile
+        return tile
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    raise RuntimeError(f"{name}: no tile of this kernel fits {device} ({gpu}) at head dim {meta.get('HEAD_DIM')} in "
+                       f"{key[2][0]}: {'; '.join(tried)}. Run these inputs in bfloat16 / float16, or on another "
+                       "backend (backend='torch')")
+
+
+def launch_autotuned(name: str, tuned, jit, grid, args: tuple, meta: dict, tiles: list[dict], device) -> None:
+    """Launch ``tuned`` (``jit`` under ``triton.autotune``); where it raises ``OutOfResources``, ``launch_fitting``
+    over ``tiles`` instead. Triton's autotuner skips the candidates a GPU cannot hold when it times several, but
+    runs a lone candidate (one left after pruning) untimed, so that one can still be too big."""
+    try:
+        tuned[grid](*args, **meta)
+    except OutOfResources:
+        launch_fitting(name, jit, grid, args, meta, tiles, device)
+
+
+def _tile_name(tile: dict) -> str:
+    dims = "x".join(str(tile[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_T") if k in tile)
+    return f"{dims} w{tile.get('num_warps', '?')} s{tile.get('num_stages', '?')}"
 
 
 # Under the interpreter every program is Python over NumPy: the smallest legal tiles keep the

@@ -67,6 +67,18 @@ def heuristic(kernel: str, qb: int, kb: int, padded: int) -> tuple:
     return max(fits, key=lambda t: owned(kernel, t[0], t[1]))
 
 
+def fallbacks(kernel: str, tile: tuple, padded: int) -> list[dict]:
+    """``tile`` (a table entry) and then every smaller entry that runs at this padded head dim, largest first,
+    as launch options (``_common.launch_fitting``): what a launch tries when the GPU cannot hold ``tile``
+    (float32, or less shared memory per block than sm_90). Smaller: fewer (BLOCK_M x BLOCK_N x stages)
+    elements staged, then fewer in one stage; every tile computes the same result (the kernels mask rows past
+    a segment)."""
+    def size(t):
+        return t[0] * t[1] * t[3], t[0] * t[1]
+    rest = sorted((t for t in TILES[kernel] if t[4] >= padded and size(t) < size(tile)), key=size, reverse=True)
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for (m, n, w, s, _) in [tile, *rest]]
+
+
 def configs(kernel: str) -> list:
     """The kernel's table as ``triton.Config`` objects for ``triton.autotune``."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for (m, n, w, s, _) in TILES[kernel]]

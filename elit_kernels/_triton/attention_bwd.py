@@ -297,11 +297,12 @@ def varlen_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             if rows == 0:
                 continue
             args, meta, grid = launches[name]
-            if tuned:
-                tuned_kernel[grid](*args, **meta)
-            elif interp:
+            if interp:
                 kernel[grid](*args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N, **meta)
+                continue
+            tiles = _tiles.fallbacks(name, _tiles.heuristic(name, *tile_key), tile_key[2])
+            if tuned:
+                C.launch_autotuned(name, tuned_kernel, kernel, grid, args, meta, tiles, q.device)
             else:
-                bm, bn, warps, stages, _ = _tiles.heuristic(name, *tile_key)
-                kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+                C.launch_fitting(name, kernel, grid, args, meta, tiles, q.device)
     return dq, dk, dv

@@ -7,6 +7,8 @@ fp32) that the backward pass recomputes probabilities from.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -152,13 +154,14 @@ def varlen_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
                                   softmax_scale, causal, window_left, window_right, softcap)
     if C.interpreting():
         _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=C.INTERP_BLOCK_M, BLOCK_N=C.INTERP_BLOCK_N, **meta)
-    elif C.autotune_enabled():
-        with torch.cuda.device(q.device):
-            _varlen_attn_fwd_kernel_tuned[grid](*args, **meta)
     else:
-        bm, bn, warps, stages, _ = _tiles.heuristic("fwd", C.bucket(max_seqlen_q), C.bucket(max_seqlen_k),
-                                                     C.padded_head_dim(D))
-        with torch.cuda.device(q.device):
-            _varlen_attn_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                                          **meta)
+        padded = C.padded_head_dim(D)
+        chosen = _tiles.heuristic("fwd", C.bucket(max_seqlen_q), C.bucket(max_seqlen_k), padded)
+        tiles = _tiles.fallbacks("fwd", chosen, padded)  # what fits when the GPU cannot hold a tile
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            if C.autotune_enabled():
+                C.launch_autotuned("fwd", _varlen_attn_fwd_kernel_tuned, _varlen_attn_fwd_kernel, grid, args, meta,
+                                   tiles, q.device)
+            else:
+                C.launch_fitting("fwd", _varlen_attn_fwd_kernel, grid, args, meta, tiles, q.device)
     return out, lse

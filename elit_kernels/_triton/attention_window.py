@@ -179,8 +179,29 @@ def _meta(D: int, dtype: torch.dtype, blocks: dict, *tensors) -> dict:
                 **{k: blocks[k] for k in ("BLOCK_M", "BLOCK_N", "KEY_TILE", "HEADS") if k in blocks})
 
 
-def _compile_opts(blocks: dict) -> dict:
-    return {} if C.interpreting() else dict(num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
+def fallbacks(kernel: str, blocks: dict) -> list[dict]:
+    """Launch options of window kernel ``kernel`` (its ``tile``), then smaller ones, for
+    ``_common.launch_fitting``: the query tile halved down to 16 rows (fwd, dq: the program loops over query
+    blocks) or the key block halved down to 16 rows (dkdv: it walks the key tile in blocks), then one pipeline
+    stage. The same result from each; less shared memory, for float32 or GPUs with less than sm_90's."""
+    dim = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+    t = {k: blocks[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    out = [t]
+    while t[dim] > 16:
+        t = dict(t, **{dim: t[dim] // 2})
+        out.append(t)
+    if t["num_stages"] > 1:
+        out.append(dict(t, num_stages=1))
+    return out
+
+
+def launch(kernel: str, jit, grid, args: tuple, meta: dict, blocks: dict, device) -> None:
+    """Launch window kernel ``kernel`` with ``blocks`` (its ``tile``): as is under the interpreter, else the
+    first of ``fallbacks`` the GPU can hold (``_common.launch_fitting``)."""
+    if C.interpreting():
+        jit[grid](*args, **meta)
+    else:
+        C.launch_fitting(f"window_{kernel}", jit, grid, args, meta, fallbacks(kernel, blocks), device)
 
 
 def window_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -206,5 +227,5 @@ def window_attn_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     blocks = tile("fwd", max_seqlen_q, max_seqlen_k, D, cu_seqlens_q.shape[0] - 1, k.shape[1])
     args, meta, grid = fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, blocks)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _window_attn_fwd_kernel[grid](*args, **meta, **_compile_opts(blocks))
+        launch("fwd", _window_attn_fwd_kernel, grid, args, meta, blocks, q.device)
     return out, lse

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from .attention_window import _compile_opts, _meta, _segment, check_max_seqlen_k, tile
+from .attention_window import _meta, _segment, check_max_seqlen_k, launch, tile
 
 
 @triton.jit(do_not_specialize=["S", "total_q", "total_k"])
@@ -230,5 +230,5 @@ def window_attn_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         for name, kernel in (("dq", _window_attn_bwd_dq_kernel), ("dkdv", _window_attn_bwd_dkdv_kernel)):
             args, meta, grid = launches[name]
-            kernel[grid](*args, **meta, **_compile_opts(blocks[name]))
+            launch(name, kernel, grid, args, meta, blocks[name], q.device)
     return dq, dk, dv

@@ -101,6 +101,34 @@ def test_violations_name_the_row_and_the_problem():
     assert R.violations([_row(kernel="window_fwd", mma=["cp.async"])]) == [
         "window_fwd D=72 bf16 full 64x64 w4 s2: no tensor-core instruction (mma.sync / wgmma) in the PTX"]
     assert R.violations([_row(kernel="window_dq", mma=["mma.sync"]), _row(kernel="preprocess", mma=[])]) == []
+    # Exact float32 runs on the CUDA cores by design: no tensor-core instruction expected there.
+    assert R.violations([_row(dtype="fp32-ieee", mma=["cp.async"])]) == []
+    assert R.violations([_row(dtype="fp32", mma=["cp.async"])]) != []
+
+
+def test_a_tile_past_sm90_shared_memory_is_a_violation():
+    # float32 window dQ at D=72, 64 x 128 compiled for 246016 bytes (Triton 3.6): an H100 / H200 block holds
+    # 232448, so the launch would raise OutOfResources
+    assert R.violations([_row(shared_bytes=R.SM90_MAX_SHARED)]) == []
+    assert R.violations([_row(kernel="window_dq", dtype="fp32", shared_bytes=246016)]) == [
+        "window_dq D=72 fp32 full 64x64 w4 s2: 246016 B of shared memory, more than sm_90's 232448 B per block "
+        "(the launch raises OutOfResources)"]
+
+
+def test_float32_tile_loads_are_checked_at_four_elements():
+    ttgir = """\
+#blocked = #ttg.blocked<{sizePerThread = [1, 2], threadsPerWarp = [2, 16], warpsPerCTA = [4, 1], order = [1, 0]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [1, 4], threadsPerWarp = [4, 8], warpsPerCTA = [4, 1], order = [1, 0]}>
+    %a = tt.load %p, %m, %o : tensor<64x64x!tt.ptr<f32>, #blocked> loc(#loc1)
+    %b = tt.load %p, %m, %o : tensor<64x64x!tt.ptr<f32>, #blocked1> loc(#loc2)
+"""
+    assert R.narrow_tile_loads(ttgir, num_warps=4) == ["tt.load 64x64 f32: 2 elements per access, 4 possible"]
+
+
+def test_unknown_dtypes_are_refused_naming_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        R.main(["--json", "/dev/null", "--dtypes", "bf16,fp64"])
+    assert "--dtypes: unknown fp64; choose from bf16, fp16, fp32, fp32-ieee" in capsys.readouterr().err
 
 
 def test_update_replaces_only_the_recompiled_rows():

@@ -45,6 +45,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_DIMS = (64, 72, 128)
 DTYPES = ("bf16", "fp16")
+#: every dtype a row may have: the 16-bit ones, and float32 both ways the kernels run it (``_common.dot_precision``):
+#: "fp32" on TF32 tensor cores (``torch.set_float32_matmul_precision("high")``), "fp32-ieee" exact on the CUDA
+#: cores (PyTorch's default). Opt-in (``--dtypes``): the committed report covers the 16-bit ones.
+ALL_DTYPES = {"bf16": ("bfloat16", "tf32"), "fp16": ("float16", "tf32"), "fp32": ("float32", "tf32"),
+              "fp32-ieee": ("float32", "ieee")}
+#: shared memory one block may use on sm_90 (227 KB, cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 / H200): a
+#: kernel compiled for more raises OutOfResources at launch instead of running
+SM90_MAX_SHARED = 232448
 KERNELS = ("fwd", "dkdv", "dq", "preprocess", "window_fwd", "window_dq", "window_dkdv")
 #: window kernel -> its name in ``_tiles.WINDOW_TILES`` / ``attention_window.tile``
 WINDOW = {"window_fwd": "fwd", "window_dq": "dq", "window_dkdv": "dkdv"}
@@ -102,14 +110,16 @@ def global_loads(ptx: str) -> dict[int, int]:
 
 
 _LAYOUT = re.compile(r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\].*order = \[([\d, ]+)\]", re.M)
-_TILE_LOAD = re.compile(r"\b(tt\.load|ttg\.async_copy_global_to_local)\b[^\n]*?: tensor<([\dx]+)x!tt\.ptr<(bf16|f16)>, (#blocked\d*)>")
+_TILE_LOAD = re.compile(r"\b(tt\.load|ttg\.async_copy_global_to_local)\b[^\n]*?: tensor<(\d+(?:x\d+)+)x!tt\.ptr<(bf16|f16|f32)>, "
+                        r"(#blocked\d*)>")
 
 
 def narrow_tile_loads(ttgir: str, num_warps: int) -> list[str]:
-    """16-bit global loads / async copies in the TTGIR whose vector (the layout's elements per thread along
-    the contiguous dim) is narrower than the tile allows: ``min(8, elements / threads)``, so 16 bytes
-    whenever a thread holds 8 or more elements (a 64x16 tile over 8 warps allows 4). Empty when every tile
-    load is as wide as its shape permits, i.e. Triton proved 16-byte aligned rows."""
+    """Tile loads / async copies of 16-bit or 32-bit elements in the TTGIR whose vector (the layout's elements
+    per thread along the contiguous dim) is narrower than the tile allows: ``min(16 bytes / element size,
+    elements / threads)``, so 16 bytes whenever a thread holds 8 (16-bit) or 4 (32-bit) elements or more (a
+    64x16 bf16 tile over 8 warps allows 4). Empty when every tile load is as wide as its shape permits, i.e.
+    Triton proved 16-byte aligned rows. (The fp32 LSE / delta rows are 1-D loads, not tile loads.)"""
     layouts = {m.group(1): ([int(x) for x in m.group(2).split(",")], [int(x) for x in m.group(3).split(",")])
                for m in _LAYOUT.finditer(ttgir)}
     bad = []
@@ -117,7 +127,8 @@ def narrow_tile_loads(ttgir: str, num_warps: int) -> list[str]:
         shape = [int(x) for x in m.group(2).split("x")]
         spt, order = layouts[m.group(4)]
         vec = spt[order[0]]
-        want = min(8, shape[order[0]], max(1, (shape[0] * shape[-1] if len(shape) == 2 else shape[0])
+        want = min(4 if m.group(3) == "f32" else 8, shape[order[0]],
+                   max(1, (shape[0] * shape[-1] if len(shape) == 2 else shape[0])
                                            // (32 * num_warps)))
         if vec < want:
             bad.append(f"{m.group(1)} {m.group(2)} {m.group(3)}: {vec} elements per access, {want} possible")
@@ -135,8 +146,10 @@ NO_DOT = ("preprocess",)
 
 
 def violations(rows: list[dict]) -> list[str]:
-    """Rows that fail ``--check``: spills, loads narrower than 16 bytes, D=72 padded past 80, an attention kernel
-    without tensor-core instructions (``mma.sync`` / ``wgmma``) in its PTX."""
+    """Rows that fail ``--check``: spills, loads narrower than 16 bytes, D=72 padded past 80, more shared memory
+    than an sm_90 block has (``SM90_MAX_SHARED``: the launch would raise), an attention kernel without
+    tensor-core instructions (``mma.sync`` / ``wgmma``) in its PTX (fp32-ieee rows excepted: exact float32 runs
+    on the CUDA cores by design)."""
     bad = []
     for r in rows:
         tag = (f"{r['kernel']} D={r['head_dim']} {r['dtype']} {'causal' if r['causal'] else 'full'} "
@@ -152,7 +165,11 @@ def violations(rows: list[dict]) -> list[str]:
             bad.append(f"{tag}: narrow tile loads {r['narrow_loads']}")
         if r["head_dim"] == 72 and r["padded_head_dim"] > MAX_PADDED_72:
             bad.append(f"{tag}: D=72 padded to {r['padded_head_dim']} columns")
-        if r["kernel"] not in NO_DOT and not {"mma.sync", "wgmma"} & set(r.get("mma") or ()):
+        if (r.get("shared_bytes") or 0) > SM90_MAX_SHARED:
+            bad.append(f"{tag}: {r['shared_bytes']} B of shared memory, more than sm_90's {SM90_MAX_SHARED} B per "
+                       "block (the launch raises OutOfResources)")
+        if (r["kernel"] not in NO_DOT and r["dtype"] != "fp32-ieee"
+                and not {"mma.sync", "wgmma"} & set(r.get("mma") or ())):
             bad.append(f"{tag}: no tensor-core instruction (mma.sync / wgmma) in the PTX")
     return bad
 
@@ -223,7 +240,7 @@ def triton_unavailable() -> str | None:
 
 def _tensors(D: int, dtype: str, H: int = 16, T: int = 4096, S: int = 64):
     torch = _ENV["torch"]
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    dt = getattr(torch, ALL_DTYPES[dtype][0])
     q = torch.empty(T, H, D, dtype=dt)
     k, v = torch.empty(T, 2, H, D, dtype=dt).unbind(1)  # as the model's kv projection gives them
     f32 = dict(dtype=torch.float32)
@@ -307,6 +324,8 @@ def compile_triton(job: tuple) -> dict:
     row = dict(kernel=kernel, head_dim=D, dtype=dtype, causal=causal, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                num_stages=stages)
     jit, args, meta, grid = _launch(kernel, D, dtype, causal)
+    if "DOT_PREC" in meta:  # the launcher read torch's float32 setting; the row's dtype says which variant
+        meta["DOT_PREC"] = ALL_DTYPES[dtype][1]
     tile = dict(BLOCK_T=bm) if kernel == "preprocess" else dict(BLOCK_M=bm, BLOCK_N=bn)
     buf = io.StringIO()
     t0 = time.time()
@@ -342,11 +361,14 @@ def triton_jobs(subset: str, kernels=KERNELS, head_dims=HEAD_DIMS, dtypes=DTYPES
         for D in head_dims:
             tiles = dispatch_tiles(kernel, D)
             for dtype in dtypes:
+                if kernel in NO_DOT and dtype == "fp32-ieee":
+                    continue  # no matrix product: the fp32 row is the same kernel
                 for causal in ((False,) if kernel == "preprocess" or kernel in WINDOW else (False, True)):
                     for tile in tiles:
                         if subset == "ci":
                             ci = [t for t in CI_TILES[kernel] if t in tiles]
-                            if tile not in ci or dtype != "bf16" or (D != 72 and (tile != ci[0] or causal)):
+                            # fp16 compiles as bf16 does; float32 (opt-in) keeps its own rows
+                            if tile not in ci or dtype == "fp16" or (D != 72 and (tile != ci[0] or causal)):
                                 continue
                         jobs.append((kernel, D, dtype, causal, tile))
     return jobs
@@ -473,19 +495,20 @@ def markdown(report: dict) -> str:
            *[line for u in report.get("updates", []) for line in (
                f"Updated {u['date']} (commit {u['commit']}, Triton {u['triton_version']}): the rows of "
                f"{', '.join(sorted({r.split()[0] for r in u['rows']}))} recompiled, the others as above.", "")],
-           "## Triton: worst tile per kernel and head dim (bf16/fp16, causal or not)", "",
-           "| kernel | D | tiles | max registers | max spill bytes | max shared bytes | all loads vectorized | padded D |",
-           "|---|---|---|---|---|---|---|---|"]
+           "## Triton: worst tile per kernel, head dim and dtype (causal or not)", "",
+           "| kernel | D | dtype | tiles | max registers | max spill bytes | max shared bytes | all loads vectorized | "
+           "padded D |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
-    for r in report["triton"]:
-        groups.setdefault((r.get("kernel"), r.get("head_dim")), []).append(r)
-    for (kernel, d), rs in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
+    for r in report["triton"]:  # the 16-bit types compile alike: one line for both
+        dt = "bf16/fp16" if r.get("dtype") in ("bf16", "fp16") else str(r.get("dtype"))
+        groups.setdefault((r.get("kernel"), r.get("head_dim"), dt), []).append(r)
+    for (kernel, d, dt), rs in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0, kv[0][2])):
         ok = [r for r in rs if "error" not in r]
         mx = (lambda k: max((r.get(k) or 0) for r in ok) if ok else "-")
         vec = all(r.get("vectorized_loads") for r in ok) if ok else "-"
         pad = sorted({r.get("padded_head_dim") for r in ok})
         errs = len(rs) - len(ok)
-        out.append(f"| {kernel} | {d} | {len(rs)}{f' ({errs} failed)' if errs else ''} | {mx('registers')} | "
+        out.append(f"| {kernel} | {d} | {dt} | {len(rs)}{f' ({errs} failed)' if errs else ''} | {mx('registers')} | "
                    f"{mx('spill_bytes')} | {mx('shared_bytes')} | {vec} | {', '.join(map(str, pad))} |")
     if report.get("cuda"):
         out += ["", "## CUDA (`nvcc -arch=sm_90 -Xptxas -v`)", "",
@@ -510,12 +533,14 @@ def main(argv=None) -> int:
     ap.add_argument("--subset", choices=("all", "ci"), default="all")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
-    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--dtypes", default=",".join(DTYPES),
+                    help=f"comma-separated, from {', '.join(ALL_DTYPES)} (default: {','.join(DTYPES)})")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/cuda/*.cu")
     ap.add_argument("--no-triton", action="store_true", help="only the nvcc report of csrc/cuda/*.cu")
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 on a spill, a narrow load, D=72 padded past 80 or no tensor-core instruction")
+                    help="exit 1 on a spill, a narrow load, D=72 padded past 80, more shared memory than sm_90 has "
+                         "or no tensor-core instruction")
     ap.add_argument("--update", action="store_true",
                     help="replace only the rows of this run's kernels / head dims / dtypes in the existing --json "
                          "report (other rows kept; CUDA rows kept under --no-cuda)")
@@ -523,6 +548,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(a.kernels.split(",")) - set(KERNELS))
     if unknown:
         ap.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
+    unknown = sorted(set(a.dtypes.split(",")) - set(ALL_DTYPES))
+    if unknown:
+        ap.error(f"--dtypes: unknown {', '.join(unknown)}; choose from {', '.join(ALL_DTYPES)}")
     old = None
     if a.update:
         try:

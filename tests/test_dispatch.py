@@ -566,6 +566,45 @@ def test_table_ranking_takes_the_nearest_entry_of_the_same_class_on_a_log_scale(
     assert table_ranking(c, {}) is None and table_ranking(c, {"entries": []}) is None
 
 
+def test_entries_of_one_class_rank_together_not_first_found():
+    """The committed table measures Read and Write at J = P = 64 (64 x 64, 256 segments) and the spatial blocks
+    and a uniform core (1024 x 1024, 16 segments): one class each, measured twice. Dispatch used the first entry
+    and never the second (a hostile-user round found Write's forward measured fastest on sdpa_flash, run on
+    torch). They now rank by the summed time over each entry's fastest."""
+    from elit_kernels.attention.dispatch import _load_table, table_ranking
+
+    c = {"gpu": "G", "dtype": "bfloat16", "kind": "uniform", "grad": False, "head_dim": 72, "lq": 64, "lk": 64,
+         "segments": 256}
+
+    def entry(ms, **kw):
+        return {**c, "ranking": sorted(ms, key=ms.get), "ms": ms, **kw}
+
+    a = entry({"x": 1.0, "y": 1.05, "z": 2.0})
+    b = entry({"y": 1.0, "x": 1.2, "z": 1.1})  # x: 1 + 1.2 = 2.2, y: 1.05 + 1 = 2.05, z: 2 + 1.1 = 3.1
+    assert table_ranking(c, {"entries": [a, b]}) == ["y", "x", "z"] == table_ranking(c, {"entries": [b, a]})
+    # a backend one entry did not time counts as that entry's slowest; without times, the mean position
+    partial = entry({"x": 1.0, "y": 3.0})  # z counts 3 here: x 1 + 1.5, z 3 + 1, y 3 + 2
+    assert table_ranking(c, {"entries": [partial, entry({"z": 1.0, "x": 1.5, "y": 2.0})]}) == ["x", "z", "y"]
+    untimed = [{**c, "ranking": ["p", "q", "r"]}, {**c, "ranking": ["q", "p", "r"]}, {**c, "ranking": ["q", "r"]}]
+    assert table_ranking(c, {"entries": untimed}) == ["q", "p", "r"]
+    # an entry one step away does not join the class's own entries
+    assert table_ranking(c, {"entries": [a, entry({"z": 1.0}, lq=128)]}) == ["x", "y", "z"]
+    # the committed table: every class measured more than once ranks by its entries' summed relative times
+    entries = _load_table()["entries"]
+    groups = {}
+    for e in entries:
+        key = (e["gpu"], e["dtype"], e["kind"], e["grad"], e["head_dim"], e["lq"], e["lk"], e["segments"])
+        groups.setdefault(key, []).append(e)
+    merged = [g for g in groups.values() if len(g) > 1]
+    assert merged, "the committed table has a class measured twice (Read / Write at J = 64)"
+    for g in merged:
+        names = set().union(*(e["ms"] for e in g))
+        want = min(names, key=lambda n: sum(e["ms"].get(n, max(e["ms"].values())) / min(e["ms"].values())
+                                            for e in g))
+        cls = {k: g[0][k] for k in ("gpu", "dtype", "kind", "grad", "head_dim", "lq", "lk", "segments")}
+        assert table_ranking(cls)[0] == want, [e["shape"] for e in g]
+
+
 def test_backend_timing_is_the_median_in_milliseconds_after_two_warmups():
     import time as _t
 
@@ -742,6 +781,30 @@ def test_a_decision_is_cached_per_key_and_never_while_capturing(fakes, monkeypat
     monkeypatch.setattr(D, "_capturing", lambda: True)
     assert D.select_backend(inp) is first and D.select_backend(inp) is first
     assert len(calls) == 3 and D._DECISIONS == {}  # ranked each time, nothing cached under capture
+
+
+def test_a_call_made_before_a_tuning_block_is_timed_inside_it(monkeypatch):
+    """The usual order: a warm-up forward, then ``tuning()``. The warm-up's cached decision must not answer the
+    same call inside the block, or its shape class would never be timed (a hostile-user round found that)."""
+    inp = _inp()
+    timed = []
+
+    def fake_times(i, repeats):
+        timed.append(D.shape_class(i))
+        return {"torch": 2.0, "reference": 1.0}
+
+    monkeypatch.setattr(D, "time_backends", fake_times)
+    D.clear_decisions()
+    before = D.select_backend(inp)  # cached for the class, untuned
+    assert D.select_backend(inp) is before and timed == []
+    with D.tuning():
+        assert D.select_backend(inp).name == "reference"  # the ranking the block measured
+    assert timed == [D.shape_class(inp)]
+    assert D.select_backend(inp).name == "reference" and D.ranking(inp)[1] == "tuned"  # it outlives the block
+    with D.tuning():  # a class already tuned is not timed again
+        D.select_backend(inp)
+    assert len(timed) == 1
+    D.clear_decisions()
 
 
 def test_tuning_runs_only_when_there_is_a_choice(monkeypatch):

@@ -174,7 +174,11 @@ def _load_table(path: str | None = None) -> dict:
 
 def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
     """The committed table's ranking for shape class ``c``: the entry of the same GPU, dtype, kind and pass
-    whose (head dim, lq, lk, segments) is nearest on a log scale; None when the table has no such entry."""
+    whose (head dim, lq, lk, segments) is nearest on a log scale; None when the table has no such entry.
+
+    Several entries at that distance (the table measures Read and Write at J = P, or the spatial blocks and a
+    uniform core, which are one class: the same lengths and segment count) are measurements of one class, and
+    rank together (``_merged_ranking``), not the first one found."""
     entries = (table if table is not None else _load_table()).get("entries", [])
     same = [e for e in entries if (e.get("gpu"), e.get("dtype"), e.get("kind"), bool(e.get("grad"))) ==
             (c["gpu"], c["dtype"], c["kind"], c["grad"])]
@@ -185,7 +189,26 @@ def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
         return sum(abs(math.log2(max(e.get(f, 1), 1)) - math.log2(max(c[f], 1)))
                    for f in ("head_dim", "lq", "lk", "segments"))
 
-    return list(min(same, key=dist)["ranking"])
+    best = min(map(dist, same))
+    nearest = [e for e in same if dist(e) == best]
+    return list(nearest[0]["ranking"]) if len(nearest) == 1 else _merged_ranking(nearest)
+
+
+def _merged_ranking(entries: list[dict]) -> list[str]:
+    """One ranking from several measurements of a class: by the sum over entries of each backend's time over
+    that entry's fastest (a backend an entry did not time counts as that entry's slowest), where every entry
+    has times; else by mean position. Ties keep the first entry's order."""
+    names = list(dict.fromkeys(n for e in entries for n in e["ranking"]))
+    first = {n: i for i, n in enumerate(names)}
+    timed = [e.get("ms") for e in entries]
+    if all(isinstance(ms, dict) and ms and all(isinstance(v, (int, float)) and v > 0 for v in ms.values())
+           for ms in timed):
+        def score(n):
+            return sum(ms.get(n, max(ms.values())) / min(ms.values()) for ms in timed)
+    else:
+        def score(n):
+            return sum(e["ranking"].index(n) if n in e["ranking"] else len(e["ranking"]) for e in entries)
+    return sorted(names, key=lambda n: (score(n), first[n]))
 
 
 def ranking(inp: AttnInputs) -> tuple[list[str], str]:
@@ -222,11 +245,13 @@ def candidates(inp: AttnInputs) -> tuple[list[Backend], list[str]]:
 
 
 def _decision_key(inp: AttnInputs) -> tuple:
-    """Everything a decision depends on, for an eager call (never under capture or tracing)."""
+    """Everything a decision depends on, for an eager call (never under capture or tracing). ``_tuning`` too: a
+    call made before a ``tuning()`` block must not answer the same call inside it from the cache, or its class
+    would never be timed."""
     return (inp.q.device, inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
             inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad, inp.deterministic,
             inp.segments, inp.max_seqlen_q, inp.max_seqlen_k,
-            inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode)
+            inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode, _tuning)
 
 
 _WARNED_NONDETERMINISTIC: set = set()  # backends asked for by name under the warn-only switch, warned once

@@ -229,6 +229,37 @@ def test_tuning_times_candidates_ranks_them_and_caches_on_disk(fakes, tmp_path, 
         assert json.load(f) == {"k": ["torch"]}
 
 
+def test_saving_the_tuning_cache_keeps_what_other_processes_wrote_since(monkeypatch, tmp_path):
+    """Processes tuning at once (ELIT_TUNE=1 under torchrun) share one cache file: each save merges into the file
+    as it is now instead of replacing it with the view read at start-up (a hostile-user round found the first
+    writer's classes lost). For a class both hold, the file wins unless this process tuned it."""
+    monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "_DISK", None)
+    monkeypatch.setattr(D, "_OWN", set())
+    assert D._disk_cache() == {}  # this process starts: an empty cache
+
+    def other_process_writes(entries):
+        with open(D.cache_path(), "w") as f:
+            json.dump(entries, f)
+
+    other_process_writes({"theirs": ["sdpa_cudnn"], "both_tuned": ["triton"], "they_retuned": ["new"]})
+    D._disk_cache().update({"they_retuned": ["stale"]})  # read by this process before the other retuned it
+    for key, order in (("mine", ["torch"]), ("both_tuned", ["torch_varlen"])):  # what tune_inputs records
+        D._disk_cache()[key] = order
+        D._OWN.add(key)
+    D._save_disk_cache()
+    with open(D.cache_path()) as f:
+        assert json.load(f) == {"theirs": ["sdpa_cudnn"], "mine": ["torch"], "both_tuned": ["torch_varlen"],
+                                "they_retuned": ["new"]}
+    assert D._disk_cache()["theirs"] == ["sdpa_cudnn"] and D._disk_cache()["they_retuned"] == ["new"]
+    # a damaged file is replaced by this process's entries
+    with open(D.cache_path(), "w") as f:
+        f.write("{not json")
+    D._save_disk_cache()
+    with open(D.cache_path()) as f:
+        assert json.load(f)["mine"] == ["torch"]
+
+
 def test_tuning_ranks_by_time_passes_repeats_and_drops_the_devices_earlier_decisions(monkeypatch):
     inp = _inp()
     seen = []

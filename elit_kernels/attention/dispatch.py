@@ -341,30 +341,63 @@ def cache_path() -> str:
 
 
 _DISK: dict | None = None
+_OWN: set = set()  # class keys of _DISK this process tuned (the rest it read from the file)
+
+
+def _read_cache(path: str) -> dict:
+    """The tuning cache file's usable entries (class key -> backend names); {} for a missing or damaged file (a
+    damaged one is read entry by entry: only lists of backend names are kept)."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested past the parser's depth
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, list)
+            and all(isinstance(n, str) for n in v)} if isinstance(raw, dict) else {}
 
 
 def _disk_cache() -> dict:
     global _DISK
     if _DISK is None:
-        try:
-            with open(cache_path()) as f:
-                raw = json.load(f)
-        except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested past the parser's depth
-            raw = {}
-        # a damaged cache is ignored entry by entry: only lists of backend names are kept
-        _DISK = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, list)
-                 and all(isinstance(n, str) for n in v)} if isinstance(raw, dict) else {}
+        _DISK = _read_cache(cache_path())
     return _DISK
 
 
+@contextlib.contextmanager
+def _cache_lock(path: str):
+    """An exclusive lock on ``path + ".lock"`` (POSIX ``flock``) while the cache is read, merged and replaced, so
+    processes tuning at once (``ELIT_TUNE=1`` under torchrun) do not drop each other's entries; no lock where
+    ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _save_disk_cache() -> None:
+    """Write this process's rankings into the cache file, merged into what the file holds now: another process
+    may have tuned classes since this one read it. Its entries are kept; for a class both hold, the file's
+    wins unless this process tuned that class itself (``_OWN``)."""
     path = cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(_disk_cache(), f, indent=1, sort_keys=True)
-        atomic_write(path, write)  # another process reading the cache never sees half a file
+        with _cache_lock(path):
+            on_disk = _read_cache(path)
+            mine = {k: v for k, v in _disk_cache().items() if k in _OWN or k not in on_disk}
+            merged = {**on_disk, **mine}
+            _disk_cache().update(merged)
+
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(merged, f, indent=1, sort_keys=True)
+            atomic_write(path, write)  # another process reading the cache never sees half a file
     except OSError as e:
         warnings.warn(f"elit_kernels: could not write the tuning cache {path} ({e}); tuned rankings last for this "
                       "process only", RuntimeWarning, stacklevel=3)
@@ -446,6 +479,7 @@ def tune_inputs(inp: AttnInputs, repeats: int = 10, save: bool = True) -> dict:
     generation += 1
     if save and inp.q.device.type == "cuda" and order:
         _disk_cache()[repr(_class_key(c))] = order
+        _OWN.add(repr(_class_key(c)))
         _save_disk_cache()
     return {"class": c, "ms": ms, "ranking": order}
 

@@ -41,7 +41,7 @@ def test_fallback_warns_once_and_matches_eager():
     with torch.no_grad():
         want = m(x, t, y, [4, 1, 2])
     assert torch.equal(a, want) and torch.equal(b, want)
-    assert gf.stats == {"captures": 0, "replays": 0, "eager": 2}
+    assert gf.stats == {"captures": 0, "replays": 0, "eager": 2, "invalidated": 0}
 
 
 class _FakeGraph:
@@ -144,6 +144,45 @@ def test_a_captured_graph_keeps_its_layout_alive(cuda_faked):
     gf.clear()
     gc.collect()
     assert all(r() is None for r in made)  # held by the graph alone: dropped with it
+
+
+def test_a_model_whose_tensors_were_replaced_is_captured_again(cuda_faked):
+    """A graph reads the model's parameters at their addresses at capture. ``.half().float()``, ``.to()`` or a new
+    ``nn.Parameter`` replaces them: replayed, the old graph would read freed (or stale) memory, a wrong answer
+    silently (a hostile-user round read this in the code). Such a change drops the graphs; an in-place write
+    keeps them (the graph reads the new values at the same addresses). The faked replay returns what the capture
+    computed, so a stale graph shows as the old weights' output."""
+    m = _model()
+    x, t, y = _inputs()
+    bud = [4, 1, 2]
+    gf = _CpuCapture(m, warmup=1)
+
+    def eager():
+        with torch.no_grad():
+            return m(x, t, y, bud)
+    assert torch.equal(gf(x, t, y, bud), eager()) and gf.stats["captures"] == 1
+    with torch.no_grad():  # in place: same addresses, the graphs stay
+        for p in m.parameters():
+            p.mul_(1.0)
+    gf(x, t, y, bud)
+    assert gf.stats["captures"] == 1 and gf.stats["invalidated"] == 0
+    keep = [p.data for p in m.parameters()]  # the old storage stays allocated: new storage gets new addresses
+    m.double().float()
+    with torch.no_grad():
+        next(m.parameters()).mul_(1.5)  # and the weights differ, so a stale graph's output would too
+    assert torch.equal(gf(x, t, y, bud), eager())
+    assert gf.stats["captures"] == 2 and gf.stats["invalidated"] == 1
+    lin = next(mod for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    lin.weight = torch.nn.Parameter(lin.weight.detach() * 2)  # a new Parameter: a registration
+    assert torch.equal(gf(x, t, y, bud), eager()) and gf.stats["captures"] == 3
+    m.train()  # the mode is part of what a graph captured
+    gf(x, t, y, bud)
+    m.eval()
+    gf(x, t, y, bud)
+    assert gf.stats["captures"] == 5 and gf.stats["invalidated"] == 4
+    gf(x, t, y, bud)  # nothing changed: a replay
+    assert gf.stats["captures"] == 5 and gf.stats["replays"] == 7
+    del keep
 
 
 def test_arguments_are_checked():

@@ -28,6 +28,24 @@ import torch
 from .._types import is_int
 from ..layout import normalize_budgets
 
+#: bumped whenever any module registers (or reassigns) a parameter, buffer or submodule, once a GraphedForward
+#: exists (torch's global registration hooks): a graph reads the tensors it was captured with, so a model
+#: whose tensors were replaced must be captured again
+_EPOCH = [0]
+_HOOKS: list = []
+
+
+def _watch_registrations() -> None:
+    if _HOOKS:
+        return
+    from torch.nn.modules import module as nn_module
+
+    def bump(*args):
+        _EPOCH[0] += 1
+    _HOOKS.extend([nn_module.register_module_parameter_registration_hook(bump),
+                   nn_module.register_module_buffer_registration_hook(bump),
+                   nn_module.register_module_module_registration_hook(bump)])
+
 
 class GraphedForward:
     """``model(x, t, y, budgets)`` replayed from CUDA graphs captured per budget signature.
@@ -41,8 +59,15 @@ class GraphedForward:
     Inference only (no autograd through a replay): an ``x`` or ``t`` that requires grad (with grad mode on) is a
     ValueError naming it, not an output without a graph. Calling returns a new tensor (a copy of the graph's static
     output), x's shape and dtype.
-    ``stats`` counts captures, replays and eager fallbacks. Raises what ``model`` raises for bad inputs
-    (checked eagerly on the first call of each signature).
+
+    A graph reads the model's parameters and buffers at the addresses they had at capture. Writing new values into
+    them in place (``load_state_dict``, an optimizer step) is seen by the next replay; replacing them (``.to()``,
+    ``.half()``, ``.float()`` on the model or a submodule, assigning a new ``nn.Parameter`` or submodule) or
+    switching ``train()`` / ``eval()`` drops every graph, and the next call of each signature captures again. The
+    check costs one ``data_ptr()`` read per parameter and buffer per call.
+    ``stats`` counts captures, replays, eager fallbacks and graphs dropped because the model changed
+    (``invalidated``). Raises what ``model`` raises for bad inputs (checked eagerly on the first call of each
+    signature).
     """
 
     def __init__(self, model, max_graphs: int = 8, warmup: int = 2):
@@ -59,7 +84,11 @@ class GraphedForward:
         self._graphs: OrderedDict = OrderedDict()
         self._pool = None
         self._warned = False
-        self.stats = {"captures": 0, "replays": 0, "eager": 0}
+        self.stats = {"captures": 0, "replays": 0, "eager": 0, "invalidated": 0}
+        _watch_registrations()
+        self._tensors: list | None = None  # the model's parameters and buffers, listed at epoch _tensors_epoch
+        self._tensors_epoch = -1
+        self._state = None  # _model_state() when the graphs were captured
 
     # the samplers read these off the model
     @property
@@ -77,6 +106,14 @@ class GraphedForward:
         """The key of one graph: shapes, dtypes and device of the inputs and the per-sample budgets."""
         bud = normalize_budgets(budgets, x.shape[0], self.model.cfg.latents_per_group)
         return (tuple(x.shape), x.dtype, t.dtype, y.dtype, str(x.device), tuple(bud))
+
+    def _model_state(self) -> tuple:
+        """What the graphs depend on besides their inputs: the registration epoch, the mode, and the address,
+        dtype and shape of every parameter and buffer (listed again only when a registration happened)."""
+        if self._tensors_epoch != _EPOCH[0]:
+            self._tensors = [*self.model.parameters(), *self.model.buffers()]
+            self._tensors_epoch = _EPOCH[0]
+        return (_EPOCH[0], self.model.training, tuple(p.data_ptr() for p in self._tensors))
 
     def _fallback(self, why: str, x, t, y, budgets):
         if not self._warned:
@@ -106,6 +143,11 @@ class GraphedForward:
         if why is not None:
             return self._fallback(why, x, t, y, budgets)
         key = self.signature(x, t, y, budgets)
+        state = self._model_state()
+        if state != self._state:  # the model's tensors were replaced (or its mode switched): its graphs are stale
+            self.stats["invalidated"] += len(self._graphs)
+            self._graphs.clear()
+            self._state = state
         entry = self._graphs.get(key)
         if entry is None:
             try:

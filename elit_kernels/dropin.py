@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .attention import varlen_attention
-from ._types import check_bool, is_real
+from ._types import check_bool, is_int, is_real
 
 
 # flash-attn (2.x and the FA3 / kernels-community variants that transformers and vLLM call) options that
@@ -55,7 +55,7 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, d
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: only 0.0 is supported (no attention dropout), got {dropout_p}")
-    if attention_chunk is not None and not (type(attention_chunk) is int and attention_chunk == 0):
+    if attention_chunk is not None and not (is_int(attention_chunk) and attention_chunk == 0):  # NumPy's 0 too
         raise NotImplementedError(f"attention_chunk: only 0 (no chunked attention) is supported, got {attention_chunk}")
     for name, value in (("alibi_slopes", alibi_slopes), ("block_table", block_table), *not_none.items()):
         if value is not None:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ._types import is_int, is_int_array
+from ._types import check_bool, is_int, is_int_array
 from .attention.inputs import SegmentRuns
 
 
@@ -69,8 +69,14 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
 
     Accepts None (every sample at j_max), an int (every sample at it), a sequence of ints, a 1-D integer
     tensor (a tensor costs one host copy here, once per forward) or a 1-D NumPy integer array (one per sample).
-    NumPy integers are ints; a bool is not.
+    NumPy integers are ints; a bool is not. ValueError naming ``batch`` unless it is an int >= 0.
     """
+    if isinstance(batch, torch.SymInt):  # x.shape[0] under torch.compile with a dynamic batch: left symbolic
+        pass
+    elif not is_int(batch) or batch < 0:
+        raise ValueError(f"batch: expected an int >= 0 (the number of samples), got {batch!r}")
+    else:
+        batch = int(batch)
     if budgets is None:
         out = [j_max] * batch
     elif is_int(budgets):  # not a bool (is_int refuses bools): True falls through to the last TypeError
@@ -273,7 +279,9 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
         if not is_int(n) or n < 1:
             raise ValueError(f"{name}: expected a positive int, got {n!r}")
     groups, tokens_per_group, j_max = int(groups), int(tokens_per_group), int(j_max)  # NumPy ints as Python's
-    bud = normalize_budgets(budgets, batch, j_max)  # after the sizes: a bad j_max is named as such
+    budget_core_only = check_bool("budget_core_only", budget_core_only)  # "no" is not read as true
+    bud = normalize_budgets(budgets, batch, j_max)  # after the sizes: a bad j_max is named as such; checks batch
+    batch = len(bud)
     b_t = _host_to_device(torch.tensor(bud, dtype=torch.long), device)
     per_group = b_t.repeat_interleave(groups)  # [B*G]
     cu_lat = _cu(per_group)

@@ -471,3 +471,26 @@ def test_single_key_is_exact(backend, dtype):
     assert torch.equal(dq[single_q], torch.zeros_like(dq[single_q])) and torch.equal(dq[single_q], rq[single_q])
     assert torch.equal(dk[single_k], torch.zeros_like(dk[single_k])) and torch.equal(dk[single_k], rk[single_k])
     assert torch.equal(dv[single_k], dout[single_k]) and torch.equal(dv[single_k], rv[single_k])
+
+
+def test_numpy_scalars_are_read_as_the_numbers_they_equal():
+    """``attention_chunk=np.int64(0)`` was refused ("only 0 ... is supported, got 0") and a NumPy float16
+    ``softcap`` / ``softmax_scale`` warned of an overflow (compared with float32's bounds in float16); a
+    hostile-user round found both. They now act as the Python numbers they equal, silently."""
+    import warnings
+
+    import numpy as np
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 5, 2, 8, generator=g) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(flash_attn_func(q, k, v, attention_chunk=np.int64(0)), flash_attn_func(q, k, v),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(flash_attn_func(q, k, v, softcap=np.float16(2.0)),
+                                   flash_attn_func(q, k, v, softcap=2.0), rtol=0, atol=0)
+        torch.testing.assert_close(flash_attn_func(q, k, v, softmax_scale=np.float16(0.5)),
+                                   flash_attn_func(q, k, v, softmax_scale=0.5), rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match=r"^attention_chunk: only 0 \(no chunked attention\) is supported, "
+                       r"got 4$"):
+        flash_attn_func(q, k, v, attention_chunk=np.int64(4))

@@ -212,3 +212,25 @@ def test_modulate_over_zero_tokens():
     x, p = torch.randn(0, 6), torch.randn(2, 6)
     assert layernorm_modulate(x, p, p, runs).shape == (0, 6)
     assert gated_residual(x, x, p, runs).shape == (0, 6)
+
+
+def test_build_layout_reads_its_flag_and_batch_as_the_other_arguments():
+    """``budget_core_only="no"`` switched the released semantics on (read by truth) and 0 was stored as 0; a batch
+    of 2.0, True, None or a tensor failed deep inside (list * float, torch.full, "n_segments"). Each is now named
+    (a hostile-user round found them)."""
+    import numpy as np
+
+    for bad, shown in (("no", r"str \('no'\)"), (0, r"int \(0\)"), (None, r"NoneType \(None\)")):
+        with pytest.raises(TypeError, match=rf"^budget_core_only: expected a bool, got {shown}$"):
+            build_layout([1, 2], 2, 2, 4, 2, budget_core_only=bad)
+    lay = build_layout([1, 2], 2, 2, 4, 2, budget_core_only=np.True_)  # NumPy's bool is a bool
+    assert lay.budget_core_only is True and lay.interface is not None
+    for bad in (2.0, True, None, torch.tensor(2), -1, "2"):
+        with pytest.raises(ValueError, match=r"^batch: expected an int >= 0 \(the number of samples\), got "):
+            build_layout(None, bad, 2, 4, 2)
+        with pytest.raises(ValueError, match=r"^batch: expected an int >= 0"):
+            normalize_budgets(None, bad, 2)
+    want = build_layout([2, 1, 0], 3, 2, 4, 2)
+    got = build_layout([2, 1, 0], np.int64(3), 2, 4, 2)  # NumPy ints are ints
+    assert got.batch == 3 and type(got.batch) is int
+    assert torch.equal(got.cu_latents, want.cu_latents) and torch.equal(got.latent_index, want.latent_index)

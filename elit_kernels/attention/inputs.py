@@ -365,19 +365,21 @@ def _scale(softmax_scale) -> float:
     """A user's ``softmax_scale`` as a float: finite and within float32's range (the kernels' score dtype)."""
     if not is_real(softmax_scale):
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-    if not abs(softmax_scale) <= _F32_MAX:
+    scale = float(softmax_scale)  # compared as a Python float: a NumPy float16 would overflow casting the bound
+    if not abs(scale) <= _F32_MAX:
         raise ValueError(f"softmax_scale: expected a finite float within float32's range (|scale| <= {_F32_MAX:.4g}), "
                          f"got {softmax_scale}")
-    return float(softmax_scale)
+    return scale
 
 
 def _softcap(softcap) -> float:
     if not is_real(softcap):
         raise TypeError(f"softcap: expected a float >= 0 (0: off), got {type(softcap).__name__}")
-    if softcap != 0.0 and not _F32_TINY <= softcap <= _F32_MAX:
+    cap = float(softcap)  # as softmax_scale: NumPy float16 compared with float32's bounds would overflow
+    if cap != 0.0 and not _F32_TINY <= cap <= _F32_MAX:
         raise ValueError(f"softcap: expected 0 (off) or a finite float in float32's normal range [{_F32_TINY:.4g}, "
                          f"{_F32_MAX:.4g}], got {softcap}")
-    return float(softcap)
+    return cap
 
 
 def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,

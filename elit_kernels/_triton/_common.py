@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -112,7 +113,7 @@ def bucket(n: int) -> int:
 _FITTING: dict[tuple, dict] = {}
 
 
-def launch_fitting(name: str, jit, grid, args: tuple, meta: dict, tiles: list[dict], device) -> dict:
+def launch_fitting(name: str, jit, grid, args: tuple, meta: dict, tiles: Sequence[dict], device) -> dict:
     """Launch ``jit[grid](*args, **meta, **tile)`` with the first of ``tiles`` this GPU can run; returns that tile.
 
     ``tiles``: launch options, the chosen tile first, then smaller ones (dicts of tile constexprs and
@@ -124,9 +125,11 @@ def launch_fitting(name: str, jit, grid, args: tuple, meta: dict, tiles: list[di
     constexprs), so later calls go straight to it. ``name``: the kernel, for the error. Raises RuntimeError naming
     the kernel, the device and what it lacks when no tile fits.
     """
-    key = (name, str(device), tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
-           tuple(sorted(meta.items())), tuple(sorted(tiles[0].items())))
-    known = _FITTING.get(key)
+    def key():
+        return (name, device, tuple([a.dtype for a in args if isinstance(a, torch.Tensor)]), tuple(meta.items()),
+                tuple(tiles[0].items()))
+    # Until some tile has failed to fit in this process, no key is built (microseconds per launch saved).
+    known = _FITTING.get(key()) if _FITTING else None
     tried = []
     for tile in ([known] if known is not None else tiles):
         try:
@@ -135,15 +138,16 @@ def launch_fitting(name: str, jit, grid, args: tuple, meta: dict, tiles: list[di
             tried.append(f"{_tile_name(tile)}: {e.name} {e.required} > {e.limit}")
             continue
         if tile is not tiles[0]:
-            _FITTING[key] = tile
+            _FITTING[key()] = tile
         return tile
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor)), None)
     raise RuntimeError(f"{name}: no tile of this kernel fits {device} ({gpu}) at head dim {meta.get('HEAD_DIM')} in "
-                       f"{key[2][0]}: {'; '.join(tried)}. Run these inputs in bfloat16 / float16, or on another "
+                       f"{dtype}: {'; '.join(tried)}. Run these inputs in bfloat16 / float16, or on another "
                        "backend (backend='torch')")
 
 
-def launch_autotuned(name: str, tuned, jit, grid, args: tuple, meta: dict, tiles: list[dict], device) -> None:
+def launch_autotuned(name: str, tuned, jit, grid, args: tuple, meta: dict, tiles: Sequence[dict], device) -> None:
     """Launch ``tuned`` (``jit`` under ``triton.autotune``); where it raises ``OutOfResources``, ``launch_fitting``
     over ``tiles`` instead. Triton's autotuner skips the candidates a GPU cannot hold when it times several, but
     runs a lone candidate (one left after pruning) untimed, so that one can still be too big."""

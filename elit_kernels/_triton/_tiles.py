@@ -13,6 +13,7 @@ which halves the accumulator registers per thread: dK/dV and dQ need that).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import triton
@@ -67,7 +68,8 @@ def heuristic(kernel: str, qb: int, kb: int, padded: int) -> tuple:
     return max(fits, key=lambda t: owned(kernel, t[0], t[1]))
 
 
-def fallbacks(kernel: str, tile: tuple, padded: int) -> list[dict]:
+@functools.lru_cache(maxsize=None)  # once per (kernel, tile, padded): the launchers ask on every launch
+def fallbacks(kernel: str, tile: tuple, padded: int) -> tuple[dict, ...]:
     """``tile`` (a table entry) and then every smaller entry that runs at this padded head dim, largest first,
     as launch options (``_common.launch_fitting``): what a launch tries when the GPU cannot hold ``tile``
     (float32, or less shared memory per block than sm_90). Smaller: fewer (BLOCK_M x BLOCK_N x stages)
@@ -76,7 +78,7 @@ def fallbacks(kernel: str, tile: tuple, padded: int) -> list[dict]:
     def size(t):
         return t[0] * t[1] * t[3], t[0] * t[1]
     rest = sorted((t for t in TILES[kernel] if t[4] >= padded and size(t) < size(tile)), key=size, reverse=True)
-    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for (m, n, w, s, _) in [tile, *rest]]
+    return tuple(dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for (m, n, w, s, _) in [tile, *rest])
 
 
 def configs(kernel: str) -> list:

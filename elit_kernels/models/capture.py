@@ -113,7 +113,7 @@ class GraphedForward:
         if self._tensors_epoch != _EPOCH[0]:
             self._tensors = [*self.model.parameters(), *self.model.buffers()]
             self._tensors_epoch = _EPOCH[0]
-        return (_EPOCH[0], self.model.training, tuple(p.data_ptr() for p in self._tensors))
+        return (_EPOCH[0], self.model.training, tuple(map(torch.Tensor.data_ptr, self._tensors)))
 
     def _fallback(self, why: str, x, t, y, budgets):
         if not self._warned:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from . import attention as _attention
+from ._files import atomic_write
 from .attention import registry as _registry
 from .attention import get_backend, known_backends
 
@@ -59,6 +60,74 @@ def backend_error(flag: str, name: str, probe, what: str) -> str | None:
         return None
     return (f"{flag}: backend {name!r} cannot run {what}: " + "; ".join(problems)
             + f". Usable here: {', '.join(usable_backends(probe)) or 'none'}")
+
+
+ENV_BACKEND = "ELIT_BACKEND"  # the environment's backend for every call made with backend=None (attention.dispatch)
+
+
+def env_backend() -> str | None:
+    """``$ELIT_BACKEND`` as ``attention.dispatch.select_backend`` reads it: surrounding spaces dropped (a shell
+    script may leave a newline), blank the same as unset (None); a name keeps its case."""
+    return os.environ.get(ENV_BACKEND, "").strip() or None
+
+
+def env_backend_error(probe, what: str) -> str | None:
+    """The usage-error message for ``$ELIT_BACKEND`` (None when it is unset, or names a backend that can run
+    ``probe``): what ``backend_error`` says of a flag, naming the variable, so that a typo stops a command at start-up
+    with exit status 2 instead of failing its first attention call after output was created. ``probe`` None checks
+    the name only (before a model is built)."""
+    name = env_backend()
+    if name is None:
+        return None
+    if probe is None:
+        why = None if name in known_backends() else backend_error(ENV_BACKEND, name, None, what)
+    else:
+        why = backend_error(ENV_BACKEND, name, probe, what)
+    return None if why is None else why + f" (or unset {ENV_BACKEND} for default dispatch)"
+
+
+def fp16_cpu_warning(flag: str) -> str:
+    """The warning for float16 on a CPU (``flag``: the option as the user gave it, e.g. ``--dtype fp16``)."""
+    return (f"{flag} on a CPU: most CPUs have no fp16 matmul and PyTorch emulates it, many times slower than fp32 (a "
+            "[1024, 384] x [384, 1536] matmul took 30x its fp32 time on the CPU the defaults were measured on)")
+
+
+def input_file_error(path: str) -> str | None:
+    """Why ``path`` cannot be read as an input file, in words a usage error can quote: it does not exist, is a
+    folder, or is not a regular file (a FIFO or a device would block or never end); None when it is a file."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return f"{path} is a folder (expected a file)"
+    if os.path.exists(path):
+        return f"{path} is not a regular file (expected a file)"
+    return f"no such file: {path}"
+
+
+class OutputWriteError(OSError):
+    """An output file could not be written (a full disk, a folder that went away): ``str()`` is one line naming
+    the file; the file itself was left as it was (``write_output`` writes whole or not at all)."""
+
+    def __init__(self, path: str, err: OSError):
+        super().__init__(err.errno, f"cannot write {path} ({err.strerror or err}): not written (a file already "
+                                    "there is left as it was)")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def write_output(path: str, write) -> str:
+    """``_files.atomic_write(path, write)``: the file whole or not at all (``write(tmp)`` writes a temporary name in
+    the same folder; give matplotlib's ``savefig`` an explicit ``format``, as the name ends in ``.tmp``). An OSError
+    becomes ``OutputWriteError`` naming ``path`` (not the temporary name). Returns ``path``."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(path, e) from None
+    return path
 
 
 MAX_SEED = 2**32 - 1  # the seeds elit-demo and elit-bench accept: [0, MAX_SEED] (numpy's range); they derive

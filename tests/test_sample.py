@@ -189,11 +189,20 @@ def test_run_writes_pngs_grid_and_npz(files, tmp_path):
     assert np.array_equal(z["labels"], d["labels"]) and np.array_equal(z["budgets"], d["budgets"])
     assert sorted(os.listdir(lat / "latents")) == [f"{i:06d}.npy" for i in range(7)]
     vae = diffusers.AutoencoderKL.from_pretrained(files["vae"]).eval()
-    for batch in S.plan_batches(want_bud, 3):
+    # each budget's last batch is filled past N (computed, not written): its padding's latents from a run of a larger
+    # N, which holds the same samples 0..6 (sample i does not depend on N)
+    batches = S.plan_batches(want_bud, 3, S.budget_rule([(4, 1), (1, 1)]))
+    n_all = 1 + max(i for b in batches for i in b)
+    run(files, tmp_path / "lat_all", num_samples=n_all, batch_size=3, budget_mix="4:0.5,1:0.5", guidance="ccfg",
+        cfg_scale=2.0, seed=5, latents_only=True)
+    z_all = npz(tmp_path / "lat_all" / "latents.npz")["arr_0"]
+    assert np.array_equal(z_all[:7], z["arr_0"])
+    for batch in batches:
         with torch.no_grad():
-            x = vae.decode(torch.from_numpy(z["arr_0"][batch]) / 0.18215).sample
+            x = vae.decode(torch.from_numpy(z_all[batch]) / 0.18215).sample
         want = torch.clamp(255 * (x + 1) / 2, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
-        assert np.array_equal(d["arr_0"][batch], want)
+        real = [i for i in batch if i < 7]
+        assert np.array_equal(d["arr_0"][real], want[:len(real)])
 
 
 def test_budget_mix_matches_euler_sample_per_sample(files, tmp_path):
@@ -208,10 +217,12 @@ def test_budget_mix_matches_euler_sample_per_sample(files, tmp_path):
     for i in range(6):  # each sample alone, at its recorded budget
         z = euler_sample(model, S.sample_noise(11, [i], (4, 8, 8)), torch.tensor([i % 10]), budget=[bud[i]], **common)
         torch.testing.assert_close(torch.from_numpy(d["arr_0"][i]), z[0], atol=2e-5, rtol=1e-4)
-    for b in S.plan_batches(bud, 4):  # and bitwise in its canonical batch
+    rule = S.budget_rule("4:1,2:1,1:1")
+    for b in S.plan_batches(bud, 4, rule):  # and bitwise in its canonical batch, filled past N = 6
         z = euler_sample(model, S.sample_noise(11, b, (4, 8, 8)), torch.tensor([i % 10 for i in b]),
-                         budget=[bud[i] for i in b], **common)
-        assert torch.equal(torch.from_numpy(d["arr_0"][b]), z)
+                         budget=[int(rule(i, i + 1)[0]) for i in b], **common)
+        real = [i for i in b if i < 6]
+        assert len(b) == 4 and torch.equal(torch.from_numpy(d["arr_0"][real]), z[:len(real)])
 
 
 def test_official_checkpoint_with_arch_and_a_float_budget(tmp_path, capsys):

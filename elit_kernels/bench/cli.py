@@ -113,7 +113,7 @@ def replot(src: str, out: str | None = None) -> int:
     import os
     import shutil
 
-    from .report import markdown_summary, plot, results_error, write_csv
+    from .report import markdown_summary, plot, results_error, write_csv, write_text
 
     path = os.path.join(src, OUTPUT_FILES[0])
     try:
@@ -136,16 +136,15 @@ def replot(src: str, out: str | None = None) -> int:
     word = "CPU" if md.get("device_type") != "cuda" else "GPU"
     print(format_table(rows, targets, f"{word} ({md.get('device')}), {md.get('config')} {md.get('resolution')}px "
                                       f"batch {md.get('batch')} {md.get('dtype')}, torch {md.get('torch')} (replotted)"))
+    # each file whole or not at all (a full disk keeps an earlier file, never leaves it empty); OutputWriteError
+    # naming the file otherwise
     if copy:
-        p = os.path.join(dst, OUTPUT_FILES[0])
-        shutil.copyfile(path, p)
+        p = _cli.write_output(os.path.join(dst, OUTPUT_FILES[0]), lambda tmp: shutil.copyfile(path, tmp))
         print(f"wrote {p}")
         p = os.path.join(dst, OUTPUT_FILES[1])
         write_csv(p, rows)
         print(f"wrote {p}")
-    p = os.path.join(dst, OUTPUT_FILES[2])
-    with open(p, "w") as f:
-        f.write(markdown_summary(rows, targets, md))
+    p = write_text(os.path.join(dst, OUTPUT_FILES[2]), markdown_summary(rows, targets, md))
     print(f"wrote {p}")
     p = os.path.join(dst, OUTPUT_FILES[3])
     plot(rows, md, p)
@@ -255,6 +254,7 @@ def resolve(args) -> tuple[Setup, dict]:
     bad = [s for s in scen if s not in SCENARIOS]
     if bad or not scen:
         raise BenchError(f"--scenarios: unknown scenario {bad[0] if bad else args.scenarios!r}; choose from {', '.join(SCENARIOS)}")
+    scen = list(dict.fromkeys(scen))  # a scenario named twice runs once, as --presets, --budgets and --backends
     notes = []
     if "mixed" in scen and batch < 2:
         if args.scenarios != ",".join(DEFAULT_SCENARIOS):
@@ -302,10 +302,17 @@ def resolve(args) -> tuple[Setup, dict]:
             if err:
                 raise BenchError(err)
         backends = list(dict.fromkeys(backends))
+    default_label = None
+    if any(split_backend(b)[0] is None for b in backends):  # default dispatch reads $ELIT_BACKEND on every call
+        if err := _cli.env_backend_error(probe, f"{dname} on {device.type} (head dim {cfg.hidden // cfg.heads})"):
+            raise BenchError(err)
+        if (env := _cli.env_backend()) is not None:
+            default_label = f"({_cli.ENV_BACKEND}={env})"
+            notes.append(f"the {DEFAULT} rows ran every attention call on {env} ({_cli.ENV_BACKEND}={env} was set), not "
+                         f"on default dispatch's choice; they are labelled '{DEFAULT} {default_label}'")
     if dtype == torch.float16 and device.type == "cpu":
-        warnings.append(f"--dtype {dname} on a CPU: most CPUs have no fp16 matmul and PyTorch emulates it, many times "
-                        "slower than fp32 (a [1024, 384] x [384, 1536] matmul took 30x its fp32 time on the CPU the "
-                        "defaults were measured on), and its times say nothing about a GPU; prefer --dtype bf16 or fp32")
+        warnings.append(_cli.fp16_cpu_warning(f"--dtype {dname}") + ", and its times say nothing about a GPU; prefer "
+                        "--dtype bf16 or fp32")
     for tb in [b for b in backends if b in ("triton", "triton_window")] if _cli.triton_interpreted() else []:
         warnings.append(f"backend {tb} runs under the Triton interpreter (TRITON_INTERPRET=1): a correctness tool, "
                         "orders of magnitude slower than the compiled kernel (over a minute per case at S/2); its times "
@@ -323,7 +330,7 @@ def resolve(args) -> tuple[Setup, dict]:
              "backends": backends,
              "threads": threads, "max_seconds": args.max_seconds, "scenarios": scen, "repeats": repeats, "warmup": warmup,
              "j_max": jm, "groups": cfg.groups, "tokens_per_group": cfg.tokens_per_group, "notes": notes,
-             "warnings": warnings, "breakdown": bool(args.breakdown),
+             "warnings": warnings, "breakdown": bool(args.breakdown), "default_label": default_label,
              "sampling_steps": steps if "sampling" in scen else None}
     return setup, extra
 
@@ -448,6 +455,10 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         extra["notes"] = extra["notes"] + [f"{len(skipped)} cases skipped (time budget)"] * bool(skipped) \
             + [f"{len(failed)} cases failed (see their note)"] * bool(failed)
         rows = make_rows(cases, dev)
+        if extra.get("default_label"):  # say what ran: $ELIT_BACKEND, not default dispatch
+            for r in rows:
+                if split_backend(r["backend"])[0] is None:
+                    r["backend"] = f"{r['backend']} {extra['default_label']}"
         if extra.get("breakdown"):
             extra["breakdown"] = run_breakdowns(cases, extra)
         md_threads = torch.get_num_threads()
@@ -510,6 +521,9 @@ def _main(parser, args, argv=None) -> int:
             return replot(args.replot, args.out)
         except BenchError as e:
             parser.error(str(e))
+        except _cli.OutputWriteError as e:  # a full disk: one line; every file whole or as it was
+            _say(f"error: {e}")
+            return 1
     try:
         setup, extra = resolve(args)
     except BenchError as e:
@@ -530,8 +544,17 @@ def _main(parser, args, argv=None) -> int:
         if note.startswith("FAILED") or note.startswith("skipped"):
             _say(f"{r['preset']} {r['scenario']} {r['case']} {r['model']} {r['backend']} J̃={r.get('budget')}: {note}")
     if args.out:
-        for p in write_outputs(args.out, rows, targets, md):
-            print(f"wrote {p}")
+        try:
+            for p in write_outputs(args.out, rows, targets, md):
+                print(f"wrote {p}")
+        except _cli.OutputWriteError as e:  # a full disk: one line; every file whole or as it was
+            _say(f"error: {e}")
+            return 1
+    failed = [r for r in rows if (r.get("note") or "").startswith("FAILED")]
+    if rows and len(failed) == len(rows):
+        _say(f"error: every case failed ({len(rows)} of {len(rows)}; their reasons are above"
+             + (f" and in {args.out}" if args.out else "") + "): nothing was timed")
+        return 1
     _say(f"done in {format_seconds(extra['run_seconds'])}"
          + (f" (estimated {format_seconds(extra['estimate_s'])})" if extra.get("estimate_s") else ""))
     return 0

@@ -315,24 +315,32 @@ def metadata(device: torch.device, extra: dict) -> dict:
                     if k in os.environ}, **extra}
 
 
+def write_text(path: str, text: str) -> str:
+    """``text`` into ``path``, whole or not at all (``_cli.write_output``: OutputWriteError naming ``path``)."""
+    from .._cli import write_output
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write_output(path, write)
+
+
 def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dict) -> list[str]:
+    """The four OUTPUT_FILES in ``out_dir``, each written whole or not at all (a temporary name renamed onto it:
+    on a full disk an earlier file of the name is kept, never left empty or cut). A file that cannot be written
+    raises ``_cli.OutputWriteError`` naming it; the files before it are written, the ones after it are not."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     json_name, csv_name, md_name, png_name = OUTPUT_FILES
     # Every row carries the metadata too, so a row copied out of the file still says where it came from.
     full = [{**r, "device": meta["device"], "torch": meta["torch"], "triton": meta["triton"],
              "git_commit": meta["git_commit"], "date": meta["date"]} for r in rows]
-    p = os.path.join(out_dir, json_name)
-    with open(p, "w") as f:
-        json.dump({"metadata": meta, "targets": targets, "rows": full}, f, indent=1)
-    paths.append(p)
+    paths.append(write_text(os.path.join(out_dir, json_name),
+                            json.dumps({"metadata": meta, "targets": targets, "rows": full}, indent=1)))
     p = os.path.join(out_dir, csv_name)
     write_csv(p, full)
     paths.append(p)
-    p = os.path.join(out_dir, md_name)
-    with open(p, "w") as f:
-        f.write(markdown_summary(rows, targets, meta))
-    paths.append(p)
+    paths.append(write_text(os.path.join(out_dir, md_name), markdown_summary(rows, targets, meta)))
     p = os.path.join(out_dir, png_name)
     plot(rows, meta, p)
     paths.append(p)
@@ -341,13 +349,18 @@ def write_outputs(out_dir: str, rows: list[dict], targets: list[dict], meta: dic
 
 def write_csv(path: str, full_rows: list[dict]) -> None:
     """``results.csv``: one line per row of results.json (``full_rows``, each with its run's device, torch, triton,
-    git_commit and date)."""
+    git_commit and date); whole or not at all (OutputWriteError naming ``path``)."""
+    from .._cli import write_output
+
     fields = ROW_FIELDS + ["device", "torch", "triton", "git_commit", "date"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in full_rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for r in full_rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    write_output(path, write)
 
 
 # What --replot reads of a results.json (check_targets, format_table, markdown_summary, run_findings, make_figure),
@@ -592,11 +605,16 @@ def make_figure(rows: list[dict], meta: dict):
 
 
 def plot(rows: list[dict], meta: dict, path: str) -> None:
+    """The figure as a PNG at ``path``, whole or not at all (OutputWriteError naming ``path``)."""
     import matplotlib.pyplot as plt
 
+    from .._cli import write_output
+
     fig = make_figure(rows, meta)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_output(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # the temporary name ends in .tmp
+    finally:
+        plt.close(fig)
 
 
 def markdown_summary(rows: list[dict], targets: list[dict], meta: dict) -> str:

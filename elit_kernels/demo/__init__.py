@@ -118,6 +118,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
 
         if args.backend not in known_backends():
             parser.error(f"--backend: unknown backend {args.backend!r}; choose from {', '.join(known_backends())}")
+    elif why := _cli.env_backend_error(None, ""):  # default dispatch would read it on every attention call
+        parser.error(why)
     if args.load is not None and not os.path.isfile(args.load):
         parser.error(f"--load: no such file: {args.load}" if not os.path.exists(args.load)
                      else f"--load: {args.load} is not a file (expected an elit-demo --save checkpoint)")
@@ -143,7 +145,9 @@ def _check_backend(args, parser, cfg) -> None:
         err = _cli.backend_error("--backend", args.backend, probe, "the demo model (CPU, fp32)")
         if err:
             parser.error(err)
-    chosen = args.backend or next(iter(_cli.usable_backends(probe)), None)
+    elif err := _cli.env_backend_error(probe, "the demo model (CPU, fp32)"):
+        parser.error(err)
+    chosen = args.backend or _cli.env_backend() or next(iter(_cli.usable_backends(probe)), None)
     if chosen in ("triton", "triton_window") and _cli.triton_interpreted():
         print(f"elit-demo: warning: the {chosen} backend runs under the Triton interpreter (TRITON_INTERPRET=1): "
               "correct but very slow; pass --backend torch for a run of minutes", file=sys.stderr)
@@ -227,7 +231,10 @@ def _run(args, parser, info: DistInfo) -> dict | None:
     if args.load and args.steps == 0:  # nothing trained here: describe the checkpoint's own training
         meta.update({k: meta_in[k] for k in ("seed", "batch", "per_sample_budgets", "lr", "world_size") if k in meta_in})
     if args.save:
-        save_checkpoint(args.save, model, meta)
+        try:
+            save_checkpoint(args.save, model, meta)  # whole or not at all (save_model)
+        except OSError as e:
+            raise _cli.OutputWriteError(args.save, e) from None
 
     t_eval = time.perf_counter()
     budgets = list(range(j_min, j_max + 1))
@@ -268,8 +275,11 @@ def _run(args, parser, info: DistInfo) -> dict | None:
                 "threads": torch.get_num_threads(), "commit": _git_commit(),
                 "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
-    with open(files["results"], "w") as f:
-        json.dump(results, f, indent=2)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+    _cli.write_output(files["results"], write)
     print(f"held-out loss by budget J̃ (latents per group; J_max={j_max}):", file=sys.stderr)
     for b, v in loss_by_budget.items():
         print(f"  J̃={b:3d}  K={cfg.groups * b:3d}  loss {v:.4f}", file=sys.stderr)
@@ -279,7 +289,11 @@ def _run(args, parser, info: DistInfo) -> dict | None:
 
 def main(argv=None) -> int:
     def body() -> int:
-        run(argv)
+        try:
+            run(argv)
+        except _cli.OutputWriteError as e:  # a full disk, a folder gone: one line, each file whole or absent
+            print(f"elit-demo: error: {e}", file=sys.stderr)
+            return 1
         return 0
     return _cli.run_interruptible("elit-demo", body,
                                   "the checkpoint (--save) is written after training and the figures and "

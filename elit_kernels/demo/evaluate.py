@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._cli import write_output
 from ..flow import euler_sample, logit_normal, rectified_flow_loss
 
 
@@ -67,7 +68,8 @@ def _mosaic(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 def write_grid_png(path: str, samples: torch.Tensor, budgets, groups: int, classes, data_row: torch.Tensor | None = None,
                    title: str = "") -> None:
-    """Sample grid: one row per budget (plus an optional row of held-out data on top), one column per class."""
+    """Sample grid: one row per budget (plus an optional row of held-out data on top), one column per class. Written
+    whole or not at all; ``_cli.OutputWriteError`` naming ``path`` when it cannot be."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
 
     labels = [f"J̃={b} (K={groups * b})" for b in budgets]
@@ -88,11 +90,12 @@ def write_grid_png(path: str, samples: torch.Tensor, budgets, groups: int, class
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    write_output(path, lambda tmp: fig.savefig(tmp, format="png"))  # whole or not at all
 
 
 def write_loss_png(path: str, loss_by_budget: dict[int, float], j_min: int, groups: int, title: str = "") -> None:
-    """Held-out loss against the budget J̃, with the training range shaded."""
+    """Held-out loss against the budget J̃, with the training range shaded. Written whole or not at all;
+    ``_cli.OutputWriteError`` naming ``path`` when it cannot be."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
 
     bs = sorted(loss_by_budget)
@@ -108,4 +111,4 @@ def write_loss_png(path: str, loss_by_budget: dict[int, float], j_min: int, grou
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    write_output(path, lambda tmp: fig.savefig(tmp, format="png"))  # whole or not at all

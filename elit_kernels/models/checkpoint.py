@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -119,13 +120,27 @@ def _unreadable(path: str, kind: str, err: Exception) -> CheckpointError:
                            f"download, or another file saved under this name? Nothing in it was executed.")
 
 
+def _is_damage(err: OSError) -> bool:
+    """Whether an OSError raised while parsing an open file says the file is damaged rather than that the file
+    system failed: EINVAL naming no file, what a seek outside the file gives (torch's zip reader, on a file cut to
+    a few per cent of its size, seeks to where the central directory should be, before the file's start). A
+    missing file, a folder, a permission refused (each names the file: ``filename`` is set) and read errors of the
+    disk (EIO, ...) are the file system's: they pass through."""
+    return err.filename is None and err.errno == errno.EINVAL
+
+
 @contextlib.contextmanager
 def _reading(path: str, kind: str):
-    """Turn a parser's failure inside the block into ``_unreadable``; OS errors (a missing file), memory
-    errors and our own CheckpointErrors pass through unchanged."""
+    """Turn a parser's failure inside the block into ``_unreadable``, an OSError of a damaged file (``_is_damage``)
+    included; other OS errors (a missing file, a permission refused, a read error of the disk), memory errors and
+    our own CheckpointErrors pass through unchanged."""
     try:
         yield
-    except (OSError, MemoryError, CheckpointError):
+    except OSError as e:
+        if _is_damage(e):
+            raise _unreadable(path, kind, e) from None
+        raise
+    except (MemoryError, CheckpointError):
         raise
     except Exception as e:  # the zip/legacy torch readers, torch's weights-only unpickler, safetensors
         raise _unreadable(path, kind, e) from None
@@ -139,7 +154,8 @@ def safe_torch_load(path: str):
     Raises UnsafeCheckpointError, naming the file and the refused global, when the file pickles anything
     else; the file's code is never run. Raises CheckpointError naming the file, its size and first bytes
     when it is not a readable torch file (damaged, truncated, an HTML page saved in its place, or a pickle
-    feature torch's weights-only unpickler does not take). OSError (a missing file) passes through.
+    feature torch's weights-only unpickler does not take; a file cut short included, on which torch's reader raises
+    ``OSError(EINVAL)``). Other OSErrors (a missing file, a permission refused) pass through.
     Raises RuntimeError (and reads nothing) on torch older than ``MIN_SAFE_TORCH``, whose weights-only
     loader is not safe against crafted files."""
     _require_safe_torch(path)

@@ -11,11 +11,12 @@ usage error (the message names the argument), 1 when sampling fails (samples alr
 the same command to resume), 130 after Ctrl-C (the same: samples written are kept), 0 on success.
 """
 from .files import LATENT_SCALE, contact_sheet, latents_to_uint8, load_vae, sample_name, write_npz
-from .rules import (SamplingError, UsageError, mix_budgets, parse_budget_mix, plan_batches, sample_labels,
-                    sample_noise, sample_seed)
+from .rules import (SamplingError, UsageError, budget_rule, mix_budgets, parse_budget_mix, plan_batches,
+                    sample_labels, sample_noise, sample_seed)
 from .run import SampleResult, generate
 from .cli import build_parser, main
 
-__all__ = ["LATENT_SCALE", "SampleResult", "SamplingError", "UsageError", "build_parser", "contact_sheet", "generate",
+__all__ = ["LATENT_SCALE", "SampleResult", "SamplingError", "UsageError", "budget_rule", "build_parser", "contact_sheet",
+           "generate",
            "latents_to_uint8", "load_vae", "main", "mix_budgets", "parse_budget_mix", "plan_batches", "sample_labels",
            "sample_name", "sample_noise", "sample_seed", "write_npz"]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from .. import _cli
 from .rules import SamplingError, UsageError
@@ -108,6 +110,19 @@ def main(argv=None) -> int:
                                   "resume")
 
 
+def _one_line(default):
+    """``warnings.showwarning`` for a command line: a warning of this package as one line ``elit-sample: warning:
+    ...`` (as elit-bench prints its own), not a file name, line number and source line; others as before."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(str(filename)).startswith(here + os.sep):
+            print(f"elit-sample: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def _main(parser, args) -> int:
     from ..official.cli import merge_arch
 
@@ -116,16 +131,18 @@ def _main(parser, args) -> int:
         parser.error(f"--arch: {why}")
     try:
         classes = _read_classes(args.classes, args.class_file)
-        generate(args.checkpoint, args.out, num_samples=args.num_samples, classes=classes, sampler=args.sampler,
-                 steps=args.steps, guidance=args.guidance, cfg_scale=args.cfg_scale,
-                 guidance_interval=args.guidance_interval, budget=args.budget, latents=args.latents,
-                 budget_mix=args.budget_mix, weak_budget=args.weak_budget, weak_latents=args.weak_latents,
-                 batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, backend=args.backend,
-                 device=args.device, vae=args.vae, latents_only=args.latents_only, graphed=args.graphed,
-                 grid=args.grid, weights=args.weights, arch=arch or None, tf32=args.tf32,
-                 progress=not args.no_progress)
+        with warnings.catch_warnings():  # restores showwarning after the run
+            warnings.showwarning = _one_line(warnings.showwarning)
+            generate(args.checkpoint, args.out, num_samples=args.num_samples, classes=classes, sampler=args.sampler,
+                     steps=args.steps, guidance=args.guidance, cfg_scale=args.cfg_scale,
+                     guidance_interval=args.guidance_interval, budget=args.budget, latents=args.latents,
+                     budget_mix=args.budget_mix, weak_budget=args.weak_budget, weak_latents=args.weak_latents,
+                     batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, backend=args.backend,
+                     device=args.device, vae=args.vae, latents_only=args.latents_only, graphed=args.graphed,
+                     grid=args.grid, weights=args.weights, arch=arch or None, tf32=args.tf32,
+                     progress=not args.no_progress)
     except UsageError as e:
-        flag = "checkpoint" if e.arg == "checkpoint" else "--" + e.arg.replace("_", "-")
+        flag = e.arg if e.arg in ("checkpoint", _cli.ENV_BACKEND) else "--" + e.arg.replace("_", "-")
         parser.error(f"{flag}: {e.message}")
     except SamplingError as e:
         print(f"elit-sample: error: {e}", file=sys.stderr)

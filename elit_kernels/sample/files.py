@@ -137,18 +137,36 @@ def npy_size(shape: tuple, dtype) -> int:
     return buf.tell()
 
 
-def damaged_samples(folder: str, indices, ext: str, npy_bytes: int | None = None) -> list[int]:
+def _whole_npy(path: str, size: int, npy_bytes: int | None, shape: tuple | None) -> bool:
+    """A ``.npy`` as ``save_npy`` writes it: ``npy_bytes`` long; with ``shape``, also a float32 array of that shape
+    whose every value is finite (read whole: elit-sample never writes a NaN or inf sample, so such a file came from
+    outside, and it would put garbage into the .npz)."""
+    if size != npy_bytes:
+        return False
+    if shape is None:
+        return True
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return a.dtype == np.float32 and a.shape == tuple(shape) and bool(np.isfinite(a).all())
+
+
+def damaged_samples(folder: str, indices, ext: str, npy_bytes: int | None = None,
+                    shape: tuple | None = None) -> list[int]:
     """Of ``indices`` (samples whose file exists), those whose file is not one this tool writes whole: a ``.npy``
-    of another size than ``npy_bytes``, a ``.png`` without the PNG signature or the final IEND chunk (a zero-byte,
-    truncated or foreign file). Every file is written by an atomic rename, so only damage from outside (a full disk
-    on a copy, a crash of the file system, another program) makes one; two reads of a few bytes per file."""
+    of another size than ``npy_bytes`` or (given ``shape``) not a finite float32 array of ``shape`` (NaN or inf
+    in it: read whole), a ``.png`` without the PNG signature or the final IEND chunk (a zero-byte, truncated or
+    foreign file). Every file is written by an atomic rename and a non-finite sample is never written, so only
+    damage from outside (a full disk on a copy, a crash of the file system, another program) makes one; a few bytes
+    read per PNG."""
     bad = []
     for i in sorted(indices):
         path = os.path.join(folder, sample_name(i, ext))
         try:
             size = os.path.getsize(path)
             if ext == "npy":
-                ok = size == npy_bytes
+                ok = _whole_npy(path, size, npy_bytes, shape)
             else:
                 with open(path, "rb") as f:
                     head = f.read(len(_PNG_HEAD))
@@ -159,6 +177,17 @@ def damaged_samples(folder: str, indices, ext: str, npy_bytes: int | None = None
         if not ok:
             bad.append(i)
     return bad
+
+
+def finite_npy(folder: str, index: int) -> np.ndarray:
+    """Sample ``index``'s ``.npy`` for the ``.npz``; SamplingError naming the file when it holds NaN or inf (a file
+    damaged after the run checked it: the .npz never takes a non-finite sample; rerunning resamples it)."""
+    path = os.path.join(folder, sample_name(index, "npy"))
+    a = np.load(path, allow_pickle=False)
+    if not np.isfinite(a).all():
+        raise SamplingError(f"{path} holds NaN or inf, so no .npz was written (elit-sample never writes such a file: "
+                            "damage from outside?); rerun the same command to sample it again")
+    return a
 
 
 LOCK_NAME = ".elit-sample.lock"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from fractions import Fraction
 
 import torch
 
@@ -65,11 +66,15 @@ def load_model(checkpoint, weights, arch, device, dtype, backend):
 
     if isinstance(checkpoint, torch.nn.Module):
         return checkpoint.to(device=device, dtype=dtype).eval(), f"<{type(checkpoint).__name__}>", None
-    if not os.path.isfile(str(checkpoint)):
-        raise UsageError("checkpoint", f"no such file: {checkpoint}")
+    from .._cli import input_file_error
+
+    if why := input_file_error(str(checkpoint)):
+        raise UsageError("checkpoint", why)
     try:
         model = load_checkpoint(str(checkpoint), weights=weights, arch=arch or None, device=device, dtype=dtype,
                                 backend=backend)
+    except OSError as e:  # the file system's answer (a permission refused, a read error); damage is a CheckpointError
+        raise UsageError("checkpoint", f"cannot read {checkpoint} ({e.strerror or e})") from None
     except (CheckpointError, ValueError, TypeError) as e:
         msg = str(e)
         # the loader names the argument at the start of its message: report it under that argument's flag
@@ -108,6 +113,35 @@ def resolve_budgets(cfg, n, budget, latents, budget_mix):
     else:
         j = j_max
     return [j] * n, {"latents": j}
+
+
+def budget_rule(desc: dict):
+    """``rules.budget_rule`` of ``resolve_budgets``' description: the budgets of any indices (past N too:
+    ``rules.plan_batches`` fills a last batch with them)."""
+    from .rules import budget_rule as rule
+
+    return rule([(j, Fraction(w)) for j, w in desc["mix"]] if "mix" in desc else desc["latents"])
+
+
+def check_weak_budget(weak_j, budgets, budget_arg, weak_arg) -> None:
+    """The weak pass (autoguidance, ccfg, ccfg_two_pass) is the weaker model: at most as many latents as the
+    conditional pass of every sample. With more, "guidance" would push each sample away from a better model
+    toward its own worse one, and cost more than it saves. ``budget_arg`` / ``weak_arg``: the arguments that set
+    the two (None: the default); UsageError naming both when some sample's J is below the weak J."""
+    if weak_j is None or not budgets:
+        return
+    low = min(budgets)
+    if weak_j <= low:
+        return
+    cond = ("the smallest J of --budget-mix" if budget_arg == "budget_mix" else f"--{budget_arg}" if budget_arg
+            else "J_max, the default")
+    if weak_arg is None:  # the default weak J, J_max // 16, above a budget the user chose
+        raise UsageError(budget_arg, f"{low} latents per group is below the weak pass's default of {weak_j} (J_max // "
+                                     f"16); the weak pass must not have more latents than the conditional one: pass "
+                                     f"--weak-latents {low} or less")
+    raise UsageError(weak_arg, f"the weak pass's {weak_j} latents per group are more than the conditional pass's {low} "
+                               f"({cond}): the weak pass of autoguidance / ccfg is the weaker model, so it takes at "
+                               f"most as many latents as every sample's own budget; give at most {low}")
 
 
 def resolve_weak(cfg, guidance, weak_budget, weak_latents):

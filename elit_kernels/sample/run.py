@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import flow
+from .. import _cli, flow
 from .._types import first_few
 from . import options as O
-from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, latents_to_uint8, load_vae,
-                    lock_folder, npy_size, remove_temporaries, sample_name, samples_on_disk, save_npy, save_png,
-                    write_npz)
+from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, finite_npy, latents_to_uint8,
+                    load_vae, lock_folder, npy_size, remove_temporaries, sample_name, samples_on_disk, save_npy,
+                    save_png, write_npz)
 from .rules import SamplingError, UsageError, plan_batches, sample_labels, sample_noise
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -97,10 +97,13 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
             latents per group J, or a mix ``"J:w,J:w"`` / ``[(J, w), ...]`` assigned per sample by index (both
             forms checked alike by ``parse_budget_mix``: int J in 1..J_max, each once, weights finite and > 0).
             None of them: J_max.
-        weak_budget / weak_latents: the weak pass of ``autoguidance`` / ``ccfg`` (default J_max // 16, min 1).
-        batch_size: samples per forward on each device. seed: the global seed (int >= 0). dtype: float32,
-            bfloat16 or float16 (the model; the ODE state stays float64). backend: the attention backend
-            (None = dispatch).
+        weak_budget / weak_latents: the weak pass of ``autoguidance`` / ``ccfg`` (default J_max // 16, min 1), at
+            most the conditional budget of every sample (the weak pass is the weaker model).
+        batch_size: samples per forward on each device; each budget's last batch is filled up to it with that
+            budget's next indices past N, computed and not written (``rules.plan_batches``), so that sample i never
+            depends on N. seed: the global seed (int >= 0). dtype: float32, bfloat16 or float16 (the model; the
+            ODE state stays float64; float16 on a CPU warns: emulated, many times slower). backend: the attention
+            backend (None = dispatch, or ``$ELIT_BACKEND``, checked up front: UsageError naming ELIT_BACKEND).
         device: None (``cuda:LOCAL_RANK`` when CUDA is available, else cpu), or a torch device string.
         vae: a local diffusers ``AutoencoderKL`` folder (or the module). latents_only: save latents, no decode.
         graphed: replay the forward from CUDA graphs per budget signature (None = on when the device is CUDA).
@@ -137,6 +140,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         a["graphed"] = O.check_bool("graphed", graphed)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UsageError("dtype", f"expected one of float32, bfloat16, float16, got {dtype!r}")
+    if backend is None and (why := _cli.env_backend_error(None, "")):  # the name now; what it can run once loaded
+        raise UsageError(_cli.ENV_BACKEND, why.split(": ", 1)[1])
     if latents_only and vae is not None:
         raise UsageError("latents_only", "saves latents without decoding; drop --vae (it would not be used)")
     if not latents_only and vae is None:
@@ -161,6 +166,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if tf32 and dev.type != "cuda":
         warnings.warn(f"tf32: ignored on {dev.type}: TF32 is a matmul mode of CUDA GPUs", stacklevel=2)
+    if DTYPES[dtype] == torch.float16 and dev.type == "cpu":
+        warnings.warn(_cli.fp16_cpu_warning(f"dtype {dtype}") + "; prefer bfloat16 or float32", stacklevel=2)
     try:
         if tf32 and dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -211,20 +218,20 @@ class _Run:
 
     # --- the model, the samples' labels and budgets, the folder
     def setup(self) -> None:
-        from .. import _cli
-
         a, dev = self.a, self.dev
         self.dtype = DTYPES[a["dtype"]]
         model, ckpt_name, ckpt_bytes = O.load_model(a["checkpoint"], a["weights"], a["arch"], dev, self.dtype,
                                                     a["backend"])
         cfg = self.cfg = model.cfg
+        probe = _cli.model_probe(cfg, dev, self.dtype)
+        what = f"this model ({dev.type}, {a['dtype']}, head dim {cfg.head_dim})"
         if a["backend"] is not None:
-            probe = _cli.model_probe(cfg, dev, self.dtype)
-            err = _cli.backend_error("backend", a["backend"], probe,
-                                     f"this model ({dev.type}, {a['dtype']}, head dim {cfg.head_dim})")
+            err = _cli.backend_error("backend", a["backend"], probe, what)
             if err:
                 raise UsageError("backend", err.split(": ", 1)[1])
             model.backend = a["backend"]
+        elif err := _cli.env_backend_error(probe, what):  # default dispatch would run it on every call
+            raise UsageError(_cli.ENV_BACKEND, err.split(": ", 1)[1])
         self.model = model
         classes = a["classes"] if a["classes"] is not None else list(range(cfg.num_classes))
         bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer))
@@ -233,7 +240,11 @@ class _Run:
             raise UsageError("classes", f"unknown class {bad[0]!r}: this model has classes 0..{cfg.num_classes - 1}")
         self.n = a["num_samples"]
         self.budgets, budget_desc = O.resolve_budgets(cfg, self.n, a["budget"], a["latents"], a["budget_mix"])
+        self.budget_at = O.budget_rule(budget_desc)
         self.weak_j = O.resolve_weak(cfg, a["guidance"], a["weak_budget"], a["weak_latents"])
+        O.check_weak_budget(self.weak_j, self.budgets,
+                            next((k for k in ("budget", "latents", "budget_mix") if a[k] is not None), None),
+                            next((k for k in ("weak_budget", "weak_latents") if a[k] is not None), None))
         self.vae = None
         if not a["latents_only"]:
             self.vae = a["vae"] if isinstance(a["vae"], torch.nn.Module) else load_vae(str(a["vae"]), dev)
@@ -241,6 +252,7 @@ class _Run:
             if lc != cfg.in_channels:
                 raise UsageError("vae", f"the VAE has {lc} latent channels, the model {cfg.in_channels}")
         O.check_out(a["out"])  # the last check: nothing is created for a bad command
+        self.classes = classes
         self.labels = sample_labels(classes, range(self.n))
         self.scale = float(a["cfg_scale"]) - 1.0
         self.mode = a["guidance"] if self.scale > 0 else "none"
@@ -275,7 +287,9 @@ class _Run:
     def plan(self) -> None:
         import torch.distributed as dist
 
-        self.batches = plan_batches(self.budgets, self.a["batch_size"])
+        # each budget's last batch filled up to --batch-size with its next indices past N (computed, not written):
+        # a sample's batch does not depend on N, so a run grown to a larger N matches a fresh one bitwise
+        self.batches = plan_batches(self.budgets, self.a["batch_size"], self.budget_at)
         msg = [None, None, None]
         if self.main:
             try:
@@ -285,17 +299,18 @@ class _Run:
         if self.main and msg[2] is None:
             remove_temporaries(self.folder)
             done = samples_on_disk(self.folder, self.ext)
-            bad = damaged_samples(self.folder, done, self.ext, npy_size(self.shape, np.float32))
+            bad = damaged_samples(self.folder, done, self.ext, npy_size(self.shape, np.float32), self.shape)
             if bad:
                 shown = first_few((sample_name(i, self.ext) for i in bad), 5)
                 self.say(f"elit-sample: note: {len(bad)} sample file(s) in {self.folder} are damaged (empty, "
-                         f"truncated or not written by elit-sample: {shown}); they are sampled again")
+                         f"truncated, holding NaN or inf, or not written by elit-sample: {shown}); they are sampled "
+                         "again")
                 for i in bad:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.folder, sample_name(i, self.ext)))
                 done -= set(bad)
-            todo = [k for k, b in enumerate(self.batches) if not all(i in done for i in b)]
-            msg[:2] = [todo, sum(1 for k in todo for i in self.batches[k] if i not in done)]
+            todo = [k for k, b in enumerate(self.batches) if not all(i in done for i in b if i < self.n)]
+            msg[:2] = [todo, sum(1 for k in todo for i in self.batches[k] if i < self.n and i not in done)]
             if not os.path.isfile(self.cfg_path):
                 def write(tmp):
                     with open(tmp, "w") as f:
@@ -306,6 +321,7 @@ class _Run:
         if msg[2] is not None:
             raise UsageError(*msg[2])
         todo, self.missing = msg[:2]
+        self.padding = sum(1 for k in todo for i in self.batches[k] if i >= self.n)  # over every rank
         self.mine = [self.batches[k] for k in todo[self.dd.rank::self.dd.world]]
         self.rounds = math.ceil(len(todo) / self.dd.world)
         self.runner = self.model
@@ -320,9 +336,10 @@ class _Run:
         self.graphs = use_graphs
 
     def _inputs(self, idx):
+        """Noise, labels and budgets of the batch ``idx`` (its padding past N too: by the same rules)."""
         noise = sample_noise(self.a["seed"], idx, self.shape).to(self.dev)
-        y = torch.tensor([self.labels[i] for i in idx], dtype=torch.long, device=self.dev)
-        return noise, y, [self.budgets[i] for i in idx]
+        y = torch.tensor(sample_labels(self.classes, idx), dtype=torch.long, device=self.dev)
+        return noise, y, [self.budgets[i] if i < self.n else int(self.budget_at(i, i + 1)[0]) for i in idx]
 
     # --- start-up lines: the run, the measured forward time, the FLOPs (rank 0)
     def startup_report(self) -> None:
@@ -335,7 +352,9 @@ class _Run:
                                        if mode != "none" else "")
         self.say(f"elit-sample: {self.n} samples ({self.n - self.missing} already in {self.folder}, {self.missing} to "
                  f"do) on {self.dd.world} rank(s) ({self.dev.type}, {a['dtype']}), batch {a['batch_size']} per device, "
-                 f"{a['steps']} {a['sampler']} steps, {guided}")
+                 f"{a['steps']} {a['sampler']} steps, {guided}"
+                 + (f"; {self.padding} padding sample(s) past N computed with them, not written, so that every "
+                    "batch is full" if self.padding else ""))
         if not (self.main and self.mine):
             return
         noise, y, bud = self._inputs(self.mine[0])
@@ -373,7 +392,7 @@ class _Run:
         if self.main and a["progress"] and self.mine:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(len(b) for b in self.mine), unit="img", dynamic_ncols=True,
+            bar = tqdm(total=sum(1 for b in self.mine for i in b if i < self.n), unit="img", dynamic_ncols=True,
                        desc="sampling" + (f" (rank 0 of {dd.world})" if dd.on else ""))
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)  # PNG encoding releases the GIL
         save = save_npy if self.vae is None else save_png
@@ -390,11 +409,12 @@ class _Run:
                                              scale=self.scale, weak_budget=self.weak_j,
                                              guidance_interval=a["guidance_interval"], heun=a["sampler"] == "heun")
                             z = z.float()
-                            bad = set(flow.nonfinite_samples(z))
+                            # padding past N is never written: its NaN is none of this run's business
+                            bad = {k for k in flow.nonfinite_samples(z) if idx[k] < self.n}
                             arrs = z.cpu().numpy() if self.vae is None else latents_to_uint8(self.vae, z)
                         paths = [os.path.join(self.folder, sample_name(i, self.ext)) for i in idx]
                         jobs = [pool.submit(save, arr, p) for k, (arr, p) in enumerate(zip(arrs, paths))
-                                if k not in bad and not os.path.isfile(p)]
+                                if idx[k] < self.n and k not in bad and not os.path.isfile(p)]
                         for j in jobs:
                             j.result()
                         if bad:
@@ -402,9 +422,10 @@ class _Run:
                             raise SamplingError(self.nonfinite_message([idx[k] for k in sorted(bad)],
                                                                        [bud[k] for k in sorted(bad)]))
                         if bar is not None:
-                            bar.update(len(idx))
+                            bar.update(sum(1 for i in idx if i < self.n))
                     except Exception as e:  # noqa: BLE001 - reported to every rank below
-                        failure = (f"rank {dd.rank} of {dd.world} failed on samples {idx[0]}..{idx[-1]}: "
+                        real = [i for i in idx if i < self.n]
+                        failure = (f"rank {dd.rank} of {dd.world} failed on samples {real[0]}..{real[-1]}: "
                                    f"{type(e).__name__}: {e}")
                 if dd.on:
                     flags = torch.zeros(dd.world, device=self.dev if dist.get_backend() == "nccl" else "cpu")
@@ -446,8 +467,7 @@ class _Run:
                  "budgets": np.asarray(self.budgets, dtype=np.int64)}
         if self.vae is None:
             path = os.path.join(self.a["out"], "latents.npz")
-            write_npz(path, (np.load(os.path.join(folder, sample_name(i, "npy"))) for i in range(n)), n, self.shape,
-                      np.float32, extra)
+            write_npz(path, (finite_npy(folder, i) for i in range(n)), n, self.shape, np.float32, extra)
             return path, None
         from PIL import Image
 

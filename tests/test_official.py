@@ -509,12 +509,16 @@ def test_convert_cli_usage_errors(tmp_path, capsys):
     assert "--arch num_heads=H --arch dit_decoder_depth=T" in err and "Traceback" not in err
     (tmp_path / "exists.pt").write_bytes(b"x")
     assert "--out: " in run([FIXTURE_A, "--out", str(tmp_path / "exists.pt"), "--arch", "num_heads=2"])
-    assert "--arch: arch: unknown keyword" in run([FIXTURE_A, "--out", str(tmp_path / "o2.pt"), "--arch", "heads=2"])
+    assert "--arch: unknown keyword" in run([FIXTURE_A, "--out", str(tmp_path / "o2.pt"), "--arch", "heads=2"])
     assert "--weights" in run([FIXTURE_A, "--out", str(tmp_path / "o3.pt"), "--weights", "best"])
+    # the flag replaces the loader's own argument name: "--arch: arch: ..." said it twice
+    assert "arch: arch:" not in run([FIXTURE_A, "--out", str(tmp_path / "o2.pt"), "--arch", "heads=2"])
+    assert "checkpoint: " + str(tmp_path) + " is a folder (expected a file)" in run(
+        [str(tmp_path), "--out", str(tmp_path / "o.pt")])
     # arch values of the wrong type or range: named, before anything divides by them
-    assert "--arch: arch: num_heads: expected an int >= 1, got 0" in run(
+    assert "--arch: num_heads: expected an int >= 1, got 0" in run(
         [FIXTURE_A, "--out", str(tmp_path / "o4.pt"), "--arch", "num_heads=0", "--arch", "dit_decoder_depth=1"])
-    assert "--arch: arch: num_heads: expected an int, got str ('two')" in run(
+    assert "--arch: num_heads: expected an int, got str ('two')" in run(
         [FIXTURE_A, "--out", str(tmp_path / "o5.pt"), "--arch", '{"num_heads": "two", "dit_decoder_depth": 1}'])
     # a key given twice with two values: which was meant cannot be told (the same value twice is harmless)
     assert "--arch: num_heads is given twice (4 and 2); give it once" in run(

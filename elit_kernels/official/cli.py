@@ -81,8 +81,8 @@ def _main(parser, args) -> int:
     arch, why = merge_arch(args.arch)
     if why:
         parser.error(f"--arch: {why}")
-    if not os.path.isfile(args.checkpoint):
-        parser.error(f"checkpoint: no such file: {args.checkpoint}")
+    if why := _cli.input_file_error(args.checkpoint):  # missing, a folder, or not a regular file
+        parser.error(f"checkpoint: {why}")
     if os.path.exists(args.out) and not args.force:
         parser.error(f"--out: {args.out} exists; pass --force to overwrite it")
     same = os.path.realpath(args.out) == os.path.realpath(args.checkpoint) or (
@@ -93,9 +93,13 @@ def _main(parser, args) -> int:
         parser.error(f"--out: {why}")
     try:
         model = load_checkpoint(args.checkpoint, weights=args.weights, arch=arch or None)
+    except OSError as e:  # the file system's answer (permission refused, a read error); damage is a CheckpointError
+        parser.error(f"checkpoint: cannot read {args.checkpoint} ({e.strerror or e})")
     except (CheckpointError, ValueError, TypeError) as e:
         msg = str(e)
         flag = "--arch" if msg.startswith("arch") else "--weights" if msg.startswith("weights") else "checkpoint"
+        if flag != "checkpoint":  # the loader names its argument first ("arch: ..."): the flag replaces it
+            msg = msg.split(": ", 1)[1] if ": " in msg else msg
         if "pass arch=" in msg:
             msg += " (on the command line: --arch num_heads=H --arch dit_decoder_depth=T)"
         parser.error(f"{flag}: {msg}" if flag != "checkpoint" or not msg.startswith(args.checkpoint) else msg)

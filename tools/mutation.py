@@ -47,6 +47,15 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
                   "tests/test_dispatch.py", "tests/test_contract.py", "tests/test_deterministic.py",
                   "tests/test_backends_more.py", "-k",
                   "not compile and not triton and not never_garbage"]),
+    # dropin: flash-attn's entry points (flash_attn_varlen_func, the qkv/kv-packed ones, flash_attn_func): the
+    # refusals of what we do not implement, the flags flash-attn takes as ints, the packed and dense layouts.
+    # test_attention.py only for its three drop-in tests (the whole file is a minute alone); ~60 s in all.
+    "dropin": (["elit_kernels/dropin.py"],
+               ["tests/test_dropin.py", "tests/test_window_softcap.py", "tests/test_deterministic.py",
+                "tests/test_flags.py", "tests/test_attention.py::test_flash_attn_drop_in_signature_positional",
+                "tests/test_attention.py::test_flash_attn_unsupported_options_raise",
+                "tests/test_attention.py::test_flash_attn_unsupported_options_are_named_parameters",
+                "tests/test_mutation_round40.py", "-k", "not compile and not triton and not never_garbage"]),
     "torch_attention": (["elit_kernels/attention/backends/torch_ops.py", "elit_kernels/attention/backends/pytorch.py"],
                         ["tests/test_torch_backend.py", "tests/test_attention.py", "tests/test_window_softcap.py",
                          "tests/test_contract.py", "-k", "not compile and not triton"]),

@@ -66,9 +66,10 @@ ENV_BACKEND = "ELIT_BACKEND"  # the environment's backend for every call made wi
 
 
 def env_backend() -> str | None:
-    """``$ELIT_BACKEND`` as ``attention.dispatch.select_backend`` reads it: surrounding spaces dropped (a shell
-    script may leave a newline), blank the same as unset (None); a name keeps its case."""
-    return os.environ.get(ENV_BACKEND, "").strip() or None
+    """``$ELIT_BACKEND`` as default dispatch reads it (``attention.dispatch.env_backend``)."""
+    from .attention.dispatch import env_backend as read
+
+    return read()
 
 
 def env_backend_error(probe, what: str) -> str | None:

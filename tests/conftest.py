@@ -52,3 +52,13 @@ def _registry_restored():
         registry._REGISTRY.update(before)
         registry.generation += 1
         dispatch.clear_decisions()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): the tiny
+    shapes gain nothing from threads, and the CI box shares its cores, so one thread is faster and steady."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

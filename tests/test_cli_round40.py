@@ -33,12 +33,7 @@ ARCH = ["--arch", "num_heads=2", "--arch", "dit_decoder_depth=1"]
 SHORT = ["--num-samples", "2", "--steps", "1", "--no-progress"]  # a run of seconds, should a check let it start
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -34,13 +34,7 @@ def need_vae():
 FIXTURE = ROOT / "tests" / "fixtures" / "elit_sit_tiny_a.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny shapes gain nothing from threads, and the CI box shares its cores: one thread is faster and steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -254,6 +254,12 @@ def _decision_key(inp: AttnInputs) -> tuple:
             inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode, _tuning)
 
 
+def env_backend() -> str | None:
+    """``$ELIT_BACKEND`` as dispatch reads it: surrounding spaces dropped (as the other ELIT_* switches), blank the
+    same as unset (None); a name keeps its case."""
+    return os.environ.get("ELIT_BACKEND", "").strip() or None
+
+
 _WARNED_NONDETERMINISTIC: set = set()  # backends asked for by name under the warn-only switch, warned once
 
 
@@ -263,7 +269,7 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
     Raises ValueError naming ``backend`` (or ``ELIT_BACKEND``) when the requested backend cannot run the
     inputs, listing every reason; ValueError listing every backend's reasons when none can."""
     # the environment's value without surrounding spaces (as the other ELIT_* switches); names keep their case
-    explicit = backend if backend is not None else (os.environ.get("ELIT_BACKEND", "").strip() or None)
+    explicit = backend if backend is not None else env_backend()
     if explicit is not None:
         try:
             b = get_backend(explicit)

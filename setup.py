@@ -130,6 +130,7 @@ setup(
     version="0.1.0",
     description="Fused varlen attention kernels and a reference model for ELIT diffusion transformers",
     packages=find_packages(include=["elit_kernels", "elit_kernels.*"]),
+    py_modules=["elit_kernels_cli"],  # the console scripts' launcher: imports no torch before a Ctrl-C can be handled
     package_data={"elit_kernels.attention": ["dispatch_table.json"]},
     python_requires=">=3.10",
     # No upper pins and no triton pin: an installed torch that satisfies this is used as it is.
@@ -141,9 +142,9 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": [
-        "elit-bench=elit_kernels.bench.cli:main",
-        "elit-demo=elit_kernels.demo:main",
-        "elit-convert=elit_kernels.official.cli:main",
-        "elit-sample=elit_kernels.sample.cli:main",
+        "elit-bench=elit_kernels_cli:bench",
+        "elit-demo=elit_kernels_cli:demo",
+        "elit-convert=elit_kernels_cli:convert",
+        "elit-sample=elit_kernels_cli:sample",
     ]},
 )

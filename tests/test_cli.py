@@ -106,3 +106,66 @@ def test_sigint_during_sampling_keeps_the_samples_and_a_rerun_resumes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert f"{48 - kept} new latents ({kept} already on disk)" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_console_scripts_go_through_the_launcher_that_imports_no_torch():
+    """The installed ``elit-*`` scripts start in ``elit_kernels_cli``, which imports no torch itself (so a Ctrl-C
+    while torch imports is handled), and each runs its CLI's ``main``."""
+    import importlib
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    import elit_kernels_cli as launcher
+
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
+               if e.dist is not None and e.dist.name == "elit-kernels"}
+    assert sorted(scripts) == sorted(CLIS) == sorted(launcher.TARGETS), scripts
+    for name, value in scripts.items():
+        module, func = value.split(":")
+        assert module == "elit_kernels_cli", value
+        assert callable(importlib.import_module(launcher.TARGETS[name]).main), name
+        assert getattr(launcher, func).__code__.co_consts.count(name) == 1, (name, func)  # launches its own CLI
+    code = "import sys, elit_kernels_cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'elit_kernels')))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("when", ["import", "main"])
+def test_ctrl_c_while_a_script_starts_is_one_line_and_status_130(when, tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt while the CLI's module imports (torch: seconds) or before its ``main`` handles one
+    itself: status 130 and one line, as later in the run."""
+    import sys
+
+    import elit_kernels_cli as launcher
+
+    body = "raise KeyboardInterrupt\n" if when == "import" else "def main():\n    raise KeyboardInterrupt\n"
+    (tmp_path / "slow_cli_for_test.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(launcher.TARGETS, "elit-bench", "slow_cli_for_test")
+    monkeypatch.delitem(sys.modules, "slow_cli_for_test", raising=False)
+    assert launcher.bench() == 130
+    assert capsys.readouterr().err == "elit-bench: interrupted while starting; nothing was written\n"
+    (tmp_path / "ok_cli_for_test.py").write_text("def main():\n    return 7\n")
+    monkeypatch.setitem(launcher.TARGETS, "elit-bench", "ok_cli_for_test")
+    assert launcher.bench() == 7  # otherwise main's status, as it is
+
+
+def test_real_sigint_while_elit_bench_imports_torch(tmp_path):
+    """A real SIGINT half a second after ``elit-bench`` starts (while it imports torch, or later if this machine
+    imports it faster): status 130 and one line, no traceback."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    exe = shutil.which("elit-bench")
+    if exe is None:
+        pytest.skip("the elit-bench console script is not on PATH (package not installed with pip)")
+    p = subprocess.Popen([exe, "--out", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("elit-bench: interrupted"), err

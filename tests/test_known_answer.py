@@ -35,6 +35,8 @@ class _Fake(B.Backend):
             raise RuntimeError("illegal memory access (simulated)")
         elif self.bug == "grad":  # right forward, wrong backward
             out = out + 0.5 * (out - out.detach())
+        elif self.bug == "bias":  # an error on every element, under the max rule's bound in bfloat16
+            out = out + 0.015
         elif self.bug == "lse" and lse is not None:  # right output and gradients, wrong log-sum-exp
             lse = lse + 3.5
         return (out, lse) if inp.return_lse else out
@@ -234,8 +236,9 @@ def test_verify_backend_forwards_its_arguments_and_caches(fake):
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
-    (dict(dtype="float32"), TypeError, "dtype: expected a floating-point torch.dtype"),
-    (dict(dtype=torch.int32), TypeError, "dtype: expected a floating-point torch.dtype"),
+    (dict(dtype="float32"), TypeError, "dtype: expected one of torch.float64, torch.float32, torch.float16, "
+                                       "torch.bfloat16, got 'float32'"),
+    (dict(dtype=torch.int32), TypeError, "dtype: expected one of .* got torch.int32"),
     (dict(head_dim=0), ValueError, r"head_dim: expected an int in \[1, 256\], got 0"),
     (dict(head_dim="64"), ValueError, r"head_dim: expected an int in \[1, 256\], got '64'"),
     (dict(head_dim=1000), ValueError, r"head_dim: expected an int in \[1, 256\], got 1000"),
@@ -383,14 +386,16 @@ def test_a_wrong_gradient_is_named(spy, which):
     assert KA._run_case(s, torch.device("cpu"), torch.float32, 16, False, False, False) is None  # forward is right
 
 
-def test_reference_runs_in_fp64_for_fp64_and_fp32_otherwise(spy, monkeypatch):
+def test_the_truth_is_fp64_and_the_low_reference_runs_in_the_dtype(spy, monkeypatch):
+    """An fp64 truth for every dtype: an fp32 one would share the fp32 (on a GPU under TF32, the TF32) roundings
+    of an fp32 kernel, so the rule would compare the kernel with itself."""
     ref = B.get_backend("reference")
     dtypes = []
     orig = ref.forward
     monkeypatch.setattr(ref, "forward", lambda inp: dtypes.append(inp.q.dtype) or orig(inp))
     s = spy("_spy_dtypes")
-    for dt, want in ((torch.float64, [torch.float64, torch.float64]), (torch.float32, [torch.float32, torch.float32]),
-                     (torch.bfloat16, [torch.float32, torch.bfloat16])):
+    for dt, want in ((torch.float64, [torch.float64, torch.float64]), (torch.float32, [torch.float64, torch.float32]),
+                     (torch.bfloat16, [torch.float64, torch.bfloat16])):
         dtypes.clear()
         assert KA._run_case(s, torch.device("cpu"), dt, 16, False, False, False) is None
         assert dtypes == [dt, *want], dt  # the spy (itself the reference), the truth, the reference in dt
@@ -437,3 +442,44 @@ def test_every_mode_change_and_clear_is_a_new_generation():
         step()
         assert KA.generation not in seen, seen
         seen.append(KA.generation)
+
+
+def test_a_bias_under_the_max_rules_bound_is_caught_in_bfloat16(fake):
+    """+0.015 on every output: within ``2*max|low - ref| + atol`` in bfloat16, so only the RMS rule sees it."""
+    fake("_biased", "bias")
+    verdict = KA.verify_backend("_biased", "cpu", torch.bfloat16, 64, grad=False)
+    assert verdict is not None and "out: RMS err" in verdict, verdict
+    fake("_good_bf16")
+    assert KA.verify_backend("_good_bf16", "cpu", torch.bfloat16, 64, grad=True) is None
+
+
+def test_a_verdict_for_device_cuda_is_the_one_dispatch_looks_up(fake, monkeypatch):
+    """``verify_backend(device="cuda")`` stores its verdict under the current device's index, which is what a
+    CUDA tensor's device says (``cuda:0``): dispatch finds it under compile / capture (no GPU needed: the
+    availability check and the case are stubbed)."""
+    b = fake("_cuda_verdict")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(KA, "_run_case", lambda *a, **k: "failed (stub)")
+    assert KA.verify_backend("_cuda_verdict", "cuda", torch.bfloat16, 64, grad=False) == "failed (stub)"
+    looked_up = KA._key(b, torch.device("cuda", 0), torch.bfloat16, 64, False, False, False)
+    assert KA.verdicts().get(looked_up) == "failed (stub)", KA.verdicts()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert KA._key(b, "cuda", torch.bfloat16, 64, False, False, False)[1] == "cuda:1"
+    assert KA._key(b, torch.device("cpu"), torch.bfloat16, 64, False, False, False)[1] == "cpu"
+
+
+def test_verify_backend_takes_numpy_ints_and_checks_masked_kinds(fake):
+    np = pytest.importorskip("numpy")
+    fake("_np_good")
+    assert KA.verify_backend("_np_good", "cpu", torch.float32, np.int64(16), grad=False, masked=True) is None
+    keys = [k for k in KA.verdicts() if k[0] == "_np_good"]
+    assert keys == [("_np_good", "cpu", "float32", 16, False, False, False, True)], keys
+    fake("_masked_bias", "bias")
+    assert "RMS err" in KA.verify_backend("_masked_bias", "cpu", torch.bfloat16, 16, grad=False, masked=True)
+    for bad, match in ((dict(dtype=torch.float8_e4m3fn), "dtype: expected one of"),
+                       (dict(masked="yes"), "masked: expected a bool")):
+        args = dict(name="_np_good", device="cpu", dtype=torch.float32, head_dim=16)
+        args.update(bad)
+        with pytest.raises((TypeError, ValueError), match=match):
+            KA.verify_backend(**args)

@@ -4,7 +4,8 @@ Before the default dispatch (``backend=None``) first hands a compiled backend (`
 ``cuda``, ``triton``, ``cpp``) inputs of a new kind -- a (backend, device, dtype, head dim it runs at,
 causal, GQA, gradients) combination -- it runs a small random case of that kind on the backend and on the
 ``reference`` backend and compares them with the project's tolerance rule (``testing.assert_close_to_reference``:
-``max|out − ref| ≤ 2·max|ref_lowprec − ref| + atol``; with gradients, dq/dk/dv too). The verdict is cached
+``max|out − ref| ≤ 2·max|ref_lowprec − ref| + atol`` and ``rms(out − ref) ≤ 2·rms(ref_lowprec − ref) +
+rms_rtol·max|ref|`` against an fp64 truth; with gradients, dq/dk/dv too). The verdict is cached
 for the process. A backend that fails (wrong numbers, NaN, or an exception) gets one ``RuntimeWarning`` naming
 it and the error, and the dispatcher moves on to the next backend for those inputs.
 
@@ -23,8 +24,8 @@ import warnings
 import torch
 
 from .._env import env_choice
-from .._types import check_bool
-from ..testing import assert_close_to_reference, cu_seqlens, default_atol
+from .._types import check_bool, is_int
+from ..testing import assert_close_to_reference, cu_seqlens, default_atol, default_rms_rtol
 from .inputs import _capturing, validate_inputs
 from .registry import get_backend, reasons, run_backend
 
@@ -62,9 +63,21 @@ def verdicts() -> dict:
     return dict(_VERDICTS)
 
 
+def _device_key(device) -> str:
+    """``device`` as a tensor on it names it: with its index (``torch.device("cuda")`` is the current CUDA
+    device, and a CUDA tensor's device is ``cuda:0``, so a verdict stored under ``"cuda"`` would never be
+    found)."""
+    dev = torch.device(device)
+    if dev.index is None and dev.type != "cpu":
+        module = getattr(torch, dev.type, None)
+        current = getattr(module, "current_device", None)
+        dev = torch.device(dev.type, current() if callable(current) else 0)
+    return str(dev)
+
+
 def _key(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool, masked: bool = False) -> tuple:
-    return (b.name, str(device), str(dtype).replace("torch.", ""), b.run_head_dim(head_dim), causal, gqa, grad,
-            masked)
+    return (b.name, _device_key(device), str(dtype).replace("torch.", ""), b.run_head_dim(head_dim), causal, gqa,
+            grad, masked)
 
 
 # A kind with a sliding window or softcap is checked on this window and cap together.
@@ -93,28 +106,35 @@ def check_dispatch(b, inp) -> str | None:
     return verdict
 
 
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
 def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int = 64, *, causal: bool = False,
-                   gqa: bool = False, grad: bool = True) -> str | None:
+                   gqa: bool = False, grad: bool = True, masked: bool = False) -> str | None:
     """Run the known-answer case for backend ``name`` now (eagerly) and cache the verdict: None when it
     passed, else the error. Use before ``torch.compile`` / CUDA-graph capture, where no check can run.
+    ``device`` without an index (``"cuda"``) is the current device, the one a tensor created there is on.
+    ``masked=True`` checks the kind with a sliding window or a softcap (``window_size`` / ``softcap`` given),
+    which dispatch checks apart from the plain kind.
 
     Raises (and caches no verdict: the backend is not at fault) ValueError naming ``device`` when it is a CUDA
     device and CUDA is not available; ValueError / TypeError naming ``backend`` for an unknown name, ``dtype``
-    for anything but a floating-point ``torch.dtype``, ``head_dim`` for anything but an int in [1, 256],
-    ``causal`` / ``gqa`` / ``grad`` for anything but a bool."""
+    for anything but float64, float32, float16 or bfloat16, ``head_dim`` for anything but an int (NumPy's
+    included) in [1, 256], ``causal`` / ``gqa`` / ``grad`` / ``masked`` for anything but a bool."""
     b = get_backend(name)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= 256:
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype: expected one of {', '.join(str(d) for d in DTYPES)}, got {dtype!r}")
+    if not is_int(head_dim) or not 1 <= head_dim <= 256:
         raise ValueError(f"head_dim: expected an int in [1, 256], got {head_dim!r}")
-    causal, gqa, grad = (check_bool(flag, value) for flag, value in
-                         (("causal", causal), ("gqa", gqa), ("grad", grad)))
+    head_dim = int(head_dim)
+    causal, gqa, grad, masked = (check_bool(flag, value) for flag, value in
+                                 (("causal", causal), ("gqa", gqa), ("grad", grad), ("masked", masked)))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {str(dev)!r} is not available here (torch.cuda.is_available() is False); "
                          "pass device='cpu' to check a CPU backend")
-    verdict = _run_case(b, dev, dtype, head_dim, causal, gqa, grad)
-    _VERDICTS[_key(b, dev, dtype, head_dim, causal, gqa, grad)] = verdict
+    verdict = _run_case(b, dev, dtype, head_dim, causal, gqa, grad, masked)
+    _VERDICTS[_key(b, dev, dtype, head_dim, causal, gqa, grad, masked)] = verdict
     return verdict
 
 
@@ -143,20 +163,21 @@ def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bo
         with torch.no_grad():
             return run_backend(backend, inp)[1]
 
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    wide = torch.float64  # the truth: fp64 always (an fp32 one would share fp32 / TF32 roundings with the kernel)
+    atol, rtol = default_atol(dtype), default_rms_rtol(dtype)
     try:
         got = run(b, dtype)
         truth = run(ref, wide)
         low = run(ref, dtype)
         for name, a, t, lo in zip(("out", "dq", "dk", "dv"), got, truth, low):
-            assert_close_to_reference(a, t, lo, atol=default_atol(dtype), name=name)
+            assert_close_to_reference(a, t, lo, atol=atol, rms_rtol=rtol, name=name)
         low_inp = inputs(dtype, False, return_lse=True)[1]
         if not reasons(b, low_inp):  # the log-sum-exp, where b returns one
             a, t, lo = lse(b, low_inp), lse(ref, inputs(wide, False, return_lse=True)[1]), lse(ref, low_inp)
             seen = torch.isfinite(t)  # +inf on rows that see no key, in every backend
             if not torch.equal(seen, torch.isfinite(a)):
                 raise AssertionError("lse: not +inf exactly on the rows that see no key")
-            assert_close_to_reference(a[seen], t[seen], lo[seen], atol=default_atol(dtype), name="lse")
+            assert_close_to_reference(a[seen], t[seen], lo[seen].double(), atol=atol, rms_rtol=rtol, name="lse")
     except AssertionError as e:
         return f"{str(e).splitlines()[0][:300]}"
     except Exception as e:  # noqa: BLE001 - a kernel that raises is a kernel that failed

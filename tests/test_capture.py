@@ -328,3 +328,24 @@ def test_inductor_compiled_model_equals_eager(preset):
         got, want = compiled(x, t, y, [4, 0, 2]), m(x, t, y, [4, 0, 2])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(want, m(x, t, y, [4, 4, 4]))  # the budgets matter, so the check can fail
+
+
+@pytest.mark.parametrize("bad,match", [("t1", r"t: expected a tensor of shape \[3\]"), ("t0", r"t: expected a tensor"),
+                                       ("y0", r"y: expected class ids of shape \[3\]"),
+                                       ("yclass", r"y: class ids must be in \[0, 10\]")])
+def test_a_replay_checks_t_and_y_as_the_eager_forward_does(bad, match):
+    """After a signature's first call, a replay copies t and y into the captured buffers: ``copy_`` would spread
+    a t of shape [1] (or []) over every sample, silently, where the eager model raises naming t (a hostile-user
+    round read this in the code). Every call checks its inputs first; nothing is captured or warned for them."""
+    m = _model()
+    x, t, y = _inputs()
+    gf = _Recorded(m)
+    gf(x, t, y, [4, 1, 2])
+    args = {"t1": (t[:1], y), "t0": (t[0], y), "y0": (t, y[0]), "yclass": (t, y + 100)}[bad]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=match):
+            gf(x, *args, [4, 1, 2])
+        with pytest.raises(ValueError, match=match):
+            m(x, *args, [4, 1, 2])  # the same error as the eager forward's
+    assert gf.stats["captures"] == 1 and gf.stats["eager"] == 0

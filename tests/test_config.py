@@ -87,7 +87,9 @@ def test_invalid_combinations_name_the_field(kw, match):
 def test_valid_edges():
     assert ElitConfig(hidden=512, heads=2).head_dim == 256  # the largest head dim the backends take
     assert ElitConfig(head_blocks=6, tail_blocks=6).core_blocks == 0
-    assert ElitConfig(hidden=390, heads=6, latent_group_pos=False).hidden == 390  # no sin-cos: any width
+    assert ElitConfig(hidden=396, heads=6, latent_group_pos=False).hidden == 396  # any multiple of 4
+    with pytest.raises(ValueError, match="hidden: 390 must be divisible by 4 for the 2-D sin-cos position"):
+        ElitConfig(hidden=390, heads=6, latent_group_pos=False)  # the patch tokens' table is sin-cos in every config
     assert ElitConfig(learned_interface_pos=True, latent_pos_rows=256).latent_pos_rows == 256
     assert ElitConfig(j_max=1).latents_per_group == 1  # the smallest J_max
     assert elit_config("S/2") == elit_config("S/2", 256)  # the default resolution
@@ -224,3 +226,30 @@ def test_numpy_scalars_are_the_python_values_they_equal():
         elit_sit_config("S/2", 256, encoder_depth=2, group_size=4)
     with pytest.raises(ValueError, match="^resolution"):
         elit_config("tiny", np.float64(64))
+
+
+def test_a_config_is_refused_where_the_model_could_not_be_built_or_run():
+    """Round 41: ``hidden`` not divisible by 4 was accepted without latent sin-cos tables, but the patch tokens'
+    table is always 2-D sin-cos (ElitDiT could not be built); an MLP ratio giving int(hidden * ratio) = 0
+    features built zero-width MLPs; and a resolution too small for the derived window or patch blamed
+    ``group_size`` / ``patch``, which the user never passed."""
+    from elit_kernels.models import ElitDiT
+    from elit_kernels.models.config import elit_sit_config
+
+    with pytest.raises(ValueError, match="hidden: 6 must be divisible by 4"):
+        ElitConfig(hidden=6, heads=3, latent_group_pos=False, input_size=8, window=2, depth=3)
+    ElitDiT(ElitConfig(hidden=8, heads=2, latent_group_pos=False, input_size=8, window=2, depth=3))  # builds
+    for field in ("mlp_ratio", "interface_mlp_ratio"):
+        with pytest.raises(ValueError, match=rf"{field}: 0.001 gives MLPs of int\(64 \* ratio\) = 0 features"):
+            elit_config("tiny", 64, **{field: 0.001})
+        assert getattr(elit_config("tiny", 64, **{field: 1 / 64}), field) == 1 / 64  # one feature: the edge
+    with pytest.raises(ValueError, match=r"^resolution: 64px gives S/8 a 1x1 token grid, .*multiple of 256 px"):
+        elit_sit_config("S/8", 64)
+    assert elit_sit_config("S/8", 256).grid == 4
+    with pytest.raises(ValueError, match=r"^group_size: 3 must be a positive int dividing the 4x4"):
+        elit_sit_config("S/8", 256, group_size=3)  # given, so named
+    with pytest.raises(ValueError, match=r"^resolution: 8px gives a 1x1 latent, not divisible by tiny's patch 2; "
+                                         r"expected a multiple of 16 px"):
+        elit_config("tiny", 8)
+    with pytest.raises(ValueError, match=r"^patch: 4 must divide input_size 2"):
+        elit_config("tiny", 16, patch=4)  # given, so named

@@ -142,6 +142,9 @@ class GraphedForward:
         why = self._why_not(x)
         if why is not None:
             return self._fallback(why, x, t, y, budgets)
+        # Every call, as the eager forward does: a replay copies t and y into the captured buffers, which would
+        # broadcast a t of shape [1] over the batch or take a CPU y, silently (value checks: async, no sync)
+        self.model.stem.check_inputs(x, t, y)
         key = self.signature(x, t, y, budgets)
         state = self._model_state()
         if state != self._state:  # the model's tensors were replaced (or its mode switched): its graphs are stale
@@ -176,7 +179,6 @@ class GraphedForward:
         entry holds the layout, so its memory lives exactly as long as the graph that reads it."""
         model = self.model
         bud = list(key[-1])
-        model.stem.check_inputs(x, t, y)  # eager checks once per signature (they are skipped under capture)
         lay = model.layout(bud, x.shape[0], x.device)
         xs, ts, ys = x.clone(), t.clone(), y.clone()
         side = torch.cuda.Stream()

@@ -82,6 +82,10 @@ class ElitConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+        for name in ("mlp_ratio", "interface_mlp_ratio"):  # the MLPs are int(hidden * ratio) wide (blocks.py)
+            if int(self.hidden * getattr(self, name)) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)!r} gives MLPs of int({self.hidden} * ratio) = 0 "
+                                 f"features; expected at least {1 / self.hidden:.3g} at hidden {self.hidden}")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):  # a string such as "no" would be truthy
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
@@ -89,8 +93,8 @@ class ElitConfig:
             raise ValueError(f"head_blocks/tail_blocks: {self.n_head}+{self.n_tail} exceed depth {self.depth}")
         if self.interface_qk_norm not in INTERFACE_QK_NORMS:
             raise ValueError(f"interface_qk_norm: expected one of {INTERFACE_QK_NORMS}, got {self.interface_qk_norm!r}")
-        if (self.pos_embed_column_first or self.latent_group_pos) and self.hidden % 4:
-            raise ValueError(f"hidden: {self.hidden} must be divisible by 4 for the 2-D sin-cos embeddings")
+        if self.hidden % 4:  # the patch tokens' position table is always a 2-D sin-cos one (blocks.sincos_2d)
+            raise ValueError(f"hidden: {self.hidden} must be divisible by 4 for the 2-D sin-cos position embeddings")
         if self.learned_interface_pos:
             if self.latents_per_group != self.tokens_per_group:
                 raise ValueError(f"j_max: learned_interface_pos indexes latents by their slot's token, so j_max must "
@@ -200,6 +204,10 @@ def elit_config(name: str, resolution: int = 256, **overrides) -> ElitConfig:
     resolution = _check_resolution(resolution)
     hidden, depth, heads = _SIZES[name]
     input_size = resolution // 8
+    patch = overrides.get("patch", ElitConfig.patch)
+    if "patch" not in overrides and input_size % patch:
+        raise ValueError(f"resolution: {resolution}px gives a {input_size}x{input_size} latent, not divisible by "
+                         f"{name}'s patch {patch}; expected a multiple of {8 * patch} px")
     window = max(1, (input_size // 2) // 4)  # 16 groups on a 4x4 grid of windows
     base = ElitConfig(hidden=hidden, depth=depth, heads=heads, input_size=input_size, window=window)
     if name == "tiny":  # ours, for tests and demos: 2x2 windows (4 groups) so budgets stay meaningful
@@ -251,12 +259,17 @@ def elit_sit_config(name: str = "XL/2", resolution: int = 256, *, encoder_depth:
     size, patch = parse_sit_name(name)
     resolution = _check_resolution(resolution)
     depth, hidden, heads, tail = SIT_REGISTRY[size]
-    if group_size is None:
+    derived = group_size is None
+    if derived:
         group_size = 8 if resolution == 512 else 4
     input_size = resolution // 8
     if input_size % patch:
         raise ValueError(f"resolution: {resolution}px gives a {input_size}x{input_size} latent, not divisible by patch {patch}")
     grid = input_size // patch
+    if derived and grid % group_size:
+        raise ValueError(f"resolution: {resolution}px gives {name} a {grid}x{grid} token grid, which the default "
+                         f"group size {group_size} does not divide; pass group_size= a divisor of {grid}, or a "
+                         f"resolution that is a multiple of {8 * patch * group_size} px")
     if not is_int(group_size) or group_size < 1 or grid % group_size:
         raise ValueError(f"group_size: {group_size!r} must be a positive int dividing the {grid}x{grid} token grid "
                          f"of {name} at {resolution}px")

@@ -196,11 +196,52 @@ def _check_path(path) -> str:
     return os.fspath(path)
 
 
+def _check_load_path(path) -> str:
+    """``_check_path`` for a file to read: a folder is refused naming it (safetensors' reader says only "No such
+    device" for one)."""
+    path = _check_path(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path} is a folder; expected a checkpoint file")
+    return path
+
+
+#: the dtypes an ElitDiT runs in (a float8 model loads, lossily cast, but no layer of it runs)
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _first_sentence(err: Exception) -> str:
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return type(err).__name__ + (": " + text.split(". ")[0].rstrip(".")[:200] if text else "")
+
+
+def device_problem(dev: torch.device) -> str | None:
+    """Why tensors cannot be put on ``dev`` here, or None when they can. A device type with a torch module that
+    answers ``is_available()`` (cuda, mps, xpu, ...) is asked that, and its index checked against
+    ``device_count()``; any other type (ipu, xla, hpu, a backend not built in) is tried with an empty tensor."""
+    if dev.type in ("cpu", "meta"):
+        return None
+    module = getattr(torch, dev.type, None)
+    available = getattr(module, "is_available", None)
+    if callable(available):
+        if not available():
+            return f"{dev} requested, but torch.{dev.type}.is_available() is False"
+        count = getattr(module, "device_count", None)
+        n = count() if callable(count) else 0
+        if dev.index is not None and n and dev.index >= n:
+            return f"{dev} requested, but torch.{dev.type}.device_count() is {n} (indices 0 to {n - 1})"
+        return None
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # torch's answer differs by type: RuntimeError, NotImplementedError, ModuleNotFoundError
+        return f"{dev} requested, but this torch cannot put tensors there ({_first_sentence(e)})"
+    return None
+
+
 def _check_load_args(device, dtype, backend) -> torch.device:
     """``load_model``'s keyword arguments, named when wrong (before any file is read)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected None or a floating torch.dtype (torch.float32, torch.bfloat16, ...), got "
-                        f"{dtype!r}")
+    if dtype is not None and dtype not in MODEL_DTYPES:
+        raise TypeError(f"dtype: expected None or a floating torch.dtype the model runs in "
+                        f"({', '.join(map(str, MODEL_DTYPES))}), got {dtype!r}")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -209,8 +250,8 @@ def _check_load_args(device, dtype, backend) -> torch.device:
     if dev.type == "meta":  # a meta tensor holds no values: the weights read would be dropped (with a warning each)
         raise ValueError("device: 'meta' holds no weights, so a loaded model would have none; load on 'cpu' or a "
                          "GPU (for a weightless model of a config, build ElitDiT(cfg) under torch.device('meta'))")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {dev} requested, but torch.cuda.is_available() is False")
+    if why := device_problem(dev):
+        raise ValueError(f"device: {why}")
     if backend is not None:
         from ..attention import known_backends
 
@@ -256,10 +297,12 @@ def save_model(path: str, model: ElitDiT, meta: dict | None = None) -> str:
 def read_model_file(path: str, device="cpu") -> tuple[dict, dict, dict] | None:
     """``(config dict, state_dict, meta)`` of one of our safetensors files (tensors on ``device``), or None
     when ``path`` is not a ``.safetensors`` name (so a caller can try a torch file). Raises CheckpointError
-    (a ValueError) naming the file when it is damaged or lacks our metadata."""
+    (a ValueError) naming the file when it is damaged or lacks our metadata; IsADirectoryError for a folder."""
     if _is_safetensors(path):
         from safetensors import safe_open
 
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"path: {path} is a folder; expected a checkpoint file")
         with _reading(path, "safetensors file"), safe_open(path, framework="pt", device=str(device)) as f:
             md = f.metadata() or {}
             if md.get("format") not in READABLE_FORMATS or "config" not in md:
@@ -270,6 +313,43 @@ def read_model_file(path: str, device="cpu") -> tuple[dict, dict, dict] | None:
             sd = {k: f.get_tensor(k) for k in f.keys()}  # one open: the header is parsed once
         return _metadata_dict(path, md, "config"), sd, _metadata_dict(path, md, "meta")
     return None
+
+
+def is_model_file(ckpt) -> bool:
+    """Whether a torch file's contents (``safe_torch_load``) are one of our model files (by their ``format``)."""
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("format"), str) and ckpt["format"] in READABLE_FORMATS
+
+
+def model_file_parts(path: str, ckpt: dict) -> tuple[dict, dict, dict]:
+    """``(config, state_dict, meta)`` of one of our torch files' contents (``is_model_file``), checked by
+    ``check_model_parts``; CheckpointError naming the file when ``config`` or ``state_dict`` is absent."""
+    for entry in ("config", "state_dict"):
+        if entry not in ckpt:
+            raise CheckpointError(f"{path}: has no {entry!r} entry (format {ckpt['format']!r}; an elit-kernels model "
+                                  f"file holds 'config', 'state_dict' and 'meta'; found {sorted(map(str, ckpt))})")
+    return check_model_parts(path, ckpt["config"], ckpt["state_dict"], ckpt.get("meta"))
+
+
+def check_model_parts(path: str, config, state_dict, meta) -> tuple[dict, dict, dict]:
+    """The three parts of one of our files, checked before anything is built from them: ``config`` a dict,
+    ``state_dict`` a dict of tensors under str keys, ``meta`` a dict (None: ``{}``). Raises CheckpointError naming
+    the file, the part, and what was found. Both ``load_model`` and ``official.load_checkpoint`` read through it."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its config is {type(config).__name__}, expected a dict of ElitConfig fields")
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: its state_dict is not a dict of tensors (got {type(state_dict).__name__})")
+    for k, v in state_dict.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{path}: its state_dict has a key that is not a string: {k!r} "
+                                  f"({type(k).__name__}); the file is damaged or not an ELIT model")
+        if not isinstance(v, torch.Tensor):
+            held = sorted({type(t).__name__ for t in state_dict.values()})
+            raise CheckpointError(f"{path}: its state_dict is not a dict of tensors (got dict holding {held}): "
+                                  f"{k!r} is {type(v).__name__}")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its meta is {type(meta).__name__}, expected a dict (or None)")
+    return config, state_dict, meta
 
 
 def _metadata_dict(path: str, md: dict, field: str) -> dict:
@@ -344,36 +424,35 @@ def load_model(path: str, *, backend: str | None = None, device="cpu", dtype=Non
                check_finite: bool = True, sha256: str | None = None):
     """Read one of our files (``save_model`` / ``elit-convert`` / ``elit-demo --save``) -> ``ElitDiT`` in eval mode.
 
-    ``dtype``: cast the weights (e.g. ``torch.bfloat16``); None keeps the file's (a bf16 file gives a bf16
-    model). With ``return_meta``, returns ``(model, meta)``.
+    ``dtype``: cast the weights to one of ``MODEL_DTYPES`` (float16, bfloat16, float32, float64; TypeError naming
+    ``dtype`` otherwise); None keeps the file's (a bf16 file gives a bf16 model). ``device``: where the model is
+    put; ValueError naming ``device`` when this machine cannot hold tensors there (``device_problem``), checked
+    before the file is read. With ``return_meta``, returns ``(model, meta)``.
 
     Damage: ``sha256`` (64 hex digits, optional) is compared with the file's before anything is parsed (one
     read of the file); ``check_finite`` (default on) refuses a tensor holding NaN or inf (``check_finite``
     below: one pass over the weights, about 0.1 s per GB on one CPU core). Both raise CheckpointError naming
-    the file (and the tensor). Raises ValueError naming the file when it is not one of ours; RuntimeError for a
-    torch-format file on torch older than 2.10 (``safe_torch_load``).
+    the file (and the tensor). Raises ValueError naming the file when it is not one of ours, CheckpointError naming
+    the file and the entry when one of its parts is missing or malformed (``check_model_parts``), IsADirectoryError
+    for a folder; RuntimeError for a torch-format file on torch older than 2.10 (``safe_torch_load``).
     """
-    path = _check_path(path)
+    path = _check_load_path(path)
     device = _check_load_args(device, dtype, backend)
     return_meta, check_finite = check_bool("return_meta", return_meta), check_bool("check_finite", check_finite)
     if sha256 is not None:
         verify_sha256(path, sha256)
-    parts = read_model_file(path, device=device)
+    # read on the CPU (safetensors memory-maps it) and moved by model_from_parts: a device error is never blamed on
+    # the file
+    parts = read_model_file(path, device="cpu")
     if parts is None:
         ckpt = safe_torch_load(path)
-        if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
+        if not is_model_file(ckpt):
             raise ValueError(f"{path}: not an elit-kernels model file (expected a dict with format in "
                              f"{READABLE_FORMATS}); for a released ELIT-SiT checkpoint use "
                              "elit_kernels.official.load_checkpoint")
-        parts = ckpt.get("config"), ckpt.get("state_dict"), ckpt.get("meta", {})
-    config, sd, meta = parts
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: its config is {type(config).__name__}, expected a dict of ElitConfig fields")
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: its state_dict is not a dict of tensors (got {type(sd).__name__}"
-                              + (f" holding {sorted({type(v).__name__ for v in sd.values()})}" if isinstance(sd, dict)
-                                 else "") + ")")
-    meta = {} if meta is None else meta
+        config, sd, meta = model_file_parts(path, ckpt)
+    else:
+        config, sd, meta = check_model_parts(path, *parts)
     if check_finite:
         _check_finite(str(path), sd)
     model = model_from_parts(config, sd, backend=backend, device=device, dtype=dtype, source=str(path))

@@ -232,18 +232,33 @@ class ElitDiT(nn.Module):
         Eager calls keep the last ``LAYOUT_CACHE_SIZE`` layouts by budget signature (budgets, batch, device, and
         whether ``torch.inference_mode()`` is on): a sampling run (one signature for every step) builds its index
         tensors once and copies nothing to the device after that.
-        Under ``torch.compile`` tracing the layout is built in the graph (its tensors become constants)."""
+        Under ``torch.compile`` tracing the layout is built in the graph (its tensors become constants).
+
+        ``device``: a ``torch.device`` or a device string; ValueError naming ``device`` when it is neither (None
+        included) or names a device this machine cannot hold tensors on (checked when a layout is built)."""
         cfg = self.cfg
         if torch.compiler.is_compiling():
             return build_layout(budgets, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group,
                                 device=device, budget_core_only=cfg.budget_core_only)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: expected a torch.device or a device string such as 'cpu' or 'cuda:0', got "
+                             f"{device!r} ({str(e).splitlines()[0]})") from None
         bud = normalize_budgets(budgets, batch, cfg.latents_per_group)
         # inference mode in the key: a layout made under torch.inference_mode() holds inference tensors, which a
         # forward that autograd records cannot use
-        key = (tuple(bud), batch, str(torch.device(device)), torch.is_inference_mode_enabled())
-        return _lru_get(self.__dict__.setdefault("_layouts", {}), key, self.LAYOUT_CACHE_SIZE, lambda: build_layout(
-            bud, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, device=device,
-            budget_core_only=cfg.budget_core_only))
+        key = (tuple(bud), batch, str(dev), torch.is_inference_mode_enabled())
+
+        def build():
+            from .checkpoint import device_problem  # checkpoint imports this module
+
+            if why := device_problem(dev):
+                raise ValueError(f"device: {why}")
+            return build_layout(bud, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, device=device,
+                                budget_core_only=cfg.budget_core_only)
+
+        return _lru_get(self.__dict__.setdefault("_layouts", {}), key, self.LAYOUT_CACHE_SIZE, build)
 
     def _add_in_group(self, tokens, table):
         """tokens ``[B*G*P, C]`` (group-major) + ``table[j]`` ``[P, C]`` for slot j of every group."""

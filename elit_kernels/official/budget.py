@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from .._types import is_real
+from ..models.config import ElitConfig
 
 
 def latents_for_budget(budget, cfg) -> int:
@@ -14,10 +15,12 @@ def latents_for_budget(budget, cfg) -> int:
     - ``b > 1``: a count of latents over the whole image of N tokens, ``J = int(P * b / N)`` (48 of 64 tokens
       at P = 16 -> 12).
 
-    ``cfg``: an ``ElitConfig`` (or a model with ``.cfg``) giving P (tokens per group) and N (tokens).
-    Raises TypeError for a non-number or bool, ValueError naming ``budget`` where the official code would
-    assert or misbehave: ``b <= 0``, not finite, a count above N, or a budget that keeps 0 latents per group
-    (the official assertion "some windows contain zero tokens"). ``b = None`` (``generate.py``'s default,
+    ``cfg``: an ``ElitConfig`` (or a model with ``.cfg``) giving P (tokens per group), N (tokens) and J_max
+    (``latents_per_group``); TypeError naming ``cfg`` for anything else. The official rule assumes J_max = P (the
+    released preset); with a smaller J_max a budget giving J > J_max is refused (that model's forward would refuse
+    J), never clamped. Raises TypeError for a non-number or bool, ValueError naming ``budget`` where the official
+    code would assert or misbehave: ``b <= 0``, not finite, a count above N, or a budget that keeps 0 latents per
+    group (the official assertion "some windows contain zero tokens"), and for J above J_max. ``b = None`` (``generate.py``'s default,
     which samples a training budget) is refused too: pass a budget, or use ``budgets=None`` (J_max) in ours.
 
     >>> from elit_kernels.models import elit_sit_config
@@ -25,8 +28,12 @@ def latents_for_budget(budget, cfg) -> int:
     >>> [latents_for_budget(b, cfg) for b in (1.0, 0.5, 0.3, 0.0625, 64, 255)]
     [16, 8, 4, 1, 4, 15]
     """
+    given = cfg
     cfg = getattr(cfg, "cfg", cfg)
-    p, n = cfg.tokens_per_group, cfg.grid * cfg.grid
+    if not isinstance(cfg, ElitConfig):
+        raise TypeError(f"cfg: expected an ElitConfig (or a model with .cfg), got {type(given).__name__}"
+                        + (f" whose .cfg is {type(cfg).__name__}" if cfg is not given else ""))
+    p, n, j_max = cfg.tokens_per_group, cfg.grid * cfg.grid, cfg.latents_per_group
     if budget is None:
         raise ValueError("budget: None is the official generate.py default, which draws a random training budget "
                          "(or fails without torch.distributed); pass a fraction in (0, 1] or a count in (1, "
@@ -50,4 +57,8 @@ def latents_for_budget(budget, cfg) -> int:
         smallest = f"{1 / p!r} as a fraction or {cfg.groups} as a count"
         raise ValueError(f"budget: the {kind} keeps 0 latents per group (the official code asserts 'some windows "
                          f"contain zero tokens'); the smallest budget is {smallest}")
+    if j > j_max:
+        raise ValueError(f"budget: the {kind} keeps {j} latents per group, above this config's J_max = {j_max} "
+                         f"(latents_per_group; the official rule assumes J_max = P); the largest budget is "
+                         f"{j_max / p!r} as a fraction or {j_max * cfg.groups} as a count")
     return j

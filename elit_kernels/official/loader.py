@@ -8,6 +8,7 @@ cannot: ``num_heads`` and ``dit_decoder_depth`` (the tail count) are in neither 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import re
@@ -16,9 +17,11 @@ import torch
 
 from .._types import check_bool, is_int, is_real
 from ..models.checkpoint import (READABLE_FORMATS, SAFE_GLOBALS, CheckpointError, UnsafeCheckpointError,  # noqa: F401
-                                 _check_load_args, _check_path, check_finite as _check_finite, model_from_parts, read_model_file, safe_torch_load,
+                                 _check_load_args, _check_load_path, check_finite as _check_finite, check_model_parts,
+                                 is_model_file, model_file_parts, model_from_parts, read_model_file, safe_torch_load,
                                  verify_sha256)
-from ..models.config import RELEASED_SWITCHES, SIT_REGISTRY, ElitConfig, config_dict, parse_sit_name
+from ..models.config import (RELEASED_SWITCHES, SIT_REGISTRY, ElitConfig, config_dict, elit_sit_config,
+                             parse_sit_name)
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +58,88 @@ def _pick(name, values, path):
     return first
 
 
-def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint") -> ElitConfig:
+#: the ``args`` fields the loader reads (docs/released_checkpoints.md §2) and the type train.py gives each
+_ARGS_TYPES = {"model": str, "encoder_depth": int, "num_classes": int, "elit_group_size": int, "resolution": int,
+               "elit_read_depth": int, "elit_write_depth": int, "qk_norm": bool, "elit_max_mask_prob": float,
+               "elit_min_mask_prob": float}
+_TYPE_WORDS = {str: "a str", int: "an int", bool: "a bool", float: "a real number"}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_type(value, want) -> bool:
+    if want is int:
+        return is_int(value)
+    if want is float:
+        return is_real(value)
+    return isinstance(value, want)
+
+
+def check_args(args, path: str = "checkpoint") -> dict:
+    """A file's ``args`` entry as a dict: an ``argparse.Namespace`` (official train.py) or a dict of its fields
+    (None or absent: ``{}``). Raises CheckpointError naming the file when it is anything else, or naming
+    ``args.<field>`` when a field the loader reads (``_ARGS_TYPES``) has another type than train.py gives it
+    (None: not given)."""
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    elif not isinstance(args, dict):
+        raise CheckpointError(f"{path}: args is {type(args).__name__} ({_short(args)}), expected an argparse.Namespace "
+                              "(what official train.py saves) or a dict of its fields")
+    for key, want in _ARGS_TYPES.items():
+        value = args.get(key)
+        if value is not None and not _is_type(value, want):
+            raise CheckpointError(f"{path}: args.{key} is {type(value).__name__} ({_short(value)}), expected "
+                                  f"{_TYPE_WORDS[want]} (the type official train.py gives it): a damaged or edited file")
+    return dict(args)
+
+
+def _registry(name) -> dict | None:
+    """The official constructor sizes of a registry name (``ELIT-SiT-XL/2``), or None for any other name."""
+    if name is None:
+        return None
+    try:
+        size, name_patch = parse_sit_name(name)
+    except ValueError:
+        return None
+    return dict(zip(("depth", "hidden_size", "num_heads", "dit_decoder_depth"), SIT_REGISTRY[size]),
+                patch_size=name_patch)
+
+
+def _weights_depth(keys, encoder_depth=None) -> int:
+    """1 + the largest block index among ``keys`` (``blocks.{i}.``; legacy ``decoder_blocks.{i}.`` counted from
+    ``encoder_depth`` when it is an int); 0 for none."""
+    depth = 0
+    for k in keys:
+        if not isinstance(k, str):
+            continue
+        if m := re.match(r"blocks\.(\d+)\.", k):
+            depth = max(depth, int(m.group(1)) + 1)
+        elif (m := re.match(r"decoder_blocks\.(\d+)\.", k)) and is_int(encoder_depth):
+            depth = max(depth, int(m.group(1)) + encoder_depth + 1)
+    return depth
+
+
+def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint", *,
+                    depth_from: tuple[str, int] | None = None, notes: list | None = None) -> ElitConfig:
     """The ``ElitConfig`` (released preset) of an official state_dict, from its ``args``, its shapes, the
-    registry name ``args['model']`` and ``arch`` (official constructor keywords). Errors name what is missing."""
+    registry name ``args['model']`` and ``arch`` (official constructor keywords). Errors name what is missing.
+
+    The depth is never read from ``sd``'s block keys, which cannot tell a file missing its last blocks from a
+    shallower model: it is the registry name's or ``arch['depth']``, else ``depth_from`` (``(source, depth)``: a
+    record of the same file, such as its optimizer state; ``read_official`` finds them); with none of these,
+    CheckpointError asking for ``arch['depth']``. ``check_keys`` then names missing or unexpected blocks. Where
+    the depth came from ``depth_from``, a line saying so is appended to ``notes``."""
+    args = check_args(args, path)
     d, cin, p, _ = _shape(sd, "x_embedder.proj.weight", path)
     n = _shape(sd, "pos_embed", path)[1]
     grid = math.isqrt(n)
     if grid * grid != n:
         raise CheckpointError(f"{path}: pos_embed has {n} tokens, not a square grid")
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     big_p = _shape(sd, READ + "learned_query_embed", path)[0]
     gs = math.isqrt(big_p)
     if gs * gs != big_p:
@@ -78,14 +154,7 @@ def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint") 
     rows = _shape(sd, READ + "latent_pos_embed", path)[0]
 
     name = args.get("model")
-    reg = None
-    if name is not None:
-        try:
-            size, name_patch = parse_sit_name(name)
-            reg = dict(zip(("depth", "hidden_size", "num_heads", "dit_decoder_depth"), SIT_REGISTRY[size]),
-                       patch_size=name_patch)
-        except ValueError:
-            reg = None
+    reg = _registry(name)
     heads = _pick("num_heads", [("arch", arch.get("num_heads")), ("registry " + str(name), (reg or {}).get("num_heads"))], path)
     tail = _pick("dit_decoder_depth", [("arch", arch.get("dit_decoder_depth")),
                                        ("registry " + str(name), (reg or {}).get("dit_decoder_depth"))], path)
@@ -99,7 +168,21 @@ def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint") 
     enc = _pick("encoder_depth", [("arch", arch.get("encoder_depth")), ("args", args.get("encoder_depth"))], path)
     if enc is None:
         raise CheckpointError(f"{path}: encoder_depth (head blocks) is in neither args nor arch; pass arch={{'encoder_depth': N}}")
-    for key, weights_value in (("hidden_size", d), ("depth", depth), ("patch_size", p)):
+    depth = _pick("depth", [("arch", arch.get("depth")), ("registry " + str(name), (reg or {}).get("depth"))], path)
+    if depth is None and depth_from is not None:
+        source, depth = depth_from
+        if notes is not None:
+            notes.append(f"depth {depth}: from {source}")
+    if depth is None:
+        held = _weights_depth(sd)
+        raise CheckpointError(
+            f"{path}: depth: " + (f"model {name!r} is not an official registry name" if name is not None else
+                                  "the file names no model (no args.model)")
+            + ", arch gives no depth, and the file holds "
+            f"no record to check the {held} blocks its weights hold against (an optimizer state 'opt', or a second "
+            "weights entry): a file missing its last blocks cannot be told from a shallower model; pass "
+            "arch={'depth': N} (the official constructor's depth)")
+    for key, weights_value in (("hidden_size", d), ("patch_size", p)):
         _pick(key, [("weights", weights_value), ("arch", arch.get(key)), ("registry " + str(name), (reg or {}).get(key))], path)
     _pick("decoder_hidden_size", [("weights", d), ("arch", arch.get("decoder_hidden_size"))], path)
     _pick("in_channels", [("weights", cin), ("arch", arch.get("in_channels"))], path)
@@ -329,6 +412,57 @@ def _check_weights(weights) -> None:
                          f"got {weights!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _key_counts() -> tuple[int, int]:
+    """(official tensors outside the blocks, tensors per block): the same for every size (``official_shapes``)."""
+    cfg = elit_sit_config("S/2", 256)
+    shapes = official_shapes(cfg)
+    per_block = sum(k.startswith("blocks.0.") for k in shapes)
+    return len(shapes) - per_block * cfg.depth, per_block
+
+
+def _opt_param_count(ckpt: dict) -> int | None:
+    """How many parameters the file's optimizer state lists (official train.py: AdamW over
+    ``model.parameters()``, one per tensor of the state_dict), or None when it has none that says."""
+    opt = ckpt.get("opt")
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    if not isinstance(groups, list):
+        return None
+    try:
+        n = sum(len(g["params"]) for g in groups)
+    except (TypeError, KeyError):
+        return None
+    return n or None
+
+
+def _file_depth(ckpt: dict, weights: str, sd: dict, encoder_depth, path: str) -> tuple[str, int] | None:
+    """``(source, depth)`` from a record of the file other than the chosen weights, or None: the optimizer
+    state's parameter count first (the model's whole parameter list, whatever the weights hold), else the other
+    weights entry's blocks (train.py saves ``model`` and ``ema`` from one model). Raises CheckpointError when the
+    optimizer state's count fits no depth."""
+    n = _opt_param_count(ckpt)
+    if n is not None:
+        fixed, per_block = _key_counts()
+        extra = sum(1 for k in sd if k.startswith(IGNORED_PREFIXES))
+        depth, rest = divmod(n - fixed - extra, per_block)
+        if rest or depth < 1:
+            raise CheckpointError(
+                f"{path}: the optimizer state ('opt') lists {n} parameters, which fits no depth: an ELIT-SiT model "
+                f"has {fixed} tensors outside its blocks and {per_block} per block"
+                + (f", and this file {extra} REPA projector tensors" if extra else "")
+                + "; the file is damaged or edited. If it is whole, pass arch={'depth': N} (the official "
+                "constructor's depth)")
+        return (f"the optimizer state ('opt': {n} parameters = {fixed} outside the blocks"
+                + (f" + {extra} REPA projector tensors" if extra else "") + f" + {per_block} per block)", depth)
+    other = next(w for w in WEIGHTS if w != weights)
+    sd2 = ckpt.get(other)
+    if isinstance(sd2, dict) and sd2 and all(isinstance(k, str) for k in sd2):
+        depth = _weights_depth(_strip_wrapper_prefixes(sd2, []), encoder_depth)
+        if depth:
+            return f"the {other!r} entry's blocks (blocks.0 to blocks.{depth - 1})", depth
+    return None
+
+
 def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, ckpt=None, check_finite: bool = True):
     """Read an official file -> ``(cfg, our state_dict, info)`` without building a model.
 
@@ -336,7 +470,12 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
     tensor of the chosen weights that holds NaN or inf (``models.checkpoint.check_finite``, naming the file's
     key; one pass over those weights). ``info``: provenance and
     notes (what was ignored and why) for ``load_checkpoint`` and ``elit-convert``; ``info["official_pos_embed"]``
-    is the stored sin-cos table (checked against ours by ``check_pos_embed``)."""
+    is the stored sin-cos table (checked against ours by ``check_pos_embed``); ``info["weights"]`` is None for a
+    bare state_dict (one set of weights, EMA or raw: which cannot be told), where ``weights="model"`` is refused.
+
+    The depth comes from the registry name or ``arch['depth']``, else from the file's optimizer state (its
+    parameter count) or its other weights entry, never from the chosen weights alone (``official_config``): a
+    file missing its last blocks is a CheckpointError listing their keys."""
     _check_weights(weights)
     arch = _check_arch(arch)
     if ckpt is None:
@@ -349,24 +488,36 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
         ckpt = _strip_wrapper_prefixes(ckpt, notes)
     bare = isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt
     if bare:  # a bare state_dict (e.g. ckpt['ema'] saved alone)
-        sd, args = ckpt, {}
-        notes.append("bare state_dict: no args; sizes from the weights and arch")
+        if weights != "ema":
+            raise ValueError(f"weights: {path} is a bare state_dict (one set of weights, no 'ema'/'model' entries), "
+                             f"so {weights!r} cannot be chosen; leave the default")
+        sd, args, what = ckpt, {}, "the state_dict"
+        notes.append("bare state_dict: no args; sizes from the weights and arch; which weights (EMA or raw) it holds "
+                     "cannot be told")
     elif isinstance(ckpt, dict) and any(w in ckpt for w in WEIGHTS):
         if weights not in ckpt:
             raise CheckpointError(f"{path}: no {weights!r} entry (has {sorted(k for k in ckpt if isinstance(k, str))}); "
                                   f"try weights={[w for w in WEIGHTS if w in ckpt][0]!r}")
-        sd = ckpt[weights]
-        args = ckpt.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        sd, what = ckpt[weights], f"the {weights!r} entry"
+        args = check_args(ckpt.get("args"), path)
+        if ckpt.get("steps") is not None and not is_int(ckpt["steps"]):
+            raise CheckpointError(f"{path}: steps is {type(ckpt['steps']).__name__} ({_short(ckpt['steps'])}), "
+                                  "expected an int (the training step official train.py saves)")
         for k, why in (("opt", "optimizer state"), ("lr_scheduler", "LR scheduler state")):
             if k in ckpt:
                 notes.append(f"ignored {k!r} ({why}; not needed for inference)")
     else:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = sorted(ckpt, key=repr)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not an ELIT-SiT checkpoint: expected a dict with 'ema'/'model' and 'args' "
                               f"(official train.py) or one of our files (format {READABLE_FORMATS}), got {keys}")
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: the {weights!r} entry is not a state_dict of tensors")
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: {what} is {type(sd).__name__}, expected a state_dict (a dict of tensors)")
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{path}: {what} has a key that is not a string: {_short(k)} ({type(k).__name__}); "
+                                  "the file is damaged or not an ELIT-SiT checkpoint")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: {what} is not a state_dict of tensors: {k!r} is {type(v).__name__}")
     sd = _strip_wrapper_prefixes(sd, notes)
     bad = [(k, v.dtype) for k, v in sd.items() if not v.is_floating_point()]
     if bad:  # every weight and buffer of the released models is floating point; a cast would hide the damage
@@ -377,8 +528,8 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
     if READ + "learned_query_embed" not in sd:
         raise CheckpointError(f"{path}: not an ELIT-SiT checkpoint: no Read/Write interface keys "
                               f"({READ}...); a plain SiT or DFM checkpoint has the same file layout")
+    enc = arch.get("encoder_depth") if arch.get("encoder_depth") is not None else args.get("encoder_depth")
     if any(k.startswith("decoder_blocks.") for k in sd):
-        enc = arch.get("encoder_depth", args.get("encoder_depth"))
         if isinstance(enc, bool) or not isinstance(enc, int):
             raise CheckpointError(f"{path}: legacy decoder_blocks.* names need encoder_depth (in args or arch) to "
                                   f"number the blocks, got {enc!r}")
@@ -387,16 +538,37 @@ def read_official(path: str, *, weights: str = "ema", arch: dict | None = None, 
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         notes.append(f"legacy names: decoder_blocks.i -> blocks.(i + {enc})")
-    cfg = official_config(sd, args, arch, path)
+    depth_from = None
+    if not bare and arch.get("depth") is None and (_registry(args.get("model")) or {}).get("depth") is None:
+        depth_from = _file_depth(ckpt, weights, sd, enc, path)  # only where neither the name nor arch gives it
+    cfg = official_config(sd, args, arch, path, depth_from=depth_from, notes=notes)
     ignored = check_keys(sd, cfg, path)
     if ignored:
         notes.append(f"ignored {len(ignored)} REPA projector tensors (projectors.*; training-only)")
     notes.append("Read modulation: 7th chunk dropped (computed but unused by the official forward pass)")
-    info = {"source": str(path), "format": "official", "weights": weights, "model": args.get("model"),
+    info = {"source": str(path), "format": "official", "weights": None if bare else weights, "model": args.get("model"),
             "steps": None if bare else ckpt.get("steps"), "resolution": args.get("resolution"),
             "elit_max_mask_prob": args.get("elit_max_mask_prob"), "elit_min_mask_prob": args.get("elit_min_mask_prob"),
             "notes": notes, "official_pos_embed": sd["pos_embed"]}
     return cfg, convert_state_dict(sd, cfg), info
+
+
+#: what ``checkpoint_info`` of one of our files says itself, and the name a meta value of that name is kept under
+#: (elit-convert's meta holds the original file's ``source`` and ``format``)
+_OWN_INFO = {"source": "converted_from", "format": "original_format"}
+
+
+def our_info(path: str, meta: dict) -> dict:
+    """``checkpoint_info`` of one of our files: its ``meta``, then ``source`` (the file loaded) and ``format``
+    (``'elit-kernels'``). A meta value under one of those two names is kept as ``converted_from`` /
+    ``original_format`` (``meta_source`` / ``meta_format`` when the meta holds that name too)."""
+    info = dict(meta)
+    for key, keep in _OWN_INFO.items():
+        if key in info:
+            value = info.pop(key)
+            info[keep if keep not in meta else f"meta_{key}"] = value
+    info.update(source=str(path), format="elit-kernels")
+    return info
 
 
 def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None, device="cpu", dtype=None,
@@ -432,16 +604,18 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
     """
     _check_weights(weights)
     arch = _check_arch(arch)
-    path = _check_path(path)
+    path = _check_load_path(path)
     device = _check_load_args(device, dtype, backend)
     check_finite = check_bool("check_finite", check_finite)
     if sha256 is not None:
         verify_sha256(path, sha256)
     ours, ckpt = read_model_file(path, device="cpu"), None
-    if ours is None:
+    if ours is not None:
+        ours = check_model_parts(path, *ours)
+    else:
         ckpt = safe_torch_load(path)
-        if isinstance(ckpt, dict) and ckpt.get("format") in READABLE_FORMATS:
-            ours = ckpt["config"], ckpt["state_dict"], ckpt.get("meta", {})
+        if is_model_file(ckpt):
+            ours = model_file_parts(path, ckpt)  # the same checks as load_model's
     if ours is not None:
         if arch:
             raise ValueError(f"arch: {path} is an elit-kernels file, which stores its config; do not pass arch")
@@ -452,7 +626,7 @@ def load_checkpoint(path: str, *, weights: str = "ema", arch: dict | None = None
         if check_finite:
             _check_finite(str(path), sd)
         model = model_from_parts(config, sd, backend=backend, device=device, dtype=dtype, source=str(path))
-        model.checkpoint_info = {"source": str(path), "format": "elit-kernels", **meta}
+        model.checkpoint_info = our_info(path, meta)
         return model
     cfg, sd, info = read_official(path, weights=weights, arch=arch, ckpt=ckpt, check_finite=check_finite)
     model = model_from_parts(config_dict(cfg), sd, backend=backend, device=device, dtype=dtype, source=str(path))

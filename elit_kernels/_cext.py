@@ -31,7 +31,7 @@ import torch
 
 from . import _outputs
 from ._autograd import alert_not_deterministic, first_order_only, register_varlen_autograd
-from .elementwise import ElementwiseImpl, register_elementwise
+from .elementwise import ElementwiseImpl, check_eps, register_elementwise
 
 _C = None
 _BUILD_INFO: dict | None = None  # read once at load: a pybind call inside dispatch would break torch.compile graphs
@@ -188,15 +188,22 @@ def _register_op_python_parts() -> None:
 # ---------------------------------------------------------------------------------------------
 
 def layernorm_modulate(x, shift, scale, index, eps: float = 1e-6):
-    """Fused ``LayerNorm(x) * (1 + scale[index]) + shift[index]``; x ``[T, C]``, shift/scale ``[B, C]``."""
+    """Fused ``LayerNorm(x) * (1 + scale[index]) + shift[index]``; x ``[T, C]``, shift/scale ``[B, C]`` of any
+    floating dtype, cast to x's dtype first as ``"native"`` does (under ``torch.autocast`` the adaLN parameters
+    come out of a linear in bf16/fp16 while x stays fp32); the result has x's dtype. ``eps``: a finite real
+    >= 0 (``elementwise.check_eps``: TypeError / ValueError naming ``eps``)."""
+    eps = check_eps(eps)
+    shift, scale = shift.to(x.dtype), scale.to(x.dtype)
     if x.is_cuda and not has_kernel("layernorm_modulate_cuda"):
         from .reference.modulate import layernorm_modulate as ref
         return ref(x, shift, scale, index, eps)
-    return torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, float(eps))[0]
+    return torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, eps)[0]
 
 
 def gated_residual(x, y, gate, index):
-    """Fused ``x + gate[index] * y``; x, y ``[T, C]``, gate ``[B, C]``."""
+    """Fused ``x + gate[index] * y``; x, y ``[T, C]``, gate ``[B, C]``; y and gate of any floating dtype, cast to
+    x's dtype first as ``"native"`` does; the result has x's dtype."""
+    y, gate = y.to(x.dtype), gate.to(x.dtype)
     if x.is_cuda and not has_kernel("gated_residual_cuda"):
         from .reference.modulate import gated_residual as ref
         return ref(x, y, gate, index)

@@ -2,21 +2,29 @@
 
 ``"reference"`` is plain PyTorch (elit_kernels.reference.modulate), fp32 inside whatever the input dtype: it
 takes the layout's ``TokenRuns`` and broadcasts per-sample adaLN parameters over views of each run of
-equal-length samples. ``"native"`` (the models' default) is the same for fp32/fp64 and computes fp16/bf16 in
-their own dtype, as the official ELIT code does: fewer bytes moved. Compiled fused
-versions register themselves here under their own name (for example ``"fused"`` from the C++/CUDA
-extension); an implementation registered with ``takes_runs=False`` is handed the ``[T]`` token->sample index
-instead. A model picks one with its ``elementwise=`` argument.
+equal-length samples. ``"native"`` (the models' default) is the same for fp32, and computes fp64 in fp64 and
+fp16/bf16 in their own dtype, as the official ELIT code does: fewer bytes moved. Compiled fused versions
+register themselves here under their own name (for example ``"fused"`` from the C++/CUDA extension); an
+implementation registered with ``takes_runs=False`` is handed the ``[T]`` token->sample index instead. A model
+picks one with its ``elementwise=`` argument.
+
+Every implementation takes the same arguments and gives a result of x's dtype: x ``[T, C]`` (fp16, bf16, fp32 or
+fp64) and per-sample parameters ``[B, C]`` (and ``y``) of any floating dtype, which need not be x's (under
+``torch.autocast`` the adaLN parameters come out of a linear in the autocast dtype while x stays fp32). The
+reference computes in fp32; ``"native"`` and ``"fused"`` cast the parameters and ``y`` to x's dtype first. ``eps``
+is checked by ``check_eps`` in every implementation: a finite real number >= 0 (``_types.is_real``: a bool, a str,
+a tensor or None is a TypeError naming ``eps``; NaN, ±inf or a negative value a ValueError).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ._types import is_real
 from .layout import TokenRuns
-
 from .reference.modulate import _per_run, gated_residual, layernorm_modulate
 
 
@@ -26,12 +34,36 @@ class ElementwiseImpl(NamedTuple):
     takes_runs: bool = False  # tokens as a layout.TokenRuns (True) or a [T] long index (False)
 
 
+def check_eps(eps) -> float:
+    """The LayerNorm epsilon ``eps`` of every ``layernorm_modulate`` implementation as a Python float: a finite real
+    number >= 0 (a Python or NumPy int or float, ``_types.is_real``). TypeError naming ``eps`` for a bool, a str, a
+    tensor or None (``float(True)`` would run with eps 1, ``float("1e-6")`` would parse a string); ValueError for
+    NaN, ±inf or a negative value."""
+    want = "a finite real number >= 0 (the LayerNorm epsilon, e.g. 1e-6)"
+    if not is_real(eps):
+        t = type(eps)
+        what = f"{t.__name__} ({eps!r})" if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+        raise TypeError(f"eps: expected {want}, got {what}")
+    f = float(eps)
+    if not (math.isfinite(f) and f >= 0):
+        raise ValueError(f"eps: expected {want}, got {eps!r}")
+    return f
+
+
+def reference_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
+    """``reference.modulate.layernorm_modulate`` with ``eps`` checked (``check_eps``): the ``"reference"``
+    implementation."""
+    return layernorm_modulate(x, shift, scale, tokens, check_eps(eps))
+
+
 def native_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
     """``LayerNorm(x) * (1 + scale) + shift`` computed in x's dtype, as the official ELIT code computes adaLN
     (``F.layer_norm`` accumulates its statistics in fp32 internally; the modulation is one fused multiply-add
     in x's dtype). fp32 inputs: the reference, bit for bit; fp64 in fp64 (the reference computes in fp32). For fp16/bf16 it moves a third of the bytes
     of the reference's fp32 round trip (x.float(), fp32 LayerNorm and modulation, cast back): on an H200 the
-    reference elementwise ops were where ELIT-SiT-XL/2 lost most of its 9-10 % to the dense official way."""
+    reference elementwise ops were where ELIT-SiT-XL/2 lost most of its 9-10 % to the dense official way.
+    ``eps``: ``check_eps``."""
+    eps = check_eps(eps)
     if x.dtype == torch.float32:
         return layernorm_modulate(x, shift, scale, tokens, eps)
     c = x.shape[-1]
@@ -61,7 +93,7 @@ def native_gated_residual(x, y, gate, tokens):
 
 
 ELEMENTWISE_IMPLS: dict[str, ElementwiseImpl] = {
-    "reference": ElementwiseImpl(layernorm_modulate, gated_residual, takes_runs=True),
+    "reference": ElementwiseImpl(reference_layernorm_modulate, gated_residual, takes_runs=True),
     "native": ElementwiseImpl(native_layernorm_modulate, native_gated_residual, takes_runs=True),
 }
 

@@ -4,7 +4,9 @@ Convention (the paper's): ``x_t = (1 - t) * x0 + t * noise``, the model predicts
 ``noise - x0``; sampling integrates from t = 1 (noise) to t = 0 (data).
 
 Every bad argument raises TypeError or ValueError whose message starts with the argument's name. The checks run
-once per call on Python values and tensor metadata (never on a device tensor's values: no host sync).
+once per call on Python values and tensor metadata (never on a device tensor's values: no host sync; a tensor
+given for what is used on the host, ``euler_sample``'s ``guidance_interval`` or ``[steps]`` ``budget_schedule``, is
+read once).
 """
 from __future__ import annotations
 
@@ -163,8 +165,13 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
     model); the model must return a velocity of x0's shape (ValueError naming ``model`` otherwise);
     ``budgets``: as the model takes them (checked by the model). ``t``: None (logit-normal draws) or a
     floating-point tensor of shape ``[B]``; ``noise``: None (standard normal) or a tensor of x0's shape, dtype
-    and device (both drawn from ``generator``, None or a CPU torch.Generator). Raises TypeError / ValueError
-    naming ``model``, ``x0``, ``y``, ``t``, ``noise`` or ``generator``.
+    and device (both drawn from ``generator``, None or a CPU torch.Generator).
+
+    Returns a 0-dim tensor: float64 for a float64 ``x0``, float32 otherwise (fp16/bf16/fp32 ``x0``; the model's
+    output and the target are cast to it before the mean). Raises TypeError / ValueError naming ``model``, ``x0``,
+    ``y``, ``t``, ``noise`` or ``generator``; what the model checks of its ``x`` (x_t, of x0's shape, dtype and
+    device: e.g. a dtype other than the model's) is raised naming ``x0``, and of ``t``, ``y`` and ``budgets``
+    naming them.
     """
     _check_model("model", model)
     _check_tensor("x0", x0, floating=True, what=" [B, ...] of clean latents")
@@ -193,7 +200,18 @@ def rectified_flow_loss(model, x0: torch.Tensor, y: torch.Tensor, budgets=None, 
                          f"{noise.device}")
     tt = t.to(x0.dtype).view(b, *([1] * (x0.dim() - 1)))
     xt = (1 - tt) * x0 + tt * noise
-    return F.mse_loss(_call(model, xt, t, y, budgets).float(), (noise - x0).float())
+    try:
+        v = _call(model, xt, t, y, budgets)
+    except (TypeError, ValueError) as e:
+        # The model checks its x, here x_t = (1 - t)·x0 + t·noise: x0's shape, dtype and device. Its errors name
+        # x; this function's argument is x0.
+        msg = str(e)
+        if type(e) not in (TypeError, ValueError) or not msg.startswith("x: "):
+            raise
+        raise type(e)(f"x0: {msg[3:]} (the model's x is x_t = (1 - t)·x0 + t·noise, of x0's shape, dtype and "
+                      "device)") from None
+    dt = torch.promote_types(x0.dtype, torch.float32)  # float32 for fp16/bf16/fp32, float64 for float64
+    return F.mse_loss(v.to(dt), (noise - x0).to(dt))
 
 
 GUIDANCE_MODES = ("none", "cfg", "autoguidance", "ccfg", "ccfg_two_pass")
@@ -204,7 +222,8 @@ _SCALE = " (λ = the official cfg_scale − 1)"
 
 def _check_guidance(mode, scale, weak_budget) -> float:
     """``mode``, ``scale`` and ``weak_budget`` together, as elit-sample's rules: a scale > 0 needs a mode, a
-    weak budget needs a mode with a weak pass. Returns scale as a float."""
+    weak budget needs a mode with a weak pass and a scale > 0 (at scale 0 no weak pass runs). Returns scale as a
+    float."""
     if not isinstance(mode, str) or mode not in GUIDANCE_MODES:
         raise ValueError(f"mode: expected one of {GUIDANCE_MODES}, got {mode!r}")
     scale = _check_real("scale", scale, 0, _SCALE)
@@ -214,6 +233,9 @@ def _check_guidance(mode, scale, weak_budget) -> float:
     if weak_budget is not None and mode not in WEAK_MODES:
         raise ValueError(f"weak_budget: only {', '.join(WEAK_MODES)} use a weak budget; mode is {mode!r} (it would "
                          "be ignored)")
+    if weak_budget is not None and scale == 0:
+        raise ValueError(f"weak_budget: scale is 0, so mode {mode!r} runs no weak pass (one conditional pass) and "
+                         "the weak budget would be ignored; pass weak_budget=None, or a scale > 0")
     return scale
 
 
@@ -301,7 +323,8 @@ def guided_velocity(model, x, t, y, budget=None, *, mode: str = "none", scale: f
         budget / weak_budget: None (J_max / max(1, J_max // 16), the official default 1/16), an int, a sequence
             of ints or a 1-D integer tensor or NumPy array (one per sample), each in [0, J_max] (latents per group,
             ints: ``elit_kernels.official.latents_for_budget`` converts the official float budgets).
-            ``weak_budget`` only with ``autoguidance``, ``ccfg`` or ``ccfg_two_pass``.
+            ``weak_budget`` only with ``autoguidance``, ``ccfg`` or ``ccfg_two_pass`` and a scale > 0 (scale 0 runs
+            no weak pass).
         dtype: None (x's dtype) or a floating-point torch.dtype: the passes are cast to it before they are
             combined, and the result has it.
 
@@ -350,26 +373,38 @@ def _velocity(model, x, t, y, budget, mode: str, scale: float, weak_budget, dtyp
     return weak + (scale + 1.0) * (cond - weak)
 
 
+_INTERVAL_KINDS = ("a pair (low, high) of real times with 0 <= low <= high <= 1: a sequence of two reals (a tuple or "
+                   "list), or a 1-D real tensor or NumPy array of two")
+
+
 def _check_interval(guidance_interval) -> tuple[float, float]:
-    """(low, high) guidance times with 0 <= low <= high <= 1 (a str is refused: "01" is not (0, 1));
-    ValueError naming ``guidance_interval``."""
-    bad = ValueError(f"guidance_interval: expected a pair (low, high) of real times in [0, 1], got "
-                     f"{guidance_interval!r}")
-    if isinstance(guidance_interval, (str, bytes)):
-        raise bad
-    try:
-        low, high = guidance_interval
-    except (TypeError, ValueError):
-        raise bad from None
-    if any(isinstance(v, (bool, str, bytes)) for v in (low, high)):
-        raise bad
-    try:
-        low, high = float(low), float(high)
-    except (TypeError, ValueError, RuntimeError):
-        raise bad from None
-    if not 0.0 <= low <= high <= 1.0:
+    """(low, high) guidance times with 0 <= low <= high <= 1, from a sequence of two reals (a tuple, a list: not a
+    str, "01" is not (0, 1)) or a 1-D integer or floating tensor or NumPy array of two (read on the host once);
+    ValueError naming ``guidance_interval`` for anything else: a dict (its keys) or a set (no order) is not a
+    pair, a bool or a tensor is not a real."""
+    g = guidance_interval
+    what = f"{type(g).__name__} ({g!r})"
+    if isinstance(g, torch.Tensor):
+        what = f"a {g.dtype} tensor of shape {tuple(g.shape)}"
+        if g.dim() == 1 and len(g) == 2 and (g.dtype.is_floating_point or _is_int_dtype(g.dtype)):
+            g = g.tolist()
+    elif type(g).__module__ == "numpy" and hasattr(g, "ndim") and hasattr(g, "tolist"):  # an ndarray
+        what = f"a NumPy {g.dtype} array of shape {g.shape}"
+        if g.ndim == 1 and len(g) == 2 and getattr(g.dtype, "kind", None) in ("f", "i", "u"):
+            g = g.tolist()
+    ok = isinstance(g, Sequence) and not isinstance(g, (str, bytes)) and len(g) == 2 and all(map(is_real, g))
+    if not ok:
+        raise ValueError(f"guidance_interval: expected {_INTERVAL_KINDS}, got {what}")
+    low, high = float(g[0]), float(g[1])
+    if not 0.0 <= low <= high <= 1.0:  # NaN fails every comparison
         raise ValueError(f"guidance_interval: expected 0 <= low <= high <= 1, got {guidance_interval!r}")
     return low, high
+
+
+#: the most steps ``euler_sample`` takes: at least one forward each, so a million is days of a GPU's time; the float64
+#: times ``[steps + 1]`` (8 MB at the bound) are allocated before the first step, and a typo such as 2**40 is named
+#: here instead of failing the allocation
+MAX_STEPS = 1_000_000
 
 
 class NonFiniteSampleWarning(RuntimeWarning):
@@ -423,14 +458,17 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
 
     Arguments:
         model: as ``guided_velocity``'s. noise: a floating-point tensor ``[B, C, H, W]`` (integer or bool noise
-            is refused: the result takes noise's dtype). y: class ids, a tensor ``[B]``. steps: an int >= 1.
+            is refused: the result takes noise's dtype). y: class ids, a tensor ``[B]``. steps: an int in
+            [1, ``MAX_STEPS``] (10**6).
         mode / scale / weak_budget: as ``guided_velocity`` (scale a finite real >= 0; a nonzero scale needs a
-            mode; weak_budget only with autoguidance, ccfg or ccfg_two_pass).
+            mode; weak_budget only with autoguidance, ccfg or ccfg_two_pass, and a scale > 0).
         budget: None (J_max in every mode), an int, or one int per sample (latents per group; as
             ``guided_velocity``). budget_schedule: instead of ``budget`` (not with it), a sequence of ``steps``
             budgets (a list; a ``[steps]`` integer tensor, read on the host once; a ``[steps, B]`` one) or a
             callable ``step -> budget`` (its results are checked at each step).
-        guidance_interval: a pair (low, high) of reals with 0 <= low <= high <= 1 (not a str).
+        guidance_interval: a pair (low, high) of reals with 0 <= low <= high <= 1: a sequence of two (a tuple or a
+            list; not a str, a dict or a set), or a 1-D integer or floating tensor or NumPy array of two (read on the
+            host once).
         heun / progress / graphed: bools (NumPy's bool is one). ``progress`` shows a tqdm bar. ``graphed``: replay
             each forward from a CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a
             run keeps one or two signatures: guided and, outside the guidance interval, unguided). On a CPU, or
@@ -440,12 +478,14 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
 
     Raises TypeError / ValueError naming ``model``, ``noise``, ``y``, ``steps``, ``budget``, ``budget_schedule``,
     ``mode``, ``scale``, ``weak_budget``, ``guidance_interval``, ``heun``, ``progress`` or ``graphed``; the checks
-    run once per call (a callable schedule's result once per step), on Python values and tensor metadata only.
-    Warns ``NonFiniteSampleWarning`` naming the samples when the result holds NaN or inf (a guidance scale too
-    large for the dtype, a model that overflows): one read of the result on the host, after the last step.
+    run once per call (a callable schedule's result once per step), on Python values and tensor metadata only (a
+    ``[steps]`` tensor ``budget_schedule`` and a tensor ``guidance_interval`` are read on the host once, before the
+    first step). Warns ``NonFiniteSampleWarning`` naming the samples when the result holds NaN or inf (a guidance
+    scale too large for the dtype, a model that overflows): one read of the result on the host, after the last
+    step.
     """
-    if not is_int(steps) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not is_int(steps) or not 1 <= steps <= MAX_STEPS:  # named before the times [steps + 1] are allocated
+        raise ValueError(f"steps: expected a positive int <= {MAX_STEPS:,} (flow.MAX_STEPS), got {steps!r}")
     steps = int(steps)
     scale = _check_guidance(mode, scale, weak_budget)
     low, high = _check_interval(guidance_interval)

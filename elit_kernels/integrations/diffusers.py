@@ -102,10 +102,15 @@ def _add_enum_member(enum_cls, name: str, value: str):
 def key_mask(attn_mask: torch.Tensor, batch: int, seqlen_q: int, seqlen_k: int, heads: int) -> torch.Tensor:
     """``attn_mask`` as a boolean key mask ``[batch, seqlen_k]`` (True = attend).
 
-    Accepts boolean masks (True = attend) and additive ones (0 = attend, <= -1e4 = masked), shaped ``[B, S_k]``,
-    ``[B, 1 | S_q, S_k]`` or ``[B, 1 | H, 1 | S_q, S_k]``. Raises ``NotImplementedError`` naming ``attn_mask`` when
-    the mask differs between queries or heads, or holds additive values other than 0 and <= -1e4; ``ValueError``
-    for a shape that does not broadcast to ``[batch, heads, seqlen_q, seqlen_k]``.
+    Accepts boolean masks (True = attend) and additive ones (0 = attend, <= -1e4 = masked), shaped ``[S_k]`` (one
+    key mask for every sample: SDPA, diffusers' native backend, broadcasts it so, and diffusers' varlen backends
+    read it so in ``_normalize_attn_mask``), ``[B | 1, S_k]``, ``[B | 1, 1 | S_q, S_k]`` or
+    ``[B | 1, 1 | H, 1 | S_q, S_k]`` (diffusers' layouts: a 2-D mask is per sample, a 3-D one per sample and query).
+    Raises ``NotImplementedError`` naming ``attn_mask`` when the mask differs between queries or heads, or holds
+    additive values other than 0 and <= -1e4; ``ValueError`` naming ``attn_mask`` for any other shape, listing the
+    supported ones: "does not broadcast" when even SDPA's reading of the shape fails to broadcast to
+    ``[batch, heads, seqlen_q, seqlen_k]`` (a wrong S_k), "is not supported" otherwise (e.g. ``[S_q, S_k]``, which
+    SDPA takes as a per-query mask but diffusers' 2-D layout reads as ``[B, S_k]``).
     """
     m = attn_mask
     if m.dtype != torch.bool:
@@ -114,14 +119,24 @@ def key_mask(attn_mask: torch.Tensor, batch: int, seqlen_q: int, seqlen_k: int, 
             raise NotImplementedError("attn_mask: additive biases other than 0 (attend) and <= -1e4 (masked) are not "
                                       "supported; pass a boolean mask")
         m = ok
-    if m.dim() == 2:
+    if m.dim() == 1:
+        m = m[None, None, None, :]
+    elif m.dim() == 2:
         m = m[:, None, None, :]
     elif m.dim() == 3:
         m = m[:, None]
     if m.dim() != 4 or m.shape[-1] != seqlen_k or m.shape[0] not in (1, batch) or m.shape[1] not in (1, heads) \
             or m.shape[2] not in (1, seqlen_q):
-        raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to [batch={batch}, "
-                         f"heads={heads}, seqlen_q={seqlen_q}, seqlen_k={seqlen_k}]")
+        target = (batch, heads, seqlen_q, seqlen_k)
+        try:  # SDPA's own reading of the shape: when even that fails, the shape broadcasts in no layout
+            torch.broadcast_shapes(tuple(attn_mask.shape), target)
+            why = "is not supported"
+        except RuntimeError:
+            why = "does not broadcast to [batch={}, heads={}, seqlen_q={}, seqlen_k={}]".format(*target)
+        raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} {why}; expected [S_k], [B | 1, S_k], "
+                         f"[B | 1, 1 | S_q, S_k] or [B | 1, 1 | H, 1 | S_q, S_k] with B={batch}, H={heads}, "
+                         f"S_q={seqlen_q}, S_k={seqlen_k} (diffusers' layouts: a 2-D mask is per sample, a 3-D one "
+                         "per sample and query)")
     first = m[:, :1, :1]
     if not bool((m == first).all()):
         raise NotImplementedError("attn_mask: masks that differ between queries or heads are not supported (only key "

@@ -121,6 +121,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
     t_start = time.perf_counter()
     for name, lo in (("num_samples", 1), ("steps", 1), ("batch_size", 1), ("seed", 0), ("grid", 0)):
         a[name] = O.check_int(name, a[name], lo)
+    if a["steps"] > flow.MAX_STEPS:  # named before the sampler allocates its times [steps + 1]
+        raise UsageError("steps", f"at most {flow.MAX_STEPS:,} (flow.MAX_STEPS), got {a['steps']:,}")
     if num_samples > MAX_SAMPLES:  # the index -> file name and seeding scheme, and the .npz, are sized for this
         raise UsageError("num_samples", f"at most {MAX_SAMPLES:,} samples per run, got {num_samples:,}")
     if sampler not in SAMPLERS:

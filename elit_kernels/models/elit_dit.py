@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .._devices import device_problem
 from ..attention import AttentionPlan, SegmentRuns, known_backends, value_checks_enabled
 from ..layout import ElitLayout, TokenRuns, build_layout, normalize_budgets, from_group_major, group_major_permutation, to_group_major
 from .blocks import DiTBlock, FinalLayer, ReadBlock, TimestepEmbedder, WriteBlock, sincos_2d, zero_output_layers
@@ -251,8 +252,6 @@ class ElitDiT(nn.Module):
         key = (tuple(bud), batch, str(dev), torch.is_inference_mode_enabled())
 
         def build():
-            from .checkpoint import device_problem  # checkpoint imports this module
-
             if why := device_problem(dev):
                 raise ValueError(f"device: {why}")
             return build_layout(bud, batch, cfg.groups, cfg.tokens_per_group, cfg.latents_per_group, device=device,

@@ -846,7 +846,14 @@ def test_breakdown_attributes_self_time_to_innermost_stage_and_outermost_op():
     mm = ev("aten::addmm", lin, cpu=2, dev=7)
     ln = ev("aten::layer_norm", head, cpu=3, dev=4)
     glue = ev("aten::index_select", None, cpu=5, dev=6)
-    events = [head, read, lin, mm, ln, glue]
+    # On a GPU the profiler also lists each kernel as an event of its own (device_type CUDA, no host parent), whose
+    # time its launching op's self_device_time_total already holds; and async events: neither counts again
+    from torch.autograd import DeviceType
+    kernel = E(name="sm90_xmma_gemm_bf16", cpu_parent=None, self_cpu_time_total=0, self_device_time_total=7,
+               device_type=DeviceType.CUDA, is_async=False)
+    async_ev = E(name="aten::copy_", cpu_parent=None, self_cpu_time_total=9, self_device_time_total=9,
+                 device_type=DeviceType.CPU, is_async=True)
+    events = [head, read, lin, mm, ln, glue, kernel, async_ev]
     assert attribute(events, device=True) == {("read", "matmul"): 7, ("head", "norm/elementwise"): 4,
                                               ("glue", "gather/copy"): 6}
     assert attribute(events, device=False) == {("read", "matmul"): 3, ("head", "norm/elementwise"): 3,

@@ -644,6 +644,35 @@ def test_backend_timing_is_the_median_in_milliseconds_after_two_warmups():
     assert 19.0 <= ms < 29.0, f"median of 1, 40, 20, 30, 10 ms should be ~20 ms, got {ms:.1f}"
 
 
+def test_backend_timing_uses_the_host_clock_for_cpu_inputs_when_cuda_is_up(monkeypatch):
+    """Once CUDA is initialised in the process (a model on the GPU elsewhere), CPU work timed between two CUDA
+    events measures ~0 ms for every backend: the clock follows the inputs' device (helper-37's GPU review)."""
+    import time as _t
+
+    def no_events(*a, **k):
+        raise AssertionError("CUDA events used to time CPU work")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", no_events)
+    ms = D._time_ms(lambda: _t.sleep(0.005), 3, torch.device("cpu"))
+    assert 4.0 <= ms < 50.0, ms
+    with pytest.raises(AssertionError, match="CUDA events"):
+        D._time_ms(lambda: None, 1, "cuda:0")  # CUDA inputs: the events
+
+
+def test_tuning_with_return_lse_and_gradients_ranks_the_backends():
+    """``(out, lse)`` with gradients: the backward is taken from out; before, autograd.grad got the tuple with one
+    gradient, every backend raised and an empty ranking was cached (helper-37's GPU review)."""
+    import warnings
+
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 4, 4], [4, 4, 4], 2, 16, seed=3, requires_grad=True)
+    inp = A.validate_inputs(q, k, v, cq, ck, mq, mk, None, False, return_lse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms = D.time_backends(inp, repeats=1)
+    assert ms and all(v > 0 for v in ms.values()), ms
+
+
 def test_tuning_cache_path_default_location_and_file_name(monkeypatch, tmp_path):
     # without ELIT_CACHE_DIR: ~/.cache/elit_kernels; the file name keys GPU and versions, with every character a
     # file name should not hold made "_"
@@ -865,7 +894,7 @@ def test_every_candidate_failing_its_known_answer_check_is_named_in_the_error(mo
 def test_timing_defaults_and_the_backward_is_timed_when_gradients_are_needed(monkeypatch, tmp_path):
     seen = []
 
-    def fake_time(fn, repeats):
+    def fake_time(fn, repeats, device=None):
         seen.append(repeats)
         fn()
         return 1.0

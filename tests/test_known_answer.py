@@ -483,3 +483,56 @@ def test_verify_backend_takes_numpy_ints_and_checks_masked_kinds(fake):
         args.update(bad)
         with pytest.raises((TypeError, ValueError), match=match):
             KA.verify_backend(**args)
+
+
+def test_fp32_verdicts_on_cuda_carry_the_matmul_precision_and_tf32_gets_tf32_tolerances(fake):
+    """Triton's fp32 kernels follow PyTorch's float32 matmul setting (TF32 or exact): a verdict found under one
+    setting is not reused under the other, and under TF32 the case is held to float16's tolerances (TF32's 10-bit
+    mantissa), where an exact-fp32 reference's small matmuls would otherwise blame a correct TF32 kernel
+    (helper-37's GPU review). CPU verdicts are unchanged."""
+    b = fake("_tf32")
+    was = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        tf32 = KA._key(b, torch.device("cuda", 0), torch.float32, 64, False, False, False)
+        assert tf32[2] == "float32/tf32"
+        assert KA._tolerances("cuda:0", torch.float32) == KA._tolerances("cpu", torch.float16)
+        assert KA._tolerances("cpu", torch.float32) == (1e-5, 1e-6)  # the CPU never multiplies in TF32
+        assert KA._key(b, "cpu", torch.float32, 64, False, False, False)[2] == "float32"
+        torch.set_float32_matmul_precision("highest")
+        ieee = KA._key(b, torch.device("cuda", 0), torch.float32, 64, False, False, False)
+        assert ieee[2] == "float32/ieee" and ieee != tf32
+        assert KA._tolerances("cuda:0", torch.float32) == (1e-5, 1e-6)
+        assert KA._key(b, torch.device("cuda", 0), torch.bfloat16, 64, False, False, False)[2] == "bfloat16"
+    finally:
+        torch.set_float32_matmul_precision(was)
+
+
+def test_the_reference_runs_with_deterministic_algorithms_off_and_the_switch_is_restored(fake, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the reference's cuBLAS matmuls raise on CUDA without
+    CUBLAS_WORKSPACE_CONFIG; the check took that for the kernel's failure and skipped a correct kernel for the
+    process. The reference now runs with the switch off (simulated on CPU: a reference that raises under it)."""
+    ref = B.get_backend("reference")
+    real_forward = ref.forward
+
+    class _Good(_Fake):
+        def forward(self, inp):
+            return real_forward(inp)
+
+    def strict(inp):
+        if torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError("Deterministic behavior was enabled ... CUBLAS_WORKSPACE_CONFIG (simulated)")
+        return real_forward(inp)
+    monkeypatch.setattr(ref, "forward", strict)
+    b = B.register_backend(_Good("_det_good"))
+    try:
+        for warn_only in (False, True):
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
+            try:
+                assert KA._run_case(b, torch.device("cpu"), torch.float32, 16, False, False, True) is None
+                assert torch.are_deterministic_algorithms_enabled()
+                assert torch.is_deterministic_algorithms_warn_only_enabled() == warn_only
+            finally:
+                torch.use_deterministic_algorithms(False)
+    finally:
+        B.registry._REGISTRY.pop("_det_good", None)

@@ -409,12 +409,14 @@ def _save_disk_cache() -> None:
                       "process only", RuntimeWarning, stacklevel=3)
 
 
-def _time_ms(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` calls after two warm-ups (CUDA events on a GPU)."""
+def _time_ms(fn, repeats: int, device=None) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after two warm-ups: CUDA events for work on a CUDA
+    ``device`` (the inputs'), the host clock otherwise (CPU work between two CUDA events measures nothing: the
+    events are recorded on the GPU's stream, which the CPU work never touches)."""
     fn()
     fn()
     times = []
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(repeats):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -448,13 +450,14 @@ def time_backends(inp: AttnInputs, repeats: int = 10) -> dict:
 
             def fn(b=b):
                 o = run_backend(b, inp)
+                o = o[0] if inp.return_lse else o  # (out, lse): the gradient flows from out
                 torch.autograd.grad(o, [t for t in (inp.q, inp.k, inp.v) if t.requires_grad], dout)
         else:
             def fn(b=b):
                 with torch.no_grad():
                     run_backend(b, inp)
         try:
-            out[b.name] = _time_ms(fn, repeats)
+            out[b.name] = _time_ms(fn, repeats, inp.q.device)
         except Exception as e:  # noqa: BLE001 - a backend that fails here is not ranked
             warnings.warn(f"elit_kernels: tuning skipped backend {b.name!r} ({type(e).__name__}: {e})",
                           RuntimeWarning, stacklevel=2)

@@ -84,10 +84,16 @@ def _add_ranges(model) -> list:
 def attribute(events, device: bool) -> dict:
     """``{(stage, kind): microseconds}`` from the profiler's ``FunctionEvent`` list: each op's self time goes to
     the innermost stage range above it (``"glue"`` outside every range) and the kind of the outermost op below
-    that range."""
+    that range. Only host-side op events count: on a GPU the profiler also lists every kernel as an event of its
+    own (``device_type`` CUDA) whose time its launching op already holds (``self_device_time_total``), and async
+    events have no place in the op tree; counting them would put each kernel's time in twice (once more under
+    ``"glue"``, having no host parent)."""
+    from torch.autograd import DeviceType
+
     acc: dict = {}
     for e in events:
-        if e.name.startswith(_PREFIX):
+        if e.name.startswith(_PREFIX) or getattr(e, "is_async", False) \
+                or getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU:
             continue
         us = e.self_device_time_total if device else e.self_cpu_time_total
         if not us:

@@ -100,8 +100,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("measure_dispatch: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    from elit_kernels.attention import dispatch as D
-
     if why := output_dir_error(args.out):
         ap.error(f"--out: {why}")
     t_start = time.perf_counter()
@@ -110,6 +108,20 @@ def main(argv=None) -> int:
     entries, lines = [], []
     passes = [(torch.bfloat16, False), (torch.bfloat16, True)]
     fp32_labels = {f"spatial {args.batch}x1024", "core J=64", "read J=64", "core mixed, no segments"}
+    interrupted = False
+    try:  # a SIGINT (gpu_check's stage limit) keeps what was measured: written below, the overhead left out
+        _measure(args, shapes, passes, fp32_labels, t_start, entries, lines)
+    except KeyboardInterrupt:
+        interrupted = True
+        lines.append("| (interrupted: the rest not run) | | | | | | | |")
+    _write(args, gpu, entries, lines, t_start, interrupted)
+    return 130 if interrupted else 0
+
+
+def _measure(args, shapes, passes, fp32_labels, t_start, entries, lines) -> None:
+    """Time every shape in priority order until --max-seconds, appending table entries and report lines."""
+    from elit_kernels.attention import dispatch as D  # after main's CUDA check: imports the package
+
     for label, lq, lk, h, d, ws, dtype, grad in _priority(shapes, passes, fp32_labels):
         if time.perf_counter() - t_start > args.max_seconds:  # what is left: listed as not run
             lines.append(f"| {label} | {str(dtype)[6:]} | {'fwd+bwd' if grad else 'fwd'} | not run: --max-seconds spent |")
@@ -134,6 +146,10 @@ def main(argv=None) -> int:
                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: kv[1])) + " |")
         print(lines[-1], flush=True)
         del inp
+
+
+def _write(args, gpu, entries, lines, t_start, interrupted: bool) -> None:
+    """dispatch_table.json and dispatch_report.md (with the per-call overhead unless ``interrupted``)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -156,8 +172,7 @@ def main(argv=None) -> int:
     # per-call overhead on a tiny Read-like call with host-side segments (the op bench's measurement)
     from elit_kernels.bench.attention_cases import dispatch_overhead_us
 
-    o = dispatch_overhead_us(torch.device("cuda"), torch.bfloat16, 16, args.head_dim)
-    over = (o["added_us"], o["direct_us"], o["plan_added_us"])
+    o = None if interrupted else dispatch_overhead_us(torch.device("cuda"), torch.bfloat16, 16, args.head_dim)
     with open(os.path.join(args.out, "dispatch_report.md"), "w") as f:
         f.write(f"# Dispatch measurement on {gpu}\n\ntorch {torch.__version__}, triton {tv}, commit {commit}, "
                 f"{table['date']}. ms per call (median of {args.repeats}); 'picked' is what default dispatch chose "
@@ -165,13 +180,15 @@ def main(argv=None) -> int:
                 "| shape | dtype | pass | picked (source) ms | fastest ms | picked / fastest | FA2 varlen ms (vs picked) "
                 "| every backend, ms |\n|---|---|---|---|---|---|---|---|\n")
         f.write("\n".join(lines) + "\n\n")
-        f.write(f"Per-call host time added to the chosen backend ({o['backend']}, {over[1]:.1f} us a call itself; "
-                f"Read-like call, 8 windows, host-side segments): varlen_attention {over[0]:.1f} us, an AttentionPlan "
-                f"(the model's path) {over[2]:.1f} us.\n")
-    print(f"overhead: varlen_attention +{over[0]:.1f} us/call, plan +{over[2]:.1f} us/call over {o['backend']} "
-          f"({over[1]:.1f} us/call)")
-    print(f"measure_dispatch: {len(entries)} entries in {time.perf_counter() - t_start:.0f} s -> {args.out}")
-    return 0
+        if o is not None:
+            f.write(f"Per-call host time added to the chosen backend ({o['backend']}, {o['direct_us']:.1f} us a call "
+                    f"itself; Read-like call, 8 windows, host-side segments): varlen_attention {o['added_us']:.1f} us, "
+                    f"an AttentionPlan (the model's path) {o['plan_added_us']:.1f} us.\n")
+    if o is not None:
+        print(f"overhead: varlen_attention +{o['added_us']:.1f} us/call, plan +{o['plan_added_us']:.1f} us/call over "
+              f"{o['backend']} ({o['direct_us']:.1f} us/call)")
+    print(f"measure_dispatch: {len(entries)} entries in {time.perf_counter() - t_start:.0f} s -> {args.out}"
+          + (" (interrupted)" if interrupted else ""))
 
 
 if __name__ == "__main__":

@@ -468,7 +468,8 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
             callable ``step -> budget`` (its results are checked at each step).
         guidance_interval: a pair (low, high) of reals with 0 <= low <= high <= 1: a sequence of two (a tuple or a
             list; not a str, a dict or a set), or a 1-D integer or floating tensor or NumPy array of two (read on the
-            host once).
+            host once). Other than the default (0.0, 1.0) only with a guided mode and a scale > 0 (it would be
+            ignored).
         heun / progress / graphed: bools (NumPy's bool is one). ``progress`` shows a tqdm bar. ``graphed``: replay
             each forward from a CUDA graph captured once per budget signature (``elit_kernels.models.capture``; a
             run keeps one or two signatures: guided and, outside the guidance interval, unguided). On a CPU, or
@@ -489,6 +490,10 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
     steps = int(steps)
     scale = _check_guidance(mode, scale, weak_budget)
     low, high = _check_interval(guidance_interval)
+    if (mode == "none" or scale == 0) and (low, high) != (0.0, 1.0):
+        raise ValueError(f"guidance_interval: mode {mode!r} at scale {scale:g} guides no step, so the interval "
+                         f"{(low, high)} would be ignored; leave the default (0.0, 1.0), or pass a guided mode and a "
+                         "scale > 0")
     heun, progress, graphed = (_check_bool(name, flag) for name, flag in
                                (("heun", heun), ("progress", progress), ("graphed", graphed)))
     _check_model("model", model, guided=mode != "none" and scale > 0)

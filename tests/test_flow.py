@@ -231,7 +231,13 @@ def test_euler_guidance_interval_is_inclusive_and_weak_budget_reaches_the_weak_p
     m.calls.clear()
     euler_sample(m, x, y, steps=2, mode="cfg", scale=0.0)  # scale 0: never guided
     assert [c["batch"] for c in m.calls] == [3, 3]
-    euler_sample(m, x, y, steps=1, guidance_interval=(0.5, 0.5))  # an empty-width interval is legal
+    m.calls.clear()
+    euler_sample(m, x, y, steps=1, mode="cfg", scale=0.5, guidance_interval=(0.5, 0.5))  # an empty-width interval
+    assert [c["batch"] for c in m.calls] == [3]  # is legal: t_cur = 1 is outside it, unguided
+    for kw in (dict(), dict(mode="cfg", scale=0.0)):  # guides no step: an interval given would be ignored
+        with pytest.raises(ValueError, match=r"^guidance_interval: mode '(none|cfg)' at scale 0 guides no step"):
+            euler_sample(m, x, y, steps=1, guidance_interval=(0.2, 0.9), **kw)
+        euler_sample(m, x, y, steps=1, guidance_interval=[0.0, 1.0], **kw)  # the default, in any form, is fine
 
 
 def test_euler_defaults_and_schedules(capsys):

@@ -473,6 +473,7 @@ def test_missing_checkpoint_and_vae_hint(tmp_path, capsys, files):
     (dict(budget_mix=[(8, 1)]), "budget_mix"),  # J past this model's J_max = 4
     (dict(steps=2 ** 40), "steps"),  # past flow.MAX_STEPS: named before the times [steps + 1] are allocated
     (dict(guidance_interval={0: 1, 1: 2}), "guidance_interval"),  # a dict's keys are not a pair
+    (dict(guidance_interval=(0.2, 0.9)), "guidance_interval"),  # guidance none guides no step: it would be ignored
 ])
 def test_generate_refuses_bad_library_arguments_by_name(files, tmp_path, kw, name):
     kw = dict(kw)  # the parametrize dict is shared by every run of the test in this process: pop from a copy

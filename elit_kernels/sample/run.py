@@ -136,6 +136,9 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
     if guidance != "none" and cfg_scale == 1:
         raise UsageError("cfg_scale", f"guidance {guidance} needs cfg_scale > 1 (1 = no guidance)")
     a["guidance_interval"] = O.usage(lambda _, v: flow._check_interval(v), "guidance_interval", guidance_interval)
+    if guidance == "none" and a["guidance_interval"] != (0.0, 1.0):
+        raise UsageError("guidance_interval", f"{a['guidance_interval']} needs a guidance mode (with guidance none "
+                                              "no step is guided and it would be ignored)")
     for name in ("latents_only", "tf32", "progress"):
         a[name] = O.check_bool(name, a[name])
     if graphed is not None:

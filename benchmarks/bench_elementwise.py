@@ -118,26 +118,15 @@ def main(argv=None) -> int:
     moved = {"layernorm_modulate": 2 * t * c * elem, "gated_residual": 3 * t * c * elem}
     on_h200 = dev.type == "cuda" and "H200" in torch.cuda.get_device_name(dev)
     rows, cases = [], []
-    for name, (ln_mod, gated) in implementations(dev, not args.no_compile).items():
-        calls = {"layernorm_modulate": lambda f=ln_mod: f(x, shift, scale, runs, EPS),
-                 "gated_residual": lambda f=gated: f(x, y, gate, runs)}
-        for op in OPS:
-            row = {"op": op, "impl": name, "tokens": t, "hidden": c, "dtype": args.dtype, "min_mb": moved[op] / 1e6,
-                   "times_ms": [], "error": None}
-            try:
-                with torch.no_grad():
-                    got = calls[op]()  # warm-up (and compile), then the check against the fp32 reference
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                row["max_abs_err"] = float((got.float() - want[op]).abs().max())
-                cases.append((row, calls[op]))
-            except Exception as e:  # an implementation that cannot run here says why; the rest go on
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            rows.append(row)
-    with torch.no_grad():
-        for _ in range(args.repeats):  # interleaved: every case once per repeat
-            for row, fn in cases:
-                row["times_ms"].append(time_call(fn, dev))
+    try:  # a SIGINT (gpu_check's stage limit) keeps what was measured: the rows below are written with it
+        _warm_and_time(args, dev, implementations(dev, not args.no_compile), x, shift, scale, y, gate, runs, want,
+                       moved, t, c, rows, cases)
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+        for row in rows:
+            if not row["times_ms"] and row["error"] is None:
+                row["error"] = "not timed: interrupted (the stage's time limit)"
     for row in rows:
         ts = row.pop("times_ms")
         row["ms"] = statistics.median(ts) if ts else None
@@ -161,7 +150,32 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump({"metadata": md, "rows": rows}, f, indent=1)
         print(f"wrote {path}")
-    return 0
+    return 130 if interrupted else 0
+
+
+def _warm_and_time(args, dev, impls, x, shift, scale, y, gate, runs, want, moved, t, c, rows, cases) -> None:
+    """Warm up and check every implementation x op against the fp32 reference (appending ``rows`` and the runnable
+    ``cases``), then time the cases interleaved, ``args.repeats`` times each."""
+    for name, (ln_mod, gated) in impls.items():
+        calls = {"layernorm_modulate": lambda f=ln_mod: f(x, shift, scale, runs, EPS),
+                 "gated_residual": lambda f=gated: f(x, y, gate, runs)}
+        for op in OPS:
+            row = {"op": op, "impl": name, "tokens": t, "hidden": c, "dtype": args.dtype, "min_mb": moved[op] / 1e6,
+                   "times_ms": [], "error": None}
+            try:
+                with torch.no_grad():
+                    got = calls[op]()  # warm-up (and compile), then the check against the fp32 reference
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                row["max_abs_err"] = float((got.float() - want[op]).abs().max())
+                cases.append((row, calls[op]))
+            except Exception as e:  # an implementation that cannot run here says why; the rest go on
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            rows.append(row)
+    with torch.no_grad():
+        for _ in range(args.repeats):  # interleaved: every case once per repeat
+            for row, fn in cases:
+                row["times_ms"].append(time_call(fn, dev))
 
 
 if __name__ == "__main__":

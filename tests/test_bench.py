@@ -925,3 +925,27 @@ def test_cli_sampling_scenario_times_whole_runs_against_the_official_sampler(tmp
     with pytest.raises(SystemExit) as e:
         main(TINY + ["--sampling-steps", "0"])
     assert e.value.code == 2 and "--sampling-steps" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_during_the_breakdown_keeps_the_timed_results(tmp_path, capsys, monkeypatch):
+    """gpu_check's stage limit (SIGINT) can fall in --breakdown, after the deadline: the timed rows are written with
+    the breakdowns done, and elit-bench exits 130 saying so, instead of losing the whole run (helper-37's review)."""
+    import elit_kernels.bench.breakdown as bd_mod
+
+    real = bd_mod.forward_breakdown
+    calls = []
+
+    def second_interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(bd_mod, "forward_breakdown", second_interrupted)
+    out = tmp_path / "bd"
+    assert main(TINY + ["--batch", "2", "--repeats", "1", "--warmup", "1", "--scenarios", "uniform", "--budgets", "1,4",
+                        "--presets", "released", "--backends", "torch", "--breakdown", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "breakdown interrupted at released torch" in err and "interrupted during --breakdown" in err
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["metadata"]["breakdown"]) == 1 and res["rows"]
+    assert all(r["latency_ms"] and r["repeats"] == 1 for r in res["rows"])  # every case timed

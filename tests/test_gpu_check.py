@@ -169,3 +169,26 @@ def test_dispatch_measurement_writes_what_it_measured_when_its_stage_is_interrup
     assert [e["shape"] for e in table["entries"]] == ["read J=64"] and table["device"] == "Fake GPU"
     report = (tmp_path / "dispatch_report.md").read_text()
     assert "| read J=64 |" in report and "interrupted" in report and "Per-call host time" not in report
+
+
+def test_elementwise_bench_writes_what_it_timed_when_interrupted(tmp_path, monkeypatch):
+    """gpu_check's stage limit (SIGINT) in the elementwise bench: the rows timed so far are written, the others say
+    they were not timed, and it exits 130, instead of losing elementwise.json (helper-37's GPU review)."""
+    spec = importlib.util.spec_from_file_location("bench_elementwise", ROOT / "benchmarks" / "bench_elementwise.py")
+    be = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(be)
+    real, calls = be.time_call, []
+
+    def interrupted_on_the_third(fn, dev):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(fn, dev)
+    monkeypatch.setattr(be, "time_call", interrupted_on_the_third)
+    argv = ["--device", "cpu", "--config", "S/2", "--resolution", "64", "--batch", "2", "--repeats", "1",
+            "--no-compile", "--out", str(tmp_path)]
+    assert be.main(argv) == 130
+    rows = json.loads((tmp_path / "elementwise.json").read_text())["rows"]
+    timed = [r for r in rows if r["ms"] is not None]
+    assert len(timed) == 2 and all(r["error"] is None for r in timed)
+    assert rows[2:] and all(r["error"] == "not timed: interrupted (the stage's time limit)" for r in rows[2:])

@@ -484,7 +484,10 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
 
 def run_breakdowns(cases, extra) -> list[dict]:
     """``forward_breakdown`` of each eager ElitDiT case of the uniform sweep at the largest and smallest budget
-    (one profiled forward each, after the timing so that it cannot disturb it)."""
+    (one profiled forward each, after the timing so that it cannot disturb it).
+
+    A Ctrl-C (a time limit's SIGINT) during the breakdowns ends them, not the run: the timed rows are written
+    with the breakdowns done so far, ``extra["interrupted"]`` is set and elit-bench exits 130 after writing."""
     from .breakdown import forward_breakdown
 
     out = []
@@ -497,6 +500,11 @@ def run_breakdowns(cases, extra) -> list[dict]:
         x, t, y = c.inputs
         try:
             b = forward_breakdown(c.models[0], x, t, y, c.budgets)
+        except KeyboardInterrupt:
+            _say(f"breakdown interrupted at {c.preset} {c.backend} J̃={c.budget}: the timed results are written "
+                 f"with the {len(out)} breakdown(s) done")
+            extra["interrupted"] = True
+            break
         except Exception as e:  # the profiler missing a feature must not lose the timed run
             _say(f"breakdown of {c.preset} {c.backend} J̃={c.budget} failed: {type(e).__name__}: {e}")
             continue
@@ -555,6 +563,10 @@ def _main(parser, args, argv=None) -> int:
         _say(f"error: every case failed ({len(rows)} of {len(rows)}; their reasons are above"
              + (f" and in {args.out}" if args.out else "") + "): nothing was timed")
         return 1
+    if extra.get("interrupted"):
+        _say("interrupted during --breakdown; the timed results above are complete" + (" and written" if args.out
+                                                                                     else ""))
+        return _cli.SIGINT_STATUS
     _say(f"done in {format_seconds(extra['run_seconds'])}"
          + (f" (estimated {format_seconds(extra['estimate_s'])})" if extra.get("estimate_s") else ""))
     return 0

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._types import is_int
 from ..attention import registry as _backends
 from ..attention.registry import Backend, register_backend
+from ..layout import normalize_budgets
 
 STUB_BACKEND = "_bench_flop_stub"
 
@@ -61,30 +63,50 @@ class _FlopStubBackend(Backend):
         return torch.zeros_like(inp.q)
 
 
+def _check_models(models) -> list[torch.nn.Module]:
+    """``models`` as a list of modules: one module, or a list / tuple of them (TypeError naming ``models``)."""
+    if isinstance(models, torch.nn.Module):
+        return [models]
+    if not isinstance(models, (list, tuple)):
+        raise TypeError(f"models: expected a torch.nn.Module or a list / tuple of them (the modules whose backend "
+                        f"attribute is pointed at the stub), got {type(models).__name__}")
+    bad = [type(m).__name__ for m in models if not isinstance(m, torch.nn.Module)]
+    if bad:
+        raise TypeError(f"models: expected torch.nn.Module items, got {bad[0]}")
+    return list(models)
+
+
 @contextlib.contextmanager
 def _stub_backend(models):
     """Point every model's attention at the stub for the duration; undo everything afterwards.
 
-    The stub is registered only inside this block and removed again, so the public registry
-    (``known_backends()``) never shows it outside a FLOP count.
+    The stub is registered only inside this block and removed again (by the outermost block, when counts nest),
+    so the public registry (``known_backends()``) never shows it outside a FLOP count, whatever fails.
     """
-    register_backend(_FlopStubBackend())
-    saved = [(m, getattr(m, "backend", None)) for m in models]
+    models = _check_models(models)
+    ours = STUB_BACKEND not in _backends._REGISTRY
+    saved = []
     try:
+        if ours:
+            register_backend(_FlopStubBackend())
         for m in models:
+            saved.append((m, getattr(m, "backend", None)))
             m.backend = STUB_BACKEND
         yield
     finally:
-        for m, b in saved:
+        for m, b in reversed(saved):
             m.backend = b
-        _backends._REGISTRY.pop(STUB_BACKEND, None)  # private on purpose: the stub must not linger
+        if ours:
+            _backends._REGISTRY.pop(STUB_BACKEND, None)  # private on purpose: the stub must not linger
 
 
 def count_flops(fn, models) -> dict:
     """Run ``fn()`` once and return {"total", "attention", "other", "attention_calls"} FLOPs (forward).
 
-    ``models``: the modules whose ``backend`` attribute must be pointed at the stub while counting.
+    ``models``: the module, or a list / tuple of the modules, whose ``backend`` attribute must be pointed at the
+    stub while counting (TypeError naming ``models`` otherwise, before anything is registered).
     """
+    models = _check_models(models)
     counter = AttentionFlops()
     _ACTIVE.append(counter)
     try:
@@ -97,12 +119,25 @@ def count_flops(fn, models) -> dict:
             "attention_calls": counter.calls}
 
 
-def elit_attention_flops(cfg, budgets) -> int:
+def elit_attention_flops(cfg, budgets, *, batch: int | None = None) -> int:
     """Analytic attention FLOPs of one ElitDiT forward for per-sample ``budgets`` (a check on the counter).
+
+    ``budgets`` as ``ElitDiT.forward`` takes them (``layout.normalize_budgets``): one int per sample in
+    [0, J_max] (a sequence, a 1-D integer tensor or array), or one int / None (J_max) for all ``batch`` samples;
+    ``batch`` defaults to the number of budgets given (it is required with an int or None). ValueError /
+    TypeError naming ``budgets`` or ``batch`` otherwise.
 
     Head/tail: N² per sample per block; Read and Write: G·J_b·P each (G·J_max·P under the released
     ``budget_core_only`` semantics, where they see every latent); core: (G·J_b)² per block.
     """
+    if batch is None:
+        if budgets is None or is_int(budgets):
+            raise ValueError(f"batch: expected an int >= 0 (the number of samples) with budgets={budgets!r}, got None")
+        try:
+            batch = len(budgets)
+        except TypeError:
+            batch = 0  # not a sequence: normalize_budgets names what it is
+    budgets = normalize_budgets(budgets, batch, cfg.latents_per_group)
     h, d = cfg.heads, cfg.hidden // cfg.heads
     n, g, p = cfg.grid * cfg.grid, cfg.groups, cfg.tokens_per_group
     per = 0
@@ -113,5 +148,9 @@ def elit_attention_flops(cfg, budgets) -> int:
 
 
 def plain_attention_flops(cfg, batch: int) -> int:
+    """Analytic attention FLOPs of one PlainDiT forward of ``batch`` samples (an int >= 0; ValueError naming
+    ``batch`` otherwise)."""
+    if not is_int(batch) or batch < 0:
+        raise ValueError(f"batch: expected an int >= 0 (the number of samples), got {batch!r}")
     n = cfg.grid * cfg.grid
-    return 4 * batch * cfg.depth * n * n * cfg.heads * (cfg.hidden // cfg.heads)
+    return 4 * int(batch) * cfg.depth * n * n * cfg.heads * (cfg.hidden // cfg.heads)

@@ -93,15 +93,18 @@ def write_grid_png(path: str, samples: torch.Tensor, budgets, groups: int, class
     write_output(path, lambda tmp: fig.savefig(tmp, format="png"))  # whole or not at all
 
 
-def write_loss_png(path: str, loss_by_budget: dict[int, float], j_min: int, groups: int, title: str = "") -> None:
-    """Held-out loss against the budget J̃, with the training range shaded. Written whole or not at all;
-    ``_cli.OutputWriteError`` naming ``path`` when it cannot be."""
+def write_loss_png(path: str, loss_by_budget: dict[int, float], j_min: int | None, groups: int, title: str = "") -> None:
+    """Held-out loss against the budget J̃, with the training range ``j_min``..J_max shaded (the trained one, not the
+    evaluated one; None: not known, nothing shaded). Written whole or not at all; ``_cli.OutputWriteError`` naming
+    ``path`` when it cannot be."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
 
     bs = sorted(loss_by_budget)
     fig = Figure(figsize=(5.0, 3.2), dpi=100)
     ax = fig.subplots()
-    ax.axvspan(j_min - 0.5, max(bs) + 0.5, color="tab:blue", alpha=0.07, lw=0, label=f"trained budgets {j_min}..{max(bs)}")
+    if j_min is not None:
+        ax.axvspan(j_min - 0.5, max(bs) + 0.5, color="tab:blue", alpha=0.07, lw=0,
+                   label=f"trained budgets {j_min}..{max(bs)}")
     ax.plot(bs, [loss_by_budget[b] for b in bs], "o-", color="tab:blue", ms=4, label="held-out loss")
     ax.set_xlabel(f"latents per group J̃ (K = {groups}·J̃ latents)")
     ax.set_ylabel("held-out rectified-flow loss")

@@ -187,6 +187,23 @@ def config_from_dict(d: dict, *, complete: bool = False) -> ElitConfig:
     return ElitConfig(**d)
 
 
+def _with_overrides(base: ElitConfig, overrides: dict, derived: dict) -> ElitConfig:
+    """``replace(base, **overrides)`` for the presets: an unknown field is a ValueError naming the known ones (not
+    dataclasses' bare TypeError), and an override of a field the preset derives from its own arguments
+    (``derived``: field -> (value, what it comes from, what to pass instead)) must equal the derived value, else a ValueError naming
+    both: the other fields are derived from those arguments too, so a differing override would silently build a
+    config the arguments do not describe (``elit_config("tiny", 64, input_size=16)`` kept 64px's windows)."""
+    known = {f.name for f in fields(ElitConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"overrides: unknown ElitConfig field(s) {bad}; known: {sorted(known)}")
+    for name, (value, source, hint) in derived.items():
+        if name in overrides and overrides[name] != value:
+            raise ValueError(f"{name}: {overrides[name]!r} conflicts with {source}, which gives {name} = {value}; "
+                             f"{hint}")
+    return replace(base, **overrides)
+
+
 _SIZES = {"S/2": (384, 12, 6), "B/2": (768, 12, 12), "L/2": (1024, 24, 16), "XL/2": (1152, 28, 16),
           "tiny": (64, 3, 2)}
 
@@ -212,7 +229,9 @@ def elit_config(name: str, resolution: int = 256, **overrides) -> ElitConfig:
     base = ElitConfig(hidden=hidden, depth=depth, heads=heads, input_size=input_size, window=window)
     if name == "tiny":  # ours, for tests and demos: 2x2 windows (4 groups) so budgets stay meaningful
         base = replace(base, head_blocks=1, tail_blocks=1, num_classes=10, window=max(1, (input_size // 2) // 2))
-    return replace(base, **overrides)
+    return _with_overrides(base, overrides, {
+        "input_size": (input_size, f"resolution {resolution}", "pass resolution = 8 x the input_size "
+                                                               "wanted instead (the windows follow the resolution)")})
 
 
 def _check_resolution(resolution) -> int:
@@ -279,7 +298,12 @@ def elit_sit_config(name: str = "XL/2", resolution: int = 256, *, encoder_depth:
     base = ElitConfig(hidden=hidden, depth=depth, heads=heads, patch=patch, input_size=input_size,
                       window=group_size, num_classes=num_classes, head_blocks=encoder_depth, tail_blocks=tail,
                       **RELEASED_SWITCHES)
-    return replace(base, **overrides)
+    return _with_overrides(base, overrides, {
+        "input_size": (input_size, f"resolution {resolution}", "pass resolution = 8 x the input_size wanted instead"),
+        "patch": (patch, f"name {name!r}", "the patch is the registry name's (e.g. 'S/4')"),
+        "window": (group_size, f"group_size {group_size if not derived else 'None (the default)'}",
+                   "pass group_size= instead"),
+        "head_blocks": (encoder_depth, f"encoder_depth {encoder_depth}", "pass encoder_depth= instead")})
 
 
 PRESETS = ("paper", "released")

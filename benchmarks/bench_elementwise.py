@@ -40,6 +40,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULTS = {"cuda": ("XL/2", 512, 16, "bf16"), "cpu": ("S/2", 256, 4, "fp32")}
 OPS = ("layernorm_modulate", "gated_residual")
 EPS = 1e-6  # the models' LayerNorm eps (DiT's adaLN)
+OUTPUT_FILES = ("elementwise.json",)  # what --out DIR gets
 
 
 def parse(argv=None):
@@ -56,16 +57,19 @@ def parse(argv=None):
                         "threads wait for each other; untouched on GPU)")
     p.add_argument("--out", default=None, type=_cli.user_path, help="write DIR/elementwise.json")
     args = p.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type not in DEFAULTS:
-        p.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device: cuda requested but torch.cuda.is_available() is False on this machine")
+    try:
+        dev = _cli.bench_device(args.device)
+    except ValueError as err:
+        p.error(f"--device: {err}")
     cfg_name, res, batch, dtype = DEFAULTS[dev.type]
-    args.config, args.resolution = args.config or cfg_name, args.resolution or res
-    args.batch, args.dtype = args.batch or batch, args.dtype or dtype
-    if args.batch < 1 or args.repeats < 1:
-        p.error(f"--batch / --repeats: expected positive ints, got {args.batch} / {args.repeats}")
+    # None is "not given": a 0 given is refused below, not replaced by the default
+    args.config = cfg_name if args.config is None else args.config
+    args.resolution = res if args.resolution is None else args.resolution
+    args.batch = batch if args.batch is None else args.batch
+    args.dtype = dtype if args.dtype is None else args.dtype
+    for name in ("resolution", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     if args.threads is None and dev.type == "cpu":
         args.threads = 1
     if args.threads is not None and args.threads < 1:
@@ -74,7 +78,7 @@ def parse(argv=None):
         args.cfg = elit_config(args.config, args.resolution)
     except ValueError as e:
         p.error(f"--config / --resolution: {e}")
-    if args.out and (why := output_dir_error(args.out)):
+    if args.out and (why := output_dir_error(args.out, OUTPUT_FILES)):  # now, not after the timing
         p.error(f"--out: {why}")
     return args, dev
 
@@ -147,8 +151,15 @@ def main(argv=None) -> int:
         print(f"{r['op']:<20}{r['impl']:<16}{ms:>9}{gb:>9}{pct:>11}{err:>10}  {r['error'] or ''}")
     if args.out:
         path = os.path.join(args.out, "elementwise.json")
-        with open(path, "w") as f:
-            json.dump({"metadata": md, "rows": rows}, f, indent=1)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump({"metadata": md, "rows": rows}, f, indent=1)
+        try:  # whole or not at all; a write error is one line
+            _cli.write_output(path, write)
+        except _cli.OutputWriteError as e:
+            print(f"bench_elementwise.py: error: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {path}")
     return 130 if interrupted else 0
 

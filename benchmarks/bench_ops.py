@@ -37,6 +37,7 @@ from elit_kernels.bench.timing import time_call
 from elit_kernels.models import elit_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUTPUT_FILES = ("ops.json", "ops.csv")  # what --out DIR gets
 
 
 def parse(argv=None):
@@ -67,23 +68,32 @@ def parse(argv=None):
                         "config's, 72 for XL/2), e.g. 64,72,128 to compare every backend across them")
     p.add_argument("--out", default=None, type=_cli.user_path, help="write DIR/ops.json and DIR/ops.csv")
     args = p.parse_args(argv)
-    if args.out and (why := output_dir_error(args.out)):  # now, not after the timing
-        p.error(f"--out: {why}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device: cuda requested but torch.cuda.is_available() is False")
+    # every check before the output folder is created, and all of them before any timing
+    if args.slack_only and args.no_slack:
+        p.error("--slack-only: contradicts --no-slack (only the slack rows, and none of them: nothing to time)")
+    if args.max_seconds is not None and (why := _cli.finite_error(args.max_seconds, 0.0, what="time in seconds")):
+        p.error(f"--max-seconds: {why}")
+    try:
+        dev = _cli.bench_device(args.device)
+    except ValueError as err:
+        p.error(f"--device: {err}")
+    args.device = str(dev)
     gpu = dev.type == "cuda"
-    args.config = args.config or ("XL/2" if gpu else "S/2")
-    args.resolution = args.resolution or (512 if gpu else 256)
-    args.batch = args.batch or (8 if gpu else 4)
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    args.repeats = args.repeats or 5
+    # None is "not given" (a 0 given is checked below, not replaced by the default)
+    if args.config is None:
+        args.config = "XL/2" if gpu else "S/2"
+    if args.resolution is None:
+        args.resolution = 512 if gpu else 256
+    if args.batch is None:
+        args.batch = 8 if gpu else 4
+    if args.dtype is None:
+        args.dtype = "bf16" if gpu else "fp32"
+    if args.repeats is None:
+        args.repeats = 5
     args.quick = args.quick or not gpu
     if args.threads is None and not gpu:
         args.threads = 1
-    for name in ("batch", "repeats") + (("threads",) if args.threads is not None else ()):
+    for name in ("resolution", "batch", "repeats") + (("threads",) if args.threads is not None else ()):
         if getattr(args, name) < 1:
             p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     try:
@@ -96,6 +106,8 @@ def parse(argv=None):
         p.error(f"--head-dims: expected a comma list of integers, got {args.head_dims!r}")
     if any(not 1 <= d <= 256 for d in args.head_dims):
         p.error(f"--head-dims: each head dim must be in 1..256, got {args.head_dims}")
+    if args.out and (why := output_dir_error(args.out, OUTPUT_FILES)):  # now, not after the timing
+        p.error(f"--out: {why}")
     return args, dev
 
 
@@ -151,6 +163,9 @@ def main(argv=None) -> int:
         for max_len in SLACK_MAX:
             work.append((OpShape(f"slack 128x4 max={max_len}", "slack", [4] * 128, [4] * 128, 2, 64), max_len,
                          slack_methods))
+    if not any(shape_methods for _, _, shape_methods in work):
+        print("bench_ops.py: error: nothing to time (no shape, or no method for the shapes)", file=sys.stderr)
+        return 2
     for shape, max_len, shape_methods in work:
         for ps in passes:
             for m in shape_methods:
@@ -233,15 +248,24 @@ def main(argv=None) -> int:
           f"{overhead['direct_us']:.1f} us here): varlen_attention {overhead['added_us']:.1f} us, an AttentionPlan "
           f"(the model's path) {overhead['plan_added_us']:.1f} us (Read-like call, host-side segments)")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         full = [{**r, "device": md["device"], "torch": md["torch"], "triton": md["triton"],
                  "git_commit": md["git_commit"], "date": md["date"]} for r in rows]
-        with open(os.path.join(args.out, "ops.json"), "w") as f:
-            json.dump({"metadata": md, "rows": full}, f, indent=1)
-        with open(os.path.join(args.out, "ops.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(full[0]))
-            w.writeheader()
-            w.writerows(full)
+
+        def write_json(tmp):
+            with open(tmp, "w") as f:
+                json.dump({"metadata": md, "rows": full}, f, indent=1)
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(full[0]) if full else ["shape", "pass", "method"])
+                w.writeheader()
+                w.writerows(full)
+        try:  # each file whole or not at all; a write error is one line
+            _cli.write_output(os.path.join(args.out, "ops.json"), write_json)
+            _cli.write_output(os.path.join(args.out, "ops.csv"), write_csv)
+        except _cli.OutputWriteError as e:
+            print(f"bench_ops.py: error: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.out}/ops.json, {args.out}/ops.csv")
     return 0
 

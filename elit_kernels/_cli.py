@@ -208,6 +208,25 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def bench_device(name: str | None) -> torch.device:
+    """A benchmark's ``--device``: None picks cuda when available, else cpu; otherwise cpu or cuda[:N] with that GPU
+    here. ValueError saying why for anything else: not a device string, another type (meta would time nothing
+    real), cuda without a GPU, an index past ``torch.cuda.device_count()``."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name!r} is not a device (expected cpu or cuda[:N])") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu or cuda[:N], got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("cuda requested but torch.cuda.is_available() is False on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 SIGINT_STATUS = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
 
 

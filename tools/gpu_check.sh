@@ -18,7 +18,9 @@
 #   gpu_check.log  summary.json  junit_gpu.xml  dispatch_table.json  dispatch_report.md  ops.json  model.json
 #   artifacts.tar.gz (logs, the elementwise bench, the fp32 model run, the sampling run, the collected test list)
 # summary.json is written on every exit (a trap), with pass/fail counts per backend and the key benchmark
-# ratios, which are also the last lines printed. Exit status: 0 when nothing that ran failed (stages that
+# ratios, which are also the last lines printed; each input is read on its own (one it cannot read is listed in
+# "problems"), and "ok" is false, with the reasons in "why_not_ok", when the test results are missing or
+# unreadable, an input cannot be read, a test or stage failed, or the script's exit status was not 0. Exit status: 0 when nothing that ran failed (stages that
 # cannot run without a GPU are skipped, so a CPU-only run exits 0 with a summary saying so).
 # Environment: PYTHON (default python3), OUT, GPU_CHECK_SECONDS, GPU_CHECK_SKIP_BUILD=1 (use the _C you have),
 # GPU_CHECK_WORKERS (pytest-xdist workers, default 8).

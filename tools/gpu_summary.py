@@ -5,6 +5,12 @@ Reads the stage table (``WORK/stages.tsv``), the junit XML of each test stage (o
 pytest could write one, nothing: its count says so), ``ops.json`` (attention TFLOP/s per method),
 ``WORK/elementwise/elementwise.json`` (the elementwise ops' bandwidth per implementation) and
 ``model.json`` (elit-bench rows, targets and the per-stage breakdown) and the sampling run's results.
+
+Each input is read on its own (``_guarded``): one that cannot be read (truncated, not the expected shape, a folder
+in its place) is "could not read PATH: reason" in ``problems`` and the rest is still summarised, so that
+summary.json always holds what was readable. ``ok`` is true only when the GPU tests' results were read and none
+failed, no collected test went unrun, no stage failed, every input present could be read and the script's own
+exit status (``--exit-code``) is 0; ``why_not_ok`` gives the reasons, also on the last line printed.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import tempfile
 import xml.etree.ElementTree as ET
 
 BACKEND_OF_FILE = {"test_cext": "cuda", "test_dropin": "cuda", "test_compiled_checks": "cuda",
@@ -35,28 +42,62 @@ def _node(case) -> str:
     return f"{cls.replace('.', '/')}.py::{case.get('name', '')}"
 
 
+def _text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _rows(data, path: str) -> list[dict]:
+    """``data["rows"]``, checked to be a list of objects (ValueError naming what it is instead)."""
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"expected a JSON object with a 'rows' list, got {type(data).__name__}"
+                         + (f" with 'rows' {type(data.get('rows')).__name__}" if isinstance(data, dict) else ""))
+    bad = [type(r).__name__ for r in data["rows"] if not isinstance(r, dict)]
+    if bad:
+        raise ValueError(f"{len(bad)} of its rows are not objects (e.g. {bad[0]})")
+    return data["rows"]
+
+
+def _round(x, nd: int):
+    """``round(x, nd)`` for a number; None for anything else (a null in a row)."""
+    return round(x, nd) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _junit_root(path: str):
+    root = ET.parse(path).getroot()
+    if root.tag not in ("testsuites", "testsuite"):
+        raise ValueError(f"not a junit XML file (its root element is <{root.tag}>, not <testsuites>/<testsuite>)")
+    return root
+
+
 def not_run(collected_path: str, junit_path: str) -> list[str]:
     """Collected GPU tests with no result in the junit XML (the stage's time ran out, or pytest died)."""
     if not os.path.exists(collected_path):
         return []
-    collected = [line.strip() for line in open(collected_path) if "::" in line]
+    collected = [line.strip() for line in _text(collected_path).splitlines() if "::" in line]
     seen = set()
     if os.path.exists(junit_path):
         try:
-            seen = {_node(c) for c in ET.parse(junit_path).getroot().iter("testcase")}
-        except ET.ParseError:
-            pass
+            seen = {_node(c) for c in _junit_root(junit_path).iter("testcase")}
+        except (ET.ParseError, OSError, ValueError):
+            pass  # test_counts says so
     return [c for c in collected if c not in seen]
 
 
 def test_counts(path: str) -> dict:
-    """{backend: {passed, failed, skipped}} from a junit XML (an absent file: {"missing": true})."""
+    """{backend: {passed, failed, skipped}} from a junit XML (an absent file: {"missing": true}; one that cannot
+    be read or is not junit: {"unreadable": "could not read PATH: reason"})."""
     if not os.path.exists(path):
         return {"missing": True}
     try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        return {"unreadable": str(e)}
+        root = _junit_root(path)
+    except (ET.ParseError, OSError, ValueError) as e:
+        return {"unreadable": f"could not read {path}: {type(e).__name__}: {e}"}
     out, failures = {}, []
     for case in root.iter("testcase"):
         b = _backend(case)
@@ -76,17 +117,17 @@ def ops_summary(path: str) -> dict:
     ratio to the best exact method of the row."""
     if not os.path.exists(path):
         return {}
-    rows = json.load(open(path))["rows"]
+    rows = _rows(_json(path), path)
     table = {}
     for r in rows:
-        if r.get("tflops") is None:
+        if _round(r.get("tflops"), 1) is None:
             continue
-        table.setdefault(f"{r['shape']} {r['pass']}", {})[r["method"]] = round(r["tflops"], 1)
+        table.setdefault(f"{r['shape']} {r['pass']}", {})[str(r["method"])] = round(r["tflops"], 1)
     best = {}
     for key, methods in table.items():
         name, tf = max(methods.items(), key=lambda kv: kv[1])
-        best[key] = {"best": name, "tflops": tf, **{
-            f"elit:{b} / best": round(methods[f"elit:{b}"] / tf, 3) if f"elit:{b}" in methods else None
+        best[key] = {"best": name, "tflops": tf, **{  # a best of 0.0 (a CPU run's rounding): no ratio
+            f"elit:{b} / best": round(methods[f"elit:{b}"] / tf, 3) if (f"elit:{b}" in methods and tf) else None
             for b in ("triton", "triton_window", "cuda")}}
     return {"tflops": table, "best": best}
 
@@ -97,13 +138,13 @@ def elementwise_summary(path: str) -> dict:
     elementwise kernels stay (benchmarks/bench_elementwise.py)."""
     if not os.path.exists(path):
         return {}
-    rows = json.load(open(path))["rows"]
+    rows = _rows(_json(path), path)
     out = {}
     for r in rows:
-        if r.get("ms") is None:
+        if _round(r.get("ms"), 4) is None:
             continue
-        out.setdefault(r["op"], {})[r["impl"]] = {"ms": round(r["ms"], 4), "gbps": round(r["gbps"], 1),
-                                                  "pct_peak_bw": r.get("pct_peak_bw") and round(r["pct_peak_bw"], 1)}
+        out.setdefault(str(r["op"]), {})[str(r["impl"])] = {"ms": round(r["ms"], 4), "gbps": _round(r.get("gbps"), 1),
+                                                            "pct_peak_bw": _round(r.get("pct_peak_bw"), 1)}
     for impls in out.values():
         torch_best = min((impls[k]["ms"] for k in ("native", "native+compile") if k in impls), default=None)
         impls["fused / best of native, native+compile"] = (
@@ -111,11 +152,23 @@ def elementwise_summary(path: str) -> dict:
     return out
 
 
+class _Row(dict):
+    """A result row whose missing keys read as None (a ratio needs them all; a row without one gives none)."""
+
+    def __missing__(self, key):
+        return None
+
+
 def model_summary(path: str) -> dict:
+    """elit-bench's results: its targets, the key ratios (a row without the keys a ratio needs gives none) and the
+    per-stage breakdown."""
     if not os.path.exists(path):
         return {}
-    data = json.load(open(path))
-    rows, targets = data["rows"], data.get("targets", [])
+    data = _json(path)
+    rows = [_Row(r) for r in _rows(data, path)]
+    targets = data.get("targets") or []
+    if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
+        raise ValueError("'targets' is not a list of objects")
     out = {"targets": [{k: t[k] for k in ("target", "clock", "preset", "backend", "budget", "value", "holds")
                         if k in t} for t in targets]}
     ratios = []
@@ -137,7 +190,7 @@ def model_summary(path: str) -> dict:
                         and x["scenario"] == "sampling" and x.get("latency_ms")), None)
             if off:
                 ratios.append({"what": f"sampling run ({r.get('steps')} CCFG steps) / official sampler, images/s "
-                                       f"{r.get('images_per_s', 0):.2f} vs {off.get('images_per_s', 0):.2f}",
+                                       f"{r.get('images_per_s') or 0:.2f} vs {off.get('images_per_s') or 0:.2f}",
                                "preset": r["preset"], "backend": r["backend"],
                                "value": round(r["latency_ms"] / off["latency_ms"], 3)})
         if r["scenario"] == "uniform" and r["model"] == "elit" and r.get("latency_ms"):
@@ -148,53 +201,134 @@ def model_summary(path: str) -> dict:
                                "backend": r["backend"], "value": round(r["latency_ms"] / dense["latency_ms"], 3)})
     out["ratios"] = ratios
     # elit-bench --breakdown: per (preset, backend, budget) the device time per stage and kind of op
+    meta = data.get("metadata") or {}
+    breakdown = (meta.get("breakdown") if isinstance(meta, dict) else None) or []
     out["breakdown"] = [{"preset": b["preset"], "backend": b["backend"], "budget": b["budget"],
-                         "clock": b.get("clock"), "ms": round(b["total_ms"], 3), "wall_ms": round(b["wall_ms"], 3),
-                         "stages": {k: round(v, 3) for k, v in b["stages"].items()},
-                         "kinds": {k: round(v, 3) for k, v in b["kinds"].items()}}
-                        for b in data.get("metadata", {}).get("breakdown") or []]
+                         "clock": b.get("clock"), "ms": _round(b["total_ms"], 3), "wall_ms": _round(b["wall_ms"], 3),
+                         "stages": {k: _round(v, 3) for k, v in b["stages"].items()},
+                         "kinds": {k: _round(v, 3) for k, v in b["kinds"].items()}}
+                        for b in breakdown]
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--work", required=True)
-    p.add_argument("--exit-code", type=int, default=0)
-    p.add_argument("--seconds", type=int, default=0)
-    a = p.parse_args()
+def read_stages(path: str, problems: list[str]) -> list[dict]:
+    """The stage table (``name<TAB>rc<TAB>seconds`` per line); a line that is not that is a problem, the others
+    are kept (a bad seconds field: the stage with ``seconds`` None)."""
     stages = []
-    tsv = os.path.join(a.work, "stages.tsv")
-    if os.path.exists(tsv):
-        for line in open(tsv):
-            name, rc, secs = line.rstrip("\n").split("\t")
-            stages.append({"stage": name, "rc": rc, "seconds": int(secs)})
-    env = open(os.path.join(a.work, "env.txt")).read() if os.path.exists(os.path.join(a.work, "env.txt")) else ""
-    junit = os.path.join(a.out, "junit_gpu.xml")
-    tests = {"gpu": test_counts(junit)}
-    missed = not_run(os.path.join(a.work, "collected.txt"), junit)
+    for i, line in enumerate(_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 3:
+            problems.append(f"could not read {path}: line {i} {line[:120]!r} has {len(fields)} tab-separated "
+                            "fields (expected stage, rc, seconds)")
+            continue
+        name, rc, secs = fields
+        try:
+            seconds = int(secs)
+        except ValueError:
+            problems.append(f"could not read {path}: line {i}: seconds {secs[:40]!r} is not an integer")
+            seconds = None
+        stages.append({"stage": name, "rc": rc, "seconds": seconds})
+    return stages
+
+
+def _guarded(problems: list[str], path: str, read, default):
+    """``read()``; when it raises, "could not read PATH: reason" goes to ``problems`` and the result is
+    ``default`` (so one bad input never loses the summary of the others)."""
+    try:
+        return read()
+    # whatever is wrong with one file (BLE001: any exception), the others are still summarised
+    except Exception as e:  # noqa: BLE001
+        why = f"could not read {path}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        problems.append(why)
+        return default(why) if callable(default) else default
+
+
+def _unreadable(why: str) -> dict:
+    return {"unreadable": why}
+
+
+def write_summary(path: str, summary: dict) -> None:
+    """summary.json whole or not at all (a temporary file in the same folder, renamed onto it); its folder is
+    created when missing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open(path, "w") would give (mkstemp makes it 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def summarize(out: str, work: str, exit_code: int, seconds: int) -> dict:
+    """summary.json's content: every input read by its own guarded reader (``problems`` lists the ones that could
+    not be read), and ``ok`` with ``why_not_ok``."""
+    problems: list[str] = []
+    tsv = os.path.join(work, "stages.tsv")
+    stages = _guarded(problems, tsv, lambda: read_stages(tsv, problems), []) if os.path.exists(tsv) else []
+    env_path = os.path.join(work, "env.txt")
+    env = _guarded(problems, env_path, lambda: _text(env_path), "") if os.path.exists(env_path) else ""
+    junit = os.path.join(out, "junit_gpu.xml")
+    tests = {"gpu": _guarded(problems, junit, lambda: test_counts(junit), _unreadable)}
+    if tests["gpu"].get("unreadable") and tests["gpu"]["unreadable"] not in problems:
+        problems.append(tests["gpu"]["unreadable"])
+    collected = os.path.join(work, "collected.txt")
+    missed = _guarded(problems, collected, lambda: not_run(collected, junit), [])
     stage_rc = {s["stage"]: s["rc"] for s in stages}
     why = {"124": "the stage's time limit was reached", "skipped:budget": "the budget was spent"}.get(
         stage_rc.get("tests: gpu", ""), f"the test stage ended with rc {stage_rc.get('tests: gpu', '?')}")
     tests["not_run"] = {"count": len(missed), "why": why if missed else None, "tests": missed[:50]}
-    dispatch_md = os.path.join(a.out, "dispatch_report.md")
-    dispatch_lines = [ln.rstrip() for ln in open(dispatch_md)] if os.path.exists(dispatch_md) else []
+    dispatch_md = os.path.join(out, "dispatch_report.md")
+    dispatch_lines = (_guarded(problems, dispatch_md, lambda: [ln.rstrip() for ln in _text(dispatch_md).splitlines()],
+                               []) if os.path.exists(dispatch_md) else [])
     failed_stages = [s["stage"] for s in stages if not (s["rc"] == "0" or s["rc"].startswith("skipped")
                                                          or s["rc"] == "5")]  # 5: pytest collected nothing
-    summary = {"env": env.strip().splitlines(), "seconds": a.seconds, "stages": stages,
+    sections = {"ops": (ops_summary, os.path.join(out, "ops.json")),
+                "elementwise": (elementwise_summary, os.path.join(work, "elementwise", "elementwise.json")),
+                "model": (model_summary, os.path.join(out, "model.json")),
+                "model_fp32": (model_summary, os.path.join(work, "model_fp32", "results.json")),
+                "sampling": (model_summary, os.path.join(work, "sampling", "results.json"))}
+    summary = {"env": env.strip().splitlines(), "seconds": seconds, "exit_code": exit_code, "stages": stages,
                "failed_stages": failed_stages, "tests": tests,
                "dispatch": {"rows": [ln for ln in dispatch_lines if ln.startswith("| ") and "---" not in ln][1:],
-                            "overhead": next((ln for ln in dispatch_lines if ln.startswith("Per-call")), None)},
-               "ops": ops_summary(os.path.join(a.out, "ops.json")),
-               "elementwise": elementwise_summary(os.path.join(a.work, "elementwise", "elementwise.json")),
-               "model": model_summary(os.path.join(a.out, "model.json")),
-               "model_fp32": model_summary(os.path.join(a.work, "model_fp32", "results.json")),
-               "sampling": model_summary(os.path.join(a.work, "sampling", "results.json"))}
-    summary["ok"] = not failed_stages and not missed and all(
-        not c.get("failures") for k, c in tests.items() if k != "not_run" and isinstance(c, dict))
-    with open(os.path.join(a.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    # The last lines of the log: what a reader needs first.
+                            "overhead": next((ln for ln in dispatch_lines if ln.startswith("Per-call")), None)}}
+    for key, (read, path) in sections.items():
+        summary[key] = _guarded(problems, path, lambda read=read, path=path: read(path), _unreadable)
+    gpu = tests["gpu"]
+    why_not_ok = []
+    if exit_code != 0:
+        why_not_ok.append(f"tools/gpu_check.sh ended with exit status {exit_code}")
+    if gpu.get("missing"):
+        why_not_ok.append(f"no test results: {junit} does not exist")
+    elif gpu.get("unreadable"):
+        why_not_ok.append(f"no test results: {gpu['unreadable']}")
+    elif gpu.get("failures") or any(c.get("failed") for c in gpu.get("by_backend", {}).values()):
+        n = sum(c.get("failed", 0) for c in gpu.get("by_backend", {}).values())
+        why_not_ok.append(f"{n} GPU test(s) failed")
+    if failed_stages:
+        why_not_ok.append(f"failed stages: {', '.join(failed_stages)}")
+    if missed:
+        why_not_ok.append(f"{len(missed)} collected test(s) not run ({why})")
+    why_not_ok += [p for p in problems if p not in why_not_ok and not p.startswith(f"could not read {junit}:")]
+    summary["problems"] = problems
+    summary["why_not_ok"] = why_not_ok
+    summary["ok"] = not why_not_ok
+    return summary
+
+
+def _print_lines(summary: dict) -> None:
+    """The key lines of the log (what a reader needs first)."""
+    stages, tests, missed = summary["stages"], summary["tests"], summary["tests"]["not_run"]
     print("stages: " + ", ".join(f"{s['stage']}={s['rc']} ({s['seconds']}s)" for s in stages))
     for stage, c in tests.items():
         if stage == "not_run":
@@ -203,7 +337,8 @@ def main() -> int:
         print(f"tests [{stage} stage]: " + json.dumps(counts))
         for name in c.get("failures", [])[:8]:
             print(f"  FAILED {name}")
-    print(f"tests not run: {len(missed)}" + (f" ({why}): " + ", ".join(missed[:5]) if missed else ""))
+    print(f"tests not run: {missed['count']}" + (f" ({missed['why']}): " + ", ".join(missed["tests"][:5])
+                                                 if missed["count"] else ""))
     for row in summary["dispatch"]["rows"][:40]:
         print("dispatch " + row[:200])
     if summary["dispatch"]["overhead"]:
@@ -212,6 +347,8 @@ def main() -> int:
         print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
               f"triton_window/best {b['elit:triton_window / best']}, cuda/best {b['elit:cuda / best']}")
     for op, impls in summary["elementwise"].items():
+        if op == "unreadable":
+            continue
         print(f"elementwise {op}: " + "; ".join(
             f"{k} {v['ms']} ms {v['gbps']} GB/s" if isinstance(v, dict) else f"{k} {v}" for k, v in impls.items()))
     for key in ("model", "model_fp32", "sampling"):
@@ -220,8 +357,32 @@ def main() -> int:
         for b in summary[key].get("breakdown", []):
             print(f"{key} breakdown {b['preset']} {b['backend']} J={b['budget']}: {b['clock']} time {b['ms']} ms of "
                   f"{b['wall_ms']} ms wall; stages {b['stages']}; kinds {b['kinds']}")
-    print(f"summary: {'OK' if summary['ok'] else 'NOT OK'} in {a.seconds}s; wrote {a.out}/summary.json")
-    return 0
+    for problem in summary["problems"]:
+        print(problem)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--exit-code", type=int, default=0)
+    p.add_argument("--seconds", type=int, default=0)
+    a = p.parse_args(argv)
+    summary = summarize(a.out, a.work, a.exit_code, a.seconds)
+    path = os.path.join(a.out, "summary.json")
+    try:
+        write_summary(path, summary)
+        wrote = f"wrote {path}"
+    except OSError as e:
+        wrote = f"could not write {path}: {e.strerror or e}"
+    try:
+        _print_lines(summary)
+    # summary.json is written; the verdict line below must still come (BLE001: any exception)
+    except Exception as e:  # noqa: BLE001
+        print(f"could not print the summary's lines: {type(e).__name__}: {e}")
+    verdict = "OK" if summary["ok"] else "NOT OK (" + "; ".join(summary["why_not_ok"]) + ")"
+    print(f"summary: {verdict} in {a.seconds}s; {wrote}")
+    return 0 if wrote.startswith("wrote") else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ of hand-planted Triton kernel mutants checked under the interpreter. Outside CI 
 
     python tools/mutation.py                       # every module below, then the Triton mutants
     python tools/mutation.py layout flow           # some of them
-    python tools/mutation.py --list
+    python tools/mutation.py --list [MODULE ...]   # the modules (those named) and their tests
     python tools/mutation.py --report              # rewrite mutation.md after editing mutation_reasons.json
 
 For each module it copies the working tree (the built ``_C`` included) to a scratch directory, writes a
@@ -253,23 +253,29 @@ def write_report(results: list[dict], triton: list[dict]) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("modules", nargs="*", help=f"subset of: {', '.join(MODULES)} (default: all)")
-    p.add_argument("--list", action="store_true", help="list the modules and their tests")
+    p.add_argument("--list", action="store_true", help="list the modules (those named, else all) and their tests")
     p.add_argument("--keep", action="store_true", help="keep the scratch directories")
     p.add_argument("--no-triton", action="store_true", help="skip the hand-planted Triton mutants")
     p.add_argument("--report", action="store_true",
                    help="run nothing: rewrite mutation.md from mutation.json and mutation_reasons.json (after "
                         "classifying survivors)")
     a = p.parse_args(argv)
-    if a.report:
-        print(f"wrote {write_report([], [])}")
-        return 0
-    if a.list:
-        for n, (paths, tests) in MODULES.items():
-            print(f"{n}: {' '.join(paths)}  <-  {' '.join(tests)}")
-        return 0
     bad = [m for m in a.modules if m not in MODULES]
     if bad:
         p.error(f"modules: unknown {bad}; choose from {', '.join(MODULES)}")
+    if a.report and a.list:
+        p.error("--report: rewrites mutation.md; --list only lists the modules (give one of them)")
+    if a.report:
+        if a.modules:
+            p.error(f"--report: rewrites the whole of mutation.md from mutation.json (every module); it takes no "
+                    f"module names (got {' '.join(a.modules)})")
+        print(f"wrote {write_report([], [])}")
+        return 0
+    if a.list:  # the modules named, or all of them
+        for n, (paths, tests) in MODULES.items():
+            if not a.modules or n in a.modules:
+                print(f"{n}: {' '.join(paths)}  <-  {' '.join(tests)}")
+        return 0
     for m in a.modules or MODULES:  # the report is rewritten after each module: an interrupted run keeps what it did
         print(f"wrote {write_report([run_module(m, a.keep)], [])}", flush=True)
     if not a.no_triton:

@@ -24,7 +24,9 @@ spill_bytes (spill stores), spill_load_bytes, shared_bytes, vectorized_loads (ev
 ``cp.async`` is as wide as its tile allows: 16 bytes whenever a thread holds 8 or more elements, see
 ``narrow_tile_loads``; a 16x16 tail over 8 warps holds 1 element per thread), padded_head_dim (columns of tensor-core work, BLOCK_D + BLOCK_DT),
 global_loads (count per access width in bytes), mma, compile_s. ``--check`` exits 1 when a row spills,
-loads below 16 bytes, or pads D=72 past 80 columns; exit 77 means the CUDA backend or ptxas is missing.
+loads below 16 bytes, or pads D=72 past 80 columns, and when no Triton row was compiled (nothing checked); exit 77
+means the CUDA backend or ptxas is missing. Argument errors (exit 2: --head-dims, --jobs, an --update file that is
+not a report, --no-triton with --no-cuda, an output path that cannot be written) come before any compile.
 These are compile-time statistics, not GPU runs.
 """
 from __future__ import annotations
@@ -58,6 +60,17 @@ KERNELS = ("fwd", "dkdv", "dq", "preprocess", "window_fwd", "window_dq", "window
 WINDOW = {"window_fwd": "fwd", "window_dq": "dq", "window_dkdv": "dkdv"}
 UNAVAILABLE = 77  # exit status: no Triton CUDA backend / ptxas here (the CI test skips)
 MAX_PADDED_72 = 80
+MAX_HEAD_DIM = 256  # the Triton backend's largest head dim (elit_kernels/attention/backends/triton.py)
+
+
+def _cli():
+    """``elit_kernels._cli`` (output checks, atomic writes), importable from the checkout. It imports neither
+    triton nor the Triton kernels, so ``_setup_triton`` still sees them first."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from elit_kernels import _cli as cli
+
+    return cli
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,12 +558,30 @@ def main(argv=None) -> int:
                     help="replace only the rows of this run's kernels / head dims / dtypes in the existing --json "
                          "report (other rows kept; CUDA rows kept under --no-cuda)")
     a = ap.parse_args(argv)
+    # every argument checked here, before the first compile (a run takes minutes)
     unknown = sorted(set(a.kernels.split(",")) - set(KERNELS))
     if unknown:
         ap.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
     unknown = sorted(set(a.dtypes.split(",")) - set(ALL_DTYPES))
     if unknown:
         ap.error(f"--dtypes: unknown {', '.join(unknown)}; choose from {', '.join(ALL_DTYPES)}")
+    try:
+        head_dims = [int(d) for d in a.head_dims.split(",")]
+    except ValueError:
+        ap.error(f"--head-dims: expected a comma list of integers, got {a.head_dims!r}")
+    if any(not 1 <= d <= MAX_HEAD_DIM for d in head_dims):
+        ap.error(f"--head-dims: each head dim must be in 1..{MAX_HEAD_DIM} (the Triton backend's range), "
+                 f"got {a.head_dims}")
+    if a.jobs < 1:
+        ap.error(f"--jobs: expected a positive integer, got {a.jobs}")
+    if a.no_triton and a.no_cuda:
+        ap.error("--no-triton: with --no-cuda nothing would be compiled")
+    if a.check and a.no_triton and not a.update:
+        ap.error("--check: checks the Triton rows, and --no-triton compiles none (nothing would be checked)")
+    cli = _cli()
+    for flag, path in (("--json", a.json), ("--md", a.md)):
+        if path is not None and (why := cli.output_file_error(path)):
+            ap.error(f"{flag}: {why}")
     old = None
     if a.update:
         try:
@@ -558,6 +589,10 @@ def main(argv=None) -> int:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             ap.error(f"--update: cannot read the existing report {a.json} ({e})")
+        if not isinstance(old, dict) or not isinstance(old.get("triton", []), list) or not all(
+                isinstance(r, dict) for r in old.get("triton", [])):
+            ap.error(f"--update: {a.json} is not a report of this tool (expected a JSON object whose 'triton' is a "
+                     f"list of rows, got {type(old).__name__})")
 
     why = triton_unavailable()
     if why:
@@ -565,8 +600,7 @@ def main(argv=None) -> int:
         return UNAVAILABLE
     _setup_triton()
     import triton
-    jobs = [] if a.no_triton else triton_jobs(a.subset, a.kernels.split(","),
-                                              [int(d) for d in a.head_dims.split(",")], a.dtypes.split(","))
+    jobs = [] if a.no_triton else triton_jobs(a.subset, a.kernels.split(","), head_dims, a.dtypes.split(","))
     print(f"{len(jobs)} Triton compiles for sm_90 (Triton {triton.__version__})", file=sys.stderr, flush=True)
     t0 = time.time()
     rows = []
@@ -592,14 +626,28 @@ def main(argv=None) -> int:
         report = merge_reports(old, report, {(j[0], j[1], j[2]) for j in jobs}, cuda_rerun=not a.no_cuda)
     bad = violations(report["triton"])
     report["violations"] = bad
-    with open(a.json, "w") as f:
-        json.dump(report, f, indent=1)
-    if a.md:
-        with open(a.md, "w") as f:
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+
+    def write_md(tmp):
+        with open(tmp, "w") as f:
             f.write(markdown(report))
+    try:  # each file whole or not at all (a report being updated is never left half-written)
+        cli.write_output(a.json, write_json)
+        if a.md:
+            cli.write_output(a.md, write_md)
+    except cli.OutputWriteError as e:
+        print(f"triton_sm90_report.py: error: {e}", file=sys.stderr)
+        return 1
     print(f"{len(rows)} rows, {len(bad)} violations -> {a.json}", file=sys.stderr)
     for b in bad:
         print("  " + b, file=sys.stderr)
+    if a.check and not report["triton"]:
+        print("--check: nothing was compiled (no Triton row for these --kernels / --head-dims / --dtypes / "
+              "--subset), so nothing was checked", file=sys.stderr)
+        return 1
     return 1 if (a.check and bad) else 0
 
 

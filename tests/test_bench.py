@@ -929,7 +929,8 @@ def test_cli_sampling_scenario_times_whole_runs_against_the_official_sampler(tmp
 
 def test_a_ctrl_c_during_the_breakdown_keeps_the_timed_results(tmp_path, capsys, monkeypatch):
     """gpu_check's stage limit (SIGINT) can fall in --breakdown, after the deadline: the timed rows are written with
-    the breakdowns done, and elit-bench exits 130 saying so, instead of losing the whole run (helper-37's review)."""
+    the breakdowns done, and elit-bench exits 130 saying so, instead of losing the whole run;
+    found reading the GPU-only code paths, 2026-12-07."""
     import elit_kernels.bench.breakdown as bd_mod
 
     real = bd_mod.forward_breakdown

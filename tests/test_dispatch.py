@@ -646,7 +646,8 @@ def test_backend_timing_is_the_median_in_milliseconds_after_two_warmups():
 
 def test_backend_timing_uses_the_host_clock_for_cpu_inputs_when_cuda_is_up(monkeypatch):
     """Once CUDA is initialised in the process (a model on the GPU elsewhere), CPU work timed between two CUDA
-    events measures ~0 ms for every backend: the clock follows the inputs' device (helper-37's GPU review)."""
+    events measures ~0 ms for every backend: the clock follows the inputs' device;
+    found reading the GPU-only code paths, 2026-12-07."""
     import time as _t
 
     def no_events(*a, **k):
@@ -662,7 +663,8 @@ def test_backend_timing_uses_the_host_clock_for_cpu_inputs_when_cuda_is_up(monke
 
 def test_tuning_with_return_lse_and_gradients_ranks_the_backends():
     """``(out, lse)`` with gradients: the backward is taken from out; before, autograd.grad got the tuple with one
-    gradient, every backend raised and an empty ranking was cached (helper-37's GPU review)."""
+    gradient, every backend raised and an empty ranking was cached;
+    found reading the GPU-only code paths, 2026-12-07."""
     import warnings
 
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 4, 4], [4, 4, 4], 2, 16, seed=3, requires_grad=True)

@@ -137,7 +137,8 @@ def test_elementwise_bench_checks_and_times_every_implementation(tmp_path):
 def test_a_cut_stage_gets_a_benchmark_deadline_from_what_it_gets():
     """A late stage cut to what is left of the budget must not run its benchmark to the deadline of its full limit
     (it would be killed before writing anything): ``cap`` gives what the stage gets, ``secs`` the bench's
-    --max-seconds from that, at least 5 (helper-37's GPU review)."""
+    --max-seconds from that, at least 5;
+    found reading the GPU-only code paths, 2026-12-07."""
     import re
 
     text = (ROOT / "tools" / "gpu_check.sh").read_text()
@@ -151,7 +152,7 @@ def test_a_cut_stage_gets_a_benchmark_deadline_from_what_it_gets():
 def test_dispatch_measurement_writes_what_it_measured_when_its_stage_is_interrupted(tmp_path, monkeypatch):
     """gpu_check stops a stage past its limit with SIGINT: measure_dispatch keeps the rows it measured (the table
     and the report, without the overhead line it had no time for) and exits 130, instead of losing both files
-    (helper-37's GPU review). CUDA faked: the measurement itself is replaced."""
+    (found reading the GPU-only code paths). CUDA faked: the measurement itself is replaced."""
     spec = importlib.util.spec_from_file_location("measure_dispatch", ROOT / "tools" / "measure_dispatch.py")
     md = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(md)
@@ -173,7 +174,8 @@ def test_dispatch_measurement_writes_what_it_measured_when_its_stage_is_interrup
 
 def test_elementwise_bench_writes_what_it_timed_when_interrupted(tmp_path, monkeypatch):
     """gpu_check's stage limit (SIGINT) in the elementwise bench: the rows timed so far are written, the others say
-    they were not timed, and it exits 130, instead of losing elementwise.json (helper-37's GPU review)."""
+    they were not timed, and it exits 130, instead of losing elementwise.json;
+    found reading the GPU-only code paths, 2026-12-07."""
     spec = importlib.util.spec_from_file_location("bench_elementwise", ROOT / "benchmarks" / "bench_elementwise.py")
     be = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(be)

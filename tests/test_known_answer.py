@@ -489,7 +489,7 @@ def test_fp32_verdicts_on_cuda_carry_the_matmul_precision_and_tf32_gets_tf32_tol
     """Triton's fp32 kernels follow PyTorch's float32 matmul setting (TF32 or exact): a verdict found under one
     setting is not reused under the other, and under TF32 the case is held to float16's tolerances (TF32's 10-bit
     mantissa), where an exact-fp32 reference's small matmuls would otherwise blame a correct TF32 kernel
-    (helper-37's GPU review). CPU verdicts are unchanged."""
+    (found reading the GPU-only code paths). CPU verdicts are unchanged."""
     b = fake("_tf32")
     was = torch.get_float32_matmul_precision()
     try:

@@ -34,7 +34,7 @@ def random_varlen_inputs(lens_q: Sequence[int], lens_k: Sequence[int], heads: in
     if len(lens_q) != len(lens_k):
         raise ValueError(f"lens_k: expected {len(lens_q)} segments like lens_q, got {len(lens_k)}")
     kv_heads = heads if kv_heads is None else kv_heads
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(int(seed))  # a NumPy integer seed too
     tq, tk = sum(lens_q) + extra_q, sum(lens_k) + extra_k
     q = torch.randn(tq, heads, head_dim, generator=g)
     k = torch.randn(tk, kv_heads, head_dim, generator=g)
@@ -58,7 +58,7 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, ref_lowprec: torch.Tensor, *,
                               atol: float = 1e-5, factor: float = 2.0, rms_rtol: float | None = None,
-                              name: str = "out") -> None:
+                              rms_atol: float | None = None, name: str = "out") -> None:
     """The tolerance rule (docs/design.md §4): flash-attn's max rule and an RMS rule next to it.
 
     ``ref`` is the reference in fp32/fp64, ``ref_lowprec`` the reference run in the kernel's own dtype (same
@@ -66,9 +66,10 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, ref_lowprec:
 
     - ``max|out - ref| <= factor * max|ref_lowprec - ref| + atol`` (flash-attn's tests' rule: no element far
       off), and
-    - ``rms(out - ref) <= factor * rms(ref_lowprec - ref) + rms_rtol * max|ref|`` (no error on every element:
-      a bias or scale a little under the max rule's bound passes it, not this). ``rms_rtol`` defaults to
-      ``default_rms_rtol(out.dtype)``.
+    - ``rms(out - ref) <= factor * rms(ref_lowprec - ref) + rms_rtol * max|ref| + rms_atol`` (no error on every
+      element: a bias or scale a little under the max rule's bound passes it, not this; ``rms_atol`` is a floor
+      for a reference that is exactly zero). ``rms_rtol`` / ``rms_atol`` default to ``default_rms_rtol`` /
+      ``default_rms_atol`` of ``out.dtype``.
 
     Raises AssertionError naming ``name`` with the worst element, the relative RMS error and the bound it broke;
     ValueError when ``ref_lowprec``'s shape is not ``ref``'s (a broadcast would change the bound).
@@ -97,9 +98,11 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, ref_lowprec:
     rtol = default_rms_rtol(out.dtype) if rms_rtol is None else rms_rtol
     rms = d.square().mean().sqrt().item()
     rms_base = (ref_lowprec.double() - r).square().mean().sqrt().item()
-    rms_bound = factor * rms_base + rtol * r.abs().max().item()
+    floor = default_rms_atol(out.dtype) if rms_atol is None else rms_atol
+    rms_bound = factor * rms_base + rtol * r.abs().max().item() + floor
     if not rms <= rms_bound:
-        raise AssertionError(f"{name}: RMS err {rms:.3g} > {factor}*{rms_base:.3g} + {rtol:g}*max|ref| = {rms_bound:.3g} "
+        raise AssertionError(f"{name}: RMS err {rms:.3g} > {factor}*{rms_base:.3g} + {rtol:g}*max|ref| + "
+                             f"{floor:g} = {rms_bound:.3g} "
                              f"(mean err {d.mean().item():.3g}, relative RMS err {rel_rms:.3g}): an error on every "
                              f"element, such as a bias or a scale, under the max abs bound {bound:.3g}")
 
@@ -125,6 +128,14 @@ def default_rms_rtol(dtype: torch.dtype) -> float:
     return 0.75 * torch.finfo(dtype).eps  # other float types (float8): 1.5 units of their roundoff
 
 
+def default_rms_atol(dtype: torch.dtype) -> float:
+    """``rms_atol`` of the RMS rule for inputs of ``dtype``: the floor for a reference that is exactly zero (a lone
+    key's dq, where P (dP - delta) cancels and a correct kernel leaves the noise of its fp32 sums, ~1e-7 times the
+    cancelling terms, ~1e-6 at unit scale): the max rule's ``atol`` for float32 / float64 (already at that noise),
+    1e-4 for the other types, a hundred times that noise and well under any bias the RMS rule is there to catch."""
+    return default_atol(dtype) if dtype in (torch.float64, torch.float32) else 1e-4
+
+
 def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, *, causal=False, seed=0,
                                     grads=True, device="cpu", scale=None, kv_heads=None, extra_q=0, extra_k=0,
                                     check_lse=False, window_size=(-1, -1), softcap=0.0):
@@ -137,8 +148,8 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
     per segment (0 allowed); ``scale`` defaults to ``head_dim ** -0.5``.
 
     ``ref`` is computed in fp64 from the same inputs, ``ref_lowprec`` by the reference in ``dtype``; each of
-    out, dq, dk, dv must meet ``assert_close_to_reference`` with ``default_atol(dtype)`` and
-    ``default_rms_rtol(dtype)``.
+    out, dq, dk, dv must meet ``assert_close_to_reference`` with ``default_atol(dtype)``,
+    ``default_rms_rtol(dtype)`` and ``default_rms_atol(dtype)``.
     ``kv_heads``, ``extra_q`` / ``extra_k`` as in ``random_varlen_inputs`` (the extra rows are NaN: an
     output row or a gradient there must come out an exact zero). With ``check_lse``, ``fn`` returns
     ``(out, lse)`` and lse is checked against the fp64 log-sum-exp (+inf exactly where a row sees no key).
@@ -171,7 +182,7 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
                                                        seed=seed, requires_grad=grads, kv_heads=kv_heads,
                                                        extra_q=extra_q, extra_k=extra_k)
     sc = head_dim ** -0.5 if scale is None else scale
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed(int(seed) + 1)
     dout = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
     lses = {}
 
@@ -207,10 +218,10 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
     out, gr = run(fn, (q, k, v), "out")
     ref, gref = run(ref_fn, tuple(detach(t, torch.float64) for t in (q, k, v)), "ref")
     low, glow = run(ref_fn, tuple(detach(t, dtype) for t in (q, k, v)), "low")
-    atol, rtol = default_atol(dtype), default_rms_rtol(dtype)
-    assert_close_to_reference(out, ref, low, atol=atol, rms_rtol=rtol, name="out")
+    atol, rtol, floor = default_atol(dtype), default_rms_rtol(dtype), default_rms_atol(dtype)
+    assert_close_to_reference(out, ref, low, atol=atol, rms_rtol=rtol, rms_atol=floor, name="out")
     for name, a, b, c in zip(("dq", "dk", "dv"), gr, gref, glow):
-        assert_close_to_reference(a, b, c, atol=atol, rms_rtol=rtol, name=name)
+        assert_close_to_reference(a, b, c, atol=atol, rms_rtol=rtol, rms_atol=floor, name=name)
     tq, tk = cu_q[-1].item(), cu_k[-1].item()
     for name, t in (("out", out), ("dq", gr[0] if grads else None), ("dk", gr[1] if grads else None),
                     ("dv", gr[2] if grads else None)):
@@ -228,5 +239,5 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
         if not torch.equal(torch.isposinf(lse), blind):
             raise AssertionError("lse: +inf must mark exactly the rows that see no key")
         assert_close_to_reference(lse[~blind], lref[~blind], lses["low"][~blind].double(), atol=atol, rms_rtol=rtol,
-                                  name="lse")
+                                  rms_atol=floor, name="lse")
     return out

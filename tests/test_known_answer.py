@@ -497,12 +497,12 @@ def test_fp32_verdicts_on_cuda_carry_the_matmul_precision_and_tf32_gets_tf32_tol
         tf32 = KA._key(b, torch.device("cuda", 0), torch.float32, 64, False, False, False)
         assert tf32[2] == "float32/tf32"
         assert KA._tolerances("cuda:0", torch.float32) == KA._tolerances("cpu", torch.float16)
-        assert KA._tolerances("cpu", torch.float32) == (1e-5, 1e-6)  # the CPU never multiplies in TF32
+        assert KA._tolerances("cpu", torch.float32) == (1e-5, 1e-6, 1e-5)  # the CPU never multiplies in TF32
         assert KA._key(b, "cpu", torch.float32, 64, False, False, False)[2] == "float32"
         torch.set_float32_matmul_precision("highest")
         ieee = KA._key(b, torch.device("cuda", 0), torch.float32, 64, False, False, False)
         assert ieee[2] == "float32/ieee" and ieee != tf32
-        assert KA._tolerances("cuda:0", torch.float32) == (1e-5, 1e-6)
+        assert KA._tolerances("cuda:0", torch.float32) == (1e-5, 1e-6, 1e-5)
         assert KA._key(b, torch.device("cuda", 0), torch.bfloat16, 64, False, False, False)[2] == "bfloat16"
     finally:
         torch.set_float32_matmul_precision(was)
@@ -536,3 +536,12 @@ def test_the_reference_runs_with_deterministic_algorithms_off_and_the_switch_is_
                 torch.use_deterministic_algorithms(False)
     finally:
         B.registry._REGISTRY.pop("_det_good", None)
+
+
+def test_a_cpu_verdict_is_found_whatever_index_it_was_asked_with(fake):
+    """A CPU tensor's device is "cpu": verify_backend(name, "cpu:0") must store its verdict where dispatch looks."""
+    b = fake("_cpu0")
+    assert KA._key(b, "cpu:0", torch.float32, 16, False, False, False) == KA._key(b, "cpu", torch.float32, 16, False,
+                                                                                 False, False)
+    assert KA.verify_backend("_cpu0", "cpu:0", torch.float32, 16, grad=False) is None
+    assert ("_cpu0", "cpu", "float32", 16, False, False, False, False) in KA.verdicts()

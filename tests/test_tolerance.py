@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from elit_kernels.reference.attention import varlen_attention_reference
-from elit_kernels.testing import (assert_close_to_reference, check_backend_against_reference, default_rms_rtol)
+from elit_kernels.testing import (assert_close_to_reference, check_backend_against_reference, default_rms_atol,
+                                  default_rms_rtol)
 
 
 def _reference(q, k, v, cq, ck, mq, mk, scale, causal):
@@ -118,3 +119,36 @@ def test_bad_arguments_name_themselves(kwargs, match):
     args.update(kwargs)
     with pytest.raises((TypeError, ValueError), match=match):
         check_backend_against_reference(_reference, [3], [4], 2, 8, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lens_q,lens_k", [([4], [1]), ([2, 3], [1, 1]), ([1], [1])])
+def test_a_reference_that_is_exactly_zero_leaves_room_for_rounding_noise(dtype, lens_q, lens_k):
+    """Every key segment of length 1: dq is exactly zero in both references (P (dP - delta) cancels), and a correct
+    kernel leaves fp32 rounding noise there (per-segment SDPA: ~5e-8). The RMS rule's floor (default_rms_atol)
+    passes it; without the floor the bound was 0 (a review of this stop's changes found it)."""
+    import torch.nn.functional as F
+
+    def per_segment_sdpa(q, k, v, cq, ck, mq, mk, scale, causal):
+        outs = []
+        for a, b, c, d in zip(cq[:-1].tolist(), cq[1:].tolist(), ck[:-1].tolist(), ck[1:].tolist()):
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1).float(), k[c:d].transpose(0, 1).float(),
+                                               v[c:d].transpose(0, 1).float(), scale=scale, is_causal=causal)
+            outs.append(o.transpose(0, 1).to(q.dtype))
+        return torch.cat(outs)
+
+    check_backend_against_reference(per_segment_sdpa, lens_q, lens_k, 2, 8, dtype)
+    zero = torch.zeros(4, dtype=torch.float64)
+    assert_close_to_reference(torch.full((4,), 1e-7), zero, torch.zeros(4))
+    low = torch.zeros(4, dtype=torch.bfloat16)  # the floor is a floor: 2e-3 on every bf16 element is not noise
+    with pytest.raises(AssertionError, match=r"RMS err .* \+ 0.0001 = "):
+        assert_close_to_reference(torch.full((4,), 2e-3, dtype=torch.bfloat16), zero, low, atol=1.6e-2)
+    assert default_rms_atol(torch.bfloat16) == 1e-4 and default_rms_atol(torch.float32) == 1e-5
+
+
+def test_a_numpy_seed_is_an_int():
+    np = pytest.importorskip("numpy")
+    check_backend_against_reference(_reference, [3], [3], 2, 8, torch.float32, seed=np.int64(1))
+    a = check_backend_against_reference(_reference, [3], [3], 2, 8, torch.float32, seed=1)
+    b = check_backend_against_reference(_reference, [3], [3], 2, 8, torch.float32, seed=np.int64(1))
+    assert torch.equal(a, b)

@@ -27,7 +27,7 @@ import torch
 from .._env import env_choice
 from .._precision import fp32_matmul_precision
 from .._types import check_bool, is_int
-from ..testing import assert_close_to_reference, cu_seqlens, default_atol, default_rms_rtol
+from ..testing import assert_close_to_reference, cu_seqlens, default_atol, default_rms_atol, default_rms_rtol
 from .inputs import _capturing, validate_inputs
 from .registry import get_backend, reasons, run_backend
 
@@ -70,7 +70,9 @@ def _device_key(device) -> str:
     device, and a CUDA tensor's device is ``cuda:0``, so a verdict stored under ``"cuda"`` would never be
     found)."""
     dev = torch.device(device)
-    if dev.index is None and dev.type != "cpu":
+    if dev.type == "cpu":  # a CPU tensor's device is "cpu", whatever index was asked for
+        return "cpu"
+    if dev.index is None:
         module = getattr(torch, dev.type, None)
         current = getattr(module, "current_device", None)
         dev = torch.device(dev.type, current() if callable(current) else 0)
@@ -92,14 +94,14 @@ def _key(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool, m
             grad, masked)
 
 
-def _tolerances(device, dtype) -> tuple[float, float]:
-    """``(atol, rms_rtol)`` of the rule for the case: the dtype's (``testing.default_atol`` /
-    ``default_rms_rtol``), and for float32 on CUDA under TF32 (``fp32_matmul_precision() == "tf32"``) float16's,
+def _tolerances(device, dtype) -> tuple[float, float, float]:
+    """``(atol, rms_rtol, rms_atol)`` of the rule for the case: the dtype's (``testing.default_atol`` /
+    ``default_rms_rtol`` / ``default_rms_atol``), and for float32 on CUDA under TF32 (``fp32_matmul_precision() == "tf32"``) float16's,
     which has TF32's 10-bit mantissa: a kernel may then multiply in TF32 where the fp32 reference's small
     matmuls need not (cuBLAS picks its kernels by size)."""
     if dtype == torch.float32 and torch.device(device).type == "cuda" and fp32_matmul_precision() == "tf32":
         dtype = torch.float16
-    return default_atol(dtype), default_rms_rtol(dtype)
+    return default_atol(dtype), default_rms_rtol(dtype), default_rms_atol(dtype)
 
 
 # A kind with a sliding window or softcap is checked on this window and cap together.
@@ -201,14 +203,14 @@ def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bo
             return run_backend(backend, inp)[1]
 
     wide = torch.float64  # the truth: fp64 always (an fp32 one would share fp32 / TF32 roundings with the kernel)
-    atol, rtol = _tolerances(device, dtype)
+    atol, rtol, floor = _tolerances(device, dtype)
     try:
         got = run(b, dtype)
         with _nondeterministic_allowed():  # the reference is the judge, not the kernel under torch's switch
             truth = run(ref, wide)
             low = run(ref, dtype)
         for name, a, t, lo in zip(("out", "dq", "dk", "dv"), got, truth, low):
-            assert_close_to_reference(a, t, lo, atol=atol, rms_rtol=rtol, name=name)
+            assert_close_to_reference(a, t, lo, atol=atol, rms_rtol=rtol, rms_atol=floor, name=name)
         low_inp = inputs(dtype, False, return_lse=True)[1]
         if not reasons(b, low_inp):  # the log-sum-exp, where b returns one
             a = lse(b, low_inp)
@@ -217,7 +219,8 @@ def _run_case(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bo
             seen = torch.isfinite(t)  # +inf on rows that see no key, in every backend
             if not torch.equal(seen, torch.isfinite(a)):
                 raise AssertionError("lse: not +inf exactly on the rows that see no key")
-            assert_close_to_reference(a[seen], t[seen], lo[seen].double(), atol=atol, rms_rtol=rtol, name="lse")
+            assert_close_to_reference(a[seen], t[seen], lo[seen].double(), atol=atol, rms_rtol=rtol, rms_atol=floor,
+                                      name="lse")
     except AssertionError as e:
         return f"{str(e).splitlines()[0][:300]}"
     except Exception as e:  # noqa: BLE001 - a kernel that raises is a kernel that failed

@@ -189,3 +189,22 @@ class LaunchSpy:
             self.seen.append((self.name, kwargs["DOT_PREC"]))
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def counting_reference(name: str, priority: int = -500):
+    """A CPU backend named ``name`` at ``priority`` that answers with the reference and counts its calls in
+    ``.calls``: no known-answer check, and no declaration about determinism (as a library kernel that accumulates
+    with atomics). Not registered: the test registers it and removes it."""
+    from elit_kernels.attention import registry
+
+    class CountingReference(registry.Backend):
+        known_answer, devices = False, ("cpu",)
+
+        def __init__(self):
+            self.name, self.priority, self.calls = name, priority, 0
+
+        def forward(self, inp):
+            self.calls += 1
+            return registry.get_backend("reference").forward(inp)
+
+    return CountingReference()

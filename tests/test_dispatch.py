@@ -15,21 +15,9 @@ from elit_kernels import attention as A
 from elit_kernels.attention import SegmentRuns, dispatch as D, registry as R
 from elit_kernels.testing import random_varlen_inputs
 
+from cases import counting_reference
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-class _Fake(R.Backend):
-    """A CPU backend that answers with the reference and counts its calls."""
-
-    known_answer = False
-    devices = ("cpu",)
-
-    def __init__(self, name, priority=-500):
-        self.name, self.priority, self.calls = name, priority, 0
-
-    def forward(self, inp):
-        self.calls += 1
-        return R.get_backend("reference").forward(inp)
 
 
 @pytest.fixture
@@ -37,7 +25,7 @@ def fakes():
     made = []
 
     def make(name, priority=-500):
-        b = R.register_backend(_Fake(name, priority))
+        b = R.register_backend(counting_reference(name, priority))
         made.append(name)
         return b
 

@@ -19,6 +19,8 @@ from elit_kernels.attention import registry as R
 from elit_kernels.reference.attention import varlen_attention_reference
 from elit_kernels.testing import cu_seqlens
 
+from cases import counting_reference
+
 LENS_Q, LENS_K = [4, 2, 6], [5, 3, 6]
 H, HKV, DIM = 4, 2, 16
 
@@ -42,24 +44,10 @@ def _dense_truth(q, k, v, scale, causal=False):
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vv)
 
 
-class _Spy(R.Backend):
-    """A CPU backend that answers with the reference and counts its calls; its backward says nothing about
-    determinism (as a library kernel that accumulates with atomics)."""
-
-    known_answer, devices = False, ("cpu",)
-
-    def __init__(self, name, priority):
-        self.name, self.priority, self.calls = name, priority, 0
-
-    def forward(self, inp):
-        self.calls += 1
-        return R.get_backend("reference").forward(inp)
-
-
 @pytest.fixture
 def spies():
     """``first``: ahead of every backend in default dispatch; ``last``: behind all of them (runs only by name)."""
-    first, last = _Spy("_round40_first", 10_000), _Spy("_round40_last", -10_000)
+    first, last = counting_reference("_round40_first", 10_000), counting_reference("_round40_last", -10_000)
     for b in (first, last):
         R.register_backend(b)
     D.clear_decisions()

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 
 BACKEND_OF_FILE = {"test_cext": "cuda", "test_dropin": "cuda", "test_compiled_checks": "cuda",
@@ -249,25 +248,26 @@ def _unreadable(why: str) -> dict:
     return {"unreadable": why}
 
 
+def _atomic_write(path: str, write) -> None:
+    """``elit_kernels._files.atomic_write``, loaded from its file: it imports nothing, and the package (torch with
+    it) is not imported here, so the summary is written whatever state the build is in."""
+    import importlib.util
+
+    where = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "elit_kernels", "_files.py")
+    spec = importlib.util.spec_from_file_location("_elit_files", where)
+    files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(files)
+    files.atomic_write(path, write)
+
+
 def write_summary(path: str, summary: dict) -> None:
-    """summary.json whole or not at all (a temporary file in the same folder, renamed onto it); its folder is
-    created when missing."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
+    """summary.json whole or not at all (``_atomic_write``); its folder is created when missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
             json.dump(summary, f, indent=1, default=str)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # what open(path, "w") would give (mkstemp makes it 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic_write(path, dump)
 
 
 def summarize(out: str, work: str, exit_code: int, seconds: int) -> dict:

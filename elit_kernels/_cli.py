@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from . import attention as _attention
+from ._devices import device_problem
 from ._files import atomic_write
 from .attention import registry as _registry
 from .attention import get_backend, known_backends
@@ -220,10 +221,8 @@ def bench_device(name: str | None) -> torch.device:
         raise ValueError(f"{name!r} is not a device (expected cpu or cuda[:N])") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"expected cpu or cuda[:N], got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("cuda requested but torch.cuda.is_available() is False on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if why := device_problem(dev):  # cuda without a GPU, or an index past the GPUs here
+        raise ValueError(why)
     return dev
 
 

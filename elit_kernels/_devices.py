@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _first_sentence(err: Exception) -> str:
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return type(err).__name__ + (": " + text.split(". ")[0].rstrip(".")[:200] if text else "")
+from ._types import first_sentence
 
 
 def device_problem(dev: torch.device) -> str | None:
@@ -28,5 +25,5 @@ def device_problem(dev: torch.device) -> str | None:
     try:
         torch.empty(0, device=dev)
     except Exception as e:  # torch's answer differs by type: RuntimeError, NotImplementedError, ModuleNotFoundError
-        return f"{dev} requested, but this torch cannot put tensors there ({_first_sentence(e)})"
+        return f"{dev} requested, but this torch cannot put tensors there ({first_sentence(e, limit=200)})"
     return None

@@ -58,3 +58,11 @@ def first_few(items, limit: int = 8) -> str:
     after when there are more: how an error or a warning names a long list of samples or files."""
     items = list(items)
     return ", ".join(map(str, items[:limit])) + (", ..." if len(items) > limit else "")
+
+
+def first_sentence(err: BaseException, text: str | None = None, limit: int | None = None) -> str:
+    """``"TypeName: <first sentence>"`` of an exception (of ``text`` when given: a message with a preamble cut off),
+    the sentence at most ``limit`` characters: how an error quotes another library's long reason."""
+    line = next((s.strip() for s in (str(err) if text is None else text).splitlines() if s.strip()), "")
+    sentence = line.split(". ")[0].rstrip(".")
+    return type(err).__name__ + (": " + sentence[:limit] if line else "")

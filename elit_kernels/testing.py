@@ -107,6 +107,16 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, ref_lowprec:
                              f"element, such as a bias or a scale, under the max abs bound {bound:.3g}")
 
 
+#: the dtypes the tolerance rule has tolerances for (``default_atol``)
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(dtype) -> None:
+    """TypeError naming ``dtype`` unless it is one of ``DTYPES``."""
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype: expected one of {', '.join(str(d) for d in DTYPES)}, got {dtype!r}")
+
+
 def default_atol(dtype: torch.dtype) -> float:
     """``atol`` of the max rule for inputs of ``dtype`` (unit-scale random inputs): what a kernel that rounds
     its intermediate products to ``dtype`` (flash-style P and dS) may add over the reference, which accumulates
@@ -173,9 +183,7 @@ def check_backend_against_reference(fn, lens_q, lens_k, heads, head_dim, dtype, 
             raise ValueError(f"{name}: expected an int >= {lo}, got {n!r}")
     if kv_heads is not None and (not is_int(kv_heads) or kv_heads < 1 or heads % kv_heads):
         raise ValueError(f"kv_heads: expected None or an int >= 1 that divides heads={heads}, got {kv_heads!r}")
-    supported = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-    if dtype not in supported:
-        raise TypeError(f"dtype: expected one of {', '.join(str(d) for d in supported)}, got {dtype!r}")
+    check_dtype(dtype)
     causal, grads, check_lse = (check_bool(n, v) for n, v in (("causal", causal), ("grads", grads),
                                                               ("check_lse", check_lse)))
     q, k, v, cu_q, cu_k, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, head_dim, dtype=dtype, device=device,

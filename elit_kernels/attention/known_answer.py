@@ -27,7 +27,8 @@ import torch
 from .._env import env_choice
 from .._precision import fp32_matmul_precision
 from .._types import check_bool, is_int
-from ..testing import assert_close_to_reference, cu_seqlens, default_atol, default_rms_atol, default_rms_rtol
+from ..testing import (assert_close_to_reference, check_dtype, cu_seqlens, default_atol, default_rms_atol,
+                       default_rms_rtol)
 from .inputs import _capturing, validate_inputs
 from .registry import get_backend, reasons, run_backend
 
@@ -130,9 +131,6 @@ def check_dispatch(b, inp) -> str | None:
     return verdict
 
 
-DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
 def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int = 64, *, causal: bool = False,
                    gqa: bool = False, grad: bool = True, masked: bool = False) -> str | None:
     """Run the known-answer case for backend ``name`` now (eagerly) and cache the verdict: None when it
@@ -146,8 +144,7 @@ def verify_backend(name: str, device="cuda", dtype=torch.bfloat16, head_dim: int
     for anything but float64, float32, float16 or bfloat16, ``head_dim`` for anything but an int (NumPy's
     included) in [1, 256], ``causal`` / ``gqa`` / ``grad`` / ``masked`` for anything but a bool."""
     b = get_backend(name)
-    if dtype not in DTYPES:
-        raise TypeError(f"dtype: expected one of {', '.join(str(d) for d in DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     if not is_int(head_dim) or not 1 <= head_dim <= 256:
         raise ValueError(f"head_dim: expected an int in [1, 256], got {head_dim!r}")
     head_dim = int(head_dim)

@@ -183,17 +183,10 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 def resolve(args) -> tuple[Setup, dict]:
     """Check every flag and fill in defaults; raises BenchError naming the flag."""
-    if args.device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise BenchError(f"--device: {args.device!r} is not a device (expected cpu or cuda[:N])") from None
-        if device.type not in ("cpu", "cuda"):
-            raise BenchError(f"--device: expected cpu or cuda[:N], got {args.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise BenchError("--device: cuda requested but torch.cuda.is_available() is False on this machine")
+    try:
+        device = _cli.bench_device(args.device)
+    except ValueError as e:
+        raise BenchError(f"--device: {e}") from None
     d_cfg, d_res, d_batch, d_dtype, d_rep = DEFAULTS[device.type]
     name = args.config or d_cfg
     if name not in _SIZES:

@@ -23,7 +23,7 @@ import torch
 
 from .._devices import device_problem
 from .._files import atomic_write
-from .._types import check_bool
+from .._types import check_bool, first_sentence
 from .config import config_dict, config_from_dict
 from .elit_dit import ElitDiT
 
@@ -108,8 +108,7 @@ def _unreadable(path: str, kind: str, err: Exception) -> CheckpointError:
     text = str(err)
     if "WeightsUnpickler error:" in text:  # torch's safe unpickler: the reason follows its long preamble
         text = text.split("WeightsUnpickler error:", 1)[1]
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    why = type(err).__name__ + (": " + first.split(". ")[0].rstrip(".") if first else "")  # its first sentence
+    why = first_sentence(err, text)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:

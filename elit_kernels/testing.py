@@ -143,6 +143,8 @@ def default_rms_atol(dtype: torch.dtype) -> float:
     key's dq, where P (dP - delta) cancels and a correct kernel leaves the noise of its fp32 sums, ~1e-7 times the
     cancelling terms, ~1e-6 at unit scale): the max rule's ``atol`` for float32 / float64 (already at that noise),
     1e-4 for the other types, a hundred times that noise and well under any bias the RMS rule is there to catch."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
     return default_atol(dtype) if dtype in (torch.float64, torch.float32) else 1e-4
 
 

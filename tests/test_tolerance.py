@@ -144,6 +144,10 @@ def test_a_reference_that_is_exactly_zero_leaves_room_for_rounding_noise(dtype, 
     with pytest.raises(AssertionError, match=r"RMS err .* \+ 0.0001 = "):
         assert_close_to_reference(torch.full((4,), 2e-3, dtype=torch.bfloat16), zero, low, atol=1.6e-2)
     assert default_rms_atol(torch.bfloat16) == 1e-4 and default_rms_atol(torch.float32) == 1e-5
+    for bad in ("bfloat16", torch.int32, None):
+        for default in (default_rms_atol, default_rms_rtol):
+            with pytest.raises(TypeError, match="^dtype: expected a floating-point torch.dtype"):
+                default(bad)
 
 
 def test_a_numpy_seed_is_an_int():

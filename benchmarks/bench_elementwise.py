@@ -12,7 +12,8 @@ parameters ``[B, C]`` broadcast over each sample's N tokens (one run of equal le
 
 Bytes: the fewest a kernel can move: LayerNorm + modulate reads x and writes the output (2·T·C elements, the
 ``[B, C]`` parameters are negligible), the gated residual reads x and y and writes the output (3·T·C).
-``pct_peak_bw``: GB/s against the H200's measured 4.3 TB/s copy rate (H200 only). Each implementation is first
+``pct_peak_bw``: GB/s against this device's copy rate, measured in the same run (``bench.timing.measure_peaks``,
+recorded as ``peaks``). Each implementation is first
 checked against the fp32 reference on the same inputs (``max_abs_err``). A CPU number is labelled CPU;
 medians of interleaved repeats (CUDA: ``triton.testing.do_bench``).
 """
@@ -28,9 +29,8 @@ import torch
 
 from elit_kernels import _cli
 from elit_kernels._cli import output_dir_error
-from elit_kernels.bench.attention_cases import H200_PEAKS
 from elit_kernels.bench.report import metadata
-from elit_kernels.bench.timing import time_call
+from elit_kernels.bench.timing import measure_peaks, time_call
 from elit_kernels.elementwise import ELEMENTWISE_IMPLS, get_elementwise
 from elit_kernels.layout import TokenRuns
 from elit_kernels.models import elit_config
@@ -120,8 +120,8 @@ def main(argv=None) -> int:
                 "gated_residual": ref.gated_residual(x.float(), y.float(), gate.float(), runs)}
     elem = x.element_size()
     moved = {"layernorm_modulate": 2 * t * c * elem, "gated_residual": 3 * t * c * elem}
-    on_h200 = dev.type == "cuda" and "H200" in torch.cuda.get_device_name(dev)
     rows, cases = [], []
+    peaks = measure_peaks(dev, dtype)  # the copy rate the bandwidth fractions are taken against, measured here
     try:  # a SIGINT (gpu_check's stage limit) keeps what was measured: the rows below are written with it
         _warm_and_time(args, dev, implementations(dev, not args.no_compile), x, shift, scale, y, gate, runs, want,
                        moved, t, c, rows, cases)
@@ -135,20 +135,22 @@ def main(argv=None) -> int:
         ts = row.pop("times_ms")
         row["ms"] = statistics.median(ts) if ts else None
         row["gbps"] = row["min_mb"] * 1e6 / row["ms"] / 1e6 if row["ms"] else None
-        row["pct_peak_bw"] = 100 * row["gbps"] / H200_PEAKS["gbps"] if (on_h200 and row["gbps"]) else None
+        row["pct_peak_bw"] = 100 * row["gbps"] / peaks["gbps"] if row["gbps"] else None
     md = metadata(dev, {"config": args.config, "resolution": args.resolution, "batch": b, "dtype": args.dtype,
                         "repeats": args.repeats, "shape": [t, c], "threads": args.threads,
-                        "bytes": "layernorm_modulate 2*T*C, gated_residual 3*T*C elements (x [, y] read, out written)"})
+                        "bytes": "layernorm_modulate 2*T*C, gated_residual 3*T*C elements (x [, y] read, out written)",
+                        "peaks": peaks})
     label = "CPU" if dev.type == "cpu" else "GPU"
     print(f"elementwise ops — {label}: {md['device']}, [{t}, {c}] {args.dtype} ({args.config} {args.resolution}px "
           f"batch {b}), torch {md['torch']}")
-    print(f"{'op':<20}{'impl':<16}{'ms':>9}{'GB/s':>9}{'% H200 BW':>11}{'max err':>10}  note")
+    print(f"{label} copy rate measured in this run: {peaks['gbps']:.4g} GB/s (% BW below is a fraction of it)")
+    print(f"{'op':<20}{'impl':<16}{'ms':>9}{'GB/s':>9}{'% BW':>7}{'max err':>10}  note")
     for r in rows:
         ms = f"{r['ms']:.4f}" if r["ms"] is not None else "-"
         gb = f"{r['gbps']:.3g}" if r["gbps"] is not None else "-"
         pct = f"{r['pct_peak_bw']:.0f}" if r["pct_peak_bw"] is not None else "-"
         err = f"{r['max_abs_err']:.1e}" if r.get("max_abs_err") is not None else "-"
-        print(f"{r['op']:<20}{r['impl']:<16}{ms:>9}{gb:>9}{pct:>11}{err:>10}  {r['error'] or ''}")
+        print(f"{r['op']:<20}{r['impl']:<16}{ms:>9}{gb:>9}{pct:>7}{err:>10}  {r['error'] or ''}")
     if args.out:
         path = os.path.join(args.out, "elementwise.json")
 

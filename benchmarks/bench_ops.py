@@ -30,10 +30,10 @@ import torch
 from elit_kernels import set_value_checks
 from elit_kernels import _cli
 from elit_kernels._cli import output_dir_error
-from elit_kernels.bench.attention_cases import (H200_PEAKS, Method, OpShape, available_methods, dispatch_overhead_us,
+from elit_kernels.bench.attention_cases import (Method, OpShape, available_methods, dispatch_overhead_us,
                                                elit_shapes, make_fn, min_bytes, quiet_warnings)
 from elit_kernels.bench.report import metadata
-from elit_kernels.bench.timing import time_call
+from elit_kernels.bench.timing import measure_peaks, time_call
 from elit_kernels.models import elit_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -192,6 +192,8 @@ def main(argv=None) -> int:
                 except Exception as e:  # a comparator that cannot run this shape says why, the rest go on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 rows.append(row)
+    # this device's own ceilings, measured in this run with the same clock: the roofline fractions' denominators
+    peaks = measure_peaks(dev, dtype)
     try:
         from tqdm.auto import tqdm
 
@@ -217,25 +219,26 @@ def main(argv=None) -> int:
     for r in rows:
         base = exact_ms.get((r["method"], r["pass"])) if r["kind"] == "slack" else None
         r["slack_ratio"] = r["ms"] / base if (base and r["ms"]) else None
-    for r in rows:  # roofline: the fewest bytes a forward moves, and the fraction of the H200's ceilings
+    for r in rows:  # roofline: the fewest bytes a forward moves, and the fraction of this device's measured ceilings
         r["min_mb"] = round(r["min_bytes"] / 1e6, 3) if r.get("min_bytes") else None
         r["gbps"] = r["min_bytes"] / r["ms"] / 1e6 if (r.get("min_bytes") and r["ms"] and r["pass"] == "fwd") else None
-        on_h200 = dev.type == "cuda" and "H200" in torch.cuda.get_device_name(dev)
-        r["pct_peak_flops"] = 100 * r["tflops"] / H200_PEAKS["tflops"] if (on_h200 and r["tflops"]) else None
-        r["pct_peak_bw"] = 100 * r["gbps"] / H200_PEAKS["gbps"] if (on_h200 and r["gbps"]) else None
+        r["pct_peak_flops"] = 100 * r["tflops"] / peaks["tflops"] if r["tflops"] else None
+        r["pct_peak_bw"] = 100 * r["gbps"] / peaks["gbps"] if r["gbps"] else None
     overhead = dispatch_overhead_us(dev, dtype, cfg.heads, args.head_dims[0])
     md = metadata(dev, {"config": args.config, "resolution": args.resolution, "batch": args.batch,
                         "head_dims": args.head_dims,
                         "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
                         "flops": "4*sum(Lq*Lk)*H*D fwd, x3.5 fwd+bwd; useful (ragged) FLOPs for every method",
-                        "bytes": "fwd: q, k, v read once and out written once; pct_peak_* against the H200's measured "
-                                 "790 TFLOP/s bf16 matmul and 4.3 TB/s copy (H200 only)",
-                        "dispatch_overhead_us": overhead})
+                        "bytes": "fwd: q, k, v read once and out written once; pct_peak_* against this device's "
+                                 "ceilings measured in this run (peaks)",
+                        "peaks": peaks, "dispatch_overhead_us": overhead})
     label = "CPU" if dev.type == "cpu" else "GPU"
     dev_name = md["device"] if md["device"].startswith(label) else f"{label}: {md['device']}"
     print(f"varlen attention ops — {dev_name}, {args.config} {args.resolution}px batch {args.batch} "
           f"{args.dtype}, torch {md['torch']}")
-    print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}{'GB/s':>8}  note")
+    print(f"{label} ceilings measured in this run: {peaks['tflops']:.4g} TFLOP/s ({args.dtype} matmul), "
+          f"{peaks['gbps']:.4g} GB/s (copy); %F and %BW below are fractions of them")
+    print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}{'%F':>6}{'GB/s':>8}{'%BW':>6}  note")
     for r in rows:
         note = r["error"] or ("" if r["exact"] else "padded, no mask (timing only)")
         if r.get("slack_ratio") is not None and r["shape"] != f"slack 128x4 max={SLACK_MAX[0]}":
@@ -243,7 +246,8 @@ def main(argv=None) -> int:
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
         tf = f"{r['tflops']:.3f}" if r["tflops"] is not None else "-"
         gb = f"{r['gbps']:.0f}" if r.get("gbps") is not None else "-"
-        print(f"{r['shape'][:21]:<22}{r['pass']:<9}{r['method'][:25]:<26}{ms:>9}{tf:>9}{gb:>8}  {note}")
+        pf, pb = (f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("pct_peak_flops", "pct_peak_bw"))
+        print(f"{r['shape'][:21]:<22}{r['pass']:<9}{r['method'][:25]:<26}{ms:>9}{tf:>9}{pf:>6}{gb:>8}{pb:>6}  {note}")
     print(f"{label}: host time added per call to the backend it picks ({overhead['backend']}, "
           f"{overhead['direct_us']:.1f} us here): varlen_attention {overhead['added_us']:.1f} us, an AttentionPlan "
           f"(the model's path) {overhead['plan_added_us']:.1f} us (Read-like call, host-side segments)")

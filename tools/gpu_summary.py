@@ -113,28 +113,35 @@ def test_counts(path: str) -> dict:
 
 def ops_summary(path: str) -> dict:
     """Best forward and forward+backward TFLOP/s per (shape, method) at each head dim, and each method's
-    ratio to the best exact method of the row."""
+    ratio to the best exact method of the row; the roofline: each forward's percentage of the card's copy rate
+    (``pct_peak_bw``) and the ceilings the bench measured in the same run (``peaks``; None when not recorded)."""
     if not os.path.exists(path):
         return {}
-    rows = _rows(_json(path), path)
-    table = {}
+    data = _json(path)
+    rows = _rows(data, path)
+    table, bw = {}, {}
     for r in rows:
         if _round(r.get("tflops"), 1) is None:
             continue
         table.setdefault(f"{r['shape']} {r['pass']}", {})[str(r["method"])] = round(r["tflops"], 1)
+        if _round(r.get("pct_peak_bw"), 1) is not None:
+            bw.setdefault(f"{r['shape']} {r['pass']}", {})[str(r["method"])] = round(r["pct_peak_bw"], 1)
+    md = data.get("metadata")
+    peaks = md.get("peaks") if isinstance(md, dict) else None
+    peaks = {k: _round(peaks.get(k), 1) for k in ("tflops", "gbps")} if isinstance(peaks, dict) else None
     best = {}
     for key, methods in table.items():
         name, tf = max(methods.items(), key=lambda kv: kv[1])
         best[key] = {"best": name, "tflops": tf, **{  # a best of 0.0 (a CPU run's rounding): no ratio
             f"elit:{b} / best": round(methods[f"elit:{b}"] / tf, 3) if (f"elit:{b}" in methods and tf) else None
             for b in ("triton", "triton_window", "cuda")}}
-    return {"tflops": table, "best": best}
+    return {"tflops": table, "best": best, "pct_peak_bw": bw, "peaks": peaks}
 
 
 def elementwise_summary(path: str) -> dict:
-    """Per op: each implementation's ms, GB/s and % of the H200's bandwidth, and ``fused`` against the best of
-    what PyTorch gives (``native`` eager, ``native+compile``): the measurement that decides whether the compiled
-    elementwise kernels stay (benchmarks/bench_elementwise.py)."""
+    """Per op: each implementation's ms, GB/s and % of the copy rate the bench measured on the card, and
+    ``fused`` against the best of what PyTorch gives (``native`` eager, ``native+compile``): the measurement that
+    decides whether the compiled elementwise kernels stay (benchmarks/bench_elementwise.py)."""
     if not os.path.exists(path):
         return {}
     rows = _rows(_json(path), path)
@@ -343,14 +350,22 @@ def _print_lines(summary: dict) -> None:
         print("dispatch " + row[:200])
     if summary["dispatch"]["overhead"]:
         print(summary["dispatch"]["overhead"])
+    if summary["ops"].get("peaks"):
+        pk = summary["ops"]["peaks"]
+        print(f"ops ceilings measured on the card: {pk['tflops']} TFLOP/s matmul, {pk['gbps']} GB/s copy")
+    bw = summary["ops"].get("pct_peak_bw", {})
     for key, b in list(summary["ops"].get("best", {}).items())[:12]:
+        pct = bw.get(key, {})
         print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
-              f"triton_window/best {b['elit:triton_window / best']}, cuda/best {b['elit:cuda / best']}")
+              f"triton_window/best {b['elit:triton_window / best']}, cuda/best {b['elit:cuda / best']}"
+              + (f"; % of copy rate: best {pct.get(b['best'])}, triton_window {pct.get('elit:triton_window')}"
+                 if pct else ""))
     for op, impls in summary["elementwise"].items():
         if op == "unreadable":
             continue
         print(f"elementwise {op}: " + "; ".join(
-            f"{k} {v['ms']} ms {v['gbps']} GB/s" if isinstance(v, dict) else f"{k} {v}" for k, v in impls.items()))
+            f"{k} {v['ms']} ms {v['gbps']} GB/s ({v['pct_peak_bw']} % of copy)" if isinstance(v, dict) else f"{k} {v}"
+            for k, v in impls.items()))
     for key in ("model", "model_fp32", "sampling"):
         for r in summary[key].get("ratios", [])[:16]:
             print(f"{key} {r['preset']} {r['backend']}: {r['what']} = {r['value']}")

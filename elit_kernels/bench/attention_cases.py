@@ -189,11 +189,6 @@ def quiet_warnings():
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
 
-#: the H200's measured ceilings (copy bandwidth counting bytes read + written; bf16 matmul on random data),
-#: the denominators of the roofline fractions bench_ops reports on an H200
-H200_PEAKS = {"tflops": 790.0, "gbps": 4300.0}
-
-
 def min_bytes(shape: OpShape, elem_size: int) -> int:
     """The fewest bytes a forward moves through memory: q, k and v read once, out written once."""
     return (2 * sum(shape.lens_q) + 2 * sum(shape.lens_k)) * shape.heads * shape.head_dim * elem_size

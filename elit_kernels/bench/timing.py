@@ -44,6 +44,50 @@ def time_call(fn: Callable[[], Any], device: torch.device, grad_to_none=None, mi
     return total / n
 
 
+#: sizes ``measure_peaks`` uses: (matmul side n, copy MB) on CUDA and elsewhere
+PEAK_SIZES = {"cuda": (8192, 1024), "other": (512, 64)}
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype = torch.bfloat16, sizes: tuple[int, int] | None = None,
+                  seed: int = 0) -> dict:
+    """This device's ceilings, measured now with ``time_call`` (the clock the op benches use), so a roofline
+    fraction is a ratio of two numbers from one run on one machine, whatever the GPU.
+
+    - ``tflops``: one ``[n, n] @ [n, n]`` matmul in ``dtype`` on random normal data (2·n³ FLOPs per call);
+      fp32 on CUDA follows PyTorch's float32 matmul setting, recorded as ``fp32_matmul_precision`` (``"tf32"`` or
+      ``"ieee"``; None for other dtypes).
+    - ``gbps``: one ``copy_`` of ``mb`` megabytes (10^6 bytes) of ``dtype``, counting bytes read plus bytes
+      written, as the benches count a kernel's bytes.
+
+    ``sizes``: ``(n, mb)``; default ``PEAK_SIZES`` (8192 and 1024 MB on CUDA: each about a millisecond on an
+    H100/H200, far past the L2 cache; 512 and 64 MB elsewhere). Returns ``{"tflops", "gbps", "matmul_n",
+    "copy_mb", "dtype", "fp32_matmul_precision", "method"}``. Raises ValueError naming ``sizes`` for anything
+    but two positive ints, ``dtype`` for a dtype that is not floating."""
+    from .._precision import fp32_matmul_precision
+
+    n, mb = sizes if sizes is not None else PEAK_SIZES["cuda" if device.type == "cuda" else "other"]
+    if not (isinstance(n, int) and isinstance(mb, int) and not isinstance(n, bool) and not isinstance(mb, bool)
+            and n > 0 and mb > 0):
+        raise ValueError(f"sizes: expected (matmul side, copy MB), two positive ints, got {sizes!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    g = torch.Generator(device=device).manual_seed(seed)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    mm_ms = time_call(lambda: torch.mm(a, b), device)
+    elems = max(1, mb * 10**6 // torch.empty((), dtype=dtype).element_size())
+    src = torch.randn(elems, device=device, dtype=dtype, generator=g)
+    dst = torch.empty_like(src)
+    cp_ms = time_call(lambda: dst.copy_(src), device)
+    moved = 2 * elems * src.element_size()
+    return {"tflops": 2 * n**3 / mm_ms / 1e9, "gbps": moved / cp_ms / 1e6, "matmul_n": n, "copy_mb": mb,
+            "dtype": str(dtype).replace("torch.", ""),
+            "fp32_matmul_precision": (fp32_matmul_precision() if device.type == "cuda" else "ieee")
+            if dtype == torch.float32 else None,
+            "method": f"torch.mm of two random [{n}, {n}] {str(dtype).replace('torch.', '')} (2n^3 FLOPs) and "
+                      f"Tensor.copy_ of {mb} MB (read + written), each timed by bench.timing.time_call"}
+
+
 @dataclass
 class Case:
     """One thing to time. ``fn()`` runs it; ``models`` are the modules its attention backend lives on."""

@@ -1,0 +1,104 @@
+"""The roofline denominators: ``bench.timing.measure_peaks`` measures the card's matmul and copy ceilings in the
+bench's own run, and bench_ops / bench_elementwise / gpu_summary take every fraction against them, on any device
+(they were fixed H200 figures, reported only when the card's name said H200: an H100 run got no roofline)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elit_kernels.bench import timing
+from elit_kernels.bench.timing import measure_peaks
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def test_peaks_follow_the_definitions(monkeypatch):
+    # a fixed clock: 2 ms for the matmul, 0.5 ms for the copy -> 2n^3 / 2 ms and (read + written) / 0.5 ms
+    calls = []
+
+    def clock(fn, device, *a, **k):
+        calls.append(device)
+        return 2.0 if len(calls) == 1 else 0.5
+    monkeypatch.setattr(timing, "time_call", clock)
+    p = measure_peaks(CPU, torch.float32, (64, 3))
+    assert p["tflops"] == pytest.approx(2 * 64**3 / 2.0 / 1e9)
+    elems = 3 * 10**6 // 4
+    assert p["gbps"] == pytest.approx(2 * elems * 4 / 0.5 / 1e6)
+    assert (p["matmul_n"], p["copy_mb"], p["dtype"], p["fp32_matmul_precision"]) == (64, 3, "float32", "ieee")
+    assert calls == [CPU, CPU]
+    assert measure_peaks(CPU, torch.bfloat16, (8, 1))["fp32_matmul_precision"] is None
+
+
+def test_peaks_measured_here_are_positive_and_finite():
+    p = measure_peaks(CPU, torch.float32, (128, 4))
+    assert all(math.isfinite(p[k]) and p[k] > 0 for k in ("tflops", "gbps")), p
+    assert "torch.mm" in p["method"] and "copy_" in p["method"]
+
+
+@pytest.mark.parametrize("sizes", [(0, 1), (8, 0), (8.0, 1), (True, 1), (8, "1"), (-1, 4)])
+def test_peak_sizes_are_checked(sizes):
+    with pytest.raises(ValueError, match=r"^sizes: expected \(matmul side, copy MB\), two positive ints"):
+        measure_peaks(CPU, torch.float32, sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, "float32", None])
+def test_peak_dtype_is_checked(dtype):
+    with pytest.raises(ValueError, match="^dtype: expected a floating torch.dtype"):
+        measure_peaks(CPU, dtype, (8, 1))
+
+
+def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the bench as a user runs it
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
+
+
+def _summary():
+    spec = importlib.util.spec_from_file_location("gpu_summary_peaks", ROOT / "tools" / "gpu_summary.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    return gs
+
+
+def test_op_bench_takes_its_roofline_against_peaks_it_measured(tmp_path):
+    r = _run("bench_ops.py", ["--device", "cpu", "--config", "tiny", "--resolution", "64", "--repeats", "1",
+                              "--no-backward", "--no-slack", "--flex", "none", "--budgets", "4", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "CPU ceilings measured in this run:" in r.stdout
+    data = json.loads((tmp_path / "ops.json").read_text())
+    peaks = data["metadata"]["peaks"]
+    assert peaks["tflops"] > 0 and peaks["gbps"] > 0 and peaks["dtype"] == "float32"
+    timed = [x for x in data["rows"] if x["ms"]]
+    assert timed, data["rows"]
+    for x in timed:
+        assert x["pct_peak_flops"] == pytest.approx(100 * x["tflops"] / peaks["tflops"]), x
+        assert x["pct_peak_bw"] == pytest.approx(100 * x["gbps"] / peaks["gbps"]), x
+    s = _summary().ops_summary(str(tmp_path / "ops.json"))
+    assert s["peaks"] == {"tflops": round(peaks["tflops"], 1), "gbps": round(peaks["gbps"], 1)}
+    x = timed[0]
+    if round(x["tflops"], 1):  # the summary keeps rows whose rounded TFLOP/s is a number (0.0 on a slow CPU too)
+        assert s["pct_peak_bw"][f"{x['shape']} {x['pass']}"][x["method"]] == round(x["pct_peak_bw"], 1)
+
+
+def test_elementwise_bench_takes_its_bandwidth_against_the_copy_rate_it_measured(tmp_path):
+    r = _run("bench_elementwise.py", ["--device", "cpu", "--config", "tiny", "--resolution", "64", "--batch", "1",
+                                      "--repeats", "1", "--no-compile", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "CPU copy rate measured in this run:" in r.stdout
+    data = json.loads((tmp_path / "elementwise.json").read_text())
+    gbps = data["metadata"]["peaks"]["gbps"]
+    assert gbps > 0
+    for x in data["rows"]:
+        assert x["pct_peak_bw"] == pytest.approx(100 * x["gbps"] / gbps), x
+    s = _summary().elementwise_summary(str(tmp_path / "elementwise.json"))
+    assert s["gated_residual"]["native"]["pct_peak_bw"] == round(
+        next(x["pct_peak_bw"] for x in data["rows"] if (x["op"], x["impl"]) == ("gated_residual", "native")), 1)

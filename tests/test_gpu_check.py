@@ -165,9 +165,14 @@ def test_dispatch_measurement_writes_what_it_measured_when_its_stage_is_interrup
         lines.append("| read J=64 | bfloat16 | fwd | torch (table) 0.100 | torch 0.100 | 1.00 | n/a | torch 0.100 |")
         raise KeyboardInterrupt
     monkeypatch.setattr(md, "_measure", measure_then_sigint)
-    assert md.main(["--out", str(tmp_path)]) == 130
+    assert md.main(["--out", str(tmp_path), "--merge", ""]) == 130
     table = json.loads((tmp_path / "dispatch_table.json").read_text())
     assert [e["shape"] for e in table["entries"]] == ["read J=64"] and table["device"] == "Fake GPU"
+    # by default the committed table's entries stay beside what the cut run measured
+    assert md.main(["--out", str(tmp_path / "merged")]) == 130
+    merged = json.loads((tmp_path / "merged" / "dispatch_table.json").read_text())
+    committed = json.loads((ROOT / "elit_kernels" / "attention" / "dispatch_table.json").read_text())
+    assert merged["entries"][0]["gpu"] == "Fake GPU" and len(merged["entries"]) == 1 + len(committed["entries"])
     report = (tmp_path / "dispatch_report.md").read_text()
     assert "| read J=64 |" in report and "interrupted" in report and "Per-call host time" not in report
 
@@ -194,3 +199,60 @@ def test_elementwise_bench_writes_what_it_timed_when_interrupted(tmp_path, monke
     timed = [r for r in rows if r["ms"] is not None]
     assert len(timed) == 2 and all(r["error"] is None for r in timed)
     assert rows[2:] and all(r["error"] == "not timed: interrupted (the stage's time limit)" for r in rows[2:])
+
+
+def _measure_dispatch():
+    spec = importlib.util.spec_from_file_location("measure_dispatch_merge", ROOT / "tools" / "measure_dispatch.py")
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    return md
+
+
+def test_a_dispatch_run_on_another_gpu_adds_to_the_committed_table():
+    # The committed table holds the H200's rankings; a measure_dispatch run on an H100 (or one cut short on the H200)
+    # wrote only its own entries, so committing it dropped every other measurement. It merges now: this run's entries
+    # replace the same measurement only, each entry names the run that measured it, and dispatch reads both GPUs.
+    from elit_kernels.attention import dispatch as D
+
+    md = _measure_dispatch()
+    committed = json.loads((ROOT / "elit_kernels" / "attention" / "dispatch_table.json").read_text())
+    h200 = [e for e in committed["entries"] if e["gpu"] == "NVIDIA H200"]
+    assert h200, "the committed table has H200 entries"
+    h100_name = "NVIDIA H100 80GB HBM3"
+    new_h100 = {**{k: h200[0][k] for k in ("dtype", "kind", "grad", "head_dim", "lq", "lk", "segments", "shape")},
+                "gpu": h100_name, "ranking": ["torch_varlen", "torch"], "ms": {"torch_varlen": 0.1, "torch": 0.2}}
+    remeasured = {**h200[1], "ranking": list(reversed(h200[1]["ranking"])), "ms": None}
+    run = {"device": h100_name, "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "date": "2027-01-01T00:00:00Z",
+           "commit": "abc1234", "source": "test"}
+    table, kept = md.merge_tables(committed, [new_h100, remeasured], run)
+    assert kept == len(committed["entries"]) - 1  # the re-measured H200 entry is replaced, nothing else
+    assert table["devices"] == sorted({h100_name, "NVIDIA H200"}) and table["device"] == h100_name
+    by_shape = {(e["gpu"], e["shape"], e["dtype"], e["grad"]): e for e in table["entries"]}
+    assert len(by_shape) == len(table["entries"])
+    old = by_shape[("NVIDIA H200", h200[2]["shape"], h200[2]["dtype"], h200[2]["grad"])]
+    assert old["date"] == committed["date"] and old["ranking"] == h200[2]["ranking"]  # provenance of its own run
+    again = by_shape[("NVIDIA H200", h200[1]["shape"], h200[1]["dtype"], h200[1]["grad"])]
+    assert again["ranking"] == remeasured["ranking"] and again["date"] == run["date"]
+    # dispatch reads the merged file: each GPU gets its own ranking
+    cls = {k: h200[0][k] for k in ("dtype", "kind", "grad", "head_dim", "lq", "lk", "segments")}
+    assert D.table_ranking({**cls, "gpu": h100_name}, table) == ["torch_varlen", "torch"]
+    assert D.table_ranking({**cls, "gpu": "NVIDIA H200"}, table) == D.table_ranking({**cls, "gpu": "NVIDIA H200"},
+                                                                                    committed)
+    assert all(D._valid_entry(e) for e in table["entries"])
+    alone, kept = md.merge_tables(None, [new_h100], run)
+    assert kept == 0 and alone["entries"] == [{**new_h100, **run}]
+
+
+@pytest.mark.parametrize("content, why", [("{", "cannot be read"), ("[]", "is not a dispatch table"),
+                                          ('{"entries": [1]}', "is not a dispatch table"), (None, "does not exist")])
+def test_a_table_that_cannot_be_merged_is_a_usage_error_before_any_measurement(tmp_path, capsys, content, why):
+    md = _measure_dispatch()
+    bad = tmp_path / "table.json"
+    if content is not None:
+        bad.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        md.main(["--out", str(tmp_path / "o"), "--merge", str(bad)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--merge: {bad} {why}" in err and "--merge ''" in err, err
+    assert not (tmp_path / "o").exists()

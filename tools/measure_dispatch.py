@@ -6,12 +6,14 @@ backward, it times every default-eligible backend with ``elit_kernels.attention.
 writes:
 
 - ``dispatch_table.json``: the rankings in the format ``dispatch.py`` reads (commit it as
-  ``elit_kernels/attention/dispatch_table.json``), with device, versions, commit and date;
+  ``elit_kernels/attention/dispatch_table.json``), each entry with the device, versions, commit and date of the
+  run that measured it: this run's entries, and those of the committed table (``--merge``) it did not measure
+  again, so a run on another GPU, or one cut short, adds to the table instead of replacing it;
 - ``dispatch_report.md``: per shape, the time of what default dispatch picked *before* this measurement
   (committed table or static order) against the fastest backend, FlashAttention-2 varlen (``torch_varlen``)
   and each SDPA kernel; and the per-call host time ``varlen_attention`` and an ``AttentionPlan`` add to the chosen backend.
 
-    python tools/measure_dispatch.py --out DIR [--max-seconds 60] [--batch 16] [--head-dim 72]
+    python tools/measure_dispatch.py --out DIR [--max-seconds 60] [--batch 16] [--head-dim 72] [--merge TABLE]
 
 GPU only (exits 2 on a machine without CUDA). Stops starting new shapes once ``--max-seconds`` is spent and
 writes what it measured.
@@ -29,6 +31,10 @@ import torch
 
 from elit_kernels import _cli
 from elit_kernels._cli import output_dir_error
+
+
+_COMMITTED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elit_kernels", "attention",
+                          "dispatch_table.json")
 
 
 def _shapes(batch: int, groups: int, p: int, j_max: int, heads: int, d: int):
@@ -96,7 +102,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=72)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--merge", type=_cli.user_path, default=_COMMITTED,
+                    help="a dispatch table whose entries this run did not measure again are kept in the one it writes "
+                         "(other GPUs; this GPU's shapes a shorter run did not reach); default: the committed "
+                         "elit_kernels/attention/dispatch_table.json. '' writes this run's entries alone")
     args = ap.parse_args(argv)
+    try:  # read now: a table that cannot be merged is a usage error before minutes of measuring, not after
+        keep = args.merge and (args.merge != _COMMITTED or os.path.exists(_COMMITTED))  # an install without it
+        args.merge_table = _read_table(args.merge) if keep else None
+    except ValueError as e:
+        ap.error(f"--merge: {args.merge} {e} (pass --merge '' to write this run's entries alone)")
     if not torch.cuda.is_available():
         print("measure_dispatch: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
@@ -148,6 +163,48 @@ def _measure(args, shapes, passes, fp32_labels, t_start, entries, lines) -> None
         del inp
 
 
+#: fields that say which measurement an entry is: the shape class dispatch reads, and the shape it was timed on
+_ENTRY_KEY = ("gpu", "dtype", "kind", "grad", "head_dim", "lq", "lk", "segments", "shape")
+_PROVENANCE = ("device", "torch", "triton", "cuda", "date", "commit", "source")
+
+
+def _read_table(path: str) -> dict:
+    """The table at ``path`` (ValueError saying why it cannot be merged)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        raise ValueError("does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(old, dict) or not isinstance(old.get("entries"), list) \
+            or not all(isinstance(e, dict) for e in old["entries"]):
+        raise ValueError("is not a dispatch table (an object whose 'entries' is a list of objects)")
+    return old
+
+
+def merge_tables(old: dict | None, entries: list[dict], run: dict) -> tuple[dict, int]:
+    """``(table, kept)``: this run's ``entries`` and every entry of ``old`` (a table as read from
+    dispatch_table.json, or None) that this run did not measure again (the same ``_ENTRY_KEY``): other GPUs'
+    rankings and this GPU's shapes a shorter run did not reach stay. ``kept`` counts the entries from ``old``.
+    Every entry carries the ``_PROVENANCE`` fields of the run that measured it (an old entry without them takes
+    its table's top-level ones); the top level describes this run, and ``devices`` lists the GPUs held."""
+    stamp = {k: run.get(k) for k in _PROVENANCE}
+    new = [{**e, **stamp} for e in entries]
+    measured = {tuple(e.get(k) for k in _ENTRY_KEY) for e in new}
+    kept = []
+    for e in (old or {}).get("entries", []):
+        if tuple(e.get(k) for k in _ENTRY_KEY) in measured:
+            continue
+        kept.append({**{k: old.get(k) for k in _PROVENANCE if old.get(k) is not None}, **e})
+    merged = new + kept
+    table = {"about": "Backend rankings measured on GPUs by tools/measure_dispatch.py, read by "
+                      "elit_kernels.attention.dispatch (nearest entry of the same GPU, dtype, kind and pass). "
+                      "Each entry names the run that measured it; the top level describes the newest run.",
+             **run, "devices": sorted({str(e.get("gpu")) for e in merged}), "entries": merged}
+    return table, len(kept)
+
+
 def _write(args, gpu, entries, lines, t_start, interrupted: bool) -> None:
     """dispatch_table.json and dispatch_report.md (with the per-call overhead unless ``interrupted``)."""
     try:
@@ -160,15 +217,16 @@ def _write(args, gpu, entries, lines, t_start, interrupted: bool) -> None:
         tv = triton.__version__
     except ImportError:
         tv = "none"
-    table = {"about": "Backend rankings measured on GPUs by tools/measure_dispatch.py, read by "
-                      "elit_kernels.attention.dispatch (nearest entry of the same GPU, dtype, kind and pass).",
-             "device": gpu, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda,
-             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-             "source": f"tools/measure_dispatch.py, ELIT-SiT-XL/2 512px shapes, batch {args.batch}, "
-                       f"head dim {args.head_dim}, {args.repeats} timed calls per backend (median)",
-             "entries": entries}
+    run = {"device": gpu, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+           "source": f"tools/measure_dispatch.py, ELIT-SiT-XL/2 512px shapes, batch {args.batch}, "
+                     f"head dim {args.head_dim}, {args.repeats} timed calls per backend (median)"}
+    table, kept = merge_tables(args.merge_table, entries, run)
     with open(os.path.join(args.out, "dispatch_table.json"), "w") as f:
         json.dump(table, f, indent=1)
+    if args.merge:
+        print(f"measure_dispatch: dispatch_table.json holds this run's {len(entries)} entries and {kept} kept from "
+              f"{args.merge} (other GPUs, and this GPU's shapes this run did not measure)")
     # per-call overhead on a tiny Read-like call with host-side segments (the op bench's measurement)
     from elit_kernels.bench.attention_cases import dispatch_overhead_us
 

@@ -76,7 +76,10 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
                 "tests/test_plan.py::test_the_model_forward_checks_and_dispatches_only_on_a_layouts_first_forward", "-k",
                 "not compile and not triton and not overfit and not sampling_runs and not convert and not hostile "
                 "and not loader and not legacy and not bare_state and not other_sizes and not official_key"]),
-    "checkpoint": (["elit_kernels/models/checkpoint.py"], ["tests/test_official.py", "-k", "not compile and not triton"]),
+    # our file format and the official checkpoints' loader (depth, arch and key checks, conversion), with the
+    # hostile-user tests of both (tests/test_checkpoint_round41.py); ~15 s for the whole selection here
+    "checkpoint": (["elit_kernels/models/checkpoint.py", "elit_kernels/official/loader.py"],
+                   ["tests/test_official.py", "tests/test_checkpoint_round41.py", "-k", "not compile and not triton"]),
     # elit-sample's rules (per-index seeds, labels, budget mixes, canonical batches), its files (atomic writes,
     # damaged-file detection, the streamed .npz) and its option checks; run.py's orchestration is left to the
     # end-to-end tests. The torchrun tests start two processes per mutant (seconds each): left to CI.

@@ -102,3 +102,25 @@ def test_elementwise_bench_takes_its_bandwidth_against_the_copy_rate_it_measured
     s = _summary().elementwise_summary(str(tmp_path / "elementwise.json"))
     assert s["gated_residual"]["native"]["pct_peak_bw"] == round(
         next(x["pct_peak_bw"] for x in data["rows"] if (x["op"], x["impl"]) == ("gated_residual", "native")), 1)
+
+
+def test_model_bench_rows_say_what_fraction_of_the_machine_a_forward_reaches(tmp_path):
+    # elit-bench: each row's FLOPs over its median latency, against the matmul rate measured in the same run
+    # (on the H200 eager PyTorch reached about a third of the machine at J = 64, less at small budgets)
+    from elit_kernels.bench.report import make_rows, markdown_summary
+    from elit_kernels.bench.timing import Case
+
+    c = Case(scenario="uniform", case="uniform", model="elit", backend="torch", budget=4, budgets=[4, 4], batch=2,
+             latents=4.0, fn=lambda: None, times_ms=[2.0, 4.0, 3.0], flops={"total": 6e9, "attention": 1e9})
+    untimed = Case(scenario="uniform", case="uniform", model="elit", backend="triton", budget=4, budgets=[4, 4],
+                   batch=2, latents=4.0, fn=lambda: None, flops={"total": 6e9, "attention": 1e9})
+    peaks = {"tflops": 8.0, "dtype": "bfloat16"}
+    row, none = make_rows([c, untimed], CPU, peaks)
+    assert row["tflops"] == pytest.approx(6e9 / 1e9 / 3.0)  # GFLOP / ms = TFLOP/s: 2 TFLOP/s
+    assert row["pct_peak_flops"] == pytest.approx(25.0)
+    assert none["tflops"] is None and none["pct_peak_flops"] is None
+    assert make_rows([c], CPU)[0]["pct_peak_flops"] is None  # no measured peak: no fraction
+    md = markdown_summary([row], [], {"device_type": "cpu", "peaks": peaks})
+    assert "% peak: TFLOP/s against 8 TFLOP/s, the bfloat16 matmul rate measured" in md
+    assert "| 2.000 | 25.0 |" in md
+    assert "% peak: TFLOP/s against" not in markdown_summary([row], [], {"device_type": "cpu"})  # an older results.json

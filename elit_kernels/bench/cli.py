@@ -23,8 +23,8 @@ from ..models.config import _SIZES, PRESETS, config_dict, preset_config
 from .flops import count_flops
 from .report import OUTPUT_FILES, check_targets, format_table, make_rows, metadata, write_outputs
 from .scenarios import DEFAULT, DEFAULT_SCENARIOS, SCENARIOS, WRAPPERS, Setup, build_cases, split_backend
-from .timing import (RunProgress, format_seconds, measure_memory, remaining_seconds, run_interleaved, sample_seconds,
-                     time_once, warm_up)
+from .timing import (RunProgress, format_seconds, measure_memory, measure_peaks, remaining_seconds, run_interleaved,
+                     sample_seconds, time_once, warm_up)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -447,7 +447,9 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         extra["run_seconds"] = time.monotonic() - t_start
         extra["notes"] = extra["notes"] + [f"{len(skipped)} cases skipped (time budget)"] * bool(skipped) \
             + [f"{len(failed)} cases failed (see their note)"] * bool(failed)
-        rows = make_rows(cases, dev)
+        peaks = measure_peaks(dev, setup.dtype)  # the device's matmul rate now, for each row's fraction of it
+        extra["peaks"] = peaks
+        rows = make_rows(cases, dev, peaks)
         if extra.get("default_label"):  # say what ran: $ELIT_BACKEND, not default dispatch
             for r in rows:
                 if split_backend(r["backend"])[0] is None:

@@ -69,7 +69,7 @@ def meant_for(target: str) -> str:
 
 ROW_FIELDS = ["preset", "scenario", "case", "model", "backend", "budget", "budgets", "weak_budget", "batch", "latents",
               "latency_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "cpu_ms", "cpu_q1_ms", "cpu_q3_ms", "repeats", "gflops", "attention_gflops",
-              "latency_ratio", "flops_ratio", "latency_over_flops", "cpu_ratio", "cpu_over_flops", "peak_mem_mb", "warmup_s",
+              "tflops", "pct_peak_flops", "latency_ratio", "flops_ratio", "latency_over_flops", "cpu_ratio", "cpu_over_flops", "peak_mem_mb", "warmup_s",
               "steps", "images_per_s", "steps_per_s", "note"]
 
 
@@ -90,7 +90,10 @@ def _compact(budgets: list[int]) -> str:
     return ",".join(f"{j}x{n}" if n >= 3 else ",".join([str(j)] * n) for j, n in runs)
 
 
-def make_rows(cases: list[Case], device: torch.device) -> list[dict]:
+def make_rows(cases: list[Case], device: torch.device, peaks: dict | None = None) -> list[dict]:
+    """One result row per case (``ROW_FIELDS``). ``tflops``: the case's FLOPs over its median latency (GFLOP/ms =
+    TFLOP/s); ``pct_peak_flops``: that against ``peaks["tflops"]`` (``timing.measure_peaks``: the device's matmul
+    rate in the model's dtype, measured in the same run), the fraction of the machine the forward reaches."""
     by_key = {c.key: c for c in cases}
     rows = []
     for c in cases:
@@ -102,12 +105,15 @@ def make_rows(cases: list[Case], device: torch.device) -> list[dict]:
                "cpu_q3_ms": ct["q3_ms"], "repeats": len(c.times_ms),
                "gflops": c.flops["total"] / 1e9 if c.flops else None,
                "attention_gflops": c.flops["attention"] / 1e9 if c.flops else None,
-               "latency_ratio": None, "flops_ratio": None, "latency_over_flops": None, "cpu_ratio": None,
+               "tflops": c.flops["total"] / 1e9 / st["latency_ms"] if (c.flops and st["latency_ms"]) else None,
+               "pct_peak_flops": None, "latency_ratio": None, "flops_ratio": None, "latency_over_flops": None, "cpu_ratio": None,
                "cpu_over_flops": None,
                "peak_mem_mb": c.peak_mem_mb, "warmup_s": c.warm_s, "steps": c.steps,
                "images_per_s": (c.batch / (st["latency_ms"] / 1e3)) if c.steps and st["latency_ms"] else None,
                "steps_per_s": (c.steps / (st["latency_ms"] / 1e3)) if c.steps and st["latency_ms"] else None,
                "note": c.note}
+        if row["tflops"] and peaks and peaks.get("tflops"):
+            row["pct_peak_flops"] = 100 * row["tflops"] / peaks["tflops"]
         ref = by_key.get(c.ref) if c.ref else None
         if ref is not None and ref.times_ms and st["latency_ms"]:
             row["latency_ratio"] = st["latency_ms"] / summarize(ref.times_ms)["latency_ms"]
@@ -627,13 +633,17 @@ def markdown_summary(rows: list[dict], targets: list[dict], meta: dict) -> str:
            f"repeats {meta.get('repeats_done', meta.get('repeats'))} (interleaved, medians)",
            "",
            "| preset | scenario | case | model | backend | budgets | latents/sample | median ms | IQR ms | CPU-time ms | GFLOPs "
-           "| lat/full | CPU-time/full | FLOPs/full | peak MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| TFLOP/s | % peak | lat/full | CPU-time/full | FLOPs/full | peak MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    peaks = meta.get("peaks")
+    if isinstance(peaks, dict) and isinstance(peaks.get("tflops"), (int, float)):  # older results have none
+        out[4:4] = [f"% peak: TFLOP/s against {peaks['tflops']:.4g} TFLOP/s, the {peaks.get('dtype')} matmul rate "
+                    "measured on this device in the same run (`bench.timing.measure_peaks`).", ""]
     for r in rows:
         iqr = f"{r['q1_ms']:.1f}–{r['q3_ms']:.1f}" if r["q1_ms"] is not None else "-"
         out.append(f"| {r['preset']} | {r['scenario']} | {r['case']} | {r['model']} | {r['backend']} | {r['budgets'] or '-'} | "
                    f"{r['latents']:g} | {_fmt(r['latency_ms'], 1)} | {iqr} | {_fmt(r['cpu_ms'], 1)} | {_fmt(r['gflops'], 2)} | "
-                   f"{_fmt(r['latency_ratio'], 3)} | {_fmt(r['cpu_ratio'], 3)} | {_fmt(r['flops_ratio'], 3)} | "
+                   f"{_fmt(r.get('tflops'), 3)} | {_fmt(r.get('pct_peak_flops'), 1)} | {_fmt(r['latency_ratio'], 3)} | {_fmt(r['cpu_ratio'], 3)} | {_fmt(r['flops_ratio'], 3)} | "
                    f"{_fmt(r['peak_mem_mb'], 1)} |")
     if targets:
         out += ["", "Targets: each a ratio of this run that should be <= its limit; `wall` = median wall time, `cpu` = "

@@ -124,3 +124,16 @@ def test_model_bench_rows_say_what_fraction_of_the_machine_a_forward_reaches(tmp
     assert "% peak: TFLOP/s against 8 TFLOP/s, the bfloat16 matmul rate measured" in md
     assert "| 2.000 | 25.0 |" in md
     assert "% peak: TFLOP/s against" not in markdown_summary([row], [], {"device_type": "cpu"})  # an older results.json
+
+
+def test_gpu_summary_lists_the_fraction_of_the_machine_each_uniform_forward_reaches(tmp_path):
+    rows = [{"scenario": "uniform", "preset": "released", "model": "elit", "backend": "default", "budget": 64,
+             "tflops": 250.04, "pct_peak_flops": 31.26, "latency_ms": 60.0},
+            {"scenario": "uniform", "preset": "released", "model": "official", "backend": "sdpa_dense", "budget": 64,
+             "tflops": 270.0, "pct_peak_flops": None, "latency_ms": 55.0},
+            {"scenario": "mixed", "preset": "released", "model": "elit", "backend": "default", "budget": 64,
+             "tflops": 1.0, "pct_peak_flops": 1.0, "latency_ms": 1.0}]
+    (tmp_path / "model.json").write_text(json.dumps({"metadata": {}, "rows": rows}))
+    got = _summary().model_summary(str(tmp_path / "model.json"))["pct_peak_flops"]
+    assert got == [{"preset": "released", "model": "elit", "backend": "default", "budget": 64, "tflops": 250.0,
+                    "pct": 31.3}]

@@ -166,8 +166,8 @@ class _Row(dict):
 
 
 def model_summary(path: str) -> dict:
-    """elit-bench's results: its targets, the key ratios (a row without the keys a ratio needs gives none) and the
-    per-stage breakdown."""
+    """elit-bench's results: its targets, the key ratios (a row without the keys a ratio needs gives none), the
+    fraction of the card's matmul rate each uniform forward reaches, and the per-stage breakdown."""
     if not os.path.exists(path):
         return {}
     data = _json(path)
@@ -206,6 +206,12 @@ def model_summary(path: str) -> dict:
                 ratios.append({"what": f"ragged / dense J={r['budget']}", "preset": r["preset"],
                                "backend": r["backend"], "value": round(r["latency_ms"] / dense["latency_ms"], 3)})
     out["ratios"] = ratios
+    # the fraction of the card's matmul rate each uniform forward reaches (elit-bench's pct_peak_flops; None on
+    # results without a measured peak)
+    out["pct_peak_flops"] = [{"preset": r["preset"], "model": r["model"], "backend": r["backend"],
+                              "budget": r["budget"], "tflops": _round(r.get("tflops"), 1),
+                              "pct": _round(r.get("pct_peak_flops"), 1)}
+                             for r in rows if r["scenario"] == "uniform" and _round(r.get("pct_peak_flops"), 1) is not None]
     # elit-bench --breakdown: per (preset, backend, budget) the device time per stage and kind of op
     meta = data.get("metadata") or {}
     breakdown = (meta.get("breakdown") if isinstance(meta, dict) else None) or []
@@ -369,6 +375,9 @@ def _print_lines(summary: dict) -> None:
     for key in ("model", "model_fp32", "sampling"):
         for r in summary[key].get("ratios", [])[:16]:
             print(f"{key} {r['preset']} {r['backend']}: {r['what']} = {r['value']}")
+        for f in summary[key].get("pct_peak_flops", [])[:12]:
+            print(f"{key} {f['preset']} {f['model']} {f['backend']} J={f['budget']}: {f['tflops']} TFLOP/s, "
+                  f"{f['pct']} % of the card's matmul rate")
         for b in summary[key].get("breakdown", []):
             print(f"{key} breakdown {b['preset']} {b['backend']} J={b['budget']}: {b['clock']} time {b['ms']} ms of "
                   f"{b['wall_ms']} ms wall; stages {b['stages']}; kinds {b['kinds']}")

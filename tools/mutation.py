@@ -77,9 +77,11 @@ MODULES = {  # name -> (paths to mutate, tests that cover them)
                 "not compile and not triton and not overfit and not sampling_runs and not convert and not hostile "
                 "and not loader and not legacy and not bare_state and not other_sizes and not official_key"]),
     # our file format and the official checkpoints' loader (depth, arch and key checks, conversion), with the
-    # hostile-user tests of both (tests/test_checkpoint_round41.py); ~15 s for the whole selection here
+    # hostile-user tests of both (tests/test_checkpoint_round41.py) and the tests written against this group's
+    # survivors (tests/test_checkpoint_mutants.py); ~20 s for the whole selection here
     "checkpoint": (["elit_kernels/models/checkpoint.py", "elit_kernels/official/loader.py"],
-                   ["tests/test_official.py", "tests/test_checkpoint_round41.py", "-k", "not compile and not triton"]),
+                   ["tests/test_official.py", "tests/test_checkpoint_round41.py", "tests/test_checkpoint_mutants.py",
+                    "-k", "not compile and not triton"]),
     # elit-sample's rules (per-index seeds, labels, budget mixes, canonical batches), its files (atomic writes,
     # damaged-file detection, the streamed .npz) and its option checks; run.py's orchestration is left to the
     # end-to-end tests. The torchrun tests start two processes per mutant (seconds each): left to CI.

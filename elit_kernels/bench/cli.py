@@ -441,14 +441,17 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         for c in skipped:
             c.note = "skipped: --max-seconds spent during warm-up"
         timed = [c for c in cases if c not in skipped and c not in failed]
+        # the device's matmul rate, for each row's fraction of it. Measured before the timing: gpu_check's stage-limit
+        # SIGINT comes late in a run, where --breakdown keeps the timed rows; between the timing and the breakdown it
+        # would lose them all
+        peaks = measure_peaks(dev, setup.dtype)
+        extra["peaks"] = peaks
         refresh(len(order), "timing")
         extra["repeats_done"] = run_interleaved(timed, dev, repeats, progress=lambda: refresh(len(order), "timing"),
                                                 deadline=deadline, seed=setup.seed)
         extra["run_seconds"] = time.monotonic() - t_start
         extra["notes"] = extra["notes"] + [f"{len(skipped)} cases skipped (time budget)"] * bool(skipped) \
             + [f"{len(failed)} cases failed (see their note)"] * bool(failed)
-        peaks = measure_peaks(dev, setup.dtype)  # the device's matmul rate now, for each row's fraction of it
-        extra["peaks"] = peaks
         rows = make_rows(cases, dev, peaks)
         if extra.get("default_label"):  # say what ran: $ELIT_BACKEND, not default dispatch
             for r in rows:

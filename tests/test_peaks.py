@@ -137,3 +137,21 @@ def test_gpu_summary_lists_the_fraction_of_the_machine_each_uniform_forward_reac
     got = _summary().model_summary(str(tmp_path / "model.json"))["pct_peak_flops"]
     assert got == [{"preset": "released", "model": "elit", "backend": "default", "budget": 64, "tflops": 250.0,
                     "pct": 31.3}]
+
+
+def test_a_device_short_of_memory_is_measured_at_smaller_sizes(monkeypatch):
+    # a small card (or one the bench has filled) must not lose the whole bench to the peak measurement: the sizes
+    # shrink until the buffers fit, and the result says which were used
+    real = torch.randn
+
+    def scarce(*shape, **kw):  # room for a 300 x 300 matrix and 3M copy elements (12 MB of fp32)
+        if math.prod(shape) > (300 * 300 if len(shape) == 2 else 3 * 10**6):
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(*shape, **kw)
+    monkeypatch.setattr(torch, "randn", scarce)
+    p = measure_peaks(CPU, torch.float32, (1024, 64))
+    assert (p["matmul_n"], p["copy_mb"]) == (256, 8) and p["tflops"] > 0 and p["gbps"] > 0
+    assert (lambda q: (q["matmul_n"], q["copy_mb"]))(measure_peaks(CPU, torch.float32, (100, 64))) == (100, 8)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("none left")))
+    with pytest.raises(torch.OutOfMemoryError):
+        measure_peaks(CPU, torch.float32, (512, 16))

@@ -60,9 +60,11 @@ def measure_peaks(device: torch.device, dtype: torch.dtype = torch.bfloat16, siz
       written, as the benches count a kernel's bytes.
 
     ``sizes``: ``(n, mb)``; default ``PEAK_SIZES`` (8192 and 1024 MB on CUDA: each about a millisecond on an
-    H100/H200, far past the L2 cache; 512 and 64 MB elsewhere). Returns ``{"tflops", "gbps", "matmul_n",
-    "copy_mb", "dtype", "fp32_matmul_precision", "method"}``. Raises ValueError naming ``sizes`` for anything
-    but two positive ints, ``dtype`` for a dtype that is not floating."""
+    H100/H200, far past the L2 cache; 512 and 64 MB elsewhere). A device that runs out of memory at these sizes
+    (a small card, or one the bench has mostly filled) is measured at n / 2 and mb / 4 until it fits, down to
+    256 and 8 MB (then the ``torch.OutOfMemoryError`` propagates); the sizes used are recorded. Returns
+    ``{"tflops", "gbps", "matmul_n", "copy_mb", "dtype", "fp32_matmul_precision", "method"}``. Raises ValueError
+    naming ``sizes`` for anything but two positive ints, ``dtype`` for a dtype that is not floating."""
     from .._precision import fp32_matmul_precision
 
     n, mb = sizes if sizes is not None else PEAK_SIZES["cuda" if device.type == "cuda" else "other"]
@@ -71,6 +73,19 @@ def measure_peaks(device: torch.device, dtype: torch.dtype = torch.bfloat16, siz
         raise ValueError(f"sizes: expected (matmul side, copy MB), two positive ints, got {sizes!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    while True:
+        try:
+            return _peaks_at(device, dtype, n, mb, seed, fp32_matmul_precision)
+        except torch.OutOfMemoryError:
+            if n <= 256 and mb <= 8:
+                raise
+            n, mb = (max(256, n // 2) if n > 256 else n), (max(8, mb // 4) if mb > 8 else mb)  # never grows
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _peaks_at(device: torch.device, dtype: torch.dtype, n: int, mb: int, seed: int, fp32_matmul_precision) -> dict:
+    """``measure_peaks`` at one size."""
     g = torch.Generator(device=device).manual_seed(seed)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)

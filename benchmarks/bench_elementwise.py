@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     label = "CPU" if dev.type == "cpu" else "GPU"
     print(f"elementwise ops — {label}: {md['device']}, [{t}, {c}] {args.dtype} ({args.config} {args.resolution}px "
           f"batch {b}), torch {md['torch']}")
-    print(f"{label} copy rate measured in this run: {peaks['gbps']:.4g} GB/s (% BW below is a fraction of it)")
+    print(f"{label} copy rate measured in this run: {peaks['gbps']:.4g} GB/s (copy of {peaks['copy_mb']} MB; % BW "
+          "below is a fraction of it)")
     print(f"{'op':<20}{'impl':<16}{'ms':>9}{'GB/s':>9}{'% BW':>7}{'max err':>10}  note")
     for r in rows:
         ms = f"{r['ms']:.4f}" if r["ms"] is not None else "-"

@@ -236,8 +236,9 @@ def main(argv=None) -> int:
     dev_name = md["device"] if md["device"].startswith(label) else f"{label}: {md['device']}"
     print(f"varlen attention ops — {dev_name}, {args.config} {args.resolution}px batch {args.batch} "
           f"{args.dtype}, torch {md['torch']}")
-    print(f"{label} ceilings measured in this run: {peaks['tflops']:.4g} TFLOP/s ({args.dtype} matmul), "
-          f"{peaks['gbps']:.4g} GB/s (copy); %F and %BW below are fractions of them")
+    print(f"{label} ceilings measured in this run: {peaks['tflops']:.4g} TFLOP/s ({args.dtype} matmul, n "
+          f"{peaks['matmul_n']}), {peaks['gbps']:.4g} GB/s (copy of {peaks['copy_mb']} MB); %F and %BW below are "
+          "fractions of them")
     print(f"{'shape':<22}{'pass':<9}{'method':<26}{'ms':>9}{'TFLOP/s':>9}{'%F':>6}{'GB/s':>8}{'%BW':>6}  note")
     for r in rows:
         note = r["error"] or ("" if r["exact"] else "padded, no mask (timing only)")

@@ -221,17 +221,20 @@ def test_a_dispatch_run_on_another_gpu_adds_to_the_committed_table():
     h100_name = "NVIDIA H100 80GB HBM3"
     new_h100 = {**{k: h200[0][k] for k in ("dtype", "kind", "grad", "head_dim", "lq", "lk", "segments", "shape")},
                 "gpu": h100_name, "ranking": ["torch_varlen", "torch"], "ms": {"torch_varlen": 0.1, "torch": 0.2}}
-    remeasured = {**h200[1], "ranking": list(reversed(h200[1]["ranking"])), "ms": None}
+    remeasured = {**h200[1], "ranking": list(reversed(h200[1]["ranking"])), "ms": None, "shape": "relabelled"}
     run = {"device": h100_name, "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "date": "2027-01-01T00:00:00Z",
            "commit": "abc1234", "source": "test"}
     table, kept = md.merge_tables(committed, [new_h100, remeasured], run)
-    assert kept == len(committed["entries"]) - 1  # the re-measured H200 entry is replaced, nothing else
+    same_class = [e for e in committed["entries"] if all(e[k] == h200[1][k] for k in md._ENTRY_KEY)]
+    # every committed entry of the re-measured class is replaced (Read and Write at J = P are one class), nothing else
+    assert kept == len(committed["entries"]) - len(same_class) and same_class
     assert table["devices"] == sorted({h100_name, "NVIDIA H200"}) and table["device"] == h100_name
     by_shape = {(e["gpu"], e["shape"], e["dtype"], e["grad"]): e for e in table["entries"]}
     assert len(by_shape) == len(table["entries"])
-    old = by_shape[("NVIDIA H200", h200[2]["shape"], h200[2]["dtype"], h200[2]["grad"])]
-    assert old["date"] == committed["date"] and old["ranking"] == h200[2]["ranking"]  # provenance of its own run
-    again = by_shape[("NVIDIA H200", h200[1]["shape"], h200[1]["dtype"], h200[1]["grad"])]
+    other = next(e for e in h200 if any(e[k] != h200[1][k] for k in md._ENTRY_KEY))
+    old = by_shape[("NVIDIA H200", other["shape"], other["dtype"], other["grad"])]
+    assert old["date"] == committed["date"] and old["ranking"] == other["ranking"]  # provenance of its own run
+    again = by_shape[("NVIDIA H200", "relabelled", h200[1]["dtype"], h200[1]["grad"])]  # the class, not its label
     assert again["ranking"] == remeasured["ranking"] and again["date"] == run["date"]
     # dispatch reads the merged file: each GPU gets its own ranking
     cls = {k: h200[0][k] for k in ("dtype", "kind", "grad", "head_dim", "lq", "lk", "segments")}
@@ -244,7 +247,9 @@ def test_a_dispatch_run_on_another_gpu_adds_to_the_committed_table():
 
 
 @pytest.mark.parametrize("content, why", [("{", "cannot be read"), ("[]", "is not a dispatch table"),
-                                          ('{"entries": [1]}', "is not a dispatch table"), (None, "does not exist")])
+                                          ('{"entries": [1]}', "is not a dispatch table"), (None, "does not exist"),
+                                          ('{"entries": [{"gpu": "A", "shape": ["x"]}]}', "holds an entry dispatch "
+                                           "cannot read (entries[0]:")])
 def test_a_table_that_cannot_be_merged_is_a_usage_error_before_any_measurement(tmp_path, capsys, content, why):
     md = _measure_dispatch()
     bad = tmp_path / "table.json"

@@ -33,7 +33,8 @@ def test_peaks_follow_the_definitions(monkeypatch):
     assert p["tflops"] == pytest.approx(2 * 64**3 / 2.0 / 1e9)
     elems = 3 * 10**6 // 4
     assert p["gbps"] == pytest.approx(2 * elems * 4 / 0.5 / 1e6)
-    assert (p["matmul_n"], p["copy_mb"], p["dtype"], p["fp32_matmul_precision"]) == (64, 3, "float32", "ieee")
+    assert (p["matmul_n"], p["copy_mb"], p["dtype"], p["fp32_matmul_precision"]) == (64, 3, "float32", None)
+    assert "shrunk" not in p["method"]
     assert calls == [CPU, CPU]
     assert measure_peaks(CPU, torch.bfloat16, (8, 1))["fp32_matmul_precision"] is None
 
@@ -44,16 +45,25 @@ def test_peaks_measured_here_are_positive_and_finite():
     assert "torch.mm" in p["method"] and "copy_" in p["method"]
 
 
-@pytest.mark.parametrize("sizes", [(0, 1), (8, 0), (8.0, 1), (True, 1), (8, "1"), (-1, 4)])
+@pytest.mark.parametrize("sizes", [(0, 1), (8, 0), (8.0, 1), (True, 1), (8, "1"), (-1, 4), (64,), (64, 1, 2), 64])
 def test_peak_sizes_are_checked(sizes):
     with pytest.raises(ValueError, match=r"^sizes: expected \(matmul side, copy MB\), two positive ints"):
         measure_peaks(CPU, torch.float32, sizes)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, "float32", None])
+@pytest.mark.parametrize("dtype", [torch.int32, "float32", None, torch.float8_e4m3fn])
 def test_peak_dtype_is_checked(dtype):
-    with pytest.raises(ValueError, match="^dtype: expected a floating torch.dtype"):
+    with pytest.raises(ValueError, match="^dtype: expected one of torch.float16, torch.bfloat16"):
         measure_peaks(CPU, dtype, (8, 1))
+
+
+@pytest.mark.parametrize("kw, name", [({"device": None}, "device"), ({"device": "nowhere"}, "device"),
+                                      ({"seed": None}, "seed"), ({"seed": 2**70}, "seed"), ({"seed": -1}, "seed")])
+def test_peak_device_and_seed_are_checked(kw, name):
+    args = {"device": CPU, "dtype": torch.float32, "sizes": (8, 1), **kw}
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        measure_peaks(**args)
+    assert measure_peaks("cpu", torch.float32, (8, 1))["matmul_n"] == 8  # a device string is a device
 
 
 def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -83,7 +93,8 @@ def test_op_bench_takes_its_roofline_against_peaks_it_measured(tmp_path):
         assert x["pct_peak_flops"] == pytest.approx(100 * x["tflops"] / peaks["tflops"]), x
         assert x["pct_peak_bw"] == pytest.approx(100 * x["gbps"] / peaks["gbps"]), x
     s = _summary().ops_summary(str(tmp_path / "ops.json"))
-    assert s["peaks"] == {"tflops": round(peaks["tflops"], 1), "gbps": round(peaks["gbps"], 1)}
+    assert s["peaks"] == {"tflops": round(peaks["tflops"], 1), "gbps": round(peaks["gbps"], 1),
+                          "matmul_n": peaks["matmul_n"], "copy_mb": peaks["copy_mb"]}
     x = timed[0]
     if round(x["tflops"], 1):  # the summary keeps rows whose rounded TFLOP/s is a number (0.0 on a slow CPU too)
         assert s["pct_peak_bw"][f"{x['shape']} {x['pass']}"][x["method"]] == round(x["pct_peak_bw"], 1)
@@ -151,7 +162,22 @@ def test_a_device_short_of_memory_is_measured_at_smaller_sizes(monkeypatch):
     monkeypatch.setattr(torch, "randn", scarce)
     p = measure_peaks(CPU, torch.float32, (1024, 64))
     assert (p["matmul_n"], p["copy_mb"]) == (256, 8) and p["tflops"] > 0 and p["gbps"] > 0
-    assert (lambda q: (q["matmul_n"], q["copy_mb"]))(measure_peaks(CPU, torch.float32, (100, 64))) == (100, 8)
+    assert "n shrunk from 1024 after running out of memory; MB shrunk from 64" in p["method"]
+    # each measurement shrinks on its own, and never past the size asked
+    q = measure_peaks(CPU, torch.float32, (100, 64))
+    assert (q["matmul_n"], q["copy_mb"]) == (100, 8) and "n shrunk" not in q["method"]
     monkeypatch.setattr(torch, "randn", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("none left")))
     with pytest.raises(torch.OutOfMemoryError):
         measure_peaks(CPU, torch.float32, (512, 16))
+
+
+def test_gpu_summary_gives_no_fractions_for_files_without_measured_peaks(tmp_path):
+    # files written before the benches measured their ceilings took pct_peak_* against fixed H200 figures: the
+    # summary must not print those as fractions of the card's measured rates
+    ops = {"metadata": {}, "rows": [{"shape": "read", "pass": "fwd", "method": "m", "tflops": 5.0, "pct_peak_bw": 36.2}]}
+    (tmp_path / "ops.json").write_text(json.dumps(ops))
+    s = _summary().ops_summary(str(tmp_path / "ops.json"))
+    assert s["peaks"] is None and s["pct_peak_bw"] == {}
+    ew = {"metadata": {}, "rows": [{"op": "x", "impl": "native", "ms": 1.0, "gbps": 10.0, "pct_peak_bw": 0.2}]}
+    (tmp_path / "elementwise.json").write_text(json.dumps(ew))
+    assert _summary().elementwise_summary(str(tmp_path / "elementwise.json"))["x"]["native"]["pct_peak_bw"] is None

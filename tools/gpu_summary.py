@@ -119,16 +119,19 @@ def ops_summary(path: str) -> dict:
         return {}
     data = _json(path)
     rows = _rows(data, path)
+    md = data.get("metadata")
+    peaks = md.get("peaks") if isinstance(md, dict) else None
+    peaks = {k: _round(peaks.get(k), 1) for k in ("tflops", "gbps", "matmul_n", "copy_mb")} \
+        if isinstance(peaks, dict) else None
+    # percentages only from a run that measured its own ceilings (older files took them against fixed H200 figures)
+    measured = peaks is not None
     table, bw = {}, {}
     for r in rows:
         if _round(r.get("tflops"), 1) is None:
             continue
         table.setdefault(f"{r['shape']} {r['pass']}", {})[str(r["method"])] = round(r["tflops"], 1)
-        if _round(r.get("pct_peak_bw"), 1) is not None:
+        if measured and _round(r.get("pct_peak_bw"), 1) is not None:
             bw.setdefault(f"{r['shape']} {r['pass']}", {})[str(r["method"])] = round(r["pct_peak_bw"], 1)
-    md = data.get("metadata")
-    peaks = md.get("peaks") if isinstance(md, dict) else None
-    peaks = {k: _round(peaks.get(k), 1) for k in ("tflops", "gbps")} if isinstance(peaks, dict) else None
     best = {}
     for key, methods in table.items():
         name, tf = max(methods.items(), key=lambda kv: kv[1])
@@ -144,13 +147,17 @@ def elementwise_summary(path: str) -> dict:
     decides whether the compiled elementwise kernels stay (benchmarks/bench_elementwise.py)."""
     if not os.path.exists(path):
         return {}
-    rows = _rows(_json(path), path)
+    data = _json(path)
+    rows = _rows(data, path)
+    md = data.get("metadata")
+    measured = isinstance(md, dict) and isinstance(md.get("peaks"), dict)  # older files: fixed H200 figures
     out = {}
     for r in rows:
         if _round(r.get("ms"), 4) is None:
             continue
         out.setdefault(str(r["op"]), {})[str(r["impl"])] = {"ms": round(r["ms"], 4), "gbps": _round(r.get("gbps"), 1),
-                                                            "pct_peak_bw": _round(r.get("pct_peak_bw"), 1)}
+                                                            "pct_peak_bw": _round(r.get("pct_peak_bw"), 1) if measured
+                                                            else None}
     for impls in out.values():
         torch_best = min((impls[k]["ms"] for k in ("native", "native+compile") if k in impls), default=None)
         impls["fused / best of native, native+compile"] = (
@@ -208,6 +215,10 @@ def model_summary(path: str) -> dict:
     out["ratios"] = ratios
     # the fraction of the card's matmul rate each uniform forward reaches (elit-bench's pct_peak_flops; None on
     # results without a measured peak)
+    md = data.get("metadata")
+    pk = md.get("peaks") if isinstance(md, dict) else None
+    out["peak_tflops"] = {"tflops": _round(pk.get("tflops"), 1), "dtype": str(pk.get("dtype"))} \
+        if isinstance(pk, dict) else None
     out["pct_peak_flops"] = [{"preset": r["preset"], "model": r["model"], "backend": r["backend"],
                               "budget": r["budget"], "tflops": _round(r.get("tflops"), 1),
                               "pct": _round(r.get("pct_peak_flops"), 1)}
@@ -358,7 +369,8 @@ def _print_lines(summary: dict) -> None:
         print(summary["dispatch"]["overhead"])
     if summary["ops"].get("peaks"):
         pk = summary["ops"]["peaks"]
-        print(f"ops ceilings measured on the card: {pk['tflops']} TFLOP/s matmul, {pk['gbps']} GB/s copy")
+        print(f"ops ceilings measured on the card: {pk['tflops']} TFLOP/s matmul (n {pk['matmul_n']}), {pk['gbps']} "
+              f"GB/s copy ({pk['copy_mb']} MB)")
     bw = summary["ops"].get("pct_peak_bw", {})
     for key, b in list(summary["ops"].get("best", {}).items())[:12]:
         pct = bw.get(key, {})
@@ -370,14 +382,16 @@ def _print_lines(summary: dict) -> None:
         if op == "unreadable":
             continue
         print(f"elementwise {op}: " + "; ".join(
-            f"{k} {v['ms']} ms {v['gbps']} GB/s ({v['pct_peak_bw']} % of copy)" if isinstance(v, dict) else f"{k} {v}"
+            (f"{k} {v['ms']} ms {v['gbps']} GB/s" + (f" ({v['pct_peak_bw']} % of copy)" if v["pct_peak_bw"] is not None
+                                                      else "")) if isinstance(v, dict) else f"{k} {v}"
             for k, v in impls.items()))
     for key in ("model", "model_fp32", "sampling"):
         for r in summary[key].get("ratios", [])[:16]:
             print(f"{key} {r['preset']} {r['backend']}: {r['what']} = {r['value']}")
         for f in summary[key].get("pct_peak_flops", [])[:12]:
+            pk = summary[key].get("peak_tflops") or {}
             print(f"{key} {f['preset']} {f['model']} {f['backend']} J={f['budget']}: {f['tflops']} TFLOP/s, "
-                  f"{f['pct']} % of the card's matmul rate")
+                  f"{f['pct']} % of the card's {pk.get('dtype')} matmul rate ({pk.get('tflops')} TFLOP/s)")
         for b in summary[key].get("breakdown", []):
             print(f"{key} breakdown {b['preset']} {b['backend']} J={b['budget']}: {b['clock']} time {b['ms']} ms of "
                   f"{b['wall_ms']} ms wall; stages {b['stages']}; kinds {b['kinds']}")

@@ -163,8 +163,9 @@ def _measure(args, shapes, passes, fp32_labels, t_start, entries, lines) -> None
         del inp
 
 
-#: fields that say which measurement an entry is: the shape class dispatch reads, and the shape it was timed on
-_ENTRY_KEY = ("gpu", "dtype", "kind", "grad", "head_dim", "lq", "lk", "segments", "shape")
+#: the shape class dispatch reads an entry for: a run that measures a class replaces every older entry of it (a
+#: cut run's new entries must not be blended with an older run's ranking of the same class)
+_ENTRY_KEY = ("gpu", "dtype", "kind", "grad", "head_dim", "lq", "lk", "segments")
 _PROVENANCE = ("device", "torch", "triton", "cuda", "date", "commit", "source")
 
 
@@ -180,21 +181,30 @@ def _read_table(path: str) -> dict:
     if not isinstance(old, dict) or not isinstance(old.get("entries"), list) \
             or not all(isinstance(e, dict) for e in old["entries"]):
         raise ValueError("is not a dispatch table (an object whose 'entries' is a list of objects)")
+    from elit_kernels.attention.dispatch import _valid_entry
+
+    for i, e in enumerate(old["entries"]):
+        if not _valid_entry(e) or not isinstance(e.get("shape", ""), str):
+            raise ValueError(f"holds an entry dispatch cannot read (entries[{i}]: gpu, dtype, kind and shape must be "
+                             "strings, head_dim, lq, lk and segments ints, grad a bool, ranking a list of names)")
     return old
 
 
 def merge_tables(old: dict | None, entries: list[dict], run: dict) -> tuple[dict, int]:
     """``(table, kept)``: this run's ``entries`` and every entry of ``old`` (a table as read from
-    dispatch_table.json, or None) that this run did not measure again (the same ``_ENTRY_KEY``): other GPUs'
-    rankings and this GPU's shapes a shorter run did not reach stay. ``kept`` counts the entries from ``old``.
+    dispatch_table.json, or None) of a shape class this run did not measure (``_ENTRY_KEY``): other GPUs'
+    rankings and this GPU's classes a shorter run did not reach stay; a class measured again is this run's alone. ``kept`` counts the entries from ``old``.
     Every entry carries the ``_PROVENANCE`` fields of the run that measured it (an old entry without them takes
     its table's top-level ones); the top level describes this run, and ``devices`` lists the GPUs held."""
     stamp = {k: run.get(k) for k in _PROVENANCE}
     new = [{**e, **stamp} for e in entries]
-    measured = {tuple(e.get(k) for k in _ENTRY_KEY) for e in new}
+    def key(e):  # grad may be absent from an old entry (dispatch reads it as False)
+        return tuple(bool(e.get(k, False)) if k == "grad" else e.get(k) for k in _ENTRY_KEY)
+
+    measured = {key(e) for e in new}
     kept = []
     for e in (old or {}).get("entries", []):
-        if tuple(e.get(k) for k in _ENTRY_KEY) in measured:
+        if key(e) in measured:
             continue
         kept.append({**{k: old.get(k) for k in _PROVENANCE if old.get(k) is not None}, **e})
     merged = new + kept
@@ -224,7 +234,7 @@ def _write(args, gpu, entries, lines, t_start, interrupted: bool) -> None:
     table, kept = merge_tables(args.merge_table, entries, run)
     with open(os.path.join(args.out, "dispatch_table.json"), "w") as f:
         json.dump(table, f, indent=1)
-    if args.merge:
+    if args.merge_table is not None:
         print(f"measure_dispatch: dispatch_table.json holds this run's {len(entries)} entries and {kept} kept from "
               f"{args.merge} (other GPUs, and this GPU's shapes this run did not measure)")
     # per-call overhead on a tiny Read-like call with host-side segments (the op bench's measurement)

@@ -69,8 +69,8 @@ def meant_for(target: str) -> str:
 
 ROW_FIELDS = ["preset", "scenario", "case", "model", "backend", "budget", "budgets", "weak_budget", "batch", "latents",
               "latency_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "cpu_ms", "cpu_q1_ms", "cpu_q3_ms", "repeats", "gflops", "attention_gflops",
-              "tflops", "pct_peak_flops", "latency_ratio", "flops_ratio", "latency_over_flops", "cpu_ratio", "cpu_over_flops", "peak_mem_mb", "warmup_s",
-              "steps", "images_per_s", "steps_per_s", "note"]
+              "latency_ratio", "flops_ratio", "latency_over_flops", "cpu_ratio", "cpu_over_flops", "peak_mem_mb", "warmup_s",
+              "steps", "images_per_s", "steps_per_s", "note", "tflops", "pct_peak_flops"]
 
 
 OUTPUT_FILES = ("results.json", "results.csv", "summary.md", "latency_vs_latents.png")  # what --out DIR gets

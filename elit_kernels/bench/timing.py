@@ -44,8 +44,10 @@ def time_call(fn: Callable[[], Any], device: torch.device, grad_to_none=None, mi
     return total / n
 
 
-#: sizes ``measure_peaks`` uses: (matmul side n, copy MB) on CUDA and elsewhere
+#: sizes ``measure_peaks`` uses: (matmul side n, copy MB) on CUDA and elsewhere, and the least it shrinks them to
 PEAK_SIZES = {"cuda": (8192, 1024), "other": (512, 64)}
+PEAK_FLOOR = (256, 8)
+PEAK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype = torch.bfloat16, sizes: tuple[int, int] | None = None,
@@ -55,52 +57,77 @@ def measure_peaks(device: torch.device, dtype: torch.dtype = torch.bfloat16, siz
 
     - ``tflops``: one ``[n, n] @ [n, n]`` matmul in ``dtype`` on random normal data (2·n³ FLOPs per call);
       fp32 on CUDA follows PyTorch's float32 matmul setting, recorded as ``fp32_matmul_precision`` (``"tf32"`` or
-      ``"ieee"``; None for other dtypes).
+      ``"ieee"``; None for other dtypes and off CUDA).
     - ``gbps``: one ``copy_`` of ``mb`` megabytes (10^6 bytes) of ``dtype``, counting bytes read plus bytes
       written, as the benches count a kernel's bytes.
 
-    ``sizes``: ``(n, mb)``; default ``PEAK_SIZES`` (8192 and 1024 MB on CUDA: each about a millisecond on an
-    H100/H200, far past the L2 cache; 512 and 64 MB elsewhere). A device that runs out of memory at these sizes
-    (a small card, or one the bench has mostly filled) is measured at n / 2 and mb / 4 until it fits, down to
-    256 and 8 MB (then the ``torch.OutOfMemoryError`` propagates); the sizes used are recorded. Returns
-    ``{"tflops", "gbps", "matmul_n", "copy_mb", "dtype", "fp32_matmul_precision", "method"}``. Raises ValueError
-    naming ``sizes`` for anything but two positive ints, ``dtype`` for a dtype that is not floating."""
+    ``device``: a ``torch.device`` or a device string. ``sizes``: ``(n, mb)``; default ``PEAK_SIZES`` (8192 and
+    1024 MB on CUDA: each about a millisecond on an H100/H200, far past the L2 cache; 512 and 64 MB elsewhere).
+    A measurement that runs out of device memory (a small card, or one the bench has mostly filled) is repeated
+    at n / 2 (matmul) or mb / 4 (copy) until it fits, down to ``PEAK_FLOOR`` (256, 8 MB; then the
+    ``torch.OutOfMemoryError`` propagates). The sizes used are returned (``matmul_n``, ``copy_mb``); below the
+    defaults the rates read low (a small matmul), or high (a copy that fits in the cache), and ``method`` says so.
+    Returns ``{"tflops", "gbps", "matmul_n", "copy_mb", "dtype", "fp32_matmul_precision", "method"}``.
+
+    Raises ValueError naming ``sizes`` unless it is two positive ints, ``dtype`` unless it is one of
+    ``PEAK_DTYPES``, ``device`` for what is not a device, ``seed`` unless it is an int in [0, 2**63)."""
     from .._precision import fp32_matmul_precision
 
-    n, mb = sizes if sizes is not None else PEAK_SIZES["cuda" if device.type == "cuda" else "other"]
-    if not (isinstance(n, int) and isinstance(mb, int) and not isinstance(n, bool) and not isinstance(mb, bool)
-            and n > 0 and mb > 0):
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch.device or a device string such as 'cuda', got {device!r}") from None
+    default = PEAK_SIZES["cuda" if device.type == "cuda" else "other"]
+    if sizes is None:
+        sizes = default
+    if not (isinstance(sizes, (tuple, list)) and len(sizes) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)):
         raise ValueError(f"sizes: expected (matmul side, copy MB), two positive ints, got {sizes!r}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    if dtype not in PEAK_DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(str(d) for d in PEAK_DTYPES)}, got {dtype!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+    n, mb = sizes
+    g = torch.Generator(device=device).manual_seed(seed)
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    def matmul(n):
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+        return time_call(lambda: torch.mm(a, b), device)
+
+    def copy(mb):
+        src = torch.randn(max(1, mb * 10**6 // elem), device=device, dtype=dtype, generator=g)
+        dst = torch.empty_like(src)
+        return time_call(lambda: dst.copy_(src), device)
+
+    n, mm_ms = _shrinking(matmul, n, PEAK_FLOOR[0], 2, device)
+    mb, cp_ms = _shrinking(copy, mb, PEAK_FLOOR[1], 4, device)
+    moved = 2 * max(1, mb * 10**6 // elem) * elem
+    name = str(dtype).replace("torch.", "")
+    small = [f"{what} shrunk from {want} after running out of memory"
+             for what, got, want in (("n", n, sizes[0]), ("MB", mb, sizes[1])) if got < want]
+    return {"tflops": 2 * n**3 / mm_ms / 1e9, "gbps": moved / cp_ms / 1e6, "matmul_n": n, "copy_mb": mb, "dtype": name,
+            "fp32_matmul_precision": fp32_matmul_precision() if (dtype == torch.float32 and device.type == "cuda")
+            else None,
+            "method": f"torch.mm of two random [{n}, {n}] {name} (2n^3 FLOPs) and Tensor.copy_ of {mb} MB (read + "
+                      "written), each timed by bench.timing.time_call" + (f" ({'; '.join(small)})" if small else "")}
+
+
+def _shrinking(measure, size: int, floor: int, factor: int, device: torch.device) -> tuple[int, float]:
+    """``(size, measure(size))`` at the first size that fits in memory: ``size``, then ``size // factor``, ... down
+    to ``floor`` (never above the size asked); the last ``torch.OutOfMemoryError`` propagates."""
     while True:
         try:
-            return _peaks_at(device, dtype, n, mb, seed, fp32_matmul_precision)
+            return size, measure(size)
         except torch.OutOfMemoryError:
-            if n <= 256 and mb <= 8:
+            if size <= floor:
                 raise
-            n, mb = (max(256, n // 2) if n > 256 else n), (max(8, mb // 4) if mb > 8 else mb)  # never grows
+            short = True
+        if short:  # outside the except clause, so the traceback no longer holds the failed buffers
+            size = max(floor, size // factor)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-
-
-def _peaks_at(device: torch.device, dtype: torch.dtype, n: int, mb: int, seed: int, fp32_matmul_precision) -> dict:
-    """``measure_peaks`` at one size."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    mm_ms = time_call(lambda: torch.mm(a, b), device)
-    elems = max(1, mb * 10**6 // torch.empty((), dtype=dtype).element_size())
-    src = torch.randn(elems, device=device, dtype=dtype, generator=g)
-    dst = torch.empty_like(src)
-    cp_ms = time_call(lambda: dst.copy_(src), device)
-    moved = 2 * elems * src.element_size()
-    return {"tflops": 2 * n**3 / mm_ms / 1e9, "gbps": moved / cp_ms / 1e6, "matmul_n": n, "copy_mb": mb,
-            "dtype": str(dtype).replace("torch.", ""),
-            "fp32_matmul_precision": (fp32_matmul_precision() if device.type == "cuda" else "ieee")
-            if dtype == torch.float32 else None,
-            "method": f"torch.mm of two random [{n}, {n}] {str(dtype).replace('torch.', '')} (2n^3 FLOPs) and "
-                      f"Tensor.copy_ of {mb} MB (read + written), each timed by bench.timing.time_call"}
 
 
 @dataclass

@@ -7,8 +7,8 @@ writes:
 
 - ``dispatch_table.json``: the rankings in the format ``dispatch.py`` reads (commit it as
   ``elit_kernels/attention/dispatch_table.json``), each entry with the device, versions, commit and date of the
-  run that measured it: this run's entries, and those of the committed table (``--merge``) it did not measure
-  again, so a run on another GPU, or one cut short, adds to the table instead of replacing it;
+  run that measured it: this run's entries, and those of the committed table (``--merge``) of shape classes it
+  did not measure, so a run on another GPU, or one cut short, adds to the table instead of replacing it;
 - ``dispatch_report.md``: per shape, the time of what default dispatch picked *before* this measurement
   (committed table or static order) against the fastest backend, FlashAttention-2 varlen (``torch_varlen``)
   and each SDPA kernel; and the per-call host time ``varlen_attention`` and an ``AttentionPlan`` add to the chosen backend.
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=72)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--merge", type=_cli.user_path, default=_COMMITTED,
-                    help="a dispatch table whose entries this run did not measure again are kept in the one it writes "
-                         "(other GPUs; this GPU's shapes a shorter run did not reach); default: the committed "
+                    help="a dispatch table whose entries of shape classes this run does not measure are kept in the "
+                         "one it writes (other GPUs; classes a shorter run did not reach); default: the committed "
                          "elit_kernels/attention/dispatch_table.json. '' writes this run's entries alone")
     args = ap.parse_args(argv)
     try:  # read now: a table that cannot be merged is a usage error before minutes of measuring, not after
@@ -193,11 +193,12 @@ def _read_table(path: str) -> dict:
 def merge_tables(old: dict | None, entries: list[dict], run: dict) -> tuple[dict, int]:
     """``(table, kept)``: this run's ``entries`` and every entry of ``old`` (a table as read from
     dispatch_table.json, or None) of a shape class this run did not measure (``_ENTRY_KEY``): other GPUs'
-    rankings and this GPU's classes a shorter run did not reach stay; a class measured again is this run's alone. ``kept`` counts the entries from ``old``.
-    Every entry carries the ``_PROVENANCE`` fields of the run that measured it (an old entry without them takes
+    rankings and this GPU's classes a shorter run did not reach stay; a class measured again is this run's alone.
+    ``kept`` counts the entries from ``old``. Every entry carries the ``_PROVENANCE`` fields of the run that measured it (an old entry without them takes
     its table's top-level ones); the top level describes this run, and ``devices`` lists the GPUs held."""
     stamp = {k: run.get(k) for k in _PROVENANCE}
     new = [{**e, **stamp} for e in entries]
+
     def key(e):  # grad may be absent from an old entry (dispatch reads it as False)
         return tuple(bool(e.get(k, False)) if k == "grad" else e.get(k) for k in _ENTRY_KEY)
 
@@ -236,7 +237,7 @@ def _write(args, gpu, entries, lines, t_start, interrupted: bool) -> None:
         json.dump(table, f, indent=1)
     if args.merge_table is not None:
         print(f"measure_dispatch: dispatch_table.json holds this run's {len(entries)} entries and {kept} kept from "
-              f"{args.merge} (other GPUs, and this GPU's shapes this run did not measure)")
+              f"{args.merge} (other GPUs, and this GPU's shape classes this run did not measure)")
     # per-call overhead on a tiny Read-like call with host-side segments (the op bench's measurement)
     from elit_kernels.bench.attention_cases import dispatch_overhead_us
 

@@ -111,6 +111,14 @@ def test_counts(path: str) -> dict:
     return {"by_backend": out, "failures": failures[:30]}
 
 
+def _peaks(data) -> dict | None:
+    """The ceilings a bench measured in its run (``metadata.peaks``, ``bench.timing.measure_peaks``), or None: a
+    file written before the benches measured them (its percentages were taken against fixed H200 figures)."""
+    md = data.get("metadata") if isinstance(data, dict) else None
+    peaks = md.get("peaks") if isinstance(md, dict) else None
+    return peaks if isinstance(peaks, dict) else None
+
+
 def ops_summary(path: str) -> dict:
     """Best forward and forward+backward TFLOP/s per (shape, method) at each head dim, and each method's
     ratio to the best exact method of the row; the roofline: each forward's percentage of the card's copy rate
@@ -119,12 +127,10 @@ def ops_summary(path: str) -> dict:
         return {}
     data = _json(path)
     rows = _rows(data, path)
-    md = data.get("metadata")
-    peaks = md.get("peaks") if isinstance(md, dict) else None
+    peaks = _peaks(data)
     peaks = {k: _round(peaks.get(k), 1) for k in ("tflops", "gbps", "matmul_n", "copy_mb")} \
-        if isinstance(peaks, dict) else None
-    # percentages only from a run that measured its own ceilings (older files took them against fixed H200 figures)
-    measured = peaks is not None
+        if peaks is not None else None
+    measured = peaks is not None  # percentages only from a run that measured its own ceilings
     table, bw = {}, {}
     for r in rows:
         if _round(r.get("tflops"), 1) is None:
@@ -149,8 +155,7 @@ def elementwise_summary(path: str) -> dict:
         return {}
     data = _json(path)
     rows = _rows(data, path)
-    md = data.get("metadata")
-    measured = isinstance(md, dict) and isinstance(md.get("peaks"), dict)  # older files: fixed H200 figures
+    measured = _peaks(data) is not None
     out = {}
     for r in rows:
         if _round(r.get("ms"), 4) is None:
@@ -215,10 +220,9 @@ def model_summary(path: str) -> dict:
     out["ratios"] = ratios
     # the fraction of the card's matmul rate each uniform forward reaches (elit-bench's pct_peak_flops; None on
     # results without a measured peak)
-    md = data.get("metadata")
-    pk = md.get("peaks") if isinstance(md, dict) else None
+    pk = _peaks(data)
     out["peak_tflops"] = {"tflops": _round(pk.get("tflops"), 1), "dtype": str(pk.get("dtype"))} \
-        if isinstance(pk, dict) else None
+        if pk is not None else None
     out["pct_peak_flops"] = [{"preset": r["preset"], "model": r["model"], "backend": r["backend"],
                               "budget": r["budget"], "tflops": _round(r.get("tflops"), 1),
                               "pct": _round(r.get("pct_peak_flops"), 1)}

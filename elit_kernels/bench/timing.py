@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from .._precision import fp32_matmul_precision
+
 CUDA_REP_MS = 60.0  # do_bench repetition time per CUDA timing sample
 
 
@@ -71,8 +73,6 @@ def measure_peaks(device: torch.device, dtype: torch.dtype = torch.bfloat16, siz
 
     Raises ValueError naming ``sizes`` unless it is two positive ints, ``dtype`` unless it is one of
     ``PEAK_DTYPES``, ``device`` for what is not a device, ``seed`` unless it is an int in [0, 2**63)."""
-    from .._precision import fp32_matmul_precision
-
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -91,19 +91,22 @@ def measure_peaks(device: torch.device, dtype: torch.dtype = torch.bfloat16, siz
     g = torch.Generator(device=device).manual_seed(seed)
     elem = torch.empty((), dtype=dtype).element_size()
 
+    def elements(mb):  # of the copy
+        return max(1, mb * 10**6 // elem)
+
     def matmul(n):
         a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
         b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
         return time_call(lambda: torch.mm(a, b), device)
 
     def copy(mb):
-        src = torch.randn(max(1, mb * 10**6 // elem), device=device, dtype=dtype, generator=g)
+        src = torch.randn(elements(mb), device=device, dtype=dtype, generator=g)
         dst = torch.empty_like(src)
         return time_call(lambda: dst.copy_(src), device)
 
     n, mm_ms = _shrinking(matmul, n, PEAK_FLOOR[0], 2, device)
     mb, cp_ms = _shrinking(copy, mb, PEAK_FLOOR[1], 4, device)
-    moved = 2 * max(1, mb * 10**6 // elem) * elem
+    moved = 2 * elements(mb) * elem
     name = str(dtype).replace("torch.", "")
     small = [f"{what} shrunk from {want} after running out of memory"
              for what, got, want in (("n", n, sizes[0]), ("MB", mb, sizes[1])) if got < want]
@@ -123,11 +126,10 @@ def _shrinking(measure, size: int, floor: int, factor: int, device: torch.device
         except torch.OutOfMemoryError:
             if size <= floor:
                 raise
-            short = True
-        if short:  # outside the except clause, so the traceback no longer holds the failed buffers
-            size = max(floor, size // factor)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        # past the except clause, so the traceback no longer holds the failed buffers when the cache is emptied
+        size = max(floor, size // factor)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 @dataclass

@@ -208,3 +208,15 @@ def counting_reference(name: str, priority: int = -500):
             return registry.get_backend("reference").forward(inp)
 
     return CountingReference()
+
+
+def load_script(rel: str, name: str):
+    """The script at ``rel`` (from the repository root: a tool or a benchmark, which are not packages) as a fresh
+    module named ``name``, so a test can call its functions."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().parents[1] / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,9 +87,7 @@ def test_ops_summary_ratios_name_each_of_our_kernels(tmp_path):
 def test_dispatch_measurement_spends_its_budget_on_inference_first():
     # tools/measure_dispatch.py stops at --max-seconds (the H200 run measured 13 of 44 shape x pass rows, 5 of them backward): the
     # forwards of the released model's calls come first, then fp32, then forward + backward; each row once.
-    spec = importlib.util.spec_from_file_location("measure_dispatch", ROOT / "tools" / "measure_dispatch.py")
-    md = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(md)
+    md = load_script("tools/measure_dispatch.py", "measure_dispatch")
     shapes = md._shapes(16, 16, 64, 64, 16, 72)
     passes = [(torch.bfloat16, False), (torch.bfloat16, True)]
     fp32 = {"spatial 16x1024", "core J=64"}
@@ -117,9 +116,7 @@ def test_elementwise_bench_checks_and_times_every_implementation(tmp_path):
     for x in rows:
         assert x["error"] is None and x["ms"] > 0 and x["max_abs_err"] < 1e-4, x
         assert x["tokens"] == 2 * 16 and x["hidden"] == 384
-    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "tools" / "gpu_summary.py")
-    gs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gs)
+    gs = load_script("tools/gpu_summary.py", "gpu_summary")
     summ = gs.elementwise_summary(str(tmp_path / "elementwise.json"))
     for op in ("layernorm_modulate", "gated_residual"):
         ratio = summ[op]["fused / best of native, native+compile"]
@@ -153,9 +150,7 @@ def test_dispatch_measurement_writes_what_it_measured_when_its_stage_is_interrup
     """gpu_check stops a stage past its limit with SIGINT: measure_dispatch keeps the rows it measured (the table
     and the report, without the overhead line it had no time for) and exits 130, instead of losing both files
     (found reading the GPU-only code paths). CUDA faked: the measurement itself is replaced."""
-    spec = importlib.util.spec_from_file_location("measure_dispatch", ROOT / "tools" / "measure_dispatch.py")
-    md = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(md)
+    md = load_script("tools/measure_dispatch.py", "measure_dispatch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
 
@@ -181,9 +176,7 @@ def test_elementwise_bench_writes_what_it_timed_when_interrupted(tmp_path, monke
     """gpu_check's stage limit (SIGINT) in the elementwise bench: the rows timed so far are written, the others say
     they were not timed, and it exits 130, instead of losing elementwise.json;
     found reading the GPU-only code paths, 2026-12-07."""
-    spec = importlib.util.spec_from_file_location("bench_elementwise", ROOT / "benchmarks" / "bench_elementwise.py")
-    be = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(be)
+    be = load_script("benchmarks/bench_elementwise.py", "bench_elementwise")
     real, calls = be.time_call, []
 
     def interrupted_on_the_third(fn, dev):
@@ -202,10 +195,7 @@ def test_elementwise_bench_writes_what_it_timed_when_interrupted(tmp_path, monke
 
 
 def _measure_dispatch():
-    spec = importlib.util.spec_from_file_location("measure_dispatch_merge", ROOT / "tools" / "measure_dispatch.py")
-    md = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(md)
-    return md
+    return load_script("tools/measure_dispatch.py", "measure_dispatch_merge")
 
 
 def test_a_dispatch_run_on_another_gpu_adds_to_the_committed_table():

@@ -3,7 +3,6 @@ bench's own run, and bench_ops / bench_elementwise / gpu_summary take every frac
 (they were fixed H200 figures, reported only when the card's name said H200: an H100 run got no roofline)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import load_script
 
 from elit_kernels.bench import timing
 from elit_kernels.bench.timing import measure_peaks
@@ -73,10 +73,7 @@ def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _summary():
-    spec = importlib.util.spec_from_file_location("gpu_summary_peaks", ROOT / "tools" / "gpu_summary.py")
-    gs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gs)
-    return gs
+    return load_script("tools/gpu_summary.py", "gpu_summary_peaks")
 
 
 def test_op_bench_takes_its_roofline_against_peaks_it_measured(tmp_path):

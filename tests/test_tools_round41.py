@@ -31,7 +31,6 @@ fix:
 No test here compiles a kernel or starts a mutation run: the compile and run entry points are replaced by
 functions that fail the test when reached.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -39,15 +38,12 @@ import subprocess
 import sys
 
 import pytest
+from cases import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load(rel: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_script
 
 
 # ------------------------------------------------------------------------------------------------------------------

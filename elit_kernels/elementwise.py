@@ -39,6 +39,8 @@ def check_eps(eps) -> float:
     number >= 0 (a Python or NumPy int or float, ``_types.is_real``). TypeError naming ``eps`` for a bool, a str, a
     tensor or None (``float(True)`` would run with eps 1, ``float("1e-6")`` would parse a string); ValueError for
     NaN, ±inf or a negative value."""
+    if type(eps) is float and 0.0 <= eps < math.inf:  # the model's every call (1e-6): no ABC check on the hot path
+        return eps
     want = "a finite real number >= 0 (the LayerNorm epsilon, e.g. 1e-6)"
     if not is_real(eps):
         t = type(eps)
@@ -56,39 +58,44 @@ def reference_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
     return layernorm_modulate(x, shift, scale, tokens, check_eps(eps))
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it would be a no-op (a call costs ~1 us of host time)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def native_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
     """``LayerNorm(x) * (1 + scale) + shift`` computed in x's dtype, as the official ELIT code computes adaLN
     (``F.layer_norm`` accumulates its statistics in fp32 internally; the modulation is one fused multiply-add
-    in x's dtype). fp32 inputs: the reference, bit for bit; fp64 in fp64 (the reference computes in fp32). For fp16/bf16 it moves a third of the bytes
-    of the reference's fp32 round trip (x.float(), fp32 LayerNorm and modulation, cast back): on an H200 the
-    reference elementwise ops were where ELIT-SiT-XL/2 lost most of its 9-10 % to the dense official way.
-    ``eps``: ``check_eps``."""
+    in x's dtype). fp32 inputs: the reference, bit for bit (the same ops); fp64 in fp64 (the reference computes in
+    fp32). For fp16/bf16 it moves a third of the bytes of the reference's fp32 round trip (x.float(), fp32 LayerNorm
+    and modulation, cast back): on an H200 the reference elementwise ops were where ELIT-SiT-XL/2 lost most of its
+    9-10 % to the dense official way. ``eps``: ``check_eps``."""
     eps = check_eps(eps)
-    if x.dtype == torch.float32:
+    runs = isinstance(tokens, TokenRuns)
+    if x.dtype == torch.float32 and not runs:  # the gather path: the reference's ops (mul + add), bit for bit
         return layernorm_modulate(x, shift, scale, tokens, eps)
     c = x.shape[-1]
+    shift, scale = _cast(shift, x.dtype), _cast(scale, x.dtype)
 
-    def fn(xr, sh, sc):  # fp16/bf16 as the official code; fp64 in fp64; parameters cast to x's dtype
-        return torch.addcmul(sh.to(x.dtype), F.layer_norm(xr, (c,), eps=eps), 1 + sc.to(x.dtype))
+    def fn(xr, sh, sc):  # in x's dtype as the official code; parameters cast to it (for fp32 the reference's ops)
+        return torch.addcmul(sh, F.layer_norm(xr, (c,), eps=eps), 1 + sc)
 
-    if isinstance(tokens, TokenRuns):
-        return _per_run(x, (shift, scale), tokens, fn)
+    if runs:
+        out = _per_run(x, (shift, scale), tokens, fn)
+        return out if out is not None else x.new_zeros(0, c)
     return fn(x, shift[tokens], scale[tokens])
 
 
 def native_gated_residual(x, y, gate, tokens):
     """``x + gate * y`` in x's dtype for fp16/bf16/fp64 (one fused multiply-add, as the official code); fp32: the
-    reference, bit for bit. The result has x's dtype whatever the parameters' dtype."""
-    if x.dtype == torch.float32:
+    reference, bit for bit (the same ops). The result has x's dtype whatever the parameters' dtype."""
+    runs = isinstance(tokens, TokenRuns)
+    if x.dtype == torch.float32 and not runs:  # the gather path: the reference's ops (mul + add), bit for bit
         return gated_residual(x, y, gate, tokens)
-    gate, y = gate.to(x.dtype), y.to(x.dtype)
-    if isinstance(tokens, TokenRuns):
-        c = x.shape[-1]
-        parts = [torch.addcmul(x[a:b].view(s1 - s0, -1, c), gate[s0:s1, None], y[a:b].view(s1 - s0, -1, c))
-                 .reshape(b - a, c) for a, b, s0, s1 in tokens.runs]
-        if not parts:
-            return x.clone()
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    gate, y = _cast(gate, x.dtype), _cast(y, x.dtype)
+    if runs:
+        out = _per_run(x, (gate,), tokens, lambda xr, yr, g: torch.addcmul(xr, g, yr), others=(y,))
+        return out if out is not None else x.clone()
     return torch.addcmul(x, gate[tokens], y)
 
 

@@ -144,6 +144,12 @@ class TokenRuns:
         return cls(tuple(runs), row, len(counts), device)
 
     @property
+    def whole(self) -> bool:
+        """One run holding every row and every sample (spatial tokens; a batch with one budget): the ops view the
+        whole ``[T, C]`` tensor as ``[B, T/B, C]``, no slicing."""
+        return len(self.runs) == 1 and self.runs[0] == (0, self.total, 0, self.batch)
+
+    @property
     def index(self) -> torch.Tensor:
         """``[T]`` long: the sample of every row (built on first use, for implementations that gather)."""
         if self._index is None:

@@ -234,3 +234,47 @@ def test_build_layout_reads_its_flag_and_batch_as_the_other_arguments():
     got = build_layout([2, 1, 0], np.int64(3), 2, 4, 2)  # NumPy ints are ints
     assert got.batch == 3 and type(got.batch) is int
     assert torch.equal(got.cu_latents, want.cu_latents) and torch.equal(got.latent_index, want.latent_index)
+
+
+@pytest.mark.parametrize("counts, whole", [([3, 3], True), ([5], True), ([3, 2], False), ([0, 3], False),
+                                           ([3, 0], False), ([0, 0], False), ([], False)])
+def test_the_elementwise_ops_view_a_whole_run_and_slice_the_others_to_the_same_values(counts, whole):
+    """``TokenRuns.whole`` (one run of every row and sample: the ops view x as [B, T/B, C] without slicing, the
+    host-time fast path every spatial call takes) and the sliced path give what the [T] gather path gives, in
+    every implementation and dtype; a sample with no token ([0, 3]) is not a whole run (the view would put its
+    parameters on the other sample's rows)."""
+    from elit_kernels.elementwise import ELEMENTWISE_IMPLS
+    from elit_kernels.layout import TokenRuns
+    from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
+
+    runs = TokenRuns.from_counts(counts)
+    assert runs.whole is whole
+    g = torch.Generator().manual_seed(len(counts) + 10 * sum(counts))
+    t, b, c = sum(counts), len(counts), 8
+    for dt in (torch.float32, torch.float64, torch.bfloat16):
+        x, y = (torch.randn(t, c, generator=g).to(dt) for _ in range(2))
+        sh, sc, gate = (torch.randn(b, c, generator=g) for _ in range(3))  # fp32 parameters: cast by the ops
+        want_m = layernorm_modulate(x.double(), sh.double(), sc.double(), runs.index)
+        want_r = gated_residual(x.double(), y.double(), gate.double(), runs.index)
+        tol = 1e-5 if dt != torch.bfloat16 else 0.1
+        for name in ("reference", "native"):
+            impl = ELEMENTWISE_IMPLS[name]
+            m, r = impl.layernorm_modulate(x, sh, sc, runs, 1e-6), impl.gated_residual(x, y, gate, runs)
+            assert m.shape == r.shape == (t, c) and m.dtype == r.dtype == dt, (name, dt)
+            if t:
+                assert (m.double() - want_m).abs().max().item() <= tol, (name, dt)
+                assert (r.double() - want_r).abs().max().item() <= tol, (name, dt)
+            if dt == torch.float32:  # "native" is the reference's ops in fp32: bit for bit, on both paths
+                assert torch.equal(m, ELEMENTWISE_IMPLS["reference"].layernorm_modulate(x, sh, sc, runs, 1e-6))
+                assert torch.equal(r, ELEMENTWISE_IMPLS["reference"].gated_residual(x, y, gate, runs))
+
+
+def test_a_whole_run_refuses_parameters_of_another_batch_size():
+    # the sliced path read the first B rows of a longer parameter tensor; the whole-run view must not broadcast
+    # one of another size silently either
+    from elit_kernels.elementwise import native_layernorm_modulate
+    from elit_kernels.layout import TokenRuns
+
+    runs, x = TokenRuns.from_counts([2, 2]), torch.randn(4, 8)
+    with pytest.raises(RuntimeError):
+        native_layernorm_modulate(x, torch.randn(3, 8), torch.randn(3, 8), runs)

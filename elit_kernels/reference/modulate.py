@@ -13,15 +13,23 @@ import torch.nn.functional as F
 from ..layout import TokenRuns
 
 
-def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn) -> torch.Tensor:
-    """``fn(x_run [S, L, C], *[p[s0:s1, None] for p in params]) -> [S, L, C]`` over every run; one ``[T, C]`` result."""
+def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tuple = ()) -> torch.Tensor | None:
+    """``fn(x_run [S, L, C], *others_run, *[p[s0:s1, None] for p in params]) -> [S, L, C]`` over every run (``others``:
+    more ``[T, C]`` tensors, viewed as x is); one ``[T, C]`` result, or None when there is no token at all.
+
+    A ``tokens.whole`` run is viewed without slicing: a model's forward makes four of these calls per block, and
+    on a GPU at small sizes what a call costs is its host time."""
     c = x.shape[-1]
+    if tokens.whole and x.shape[0] == tokens.total:
+        s = tokens.batch
+        return fn(x.view(s, -1, c), *[o.view(s, -1, c) for o in others], *[p.unsqueeze(1) for p in params]).view(-1, c)
     parts = []
     for a, b, s0, s1 in tokens.runs:
-        xr = x[a:b].view(s1 - s0, -1, c)
-        parts.append(fn(xr, *[p[s0:s1, None] for p in params]).reshape(b - a, c))
-    if not parts:  # no tokens at all
-        return x.new_zeros(0, c)
+        n = s1 - s0
+        parts.append(fn(x[a:b].view(n, -1, c), *[o[a:b].view(n, -1, c) for o in others],
+                        *[p[s0:s1, None] for p in params]).reshape(b - a, c))
+    if not parts:
+        return None
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -41,7 +49,8 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
         return torch.addcmul(sh.float(), h, 1 + sc.float()).to(x.dtype)
 
     if isinstance(index, TokenRuns):
-        return _per_run(x, (shift, scale), index, fn)
+        out = _per_run(x, (shift, scale), index, fn)
+        return out if out is not None else x.new_zeros(0, x.shape[-1])
     h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
     return (h * (1 + scale.float()[index]) + shift.float()[index]).to(x.dtype)
 
@@ -49,12 +58,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, index) -> torch.Tensor:
     """``x + gate[sample] * y``: x, y ``[T, C]``, gate ``[B, C]``, index a ``TokenRuns`` or ``[T]`` long -> ``[T, C]``."""
     if isinstance(index, TokenRuns):
-        c = x.shape[-1]
-        parts = []
-        for a, b, s0, s1 in index.runs:
-            xr, yr = x[a:b].view(s1 - s0, -1, c), y[a:b].view(s1 - s0, -1, c)
-            parts.append(torch.addcmul(xr.float(), gate[s0:s1, None].float(), yr.float()).to(x.dtype).reshape(b - a, c))
-        if not parts:
-            return x.clone()
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = _per_run(x, (gate,), index,
+                       lambda xr, yr, g: torch.addcmul(xr.float(), g.float(), yr.float()).to(x.dtype), others=(y,))
+        return out if out is not None else x.clone()
     return (x.float() + gate.float()[index] * y.float()).to(x.dtype)

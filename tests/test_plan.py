@@ -323,6 +323,7 @@ def test_the_overhead_measurement_times_the_added_work_and_restores_the_backend_
     real = A.run_backend
     o = dispatch_overhead_us("cpu", torch.float32, 2, 16, reps=3)
     assert A.run_backend is real and P.run_backend is real
+    assert all("plan_runner" not in vars(b) for b in R._REGISTRY.values())  # the no-op runner is gone again
     assert set(o) == {"added_us", "plan_added_us", "direct_us", "backend"}
     assert all(o[k] > 0 for k in ("added_us", "plan_added_us", "direct_us")) and o["backend"] in R.known_backends()
 
@@ -395,3 +396,98 @@ def test_a_plan_with_no_rows_and_its_description():
     seg = SegmentRuns.from_lengths([3, 5], [3, 5])
     assert repr(AttentionPlan(cq, cq, 5, 6, segments=seg)) == \
         "AttentionPlan(2 segments, max_seqlen_q=5, max_seqlen_k=6, segments on the host)"
+
+
+def _torch_inp(lens_q, lens_k, *, heads=4, kv_heads=None, extra_q=0, seed=0, grad=False, **kw):
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, 8, seed=seed, kv_heads=kv_heads,
+                                                   extra_q=extra_q, extra_fill=None, requires_grad=grad)
+    seg = SegmentRuns.from_lengths(lens_q, lens_k)
+    return P.validate_inputs(q, k, v, cq, ck, mq, mk, kw.pop("softmax_scale", None), kw.pop("causal", False),
+                             segments=seg, **kw)
+
+
+@pytest.mark.parametrize("lens_q, lens_k, kw", [
+    ([4] * 3, [6] * 3, {}),  # a Read-like call
+    ([6] * 3, [4] * 3, dict(softmax_scale=0.7)),  # a Write-like call, a given scale
+    ([5] * 2, [5] * 2, dict(causal=True)),  # causal with Lq == Lk: SDPA's own causal mask
+    ([3] * 4, [2] * 4, dict(kv_heads=2)),  # GQA, two keys a segment (the fewest the view path takes)
+])
+def test_the_torch_backends_kept_runner_is_its_forward_exactly(lens_q, lens_k, kw):
+    """``dense_runner`` (what a plan keeps for a call of one run of equal segments, so later calls cost one SDPA's
+    host time) gives the torch backend's forward bit for bit, values and gradients."""
+    from elit_kernels.attention.backends import torch_ops
+
+    kw = dict(kw)
+    kv = kw.pop("kv_heads", None)
+    inp = _torch_inp(lens_q, lens_k, kv_heads=kv, grad=True, **kw)
+    run = torch_ops.dense_runner(inp)
+    assert run is not None
+    want = R.run_backend(R.get_backend("torch"), inp)
+    got = run(inp.q, inp.k, inp.v)
+    assert torch.equal(got, want) and got.shape == inp.q.shape
+    gw = torch.autograd.grad(want, (inp.q, inp.k, inp.v), torch.ones_like(want))
+    gg = torch.autograd.grad(got, (inp.q, inp.k, inp.v), torch.ones_like(got))
+    assert all(torch.equal(a, b) for a, b in zip(gg, gw))
+    fresh = _torch_inp(lens_q, lens_k, kv_heads=kv, seed=5, **kw)  # kept across calls: only q/k/v change
+    assert torch.equal(run(fresh.q, fresh.k, fresh.v), R.run_backend(R.get_backend("torch"), fresh))
+
+
+@pytest.mark.parametrize("lens_q, lens_k, kw, why", [
+    ([4] * 3, [1] * 3, {}, "single key: out = v, its own path"),
+    ([4] * 3, [0] * 3, {}, "no key: zeros"),
+    ([0] * 3, [4] * 3, {}, "no query"),
+    ([2] * 3, [4] * 3, dict(causal=True), "causal with Lq != Lk: a bottom-right mask"),
+    ([4] * 3, [4] * 3, dict(window_size=(1, 1)), "a sliding window"),
+    ([4] * 3, [4] * 3, dict(softcap=5.0), "soft-capping"),
+    ([4] * 3, [4] * 3, dict(return_lse=True), "the LSE"),
+    ([4] * 3, [4] * 3, dict(extra_q=2), "rows past the segments"),
+    ([4, 4, 2], [4, 4, 4], {}, "two runs"),
+])
+def test_the_kept_runner_declines_every_call_it_does_not_run_exactly(lens_q, lens_k, kw, why):
+    from elit_kernels.attention.backends import torch_ops
+
+    kw = dict(kw)
+    inp = _torch_inp(lens_q, lens_k, extra_q=kw.pop("extra_q", 0), **kw)
+    assert torch_ops.dense_runner(inp) is None, why
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 4, 8)
+    assert torch_ops.dense_runner(P.validate_inputs(q, k, v, cq, ck, mq, mk, None, False)) is None  # no segments
+
+
+def test_a_plan_runs_a_uniform_call_through_its_kept_runner_and_a_ragged_one_through_the_backend(monkeypatch):
+    calls = []
+    real = P.run_backend
+    monkeypatch.setattr(P, "run_backend", lambda b, inp: calls.append(b.name) or real(b, inp))
+    for lens_q, lens_k, backend_calls in (([4] * 3, [6] * 3, 1), ([4, 4, 2], [6, 6, 6], 3)):
+        cq, ck = (torch.tensor([0, *np.cumsum(lens)], dtype=torch.int32) for lens in (lens_q, lens_k))
+        plan = AttentionPlan(cq, ck, max(lens_q), max(lens_k), segments=SegmentRuns.from_lengths(lens_q, lens_k))
+        calls.clear()
+        for seed in range(3):
+            q, k, v = random_varlen_inputs(lens_q, lens_k, 4, 8, seed=seed)[:3]
+            assert torch.equal(plan(q, k, v, backend="torch"), varlen_attention(q, k, v, cq, ck, max(lens_q),
+                                                                              max(lens_k), backend="torch"))
+        assert calls == ["torch"] * backend_calls, (lens_q, calls)  # uniform: only the first call
+
+
+def test_a_pinned_sdpa_backend_keeps_its_kernel_choice_in_the_runner(monkeypatch):
+    """The sdpa_* backends (CUDA only) pin one SDPA kernel; their runner enters the same ``sdpa_kernel`` context
+    on every call (checked on CPU by recording the context it enters)."""
+    import contextlib
+
+    import torch.nn.attention as tna
+
+    entered = []
+
+    @contextlib.contextmanager
+    def record(kernel):
+        entered.append(kernel)
+        yield
+
+    monkeypatch.setattr(tna, "sdpa_kernel", record)
+    b = R.get_backend("sdpa_flash")
+    inp = _torch_inp([4] * 3, [6] * 3)
+    run = b.plan_runner(inp)
+    out = run(inp.q, inp.k, inp.v)
+    run(inp.q, inp.k, inp.v)
+    assert entered == [tna.SDPBackend.FLASH_ATTENTION] * 2
+    assert torch.equal(out, R.run_backend(R.get_backend("torch"), inp))
+    assert b.plan_runner(_torch_inp([4, 2], [6, 6])) is None

@@ -101,7 +101,7 @@ class AttentionPlan:
         self._segments = segments
         self._kw = dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse, window_size=window_size,
                         softcap=softcap, deterministic=deterministic)
-        self._runs: dict = {}  # signature -> (backend, AttnInputs fields other than q/k/v)
+        self._runs: dict = {}  # signature -> (backend, AttnInputs fields other than q/k/v, its plan_runner or None)
         self._state = None  # (_epoch(), value checks on, torch's deterministic switch, cu versions) of the cached runs
 
     cu_seqlens_q = property(lambda self: self._cu_q, doc="int32 ``[S+1]``, as given")
@@ -135,7 +135,9 @@ class AttentionPlan:
             self._state = state
         hit = self._runs.get(key) if key is not None else None
         if hit is not None and _registry._REGISTRY.get(hit[0].name) is hit[0]:
-            b, fields = hit
+            b, fields, runner = hit
+            if runner is not None:
+                return runner(q, k, v)
             inp = object.__new__(AttnInputs)
             d = inp.__dict__
             d.update(fields)
@@ -145,7 +147,8 @@ class AttentionPlan:
         if key is not None:
             if len(self._runs) >= _MAX_SIGNATURES:
                 self._runs.pop(next(iter(self._runs)))
-            self._runs[key] = (b, {f: x for f, x in inp.__dict__.items() if f not in ("q", "k", "v")})
+            self._runs[key] = (b, {f: x for f, x in inp.__dict__.items() if f not in ("q", "k", "v")},
+                               b.plan_runner(inp) if b.run_head_dim(inp.head_dim) == inp.head_dim else None)
         return run_backend(b, inp)
 
     def __repr__(self) -> str:

@@ -198,11 +198,13 @@ def dispatch_overhead_us(device, dtype, heads: int, head_dim: int, reps: int = 3
     """Host microseconds per call that ``varlen_attention`` and an ``AttentionPlan`` (the model's path) add to
     the backend they pick, on a Read-like call (8 windows of 4 latents x 16 tokens) with host-side segments.
 
-    The added work is timed alone: for the measurement both paths run with ``run_backend`` replaced by a no-op,
-    so what is timed is their argument checks, dispatch and the building of the validated inputs, free of the
-    kernel's own time and noise (on a CPU the kernel is far longer than the overhead). ``direct`` is the
-    backend itself (``run_backend`` on validated inputs), for scale. Each is the median of five interleaved rounds
-    of ``reps`` calls. Returns ``{"added_us", "plan_added_us", "direct_us": us per call, "backend": name}``."""
+    The added work is timed alone: for the measurement both paths run with the backend's work replaced by a no-op
+    (``run_backend``, and the callable a plan keeps from ``Backend.plan_runner``), so what is timed is their
+    argument checks, dispatch and the building of the validated inputs, free of the kernel's own time and noise
+    (on a CPU the kernel is far longer than the overhead). ``direct`` is the backend's own work, for scale: its
+    ``plan_runner`` where it has one (for the ``torch`` backends the views and the one SDPA call a caller would
+    write by hand), else ``run_backend`` on validated inputs. Each is the median of five interleaved rounds of
+    ``reps`` calls. Returns ``{"added_us", "plan_added_us", "direct_us": us per call, "backend": name}``."""
     import statistics
     import time
 
@@ -214,32 +216,41 @@ def dispatch_overhead_us(device, dtype, heads: int, head_dim: int, reps: int = 3
     q, k, v, cq, ck, mq, mk = make_inputs(OpShape("overhead", "read", lens_q, lens_k, heads, head_dim), device, dtype)
     inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False, segments=seg)
     b = select_backend(inp)
+    runner = b.plan_runner(inp) if b.run_head_dim(inp.head_dim) == inp.head_dim else None
+    direct = runner if runner is not None else (lambda q, k, v: run_backend(b, inp))
     plan = AttentionPlan(cq, ck, mq, mk, segments=seg)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     fns = {"added_us": lambda: varlen_attention(q, k, v, cq, ck, mq, mk, segments=seg),
-           "plan_added_us": lambda: plan(q, k, v), "direct_us": lambda: run_backend(b, inp)}
+           "plan_added_us": lambda: plan(q, k, v), "direct_us": lambda: direct(q, k, v)}
     times: dict = {name: [] for name in fns}
 
     def nop(backend, inp):
         return None
 
-    with torch.no_grad():
-        for fn in fns.values():  # warm: the first calls check and dispatch (and the plan caches its choice)
-            for _ in range(20):
-                fn()
-        for _ in range(5):
-            for name, fn in fns.items():
-                if name != "direct_us":
-                    A.run_backend, P.run_backend = nop, nop
-                try:
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    sync()
-                finally:
-                    A.run_backend, P.run_backend = run_backend, run_backend
-                times[name].append((time.perf_counter() - t0) / reps * 1e6)
+    def nop_runner(inp):  # the plan keeps this instead of the backend's runner: its calls then do no kernel work
+        return None if runner is None else (lambda q, k, v: None)
+
+    b.plan_runner = nop_runner  # on this instance only, until the finally below
+    try:
+        with torch.no_grad():
+            for name, fn in fns.items():  # warm: the first calls check and dispatch (and the plan caches its choice)
+                for _ in range(20):
+                    fn()
+            for _ in range(5):
+                for name, fn in fns.items():
+                    if name != "direct_us":
+                        A.run_backend, P.run_backend = nop, nop
+                    try:
+                        sync()
+                        t0 = time.perf_counter()
+                        for _ in range(reps):
+                            fn()
+                        sync()
+                    finally:
+                        A.run_backend, P.run_backend = run_backend, run_backend
+                    times[name].append((time.perf_counter() - t0) / reps * 1e6)
+    finally:
+        del b.plan_runner
     out: dict = {name: statistics.median(ts) for name, ts in times.items()}
     out["backend"] = b.name
     return out

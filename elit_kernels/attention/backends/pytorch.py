@@ -58,6 +58,9 @@ class TorchBackend(Backend):
                 return out
         return self._grouped(inp)
 
+    def plan_runner(self, inp):
+        return torch_ops.dense_runner(inp)
+
     @staticmethod
     def _grouped(inp):
         """The grouped op (``elit::varlen_attn_fwd_torch``): every case, LSE included."""
@@ -119,6 +122,19 @@ class SdpaKernelBackend(TorchBackend):
             if out is not None:
                 return out
         return self._grouped(inp)  # not TorchBackend.forward: it would try the same runs again (a second host read)
+
+    def plan_runner(self, inp):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        run, kernel = torch_ops.dense_runner(inp), getattr(SDPBackend, self.kernel)
+        if run is None:
+            return None
+
+        def pinned(q, k, v):
+            with sdpa_kernel(kernel):
+                return run(q, k, v)
+
+        return pinned
 
 
 _HALF = (torch.float16, torch.bfloat16)

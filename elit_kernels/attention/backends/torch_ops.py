@@ -264,6 +264,31 @@ register_varlen_autograd(varlen_attn_fwd_torch_op, varlen_attn_bwd_torch_op)
 
 
 # --- runs of equal segments: one SDPA per run on views --------------------------------------------------
+def dense_runner(inp):
+    """For a call of one run of equal segments (``inp.segments`` has one run: every segment Lq x Lk, Lq >= 1,
+    Lk >= 2, no rows past them), a callable ``(q, k, v) -> out`` that runs it as ``sdpa_over_runs`` does, one SDPA on
+    ``[S, H, L, D]`` views, with every decision taken here once; None for any other call (LSE, softcap, a window,
+    causal with Lq != Lk: ``sdpa_over_runs`` decides per call). ``AttentionPlan`` keeps it per input signature
+    (``Backend.plan_runner``): the model's image, Read, Write and uniform core calls then cost one SDPA's host time."""
+    seg = inp.segments
+    if seg is None or len(seg.runs) != 1 or inp.return_lse or inp.softcap != 0.0 or inp.has_window:
+        return None
+    n, lq, lk, _, total_q, _, total_k = seg.offsets[0]
+    q, k = inp.q, inp.k
+    if lq == 0 or lk < 2 or (inp.causal and lq != lk) or total_q != q.shape[0] or total_k != k.shape[0]:
+        return None
+    h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    scale, causal, gqa = inp.softmax_scale, inp.causal, hkv != h
+
+    def run(q, k, v):
+        o = F.scaled_dot_product_attention(q.view(n, lq, h, d).transpose(1, 2), k.view(n, lk, hkv, d).transpose(1, 2),
+                                           v.view(n, lk, hkv, d).transpose(1, 2), is_causal=causal, scale=scale,
+                                           enable_gqa=gqa)
+        return o.transpose(1, 2).reshape(total_q, h, d)
+
+    return run
+
+
 MAX_RUNS = 64  # more stretches than this: the grouped path batches them better than one SDPA call each
 
 

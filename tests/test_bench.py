@@ -331,6 +331,10 @@ DAMAGED = [
     ("row_median_outside_iqr", _set(0, "q3_ms", 0.0), "rows[0]: expected q1_ms <= latency_ms <= q3_ms"),
     ("meta_list_j_max", _meta("j_max", [4]), "metadata.j_max is [4] (a list); expected an integer or null"),
     ("meta_int_commit", _meta("git_commit", 5), "metadata.git_commit is 5 (an integer); expected a string or null"),
+    ("row_str_tflops", _set(0, "tflops", "fast"), 'rows[0].tflops is "fast" (a string); expected a finite number or '
+     "null"),
+    ("row_nan_pct_peak", _set(1, "pct_peak_flops", float("nan")), "rows[1].pct_peak_flops is NaN (a number)"),
+    ("row_float_steps", _set(0, "steps", 2.5), "rows[0].steps is 2.5 (a number); expected an integer or null"),
     ("row_huge_batch", _set(0, "batch", 10**400),
      f"rows[0].batch is 1{'0' * 36}... (an integer); expected an integer within ±1e308"),
 ]
@@ -376,6 +380,40 @@ def test_replot_accepts_what_a_run_can_write(replot_src, tmp_path, capsys, name)
     assert main(["--replot", str(tmp_path)]) == 0
     assert (tmp_path / "summary.md").read_text().startswith("### CPU")
     assert (tmp_path / "latency_vs_latents.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replot_of_a_results_json_older_than_a_row_field_derives_it(replot_src, tmp_path, capsys):
+    """The committed CPU results predate the rows' ``steps``, ``tflops`` and ``pct_peak_flops``: --replot refused
+    them ("rows[0] has no steps"), and once it read them it showed "-" for TFLOP/s. It now fills ``steps`` (None),
+    ``tflops`` (GFLOPs over the median latency) and ``pct_peak_flops`` (against the file's measured peak, when it
+    has one)."""
+    data = json.loads((replot_src / "results.json").read_text())
+    timed = [r for r in data["rows"] if r["latency_ms"] and r["gflops"]]
+    assert timed, "the fixture run has timed rows with FLOPs"
+    for r in data["rows"]:
+        for key in ("steps", "tflops", "pct_peak_flops"):
+            r.pop(key, None)
+    for peaks, d in ((None, tmp_path / "old"), ({"tflops": 2.0, "dtype": "float32"}, tmp_path / "peaks")):
+        d.mkdir()
+        data["metadata"].pop("peaks", None)
+        if peaks:
+            data["metadata"]["peaks"] = peaks
+        (d / "results.json").write_text(json.dumps(data))
+        assert main(["--replot", str(d)]) == 0
+        table = [line for line in (d / "summary.md").read_text().splitlines() if line.startswith("| paper")]
+        r = timed[0]
+        want_tf = r["gflops"] / r["latency_ms"]
+        row = next(line for line in table if f"| {r['latency_ms']:.1f} |" in line and f"| {r['gflops']:.2f} |" in line)
+        cells = [c.strip() for c in row.split("|")]
+        i = cells.index(f"{r['gflops']:.2f}")
+        assert float(cells[i + 1]) == pytest.approx(want_tf, rel=2e-3, abs=1e-3), row
+        assert cells[i + 2] == ("-" if peaks is None else f"{100 * want_tf / 2.0:.1f}"), row
+    from elit_kernels.bench.report import derive_rows
+
+    rows = [{"gflops": 6.0, "latency_ms": 2.0, "tflops": 9.0}, {"gflops": None, "latency_ms": 2.0}]
+    got = derive_rows(rows, {"peaks": {"tflops": 3.0}})
+    assert [(g["steps"], g["tflops"], g["pct_peak_flops"]) for g in got] == [(None, 9.0, 300.0), (None, None, None)]
+    assert "steps" not in rows[0] and "pct_peak_flops" not in rows[1]  # the rows given are left as they were
 
 
 @pytest.mark.parametrize("argv,got", [

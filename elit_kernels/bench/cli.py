@@ -107,13 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 def replot(src: str, out: str | None = None) -> int:
     """``--replot DIR [--out OUT]``: the table, targets, summary.md and plot of DIR/results.json, re-rendered by
     this version, into DIR, or into OUT with a copy of results.json and results.csv from its rows (DIR untouched).
+    A file older than a derived row field (``tflops``, ``pct_peak_flops``) gets it computed (``derive_rows``).
     A results.json that cannot be read, or lacks a field the replot reads or has it of the wrong type, is a
     BenchError naming the file, the row and the key, raised before anything is written."""
     import json
     import os
     import shutil
 
-    from .report import markdown_summary, plot, results_error, write_csv, write_text
+    from .report import derive_rows, markdown_summary, plot, results_error, write_csv, write_text
 
     path = os.path.join(src, OUTPUT_FILES[0])
     try:
@@ -124,7 +125,8 @@ def replot(src: str, out: str | None = None) -> int:
                          "elit-bench --out DIR wrote") from None
     if why := results_error(data):
         raise BenchError(f"--replot: {path}: {why}")
-    rows, md = data["rows"], data["metadata"]
+    md = data["metadata"]
+    rows = derive_rows(data["rows"], md)  # an older file's TFLOP/s from its GFLOPs and latencies
     dst = src if out is None else out
     if out is None:
         if why := _cli.output_dir_error(src, OUTPUT_FILES[2:]):

@@ -373,7 +373,7 @@ def write_csv(path: str, full_rows: list[dict]) -> None:
 # and the type each field must have there. "?": null allowed. Every row key is required (write_outputs writes
 # them all); the metadata keys are read with .get, so each may be missing.
 _ROW_TYPES = {"preset": "str", "scenario": "str", "case": "str", "model": "str", "backend": "str",
-              "budget": "int?", "budgets": "str?", "weak_budget": "int?", "batch": "int", "steps": "int?",
+              "budget": "int?", "budgets": "str?", "weak_budget": "int?", "batch": "int",
               "latents": "num", "latency_ms": "num?", "q1_ms": "num?", "q3_ms": "num?", "cpu_ms": "num?",
               "gflops": "num?", "latency_ratio": "num?", "cpu_ratio": "num?", "flops_ratio": "num?",
               "latency_over_flops": "num?", "cpu_over_flops": "num?", "peak_mem_mb": "num?"}
@@ -381,6 +381,29 @@ _META_TYPES = {"device": "str?", "device_type": "str?", "config": "str?", "dtype
                "triton": "str?", "git_commit": "str?", "date": "str?", "resolution": "int?", "batch": "int?",
                "cpu_threads": "int?", "repeats": "int?", "repeats_done": "int?", "j_max": "int?", "groups": "int?"}
 _KIND_WORDS = {"str": "a string", "int": "an integer", "num": "a finite number"}
+# Row fields newer than some committed results.json files: checked with their type where present, and derived from
+# the other fields where missing (``derive_rows``).
+_NEW_ROW_TYPES = {"steps": "int?", "tflops": "num?", "pct_peak_flops": "num?"}
+
+
+def derive_rows(rows: list[dict], meta: dict) -> list[dict]:
+    """``rows`` of a checked results.json (``results_error``), each with the fields this version derives from the
+    others filled where the file predates them: ``steps`` (None: the file has no sampling rows), ``tflops`` (``gflops`` over ``latency_ms``, GFLOP/ms = TFLOP/s, as
+    ``make_rows``) and ``pct_peak_flops`` (against ``meta["peaks"]["tflops"]`` when the run measured it; None
+    otherwise). A row that has a field keeps its value; the rows given are not changed."""
+    peaks = meta.get("peaks")
+    peak = peaks.get("tflops") if isinstance(peaks, dict) else None
+    peak = peak if _is_kind(peak, "num") and peak > 0 else None
+    out = []
+    for r in rows:
+        r = dict(r)
+        r.setdefault("steps", None)
+        if "tflops" not in r:
+            r["tflops"] = r["gflops"] / r["latency_ms"] if r["gflops"] is not None and r["latency_ms"] else None
+        if "pct_peak_flops" not in r:
+            r["pct_peak_flops"] = 100 * r["tflops"] / peak if r["tflops"] and peak else None
+        out.append(r)
+    return out
 
 
 def _type_word(v) -> str:
@@ -439,6 +462,9 @@ def results_error(data) -> str | None:
                 return (f"{where} has no {key}; expected {_KIND_WORDS[kind]}" + (" or null" * want.endswith("?"))
                         + " there, as in every row elit-bench --out DIR writes")
             if why := _field_error(r, key, want, where):
+                return why
+        for key, want in _NEW_ROW_TYPES.items():
+            if key in r and (why := _field_error(r, key, want, where)):
                 return why
         # a timed row has its quartiles too (the IQR whiskers and the summary's IQR column subtract them)
         for have, need in (("latency_ms", "q1_ms"), ("latency_ms", "q3_ms"), ("q1_ms", "q3_ms")):

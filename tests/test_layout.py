@@ -269,6 +269,24 @@ def test_the_elementwise_ops_view_a_whole_run_and_slice_the_others_to_the_same_v
                 assert torch.equal(r, ELEMENTWISE_IMPLS["reference"].gated_residual(x, y, gate, runs))
 
 
+@pytest.mark.parametrize("impl", ["reference", "native"])
+def test_the_elementwise_ops_name_a_token_tensor_whose_rows_the_runs_do_not_describe(impl):
+    # six rows over runs of four tokens: the sliced path dropped the last two rows, the whole-run view would have
+    # spread the two samples' parameters over rows of the wrong sample
+    from elit_kernels.elementwise import ELEMENTWISE_IMPLS
+    from elit_kernels.layout import TokenRuns
+
+    ew, p = ELEMENTWISE_IMPLS[impl], torch.randn(2, 8)
+    for runs in (TokenRuns.from_counts([2, 2]), TokenRuns.from_counts([3, 1])):
+        x, ok = torch.randn(6, 8), torch.randn(4, 8)
+        with pytest.raises(ValueError, match=r"^x: has 6 rows, the token runs describe 4 \(one row per token\)$"):
+            ew.layernorm_modulate(x, p, p, runs, 1e-6)
+        with pytest.raises(ValueError, match="^x: has 6 rows"):
+            ew.gated_residual(x, x, p, runs)
+        with pytest.raises(ValueError, match="^y: has 6 rows"):
+            ew.gated_residual(ok, x, p, runs)
+
+
 def test_a_whole_run_refuses_parameters_of_another_batch_size():
     # the sliced path read the first B rows of a longer parameter tensor; the whole-run view must not broadcast
     # one of another size silently either

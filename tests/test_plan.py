@@ -398,9 +398,10 @@ def test_a_plan_with_no_rows_and_its_description():
         "AttentionPlan(2 segments, max_seqlen_q=5, max_seqlen_k=6, segments on the host)"
 
 
-def _torch_inp(lens_q, lens_k, *, heads=4, kv_heads=None, extra_q=0, seed=0, grad=False, **kw):
+def _torch_inp(lens_q, lens_k, *, heads=4, kv_heads=None, extra_q=0, extra_k=0, seed=0, grad=False, **kw):
     q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, heads, 8, seed=seed, kv_heads=kv_heads,
-                                                   extra_q=extra_q, extra_fill=None, requires_grad=grad)
+                                                   extra_q=extra_q, extra_k=extra_k, extra_fill=None,
+                                                   requires_grad=grad)
     seg = SegmentRuns.from_lengths(lens_q, lens_k)
     return P.validate_inputs(q, k, v, cq, ck, mq, mk, kw.pop("softmax_scale", None), kw.pop("causal", False),
                              segments=seg, **kw)
@@ -440,17 +441,20 @@ def test_the_torch_backends_kept_runner_is_its_forward_exactly(lens_q, lens_k, k
     ([4] * 3, [4] * 3, dict(window_size=(1, 1)), "a sliding window"),
     ([4] * 3, [4] * 3, dict(softcap=5.0), "soft-capping"),
     ([4] * 3, [4] * 3, dict(return_lse=True), "the LSE"),
-    ([4] * 3, [4] * 3, dict(extra_q=2), "rows past the segments"),
+    ([4] * 3, [4] * 3, dict(extra_q=2), "query rows past the segments"),
+    ([4] * 3, [4] * 3, dict(extra_k=2), "key rows past the segments"),
+    ([], [], {}, "no segment at all"),
     ([4, 4, 2], [4, 4, 4], {}, "two runs"),
 ])
 def test_the_kept_runner_declines_every_call_it_does_not_run_exactly(lens_q, lens_k, kw, why):
     from elit_kernels.attention.backends import torch_ops
 
     kw = dict(kw)
-    inp = _torch_inp(lens_q, lens_k, extra_q=kw.pop("extra_q", 0), **kw)
+    inp = _torch_inp(lens_q, lens_k, extra_q=kw.pop("extra_q", 0), extra_k=kw.pop("extra_k", 0), **kw)
     assert torch_ops.dense_runner(inp) is None, why
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 4, 8)
-    assert torch_ops.dense_runner(P.validate_inputs(q, k, v, cq, ck, mq, mk, None, False)) is None  # no segments
+    if lens_q:
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 4, 8)
+        assert torch_ops.dense_runner(P.validate_inputs(q, k, v, cq, ck, mq, mk, None, False)) is None  # no segments
 
 
 def test_a_plan_runs_a_uniform_call_through_its_kept_runner_and_a_ragged_one_through_the_backend(monkeypatch):
@@ -491,3 +495,32 @@ def test_a_pinned_sdpa_backend_keeps_its_kernel_choice_in_the_runner(monkeypatch
     assert entered == [tna.SDPBackend.FLASH_ATTENTION] * 2
     assert torch.equal(out, R.run_backend(R.get_backend("torch"), inp))
     assert b.plan_runner(_torch_inp([4, 2], [6, 6])) is None
+
+
+def test_a_plan_asks_for_no_runner_when_the_backend_pads_the_head_dim():
+    # the runner runs the call as given; a backend that zero-pads D (run_backend's job) must take the full path
+    class Padding(R.Backend):
+        name, priority, known_answer, devices, head_dim_multiple = "_plan_pad", 100_000, False, ("cpu",), 16
+        asked = 0
+
+        def forward(self, inp):
+            return R.get_backend("reference").forward(inp)
+
+        def plan_runner(self, inp):
+            Padding.asked += 1
+            return lambda q, k, v: q.new_full(q.shape, float("nan"))
+
+    lens = [4] * 3
+    cq = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    try:
+        R.register_backend(Padding())
+        for d, asked in ((12, 0), (16, 1)):  # 12 runs padded to 16: no runner; 16 natively: the runner is kept
+            plan = AttentionPlan(cq, cq, 4, 4, segments=SegmentRuns.from_lengths(lens, lens))
+            q, k, v = (torch.randn(12, 2, d) for _ in range(3))
+            Padding.asked = 0
+            outs = [plan(q, k, v) for _ in range(2)]
+            assert Padding.asked == asked, d
+            assert not outs[0].isnan().any() and outs[1].isnan().all() == bool(asked), d  # the kept runner ran
+    finally:
+        R._REGISTRY.pop("_plan_pad", None)
+        D.clear_decisions()

@@ -13,14 +13,25 @@ import torch.nn.functional as F
 from ..layout import TokenRuns
 
 
+def _rows_error(name: str, t: torch.Tensor, total: int) -> ValueError:
+    return ValueError(f"{name}: has {t.shape[0]} rows, the token runs describe {total} (one row per token)")
+
+
 def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tuple = ()) -> torch.Tensor | None:
     """``fn(x_run [S, L, C], *others_run, *[p[s0:s1, None] for p in params]) -> [S, L, C]`` over every run (``others``:
-    more ``[T, C]`` tensors, viewed as x is); one ``[T, C]`` result, or None when there is no token at all.
+    more ``[T, C]`` tensors, viewed as x is); one ``[T, C]`` result, or None when there is no token at all. ValueError
+    naming ``x`` or ``y`` when its rows are not the ``tokens.total`` the runs describe.
 
     A ``tokens.whole`` run is viewed without slicing: a model's forward makes four of these calls per block, and
     on a GPU at small sizes what a call costs is its host time."""
     c = x.shape[-1]
-    if tokens.whole and x.shape[0] == tokens.total:
+    n = tokens.total
+    if x.shape[0] != n:  # else the whole-run view would spread the samples' parameters over other rows
+        raise _rows_error("x", x, n)
+    for o in others:
+        if o.shape[0] != n:
+            raise _rows_error("y", o, n)
+    if tokens.whole:
         s = tokens.batch
         return fn(x.view(s, -1, c), *[o.view(s, -1, c) for o in others], *[p.unsqueeze(1) for p in params]).view(-1, c)
     parts = []

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def replot(src: str, out: str | None = None) -> int:
     """``--replot DIR [--out OUT]``: the table, targets, summary.md and plot of DIR/results.json, re-rendered by
     this version, into DIR, or into OUT with a copy of results.json and results.csv from its rows (DIR untouched).
-    A file older than a derived row field (``tflops``, ``pct_peak_flops``) gets it computed (``derive_rows``).
+    A file older than a row field (``steps``, ``tflops``, ``pct_peak_flops``) gets it derived (``derive_rows``).
     A results.json that cannot be read, or lacks a field the replot reads or has it of the wrong type, is a
     BenchError naming the file, the row and the key, raised before anything is written."""
     import json

@@ -388,9 +388,10 @@ _NEW_ROW_TYPES = {"steps": "int?", "tflops": "num?", "pct_peak_flops": "num?"}
 
 def derive_rows(rows: list[dict], meta: dict) -> list[dict]:
     """``rows`` of a checked results.json (``results_error``), each with the fields this version derives from the
-    others filled where the file predates them: ``steps`` (None: the file has no sampling rows), ``tflops`` (``gflops`` over ``latency_ms``, GFLOP/ms = TFLOP/s, as
-    ``make_rows``) and ``pct_peak_flops`` (against ``meta["peaks"]["tflops"]`` when the run measured it; None
-    otherwise). A row that has a field keeps its value; the rows given are not changed."""
+    others filled where the file predates them: ``steps`` (None: the file has no sampling rows), ``tflops``
+    (``gflops`` over ``latency_ms``, GFLOP/ms = TFLOP/s, as ``make_rows``) and ``pct_peak_flops`` (against
+    ``meta["peaks"]["tflops"]`` when the run measured it; None otherwise). A row that has a field keeps its value;
+    the rows given are not changed."""
     peaks = meta.get("peaks")
     peak = peaks.get("tflops") if isinstance(peaks, dict) else None
     peak = peak if _is_kind(peak, "num") and peak > 0 else None

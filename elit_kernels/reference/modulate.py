@@ -36,8 +36,8 @@ def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tupl
         return fn(x.view(s, -1, c), *[o.view(s, -1, c) for o in others], *[p.unsqueeze(1) for p in params]).view(-1, c)
     parts = []
     for a, b, s0, s1 in tokens.runs:
-        n = s1 - s0
-        parts.append(fn(x[a:b].view(n, -1, c), *[o[a:b].view(n, -1, c) for o in others],
+        m = s1 - s0  # samples in this run
+        parts.append(fn(x[a:b].view(m, -1, c), *[o[a:b].view(m, -1, c) for o in others],
                         *[p[s0:s1, None] for p in params]).reshape(b - a, c))
     if not parts:
         return None

@@ -76,6 +76,8 @@ def test_loose_bounds_and_windows_past_every_segment_are_exact_on_every_backend(
     assert (inp.max_seqlen_q, inp.max_seqlen_k, inp.window_left, inp.window_right) == (7, 7, -1, -1)
     inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False, window_size=(mk - 1, mq - 1))  # still a window
     assert (inp.max_seqlen_q, inp.max_seqlen_k, inp.window_left, inp.window_right) == (4, 5, 4, 3)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False, window_size=(mk, mq))  # reaches past: unbounded
+    assert (inp.window_left, inp.window_right) == (-1, -1)
 
 
 def test_meta_tensors_run_without_reading_cu_seqlens():

@@ -283,7 +283,7 @@ def test_the_elementwise_ops_name_a_token_tensor_whose_rows_the_runs_do_not_desc
             ew.layernorm_modulate(x, p, p, runs, 1e-6)
         with pytest.raises(ValueError, match="^x: has 6 rows"):
             ew.gated_residual(x, x, p, runs)
-        with pytest.raises(ValueError, match="^y: has 6 rows"):
+        with pytest.raises(ValueError, match=r"^y: has 6 rows, the token runs describe 4 \(one row per token\)$"):
             ew.gated_residual(ok, x, p, runs)
 
 

@@ -28,7 +28,7 @@ from . import registry as _registry
 from .dispatch import select_backend
 from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _flag, _scale,
                      _softcap, _verify_segments_once, _window, tensor_version, validate_inputs, value_checks_enabled)
-from .registry import run_backend
+from .registry import kept_runner, run_backend
 
 _MAX_SIGNATURES = 64  # input signatures one plan remembers (a model uses one or two per plan)
 # $ELIT_BACKEND as a signature field, read on every call: os.environ.get costs ~1 us (it encodes the key and
@@ -148,7 +148,7 @@ class AttentionPlan:
             if len(self._runs) >= _MAX_SIGNATURES:
                 self._runs.pop(next(iter(self._runs)))
             self._runs[key] = (b, {f: x for f, x in inp.__dict__.items() if f not in ("q", "k", "v")},
-                               b.plan_runner(inp) if b.run_head_dim(inp.head_dim) == inp.head_dim else None)
+                               kept_runner(b, inp))
         return run_backend(b, inp)
 
     def __repr__(self) -> str:

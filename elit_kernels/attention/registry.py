@@ -312,6 +312,12 @@ def run_backend(b: Backend, inp: AttnInputs):
     return out
 
 
+def kept_runner(b: Backend, inp: AttnInputs):
+    """What an ``AttentionPlan`` keeps for later calls like ``inp`` on ``b``: ``b.plan_runner(inp)`` where ``b`` runs
+    the head dim natively, else None (``run_backend`` zero-pads D there; a runner runs the call as given)."""
+    return b.plan_runner(inp) if b.run_head_dim(inp.head_dim) == inp.head_dim else None
+
+
 def describe_inputs(inp: AttnInputs) -> str:
     """Shapes, dtype and device of ``inp`` in one line (dispatch errors start with it)."""
     return (f"q {tuple(inp.q.shape)}, k/v {tuple(inp.k.shape)}, {inp.num_segments} segments, {inp.q.dtype}, "

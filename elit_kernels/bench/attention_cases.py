@@ -210,13 +210,14 @@ def dispatch_overhead_us(device, dtype, heads: int, head_dim: int, reps: int = 3
 
     from .. import attention as A
     from ..attention import AttentionPlan, plan as P, run_backend, select_backend, validate_inputs, varlen_attention
+    from ..attention.registry import kept_runner
 
     lens_q, lens_k = [4] * 8, [16] * 8
     seg = SegmentRuns.from_lengths(lens_q, lens_k)
     q, k, v, cq, ck, mq, mk = make_inputs(OpShape("overhead", "read", lens_q, lens_k, heads, head_dim), device, dtype)
     inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, False, segments=seg)
     b = select_backend(inp)
-    runner = b.plan_runner(inp) if b.run_head_dim(inp.head_dim) == inp.head_dim else None
+    runner = kept_runner(b, inp)  # what the plan below keeps (its calls then run only this)
     direct = runner if runner is not None else (lambda q, k, v: run_backend(b, inp))
     plan = AttentionPlan(cq, ck, mq, mk, segments=seg)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)

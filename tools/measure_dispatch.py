@@ -194,8 +194,9 @@ def merge_tables(old: dict | None, entries: list[dict], run: dict) -> tuple[dict
     """``(table, kept)``: this run's ``entries`` and every entry of ``old`` (a table as read from
     dispatch_table.json, or None) of a shape class this run did not measure (``_ENTRY_KEY``): other GPUs'
     rankings and this GPU's classes a shorter run did not reach stay; a class measured again is this run's alone.
-    ``kept`` counts the entries from ``old``. Every entry carries the ``_PROVENANCE`` fields of the run that measured it (an old entry without them takes
-    its table's top-level ones); the top level describes this run, and ``devices`` lists the GPUs held."""
+    ``kept`` counts the entries from ``old``. Every entry carries the ``_PROVENANCE`` fields of the run that
+    measured it (an old entry without them takes its table's top-level ones); the top level describes this run,
+    and ``devices`` lists the GPUs held."""
     stamp = {k: run.get(k) for k in _PROVENANCE}
     new = [{**e, **stamp} for e in entries]
 

@@ -90,6 +90,16 @@ def _compact(budgets: list[int]) -> str:
     return ",".join(f"{j}x{n}" if n >= 3 else ",".join([str(j)] * n) for j, n in runs)
 
 
+def _tflops(gflops, latency_ms) -> float | None:
+    """GFLOPs over the median latency in ms (GFLOP/ms = TFLOP/s); None where either is missing."""
+    return gflops / latency_ms if gflops is not None and latency_ms else None
+
+
+def _pct_of_peak(tflops, peak_tflops) -> float | None:
+    """``tflops`` as a percentage of the device's measured matmul rate; None where either is missing."""
+    return 100 * tflops / peak_tflops if tflops and peak_tflops else None
+
+
 def make_rows(cases: list[Case], device: torch.device, peaks: dict | None = None) -> list[dict]:
     """One result row per case (``ROW_FIELDS``). ``tflops``: the case's FLOPs over its median latency (GFLOP/ms =
     TFLOP/s); ``pct_peak_flops``: that against ``peaks["tflops"]`` (``timing.measure_peaks``: the device's matmul
@@ -105,15 +115,14 @@ def make_rows(cases: list[Case], device: torch.device, peaks: dict | None = None
                "cpu_q3_ms": ct["q3_ms"], "repeats": len(c.times_ms),
                "gflops": c.flops["total"] / 1e9 if c.flops else None,
                "attention_gflops": c.flops["attention"] / 1e9 if c.flops else None,
-               "tflops": c.flops["total"] / 1e9 / st["latency_ms"] if (c.flops and st["latency_ms"]) else None,
-               "pct_peak_flops": None, "latency_ratio": None, "flops_ratio": None, "latency_over_flops": None, "cpu_ratio": None,
+               "tflops": None, "pct_peak_flops": None, "latency_ratio": None, "flops_ratio": None, "latency_over_flops": None, "cpu_ratio": None,
                "cpu_over_flops": None,
                "peak_mem_mb": c.peak_mem_mb, "warmup_s": c.warm_s, "steps": c.steps,
                "images_per_s": (c.batch / (st["latency_ms"] / 1e3)) if c.steps and st["latency_ms"] else None,
                "steps_per_s": (c.steps / (st["latency_ms"] / 1e3)) if c.steps and st["latency_ms"] else None,
                "note": c.note}
-        if row["tflops"] and peaks and peaks.get("tflops"):
-            row["pct_peak_flops"] = 100 * row["tflops"] / peaks["tflops"]
+        row["tflops"] = _tflops(row["gflops"], st["latency_ms"])
+        row["pct_peak_flops"] = _pct_of_peak(row["tflops"], (peaks or {}).get("tflops"))
         ref = by_key.get(c.ref) if c.ref else None
         if ref is not None and ref.times_ms and st["latency_ms"]:
             row["latency_ratio"] = st["latency_ms"] / summarize(ref.times_ms)["latency_ms"]
@@ -400,9 +409,9 @@ def derive_rows(rows: list[dict], meta: dict) -> list[dict]:
         r = dict(r)
         r.setdefault("steps", None)
         if "tflops" not in r:
-            r["tflops"] = r["gflops"] / r["latency_ms"] if r["gflops"] is not None and r["latency_ms"] else None
+            r["tflops"] = _tflops(r["gflops"], r["latency_ms"])
         if "pct_peak_flops" not in r:
-            r["pct_peak_flops"] = 100 * r["tflops"] / peak if r["tflops"] and peak else None
+            r["pct_peak_flops"] = _pct_of_peak(r["tflops"], peak)
         out.append(r)
     return out
 

@@ -4,11 +4,21 @@ A top-level module that imports nothing heavy itself, so that a Ctrl-C in a comm
 ``elit_kernels`` imports torch: 3-5 s on a CPU) ends it like a Ctrl-C later on does: one line on stderr and
 exit status 130, not a traceback from inside torch's import. Each CLI's own ``main`` handles a Ctrl-C while it
 runs (``elit_kernels._cli.run_interruptible``) with what its run left on disk; this covers the time before.
+
+While the CLI's modules import, a Ctrl-C does not raise: it ends the process there and then (``guard_start``; for
+``python -m elit_kernels.<tool>`` the package starts the guard itself, ``guard_module_run``).
+A KeyboardInterrupt raised inside a library's import is not safe to catch: torch's C initialisation imports numpy
+and clears any error that import raises (torch 2.x, ``from torch._C import *``), so an interrupt landing in
+numpy's import was swallowed, numpy stayed half-initialised, and the command ran on to fail every case with a
+RecursionError or hang (seen on a 2-core CPU machine: ~40 % of Ctrl-Cs 0.4-0.5 s after start).
 """
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import threading
 
 SIGINT_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C (elit_kernels._cli's too)
 
@@ -20,16 +30,101 @@ TARGETS = {
     "elit-sample": "elit_kernels.sample.cli",
 }
 
+#: ``python -m`` module -> the console script it is (each ends the start-up guard with ``run_started``)
+MODULE_RUNS = {
+    "elit_kernels.bench": "elit-bench",
+    "elit_kernels.demo": "elit-demo",
+    "elit_kernels.official.cli": "elit-convert",
+    "elit_kernels.sample": "elit-sample",
+}
+
+
+def _interrupted(prog: str) -> int:
+    print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+    return SIGINT_STATUS
+
+
+class _EndStart:
+    """The SIGINT handler while ``prog``'s modules import: the one line, then exit status 130 at once
+    (``os._exit``: nothing was written yet, and no half-imported library is left to run on). ``previous``: the
+    handler ``end_start`` puts back."""
+
+    def __init__(self, prog: str, previous):
+        self.prog, self.previous = prog, previous
+
+    def __call__(self, signum, frame):
+        try:
+            sys.stdout.flush()
+            _interrupted(self.prog)
+        finally:  # even when a closed stdout/stderr raises
+            os._exit(SIGINT_STATUS)
+
+
+def guard_start(prog: str) -> None:
+    """From now until ``end_start``, a Ctrl-C ends ``prog`` with its one line and status 130 instead of raising
+    inside whatever is importing. Only Python's default handler is replaced, and only on the main thread (the only
+    one that can set a handler); an ignored SIGINT (``nohup``, a background job) stays ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _EndStart(prog, previous))
+
+
+def end_start() -> None:
+    """Undo ``guard_start`` (a no-op when it installed nothing): a Ctrl-C raises KeyboardInterrupt again."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, _EndStart):
+        signal.signal(signal.SIGINT, handler.previous)
+
+
+def run_started(prog: str, main) -> int:
+    """``main()`` once ``prog``'s modules are imported, with Ctrl-C raising again (``end_start``). A KeyboardInterrupt
+    that ``main`` does not handle itself (while it parses its flags, before any work starts) ends with
+    ``prog: interrupted while starting; nothing was written`` and status 130; otherwise ``main``'s status."""
+    try:
+        end_start()
+        return main()
+    except KeyboardInterrupt:
+        return _interrupted(prog)
+
 
 def launch(prog: str) -> int:
-    """Import ``TARGETS[prog]`` and return its ``main()``. A KeyboardInterrupt that ``main`` does not handle
-    itself (one while importing, or while ``main`` parses its flags, before any work starts) ends with
-    ``prog: interrupted while starting; nothing was written`` and status 130."""
+    """The console script ``prog``: import ``TARGETS[prog]`` under ``guard_start`` and return ``run_started`` of its
+    ``main``. A Ctrl-C at any point before ``main`` handles one itself ends with the one line and status 130."""
+    guard_start(prog)
     try:
-        return importlib.import_module(TARGETS[prog]).main()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr)
-        return SIGINT_STATUS
+        main = importlib.import_module(TARGETS[prog]).main
+    except KeyboardInterrupt:  # raised by the module itself: a SIGINT ends the process in the handler
+        return _interrupted(prog)
+    finally:
+        end_start()
+    return run_started(prog, main)
+
+
+def module_run_prog(orig_argv: list[str] | None = None) -> str | None:
+    """The console script this process is, when it was started as ``python -m`` of a CLI's module
+    (``python -m elit_kernels.bench``, ``... -m elit_kernels.sample``, ``... -m elit_kernels.official.cli``); None
+    otherwise. Read from ``sys.orig_argv`` (the interpreter's own arguments, Python >= 3.10)."""
+    argv = list(sys.orig_argv if orig_argv is None else orig_argv)
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m" or (arg.startswith("-m") and len(arg) > 2):
+            module = arg[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
+            return MODULE_RUNS.get(module)
+        if not arg.startswith("-") or arg in ("-c", "-"):
+            return None  # a script, -c code or stdin: not a module run
+        i += 2 if arg in ("-X", "-W") else 1  # the interpreter's options that take a separate value
+    return None
+
+
+def guard_module_run() -> None:
+    """``guard_start`` for ``python -m`` of a CLI's module: called first by ``elit_kernels/__init__.py`` (the
+    package, and torch with it, imports before the module's ``__main__`` runs), while ``sys.argv[0]`` is still
+    ``"-m"`` (Python sets it so while it locates the module); the ``__main__`` ends it with ``run_started``."""
+    if sys.argv[:1] == ["-m"]:
+        prog = module_run_prog()
+        if prog is not None:
+            guard_start(prog)
 
 
 def bench() -> int:

@@ -135,6 +135,7 @@ def test_console_scripts_go_through_the_launcher_that_imports_no_torch():
 def test_ctrl_c_while_a_script_starts_is_one_line_and_status_130(when, tmp_path, monkeypatch, capsys):
     """A KeyboardInterrupt while the CLI's module imports (torch: seconds) or before its ``main`` handles one
     itself: status 130 and one line, as later in the run."""
+    import signal
     import sys
 
     import elit_kernels_cli as launcher
@@ -148,24 +149,65 @@ def test_ctrl_c_while_a_script_starts_is_one_line_and_status_130(when, tmp_path,
     assert capsys.readouterr().err == "elit-bench: interrupted while starting; nothing was written\n"
     (tmp_path / "ok_cli_for_test.py").write_text("def main():\n    return 7\n")
     monkeypatch.setitem(launcher.TARGETS, "elit-bench", "ok_cli_for_test")
+    handler = signal.getsignal(signal.SIGINT)
     assert launcher.bench() == 7  # otherwise main's status, as it is
+    assert signal.getsignal(signal.SIGINT) is handler  # the import's SIGINT handler is put back
 
 
-def test_real_sigint_while_elit_bench_imports_torch(tmp_path):
+SWALLOWING_IMPORT = """import os, signal
+try:  # an import that swallows whatever is raised inside it, as torch's C initialisation does with numpy's import
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(10000):
+        pass
+except BaseException:
+    pass
+def main():
+    print("ran on after the interrupt")
+    return 0
+"""
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigint_inside_an_import_that_swallows_exceptions_still_stops_the_start(sigint, tmp_path):
+    """A Ctrl-C while the CLI's module imports must not raise inside that import: a library that catches it (torch's
+    C initialisation clears any error from importing numpy) would go on half-initialised (the flaky failure this
+    replaces: every case then failed with a RecursionError). It ends the process with the one line and status 130;
+    an ignored SIGINT (nohup) stays ignored, and the handler is Python's own again once the import is done."""
+    import subprocess
+    import sys
+
+    (tmp_path / "swallow_cli_for_test.py").write_text(SWALLOWING_IMPORT)
+    ignore = "signal.signal(signal.SIGINT, signal.SIG_IGN); " if sigint == "ignored" else ""
+    code = ("import signal, sys, elit_kernels_cli as launcher; " + ignore +
+            "launcher.TARGETS['elit-bench'] = 'swallow_cli_for_test'; status = launcher.bench(); "
+            "print('handler restored:', signal.getsignal(signal.SIGINT) is signal.SIG_IGN); sys.exit(status)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           [str(tmp_path), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])})
+    if sigint == "default":
+        assert (r.returncode, r.stdout, r.stderr) == (
+            130, "", "elit-bench: interrupted while starting; nothing was written\n"), r
+    else:
+        assert (r.returncode, r.stdout, r.stderr) == (0, "ran on after the interrupt\nhandler restored: True\n", ""), r
+
+
+@pytest.mark.parametrize("how", ["console script", "python -m"])
+def test_real_sigint_while_elit_bench_imports_torch(how, tmp_path):
     """A real Ctrl-C half a second after ``elit-bench`` starts (while it imports torch, or later if this machine
-    imports it faster): status 130 and one line, no traceback. The console script pip installed beside this
-    interpreter (not a version manager's shim, a shell script that would defer the signal), in a session of its
-    own that gets SIGINT as a terminal's process group does."""
-    import os
+    imports it faster): status 130 and one line, no traceback, and no run going on half-initialised. The console
+    script pip installed beside this interpreter (not a version manager's shim, a shell script that would defer
+    the signal), or ``python -m elit_kernels.bench``, in a session of its own that gets SIGINT as a terminal's
+    process group does."""
     import signal
     import subprocess
     import sys
     import time
 
     exe = os.path.join(os.path.dirname(sys.executable), "elit-bench")
-    if not os.path.isfile(exe):
+    if how == "console script" and not os.path.isfile(exe):
         pytest.skip(f"no elit-bench console script beside {sys.executable} (package not installed with pip)")
-    p = subprocess.Popen([exe, "--out", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    cmd = [exe] if how == "console script" else [sys.executable, "-m", "elit_kernels.bench"]
+    p = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)
@@ -177,3 +219,36 @@ def test_real_sigint_while_elit_bench_imports_torch(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("elit-bench: interrupted"), err
+
+
+def test_python_m_runs_are_guarded_from_the_package_import_until_main():
+    """``python -m elit_kernels.<tool>`` imports the package (and torch) before its ``__main__``: the package starts
+    the start-up guard itself when ``sys.argv[0]`` is ``-m`` and the module is a CLI's, and each ``__main__`` ends it
+    (``run_started``) before its ``main`` runs, so a Ctrl-C during sampling is ``main``'s to handle again."""
+    import subprocess
+    import sys
+
+    import elit_kernels_cli as launcher
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for module, prog in launcher.MODULE_RUNS.items():
+        assert launcher.module_run_prog(["python", "-u", "-m", module, "--out", "x"]) == prog
+        path = os.path.join(root, *module.split("."))
+        source = open(path + ".py" if os.path.isfile(path + ".py") else os.path.join(path, "__main__.py")).read()
+        assert source.count(f'elit_kernels_cli.run_started("{prog}", main)') == 1, module
+    for argv in (["python", "-X", "importtime", "-melit_kernels.sample"], ["python", "-m", "elit_kernels.sample"]):
+        assert launcher.module_run_prog(argv) == "elit-sample", argv
+    for argv in (["python", "-m", "elit_kernels.models"], ["python", "-m", "pytest", "-m", "elit_kernels.bench"],
+                 ["python", "run.py", "-m", "elit_kernels.bench"], ["python", "-c", "pass", "-m", "elit_kernels.bench"],
+                 ["python", "-m"], ["python"]):
+        assert launcher.module_run_prog(argv) is None, argv
+    code = ("import signal, sys; sys.argv[0] = '-m'; sys.orig_argv = [sys.executable, '-m', 'elit_kernels.bench']; "
+            "import elit_kernels, elit_kernels_cli as launcher; "
+            "print(type(signal.getsignal(signal.SIGINT)).__name__, signal.getsignal(signal.SIGINT).prog); "
+            "print(launcher.run_started('elit-bench', lambda: 5), signal.getsignal(signal.SIGINT) is "
+            "signal.default_int_handler)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (0, "_EndStart elit-bench\n5 True\n"), r
+    r = subprocess.run([sys.executable, "-c", "import signal, elit_kernels; print(signal.getsignal(signal.SIGINT) is "
+                        "signal.default_int_handler)"], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (0, "True\n"), r  # a plain import changes nothing

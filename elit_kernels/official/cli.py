@@ -133,5 +133,7 @@ def _main(parser, args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m elit_kernels.official.cli
+    import elit_kernels_cli
+
+    sys.exit(elit_kernels_cli.run_started("elit-convert", main))  # ends the start-up Ctrl-C guard

@@ -20,6 +20,15 @@ from cases import counting_reference
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _sm90_without_a_gpu(monkeypatch):
+    """Inputs made to look as if they were on a GPU (``_cuda_like``, ``_on_gpu``) make dispatch read the
+    architecture of a device this machine may not have: it is sm_90 (an H100 or H200) unless a GPU is here."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(D, "_gpu_capability", lambda device: (9, 0))
+        monkeypatch.setattr(D, "_GPU_ARCHS", {})
+
+
 @pytest.fixture
 def fakes():
     made = []
@@ -142,6 +151,49 @@ def test_table_entry_gives_its_ranking_and_unknown_gpu_falls_back_to_static(monk
     assert src == "static" and order[0] == "torch"  # uniform segments known on the host: dense SDPA, PyTorch's pick
     assert D.table_ranking({"gpu": "NVIDIA H200", "dtype": "float16", "kind": "uniform", "grad": False,
                             "head_dim": 16, "lq": 4, "lk": 4, "segments": 4}, table) is None
+
+
+def test_a_gpu_without_entries_reads_its_architecture_siblings_before_the_static_order(monkeypatch):
+    """An H100 reads an H200's measured rankings (same sm_90 SMs and kernels) rather than the static order; its own
+    entries win where it has them; a GPU of another architecture, or one whose architecture is not known (while
+    tracing), gets the static order; sibling entries equally near rank together."""
+    inp = _inp(dtype=torch.bfloat16)
+    h200 = {"gpu": "NVIDIA H200", "arch": "sm_90", "dtype": "bfloat16", "kind": "uniform", "grad": False,
+            "head_dim": 16, "lq": 4, "lk": 4, "segments": 4, "ranking": ["triton", "torch"], "ms": {"triton": 1.0,
+                                                                                               "torch": 3.0}}
+    table = {"entries": [h200]}
+    monkeypatch.setattr(D, "_TABLE", table)
+    fake = _cuda_like(inp, monkeypatch, gpu="NVIDIA H100 80GB HBM3")
+    order, src = D.ranking(fake)
+    assert (src, order[:2]) == ("table-arch", ["triton", "torch"]), (src, order)
+    assert D.table_match(D.shape_class(fake), table) == (["triton", "torch"], "arch")
+    own = {**h200, "gpu": "NVIDIA H100 80GB HBM3", "lq": 1024, "lk": 1024, "ranking": ["torch_varlen", "torch"],
+           "ms": {"torch_varlen": 1.0, "torch": 2.0}}
+    table["entries"].append(own)
+    assert D.ranking(fake)[0][:2] == ["torch_varlen", "torch"] and D.ranking(fake)[1] == "table"  # its own, though farther
+    gh200 = {**own, "gpu": "NVIDIA GH200 480GB", "lq": 4, "lk": 4, "ranking": ["torch", "torch_varlen", "triton"],
+             "ms": {"torch": 1.0, "torch_varlen": 1.5, "triton": 9.0}}
+    table["entries"] = [h200, gh200]
+    gh = D.shape_class(fake)
+    # both siblings at distance 0, times relative to each one's fastest summed: torch 3 + 1, torch_varlen 3 (the
+    # H200 did not time it: its slowest) + 1.5, triton 1 + 9
+    assert D.table_match(gh, table)[0][0] == "torch" and D.table_match(gh, table)[1] == "arch"
+    monkeypatch.setattr(D, "gpu_arch", lambda device: "sm_80")
+    assert D.ranking(fake)[1] == "static"  # an A100 is not an H200
+    monkeypatch.setattr(D, "gpu_arch", lambda device: "unknown")
+    assert D.ranking(fake)[1] == "static"
+    assert D._valid_entry(h200) and not D._valid_entry({**h200, "arch": 90})
+
+
+def test_gpu_arch_is_read_once_per_cuda_device_and_cpu_is_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(D, "_gpu_capability", lambda device: calls.append(str(device)) or (9, 0))
+    monkeypatch.setattr(D, "_GPU_ARCHS", {})
+    assert D.gpu_arch(torch.device("cpu")) == "cpu" and calls == []
+    assert D.gpu_arch(torch.device("cuda", 1)) == "sm_90" == D.gpu_arch(torch.device("cuda", 1))
+    assert calls == ["cuda:1"]  # cached
+    monkeypatch.setattr(D, "_gpu_capability", lambda device: (10, 0))
+    assert D.gpu_arch(torch.device("cuda", 0)) == "sm_100" and D.gpu_arch(torch.device("cuda", 1)) == "sm_90"
 
 
 def test_static_order_on_gpu_by_shape_class(monkeypatch):

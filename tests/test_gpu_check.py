@@ -232,6 +232,11 @@ def test_a_dispatch_run_on_another_gpu_adds_to_the_committed_table():
     assert D.table_ranking({**cls, "gpu": "NVIDIA H200"}, table) == D.table_ranking({**cls, "gpu": "NVIDIA H200"},
                                                                                     committed)
     assert all(D._valid_entry(e) for e in table["entries"])
+    # every committed entry names its architecture, so that a GPU the table has not measured reads its siblings':
+    # an H100 with no entries of its own gets the H200's ranking, not the static order
+    assert all(e.get("arch") == "sm_90" for e in h200)
+    assert D.table_match({**cls, "gpu": h100_name, "arch": "sm_90"}, committed) == (
+        D.table_ranking({**cls, "gpu": "NVIDIA H200"}, committed), "arch")
     alone, kept = md.merge_tables(None, [new_h100], run)
     assert kept == 0 and alone["entries"] == [{**new_h100, **run}]
 

@@ -150,7 +150,8 @@ def _measure(args, shapes, passes, fp32_labels, t_start, entries, lines) -> None
             continue
         order = sorted(ms, key=ms.get)
         c = D.shape_class(inp)
-        entries.append({**{k: c[k] for k in ("gpu", "dtype", "kind", "grad", "head_dim", "lq", "lk", "segments")},
+        entries.append({**{k: c[k] for k in ("gpu", "arch", "dtype", "kind", "grad", "head_dim", "lq", "lk",
+                                             "segments")},
                         "ranking": order, "ms": {k: round(v, 4) for k, v in ms.items()}, "shape": label})
         best = ms[order[0]]
         fa2 = ms.get("torch_varlen")
@@ -185,8 +186,9 @@ def _read_table(path: str) -> dict:
 
     for i, e in enumerate(old["entries"]):
         if not _valid_entry(e) or not isinstance(e.get("shape", ""), str):
-            raise ValueError(f"holds an entry dispatch cannot read (entries[{i}]: gpu, dtype, kind and shape must be "
-                             "strings, head_dim, lq, lk and segments ints, grad a bool, ranking a list of names)")
+            raise ValueError(f"holds an entry dispatch cannot read (entries[{i}]: gpu, arch, dtype, kind and shape "
+                             "must be strings, head_dim, lq, lk and segments ints, grad a bool, ranking a list of "
+                             "names)")
     return old
 
 
@@ -211,7 +213,8 @@ def merge_tables(old: dict | None, entries: list[dict], run: dict) -> tuple[dict
         kept.append({**{k: old.get(k) for k in _PROVENANCE if old.get(k) is not None}, **e})
     merged = new + kept
     table = {"about": "Backend rankings measured on GPUs by tools/measure_dispatch.py, read by "
-                      "elit_kernels.attention.dispatch (nearest entry of the same GPU, dtype, kind and pass). "
+                      "elit_kernels.attention.dispatch (nearest entry of the same GPU, dtype, kind and pass; a GPU "
+                      "with no entries reads those of its architecture, 'arch'). "
                       "Each entry names the run that measured it; the top level describes the newest run.",
              **run, "devices": sorted({str(e.get("gpu")) for e in merged}), "entries": merged}
     return table, len(kept)

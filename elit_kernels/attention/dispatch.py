@@ -10,7 +10,9 @@ length buckets, segment-count bucket, forward or forward + backward), from the f
    shape class is timed once, eagerly, on the first call), kept in memory and on disk
    (``cache_path()``: keyed by GPU name and torch / triton versions);
 2. **the committed table** (``dispatch_table.json`` beside this file): rankings measured on the GPUs we
-   ran (device, versions and date inside), the nearest measured shape of the same class for this GPU;
+   ran (device, versions and date inside), the nearest measured shape of the same class for this GPU; a GPU
+   the table has no entry of takes those of the GPUs of its architecture (compute capability: an H100 reads an
+   H200's rankings, ``"table-arch"``) before the static order;
 3. **the static order**: what the measurements on an H200 showed in general (``static_order``); CPU inputs
    follow the backends' priorities.
 
@@ -82,8 +84,31 @@ def gpu_name(device: torch.device) -> str:
     return _GPU_NAMES[key]
 
 
+_GPU_ARCHS: dict = {}
+
+
+def _gpu_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def gpu_arch(device: torch.device) -> str:
+    """The device's architecture as ``"sm_<major><minor>"`` (``torch.cuda.get_device_capability``: ``"sm_90"`` on
+    an H100 or H200; ``"cpu"`` for CPU tensors), read once per device; ``"unknown"`` while tracing a device it has
+    not read."""
+    if device.type != "cuda":
+        return "cpu"
+    key = str(device)
+    if torch.compiler.is_compiling():  # no cache writes (or driver calls) while tracing
+        return _GPU_ARCHS.get(key, "unknown")
+    if key not in _GPU_ARCHS:
+        major, minor = _gpu_capability(device)
+        _GPU_ARCHS[key] = f"sm_{major}{minor}"
+    return _GPU_ARCHS[key]
+
+
 def shape_class(inp: AttnInputs) -> dict:
-    """The call's shape class as a dict: ``gpu``, ``dtype``, ``head_dim``, ``kind`` (``"uniform"``: every
+    """The call's shape class as a dict: ``gpu``, ``arch`` (``gpu_arch``: which table entries of another GPU
+    stand in for this one's), ``dtype``, ``head_dim``, ``kind`` (``"uniform"``: every
     segment the same shape, known on the host; ``"runs"``: at most ``FEW_RUNS`` runs of equal segments;
     ``"ragged"``: more runs, or lengths known only on the device), ``lq`` / ``lk`` (power-of-two buckets of
     the longest segment: the real one when segments are known, else ``max_seqlen_*``), ``segments`` (bucket
@@ -97,7 +122,8 @@ def shape_class(inp: AttnInputs) -> dict:
     else:
         kind, lq, lk, n = "ragged", inp.max_seqlen_q, inp.max_seqlen_k, inp.num_segments
     d = inp.head_dim
-    return {"gpu": gpu_name(inp.q.device), "dtype": str(inp.q.dtype).replace("torch.", ""),
+    return {"gpu": gpu_name(inp.q.device), "arch": gpu_arch(inp.q.device),
+            "dtype": str(inp.q.dtype).replace("torch.", ""),
             "head_dim": d if isinstance(d, int) else -1,
             "kind": kind, "lq": _bucket(lq), "lk": _bucket(lk), "segments": _bucket(n),
             "grad": bool(inp.requires_grad)}
@@ -140,7 +166,8 @@ def _valid_entry(e) -> bool:
     return (isinstance(e, dict) and all(isinstance(e.get(f), str) for f in ("gpu", "dtype", "kind"))
             and all(isinstance(e.get(f), int) and not isinstance(e.get(f), bool)
                     for f in ("head_dim", "lq", "lk", "segments"))
-            and isinstance(e.get("grad", False), bool) and isinstance(e.get("ranking"), list)
+            and isinstance(e.get("grad", False), bool) and isinstance(e.get("arch", ""), str)
+            and isinstance(e.get("ranking"), list)
             and all(isinstance(n, str) for n in e["ranking"]))
 
 
@@ -172,26 +199,40 @@ def _load_table(path: str | None = None) -> dict:
     return table
 
 
-def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
-    """The committed table's ranking for shape class ``c``: the entry of the same GPU, dtype, kind and pass
-    whose (head dim, lq, lk, segments) is nearest on a log scale; None when the table has no such entry.
+def table_match(c: dict, table: dict | None = None) -> tuple[list[str] | None, str | None]:
+    """``(ranking, how)`` from the committed table for shape class ``c``: ``how`` is ``"gpu"`` when entries of
+    this GPU (by name) of the same dtype, kind and pass exist, ``"arch"`` when only entries of other GPUs of the
+    same architecture do (``c["arch"]``, an entry's ``arch`` field: an H100 reads an H200's measurements, same
+    SMs and kernels, less memory bandwidth; a measurement of a sibling beats the static order, and tuning on the
+    device beats both), ``(None, None)`` when neither does. Among them, the entry whose (head dim, lq, lk,
+    segments) is nearest on a log scale.
 
     Several entries at that distance (the table measures Read and Write at J = P, or the spatial blocks and a
-    uniform core, which are one class: the same lengths and segment count) are measurements of one class, and
-    rank together (``_merged_ranking``), not the first one found."""
+    uniform core, which are one class: the same lengths and segment count; or the same class on two sibling
+    GPUs) are measurements of one class, and rank together (``_merged_ranking``), not the first one found."""
     entries = (table if table is not None else _load_table()).get("entries", [])
-    same = [e for e in entries if (e.get("gpu"), e.get("dtype"), e.get("kind"), bool(e.get("grad"))) ==
-            (c["gpu"], c["dtype"], c["kind"], c["grad"])]
-    if not same:
-        return None
+    cls = (c["dtype"], c["kind"], c["grad"])
+    same = [e for e in entries if (e.get("dtype"), e.get("kind"), bool(e.get("grad"))) == cls]
+    how = "gpu"
+    pool = [e for e in same if e.get("gpu") == c["gpu"]]
+    arch = c.get("arch")
+    if not pool and isinstance(arch, str) and arch.startswith("sm_"):
+        pool, how = [e for e in same if e.get("arch") == arch], "arch"
+    if not pool:
+        return None, None
 
     def dist(e):
         return sum(abs(math.log2(max(e.get(f, 1), 1)) - math.log2(max(c[f], 1)))
                    for f in ("head_dim", "lq", "lk", "segments"))
 
-    best = min(map(dist, same))
-    nearest = [e for e in same if dist(e) == best]
-    return list(nearest[0]["ranking"]) if len(nearest) == 1 else _merged_ranking(nearest)
+    best = min(map(dist, pool))
+    nearest = [e for e in pool if dist(e) == best]
+    return (list(nearest[0]["ranking"]) if len(nearest) == 1 else _merged_ranking(nearest)), how
+
+
+def table_ranking(c: dict, table: dict | None = None) -> list[str] | None:
+    """The committed table's ranking for shape class ``c`` (``table_match``), None when it has none."""
+    return table_match(c, table)[0]
 
 
 def _merged_ranking(entries: list[dict]) -> list[str]:
@@ -212,7 +253,8 @@ def _merged_ranking(entries: list[dict]) -> list[str]:
 
 
 def ranking(inp: AttnInputs) -> tuple[list[str], str]:
-    """``(names fastest first, source)`` for ``inp``; source is ``"tuned"``, ``"table"`` or ``"static"``."""
+    """``(names fastest first, source)`` for ``inp``; source is ``"tuned"``, ``"table"`` (this GPU's entries),
+    ``"table-arch"`` (another GPU's of the same architecture) or ``"static"``."""
     c = shape_class(inp)
     tracing = torch.compiler.is_compiling()  # no file reads while tracing: what an eager call loaded, or nothing
     tuned = _TUNED.get(_class_key(c))
@@ -222,8 +264,8 @@ def ranking(inp: AttnInputs) -> tuple[list[str], str]:
         order, src = list(tuned), "tuned"
     else:
         table = (_TABLE or {"entries": []}) if tracing else None
-        order = table_ranking(c, table) if inp.q.device.type == "cuda" else None
-        src = "table" if order is not None else "static"
+        order, how = table_match(c, table) if inp.q.device.type == "cuda" else (None, None)
+        src = {"gpu": "table", "arch": "table-arch"}.get(how, "static")
         if order is None:
             order = static_order(inp)
     rest = [n for n in static_order(inp) if n not in order]

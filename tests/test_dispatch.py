@@ -885,6 +885,29 @@ def test_a_decision_is_cached_per_key_and_never_while_capturing(fakes, monkeypat
     assert len(calls) == 3 and D._DECISIONS == {}  # ranked each time, nothing cached under capture
 
 
+def test_cached_decisions_are_bounded_when_every_call_has_new_lengths(monkeypatch):
+    """A flash-attn drop-in caller packs a new batch each step: a new max_seqlen and segment count per call, each a
+    new decision key. The cache keeps the newest ``_MAX_DECISIONS`` (it grew without bound), and a call whose
+    decision was dropped is decided again, the same."""
+    monkeypatch.setattr(D, "_MAX_DECISIONS", 8)
+    D.clear_decisions()
+    q = torch.randn(40, 2, 16)
+
+    def inputs(n):
+        cu = torch.tensor([0, n], dtype=torch.int32)
+        return (q[:n], q[:n], q[:n], cu, cu, n, n)
+
+    picks = []
+    for n in range(1, 21):
+        torch.testing.assert_close(A.varlen_attention(*inputs(n)), A.varlen_attention(*inputs(n), backend="reference"))
+        picks.append(D.select_backend(A.validate_inputs(*inputs(n))).name)
+        assert 1 <= len(D._DECISIONS) <= 8
+    assert D._decision_key(A.validate_inputs(*inputs(20))) in D._DECISIONS  # the newest kept
+    first = D._decision_key(A.validate_inputs(*inputs(1)))
+    assert first not in D._DECISIONS  # the oldest dropped
+    assert D.select_backend(A.validate_inputs(*inputs(1))).name == picks[0] and first in D._DECISIONS  # decided again
+
+
 def test_a_call_made_before_a_tuning_block_is_timed_inside_it(monkeypatch):
     """The usual order: a warm-up forward, then ``tuning()``. The warm-up's cached decision must not answer the
     same call inside the block, or its shape class would never be timed (a hostile-user round found that)."""

@@ -17,8 +17,9 @@ length buckets, segment-count bucket, forward or forward + backward), from the f
    follow the backends' priorities.
 
 The first ranked candidate that passes its first-use known-answer check (``known_answer.py``) runs. The
-decision is cached per shape class, so a repeated call costs a dictionary lookup. Under ``torch.compile``
-tracing and CUDA-graph capture nothing is timed or checked: the cached, tuned or static choice is used.
+decision is cached per call kind (exact lengths included; the newest ``_MAX_DECISIONS``), so a repeated call
+costs a dictionary lookup. Under ``torch.compile`` tracing and CUDA-graph capture nothing is timed or checked:
+the cached, tuned or static choice is used.
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ UNMEASURED = ["triton_window"]
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
 
 _DECISIONS: dict = {}  # full decision key -> Backend
+#: decisions kept at most: the key holds exact lengths (a flash-attn drop-in caller packing new batches passes a
+#: new max_seqlen / segment count nearly every step), so an unbounded cache grew with every distinct call; the
+#: oldest is dropped (deciding again costs tens of microseconds; the ELIT model's plans keep their own)
+_MAX_DECISIONS = 1024
 _TUNED: dict = {}  # shape class -> ranking (names), measured here
 _TABLE: dict | None = None
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0")  # triton reads it once, at its import, too
@@ -357,6 +362,8 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
         failed = check_dispatch(b, inp)
         if failed is None:
             if key is not None:
+                if len(_DECISIONS) >= _MAX_DECISIONS:
+                    del _DECISIONS[next(iter(_DECISIONS))]
                 _DECISIONS[key] = b
             return b
         tried.append(f"{b.name}: failed its known-answer check: {failed}")

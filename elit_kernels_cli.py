@@ -40,7 +40,14 @@ MODULE_RUNS = {
 
 
 def _interrupted(prog: str) -> int:
-    print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+    """Say ``prog: interrupted while starting; nothing was written`` on stderr (nowhere when stderr is closed or
+    gone: never on stdout, where it would join a pipeline's data) and return 130."""
+    err = sys.stderr
+    if err is not None:
+        try:
+            print(f"{prog}: interrupted while starting; nothing was written", file=err, flush=True)
+        except (OSError, ValueError):  # a closed or broken stream
+            pass
     return SIGINT_STATUS
 
 
@@ -54,9 +61,13 @@ class _EndStart:
 
     def __call__(self, signum, frame):
         try:
-            sys.stdout.flush()
+            if sys.stdout is not None:
+                try:
+                    sys.stdout.flush()
+                except (OSError, ValueError):  # closed or broken: the line on stderr still comes
+                    pass
             _interrupted(self.prog)
-        finally:  # even when a closed stdout/stderr raises
+        finally:
             os._exit(SIGINT_STATUS)
 
 
@@ -92,28 +103,42 @@ def launch(prog: str) -> int:
     ``main``. A Ctrl-C at any point before ``main`` handles one itself ends with the one line and status 130."""
     guard_start(prog)
     try:
-        main = importlib.import_module(TARGETS[prog]).main
-    except KeyboardInterrupt:  # raised by the module itself: a SIGINT ends the process in the handler
+        try:
+            main = importlib.import_module(TARGETS[prog]).main
+        finally:
+            end_start()
+        return run_started(prog, main)
+    except KeyboardInterrupt:  # raised by the module itself, or a Ctrl-C between the guard and main's own handler
         return _interrupted(prog)
-    finally:
-        end_start()
-    return run_started(prog, main)
 
 
 def module_run_prog(orig_argv: list[str] | None = None) -> str | None:
     """The console script this process is, when it was started as ``python -m`` of a CLI's module
-    (``python -m elit_kernels.bench``, ``... -m elit_kernels.sample``, ``... -m elit_kernels.official.cli``); None
-    otherwise. Read from ``sys.orig_argv`` (the interpreter's own arguments, Python >= 3.10)."""
+    (``python -m elit_kernels.bench``, ``... -um elit_kernels.sample``, ``... -m elit_kernels.official.cli``,
+    ``... -m elit_kernels.demo.__main__``); None otherwise. Read from ``sys.orig_argv`` (the interpreter's own
+    arguments, Python >= 3.10) as the interpreter parses them: short options may be grouped (``-um``, ``-Bm``),
+    ``-c``, ``-m``, ``-W`` and ``-X`` take a value (the rest of their group or the next argument), and
+    ``--check-hash-based-pycs`` takes the next argument."""
     argv = list(sys.orig_argv if orig_argv is None else orig_argv)
     i = 1
     while i < len(argv):
         arg = argv[i]
-        if arg == "-m" or (arg.startswith("-m") and len(arg) > 2):
-            module = arg[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
-            return MODULE_RUNS.get(module)
-        if not arg.startswith("-") or arg in ("-c", "-"):
-            return None  # a script, -c code or stdin: not a module run
-        i += 2 if arg in ("-X", "-W") else 1  # the interpreter's options that take a separate value
+        if arg == "-" or not arg.startswith("-"):
+            return None  # stdin or a script: not a module run
+        if arg.startswith("--"):
+            i += 2 if arg == "--check-hash-based-pycs" else 1
+            continue
+        for j in range(1, len(arg)):
+            if arg[j] in "cmWX":
+                value = arg[j + 1:] or (argv[i + 1] if i + 1 < len(argv) else "")
+                if arg[j] == "c":
+                    return None  # -c code
+                if arg[j] == "m":
+                    return MODULE_RUNS.get(value.removesuffix(".__main__"))
+                i += 1 if arg[j + 1:] else 2
+                break
+        else:
+            i += 1
     return None
 
 

@@ -158,14 +158,23 @@ def user_path(text: str) -> str:
     return os.path.expanduser(text)
 
 
+_CREATED: list[str] = []  # folders output_dir_error created in this process, parents first
+
+
 def output_dir_error(path: str, files: tuple[str, ...] = ()) -> str | None:
     """Create the output folder ``path`` (and its parents) and write a probe file in it; why that failed, or why
     one of the ``files`` to be written there cannot be (a folder in its place) (for a usage error naming the flag),
-    or None."""
+    or None. The folders it creates are remembered: a run interrupted before it wrote anything removes them
+    again (``remove_empty_created``)."""
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{path} exists and is not a folder"
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        missing.append(p)
+        p = os.path.dirname(p)
     try:
         os.makedirs(path, exist_ok=True)
+        _CREATED.extend(reversed(missing))
         _probe_dir(path)
     except OSError as e:
         return f"cannot write into {path} ({e.strerror or e})"
@@ -229,12 +238,25 @@ def bench_device(name: str | None) -> torch.device:
 SIGINT_STATUS = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
 
 
-def run_interruptible(prog: str, body: Callable[[], int], kept: str) -> int:
+def remove_empty_created() -> None:
+    """Remove the folders ``output_dir_error`` created that are still empty (deepest first; one holding anything,
+    or already gone, is left as it is): an interrupted run leaves no empty output folder behind."""
+    while _CREATED:
+        folder = _CREATED.pop()
+        try:
+            os.rmdir(folder)  # only an empty folder: never anything a run or the user put there
+        except OSError:
+            pass
+
+
+def run_interruptible(prog: str, body: Callable[[], int], kept: str | Callable[[], str]) -> int:
     """``body()``; a Ctrl-C (KeyboardInterrupt) ends it with one line on stderr, ``prog: interrupted; <kept>``
-    (what the run leaves on disk and how to go on), and exit status 130, not a traceback from wherever the
-    interpreter happened to be."""
+    (what the run leaves on disk and how to go on; a callable is asked then, when that depends on how far the run
+    got), and exit status 130, not a traceback from wherever the interpreter happened to be. Output folders the
+    run created and left empty are removed first (``remove_empty_created``)."""
     try:
         return body()
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {kept}", file=sys.stderr)
+        remove_empty_created()
+        print(f"{prog}: interrupted; {kept() if callable(kept) else kept}", file=sys.stderr)
         return SIGINT_STATUS

@@ -52,8 +52,8 @@ def _interruptible(tool, tmp_path):
 
     ck = tmp_path / "ck.pt"
     ck.write_bytes(b"x")
-    return {"elit-sample": (sample, "generate", [str(ck), "--out", str(tmp_path / "o")], "rerun the same command to "
-                            "resume"),
+    return {"elit-sample": (sample, "generate", [str(ck), "--out", str(tmp_path / "o")], "no sample was written yet: "
+                            "rerun the same command to start"),
             "elit-convert": (convert, "load_checkpoint", [str(ck), "--out", str(tmp_path / "c.pt")],
                              "was not written (it is written whole or not at all)"),
             "elit-demo": (demo, "_run", ["--out", str(tmp_path / "d")], "rerun to get them"),
@@ -73,6 +73,24 @@ def test_ctrl_c_is_one_line_and_status_130(tool, tmp_path, monkeypatch, capsys):
     assert module.main(argv) == 130
     err = capsys.readouterr().err
     assert err.startswith(f"{tool}: interrupted; ") and kept in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no empty output folder left behind
+
+
+def test_an_interrupted_run_removes_only_the_empty_folders_it_created(tmp_path):
+    """``remove_empty_created``: the folders ``output_dir_error`` made (parents too), deepest first, and only while
+    empty; a folder that was there before, or that holds a file, stays."""
+    from elit_kernels import _cli
+
+    before = tmp_path / "was_here"
+    before.mkdir()
+    _cli._CREATED.clear()
+    assert _cli.output_dir_error(str(before / "a" / "b")) is None
+    assert _cli.output_dir_error(str(tmp_path / "c" / "d")) is None
+    (tmp_path / "c" / "d" / "result.json").write_text("{}")
+    _cli.remove_empty_created()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "c", "c/d", "c/d/result.json", "was_here"]
+    assert _cli._CREATED == []
 
 
 def test_sigint_during_sampling_keeps_the_samples_and_a_rerun_resumes(tmp_path):
@@ -154,6 +172,28 @@ def test_ctrl_c_while_a_script_starts_is_one_line_and_status_130(when, tmp_path,
     assert signal.getsignal(signal.SIGINT) is handler  # the import's SIGINT handler is put back
 
 
+def test_ctrl_c_between_the_start_up_guard_and_main_is_the_one_line(tmp_path, monkeypatch, capsys):
+    """The guard is lifted (Python's handler back) before ``main`` runs its own: a KeyboardInterrupt landing right
+    there is still the one line and status 130, not a traceback (a hostile review found the window)."""
+    import sys
+
+    import elit_kernels_cli as launcher
+
+    (tmp_path / "ok_cli_for_test.py").write_text("def main():\n    return 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(launcher.TARGETS, "elit-bench", "ok_cli_for_test")
+    monkeypatch.delitem(sys.modules, "ok_cli_for_test", raising=False)
+    real = launcher.end_start
+
+    def end_start_then_interrupt():
+        real()
+        raise KeyboardInterrupt  # a Ctrl-C the moment Python's handler is back, before main's own handler
+
+    monkeypatch.setattr(launcher, "end_start", end_start_then_interrupt)
+    assert launcher.bench() == 130
+    assert capsys.readouterr().err == "elit-bench: interrupted while starting; nothing was written\n"
+
+
 SWALLOWING_IMPORT = """import os, signal
 try:  # an import that swallows whatever is raised inside it, as torch's C initialisation does with numpy's import
     os.kill(os.getpid(), signal.SIGINT)
@@ -167,12 +207,13 @@ def main():
 """
 
 
-@pytest.mark.parametrize("sigint", ["default", "ignored"])
+@pytest.mark.parametrize("sigint", ["default", "ignored", "stdout closed", "stderr closed"])
 def test_sigint_inside_an_import_that_swallows_exceptions_still_stops_the_start(sigint, tmp_path):
     """A Ctrl-C while the CLI's module imports must not raise inside that import: a library that catches it (torch's
     C initialisation clears any error from importing numpy) would go on half-initialised (the flaky failure this
     replaces: every case then failed with a RecursionError). It ends the process with the one line and status 130;
-    an ignored SIGINT (nohup) stays ignored, and the handler is Python's own again once the import is done."""
+    an ignored SIGINT (nohup) stays ignored, and the handler is Python's own again once the import is done. A closed
+    stdout does not lose the line; with stderr closed it goes nowhere (never into stdout's data)."""
     import subprocess
     import sys
 
@@ -181,10 +222,16 @@ def test_sigint_inside_an_import_that_swallows_exceptions_still_stops_the_start(
     code = ("import signal, sys, elit_kernels_cli as launcher; " + ignore +
             "launcher.TARGETS['elit-bench'] = 'swallow_cli_for_test'; status = launcher.bench(); "
             "print('handler restored:', signal.getsignal(signal.SIGINT) is signal.SIG_IGN); sys.exit(status)")
+    closed = {"stdout closed": 1, "stderr closed": 2}.get(sigint)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                           [str(tmp_path), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])})
-    if sigint == "default":
+                           [str(tmp_path), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])},
+                       preexec_fn=None if closed is None else lambda: os.close(closed))
+    if sigint == "stdout closed":
+        assert (r.returncode, r.stderr) == (130, "elit-bench: interrupted while starting; nothing was written\n"), r
+    elif sigint == "stderr closed":
+        assert (r.returncode, r.stdout) == (130, ""), r
+    elif sigint == "default":
         assert (r.returncode, r.stdout, r.stderr) == (
             130, "", "elit-bench: interrupted while starting; nothing was written\n"), r
     else:
@@ -236,11 +283,15 @@ def test_python_m_runs_are_guarded_from_the_package_import_until_main():
         path = os.path.join(root, *module.split("."))
         source = open(path + ".py" if os.path.isfile(path + ".py") else os.path.join(path, "__main__.py")).read()
         assert source.count(f'elit_kernels_cli.run_started("{prog}", main)') == 1, module
-    for argv in (["python", "-X", "importtime", "-melit_kernels.sample"], ["python", "-m", "elit_kernels.sample"]):
+    for argv in (["python", "-X", "importtime", "-melit_kernels.sample"], ["python", "-m", "elit_kernels.sample"],
+                 ["python", "-um", "elit_kernels.sample"], ["python", "-uBmelit_kernels.sample"],
+                 ["python", "-uW", "ignore", "-m", "elit_kernels.sample"], ["python", "-m", "elit_kernels.sample.__main__"],
+                 ["python", "--check-hash-based-pycs", "never", "-m", "elit_kernels.sample"]):
         assert launcher.module_run_prog(argv) == "elit-sample", argv
     for argv in (["python", "-m", "elit_kernels.models"], ["python", "-m", "pytest", "-m", "elit_kernels.bench"],
                  ["python", "run.py", "-m", "elit_kernels.bench"], ["python", "-c", "pass", "-m", "elit_kernels.bench"],
-                 ["python", "-m"], ["python"]):
+                 ["python", "-uc", "pass"], ["python", "-", "-m", "elit_kernels.bench"], ["python", "-m"], ["python"],
+                 ["python", "-m", "elit_kernels.bench.cli"]):
         assert launcher.module_run_prog(argv) is None, argv
     code = ("import signal, sys; sys.argv[0] = '-m'; sys.orig_argv = [sys.executable, '-m', 'elit_kernels.bench']; "
             "import elit_kernels, elit_kernels_cli as launcher; "

@@ -105,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return _cli.run_interruptible("elit-sample", lambda: _main(parser, args),
-                                  f"the samples written so far are kept in {args.out}: rerun the same command to "
-                                  "resume")
+    def kept() -> str:
+        if os.path.isdir(args.out) and any(os.scandir(args.out)):
+            return f"the samples written so far are kept in {args.out}: rerun the same command to resume"
+        return "no sample was written yet: rerun the same command to start"
+
+    return _cli.run_interruptible("elit-sample", lambda: _main(parser, args), kept)
 
 
 def _one_line(default):

@@ -49,7 +49,8 @@ def _inp(lens_q=(4, 4, 4), lens_k=(4, 4, 4), segments=True, device="cpu", dtype=
     q, k, v, cq, ck, mq, mk = random_varlen_inputs(list(lens_q), list(lens_k), 2, 16, seed=3, dtype=dtype,
                                                    requires_grad=grad)
     seg = SegmentRuns.from_lengths(lens_q, lens_k) if segments else None
-    return A.validate_inputs(q, k, v, cq, ck, mq, mk, None, False, segments=seg)
+    # segments=False: the lengths known only on the device (value checks off, tracing, capture, a plan)
+    return A.validate_inputs(q, k, v, cq, ck, mq, mk, None, False, segments=seg, derive_segments=segments)
 
 
 def test_shape_class_kinds_and_buckets():
@@ -109,9 +110,11 @@ def test_override_wins_over_table_and_tuning(fakes, monkeypatch):
     assert A.select_backend(inp).name == "torch"
 
 
-def _cuda_like(inp, monkeypatch, gpu="NVIDIA H200"):
-    """Pretend ``inp`` is on a GPU for the ranking functions (they read only the device type and name)."""
+def _cuda_like(inp, monkeypatch, gpu="NVIDIA H200", arch="sm_90"):
+    """Pretend ``inp`` is on a GPU for the ranking functions (they read only the device type, name and
+    architecture; a GPU this machine may have does not answer for the pretended one)."""
     monkeypatch.setattr(D, "gpu_name", lambda device: gpu)
+    monkeypatch.setattr(D, "gpu_arch", lambda device: arch)
 
     class _Dev:
         type = "cuda"
@@ -183,6 +186,10 @@ def test_a_gpu_without_entries_reads_its_architecture_siblings_before_the_static
     monkeypatch.setattr(D, "gpu_arch", lambda device: "unknown")
     assert D.ranking(fake)[1] == "static"
     assert D._valid_entry(h200) and not D._valid_entry({**h200, "arch": 90})
+    assert D._valid_entry({**h200, "arch": None})  # as if absent: read by its own GPU only
+    no_arch = {k: x for k, x in h200.items() if k != "arch"}
+    monkeypatch.setattr(D, "gpu_arch", lambda device: "sm_90")
+    assert D.table_match(D.shape_class(fake), {"entries": [no_arch]}) == (None, None)
 
 
 def test_gpu_arch_is_read_once_per_cuda_device_and_cpu_is_cpu(monkeypatch):

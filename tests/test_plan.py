@@ -454,7 +454,8 @@ def test_the_kept_runner_declines_every_call_it_does_not_run_exactly(lens_q, len
     assert torch_ops.dense_runner(inp) is None, why
     if lens_q:
         q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 4, 8)
-        assert torch_ops.dense_runner(P.validate_inputs(q, k, v, cq, ck, mq, mk, None, False)) is None  # no segments
+        assert torch_ops.dense_runner(P.validate_inputs(q, k, v, cq, ck, mq, mk, None, False,
+                                                        derive_segments=False)) is None  # no segments
 
 
 def test_a_plan_runs_a_uniform_call_through_its_kept_runner_and_a_ragged_one_through_the_backend(monkeypatch):

@@ -327,3 +327,55 @@ def test_the_edges_of_the_float32_ranges_are_legal(args):
     for cap in (float(f32.tiny), float(f32.max), 3):
         assert call(args, backend="reference", softcap=cap).isfinite().all()
 
+
+
+@pytest.mark.parametrize("lens_q, lens_k, runs", [
+    ([4] * 3, [4] * 3, ((3, 4, 4),)),
+    ([2, 2, 5], [4, 4, 4], ((2, 2, 4), (1, 5, 4))),
+    ([1, 2, 3, 3], [1, 2, 3, 0], ((1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 3, 0))),
+    ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], None),  # more than FEW_RUNS runs: ragged, the kernels read cu_seqlens
+    ([0], [3], ((1, 0, 3),)),
+])
+@pytest.mark.parametrize("extra", [0, 3])
+def test_a_call_without_segments_carries_those_its_value_checks_read(lens_q, lens_k, runs, extra):
+    """The eager value checks read cu_seqlens on the host anyway: what they read becomes the call's segments (few
+    runs only), so a flash-attn style call with uniform segments is dispatched and run as dense SDPA and no backend
+    reads the lengths again; the output is the reference's and the same as with the segments passed by hand. Not
+    with the value checks off (nothing was read) or derive_segments=False."""
+    from elit_kernels.attention import SegmentRuns, validate_inputs
+    from elit_kernels.attention.inputs import FEW_RUNS
+
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, seed=11, extra_q=extra, extra_k=extra)
+    inp = validate_inputs(q, k, v, cq, ck, mq + 5, mk, None, False)
+    want = None if runs is None else SegmentRuns(runs, sum(lens_q), sum(lens_k))
+    assert inp.segments == want and (want is None or want == SegmentRuns.from_lengths(lens_q, lens_k))
+    assert runs is None or len(runs) <= FEW_RUNS
+    assert validate_inputs(q, k, v, cq, ck, mq, mk, None, False, derive_segments=False).segments is None
+    set_value_checks(False)
+    try:
+        assert validate_inputs(q, k, v, cq, ck, mq, mk, None, False).segments is None
+    finally:
+        set_value_checks(True)
+    out = varlen_attention(q, k, v, cq, ck, mq, mk)
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference"))
+    assert torch.equal(out, varlen_attention(q, k, v, cq, ck, mq, mk, segments=SegmentRuns.from_lengths(lens_q, lens_k)))
+    if extra:
+        assert torch.equal(out[sum(lens_q):], torch.zeros_like(out[sum(lens_q):]))  # rows past the segments
+
+
+def test_a_plan_over_a_static_buffer_rewritten_in_inference_mode_reads_its_new_lengths():
+    """A plan keeps what its first call resolved; an inference tensor has no version counter, so a cu_seqlens
+    buffer rewritten in place under inference_mode is not seen as changed. Segments derived from its old values
+    would then run the old lengths: a plan made without segments derives none, and the backends read the tensors."""
+    from elit_kernels.attention import AttentionPlan
+
+    for backend in ("torch", None):  # torch: the backend that runs host-side segments as views (and keeps a runner)
+        with torch.inference_mode():
+            q, k, v, cq, ck, _, _ = random_varlen_inputs([4, 4, 4], [4, 4, 4], 2, 8, seed=5)
+            plan = AttentionPlan(cq, ck, 12, 12)
+            torch.testing.assert_close(plan(q, k, v, backend=backend),
+                                       varlen_attention(q, k, v, cq, ck, 12, 12, backend="reference"))
+            cq.copy_(torch.tensor([0, 2, 8, 12], dtype=torch.int32))
+            ck.copy_(torch.tensor([0, 6, 7, 12], dtype=torch.int32))
+            torch.testing.assert_close(plan(q, k, v, backend=backend),
+                                       varlen_attention(q, k, v, cq, ck, 12, 12, backend="reference"))

@@ -10,9 +10,9 @@ length buckets, segment-count bucket, forward or forward + backward), from the f
    shape class is timed once, eagerly, on the first call), kept in memory and on disk
    (``cache_path()``: keyed by GPU name and torch / triton versions);
 2. **the committed table** (``dispatch_table.json`` beside this file): rankings measured on the GPUs we
-   ran (device, versions and date inside), the nearest measured shape of the same class for this GPU; a GPU
-   the table has no entry of takes those of the GPUs of its architecture (compute capability: an H100 reads an
-   H200's rankings, ``"table-arch"``) before the static order;
+   ran (device, versions and date inside), the nearest measured shape of the same class for this GPU; for a
+   class (dtype, kind, pass) the table has no entry of this GPU for, those of the GPUs of its architecture
+   (compute capability: an H100 reads an H200's rankings, ``"table-arch"``) before the static order;
 3. **the static order**: what the measurements on an H200 showed in general (``static_order``); CPU inputs
    follow the backends' priorities.
 
@@ -96,10 +96,13 @@ def _gpu_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+_ARCH_PREFIX = "hip_" if torch.version.hip else "sm_"  # ROCm reports (9, 0) for an MI200: no sibling of an H100
+
+
 def gpu_arch(device: torch.device) -> str:
     """The device's architecture as ``"sm_<major><minor>"`` (``torch.cuda.get_device_capability``: ``"sm_90"`` on
-    an H100 or H200; ``"cpu"`` for CPU tensors), read once per device; ``"unknown"`` while tracing a device it has
-    not read."""
+    an H100 or H200; ``"hip_<major><minor>"`` under ROCm, whose numbers are not NVIDIA's; ``"cpu"`` for CPU
+    tensors), read once per device; ``"unknown"`` while tracing a device it has not read."""
     if device.type != "cuda":
         return "cpu"
     key = str(device)
@@ -107,7 +110,7 @@ def gpu_arch(device: torch.device) -> str:
         return _GPU_ARCHS.get(key, "unknown")
     if key not in _GPU_ARCHS:
         major, minor = _gpu_capability(device)
-        _GPU_ARCHS[key] = f"sm_{major}{minor}"
+        _GPU_ARCHS[key] = f"{_ARCH_PREFIX}{major}{minor}"
     return _GPU_ARCHS[key]
 
 
@@ -171,7 +174,7 @@ def _valid_entry(e) -> bool:
     return (isinstance(e, dict) and all(isinstance(e.get(f), str) for f in ("gpu", "dtype", "kind"))
             and all(isinstance(e.get(f), int) and not isinstance(e.get(f), bool)
                     for f in ("head_dim", "lq", "lk", "segments"))
-            and isinstance(e.get("grad", False), bool) and isinstance(e.get("arch", ""), str)
+            and isinstance(e.get("grad", False), bool) and isinstance(e.get("arch") or "", str)
             and isinstance(e.get("ranking"), list)
             and all(isinstance(n, str) for n in e["ranking"]))
 

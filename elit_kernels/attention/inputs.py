@@ -278,7 +278,8 @@ def _capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def _check_cu(name: str, cu, total: int, max_name: str, max_len: int, check_values: bool) -> None:
+def _check_cu(name: str, cu) -> None:
+    """Type, dtype and rank of a ``cu_seqlens`` (its values: ``_checked_segments``)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -287,9 +288,11 @@ def _check_cu(name: str, cu, total: int, max_name: str, max_len: int, check_valu
         raise ValueError(f"{name}: expected a 1-D tensor [num_segments + 1], got shape {tuple(cu.shape)}")
     if cu.shape[0] < 1:
         raise ValueError(f"{name}: expected at least one element (cu[0] = 0), got an empty tensor")
-    if not check_values or cu.device.type == "meta":  # a meta tensor holds no values
-        return
-    c = cu.tolist()
+
+
+def _cu_lengths(name: str, c: list, total: int, max_name: str, max_len: int) -> list:
+    """The value checks of one ``cu_seqlens`` read to the host (``c``: its values): starts at 0, non-decreasing,
+    within ``total`` rows, no segment longer than ``max_len``. Returns the segment lengths."""
     if c[0] != 0:
         raise ValueError(f"{name}: must start at 0, got {name}[0] = {c[0]}")
     lens = [b - a for a, b in zip(c[:-1], c[1:])]
@@ -302,6 +305,33 @@ def _check_cu(name: str, cu, total: int, max_name: str, max_len: int, check_valu
     longest = max(lens, default=0)
     if longest > max_len:
         raise ValueError(f"{max_name}: {max_len} is smaller than the longest segment ({longest}) in {name}")
+    return lens
+
+
+def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: int):
+    """The eager value checks of a call made without ``segments``, reading both ``cu_seqlens`` in one host copy
+    (one device sync on a GPU, where two ``.tolist()`` were two), and what the values read say for free: the
+    segments as ``SegmentRuns`` when they form at most ``FEW_RUNS`` runs of equal shape, so that a flash-attn
+    style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``) and no
+    backend reads the lengths again. None for more runs (ragged: the kernels take ``cu_seqlens`` as they are) and
+    for meta tensors (no values). Raises ValueError as ``_check_cu`` does."""
+    if cu_q.device.type == "meta":
+        return None
+    c = [cu_q.tolist(), cu_k.tolist()] if cu_q.device.type == "cpu" else torch.stack([cu_q, cu_k]).tolist()
+    lq = _cu_lengths("cu_seqlens_q", c[0], rows_q, "max_seqlen_q", max_q)
+    lk = _cu_lengths("cu_seqlens_k", c[1], rows_k, "max_seqlen_k", max_k)
+    n = len(lq)
+    if n and lq.count(lq[0]) == n and lk.count(lk[0]) == n:  # uniform: C-speed, the common case
+        return SegmentRuns(((n, lq[0], lk[0]),), c[0][-1], c[1][-1])
+    runs: list = []
+    for a, b in zip(lq, lk):
+        if runs and runs[-1][1] == a and runs[-1][2] == b:
+            runs[-1][0] += 1
+        elif len(runs) == FEW_RUNS:
+            return None
+        else:
+            runs.append([1, a, b])
+    return SegmentRuns(tuple(tuple(r) for r in runs), c[0][-1], c[1][-1])
 
 
 def _as_int(name: str, n) -> int:
@@ -384,12 +414,17 @@ def _softcap(softcap) -> float:
 
 def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                     causal=False, *, return_lse: bool = False, window_size=(-1, -1), softcap=0.0,
-                    segments=None, deterministic: bool = False) -> AttnInputs:
+                    segments=None, deterministic: bool = False, derive_segments: bool = True) -> AttnInputs:
     """Check every argument of ``varlen_attention`` and return the resolved ``AttnInputs``.
 
     With ``segments`` (a ``SegmentRuns``) the per-call checks compare the segments with the tensors' shapes, and
     the eager value check compares them with ``cu_seqlens`` once per (cu_seqlens pair, segments)
-    (``_verify_segments_once``): no host read after the first call with a layout.
+    (``_verify_segments_once``): no host read after the first call with a layout. Without it, the eager value
+    checks read both ``cu_seqlens`` in one host copy, and the result carries the segments those values give when
+    they form at most ``FEW_RUNS`` runs (``_checked_segments``: a uniform call then runs as dense SDPA); not with
+    ``derive_segments=False`` (``AttentionPlan``, which keeps the result for later calls whose ``cu_seqlens``
+    may have been rewritten in place where no version counter sees it, e.g. a static buffer made under
+    ``torch.inference_mode()``).
 
     Raises ``TypeError``/``ValueError`` whose message starts with the offending argument's name.
     """
@@ -438,7 +473,7 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         max_seqlen_k = ks[0]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not (type(cu) is torch.Tensor and cu.dtype == torch.int32 and cu.dim() == 1 and cu.shape[0] >= 1):
-            _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype and rank: raises naming the fault
+            _check_cu(name, cu)  # type, dtype and rank: raises naming the fault
         if cu.device != dev:
             raise ValueError(f"{name}: on device {cu.device}, but q is on {dev}")
     _check_cu_pair(cu_seqlens_q, cu_seqlens_k)
@@ -447,8 +482,9 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         if _validate_values and not _capturing():
             _verify_segments_once(segments, cu_seqlens_q, cu_seqlens_k)
     elif _validate_values and not _capturing():
-        _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, True)
-        _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, True)
+        derived = _checked_segments(cu_seqlens_q, cu_seqlens_k, qs[0], ks[0], max_seqlen_q, max_seqlen_k)
+        if derive_segments:
+            segments = derived
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     elif type(softmax_scale) is not float or not abs(softmax_scale) <= _F32_MAX:

@@ -81,7 +81,7 @@ class AttentionPlan:
         eager = not _capturing()
         max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
         for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-            _check_cu(name, cu, 0, "", 0, check_values=False)  # type, dtype, rank; values below or at the first call
+            _check_cu(name, cu)  # type, dtype, rank; values below or at the first call
         _check_cu_pair(cu_seqlens_q, cu_seqlens_k)
         if cu_seqlens_k.device != cu_seqlens_q.device:
             raise ValueError(f"cu_seqlens_k: on device {cu_seqlens_k.device}, but cu_seqlens_q is on "
@@ -114,7 +114,8 @@ class AttentionPlan:
         kw = self._kw
         inp = validate_inputs(q, k, v, self._cu_q, self._cu_k, self._max_q, self._max_k, kw["softmax_scale"],
                               kw["causal"], return_lse=kw["return_lse"], window_size=kw["window_size"],
-                              softcap=kw["softcap"], segments=self._segments, deterministic=kw["deterministic"])
+                              softcap=kw["softcap"], segments=self._segments, deterministic=kw["deterministic"],
+                              derive_segments=False)  # kept across calls: only the caller's segments hold
         return inp, select_backend(inp, backend)
 
     def __call__(self, q, k, v, *, backend=None):

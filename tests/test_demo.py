@@ -186,7 +186,7 @@ def test_a_backend_too_short_for_the_models_segments_is_refused_up_front(monkeyp
         demo._check_backend(p.parse_args(["--backend", "triton_window"]), p, cfg)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert (f"--backend: backend 'triton_window' cannot run the demo model (CPU, fp32): max_seqlen_k is "
+    assert (f"--backend: backend 'triton_window' cannot run the demo model (CPU, fp32): the longest key segment is "
             f"{cfg.tokens}: key segments of at most 128 keys" in err), err
     assert "Usable here:" in err and "triton_window" not in err.split("Usable here:")[1], err
     # the same backend at a length it holds passes the probe

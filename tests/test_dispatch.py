@@ -130,7 +130,7 @@ def _cuda_like(inp, monkeypatch, gpu="NVIDIA H200", arch="sm_90"):
 
     fake = _Inp()
     for f in ("k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "segments", "return_lse",
-              "softcap", "head_dim", "num_segments", "requires_grad"):
+              "softcap", "head_dim", "num_segments", "requires_grad", "causal", "has_window"):
         setattr(fake, f, getattr(inp, f))
     fake.q = _Q()
     return fake
@@ -187,6 +187,7 @@ def test_a_gpu_without_entries_reads_its_architecture_siblings_before_the_static
     assert D.ranking(fake)[1] == "static"
     assert D._valid_entry(h200) and not D._valid_entry({**h200, "arch": 90})
     assert D._valid_entry({**h200, "arch": None})  # as if absent: read by its own GPU only
+    assert not any(D._valid_entry({**h200, "arch": bad}) for bad in (0, False, [], {}))
     no_arch = {k: x for k, x in h200.items() if k != "arch"}
     monkeypatch.setattr(D, "gpu_arch", lambda device: "sm_90")
     assert D.table_match(D.shape_class(fake), {"entries": [no_arch]}) == (None, None)
@@ -913,6 +914,37 @@ def test_cached_decisions_are_bounded_when_every_call_has_new_lengths(monkeypatc
     first = D._decision_key(A.validate_inputs(*inputs(1)))
     assert first not in D._DECISIONS  # the oldest dropped
     assert D.select_backend(A.validate_inputs(*inputs(1))).name == picks[0] and first in D._DECISIONS  # decided again
+
+
+def test_few_packed_sequences_with_new_lengths_each_call_are_one_decision(monkeypatch):
+    """A direct call's value checks give it host-side segments; two packed sequences whose split moves every step
+    must not be a new decision (candidates, ranking, known-answer lookup) per step: the key holds the segments'
+    run count and length buckets, not the exact runs."""
+    D.clear_decisions()
+    calls = []
+    real = D.ranking
+    monkeypatch.setattr(D, "ranking", lambda i: calls.append(1) or real(i))
+    q = torch.randn(96, 2, 16)
+    picks = set()
+    for a in [*range(40, 48), *range(49, 57)]:  # not 48: two equal segments are one run
+        cu = torch.tensor([0, a, 96], dtype=torch.int32)
+        inp = A.validate_inputs(q, q, q, cu, cu, 96, 96, None, False)
+        assert inp.segments is not None and len(inp.segments.runs) == 2
+        picks.add(D.select_backend(inp).name)
+    assert len(calls) == 1 and len(D._DECISIONS) == 1 and len(picks) == 1, (calls, D._DECISIONS)
+
+
+@pytest.mark.parametrize("kw, kind", [({}, "uniform"), (dict(causal=True), "uniform"), (dict(return_lse=True), "ragged"),
+                                      (dict(softcap=5.0), "ragged"), (dict(window_size=(2, 2)), "ragged")])
+def test_a_few_runs_class_is_only_a_call_the_dense_path_runs_as_plain_sdpa(kw, kind):
+    """Uniform segments with an LSE, a softcap or a window are not what the uniform class measured (plain SDPA on
+    views): ranked as ragged, as the static order already did for LSE and softcap; causal counts as uniform only
+    where every segment is square."""
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([8] * 4, [8] * 4, 2, 16, seed=1)
+    assert D.shape_class(A.validate_inputs(q, k, v, cq, ck, mq, mk, **kw))["kind"] == kind
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4] * 4, [8] * 4, 2, 16, seed=1)
+    assert D.shape_class(A.validate_inputs(q, k, v, cq, ck, mq, mk, **kw))["kind"] == \
+        ("ragged" if kw.get("causal") else kind)  # bottom-right causal on 4 x 8: SDPA needs a mask
 
 
 def test_a_call_made_before_a_tuning_block_is_timed_inside_it(monkeypatch):

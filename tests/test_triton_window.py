@@ -212,7 +212,9 @@ def test_compile_fullgraph_read_then_write():
 def _inp(lens_q, lens_k, *, dtype=torch.float32, causal=False, segments=False, max_k=None, **kw):
     q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 64, dtype=dtype, seed=17, device=DEV)
     seg = SegmentRuns.from_lengths(lens_q, lens_k) if segments else None
-    return validate_inputs(q, k, v, cq, ck, mq, mk if max_k is None else max_k, None, causal, segments=seg, **kw)
+    # segments=False: lengths known only on the device (no host copy of them: max_seqlen_k bounds the tile)
+    return validate_inputs(q, k, v, cq, ck, mq, mk if max_k is None else max_k, None, causal, segments=seg,
+                           derive_segments=segments, **kw)
 
 
 def test_reasons_name_the_limit_and_the_features():
@@ -229,8 +231,9 @@ def test_reasons_name_the_limit_and_the_features():
     assert any("soft-capping" in r for r in b.not_supported_reasons(_inp([4], [8], softcap=5.0)))
     assert any("head dim 136" in r for r in b.not_supported_reasons(
         validate_inputs(*random_varlen_inputs([2], [3], 2, 136, seed=1), None, False)))
-    with pytest.raises(ValueError, match=r"backend 'triton_window' cannot run these inputs .*max_seqlen_k is 129: "
-                                         r"key segments of at most 128 keys"):
+    # a direct call's value checks read the lengths: the real longest segment is named
+    with pytest.raises(ValueError, match=r"backend 'triton_window' cannot run these inputs .*the longest key segment "
+                                         r"is 129: key segments of at most 128 keys"):
         varlen_attention(*random_varlen_inputs([4], [129], 2, 64, seed=2, device=DEV), backend="triton_window")
     with pytest.raises(ValueError, match=r"max_seqlen_k: the window kernel holds a segment's keys in one tile of at "
                                          r"most 128 rows, got max_seqlen_k=200"):

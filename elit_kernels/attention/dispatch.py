@@ -117,13 +117,14 @@ def gpu_arch(device: torch.device) -> str:
 def shape_class(inp: AttnInputs) -> dict:
     """The call's shape class as a dict: ``gpu``, ``arch`` (``gpu_arch``: which table entries of another GPU
     stand in for this one's), ``dtype``, ``head_dim``, ``kind`` (``"uniform"``: every
-    segment the same shape, known on the host; ``"runs"``: at most ``FEW_RUNS`` runs of equal segments;
-    ``"ragged"``: more runs, or lengths known only on the device), ``lq`` / ``lk`` (power-of-two buckets of
+    segment the same shape, known on the host; ``"runs"``: at most ``FEW_RUNS`` runs of equal segments; both only
+    for a call the dense path runs as plain SDPA, ``_dense_runs``; ``"ragged"``: more runs, lengths known only on
+    the device, or LSE / softcap / window / causal non-square segments), ``lq`` / ``lk`` (power-of-two buckets of
     the longest segment: the real one when segments are known, else ``max_seqlen_*``), ``segments`` (bucket
     of the segment count) and ``grad`` (a backward will follow)."""
     seg = inp.segments
     if seg is not None:
-        kind = "uniform" if seg.uniform else ("runs" if len(seg.runs) <= FEW_RUNS else "ragged")
+        kind = ("uniform" if seg.uniform else "runs") if _dense_runs(inp) else "ragged"
         lq, lk, n = seg.max_q, seg.max_k, seg.num_segments
     elif torch.compiler.is_compiling():  # max_seqlen and the segment count may be symbolic: never read them
         kind, lq, lk, n = "ragged", None, None, None
@@ -135,6 +136,17 @@ def shape_class(inp: AttnInputs) -> dict:
             "head_dim": d if isinstance(d, int) else -1,
             "kind": kind, "lq": _bucket(lq), "lk": _bucket(lk), "segments": _bucket(n),
             "grad": bool(inp.requires_grad)}
+
+
+def _dense_runs(inp: AttnInputs) -> bool:
+    """Whether the call is one the dense path runs as plain SDPA on views: host-side segments in at most
+    ``FEW_RUNS`` runs, no LSE, no soft-capping, no sliding window, and causal only where every segment is square
+    (``is_causal``). Other calls with few runs (an LSE asked of a uniform flash-attn style call, a Gemma-2
+    softcap) are ranked as ragged: the measured uniform and runs classes never had those flags, and the dense
+    path would not run them as measured (the ``torch`` backend's grouped op, or SDPA with a mask)."""
+    seg = inp.segments
+    return (seg is not None and len(seg.runs) <= FEW_RUNS and not inp.return_lse and inp.softcap == 0.0
+            and not inp.has_window and not (inp.causal and any(lq != lk for _, lq, lk in seg.runs)))
 
 
 def _class_key(c: dict) -> tuple:
@@ -153,8 +165,7 @@ def static_order(inp: AttnInputs) -> list[str]:
     names = [b.name for b in registered_backends()]
     if inp.q.device.type != "cuda":
         return names
-    seg = inp.segments
-    few = seg is not None and len(seg.runs) <= FEW_RUNS and not inp.return_lse and inp.softcap == 0.0
+    few = _dense_runs(inp)
     half = inp.q.dtype in (torch.float16, torch.bfloat16)
     if few and half:
         first = ["torch", "sdpa_cudnn", "sdpa_flash", "torch_varlen", "sdpa_efficient", "triton"]
@@ -174,7 +185,7 @@ def _valid_entry(e) -> bool:
     return (isinstance(e, dict) and all(isinstance(e.get(f), str) for f in ("gpu", "dtype", "kind"))
             and all(isinstance(e.get(f), int) and not isinstance(e.get(f), bool)
                     for f in ("head_dim", "lq", "lk", "segments"))
-            and isinstance(e.get("grad", False), bool) and isinstance(e.get("arch") or "", str)
+            and isinstance(e.get("grad", False), bool) and (e.get("arch") is None or isinstance(e["arch"], str))
             and isinstance(e.get("ranking"), list)
             and all(isinstance(n, str) for n in e["ranking"]))
 
@@ -300,8 +311,18 @@ def _decision_key(inp: AttnInputs) -> tuple:
     would never be timed."""
     return (inp.q.device, inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
             inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.requires_grad, inp.deterministic,
-            inp.segments, inp.max_seqlen_q, inp.max_seqlen_k,
+            _segments_key(inp.segments), inp.max_seqlen_q, inp.max_seqlen_k,
             inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode, _tuning)
+
+
+def _segments_key(seg) -> tuple | None:
+    """What a decision reads of host-side segments: whether there are any, their run count up to ``FEW_RUNS`` + 1
+    (the dense backends take at most ``FEW_RUNS``), and the power-of-two buckets of the longest segments and of
+    the count (the ranking's buckets; ``triton_window``'s limit, 128 keys, is a bucket edge). Not the exact runs:
+    a batch of a few packed sequences with new lengths each step is one decision, not one per step."""
+    if seg is None:
+        return None
+    return (min(len(seg.runs), FEW_RUNS + 1), _bucket(seg.max_q), _bucket(seg.max_k), _bucket(seg.num_segments))
 
 
 def env_backend() -> str | None:

@@ -6,8 +6,9 @@ backends all build on this module.
 from __future__ import annotations
 
 import dataclasses
-import weakref
+import itertools
 import operator
+import weakref
 
 import torch
 
@@ -131,7 +132,8 @@ class AttnInputs:
 
     ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention: ``H % H_kv == 0``); ``q`` and
     ``k``/``v`` may hold rows past ``cu_seqlens_*[-1]`` (never read; those output rows are zeros).
-    ``segments``: the host-side ``SegmentRuns`` when the caller passed them (None: only the tensors know).
+    ``segments``: the host-side ``SegmentRuns`` when the caller passed them, or when the eager value checks read
+    them and they form at most ``FEW_RUNS`` runs (``_checked_segments``); None: only the tensors know.
     """
 
     q: torch.Tensor
@@ -312,9 +314,10 @@ def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: i
     """The eager value checks of a call made without ``segments``, reading both ``cu_seqlens`` in one host copy
     (one device sync on a GPU, where two ``.tolist()`` were two), and what the values read say for free: the
     segments as ``SegmentRuns`` when they form at most ``FEW_RUNS`` runs of equal shape, so that a flash-attn
-    style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``) and no
-    backend reads the lengths again. None for more runs (ragged: the kernels take ``cu_seqlens`` as they are) and
-    for meta tensors (no values). Raises ValueError as ``_check_cu`` does."""
+    style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``) and the
+    dense path reads nothing more (the ``torch`` backend's grouped op, for LSE or softcap, still reads them). None for more runs (ragged: the kernels take ``cu_seqlens`` as they are) and
+    for meta tensors (no values). Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at fault
+    (``_cu_lengths``)."""
     if cu_q.device.type == "meta":
         return None
     c = [cu_q.tolist(), cu_k.tolist()] if cu_q.device.type == "cpu" else torch.stack([cu_q, cu_k]).tolist()
@@ -323,15 +326,12 @@ def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: i
     n = len(lq)
     if n and lq.count(lq[0]) == n and lk.count(lk[0]) == n:  # uniform: C-speed, the common case
         return SegmentRuns(((n, lq[0], lk[0]),), c[0][-1], c[1][-1])
-    runs: list = []
-    for a, b in zip(lq, lk):
-        if runs and runs[-1][1] == a and runs[-1][2] == b:
-            runs[-1][0] += 1
-        elif len(runs) == FEW_RUNS:
+    runs = []
+    for (a, b), same in itertools.groupby(zip(lq, lk)):  # the runs, counted at C speed; stop at the one too many
+        if len(runs) == FEW_RUNS:
             return None
-        else:
-            runs.append([1, a, b])
-    return SegmentRuns(tuple(tuple(r) for r in runs), c[0][-1], c[1][-1])
+        runs.append((len(list(same)), a, b))
+    return SegmentRuns(tuple(runs), c[0][-1], c[1][-1])
 
 
 def _as_int(name: str, n) -> int:

@@ -315,9 +315,9 @@ def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: i
     (one device sync on a GPU, where two ``.tolist()`` were two), and what the values read say for free: the
     segments as ``SegmentRuns`` when they form at most ``FEW_RUNS`` runs of equal shape, so that a flash-attn
     style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``) and the
-    dense path reads nothing more (the ``torch`` backend's grouped op, for LSE or softcap, still reads them). None for more runs (ragged: the kernels take ``cu_seqlens`` as they are) and
-    for meta tensors (no values). Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at fault
-    (``_cu_lengths``)."""
+    dense path reads nothing more (the ``torch`` backend's grouped op, for LSE or softcap, still reads them).
+    None for more runs (ragged: the kernels take ``cu_seqlens`` as they are) and for meta tensors (no values).
+    Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at fault (``_cu_lengths``)."""
     if cu_q.device.type == "meta":
         return None
     c = [cu_q.tolist(), cu_k.tolist()] if cu_q.device.type == "cpu" else torch.stack([cu_q, cu_k]).tolist()

@@ -106,7 +106,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     def kept() -> str:
-        if os.path.isdir(args.out) and any(os.scandir(args.out)):
+        from .files import samples_on_disk
+
+        # latents/NNNNNN.npy without a VAE, samples/NNNNNN.png with one (run.py); config.json alone is no sample
+        if any(samples_on_disk(os.path.join(args.out, sub), ext) for sub, ext in (("latents", "npy"),
+                                                                                 ("samples", "png"))):
             return f"the samples written so far are kept in {args.out}: rerun the same command to resume"
         return "no sample was written yet: rerun the same command to start"
 

@@ -25,7 +25,7 @@ def _sm90_without_a_gpu(monkeypatch):
     """Inputs made to look as if they were on a GPU (``_cuda_like``, ``_on_gpu``) make dispatch read the
     architecture of a device this machine may not have: it is sm_90 (an H100 or H200) unless a GPU is here."""
     if not torch.cuda.is_available():
-        monkeypatch.setattr(D, "_gpu_capability", lambda device: (9, 0))
+        monkeypatch.setattr(R, "_compute_capability", lambda device: (9, 0))
         monkeypatch.setattr(D, "_GPU_ARCHS", {})
 
 
@@ -195,12 +195,12 @@ def test_a_gpu_without_entries_reads_its_architecture_siblings_before_the_static
 
 def test_gpu_arch_is_read_once_per_cuda_device_and_cpu_is_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(D, "_gpu_capability", lambda device: calls.append(str(device)) or (9, 0))
+    monkeypatch.setattr(R, "_compute_capability", lambda device: calls.append(str(device)) or (9, 0))
     monkeypatch.setattr(D, "_GPU_ARCHS", {})
     assert D.gpu_arch(torch.device("cpu")) == "cpu" and calls == []
     assert D.gpu_arch(torch.device("cuda", 1)) == "sm_90" == D.gpu_arch(torch.device("cuda", 1))
     assert calls == ["cuda:1"]  # cached
-    monkeypatch.setattr(D, "_gpu_capability", lambda device: (10, 0))
+    monkeypatch.setattr(R, "_compute_capability", lambda device: (10, 0))
     assert D.gpu_arch(torch.device("cuda", 0)) == "sm_100" and D.gpu_arch(torch.device("cuda", 1)) == "sm_90"
 
 

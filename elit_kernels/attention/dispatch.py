@@ -90,12 +90,6 @@ def gpu_name(device: torch.device) -> str:
 
 
 _GPU_ARCHS: dict = {}
-
-
-def _gpu_capability(device: torch.device) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(device))
-
-
 _ARCH_PREFIX = "hip_" if torch.version.hip else "sm_"  # ROCm reports (9, 0) for an MI200: no sibling of an H100
 
 
@@ -109,7 +103,7 @@ def gpu_arch(device: torch.device) -> str:
     if torch.compiler.is_compiling():  # no cache writes (or driver calls) while tracing
         return _GPU_ARCHS.get(key, "unknown")
     if key not in _GPU_ARCHS:
-        major, minor = _gpu_capability(device)
+        major, minor = _registry._compute_capability(device)  # the registry's cache: one driver call per device
         _GPU_ARCHS[key] = f"{_ARCH_PREFIX}{major}{minor}"
     return _GPU_ARCHS[key]
 

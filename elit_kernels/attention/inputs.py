@@ -48,6 +48,21 @@ def _as_length(name: str, n) -> int:
 FEW_RUNS = 4
 
 
+def _run_lengths(lq: list, lk: list, limit: int | None = None) -> tuple | None:
+    """``((n_segments, Lq, Lk), ...)``: the maximal stretches of equal ``(lq[i], lk[i])`` (int lists of one
+    length), counted at C speed (``list.count`` when uniform, else ``itertools.groupby``); None as soon as there
+    are more than ``limit`` of them."""
+    n = len(lq)
+    if n and lq.count(lq[0]) == n and lk.count(lk[0]) == n:  # uniform: the common case
+        return ((n, lq[0], lk[0]),)
+    runs = []
+    for (a, b), same in itertools.groupby(zip(lq, lk)):
+        if limit is not None and len(runs) == limit:
+            return None
+        runs.append((len(list(same)), a, b))
+    return tuple(runs)
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentRuns:
     """The segment lengths of one call, known on the host: maximal stretches of consecutive segments with
@@ -110,13 +125,7 @@ class SegmentRuns:
             raise ValueError(f"lengths_k: has {len(lk)} segments, lengths_q has {len(lq)}; they must match")
         if any(n < 0 for n in lq + lk):
             raise ValueError("lengths_q, lengths_k: segment lengths must be >= 0")
-        runs: list = []
-        for a, b in zip(lq, lk):
-            if runs and runs[-1][1:] == (a, b):
-                runs[-1] = (runs[-1][0] + 1, a, b)
-            else:
-                runs.append((1, a, b))
-        return cls(tuple(runs), sum(lq), sum(lk))
+        return cls(_run_lengths(lq, lk), sum(lq), sum(lk))
 
     @classmethod
     def uniform_runs(cls, n_segments: int, len_q: int, len_k: int) -> "SegmentRuns":
@@ -310,28 +319,22 @@ def _cu_lengths(name: str, c: list, total: int, max_name: str, max_len: int) -> 
     return lens
 
 
-def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: int):
+def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: int, derive: bool = True):
     """The eager value checks of a call made without ``segments``, reading both ``cu_seqlens`` in one host copy
     (one device sync on a GPU, where two ``.tolist()`` were two), and what the values read say for free: the
     segments as ``SegmentRuns`` when they form at most ``FEW_RUNS`` runs of equal shape, so that a flash-attn
     style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``) and the
     dense path reads nothing more (the ``torch`` backend's grouped op, for LSE or softcap, still reads them).
-    None for more runs (ragged: the kernels take ``cu_seqlens`` as they are) and for meta tensors (no values).
-    Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at fault (``_cu_lengths``)."""
+    None for more runs (ragged: the kernels take ``cu_seqlens`` as they are), for meta tensors (no values) and
+    with ``derive=False`` (the checks alone). Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at
+    fault (``_cu_lengths``)."""
     if cu_q.device.type == "meta":
         return None
     c = [cu_q.tolist(), cu_k.tolist()] if cu_q.device.type == "cpu" else torch.stack([cu_q, cu_k]).tolist()
     lq = _cu_lengths("cu_seqlens_q", c[0], rows_q, "max_seqlen_q", max_q)
     lk = _cu_lengths("cu_seqlens_k", c[1], rows_k, "max_seqlen_k", max_k)
-    n = len(lq)
-    if n and lq.count(lq[0]) == n and lk.count(lk[0]) == n:  # uniform: C-speed, the common case
-        return SegmentRuns(((n, lq[0], lk[0]),), c[0][-1], c[1][-1])
-    runs = []
-    for (a, b), same in itertools.groupby(zip(lq, lk)):  # the runs, counted at C speed; stop at the one too many
-        if len(runs) == FEW_RUNS:
-            return None
-        runs.append((len(list(same)), a, b))
-    return SegmentRuns(tuple(runs), c[0][-1], c[1][-1])
+    runs = _run_lengths(lq, lk, FEW_RUNS) if derive else None
+    return None if runs is None else SegmentRuns(runs, c[0][-1], c[1][-1])
 
 
 def _as_int(name: str, n) -> int:
@@ -482,9 +485,8 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         if _validate_values and not _capturing():
             _verify_segments_once(segments, cu_seqlens_q, cu_seqlens_k)
     elif _validate_values and not _capturing():
-        derived = _checked_segments(cu_seqlens_q, cu_seqlens_k, qs[0], ks[0], max_seqlen_q, max_seqlen_k)
-        if derive_segments:
-            segments = derived
+        segments = _checked_segments(cu_seqlens_q, cu_seqlens_k, qs[0], ks[0], max_seqlen_q, max_seqlen_k,
+                                     derive_segments)
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     elif type(softmax_scale) is not float or not abs(softmax_scale) <= _F32_MAX:

@@ -11,7 +11,7 @@ import torch
 
 from elit_kernels import flash_attn_varlen_func, varlen_attention
 from elit_kernels._outputs import set_poison_outputs
-from elit_kernels.attention import AttentionPlan, set_value_checks, tuning, value_checks_enabled
+from elit_kernels.attention import AttentionPlan, set_value_checks, tuning, validate_inputs, value_checks_enabled
 from elit_kernels.attention.known_answer import verify_backend
 from elit_kernels.flow import euler_sample, sample_budgets
 from elit_kernels.models import ElitDiT, elit_config
@@ -78,6 +78,8 @@ FLAGS = {  # flag name -> call with the flag set to v
     "varlen_attention return_lse": ("return_lse",
                                     lambda v: varlen_attention(_q, _q, _q, _cu, _cu, 3, 3, return_lse=v)),
     "AttentionPlan causal": ("causal", lambda v: AttentionPlan(_cu, _cu, 3, 3, causal=v)),
+    "validate_inputs derive_segments": ("derive_segments", lambda v: validate_inputs(
+        _q, _q, _q, _cu, _cu, 3, 3, derive_segments=v)),
     "flash_attn_varlen_func deterministic": ("deterministic", lambda v: flash_attn_varlen_func(
         _q, _q, _q, _cu, _cu, 3, 3, deterministic=v)),
     "flash_attn_varlen_func return_attn_probs": ("return_attn_probs", lambda v: flash_attn_varlen_func(

@@ -480,6 +480,8 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         if cu.device != dev:
             raise ValueError(f"{name}: on device {cu.device}, but q is on {dev}")
     _check_cu_pair(cu_seqlens_q, cu_seqlens_k)
+    if type(derive_segments) is not bool:
+        derive_segments = _flag("derive_segments", derive_segments)
     if segments is not None:
         _check_segments(segments, cu_seqlens_q, max_seqlen_q, max_seqlen_k, q, k)
         if _validate_values and not _capturing():

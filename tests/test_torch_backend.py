@@ -389,3 +389,26 @@ def test_grouped_backward_with_large_causal_logits():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_runs", [FEW_RUNS + 1, TA.MAX_RUNS])
+def test_a_direct_ragged_call_is_not_read_twice_on_the_host(monkeypatch, n_runs):
+    """A call without segments= whose value checks read cu_seqlens (one host copy, a device sync on a GPU) runs
+    the torch backend's dense path on what they read: sdpa_over_runs reads nothing more (check_cu_rows is the
+    host read's first step there). With the value checks off it must read them itself (the spy can fail)."""
+    from elit_kernels import set_value_checks
+
+    lens_q, lens_k = [2] * n_runs, list(range(2, n_runs + 2))
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, seed=3)
+    want = _ref(q, k, v, cq, ck)
+    reads = []
+    real = TA.check_cu_rows
+    monkeypatch.setattr(TA, "check_cu_rows", lambda *a: reads.append(a[0]) or real(*a))
+    torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch"), want)
+    assert reads == []
+    set_value_checks(False)
+    try:
+        torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch"), want)
+    finally:
+        set_value_checks(True)
+    assert reads == ["cu_seqlens_q", "cu_seqlens_k"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from elit_kernels import set_value_checks, value_checks_enabled, varlen_attention
+from elit_kernels.attention.inputs import MAX_RUNS
 from elit_kernels.testing import random_varlen_inputs
 
 
@@ -333,23 +334,24 @@ def test_the_edges_of_the_float32_ranges_are_legal(args):
     ([4] * 3, [4] * 3, ((3, 4, 4),)),
     ([2, 2, 5], [4, 4, 4], ((2, 2, 4), (1, 5, 4))),
     ([1, 2, 3, 3], [1, 2, 3, 0], ((1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 3, 0))),
-    ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], None),  # more than FEW_RUNS runs: ragged, the kernels read cu_seqlens
+    ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], tuple((1, n, n) for n in range(1, 6))),  # ragged, lengths still carried
     ([0], [3], ((1, 0, 3),)),
+    (list(range(1, MAX_RUNS + 1)), [3] * MAX_RUNS, tuple((1, n, 3) for n in range(1, MAX_RUNS + 1))),
+    (list(range(1, MAX_RUNS + 2)), [3] * (MAX_RUNS + 1), None),  # more: the kernels read cu_seqlens as they are
 ])
 @pytest.mark.parametrize("extra", [0, 3])
 def test_a_call_without_segments_carries_those_its_value_checks_read(lens_q, lens_k, runs, extra):
-    """The eager value checks read cu_seqlens on the host anyway: what they read becomes the call's segments (few
-    runs only), so a flash-attn style call with uniform segments is dispatched and run as dense SDPA and no backend
-    reads the lengths again; the output is the reference's and the same as with the segments passed by hand. Not
-    with the value checks off (nothing was read) or derive_segments=False."""
+    """The eager value checks read cu_seqlens on the host anyway: what they read becomes the call's segments (up to
+    MAX_RUNS runs, what the torch backend's dense path takes), so a flash-attn style call with uniform segments is
+    dispatched and run as dense SDPA and no backend reads the lengths again; the output is the reference's and the
+    same as with the segments passed by hand. Not with the value checks off (nothing was read) or
+    derive_segments=False."""
     from elit_kernels.attention import SegmentRuns, validate_inputs
-    from elit_kernels.attention.inputs import FEW_RUNS
 
     q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, seed=11, extra_q=extra, extra_k=extra)
     inp = validate_inputs(q, k, v, cq, ck, mq + 5, mk, None, False)
     want = None if runs is None else SegmentRuns(runs, sum(lens_q), sum(lens_k))
     assert inp.segments == want and (want is None or want == SegmentRuns.from_lengths(lens_q, lens_k))
-    assert runs is None or len(runs) <= FEW_RUNS
     assert validate_inputs(q, k, v, cq, ck, mq, mk, None, False, derive_segments=False).segments is None
     set_value_checks(False)
     try:

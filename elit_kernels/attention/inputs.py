@@ -46,6 +46,10 @@ def _as_length(name: str, n) -> int:
 #: SDPA per run beats a ragged kernel there; the ``torch`` backend's dense path takes at most this many); more
 #: runs count as "ragged" (``dispatch.shape_class``).
 FEW_RUNS = 4
+#: the most runs of equal segments the ``torch`` backend runs as one dense SDPA each (more: its grouped op
+#: batches them better); a call without ``segments=`` carries the segments its value checks read up to this
+#: many runs, so that its dense path reads nothing more (``_checked_segments``)
+MAX_RUNS = 64
 
 
 def _run_lengths(lq: list, lk: list, limit: int | None = None) -> tuple | None:
@@ -142,7 +146,7 @@ class AttnInputs:
     ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention: ``H % H_kv == 0``); ``q`` and
     ``k``/``v`` may hold rows past ``cu_seqlens_*[-1]`` (never read; those output rows are zeros).
     ``segments``: the host-side ``SegmentRuns`` when the caller passed them, or when the eager value checks read
-    them and they form at most ``FEW_RUNS`` runs (``_checked_segments``); None: only the tensors know.
+    them and they form at most ``MAX_RUNS`` runs (``_checked_segments``); None: only the tensors know.
     """
 
     q: torch.Tensor
@@ -322,18 +326,19 @@ def _cu_lengths(name: str, c: list, total: int, max_name: str, max_len: int) -> 
 def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: int, derive: bool = True):
     """The eager value checks of a call made without ``segments``, reading both ``cu_seqlens`` in one host copy
     (one device sync on a GPU, where two ``.tolist()`` were two), and what the values read say for free: the
-    segments as ``SegmentRuns`` when they form at most ``FEW_RUNS`` runs of equal shape, so that a flash-attn
-    style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``) and the
-    dense path reads nothing more (the ``torch`` backend's grouped op, for LSE or softcap, still reads them).
-    None for more runs (ragged: the kernels take ``cu_seqlens`` as they are), for meta tensors (no values) and
-    with ``derive=False`` (the checks alone). Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at
+    segments as ``SegmentRuns`` when they form at most ``MAX_RUNS`` runs of equal shape, so that a flash-attn
+    style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``), the
+    ``torch`` backend's dense path reads nothing more (its grouped op, for LSE, softcap or more runs, still
+    does), and the kernels size their tiles from the real longest segments. None for more runs (the kernels
+    take ``cu_seqlens`` as they are), for meta tensors (no values) and with ``derive=False`` (the checks
+    alone). Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at
     fault (``_cu_lengths``)."""
     if cu_q.device.type == "meta":
         return None
     c = [cu_q.tolist(), cu_k.tolist()] if cu_q.device.type == "cpu" else torch.stack([cu_q, cu_k]).tolist()
     lq = _cu_lengths("cu_seqlens_q", c[0], rows_q, "max_seqlen_q", max_q)
     lk = _cu_lengths("cu_seqlens_k", c[1], rows_k, "max_seqlen_k", max_k)
-    runs = _run_lengths(lq, lk, FEW_RUNS) if derive else None
+    runs = _run_lengths(lq, lk, MAX_RUNS) if derive else None
     return None if runs is None else SegmentRuns(runs, c[0][-1], c[1][-1])
 
 
@@ -424,7 +429,7 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     the eager value check compares them with ``cu_seqlens`` once per (cu_seqlens pair, segments)
     (``_verify_segments_once``): no host read after the first call with a layout. Without it, the eager value
     checks read both ``cu_seqlens`` in one host copy, and the result carries the segments those values give when
-    they form at most ``FEW_RUNS`` runs (``_checked_segments``: a uniform call then runs as dense SDPA); not with
+    they form at most ``MAX_RUNS`` runs (``_checked_segments``: a uniform call then runs as dense SDPA); not with
     ``derive_segments=False`` (``AttentionPlan``, which keeps the result for later calls whose ``cu_seqlens``
     may have been rewritten in place where no version counter sees it, e.g. a static buffer made under
     ``torch.inference_mode()``).

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ..._autograd import register_varlen_autograd
 from ..._outputs import new_output
 from ...reference.attention import check_cu_rows, visible_mask
+from ..inputs import MAX_RUNS
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -287,9 +288,6 @@ def dense_runner(inp):
         return o.transpose(1, 2).reshape(total_q, h, d)
 
     return run
-
-
-MAX_RUNS = 64  # more stretches than this: the grouped path batches them better than one SDPA call each
 
 
 def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, window_left: int = -1,

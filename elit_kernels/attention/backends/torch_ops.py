@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..._autograd import register_varlen_autograd
 from ..._outputs import new_output
 from ...reference.attention import check_cu_rows, visible_mask
-from ..inputs import MAX_RUNS
+from ..inputs import MAX_RUNS, SegmentRuns, _run_lengths
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -301,13 +301,14 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
     decreases or runs past its rows (``check_cu_rows``), whatever the value-check setting."""
     windowed = window_left >= 0 or window_right >= 0
     if segments is None:
-        from ..inputs import SegmentRuns
-
         c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
         check_cu_rows("cu_seqlens_q", c[0], q.shape[0])  # else a view past the rows fails with a nameless error
         check_cu_rows("cu_seqlens_k", c[1], k.shape[0])
-        segments = SegmentRuns.from_lengths([b - a for a, b in zip(c[0][:-1], c[0][1:])],
-                                            [b - a for a, b in zip(c[1][:-1], c[1][1:])])
+        found = _run_lengths([b - a for a, b in zip(c[0][:-1], c[0][1:])],
+                             [b - a for a, b in zip(c[1][:-1], c[1][1:])], MAX_RUNS)
+        if found is None:  # counting stops at MAX_RUNS + 1 runs: building them all cost ~7 us a run (CPU)
+            return None
+        segments = SegmentRuns(found, c[0][-1], c[1][-1])
     runs = segments.offsets  # (n, Lq, Lk, q_start, q_stop, k_start, k_stop) per run
     if len(runs) > MAX_RUNS or segments.total_q > q.shape[0] or segments.total_k > k.shape[0]:
         return None  # too many runs, or lengths past the tensors (the grouped op names the bad cu_seqlens)

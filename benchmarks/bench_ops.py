@@ -3,7 +3,10 @@
     python benchmarks/bench_ops.py --out DIR            # GPU: XL/2 512px shapes, bf16; CPU: a reduced set
     python benchmarks/bench_ops.py --device cpu --quick
 
-Methods: every registered varlen_attention backend that supports the inputs (torch, triton, cuda/cpp,
+Methods: default dispatch given the host-side segments (``elit:default``, as the ELIT model calls it), given only
+the tensors (``elit:default(no segments)``, value checks off as for every other row) and as a flash-attn drop-in
+caller gets it (``elit:default(drop-in)``: value checks on, so one host read of cu_seqlens per call, whose
+segments dispatch then uses); every registered varlen_attention backend that supports the inputs (torch, triton, cuda/cpp,
 torch_varlen = torch.nn.attention.varlen, flash_attn when importable), SDPA flash / cuDNN / efficient on
 padded batches (padding is set up untimed; on ragged shapes without a mask they compute padding too,
 so their rows say exact=false), and FlexAttention with a document mask (compiled on CUDA).

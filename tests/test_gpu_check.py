@@ -65,8 +65,9 @@ def test_gpu_check_without_a_gpu_exits_cleanly(tmp_path):
 
 
 def test_ops_summary_ratios_name_each_of_our_kernels(tmp_path):
-    # gpu_summary's op table: every method's TFLOP/s per (shape, pass), the best one, and each of our kernels'
-    # ratio to it (None when the run has no such row, e.g. triton_window on a core shape it refuses).
+    # gpu_summary's op table: every method's TFLOP/s per (shape, pass), the best one, and the ratio to it of default
+    # dispatch (with segments, without, and as a drop-in caller gets it) and of each of our kernels (None when the
+    # run has no such row, e.g. triton_window on a core shape it refuses).
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import gpu_summary
@@ -74,13 +75,16 @@ def test_ops_summary_ratios_name_each_of_our_kernels(tmp_path):
         sys.path.pop(0)
     rows = [{"shape": s, "pass": "fwd", "method": m, "tflops": t}
             for s, m, t in (("read J=4", "elit:triton", 1.1), ("read J=4", "elit:triton_window", 4.4),
-                            ("read J=4", "elit:torch_varlen", 3.2), ("core", "elit:triton", 100.0),
+                            ("read J=4", "elit:torch_varlen", 3.2), ("read J=4", "elit:default", 3.3),
+                            ("read J=4", "elit:default(drop-in)", 2.2), ("core", "elit:triton", 100.0),
                             ("core", "elit:triton_window", None), ("core", "sdpa_cudnn(padded)", 300.0))]
     path = tmp_path / "ops.json"
     path.write_text(json.dumps({"rows": rows}))
     best = gpu_summary.ops_summary(str(path))["best"]
-    assert best["read J=4 fwd"] == {"best": "elit:triton_window", "tflops": 4.4, "elit:triton / best": 0.25,
-                                    "elit:triton_window / best": 1.0, "elit:cuda / best": None}
+    assert best["read J=4 fwd"] == {"best": "elit:triton_window", "tflops": 4.4, "elit:default / best": 0.75,
+                                    "elit:default(no segments) / best": None, "elit:default(drop-in) / best": 0.5,
+                                    "elit:triton / best": 0.25, "elit:triton_window / best": 1.0,
+                                    "elit:cuda / best": None}
     assert best["core fwd"]["best"] == "sdpa_cudnn(padded)" and best["core fwd"]["elit:triton_window / best"] is None
 
 

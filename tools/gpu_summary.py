@@ -143,7 +143,7 @@ def ops_summary(path: str) -> dict:
         name, tf = max(methods.items(), key=lambda kv: kv[1])
         best[key] = {"best": name, "tflops": tf, **{  # a best of 0.0 (a CPU run's rounding): no ratio
             f"elit:{b} / best": round(methods[f"elit:{b}"] / tf, 3) if (f"elit:{b}" in methods and tf) else None
-            for b in ("triton", "triton_window", "cuda")}}
+            for b in ("default", "default(no segments)", "default(drop-in)", "triton", "triton_window", "cuda")}}
     return {"tflops": table, "best": best, "pct_peak_bw": bw, "peaks": peaks}
 
 
@@ -378,7 +378,8 @@ def _print_lines(summary: dict) -> None:
     bw = summary["ops"].get("pct_peak_bw", {})
     for key, b in list(summary["ops"].get("best", {}).items())[:12]:
         pct = bw.get(key, {})
-        print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; triton/best {b['elit:triton / best']}, "
+        print(f"ops {key}: best {b['best']} {b['tflops']} TFLOP/s; default/best {b['elit:default / best']}, "
+              f"drop-in/best {b['elit:default(drop-in) / best']}; triton/best {b['elit:triton / best']}, "
               f"triton_window/best {b['elit:triton_window / best']}, cuda/best {b['elit:cuda / best']}"
               + (f"; % of copy rate: best {pct.get(b['best'])}, triton_window {pct.get('elit:triton_window')}"
                  if pct else ""))

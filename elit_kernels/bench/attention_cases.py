@@ -71,15 +71,29 @@ class Method:
     segments: bool = False
 
 
-def _backend_method(name, with_segments: bool = True):
+def _backend_method(name, with_segments: bool = True, checked: bool = False):
     """``varlen_attention`` on backend ``name`` (None: default dispatch), handed the host-side segments as the
-    model does (``with_segments``), or only the tensors, as a flash-attn drop-in caller does."""
-    from ..attention import varlen_attention
+    model does (``with_segments``), or only the tensors, as a flash-attn drop-in caller does. ``checked``
+    (without segments): the value checks on for the call, as they are by default, whatever the bench set: one
+    host read of both ``cu_seqlens`` (a device sync on a GPU) and the segments it finds carried into dispatch
+    (``inputs._checked_segments``): what a ``flash_attn_varlen_func`` caller gets out of the box
+    (``elit:default(drop-in)``)."""
+    from ..attention import set_value_checks, value_checks_enabled, varlen_attention
 
     def build(q, k, v, cu_q, cu_k, mq, mk, segments=None):
         seg = segments if with_segments else None
-        return lambda: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=name, segments=seg)
-    label = f"elit:{name or 'default'}" + ("" if with_segments else "(no segments)")
+        if not checked:
+            return lambda: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=name, segments=seg)
+
+        def call():
+            was = value_checks_enabled()
+            set_value_checks(True)
+            try:
+                return varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=name)
+            finally:
+                set_value_checks(was)
+        return call
+    label = f"elit:{name or 'default'}" + ("" if with_segments else "(drop-in)" if checked else "(no segments)")
     return Method(label, True, build, segments=True)
 
 
@@ -142,7 +156,8 @@ def available_methods(device: torch.device, dtype: torch.dtype, head_dim: int, h
     q = torch.zeros(4, heads, head_dim, device=device, dtype=dtype)
     cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
     probe = validate_inputs(q, q, q, cu, cu, 2, 2, None, False, segments=SegmentRuns.uniform_runs(2, 2, 2))
-    methods = [_backend_method(None), _backend_method(None, with_segments=False)]
+    methods = [_backend_method(None), _backend_method(None, with_segments=False),
+               _backend_method(None, with_segments=False, checked=True)]
     for r in describe_backends(probe):
         if r["reasons"] or (r["name"] == "reference" and not include_reference):
             continue

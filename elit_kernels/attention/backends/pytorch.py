@@ -37,7 +37,8 @@ class TorchBackend(Backend):
                    "segments on strided views of the packed tensors, else matmul/softmax over segments grouped by "
                    "their real lengths. With host-side segments (varlen_attention(segments=), as the ELIT model "
                    "passes) it reads nothing from the device and traces under torch.compile; without them it "
-                   "reads cu_seqlens on the host once per call (a device sync on CUDA). fp32 follows PyTorch's "
+                   "reads cu_seqlens on the host (a device sync on CUDA; none more than the value checks' read "
+                   "when they derived the segments, up to 64 runs). fp32 follows PyTorch's "
                    "float32 matmul precision (TF32 when allowed)")
 
     def not_supported_reasons(self, inp):

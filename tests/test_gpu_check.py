@@ -88,6 +88,21 @@ def test_ops_summary_ratios_name_each_of_our_kernels(tmp_path):
     assert best["core fwd"]["best"] == "sdpa_cudnn(padded)" and best["core fwd"]["elit:triton_window / best"] is None
 
 
+def test_dispatch_measurement_rows_without_segments_measure_the_ragged_class():
+    # The value checks derive the segments of a call made without them (up to 64 runs); measure_dispatch's "no
+    # segments" rows stand for callers whose lengths only the device knows, so they must stay in the ragged class.
+    # Before they did not, the mixed/CCFG cores "without segments" were measured as the "runs" class a second time.
+    from elit_kernels.attention.dispatch import shape_class
+
+    md = load_script("tools/measure_dispatch.py", "measure_dispatch")
+    shapes = md._shapes(8, 4, 8, 8, 2, 16)
+    without = [s for s in shapes if not s[5]]
+    assert without, "no row without segments"
+    for label, lq, lk, h, d, with_segments in shapes:
+        kind = shape_class(md._inputs(lq, lk, h, d, torch.float32, False, with_segments, 0, device="cpu"))["kind"]
+        assert (kind == "ragged") == (not with_segments), (label, kind)
+
+
 def test_dispatch_measurement_spends_its_budget_on_inference_first():
     # tools/measure_dispatch.py stops at --max-seconds (the H200 run measured 13 of 44 shape x pass rows, 5 of them backward): the
     # forwards of the released model's calls come first, then fp32, then forward + backward; each row once.

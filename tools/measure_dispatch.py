@@ -80,19 +80,23 @@ def _priority(shapes: list, passes: list, fp32_labels: set) -> list:
     return fwd + fp32 + bwd
 
 
-def _inputs(lens_q, lens_k, heads, d, dtype, grad, with_segments, seed):
+def _inputs(lens_q, lens_k, heads, d, dtype, grad, with_segments, seed, device="cuda"):
+    """Validated inputs of one row. A row without segments measures the class of a call whose lengths only the
+    device knows ("ragged"): the value checks must not derive them (``derive_segments=False``), or its
+    few runs would be measured as the "runs" class a second time and no ragged entry would be written."""
     from elit_kernels.attention import SegmentRuns, validate_inputs
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
-    q, k, v = (torch.randn(n, heads, d, device="cuda", dtype=dtype, generator=g).requires_grad_(grad)
+    q, k, v = (torch.randn(n, heads, d, device=device, dtype=dtype, generator=g).requires_grad_(grad)
                for n in (tq, tk, tk))
     cq = torch.zeros(len(lens_q) + 1, dtype=torch.int32)
     ck = torch.zeros(len(lens_k) + 1, dtype=torch.int32)
     cq[1:] = torch.tensor(lens_q).cumsum(0)
     ck[1:] = torch.tensor(lens_k).cumsum(0)
     seg = SegmentRuns.from_lengths(lens_q, lens_k) if with_segments else None
-    return validate_inputs(q, k, v, cq.cuda(), ck.cuda(), max(lens_q), max(lens_k), None, False, segments=seg)
+    return validate_inputs(q, k, v, cq.to(device), ck.to(device), max(lens_q), max(lens_k), None, False,
+                           segments=seg, derive_segments=False)
 
 
 def main(argv=None) -> int:

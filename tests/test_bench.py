@@ -988,3 +988,25 @@ def test_a_ctrl_c_during_the_breakdown_keeps_the_timed_results(tmp_path, capsys,
     res = json.loads((out / "results.json").read_text())
     assert len(res["metadata"]["breakdown"]) == 1 and res["rows"]
     assert all(r["latency_ms"] and r["repeats"] == 1 for r in res["rows"])  # every case timed
+
+
+def test_op_bench_warms_up_every_forward_first_and_flex_last():
+    # bench_ops stops warming up at 70 % of --max-seconds: the 12-04 H200 run warmed in the table's order and timed
+    # only the first shape's forwards. Forwards of every shape come first, then forward + backward, then the slack
+    # rows, then FlexAttention (it compiles per shape and pass); within each, the table's order.
+    from cases import load_script
+    from elit_kernels.bench.attention_cases import Method
+
+    ops = load_script("benchmarks/bench_ops.py", "bench_ops")
+    planned = []
+    for shape, kind in (("read", "read"), ("core", "core"), ("slack", "slack")):
+        for ps in ("fwd", "fwd+bwd"):
+            for name in ("elit:default", "flex_attention"):
+                planned.append(({"shape": shape, "kind": kind, "pass": ps}, Method(name, True, None), None))
+    got = [(planned[i][0]["shape"], planned[i][0]["pass"], planned[i][1].name) for i in ops.warm_up_order(planned)]
+    assert got == [("read", "fwd", "elit:default"), ("core", "fwd", "elit:default"),
+                   ("read", "fwd+bwd", "elit:default"), ("core", "fwd+bwd", "elit:default"),
+                   ("slack", "fwd", "elit:default"), ("slack", "fwd+bwd", "elit:default"),
+                   ("read", "fwd", "flex_attention"), ("core", "fwd", "flex_attention"),
+                   ("read", "fwd+bwd", "flex_attention"), ("core", "fwd+bwd", "flex_attention"),
+                   ("slack", "fwd", "flex_attention"), ("slack", "fwd+bwd", "flex_attention")]

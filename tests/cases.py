@@ -34,7 +34,7 @@ import torch
 class Case:
     """One packed-segment shape: ``lens_q[i]`` query rows attend to ``lens_k[i]`` keys.
 
-    ``causal``, ``kv_heads`` (None: as many as q), ``window`` and ``softcap`` are the options a test that
+    ``causal``, ``kv_heads`` (None: as many as q), ``window``, ``softcap`` and ``scale`` are the options a test that
     runs each case once uses (tests that sweep the mask run both); ``extra_q`` / ``extra_k`` rows past
     ``cu_seqlens[-1]`` (NaN inputs: exact-zero outputs and gradients there)."""
 
@@ -48,6 +48,8 @@ class Case:
     softcap: float = 0.0
     extra_q: int = 0
     extra_k: int = 0
+    #: softmax_scale (None: head_dim ** -0.5)
+    scale: float | None = None
 
     @property
     def lens(self) -> tuple[list, list]:
@@ -95,6 +97,15 @@ CASES: dict[str, Case] = {
     "lq!=lk-long": _case([129, 200], [257, 33], "cuda", "long segments, Lq != Lk both ways"),
     # options
     "causal": _case([5, 9, 3], [9, 9, 3], "contract", "bottom-right causal, Lq <= Lk", causal=True),
+    # FlashAttention-style kernels scale masked -inf scores and take the max of unscaled ones: a negative or zero
+    # softmax_scale (legal: any finite float) gave NaN through SDPA's is_causal on the CPU (found by a fuzz)
+    "causal-negative-scale": _case([5, 9, 3], [9, 9, 3], "contract", "causal with softmax_scale -0.7", causal=True,
+                                   scale=-0.7),
+    "zero-scale": _case([4, 6, 1], [4, 9, 3], "contract", "causal with softmax_scale 0: the mean of the visible "
+                        "values", causal=True, scale=0.0),
+    "read-negative-scale": _case([4, 1, 5], [16, 23, 37], "contract", "Read-like, softmax_scale -0.7", scale=-0.7),
+    "read-zero-scale": _case([4, 1, 5], [16, 23, 37], "contract", "Read-like, softmax_scale 0 (keys off the tiles)",
+                             scale=0.0),
     "gqa": _case([7, 3], [5, 11], "contract", "MQA: one kv head for two query heads", kv_heads=1),
     "rows-past-end": _case([3, 0, 6], [5, 2, 4], "contract", "buffers longer than the packed data: 3 q rows and "
                            "2 k/v rows past cu_seqlens[-1] (exact zeros, never read)", causal=True, extra_q=3,

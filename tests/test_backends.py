@@ -245,6 +245,24 @@ def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits(
                 "cannot return the softmax log-sum-exp (return_attn_probs=True)",
                 "no sliding-window attention (window_size=(1, 1))", "no logit soft-capping (softcap=1.0)"} <= set(r)
         assert b.run_head_dim(12) == 16
+        # FlashAttention-2 scales its masked -inf scores: a zero scale is refused; a negative one runs as -q
+        # with |scale| (torch_ops.positive_scale), so it is no reason
+        why = "softmax_scale 0: FlashAttention-2 scales its masked -inf scores (0 * -inf is NaN)"
+        for scale, refused in ((0.0, True), (-0.5, False), (0.5, False)):
+            inp = dataclasses.replace(_inp(), softmax_scale=scale)
+            assert (why in b.not_supported_reasons(inp)) == refused, (name, scale)
+
+
+def test_positive_scale_keeps_the_scores_and_the_gradient():
+    from elit_kernels.attention.backends.torch_ops import positive_scale
+
+    q = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 2, 8, dtype=torch.float64)
+    for scale in (-0.3, 0.3):
+        q2, s2 = positive_scale(q, scale)
+        assert s2 == abs(scale) and torch.equal(s2 * (q2 * k).sum(-1), scale * (q * k).sum(-1))
+        g, = torch.autograd.grad((s2 * q2 * k).sum(), q)
+        assert torch.equal(g, scale * k)
 
 
 def test_comparator_missing_module_is_unavailable():

@@ -34,8 +34,8 @@ def test_every_backend_matches_the_reference(backend, case, with_segments):
     q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 16, dtype=_dtype(dev), device=dev, seed=0,
                                                    kv_heads=case.kv_heads, extra_q=case.extra_q,
                                                    extra_k=case.extra_k)
-    inp = validate_inputs(q, k, v, cq, ck, mq, mk, None, case.causal, window_size=case.window, softcap=case.softcap,
-                          segments=seg)
+    inp = validate_inputs(q, k, v, cq, ck, mq, mk, case.scale, case.causal, window_size=case.window,
+                          softcap=case.softcap, segments=seg)
     why = registry.reasons(get_backend(backend), inp)
     if why:
         pytest.skip(f"backend {backend!r} cannot run this case here: {'; '.join(why)}")
@@ -47,7 +47,7 @@ def test_every_backend_matches_the_reference(backend, case, with_segments):
     check_backend_against_reference(fn, lens_q, lens_k, 2, 16, _dtype(dev), causal=case.causal, device=dev,
                                     seed=zlib.crc32(f"{backend}-{lens_q}".encode()) % 1000, kv_heads=case.kv_heads,
                                     extra_q=case.extra_q, extra_k=case.extra_k, window_size=case.window,
-                                    softcap=case.softcap)
+                                    softcap=case.softcap, scale=case.scale)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -44,11 +44,12 @@ def test_a_plan_gives_what_varlen_attention_gives_values_lse_and_gradients(case,
     lens_q, lens_k = case.lens
     seg = SegmentRuns.from_lengths(lens_q, lens_k) if with_segments else None
     kw = dict(causal=case.causal, window_size=case.window, softcap=case.softcap, segments=seg)
-    plan = AttentionPlan(*_case_inputs(case)[3:], **kw)
+    scale = {} if case.scale is None else {"softmax_scale": case.scale}
+    plan = AttentionPlan(*_case_inputs(case)[3:], **kw, **scale)
     lse_plan = AttentionPlan(*_case_inputs(case)[3:], return_lse=True, softmax_scale=0.3, **kw)
     for seed in (1, 2):  # the second call of a signature takes the cached path
         q, k, v, cq, ck, mq, mk = _case_inputs(case, seed=seed, grad=True)
-        want = varlen_attention(q, k, v, cq, ck, mq, mk, **kw)
+        want = varlen_attention(q, k, v, cq, ck, mq, mk, **kw, **scale)
         got = plan(q, k, v)
         assert torch.equal(got, want)
         gw = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))

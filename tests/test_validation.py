@@ -381,3 +381,23 @@ def test_a_plan_over_a_static_buffer_rewritten_in_inference_mode_reads_its_new_l
             ck.copy_(torch.tensor([0, 6, 7, 12], dtype=torch.int32))
             torch.testing.assert_close(plan(q, k, v, backend=backend),
                                        varlen_attention(q, k, v, cq, ck, 12, 12, backend="reference"))
+
+
+def test_a_window_past_an_unchecked_max_seqlen_stays_a_window():
+    """A window side at or past max_seqlen is stored as unbounded (-1). That holds only when max_seqlen bounds every
+    segment: with the value checks off nobody checked it, and a caller who passed a max_seqlen_k below a segment got
+    no window at all from the torch backend (which follows the data); found by a fuzz. Then the rows bound it."""
+    from elit_kernels.attention import validate_inputs
+
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([6], [10], 1, 8, seed=1)
+    want = varlen_attention(q, k, v, cq, ck, mq, mk, window_size=(5, -1), backend="reference")
+    assert validate_inputs(q, k, v, cq, ck, mq, mk, None, False, window_size=(10, -1)).window_left == -1  # checked
+    set_value_checks(False)
+    try:
+        inp = validate_inputs(q, k, v, cq, ck, mq, 4, None, False, window_size=(5, -1))
+        assert (inp.window_left, inp.window_right) == (5, -1)
+        torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, 4, window_size=(5, -1), backend="torch"),
+                                   want)
+        assert validate_inputs(q, k, v, cq, ck, mq, 4, None, False, window_size=(10, 6)).window_left == -1  # rows
+    finally:
+        set_value_checks(True)

@@ -487,6 +487,10 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     _check_cu_pair(cu_seqlens_q, cu_seqlens_k)
     if type(derive_segments) is not bool:
         derive_segments = _flag("derive_segments", derive_segments)
+    # bounded: max_seqlen_q/k are known to bound every segment (the segments were checked against them, or the
+    # value checks read cu_seqlens and raise otherwise); else only the row counts are (a caller who switched the
+    # checks off, or a trace, may pass a max_seqlen below a segment: flash-attn's contract, not enforced here)
+    bounded = segments is not None
     if segments is not None:
         _check_segments(segments, cu_seqlens_q, max_seqlen_q, max_seqlen_k, q, k)
         if _validate_values and not _capturing():
@@ -494,6 +498,7 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     elif _validate_values and not _capturing():
         segments = _checked_segments(cu_seqlens_q, cu_seqlens_k, qs[0], ks[0], max_seqlen_q, max_seqlen_k,
                                      derive_segments)
+        bounded = True
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     elif type(softmax_scale) is not float or not abs(softmax_scale) <= _F32_MAX:
@@ -511,10 +516,12 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     else:
         left, right = _window(window_size, causal)
         # A side that reaches past every segment is unbounded (a query sees keys j with j - i - (Lk - Lq) in
-        # [1 - Lk, Lq - 1]); stored as -1 so that no kernel adds a huge side to a position and overflows.
-        if left >= max_seqlen_k:
+        # [1 - Lk, Lq - 1]); stored as -1 so that no kernel adds a huge side to a position and overflows. What
+        # bounds every segment: max_seqlen when checked (``bounded``), else the row counts (a too-small unchecked
+        # max_seqlen turned a real window into none: the torch backend, which follows the data, was wrong).
+        if left >= (max_seqlen_k if bounded else ks[0]):
             left = -1
-        if right >= max_seqlen_q:
+        if right >= (max_seqlen_q if bounded else qs[0]):
             right = -1
     if type(softcap) not in (float, int) or softcap != 0.0:
         softcap = _softcap(softcap)

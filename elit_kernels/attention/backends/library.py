@@ -14,6 +14,7 @@ import inspect
 import torch
 
 from ..registry import Backend, register_backend
+from .torch_ops import positive_scale
 
 
 class _CudaLibrary(Backend):
@@ -56,6 +57,12 @@ class _CudaLibrary(Backend):
     def is_available(self):
         return self.unavailable_reason is None
 
+    def not_supported_reasons(self, inp):
+        r = super().not_supported_reasons(inp)
+        if inp.softmax_scale == 0.0:  # a negative scale runs as -q with |scale| (torch_ops.positive_scale)
+            r.append("softmax_scale 0: FlashAttention-2 scales its masked -inf scores (0 * -inf is NaN)")
+        return r
+
 
 def zero_rows_past_end(out: torch.Tensor, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
     """``out [total_q, H, D]`` with rows at or past ``cu_seqlens_q[-1]`` set to zero, on the device (no host read)."""
@@ -79,8 +86,9 @@ class TorchVarlenBackend(_CudaLibrary):
         from torch.nn.attention.varlen import varlen_attn
 
         kw = _causal_kwargs(varlen_attn) if inp.causal else {}
-        out = varlen_attn(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
-                          inp.max_seqlen_k, scale=inp.softmax_scale, **kw)
+        q, scale = positive_scale(inp.q, inp.softmax_scale)
+        out = varlen_attn(q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
+                          inp.max_seqlen_k, scale=scale, **kw)
         seg = inp.segments
         if seg is not None and seg.total_q == inp.q.shape[0]:
             return out  # every row is in a segment
@@ -99,9 +107,10 @@ class FlashAttnBackend(_CudaLibrary):
     def forward(self, inp):
         import flash_attn
 
+        q, scale = positive_scale(inp.q, inp.softmax_scale)
         return flash_attn.flash_attn_varlen_func(
-            inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
-            softmax_scale=inp.softmax_scale, causal=inp.causal, deterministic=inp.deterministic,
+            q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q, inp.max_seqlen_k,
+            softmax_scale=scale, causal=inp.causal, deterministic=inp.deterministic,
         )
 
 

@@ -272,7 +272,8 @@ def dense_runner(inp):
     causal with Lq != Lk: ``sdpa_over_runs`` decides per call). ``AttentionPlan`` keeps it per input signature
     (``Backend.plan_runner``): the model's image, Read, Write and uniform core calls then cost one SDPA's host time."""
     seg = inp.segments
-    if seg is None or len(seg.runs) != 1 or inp.return_lse or inp.softcap != 0.0 or inp.has_window:
+    if (seg is None or len(seg.runs) != 1 or inp.return_lse or inp.softcap != 0.0 or inp.has_window
+            or inp.softmax_scale == 0.0):
         return None
     n, lq, lk, _, total_q, _, total_k = seg.offsets[0]
     q, k = inp.q, inp.k
@@ -280,14 +281,27 @@ def dense_runner(inp):
         return None
     h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     scale, causal, gqa = inp.softmax_scale, inp.causal, hkv != h
+    flip = scale < 0  # see positive_scale
+    scale = abs(scale)
 
     def run(q, k, v):
+        if flip:
+            q = -q
         o = F.scaled_dot_product_attention(q.view(n, lq, h, d).transpose(1, 2), k.view(n, lk, hkv, d).transpose(1, 2),
                                            v.view(n, lk, hkv, d).transpose(1, 2), is_causal=causal, scale=scale,
                                            enable_gqa=gqa)
         return o.transpose(1, 2).reshape(total_q, h, d)
 
     return run
+
+
+def positive_scale(q: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, float]:
+    """``(q', scale')`` with ``scale' = |softmax_scale|`` and the same scores: ``-q`` for a negative scale (negation is
+    exact, and autograd carries it). FlashAttention-style kernels (PyTorch's SDPA kernels, FlashAttention-2
+    varlen) take the row max of the unscaled scores and scale masked ``-inf`` entries, which is right only for a
+    positive scale: a negative one overflows or gives NaN (``+inf - +inf``), and 0 gives NaN (``0 * -inf``) on
+    every masked entry, so callers send a zero scale to an exact path instead."""
+    return (-q, -softmax_scale) if softmax_scale < 0 else (q, softmax_scale)
 
 
 def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, window_left: int = -1,
@@ -300,6 +314,8 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
     CPU, a device sync on CUDA) and raises ValueError naming a ``cu_seqlens`` that does not start at 0,
     decreases or runs past its rows (``check_cu_rows``), whatever the value-check setting."""
     windowed = window_left >= 0 or window_right >= 0
+    if softmax_scale == 0.0:  # see positive_scale: the grouped op is exact there
+        return None
     if segments is None:
         c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
         check_cu_rows("cu_seqlens_q", c[0], q.shape[0])  # else a view past the rows fails with a nameless error
@@ -312,6 +328,7 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
     runs = segments.offsets  # (n, Lq, Lk, q_start, q_stop, k_start, k_stop) per run
     if len(runs) > MAX_RUNS or segments.total_q > q.shape[0] or segments.total_k > k.shape[0]:
         return None  # too many runs, or lengths past the tensors (the grouped op names the bad cu_seqlens)
+    q, softmax_scale = positive_scale(q, softmax_scale)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     parts, attended = [], False

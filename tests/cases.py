@@ -114,6 +114,10 @@ CASES: dict[str, Case] = {
                           "16-row tiles, a single key, empty segments on either side, Lq > Lk (rows without keys)"),
     "window-softcap": _case([9, 1, 0, 12], [11, 3, 2, 12], "contract", "sliding window (3, 2) and softcap 4 "
                             "(rows the window leaves without a key)", window=(3, 2), softcap=4.0),
+    # a window alone, and causal with a left window: what a backend with windows but no softcap runs (torch_varlen)
+    "window": _case([9, 1, 0, 12], [11, 3, 2, 12], "contract", "sliding window (3, 2), no softcap", window=(3, 2)),
+    "causal-window": _case([9, 5, 12], [11, 5, 12], "contract", "causal with a left window of 4", causal=True,
+                           window=(4, -1)),
     # the window kernels (triton_window: every key segment in one tile of at most 128 keys): Read J x P and
     # Write P x J with P from 16 to 64 (odd ones off the power-of-two key tile), empty key and query segments,
     # a single key, more than one 64-row query block (tests/test_triton_window.py)

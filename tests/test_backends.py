@@ -241,9 +241,13 @@ def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits(
                                          head_dim=12))
         assert r[:2] == ["dtype torch.float32 not in ['torch.float16', 'torch.bfloat16']",
                          "needs cuda tensors, got device cpu"]
-        assert {"no grouped-query attention (q has 4 heads, k/v 2)",
-                "cannot return the softmax log-sum-exp (return_attn_probs=True)",
-                "no sliding-window attention (window_size=(1, 1))", "no logit soft-capping (softcap=1.0)"} <= set(r)
+        assert {"cannot return the softmax log-sum-exp (return_attn_probs=True)",
+                "no logit soft-capping (softcap=1.0)"} <= set(r)
+        # GQA and windows: flash_attn declares none; torch_varlen what this torch's varlen_attn takes
+        gqa = name == "torch_varlen" and "enable_gqa" in b.params
+        window = name == "torch_varlen" and "window_size" in b.params
+        assert ("no grouped-query attention (q has 4 heads, k/v 2)" in r) == (not gqa)
+        assert ("no sliding-window attention (window_size=(1, 1))" in r) == (not window)
         assert b.run_head_dim(12) == 16
         # FlashAttention-2 scales its masked -inf scores: a zero scale is refused; a negative one runs as -q
         # with |scale| (torch_ops.positive_scale), so it is no reason
@@ -251,6 +255,46 @@ def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits(
         for scale, refused in ((0.0, True), (-0.5, False), (0.5, False)):
             inp = dataclasses.replace(_inp(), softmax_scale=scale)
             assert (why in b.not_supported_reasons(inp)) == refused, (name, scale)
+
+
+def test_torch_varlen_reads_what_this_torch_takes_from_the_signature(monkeypatch):
+    # varlen_attn's arguments changed across torch releases (is_causal, then window_size; enable_gqa): the backend
+    # reads them from the source without importing the module, declares GQA / windows only where they exist, and
+    # passes flash-attn's window (causal: right side 0) and enable_gqa.
+    from elit_kernels.attention.backends import library as L
+
+    assert L.function_parameters("elit_kernels.attention.backends.library", "function_parameters") == {"module", "name"}
+    assert L.function_parameters("elit_kernels.attention.backends.library", "no_such_function") == frozenset()
+    assert L.function_parameters("no_such_module_elit", "f") == frozenset()
+    inp = _inp()
+    for params, gqa, window in ((frozenset({"window_size", "enable_gqa"}), True, True),
+                                (frozenset({"is_causal"}), False, False)):
+        monkeypatch.setattr(L, "function_parameters", lambda module, name, p=params: p)
+        b = L.TorchVarlenBackend()
+        assert (b.supports_gqa, b.supports_window) == (gqa, window)
+        assert b.call_kwargs(inp) == {}
+        causal = {"window_size": (-1, 0)} if window else {"is_causal": True}
+        assert b.call_kwargs(dataclasses.replace(inp, causal=True)) == causal
+        if window:
+            assert b.call_kwargs(dataclasses.replace(inp, causal=True, window_left=3)) == {"window_size": (3, 0)}
+            assert b.call_kwargs(dataclasses.replace(inp, window_left=3, window_right=2)) == {"window_size": (3, 2)}
+            assert b.call_kwargs(dataclasses.replace(inp, window_right=2)) == {"window_size": (-1, 2)}
+        assert b.call_kwargs(_inp(heads=4, kv_heads=2)) == {"enable_gqa": True}
+        assert ("sliding window" in b.description) == window and ("GQA" in b.description) == gqa
+
+
+def test_the_masked_known_answer_case_is_what_the_backend_declares():
+    # a masked kind (window or softcap) is checked on the window and the softcap the backend declares: torch_varlen
+    # has windows and no softcap, so a case with both would fail it and skip it for every window call
+    from elit_kernels.attention.known_answer import _masked_case
+
+    class B:
+        supports_window, supports_softcap = True, False
+    assert _masked_case(B) == {"window_size": (3, 2), "softcap": 0.0}
+    B.supports_window, B.supports_softcap = False, True
+    assert _masked_case(B) == {"window_size": (-1, -1), "softcap": 5.0}
+    B.supports_window = True
+    assert _masked_case(B) == {"window_size": (3, 2), "softcap": 5.0}
 
 
 def test_positive_scale_keeps_the_scores_and_the_gradient():

@@ -8,8 +8,8 @@ name.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
-import inspect
 
 import torch
 
@@ -70,22 +70,58 @@ def zero_rows_past_end(out: torch.Tensor, cu_seqlens_q: torch.Tensor) -> torch.T
     return out.masked_fill((rows >= cu_seqlens_q[-1])[:, None, None], 0.0)
 
 
-def _causal_kwargs(fn) -> dict:
-    """How this torch's ``varlen_attn`` asks for a bottom-right causal mask (the argument changed across releases)."""
-    params = inspect.signature(fn).parameters
-    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+def function_parameters(module: str, name: str) -> frozenset:
+    """The parameter names of function ``name`` of ``module``, read from its source file (``ast``) without importing
+    it: ``torch.nn.attention.varlen`` pulls in ~1 s of imports, and an import inside dispatch would break a
+    ``torch.compile`` trace. Empty when the module or the function cannot be found or read."""
+    try:
+        spec = importlib.util.find_spec(module)
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (ImportError, AttributeError, TypeError, ValueError, OSError, SyntaxError):
+        return frozenset()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            a = node.args
+            return frozenset(x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs))
+    return frozenset()
 
 
 class TorchVarlenBackend(_CudaLibrary):
+    """``varlen_attn`` of this torch: what it takes changed across releases, so it is read from its signature
+    (``function_parameters``): ``window_size`` (bottom-right causal as ``(-1, 0)`` and flash-attn's sliding
+    window; before it, ``is_causal``) and ``enable_gqa`` (fewer k/v heads). Without them the backend declares no
+    window and no GQA, and dispatch sends those calls elsewhere."""
+
     name, module = "torch_varlen", "torch.nn.attention.varlen"
     priority = 20
-    description = ("torch.nn.attention.varlen.varlen_attn (FlashAttention-2 in PyTorch); CUDA, fp16/bf16, head dim a "
-                   "multiple of 8; CUDA-graph safe")
+
+    def __init__(self):
+        super().__init__()
+        self.params = function_parameters(self.module, "varlen_attn") if self._missing() is None else frozenset()
+        self.supports_gqa = "enable_gqa" in self.params
+        self.supports_window = "window_size" in self.params
+        self.description = ("torch.nn.attention.varlen.varlen_attn (FlashAttention-2 in PyTorch); CUDA, fp16/bf16, "
+                            "head dim a multiple of 8" + (", GQA" if self.supports_gqa else "")
+                            + (", sliding window" if self.supports_window else "") + "; CUDA-graph safe")
+
+    def call_kwargs(self, inp) -> dict:
+        """The mask and GQA arguments of ``varlen_attn`` for ``inp`` (its window right side is -1 under
+        ``causal``, which bounds it at 0)."""
+        kw = {}
+        if inp.causal or inp.has_window:
+            if self.supports_window:
+                kw["window_size"] = (inp.window_left, 0 if inp.causal else inp.window_right)
+            else:  # an older torch: causal only (a window is declared unsupported)
+                kw["is_causal"] = True
+        if inp.num_kv_heads != inp.num_heads:
+            kw["enable_gqa"] = True
+        return kw
 
     def forward(self, inp):
         from torch.nn.attention.varlen import varlen_attn
 
-        kw = _causal_kwargs(varlen_attn) if inp.causal else {}
+        kw = self.call_kwargs(inp)
         q, scale = positive_scale(inp.q, inp.softmax_scale)
         out = varlen_attn(q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
                           inp.max_seqlen_k, scale=scale, **kw)

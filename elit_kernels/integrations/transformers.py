@@ -23,8 +23,10 @@ flash-attn semantics, bottom-right aligned causal mask):
   ``ValueError`` naming ``attention_mask`` (checked exactly, per query; use ``sdpa`` / ``eager`` for such a batch);
 - **packed sequences**: ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (``DataCollatorWithFlattening``;
   ``max_length_*`` may be 0-dim tensors), or ``position_ids`` that restart (a new sequence wherever the position
-  does not grow by 1, as transformers' own masks read them), also under ``torch.compile`` (read on the device)
-  and together with a padding mask (each packed sequence attends to its own valid tokens);
+  does not grow by 1, as transformers' flash-attention path reads them; its sdpa and eager masks split only
+  without a cache and a 2-D mask), also under ``torch.compile`` (read on the device). With a padding mask,
+  ``position_ids`` are not read, as in every transformers path (``generate`` gives padding slots position 1,
+  which read as a restart had cut the tokens after a hole off from those before it);
 - **KV cache**: keys longer than queries; the queries are the last ones (bottom-right alignment);
 - **GQA / MQA**: key/value heads are passed as they are (no ``repeat_kv``);
 - **sliding window** (``sliding_window=w``, Mistral): ``window_size=(w - 1, w - 1)`` with causal, i.e. a query sees
@@ -35,8 +37,11 @@ flash-attn semantics, bottom-right aligned causal mask):
 Refused with an error naming the argument: ``s_aux`` (attention sinks), ``dropout > 0`` (``NotImplementedError``),
 a padding hole that changes what a sliding window holds (``ValueError``, see padding),
 an attention mask that is not the 2-D boolean mask of our mask function (``TypeError``), and mask overlays that
-a 2-D mask cannot express (``or_mask_function`` / ``and_mask_function``, e.g. bidirectional image tokens:
-``NotImplementedError`` from the mask function).
+a 2-D mask cannot express (``or_mask_function`` / ``and_mask_function``, and any mask that lets some queries see
+the key after them and not others, e.g. PaliGemma's bidirectional image tokens given as ``block_sequence_ids``:
+``NotImplementedError`` from the mask function), and chunked attention past its chunk (``attention_chunk_size``,
+as transformers' flash-attention path refuses it). Not detected: an overlay that makes a causal model's whole
+sequence bidirectional (it reads as a bidirectional mask).
 """
 from __future__ import annotations
 
@@ -215,15 +220,13 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             # and the mask's alignment matters. Without causality or a window (cross-attention, where the mask
             # is the encoder's; bidirectional self-attention) every query attends to the valid keys of its row.
             q_ok = key_ok[:, written - sq:written]
-        start = _packing_starts(kwargs.get("position_ids"), b, sq) if sq == sk else None
+        # With a padding mask, position_ids are not read: transformers' sdpa, eager and flash-attention paths all
+        # ignore them then (a padding slot's position, 1 under generate(), read as a restart cut the tokens after
+        # a hole off from those before it)
         if window != (-1, -1) and sq <= written:
-            _check_window_holes(key_ok, start, written - sq, written, window[0], 0 if causal else window[1],
+            _check_window_holes(key_ok, None, written - sq, written, window[0], 0 if causal else window[1],
                                 sliding_window)
-        if start is None:  # one segment per row
-            len_q, len_k = q_ok.sum(1), key_ok.sum(1)
-        else:  # packed rows with padding: one segment per packed sequence, its valid tokens only
-            count = int(start.sum())
-            len_q, len_k = _segment_lengths(start, q_ok, count), _segment_lengths(start, key_ok, count)
+        len_q, len_k = q_ok.sum(1), key_ok.sum(1)  # one segment per row
         idx_q, idx_k = q_ok.flatten().nonzero().flatten(), key_ok.flatten().nonzero().flatten()
         out = flash_attn_varlen_func(q.reshape(b * sq, h, d)[idx_q], k.reshape(b * sk, *k.shape[2:])[idx_k],
                                      v.reshape(b * sk, *v.shape[2:])[idx_k], _cu(len_q), _cu(len_k),
@@ -263,6 +266,17 @@ def elit_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
     if kwargs.get("use_vmap", False):
         raise NotImplementedError("mask_function: the model adds custom or/and mask overlays (e.g. bidirectional "
                                   "image tokens), which elit attention cannot express; use attn_implementation='sdpa'")
+    if mask_function is not None and _partly_sees_the_next_key(mask_function, batch_size, q_length, kv_length,
+                                                               q_offset, kv_offset, kwargs.get("device")):
+        raise NotImplementedError("mask_function: some queries may see the key after them and others may not (a "
+                                  "bidirectional block over a causal mask, e.g. image tokens given as "
+                                  "block_sequence_ids), which elit attention cannot express (it runs a mask causal "
+                                  "or not as a whole); use attn_implementation='sdpa'")
+    chunk = getattr(kwargs.get("config"), "attention_chunk_size", None)
+    if isinstance(chunk, int) and chunk > 0 and kv_offset + kv_length > chunk:
+        raise NotImplementedError(f"mask_function: the model attends in chunks of attention_chunk_size={chunk} "
+                                  f"tokens and this input holds {kv_offset + kv_length}, which elit attention cannot "
+                                  "express (as transformers' flash-attention path); use attn_implementation='sdpa'")
     if attention_mask is None:
         if kv_length <= q_length:  # no cache: every key is valid
             return None
@@ -280,6 +294,26 @@ def elit_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _partly_sees_the_next_key(mask_function, batch_size: int, q_length: int, kv_length: int, q_offset, kv_offset,
+                              device) -> bool:
+    """Whether ``mask_function`` lets some queries see the key right after them and not others: True for a causal
+    mask with a bidirectional overlay (transformers adds ``block_sequence_ids`` with ``or_masks`` without marking
+    ``use_vmap``), False for a causal mask (no query sees it), a bidirectional one (every query does) and a decoding
+    step (no such key). Evaluated on those ``B x (S_q - 1)`` pairs only, with index tensors as transformers' own
+    non-vmap masks pass them (elementwise mask functions broadcast them); one host read."""
+    if torch.compiler.is_compiling():  # a host read would break the graph: the eager calls check it
+        return False
+    q0 = q_offset if isinstance(q_offset, int) else int(q_offset)
+    n = min(q_length, kv_offset + kv_length - q0) - 1  # queries q0 + i with a key q0 + i + 1
+    if n < 1:
+        return False
+    i = torch.arange(n, device=device)[None]
+    seen = mask_function(torch.arange(batch_size, device=device)[:, None], torch.zeros((), dtype=torch.long,
+                                                                                        device=device), q0 + i, q0 + i + 1)
+    seen = torch.as_tensor(seen, device=device).expand(batch_size, n)
+    return bool(seen.any()) and not bool(seen.all())
 
 
 #: transformers' own attention implementations, for versions whose registries cannot say which entries are theirs

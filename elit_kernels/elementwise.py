@@ -1,6 +1,6 @@
 """Elementwise ops the model runs on packed tokens, with swappable implementations.
 
-``"reference"`` is plain PyTorch (elit_kernels.reference.modulate), fp32 inside whatever the input dtype: it
+``"reference"`` is plain PyTorch (elit_kernels.reference.modulate), fp32 inside (fp64 for fp64 input): it
 takes the layout's ``TokenRuns`` and broadcasts per-sample adaLN parameters over views of each run of
 equal-length samples. ``"native"`` (the models' default) is the same for fp32, and computes fp64 in fp64 and
 fp16/bf16 in their own dtype, as the official ELIT code does: fewer bytes moved. Compiled fused versions
@@ -11,7 +11,7 @@ picks one with its ``elementwise=`` argument.
 Every implementation takes the same arguments and gives a result of x's dtype: x ``[T, C]`` (fp16, bf16, fp32 or
 fp64) and per-sample parameters ``[B, C]`` (and ``y``) of any floating dtype, which need not be x's (under
 ``torch.autocast`` the adaLN parameters come out of a linear in the autocast dtype while x stays fp32). The
-reference computes in fp32; ``"native"`` and ``"fused"`` cast the parameters and ``y`` to x's dtype first. ``eps``
+reference computes in fp32 (fp64 for fp64 x); ``"native"`` and ``"fused"`` cast the parameters and ``y`` to x's dtype first. ``eps``
 is checked by ``check_eps`` in every implementation: a finite real number >= 0 (``_types.is_real``: a bool, a str,
 a tensor or None is a TypeError naming ``eps``; NaN, ±inf or a negative value a ValueError).
 """
@@ -66,8 +66,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def native_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
     """``LayerNorm(x) * (1 + scale) + shift`` computed in x's dtype, as the official ELIT code computes adaLN
     (``F.layer_norm`` accumulates its statistics in fp32 internally; the modulation is one fused multiply-add
-    in x's dtype). fp32 inputs: the reference, bit for bit (the same ops); fp64 in fp64 (the reference computes in
-    fp32). For fp16/bf16 it moves a third of the bytes of the reference's fp32 round trip (x.float(), fp32 LayerNorm
+    in x's dtype). fp32 inputs: the reference, bit for bit (the same ops); fp64 in fp64, as the reference. For fp16/bf16 it moves a third of the bytes of the reference's fp32 round trip (x.float(), fp32 LayerNorm
     and modulation, cast back): on an H200 the reference elementwise ops were where ELIT-SiT-XL/2 lost most of its
     9-10 % to the dense official way. ``eps``: ``check_eps``."""
     eps = check_eps(eps)

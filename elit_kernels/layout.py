@@ -90,6 +90,9 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
                 budgets.dtype == torch.bool:
             raise TypeError(f"budgets: expected a 1-D integer tensor, got {budgets.dtype} of shape {tuple(budgets.shape)}")
         out = [int(b) for b in budgets.tolist()]
+    elif isinstance(budgets, (str, bytes, bytearray, memoryview)):  # sequences of ints or chars, never budgets
+        raise TypeError(f"budgets: expected None, an int, a sequence of ints or a 1-D integer tensor, got "
+                        f"{type(budgets).__name__} ({budgets!r})")
     elif isinstance(budgets, Sequence):
         out = []
         for b in budgets:

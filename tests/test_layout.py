@@ -85,7 +85,8 @@ def test_budgets_normalisation_and_errors():
     for numpy_form in (np.int64(3), np.array([3, 3]), np.array([3, 3], dtype=np.uint8), [np.int32(3), 3]):
         got = normalize_budgets(numpy_form, 2, 8)
         assert got == [3, 3] and all(type(j) is int for j in got)
-    for bad in (np.True_, [np.True_, 1], np.array([1.0, 2.0]), np.array([[1, 2]])):
+    for bad in (np.True_, [np.True_, 1], np.array([1.0, 2.0]), np.array([[1, 2]]), b"\x01\x02", bytearray(b"\x01\x02"),
+                "12", memoryview(b"\x01\x02")):  # bytes iterate as ints: they were taken as budgets [1, 2]
         with pytest.raises(TypeError, match="^budgets: expected"):
             normalize_budgets(bad, 2, 8)
     lay = build_layout(np.array([2, 1]), np.int64(2), np.int64(2), np.int64(4), np.int64(3))

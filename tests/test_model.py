@@ -763,3 +763,38 @@ def test_numpy_budgets_give_the_python_ints_answer():
                            generator=torch.Generator().manual_seed(0))
     assert draws == sample_budgets(3, 1, 4, per_sample=True, generator=torch.Generator().manual_seed(0))
     assert all(type(j) is int for j in draws)
+
+
+@pytest.mark.parametrize("preset", ["paper", "released"])
+def test_an_fp64_model_is_fp64_throughout(preset):
+    """The QK-norm (RMSNorm), the timestep features and the reference elementwise ops computed in fp32 whatever the
+    input: an fp64 model's gradients then failed gradcheck, and t + 1e-9 gave the same output (found by a fuzzing
+    helper; every backend shares those layers, so comparing backends never showed it). fp16/bf16/fp32 compute as
+    before (fp32)."""
+    from elit_kernels.models.blocks import RMSNorm, TimestepEmbedder
+    from elit_kernels.reference.modulate import gated_residual, layernorm_modulate
+
+    torch.manual_seed(0)
+    norm = RMSNorm(8, eps_outside_root=preset == "released").double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = x / (x.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6) if preset == "released" else \
+        x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert (norm(x) - want).abs().max() < 1e-14
+    emb = TimestepEmbedder(16, scale=1.0 if preset == "released" else 1000.0).double()
+    t = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    assert not torch.equal(emb(t), emb(t + 1e-9))
+    s, idx = torch.randn(2, 8, dtype=torch.float64), torch.tensor([0, 1, 1])
+    ln = torch.nn.functional.layer_norm(x, (8,), eps=1e-6)
+    assert (layernorm_modulate(x, s, s, idx) - (ln * (1 + s[idx]) + s[idx])).abs().max() < 1e-14
+    assert (gated_residual(x, x, s, idx) - (x + s[idx] * x)).abs().max() < 1e-14
+    from elit_kernels.models.config import preset_config
+
+    m = ElitDiT(preset_config(preset, "tiny", 64)).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    xs = torch.randn(1, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    ts = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([3])
+    assert torch.autograd.gradcheck(lambda a, b: m(a, b, y, [2]), (xs, ts), eps=1e-6, atol=1e-6, rtol=1e-4,
+                                    fast_mode=True)

@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for half types, fp64 stays fp64
         ms = xf.pow(2).mean(-1, keepdim=True)
         xf = xf / (ms.sqrt() + self.eps) if self.eps_outside_root else xf * torch.rsqrt(ms + self.eps)
         return xf.to(x.dtype) * self.weight.to(x.dtype)
@@ -200,8 +200,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (self.scale * t.float())[:, None] * freqs[None]
+        dt = torch.promote_types(self.mlp[0].weight.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=dt) / half)
+        args = (self.scale * t.to(dt))[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 

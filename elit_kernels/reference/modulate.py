@@ -45,7 +45,8 @@ def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tupl
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index, eps: float = 1e-6) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale[sample]) + shift[sample]`` (LayerNorm without affine, as DiT's adaLN), in fp32.
+    """``LayerNorm(x) * (1 + scale[sample]) + shift[sample]`` (LayerNorm without affine, as DiT's adaLN), in fp32 (fp64 for
+    fp64 input).
 
     x ``[T, C]``, shift/scale ``[B, C]``, index: a ``TokenRuns`` or a ``[T]`` long token->sample index ->
     ``[T, C]`` in x's dtype.
@@ -55,21 +56,25 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     >>> a.shape, torch.allclose(a, b)
     (torch.Size([5, 8]), True)
     """
+    acc = torch.promote_types(x.dtype, torch.float32)
+
     def fn(xr, sh, sc):
-        h = F.layer_norm(xr.float(), (xr.shape[-1],), eps=eps)
-        return torch.addcmul(sh.float(), h, 1 + sc.float()).to(x.dtype)
+        h = F.layer_norm(xr.to(acc), (xr.shape[-1],), eps=eps)
+        return torch.addcmul(sh.to(acc), h, 1 + sc.to(acc)).to(x.dtype)
 
     if isinstance(index, TokenRuns):
         out = _per_run(x, (shift, scale), index, fn)
         return out if out is not None else x.new_zeros(0, x.shape[-1])
-    h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return (h * (1 + scale.float()[index]) + shift.float()[index]).to(x.dtype)
+    h = F.layer_norm(x.to(acc), (x.shape[-1],), eps=eps)
+    return (h * (1 + scale.to(acc)[index]) + shift.to(acc)[index]).to(x.dtype)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, index) -> torch.Tensor:
-    """``x + gate[sample] * y``: x, y ``[T, C]``, gate ``[B, C]``, index a ``TokenRuns`` or ``[T]`` long -> ``[T, C]``."""
+    """``x + gate[sample] * y``: x, y ``[T, C]``, gate ``[B, C]``, index a ``TokenRuns`` or ``[T]`` long -> ``[T, C]``;
+    in fp32 (fp64 for fp64 input)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
     if isinstance(index, TokenRuns):
         out = _per_run(x, (gate,), index,
-                       lambda xr, yr, g: torch.addcmul(xr.float(), g.float(), yr.float()).to(x.dtype), others=(y,))
+                       lambda xr, yr, g: torch.addcmul(xr.to(acc), g.to(acc), yr.to(acc)).to(x.dtype), others=(y,))
         return out if out is not None else x.clone()
-    return (x.float() + gate.float()[index] * y.float()).to(x.dtype)
+    return (x.to(acc) + gate.to(acc)[index] * y.to(acc)).to(x.dtype)

@@ -339,6 +339,12 @@ def test_transformers_clear_errors():
         elit_attention_forward(module, q, kv, kv, torch.zeros(1, 1, 3, 3), elit_backend="torch")
     with pytest.raises(NotImplementedError, match="^mask_function: "):
         elit_attention_mask(1, 3, 3, attention_mask=None, use_vmap=True)
+    q2, kv2 = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
+    with pytest.raises(ValueError, match="^attention_mask: has 1 rows for a batch of 2"):
+        elit_attention_forward(module, q2, kv2, kv2, torch.ones(1, 3, dtype=torch.bool), elit_backend="torch")
+    for bad in (-1, 2.5, "4"):
+        with pytest.raises(ValueError, match="^sliding_window: expected None or an int >= 1"):
+            elit_attention_forward(module, q, kv, kv, None, sliding_window=bad, elit_backend="torch")
     with pytest.raises(ValueError, match="^name: '' cannot be registered: it is empty"):
         register("")
     with pytest.raises(TypeError, match="^name: expected a str, got int"):
@@ -584,6 +590,15 @@ def test_diffusers_backend_name_and_clear_errors():
         key_mask(torch.tensor([[0.0, -1.5]]), 1, 1, 2, 2)
     with pytest.raises(ValueError, match=r"^attn_mask: shape \(1, 3\) does not broadcast"):
         key_mask(torch.ones(1, 3, dtype=torch.bool), 1, 1, 2, 2)
+    with pytest.raises(TypeError, match="^is_causal: expected a bool"):  # a truthy "False" turned causal on
+        elit_dispatch_attention(q, q, q, is_causal="False")
+    # a sample whose keys are all masked gets zeros, additive or boolean (SDPA's answer there depends on how it
+    # rounds the shared bias: ordinary attention for -1e4, a plain mean for finfo.min)
+    for m in (torch.tensor([[0.0, -1e4], [-1e4, -1e4]]), torch.tensor([[True, False], [False, False]])):
+        assert torch.equal(key_mask(m, 2, 1, 2, 1), torch.tensor([[True, False], [False, False]]))
+        out = elit_dispatch_attention(torch.randn(2, 1, 1, 8), torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), m,
+                                      elit_backend="torch")
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
     with pytest.raises(NotImplementedError, match="^_parallel_config: "):
         elit_dispatch_attention(q, q, q, _parallel_config=object())
     with pytest.raises(NotImplementedError, match="^dropout_p: "):

@@ -42,6 +42,7 @@ import warnings
 
 import torch
 
+from .._types import check_bool
 from ..attention import get_backend
 from ..dropin import _uniform_cu, flash_attn_func, flash_attn_varlen_func
 from ..layout import _cu  # int32 [n + 1] offsets of a lengths tensor
@@ -102,10 +103,14 @@ def _add_enum_member(enum_cls, name: str, value: str):
 def key_mask(attn_mask: torch.Tensor, batch: int, seqlen_q: int, seqlen_k: int, heads: int) -> torch.Tensor:
     """``attn_mask`` as a boolean key mask ``[batch, seqlen_k]`` (True = attend).
 
-    Accepts boolean masks (True = attend) and additive ones (0 = attend, <= -1e4 = masked), shaped ``[S_k]`` (one
+    Accepts boolean masks (True = attend) and additive ones (0 = attend, <= -1e4 = masked: a sample whose keys are
+    all masked has no valid key and gets zeros, where SDPA adds the one bias to every score and gives what its
+    rounding leaves, ordinary attention for -1e4 and a plain mean for finfo.min), shaped ``[S_k]`` (one
     key mask for every sample: SDPA, diffusers' native backend, broadcasts it so, and diffusers' varlen backends
     read it so in ``_normalize_attn_mask``), ``[B | 1, S_k]``, ``[B | 1, 1 | S_q, S_k]`` or
-    ``[B | 1, 1 | H, 1 | S_q, S_k]`` (diffusers' layouts: a 2-D mask is per sample, a 3-D one per sample and query).
+    ``[B | 1, 1 | H, 1 | S_q, S_k]`` (diffusers' layouts: a 2-D mask is per sample, a 3-D one per sample and query;
+    SDPA itself, the native backend, broadcasts a 3-D mask's first dim over heads: when B == H the two readings
+    differ, and this one is diffusers').
     Raises ``NotImplementedError`` naming ``attn_mask`` when the mask differs between queries or heads, or holds
     additive values other than 0 and <= -1e4; ``ValueError`` naming ``attn_mask`` for any other shape, listing the
     supported ones: "does not broadcast" when even SDPA's reading of the shape fails to broadcast to
@@ -161,13 +166,15 @@ def attention_bshd(query, key, value, attn_mask=None, *, scale=None, is_causal=F
     """Attention on ``[B, S_q, H, D]`` queries and ``[B, S_k, H_kv, D]`` keys/values (``H % H_kv == 0``) ->
     ``[B, S_q, H, D]``, with an optional key mask (``key_mask``): the valid keys of each sample are gathered
     wherever they are and all samples run as one packed ``flash_attn_varlen_func`` call. A query whose sample
-    has no valid key gets zeros.
+    has no valid key gets zeros (SDPA, given an additive mask, returns what its rounding of the shared bias
+    leaves: see ``key_mask``).
 
     ``is_causal``: top-left aligned, as ``torch.nn.functional.scaled_dot_product_attention`` and diffusers'
     native backend (query ``i`` sees key ``j`` iff ``j <= i``; differs from flash-attn's bottom-right alignment
     when ``S_q != S_k``). Raises ``ValueError`` naming ``is_causal`` when it comes with ``attn_mask`` (SDPA
     refuses that pair too; the gathered keys would lose their positions); otherwise as ``key_mask`` and
     ``flash_attn_varlen_func``."""
+    is_causal = check_bool("is_causal", is_causal)  # a truthy "False" turned causal on
     if is_causal and attn_mask is not None:
         raise ValueError("is_causal: True together with attn_mask is not supported (as torch's "
                          "scaled_dot_product_attention, diffusers' native backend, refuses it): pass is_causal=False "

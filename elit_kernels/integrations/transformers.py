@@ -52,6 +52,7 @@ import warnings
 
 import torch
 
+from .._types import is_int
 from ..attention import get_backend
 from ..attention.inputs import _flag
 from ..dropin import flash_attn_func, flash_attn_varlen_func
@@ -195,6 +196,8 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     b, h, sq, d = query.shape
     sk = key.shape[2]
     causal = bool(module.is_causal if is_causal is None else is_causal)
+    if sliding_window is not None and (not is_int(sliding_window) or sliding_window < 0):
+        raise ValueError(f"sliding_window: expected None or an int >= 1 (0: no window), got {sliding_window!r}")
     window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)
     deterministic = kwargs.get("deterministic")
     if deterministic is None:
@@ -210,6 +213,9 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                             "mask function registered by elit_kernels.integrations.transformers.register), got "
                             + (f"shape {tuple(attention_mask.shape)} dtype {attention_mask.dtype}"
                                if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__))
+        if attention_mask.shape[0] != b:  # a [1, L] mask on a larger batch left every other sample without keys
+            raise ValueError(f"attention_mask: has {attention_mask.shape[0]} rows for a batch of {b} (one key mask "
+                             "row per sample)")
         key_ok = attention_mask[:, :sk]
         written = key_ok.shape[1]  # the mask covers the keys written so far (elit_attention_mask)
         if written < sk:  # a static cache longer than the mask: the rest is not written yet

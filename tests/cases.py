@@ -118,6 +118,13 @@ CASES: dict[str, Case] = {
     "window": _case([9, 1, 0, 12], [11, 3, 2, 12], "contract", "sliding window (3, 2), no softcap", window=(3, 2)),
     "causal-window": _case([9, 5, 12], [11, 5, 12], "contract", "causal with a left window of 4", causal=True,
                            window=(4, -1)),
+    "window-long-queries": _case([8, 2], [2, 2], "contract", "a window open on the right over segments of more "
+                                 "queries than max_seqlen_k + 1 (FlashAttention-2 varlen closes it there)",
+                                 window=(1, -1)),
+    # one query per segment with GQA: FlashAttention-2 varlen folds heads into rows at max_seqlen_q == 1 and
+    # mis-assigns rows around an empty query segment or rows past the packed data
+    "gqa-decode": _case([1, 0, 1], [5, 3, 9], "contract", "decode-like GQA: single queries, an empty query segment, "
+                        "a row past the packed data", kv_heads=1, extra_q=1),
     # the window kernels (triton_window: every key segment in one tile of at most 128 keys): Read J x P and
     # Write P x J with P from 16 to 64 (odd ones off the power-of-two key tile), empty key and query segments,
     # a single key, more than one 64-row query block (tests/test_triton_window.py)

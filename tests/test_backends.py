@@ -279,8 +279,22 @@ def test_torch_varlen_reads_what_this_torch_takes_from_the_signature(monkeypatch
             assert b.call_kwargs(dataclasses.replace(inp, causal=True, window_left=3)) == {"window_size": (3, 0)}
             assert b.call_kwargs(dataclasses.replace(inp, window_left=3, window_right=2)) == {"window_size": (3, 2)}
             assert b.call_kwargs(dataclasses.replace(inp, window_right=2)) == {"window_size": (-1, 2)}
-        assert b.call_kwargs(_inp(heads=4, kv_heads=2)) == {"enable_gqa": True}
+        assert b.call_kwargs(_inp(heads=4, kv_heads=2)) == {"enable_gqa": True, "max_q": 5}
+        # FlashAttention-2 varlen's max_seqlen_q == 1 GQA path (heads folded into rows) mis-assigns rows around an
+        # empty query segment or rows past the packed data: a bound of 2 (still an upper bound) avoids it
+        assert b.call_kwargs(_inp(heads=4, kv_heads=2, lens_q=(1, 0), lens_k=(4, 2)))["max_q"] == 2
         assert ("sliding window" in b.description) == window and ("GQA" in b.description) == gqa
+        # FA2 varlen sets an open right side to max_seqlen_k when the left is bounded: refused where a segment
+        # has more than max_seqlen_k + 1 queries (it would not be open there); causal and short segments run
+        long_q = _inp(lens_q=(8, 2), lens_k=(2, 2))
+        why = "a window open on the right with segments of up to 8 queries over 2 keys"
+        for w, refused in (((1, -1), True), ((1, 5), True), ((1, 1), False), ((-1, 1), False)):
+            r = b.not_supported_reasons(dataclasses.replace(long_q, window_left=w[0], window_right=w[1]))
+            assert any(x.startswith(why) for x in r) == (refused and window), (w, r)
+        r = b.not_supported_reasons(dataclasses.replace(long_q, causal=True, window_left=1))
+        assert not any(x.startswith(why) for x in r)
+        r = b.not_supported_reasons(dataclasses.replace(_inp(), window_left=1))
+        assert not any(x.startswith(why) for x in r)
 
 
 def test_the_masked_known_answer_case_is_what_the_backend_declares():

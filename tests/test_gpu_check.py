@@ -65,7 +65,7 @@ def test_gpu_check_without_a_gpu_exits_cleanly(tmp_path):
 
 
 def test_ops_summary_ratios_name_each_of_our_kernels(tmp_path):
-    # gpu_summary's op table: every method's TFLOP/s per (shape, pass), the best one, and the ratio to it of default
+    # gpu_summary's op table: every method's TFLOP/s per (shape, pass), the best exact one, and the ratio to it of default
     # dispatch (with segments, without, and as a drop-in caller gets it) and of each of our kernels (None when the
     # run has no such row, e.g. triton_window on a core shape it refuses).
     sys.path.insert(0, str(ROOT / "tools"))
@@ -77,7 +77,10 @@ def test_ops_summary_ratios_name_each_of_our_kernels(tmp_path):
             for s, m, t in (("read J=4", "elit:triton", 1.1), ("read J=4", "elit:triton_window", 4.4),
                             ("read J=4", "elit:torch_varlen", 3.2), ("read J=4", "elit:default", 3.3),
                             ("read J=4", "elit:default(drop-in)", 2.2), ("core", "elit:triton", 100.0),
+                            ("read J=4", "sdpa_flash(padded)", 9.9),
                             ("core", "elit:triton_window", None), ("core", "sdpa_cudnn(padded)", 300.0))]
+    rows[6]["exact"] = False  # a padded comparator on a ragged shape: faster, other numbers, never "best"
+    assert rows[6]["method"] == "sdpa_flash(padded)"
     path = tmp_path / "ops.json"
     path.write_text(json.dumps({"rows": rows}))
     best = gpu_summary.ops_summary(str(path))["best"]

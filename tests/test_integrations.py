@@ -179,8 +179,8 @@ def test_transformers_hole_with_generate_style_position_ids(backend):
 @needs_tf
 def test_transformers_masks_elit_cannot_express_are_refused():
     """A bidirectional block over a causal mask (block_sequence_ids, as PaliGemma's image tokens: transformers adds it
-    without use_vmap) and chunked attention past its chunk raise NotImplementedError naming mask_function; the plain
-    causal, padded and bidirectional masks do not."""
+    without use_vmap) and chunked attention past its first chunk raise NotImplementedError naming mask_function; the
+    plain causal, padded and bidirectional masks do not."""
     from transformers import LlamaConfig
     from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
     from elit_kernels.integrations.transformers import register
@@ -196,9 +196,15 @@ def test_transformers_masks_elit_cannot_express_are_refused():
     padded = torch.tensor([[0, 1, 1, 1, 1, 1]])
     assert torch.equal(create_causal_mask(**{**kw, "attention_mask": padded}), padded.bool())
     assert create_bidirectional_mask(config=cfg, inputs_embeds=emb, attention_mask=ones) is None
+    # chunked attention (Llama 4's local layers) past its first chunk; the same model's full-attention layers and
+    # inputs within one chunk run
+    from transformers.masking_utils import create_chunked_causal_mask
+
     cfg.attention_chunk_size = 4
     with pytest.raises(NotImplementedError, match="^mask_function: the model attends in chunks of attention_chunk_size=4"):
-        create_causal_mask(**kw)
+        create_chunked_causal_mask(**kw)
+    assert create_causal_mask(**kw) is None
+    assert create_chunked_causal_mask(**{**kw, "inputs_embeds": emb[:, :3], "attention_mask": ones[:, :3]}) is None
 
 
 @needs_tf

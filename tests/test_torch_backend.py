@@ -337,9 +337,9 @@ def test_pinned_sdpa_backends_are_available_only_with_cuda():
         assert get_backend(name).is_available() == torch.cuda.is_available(), name
 
 
-def _inputs(lens_q=(3, 3), lens_k=(4, 4), dtype=torch.float16, **kw):
+def _inputs(lens_q=(3, 3), lens_k=(4, 4), dtype=torch.float16, softmax_scale=8 ** -0.5, **kw):
     q, k, v, cq, ck, mq, mk = random_varlen_inputs(list(lens_q), list(lens_k), 2, 8, dtype=dtype)
-    return AttnInputs(q, k, v, cq, ck, mq, mk, 8 ** -0.5, False, **kw)
+    return AttnInputs(q, k, v, cq, ck, mq, mk, softmax_scale, False, **kw)
 
 
 def test_pinned_sdpa_backend_reasons():
@@ -375,6 +375,8 @@ def test_torch_backend_refuses_cuda_graph_capture_unless_host_free(monkeypatch):
     assert not refused(segments=host)
     assert refused(segments=host, return_lse=True)
     assert refused(segments=host, softcap=0.5)
+    assert refused(segments=host, softmax_scale=0.0)  # a zero scale runs the grouped op, which reads them
+    assert not refused(segments=host, softmax_scale=-0.5)  # a negative one runs on the dense path as -q
 
 
 def test_grouped_backward_with_large_causal_logits():

@@ -39,9 +39,9 @@ a padding hole that changes what a sliding window holds (``ValueError``, see pad
 an attention mask that is not the 2-D boolean mask of our mask function (``TypeError``), and mask overlays that
 a 2-D mask cannot express (``or_mask_function`` / ``and_mask_function``, and any mask that lets some queries see
 the key after them and not others, e.g. PaliGemma's bidirectional image tokens given as ``block_sequence_ids``:
-``NotImplementedError`` from the mask function), and chunked attention past its chunk (``attention_chunk_size``,
-as transformers' flash-attention path refuses it). Not detected: an overlay that makes a causal model's whole
-sequence bidirectional (it reads as a bidirectional mask).
+``NotImplementedError`` from the mask function), and chunked attention (``attention_chunk_size``) once a query
+lies past its first chunk. Not detected: an overlay that makes a causal model's whole sequence bidirectional (it
+reads as a bidirectional mask); under ``torch.compile`` neither probe runs (each is a host read).
 """
 from __future__ import annotations
 
@@ -279,10 +279,11 @@ def elit_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
                                   "block_sequence_ids), which elit attention cannot express (it runs a mask causal "
                                   "or not as a whole); use attn_implementation='sdpa'")
     chunk = getattr(kwargs.get("config"), "attention_chunk_size", None)
-    if isinstance(chunk, int) and chunk > 0 and kv_offset + kv_length > chunk:
+    if mask_function is not None and _hides_earlier_chunks(mask_function, chunk, batch_size, q_length, q_offset,
+                                                           kv_offset, kwargs.get("device")):
         raise NotImplementedError(f"mask_function: the model attends in chunks of attention_chunk_size={chunk} "
-                                  f"tokens and this input holds {kv_offset + kv_length}, which elit attention cannot "
-                                  "express (as transformers' flash-attention path); use attn_implementation='sdpa'")
+                                  "tokens and a query here lies past its first chunk, which elit attention cannot "
+                                  "express (nor transformers' flash-attention path); use attn_implementation='sdpa'")
     if attention_mask is None:
         if kv_length <= q_length:  # no cache: every key is valid
             return None
@@ -320,6 +321,25 @@ def _partly_sees_the_next_key(mask_function, batch_size: int, q_length: int, kv_
                                                                                         device=device), q0 + i, q0 + i + 1)
     seen = torch.as_tensor(seen, device=device).expand(batch_size, n)
     return bool(seen.any()) and not bool(seen.all())
+
+
+def _hides_earlier_chunks(mask_function, chunk, batch_size: int, q_length: int, q_offset, kv_offset, device) -> bool:
+    """Whether ``mask_function`` is chunked attention that matters here (``config.attention_chunk_size``, Llama 4's
+    local layers): some query past the first chunk cannot see the key just before its chunk, which a causal mask
+    shows it. False for the model's full-attention layers (their mask shows it) and without a chunk size. One host
+    read; skipped while tracing."""
+    if not (isinstance(chunk, int) and chunk > 0) or torch.compiler.is_compiling():
+        return False
+    q0 = q_offset if isinstance(q_offset, int) else int(q_offset)
+    p = torch.arange(q0, q0 + q_length, device=device)
+    before = (p // chunk) * chunk - 1  # the last key of the previous chunk
+    keep = before >= kv_offset
+    if not bool(keep.any()):
+        return False
+    p, before = p[keep][None], before[keep][None]
+    seen = mask_function(torch.arange(batch_size, device=device)[:, None], torch.zeros((), dtype=torch.long,
+                                                                                       device=device), p, before)
+    return not bool(torch.as_tensor(seen, device=device).all())
 
 
 #: transformers' own attention implementations, for versions whose registries cannot say which entries are theirs

@@ -105,9 +105,23 @@ class TorchVarlenBackend(_CudaLibrary):
                             "head dim a multiple of 8" + (", GQA" if self.supports_gqa else "")
                             + (", sliding window" if self.supports_window else "") + "; CUDA-graph safe")
 
+    def not_supported_reasons(self, inp):
+        r = super().not_supported_reasons(inp)
+        if (self.supports_window and inp.has_window and not inp.causal and inp.window_left >= 0
+                and (inp.window_right < 0 or inp.window_right >= inp.max_seqlen_k)
+                and inp.max_seqlen_q > inp.max_seqlen_k + 1):
+            # FlashAttention-2 varlen sets an open right side to max_seqlen_k when the left one is bounded: open
+            # only while every segment has at most max_seqlen_k + 1 queries
+            r.append(f"a window open on the right with segments of up to {inp.max_seqlen_q} queries over "
+                     f"{inp.max_seqlen_k} keys (FlashAttention-2 varlen bounds the open side by max_seqlen_k)")
+        return r
+
     def call_kwargs(self, inp) -> dict:
         """The mask and GQA arguments of ``varlen_attn`` for ``inp`` (its window right side is -1 under
-        ``causal``, which bounds it at 0)."""
+        ``causal``, which bounds it at 0). With GQA, ``max_q`` is at least 2: FlashAttention-2 varlen takes a
+        different path for ``max_seqlen_q == 1`` without a window (query heads folded into rows, one row per
+        segment), which mis-assigns rows when a query segment is empty or rows follow the packed data (flash-attn
+        issues 1537, 1619); a bound of 2 is still exact (it is an upper bound)."""
         kw = {}
         if inp.causal or inp.has_window:
             if self.supports_window:
@@ -116,15 +130,17 @@ class TorchVarlenBackend(_CudaLibrary):
                 kw["is_causal"] = True
         if inp.num_kv_heads != inp.num_heads:
             kw["enable_gqa"] = True
+            kw["max_q"] = max(inp.max_seqlen_q, 2)
         return kw
 
     def forward(self, inp):
         from torch.nn.attention.varlen import varlen_attn
 
         kw = self.call_kwargs(inp)
+        max_q = kw.pop("max_q", inp.max_seqlen_q)
         q, scale = positive_scale(inp.q, inp.softmax_scale)
-        out = varlen_attn(q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
-                          inp.max_seqlen_k, scale=scale, **kw)
+        out = varlen_attn(q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, max_q, inp.max_seqlen_k, scale=scale,
+                          **kw)
         seg = inp.segments
         if seg is not None and seg.total_q == inp.q.shape[0]:
             return out  # every row is in a segment

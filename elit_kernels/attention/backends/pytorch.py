@@ -38,12 +38,14 @@ class TorchBackend(Backend):
                    "their real lengths. With host-side segments (varlen_attention(segments=), as the ELIT model "
                    "passes) it reads nothing from the device and traces under torch.compile; without them it "
                    "reads cu_seqlens on the host (a device sync on CUDA; none more than the value checks' read "
-                   "when they derived the segments, up to 64 runs). fp32 follows PyTorch's "
+                   "when they derived the segments, up to 64 runs, except where the grouped path runs). fp32 "
+                   "follows PyTorch's "
                    "float32 matmul precision (TF32 when allowed)")
 
     def not_supported_reasons(self, inp):
         r = super().not_supported_reasons(inp)
-        host_free = inp.segments is not None and not inp.return_lse and inp.softcap == 0.0
+        host_free = (inp.segments is not None and not inp.return_lse and inp.softcap == 0.0
+                     and inp.softmax_scale != 0.0)  # a zero scale goes to the grouped op (torch_ops.positive_scale)
         if (inp.q.is_cuda and not host_free and not torch.compiler.is_compiling()
                 and torch.cuda.is_current_stream_capturing()):
             r.append("reads segment lengths on the host, which CUDA-graph capture forbids (pass segments= to "

@@ -6,9 +6,9 @@
 Methods: default dispatch given the host-side segments (``elit:default``, as the ELIT model calls it), given only
 the tensors (``elit:default(no segments)``, value checks off as for every other row) and as a flash-attn drop-in
 caller gets it (``elit:default(drop-in)``: value checks on, so one host read of cu_seqlens per call, whose
-segments dispatch then uses); every registered varlen_attention backend that supports the inputs (torch, triton, cuda/cpp,
-torch_varlen = torch.nn.attention.varlen, flash_attn when importable), SDPA flash / cuDNN / efficient on
-padded batches (padding is set up untimed; on ragged shapes without a mask they compute padding too,
+segments dispatch then uses); every registered varlen_attention backend that supports the inputs (torch,
+triton, cuda/cpp, torch_varlen = torch.nn.attention.varlen, flash_attn when importable), SDPA flash / cuDNN /
+efficient on padded batches (padding is set up untimed; on ragged shapes without a mask they compute padding too,
 so their rows say exact=false), and FlexAttention with a document mask (compiled on CUDA).
 FLOPs: 4·Σ(Lq·Lk)·H·D forward, ×3.5 for forward+backward (backward = 2.5× forward). A CPU number is
 labelled CPU. Cases are interleaved over repeats and medians quoted (docs/design.md §5).

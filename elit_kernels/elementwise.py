@@ -11,9 +11,10 @@ picks one with its ``elementwise=`` argument.
 Every implementation takes the same arguments and gives a result of x's dtype: x ``[T, C]`` (fp16, bf16, fp32 or
 fp64) and per-sample parameters ``[B, C]`` (and ``y``) of any floating dtype, which need not be x's (under
 ``torch.autocast`` the adaLN parameters come out of a linear in the autocast dtype while x stays fp32). The
-reference computes in fp32 (fp64 for fp64 x); ``"native"`` and ``"fused"`` cast the parameters and ``y`` to x's dtype first. ``eps``
-is checked by ``check_eps`` in every implementation: a finite real number >= 0 (``_types.is_real``: a bool, a str,
-a tensor or None is a TypeError naming ``eps``; NaN, ±inf or a negative value a ValueError).
+reference computes in fp32 (fp64 for fp64 x); ``"native"`` and ``"fused"`` cast the parameters and ``y`` to x's
+dtype first. ``eps`` is checked by ``check_eps`` in every implementation: a finite real number >= 0
+(``_types.is_real``: a bool, a str, a tensor or None is a TypeError naming ``eps``; NaN, ±inf or a negative value a
+ValueError).
 """
 from __future__ import annotations
 

@@ -329,10 +329,9 @@ def _checked_segments(cu_q, cu_k, rows_q: int, rows_k: int, max_q: int, max_k: i
     segments as ``SegmentRuns`` when they form at most ``MAX_RUNS`` runs of equal shape, so that a flash-attn
     style call with uniform segments is dispatched as one (dense SDPA on views; ``dispatch.shape_class``), the
     ``torch`` backend's dense path reads nothing more (its grouped op, for LSE, softcap or more runs, still
-    does), and the window kernels size their key tile from the real longest segment. None for more runs (the kernels
-    take ``cu_seqlens`` as they are), for meta tensors (no values) and with ``derive=False`` (the checks
-    alone). Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at
-    fault (``_cu_lengths``)."""
+    does), and the window kernels size their key tile from the real longest segment. None for more runs (the
+    kernels take ``cu_seqlens`` as they are), for meta tensors (no values) and with ``derive=False`` (the checks
+    alone). Raises ValueError naming the ``cu_seqlens`` or ``max_seqlen`` at fault (``_cu_lengths``)."""
     if cu_q.device.type == "meta":
         return None
     c = [cu_q.tolist(), cu_k.tolist()] if cu_q.device.type == "cpu" else torch.stack([cu_q, cu_k]).tolist()

@@ -120,8 +120,8 @@ class TorchVarlenBackend(_CudaLibrary):
         """The mask and GQA arguments of ``varlen_attn`` for ``inp`` (its window right side is -1 under
         ``causal``, which bounds it at 0). With GQA, ``max_q`` is at least 2: FlashAttention-2 varlen takes a
         different path for ``max_seqlen_q == 1`` without a window (query heads folded into rows, one row per
-        segment), which mis-assigns rows when a query segment is empty or rows follow the packed data (flash-attn
-        issues 1537, 1619); a bound of 2 is still exact (it is an upper bound)."""
+        segment), which mis-assigns rows when a query segment is empty or rows follow the packed data
+        (github.com/Dao-AILab/flash-attention #1537, #1619); a bound of 2 is still exact (it is an upper bound)."""
         kw = {}
         if inp.causal or inp.has_window:
             if self.supports_window:

@@ -39,8 +39,7 @@ class TorchBackend(Backend):
                    "passes) it reads nothing from the device and traces under torch.compile; without them it "
                    "reads cu_seqlens on the host (a device sync on CUDA; none more than the value checks' read "
                    "when they derived the segments, up to 64 runs, except where the grouped path runs). fp32 "
-                   "follows PyTorch's "
-                   "float32 matmul precision (TF32 when allowed)")
+                   "follows PyTorch's float32 matmul precision (TF32 when allowed)")
 
     def not_supported_reasons(self, inp):
         r = super().not_supported_reasons(inp)

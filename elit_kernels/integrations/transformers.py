@@ -308,8 +308,7 @@ def _partly_sees_the_next_key(mask_function, batch_size: int, q_length: int, kv_
     """Whether ``mask_function`` lets some queries see the key right after them and not others: True for a causal
     mask with a bidirectional overlay (transformers adds ``block_sequence_ids`` with ``or_masks`` without marking
     ``use_vmap``), False for a causal mask (no query sees it), a bidirectional one (every query does) and a decoding
-    step (no such key). Evaluated on those ``B x (S_q - 1)`` pairs only, with index tensors as transformers' own
-    non-vmap masks pass them (elementwise mask functions broadcast them); one host read."""
+    step (no such key). Evaluated on those ``B x (S_q - 1)`` pairs only (``_mask_at``); one host read."""
     if torch.compiler.is_compiling():  # a host read would break the graph: the eager calls check it
         return False
     q0 = q_offset if isinstance(q_offset, int) else int(q_offset)
@@ -317,9 +316,7 @@ def _partly_sees_the_next_key(mask_function, batch_size: int, q_length: int, kv_
     if n < 1:
         return False
     i = torch.arange(n, device=device)[None]
-    seen = mask_function(torch.arange(batch_size, device=device)[:, None], torch.zeros((), dtype=torch.long,
-                                                                                        device=device), q0 + i, q0 + i + 1)
-    seen = torch.as_tensor(seen, device=device).expand(batch_size, n)
+    seen = _mask_at(mask_function, batch_size, q0 + i, q0 + i + 1, device)
     return bool(seen.any()) and not bool(seen.all())
 
 
@@ -336,10 +333,16 @@ def _hides_earlier_chunks(mask_function, chunk, batch_size: int, q_length: int, 
     keep = before >= kv_offset
     if not bool(keep.any()):
         return False
-    p, before = p[keep][None], before[keep][None]
-    seen = mask_function(torch.arange(batch_size, device=device)[:, None], torch.zeros((), dtype=torch.long,
-                                                                                       device=device), p, before)
-    return not bool(torch.as_tensor(seen, device=device).all())
+    return not bool(_mask_at(mask_function, batch_size, p[keep][None], before[keep][None], device).all())
+
+
+def _mask_at(mask_function, batch_size: int, q_idx: torch.Tensor, kv_idx: torch.Tensor, device) -> torch.Tensor:
+    """bool ``[B, n]``: ``mask_function`` at the query / key positions ``q_idx`` / ``kv_idx`` (``[1, n]`` each) of
+    every sample, head 0, with index tensors as transformers' own non-vmap masks pass them (elementwise mask
+    functions broadcast them)."""
+    seen = mask_function(torch.arange(batch_size, device=device)[:, None],
+                         torch.zeros((), dtype=torch.long, device=device), q_idx, kv_idx)
+    return torch.as_tensor(seen, device=device).expand(batch_size, q_idx.shape[-1])
 
 
 #: transformers' own attention implementations, for versions whose registries cannot say which entries are theirs

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..._autograd import register_varlen_autograd
 from ..._outputs import new_output
 from ...reference.attention import check_cu_rows, visible_mask
-from ..inputs import MAX_RUNS, SegmentRuns, _run_lengths
+from ..inputs import MAX_RUNS, _few_run_segments
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -281,14 +281,11 @@ def dense_runner(inp):
         return None
     h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     scale, causal, gqa = inp.softmax_scale, inp.causal, hkv != h
-    flip = scale < 0  # see positive_scale
-    scale = abs(scale)
 
     def run(q, k, v):
-        if flip:
-            q = -q
+        q, s = positive_scale(q, scale)
         o = F.scaled_dot_product_attention(q.view(n, lq, h, d).transpose(1, 2), k.view(n, lk, hkv, d).transpose(1, 2),
-                                           v.view(n, lk, hkv, d).transpose(1, 2), is_causal=causal, scale=scale,
+                                           v.view(n, lk, hkv, d).transpose(1, 2), is_causal=causal, scale=s,
                                            enable_gqa=gqa)
         return o.transpose(1, 2).reshape(total_q, h, d)
 
@@ -320,11 +317,10 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
         c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
         check_cu_rows("cu_seqlens_q", c[0], q.shape[0])  # else a view past the rows fails with a nameless error
         check_cu_rows("cu_seqlens_k", c[1], k.shape[0])
-        found = _run_lengths([b - a for a, b in zip(c[0][:-1], c[0][1:])],
-                             [b - a for a, b in zip(c[1][:-1], c[1][1:])], MAX_RUNS)
-        if found is None:  # counting stops at MAX_RUNS + 1 runs: building them all cost ~7 us a run (CPU)
+        segments = _few_run_segments([b - a for a, b in zip(c[0][:-1], c[0][1:])],
+                                     [b - a for a, b in zip(c[1][:-1], c[1][1:])], c[0][-1], c[1][-1])
+        if segments is None:  # more than MAX_RUNS runs
             return None
-        segments = SegmentRuns(found, c[0][-1], c[1][-1])
     runs = segments.offsets  # (n, Lq, Lk, q_start, q_stop, k_start, k_stop) per run
     if len(runs) > MAX_RUNS or segments.total_q > q.shape[0] or segments.total_k > k.shape[0]:
         return None  # too many runs, or lengths past the tensors (the grouped op names the bad cu_seqlens)

@@ -410,15 +410,14 @@ def test_transformers_register_names_transformers_reads_differently(name, why):
         assert register(ok) == ok and ok in transformers.AttentionInterface._global_mapping
 
 
-def _window_sets_differ(key_ok, starts, first_q, left, right) -> bool:
+def _window_sets_differ(key_ok, first_q, left, right) -> bool:
     """Brute force: does any valid query (key positions >= first_q) see another set of keys when the window is
-    counted over the gathered valid tokens of its segment than when it is counted over positions?"""
-    for row, st in zip(key_ok.tolist(), starts.tolist()):
-        seg_of = [sum(st[:p + 1]) for p in range(len(row))]
+    counted over the gathered valid tokens of its row than when it is counted over positions?"""
+    for row in key_ok.tolist():
         for p, ok in enumerate(row):
             if not ok or p < first_q:
                 continue
-            same = [j for j in range(len(row)) if row[j] and seg_of[j] == seg_of[p]]
+            same = [j for j in range(len(row)) if row[j]]
             i = same.index(p)
             lo, hi = (0 if left < 0 else max(0, i - left)), (len(same) if right < 0 else i + right + 1)
             gathered = set(same[lo:hi])
@@ -431,8 +430,8 @@ def _window_sets_differ(key_ok, starts, first_q, left, right) -> bool:
 @needs_tf
 def test_transformers_window_hole_check_matches_brute_force():
     """The exact hole check (refuse only when a query's packed window would hold other keys than its positional
-    one) against a brute-force set comparison, on random masks with holes, packed rows, causal and two-sided
-    windows and cached queries; both outcomes occur."""
+    one) against a brute-force set comparison, on random masks with holes, causal and two-sided windows and
+    cached queries; both outcomes occur."""
     from elit_kernels.integrations.transformers import _check_window_holes
 
     g = torch.Generator().manual_seed(11)
@@ -440,22 +439,19 @@ def test_transformers_window_hole_check_matches_brute_force():
     for trial in range(300):
         b, s = 3, int(torch.randint(4, 14, (1,), generator=g))
         key_ok = torch.rand(b, s, generator=g) > torch.rand(1, generator=g).item() * 0.6
-        packed = trial % 3 == 0
-        starts = (torch.rand(b, s, generator=g) < 0.25) if packed else torch.zeros(b, s, dtype=torch.bool)
-        starts[:, 0] = True
         w = int(torch.randint(1, 6, (1,), generator=g))
         right = 0 if trial % 2 else w - 1
-        first_q = 0 if packed else int(torch.randint(0, s, (1,), generator=g))
-        want = _window_sets_differ(key_ok, starts, first_q, w - 1, right)
+        first_q = int(torch.randint(0, s, (1,), generator=g))
+        want = _window_sets_differ(key_ok, first_q, w - 1, right)
         outcomes.add(want)
         try:
-            _check_window_holes(key_ok, starts if packed else None, first_q, s, w - 1, right, w)
+            _check_window_holes(key_ok, first_q, s, w - 1, right, w)
             got = False
         except ValueError as e:
             msg = str(e)
             assert msg.startswith("attention_mask: padding between the valid tokens") and f"sliding_window={w}" in msg
             got = True
-        assert got == want, (key_ok, starts, first_q, w, right)
+        assert got == want, (key_ok, first_q, w, right)
     assert outcomes == {True, False}
 
 

@@ -121,38 +121,29 @@ def _packed_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: in
     return _cu(lengths), int(lengths.max())
 
 
-def _check_window_holes(key_ok: torch.Tensor, start: torch.Tensor | None, first_q: int, end_q: int, left: int,
-                        right: int, sliding_window: int) -> None:
+def _check_window_holes(key_ok: torch.Tensor, first_q: int, end_q: int, left: int, right: int,
+                        sliding_window: int) -> None:
     """Raise ``ValueError`` naming ``attention_mask`` when a padding hole would change what a sliding window holds.
 
     The packed call applies the window to the gathered valid tokens (``left`` valid keys before a query and
     ``right`` after it), transformers applies it to positions (the valid keys among the ``left`` positions before
     and ``right`` after). The gathered window always holds the positional one; the two agree exactly when they
     hold as many keys, which this counts for every valid query (key positions ``first_q .. end_q - 1`` of
-    ``key_ok``, bool ``[B, S_k]``), within its segment (its row, or its packed sequence when ``start``, bool
-    ``[B, S_k]``, marks where sequences start). Left or right padding never differs; a hole differs only when a
-    query's window reaches past it. One host read."""
+    ``key_ok``, bool ``[B, S_k]``), within its row (one sequence per row: with a padding mask, ``position_ids``
+    are not read, as in transformers). Left or right padding never differs; a hole differs only when a query's
+    window reaches past it. One host read."""
     b, sk = key_ok.shape
     valid = key_ok.to(torch.int64)
     upto = torch.cumsum(valid, 1)  # valid keys at positions <= p
     before = upto - valid  # valid keys at positions < p
     pos = torch.arange(sk, device=key_ok.device).expand(b, sk)
-    if start is None:
-        first = torch.zeros_like(pos)
-        last = torch.full_like(pos, sk - 1)
-    else:
-        first = torch.where(start, pos, 0).cummax(1).values
-        ends = torch.zeros_like(start)
-        ends[:, :-1] = start[:, 1:]
-        ends[:, -1] = True
-        last = torch.where(ends, pos, sk - 1).flip(1).cummin(1).values.flip(1)
     wrong = torch.zeros_like(key_ok)
     if left >= 0:
-        lo = torch.maximum(pos - left, first)
-        wrong |= (upto - before.gather(1, lo)) != torch.clamp_max(upto - before.gather(1, first), left + 1)
+        lo = torch.clamp_min(pos - left, 0)
+        wrong |= (upto - before.gather(1, lo)) != torch.clamp_max(upto, left + 1)
     if right >= 0:
-        hi = torch.minimum(pos + right, last)
-        wrong |= (upto.gather(1, hi) - before) != torch.clamp_max(upto.gather(1, last) - before, right + 1)
+        hi = torch.clamp_max(pos + right, sk - 1)
+        wrong |= (upto.gather(1, hi) - before) != torch.clamp_max(upto[:, -1:] - before, right + 1)
     queries = key_ok.clone()
     queries[:, :first_q] = False
     queries[:, end_q:] = False
@@ -230,7 +221,7 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         # ignore them then (a padding slot's position, 1 under generate(), read as a restart cut the tokens after
         # a hole off from those before it)
         if window != (-1, -1) and sq <= written:
-            _check_window_holes(key_ok, None, written - sq, written, window[0], 0 if causal else window[1],
+            _check_window_holes(key_ok, written - sq, written, window[0], 0 if causal else window[1],
                                 sliding_window)
         len_q, len_k = q_ok.sum(1), key_ok.sum(1)  # one segment per row
         idx_q, idx_k = q_ok.flatten().nonzero().flatten(), key_ok.flatten().nonzero().flatten()

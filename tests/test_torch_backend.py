@@ -414,3 +414,33 @@ def test_a_direct_ragged_call_is_not_read_twice_on_the_host(monkeypatch, n_runs)
     finally:
         set_value_checks(True)
     assert reads == ["cu_seqlens_q", "cu_seqlens_k"]
+
+
+def test_a_direct_call_of_many_runs_goes_straight_to_the_grouped_op(monkeypatch):
+    """Past MAX_RUNS runs the value checks' read already says the dense path cannot run (AttnInputs.many_runs):
+    the torch backend must not read cu_seqlens again to find that out (it was three host reads a call, each a
+    device sync on a GPU: the checks', the dense path's, the grouped op's). Checks off: nothing was read, so the
+    dense path reads them itself (the spy can fail); an AttentionPlan-style call (derive_segments=False) too."""
+    from elit_kernels import set_value_checks
+    from elit_kernels.attention import validate_inputs
+
+    n = TA.MAX_RUNS + 1
+    lens_q, lens_k = [2] * n, list(range(2, n + 2))
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, seed=5, extra_q=2)
+    want = _ref(q, k, v, cq, ck)
+    assert validate_inputs(q, k, v, cq, ck, mq, mk).many_runs
+    assert not validate_inputs(q, k, v, cq, ck, mq, mk, derive_segments=False).many_runs
+    few = random_varlen_inputs([2] * 3, [3] * 3, 2, 8, seed=5)
+    assert not validate_inputs(*few).many_runs
+    reads = []
+    real = TA.check_cu_rows
+    monkeypatch.setattr(TA, "check_cu_rows", lambda *a: reads.append(a[0]) or real(*a))
+    torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch"), want)
+    assert reads == []
+    set_value_checks(False)
+    try:
+        assert not validate_inputs(q, k, v, cq, ck, mq, mk).many_runs
+        torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch"), want)
+    finally:
+        set_value_checks(True)
+    assert reads == ["cu_seqlens_q", "cu_seqlens_k"]

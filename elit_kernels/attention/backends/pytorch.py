@@ -52,7 +52,7 @@ class TorchBackend(Backend):
         return r
 
     def forward(self, inp):
-        if (not inp.return_lse and inp.softcap == 0.0
+        if (not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs
                 and (inp.segments is not None or not (torch.compiler.is_compiling() or inp.q.device.type == "meta"))):
             out = torch_ops.sdpa_over_runs(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.softmax_scale,
                                            inp.causal, inp.window_left, inp.window_right, segments=inp.segments)

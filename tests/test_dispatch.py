@@ -1048,3 +1048,63 @@ def test_every_dispatch_change_starts_a_generation_never_seen_before(monkeypatch
     finally:
         D.clear_decisions()
     assert seen == sorted(set(seen)), seen  # strictly increasing: every value new
+
+
+def _eligible(b, inp) -> bool:
+    """Whether ``b`` takes ``inp`` by its per-call refusals, its device refusal left out (a CUDA backend's other
+    refusals must still be keyed right on a CPU)."""
+    return not [r for r in b.not_supported_reasons(inp) if not r.startswith("needs cuda")]
+
+
+def test_the_decision_key_holds_every_field_a_backend_refuses_by():
+    """A cached decision answers every call of its key: two calls with one key that some backend takes differently
+    would run the second on a backend that refuses it (a zero softmax_scale, which FlashAttention-2 turns into NaN,
+    once shared the key of a nonzero one: torch_varlen then ran it from the cache). Over a grid of the fields the
+    backends read, calls with equal keys must get the same verdict from every registered backend."""
+    import itertools
+
+    seen: dict = {}
+    grid = itertools.product((torch.float32, torch.float16), (None, 0.0, -0.5), (False, True),
+                             ((-1, -1), (2, -1), (2, 3)), (0.0, 5.0), (False, True), (1, 2), (False, True),
+                             (((3, 5), (5, 5)), ((2, 2), (9, 9))), (False, True))
+    for dtype, scale, causal, window, softcap, lse, kv_heads, segs, (lq, lk), det in grid:
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs(list(lq), list(lk), 2, 8, dtype=dtype, seed=0)
+        k, v = k[:, :kv_heads], v[:, :kv_heads]
+        seg = SegmentRuns.from_lengths(lq, lk) if segs else None
+        inp = A.validate_inputs(q, k, v, cq, ck, mq, mk, scale, causal, return_lse=lse, window_size=window,
+                                softcap=softcap, segments=seg, deterministic=det, derive_segments=False)
+        verdict = tuple(_eligible(b, inp) for b in R.registered_backends())
+        key = D._decision_key(inp)
+        call = dict(dtype=dtype, scale=scale, causal=causal, window=window, softcap=softcap, lse=lse,
+                    kv_heads=kv_heads, segments=segs, lengths=(lq, lk), deterministic=det)
+        first = seen.setdefault(key, (verdict, call))
+        assert first[0] == verdict, f"one decision key, different backends eligible: {first[1]} vs {call}"
+    assert len(seen) > 100
+
+
+def test_a_zero_scale_is_not_answered_from_a_nonzero_scales_cached_decision(fakes):
+    """End to end: a backend that refuses a zero scale (as FlashAttention-2 varlen does) and is picked for a call of
+    scale 0.3 must not run the same call of scale 0 from the cache."""
+    ran = []
+
+    class NoZeroScale(R.Backend):
+        name, priority = "no_zero_scale", 1000
+
+        def not_supported_reasons(self, inp):
+            return super().not_supported_reasons(inp) + (["softmax_scale 0"] if inp.softmax_scale == 0.0 else [])
+
+        def forward(self, inp):
+            ran.append(inp.softmax_scale)
+            return D.get_backend("reference").forward(inp)
+
+    R.register_backend(NoZeroScale())
+    try:
+        q, k, v, cq, ck, mq, mk = random_varlen_inputs([3, 5], [4, 6], 2, 8, seed=2)
+        A.varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.3)
+        out = A.varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.0)
+        assert ran == [0.3]
+        torch.testing.assert_close(out, A.varlen_attention(q, k, v, cq, ck, mq, mk, softmax_scale=0.0,
+                                                           backend="reference"))
+    finally:
+        R._REGISTRY.pop("no_zero_scale", None)
+        D.clear_decisions()

@@ -289,6 +289,21 @@ def test_bare_state_dict_with_arch(tmp_path):
         load_checkpoint(str(p), arch=arch_of(FIXTURE_A) | {"encoder_depth": None})  # None: not given
 
 
+def test_a_latent_table_shorter_than_the_grid_is_refused_naming_the_file_and_key(tmp_path):
+    """latent_pos_embed indexes the grid's tokens by raster position: fewer rows than tokens was refused by the
+    config with a bare 'latent_pos_rows: 32 < 64 tokens', naming neither the file nor the key (every other
+    inconsistency names both)."""
+    key = "input_token_editor.adapters.0.latent_pos_embed"
+
+    def cut(sd):
+        sd[key] = sd[key][:3].clone()
+        return sd
+
+    p = _variant(tmp_path, "short.pt", edit_sd=cut)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(p)}: {re.escape(key)} has 3 rows, fewer than the "):
+        load_checkpoint(p, arch=arch_of(FIXTURE_A))
+
+
 @pytest.mark.parametrize("kind", ["bool", "int64", "complex"])
 def test_a_weight_that_is_not_floating_point_is_refused_naming_it(tmp_path, kind):
     """A bool, integer or complex tensor where a float weight belongs was cast in without a word (the output

@@ -204,10 +204,17 @@ def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint", 
         raise CheckpointError(f"{path}: group size {gs} does not divide the {grid}x{grid} token grid")
     if not 0 <= enc <= depth - tail:
         raise CheckpointError(f"{path}: encoder_depth {enc} + tail {tail} exceed depth {depth}")
-    return ElitConfig(
-        **{**RELEASED_SWITCHES, "latent_pos_rows": rows},
-        hidden=d, depth=depth, heads=heads, patch=p, in_channels=cin, input_size=grid * p, window=gs,
-        num_classes=ncls, head_blocks=enc, tail_blocks=tail, mlp_ratio=mlp_hidden / d, interface_mlp_ratio=read_hidden / d)
+    if rows < grid * grid:
+        raise CheckpointError(f"{path}: {READ}latent_pos_embed has {rows} rows, fewer than the {grid}x{grid} = "
+                              f"{grid * grid} tokens of the grid it indexes by raster position")
+    try:
+        return ElitConfig(
+            **{**RELEASED_SWITCHES, "latent_pos_rows": rows},
+            hidden=d, depth=depth, heads=heads, patch=p, in_channels=cin, input_size=grid * p, window=gs,
+            num_classes=ncls, head_blocks=enc, tail_blocks=tail, mlp_ratio=mlp_hidden / d,
+            interface_mlp_ratio=read_hidden / d)
+    except ValueError as e:  # any other inconsistency the config's own checks find: named with the file
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # --- the key map ------------------------------------------------------------------------------------------

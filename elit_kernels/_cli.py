@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -158,6 +159,15 @@ def user_path(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def arch_hint(msg: str) -> str | None:
+    """The ``--arch`` flags for the loader's advice ``pass arch={'num_heads': H, ...}`` in ``msg`` (None: none)."""
+    advice = re.search(r"pass arch=\{([^}]*)\}", msg)
+    if not advice:
+        return None
+    pairs = re.findall(r"'(\w+)':\s*([^,]+)", advice.group(1))
+    return " ".join(f"--arch {k}={v.strip()}" for k, v in pairs) or None
+
+
 _CREATED: list[str] = []  # folders output_dir_error created in this process, parents first
 
 
@@ -238,6 +248,11 @@ def bench_device(name: str | None) -> torch.device:
 SIGINT_STATUS = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
 
 
+def created_here(folder: str) -> bool:
+    """Whether ``output_dir_error`` created ``folder`` in this process."""
+    return os.path.abspath(folder) in {os.path.abspath(f) for f in _CREATED}
+
+
 def remove_empty_created() -> None:
     """Remove the folders ``output_dir_error`` created that are still empty (deepest first; one holding anything,
     or already gone, is left as it is): an interrupted run leaves no empty output folder behind."""
@@ -249,14 +264,18 @@ def remove_empty_created() -> None:
             pass
 
 
-def run_interruptible(prog: str, body: Callable[[], int], kept: str | Callable[[], str]) -> int:
+def run_interruptible(prog: str, body: Callable[[], int], kept: str | Callable[[], str],
+                      cleanup: Callable[[], None] | None = None) -> int:
     """``body()``; a Ctrl-C (KeyboardInterrupt) ends it with one line on stderr, ``prog: interrupted; <kept>``
     (what the run leaves on disk and how to go on; a callable is asked then, when that depends on how far the run
-    got), and exit status 130, not a traceback from wherever the interpreter happened to be. Output folders the
-    run created and left empty are removed first (``remove_empty_created``)."""
+    got), and exit status 130, not a traceback from wherever the interpreter happened to be. ``cleanup()`` runs
+    first (a command removing its own bookkeeping files when it produced nothing), then output folders the run
+    created and left empty are removed (``remove_empty_created``)."""
     try:
         return body()
     except KeyboardInterrupt:
+        if cleanup is not None:
+            cleanup()
         remove_empty_created()
         print(f"{prog}: interrupted; {kept() if callable(kept) else kept}", file=sys.stderr)
         return SIGINT_STATUS

@@ -146,6 +146,9 @@ def test_budget_mix_list_form_accepts_int_j_and_real_weights():
 
     got = S.parse_budget_mix([(4, 1), (np.int64(2), 0.5), (1, Fraction(1, 4))])
     assert got == [(4, Fraction(1)), (2, Fraction(1, 2)), (1, Fraction(1, 4))] and type(got[1][0]) is int
+    # NumPy's float32 / float16 (not Fraction-able as they are) and float64 / ints: their exact values
+    assert S.parse_budget_mix([(4, np.float32(0.5)), (2, np.float16(0.25)), (1, np.float64(0.25))]) == [
+        (4, Fraction(1, 2)), (2, Fraction(1, 4)), (1, Fraction(1, 4))]
     assert S.mix_budgets(got, range(50)) == S.mix_budgets("4:1,2:0.5,1:0.25", range(50))
 
 
@@ -358,7 +361,7 @@ def test_resume_refuses_a_folder_of_another_run(files, tmp_path, capsys):
         run(files, out, num_samples=2, batch_size=2, seed=2, latents_only=True)
     notes = []
     run(files, out, num_samples=3, batch_size=1, seed=1, latents_only=True, log=notes.append)
-    assert any("batch_size was 2, now 1" in n for n in notes)
+    assert any("resuming with different batch_size (was 2, now 1)" in n for n in notes)
 
 
 # --- torchrun ---------------------------------------------------------------------------------------------
@@ -530,3 +533,130 @@ def test_generate_takes_numpy_numbers_and_writes_python_ones(files, tmp_path):
     assert np.array_equal(runs["np"][1], runs["py"][1])
     settings = {n: sorted(p.name for p in (tmp_path / n).iterdir()) for n in runs}
     assert settings["np"] == settings["py"]
+
+
+# --- what the fuzzing of the sampler's edges found ------------------------------------------------------
+def test_a_model_passed_in_is_left_as_it_was_and_resuming_with_another_model_is_refused(files, tmp_path):
+    """generate(model) converted the caller's module in place (its dtype, eval mode, backend), and config.json named
+    every module "<ElitDiT>": resuming with other weights mixed two models' samples in one run. The module is left
+    as it was (a converted copy where the dtype differs), its name carries a fingerprint of its weights, and
+    resuming with another model is refused; with the same one it resumes."""
+    m = load_model(files["ckpt"]).train()
+    w0 = next(m.parameters()).detach().clone()
+    out = tmp_path / "o"
+    kw = dict(num_samples=2, steps=1, batch_size=2, latents_only=True, progress=False, backend="torch",
+              log=lambda *a, **k: None)
+    S.generate(m, out, dtype="bfloat16", **kw)
+    assert next(m.parameters()).dtype == torch.float32 and torch.equal(next(m.parameters()), w0)
+    assert m.training and all(x.training for x in m.modules()) and m.backend is None
+    other = load_model(files["ckpt"])
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(S.UsageError, match=r"^out: .*different run \(checkpoint: '<ElitDiT weights [0-9a-f]{16}>' "
+                                           r"there, '<ElitDiT weights [0-9a-f]{16}>' now"):
+        S.generate(other, out, dtype="bfloat16", **{**kw, "num_samples": 3})
+    res = S.generate(m, out, dtype="bfloat16", **{**kw, "num_samples": 3})  # the same weights: resumes
+    assert (res.generated, res.skipped) == (1, 2)
+    with pytest.raises(S.UsageError, match="^arch: only for a checkpoint file"):
+        S.generate(m, tmp_path / "x", arch={"num_heads": 2}, **kw)
+
+
+def test_the_weak_budget_is_checked_against_every_j_of_a_mix_not_the_first_n_samples(files, tmp_path):
+    """A mix whose smallest J falls on no sample of a small run passed the check, and the same run grown to more
+    samples was then refused: the weak J is checked against every J of the mix (docs/sampling.md)."""
+    mix = "4:0.9,1:0.1"
+    assert 1 not in S.mix_budgets(mix, range(2))  # the first two samples have J = 4
+    with pytest.raises(S.UsageError, match=r"^weak_latents: the weak pass's 2 latents per group are more than the "
+                                           r"conditional pass's 1 \(the smallest J of --budget-mix\)"):
+        run(files, tmp_path / "o", num_samples=2, latents_only=True, guidance="ccfg", cfg_scale=2.0,
+            budget_mix=mix, weak_latents=2)
+
+
+def test_numpy_numbers_in_arch_are_written_as_python_ones(tmp_path):
+    """arch values as NumPy ints load (the loader takes them), and config.json, which is JSON, gets Python ints:
+    it was a TypeError from json after the output folder was made."""
+    import json
+
+    out = tmp_path / "o"
+    S.generate(str(FIXTURE), out, arch={"num_heads": np.int64(2), "dit_decoder_depth": np.int32(1)}, num_samples=1,
+               steps=1, latents_only=True, backend="torch", progress=False, log=lambda *a, **k: None)
+    arch = json.loads((out / "config.json").read_text())["settings"]["arch"]
+    assert arch == {"num_heads": 2, "dit_decoder_depth": 1}
+
+
+@pytest.mark.parametrize("world, env, why", [
+    ("2", {}, "2 asks for a run of 2 processes, but RANK, MASTER_ADDR, MASTER_PORT are not set: launch it with "
+              "torchrun"),
+    ("2", {"RANK": "0", "MASTER_ADDR": "localhost"}, "MASTER_PORT is not set"),
+    ("two", {}, "expected an int (the process count torchrun sets), got 'two'"),
+])
+def test_a_world_size_without_torchrun_is_a_usage_error(files, tmp_path, monkeypatch, capsys, world, env, why):
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        S.main([files["ckpt"], "--latents-only", "--num-samples", "1", "--steps", "1", "--no-progress",
+                "--backend", "torch", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "elit-sample: error: WORLD_SIZE: " in err and why in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_before_the_first_sample_removes_the_folder_it_created_and_a_leftover_config_is_replaced(
+        files, tmp_path, monkeypatch, capsys):
+    """docs/sampling.md: stopped before anything was written, an output folder the run created is removed again
+    (config.json, the run lock and the empty latents/ were left, and the folder then refused a run of other
+    settings although it held no sample). In a folder that was there before, the run's config.json stays, and a
+    run of other settings replaces it, with a note, because no sample depends on it."""
+    argv = [files["ckpt"], "--latents-only", "--num-samples", "2", "--steps", "1", "--no-progress", "--backend",
+            "torch"]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(R._Run, "sample", interrupted)
+        assert S.main(argv + ["--out", str(tmp_path / "new" / "deep")]) == 130
+        assert not (tmp_path / "new").exists()
+        (tmp_path / "was_here").mkdir()
+        assert S.main(argv + ["--out", str(tmp_path / "was_here")]) == 130
+    assert (tmp_path / "was_here" / "config.json").is_file()
+    assert "no sample was written yet" in capsys.readouterr().err
+    notes = []
+    res = S.generate(files["ckpt"], tmp_path / "was_here", num_samples=2, steps=1, seed=5, latents_only=True,
+                     backend="torch", progress=False, log=notes.append)
+    assert res.generated == 2
+    assert any("wrote no sample: its config.json is replaced" in n and "seed: 0 there, 5 now" in n for n in notes)
+    with pytest.raises(S.UsageError, match=r"^out: .*different run \(seed: 5 there, 0 now"):  # now it holds samples
+        S.generate(files["ckpt"], tmp_path / "was_here", num_samples=2, steps=1, latents_only=True, backend="torch",
+                   progress=False, log=notes.append)
+
+
+@pytest.mark.parametrize("classes, why", [
+    ("1,2", "expected a sequence of int class ids, got str '1,2' (on the command line: --classes 1,2,3)"),
+    ({3, 1}, "expected an ordered sequence of int class ids"),
+    (torch.tensor([[1, 2]]), "expected a 1-D integer tensor or array of class ids, got shape (1, 2)"),
+    (np.array([1.0, 2.0]), "expected a 1-D integer tensor or array of class ids"),
+    ([], "empty class list"),
+])
+def test_classes_of_the_wrong_kind_are_refused_by_name(files, tmp_path, classes, why):
+    with pytest.raises(S.UsageError, match="^classes: " + __import__("re").escape(why)):
+        run(files, tmp_path / "o", num_samples=2, latents_only=True, classes=classes)
+    assert not (tmp_path / "o").exists()
+
+
+def test_classes_as_a_tensor_or_array_are_the_list_they_hold(files, tmp_path):
+    runs = [run(files, tmp_path / str(i), num_samples=3, latents_only=True, classes=c).labels
+            for i, c in enumerate(([2, 7], torch.tensor([2, 7]), np.array([2, 7], dtype=np.int32)))]
+    assert [list(map(int, r)) for r in runs] == [[2, 7, 2]] * 3
+
+
+@pytest.mark.parametrize("text", ["0_1", "\u0661", "1.0", "0x1"])
+def test_class_ids_on_the_command_line_are_ascii_digits(text):
+    from elit_kernels.sample.cli import _read_classes
+
+    with pytest.raises(S.UsageError, match="^classes: unknown class .*: expected integer class ids"):
+        _read_classes(text, None)
+    assert _read_classes(" 3, +4 ", None) == [3, 4]

@@ -213,7 +213,8 @@ def test_check_earlier_run_reads_partial_and_foreign_run_files(tmp_path):
     write({"format": O.FORMAT, "settings": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}, "soft": {"backend": "torch"}})
     # a soft setting the earlier run did not record is no note; one it recorded differently is
     assert O.check_earlier_run(path, {"a": 1}, {"batch_size": 2, "backend": "triton"}) == [
-        "backend was 'torch', now 'triton'"]
+        "resuming with different backend (was 'torch', now 'triton'): the remaining samples differ from a fresh run's "
+        "by floating-point rounding only"]
     # five settings differ: the first four are shown, "; "-separated
     with pytest.raises(S.UsageError) as e:
         O.check_earlier_run(path, {k: 0 for k in "abcde"}, {})
@@ -254,6 +255,13 @@ def test_load_model_names_the_argument_the_loader_names(tmp_path):
         O.load_model(str(FIXTURE), "ema", None, CPU, None, "torch")
     assert (e.value.arg, e.value.message) == (
         "checkpoint", msg + " (on the command line: --arch num_heads=H --arch dit_decoder_depth=T)")
+    # the hint follows the loader's advice: a bare state_dict with its heads given lacks encoder_depth (the fixed
+    # hint named num_heads and dit_decoder_depth, already given)
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(str(FIXTURE), weights_only=False)["ema"], bare)
+    with pytest.raises(S.UsageError) as e:
+        O.load_model(str(bare), "ema", {**ARCH, "depth": 4}, CPU, None, "torch")
+    assert e.value.arg == "checkpoint" and e.value.message.endswith("(on the command line: --arch encoder_depth=N)")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(S.UsageError) as e:

@@ -15,7 +15,6 @@ import argparse
 import ast
 import json
 import os
-import re
 import sys
 
 from .. import __version__
@@ -55,15 +54,6 @@ def merge_arch(items: list[dict]) -> tuple[dict, str | None]:
                 return arch, f"{k} is given twice ({arch[k]!r} and {v!r}); give it once"
             arch[k] = v
     return arch, None
-
-
-def _arch_hint(msg: str) -> str | None:
-    """The ``--arch`` flags for the loader's advice ``pass arch={'num_heads': H, ...}`` in ``msg`` (None: none)."""
-    advice = re.search(r"pass arch=\{([^}]*)\}", msg)
-    if not advice:
-        return None
-    pairs = re.findall(r"'(\w+)':\s*([^,]+)", advice.group(1))
-    return " ".join(f"--arch {k}={v.strip()}" for k, v in pairs) or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +100,7 @@ def _main(parser, args) -> int:
         flag = "--arch" if msg.startswith("arch") else "--weights" if msg.startswith("weights") else "checkpoint"
         if flag != "checkpoint":  # the loader names its argument first ("arch: ..."): the flag replaces it
             msg = msg.split(": ", 1)[1] if ": " in msg else msg
-        if hint := _arch_hint(msg):
+        if hint := _cli.arch_hint(msg):
             msg += f" (on the command line: {hint})"
         parser.error(f"{flag}: {msg}" if flag != "checkpoint" or not msg.startswith(args.checkpoint) else msg)
     info = dict(getattr(model, "checkpoint_info", {}))

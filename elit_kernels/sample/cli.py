@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 import warnings
 
@@ -37,10 +39,10 @@ def _read_classes(text: str | None, path: str | None):
         items, arg = [s.strip() for s in text.split(",") if s.strip()], "classes"
     out = []
     for s in items:
-        try:
-            out.append(int(s))
-        except ValueError:
-            raise UsageError(arg, f"unknown class {s!r}: expected integer class ids") from None
+        # ASCII digits only: int() also takes "0_1" (as 1) and other scripts' digits, which a typo should not be
+        if not re.fullmatch(r"[+-]?[0-9]+", s):
+            raise UsageError(arg, f"unknown class {s!r}: expected integer class ids (digits 0-9)")
+        out.append(int(s))
     if not out:
         raise UsageError(arg, "no class ids found")
     return out
@@ -114,7 +116,23 @@ def main(argv=None) -> int:
             return f"the samples written so far are kept in {args.out}: rerun the same command to resume"
         return "no sample was written yet: rerun the same command to start"
 
-    return _cli.run_interruptible("elit-sample", lambda: _main(parser, args), kept)
+    def discard_empty_run() -> None:
+        """Stopped before the first sample, in an output folder this run created: its own files go (config.json,
+        the run lock, empty sample folders), so that the folder is removed as docs/sampling.md says."""
+        from .files import LOCK_NAME, remove_temporaries, samples_on_disk
+
+        subs = [(os.path.join(args.out, sub), ext) for sub, ext in (("latents", "npy"), ("samples", "png"))]
+        if not _cli.created_here(args.out) or any(samples_on_disk(d, ext) for d, ext in subs):
+            return
+        for name in ("config.json", LOCK_NAME):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(args.out, name))
+        for d, _ in subs:
+            with contextlib.suppress(OSError):
+                remove_temporaries(d)
+                os.rmdir(d)
+
+    return _cli.run_interruptible("elit-sample", lambda: _main(parser, args), kept, discard_empty_run)
 
 
 def _one_line(default):
@@ -149,7 +167,8 @@ def _main(parser, args) -> int:
                      grid=args.grid, weights=args.weights, arch=arch or None, tf32=args.tf32,
                      progress=not args.no_progress)
     except UsageError as e:
-        flag = e.arg if e.arg in ("checkpoint", _cli.ENV_BACKEND) else "--" + e.arg.replace("_", "-")
+        # an environment variable (ELIT_BACKEND, WORLD_SIZE) is named as it is, an argument by its flag
+        flag = e.arg if e.arg == "checkpoint" or e.arg.isupper() else "--" + e.arg.replace("_", "-")
         parser.error(f"{flag}: {e.message}")
     except SamplingError as e:
         print(f"elit-sample: error: {e}", file=sys.stderr)

@@ -2,10 +2,14 @@
 folder and an earlier run's settings; the FLOPs report. Every error is a UsageError naming the argument."""
 from __future__ import annotations
 
+import copy
+import hashlib
+import itertools
 import json
 import os
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from .. import flow
@@ -41,6 +45,33 @@ def check_bool(name, v):
     return usage(flow._check_bool, name, v)
 
 
+def check_classes(classes) -> list:
+    """``classes`` as a list of class ids, in order: a sequence (list, tuple, range) or a 1-D integer tensor /
+    NumPy array. UsageError naming ``classes`` for a str (``"1,2"`` is the command line's form), a set or dict
+    (no order: sample i gets ``classes[i % len(classes)]``), an empty list; the ids' range is checked against
+    the model later."""
+    if isinstance(classes, (str, bytes, bytearray)):
+        raise UsageError("classes", f"expected a sequence of int class ids, got {type(classes).__name__} "
+                                    f"{classes!r} (on the command line: --classes 1,2,3)")
+    if isinstance(classes, (set, frozenset, dict)):
+        raise UsageError("classes", f"expected an ordered sequence of int class ids (sample i gets classes[i % "
+                                    f"len(classes)]), got a {type(classes).__name__}")
+    if isinstance(classes, (torch.Tensor, np.ndarray)):
+        if classes.ndim != 1 or classes.dtype in (torch.bool, np.bool_) or not (
+                (isinstance(classes, torch.Tensor) and not classes.is_floating_point() and not classes.is_complex())
+                or (isinstance(classes, np.ndarray) and np.issubdtype(classes.dtype, np.integer))):
+            raise UsageError("classes", f"expected a 1-D integer tensor or array of class ids, got shape "
+                                        f"{tuple(classes.shape)} and dtype {classes.dtype}")
+        classes = classes.tolist()
+    try:
+        out = list(classes)
+    except TypeError:
+        raise UsageError("classes", f"expected a sequence of int class ids, got {type(classes).__name__}") from None
+    if not out:
+        raise UsageError("classes", "empty class list")
+    return out
+
+
 def resolve_device(device, local_rank: int) -> torch.device:
     """None -> ``cuda:LOCAL_RANK`` when CUDA is available, else cpu; ``cuda`` -> ``cuda:LOCAL_RANK``."""
     if device is None:
@@ -60,13 +91,25 @@ def resolve_device(device, local_rank: int) -> torch.device:
 
 
 def load_model(checkpoint, weights, arch, device, dtype, backend):
-    """(model in eval mode, the checkpoint's name, its size in bytes or None for a module passed in)."""
+    """(model, the checkpoint's name, its size in bytes or None for a module passed in). A file is loaded in eval
+    mode. A module passed in is not changed: when a parameter or buffer is on another device or (floating point)
+    of another dtype, the run uses a converted copy (``copy.deepcopy``: memory for a second model); its train /
+    eval modes and ``backend`` are set for the run by the caller and put back after (``_Run``). Its name holds
+    a fingerprint of its weights (``module_fingerprint``), so that resuming a run with another module is refused
+    like resuming with another file."""
     from ..models.checkpoint import CheckpointError
     from ..official import load_checkpoint
 
     if isinstance(checkpoint, torch.nn.Module):
-        return checkpoint.to(device=device, dtype=dtype).eval(), f"<{type(checkpoint).__name__}>", None
-    from .._cli import input_file_error
+        if arch:
+            raise UsageError("arch", "only for a checkpoint file (a bare state_dict); the model passed in has its "
+                                     "config")
+        model = checkpoint
+        if any(t.device != device or (t.is_floating_point() and t.dtype != dtype)
+               for t in itertools.chain(model.parameters(), model.buffers())):
+            model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        return model, f"<{type(checkpoint).__name__} weights {module_fingerprint(model)}>", None
+    from .._cli import arch_hint, input_file_error
 
     if why := input_file_error(str(checkpoint)):
         raise UsageError("checkpoint", why)
@@ -82,10 +125,30 @@ def load_model(checkpoint, weights, arch, device, dtype, backend):
                    "checkpoint")
         if arg != "checkpoint":
             msg = msg.split(": ", 1)[1]
-        elif "pass arch=" in msg:
-            msg += " (on the command line: --arch num_heads=H --arch dit_decoder_depth=T)"
+        elif hint := arch_hint(msg):
+            msg += f" (on the command line: {hint})"
         raise UsageError(arg, msg) from None
     return model, os.path.basename(str(checkpoint)), os.path.getsize(str(checkpoint))
+
+
+def module_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits of SHA-256 over the model's config (``model.cfg``, if any), every state_dict entry's name and
+    shape, and up to 4096 evenly spaced values of each (exactly, as float32): what tells one set of weights from
+    another (a fine-tune changes them all) at the cost of one small copy to the host, not of hashing every
+    weight (1.35 GB at XL/2 in bf16). The same on any device."""
+    from ..models.config import config_dict
+
+    h = hashlib.sha256()
+    cfg = getattr(model, "cfg", None)
+    h.update(json.dumps(config_dict(cfg) if cfg is not None else None, sort_keys=True, default=str).encode())
+    parts = []
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)};".encode())
+        flat = t.detach().reshape(-1)
+        parts.append(flat[::max(1, flat.numel() // 4096)][:4096].float())
+    if parts:
+        h.update(torch.cat(parts).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def resolve_budgets(cfg, n, budget, latents, budget_mix):
@@ -175,9 +238,12 @@ def check_out(out: str) -> None:
         raise UsageError("out", why)
 
 
-def check_earlier_run(path: str, settings: dict, soft: dict) -> list[str]:
+def check_earlier_run(path: str, settings: dict, soft: dict, has_samples: bool = True) -> list[str]:
     """Compare with an earlier run's config.json: UsageError naming ``out`` when a setting that decides the images
-    differs; notes for the ones that only move rounding (batch size, backend, ...)."""
+    differs and the folder holds samples; otherwise notes, one line each: the ones that only move rounding (batch
+    size, backend, ...), or, when the folder holds no sample (``has_samples`` False: a run stopped before its
+    first one), that the earlier run's settings are replaced (``generate`` writes its own config.json then). A
+    config.json not written by elit-sample is refused, never replaced."""
     if not os.path.isfile(path):
         return []
     try:
@@ -189,11 +255,15 @@ def check_earlier_run(path: str, settings: dict, soft: dict) -> list[str]:
         raise UsageError("out", f"{path} was not written by elit-sample ({FORMAT}); use a new --out folder")
     was, was_soft = old.get("settings", {}), old.get("soft", {})
     diff = [k for k in settings if was.get(k) != settings[k]]
+    show = "; ".join(f"{k}: {was.get(k)!r} there, {settings[k]!r} now" for k in diff[:4])
+    if diff and not has_samples:
+        return [f"an earlier run in {os.path.dirname(path) or '.'} with other settings ({show}) wrote no sample: its "
+                "config.json is replaced by this run's"]
     if diff:
-        show = "; ".join(f"{k}: {was.get(k)!r} there, {settings[k]!r} now" for k in diff[:4])
         raise UsageError("out", f"{os.path.dirname(path)} holds samples of a different run ({show}); resume with the "
                                 "same settings or use a new --out folder")
-    return [f"{k} was {was_soft[k]!r}, now {soft[k]!r}" for k in soft if k in was_soft and was_soft[k] != soft[k]]
+    return [f"resuming with different {k} (was {was_soft[k]!r}, now {soft[k]!r}): the remaining samples differ from a "
+            "fresh run's by floating-point rounding only" for k in soft if k in was_soft and was_soft[k] != soft[k]]
 
 
 def flops_report(model, budgets, weak_j, guidance, heun, guided_steps, device, dtype) -> str:

@@ -76,7 +76,11 @@ def parse_budget_mix(mix, name: str = "budget_mix") -> list[tuple[int, Fraction]
                 raise UsageError(name, f"J (latents per group) must be an int, got {j!r} in {item!r}")
             if not is_real(w) or not math.isfinite(w) or w <= 0:
                 raise UsageError(name, f"a weight must be a finite real number > 0, got {w!r} in {item!r}")
-            items.append((int(j), Fraction(w)))
+            try:
+                w = Fraction(w)  # ints, floats (NumPy float64 too), Fractions, Decimals: exactly
+            except TypeError:
+                w = Fraction(float(w))  # other reals (NumPy float32 / float16): their exact value as a float
+            items.append((int(j), w))
     if not items:
         raise UsageError(name, "no J:WEIGHT entries")
     seen = set()

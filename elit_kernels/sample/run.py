@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import _cli, flow
+from ..official.loader import _check_arch
 from .._types import first_few
 from . import options as O
 from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, finite_npy, latents_to_uint8,
@@ -60,8 +61,22 @@ def _init_dist(dev: torch.device) -> _Dist:
 
     if dist.is_available() and dist.is_initialized():
         return _Dist(dist.get_rank(), dist.get_world_size())
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    try:
+        world = int(raw)
+    except ValueError:
+        raise UsageError("WORLD_SIZE", f"expected an int (the process count torchrun sets), got {raw!r}") from None
+    if world <= 1:
         return _Dist()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k, "").strip()]
+    if missing:
+        raise UsageError("WORLD_SIZE", f"{world} asks for a run of {world} processes, but {', '.join(missing)} "
+                                       f"{'is' if len(missing) == 1 else 'are'} not set: launch it with torchrun "
+                                       "(torchrun --nproc_per_node=N -m elit_kernels.sample ...), or unset WORLD_SIZE "
+                                       "for one process")
+    if not dist.is_available():
+        raise UsageError("WORLD_SIZE", f"{world} asks for a run of {world} processes, but this torch was built "
+                                       "without torch.distributed")
     if dev.type == "cuda":
         dist.init_process_group("nccl", device_id=dev)
     else:
@@ -84,10 +99,11 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
 
     Arguments (the CLI flags are the same names with dashes):
         checkpoint: an official ELIT-SiT ``train.py`` file, a bare official state_dict (with ``arch``), a file of
-            ours (``elit-convert`` / ``save_model``), or an ``ElitDiT`` already built.
+            ours (``elit-convert`` / ``save_model``), or an ``ElitDiT`` already built (left unchanged: another
+            dtype or device runs on a converted copy; named in config.json by a fingerprint of its weights).
         out: the output folder, a non-empty str or ``os.PathLike`` (None is refused, not a folder named "None").
-        classes: None (all ``num_classes``, balanced) or a sequence of class ids; sample i gets
-            ``classes[i % len(classes)]``.
+        classes: None (all ``num_classes``, balanced) or a sequence of int class ids (a list, tuple, range, 1-D
+            integer tensor or array; not a str or set); sample i gets ``classes[i % len(classes)]``.
         sampler / steps: ``"euler"`` or ``"heun"`` ODE (``elit_kernels.flow.euler_sample``).
         guidance / cfg_scale / guidance_interval: mode (``none``, ``cfg``, ``autoguidance``, ``ccfg``,
             ``ccfg_two_pass``), the official ``cfg_scale`` (a finite real number, not a bool; λ = cfg_scale − 1;
@@ -112,7 +128,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         progress: a tqdm bar on rank 0. log: where rank 0's lines go. The flags (latents_only, tf32, progress,
             graphed when not None) are bools: "no" or 1 is refused, not read as true.
 
-    Under ``torchrun`` (WORLD_SIZE > 1) it joins the process group (NCCL on CUDA, gloo on CPU) unless one is
+    Under ``torchrun`` (WORLD_SIZE > 1; without torchrun's RANK, MASTER_ADDR and MASTER_PORT a UsageError
+    naming WORLD_SIZE) it joins the process group (NCCL on CUDA, gloo on CPU) unless one is
     already initialised, and shares the canonical batches out across ranks; rank 0 writes the grid and the
     ``.npz``. Samples already in ``out`` are skipped. Raises UsageError (a ValueError naming the argument) for
     bad arguments, before anything is written; SamplingError when a rank fails (files already written are kept).
@@ -154,9 +171,7 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
                                 "was trained with (diffusers AutoencoderKL, e.g. a download of "
                                 "stabilityai/sd-vae-ft-ema), or --latents-only to save latents")
     if classes is not None:
-        a["classes"] = list(classes)
-        if not a["classes"]:
-            raise UsageError("classes", "empty class list")
+        a["classes"] = O.check_classes(classes)
     if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str) or not os.fspath(out):
         raise UsageError("out", f"expected the output folder as a non-empty str or os.PathLike path, got "
                                 f"{type(out).__name__} ({out!r})")
@@ -196,11 +211,14 @@ class _Run:
 
     def run(self) -> SampleResult:
         self.lock = None
+        self.restore = []  # (module, attribute, value) of a model passed in, put back when the run ends
         try:
             return self._run()
         finally:
             if self.lock is not None:
                 self.lock.close()  # releases the folder's run lock
+            for obj, attr, value in reversed(self.restore):
+                setattr(obj, attr, value)
 
     def _run(self) -> SampleResult:
         self.setup()
@@ -227,6 +245,10 @@ class _Run:
         self.dtype = DTYPES[a["dtype"]]
         model, ckpt_name, ckpt_bytes = O.load_model(a["checkpoint"], a["weights"], a["arch"], dev, self.dtype,
                                                     a["backend"])
+        if ckpt_bytes is None:  # a module passed in (or its converted copy): eval mode and backend for the run only
+            self.restore = [(m, "training", m.training) for m in model.modules()] + [(model, "backend",
+                                                                                        getattr(model, "backend", None))]
+        model.eval()
         cfg = self.cfg = model.cfg
         probe = _cli.model_probe(cfg, dev, self.dtype)
         what = f"this model ({dev.type}, {a['dtype']}, head dim {cfg.head_dim})"
@@ -247,7 +269,8 @@ class _Run:
         self.budgets, budget_desc = O.resolve_budgets(cfg, self.n, a["budget"], a["latents"], a["budget_mix"])
         self.budget_at = O.budget_rule(budget_desc)
         self.weak_j = O.resolve_weak(cfg, a["guidance"], a["weak_budget"], a["weak_latents"])
-        O.check_weak_budget(self.weak_j, self.budgets,
+        # every J of a mix, not only those of the first N samples: a run may grow to more samples (docs/sampling.md)
+        O.check_weak_budget(self.weak_j, [j for j, _ in budget_desc["mix"]] if "mix" in budget_desc else self.budgets,
                             next((k for k in ("budget", "latents", "budget_mix") if a[k] is not None), None),
                             next((k for k in ("weak_budget", "weak_latents") if a[k] is not None), None))
         self.vae = None
@@ -274,7 +297,8 @@ class _Run:
             vae_name = f"<{type(v).__name__}>" if isinstance(v, torch.nn.Module) else os.path.basename(
                 os.path.abspath(str(v)))
         self.settings = {
-            "checkpoint": ckpt_name, "checkpoint_bytes": ckpt_bytes, "weights": a["weights"], "arch": a["arch"] or None,
+            "checkpoint": ckpt_name, "checkpoint_bytes": ckpt_bytes, "weights": a["weights"],
+            "arch": _check_arch(a["arch"]) or None,  # NumPy numbers as Python's: config.json is JSON
             "seed": a["seed"], "classes": "all" if a["classes"] is None else [int(c) for c in classes],
             "budgets": budget_desc, "sampler": a["sampler"], "steps": a["steps"], "guidance": a["guidance"],
             "cfg_scale": float(a["cfg_scale"]), "guidance_interval": [low, high], "weak_latents": self.weak_j,
@@ -283,9 +307,10 @@ class _Run:
         self.soft = {"batch_size": a["batch_size"], "backend": a["backend"], "tf32": bool(a["tf32"]),
                      "device_type": dev.type}
         self.cfg_path = os.path.join(a["out"], "config.json")
-        for note in O.check_earlier_run(self.cfg_path, self.settings, self.soft):
-            self.say(f"elit-sample: note: resuming with different {note}: the remaining samples differ from a fresh "
-                     "run's by floating-point rounding only")
+        self.any_sample = any(samples_on_disk(os.path.join(a["out"], sub), ext)
+                              for sub, ext in (("latents", "npy"), ("samples", "png")))
+        for note in O.check_earlier_run(self.cfg_path, self.settings, self.soft, self.any_sample):
+            self.say(f"elit-sample: note: {note}")
         os.makedirs(self.folder, exist_ok=True)
 
     # --- what is left, decided by rank 0 and told to every rank
@@ -316,7 +341,7 @@ class _Run:
                 done -= set(bad)
             todo = [k for k, b in enumerate(self.batches) if not all(i in done for i in b if i < self.n)]
             msg[:2] = [todo, sum(1 for k in todo for i in self.batches[k] if i < self.n and i not in done)]
-            if not os.path.isfile(self.cfg_path):
+            if not os.path.isfile(self.cfg_path) or not (done or self.any_sample):
                 def write(tmp):
                     with open(tmp, "w") as f:
                         json.dump({"format": O.FORMAT, "settings": self.settings, "soft": self.soft}, f, indent=1)

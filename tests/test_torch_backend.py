@@ -393,15 +393,18 @@ def test_grouped_backward_with_large_causal_logits():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_runs", [FEW_RUNS + 1, TA.MAX_RUNS])
+@pytest.mark.parametrize("n_runs", [FEW_RUNS + 1, TA.MAX_RUNS, TA.MAX_RUNS + 1])
 def test_a_direct_ragged_call_is_not_read_twice_on_the_host(monkeypatch, n_runs):
     """A call without segments= whose value checks read cu_seqlens (one host copy, a device sync on a GPU) runs
     the torch backend's dense path on what they read: sdpa_over_runs reads nothing more (check_cu_rows is the
-    host read's first step there). With the value checks off it must read them itself (the spy can fail)."""
+    host read's first step there). Past MAX_RUNS runs the checks' read says the dense path cannot run
+    (AttnInputs.many_runs) and the backend goes straight to the grouped op: it was three host reads a call (the
+    checks', the dense path's, the grouped op's). With the value checks off the dense path must read them itself
+    (the spy can fail)."""
     from elit_kernels import set_value_checks
 
     lens_q, lens_k = [2] * n_runs, list(range(2, n_runs + 2))
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, seed=3)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, seed=3, extra_q=2)
     want = _ref(q, k, v, cq, ck)
     reads = []
     real = TA.check_cu_rows
@@ -416,31 +419,19 @@ def test_a_direct_ragged_call_is_not_read_twice_on_the_host(monkeypatch, n_runs)
     assert reads == ["cu_seqlens_q", "cu_seqlens_k"]
 
 
-def test_a_direct_call_of_many_runs_goes_straight_to_the_grouped_op(monkeypatch):
-    """Past MAX_RUNS runs the value checks' read already says the dense path cannot run (AttnInputs.many_runs):
-    the torch backend must not read cu_seqlens again to find that out (it was three host reads a call, each a
-    device sync on a GPU: the checks', the dense path's, the grouped op's). Checks off: nothing was read, so the
-    dense path reads them itself (the spy can fail); an AttentionPlan-style call (derive_segments=False) too."""
+def test_many_runs_is_what_the_value_checks_read():
+    """AttnInputs.many_runs: True only when the checks read cu_seqlens and found more than MAX_RUNS runs; not for
+    fewer, not with derive_segments=False (AttentionPlan) and not with the checks off (nothing was read)."""
     from elit_kernels import set_value_checks
     from elit_kernels.attention import validate_inputs
 
     n = TA.MAX_RUNS + 1
-    lens_q, lens_k = [2] * n, list(range(2, n + 2))
-    q, k, v, cq, ck, mq, mk = random_varlen_inputs(lens_q, lens_k, 2, 8, seed=5, extra_q=2)
-    want = _ref(q, k, v, cq, ck)
-    assert validate_inputs(q, k, v, cq, ck, mq, mk).many_runs
-    assert not validate_inputs(q, k, v, cq, ck, mq, mk, derive_segments=False).many_runs
-    few = random_varlen_inputs([2] * 3, [3] * 3, 2, 8, seed=5)
-    assert not validate_inputs(*few).many_runs
-    reads = []
-    real = TA.check_cu_rows
-    monkeypatch.setattr(TA, "check_cu_rows", lambda *a: reads.append(a[0]) or real(*a))
-    torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch"), want)
-    assert reads == []
+    many = random_varlen_inputs([2] * n, list(range(2, n + 2)), 2, 8, seed=5)
+    assert validate_inputs(*many).many_runs
+    assert not validate_inputs(*many, derive_segments=False).many_runs
+    assert not validate_inputs(*random_varlen_inputs([2] * 3, [3] * 3, 2, 8, seed=5)).many_runs
     set_value_checks(False)
     try:
-        assert not validate_inputs(q, k, v, cq, ck, mq, mk).many_runs
-        torch.testing.assert_close(varlen_attention(q, k, v, cq, ck, mq, mk, backend="torch"), want)
+        assert not validate_inputs(*many).many_runs
     finally:
         set_value_checks(True)
-    assert reads == ["cu_seqlens_q", "cu_seqlens_k"]

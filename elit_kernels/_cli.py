@@ -264,18 +264,14 @@ def remove_empty_created() -> None:
             pass
 
 
-def run_interruptible(prog: str, body: Callable[[], int], kept: str | Callable[[], str],
-                      cleanup: Callable[[], None] | None = None) -> int:
+def run_interruptible(prog: str, body: Callable[[], int], kept: str | Callable[[], str]) -> int:
     """``body()``; a Ctrl-C (KeyboardInterrupt) ends it with one line on stderr, ``prog: interrupted; <kept>``
     (what the run leaves on disk and how to go on; a callable is asked then, when that depends on how far the run
-    got), and exit status 130, not a traceback from wherever the interpreter happened to be. ``cleanup()`` runs
-    first (a command removing its own bookkeeping files when it produced nothing), then output folders the run
-    created and left empty are removed (``remove_empty_created``)."""
+    got), and exit status 130, not a traceback from wherever the interpreter happened to be. Output folders the
+    run created and left empty are removed first (``remove_empty_created``)."""
     try:
         return body()
     except KeyboardInterrupt:
-        if cleanup is not None:
-            cleanup()
         remove_empty_created()
         print(f"{prog}: interrupted; {kept() if callable(kept) else kept}", file=sys.stderr)
         return SIGINT_STATUS

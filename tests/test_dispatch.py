@@ -1060,26 +1060,52 @@ def test_the_decision_key_holds_every_field_a_backend_refuses_by():
     """A cached decision answers every call of its key: two calls with one key that some backend takes differently
     would run the second on a backend that refuses it (a zero softmax_scale, which FlashAttention-2 turns into NaN,
     once shared the key of a nonzero one: torch_varlen then ran it from the cache). Over a grid of the fields the
-    backends read, calls with equal keys must get the same verdict from every registered backend."""
+    backends read (lengths past FEW_RUNS runs, past triton_window's 128 keys, queries past keys + 1 under a
+    window), calls with equal keys must get the same verdict from every registered backend, and the same
+    known-answer kind."""
     import itertools
 
+    from elit_kernels.attention import known_answer as KA
+
+    lengths = [((3, 5), (5, 5)), ((2, 2), (9, 9)), ((1, 2, 3, 4, 5, 6), (2, 3, 4, 5, 6, 7)), ((3,), (129,)),
+               ((9, 2), (3, 2))]
+    made = {(dtype, d, lens): random_varlen_inputs(list(lens[0]), list(lens[1]), 2, d, dtype=dtype, seed=0)
+            for dtype in (torch.float32, torch.float16) for d in (8, 136) for lens in lengths}  # 136: past 128
     seen: dict = {}
     grid = itertools.product((torch.float32, torch.float16), (None, 0.0, -0.5), (False, True),
                              ((-1, -1), (2, -1), (2, 3)), (0.0, 5.0), (False, True), (1, 2), (False, True),
-                             (((3, 5), (5, 5)), ((2, 2), (9, 9))), (False, True))
-    for dtype, scale, causal, window, softcap, lse, kv_heads, segs, (lq, lk), det in grid:
-        q, k, v, cq, ck, mq, mk = random_varlen_inputs(list(lq), list(lk), 2, 8, dtype=dtype, seed=0)
+                             lengths, (False, True), (8, 136), (False, True))
+    for dtype, scale, causal, window, softcap, lse, kv_heads, segs, (lq, lk), det, d, grad in grid:
+        q, k, v, cq, ck, mq, mk = made[(dtype, d, (lq, lk))]
         k, v = k[:, :kv_heads], v[:, :kv_heads]
+        if grad:
+            q = q.detach().requires_grad_()
         seg = SegmentRuns.from_lengths(lq, lk) if segs else None
         inp = A.validate_inputs(q, k, v, cq, ck, mq, mk, scale, causal, return_lse=lse, window_size=window,
                                 softcap=softcap, segments=seg, deterministic=det, derive_segments=False)
-        verdict = tuple(_eligible(b, inp) for b in R.registered_backends())
+        kind = (inp.causal, inp.num_kv_heads != inp.num_heads, inp.has_window or inp.softcap != 0.0)
+        verdict = tuple(_eligible(b, inp) for b in R.registered_backends()) + (
+            KA._dtype_key(inp.q.device, inp.q.dtype), kind)
         key = D._decision_key(inp)
         call = dict(dtype=dtype, scale=scale, causal=causal, window=window, softcap=softcap, lse=lse,
-                    kv_heads=kv_heads, segments=segs, lengths=(lq, lk), deterministic=det)
+                    kv_heads=kv_heads, segments=segs, lengths=(lq, lk), deterministic=det, head_dim=d, grad=grad)
         first = seen.setdefault(key, (verdict, call))
         assert first[0] == verdict, f"one decision key, different backends eligible: {first[1]} vs {call}"
     assert len(seen) > 100
+
+
+def test_the_decision_key_follows_the_fp32_matmul_precision_of_the_known_answer_verdict(monkeypatch):
+    """CUDA fp32 verdicts are kept per matmul precision (TF32 or IEEE): a decision cached under one must not answer
+    a call under the other, whose kind was never checked (on a CPU the precision is not part of the verdict, so
+    the verdict's dtype key is switched here as CUDA's is)."""
+    from elit_kernels.attention import known_answer as KA
+
+    inp = A.validate_inputs(*random_varlen_inputs([3, 5], [4, 6], 2, 8, seed=2))
+    mode = ["ieee"]
+    monkeypatch.setattr(KA, "_dtype_key", lambda device, dtype: f"float32/{mode[0]}")
+    ieee = D._decision_key(inp)
+    mode[0] = "tf32"
+    assert D._decision_key(inp) != ieee
 
 
 def test_a_zero_scale_is_not_answered_from_a_nonzero_scales_cached_decision(fakes):

@@ -15,6 +15,7 @@ import torch
 
 from elit_kernels import flow
 from elit_kernels import sample as S
+from elit_kernels.sample import options as O
 from elit_kernels.sample import run as R
 from elit_kernels.flow import euler_sample
 from elit_kernels.models import ElitDiT, elit_config, load_model, save_model
@@ -660,3 +661,60 @@ def test_class_ids_on_the_command_line_are_ascii_digits(text):
     with pytest.raises(S.UsageError, match="^classes: unknown class .*: expected integer class ids"):
         _read_classes(text, None)
     assert _read_classes(" 3, +4 ", None) == [3, 4]
+
+
+def test_a_finished_run_whose_sample_files_were_deleted_still_refuses_other_settings(files, tmp_path):
+    """After a run, deleting latents/ (keeping latents.npz) is common: its config.json still describes the .npz,
+    and a run of other settings must be refused, not replace the config and overwrite the .npz."""
+    import shutil
+
+    out = tmp_path / "o"
+    run(files, out, num_samples=2, latents_only=True)
+    before = (out / "latents.npz").read_bytes()
+    shutil.rmtree(out / "latents")
+    with pytest.raises(S.UsageError, match=r"^out: .*different run \(seed: 0 there, 5 now"):
+        run(files, out, num_samples=2, latents_only=True, seed=5)
+    assert (out / "latents.npz").read_bytes() == before
+
+
+def test_the_earlier_run_is_checked_again_under_the_lock(files, tmp_path, monkeypatch):
+    """Whether the folder holds samples is decided again once the run holds the folder's lock: a run of other
+    settings that finished between this run's start-up checks and its lock must not be taken for 'no sample yet'
+    (its samples would be mixed with this run's under its config.json)."""
+    out = tmp_path / "o"
+    run(files, out, num_samples=2, latents_only=True)
+    saved = {p.name: p.read_bytes() for p in (out / "latents").iterdir()}
+    for p in (out / "latents").iterdir():
+        p.unlink()
+    (out / "latents.npz").unlink()
+    real = R.lock_folder
+
+    def finished_meanwhile(folder):
+        for name, data in saved.items():  # the other run's samples land after the start-up check
+            (out / "latents" / name).write_bytes(data)
+        return real(folder)
+
+    monkeypatch.setattr(R, "lock_folder", finished_meanwhile)
+    with pytest.raises(S.UsageError, match=r"^out: .*different run \(seed: 0 there, 5 now"):
+        run(files, out, num_samples=2, latents_only=True, seed=5)
+
+
+def test_ctrl_c_before_the_lock_removes_nothing_another_run_wrote(files, tmp_path, monkeypatch):
+    """A run stopped before it took the lock wrote nothing: the config.json and lock file in its folder are
+    another run's (which holds the lock), even in a folder this process created."""
+    from elit_kernels import _cli
+
+    out = tmp_path / "o"
+    assert _cli.output_dir_error(str(out)) is None  # created in this process
+    (out / "config.json").write_text("{}")
+    (out / ".elit-sample.lock").write_text("pid 1 on elsewhere\n")
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "lock_folder", interrupted)
+    argv = [files["ckpt"], "--latents-only", "--num-samples", "2", "--steps", "1", "--no-progress", "--backend",
+            "torch", "--out", str(out)]
+    monkeypatch.setattr(O, "check_earlier_run", lambda *a, **k: [])  # the placeholder config.json is not compared
+    assert S.main(argv) == 130
+    assert sorted(p.name for p in out.iterdir()) == [".elit-sample.lock", "config.json", "latents"]

@@ -301,14 +301,16 @@ def candidates(inp: AttnInputs) -> tuple[list[Backend], list[str]]:
 
 def _decision_key(inp: AttnInputs) -> tuple:
     """Everything a decision depends on, for an eager call (never under capture or tracing): every field a
-    backend's ``not_supported_reasons`` reads (a zero ``softmax_scale`` among them: FlashAttention-2 refuses it;
-    tests/test_dispatch.py checks the key against every backend's refusals). ``_tuning`` too: a call made before
-    a ``tuning()`` block must not answer the same call inside it from the cache, or its class would never be
-    timed."""
-    return (inp.q.device, inp.q.dtype, inp.head_dim, inp.num_kv_heads != inp.num_heads, inp.causal,
-            inp.return_lse, inp.window_left, inp.window_right, inp.softcap, inp.softmax_scale == 0.0,
-            inp.requires_grad, inp.deterministic,
-            _segments_key(inp.segments), inp.max_seqlen_q, inp.max_seqlen_k,
+    backend's ``not_supported_reasons`` reads (a zero ``softmax_scale`` among them: FlashAttention-2 refuses it),
+    the known-answer verdict's dtype (CUDA fp32 under TF32 or IEEE matmuls: one verdict says nothing of the
+    other) and whether the segments run as dense runs (which class the ranking is read for); tests/test_dispatch.py
+    checks the key against every backend's refusals. ``_tuning`` too: a call made before a ``tuning()`` block
+    must not answer the same call inside it from the cache, or its class would never be timed."""
+    dt = inp.q.dtype
+    return (inp.q.device, _ka._dtype_key(inp.q.device, dt) if dt == torch.float32 else dt, inp.head_dim,
+            inp.num_kv_heads != inp.num_heads, inp.causal, inp.return_lse, inp.window_left, inp.window_right,
+            inp.softcap, inp.softmax_scale == 0.0, inp.requires_grad, inp.deterministic,
+            _segments_key(inp.segments), _dense_runs(inp), inp.max_seqlen_q, inp.max_seqlen_k,
             inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode, _tuning)
 
 

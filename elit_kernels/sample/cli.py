@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
@@ -116,23 +115,7 @@ def main(argv=None) -> int:
             return f"the samples written so far are kept in {args.out}: rerun the same command to resume"
         return "no sample was written yet: rerun the same command to start"
 
-    def discard_empty_run() -> None:
-        """Stopped before the first sample, in an output folder this run created: its own files go (config.json,
-        the run lock, empty sample folders), so that the folder is removed as docs/sampling.md says."""
-        from .files import LOCK_NAME, remove_temporaries, samples_on_disk
-
-        subs = [(os.path.join(args.out, sub), ext) for sub, ext in (("latents", "npy"), ("samples", "png"))]
-        if not _cli.created_here(args.out) or any(samples_on_disk(d, ext) for d, ext in subs):
-            return
-        for name in ("config.json", LOCK_NAME):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(args.out, name))
-        for d, _ in subs:
-            with contextlib.suppress(OSError):
-                remove_temporaries(d)
-                os.rmdir(d)
-
-    return _cli.run_interruptible("elit-sample", lambda: _main(parser, args), kept, discard_empty_run)
+    return _cli.run_interruptible("elit-sample", lambda: _main(parser, args), kept)
 
 
 def _one_line(default):

@@ -113,6 +113,19 @@ def load_vae(folder: str, device):
     return vae.to(device).eval()
 
 
+#: what a run leaves in its output folder besides the per-sample files (rank 0's last step)
+RUN_OUTPUTS = ("latents.npz", "samples.npz", "grid.png")
+
+
+def holds_run_output(out: str) -> bool:
+    """Whether the output folder ``out`` holds anything a run produced: a sample file (``latents/NNNNNN.npy``,
+    ``samples/NNNNNN.png``) or a run's ``.npz`` / grid (the per-sample files may have been deleted after a run
+    finished): then its config.json describes it and is never replaced."""
+    return (any(os.path.isfile(os.path.join(out, name)) for name in RUN_OUTPUTS)
+            or any(samples_on_disk(os.path.join(out, sub), ext) for sub, ext in (("latents", "npy"),
+                                                                                ("samples", "png"))))
+
+
 def samples_on_disk(folder: str, ext: str) -> set[int]:
     """Indices whose file (``NNNNNN.ext``, a regular file) exists in ``folder``."""
     if not os.path.isdir(folder):

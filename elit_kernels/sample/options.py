@@ -108,7 +108,8 @@ def load_model(checkpoint, weights, arch, device, dtype, backend):
         if any(t.device != device or (t.is_floating_point() and t.dtype != dtype)
                for t in itertools.chain(model.parameters(), model.buffers())):
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
-        return model, f"<{type(checkpoint).__name__} weights {module_fingerprint(model)}>", None
+        base = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: named and fingerprinted as its model
+        return model, f"<{type(base).__name__} weights {module_fingerprint(base)}>", None
     from .._cli import arch_hint, input_file_error
 
     if why := input_file_error(str(checkpoint)):

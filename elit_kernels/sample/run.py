@@ -17,8 +17,8 @@ from .. import _cli, flow
 from ..official.loader import _check_arch
 from .._types import first_few
 from . import options as O
-from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, finite_npy, latents_to_uint8,
-                    load_vae, lock_folder, npy_size, remove_temporaries, sample_name, samples_on_disk, save_npy,
+from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, finite_npy, holds_run_output,
+                    latents_to_uint8, load_vae, lock_folder, npy_size, remove_temporaries, sample_name, samples_on_disk, save_npy,
                     save_png, write_npz)
 from .rules import SamplingError, UsageError, plan_batches, sample_labels, sample_noise
 
@@ -211,14 +211,34 @@ class _Run:
 
     def run(self) -> SampleResult:
         self.lock = None
+        self.wrote_config = False
         self.restore = []  # (module, attribute, value) of a model passed in, put back when the run ends
         try:
             return self._run()
+        except KeyboardInterrupt:
+            self.discard_if_nothing_written()
+            raise
         finally:
             if self.lock is not None:
                 self.lock.close()  # releases the folder's run lock
             for obj, attr, value in reversed(self.restore):
                 setattr(obj, attr, value)
+
+    def discard_if_nothing_written(self) -> None:
+        """Stopped before its first sample in an output folder it created (docs/sampling.md): the files this run
+        wrote there go (its config.json, the run lock, the empty sample folder), the lock file while it is still
+        held, so that the folder itself is removed (``_cli.remove_empty_created``). Nothing another run wrote:
+        only a run that took the lock wrote a config.json, and none did while this one held it."""
+        out = self.a["out"]
+        if not (self.main and self.wrote_config and _cli.created_here(out)) or holds_run_output(out):
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.cfg_path)
+            remove_temporaries(self.folder)
+            os.rmdir(self.folder)
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock.name)  # held until run() closes it: no other run has it meanwhile
 
     def _run(self) -> SampleResult:
         self.setup()
@@ -307,9 +327,7 @@ class _Run:
         self.soft = {"batch_size": a["batch_size"], "backend": a["backend"], "tf32": bool(a["tf32"]),
                      "device_type": dev.type}
         self.cfg_path = os.path.join(a["out"], "config.json")
-        self.any_sample = any(samples_on_disk(os.path.join(a["out"], sub), ext)
-                              for sub, ext in (("latents", "npy"), ("samples", "png")))
-        for note in O.check_earlier_run(self.cfg_path, self.settings, self.soft, self.any_sample):
+        for note in O.check_earlier_run(self.cfg_path, self.settings, self.soft, holds_run_output(a["out"])):
             self.say(f"elit-sample: note: {note}")
         os.makedirs(self.folder, exist_ok=True)
 
@@ -327,6 +345,11 @@ class _Run:
             except UsageError as e:
                 msg[2] = (e.arg, e.message)  # told to every rank, which all raise it
         if self.main and msg[2] is None:
+            try:  # again under the lock: another run may have written samples since setup looked
+                O.check_earlier_run(self.cfg_path, self.settings, self.soft, holds_run_output(self.a["out"]))
+            except UsageError as e:
+                msg[2] = (e.arg, e.message)
+        if self.main and msg[2] is None:
             remove_temporaries(self.folder)
             done = samples_on_disk(self.folder, self.ext)
             bad = damaged_samples(self.folder, done, self.ext, npy_size(self.shape, np.float32), self.shape)
@@ -341,11 +364,12 @@ class _Run:
                 done -= set(bad)
             todo = [k for k, b in enumerate(self.batches) if not all(i in done for i in b if i < self.n)]
             msg[:2] = [todo, sum(1 for k in todo for i in self.batches[k] if i < self.n and i not in done)]
-            if not os.path.isfile(self.cfg_path) or not (done or self.any_sample):
+            if not os.path.isfile(self.cfg_path) or not holds_run_output(self.a["out"]):
                 def write(tmp):
                     with open(tmp, "w") as f:
                         json.dump({"format": O.FORMAT, "settings": self.settings, "soft": self.soft}, f, indent=1)
                 atomic_write(self.cfg_path, write)
+                self.wrote_config = True
         if self.dd.on:
             dist.broadcast_object_list(msg, src=0)
         if msg[2] is not None:

@@ -149,6 +149,11 @@ def forward_breakdown(model, x, t, y, budgets=None) -> dict:
             "host_ms": sum(host.values()) / 1e3, "clock": "device" if cuda else "host"}
 
 
+def _width(kind: str) -> int:
+    """A column's width: 15, or the kind's name and two spaces (``norm/elementwise`` ran into its neighbour)."""
+    return max(15, len(kind) + 2)
+
+
 def format_breakdown(b: dict, title: str) -> str:
     """A plain-text table: one line per stage with its kinds' milliseconds, then the totals."""
     kinds = [k for k, _ in KINDS] + ["other"]
@@ -156,11 +161,11 @@ def format_breakdown(b: dict, title: str) -> str:
             if b["clock"] == "device" and b["wall_ms"] else "")
     lines = [f"{title}: {b['clock']} time {b['total_ms']:.2f} ms, wall {b['wall_ms']:.2f} ms (profiled), "
              f"host time of the ops {b['host_ms']:.2f} ms{busy}",
-             f"  {'stage':<8}" + "".join(f"{k:>15}" for k in kinds) + f"{'total':>10}{'share':>8}"]
+             f"  {'stage':<8}" + "".join(f"{k:>{_width(k)}}" for k in kinds) + f"{'total':>10}{'share':>8}"]
     for s, ms in sorted(b["stages"].items(), key=lambda kv: -kv[1]):
         cells = {r["kind"]: r["ms"] for r in b["rows"] if r["stage"] == s}
-        lines.append(f"  {s:<8}" + "".join(f"{cells.get(k, 0.0):>15.3f}" for k in kinds)
+        lines.append(f"  {s:<8}" + "".join(f"{cells.get(k, 0.0):>{_width(k)}.3f}" for k in kinds)
                      + f"{ms:>10.3f}{ms / b['total_ms'] if b['total_ms'] else 0:>8.1%}")
-    lines.append(f"  {'all':<8}" + "".join(f"{b['kinds'].get(k, 0.0):>15.3f}" for k in kinds)
+    lines.append(f"  {'all':<8}" + "".join(f"{b['kinds'].get(k, 0.0):>{_width(k)}.3f}" for k in kinds)
                  + f"{b['total_ms']:>10.3f}{1:>8.0%}")
     return "\n".join(lines)

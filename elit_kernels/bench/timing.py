@@ -173,7 +173,7 @@ def sync(device: torch.device) -> None:
 
 def warm_up(case: Case, device: torch.device, calls: int, min_cpu_ms: float) -> None:
     """Run ``calls`` times (first-call costs: allocator, kernel compilation); size the CPU inner loop."""
-    for _ in range(max(1, calls)):
+    for _ in range(max(1, calls)):  # at least one: it sizes the CPU loop (elit-bench refuses --warmup 0)
         t0 = time.perf_counter()
         case.fn()
         sync(device)

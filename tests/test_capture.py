@@ -71,6 +71,45 @@ class _Recorded(GraphedForward):
         return _FakeGraph(run), (xs, ts, ys), out
 
 
+def test_a_graph_is_not_replayed_under_other_settings_than_it_was_captured_with(monkeypatch):
+    """A graph bakes in what was in force at capture: CUDA autocast (a forward captured under bf16 autocast would
+    stay bf16 outside it), the fp32 matmul precision, the model's backend, $ELIT_BACKEND, deterministic algorithms.
+    Each such setting is part of the signature, so a change captures again instead of replaying silently; changing
+    it back replays the first graph."""
+    from elit_kernels import _precision
+
+    m = _model()
+    x, t, y = _inputs()
+    gf = _Recorded(m, max_graphs=16)
+    bud = [4, 1, 2]
+
+    def call():
+        out = gf(x, t, y, bud)
+        with torch.no_grad():
+            assert torch.equal(out, m(x, t, y, bud))
+        return gf.stats["captures"]
+
+    assert call() == 1 and call() == 1
+    m.backend = "reference"
+    assert call() == 2
+    m.backend = "torch"
+    assert call() == 2  # the first graph again
+    monkeypatch.setenv("ELIT_BACKEND", "reference")
+    assert call() == 3
+    monkeypatch.delenv("ELIT_BACKEND")
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True)  # as under torch.autocast("cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda *a: torch.bfloat16)
+    k_amp = gf.signature(x, t, y, bud)
+    assert call() == 4
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda *a: torch.float16)
+    assert gf.signature(x, t, y, bud) != k_amp
+    monkeypatch.undo()
+    monkeypatch.setattr(_precision, "fp32_matmul_precision", lambda: "tf32")
+    assert call() == 5
+    monkeypatch.undo()
+    assert call() == 5 and gf.signatures[-1][-1] == tuple(bud)  # budgets stay the signature's last field
+
+
 def test_signature_cache_replays_copies_inputs_and_keeps_the_most_recent():
     m = _model()
     x, t, y = _inputs()

@@ -3,7 +3,8 @@
 A sampling run calls the model with one budget signature (batch size, per-sample budgets, dtype) at every step,
 so one captured graph serves all its steps: a replay launches the whole forward at once instead of hundreds of
 kernels from Python. ``GraphedForward`` keeps one graph per signature (at most ``max_graphs``, least recently
-used dropped), all in one memory pool, and builds each signature's layout once (index tensors on the device
+used dropped; the signature includes the settings a graph bakes in, such as autocast and the attention backend:
+``GraphedForward._context``), all in one memory pool, and builds each signature's layout once (index tensors on the device
 at fixed addresses).
 
     graphed = capture(model)              # nothing is captured yet
@@ -103,9 +104,23 @@ class GraphedForward:
         return self.model.parameters(recurse)
 
     def signature(self, x, t, y, budgets) -> tuple:
-        """The key of one graph: shapes, dtypes and device of the inputs and the per-sample budgets."""
+        """The key of one graph: shapes, dtypes and device of the inputs, the settings that change what the
+        forward computes (``_context``) and, last, the per-sample budgets."""
         bud = normalize_budgets(budgets, x.shape[0], self.model.cfg.latents_per_group)
-        return (tuple(x.shape), x.dtype, t.dtype, y.dtype, str(x.device), tuple(bud))
+        return (tuple(x.shape), x.dtype, t.dtype, y.dtype, str(x.device), *self._context(), tuple(bud))
+
+    def _context(self) -> tuple:
+        """Settings outside the inputs that a graph bakes in at capture: CUDA autocast (on, and its dtype), PyTorch's
+        float32 matmul precision (TF32 or IEEE kernels), the model's attention backend and elementwise op,
+        ``$ELIT_BACKEND`` and deterministic algorithms. A graph captured under other settings would replay them
+        silently (a forward captured under bf16 autocast stays bf16 outside it): each setting gets its own."""
+        from .._precision import fp32_matmul_precision
+        from ..attention.dispatch import env_backend
+
+        amp = torch.is_autocast_enabled("cuda")
+        return (amp, torch.get_autocast_dtype("cuda") if amp else None, fp32_matmul_precision(),
+                getattr(self.model, "backend", None), getattr(self.model, "elementwise", None), env_backend(),
+                torch.are_deterministic_algorithms_enabled())
 
     def _model_state(self) -> tuple:
         """What the graphs depend on besides their inputs: the registration epoch, the mode, and the address,

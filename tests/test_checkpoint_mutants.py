@@ -158,14 +158,17 @@ def test_every_disagreement_names_the_file_the_field_and_both_sources(raw, edits
     _expect(lambda: official_config(raw["ema"], _args(raw, **edits), arch, PATH), f"{PATH}: {text}")
 
 
-@pytest.mark.parametrize("arch,miss", [({"num_heads": 2}, "dit_decoder_depth"), ({"dit_decoder_depth": 1}, "num_heads"),
-                                       ({}, "num_heads, dit_decoder_depth")])
-def test_a_name_outside_the_registry_needs_both_heads_and_tail(raw, arch, miss):
-    """Either of num_heads / dit_decoder_depth missing is refused, naming the one(s) missing."""
+@pytest.mark.parametrize("arch,miss,advice", [
+    ({"num_heads": 2}, "dit_decoder_depth", "{'dit_decoder_depth': T}"),
+    ({"dit_decoder_depth": 1}, "num_heads", "{'num_heads': H}"),
+    ({}, "num_heads, dit_decoder_depth", "{'num_heads': H, 'dit_decoder_depth': T}")])
+def test_a_name_outside_the_registry_needs_both_heads_and_tail(raw, arch, miss, advice):
+    """Either of num_heads / dit_decoder_depth missing is refused, naming the one(s) missing, and advising only those
+    (advice naming a key already given sent elit-sample's hint to flags the user had passed)."""
     _expect(lambda: official_config(raw["ema"], _args(raw), {**arch, "depth": 4}, PATH),
             f"{PATH}: model 'ELIT-SiT-TinyA/2' is not an official registry name (known: ELIT-SiT-{{XL,L,B,S}}/{{2,4,8}}) "
-            f"and arch does not give {miss}; pass arch={{'num_heads': H, 'dit_decoder_depth': T}} (official constructor "
-            "names) — neither is stored in args or readable from the weights")
+            f"and arch does not give {miss}; pass arch={advice} (official constructor names) — "
+            f"{'neither is' if ',' in miss else 'it is not'} stored in args or readable from the weights")
 
 
 def test_encoder_depth_and_depth_missing_are_named(raw):

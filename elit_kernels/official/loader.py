@@ -164,7 +164,8 @@ def official_config(sd: dict, args: dict, arch: dict, path: str = "checkpoint", 
             f"{path}: model {name!r} is not an official registry name "
             f"(known: ELIT-SiT-{{{','.join(SIT_REGISTRY)}}}/{{2,4,8}}) and arch does not give {', '.join(miss)}; "
             "pass arch={" + ", ".join(f"'{k}': {dict(num_heads='H', dit_decoder_depth='T')[k]}" for k in miss)
-            + "} (official constructor names) — neither is stored in args or readable from the weights")
+            + "} (official constructor names) — " + ("neither is" if len(miss) > 1 else "it is not")
+            + " stored in args or readable from the weights")
     enc = _pick("encoder_depth", [("arch", arch.get("encoder_depth")), ("args", args.get("encoder_depth"))], path)
     if enc is None:
         raise CheckpointError(f"{path}: encoder_depth (head blocks) is in neither args nor arch; pass arch={{'encoder_depth': N}}")

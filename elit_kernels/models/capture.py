@@ -4,8 +4,8 @@ A sampling run calls the model with one budget signature (batch size, per-sample
 so one captured graph serves all its steps: a replay launches the whole forward at once instead of hundreds of
 kernels from Python. ``GraphedForward`` keeps one graph per signature (at most ``max_graphs``, least recently
 used dropped; the signature includes the settings a graph bakes in, such as autocast and the attention backend:
-``GraphedForward._context``), all in one memory pool, and builds each signature's layout once (index tensors on the device
-at fixed addresses).
+``GraphedForward._context``), all in one memory pool, and builds each signature's layout once (index tensors on
+the device at fixed addresses).
 
     graphed = capture(model)              # nothing is captured yet
     v = graphed(x, t, y, budgets=[64] * 8 + [4] * 8)   # first call of a signature: warm up + capture, then replay

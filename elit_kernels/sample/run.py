@@ -18,8 +18,8 @@ from ..official.loader import _check_arch
 from .._types import first_few
 from . import options as O
 from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, finite_npy, holds_run_output,
-                    latents_to_uint8, load_vae, lock_folder, npy_size, remove_temporaries, sample_name, samples_on_disk, save_npy,
-                    save_png, write_npz)
+                    latents_to_uint8, load_vae, lock_folder, npy_size, remove_temporaries, sample_name,
+                    samples_on_disk, save_npy, save_png, write_npz)
 from .rules import SamplingError, UsageError, plan_batches, sample_labels, sample_noise
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

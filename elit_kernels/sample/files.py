@@ -101,8 +101,9 @@ def load_vae(folder: str, device):
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
-        raise UsageError("vae", f"decoding needs diffusers ({e}); pip install diffusers, or use "
-                                "--latents-only") from None
+        raise UsageError("vae", f"decoding needs diffusers ({e}): install the [integrations] extra (pip install "
+                                "-e \".[integrations]\" in this repository, the diffusers version the tests run), or "
+                                "use --latents-only") from None
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
                                             low_cpu_mem_usage=False)

@@ -306,8 +306,8 @@ def _decision_key(inp: AttnInputs) -> tuple:
     other) and whether the segments run as dense runs (which class the ranking is read for); tests/test_dispatch.py
     checks the key against every backend's refusals. ``_tuning`` too: a call made before a ``tuning()`` block
     must not answer the same call inside it from the cache, or its class would never be timed."""
-    dt = inp.q.dtype
-    return (inp.q.device, _ka._dtype_key(inp.q.device, dt) if dt == torch.float32 else dt, inp.head_dim,
+    dt, dev = inp.q.dtype, inp.q.device
+    return (dev, _ka._dtype_key(dev, dt) if dt == torch.float32 else dt, inp.head_dim,
             inp.num_kv_heads != inp.num_heads, inp.causal, inp.return_lse, inp.window_left, inp.window_right,
             inp.softcap, inp.softmax_scale == 0.0, inp.requires_grad, inp.deterministic,
             _segments_key(inp.segments), _dense_runs(inp), inp.max_seqlen_q, inp.max_seqlen_k,

@@ -84,10 +84,13 @@ def _dtype_key(device, dtype) -> str:
     """The dtype as the verdict knows it: float32 on CUDA carries PyTorch's float32 matmul setting
     (``float32/tf32`` or ``float32/ieee``), which the Triton kernels and cuBLAS follow: a verdict found under one
     setting says nothing of the other."""
-    name = str(dtype).replace("torch.", "")
-    if dtype == torch.float32 and torch.device(device).type == "cuda":
-        name += "/" + fp32_matmul_precision()
-    return name
+    if dtype == torch.float32 and (device if isinstance(device, torch.device) else torch.device(device)).type == "cuda":
+        return "float32/" + fp32_matmul_precision()
+    return _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", "")
+
+
+#: the names ``_dtype_key`` gives the float dtypes, without building the string on every dispatch decision
+_DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _key(b, device, dtype, head_dim: int, causal: bool, gqa: bool, grad: bool, masked: bool = False) -> tuple:

@@ -91,6 +91,28 @@ def test_gpu_forward_captures_in_a_cuda_graph():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+def test_gpu_graphed_forward_keeps_autocast_and_plain_calls_apart():
+    """A graph bakes in the autocast state it was captured under: the same signature called under bf16 autocast
+    and outside it gets two graphs, each equal to the eager forward of its setting (a single graph replayed the
+    bf16 forward outside autocast). CPU counterpart: tests/test_capture.py, through a recorded stand-in."""
+    from elit_kernels.models import capture
+
+    m, cfg = _model("released", dtype=torch.float32)
+    x, t, y = _inputs(cfg, 4, torch.float32)
+    budgets = [4, 1, 2, 4]
+    graphed = capture(m)
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            amp_eager = m(x, t, y, budgets)
+            amp_graph = graphed(x, t, y, budgets)
+        plain_eager = m(x, t, y, budgets)
+        plain_graph = graphed(x, t, y, budgets)
+    assert graphed.stats["captures"] == 2 and graphed.stats["eager"] == 0
+    assert plain_graph.dtype == plain_eager.dtype and amp_graph.dtype == amp_eager.dtype
+    torch.testing.assert_close(plain_graph, plain_eager)  # fp32 tolerances: a bf16 replay misses them by far
+    torch.testing.assert_close(amp_graph, amp_eager)
+
+
 def test_gpu_tuning_ranks_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("ELIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(D, "_DISK", None)

@@ -67,7 +67,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def native_layernorm_modulate(x, shift, scale, tokens, eps: float = 1e-6):
     """``LayerNorm(x) * (1 + scale) + shift`` computed in x's dtype, as the official ELIT code computes adaLN
     (``F.layer_norm`` accumulates its statistics in fp32 internally; the modulation is one fused multiply-add
-    in x's dtype). fp32 inputs: the reference, bit for bit (the same ops); fp64 in fp64, as the reference. For fp16/bf16 it moves a third of the bytes of the reference's fp32 round trip (x.float(), fp32 LayerNorm
+    in x's dtype). fp32 inputs: the reference, bit for bit (the same ops); fp64 in fp64, as the reference. For
+    fp16/bf16 it moves a third of the bytes of the reference's fp32 round trip (x.float(), fp32 LayerNorm
     and modulation, cast back): on an H200 the reference elementwise ops were where ELIT-SiT-XL/2 lost most of its
     9-10 % to the dense official way. ``eps``: ``check_eps``."""
     eps = check_eps(eps)

@@ -45,8 +45,8 @@ def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tupl
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index, eps: float = 1e-6) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale[sample]) + shift[sample]`` (LayerNorm without affine, as DiT's adaLN), in fp32 (fp64 for
-    fp64 input).
+    """``LayerNorm(x) * (1 + scale[sample]) + shift[sample]`` (LayerNorm without affine, as DiT's adaLN), in fp32
+    (fp64 for fp64 input).
 
     x ``[T, C]``, shift/scale ``[B, C]``, index: a ``TokenRuns`` or a ``[T]`` long token->sample index ->
     ``[T, C]`` in x's dtype.

@@ -266,8 +266,8 @@ class _Run:
         model, ckpt_name, ckpt_bytes = O.load_model(a["checkpoint"], a["weights"], a["arch"], dev, self.dtype,
                                                     a["backend"])
         if ckpt_bytes is None:  # a module passed in (or its converted copy): eval mode and backend for the run only
-            self.restore = [(m, "training", m.training) for m in model.modules()] + [(model, "backend",
-                                                                                        getattr(model, "backend", None))]
+            self.restore = [(m, "training", m.training) for m in model.modules()]
+            self.restore.append((model, "backend", getattr(model, "backend", None)))
         model.eval()
         cfg = self.cfg = model.cfg
         probe = _cli.model_probe(cfg, dev, self.dtype)

@@ -24,7 +24,7 @@ from .flops import count_flops
 from .report import OUTPUT_FILES, check_targets, format_table, make_rows, metadata, write_outputs
 from .scenarios import DEFAULT, DEFAULT_SCENARIOS, SCENARIOS, WRAPPERS, Setup, build_cases, split_backend
 from .timing import (RunProgress, format_seconds, measure_memory, measure_peaks, remaining_seconds, run_interleaved,
-                     sample_seconds, time_once, warm_up)
+                     sample_seconds, start_up, time_once, warm_up)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -395,6 +395,9 @@ def run(setup: Setup, extra: dict, *, progress: bool = True) -> tuple[list[dict]
         _say(f"{len(cases)} cases ({', '.join(extra['presets'])} × {', '.join(extra['scenarios'])}; backends "
              f"{', '.join(extra['backends'])}): {extra['warmup']} warm-up call(s) + a FLOP count each, then "
              f"{repeats} interleaved timing repeats; warming up the first case of each backend to estimate the run time")
+        # one-time costs (FlopCounterMode's first entry, CUDA start-up) before the probes, so that their warm-up,
+        # at which the estimate counts every case, holds only what each case pays
+        extra["start_up_s"] = start_up(dev, setup.dtype)
         t_work = time.monotonic()
         deadline = t_start + extra["max_seconds"] if extra.get("max_seconds") else None
         skipped, failed = [], []

@@ -1,8 +1,9 @@
 """First-use known-answer checks: dispatch never trusts a kernel that has not run correctly here.
 
-Before the default dispatch (``backend=None``) first hands a compiled backend (``Backend.known_answer``:
-``cuda``, ``triton``, ``cpp``) inputs of a new kind -- a (backend, device, dtype, head dim it runs at,
-causal, GQA, gradients) combination -- it runs a small random case of that kind on the backend and on the
+Before the default dispatch (``backend=None``) first hands a backend with ``Backend.known_answer`` (every one
+except ``reference``, ``torch`` and ``flash_attn``: ``cuda``, ``triton``, ``triton_window``, ``cpp``, ``torch_varlen``,
+``sdpa_*``) inputs of a new kind -- a (backend, device, dtype, head dim it runs at,
+causal, GQA, gradients, masked: a window or softcap) combination -- it runs a small random case of that kind on the backend and on the
 ``reference`` backend and compares them with the project's tolerance rule (``testing.assert_close_to_reference``:
 ``max|out − ref| ≤ 2·max|ref_lowprec − ref| + atol`` and ``rms(out − ref) ≤ 2·rms(ref_lowprec − ref) +
 rms_rtol·max|ref|`` against an fp64 truth; with gradients, dq/dk/dv too). The verdict is cached
@@ -62,7 +63,8 @@ def clear_verdicts() -> None:
 
 
 def verdicts() -> dict:
-    """The cached verdicts: key (backend, device, dtype, head dim, causal, gqa, grad) -> None (passed) or the error."""
+    """The cached verdicts: key (backend, device, dtype, head dim it runs at, causal, gqa, grad, masked) -> None
+    (passed) or the error."""
     return dict(_VERDICTS)
 
 

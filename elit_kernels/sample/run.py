@@ -113,8 +113,9 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
             latents per group J, or a mix ``"J:w,J:w"`` / ``[(J, w), ...]`` assigned per sample by index (both
             forms checked alike by ``parse_budget_mix``: int J in 1..J_max, each once, weights finite and > 0).
             None of them: J_max.
-        weak_budget / weak_latents: the weak pass of ``autoguidance`` / ``ccfg`` (default J_max // 16, min 1), at
-            most the conditional budget of every sample (the weak pass is the weaker model).
+        weak_budget / weak_latents: the weak pass of ``autoguidance`` / ``ccfg`` / ``ccfg_two_pass`` (default
+            J_max // 16, min 1), at most the conditional budget of every sample (the weak pass is the weaker
+            model).
         batch_size: samples per forward on each device; each budget's last batch is filled up to it with that
             budget's next indices past N, computed and not written (``rules.plan_batches``), so that sample i never
             depends on N. seed: the global seed (int >= 0). dtype: float32, bfloat16 or float16 (the model; the

@@ -119,3 +119,25 @@ def test_pins_agree_everywhere():
     assert f"torch {torch_cpu}'s CPU build" in readme and f"torch {full['torch']}'s CUDA build" in readme
     assert "pip install -r requirements-cpu.txt" in readme and "pip install -r requirements.txt" in readme
     assert "pip install -r requirements.txt" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_lists_every_bench_target_with_its_limit():
+    # The README's targets table once listed four of elit-bench's five targets: each target the report checks has
+    # a row naming it, with its limit.
+    from elit_kernels.bench import report
+
+    limits = {"latency_ratio": report.LATENCY_TARGET, "ragged / dense": report.DENSE_TARGET,
+              "mixed ragged": report.MIXED_TARGET, "one-pass CCFG": report.CCFG_TARGET,
+              "sampling CCFG": report.SAMPLING_TARGET}
+    assert set(limits) == set(report.TARGET_INFO), "a target was added: give it a row in the README and here"
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("**The targets.**"):]
+    table = table[:table.index("\n\n", table.index("| target |"))]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith(("| target", "|---"))]
+    assert len(rows) == len(limits), rows
+    for key, limit in limits.items():
+        name = report.TARGET_INFO[key]["name"]
+        row = next((r for r in rows if r.startswith(f"| {name}")), None)
+        assert row is not None, f"no README row for the target {name!r}"
+        assert f"≤ {limit:.2f}×" in row, (name, row)
+    assert "checks four ratios of the run (five with `--scenarios sampling`)" in table

@@ -141,3 +141,23 @@ def test_readme_lists_every_bench_target_with_its_limit():
         assert row is not None, f"no README row for the target {name!r}"
         assert f"≤ {limit:.2f}×" in row, (name, row)
     assert "checks four ratios of the run (five with `--scenarios sampling`)" in table
+
+
+def test_readme_backend_table_names_every_registered_backend():
+    # Each backend the package registers has one row in the README's backend table, and the table's "default
+    # dispatch" column says "no" exactly for those default dispatch never picks (Backend.default_eligible).
+    code = ("from elit_kernels.attention import registered_backends\n"
+            "for b in registered_backends(): print(b.name, int(b.default_eligible))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    eligible = {n: e == "1" for n, e in (line.split() for line in out.splitlines())}
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| name | default dispatch |")
+    rows = readme[start:readme.index("\n\n", start)].splitlines()[2:]
+    listed = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for name in re.findall(r"`([a-z_0-9]+)`", cells[0]):
+            listed[name] = not re.match(r"(\*\*)?no\b", cells[1])
+    assert set(listed) == set(eligible), (sorted(listed), sorted(eligible))
+    wrong = {n for n in eligible if listed[n] != eligible[n]}
+    assert not wrong, f"the README's default-dispatch column disagrees with Backend.default_eligible for {wrong}"

@@ -357,3 +357,23 @@ def test_max_seqlen_stays_symbolic_under_dynamic_compile(backend):
                                                        device=backend_device(backend))
         torch.testing.assert_close(cf(q, k, v, cq, ck, mq, mk), f(q, k, v, cq, ck, mq, mk))
     assert len(compiles) == 1, f"{len(compiles)} compiles for 20 max_seqlen values"
+
+
+def test_reference_softcap_gradient_holds_at_any_legal_softcap():
+    """A fuzz: the reference's gradient through ``softcap * tanh(s / softcap)`` scaled the incoming gradient by
+    ``softcap`` before dividing it back, so a legal softcap near float32's max (3e38) gave inf, then NaN, in dq and
+    dk: the truth was wrong where the kernels were right. Its gradient is ``1 - tanh^2`` taken as such now."""
+    from elit_kernels.reference.attention import _SoftCap
+
+    torch.manual_seed(0)
+    s = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 7, dtype=torch.float64)
+    for cap in (0.5, 5.0, 1e3):
+        got, = torch.autograd.grad((_SoftCap.apply(s, cap) * w).sum(), s)
+        want, = torch.autograd.grad((torch.tanh(s / cap) * cap * w).sum(), s)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    q, k, v = (torch.randn(4, 1, 16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    out = varlen_attention(q, k, v, cu, cu, 4, 4, softcap=3e38, backend="reference")
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(g.isfinite().all() for g in grads)

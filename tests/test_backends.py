@@ -250,9 +250,11 @@ def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits(
         assert ("no sliding-window attention (window_size=(1, 1))" in r) == (not window)
         assert b.run_head_dim(12) == 16
         # FlashAttention-2 scales its masked -inf scores: a zero scale is refused; a negative one runs as -q
-        # with |scale| (torch_ops.positive_scale), so it is no reason
-        why = "softmax_scale 0: FlashAttention-2 scales its masked -inf scores (0 * -inf is NaN)"
-        for scale, refused in ((0.0, True), (-0.5, False), (0.5, False)):
+        # with |scale| (torch_ops.positive_scale), so it is no reason. 1e-50 is 0 in float32 (a fuzz: NaN)
+        for scale, refused in ((0.0, True), (-0.5, False), (0.5, False), (1e-50, True), (-1e-50, True),
+                               (1e-45, False)):
+            why = (f"softmax_scale {scale:g}: 0 in float32, and FlashAttention-2 scales its masked -inf scores "
+                   "(0 * -inf is NaN)")
             inp = dataclasses.replace(_inp(), softmax_scale=scale)
             assert (why in b.not_supported_reasons(inp)) == refused, (name, scale)
 
@@ -321,6 +323,62 @@ def test_positive_scale_keeps_the_scores_and_the_gradient():
         assert s2 == abs(scale) and torch.equal(s2 * (q2 * k).sum(-1), scale * (q * k).sum(-1))
         g, = torch.autograd.grad((s2 * q2 * k).sum(), q)
         assert torch.equal(g, scale * k)
+
+
+def test_a_scale_that_is_zero_in_float32_runs_as_zero():
+    """A fuzz: softmax_scale 1e-50 is legal and nonzero, but 0 in float32, where SDPA applies it: the torch backend
+    (first on the CPU) and the drop-in gave NaN through SDPA's is_causal (0 * -inf on the masked scores). Every
+    zero test reads it as 0 now (``is_zero_scale``), so it takes the grouped op, exact for any scale."""
+    from elit_kernels import flash_attn_func, varlen_attention
+    from elit_kernels.attention.inputs import is_zero_scale
+
+    assert is_zero_scale(0.0) and is_zero_scale(-0.0) and is_zero_scale(1e-50) and is_zero_scale(-2.0 ** -150)
+    assert not is_zero_scale(1e-45) and not is_zero_scale(-2.0 ** -149) and not is_zero_scale(0.3)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 3], [5, 3], 2, 16, seed=4)
+    for scale in (1e-50, -1e-50, 1e-46):
+        want = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, softmax_scale=scale, backend="reference")
+        for backend in ("torch", None):
+            got = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, softmax_scale=scale, backend=backend)
+            torch.testing.assert_close(got, want, msg=f"{backend} at softmax_scale {scale}")
+    x = torch.randn(1, 6, 2, 16)
+    got = flash_attn_func(x, x, x, softmax_scale=1e-50, causal=True)
+    want = flash_attn_func(x, x, x, softmax_scale=0.0, causal=True)  # the mean of the visible values
+    torch.testing.assert_close(got, want)
+    assert not got.isnan().any()
+
+
+def test_triton_refuses_a_scale_its_float32_arguments_cannot_hold():
+    """A fuzz: the Triton kernels take ``scale * log2(e)`` (or ``scale / softcap`` and ``softcap * log2(e)``) as
+    float32 arguments; a legal scale above ~2.36e38, a softcap likewise, or scale / softcap past float32 (1e30 /
+    1e-30) became inf and every output NaN. Now the backends refuse them, naming the argument, and default dispatch
+    runs another backend (the reference's answer, finite)."""
+    from elit_kernels import varlen_attention
+    from elit_kernels._triton._scale import score_args, score_args_reason
+
+    assert score_args_reason(0.125) is None and score_args_reason(2e38) is None and score_args_reason(0.1, 30.0) is None
+    assert "softmax_scale -2.5e+38 * log2(e)" in score_args_reason(-2.5e38)
+    assert "softcap 3e+38 * log2(e)" in score_args_reason(0.1, 3e38)
+    assert "softmax_scale / softcap = 1e+30 / 1e-30" in score_args_reason(1e30, 1e-30)
+    with pytest.raises(ValueError, match="softmax_scale 2.5e"):
+        score_args(2.5e38)
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 3], [4, 5], 2, 16, seed=6)
+    q = q * 1e-30  # scores near 1 at the huge scale
+    for kw, named in ((dict(softmax_scale=2.5e38), "softmax_scale 2.5e+38"),
+                      (dict(softmax_scale=1e30, softcap=1e-30), "softmax_scale / softcap"),
+                      (dict(softmax_scale=1e-30, softcap=3e38), "softcap 3e+38")):
+        want = varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference", **kw)
+        got = varlen_attention(q, k, v, cq, ck, mq, mk, **kw)
+        assert not want.isnan().any()
+        torch.testing.assert_close(got, want)
+        for name in ("triton", "triton_window"):
+            if name == "triton_window" and "softcap" in kw:
+                continue  # it refuses every softcap
+            b = B.get_backend(name)
+            if not b.is_available():
+                print(f"{name} not checked: {b.unavailable_reason}")
+                continue
+            with pytest.raises(ValueError, match=named.replace("+", r"\+")):
+                varlen_attention(q, k, v, cq, ck, mq, mk, backend=name, **kw)
 
 
 def test_comparator_missing_module_is_unavailable():

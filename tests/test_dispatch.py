@@ -1072,7 +1072,7 @@ def test_the_decision_key_holds_every_field_a_backend_refuses_by():
     made = {(dtype, d, lens): random_varlen_inputs(list(lens[0]), list(lens[1]), 2, d, dtype=dtype, seed=0)
             for dtype in (torch.float32, torch.float16) for d in (8, 136) for lens in lengths}  # 136: past 128
     seen: dict = {}
-    grid = itertools.product((torch.float32, torch.float16), (None, 0.0, -0.5), (False, True),
+    grid = itertools.product((torch.float32, torch.float16), (None, 0.0, -0.5, 1e-50, 2.5e38), (False, True),
                              ((-1, -1), (2, -1), (2, 3)), (0.0, 5.0), (False, True), (1, 2), (False, True),
                              lengths, (False, True), (8, 136), (False, True))
     for dtype, scale, causal, window, softcap, lse, kv_heads, segs, (lq, lk), det, d, grad in grid:

@@ -16,8 +16,8 @@ from .._env import env_flag
 from .._precision import fp32_matmul_precision
 from .._types import check_bool
 from .._outputs import new_output as alloc  # noqa: F401
+from ._scale import LOG2E, score_args  # noqa: F401  (score_args: the kernels' scale arguments)
 
-LOG2E = 1.4426950408889634
 # In-kernel copy (jit functions read module constants only as constexpr).
 LOG2E_C: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -251,14 +251,6 @@ def window_args(window_left: int, window_right: int) -> tuple[int, int, bool]:
     window = window_left >= 0 or window_right >= 0
     return (window_left if window_left >= 0 else WINDOW_UNBOUNDED,
             window_right if window_right >= 0 else WINDOW_UNBOUNDED, window)
-
-
-def score_args(softmax_scale: float, softcap: float) -> tuple[float, float]:
-    """``(qk_scale, cap2)`` for ``scores``: without softcap ``scale * log2(e)`` (and 0); with it the tanh
-    argument's scale ``scale / softcap`` and ``softcap * log2(e)``."""
-    if softcap > 0.0:
-        return softmax_scale / softcap, softcap * LOG2E
-    return softmax_scale * LOG2E, 0.0
 
 
 @triton.jit

@@ -168,7 +168,7 @@ def fwd_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: flo
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            S, total_q, k.shape[0], H // H_kv, softmax_scale * C.LOG2E)
+            S, total_q, k.shape[0], H // H_kv, C.score_args(softmax_scale)[0])
     meta = _meta(D, q.dtype, blocks, q, k, v, out)
     return args, meta, (S + 1, H_kv // blocks["HEADS"])
 

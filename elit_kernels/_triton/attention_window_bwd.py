@@ -194,11 +194,11 @@ def bwd_launches(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_se
     dq_args = (q, k, v, out, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0), dq.stride(0), dq.stride(1),
-               S, total_q, k.shape[0], H // H_kv, softmax_scale, softmax_scale * C.LOG2E)
+               S, total_q, k.shape[0], H // H_kv, softmax_scale, C.score_args(softmax_scale)[0])
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  dout.stride(0), dout.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                 S, total_q, k.shape[0], H // H_kv, softmax_scale, softmax_scale * C.LOG2E)
+                 S, total_q, k.shape[0], H // H_kv, softmax_scale, C.score_args(softmax_scale)[0])
     return {name: (a, _meta(D, q.dtype, blocks[name], *tensors), (S + 1, H_kv // blocks[name]["HEADS"]))
             for name, a, tensors in (("dq", dq_args, (q, k, v, out, dout, dq)), ("dkdv", dkdv_args, (q, k, v, dout, dk, dv)))}
 

@@ -34,8 +34,9 @@ import torch
 
 from .._env import env_flag
 from .._files import atomic_write
+from .._triton._scale import score_args_reason
 from .._types import is_int
-from .inputs import FEW_RUNS, AttnInputs, _capturing, _flag
+from .inputs import FEW_RUNS, AttnInputs, _capturing, _flag, is_zero_scale
 from . import known_answer as _ka
 from . import registry as _registry
 from .known_answer import check_dispatch
@@ -301,7 +302,7 @@ def candidates(inp: AttnInputs) -> tuple[list[Backend], list[str]]:
 
 def _decision_key(inp: AttnInputs) -> tuple:
     """Everything a decision depends on, for an eager call (never under capture or tracing): every field a
-    backend's ``not_supported_reasons`` reads (a zero ``softmax_scale`` among them: FlashAttention-2 refuses it),
+    backend's ``not_supported_reasons`` reads (the ``softmax_scale`` classes that some refuse: ``_scale_class``),
     the known-answer verdict's dtype (CUDA fp32 under TF32 or IEEE matmuls: one verdict says nothing of the
     other) and whether the segments run as dense runs (which class the ranking is read for); tests/test_dispatch.py
     checks the key against every backend's refusals. ``_tuning`` too: a call made before a ``tuning()`` block
@@ -309,9 +310,17 @@ def _decision_key(inp: AttnInputs) -> tuple:
     dt, dev = inp.q.dtype, inp.q.device
     return (dev, _ka._dtype_key(dev, dt) if dt == torch.float32 else dt, inp.head_dim,
             inp.num_kv_heads != inp.num_heads, inp.causal, inp.return_lse, inp.window_left, inp.window_right,
-            inp.softcap, inp.softmax_scale == 0.0, inp.requires_grad, inp.deterministic,
+            inp.softcap, _scale_class(inp), inp.requires_grad, inp.deterministic,
             _segments_key(inp.segments), _dense_runs(inp), inp.max_seqlen_q, inp.max_seqlen_k,
             inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode, _tuning)
+
+
+def _scale_class(inp: AttnInputs) -> int:
+    """What backends refuse of ``softmax_scale``: 0 when it is 0 in float32 (FlashAttention-2 turns it into NaN), 2
+    when it (or its ratio to ``softcap``) overflows the Triton kernels' float32 arguments, else 1."""
+    if is_zero_scale(inp.softmax_scale):
+        return 0
+    return 1 if score_args_reason(inp.softmax_scale, inp.softcap) is None else 2
 
 
 def _segments_key(seg) -> tuple | None:

@@ -26,6 +26,23 @@ def visible_mask(lq: int, lk: int, causal: bool, window_left: int = -1, window_r
     return allowed
 
 
+class _SoftCap(torch.autograd.Function):
+    """``softcap * tanh(s / softcap)`` with the gradient ``1 - tanh^2`` taken as such: autograd through the two
+    products scaled the incoming gradient by ``softcap`` before dividing it back, which overflowed (inf, then NaN)
+    for a legal softcap near float32's max (a fuzz: 3e38)."""
+
+    @staticmethod
+    def forward(ctx, s, softcap: float):
+        t = torch.tanh(s / softcap)
+        ctx.save_for_backward(t)
+        return t * softcap
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, = ctx.saved_tensors
+        return grad * (1 - t * t), None
+
+
 def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=torch.float32, return_lse=False,
                       window_size=(-1, -1), softcap: float = 0.0):
     """Attention for one segment. q ``[Lq, H, D]``, k/v ``[Lk, H_kv, D]`` (``H % H_kv == 0``: query head h
@@ -43,7 +60,7 @@ def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=tor
         kf, vf = kf.repeat_interleave(group, dim=0), vf.repeat_interleave(group, dim=0)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale  # [H, Lq, Lk]
     if softcap > 0.0:
-        s = torch.tanh(s / softcap) * softcap
+        s = _SoftCap.apply(s, softcap)
     allowed = visible_mask(lq, lk, causal, window_size[0], window_size[1], q.device)
     row_has_key = allowed.any(dim=-1)  # [Lq]
     # Rows with no key: unmask everything so softmax stays finite, then zero the output; the

@@ -13,6 +13,7 @@ import importlib.util
 
 import torch
 
+from ..inputs import is_zero_scale
 from ..registry import Backend, register_backend
 from .torch_ops import positive_scale
 
@@ -59,8 +60,9 @@ class _CudaLibrary(Backend):
 
     def not_supported_reasons(self, inp):
         r = super().not_supported_reasons(inp)
-        if inp.softmax_scale == 0.0:  # a negative scale runs as -q with |scale| (torch_ops.positive_scale)
-            r.append("softmax_scale 0: FlashAttention-2 scales its masked -inf scores (0 * -inf is NaN)")
+        if is_zero_scale(inp.softmax_scale):  # a negative scale runs as -q with |scale| (torch_ops.positive_scale)
+            r.append(f"softmax_scale {inp.softmax_scale:g}: 0 in float32, and FlashAttention-2 scales its masked -inf "
+                     "scores (0 * -inf is NaN)")
         return r
 
 

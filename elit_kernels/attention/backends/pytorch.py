@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inputs import FEW_RUNS
+from ..inputs import FEW_RUNS, is_zero_scale
 from ..registry import Backend, register_backend
 from . import torch_ops  # noqa: F401  (registers elit::varlen_attn_{fwd,bwd}_torch)
 
@@ -44,7 +44,7 @@ class TorchBackend(Backend):
     def not_supported_reasons(self, inp):
         r = super().not_supported_reasons(inp)
         host_free = (inp.segments is not None and not inp.return_lse and inp.softcap == 0.0
-                     and inp.softmax_scale != 0.0)  # a zero scale goes to the grouped op (torch_ops.positive_scale)
+                     and not is_zero_scale(inp.softmax_scale))  # a zero scale goes to the grouped op (positive_scale)
         if (inp.q.is_cuda and not host_free and not torch.compiler.is_compiling()
                 and torch.cuda.is_current_stream_capturing()):
             r.append("reads segment lengths on the host, which CUDA-graph capture forbids (pass segments= to "

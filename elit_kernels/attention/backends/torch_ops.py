@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..._autograd import register_varlen_autograd
 from ..._outputs import new_output
 from ...reference.attention import check_cu_rows, visible_mask
-from ..inputs import MAX_RUNS, _few_run_segments
+from ..inputs import MAX_RUNS, _few_run_segments, is_zero_scale
 
 # Elements of one [n, H, rows, Lk] score tile; chunks of segments (and of query rows, for one huge
 # segment) stay under it, so memory is bounded by the chunk, not by the batch.
@@ -273,7 +273,7 @@ def dense_runner(inp):
     (``Backend.plan_runner``): the model's image, Read, Write and uniform core calls then cost one SDPA's host time."""
     seg = inp.segments
     if (seg is None or len(seg.runs) != 1 or inp.return_lse or inp.softcap != 0.0 or inp.has_window
-            or inp.softmax_scale == 0.0):
+            or is_zero_scale(inp.softmax_scale)):
         return None
     n, lq, lk, _, total_q, _, total_k = seg.offsets[0]
     q, k = inp.q, inp.k
@@ -311,7 +311,7 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
     CPU, a device sync on CUDA) and raises ValueError naming a ``cu_seqlens`` that does not start at 0,
     decreases or runs past its rows (``check_cu_rows``), whatever the value-check setting."""
     windowed = window_left >= 0 or window_right >= 0
-    if softmax_scale == 0.0:  # see positive_scale: the grouped op is exact there
+    if is_zero_scale(softmax_scale):  # 0 in float32 (see positive_scale): the grouped op is exact there
         return None
     if segments is None:
         c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()

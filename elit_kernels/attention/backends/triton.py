@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..._triton._scale import score_args_reason
 from ..inputs import AttnInputs
 from ..registry import Backend, register_backend
 
@@ -65,6 +66,9 @@ class TritonBackend(Backend):
         r = super().not_supported_reasons(inp)
         if _HAS_TRITON and inp.q.device.type == "cpu" and not _interpreting():  # no hint that cannot help
             r.append("CPU tensors run only under TRITON_INTERPRET=1")
+        why = score_args_reason(inp.softmax_scale, inp.softcap)
+        if why is not None:
+            r.append(why)
         return r
 
     def forward(self, inp: AttnInputs):

@@ -79,45 +79,6 @@ def test_static_order_on_cpu_follows_priority_and_default_dispatch_uses_it(fakes
     assert top.calls == 2
 
 
-def test_cpu_ragged_calls_of_short_segments_run_on_cpp_first():
-    """On this CPU the cpp loops took 0.1-0.5x the torch backend's time on ragged calls of segments up to 16
-    tokens (its grouped op pays per group of segments, not per FLOP) and lose past 32 (dispatch._short_ragged_cpu):
-    the CPU static order puts cpp first there, and only there. Calls the dense path runs keep torch's SDPA."""
-    priority = [b.name for b in R.registered_backends()]
-    many = tuple(range(1, D.FEW_RUNS + 4))  # more runs than the dense path takes: ragged
-    short = D.static_order(_inp(many, many))
-    assert short.index("cpp") < short.index("torch")
-    assert [n for n in short if n != "cpp"] == [n for n in priority if n != "cpp"]  # only cpp moved
-    long = tuple(n + D.CPU_SHORT_SEGMENTS - D.FEW_RUNS - 3 + 1 for n in many)  # the longest one past the limit
-    assert max(long) == D.CPU_SHORT_SEGMENTS + 1
-    assert D.static_order(_inp(long, long)) == priority
-    assert D.static_order(_inp(many[:-1] + (D.CPU_SHORT_SEGMENTS,), many)).index("cpp") < short.index("torch")
-    assert D.static_order(_inp()) == priority  # uniform: dense SDPA
-    nos = _inp(many, many, segments=False)  # lengths only on the device: max_seqlen says they are short
-    assert D.static_order(nos).index("cpp") < D.static_order(nos).index("torch")
-    order, src = D.ranking(_inp(many, many))  # what default dispatch walks (tests run triton interpreted: first)
-    assert src == "static" and order.index("cpp") < order.index("torch")
-    if R.get_backend("cpp").is_available():
-        D.clear_decisions()
-        ok = [b.name for b in D.candidates(_inp(many, many))[0]]
-        want = next(n for n in order if n in ok)
-        assert A.select_backend(_inp(many, many)).name == want and order.index(want) <= order.index("cpp")
-        assert A.select_backend(_inp(long, long)).name != "cpp"
-        # what a user gets: without the interpreter triton cannot run CPU tensors, and cpp runs the short call
-        import subprocess
-        import sys
-        code = ("from elit_kernels import attention as A\n"
-                "from elit_kernels.testing import random_varlen_inputs as r\n"
-                "for n in (16, 17):\n"
-                "    L = [3, n, 9, 1, 2, 5, 7, 11]\n"
-                "    print(A.select_backend(A.validate_inputs(*r(L, L, 2, 8, seed=0))).name)")
-        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ELIT_BACKEND")}
-        got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-        assert got.stdout.split() == ["cpp", "torch"], got.stdout + got.stderr
-    else:
-        print(f"select_backend not checked: cpp: {R.get_backend('cpp').unavailable_reason}")
-
-
 def test_cached_decision_follows_the_registry(fakes):
     inp = _inp()
     top = fakes("_top", priority=10_000)

@@ -144,25 +144,6 @@ def _dense_runs(inp: AttnInputs) -> bool:
             and not inp.has_window and not (inp.causal and any(lq != lk for _, lq, lk in seg.runs)))
 
 
-#: a ragged CPU call whose segments all hold at most this many queries and keys runs on ``cpp`` before ``torch``
-CPU_SHORT_SEGMENTS = 16
-
-
-def _short_ragged_cpu(inp: AttnInputs) -> bool:
-    """Whether a CPU call is ragged (not ``_dense_runs``) with every segment at most ``CPU_SHORT_SEGMENTS`` long (the
-    host-side segments' longest, else ``max_seqlen_q/k``; never a symbolic length). There the ``cpp`` loops beat
-    the ``torch`` backend's grouped op, whose cost is per group and chunk of segments, not per FLOP: measured on
-    this project's CPU (AMD EPYC, 1 thread, 2026-12-08; lengths random in 1..L, H 4), fp32/bf16/fp64, causal,
-    D 64, 16 and 128 segments, cpp took 0.12-0.48x torch's time forward and 0.09-0.41x forward + backward at L <= 16
-    (D 32: 0.2-0.4x; D 128: 0.4-1.0x), while past it torch wins more and more (L <= 32, D 64, 16 segments:
-    1.4x; L <= 128: 6.6x). Calls the dense path runs (the ELIT model's) stay on ``torch``'s SDPA."""
-    if _dense_runs(inp):
-        return False
-    seg = inp.segments
-    lq, lk = (seg.max_q, seg.max_k) if seg is not None else (inp.max_seqlen_q, inp.max_seqlen_k)
-    return is_int(lq) and is_int(lk) and max(lq, lk) <= CPU_SHORT_SEGMENTS
-
-
 def _class_key(c: dict) -> tuple:
     return (c["gpu"], c["dtype"], c["head_dim"], c["kind"], c["lq"], c["lk"], c["segments"], c["grad"])
 
@@ -175,13 +156,9 @@ def static_order(inp: AttnInputs) -> list[str]:
     FlashAttention-2 varlen (``torch_varlen``), then ``triton``; fp32 on SDPA (TF32 as PyTorch's setting
     allows; the fp32 Triton kernels ran 18x slower). Backends no GPU run has timed yet (``UNMEASURED``) come
     after all of those, so they never make a call slower before a measurement ranks them. On CPU: the
-    backends' priorities, except that a ragged call of short segments runs on ``cpp`` before ``torch``
-    (``_short_ragged_cpu``)."""
+    backends' priorities."""
     names = [b.name for b in registered_backends()]
     if inp.q.device.type != "cuda":
-        if "cpp" in names and "torch" in names and _short_ragged_cpu(inp):
-            names.remove("cpp")
-            names.insert(names.index("torch"), "cpp")
         return names
     few = _dense_runs(inp)
     half = inp.q.dtype in (torch.float16, torch.bfloat16)

@@ -104,7 +104,7 @@ CASES: dict[str, Case] = {
     "zero-scale": _case([4, 6, 1], [4, 9, 3], "contract", "causal with softmax_scale 0: the mean of the visible "
                         "values", causal=True, scale=0.0),
     # 1e-50 is legal and nonzero, but 0 in float32, where fused kernels apply the scale: NaN through SDPA's
-    # is_causal on the CPU, as 0 had (found by a fuzz)
+    # is_causal on the CPU, as 0 had (found by a fuzz); a subnormal scale is 0 under flush-to-zero (is_zero_scale)
     "causal-f32-zero-scale": _case([5, 9, 3], [9, 9, 3], "contract", "causal with softmax_scale 1e-50 (0 in float32)",
                                    causal=True, scale=1e-50),
     "read-negative-scale": _case([4, 1, 5], [16, 23, 37], "contract", "Read-like, softmax_scale -0.7", scale=-0.7),

@@ -372,6 +372,12 @@ def test_reference_softcap_gradient_holds_at_any_legal_softcap():
         got, = torch.autograd.grad((_SoftCap.apply(s, cap) * w).sum(), s)
         want, = torch.autograd.grad((torch.tanh(s / cap) * cap * w).sum(), s)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        # the reference differentiates twice, and forward-mode AD and torch.func run through it (a first version
+        # saved tanh without its history: its second derivative was silently wrong, its jvp missing)
+        assert torch.autograd.gradgradcheck(lambda x: _SoftCap.apply(x, cap), (s,))
+        assert torch.autograd.gradcheck(lambda x: _SoftCap.apply(x, cap), (s,), check_forward_ad=True)
+        got = torch.func.grad(lambda x: (_SoftCap.apply(x, cap) * w).sum())(s.detach())
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     q, k, v = (torch.randn(4, 1, 16, requires_grad=True) for _ in range(3))
     cu = torch.tensor([0, 4], dtype=torch.int32)
     out = varlen_attention(q, k, v, cu, cu, 4, 4, softcap=3e38, backend="reference")

@@ -250,11 +250,12 @@ def test_cuda_comparators_are_unavailable_without_cuda_and_declare_their_limits(
         assert ("no sliding-window attention (window_size=(1, 1))" in r) == (not window)
         assert b.run_head_dim(12) == 16
         # FlashAttention-2 scales its masked -inf scores: a zero scale is refused; a negative one runs as -q
-        # with |scale| (torch_ops.positive_scale), so it is no reason. 1e-50 is 0 in float32 (a fuzz: NaN)
+        # with |scale| (torch_ops.positive_scale), so it is no reason. 1e-50 is 0 in float32 (a fuzz: NaN), 1e-45
+        # a subnormal that flush-to-zero builds read as 0 (a review)
         for scale, refused in ((0.0, True), (-0.5, False), (0.5, False), (1e-50, True), (-1e-50, True),
-                               (1e-45, False)):
-            why = (f"softmax_scale {scale:g}: 0 in float32, and FlashAttention-2 scales its masked -inf scores "
-                   "(0 * -inf is NaN)")
+                               (1e-45, True), (1e-38, True), (1.2e-38, False)):
+            why = (f"softmax_scale {scale:g}: 0 or below float32's normal range, and FlashAttention-2 scales its "
+                   "masked -inf scores (0 * -inf is NaN)")
             inp = dataclasses.replace(_inp(), softmax_scale=scale)
             assert (why in b.not_supported_reasons(inp)) == refused, (name, scale)
 
@@ -327,19 +328,26 @@ def test_positive_scale_keeps_the_scores_and_the_gradient():
 
 def test_a_scale_that_is_zero_in_float32_runs_as_zero():
     """A fuzz: softmax_scale 1e-50 is legal and nonzero, but 0 in float32, where SDPA applies it: the torch backend
-    (first on the CPU) and the drop-in gave NaN through SDPA's is_causal (0 * -inf on the masked scores). Every
-    zero test reads it as 0 now (``is_zero_scale``), so it takes the grouped op, exact for any scale."""
+    (first on the CPU) and the drop-in gave NaN through SDPA's is_causal (0 * -inf on the masked scores); a review:
+    a subnormal scale (1e-40) does the same under flush-to-zero. Every zero test reads a scale below float32's
+    normal range as 0 now (``is_zero_scale``), so it takes the grouped op, exact for any scale."""
     from elit_kernels import flash_attn_func, varlen_attention
     from elit_kernels.attention.inputs import is_zero_scale
 
-    assert is_zero_scale(0.0) and is_zero_scale(-0.0) and is_zero_scale(1e-50) and is_zero_scale(-2.0 ** -150)
-    assert not is_zero_scale(1e-45) and not is_zero_scale(-2.0 ** -149) and not is_zero_scale(0.3)
+    tiny = torch.finfo(torch.float32).tiny  # 2**-126
+    assert is_zero_scale(0.0) and is_zero_scale(-0.0) and is_zero_scale(1e-50) and is_zero_scale(-2.0 ** -149)
+    assert is_zero_scale(tiny / 2) and is_zero_scale(-tiny * 0.999)
+    assert not is_zero_scale(tiny) and not is_zero_scale(-tiny) and not is_zero_scale(0.3)
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 3], [5, 3], 2, 16, seed=4)
-    for scale in (1e-50, -1e-50, 1e-46):
-        want = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, softmax_scale=scale, backend="reference")
-        for backend in ("torch", None):
-            got = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, softmax_scale=scale, backend=backend)
-            torch.testing.assert_close(got, want, msg=f"{backend} at softmax_scale {scale}")
+    was = torch.set_flush_denormal(True)  # what a fast-math CUDA build does to subnormals (False: unsupported here)
+    try:
+        for scale in (1e-50, -1e-50, 1e-46, 1e-40, -1e-39):
+            want = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, softmax_scale=scale, backend="reference")
+            for backend in ("torch", None):
+                got = varlen_attention(q, k, v, cq, ck, mq, mk, causal=True, softmax_scale=scale, backend=backend)
+                torch.testing.assert_close(got, want, msg=f"{backend} at softmax_scale {scale}, flush-to-zero {was}")
+    finally:
+        torch.set_flush_denormal(False)
     x = torch.randn(1, 6, 2, 16)
     got = flash_attn_func(x, x, x, softmax_scale=1e-50, causal=True)
     want = flash_attn_func(x, x, x, softmax_scale=0.0, causal=True)  # the mean of the visible values

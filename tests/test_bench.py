@@ -642,7 +642,7 @@ def test_estimate_includes_the_compile_of_each_signature(monkeypatch):
 def test_estimate_does_not_charge_one_time_start_up_to_every_case(monkeypatch):
     # FlopCounterMode's first entry in a process costs 0.9 s on this CPU (its op table), every later one 0.2 ms:
     # charged to the first case's warm-up, at which the estimate counts every case not yet warmed up, it made a
-    # 4 s tiny run estimate 40 s. A stand-in whose first entry costs 2 s: that is start-up, spent once.
+    # 4 s tiny run estimate 40 s. A stand-in whose first entry costs 5 s: that is start-up, spent once.
     import time
 
     from torch.utils import flop_counter
@@ -652,7 +652,7 @@ def test_estimate_does_not_charge_one_time_start_up_to_every_case(monkeypatch):
     def enter(self):
         if not entered:
             entered.append(True)
-            time.sleep(2.0)
+            time.sleep(5.0)
         return real_enter(self)
 
     monkeypatch.setattr(flop_counter.FlopCounterMode, "__enter__", enter)
@@ -661,8 +661,9 @@ def test_estimate_does_not_charge_one_time_start_up_to_every_case(monkeypatch):
     monkeypatch.setattr(cli, "_estimate", lambda extra, *a: (real(extra, *a), estimates.append(extra["estimate_s"])))
     monkeypatch.setattr(cli, "_say", lambda msg: None)
     assert main(TINY + ["--presets", "paper", "--scenarios", "uniform", "--budgets", "1,2,4", "--repeats", "1"]) == 0
-    # the 2 s are in the estimate once (spent before it), not three times (once per case: >= 6 s)
-    assert 2.0 <= estimates[0] < 4.0, estimates
+    # the 5 s are in the estimate once (spent before it), not three times (once per case: >= 15 s); the run's own
+    # share, ~1.5 s here, may double on a loaded machine
+    assert 5.0 <= estimates[0] < 10.0, estimates
 
 
 class _RecordingProgress:

@@ -19,21 +19,23 @@ from .._types import check_bool, is_real
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 256
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# softmax_scale and softcap reach every kernel as float32: outside float32's normal range they overflow to inf or
-# flush to 0 (NaN scores and gradients), so they are refused there
+# softmax_scale and softcap reach every kernel as float32: a scale past float32's max, or a softcap outside its normal
+# range, overflows to inf or flushes to 0 (NaN scores and gradients), so they are refused; a scale below the normal
+# range is legal (is_zero_scale: the fused kernels do not see it)
 _F32_MAX = float(torch.finfo(torch.float32).max)
-#: a |softmax_scale| at or below 2**-150 rounds to 0 in float32, the precision fused attention kernels (PyTorch's
-#: SDPA kernels, FlashAttention-2) apply the scale in
-_F32_ZERO = 2.0 ** -150
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def is_zero_scale(scale: float) -> bool:
-    """Whether ``softmax_scale`` is 0 to a kernel that applies it in float32 (``|scale| <= 2**-150``, 1e-50 say):
-    such kernels scale their masked ``-inf`` scores, and ``0 * -inf`` is NaN, so a call with it is dispatched and
-    run as a zero scale (the ``torch`` backend's grouped op, exact for any scale). Found by a fuzz: ``1e-50`` was
-    legal, nonzero to the ``== 0.0`` tests, and gave NaN through SDPA's ``is_causal``."""
-    return -_F32_ZERO <= scale <= _F32_ZERO
-_F32_TINY = float(torch.finfo(torch.float32).tiny)
+    """Whether ``softmax_scale`` may be 0 to a kernel that applies it in float32: 0, or below float32's normal
+    range (``|scale| < 2**-126``, 1e-50 say), which rounds to 0 or is a subnormal that flush-to-zero code (CUDA
+    built with fast math, as the flash-attn package is; ``torch.set_flush_denormal(True)`` on a CPU) reads as 0.
+    Such kernels scale their masked ``-inf`` scores and ``0 * -inf`` is NaN, so a call with it is dispatched and run
+    as a zero scale (the ``torch`` backend's grouped op, exact for any scale; FlashAttention-2 varlen refuses it).
+    Found by a fuzz: ``1e-50`` was legal, nonzero to the ``== 0.0`` tests, and gave NaN through SDPA's
+    ``is_causal``; a review found the subnormals under flush-to-zero."""
+    return -_F32_TINY < scale < _F32_TINY
+
 
 _validate_values = env_flag("ELIT_VALIDATE", True)
 

@@ -29,18 +29,35 @@ def visible_mask(lq: int, lk: int, causal: bool, window_left: int = -1, window_r
 class _SoftCap(torch.autograd.Function):
     """``softcap * tanh(s / softcap)`` with the gradient ``1 - tanh^2`` taken as such: autograd through the two
     products scaled the incoming gradient by ``softcap`` before dividing it back, which overflowed (inf, then NaN)
-    for a legal softcap near float32's max (a fuzz: 3e38)."""
+    for a legal softcap near float32's max (a fuzz: 3e38). The backward recomputes ``tanh`` from the saved input
+    with differentiable ops, so double backward stays exact (the reference differentiates twice); ``jvp`` and
+    ``setup_context`` keep forward-mode AD and ``torch.func`` working."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, s, softcap: float):
-        t = torch.tanh(s / softcap)
-        ctx.save_for_backward(t)
-        return t * softcap
+    def forward(s, softcap: float):
+        return torch.tanh(s / softcap) * softcap
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        s, ctx.softcap = inputs
+        ctx.save_for_backward(s)
+        ctx.save_for_forward(s)
+
+    @staticmethod
+    def _slope(ctx):
+        s, = ctx.saved_tensors
+        t = torch.tanh(s / ctx.softcap)
+        return 1 - t * t
 
     @staticmethod
     def backward(ctx, grad):
-        t, = ctx.saved_tensors
-        return grad * (1 - t * t), None
+        return grad * _SoftCap._slope(ctx), None
+
+    @staticmethod
+    def jvp(ctx, ds, _):
+        return ds * _SoftCap._slope(ctx)
 
 
 def attention_segment(q, k, v, softmax_scale: float, causal: bool, acc_dtype=torch.float32, return_lse=False,

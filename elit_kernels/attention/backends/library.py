@@ -61,8 +61,8 @@ class _CudaLibrary(Backend):
     def not_supported_reasons(self, inp):
         r = super().not_supported_reasons(inp)
         if is_zero_scale(inp.softmax_scale):  # a negative scale runs as -q with |scale| (torch_ops.positive_scale)
-            r.append(f"softmax_scale {inp.softmax_scale:g}: 0 in float32, and FlashAttention-2 scales its masked -inf "
-                     "scores (0 * -inf is NaN)")
+            r.append(f"softmax_scale {inp.softmax_scale:g}: 0 or below float32's normal range, and FlashAttention-2 "
+                     "scales its masked -inf scores (0 * -inf is NaN)")
         return r
 
 

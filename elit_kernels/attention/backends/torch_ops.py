@@ -311,7 +311,7 @@ def sdpa_over_runs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
     CPU, a device sync on CUDA) and raises ValueError naming a ``cu_seqlens`` that does not start at 0,
     decreases or runs past its rows (``check_cu_rows``), whatever the value-check setting."""
     windowed = window_left >= 0 or window_right >= 0
-    if is_zero_scale(softmax_scale):  # 0 in float32 (see positive_scale): the grouped op is exact there
+    if is_zero_scale(softmax_scale):  # 0 to float32 kernels (see positive_scale): the grouped op is exact there
         return None
     if segments is None:
         c = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()

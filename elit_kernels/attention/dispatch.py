@@ -317,8 +317,8 @@ def _decision_key(inp: AttnInputs) -> tuple:
 
 def _scale_class(inp: AttnInputs) -> int:
     """What backends refuse of ``softmax_scale``: 0 when it may be 0 in float32 (``is_zero_scale``: FlashAttention-2
-    turns it into NaN), 2
-    when it (or its ratio to ``softcap``) overflows the Triton kernels' float32 arguments, else 1."""
+    turns it into NaN), 2 when it (or its ratio to ``softcap``) overflows the Triton kernels' float32 arguments, else
+    1."""
     if is_zero_scale(inp.softmax_scale):
         return 0
     return 1 if score_args_reason(inp.softmax_scale, inp.softcap) is None else 2

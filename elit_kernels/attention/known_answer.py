@@ -1,14 +1,14 @@
 """First-use known-answer checks: dispatch never trusts a kernel that has not run correctly here.
 
-Before the default dispatch (``backend=None``) first hands a backend with ``Backend.known_answer`` (every one
-except ``reference``, ``torch`` and ``flash_attn``: ``cuda``, ``triton``, ``triton_window``, ``cpp``, ``torch_varlen``,
-``sdpa_*``) inputs of a new kind -- a (backend, device, dtype, head dim it runs at,
-causal, GQA, gradients, masked: a window or softcap) combination -- it runs a small random case of that kind on the backend and on the
-``reference`` backend and compares them with the project's tolerance rule (``testing.assert_close_to_reference``:
-``max|out − ref| ≤ 2·max|ref_lowprec − ref| + atol`` and ``rms(out − ref) ≤ 2·rms(ref_lowprec − ref) +
-rms_rtol·max|ref|`` against an fp64 truth; with gradients, dq/dk/dv too). The verdict is cached
-for the process. A backend that fails (wrong numbers, NaN, or an exception) gets one ``RuntimeWarning`` naming
-it and the error, and the dispatcher moves on to the next backend for those inputs.
+Before the default dispatch (``backend=None``) first hands a backend with ``Backend.known_answer`` (every one except
+``reference``, ``torch`` and ``flash_attn``: ``cuda``, ``triton``, ``triton_window``, ``cpp``, ``torch_varlen``,
+``sdpa_*``) inputs of a new kind -- a (backend, device, dtype, head dim it runs at, causal, GQA, gradients, masked: a
+window or softcap) combination -- it runs a small random case of that kind on the backend and on the ``reference``
+backend and compares them with the project's tolerance rule (``testing.assert_close_to_reference``: ``max|out − ref|
+≤ 2·max|ref_lowprec − ref| + atol`` and ``rms(out − ref) ≤ 2·rms(ref_lowprec − ref) + rms_rtol·max|ref|`` against an
+fp64 truth; with gradients, dq/dk/dv too). The verdict is cached for the process. A backend that fails (wrong
+numbers, NaN, or an exception) gets one ``RuntimeWarning`` naming it and the error, and the dispatcher moves on to
+the next backend for those inputs.
 
 - Modes (``set_known_answer_checks`` or ``$ELIT_KNOWN_ANSWER``): ``"auto"`` (default) checks inputs on CUDA
   devices, where kernels are new and a wrong one is expensive; ``"on"`` checks every device (CPU included:

@@ -7,8 +7,8 @@ if _sys.argv[:1] == ["-m"]:  # `python -m elit_kernels.<tool>`: a Ctrl-C while t
     _launcher.guard_module_run()
 from .attention import (Backend, SegmentRuns, describe_backends, known_backends, register_backend, set_value_checks,
                         tuning, value_checks_enabled, varlen_attention)
-from .dropin import (flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
-                     flash_attn_varlen_qkvpacked_func)
+from .dropin import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
+                     flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,8 @@ __all__ = [
     "SegmentRuns",
     "describe_backends",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",

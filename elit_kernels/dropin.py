@@ -1,15 +1,16 @@
-"""flash-attn's varlen functions, same signatures, our backends underneath: switch with an import.
+"""flash-attn 2's attention functions, same signatures, our backends underneath: switch with an import.
 
     from elit_kernels import flash_attn_varlen_func  # instead of: from flash_attn import flash_attn_varlen_func
 
-Supported as in flash-attn: GQA / MQA (k/v with fewer heads), any head dim 1..256, sliding windows
-(``window_size``) and ``softcap``, ``return_attn_probs`` (returns ``(out, softmax_lse, None)``), the packed
-``qkv`` / ``kv`` layouts, ``max_seqlen_*`` as ints, NumPy integers or 0-dim integer tensors, and buffers
-longer than the packed data. Not implemented: dropout, ALiBi, paged KV and flash-attn 3's extras (attention sinks
-``s_aux``, ``seqused_*``, FP8 descales, ...). Each function names the ones its flash-attn counterpart takes (all of
-them ``flash_attn_varlen_func``; the packed functions ``dropout_p``, ``alibi_slopes`` and ``s_aux``;
-``flash_attn_func`` all but the paged and varlen ones), so callers that keep only the keywords a signature names
-still pass them, and asking for one raises ``NotImplementedError`` naming the argument rather than being ignored.
+Supported as in flash-attn: GQA / MQA (k/v with fewer heads), any head dim 1..256, sliding windows (``window_size``)
+and ``softcap``, ``return_attn_probs`` (returns ``(out, softmax_lse, S_dmask)``, S_dmask empty), the packed ``qkv``
+/ ``kv`` layouts (varlen and dense), flags given as ints, a softcap <= 0 as off, negative window sides as unbounded,
+``max_seqlen_*`` as ints, NumPy integers or 0-dim integer tensors, and buffers longer than the packed data. Not
+implemented: dropout, ALiBi, paged KV and flash-attn 3's extras (attention sinks ``s_aux``, ``seqused_*``, FP8
+descales, ...). Each function names the ones its flash-attn counterpart takes (all of them
+``flash_attn_varlen_func``; the varlen packed functions ``dropout_p``, ``alibi_slopes`` and ``s_aux``, the dense
+packed ones ``dropout_p`` and ``alibi_slopes``; ``flash_attn_func`` all but the paged and varlen ones), so callers that keep only the keywords a signature names still pass them, and
+asking for one raises ``NotImplementedError`` naming the argument rather than being ignored.
 
 ``deterministic=True`` is honoured as flash-attn honours it: when a backward follows, the call runs only on a backend
 whose backward is deterministic on its device (``reference``, ``cpp``, ``triton``, ``triton_window``, ``cuda``;
@@ -63,23 +64,41 @@ def _refuse_unsupported(dropout_p=0.0, alibi_slopes=None, block_table=None, *, d
 
 
 def _bool_like(name: str, value):
-    """flash-attn's flags as it takes them: a bool or an int (tested for truth); NumPy's bool as a bool;
-    anything else (a string, a tensor: no single truth value) a TypeError naming ``name`` and what it takes."""
+    """flash-attn's flags as it takes them: a bool or an int (tested for truth; a NumPy integer is the int it
+    equals); NumPy's bool as a bool; anything else (a string, a tensor: no single truth value) a TypeError naming
+    ``name`` and what it takes."""
     if type(value) in (bool, int):
         return value
+    if is_int(value):
+        return int(value)
     return check_bool(name, value, expected="a bool or an int (as flash-attn takes its flags)")
+
+
+def _fa_window(window_size):
+    """flash-attn's ``window_size`` as ``varlen_attention`` takes it: any negative side is unbounded there
+    (``flash_api.cpp`` tests ``>= 0``), so ``(-5, 0)`` is causal; sides below -1 become -1. Anything that is not
+    a pair of ints goes through as it is, for ``varlen_attention`` to read or name."""
+    if isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(is_int(s) for s in window_size):
+        return tuple(-1 if s < -1 else s for s in window_size)
+    return window_size
 
 
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap, return_attn_probs,
          backend, deterministic):
-    kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap, backend=backend,
+    # flash-attn's readings: flags are tested for truth (an int is one), a softcap <= 0 is off, a negative window
+    # side is unbounded
+    if is_real(softcap) and softcap < 0:
+        softcap = 0.0
+    kw = dict(softmax_scale=softmax_scale, causal=bool(_bool_like("causal", causal)),
+              window_size=_fa_window(window_size), softcap=softcap, backend=backend,
               deterministic=bool(_bool_like("deterministic", deterministic)))
     return_attn_probs = _bool_like("return_attn_probs", return_attn_probs)
     if not return_attn_probs:
         return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
     out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)
-    # flash-attn's third value is the attention probabilities of its dropout tests; we have none.
-    return out, lse, None
+    # flash-attn's third value holds the attention probabilities of its dropout tests: without dropout an empty
+    # tensor of q's dtype (flash_api.cpp), which callers may read (.numel()), so the same here
+    return out, lse, q.new_empty((0,))
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -99,9 +118,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             sync), at least the longest segment.
         dropout_p: only 0.0.
         softmax_scale: default ``D**-0.5``. causal: bottom-right aligned.
-        window_size: ``(left, right)``, -1 = unbounded side; query i sees key j iff
-            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (with ``causal`` right is 0), as flash-attn.
-        softcap: > 0 caps the logits as ``softcap * tanh(scale q.k / softcap)`` (flash-attn); 0 = off.
+        window_size: ``(left, right)``, -1 (any negative) = unbounded side; query i sees key j iff
+            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (with ``causal`` right is 0), as flash-attn documents.
+        softcap: > 0 caps the logits as ``softcap * tanh(scale q.k / softcap)`` (flash-attn); <= 0 = off.
         alibi_slopes, block_table: only None.
         deterministic: a bool (or an int, as flash-attn): with True and a backward to follow, only backends whose
             backward is deterministic run the call (``varlen_attention``'s ``deterministic``).
@@ -115,15 +134,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         backend: keyword only, ours: a backend name as in ``varlen_attention``.
 
     Returns:
-        ``out [total_q, H, D]``, or with ``return_attn_probs`` ``(out, softmax_lse, None)``:
+        ``out [total_q, H, D]``, or with ``return_attn_probs`` ``(out, softmax_lse, S_dmask)`` (``S_dmask``: an empty
+        tensor of q's dtype, as flash-attn returns without dropout):
         ``softmax_lse [H, total_q]`` float32 (float64 for float64 inputs), natural log, +inf for rows that
         see no key, not differentiable.
 
     Raises:
         NotImplementedError naming the option for ``dropout_p`` other than 0, ``alibi_slopes``,
         ``block_table``, ``s_aux``, ``seqused_q/k``, ``qv``, ``*_descale``, ``leftpad_k``, ``rotary_*`` not
-        None and ``attention_chunk`` other than 0; TypeError naming ``deterministic`` or ``return_attn_probs``
-        when it is not a bool (an int or NumPy's bool is taken as one); otherwise what ``varlen_attention`` raises.
+        None and ``attention_chunk`` other than 0; TypeError naming ``causal``, ``deterministic`` or
+        ``return_attn_probs`` when it is not a bool (an int or NumPy's bool is taken as one); otherwise what
+        ``varlen_attention`` raises.
     """
     _refuse_unsupported(dropout_p, alibi_slopes, block_table, deterministic=deterministic,
                         attention_chunk=attention_chunk, s_aux=s_aux,
@@ -204,9 +225,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         backend: keyword only, ours: a backend name as in ``varlen_attention``.
 
     Returns:
-        ``out [B, S_q, H, D]`` in q's dtype, or with ``return_attn_probs`` ``(out, softmax_lse, None)`` with
-        ``softmax_lse [B, H, S_q]`` float32 (float64 for float64 inputs), natural log, +inf for rows that see
-        no key (flash-attn's dense format).
+        ``out [B, S_q, H, D]`` in q's dtype, or with ``return_attn_probs`` ``(out, softmax_lse, S_dmask)`` with
+        ``softmax_lse [B, H, S_q]`` float32 (float64 for float64 inputs), contiguous, natural log, +inf for rows
+        that see no key (flash-attn's dense format); ``S_dmask`` empty.
 
     Raises:
         TypeError / ValueError naming ``q``, ``k`` or ``v`` for a wrong rank or mismatched batch;
@@ -240,5 +261,35 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                softcap, return_attn_probs, backend, deterministic)
     if not return_attn_probs:
         return res.view(b, sq, h, d)
-    out, lse, _ = res
-    return out.view(b, sq, h, d), lse.view(h, b, sq).transpose(0, 1), None
+    out, lse, probs = res
+    # [B, H, S_q] contiguous, as flash-attn allocates it (callers .view() it)
+    return out.view(b, sq, h, d), lse.view(h, b, sq).transpose(0, 1).contiguous(), probs
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                              alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
+    """Drop-in for ``flash_attn.flash_attn_qkvpacked_func``: self-attention on a dense batch ``qkv [B, S, 3, H, D]``
+    (q, k, v the strided views ``qkv[:, :, i]``). Arguments, returns and errors as ``flash_attn_func`` (a
+    ``ValueError`` naming ``qkv`` for a wrong layout)."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape [batch, seqlen, 3, num_heads, head_dim], got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             backend=None):
+    """Drop-in for ``flash_attn.flash_attn_kvpacked_func``: ``q [B, S_q, H, D]`` attends to ``kv [B, S_k, 2, H_kv,
+    D]`` (keys ``kv[:, :, 0]``, values ``kv[:, :, 1]``, strided views; ``H % H_kv == 0``). Arguments, returns and
+    errors as ``flash_attn_func`` (a ``ValueError`` naming ``kv`` for a wrong layout)."""
+    if not isinstance(kv, torch.Tensor):
+        raise TypeError(f"kv: expected a torch.Tensor, got {type(kv).__name__}")
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv: expected shape [batch, seqlen_k, 2, num_kv_heads, head_dim], got {tuple(kv.shape)}")
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)

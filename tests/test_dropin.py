@@ -128,9 +128,64 @@ def test_flash_attn_return_attn_probs():
     q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 0, 9], [4, 2, 11], 4, 64, seed=8, kv_heads=2)
     out, lse, probs = flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, 0.0, 0.2, True, return_attn_probs=True)
     ref, ref_lse = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.2, causal=True, return_lse=True)
-    assert probs is None and lse.shape == (4, 14) and lse.dtype == torch.float32 and not lse.requires_grad
+    # flash-attn's third value without dropout: an empty tensor of q's dtype (callers may read .numel())
+    assert probs.shape == (0,) and probs.dtype == q.dtype and probs.device == q.device
+    assert lse.shape == (4, 14) and lse.dtype == torch.float32 and not lse.requires_grad
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(lse, ref_lse)
+
+
+def test_flash_attn_readings_of_flags_softcap_window_and_dense_lse():
+    """A parity audit against flash-attn 2.8's source: its flags are tested for truth (``causal=1``), a softcap
+    <= 0 is off ("<=0.0 means deactivate"), any negative window side is unbounded (``flash_api.cpp`` tests >= 0:
+    ``(-5, 0)`` is causal), and the dense LSE is a contiguous ``[B, H, S_q]`` (ours was a transposed view, which
+    ``.view()`` refused). Each was a TypeError / ValueError or a stride difference here."""
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([5, 3], [6, 3], 2, 16, seed=9)
+
+    def run(**kw):
+        return flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **kw)
+
+    torch.testing.assert_close(run(causal=1), run(causal=True), rtol=0, atol=0)
+    torch.testing.assert_close(run(causal=np.int64(0)), run(causal=False), rtol=0, atol=0)
+    torch.testing.assert_close(run(softcap=-3.0), run(softcap=0.0), rtol=0, atol=0)
+    torch.testing.assert_close(run(window_size=(-5, 0)), run(window_size=(-1, 0)), rtol=0, atol=0)
+    torch.testing.assert_close(run(window_size=[2, -7]), run(window_size=(2, -1)), rtol=0, atol=0)
+    want = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.25, window_size=(-1, 0))
+    torch.testing.assert_close(run(window_size=(-2, 0)), want)
+    x = torch.randn(2, 5, 3, 16)
+    out, lse, probs = flash_attn_func(x, x, x, causal=True, return_attn_probs=True)
+    assert lse.shape == (2, 3, 5) and lse.is_contiguous() and probs.numel() == 0
+    lse.view(2, -1)  # as a caller of flash-attn's may
+
+
+def test_dense_packed_entry_points():
+    """flash-attn's ``flash_attn_qkvpacked_func`` (``qkv [B, S, 3, H, D]``) and ``flash_attn_kvpacked_func`` (``kv
+    [B, S_k, 2, H_kv, D]``): exported by flash-attn, missing here until a parity audit."""
+    from elit_kernels import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 6, 3, 4, 16, generator=g, requires_grad=True)
+    out = flash_attn_qkvpacked_func(qkv, 0.0, None, True)
+    q, k, v = (t.detach().reshape(12, 4, 16) for t in qkv.unbind(2))
+    cu = cu_seqlens([6, 6])
+    torch.testing.assert_close(out.reshape(12, 4, 16), varlen_attention_reference(q, k, v, cu, cu, softmax_scale=0.25,
+                                                                                  causal=True))
+    (grad,) = torch.autograd.grad(out.sum(), qkv)
+    assert grad.shape == qkv.shape and grad.isfinite().all()
+    q = torch.randn(2, 3, 4, 16, generator=g)
+    kv = torch.randn(2, 7, 2, 2, 16, generator=g)
+    out, lse, _ = flash_attn_kvpacked_func(q, kv, window_size=(2, 1), return_attn_probs=True)
+    k, v = (t.reshape(14, 2, 16) for t in kv.unbind(2))
+    want, want_lse = varlen_attention_reference(q.reshape(6, 4, 16), k, v, cu_seqlens([3, 3]), cu_seqlens([7, 7]),
+                                                softmax_scale=0.25, window_size=(2, 1), return_lse=True)
+    torch.testing.assert_close(out.reshape(6, 4, 16), want)
+    torch.testing.assert_close(lse, want_lse.view(4, 2, 3).transpose(0, 1))
+    with pytest.raises(ValueError, match=r"^qkv: expected shape \[batch, seqlen, 3, num_heads, head_dim\]"):
+        flash_attn_qkvpacked_func(torch.randn(12, 3, 4, 16))
+    with pytest.raises(ValueError, match=r"^kv: expected shape \[batch, seqlen_k, 2, num_kv_heads, head_dim\]"):
+        flash_attn_kvpacked_func(q, torch.randn(2, 7, 3, 2, 16))
+    with pytest.raises(NotImplementedError, match="^alibi_slopes: "):
+        flash_attn_kvpacked_func(q, kv, alibi_slopes=torch.ones(4))
 
 
 # ------------------------------------------------------------------------------------------------

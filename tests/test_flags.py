@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from elit_kernels import flash_attn_varlen_func, varlen_attention
+from elit_kernels import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func, varlen_attention
 from elit_kernels._outputs import set_poison_outputs
 from elit_kernels.attention import AttentionPlan, set_value_checks, tuning, validate_inputs, value_checks_enabled
 from elit_kernels.attention.known_answer import verify_backend
@@ -84,6 +84,10 @@ FLAGS = {  # flag name -> call with the flag set to v
         _q, _q, _q, _cu, _cu, 3, 3, deterministic=v)),
     "flash_attn_varlen_func return_attn_probs": ("return_attn_probs", lambda v: flash_attn_varlen_func(
         _q, _q, _q, _cu, _cu, 3, 3, return_attn_probs=v)),
+    "flash_attn_varlen_func causal": ("causal", lambda v: flash_attn_varlen_func(_q, _q, _q, _cu, _cu, 3, 3, causal=v)),
+    "flash_attn_func causal": ("causal", lambda v: flash_attn_func(_q[None], _q[None], _q[None], causal=v)),
+    "flash_attn_qkvpacked_func causal": ("causal", lambda v: flash_attn_qkvpacked_func(
+        torch.randn(1, 5, 3, 2, 8), causal=v)),
     "verify_backend causal": ("causal", lambda v: verify_backend("reference", "cpu", torch.float32, 8, causal=v)),
     "verify_backend grad": ("grad", lambda v: verify_backend("reference", "cpu", torch.float32, 8, grad=v)),
     "tuning enabled": ("enabled", _tuning),

@@ -383,3 +383,25 @@ def test_reference_softcap_gradient_holds_at_any_legal_softcap():
     out = varlen_attention(q, k, v, cu, cu, 4, 4, softcap=3e38, backend="reference")
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert all(g.isfinite().all() for g in grads)
+
+
+def test_attention_runs_in_its_inputs_dtype_under_autocast():
+    """A fuzz: under CPU autocast, fp32 inputs made the torch backend's SDPA return bf16 (run_backend's contract
+    check then raised an error naming no argument), an AttentionPlan's kept runner returned bf16 silently from its
+    second call, and the reference ran its matmuls in bf16 (1.6e-2 off). Attention runs in its inputs' dtype
+    whatever autocast says, eager, through a plan and compiled."""
+    from elit_kernels.attention import AttentionPlan, SegmentRuns
+
+    q, k, v, cq, ck, mq, mk = random_varlen_inputs([4, 4, 3], [4, 4, 6], 2, 16, seed=12)
+    seg = SegmentRuns.from_lengths([4, 4, 3], [4, 4, 6])
+    want = varlen_attention(q.double(), k.double(), v.double(), cq, ck, mq, mk, backend="reference")
+    plan = AttentionPlan(cq, ck, mq, mk, segments=seg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [varlen_attention(q, k, v, cq, ck, mq, mk, backend=b) for b in (None, "torch", "reference", "cpp")]
+        outs += [varlen_attention(q, k, v, cq, ck, mq, mk, segments=seg)] + [plan(q, k, v) for _ in range(3)]
+        compiled = torch.compile(lambda q, k, v: varlen_attention(q, k, v, cq, ck, mq, mk, segments=seg),
+                                 fullgraph=True, backend="aot_eager")
+        outs.append(compiled(q, k, v))
+    for i, out in enumerate(outs):
+        assert out.dtype == torch.float32, i
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=f"call {i}")

@@ -280,16 +280,31 @@ def registered_backends() -> list[Backend]:
     return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
 
 
+def autocast_device(t: torch.Tensor) -> str | None:
+    """``t``'s device type when autocast is on for it, else None. Attention runs in its inputs' dtype whatever
+    autocast says (the contract: out has q's dtype; the reference accumulates in fp32): under CPU autocast the
+    ``torch`` backend's SDPA returned bf16 for fp32 inputs, and the reference ran its matmuls in bf16 (a fuzz).
+    Inputs made under autocast by the model's linear layers are already in its dtype, so the model is unchanged."""
+    dev = t.device.type
+    return dev if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) else None
+
+
 def run_backend(b: Backend, inp: AttnInputs):
     """Run validated ``inp`` on backend ``b``: zero-pads the head dim to one ``b`` runs natively (the
     scale stays that of the real D, already in ``inp``) and slices the output back, as flash-attn's
-    wrapper does. Returns ``out``, or ``(out, lse)`` when ``inp.return_lse``."""
+    wrapper does; autocast is off inside (``autocast_device``). Returns ``out``, or ``(out, lse)`` when
+    ``inp.return_lse``."""
     d = inp.head_dim
     d_run = b.run_head_dim(d)
     if d_run != d:
         pad = (0, d_run - d)
         inp = dataclasses.replace(inp, q=F.pad(inp.q, pad), k=F.pad(inp.k, pad), v=F.pad(inp.v, pad))
-    res = b.forward(inp)
+    amp = autocast_device(inp.q)
+    if amp is None:
+        res = b.forward(inp)
+    else:
+        with torch.autocast(amp, enabled=False):
+            res = b.forward(inp)
     if inp.return_lse and not (isinstance(res, tuple) and len(res) == 2):
         raise RuntimeError(f"backend {b.name!r}: asked for (out, lse), its forward returned {type(res).__name__}")
     out, lse = res if inp.return_lse else (res, None)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ._devices import device_problem
 from ._types import check_bool, is_int, is_int_array
 from .attention.inputs import SegmentRuns
 
@@ -38,7 +39,18 @@ def group_major_permutation(h: int, w: int, window: int, device=None) -> torch.T
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """The exact inverse of a permutation: ``x[perm][inverse_permutation(perm)] == x``."""
+    """The exact inverse of a permutation: ``x[perm][inverse_permutation(perm)] == x``. ``perm``: a 1-D integer
+    tensor holding each of ``0 .. n-1`` once; TypeError / ValueError naming ``perm`` otherwise (on a CPU every
+    value is checked; on another device the dtype and shape, as reading the values would be a host sync: an index
+    repeated there leaves rows of the result unwritten)."""
+    if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.dtype.is_floating_point \
+            or perm.dtype.is_complex or perm.dtype == torch.bool:
+        raise TypeError("perm: expected a 1-D integer tensor, got "
+                        + (f"{perm.dtype} of shape {tuple(perm.shape)}" if isinstance(perm, torch.Tensor)
+                           else type(perm).__name__))
+    perm = perm.long()
+    if perm.device.type == "cpu" and not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
+        raise ValueError(f"perm: expected each of 0..{perm.numel() - 1} once (a permutation)")
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
     return inv
@@ -46,6 +58,8 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 def to_group_major(x: torch.Tensor, window: int) -> torch.Tensor:
     """``[B, C, h, w]`` feature map -> ``[B, h*w, C]`` tokens in group-major order (a reshape, no index)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor [B, C, h, w], got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x: expected [B, C, h, w], got shape {tuple(x.shape)}")
     b, c, h, w = x.shape
@@ -56,9 +70,11 @@ def to_group_major(x: torch.Tensor, window: int) -> torch.Tensor:
 
 def from_group_major(tokens: torch.Tensor, h: int, w: int, window: int) -> torch.Tensor:
     """Inverse of ``to_group_major``: ``[B, h*w, C]`` group-major tokens -> ``[B, C, h, w]``."""
+    _check_grid(h, w, window)  # first: a bad h or w is named as such, not as a wrong token count
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens: expected a torch.Tensor [B, h*w, C], got {type(tokens).__name__}")
     if tokens.dim() != 3 or tokens.shape[1] != h * w:
         raise ValueError(f"tokens: expected [B, {h * w}, C], got shape {tuple(tokens.shape)}")
-    _check_grid(h, w, window)
     b, _, c = tokens.shape
     x = tokens.reshape(b, h // window, w // window, window, window, c)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
@@ -69,8 +85,11 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
 
     Accepts None (every sample at j_max), an int (every sample at it), a sequence of ints, a 1-D integer
     tensor (a tensor costs one host copy here, once per forward) or a 1-D NumPy integer array (one per sample).
-    NumPy integers are ints; a bool is not. ValueError naming ``batch`` unless it is an int >= 0.
+    NumPy integers are ints; a bool is not. ValueError naming ``batch`` or ``j_max`` unless it is an int >= 0.
     """
+    if not is_int(j_max) or j_max < 0:
+        raise ValueError(f"j_max: expected an int >= 0 (latents per group), got {j_max!r}")
+    j_max = int(j_max)
     if isinstance(batch, torch.SymInt):  # x.shape[0] under torch.compile with a dynamic batch: left symbolic
         pass
     elif not is_int(batch) or batch < 0:
@@ -89,6 +108,8 @@ def normalize_budgets(budgets, batch: int, j_max: int) -> list[int]:
         if budgets.dim() != 1 or budgets.dtype.is_floating_point or budgets.dtype.is_complex or \
                 budgets.dtype == torch.bool:
             raise TypeError(f"budgets: expected a 1-D integer tensor, got {budgets.dtype} of shape {tuple(budgets.shape)}")
+        if budgets.device.type == "meta":
+            raise ValueError("budgets: a meta tensor holds no values; pass the budgets as ints (a list or an int)")
         out = [int(b) for b in budgets.tolist()]
     elif isinstance(budgets, (str, bytes, bytearray, memoryview)):  # sequences of ints or chars, never budgets
         raise TypeError(f"budgets: expected None, an int, a sequence of ints or a 1-D integer tensor, got "
@@ -133,7 +154,17 @@ class TokenRuns:
 
     @classmethod
     def from_counts(cls, counts: Sequence[int], device="cpu") -> "TokenRuns":
-        """Runs from tokens per sample (a list of Python ints)."""
+        """Runs from tokens per sample (a sequence of ints >= 0; NumPy integers are ints). TypeError / ValueError
+        naming ``counts`` otherwise (a negative or fractional count made runs past the rows, silently)."""
+        if is_int_array(counts) and counts.ndim == 1:
+            counts = counts.tolist()
+        if isinstance(counts, (str, bytes, bytearray)) or not isinstance(counts, (Sequence, range)):
+            raise TypeError(f"counts: expected a sequence of ints >= 0 (tokens per sample), got {type(counts).__name__}")
+        for c in counts:
+            if not is_int(c):
+                raise TypeError(f"counts: expected ints >= 0, got {type(c).__name__} ({c!r})")
+            if c < 0:
+                raise ValueError(f"counts: expected ints >= 0 (tokens per sample), got {c}")
         runs, row, i = [], 0, 0
         counts = [int(c) for c in counts]
         while i < len(counts):
@@ -289,6 +320,14 @@ def build_layout(budgets, batch: int, groups: int, tokens_per_group: int, j_max:
             raise ValueError(f"{name}: expected a positive int, got {n!r}")
     groups, tokens_per_group, j_max = int(groups), int(tokens_per_group), int(j_max)  # NumPy ints as Python's
     budget_core_only = check_bool("budget_core_only", budget_core_only)  # "no" is not read as true
+    if not torch.compiler.is_compiling():  # a bad device is named as such, not as a driver error deep inside
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: expected a torch.device or a device string such as 'cpu' or 'cuda:0', got "
+                             f"{device!r} ({str(e).splitlines()[0]})") from None
+        if why := device_problem(dev):
+            raise ValueError(f"device: {why}")
     bud = normalize_budgets(budgets, batch, j_max)  # after the sizes: a bad j_max is named as such; checks batch
     batch = len(bud)
     b_t = _host_to_device(torch.tensor(bud, dtype=torch.long), device)

@@ -97,7 +97,9 @@ def test_a_graph_is_not_replayed_under_other_settings_than_it_was_captured_with(
     monkeypatch.setenv("ELIT_BACKEND", "reference")
     assert call() == 3
     monkeypatch.delenv("ELIT_BACKEND")
-    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True)  # as under torch.autocast("cuda")
+    # as under torch.autocast("cuda"); CPU autocast stays off (the attention ops switch autocast off around their
+    # call, whose exit restores the state this reads: True for the CPU would turn real CPU autocast on)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda *a: torch.bfloat16)
     k_amp = gf.signature(x, t, y, bud)
     assert call() == 4

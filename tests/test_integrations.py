@@ -797,3 +797,22 @@ def test_transformers_deterministic_as_transformers_reads_it(monkeypatch):
         out = elit_attention_forward(module, q, kv, kv, None, **kw)[0]
         torch.testing.assert_close(out, want)
         assert (Atomic.calls > before) == spy_runs, (env, kw)
+
+
+@needs_tf
+def test_transformers_under_autocast_runs_as_its_flash_attention_path():
+    """A fuzz: under autocast, Llama's RoPE left q/k in fp32 while v came from the projection in bf16, and elit
+    attention refused the mixed dtypes (TypeError naming v): every autocast forward failed. As transformers' own
+    flash-attention path does, fp32 q/k/v run in the autocast dtype; the logits match the sdpa implementation's."""
+    ref, ours = _tf_pair("llama", "torch")
+    ref.set_attn_implementation("sdpa")
+    ids = _ids(3, 10)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    outs = []
+    for m in (ref, ours):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(m(ids, attention_mask=mask, use_cache=False).logits)
+    assert outs[0].dtype == outs[1].dtype
+    valid = mask.bool()
+    assert (outs[0].float() - outs[1].float())[valid].abs().max() <= 2e-2

@@ -295,5 +295,62 @@ def test_a_whole_run_refuses_parameters_of_another_batch_size():
     from elit_kernels.layout import TokenRuns
 
     runs, x = TokenRuns.from_counts([2, 2]), torch.randn(4, 8)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"^shift/scale: expected \[2, C\]"):
         native_layernorm_modulate(x, torch.randn(3, 8), torch.randn(3, 8), runs)
+
+
+@pytest.mark.parametrize("impl", ["reference", "native"])
+def test_the_elementwise_ops_refuse_parameters_of_fewer_samples(impl):
+    """A fuzz: a [1, C] shift/scale/gate on a 2-sample whole run broadcast sample 0's parameters over sample 1, and
+    a [2, C] one on runs of 3 samples ran on the first two: silently. The parameters must have one row per sample."""
+    from elit_kernels.elementwise import get_elementwise
+    from elit_kernels.layout import TokenRuns
+
+    ew = get_elementwise(impl)
+    x = torch.randn(8, 4)
+    for counts, rows in (([4, 4], 1), ([4, 2, 2], 2), ([4, 2, 2], 4)):
+        runs, p = TokenRuns.from_counts(counts), torch.randn(rows, 4)
+        with pytest.raises(ValueError, match=rf"^shift/scale: expected \[{len(counts)}, C\] \(one row per sample"):
+            ew.layernorm_modulate(x, p, p, runs, 1e-6)
+        with pytest.raises(ValueError, match=rf"^gate: expected \[{len(counts)}, C\]"):
+            ew.gated_residual(x, x, p, runs)
+
+
+def test_layout_helpers_name_bad_arguments():
+    """A fuzz of the layout helpers: each bad argument below was silently wrong (negative or fractional token
+    counts made runs past the rows; a repeated index left inverse_permutation's result holding unwritten memory;
+    j_max 2.5 gave float budgets) or raised an error naming something else (a driver error for device, ``budgets``
+    for j_max, ``tokens`` for h)."""
+    from elit_kernels.attention import SegmentRuns
+    from elit_kernels.layout import TokenRuns
+
+    for counts, err, msg in (([3, -1, 3], ValueError, "got -1"), ([2.9, 2.9], TypeError, "got float"),
+                             ("33", TypeError, "got str"), ([True, 2], TypeError, "got bool")):
+        with pytest.raises(err, match=rf"^counts: expected .*{msg}"):
+            TokenRuns.from_counts(counts)
+    assert TokenRuns.from_counts(np.array([2, 2, 3])).runs == TokenRuns.from_counts([2, 2, 3]).runs
+    for j_max in (2.5, -3, None, True):
+        with pytest.raises(ValueError, match=r"^j_max: expected an int >= 0"):
+            normalize_budgets(None, 2, j_max)
+    assert normalize_budgets(None, 2, np.int64(4)) == [4, 4] and type(normalize_budgets(None, 2, np.int64(4))[0]) is int
+    with pytest.raises(ValueError, match=r"^budgets: a meta tensor holds no values"):
+        normalize_budgets(torch.tensor([1, 2], device="meta"), 2, 4)
+    with pytest.raises(ValueError, match=r"^perm: expected each of 0\.\.2 once"):
+        inverse_permutation(torch.tensor([0, 0, 1]))
+    with pytest.raises(TypeError, match=r"^perm: expected a 1-D integer tensor"):
+        inverse_permutation(torch.tensor([0.0, 1.0]))
+    for device in (None, "gpu"):
+        with pytest.raises(ValueError, match=r"^device: expected a torch.device or a device string"):
+            build_layout([1, 1], 2, 2, 4, 2, device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device: cuda requested, but torch.cuda.is_available\(\) is False"):
+            build_layout([1, 1], 2, 2, 4, 2, device="cuda")
+    with pytest.raises(ValueError, match=r"^h: expected a positive int"):
+        from_group_major(torch.randn(1, 16, 3), "a", 8, 2)
+    with pytest.raises(TypeError, match=r"^x: expected a torch.Tensor"):
+        to_group_major([[1]], 2)
+    with pytest.raises(TypeError, match=r"^lengths_q: expected a sequence of ints >= 0 .* of shape \(1, 2\)"):
+        SegmentRuns.from_lengths(np.array([[2, 3]]), [2, 3])
+    # runs are maximal however they are given: one object per call shape (dispatch's uniform class, equality)
+    r = SegmentRuns(((1, 2, 2), (1, 2, 2)), 4, 4)
+    assert r.runs == ((2, 2, 2),) and r.uniform and r == SegmentRuns.from_lengths([2, 2], [2, 2])

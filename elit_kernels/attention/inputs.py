@@ -110,14 +110,21 @@ class SegmentRuns:
         if not (_is_int(self.total_q) and _is_int(self.total_k)):
             raise TypeError(f"segments: total_q and total_k must be ints, got {type(self.total_q).__name__} and "
                             f"{type(self.total_k).__name__}")
-        tq = tk = ns = mq = mk = 0
-        offsets = []
+        merged = []
         for r in self.runs:
             if not (isinstance(r, tuple) and len(r) == 3 and all(_is_int(x) for x in r)):
                 raise TypeError(f"segments: each run must be a tuple (n_segments, Lq, Lk) of ints, got {r!r}")
-            n, lq, lk = r
-            if n < 1 or lq < 0 or lk < 0:
+            if r[0] < 1 or r[1] < 0 or r[2] < 0:
                 raise ValueError(f"segments: run {r!r} needs n_segments >= 1 and lengths >= 0")
+            if merged and merged[-1][1:] == r[1:]:  # runs are maximal: ((1, 2, 2), (1, 2, 2)) is ((2, 2, 2),)
+                merged[-1] = (merged[-1][0] + r[0], r[1], r[2])
+            else:
+                merged.append(r)
+        if len(merged) != len(self.runs):  # one object per call shape: equality, hashing, dispatch's uniform class
+            object.__setattr__(self, "runs", tuple(merged))
+        tq = tk = ns = mq = mk = 0
+        offsets = []
+        for n, lq, lk in self.runs:
             offsets.append((n, lq, lk, tq, tq + n * lq, tk, tk + n * lk))
             tq, tk, ns, mq, mk = tq + n * lq, tk + n * lk, ns + n, max(mq, lq), max(mk, lk)
         if (self.total_q, self.total_k) != (tq, tk):
@@ -135,8 +142,10 @@ class SegmentRuns:
     def from_lengths(cls, lengths_q, lengths_k) -> "SegmentRuns":
         """From per-segment lengths (sequences of ints of equal length; NumPy integers are accepted)."""
         for name, seq in (("lengths_q", lengths_q), ("lengths_k", lengths_k)):
-            if isinstance(seq, (str, bytes, dict, torch.Tensor)) or not hasattr(seq, "__iter__"):
-                raise TypeError(f"{name}: expected a sequence of ints >= 0 (one per segment), got {type(seq).__name__}")
+            if isinstance(seq, (str, bytes, dict, torch.Tensor)) or not hasattr(seq, "__iter__") \
+                    or getattr(seq, "ndim", 1) != 1:  # a NumPy array of another rank
+                raise TypeError(f"{name}: expected a sequence of ints >= 0 (one per segment), got {type(seq).__name__}"
+                                + (f" of shape {tuple(seq.shape)}" if hasattr(seq, "shape") else ""))
         lq, lk = [_as_length("lengths_q", n) for n in lengths_q], [_as_length("lengths_k", n) for n in lengths_k]
         if len(lq) != len(lk):
             raise ValueError(f"lengths_k: has {len(lk)} segments, lengths_q has {len(lq)}; they must match")

@@ -32,7 +32,9 @@ flash-attn semantics, bottom-right aligned causal mask):
 - **sliding window** (``sliding_window=w``, Mistral): ``window_size=(w - 1, w - 1)`` with causal, i.e. a query sees
   itself and the ``w - 1`` keys before it, as transformers' masks and its flash-attention path do (positions; see
   padding for holes);
-- **softcap** (Gemma-2 style ``softcap=``).
+- **softcap** (Gemma-2 style ``softcap=``);
+- **autocast**: fp32 q/k/v (RoPE in fp32 beside a bf16 projection) run in the autocast dtype, as transformers'
+  flash-attention path casts them.
 
 Refused with an error naming the argument: ``s_aux`` (attention sinks), ``dropout > 0`` (``NotImplementedError``),
 a padding hole that changes what a sliding window holds (``ValueError``, see padding),
@@ -186,6 +188,12 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                       "attn_implementation='eager' for them", stacklevel=2)
     b, h, sq, d = query.shape
     sk = key.shape[2]
+    dev = query.device.type
+    if query.dtype == torch.float32 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        # As transformers' flash-attention path (get_target_dtype): under autocast, fp32 q/k/v run in its dtype.
+        # RoPE made q/k fp32 while v came from the projection in bf16, and the mixed dtypes were refused.
+        target = torch.get_autocast_dtype(dev)
+        query, key, value = query.to(target), key.to(target), value.to(target)
     causal = bool(module.is_causal if is_causal is None else is_causal)
     if sliding_window is not None and (not is_int(sliding_window) or sliding_window < 0):
         raise ValueError(f"sliding_window: expected None or an int >= 1 (0: no window), got {sliding_window!r}")

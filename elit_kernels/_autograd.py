@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from ._amp import inputs_dtype
+
 
 class _FirstOrderOnly(torch.autograd.Function):
     """Runs a backward op as one node whose own backward raises (the gradient of the gradient)."""
@@ -76,8 +78,9 @@ def register_varlen_autograd(fwd_op, bwd_op: Callable) -> None:
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = first_order_only(name, ATTENTION_HINT, bwd_op, grad_out, q, k, v, out, lse, cu_q, cu_k,
-                                      *ctx.args)
+        with inputs_dtype(q):  # a backward called under autocast runs in the inputs' dtype too (_amp)
+            dq, dk, dv = first_order_only(name, ATTENTION_HINT, bwd_op, grad_out, q, k, v, out, lse, cu_q, cu_k,
+                                          *ctx.args)
         return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)

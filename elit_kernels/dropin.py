@@ -9,8 +9,9 @@ and ``softcap``, ``return_attn_probs`` (returns ``(out, softmax_lse, S_dmask)``,
 implemented: dropout, ALiBi, paged KV and flash-attn 3's extras (attention sinks ``s_aux``, ``seqused_*``, FP8
 descales, ...). Each function names the ones its flash-attn counterpart takes (all of them
 ``flash_attn_varlen_func``; the varlen packed functions ``dropout_p``, ``alibi_slopes`` and ``s_aux``, the dense
-packed ones ``dropout_p`` and ``alibi_slopes``; ``flash_attn_func`` all but the paged and varlen ones), so callers that keep only the keywords a signature names still pass them, and
-asking for one raises ``NotImplementedError`` naming the argument rather than being ignored.
+packed ones ``dropout_p`` and ``alibi_slopes``; ``flash_attn_func`` all but the paged and varlen ones), so callers
+that keep only the keywords a signature names still pass them, and asking for one raises ``NotImplementedError``
+naming the argument rather than being ignored.
 
 ``deterministic=True`` is honoured as flash-attn honours it: when a backward follows, the call runs only on a backend
 whose backward is deterministic on its device (``reference``, ``cpp``, ``triton``, ``triton_window``, ``cuda``;
@@ -78,8 +79,14 @@ def _fa_window(window_size):
     """flash-attn's ``window_size`` as ``varlen_attention`` takes it: any negative side is unbounded there
     (``flash_api.cpp`` tests ``>= 0``), so ``(-5, 0)`` is causal; sides below -1 become -1. Anything that is not
     a pair of ints goes through as it is, for ``varlen_attention`` to read or name."""
-    if isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(is_int(s) for s in window_size):
-        return tuple(-1 if s < -1 else s for s in window_size)
+    if isinstance(window_size, torch.Tensor) and window_size.shape == (2,) and not window_size.is_floating_point() \
+            and window_size.dtype != torch.bool:
+        window_size = window_size.tolist()  # as varlen_attention reads it (a host read)
+    if isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+        sides = [s.item() if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_floating_point()
+                 and s.dtype != torch.bool else s for s in window_size]
+        if all(is_int(s) for s in sides):
+            return tuple(-1 if s < -1 else s for s in sides)
     return window_size
 
 
@@ -271,6 +278,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     """Drop-in for ``flash_attn.flash_attn_qkvpacked_func``: self-attention on a dense batch ``qkv [B, S, 3, H, D]``
     (q, k, v the strided views ``qkv[:, :, i]``). Arguments, returns and errors as ``flash_attn_func`` (a
     ``ValueError`` naming ``qkv`` for a wrong layout)."""
+    _refuse_unsupported(dropout_p, alibi_slopes, deterministic=deterministic)
     if not isinstance(qkv, torch.Tensor):
         raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -286,6 +294,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """Drop-in for ``flash_attn.flash_attn_kvpacked_func``: ``q [B, S_q, H, D]`` attends to ``kv [B, S_k, 2, H_kv,
     D]`` (keys ``kv[:, :, 0]``, values ``kv[:, :, 1]``, strided views; ``H % H_kv == 0``). Arguments, returns and
     errors as ``flash_attn_func`` (a ``ValueError`` naming ``kv`` for a wrong layout)."""
+    _refuse_unsupported(dropout_p, alibi_slopes, deterministic=deterministic)
     if not isinstance(kv, torch.Tensor):
         raise TypeError(f"kv: expected a torch.Tensor, got {type(kv).__name__}")
     if kv.dim() != 5 or kv.shape[2] != 2:

@@ -48,8 +48,7 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
         raise TypeError("perm: expected a 1-D integer tensor, got "
                         + (f"{perm.dtype} of shape {tuple(perm.shape)}" if isinstance(perm, torch.Tensor)
                            else type(perm).__name__))
-    perm = perm.long()
-    if perm.device.type == "cpu" and not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
+    if perm.device.type == "cpu" and not torch.equal(torch.sort(perm.long()).values, torch.arange(perm.numel())):
         raise ValueError(f"perm: expected each of 0..{perm.numel() - 1} once (a permutation)")
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
@@ -156,10 +155,11 @@ class TokenRuns:
     def from_counts(cls, counts: Sequence[int], device="cpu") -> "TokenRuns":
         """Runs from tokens per sample (a sequence of ints >= 0; NumPy integers are ints). TypeError / ValueError
         naming ``counts`` otherwise (a negative or fractional count made runs past the rows, silently)."""
-        if is_int_array(counts) and counts.ndim == 1:
-            counts = counts.tolist()
-        if isinstance(counts, (str, bytes, bytearray)) or not isinstance(counts, (Sequence, range)):
+        if (is_int_array(counts) or isinstance(counts, torch.Tensor)) and counts.ndim == 1:
+            counts = counts.tolist()  # a tensor's floats are named below
+        if isinstance(counts, (str, bytes, bytearray)) or not hasattr(counts, "__iter__"):
             raise TypeError(f"counts: expected a sequence of ints >= 0 (tokens per sample), got {type(counts).__name__}")
+        counts = list(counts)  # a generator too
         for c in counts:
             if not is_int(c):
                 raise TypeError(f"counts: expected ints >= 0, got {type(c).__name__} ({c!r})")

@@ -405,3 +405,19 @@ def test_attention_runs_in_its_inputs_dtype_under_autocast():
     for i, out in enumerate(outs):
         assert out.dtype == torch.float32, i
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+    # a backward called under autocast too: the registered backward ops switch it off as the forward does (a
+    # review; the torch backend's grouped op, which softcap takes, raised a dtype error in its backward). Not the
+    # reference: its backward is autograd of plain ops, which follow the autocast a backward is called under, as
+    # any PyTorch code's (docs/design.md)
+    for softcap in (0.0, 5.0):
+        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+        want = torch.autograd.grad(varlen_attention(qd, kd, vd, cq, ck, mq, mk, backend="reference",
+                                                    softcap=softcap).pow(2).sum(), (qd, kd, vd))
+        for b in ("torch", "cpp", None):
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = varlen_attention(qg, kg, vg, cq, ck, mq, mk, backend=b, softcap=softcap).pow(2).sum()
+                got = torch.autograd.grad(loss, (qg, kg, vg))
+            for g, w in zip(got, want):
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=f"{b}, softcap {softcap}")

@@ -150,6 +150,8 @@ def test_flash_attn_readings_of_flags_softcap_window_and_dense_lse():
     torch.testing.assert_close(run(softcap=-3.0), run(softcap=0.0), rtol=0, atol=0)
     torch.testing.assert_close(run(window_size=(-5, 0)), run(window_size=(-1, 0)), rtol=0, atol=0)
     torch.testing.assert_close(run(window_size=[2, -7]), run(window_size=(2, -1)), rtol=0, atol=0)
+    for w in ((torch.tensor(-5), 0), torch.tensor([-5, 0]), (np.int64(-3), np.int32(0))):  # as varlen_attention reads
+        torch.testing.assert_close(run(window_size=w), run(window_size=(-1, 0)), rtol=0, atol=0)
     want = varlen_attention_reference(q, k, v, cq, ck, softmax_scale=0.25, window_size=(-1, 0))
     torch.testing.assert_close(run(window_size=(-2, 0)), want)
     x = torch.randn(2, 5, 3, 16)

@@ -816,3 +816,13 @@ def test_transformers_under_autocast_runs_as_its_flash_attention_path():
     assert outs[0].dtype == outs[1].dtype
     valid = mask.bool()
     assert (outs[0].float() - outs[1].float())[valid].abs().max() <= 2e-2
+    # any of q/k/v in fp32 runs in the autocast dtype (sdpa's inputs are all cast): mixed dtypes are not refused
+    from elit_kernels.integrations.transformers import elit_attention_forward
+
+    module = ours.model.layers[0].self_attn
+    x = [torch.randn(2, 4, 5, 8) for _ in range(3)]
+    for fp32 in range(3):
+        qkv = [t.to(torch.float32 if i == fp32 else torch.bfloat16) for i, t in enumerate(x)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = elit_attention_forward(module, *qkv, None, is_causal=True)
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 4, 8)

@@ -328,7 +328,12 @@ def test_layout_helpers_name_bad_arguments():
                              ("33", TypeError, "got str"), ([True, 2], TypeError, "got bool")):
         with pytest.raises(err, match=rf"^counts: expected .*{msg}"):
             TokenRuns.from_counts(counts)
-    assert TokenRuns.from_counts(np.array([2, 2, 3])).runs == TokenRuns.from_counts([2, 2, 3]).runs
+    for same in (np.array([2, 2, 3]), torch.tensor([2, 2, 3]), (c for c in [2, 2, 3])):
+        assert TokenRuns.from_counts(same).runs == TokenRuns.from_counts([2, 2, 3]).runs
+    with pytest.raises(TypeError, match=r"^counts: expected ints >= 0, got float"):
+        TokenRuns.from_counts(torch.tensor([2.0, 3.0]))
+    inv = inverse_permutation(torch.tensor([2, 0, 1], dtype=torch.int32))
+    assert inv.dtype == torch.int32 and inv.tolist() == [1, 2, 0]
     for j_max in (2.5, -3, None, True):
         with pytest.raises(ValueError, match=r"^j_max: expected an int >= 0"):
             normalize_budgets(None, 2, j_max)

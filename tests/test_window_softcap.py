@@ -217,9 +217,9 @@ def test_flash_attn_func_matches_dense_truth(backend, causal, window, softcap):
     q = torch.randn(3, 6, 4, 16, generator=g).requires_grad_(True)
     k = torch.randn(3, 9, 2, 16, generator=g).requires_grad_(True)
     v = torch.randn(3, 9, 2, 16, generator=g).requires_grad_(True)
-    out, lse, none = flash_attn_func(q, k, v, 0.0, 0.27, causal, window, softcap, return_attn_probs=True,
+    out, lse, probs = flash_attn_func(q, k, v, 0.0, 0.27, causal, window, softcap, return_attn_probs=True,
                                      backend=backend)
-    assert none is None and out.shape == (3, 6, 4, 16) and lse.shape == (3, 4, 6)
+    assert probs.numel() == 0 and out.shape == (3, 6, 4, 16) and lse.shape == (3, 4, 6)
     want, want_lse = _dense_truth_bshd(q, k, v, 0.27, causal, window, softcap)
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=1e-5)

@@ -28,7 +28,8 @@ from . import registry as _registry
 from .dispatch import select_backend
 from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _flag, _scale,
                      _softcap, _verify_segments_once, _window, tensor_version, validate_inputs, value_checks_enabled)
-from .registry import autocast_device, kept_runner, run_backend
+from .._amp import autocast_device, autocast_off
+from .registry import kept_runner, run_backend
 
 _MAX_SIGNATURES = 64  # input signatures one plan remembers (a model uses one or two per plan)
 # $ELIT_BACKEND as a signature field, read on every call: os.environ.get costs ~1 us (it encodes the key and
@@ -141,7 +142,7 @@ class AttentionPlan:
                 amp = autocast_device(q)
                 if amp is None:
                     return runner(q, k, v)
-                with torch.autocast(amp, enabled=False):  # as run_backend: out in q's dtype
+                with autocast_off(amp):  # as run_backend: out in q's dtype
                     return runner(q, k, v)
             inp = object.__new__(AttnInputs)
             d = inp.__dict__

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._amp import autocast_device, autocast_off
 from .._types import is_int, is_real
 from .inputs import AttnInputs
 
@@ -280,19 +281,10 @@ def registered_backends() -> list[Backend]:
     return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
 
 
-def autocast_device(t: torch.Tensor) -> str | None:
-    """``t``'s device type when autocast is on for it, else None. Attention runs in its inputs' dtype whatever
-    autocast says (the contract: out has q's dtype; the reference accumulates in fp32): under CPU autocast the
-    ``torch`` backend's SDPA returned bf16 for fp32 inputs, and the reference ran its matmuls in bf16 (a fuzz).
-    Inputs made under autocast by the model's linear layers are already in its dtype, so the model is unchanged."""
-    dev = t.device.type
-    return dev if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) else None
-
-
 def run_backend(b: Backend, inp: AttnInputs):
     """Run validated ``inp`` on backend ``b``: zero-pads the head dim to one ``b`` runs natively (the
     scale stays that of the real D, already in ``inp``) and slices the output back, as flash-attn's
-    wrapper does; autocast is off inside (``autocast_device``). Returns ``out``, or ``(out, lse)`` when
+    wrapper does; autocast is off inside (``_amp``: attention runs in its inputs' dtype). Returns ``out``, or ``(out, lse)`` when
     ``inp.return_lse``."""
     d = inp.head_dim
     d_run = b.run_head_dim(d)
@@ -303,7 +295,7 @@ def run_backend(b: Backend, inp: AttnInputs):
     if amp is None:
         res = b.forward(inp)
     else:
-        with torch.autocast(amp, enabled=False):
+        with autocast_off(amp):
             res = b.forward(inp)
     if inp.return_lse and not (isinstance(res, tuple) and len(res) == 2):
         raise RuntimeError(f"backend {b.name!r}: asked for (out, lse), its forward returned {type(res).__name__}")

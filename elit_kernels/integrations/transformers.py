@@ -54,6 +54,7 @@ import warnings
 
 import torch
 
+from .._amp import autocast_device
 from .._types import is_int
 from ..attention import get_backend
 from ..attention.inputs import _flag
@@ -188,12 +189,13 @@ def elit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                       "attn_implementation='eager' for them", stacklevel=2)
     b, h, sq, d = query.shape
     sk = key.shape[2]
-    dev = query.device.type
-    if query.dtype == torch.float32 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        # As transformers' flash-attention path (get_target_dtype): under autocast, fp32 q/k/v run in its dtype.
-        # RoPE made q/k fp32 while v came from the projection in bf16, and the mixed dtypes were refused.
-        target = torch.get_autocast_dtype(dev)
-        query, key, value = query.to(target), key.to(target), value.to(target)
+    amp = autocast_device(query)
+    if amp is not None:
+        # As transformers' flash-attention path (get_target_dtype) and its sdpa path (autocast casts SDPA's
+        # inputs): under autocast, fp32 q/k/v run in its dtype. RoPE made q/k fp32 while v came from the
+        # projection in bf16, and the mixed dtypes were refused.
+        target = torch.get_autocast_dtype(amp)
+        query, key, value = (t.to(target) if t.dtype == torch.float32 else t for t in (query, key, value))
     causal = bool(module.is_causal if is_causal is None else is_causal)
     if sliding_window is not None and (not is_int(sliding_window) or sliding_window < 0):
         raise ValueError(f"sliding_window: expected None or an int >= 1 (0: no window), got {sliding_window!r}")

@@ -98,7 +98,9 @@ KERNELS = {  # the cuda kernels run fp16/bf16 at head dims 64/72/128
 def _kernel_or_skip(name):
     b = get_backend(name)
     if not b.is_available():
-        pytest.skip(f"backend {name!r} is not available here: {b.description}")
+        from elit_kernels.attention.registry import unavailable_reason
+
+        pytest.skip(f"backend {name!r} is not available here: {unavailable_reason(b)}")
     return KERNELS[name]
 
 

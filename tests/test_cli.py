@@ -207,6 +207,15 @@ def main():
 """
 
 
+def _sigint_as_at_a_terminal():
+    """``preexec_fn``: SIGINT at its default in the child, as a terminal starts a command. A test process started
+    with SIGINT ignored (a background job of a non-interactive shell) passes the ignore on, and Python then leaves
+    it ignored: the tests that check Ctrl-C handling would test the wrong start."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sigint", ["default", "ignored", "stdout closed", "stderr closed"])
 def test_sigint_inside_an_import_that_swallows_exceptions_still_stops_the_start(sigint, tmp_path):
     """A Ctrl-C while the CLI's module imports must not raise inside that import: a library that catches it (torch's
@@ -223,10 +232,16 @@ def test_sigint_inside_an_import_that_swallows_exceptions_still_stops_the_start(
             "launcher.TARGETS['elit-bench'] = 'swallow_cli_for_test'; status = launcher.bench(); "
             "print('handler restored:', signal.getsignal(signal.SIGINT) is signal.SIG_IGN); sys.exit(status)")
     closed = {"stdout closed": 1, "stderr closed": 2}.get(sigint)
+
+    def start():  # the child starts with Python's own SIGINT handling even where pytest runs with it ignored
+        _sigint_as_at_a_terminal()  # (a background job of a non-interactive shell: a new user's run failed here)
+        if closed is not None:
+            os.close(closed)
+
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                            [str(tmp_path), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])},
-                       preexec_fn=None if closed is None else lambda: os.close(closed))
+                       preexec_fn=start)
     if sigint == "stdout closed":
         assert (r.returncode, r.stderr) == (130, "elit-bench: interrupted while starting; nothing was written\n"), r
     elif sigint == "stderr closed":
@@ -298,8 +313,10 @@ def test_python_m_runs_are_guarded_from_the_package_import_until_main():
             "print(type(signal.getsignal(signal.SIGINT)).__name__, signal.getsignal(signal.SIGINT).prog); "
             "print(launcher.run_started('elit-bench', lambda: 5), signal.getsignal(signal.SIGINT) is "
             "signal.default_int_handler)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_sigint_as_at_a_terminal)
     assert (r.returncode, r.stdout) == (0, "_EndStart elit-bench\n5 True\n"), r
     r = subprocess.run([sys.executable, "-c", "import signal, elit_kernels; print(signal.getsignal(signal.SIGINT) is "
-                        "signal.default_int_handler)"], capture_output=True, text=True, timeout=120)
+                        "signal.default_int_handler)"], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_sigint_as_at_a_terminal)
     assert (r.returncode, r.stdout) == (0, "True\n"), r  # a plain import changes nothing

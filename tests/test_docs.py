@@ -47,7 +47,8 @@ def test_python_block_runs_standalone(doc, code):
     missing = {n: e for n, e in needed_extras(code).items() if importlib.util.find_spec(n) is None}
     if missing:
         pytest.skip(f"{doc.name} block imports {', '.join(missing)}, not installed: the optional extra "
-                    + " and ".join(f'`pip install -e ".[{e}]"`' for e in sorted(set(missing.values()))))
+                    + " and ".join(f'`pip install --no-build-isolation -e ".[{e}]"`'
+                                   for e in sorted(set(missing.values()))))
     # A reader copies one block into a fresh interpreter: no names from earlier blocks, the default
     # backends of a plain CPU session (no TRITON_INTERPRET, which the test session sets), repo root as cwd.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

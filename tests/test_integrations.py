@@ -20,8 +20,11 @@ from cases import backend_params
 
 HAS_TF = importlib.util.find_spec("transformers") is not None
 HAS_DF = importlib.util.find_spec("diffusers") is not None
-needs_tf = pytest.mark.skipif(not HAS_TF, reason='transformers is not installed: the optional extra `pip install -e ".[integrations]"`')
-needs_df = pytest.mark.skipif(not HAS_DF, reason='diffusers is not installed: the optional extra `pip install -e ".[integrations]"`')
+# the install command as the README gives it: without --no-build-isolation the build cannot import torch (a new
+# user ran the one these reasons once named, and it failed)
+_EXTRA = '`pip install --no-build-isolation -e ".[integrations]"`'
+needs_tf = pytest.mark.skipif(not HAS_TF, reason=f"transformers is not installed: the optional extra {_EXTRA}")
+needs_df = pytest.mark.skipif(not HAS_DF, reason=f"diffusers is not installed: the optional extra {_EXTRA}")
 
 ATOL = 1e-5
 

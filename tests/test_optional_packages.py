@@ -28,7 +28,7 @@ INSTALLS = {
                   "tests/test_backends.py",
                   "tests/test_gpu_check.py", "tests/test_docs.py",
                   "-k", "not test_docstring_examples and not (test_python_block_runs_standalone and not needs)"],
-                 ['`pip install -e ".[integrations]"`', "triton is not installed (pip install triton"]),
+                 ['`pip install --no-build-isolation -e ".[integrations]"`', "triton is not installed (pip install triton"]),
     "no-compiler": (["triton", "transformers", "diffusers", "elit_kernels._C"],
                     ["tests/test_cext.py", "tests/test_backends.py"],
                     ["elit_kernels._C is not built", "pip install --no-build-isolation -e ."]),

@@ -33,8 +33,8 @@ DEFAULTS = {  # device type -> (config, resolution, batch, dtype, repeats)
     "cpu": ("S/2", 256, 4, "fp32", 5),
 }
 # The one statement of how long the CPU default takes (README and --help quote it; tests/test_bench.py checks).
-CPU_DEFAULT_RUNTIME = ("3.5 to 9.5 minutes on 2 shared CPU cores, depending on the CPU and its other load (4 runs: 3 min 21 s "
-                       "on an Intel Xeon, 7 min 17 s to 9 min 23 s on an AMD EPYC; peak RSS 1.1 to 1.4 GB)")
+CPU_DEFAULT_RUNTIME = ("3.5 to 9.5 minutes on 2 shared CPU cores, depending on the CPU and its other load (6 runs: 3 min 21 s "
+                       "on an Intel Xeon, 4 min 3 s to 9 min 23 s on an AMD EPYC; peak RSS 1.1 to 1.5 GB)")
 LONG_RUN_MINUTES = 5  # warn before a run estimated longer than this
 
 

@@ -61,6 +61,15 @@ def first_order_only(name: str, hint: str, bwd_op: Callable, *args):
     return bwd_op(*args)
 
 
+def saveable_index(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (an integer index or ``cu_seqlens`` that a backward needs), or a copy when it was made under
+    ``torch.inference_mode()``: an index is structure a caller builds once, often under inference mode, and autograd
+    refuses to save an inference tensor ("Inference tensors cannot be saved for backward", naming no argument;
+    a fuzz). Its values are what the forward read, and nothing can change an inference tensor's values behind a
+    version counter it does not have."""
+    return t.clone() if t.is_inference() else t
+
+
 def register_varlen_autograd(fwd_op, bwd_op: Callable) -> None:
     """Register the backward of ``fwd_op`` (an op name such as ``"elit::varlen_attn_fwd"`` or a custom op)
     as a call of ``bwd_op``, which refuses double backward (``first_order_only``)."""
@@ -68,7 +77,7 @@ def register_varlen_autograd(fwd_op, bwd_op: Callable) -> None:
     def setup_context(ctx, inputs, output):
         q, k, v, cu_q, cu_k, *args = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.save_for_backward(q, k, v, out, lse, saveable_index(cu_q), saveable_index(cu_k))
         ctx.args = tuple(args)  # max_q, max_k, scale, causal and the mask options
         ctx.mark_non_differentiable(lse)
 

@@ -30,7 +30,8 @@ import warnings
 import torch
 
 from . import _outputs
-from ._autograd import alert_not_deterministic, first_order_only, register_varlen_autograd
+from ._autograd import alert_not_deterministic, first_order_only, register_varlen_autograd, saveable_index
+from ._transforms import active_transform
 from .elementwise import ElementwiseImpl, check_eps, register_elementwise
 
 _C = None
@@ -152,7 +153,7 @@ def _register_op_python_parts() -> None:
     def lnm_setup(ctx, inputs, output):
         x, shift, scale, index, eps = inputs
         _, mean, rstd = output
-        ctx.save_for_backward(x, scale, index, mean, rstd)
+        ctx.save_for_backward(x, scale, saveable_index(index), mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
 
     def lnm_backward(ctx, grad_out, grad_mean, grad_rstd):
@@ -170,7 +171,7 @@ def _register_op_python_parts() -> None:
 
     def gr_setup(ctx, inputs, output):
         x, y, gate, index = inputs
-        ctx.save_for_backward(y, gate, index)
+        ctx.save_for_backward(y, gate, saveable_index(index))
 
     def gr_backward(ctx, grad_out):
         y, gate, index = ctx.saved_tensors
@@ -191,8 +192,10 @@ def layernorm_modulate(x, shift, scale, index, eps: float = 1e-6):
     """Fused ``LayerNorm(x) * (1 + scale[index]) + shift[index]``; x ``[T, C]``, shift/scale ``[B, C]`` of any
     floating dtype, cast to x's dtype first as ``"native"`` does (under ``torch.autocast`` the adaLN parameters
     come out of a linear in bf16/fp16 while x stays fp32); the result has x's dtype. ``eps``: a finite real
-    >= 0 (``elementwise.check_eps``: TypeError / ValueError naming ``eps``)."""
+    >= 0 (``elementwise.check_eps``: TypeError / ValueError naming ``eps``). NotImplementedError under forward-mode AD
+    or ``torch.func.grad`` (``_refuse_transform``)."""
     eps = check_eps(eps)
+    _refuse_transform("layernorm_modulate", x, shift, scale)
     shift, scale = shift.to(x.dtype), scale.to(x.dtype)
     if x.is_cuda and not has_kernel("layernorm_modulate_cuda"):
         from .reference.modulate import layernorm_modulate as ref
@@ -200,9 +203,21 @@ def layernorm_modulate(x, shift, scale, index, eps: float = 1e-6):
     return torch.ops.elit.layernorm_modulate_fwd(x, shift, scale, index, eps)[0]
 
 
+def _refuse_transform(op: str, *tensors) -> None:
+    """NotImplementedError naming the op and what to use instead under an autograd transform its custom op cannot
+    follow (``_transforms.active_transform``: it would give a zero tangent silently, or fail naming nothing)."""
+    t = active_transform(*tensors)
+    if t is not None:
+        raise NotImplementedError(f"elementwise='fused' ({op}): cannot be differentiated under {t} (a C++/CUDA op "
+                                  "with a reverse-mode backward formula only); the model's elementwise='native' "
+                                  "(its default) or 'reference' run PyTorch's own ops there")
+
+
 def gated_residual(x, y, gate, index):
     """Fused ``x + gate[index] * y``; x, y ``[T, C]``, gate ``[B, C]``; y and gate of any floating dtype, cast to
-    x's dtype first as ``"native"`` does; the result has x's dtype."""
+    x's dtype first as ``"native"`` does; the result has x's dtype. NotImplementedError under forward-mode AD or
+    ``torch.func.grad`` (``_refuse_transform``)."""
+    _refuse_transform("gated_residual", x, y, gate)
     y, gate = y.to(x.dtype), gate.to(x.dtype)
     if x.is_cuda and not has_kernel("gated_residual_cuda"):
         from .reference.modulate import gated_residual as ref

@@ -312,7 +312,7 @@ def _decision_key(inp: AttnInputs) -> tuple:
             inp.num_kv_heads != inp.num_heads, inp.causal, inp.return_lse, inp.window_left, inp.window_right,
             inp.softcap, _scale_class(inp), inp.requires_grad, inp.deterministic,
             _segments_key(inp.segments), _dense_runs(inp), inp.max_seqlen_q, inp.max_seqlen_k,
-            inp.num_segments, _INTERPRET, _registry.generation, _ka.generation, _ka._mode, _tuning)
+            inp.num_segments, inp.transform, _INTERPRET, _registry.generation, _ka.generation, _ka._mode, _tuning)
 
 
 def _scale_class(inp: AttnInputs) -> int:
@@ -380,9 +380,11 @@ def select_backend(inp: AttnInputs, backend: str | None = None) -> Backend:
         if hit is not None and _registry._REGISTRY.get(hit.name) is hit:
             return hit
     ok, tried = candidates(inp)
-    # A deterministic call with a backward has a subset of its class's candidates: timing them would rank the class
-    # without the others (the class ranking serves every call of the class), so it takes the ranking as it is.
-    if ok and eager and _tuning and len(ok) > 1 and not (inp.deterministic and inp.requires_grad):
+    # A deterministic call with a backward, or one under an autograd transform, has a subset of its class's
+    # candidates: timing them would rank the class without the others (the class ranking serves every call of the
+    # class), so it takes the ranking as it is.
+    if ok and eager and _tuning and len(ok) > 1 and not (inp.deterministic and inp.requires_grad) \
+            and inp.transform is None:
         c = shape_class(inp)
         if _class_key(c) not in _TUNED:
             tune_inputs(inp)

@@ -13,6 +13,7 @@ import weakref
 import torch
 
 from .._env import env_flag
+from .._transforms import active_transform
 from .._types import check_bool, is_real
 
 
@@ -196,6 +197,10 @@ class AttnInputs:
     #: path for at most that many runs applies, so the ``torch`` backend goes straight to its grouped op instead of
     #: reading the lengths again to find that out (one device sync fewer on a GPU)
     many_runs: bool = False
+    #: the autograd transform the call runs under that custom ops cannot follow (``_transforms.active_transform``:
+    #: forward-mode AD, ``torch.func.grad``); None for every ordinary call. Only backends declaring
+    #: ``supports_transforms`` (PyTorch's own ops) run it.
+    transform: str | None = None
 
     @property
     def has_window(self) -> bool:
@@ -562,12 +567,14 @@ def validate_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         deterministic = _flag("deterministic", deterministic)
     if not deterministic and torch.are_deterministic_algorithms_enabled():  # PyTorch's switch asks it of every op
         deterministic = True
-    # The dataclass's own __init__ sets its 16 fields one frozen setattr at a time (2.2 us on this project's
+    transform = active_transform(q, k, v)
+    # The dataclass's own __init__ sets its 17 fields one frozen setattr at a time (2.2 us on this project's
     # CPU, on every attention call); one __dict__ update builds the same object (fields, equality, frozenness;
     # validate_inputs as a whole went from 9.5 to 7.1 us).
     inp = object.__new__(AttnInputs)
     inp.__dict__.update(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                         max_seqlen_k=max_seqlen_k, softmax_scale=float(softmax_scale), causal=causal,
                         return_lse=return_lse, window_left=left, window_right=right, softcap=float(softcap),
-                        segments=segments, deterministic=deterministic, many_runs=many_runs)
+                        segments=segments, deterministic=deterministic, many_runs=many_runs,
+                        transform=transform)
     return inp

@@ -85,6 +85,11 @@ class Backend:
     #: A call that asks for it (``deterministic=True``) and needs a backward runs only where this holds.
     #: Empty (the default, for a backend that does not say): nowhere.
     deterministic_devices: tuple | None = ()
+    #: differentiable under forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) and
+    #: ``torch.func.grad`` / ``vjp`` / ``jacrev``: its forward is PyTorch's own differentiable ops. A custom op with a
+    #: ``register_autograd`` formula is not (PyTorch gives it a zero tangent, silently, or fails under
+    #: ``torch.func.grad``; ``elit_kernels._transforms``), so such a call runs only where this is True.
+    supports_transforms: bool = False
 
     def is_available(self) -> bool:
         return True
@@ -132,6 +137,10 @@ class Backend:
         det = deterministic_refusal(self, inp)
         if det is not None:
             r.append(det)
+        if inp.transform is not None and not self.supports_transforms:
+            r.append(f"cannot be differentiated under {inp.transform}: its op has a reverse-mode backward formula "
+                     "only (PyTorch would give a zero tangent or fail); the 'torch' and 'reference' backends run "
+                     "PyTorch's own ops there")
         cc = self.min_compute_capability
         if cc is not None and inp.q.device.type == "cuda":
             have = _compute_capability(inp.q.device)
@@ -225,7 +234,7 @@ def _check_declaration(b: Backend) -> None:
         if not is_int(getattr(b, field)) or getattr(b, field) < 1:
             bad(field, "an int >= 1", ValueError)
     for field in ("supports_gqa", "supports_lse", "supports_window", "supports_softcap", "known_answer",
-                  "default_eligible"):
+                  "default_eligible", "supports_transforms"):
         if not isinstance(getattr(b, field), bool):
             bad(field, "a bool")
     cc = b.min_compute_capability
@@ -330,7 +339,8 @@ def describe_inputs(inp: AttnInputs) -> str:
     return (f"q {tuple(inp.q.shape)}, k/v {tuple(inp.k.shape)}, {inp.num_segments} segments, {inp.q.dtype}, "
             f"{inp.q.device}" + (", causal" if inp.causal else "") + (", return_lse" if inp.return_lse else "")
             + (f", window_size=({inp.window_left}, {inp.window_right})" if inp.has_window else "")
-            + (f", softcap={inp.softcap}" if inp.softcap else "") + (", deterministic" if inp.deterministic else ""))
+            + (f", softcap={inp.softcap}" if inp.softcap else "") + (", deterministic" if inp.deterministic else "")
+            + (f", under {inp.transform}" if inp.transform else ""))
 
 
 def describe_backends(inp: AttnInputs | None = None) -> list[dict]:

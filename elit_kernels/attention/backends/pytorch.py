@@ -1,8 +1,11 @@
 """Pure-PyTorch backends: ``reference`` (the truth) and ``torch`` (dense SDPA on views, the fair baseline)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from ..._transforms import FORWARD_MODE
 from ..inputs import FEW_RUNS, is_zero_scale
 from ..registry import Backend, register_backend
 from . import torch_ops  # noqa: F401  (registers elit::varlen_attn_{fwd,bwd}_torch)
@@ -16,14 +19,19 @@ class ReferenceBackend(Backend):
     #: autograd through per-segment matmul / softmax / cat: no atomics (on CUDA, cuBLAS is deterministic given
     #: CUBLAS_WORKSPACE_CONFIG, as PyTorch's reproducibility notes say)
     deterministic_devices = None
+    supports_transforms = True  # plain PyTorch ops: forward-mode AD and torch.func differentiate them
 
     def forward(self, inp):
-        from ...reference.attention import varlen_attention_reference
+        return _reference(inp)
 
-        return varlen_attention_reference(
-            inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, softmax_scale=inp.softmax_scale,
-            causal=inp.causal, return_lse=inp.return_lse, window_size=(inp.window_left, inp.window_right),
-            softcap=inp.softcap)
+
+def _reference(inp):
+    from ...reference.attention import varlen_attention_reference
+
+    return varlen_attention_reference(
+        inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, softmax_scale=inp.softmax_scale,
+        causal=inp.causal, return_lse=inp.return_lse, window_size=(inp.window_left, inp.window_right),
+        softcap=inp.softcap)
 
 
 class TorchBackend(Backend):
@@ -33,6 +41,9 @@ class TorchBackend(Backend):
     #: on CUDA the SDPA kernels PyTorch picks (FlashAttention, efficient, cuDNN) and the grouped path's
     #: index_add_ accumulate with atomics; on the CPU neither does
     deterministic_devices = ("cpu",)
+    #: under forward-mode AD or torch.func.grad (``inp.transform``) it runs SDPA over runs of equal segments (its
+    #: math kernel under forward-mode AD, which PyTorch's fused SDPA kernels do not implement), else the reference
+    supports_transforms = True
     description = ("PyTorch: one dense SDPA (cuDNN / FlashAttention / efficient, as PyTorch picks) per run of equal "
                    "segments on strided views of the packed tensors, else matmul/softmax over segments grouped by "
                    "their real lengths. With host-side segments (varlen_attention(segments=), as the ELIT model "
@@ -52,6 +63,8 @@ class TorchBackend(Backend):
         return r
 
     def forward(self, inp):
+        if inp.transform is not None:
+            return self._differentiable(inp)
         if (not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs
                 and (inp.segments is not None or not (torch.compiler.is_compiling() or inp.q.device.type == "meta"))):
             out = torch_ops.sdpa_over_runs(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.softmax_scale,
@@ -61,7 +74,23 @@ class TorchBackend(Backend):
         return self._grouped(inp)
 
     def plan_runner(self, inp):
-        return torch_ops.dense_runner(inp)
+        return None if inp.transform is not None else torch_ops.dense_runner(inp)
+
+    @staticmethod
+    def _differentiable(inp):
+        """A call under an autograd transform (``inp.transform``) in PyTorch's own differentiable ops, never the
+        grouped custom op: SDPA over runs of equal segments where they apply (pinned to SDPA's math kernel under
+        forward-mode AD: PyTorch's fused kernels have no forward derivative), else the reference."""
+        if not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs and inp.q.device.type != "meta":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH) if inp.transform == FORWARD_MODE else contextlib.nullcontext():
+                out = torch_ops.sdpa_over_runs(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
+                                               inp.softmax_scale, inp.causal, inp.window_left, inp.window_right,
+                                               segments=inp.segments)
+            if out is not None:
+                return out
+        return _reference(inp)
 
     @staticmethod
     def _grouped(inp):
@@ -86,6 +115,7 @@ class SdpaKernelBackend(TorchBackend):
     priority = 8
     known_answer = True  # a pinned kernel may not support the shape: checked once per kind
     deterministic_devices = ()  # CUDA only, where PyTorch's fused SDPA kernels accumulate with atomics
+    supports_transforms = False  # the pinned fused kernels have no forward derivative; 'torch' runs those calls
     devices = ("cuda",)
 
     def __init__(self, name: str, kernel: str, dtypes: tuple, max_head_dim: int, what: str):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ._types import is_real
 from .layout import TokenRuns
-from .reference.modulate import _per_run, gated_residual, layernorm_modulate
+from .reference.modulate import _per_run, check_run_shapes, gated_residual, layernorm_modulate
 
 
 class ElementwiseImpl(NamedTuple):
@@ -119,5 +119,13 @@ def get_elementwise(name: str) -> ElementwiseImpl:
     if impl.takes_runs:
         return impl
     lm, gr = impl.layernorm_modulate, impl.gated_residual
-    return ElementwiseImpl(lambda x, sh, sc, runs, eps: lm(x, sh, sc, runs.index, eps),
-                           lambda x, y, g, runs: gr(x, y, g, runs.index), takes_runs=True)
+
+    def layernorm_modulate_runs(x, sh, sc, runs, eps):
+        check_run_shapes(x, (sh, sc), runs)  # as the run-taking implementations check (an index would broadcast)
+        return lm(x, sh, sc, runs.index, eps)
+
+    def gated_residual_runs(x, y, g, runs):
+        check_run_shapes(x, (g,), runs, (y,))
+        return gr(x, y, g, runs.index)
+
+    return ElementwiseImpl(layernorm_modulate_runs, gated_residual_runs, takes_runs=True)

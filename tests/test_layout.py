@@ -299,16 +299,23 @@ def test_a_whole_run_refuses_parameters_of_another_batch_size():
         native_layernorm_modulate(x, torch.randn(3, 8), torch.randn(3, 8), runs)
 
 
-@pytest.mark.parametrize("impl", ["reference", "native"])
+@pytest.mark.parametrize("impl", ["reference", "native", "fused"])
 def test_the_elementwise_ops_refuse_parameters_of_fewer_samples(impl):
     """A fuzz: a [1, C] shift/scale/gate on a 2-sample whole run broadcast sample 0's parameters over sample 1, and
-    a [2, C] one on runs of 3 samples ran on the first two: silently. The parameters must have one row per sample."""
-    from elit_kernels.elementwise import get_elementwise
+    a [2, C] one on runs of 3 samples ran on the first two: silently. The parameters must have one row per sample,
+    in every implementation (the fused one, which takes an index, ran extra rows: a stale [B + 1, C] buffer)."""
+    from elit_kernels.elementwise import ELEMENTWISE_IMPLS, get_elementwise
     from elit_kernels.layout import TokenRuns
 
+    if impl not in ELEMENTWISE_IMPLS:
+        pytest.skip(f"elementwise implementation {impl!r} is not registered here (the compiled extension is not built)")
     ew = get_elementwise(impl)
     x = torch.randn(8, 4)
-    for counts, rows in (([4, 4], 1), ([4, 2, 2], 2), ([4, 2, 2], 4)):
+    with pytest.raises(ValueError, match=r"^x: "):
+        ew.layernorm_modulate(x[:7], torch.randn(2, 4), torch.randn(2, 4), TokenRuns.from_counts([4, 4]), 1e-6)
+    with pytest.raises(ValueError, match=r"^y: "):
+        ew.gated_residual(x, x[:7], torch.randn(2, 4), TokenRuns.from_counts([4, 4]))
+    for counts, rows in (([4, 4], 1), ([4, 4], 3), ([4, 2, 2], 2), ([4, 2, 2], 4)):
         runs, p = TokenRuns.from_counts(counts), torch.randn(rows, 4)
         with pytest.raises(ValueError, match=rf"^shift/scale: expected \[{len(counts)}, C\] \(one row per sample"):
             ew.layernorm_modulate(x, p, p, runs, 1e-6)

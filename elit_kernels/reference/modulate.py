@@ -17,16 +17,12 @@ def _rows_error(name: str, t: torch.Tensor, total: int) -> ValueError:
     return ValueError(f"{name}: has {t.shape[0]} rows, the token runs describe {total} (one row per token)")
 
 
-def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tuple = ()) -> torch.Tensor | None:
-    """``fn(x_run [S, L, C], *others_run, *[p[s0:s1, None] for p in params]) -> [S, L, C]`` over every run (``others``:
-    more ``[T, C]`` tensors, viewed as x is); one ``[T, C]`` result, or None when there is no token at all. ValueError
-    naming ``x`` or ``y`` when its rows are not the ``tokens.total`` the runs describe, and naming the parameters
-    (``shift``/``scale``, ``gate``) when theirs are not the ``tokens.batch`` samples (a ``[1, C]`` one broadcast one
-    sample's parameters over the batch, silently).
-
-    A ``tokens.whole`` run is viewed without slicing: a model's forward makes four of these calls per block, and
-    on a GPU at small sizes what a call costs is its host time."""
-    c = x.shape[-1]
+def check_run_shapes(x: torch.Tensor, params: tuple, tokens: TokenRuns, others: tuple = ()) -> None:
+    """ValueError naming ``x`` or ``y`` (``others``) when its rows are not the ``tokens.total`` the runs describe, and
+    naming the parameters (``shift``/``scale``, ``gate``) when theirs are not the ``tokens.batch`` samples: a
+    ``[1, C]`` one would broadcast one sample's parameters over the batch, silently. Every elementwise
+    implementation's shapes are checked here (``_per_run``; ``elementwise.get_elementwise`` for one that takes an
+    index)."""
     n = tokens.total
     if x.shape[0] != n:  # else the whole-run view would spread the samples' parameters over other rows
         raise _rows_error("x", x, n)
@@ -37,6 +33,19 @@ def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tupl
         if p.dim() != 2 or p.shape[0] != tokens.batch:
             raise ValueError(f"{'shift/scale' if len(params) == 2 else 'gate'}: expected [{tokens.batch}, C] (one row "
                              f"per sample of the token runs), got shape {tuple(p.shape)}")
+
+
+def _per_run(x: torch.Tensor, params: tuple, tokens: TokenRuns, fn, others: tuple = ()) -> torch.Tensor | None:
+    """``fn(x_run [S, L, C], *others_run, *[p[s0:s1, None] for p in params]) -> [S, L, C]`` over every run (``others``:
+    more ``[T, C]`` tensors, viewed as x is); one ``[T, C]`` result, or None when there is no token at all. ValueError
+    naming ``x`` or ``y`` when its rows are not the ``tokens.total`` the runs describe, and naming the parameters
+    (``shift``/``scale``, ``gate``) when theirs are not the ``tokens.batch`` samples (a ``[1, C]`` one broadcast one
+    sample's parameters over the batch, silently).
+
+    A ``tokens.whole`` run is viewed without slicing: a model's forward makes four of these calls per block, and
+    on a GPU at small sizes what a call costs is its host time."""
+    check_run_shapes(x, params, tokens, others)
+    c = x.shape[-1]
     if tokens.whole:
         s = tokens.batch
         return fn(x.view(s, -1, c), *[o.view(s, -1, c) for o in others], *[p.unsqueeze(1) for p in params]).view(-1, c)

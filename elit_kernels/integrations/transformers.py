@@ -23,8 +23,9 @@ flash-attn semantics, bottom-right aligned causal mask):
   ``ValueError`` naming ``attention_mask`` (checked exactly, per query; use ``sdpa`` / ``eager`` for such a batch);
 - **packed sequences**: ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (``DataCollatorWithFlattening``;
   ``max_length_*`` may be 0-dim tensors), or ``position_ids`` that restart (a new sequence wherever the position
-  does not grow by 1, as transformers' flash-attention path reads them; its sdpa and eager masks split only
-  without a cache and a 2-D mask), also under ``torch.compile`` (read on the device). With a padding mask,
+  does not grow by 1: the rule of transformers' sdpa/eager masks, ``find_packed_sequence_indices``, which split
+  only without a cache and a 2-D mask; its flash-attention path starts a sequence only where the position is its
+  minimum), also under ``torch.compile`` (read on the device). With a padding mask,
   ``position_ids`` are not read, as in every transformers path (``generate`` gives padding slots position 1,
   which read as a restart had cut the tokens after a hole off from those before it);
 - **KV cache**: keys longer than queries; the queries are the last ones (bottom-right alignment);

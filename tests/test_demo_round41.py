@@ -307,3 +307,34 @@ def test_config_unknown_override_names_the_fields():
     for make in (lambda: elit_config("tiny", 64, **{bogus: 1}), lambda: elit_sit_config("S/2", 256, **{bogus: 1})):
         with pytest.raises(ValueError, match=rf"^overrides: unknown ElitConfig field\(s\) \['{bogus}'\]; known: .*'window'"):
             make()
+
+
+# --- the sampler fuzz round: --save over an existing file, an empty --out after a late usage error -----------
+
+@pytest.mark.parametrize("which", ["other", "load"])
+def test_save_over_an_existing_file_is_refused_without_force(which, tmp_path, capsys, monkeypatch, fast_eval):
+    """--save replaced any file there silently (even the --load checkpoint); elit-convert refuses without --force:
+    refused before any training, the file left as it was; with --force it is replaced."""
+    ck = _ckpt(tmp_path / "m.pt", j_max=2, meta={"j_min": 1, "trained_steps": 0})
+    target = tmp_path / "notes.txt" if which == "other" else tmp_path / "m.pt"
+    if which == "other":
+        target.write_text("my precious notes\n")
+    before = target.read_bytes()
+    monkeypatch.setattr(demo, "train", lambda *a, **k: pytest.fail("trained before the --save check"))
+    err = _usage_error(["--load", ck, "--out", str(tmp_path / "o"), "--save", str(target)] + FAST, capsys)
+    assert f"error: --save: {target} exists" in err and "--force" in err, err
+    assert ("the --load checkpoint" in err) == (which == "load"), err
+    assert target.read_bytes() == before and not (tmp_path / "o").exists()
+    assert demo.main(["--load", ck, "--out", str(tmp_path / "o"), "--save", str(target), "--force"] + FAST) == 0
+    assert load_model(str(target)).cfg.latents_per_group == 2
+
+
+def test_a_usage_error_after_out_was_created_leaves_no_empty_out(tmp_path, capsys):
+    """--load (not a checkpoint) and --backend (not usable for the model) are checked once --out exists: the
+    folder this run created is removed again when they are refused."""
+    (tmp_path / "bad.pt").write_text("not a checkpoint\n")
+    err = _usage_error(["--load", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "a" / "o")] + FAST, capsys)
+    assert "error: --load:" in err and not (tmp_path / "a").exists()
+    err = _usage_error(["--steps", "1", "--out", str(tmp_path / "b"), "--sample-steps", "1", "--no-progress",
+                        "--backend", "torch_varlen"], capsys)
+    assert "error: --backend:" in err and not (tmp_path / "b").exists()

@@ -326,9 +326,15 @@ def test_samples_that_come_out_nan_or_inf_are_refused_not_written(files, tmp_pat
     assert not (out / "samples.npz").exists()
     monkeypatch.setattr(flow, "euler_sample", real)
     with pytest.raises(S.SamplingError, match=r"SamplingError: samples 0 \(J=4\), 1 \(J=4\), 2 \(J=4\), 3 \(J=4\) came "
-                       r"out NaN or inf.* by cfg_scale - 1 = 1e\+40, .* a smaller --cfg-scale keeps it finite"):
+                       r"out NaN or inf.* by cfg_scale - 1 = 1e\+40, .* a smaller --cfg-scale keeps it finite"
+                       r".*\. No sample was written; rerun with the change above$"):
         run(files, tmp_path / "huge", guidance="cfg", cfg_scale=1e40, **kw)
-    assert not os.listdir(tmp_path / "huge" / "latents")
+    # none came out finite: nothing to resume, so the folder it created goes, as after a Ctrl-C before the first one
+    assert not (tmp_path / "huge").exists()
+    (tmp_path / "was_here").mkdir()
+    with pytest.raises(S.SamplingError, match=r"No sample was written"):
+        run(files, tmp_path / "was_here", guidance="cfg", cfg_scale=1e40, **kw)
+    assert not os.listdir(tmp_path / "was_here" / "latents")  # a folder that was there stays (as after a Ctrl-C)
     res = run(files, out, **kw)  # the cause gone, the run resumes: only sample 2 is sampled again
     assert (res.generated, res.skipped) == (1, 3)
 
@@ -499,8 +505,10 @@ def test_generate_takes_a_path_and_a_guidance_interval_that_guides_no_step(files
     start-up timing then runs unguided, without the weak budget it would ignore)."""
     out = tmp_path / "p"
     notes = []
-    res = S.generate(files["ckpt"], out, num_samples=2, steps=1, latents_only=True, backend="torch", progress=False,
-                     guidance="ccfg", cfg_scale=3.0, guidance_interval=(0.0, 0.5), log=notes.append)
+    with pytest.warns(UserWarning, match=r"^guidance_interval: \(0, 0\.5\) holds none of the 1 steps' times \(1\)"):
+        res = S.generate(files["ckpt"], out, num_samples=2, steps=1, latents_only=True, backend="torch",
+                         progress=False, guidance="ccfg", cfg_scale=3.0, guidance_interval=(0.0, 0.5),
+                         log=notes.append)
     assert res.out == str(out) and (out / "latents.npz").is_file()
     assert any("forward per step" in n and "guided" not in n for n in notes), notes
 
@@ -718,3 +726,231 @@ def test_ctrl_c_before_the_lock_removes_nothing_another_run_wrote(files, tmp_pat
     monkeypatch.setattr(O, "check_earlier_run", lambda *a, **k: [])  # the placeholder config.json is not compared
     assert S.main(argv) == 130
     assert sorted(p.name for p in out.iterdir()) == [".elit-sample.lock", "config.json", "latents"]
+
+
+# --- the second fuzzing round: inputs identified by content, the output folder's entries, late failures ----
+def _same_name_copies(files, tmp_path, scale=1.5):
+    """``a/tiny.pt`` (the fixture's model) and ``b/tiny.pt`` (its weights x ``scale``): one name, one size."""
+    m = load_model(files["ckpt"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_model(str(tmp_path / "a" / "tiny.pt"), m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(scale)
+    save_model(str(tmp_path / "b" / "tiny.pt"), m)
+    a, b = tmp_path / "a" / "tiny.pt", tmp_path / "b" / "tiny.pt"
+    assert os.path.getsize(a) == os.path.getsize(b)
+    return str(a), str(b)
+
+
+def test_resuming_with_another_checkpoint_of_the_same_name_and_size_is_refused(files, tmp_path, capsys):
+    """config.json recorded the checkpoint's file name and size only: another model in a file of the same name and
+    size resumed silently, and the .npz mixed two models. The weights' fingerprint is recorded and compared, as
+    for a model passed in; the same file resumes."""
+    a, b = _same_name_copies(files, tmp_path)
+    out = str(tmp_path / "o")
+    argv = ["--latents-only", "--steps", "1", "--batch-size", "2", "--no-progress", "--backend", "torch",
+            "--out", out]
+    assert S.main([a, "--num-samples", "2"] + argv) == 0
+    with pytest.raises(SystemExit) as e:
+        S.main([b, "--num-samples", "4"] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: --out: " in err and "checkpoint_weights: '" in err, err
+    assert "the checkpoint given now holds other weights than the one that run used" in err, err
+    assert sorted(os.listdir(os.path.join(out, "latents"))) == ["000000.npy", "000001.npy"]
+    assert S.main([a, "--num-samples", "3"] + argv) == 0
+
+
+def test_a_config_json_without_the_fingerprints_resumes_with_a_note(files, tmp_path):
+    """A run folder of an earlier version (no checkpoint_weights / vae_weights recorded) still resumes: not
+    compared, and the note says so."""
+    import json
+
+    out = tmp_path / "o"
+    run(files, out, num_samples=2, latents_only=True)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["settings"]["checkpoint_weights"], cfg["settings"]["vae_weights"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    notes = []
+    res = run(files, out, num_samples=3, latents_only=True, log=notes.append)
+    assert (res.generated, res.skipped) == (1, 2)
+    assert any("did not record checkpoint_weights" in n and "not compared" in n for n in notes), notes
+
+
+def test_resuming_with_another_vae_in_a_folder_of_the_same_name_is_refused(files, tmp_path):
+    """config.json recorded only the VAE folder's last name ("vae"): another VAE there resumed silently."""
+    need_vae()
+    import shutil
+
+    for side in ("a", "b"):
+        shutil.copytree(files["vae"], tmp_path / side / "vae")
+    vae = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "b" / "vae"))
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.mul_(1.5)
+    vae.save_pretrained(str(tmp_path / "b" / "vae"))
+    out = tmp_path / "o"
+    run(files, out, num_samples=1, batch_size=1, vae=str(tmp_path / "a" / "vae"))
+    with pytest.raises(S.UsageError, match=r"^out: .*vae_weights: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now.*the "
+                                           r"--vae given now holds other weights"):
+        run(files, out, num_samples=2, batch_size=1, vae=str(tmp_path / "b" / "vae"))
+    import json
+
+    inputs = json.loads((out / "config.json").read_text())["inputs"]
+    assert inputs == {"checkpoint": os.path.realpath(files["ckpt"]), "vae": os.path.realpath(tmp_path / "a" / "vae")}
+    res = run(files, out, num_samples=2, batch_size=1, vae=str(tmp_path / "a" / "vae"))
+    assert (res.generated, res.skipped) == (1, 1)
+
+
+def test_a_full_disk_while_writing_the_npz_is_one_line_naming_what_to_do(files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(R, "write_npz", full)
+    argv = [files["ckpt"], "--latents-only", "--num-samples", "2", "--steps", "1", "--no-progress", "--backend",
+            "torch", "--out", str(tmp_path / "o")]
+    assert S.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("elit-sample: error: cannot write the run's .npz") and err.count("\n") == 1, err
+    assert "No space left on device" in err and "free disk space" in err and "rerun the same command" in err
+    assert len(os.listdir(tmp_path / "o" / "latents")) == 2  # the samples are kept
+    monkeypatch.undo()
+    assert S.main(argv) == 0 and (tmp_path / "o" / "latents.npz").is_file()
+
+
+@pytest.mark.parametrize("entry, kind", [("latents.npz", "dir"), ("latents", "file"), ("config.json", "dir"),
+                                         (".elit-sample.lock", "dir")])
+def test_an_output_entry_of_the_wrong_kind_is_refused_before_sampling(files, tmp_path, capsys, monkeypatch, entry,
+                                                                       kind):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / entry).mkdir() if kind == "dir" else (out / entry).write_text("x")
+    monkeypatch.setattr(R._Run, "sample", lambda self: pytest.fail("sampled before the --out check"))
+    with pytest.raises(SystemExit) as e:
+        S.main([files["ckpt"], "--latents-only", "--num-samples", "2", "--steps", "1", "--no-progress", "--backend",
+                "torch", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: --out: " in err and str(out / entry) in err, err
+    assert ("is a folder" if kind == "dir" else "is a file") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value, ok", [("abc", False), ("-1", False), ("1.0", False), ("", True), (" 0 ", True)])
+def test_a_malformed_local_rank_is_a_usage_error(files, tmp_path, capsys, monkeypatch, value, ok):
+    monkeypatch.setenv("LOCAL_RANK", value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = [files["ckpt"], "--latents-only", "--num-samples", "1", "--steps", "1", "--no-progress", "--backend",
+            "torch", "--device", "cpu", "--out", str(tmp_path / "o")]
+    if ok:
+        assert S.main(argv) == 0
+        return
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: LOCAL_RANK: expected an int >= 0" in err and repr(value) in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_foreign_png_of_another_size_is_sampled_again(files, tmp_path, monkeypatch):
+    """A valid PNG of another size under a sample's name passed the resume check; the .npz step then failed,
+    blaming the next sample, with no path. It is damaged (sampled again); one that appears after the check is
+    named with its path."""
+    need_vae()
+    from PIL import Image
+
+    out = tmp_path / "o"
+    kw = dict(num_samples=2, batch_size=1)
+    want = npz(run(files, out, **kw).npz)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / "samples" / "000000.png")
+    notes = []
+    res = run(files, out, log=notes.append, **kw)
+    assert (res.generated, res.skipped) == (1, 1)
+    assert any("damaged" in n and "not 64x64 RGB" in n and "000000.png" in n for n in notes), notes
+    assert np.array_equal(npz(res.npz)["arr_0"], want["arr_0"])
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / "samples" / "000001.png")
+    monkeypatch.setattr(R, "damaged_samples", lambda *a, **k: [])  # as if it changed after the check
+    with pytest.raises(S.SamplingError, match=r"000001\.png is a 8x8 image, expected 64x64 .*delete it and rerun"):
+        run(files, out, **kw)
+
+
+def test_guidance_that_guides_no_step_warns_naming_the_interval_and_the_step_times(files, tmp_path):
+    with pytest.warns(UserWarning, match=r"^guidance_interval: \(0\.1, 0\.2\) holds none of the 2 steps' times "
+                                         r"\(1, 0\.5\): guidance cfg is never applied"):
+        run(files, tmp_path / "o", num_samples=1, latents_only=True, guidance="cfg", cfg_scale=4.0,
+            guidance_interval=(0.1, 0.2))
+
+
+def test_a_model_without_core_blocks_is_refused_from_arch_and_warned_otherwise(files, tmp_path):
+    """The budget acts in the core blocks: with none (head + tail = depth), every budget gives the same output.
+    From --arch that is a wrong tail count most likely: refused naming arch; a model built so: a warning."""
+    import dataclasses
+
+    with pytest.raises(S.UsageError, match=r"^arch: this model has no core block \(1 head \+ 3 tail blocks = depth 4; "
+                                           r"from arch dit_decoder_depth=3\)"):
+        S.generate(str(FIXTURE), tmp_path / "a", arch={"num_heads": 2, "dit_decoder_depth": 3}, num_samples=1,
+                   steps=1, latents_only=True, backend="torch", progress=False, log=lambda *a, **k: None)
+    assert not (tmp_path / "a").exists()
+    m = load_model(files["ckpt"])
+    cfg = dataclasses.replace(m.cfg, head_blocks=1, tail_blocks=m.cfg.depth - 1)
+    with pytest.warns(UserWarning, match=r"^checkpoint: this model has no core block"):
+        S.generate(ElitDiT(cfg).eval(), tmp_path / "b", num_samples=1, steps=1, latents_only=True, backend="torch",
+                   progress=False, log=lambda *a, **k: None)
+
+
+def test_a_smaller_num_samples_says_it_replaces_the_larger_npz(files, tmp_path):
+    out = tmp_path / "o"
+    run(files, out, num_samples=4, batch_size=2, latents_only=True)
+    notes = []
+    res = run(files, out, num_samples=2, batch_size=2, latents_only=True, log=notes.append)
+    assert np.load(res.npz)["arr_0"].shape[0] == 2
+    assert any("latents.npz holds 4 samples; this run replaces it with one of the first --num-samples 2" in n
+               for n in notes), notes
+    assert len(os.listdir(out / "latents")) == 4
+
+
+def test_log_none_is_no_lines_and_a_non_callable_log_is_refused_up_front(files, tmp_path, capsys):
+    res = S.generate(files["ckpt"], tmp_path / "a", num_samples=1, steps=1, latents_only=True, backend="torch",
+                     progress=False, log=None)
+    assert res.generated == 1 and capsys.readouterr().out == ""
+    with pytest.raises(S.UsageError, match=r"^log: expected a callable"):
+        S.generate(files["ckpt"], tmp_path / "b", num_samples=1, steps=1, latents_only=True, backend="torch",
+                   progress=False, log="stdout")
+    assert not (tmp_path / "b").exists()
+
+
+def test_dtype_as_a_torch_dtype_is_its_name(files, tmp_path):
+    import json
+
+    res = run(files, tmp_path / "a", num_samples=1, steps=1, latents_only=True, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["settings"]["dtype"] == "bfloat16"
+    want = run(files, tmp_path / "b", num_samples=1, steps=1, latents_only=True, dtype="bfloat16")
+    assert np.array_equal(np.load(res.npz)["arr_0"], np.load(want.npz)["arr_0"])
+
+
+@pytest.mark.parametrize("arch, why", [({"num_heads": 3, "dit_decoder_depth": 1}, "num_heads 3 does not divide"),
+                                       ({"num_heads": 2, "dit_decoder_depth": 4}, "tail 4 exceed depth 4")])
+def test_arch_values_the_weights_contradict_are_named_as_arch(tmp_path, capsys, arch, why):
+    argv = [str(FIXTURE), "--latents-only", "--num-samples", "1", "--steps", "1", "--no-progress", "--backend",
+            "torch", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        S.main(argv + [x for k, v in arch.items() for x in ("--arch", f"{k}={v}")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: --arch: " in err and why in err, err
+
+
+def test_nan_weights_name_no_argument_elit_sample_lacks(files, tmp_path):
+    m = load_model(files["ckpt"])
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] = float("nan")
+    save_model(str(tmp_path / "nan.pt"), m)
+    with pytest.raises(S.UsageError, match=r"^checkpoint: .*non-finite values") as e:
+        S.generate(str(tmp_path / "nan.pt"), tmp_path / "o", num_samples=1, steps=1, latents_only=True,
+                   backend="torch", progress=False, log=None)
+    assert "Pass check_finite=False" not in str(e.value) and "load_checkpoint(path, check_finite=False)" in str(e.value)
+
+
+def test_a_vae_config_file_is_named_a_file_not_a_missing_folder(files, tmp_path):
+    with pytest.raises(S.UsageError, match=r"^vae: .*config\.json is a file; expected the folder that holds it \("):
+        run(files, tmp_path / "o", num_samples=1, vae=os.path.join(files["vae"], "config.json"))

@@ -222,8 +222,9 @@ def test_check_earlier_run_reads_partial_and_foreign_run_files(tmp_path):
 
 
 def test_load_model_passes_weights_dtype_and_backend_to_the_loader():
-    model, name, size = O.load_model(str(FIXTURE), "model", ARCH, CPU, torch.float64, "torch")
+    model, name, size, fingerprint = O.load_model(str(FIXTURE), "model", ARCH, CPU, torch.float64, "torch")
     assert (name, size) == ("elit_sit_tiny_a.pt", os.path.getsize(FIXTURE))
+    assert fingerprint == O.module_fingerprint(model)  # the loaded weights identify the file (config.json)
     assert model.backend == "torch" and not model.training
     want = load_checkpoint(str(FIXTURE), weights="model", arch=ARCH, dtype=torch.float64)
     ema = load_checkpoint(str(FIXTURE), weights="ema", arch=ARCH, dtype=torch.float64)

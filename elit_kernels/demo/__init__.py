@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"(t, noise) draws per held-out image (default {DEFAULTS['eval_reps']}; "
                         f"{QUICK['eval_reps']} with --quick)")
     p.add_argument("--save", nargs="?", const="", default=None, type=_cli.user_path, metavar="PATH",
-                   help="save a checkpoint (config + state_dict); PATH defaults to OUT/checkpoint.pt")
+                   help="save a checkpoint (config + state_dict); PATH defaults to OUT/checkpoint.pt; an existing "
+                        "file there is refused unless --force")
+    p.add_argument("--force", action="store_true", help="let --save replace an existing file")
     p.add_argument("--load", default=None, type=_cli.user_path, metavar="PATH",
                    help="start from this checkpoint (an elit-demo --save file, any float dtype: cast to float32; then "
                         "train --steps more, default 0; with 0 steps the training-only flags --seed, --lr, --batch, "
@@ -172,6 +174,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
                 parser.error(f"--save: {args.save} would be replaced by {own}, an output of this run (--out "
                              f"{args.out} gets {', '.join(OUTPUT_FILES)}) written after the checkpoint; save it "
                              f"elsewhere (a bare --save writes {os.path.join(args.out, 'checkpoint.pt')})")
+    if args.save is not None and os.path.lexists(args.save) and not args.force:
+        same = args.load is not None and os.path.realpath(args.save) == os.path.realpath(args.load)
+        parser.error(f"--save: {args.save} exists{' (it is the --load checkpoint)' if same else ''}; pass --force "
+                     "to overwrite it, or save elsewhere")
     if why := _dist_env_error():
         parser.error(why)
     return args
@@ -263,7 +269,15 @@ def _git_commit() -> str | None:
 def run(argv=None) -> dict | None:
     """Everything ``main`` does; returns the results dict on rank 0 (None on other ranks)."""
     parser = build_parser()
-    args = _resolve(parser.parse_args(argv), parser)
+    try:
+        return _run_checked(parser, parser.parse_args(argv))
+    except SystemExit:  # a usage error after --out was created (--save, --load, --backend): no empty --out left
+        _cli.remove_empty_created()
+        raise
+
+
+def _run_checked(parser, args) -> dict | None:
+    args = _resolve(args, parser)
     threads = torch.get_num_threads()
     try:
         info = init_distributed()

@@ -94,6 +94,10 @@ def load_vae(folder: str, device):
     what = ("the local folder of the Stable-Diffusion VAE the checkpoint was trained with (a diffusers "
             "AutoencoderKL folder: config.json + diffusion_pytorch_model.safetensors, e.g. a download of "
             "stabilityai/sd-vae-ft-ema or stabilityai/sd-vae-ft-mse), or --latents-only to save latents instead")
+    if os.path.isfile(folder):
+        raise UsageError("vae", f"{folder} is a file; expected the folder that holds it"
+                                + (f" ({os.path.dirname(folder) or '.'})" if os.path.basename(folder) == "config.json"
+                                   else "") + f": pass {what}")
     if not os.path.isdir(folder):
         raise UsageError("vae", f"no such folder: {folder}; pass {what}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -167,11 +171,13 @@ def _whole_npy(path: str, size: int, npy_bytes: int | None, shape: tuple | None)
 
 
 def damaged_samples(folder: str, indices, ext: str, npy_bytes: int | None = None,
-                    shape: tuple | None = None) -> list[int]:
+                    shape: tuple | None = None, image_hw: tuple | None = None) -> list[int]:
     """Of ``indices`` (samples whose file exists), those whose file is not one this tool writes whole: a ``.npy``
     of another size than ``npy_bytes`` or (given ``shape``) not a finite float32 array of ``shape`` (NaN or inf
     in it: read whole), a ``.png`` without the PNG signature or the final IEND chunk (a zero-byte, truncated or
-    foreign file). Every file is written by an atomic rename and a non-finite sample is never written, so only
+    foreign file) or (given ``image_hw``, the (H, W) this run's VAE decodes to) not an 8-bit RGB image of that
+    size (its IHDR chunk: a valid image of another run or program).
+    Every file is written by an atomic rename and a non-finite sample is never written, so only
     damage from outside (a full disk on a copy, a crash of the file system, another program) makes one; a few bytes
     read per PNG."""
     bad = []
@@ -183,9 +189,13 @@ def damaged_samples(folder: str, indices, ext: str, npy_bytes: int | None = None
                 ok = _whole_npy(path, size, npy_bytes, shape)
             else:
                 with open(path, "rb") as f:
-                    head = f.read(len(_PNG_HEAD))
+                    head = f.read(len(_PNG_HEAD) + 18)  # the signature, then the IHDR chunk's length, type, W, H, ...
                     f.seek(max(0, size - len(_PNG_TAIL)))
-                    ok = size >= len(_PNG_HEAD) + len(_PNG_TAIL) and head == _PNG_HEAD and f.read() == _PNG_TAIL
+                    ok = size >= len(_PNG_HEAD) + len(_PNG_TAIL) and head[:8] == _PNG_HEAD and f.read() == _PNG_TAIL
+                if ok and image_hw is not None:  # what save_png writes: 8-bit RGB (colour type 2), not interlaced
+                    ok = (len(head) == 26 and head[12:16] == b"IHDR" and head[24:26] == b"\x08\x02"
+                          and (int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"))
+                          == tuple(image_hw))
         except OSError:
             ok = False
         if not ok:

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -91,8 +92,10 @@ def resolve_device(device, local_rank: int) -> torch.device:
 
 
 def load_model(checkpoint, weights, arch, device, dtype, backend):
-    """(model, the checkpoint's name, its size in bytes or None for a module passed in). A file is loaded in eval
-    mode. A module passed in is not changed: when a parameter or buffer is on another device or (floating point)
+    """(model, the checkpoint's name, its size in bytes or None for a module passed in, the fingerprint of the
+    weights the run samples with: ``module_fingerprint``). A file is loaded in eval mode; its fingerprint tells
+    two files of one name and size apart (resuming with another one is refused: config.json records it).
+    A module passed in is not changed: when a parameter or buffer is on another device or (floating point)
     of another dtype, the run uses a converted copy (``copy.deepcopy``: memory for a second model); its train /
     eval modes and ``backend`` are set for the run by the caller and put back after (``_Run``). Its name holds
     a fingerprint of its weights (``module_fingerprint``), so that resuming a run with another module is refused
@@ -109,7 +112,8 @@ def load_model(checkpoint, weights, arch, device, dtype, backend):
                for t in itertools.chain(model.parameters(), model.buffers())):
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
         base = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: named and fingerprinted as its model
-        return model, f"<{type(base).__name__} weights {module_fingerprint(base)}>", None
+        fp = module_fingerprint(base)
+        return model, f"<{type(base).__name__} weights {fp}>", None, fp
     from .._cli import arch_hint, input_file_error
 
     if why := input_file_error(str(checkpoint)):
@@ -126,14 +130,42 @@ def load_model(checkpoint, weights, arch, device, dtype, backend):
                    "checkpoint")
         if arg != "checkpoint":
             msg = msg.split(": ", 1)[1]
+        elif any(k in (arch or {}) and re.search(pattern, msg) for k, pattern in _ARCH_MESSAGES):
+            arg = "arch"  # a value the caller gave (--arch) that the weights contradict: that argument is wrong
+            msg += ("; check the --arch / arch values against the model (the released ones: "
+                    "elit_kernels.official.SIT_REGISTRY)")
         elif hint := arch_hint(msg):
             msg += f" (on the command line: {hint})"
+        if "check_finite=False" in msg:  # a load_checkpoint argument that generate / elit-sample do not take
+            msg = msg.replace("Pass check_finite=False to load it anyway",
+                              "elit-sample / generate never sample from such weights (to inspect them, load the "
+                              "file in Python with elit_kernels.official.load_checkpoint(path, check_finite=False))")
         raise UsageError(arg, msg) from None
-    return model, os.path.basename(str(checkpoint)), os.path.getsize(str(checkpoint))
+    return model, os.path.basename(str(checkpoint)), os.path.getsize(str(checkpoint)), module_fingerprint(model)
+
+
+#: (arch key, a loader message about its value): reported under ``arch`` when the caller gave that key
+_ARCH_MESSAGES = (("num_heads", r"num_heads \d+ does not divide"), ("dit_decoder_depth", r"\+ tail \d+ exceed depth"),
+                  ("encoder_depth", r"encoder_depth \d+ \+ tail \d+ exceed depth"),
+                  ("depth", r"\+ tail \d+ exceed depth"))
+
+
+def core_blocks_error(model, arch) -> str | None:
+    """Why sampling ``model`` at different budgets would be pointless: it has no core block (head + tail blocks =
+    depth), and the budget J acts in the core only, so every budget gives the same output; None otherwise."""
+    cfg = model.cfg
+    if getattr(cfg, "core_blocks", 1) > 0:
+        return None
+    src = [k for k in ("encoder_depth", "dit_decoder_depth", "depth") if k in (arch or {})]
+    return (f"this model has no core block ({cfg.n_head} head + {cfg.n_tail} tail blocks = depth {cfg.depth}"
+            + (f"; from arch {', '.join(f'{k}={arch[k]}' for k in src)}" if src else "")
+            + "): the budget acts in the core only, so every budget (--latents, --budget, --budget-mix) gives the "
+              "same output")
 
 
 def module_fingerprint(model: torch.nn.Module) -> str:
-    """16 hex digits of SHA-256 over the model's config (``model.cfg``, if any), every state_dict entry's name and
+    """16 hex digits of SHA-256 over the model's config (``model.cfg``, if any; a diffusers model's ``config``
+    otherwise), every state_dict entry's name and
     shape, and up to 4096 evenly spaced values of each (exactly, as float32): what tells one set of weights from
     another (a fine-tune changes them all) at the cost of one small copy to the host, not of hashing every
     weight (1.35 GB at XL/2 in bf16). The same on any device."""
@@ -141,7 +173,11 @@ def module_fingerprint(model: torch.nn.Module) -> str:
 
     h = hashlib.sha256()
     cfg = getattr(model, "cfg", None)
-    h.update(json.dumps(config_dict(cfg) if cfg is not None else None, sort_keys=True, default=str).encode())
+    if cfg is not None:
+        cfg = config_dict(cfg)
+    elif isinstance(getattr(model, "config", None), dict):  # diffusers' FrozenDict (the VAE): a dict
+        cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}  # not _name_or_path: the folder
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     parts = []
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)};".encode())
@@ -230,13 +266,30 @@ def resolve_weak(cfg, guidance, weak_budget, weak_latents):
     return max(1, cfg.latents_per_group // 16)
 
 
-def check_out(out: str) -> None:
-    """Create ``out`` and write a probe file into it; UsageError naming ``out`` when that fails."""
+def check_out(out: str, files: tuple = (), folders: tuple = ()) -> None:
+    """Create ``out`` and write a probe file into it; UsageError naming ``out`` when that fails, or when an entry
+    the run writes there is of the wrong kind: one of ``files`` (config.json, the .npz, ...) a folder, one of
+    ``folders`` (latents/, samples/) a file. Checked before any sampling: the run would fail at its end."""
     from .._cli import output_dir_error
 
     why = output_dir_error(out)
     if why:
         raise UsageError("out", why)
+    for name in files:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            raise UsageError("out", f"{path} is a folder, where this run writes its {name} file; move it away or use "
+                                    "another --out folder")
+    for name in folders:
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise UsageError("out", f"{path} is a file, where this run writes its samples into a folder {name}/; "
+                                    "move it away or use another --out folder")
+
+
+#: settings config.json did not record before elit-sample identified the weights by content: a config.json
+#: without them is of an earlier version, resumed without comparing them (with a note)
+IDENTITY_KEYS = {"checkpoint_weights": "checkpoint", "vae_weights": "--vae"}
 
 
 def check_earlier_run(path: str, settings: dict, soft: dict, has_samples: bool = True) -> list[str]:
@@ -255,16 +308,26 @@ def check_earlier_run(path: str, settings: dict, soft: dict, has_samples: bool =
     if not isinstance(old, dict) or old.get("format") != FORMAT:
         raise UsageError("out", f"{path} was not written by elit-sample ({FORMAT}); use a new --out folder")
     was, was_soft = old.get("settings", {}), old.get("soft", {})
-    diff = [k for k in settings if was.get(k) != settings[k]]
+    if not isinstance(was, dict) or not isinstance(was_soft, dict):
+        raise UsageError("out", f"{path} was not written by elit-sample ({FORMAT}); use a new --out folder")
+    unrecorded = [k for k in IDENTITY_KEYS if k in settings and k not in was]
+    diff = [k for k in settings if k not in unrecorded and was.get(k) != settings[k]]
     show = "; ".join(f"{k}: {was.get(k)!r} there, {settings[k]!r} now" for k in diff[:4])
     if diff and not has_samples:
         return [f"an earlier run in {os.path.dirname(path) or '.'} with other settings ({show}) wrote no sample: its "
                 "config.json is replaced by this run's"]
     if diff:
-        raise UsageError("out", f"{os.path.dirname(path)} holds samples of a different run ({show}); resume with the "
-                                "same settings or use a new --out folder")
-    return [f"resuming with different {k} (was {was_soft[k]!r}, now {soft[k]!r}): the remaining samples differ from a "
-            "fresh run's by floating-point rounding only" for k in soft if k in was_soft and was_soft[k] != soft[k]]
+        other = [IDENTITY_KEYS[k] for k in diff if k in IDENTITY_KEYS]
+        why = "".join(f"; the {w} given now holds other weights than the one that run used (whatever its file or "
+                      f"folder name): pass that run's {w}" for w in other)
+        raise UsageError("out", f"{os.path.dirname(path)} holds samples of a different run ({show}){why}; resume with "
+                                "the same settings or use a new --out folder")
+    notes = [f"{path} is of an earlier elit-sample that did not record {k} (a fingerprint of the weights): not "
+             f"compared, so make sure {IDENTITY_KEYS[k]} is the one that run used" for k in unrecorded
+             if settings[k] is not None]
+    return notes + [f"resuming with different {k} (was {was_soft[k]!r}, now {soft[k]!r}): the remaining samples differ "
+                    "from a fresh run's by floating-point rounding only" for k in soft
+                    if k in was_soft and was_soft[k] != soft[k]]
 
 
 def flops_report(model, budgets, weak_j, guidance, heun, guided_steps, device, dtype) -> str:

@@ -8,6 +8,7 @@ import math
 import os
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,7 @@ from .. import _cli, flow
 from ..official.loader import _check_arch
 from .._types import first_few
 from . import options as O
-from .files import (LATENT_SCALE, atomic_write, contact_sheet, damaged_samples, finite_npy, holds_run_output,
+from .files import (LATENT_SCALE, LOCK_NAME, atomic_write, contact_sheet, damaged_samples, finite_npy, holds_run_output,
                     latents_to_uint8, load_vae, lock_folder, npy_size, remove_temporaries, sample_name,
                     samples_on_disk, save_npy, save_png, write_npz)
 from .rules import SamplingError, UsageError, plan_batches, sample_labels, sample_noise
@@ -84,6 +85,15 @@ def _init_dist(dev: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), owned=True)
 
 
+def _local_rank() -> int:
+    """torchrun's LOCAL_RANK (0 when unset or empty); UsageError naming LOCAL_RANK when it is not an int >= 0."""
+    raw = os.environ.get("LOCAL_RANK", "").strip() or "0"
+    if not raw.isdigit() or not raw.isascii():
+        raise UsageError("LOCAL_RANK", f"expected an int >= 0 (the process's index on its node, which torchrun "
+                                       f"sets), got {raw!r}; unset it to run one process")
+    return int(raw)
+
+
 #: the largest run: file names are zero-padded global indices and the .npz holds every image
 MAX_SAMPLES = 10_000_000
 
@@ -108,7 +118,8 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         guidance / cfg_scale / guidance_interval: mode (``none``, ``cfg``, ``autoguidance``, ``ccfg``,
             ``ccfg_two_pass``), the official ``cfg_scale`` (a finite real number, not a bool; λ = cfg_scale − 1;
             > 1 with a guidance mode, 1 without), and the (low, high) times where guidance is on (a pair of reals,
-            0 <= low <= high <= 1; not a str).
+            0 <= low <= high <= 1; not a str). A guidance mode whose interval holds no step's time warns
+            (UserWarning naming guidance_interval and the step times) and runs unguided.
         budget / latents / budget_mix: at most one: the official float budget (fraction <= 1 or a count > 1),
             latents per group J, or a mix ``"J:w,J:w"`` / ``[(J, w), ...]`` assigned per sample by index (both
             forms checked alike by ``parse_budget_mix``: int J in 1..J_max, each once, weights finite and > 0).
@@ -118,16 +129,18 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
             model).
         batch_size: samples per forward on each device; each budget's last batch is filled up to it with that
             budget's next indices past N, computed and not written (``rules.plan_batches``), so that sample i never
-            depends on N. seed: the global seed (int >= 0). dtype: float32, bfloat16 or float16 (the model; the
-            ODE state stays float64; float16 on a CPU warns: emulated, many times slower). backend: the attention
+            depends on N. seed: the global seed (int >= 0). dtype: float32, bfloat16 or float16, by name or as
+            the torch dtype (the model; the ODE state stays float64; float16 on a CPU warns: emulated, many times
+            slower). backend: the attention
             backend (None = dispatch, or ``$ELIT_BACKEND``, checked up front: UsageError naming ELIT_BACKEND).
         device: None (``cuda:LOCAL_RANK`` when CUDA is available, else cpu), or a torch device string.
         vae: a local diffusers ``AutoencoderKL`` folder (or the module). latents_only: save latents, no decode.
         graphed: replay the forward from CUDA graphs per budget signature (None = on when the device is CUDA).
         grid: images in the contact sheet (0 = none). weights / arch: as ``official.load_checkpoint``.
         tf32: allow TF32 matmuls on CUDA during the run (the official generate.py's default; ours off).
-        progress: a tqdm bar on rank 0. log: where rank 0's lines go. The flags (latents_only, tf32, progress,
-            graphed when not None) are bools: "no" or 1 is refused, not read as true.
+        progress: a tqdm bar on rank 0. log: a callable taking each of rank 0's lines (default print), or
+            None for none. The flags (latents_only, tf32, progress, graphed when not None) are bools: "no" or 1 is
+            refused, not read as true.
 
     Under ``torchrun`` (WORLD_SIZE > 1; without torchrun's RANK, MASTER_ADDR and MASTER_PORT a UsageError
     naming WORLD_SIZE) it joins the process group (NCCL on CUDA, gloo on CPU) unless one is
@@ -161,8 +174,16 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
         a[name] = O.check_bool(name, a[name])
     if graphed is not None:
         a["graphed"] = O.check_bool("graphed", graphed)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():  # as load_checkpoint takes it
+        a["dtype"] = dtype = str(dtype).replace("torch.", "")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise UsageError("dtype", f"expected one of float32, bfloat16, float16, got {dtype!r}")
+        raise UsageError("dtype", f"expected one of float32, bfloat16, float16 (a name or the torch dtype), got "
+                                  f"{dtype!r}")
+    if log is None:  # no lines at all
+        a["log"] = lambda *x, **k: None
+    elif not callable(log):
+        raise UsageError("log", f"expected a callable taking one line (print, a logger's info) or None for no "
+                                f"lines, got {type(log).__name__} ({log!r})")
     if backend is None and (why := _cli.env_backend_error(None, "")):  # the name now; what it can run once loaded
         raise UsageError(_cli.ENV_BACKEND, why.split(": ", 1)[1])
     if latents_only and vae is not None:
@@ -180,7 +201,7 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError("out", f"{out} exists and is not a folder")
 
-    dev = O.resolve_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    dev = O.resolve_device(device, _local_rank())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dd = _init_dist(dev)
@@ -199,6 +220,19 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _image_size(vae, cfg, dev) -> tuple[int, int]:
+    """(H, W) of the images ``vae`` decodes from this model's latents: from a diffusers AutoencoderKL's config
+    (downsampling 2^(len(block_out_channels) - 1), as diffusers' pipelines read it), else by decoding one zero
+    latent."""
+    blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    if isinstance(blocks, (list, tuple)) and blocks:
+        side = cfg.input_size * 2 ** (len(blocks) - 1)
+        return side, side
+    with torch.no_grad():
+        z = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=dev)
+        return tuple(latents_to_uint8(vae, z).shape[1:3])
 
 
 class _Run:
@@ -264,8 +298,8 @@ class _Run:
     def setup(self) -> None:
         a, dev = self.a, self.dev
         self.dtype = DTYPES[a["dtype"]]
-        model, ckpt_name, ckpt_bytes = O.load_model(a["checkpoint"], a["weights"], a["arch"], dev, self.dtype,
-                                                    a["backend"])
+        model, ckpt_name, ckpt_bytes, ckpt_fp = O.load_model(a["checkpoint"], a["weights"], a["arch"], dev,
+                                                             self.dtype, a["backend"])
         if ckpt_bytes is None:  # a module passed in (or its converted copy): eval mode and backend for the run only
             self.restore = [(m, "training", m.training) for m in model.modules()]
             self.restore.append((model, "backend", getattr(model, "backend", None)))
@@ -280,6 +314,11 @@ class _Run:
             model.backend = a["backend"]
         elif err := _cli.env_backend_error(probe, what):  # default dispatch would run it on every call
             raise UsageError(_cli.ENV_BACKEND, err.split(": ", 1)[1])
+        if why := O.core_blocks_error(model, a["arch"]):
+            if any(k in (a["arch"] or {}) for k in ("encoder_depth", "dit_decoder_depth", "depth")):
+                raise UsageError("arch", f"{why}: check the arch values against the model (the released ones: "
+                                         "elit_kernels.official.SIT_REGISTRY)")  # likely a wrong tail count
+            warnings.warn(f"checkpoint: {why}", stacklevel=3)
         self.model = model
         classes = a["classes"] if a["classes"] is not None else list(range(cfg.num_classes))
         bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer))
@@ -300,7 +339,10 @@ class _Run:
             lc = getattr(getattr(self.vae, "config", None), "latent_channels", cfg.in_channels)
             if lc != cfg.in_channels:
                 raise UsageError("vae", f"the VAE has {lc} latent channels, the model {cfg.in_channels}")
-        O.check_out(a["out"])  # the last check: nothing is created for a bad command
+        sub = "latents" if self.vae is None else "samples"
+        outputs = ("config.json", LOCK_NAME) + (("latents.npz",) if self.vae is None else
+                                                ("samples.npz",) + (("grid.png",) if a["grid"] else ()))
+        O.check_out(a["out"], outputs, (sub,))  # the last check: nothing is created for a bad command
         self.classes = classes
         self.labels = sample_labels(classes, range(self.n))
         self.scale = float(a["cfg_scale"]) - 1.0
@@ -308,23 +350,36 @@ class _Run:
         low, high = a["guidance_interval"]
         ts = torch.linspace(1.0, 0.0, a["steps"] + 1, dtype=torch.float64)
         self.guided_steps = [self.mode != "none" and low <= ts[i].item() <= high for i in range(a["steps"])]
+        if self.mode != "none" and not any(self.guided_steps):
+            times = ", ".join(f"{ts[i].item():.4g}" for i in range(min(a["steps"], 8))) + (
+                ", ..." if a["steps"] > 8 else "")
+            warnings.warn(f"guidance_interval: ({low:g}, {high:g}) holds none of the {a['steps']} steps' times "
+                          f"({times}): guidance {a['guidance']} is never applied and every sample is unguided; widen "
+                          "--guidance-interval or take more --steps", stacklevel=3)
         self.shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.ext = "npy" if self.vae is None else "png"
         self.what = "latents" if self.vae is None else "images"
         self.folder = os.path.join(a["out"], "latents" if self.vae is None else "samples")
-        vae_name = None
+        vae_name = vae_fp = None
+        inputs = {"checkpoint": None if ckpt_bytes is None else os.path.realpath(str(a["checkpoint"])), "vae": None}
         if self.vae is not None:
             v = a["vae"]
             vae_name = f"<{type(v).__name__}>" if isinstance(v, torch.nn.Module) else os.path.basename(
                 os.path.abspath(str(v)))
+            vae_fp = O.module_fingerprint(self.vae)  # a copy of another VAE in a folder of the same name differs
+            if not isinstance(v, torch.nn.Module):
+                inputs["vae"] = os.path.realpath(str(v))
+        self.expected_hw = None if self.vae is None else _image_size(self.vae, cfg, dev)
         self.settings = {
-            "checkpoint": ckpt_name, "checkpoint_bytes": ckpt_bytes, "weights": a["weights"],
+            "checkpoint": ckpt_name, "checkpoint_bytes": ckpt_bytes, "checkpoint_weights": ckpt_fp,
+            "weights": a["weights"],
             "arch": _check_arch(a["arch"]) or None,  # NumPy numbers as Python's: config.json is JSON
             "seed": a["seed"], "classes": "all" if a["classes"] is None else [int(c) for c in classes],
             "budgets": budget_desc, "sampler": a["sampler"], "steps": a["steps"], "guidance": a["guidance"],
             "cfg_scale": float(a["cfg_scale"]), "guidance_interval": [low, high], "weak_latents": self.weak_j,
             "dtype": str(self.dtype).replace("torch.", ""), "output": self.ext, "vae": vae_name,
-            "latent_scale": LATENT_SCALE}
+            "vae_weights": vae_fp, "latent_scale": LATENT_SCALE}
+        self.inputs = inputs  # where they were read from: recorded in config.json, not compared (files move)
         self.soft = {"batch_size": a["batch_size"], "backend": a["backend"], "tf32": bool(a["tf32"]),
                      "device_type": dev.type}
         self.cfg_path = os.path.join(a["out"], "config.json")
@@ -353,22 +408,26 @@ class _Run:
         if self.main and msg[2] is None:
             remove_temporaries(self.folder)
             done = samples_on_disk(self.folder, self.ext)
-            bad = damaged_samples(self.folder, done, self.ext, npy_size(self.shape, np.float32), self.shape)
+            bad = damaged_samples(self.folder, done, self.ext, npy_size(self.shape, np.float32), self.shape,
+                                  self.expected_hw)
             if bad:
                 shown = first_few((sample_name(i, self.ext) for i in bad), 5)
+                size = "" if self.expected_hw is None else f" or not {self.expected_hw[1]}x{self.expected_hw[0]} RGB"
                 self.say(f"elit-sample: note: {len(bad)} sample file(s) in {self.folder} are damaged (empty, "
-                         f"truncated, holding NaN or inf, or not written by elit-sample: {shown}); they are sampled "
-                         "again")
+                         f"truncated, holding NaN or inf{size}, or not written by elit-sample: {shown}); they are "
+                         "sampled again")
                 for i in bad:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.folder, sample_name(i, self.ext)))
                 done -= set(bad)
+            self.note_smaller_run()
             todo = [k for k, b in enumerate(self.batches) if not all(i in done for i in b if i < self.n)]
             msg[:2] = [todo, sum(1 for k in todo for i in self.batches[k] if i < self.n and i not in done)]
             if not os.path.isfile(self.cfg_path) or not holds_run_output(self.a["out"]):
                 def write(tmp):
                     with open(tmp, "w") as f:
-                        json.dump({"format": O.FORMAT, "settings": self.settings, "soft": self.soft}, f, indent=1)
+                        json.dump({"format": O.FORMAT, "settings": self.settings, "soft": self.soft,
+                                   "inputs": self.inputs}, f, indent=1)
                 atomic_write(self.cfg_path, write)
                 self.wrote_config = True
         if self.dd.on:
@@ -389,6 +448,22 @@ class _Run:
 
             self.runner = GraphedForward(self.model, max_graphs=max(8, 4 * len(set(self.budgets))))
         self.graphs = use_graphs
+
+    def note_smaller_run(self) -> None:
+        """A note when the finished run's .npz in ``out`` holds more samples than this run writes: it is replaced by
+        the smaller one (the per-sample files of the larger run stay)."""
+        path = os.path.join(self.a["out"], "latents.npz" if self.vae is None else "samples.npz")
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+                fmt = np.lib.format
+                read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[fmt.read_magic(f)]
+                old = read(f)[0][0]
+        except Exception:  # noqa: BLE001 - no .npz, or not one of ours: nothing to say
+            return
+        if old > self.n:
+            self.say(f"elit-sample: note: {path} holds {old} samples; this run replaces it with one of the first "
+                     f"--num-samples {self.n} (the per-sample files of all {old} stay in {self.folder}: rerun with "
+                     f"--num-samples {old} to get the larger .npz back)")
 
     def _inputs(self, idx):
         """Noise, labels and budgets of the batch ``idx`` (its padding past N too: by the same rules)."""
@@ -496,6 +571,15 @@ class _Run:
             if bar is not None:
                 bar.close()
         if failure is not None:
+            if nonfinite and not holds_run_output(self.a["out"]):  # nothing finite came out: nothing to resume
+                self.discard_if_nothing_written()
+                if self.main and self.wrote_config and _cli.created_here(self.a["out"]):
+                    with contextlib.suppress(OSError):
+                        if self.lock is not None:
+                            self.lock.close()
+                            self.lock = None
+                        os.rmdir(self.a["out"])  # only when empty: the folder this run created
+                raise SamplingError(f"{failure}. No sample was written; rerun with the change above")
             if nonfinite:  # the same command would compute the same NaN again
                 raise SamplingError(f"{failure}. The finite samples are kept in {self.folder}; rerun with the change "
                                     "above to go on from them")
@@ -517,6 +601,16 @@ class _Run:
 
     # --- rank 0: the .npz (streamed from the files) and the grid
     def write_npz_and_grid(self):
+        try:
+            return self._write_npz_and_grid()
+        except OSError as e:  # a full disk, a quota, a folder gone: the samples are whole on disk, only this is missing
+            path = f": {e.filename}" if getattr(e, "filename", None) else ""
+            raise SamplingError(f"cannot write the run's .npz / grid.png in {self.a['out']} ({e.strerror or e}{path}): "
+                                f"nothing was replaced. Every sample is kept in {self.folder}: free disk "
+                                "space (the .npz needs about as much as the sample files) and rerun the same command "
+                                "to write it") from None
+
+    def _write_npz_and_grid(self):
         n, folder = self.n, self.folder
         extra = {"labels": np.asarray(self.labels, dtype=np.int64),
                  "budgets": np.asarray(self.budgets, dtype=np.int64)}
@@ -528,15 +622,20 @@ class _Run:
 
         first: list = []
 
+        h, w = self.expected_hw
+
         def images():
             for i in range(n):
-                with Image.open(os.path.join(folder, sample_name(i))) as im:
+                p = os.path.join(folder, sample_name(i))
+                with Image.open(p) as im:
                     arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                if arr.shape != (h, w, 3):  # changed after the resume check read it
+                    raise SamplingError(f"{p} is a {arr.shape[1]}x{arr.shape[0]} image, expected {w}x{h} (this VAE's): "
+                                        "not a sample of this run, so no .npz was written; delete it and rerun the "
+                                        "same command to sample it again")
                 if i < self.a["grid"]:
                     first.append(arr)
                 yield arr
-        with Image.open(os.path.join(folder, sample_name(0))) as im0:
-            w, h = im0.size
         path = os.path.join(self.a["out"], "samples.npz")
         write_npz(path, images(), n, (h, w, 3), np.uint8, extra)
         grid_path = None

@@ -31,7 +31,7 @@ import torch
 
 from . import _outputs
 from ._autograd import alert_not_deterministic, first_order_only, register_varlen_autograd, saveable_index
-from ._transforms import active_transform
+from ._transforms import _fwd, active_transform, peek
 from .elementwise import ElementwiseImpl, check_eps, register_elementwise
 
 _C = None
@@ -206,6 +206,8 @@ def layernorm_modulate(x, shift, scale, index, eps: float = 1e-6):
 def _refuse_transform(op: str, *tensors) -> None:
     """NotImplementedError naming the op and what to use instead under an autograd transform its custom op cannot
     follow (``_transforms.active_transform``: it would give a zero tangent silently, or fail naming nothing)."""
+    if peek() is None and _fwd._current_level < 0:  # none_active(), inlined: the fused ops are chosen for speed
+        return
     t = active_transform(*tensors)
     if t is not None:
         raise NotImplementedError(f"elementwise='fused' ({op}): cannot be differentiated under {t} (a C++/CUDA op "

@@ -120,12 +120,18 @@ def get_elementwise(name: str) -> ElementwiseImpl:
         return impl
     lm, gr = impl.layernorm_modulate, impl.gated_residual
 
+    # The shapes the run-taking implementations check (an index would broadcast a [1, C] parameter, or run a stale
+    # [B + 1, C] one); the plain comparisons first, so that a good call pays no function call for them.
     def layernorm_modulate_runs(x, sh, sc, runs, eps):
-        check_run_shapes(x, (sh, sc), runs)  # as the run-taking implementations check (an index would broadcast)
+        b = runs.batch
+        if x.shape[0] != runs.total or sh.shape[0] != b or sc.shape[0] != b or sh.dim() != 2 or sc.dim() != 2:
+            check_run_shapes(x, (sh, sc), runs)
         return lm(x, sh, sc, runs.index, eps)
 
     def gated_residual_runs(x, y, g, runs):
-        check_run_shapes(x, (g,), runs, (y,))
+        n = runs.total
+        if x.shape[0] != n or y.shape[0] != n or g.shape[0] != runs.batch or g.dim() != 2:
+            check_run_shapes(x, (g,), runs, (y,))
         return gr(x, y, g, runs.index)
 
     return ElementwiseImpl(layernorm_modulate_runs, gated_residual_runs, takes_runs=True)

@@ -236,3 +236,57 @@ def test_cu_seqlens_made_under_inference_mode_train(backend):
     tol = 1e-9 if dt == torch.float64 else 1e-5
     for g, t in zip(got, want):
         torch.testing.assert_close(g, t, rtol=tol, atol=tol)
+
+
+def test_a_transform_traced_by_compile_gives_the_true_derivative():
+    """A jvp (or forward-AD level) inside a torch.compile region: dynamo traces the transform, and the check of
+    a plain call cannot read which one it is; the torch backend's compiled path is the grouped custom op, which got
+    a zero tangent (a review). Default dispatch and 'torch' must give the true JVP, fullgraph too."""
+    q, k, v, lq, lk, _ = _inputs("uniform", seed=4, extra_rows=0)
+    seg = SegmentRuns.from_lengths(lq, lk)
+    cq, ck = _cu(lq), _cu(lk)
+    tq = torch.randn_like(q)
+    want = tf.jvp(lambda a: _truth(a, k, v, lq, lk), (q,), (tq,))[1]
+    for backend in (None, "torch"):
+        def f(a):
+            return varlen_attention(a, k, v, cq, ck, 3, 4, backend=backend, segments=seg)
+
+        got = torch.compile(lambda a: tf.jvp(f, (a,), (tq,))[1], backend="aot_eager", fullgraph=True)(q)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_nested_func_grad_runs_a_kernel_with_a_second_derivative():
+    """grad of grad: PyTorch's fused SDPA kernels have no second derivative (their backward's derivative is not
+    implemented); with two torch.func.grad levels on the stack the torch backend pins SDPA's math kernel."""
+    q, k, v, lq, lk, _ = _inputs("uniform", seed=5)
+    w = torch.randn(q.shape, dtype=torch.float64)
+
+    def hvp_like(fn):
+        g = tf.grad(lambda a: (fn(a, k, v) * w).sum())
+        return tf.grad(lambda a: (g(a) * w).sum())(q)
+
+    want = hvp_like(lambda a, b, c: _truth(a, b, c, lq, lk))
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(hvp_like(_call(None, lq, lk, {})), want, rtol=1e-9, atol=1e-9)
+
+
+def test_the_decision_key_and_a_plan_signature_hold_the_transform():
+    """A decision cached for a plain call must not answer the same call under a transform (on a GPU the plain
+    call's choice is a kernel whose op the transform cannot follow), nor the other way round."""
+    from elit_kernels.attention import dispatch as D
+    from elit_kernels.attention import validate_inputs
+
+    q, k, v, lq, lk, _ = _inputs("uniform", seed=6)
+    cq, ck = _cu(lq), _cu(lk)
+    keys = {}
+
+    def key(name):
+        def f(a):
+            keys[name] = D._decision_key(validate_inputs(a, k, v, cq, ck, 3, 4))
+            return a
+        return f
+
+    key("plain")(q)
+    tf.jvp(key("jvp"), (q,), (q,))
+    tf.grad(lambda a: key("grad")(a).sum())(q)
+    assert len(set(keys.values())) == 3, keys

@@ -29,7 +29,7 @@ from .dispatch import select_backend
 from .inputs import (AttnInputs, _as_int, _capturing, _check_cu, _check_cu_pair, _check_segments, _flag, _scale,
                      _softcap, _verify_segments_once, _window, tensor_version, validate_inputs, value_checks_enabled)
 from .._amp import autocast_device, autocast_off
-from .._transforms import active_transform
+from .._transforms import _fwd, active_transform, peek
 from .registry import kept_runner, run_backend
 
 _MAX_SIGNATURES = 64  # input signatures one plan remembers (a model uses one or two per plan)
@@ -128,7 +128,7 @@ class AttentionPlan:
         try:
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                    (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled(), backend, env,
-                   active_transform(q, k, v)) \
+                   None if peek() is None and _fwd._current_level < 0 else active_transform(q, k, v)) \
                 if backend is None or type(backend) is str else None  # a backend that is not a name: checks say so
         except AttributeError:  # not tensors: the full checks name the argument
             key = None

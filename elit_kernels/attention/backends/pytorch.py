@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from ..._transforms import FORWARD_MODE
+from ..._transforms import FUNC_GRAD
 from ..inputs import FEW_RUNS, is_zero_scale
 from ..registry import Backend, register_backend
 from . import torch_ops  # noqa: F401  (registers elit::varlen_attn_{fwd,bwd}_torch)
@@ -42,7 +42,8 @@ class TorchBackend(Backend):
     #: index_add_ accumulate with atomics; on the CPU neither does
     deterministic_devices = ("cpu",)
     #: under forward-mode AD or torch.func.grad (``inp.transform``) it runs SDPA over runs of equal segments (its
-    #: math kernel under forward-mode AD, which PyTorch's fused SDPA kernels do not implement), else the reference
+    #: math kernel but under one torch.func.grad: the fused kernels have no forward or second derivative), else the
+    #: reference
     supports_transforms = True
     description = ("PyTorch: one dense SDPA (cuDNN / FlashAttention / efficient, as PyTorch picks) per run of equal "
                    "segments on strided views of the packed tensors, else matmul/softmax over segments grouped by "
@@ -80,11 +81,13 @@ class TorchBackend(Backend):
     def _differentiable(inp):
         """A call under an autograd transform (``inp.transform``) in PyTorch's own differentiable ops, never the
         grouped custom op: SDPA over runs of equal segments where they apply (pinned to SDPA's math kernel under
-        forward-mode AD: PyTorch's fused kernels have no forward derivative), else the reference."""
-        if not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs and inp.q.device.type != "meta":
+        every transform but one level of torch.func.grad: PyTorch's fused kernels have neither a forward nor a second
+        derivative), else the reference."""
+        if (not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs
+                and (inp.segments is not None or not (torch.compiler.is_compiling() or inp.q.device.type == "meta"))):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            with sdpa_kernel(SDPBackend.MATH) if inp.transform == FORWARD_MODE else contextlib.nullcontext():
+            with contextlib.nullcontext() if inp.transform == FUNC_GRAD else sdpa_kernel(SDPBackend.MATH):
                 out = torch_ops.sdpa_over_runs(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k,
                                                inp.softmax_scale, inp.causal, inp.window_left, inp.window_right,
                                                segments=inp.segments)

@@ -74,6 +74,21 @@ def env_backend() -> str | None:
     return read()
 
 
+def local_rank_error() -> str | None:
+    """Why ``LOCAL_RANK`` (torchrun's index of the process on its node) is not an int >= 0, as "LOCAL_RANK: ..."
+    (None when it is one, or unset or empty: one process, 0). Read by every CLI before it uses the value."""
+    raw = os.environ.get("LOCAL_RANK", "").strip()
+    if not raw or (raw.isascii() and raw.isdigit()):
+        return None
+    return (f"LOCAL_RANK: expected an int >= 0 (the process's index on its node, which torchrun sets), got {raw!r}; "
+            "unset it to run one process")
+
+
+def local_rank() -> int:
+    """``LOCAL_RANK`` as an int (0 when unset or empty); check ``local_rank_error()`` first."""
+    return int(os.environ.get("LOCAL_RANK", "").strip() or 0)
+
+
 def env_backend_error(probe, what: str) -> str | None:
     """The usage-error message for ``$ELIT_BACKEND`` (None when it is unset, or names a backend that can run
     ``probe``): what ``backend_error`` says of a flag, naming the variable, so that a typo stops a command at start-up

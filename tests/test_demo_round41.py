@@ -224,6 +224,15 @@ def test_rank_without_master_addr_is_a_usage_error(env, tmp_path, capsys, monkey
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "1.0"])
+def test_a_malformed_local_rank_is_a_usage_error(value, tmp_path, capsys, monkeypatch):
+    """LOCAL_RANK is read as elit-sample reads it (_cli.local_rank_error): a traceback from int() before."""
+    monkeypatch.setenv("LOCAL_RANK", value)
+    monkeypatch.setattr(demo, "train", lambda *a, **k: pytest.fail("ran"))
+    err = _usage_error(["--steps", "0", "--out", str(tmp_path / "o")] + FAST, capsys)
+    assert "elit-demo: error: LOCAL_RANK: expected an int >= 0" in err and repr(value) in err, err
+
+
 # F10 ----------------------------------------------------------------------------------------------------------
 
 def test_count_flops_models_argument_and_registry():

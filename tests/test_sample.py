@@ -875,6 +875,42 @@ def test_a_foreign_png_of_another_size_is_sampled_again(files, tmp_path, monkeyp
         run(files, out, **kw)
 
 
+def test_the_image_size_of_a_vae_that_is_not_diffusers_own_is_decoded_not_read_from_its_config():
+    """A module passed in with an AutoencoderKL-like config that decodes to another size (a wrapper) was given the
+    config's size: every resume then took every PNG for damaged, resampled all of them and failed at the .npz."""
+    import types
+
+    class Wrapper(torch.nn.Module):
+        config = types.SimpleNamespace(block_out_channels=[8, 8, 8, 8], latent_channels=4)  # says 8x
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def decode(self, z):
+            return types.SimpleNamespace(sample=torch.nn.functional.interpolate(z[:, :3], scale_factor=4) * self.w)
+
+    cfg = types.SimpleNamespace(in_channels=4, input_size=8)
+    assert R._image_size(Wrapper(), cfg, torch.device("cpu")) == (32, 32)
+
+
+def test_a_sample_png_damaged_inside_is_named_not_taken_for_a_full_disk(files, tmp_path):
+    """A PNG whose signature, IHDR and IEND are whole but whose data is not passes the resume check; reading it
+    raised OSError, which the .npz step's full-disk message took for a write error (no file named, "free disk
+    space", and the same on every rerun)."""
+    need_vae()
+    out = tmp_path / "o"
+    kw = dict(num_samples=2, batch_size=1)
+    run(files, out, **kw)
+    p = out / "samples" / "000001.png"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 8] = bytes(8)
+    p.write_bytes(bytes(data))
+    (out / "samples.npz").unlink()
+    with pytest.raises(S.SamplingError, match=r"000001\.png cannot be read .*delete it and rerun the same command"):
+        run(files, out, **kw)
+
+
 def test_guidance_that_guides_no_step_warns_naming_the_interval_and_the_step_times(files, tmp_path):
     with pytest.warns(UserWarning, match=r"^guidance_interval: \(0\.1, 0\.2\) holds none of the 2 steps' times "
                                          r"\(1, 0\.5\): guidance cfg is never applied"):

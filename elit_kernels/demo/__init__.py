@@ -185,7 +185,12 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
 
 def _dist_env_error() -> str | None:
     """Why the environment is not a torchrun launch that ``init_distributed`` can join (None when it is one, or
-    names none of RANK / WORLD_SIZE: one process): RANK or WORLD_SIZE set without the rest of ``DIST_VARS``."""
+    names none of RANK / WORLD_SIZE: one process): RANK or WORLD_SIZE set without the rest of ``DIST_VARS``, or a
+    LOCAL_RANK that is not an int >= 0."""
+    from .._cli import local_rank_error
+
+    if why := local_rank_error():
+        return why
     set_ = [k for k in ("RANK", "WORLD_SIZE") if k in os.environ]
     missing = [k for k in DIST_VARS if not os.environ.get(k)]
     if not set_ or not missing:

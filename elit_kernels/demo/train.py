@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from .._cli import local_rank
 from ..flow import logit_normal, rectified_flow_loss, sample_budgets
 from ..models import ElitConfig, ElitDiT, elit_config, load_model, save_model
 from .data import IMAGE_SIZE, NUM_CLASSES, DigitsSplit
@@ -66,7 +67,7 @@ def init_distributed() -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank(), True)
 
 
 def shutdown_distributed(info: DistInfo) -> None:

@@ -87,11 +87,9 @@ def _init_dist(dev: torch.device) -> _Dist:
 
 def _local_rank() -> int:
     """torchrun's LOCAL_RANK (0 when unset or empty); UsageError naming LOCAL_RANK when it is not an int >= 0."""
-    raw = os.environ.get("LOCAL_RANK", "").strip() or "0"
-    if not raw.isdigit() or not raw.isascii():
-        raise UsageError("LOCAL_RANK", f"expected an int >= 0 (the process's index on its node, which torchrun "
-                                       f"sets), got {raw!r}; unset it to run one process")
-    return int(raw)
+    if why := _cli.local_rank_error():
+        raise UsageError("LOCAL_RANK", why.split(": ", 1)[1])
+    return _cli.local_rank()
 
 
 #: the largest run: file names are zero-padded global indices and the .npz holds every image
@@ -223,11 +221,13 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
 
 
 def _image_size(vae, cfg, dev) -> tuple[int, int]:
-    """(H, W) of the images ``vae`` decodes from this model's latents: from a diffusers AutoencoderKL's config
-    (downsampling 2^(len(block_out_channels) - 1), as diffusers' pipelines read it), else by decoding one zero
-    latent."""
+    """(H, W) of the images ``vae`` decodes from this model's latents: for diffusers' own AutoencoderKL from its
+    config (it up-samples on every block but the last: 2^(len(block_out_channels) - 1), as diffusers' pipelines
+    read it), for any other module (a wrapper passed from Python may decode to another size whatever its config
+    says) by decoding one zero latent. A wrong size would make every resume take every PNG for damaged."""
     blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
-    if isinstance(blocks, (list, tuple)) and blocks:
+    if type(vae).__name__ == "AutoencoderKL" and type(vae).__module__.startswith("diffusers.") \
+            and isinstance(blocks, (list, tuple)) and blocks:
         side = cfg.input_size * 2 ** (len(blocks) - 1)
         return side, side
     with torch.no_grad():
@@ -627,8 +627,12 @@ class _Run:
         def images():
             for i in range(n):
                 p = os.path.join(folder, sample_name(i))
-                with Image.open(p) as im:
-                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                try:
+                    with Image.open(p) as im:
+                        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                except OSError as e:  # damaged inside (its signature, IHDR and IEND whole): not a full disk
+                    raise SamplingError(f"{p} cannot be read ({e}): not a whole sample, so no .npz was written; "
+                                        "delete it and rerun the same command to sample it again") from None
                 if arr.shape != (h, w, 3):  # changed after the resume check read it
                     raise SamplingError(f"{p} is a {arr.shape[1]}x{arr.shape[0]} image, expected {w}x{h} (this VAE's): "
                                         "not a sample of this run, so no .npz was written; delete it and rerun the "

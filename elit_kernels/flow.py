@@ -443,7 +443,8 @@ def _nonfinite_message(bad: list[int], b: int, in_state: bool, guided_scale: flo
 def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32, budget=None,
                  budget_schedule: Sequence | Callable[[int], object] | None = None, mode: str = "none",
                  scale: float = 0.0, weak_budget=None, guidance_interval=(0.0, 1.0), heun: bool = False,
-                 progress: bool = False, graphed: bool = False) -> torch.Tensor:
+                 progress: bool = False, graphed: bool = False, callback: Callable[[int], object] | None = None
+                 ) -> torch.Tensor:
     """Integrate the flow ODE from t = 1 (``noise``) to t = 0 in ``steps`` steps, as the official
     ``samplers.euler_sampler`` does (docs/released_checkpoints.md §5).
 
@@ -476,14 +477,17 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
             where capture fails, it warns once and runs eagerly. A ``GraphedForward`` passed as ``model`` is used as
             it is (its graphs then outlive the call); any other model must be an ``ElitDiT`` (a layout to capture:
             TypeError naming ``model`` otherwise).
+        callback: None, or a callable called after each step with the step's index (0 .. steps - 1), on the host
+            (its result is ignored; it reads nothing from the device, so on a GPU it runs as the step is queued):
+            progress reporting for a caller that draws its own bar (``elit-sample`` does).
 
     Raises TypeError / ValueError naming ``model``, ``noise``, ``y``, ``steps``, ``budget``, ``budget_schedule``,
-    ``mode``, ``scale``, ``weak_budget``, ``guidance_interval``, ``heun``, ``progress`` or ``graphed``; the checks
-    run once per call (a callable schedule's result once per step), on Python values and tensor metadata only (a
-    ``[steps]`` tensor ``budget_schedule`` and a tensor ``guidance_interval`` are read on the host once, before the
-    first step). Warns ``NonFiniteSampleWarning`` naming the samples when the result holds NaN or inf (a guidance
-    scale too large for the dtype, a model that overflows): one read of the result on the host, after the last
-    step.
+    ``mode``, ``scale``, ``weak_budget``, ``guidance_interval``, ``heun``, ``progress``, ``graphed`` or ``callback``;
+    the checks run once per call (a callable schedule's result once per step), on Python values and tensor metadata
+    only (a ``[steps]`` tensor ``budget_schedule`` and a tensor ``guidance_interval`` are read on the host once,
+    before the first step). Warns ``NonFiniteSampleWarning`` naming the samples when the result holds NaN or inf (a
+    guidance scale too large for the dtype, a model that overflows): one read of the result on the host, after the
+    last step.
     """
     if not is_int(steps) or not 1 <= steps <= MAX_STEPS:  # named before the times [steps + 1] are allocated
         raise ValueError(f"steps: expected a positive int <= {MAX_STEPS:,} (flow.MAX_STEPS), got {steps!r}")
@@ -496,6 +500,9 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
                          "scale > 0")
     heun, progress, graphed = (_check_bool(name, flag) for name, flag in
                                (("heun", heun), ("progress", progress), ("graphed", graphed)))
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected None or a callable step -> None, got {type(callback).__name__} "
+                        f"({callback!r})")
     _check_model("model", model, guided=mode != "none" and scale > 0)
     _check_tensor("noise", noise, floating=True, what=" [B, C, H, W] (the result takes its dtype)")
     if noise.dim() < 1:
@@ -568,6 +575,8 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 32
                 d2 = velocity(x_next, t_next, guided, bud)
                 x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d2)
             x = x_next
+            if callback is not None:
+                callback(i)
     out = x.to(noise.dtype)
     bad = nonfinite_samples(out)
     if bad:

@@ -5,6 +5,7 @@ A tiny random ElitDiT (8x8 latents, 4 groups of P = 4) and a tiny random diffuse
 """
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -990,3 +991,45 @@ def test_nan_weights_name_no_argument_elit_sample_lacks(files, tmp_path):
 def test_a_vae_config_file_is_named_a_file_not_a_missing_folder(files, tmp_path):
     with pytest.raises(S.UsageError, match=r"^vae: .*config\.json is a file; expected the folder that holds it \("):
         run(files, tmp_path / "o", num_samples=1, vae=os.path.join(files["vae"], "config.json"))
+
+
+def test_the_bar_moves_at_every_step_and_the_start_up_line_estimates_the_run(files, tmp_path, monkeypatch):
+    """A bar that moved once per batch stood at 0 through a whole batch of a long run (--steps 3000: minutes); it
+    moves by a fraction of the batch at each step and lands on whole images at each batch's end. The start-up line
+    gives the measured forward time and an estimate of the run."""
+    import tqdm.auto
+
+    seen = []
+
+    class Recording(tqdm.auto.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            seen.append(self.n)
+
+        def refresh(self, *a, **k):
+            seen.append(("refresh", self.n))
+            return super().refresh(*a, **k)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    notes = []
+    run(files, tmp_path / "o", num_samples=3, batch_size=2, steps=4, latents_only=True, progress=True,
+        log=notes.append)
+    steps = [n for n in seen if not isinstance(n, tuple)]
+    assert steps == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.25, 2.5, 2.75, 3.0]), seen  # 2 images, then 1
+    assert ("refresh", 2) in seen and ("refresh", 3) in seen
+    line = next(n for n in notes if "forward per step" in n)
+    assert re.search(r"about \d+ s for this rank's 2 batches of 4 evaluations each", line), line
+
+
+def test_euler_sample_calls_its_callback_after_each_step_and_checks_it(files):
+    from elit_kernels import flow
+
+    m = load_model(files["ckpt"], backend="torch")
+    c, n = m.cfg.in_channels, m.cfg.input_size
+    x, y = torch.randn(2, c, n, n), torch.tensor([0, 1])
+    calls = []
+    want = flow.euler_sample(m, x, y, steps=3, heun=True)
+    got = flow.euler_sample(m, x, y, steps=3, heun=True, callback=calls.append)
+    assert calls == [0, 1, 2] and torch.equal(got, want)  # called once per step; the result is unchanged
+    with pytest.raises(TypeError, match=r"^callback: expected None or a callable step -> None, got str"):
+        flow.euler_sample(m, x, y, steps=3, callback="print")

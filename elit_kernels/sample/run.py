@@ -220,6 +220,15 @@ def generate(checkpoint, out: str, *, num_samples: int = 50_000, classes=None, s
             dist.destroy_process_group()
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` as people read a run's length: "40 s", "12 min", "3.5 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _image_size(vae, cfg, dev) -> tuple[int, int]:
     """(H, W) of the images ``vae`` decodes from this model's latents: for diffusers' own AutoencoderKL from its
     config (it up-samples on every block but the last: 2^(len(block_out_channels) - 1), as diffusers' pipelines
@@ -502,9 +511,13 @@ class _Run:
         t0 = time.perf_counter()
         step()
         dt = time.perf_counter() - t0
+        steps = a["steps"]
+        evals = steps + (steps - 1 if a["sampler"] == "heun" else 0)  # model evaluations per batch
         self.say(f"elit-sample: forward per step {dt * 1e3:.2f} ms (first batch: {len(bud)} "
                  f"sample{'s' if len(bud) > 1 else ''} at J={bud[0]}{', guided ' + m0 if m0 != 'none' else ''}"
-                 f"{', CUDA graphs' if self.graphs else ''})")
+                 f"{', CUDA graphs' if self.graphs else ''}); about {_duration(dt * evals * len(self.mine))} for "
+                 f"this rank's {len(self.mine)} batch{'es' if len(self.mine) > 1 else ''} of {evals} "
+                 f"evaluation{'s' if evals > 1 else ''} each")
         try:
             self.say("elit-sample: " + O.flops_report(self.model, self.budgets, self.weak_j, m0,
                                                       a["sampler"] == "heun", self.guided_steps, self.dev, self.dtype))
@@ -523,7 +536,9 @@ class _Run:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(1 for b in self.mine for i in b if i < self.n), unit="img", dynamic_ncols=True,
-                       desc="sampling" + (f" (rank 0 of {dd.world})" if dd.on else ""))
+                       desc="sampling" + (f" (rank 0 of {dd.world})" if dd.on else ""),
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]")
+        done_before = 0  # images of the finished batches (the bar moves by fractions of a batch per step)
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)  # PNG encoding releases the GIL
         save = save_npy if self.vae is None else save_png
         failure, nonfinite = None, False
@@ -535,9 +550,12 @@ class _Run:
                         noise, y, bud = self._inputs(idx)
                         with torch.no_grad(), warnings.catch_warnings():
                             warnings.simplefilter("ignore", flow.NonFiniteSampleWarning)  # refused below, by index
+                            n_real = sum(1 for i in idx if i < self.n)
                             z = euler_sample(self.runner, noise, y, steps=a["steps"], budget=bud, mode=self.mode,
                                              scale=self.scale, weak_budget=self.weak_j,
-                                             guidance_interval=a["guidance_interval"], heun=a["sampler"] == "heun")
+                                             guidance_interval=a["guidance_interval"], heun=a["sampler"] == "heun",
+                                             callback=None if bar is None else
+                                             lambda i: bar.update(n_real / a["steps"]))  # per step: a long batch moves
                             z = z.float()
                             # padding past N is never written: its NaN is none of this run's business
                             bad = {k for k in flow.nonfinite_samples(z) if idx[k] < self.n}
@@ -551,8 +569,10 @@ class _Run:
                             nonfinite = True
                             raise SamplingError(self.nonfinite_message([idx[k] for k in sorted(bad)],
                                                                        [bud[k] for k in sorted(bad)]))
-                        if bar is not None:
-                            bar.update(sum(1 for i in idx if i < self.n))
+                        if bar is not None:  # whole images again (the steps' fractions do not add up exactly)
+                            done_before += n_real
+                            bar.n = done_before
+                            bar.refresh()
                     except Exception as e:  # noqa: BLE001 - reported to every rank below
                         real = [i for i in idx if i < self.n]
                         failure = (f"rank {dd.rank} of {dd.world} failed on samples {real[0]}..{real[-1]}: "

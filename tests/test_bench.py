@@ -203,8 +203,39 @@ def test_flop_count_matches_analytic_attention_and_leaves_no_stub(preset):
     fp = count_flops(lambda: p(x, t, y), [p])
     assert fp["attention"] == plain_attention_flops(cfg, 3) and fp["attention_calls"] == cfg.depth
     assert type(elit_attention_flops(cfg, [1, 4, 2])) is int and type(plain_attention_flops(cfg, 3)) is int
-    from elit_kernels.bench.flops import active_counter
-    assert active_counter() is None  # nothing counting outside count_flops
+    from elit_kernels.bench.flops import active_counters
+    assert active_counters() == []  # nothing counting outside count_flops
+
+
+def test_a_flop_count_that_cannot_see_the_attention_says_so():
+    """count_flops with a wrapper as models (it set .backend on the wrapper, which no attention reads) or with no
+    models returned attention 0 and a total without it, silently (a fuzz). Nested counts each count their calls'
+    attention (the outer one had 0)."""
+    import warnings
+
+    cfg = preset_config("paper", "tiny", 64)
+    m = ElitDiT(cfg, backend="torch").eval()
+    x, t, y = _inputs(cfg, 2)
+    want = elit_attention_flops(cfg, [1, 3])
+    with pytest.raises(ValueError, match=r"^models: Sequential has no backend attribute; pass the ElitDiT"):
+        count_flops(lambda: m(x, t, y, [1, 3]), torch.nn.Sequential(m))
+    with pytest.warns(UserWarning, match=r"^count_flops: no attention call was counted"):
+        assert count_flops(lambda: m(x, t, y, [1, 3]), [])["attention"] == 0
+    with pytest.raises(TypeError, match=r"^fn: expected a callable"):
+        count_flops(None, m)
+    inner = {}
+
+    def nested():
+        inner.update(count_flops(lambda: m(x, t, y, [1, 3]), [m]))
+
+    outer = count_flops(nested, [m])
+    assert inner["attention"] == outer["attention"] == want and outer["other"] == inner["other"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a count that sees its attention does not warn
+        count_flops(lambda: m(x, t, y, [1, 3]), [m])
+    assert elit_attention_flops(m, [1, 3]) == want  # a model for its config, as latents_for_budget takes it
+    with pytest.raises(TypeError, match=r"^cfg: expected an ElitConfig or an ElitDiT, got NoneType"):
+        elit_attention_flops(None, [1, 3])
 
 
 def test_mixed_budgets_spread():

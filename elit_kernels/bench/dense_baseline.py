@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .._types import is_int
 from ..layout import group_major_permutation, inverse_permutation
 from ..models import ElitDiT
-from .flops import active_counter
+from .flops import active_counters
 
 
 def _modulate(x, shift, scale, eps=1e-6):
@@ -74,9 +74,10 @@ class OfficialStyleElit(nn.Module):
         """x ``[Bq, Lq, C]``, ctx ``[Bq, Lk, C]`` -> ``[Bq, Lq, C]`` through one dense SDPA call."""
         bq, lq, _ = x.shape
         q, k, v = attn.project(x, ctx)  # [Bq, L, H, D], normed as the module is configured
-        counter = active_counter()
-        if counter is not None:  # FLOP counting: attention is counted analytically (see flops.py)
-            counter.add_dense(bq, lq, ctx.shape[1], attn.heads, attn.head_dim)
+        counters = active_counters()
+        if counters:  # FLOP counting: attention is counted analytically (see flops.py)
+            for counter in counters:
+                counter.add_dense(bq, lq, ctx.shape[1], attn.heads, attn.head_dim)
             o = torch.zeros_like(q)
         else:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -10,6 +10,7 @@ the model hands it, i.e. from the ElitLayout. The official-style baseline asks t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,10 @@ class AttentionFlops:
 _ACTIVE: list[AttentionFlops] = []
 
 
-def active_counter() -> AttentionFlops | None:
-    """The counter of the innermost ``count_flops`` in progress, or None when not counting."""
-    return _ACTIVE[-1] if _ACTIVE else None
+def active_counters() -> list[AttentionFlops]:
+    """The counters of the ``count_flops`` calls in progress, outermost first ([] when not counting): an attention
+    call adds to each, as nested ``FlopCounterMode`` blocks each count a matmul."""
+    return list(_ACTIVE)
 
 
 class _FlopStubBackend(Backend):
@@ -54,12 +56,12 @@ class _FlopStubBackend(Backend):
     description = "benchmark FLOP counter: returns zeros, adds 4·Σ(Lq·Lk)·H·D (not a real backend)"
 
     def forward(self, inp):
-        counter = active_counter()
-        if counter is not None:
+        if _ACTIVE:  # active_counters()
             cq, ck = inp.cu_seqlens_q.tolist(), inp.cu_seqlens_k.tolist()
             lq = [b - a for a, b in zip(cq[:-1], cq[1:])]
             lk = [b - a for a, b in zip(ck[:-1], ck[1:])]
-            counter.add_segments(lq, lk, inp.q.shape[1], inp.q.shape[2])
+            for counter in _ACTIVE:  # nested counts: each counts its calls' attention, as FlopCounterMode its matmuls
+                counter.add_segments(lq, lk, inp.q.shape[1], inp.q.shape[2])
         return torch.zeros_like(inp.q)
 
 
@@ -73,6 +75,13 @@ def _check_models(models) -> list[torch.nn.Module]:
     bad = [type(m).__name__ for m in models if not isinstance(m, torch.nn.Module)]
     if bad:
         raise TypeError(f"models: expected torch.nn.Module items, got {bad[0]}")
+    # A module whose attention does not read its own ``backend`` (a wrapper) left the attention on its real backend,
+    # which the FLOP counter does not see: the count came out without it, silently. (An empty list is legal: the
+    # dense baseline counts its attention itself; count_flops warns when no attention was counted at all.)
+    lacking = [type(m).__name__ for m in models if not hasattr(m, "backend")]
+    if lacking:
+        raise ValueError(f"models: {lacking[0]} has no backend attribute; pass the ElitDiT / PlainDiT modules "
+                         "themselves (their attention reads model.backend), not a module that holds them")
     return list(models)
 
 
@@ -104,8 +113,13 @@ def count_flops(fn, models) -> dict:
     """Run ``fn()`` once and return {"total", "attention", "other", "attention_calls"} FLOPs (forward).
 
     ``models``: the module, or a list / tuple of the modules, whose ``backend`` attribute must be pointed at the
-    stub while counting (TypeError naming ``models`` otherwise, before anything is registered).
+    stub while counting (TypeError / ValueError naming ``models`` otherwise, before anything is registered: a module
+    without a ``backend`` attribute, such as a wrapper, would leave the attention uncounted); [] for a model that
+    counts its own attention (the dense baseline). A UserWarning when no attention call was counted. ``fn``: a
+    callable (TypeError naming ``fn``). Nested counts each count the attention of their calls.
     """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable that runs the forward once, got {type(fn).__name__}")
     models = _check_models(models)
     counter = AttentionFlops()
     _ACTIVE.append(counter)
@@ -115,6 +129,10 @@ def count_flops(fn, models) -> dict:
     finally:
         _ACTIVE.pop()
     other = int(fc.get_total_flops())
+    if counter.calls == 0:
+        warnings.warn("count_flops: no attention call was counted (attention FLOPs 0): pass as models the ElitDiT / "
+                      "PlainDiT modules fn runs, whose attention then runs on the counting stub; a model left on its "
+                      "own backend runs attention this count does not see", UserWarning, stacklevel=2)
     return {"total": other + counter.total, "attention": counter.total, "other": other,
             "attention_calls": counter.calls}
 
@@ -137,6 +155,9 @@ def elit_attention_flops(cfg, budgets, *, batch: int | None = None) -> int:
             batch = len(budgets)
         except TypeError:
             batch = 0  # not a sequence: normalize_budgets names what it is
+    cfg = getattr(cfg, "cfg", cfg)  # a model: its config (as latents_for_budget takes it)
+    if not hasattr(cfg, "latents_per_group"):
+        raise TypeError(f"cfg: expected an ElitConfig or an ElitDiT, got {type(cfg).__name__}")
     budgets = normalize_budgets(budgets, batch, cfg.latents_per_group)
     h, d = cfg.heads, cfg.hidden // cfg.heads
     n, g, p = cfg.grid * cfg.grid, cfg.groups, cfg.tokens_per_group

@@ -213,6 +213,8 @@ def output_file_error(path: str) -> str | None:
     """Whether a file can be written at ``path``: not a folder, its folder exists and takes a new file, and an
     existing file there is writable; why not (for a usage error naming the flag), or None. Writes nothing but
     a probe file, removed at once."""
+    if not str(path).strip():  # realpath("") is the current folder: the empty name passed every check below
+        return f"{str(path)!r} is an empty path (expected a file path)"
     if os.path.isdir(path):
         return f"{path} is a folder (expected a file path)"
     if path.endswith(("/", os.sep)):

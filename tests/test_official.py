@@ -539,7 +539,7 @@ def test_convert_cli_usage_errors(tmp_path, capsys):
     assert "--arch: num_heads is given twice (4 and 2); give it once" in run(
         [FIXTURE_A, "--out", str(tmp_path / "o6.pt"), "--arch", "num_heads=4", "--arch", '{"num_heads": 2}'])
     # an output path that cannot be written is refused before the checkpoint is read
-    for out, why in ((tmp_path, "is a folder (expected a file path)"),
+    for out, why in ((tmp_path, "is a folder (expected a file path)"), ("", "'' is an empty path"),
                      ("/proc/elit-convert.safetensors", "cannot write into /proc"),
                      (tmp_path / "no" / "o.pt", "does not exist")):
         err = run([FIXTURE_A, "--out", str(out), "--force", "--arch", "num_heads=2"])
@@ -555,6 +555,27 @@ def test_convert_cli_usage_errors(tmp_path, capsys):
                    "dit_decoder_depth=1"])
         assert "--out: must differ from the input checkpoint (it is the same file)" in err, err
     assert victim.read_bytes() == open(FIXTURE_A, "rb").read()
+
+
+def test_convert_write_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk while elit-convert writes: a traceback before (elit-sample, elit-demo and elit-bench give one
+    line); the output is not left half-written either way."""
+    import errno
+
+    import elit_kernels.official.cli as convert_cli
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert_cli, "save_model", full)
+    out = tmp_path / "o.safetensors"
+    kw = ckpt(FIXTURE_A)["reference"]["constructor_kwargs"]
+    rc = convert_main([FIXTURE_A, "--out", str(out), "--arch", f"num_heads={kw['num_heads']}", "--arch",
+                       f"dit_decoder_depth={kw['dit_decoder_depth']}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == f"elit-convert: error: cannot write {out} (No space left on device): not written (a " \
+                              "file already there is left as it was)\n", err
+    assert not out.exists()
 
 
 def test_save_and_load_model_paper_preset(tmp_path):

@@ -108,7 +108,12 @@ def _main(parser, args) -> int:
                                      "elit_min_mask_prob")}
     meta.update(source=os.path.basename(args.checkpoint), converted_by=f"elit-kernels {__version__}",
                 notes=info.get("notes", []))
-    save_model(args.out, model, meta=meta)
+    try:
+        save_model(args.out, model, meta=meta)  # whole or not at all
+    except OSError as e:  # a full disk, a folder gone: one line (as elit-demo and elit-bench), nothing half-written
+        err = e if isinstance(e, _cli.OutputWriteError) else _cli.OutputWriteError(args.out, e)
+        print(f"elit-convert: error: {err}", file=sys.stderr)
+        return 1
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.checkpoint}: {info.get('model') or 'ELIT-SiT'} ({args.weights} weights"

@@ -303,7 +303,8 @@ def test_saving_the_tuning_cache_keeps_what_other_processes_wrote_since(monkeypa
     # a damaged file is replaced by this process's entries
     with open(D.cache_path(), "w") as f:
         f.write("{not json")
-    D._save_disk_cache()
+    with pytest.warns(RuntimeWarning, match="the tuning cache .* could not be read"):
+        D._save_disk_cache()
     with open(D.cache_path()) as f:
         assert json.load(f)["mine"] == ["torch"]
 
@@ -493,6 +494,7 @@ def test_a_damaged_table_or_cache_is_warned_about_and_left_out(tmp_path, monkeyp
     good = {"gpu": "G", "dtype": "bfloat16", "kind": "uniform", "grad": False, "head_dim": 72, "lq": 64, "lk": 64,
             "segments": 256, "ranking": ["torch"]}
     for text, n_good, warns in (("{not json", 0, "could not be read"), ('["a"]', 0, "could not be read"),
+                                ("[" * 100000 + "]" * 100000, 0, "RecursionError"),  # raised out of dispatch before
                                 (json.dumps({"entries": [good, {**good, "lq": "64"}, {**good, "ranking": "torch"}, 3]}),
                                  1, "3 of 4 entries are malformed")):
         p = tmp_path / "t.json"
@@ -509,6 +511,19 @@ def test_a_damaged_table_or_cache_is_warned_about_and_left_out(tmp_path, monkeyp
     with open(D.cache_path(), "w") as f:
         json.dump({"a": ["torch"], "b": "torch", "c": [1]}, f)
     assert D._disk_cache() == {"a": ["torch"]}
+    with open(D.cache_path(), "w") as f:  # a hand edit with a syntax error was dropped without a word
+        f.write('{"a": ["torch"],}')
+    monkeypatch.setattr(D, "_DISK", None)
+    with pytest.warns(RuntimeWarning, match=r"the tuning cache .* could not be read \(JSONDecodeError"):
+        assert D._disk_cache() == {}
+    # times of an absurd size in a hand-edited table rank by position, not by an overflowing division
+    huge = [{**good, "ranking": ["b", "a"], "ms": {"a": 10**400, "b": 1.0}},
+            {**good, "ranking": ["b", "a"], "ms": {"a": 10**400, "b": 2.0}}]
+    assert D._merged_ranking(huge) == ["b", "a"]
+    monkeypatch.setenv("ELIT_CACHE_DIR", " ~/elit-cache ")  # stripped and expanded as the CLIs' paths are
+    assert D.cache_path().startswith(os.path.join(os.path.expanduser("~"), "elit-cache") + os.sep)
+    with pytest.raises(ValueError, match=r"^repeats: expected an int >= 1, got 0"):
+        D.time_backends(_inp(), repeats=0)
 
 
 def test_registry_tuning_and_environment_arguments_are_checked(monkeypatch):

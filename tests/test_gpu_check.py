@@ -278,3 +278,18 @@ def test_a_table_that_cannot_be_merged_is_a_usage_error_before_any_measurement(t
     err = capsys.readouterr().err
     assert f"--merge: {bad} {why}" in err and "--merge ''" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, want", [("--max-seconds", "nan", "a finite number of seconds > 0"),
+                                               ("--max-seconds", "0", "a finite number of seconds > 0"),
+                                               ("--repeats", "0", "an int >= 1"), ("--batch", "0", "an int >= 1"),
+                                               ("--head-dim", "300", "an int in 1..256")])
+def test_measure_dispatch_names_a_bad_flag_on_any_machine(flag, value, want, tmp_path, capsys):
+    """--max-seconds nan never stopped and --repeats 0 wrote an empty table (a fuzz): refused before the CUDA
+    check, naming the flag."""
+    md = load_script("tools/measure_dispatch.py", "measure_dispatch")
+    with pytest.raises(SystemExit) as e:
+        md.main(["--out", str(tmp_path / "o"), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {flag}: expected {want}" in err, err
+    assert not (tmp_path / "o").exists()

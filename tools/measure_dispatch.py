@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,6 +112,14 @@ def main(argv=None) -> int:
                          "one it writes (other GPUs; classes a shorter run did not reach); default: the committed "
                          "elit_kernels/attention/dispatch_table.json. '' writes this run's entries alone")
     args = ap.parse_args(argv)
+    for flag, value, ok, want in (
+            ("--max-seconds", args.max_seconds, math.isfinite(args.max_seconds) and args.max_seconds > 0,
+             "a finite number of seconds > 0 (nan never stopped)"),
+            ("--batch", args.batch, args.batch >= 1, "an int >= 1"),
+            ("--head-dim", args.head_dim, 1 <= args.head_dim <= 256, "an int in 1..256"),
+            ("--repeats", args.repeats, args.repeats >= 1, "an int >= 1 (0 wrote an empty table)")):
+        if not ok:  # checked before the CUDA check: a bad command is named on any machine
+            ap.error(f"{flag}: expected {want}, got {value!r}")
     try:  # read now: a table that cannot be merged is a usage error before minutes of measuring, not after
         keep = args.merge and (args.merge != _COMMITTED or os.path.exists(_COMMITTED))  # an install without it
         args.merge_table = _read_table(args.merge) if keep else None
@@ -181,7 +190,7 @@ def _read_table(path: str) -> dict:
             old = json.load(f)
     except FileNotFoundError:
         raise ValueError("does not exist") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested past the parser's depth
         raise ValueError(f"cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(old, dict) or not isinstance(old.get("entries"), list) \
             or not all(isinstance(e, dict) for e in old["entries"]):

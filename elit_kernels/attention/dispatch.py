@@ -205,8 +205,9 @@ def _load_table(path: str | None = None) -> dict:
         table = {**raw, "entries": good}
     except FileNotFoundError:
         pass
-    except (OSError, ValueError) as e:
-        warnings.warn(f"elit_kernels: the dispatch table {path} could not be read ({e}); using the static order",
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested past the parser's depth
+        warnings.warn(f"elit_kernels: the dispatch table {path} could not be read ({type(e).__name__}: {e}); using "
+                      "the static order",
                       RuntimeWarning, stacklevel=2)
     if path == _TABLE_PATH:
         _TABLE = table
@@ -256,8 +257,8 @@ def _merged_ranking(entries: list[dict]) -> list[str]:
     names = list(dict.fromkeys(n for e in entries for n in e["ranking"]))
     first = {n: i for i, n in enumerate(names)}
     timed = [e.get("ms") for e in entries]
-    if all(isinstance(ms, dict) and ms and all(isinstance(v, (int, float)) and v > 0 for v in ms.values())
-           for ms in timed):
+    if all(isinstance(ms, dict) and ms and all(type(v) in (int, float) and 0 < v < 1e30 for v in ms.values())
+           for ms in timed):  # finite times of a sane size (a hand-edited 10**400 overflowed float division)
         def score(n):
             return sum(ms.get(n, max(ms.values())) / min(ms.values()) for ms in timed)
     else:
@@ -418,7 +419,8 @@ def clear_decisions() -> None:
 def cache_path() -> str:
     """Where tuned rankings are kept: ``$ELIT_CACHE_DIR`` (default ``~/.cache/elit_kernels``) /
     ``dispatch-<gpu>-torch<version>-triton<version>.json``."""
-    root = os.environ.get("ELIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "elit_kernels")
+    root = os.environ.get("ELIT_CACHE_DIR", "").strip()  # blank: the default; "~" expanded, as the CLIs' paths
+    root = os.path.expanduser(root) if root else os.path.join(os.path.expanduser("~"), ".cache", "elit_kernels")
     try:
         import triton
 
@@ -435,12 +437,18 @@ _OWN: set = set()  # class keys of _DISK this process tuned (the rest it read fr
 
 
 def _read_cache(path: str) -> dict:
-    """The tuning cache file's usable entries (class key -> backend names); {} for a missing or damaged file (a
-    damaged one is read entry by entry: only lists of backend names are kept)."""
+    """The tuning cache file's usable entries (class key -> backend names); {} for a missing or unreadable file (a
+    RuntimeWarning naming it for one that exists: a hand edit with a syntax error was dropped silently), and a
+    damaged one is read entry by entry: only lists of backend names are kept."""
     try:
         with open(path) as f:
             raw = json.load(f)
-    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested past the parser's depth
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not JSON, nested past the parser's depth
+        warnings.warn(f"elit_kernels: the tuning cache {path} could not be read ({type(e).__name__}: {e}); its "
+                      "rankings are not used, and the next tuning() result replaces the file", RuntimeWarning,
+                      stacklevel=2)
         return {}
     return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, list)
             and all(isinstance(n, str) for n in v)} if isinstance(raw, dict) else {}
@@ -520,7 +528,11 @@ def _time_ms(fn, repeats: int, device=None) -> float:
 def time_backends(inp: AttnInputs, repeats: int = 10) -> dict:
     """Milliseconds per call of every default-eligible backend that can run ``inp`` and passes its
     known-answer check, forward (and backward when ``inp`` needs gradients): ``{name: ms}``. A backend that
-    raises is left out with a warning."""
+    raises is left out with a warning. ``repeats``: an int >= 1 (ValueError naming it; 0 had every backend
+    "fail" with an IndexError)."""
+    if not is_int(repeats) or repeats < 1:
+        raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
+    repeats = int(repeats)
     ok, _ = candidates(inp)
     out = {}
     grad = inp.requires_grad

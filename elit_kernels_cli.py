@@ -105,6 +105,13 @@ def launch(prog: str) -> int:
     try:
         try:
             main = importlib.import_module(TARGETS[prog]).main
+        except ValueError as e:
+            if not str(e).startswith("$"):
+                raise
+            # an environment switch read at import (elit_kernels._env: "$ELIT_TUNE: expected ..."): one usage line,
+            # as a bad flag gets, not an import traceback (even --help had one)
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
         finally:
             end_start()
         return run_started(prog, main)

@@ -242,7 +242,9 @@ def finite_error(value: float, lo: float = 0.0, *, above: bool = True, what: str
 
 def triton_interpreted() -> bool:
     """True when Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): correct, but slow."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from ._env import triton_interpreted
+
+    return triton_interpreted()
 
 
 def bench_device(name: str | None) -> torch.device:

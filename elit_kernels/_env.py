@@ -34,3 +34,14 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     if value not in choices:
         raise ValueError(f"${name}: expected one of {', '.join(choices)} (any case), or unset for {default!r}, got {raw!r}")
     return value
+
+
+#: what triton itself reads as a true TRITON_INTERPRET (case-insensitive, nothing stripped; triton 3.x)
+_TRITON_TRUE = ("1", "true", "on", "yes", "y")
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs its kernels in its CPU interpreter: ``TRITON_INTERPRET`` read as triton reads it (``1``,
+    ``true``, ``on``, ``yes`` or ``y`` in any case). Every part of the package asks this one function (``"true"`` made
+    triton interpret while the triton backend called itself unavailable)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE

@@ -476,12 +476,12 @@ def test_triton_reason_and_suggestion_fit_what_is_missing(monkeypatch, installed
     msg = str(e.value)
     if installed:
         assert tb.unavailable_reason.startswith("no CUDA device")
-        assert "TRITON_INTERPRET=1, set before triton is imported" in msg
+        assert "TRITON_INTERPRET=1 (set before the first Triton call)" in msg
         assert "CPU tensors run only under TRITON_INTERPRET=1" in msg
     else:
         assert tb.unavailable_reason.startswith("triton is not installed (pip install triton;")
         assert "triton is not installed (pip install triton;" in msg
-        assert "CPU tensors run only under TRITON_INTERPRET=1" not in msg and "set before triton is imported" not in msg
+        assert "CPU tensors run only under TRITON_INTERPRET=1" not in msg and "set before the first Triton call" not in msg
 
 
 class _Pads(B.Backend):

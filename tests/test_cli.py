@@ -320,3 +320,41 @@ def test_python_m_runs_are_guarded_from_the_package_import_until_main():
                         "signal.default_int_handler)"], capture_output=True, text=True, timeout=120,
                        preexec_fn=_sigint_as_at_a_terminal)
     assert (r.returncode, r.stdout) == (0, "True\n"), r  # a plain import changes nothing
+
+
+def test_a_bad_environment_switch_is_one_usage_line_not_an_import_traceback():
+    """ELIT_TUNE=bogus (any switch _env reads at import, ELIT_TRITON_AUTOTUNE included) gave every console script,
+    even --help, a full import traceback with status 1 (a fuzz): one line naming the variable, status 2."""
+    import subprocess
+    import sys
+
+    for var, value in (("ELIT_TUNE", "bogus"), ("ELIT_TRITON_AUTOTUNE", "2")):
+        r = subprocess.run([sys.executable, "-c", "import sys, elit_kernels_cli as l; sys.exit(l.bench())", "--help"],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, var: value},
+                           preexec_fn=_sigint_as_at_a_terminal)
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.startswith(f"elit-bench: error: ${var}: expected 1/true/yes/on or 0/false/no/off") \
+            and r.stderr.count("\n") == 1, r
+
+
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch):
+    """TRITON_INTERPRET=true makes triton interpret; the package called the triton backend unavailable (it read
+    only "1"). One reader for every part (_env.triton_interpreted), and the unavailable reason shows a value it
+    reads as off."""
+    import torch
+
+    from elit_kernels._env import triton_interpreted
+    from elit_kernels.attention import get_backend
+    from elit_kernels.attention.registry import unavailable_reason
+
+    for value, on in (("1", True), ("true", True), ("ON", True), ("y", True), ("0", False), ("2", False),
+                      (" 1", False), ("", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_interpreted() is on, value
+    if torch.cuda.is_available():
+        print("a CUDA device is present: the triton backend's CPU availability is not what is checked here")
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "off")
+    why = unavailable_reason(get_backend("triton"))
+    assert why is not None and ("TRITON_INTERPRET is 'off', which triton reads as off" in why
+                                or "triton is not installed" in why), why

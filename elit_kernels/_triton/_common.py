@@ -1,7 +1,6 @@
 """Shared launch-time helpers for the Triton attention kernels (block choice, dtype flags, output buffers)."""
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +11,7 @@ from triton.runtime.errors import OutOfResources
 # Every output buffer comes from the package's one allocator: with the poison switch on (ELIT_POISON_OUTPUTS=1,
 # elit_kernels/_outputs.py) it is NaN-filled before launch, so an element a kernel forgets to write fails the
 # tests instead of passing on leftover memory.
-from .._env import env_flag
+from .._env import env_flag, triton_interpreted
 from .._precision import fp32_matmul_precision
 from .._types import check_bool
 from .._outputs import new_output as alloc  # noqa: F401
@@ -23,8 +22,9 @@ LOG2E_C: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its NumPy interpreter (read at launch, not import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels through its NumPy interpreter (read at launch, not import; as triton reads it:
+    ``_env.triton_interpreted``)."""
+    return triton_interpreted()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

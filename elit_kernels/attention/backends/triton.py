@@ -14,12 +14,15 @@ import torch
 from ..._triton._scale import score_args_reason
 from ..inputs import AttnInputs
 from ..registry import Backend, register_backend
+from ..._env import env_flag, triton_interpreted
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_interpreting = triton_interpreted
+# Checked at import, as every switch is (_env): the Triton kernels' module, which uses it, is imported at their first
+# call, where a bad value was an error mid-call (or, in a known-answer check, dropped triton from dispatch silently).
+env_flag("ELIT_TRITON_AUTOTUNE", True)
 
 
 class TritonBackend(Backend):
@@ -55,8 +58,10 @@ class TritonBackend(Backend):
             return ("triton is not installed (pip install triton; its kernels run on CUDA GPUs, or on the CPU "
                     "under TRITON_INTERPRET=1, for debugging)")
         if not torch.cuda.is_available() and not _interpreting():
-            return ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1, set before triton is "
-                    "imported, runs the kernels on the CPU (slow: for debugging)")
+            raw = os.environ.get("TRITON_INTERPRET")
+            return ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1 (set before the first "
+                    "Triton call) runs the kernels on the CPU (slow: for debugging)"
+                    + (f"; TRITON_INTERPRET is {raw!r}, which triton reads as off" if raw is not None else ""))
         return None
 
     def is_available(self) -> bool:

@@ -253,6 +253,12 @@ def test_a_transform_traced_by_compile_gives_the_true_derivative():
 
         got = torch.compile(lambda a: tf.jvp(f, (a,), (tq,))[1], backend="aot_eager", fullgraph=True)(q)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # torch.func.grad traced by compile: the check breaks the graph and the call runs eagerly, where it is seen
+    w = torch.randn(q.shape, dtype=torch.float64)
+    want_g = tf.grad(lambda a: (_truth(a, k, v, lq, lk) * w).sum())(q)
+    got_g = torch.compile(tf.grad(lambda a: (varlen_attention(a, k, v, cq, ck, 3, 4, segments=seg) * w).sum()),
+                          backend="aot_eager")(q)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-9, atol=1e-9)
 
 
 def test_nested_func_grad_runs_a_kernel_with_a_second_derivative():

@@ -206,7 +206,7 @@ def layernorm_modulate(x, shift, scale, index, eps: float = 1e-6):
 def _refuse_transform(op: str, *tensors) -> None:
     """NotImplementedError naming the op and what to use instead under an autograd transform its custom op cannot
     follow (``_transforms.active_transform``: it would give a zero tangent silently, or fail naming nothing)."""
-    if peek() is None and _fwd._current_level < 0:  # none_active(), inlined: the fused ops are chosen for speed
+    if peek() is None and _fwd._current_level < 0:  # active_transform's first test, inlined: the fused ops are chosen for speed
         return
     t = active_transform(*tensors)
     if t is not None:

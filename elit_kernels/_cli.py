@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _env
 from . import attention as _attention
 from ._devices import device_problem
 from ._files import atomic_write
@@ -240,11 +241,7 @@ def finite_error(value: float, lo: float = 0.0, *, above: bool = True, what: str
     return f"expected a finite {what} {'>' if above else '>='} {lo:g}, got {value}"
 
 
-def triton_interpreted() -> bool:
-    """True when Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): correct, but slow."""
-    from ._env import triton_interpreted
-
-    return triton_interpreted()
+triton_interpreted = _env.triton_interpreted  # True when Triton kernels run under its CPU interpreter: correct, slow
 
 
 def bench_device(name: str | None) -> torch.device:

@@ -21,10 +21,7 @@ from ._scale import LOG2E, score_args  # noqa: F401  (score_args: the kernels' s
 LOG2E_C: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its NumPy interpreter (read at launch, not import; as triton reads it:
-    ``_env.triton_interpreted``)."""
-    return triton_interpreted()
+interpreting = triton_interpreted  # True when Triton runs kernels through its interpreter (read at each call)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -56,11 +56,12 @@ class _FlopStubBackend(Backend):
     description = "benchmark FLOP counter: returns zeros, adds 4·Σ(Lq·Lk)·H·D (not a real backend)"
 
     def forward(self, inp):
-        if _ACTIVE:  # active_counters()
+        counters = active_counters()
+        if counters:
             cq, ck = inp.cu_seqlens_q.tolist(), inp.cu_seqlens_k.tolist()
             lq = [b - a for a, b in zip(cq[:-1], cq[1:])]
             lk = [b - a for a, b in zip(ck[:-1], ck[1:])]
-            for counter in _ACTIVE:  # nested counts: each counts its calls' attention, as FlopCounterMode its matmuls
+            for counter in counters:  # nested counts: each counts its calls' attention, as FlopCounterMode its matmuls
                 counter.add_segments(lq, lk, inp.q.shape[1], inp.q.shape[2])
         return torch.zeros_like(inp.q)
 

@@ -66,8 +66,7 @@ class TorchBackend(Backend):
     def forward(self, inp):
         if inp.transform is not None:
             return self._differentiable(inp)
-        if (not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs
-                and (inp.segments is not None or not (torch.compiler.is_compiling() or inp.q.device.type == "meta"))):
+        if self._over_runs(inp):
             out = torch_ops.sdpa_over_runs(inp.q, inp.k, inp.v, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.softmax_scale,
                                            inp.causal, inp.window_left, inp.window_right, segments=inp.segments)
             if out is not None:
@@ -78,13 +77,19 @@ class TorchBackend(Backend):
         return None if inp.transform is not None else torch_ops.dense_runner(inp)
 
     @staticmethod
+    def _over_runs(inp) -> bool:
+        """Whether ``sdpa_over_runs`` may take the call: no LSE or softcap, not known to be many runs, and the
+        lengths on the host (``segments``) or readable there (eager, not meta)."""
+        return (not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs
+                and (inp.segments is not None or not (torch.compiler.is_compiling() or inp.q.device.type == "meta")))
+
+    @staticmethod
     def _differentiable(inp):
         """A call under an autograd transform (``inp.transform``) in PyTorch's own differentiable ops, never the
         grouped custom op: SDPA over runs of equal segments where they apply (pinned to SDPA's math kernel under
         every transform but one level of torch.func.grad: PyTorch's fused kernels have neither a forward nor a second
         derivative), else the reference."""
-        if (not inp.return_lse and inp.softcap == 0.0 and not inp.many_runs
-                and (inp.segments is not None or not (torch.compiler.is_compiling() or inp.q.device.type == "meta"))):
+        if TorchBackend._over_runs(inp):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with contextlib.nullcontext() if inp.transform == FUNC_GRAD else sdpa_kernel(SDPBackend.MATH):
